@@ -1,0 +1,132 @@
+# Top-level build. `make` builds libshared/libshared.a and every program into
+# bin/. Objects live out of tree under $(O); V=1 shows full command lines;
+# SANITIZE=address,undefined builds an instrumented copy in its own tree so
+# that it never mixes with the normal objects.
+
+CC       ?= cc
+SANITIZE ?=
+ifeq ($(SANITIZE),)
+O        ?= build
+BINDIR   ?= bin
+else
+O        ?= build-san
+BINDIR   ?= build-san/bin
+endif
+
+PKGS      := libmicrohttpd libpq hiredis librabbitmq libcjson libcurl libjwt openssl
+WARN      := -std=c11 -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes \
+             -Wmissing-prototypes -Wwrite-strings -Wvla -fno-common
+OPT       ?= -O2 -g
+CPPFLAGS  += -D_GNU_SOURCE -Ilibshared $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
+CFLAGS    += $(WARN) $(OPT) -pthread -MMD -MP
+LDLIBS    += $(shell pkg-config --libs $(PKGS) 2>/dev/null) -lcrypt -lpthread -lm
+ifneq ($(SANITIZE),)
+CFLAGS    += -fsanitize=$(SANITIZE) -fno-omit-frame-pointer -fno-sanitize-recover=all
+LDFLAGS   += -fsanitize=$(SANITIZE)
+endif
+
+ifeq ($(V),1)
+Q :=
+msg = @true
+else
+Q := @
+msg = @printf '  %-6s %s\n' $(1) $(2)
+endif
+
+LIB       := $(O)/libshared/libshared.a
+LIB_SRCS  := $(wildcard libshared/*.c)
+LIB_OBJS  := $(LIB_SRCS:%.c=$(O)/%.o)
+
+# Each program: its sources. A service directory's *_main.c files are the
+# entry points of extra programs; every other .c in it belongs to all of them.
+svc_common = $(filter-out $(1)/%main.c,$(wildcard $(1)/*.c))
+api-gateway_SRCS      := $(call svc_common,api-gateway) api-gateway/main.c
+event-processor_SRCS  := $(call svc_common,event-processor) event-processor/main.c
+action-workers_SRCS   := $(call svc_common,action-workers) action-workers/main.c
+realtime_SRCS         := $(call svc_common,realtime) realtime/main.c
+runtime_SRCS          := $(call svc_common,runtime) runtime/main.c
+runtime-migrate_SRCS  := $(call svc_common,runtime) runtime/migrate_main.c
+runtime-smoke_SRCS    := $(call svc_common,runtime) runtime/smoke_main.c
+migrate_SRCS          := database/migrate_main.c
+realtime_LIBS         := $(shell pkg-config --libs libwebsockets 2>/dev/null)
+
+PROGRAMS  := api-gateway event-processor action-workers realtime runtime \
+             runtime-migrate runtime-smoke migrate
+BINS      := $(PROGRAMS:%=$(BINDIR)/%)
+
+UNIT_SRCS := $(wildcard tests/unit/test_*.c)
+UNIT_BINS := $(UNIT_SRCS:tests/unit/%.c=$(O)/tests/%)
+# Small programs that integration tests drive (tests/integration/drivers).
+DRV_SRCS  := $(wildcard tests/integration/drivers/*.c)
+DRV_BINS  := $(DRV_SRCS:tests/integration/drivers/%.c=$(O)/tests/drivers/%)
+
+ALL_OBJS  := $(LIB_OBJS) $(sort $(foreach p,$(PROGRAMS),$($(p)_SRCS:%.c=$(O)/%.o))) \
+             $(UNIT_SRCS:%.c=$(O)/%.o) $(DRV_SRCS:%.c=$(O)/%.o)
+
+.PHONY: all test unit bench run up down clean deps lint tests
+all: $(LIB) $(BINS) libshared/libshared.a
+
+tests: $(UNIT_BINS) $(DRV_BINS)
+
+# The SPEC names libshared/libshared.a; the real archive stays out of tree.
+libshared/libshared.a: $(LIB)
+	$(Q)ln -sf ../$(LIB) $@ 2>/dev/null || cp $(LIB) $@
+
+$(LIB): $(LIB_OBJS)
+	$(call msg,AR,$@)
+	$(Q)rm -f $@ && ar rcs $@ $^
+
+$(O)/%.o: %.c
+	@mkdir -p $(@D)
+	$(call msg,CC,$<)
+	$(Q)$(CC) $(CPPFLAGS) $(CFLAGS) -c -o $@ $<
+
+define program_rule
+$(BINDIR)/$(1): $$($(1)_SRCS:%.c=$(O)/%.o) $(LIB)
+	@mkdir -p $$(@D)
+	$$(call msg,LINK,$$@)
+	$(Q)$$(CC) $$(LDFLAGS) -o $$@ $$^ $$($(1)_LIBS) $$(LDLIBS)
+endef
+$(foreach p,$(PROGRAMS),$(eval $(call program_rule,$(p))))
+
+$(O)/tests/%: $(O)/tests/unit/%.o $(LIB)
+	@mkdir -p $(@D)
+	$(call msg,LINK,$@)
+	$(Q)$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) -lcmocka
+
+$(O)/tests/drivers/%: $(O)/tests/integration/drivers/%.o $(LIB)
+	@mkdir -p $(@D)
+	$(call msg,LINK,$@)
+	$(Q)$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
+
+unit: $(UNIT_BINS)
+	$(Q)O=$(O) tests/run-unit.sh $(UNIT_BINS)
+
+# `make test`: install what is missing, start the local servers, then every
+# unit, integration and end-to-end test against them.
+test: deps
+	$(Q)$(MAKE) --no-print-directory all $(UNIT_BINS) $(DRV_BINS)
+	$(Q)O=$(O) BINDIR=$(BINDIR) tests/run.sh
+
+bench: deps all
+	$(Q)BINDIR=$(BINDIR) scripts/bench.sh
+
+deps:
+	$(Q)scripts/deps.sh
+
+up: deps all
+	$(Q)BINDIR=$(BINDIR) scripts/stack.sh up
+
+down:
+	$(Q)scripts/stack.sh down
+
+run: deps all
+	$(Q)BINDIR=$(BINDIR) scripts/stack.sh run
+
+clean:
+	rm -rf build build-san bin libshared/libshared.a
+
+# Keep test objects: make would delete them as intermediates.
+.SECONDARY: $(ALL_OBJS)
+
+-include $(ALL_OBJS:.o=.d)

@@ -1,0 +1,42 @@
+/* buf: a growable byte buffer with a stated maximum (in the manner of curl's
+ * dynbuf), used for HTTP bodies and rendered templates.
+ *
+ * The contents are always NUL-terminated once anything was appended. Bytes
+ * past `max` are dropped and counted in `truncated`, so a caller that only
+ * wants a prefix (a response kept for the results table) keeps reading
+ * without failing. */
+#ifndef AW_BUF_H
+#define AW_BUF_H
+
+#include <stddef.h>
+
+typedef struct {
+    char *p;          /* heap; freed by buf_free */
+    size_t len, cap;
+    size_t max;       /* 0 means 1 MiB */
+    size_t truncated; /* bytes dropped past max */
+} buf;
+
+/* Initialises an empty buffer that holds at most `max` bytes. */
+void buf_init(buf *b, size_t max);
+
+/* Appends `n` bytes. Returns 0, or -1 on OOM (the buffer is unchanged). */
+int buf_append(buf *b, const void *data, size_t n);
+
+/* Appends a NUL-terminated string. */
+int buf_puts(buf *b, const char *s);
+
+/* Empties the buffer and keeps its memory. */
+void buf_reset(buf *b);
+
+/* Releases the memory and empties the buffer. */
+void buf_free(buf *b);
+
+/* Takes the contents (malloc'd, NUL-terminated, freed by the caller with
+ * free()); the buffer is left empty. Returns NULL on OOM. */
+char *buf_take(buf *b);
+
+/* The contents as a string ("" when empty); valid until the next change. */
+const char *buf_str(const buf *b);
+
+#endif

@@ -1,0 +1,179 @@
+/* action-workers: delivers the jobs the event-processor queues in Redis to
+ * Telegram, webhooks and MCP servers (SPEC 4). See docs/action-workers.md. */
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <curl/curl.h>
+
+#include "aw.h"
+#include "deps.h"
+#include "health_http.h"
+#include "log.h"
+#include "metrics.h"
+#include "svc.h"
+
+#define MAX_THREADS 64
+
+static void copy_setting(char *dst, size_t len, const char *value)
+{
+    snprintf(dst, len, "%s", value ? value : "");
+}
+
+static void config_read(cfg *c, aw_config *o)
+{
+    const char *base;
+    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+
+    memset(o, 0, sizeof(*o));
+    o->concurrency = (int)cfg_int(c, "WORKER_CONCURRENCY", 64, 1, 100000);
+    o->threads = (int)cfg_int(c, "WORKER_THREADS", ncpu >= 2 ? 2 : 1, 1, MAX_THREADS);
+    o->visibility_ms = cfg_duration_ms(c, "JOB_VISIBILITY_TIMEOUT", 60000, 1000);
+    o->retry_base_ms = cfg_int(c, "RETRY_BASE_MS", 1000, 1, 3600000);
+    o->retry_max_ms = cfg_int(c, "RETRY_MAX_DELAY_MS", 300000, 1, 86400000);
+    o->max_attempts = (int)cfg_int(c, "RETRY_MAX_ATTEMPTS", 5, 1, 1000);
+    o->poll_ms = cfg_int(c, "WORKER_POLL_MS", 20, 1, 10000);
+    o->shutdown_grace_ms = cfg_duration_ms(c, "SHUTDOWN_GRACE_MS", 10000, 1);
+    o->pace_ms = cfg_int(c, "TELEGRAM_CHAT_INTERVAL_MS", 1000, 0, 600000);
+    o->pace_hold_ms = cfg_int(c, "TELEGRAM_PACE_HOLD_MS", 3000, 0, 600000);
+    o->breaker_failures = (int)cfg_int(c, "BREAKER_FAILURES", 5, 0, 100000);
+    o->breaker_cooldown_ms = cfg_duration_ms(c, "BREAKER_COOLDOWN_MS", 30000, 1);
+    o->telegram_timeout_ms = cfg_duration_ms(c, "TELEGRAM_TIMEOUT_MS", 10000, 1);
+    o->mcp_timeout_ms = cfg_duration_ms(c, "MCP_TIMEOUT_MS", 30000, 1);
+    o->response_max = cfg_int(c, "RESPONSE_MAX_BYTES", 65536, 256, 16L * 1024 * 1024);
+    base = cfg_str(c, "TELEGRAM_API_BASE", "https://api.telegram.org");
+    if (strncmp(base, "http://", 7) && strncmp(base, "https://", 8))
+        cfg_error(c, "TELEGRAM_API_BASE", base, "an http:// or https:// URL");
+    copy_setting(o->telegram_base, sizeof(o->telegram_base), base);
+    while (o->telegram_base[0] && o->telegram_base[strlen(o->telegram_base) - 1] == '/')
+        o->telegram_base[strlen(o->telegram_base) - 1] = '\0';
+    copy_setting(o->telegram_token, sizeof(o->telegram_token), cfg_str(c, "TELEGRAM_BOT_TOKEN", ""));
+    copy_setting(o->explorer_tx_url, sizeof(o->explorer_tx_url), cfg_str(c, "EXPLORER_TX_URL", ""));
+    if (o->explorer_tx_url[0] && !strstr(o->explorer_tx_url, "{tx}"))
+        cfg_error(c, "EXPLORER_TX_URL", o->explorer_tx_url, "a URL pattern containing {tx}");
+    copy_setting(o->webhook_secret, sizeof(o->webhook_secret), cfg_str(c, "WEBHOOK_SECRET", ""));
+    copy_setting(o->queue_prefix, sizeof(o->queue_prefix), cfg_str(c, "ACTION_QUEUE", "action_jobs"));
+    if (strlen(cfg_str(c, "ACTION_QUEUE", "action_jobs")) >= sizeof(o->queue_prefix))
+        cfg_error(c, "ACTION_QUEUE", cfg_str(c, "ACTION_QUEUE", ""), "a Redis key name shorter than 120 bytes");
+    copy_setting(o->metrics_host, sizeof(o->metrics_host), cfg_str(c, "METRICS_HOST", "0.0.0.0"));
+    o->metrics_port = (int)cfg_int(c, "METRICS_PORT", 9102, 0, 65535);
+    o->db_max_connections = (int)cfg_int(c, "DB_MAX_CONNECTIONS", o->threads + 2, 1, 1000);
+    dbpool_conninfo_from_cfg(c, o->conninfo, sizeof(o->conninfo));
+    rconn_opts_from_cfg(c, &o->redis);
+    if (o->concurrency < o->threads)
+        o->threads = o->concurrency;
+}
+
+static void health_route(httpd_req *req, void *ud)
+{
+    (void)ud;
+    httpd_respond_static(req, 200, "application/json", "{\"status\":\"ok\"}", 15);
+}
+
+static int app_open(aw *app, const char *allowed, char *err, size_t errlen)
+{
+    httpd_opts ho = {0};
+
+    app->targets = target_policy_new(allowed, err, errlen);
+    if (!app->targets)
+        return -1;
+    app->db = dbpool_new(app->cfg.conninfo, app->cfg.db_max_connections);
+    app->br = breaker_new(app->cfg.breaker_failures, app->cfg.breaker_cooldown_ms);
+    app->health = health_new(2000);
+    app->health_rconn = rconn_new(&app->cfg.redis, 2000);
+    if (!app->db || !app->br || !app->health || !app->health_rconn || awm_init() < 0) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    app->health_db = health_add(app->health, "postgresql", deps_check_pg, app->db);
+    app->health_redis = health_add(app->health, "redis", deps_check_redis, app->health_rconn);
+    ho.service = "action-workers";
+    ho.host = app->cfg.metrics_host;
+    ho.port = app->cfg.metrics_port;
+    ho.threads = 1;
+    ho.access_log = 0;
+    app->http = httpd_new(&ho, err, errlen);
+    if (!app->http || health_http_route(app->http, "/health", app->health, "action-workers", AW_VERSION) < 0 ||
+        httpd_route(app->http, "GET", "/healthz", health_route, NULL) < 0 || httpd_route_metrics(app->http) < 0)
+        return -1;
+    if (health_start(app->health) < 0) {
+        snprintf(err, errlen, "cannot start the health thread");
+        return -1;
+    }
+    return httpd_start(app->http, err, errlen);
+}
+
+int main(void)
+{
+    static aw app;
+    pthread_t th[MAX_THREADS];
+    worker_args args[MAX_THREADS];
+    int started = 0, rc = 1;
+    char err[512], allowed[1024];
+    cfg *c;
+
+    if (svc_init() < 0)
+        return 1;
+    c = cfg_boot("action-workers");
+    if (!c)
+        return 2;
+    config_read(c, &app.cfg);
+    copy_setting(allowed, sizeof(allowed), cfg_str(c, "ALLOWED_TARGETS", ""));
+    {
+        target_policy *p = target_policy_new(allowed, err, sizeof(err));
+
+        if (!p)
+            cfg_error(c, "ALLOWED_TARGETS", allowed, "a comma list of hosts, IPs and CIDRs");
+        target_policy_free(p);
+    }
+    if (cfg_finish(c) < 0) {
+        cfg_free(c);
+        return 2;
+    }
+    cfg_free(c);
+    if (!app.cfg.telegram_token[0])
+        log_warn("TELEGRAM_BOT_TOKEN is not set: Telegram actions will fail");
+    if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) {
+        log_error("cannot initialise libcurl");
+        return 1;
+    }
+    if (app_open(&app, allowed, err, sizeof(err)) < 0) {
+        log_error("cannot start: %s", err);
+        goto out;
+    }
+    for (int i = 0; i < app.cfg.threads; i++) {
+        args[i].app = &app;
+        args[i].index = i;
+        /* The concurrency is split between the threads, the remainder to
+         * the first ones. */
+        args[i].capacity = app.cfg.concurrency / app.cfg.threads + (i < app.cfg.concurrency % app.cfg.threads);
+        if (pthread_create(&th[i], NULL, worker_run, &args[i]) != 0) {
+            log_error("cannot start worker thread %d", i);
+            svc_request_stop();
+            break;
+        }
+        started++;
+    }
+    log_event(LOG_INFO, "started",
+              "\"metrics_port\":%d,\"threads\":%d,\"concurrency\":%d,\"visibility_ms\":%ld,\"version\":\"%s\"",
+              httpd_port(app.http), app.cfg.threads, app.cfg.concurrency, app.cfg.visibility_ms, AW_VERSION);
+    while (svc_wait(1000) == 0 || !svc_stopping())
+        ;
+    log_info("stopping: no new jobs, finishing in-flight deliveries");
+    for (int i = 0; i < started; i++)
+        pthread_join(th[i], NULL);
+    httpd_stop(app.http, 1000);
+    rc = 0;
+out:
+    httpd_free(app.http);
+    health_free(app.health);
+    rconn_free(app.health_rconn);
+    breaker_free(app.br);
+    target_policy_free(app.targets);
+    dbpool_free(app.db);
+    curl_global_cleanup();
+    log_info("stopped");
+    return rc;
+}

@@ -1,0 +1,342 @@
+#include "queue.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct queue {
+    rconn *r;
+    char list[128], inflight[140], delayed[140], dlq[140], pace[140];
+    char err[256];
+};
+
+/* KEYS: list, inflight. ARGV: max, deadline. */
+static const char take_lua[] =
+    "local out = {}\n"
+    "for i = 1, tonumber(ARGV[1]) do\n"
+    "  local j = redis.call('RPOP', KEYS[1])\n"
+    "  if not j then break end\n"
+    "  redis.call('ZADD', KEYS[2], ARGV[2], j)\n"
+    "  out[#out + 1] = j\n"
+    "end\n"
+    "return out\n";
+
+/* KEYS: list, inflight, delayed. ARGV: now, limit. Due and expired jobs go
+ * to the consuming end: they are older than anything waiting. */
+static const char maintain_lua[] =
+    "local function move(src)\n"
+    "  local js = redis.call('ZRANGEBYSCORE', src, '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))\n"
+    "  for _, j in ipairs(js) do\n"
+    "    redis.call('ZREM', src, j)\n"
+    "    redis.call('RPUSH', KEYS[1], j)\n"
+    "  end\n"
+    "  return #js\n"
+    "end\n"
+    "return {move(KEYS[3]), move(KEYS[2])}\n";
+
+/* KEYS: list, inflight, delayed, dlq. ARGV: raw, kind, payload, due. */
+static const char ack_lua[] =
+    "local r = redis.call('ZREM', KEYS[2], ARGV[1])\n"
+    "if r == 0 then r = redis.call('LREM', KEYS[1], -1, ARGV[1]) end\n"
+    "if r == 0 then return 0 end\n"
+    "if ARGV[2] == '1' then redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])\n"
+    "elseif ARGV[2] == '2' then redis.call('LPUSH', KEYS[4], ARGV[3])\n"
+    "elseif ARGV[2] == '3' then redis.call('RPUSH', KEYS[1], ARGV[1]) end\n"
+    "return 1\n";
+
+/* KEYS: pace key. ARGV: now, interval. Returns the wait in ms. */
+static const char pace_lua[] =
+    "local now = tonumber(ARGV[1])\n"
+    "local slot = tonumber(redis.call('GET', KEYS[1]) or '0')\n"
+    "if slot < now then slot = now end\n"
+    "redis.call('SET', KEYS[1], tostring(slot + tonumber(ARGV[2])), 'PX', tonumber(ARGV[2]) + (slot - now) + 60000)\n"
+    "return slot - now\n";
+
+static const char block_lua[] =
+    "local slot = tonumber(redis.call('GET', KEYS[1]) or '0')\n"
+    "if slot < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1], 'PX', 3600000) end\n"
+    "return 1\n";
+
+queue *queue_new(const rconn_opts *o, const char *prefix, int timeout_ms)
+{
+    queue *q = calloc(1, sizeof(*q));
+
+    if (!q)
+        return NULL;
+    q->r = rconn_new(o, timeout_ms);
+    if (!q->r) {
+        free(q);
+        return NULL;
+    }
+    if (!prefix)
+        prefix = "action_jobs";
+    snprintf(q->list, sizeof(q->list), "%s", prefix);
+    snprintf(q->inflight, sizeof(q->inflight), "%s_inflight", q->list);
+    snprintf(q->delayed, sizeof(q->delayed), "%s_delayed", q->list);
+    snprintf(q->dlq, sizeof(q->dlq), "%s_dlq", q->list);
+    snprintf(q->pace, sizeof(q->pace), "%s_pace:", q->list);
+    return q;
+}
+
+void queue_free(queue *q)
+{
+    if (!q)
+        return;
+    rconn_free(q->r);
+    free(q);
+}
+
+const char *queue_errstr(const queue *q)
+{
+    return q->err;
+}
+
+static void set_err(queue *q, redisReply *rep)
+{
+    if (!rep)
+        snprintf(q->err, sizeof(q->err), "%s", rconn_errstr(q->r));
+    else if (rep->type == REDIS_REPLY_ERROR)
+        snprintf(q->err, sizeof(q->err), "%s", rep->str);
+    else
+        snprintf(q->err, sizeof(q->err), "unexpected reply type %d", rep->type);
+}
+
+int queue_take(queue *q, int max, long long deadline_ms, char ***out, int *n)
+{
+    char smax[16], sdl[32];
+    const char *argv[7];
+    redisReply *rep;
+    char **jobs;
+
+    *out = NULL;
+    *n = 0;
+    if (max <= 0)
+        return 0;
+    snprintf(smax, sizeof(smax), "%d", max);
+    snprintf(sdl, sizeof(sdl), "%lld", deadline_ms);
+    argv[0] = "EVAL";
+    argv[1] = take_lua;
+    argv[2] = "2";
+    argv[3] = q->list;
+    argv[4] = q->inflight;
+    argv[5] = smax;
+    argv[6] = sdl;
+    /* Not idempotent: a retry after a lost answer could take jobs twice, so
+     * a failure is reported and the lease reaper recovers any taken job. */
+    rep = rconn_command_argv(q->r, 0, 7, argv, NULL);
+    if (!rep || rep->type != REDIS_REPLY_ARRAY) {
+        set_err(q, rep);
+        if (rep)
+            freeReplyObject(rep);
+        return -1;
+    }
+    if (rep->elements == 0) {
+        freeReplyObject(rep);
+        return 0;
+    }
+    jobs = calloc(rep->elements, sizeof(*jobs));
+    if (!jobs) {
+        freeReplyObject(rep);
+        snprintf(q->err, sizeof(q->err), "out of memory");
+        return -1;
+    }
+    for (size_t i = 0; i < rep->elements; i++) {
+        redisReply *e = rep->element[i];
+
+        jobs[*n] = e->type == REDIS_REPLY_STRING ? malloc(e->len + 1) : NULL;
+        if (jobs[*n]) {
+            memcpy(jobs[*n], e->str, e->len);
+            jobs[*n][e->len] = '\0';
+            (*n)++;
+        }
+    }
+    freeReplyObject(rep);
+    *out = jobs;
+    return 0;
+}
+
+/* Sends `n` pipelined commands already appended and reads their replies;
+ * `ok[i]` (may be NULL) is set for each reply that is an integer 1. */
+static int pipeline_read(queue *q, redisContext *ctx, int n, int *ok)
+{
+    int got = 0;
+
+    for (int i = 0; i < n; i++) {
+        void *vp = NULL;
+        redisReply *rep;
+
+        if (redisGetReply(ctx, &vp) != REDIS_OK) {
+            snprintf(q->err, sizeof(q->err), "%s", ctx->errstr[0] ? ctx->errstr : "redis I/O error");
+            rconn_mark_broken(q->r);
+            return got ? got : -1;
+        }
+        rep = vp;
+        if (rep->type == REDIS_REPLY_ERROR)
+            set_err(q, rep);
+        else {
+            if (ok)
+                ok[i] = 1;
+            got++;
+        }
+        freeReplyObject(rep);
+    }
+    return got;
+}
+
+int queue_extend(queue *q, char *const *raws, int n, long long deadline_ms)
+{
+    redisContext *ctx;
+    char sdl[32];
+
+    if (n <= 0)
+        return 0;
+    if (rconn_connect(q->r) < 0) {
+        snprintf(q->err, sizeof(q->err), "%s", rconn_errstr(q->r));
+        return -1;
+    }
+    ctx = rconn_context(q->r);
+    snprintf(sdl, sizeof(sdl), "%lld", deadline_ms);
+    for (int i = 0; i < n; i++) {
+        const char *argv[5] = {"ZADD", q->inflight, "XX", sdl, raws[i]};
+
+        redisAppendCommandArgv(ctx, 5, argv, NULL);
+    }
+    return pipeline_read(q, ctx, n, NULL) < 0 ? -1 : 0;
+}
+
+int queue_maintain(queue *q, long long now_ms, int limit, int *moved, int *reaped)
+{
+    char snow[32], slim[16];
+    const char *argv[8];
+    redisReply *rep;
+
+    snprintf(snow, sizeof(snow), "%lld", now_ms);
+    snprintf(slim, sizeof(slim), "%d", limit);
+    argv[0] = "EVAL";
+    argv[1] = maintain_lua;
+    argv[2] = "3";
+    argv[3] = q->list;
+    argv[4] = q->inflight;
+    argv[5] = q->delayed;
+    argv[6] = snow;
+    argv[7] = slim;
+    rep = rconn_command_argv(q->r, 1, 8, argv, NULL);
+    if (!rep || rep->type != REDIS_REPLY_ARRAY || rep->elements != 2) {
+        set_err(q, rep);
+        if (rep)
+            freeReplyObject(rep);
+        return -1;
+    }
+    if (moved)
+        *moved = (int)rep->element[0]->integer;
+    if (reaped)
+        *reaped = (int)rep->element[1]->integer;
+    freeReplyObject(rep);
+    return 0;
+}
+
+int queue_record(queue *q, queue_ack *acks, int n)
+{
+    redisContext *ctx;
+    int *ok, got;
+
+    if (n <= 0)
+        return 0;
+    if (rconn_connect(q->r) < 0) {
+        snprintf(q->err, sizeof(q->err), "%s", rconn_errstr(q->r));
+        return -1;
+    }
+    ok = calloc((size_t)n, sizeof(*ok));
+    if (!ok)
+        return -1;
+    ctx = rconn_context(q->r);
+    for (int i = 0; i < n; i++) {
+        char kind[4], due[32];
+        const char *argv[11];
+
+        snprintf(kind, sizeof(kind), "%d", (int)acks[i].kind);
+        snprintf(due, sizeof(due), "%lld", acks[i].due_ms);
+        argv[0] = "EVAL";
+        argv[1] = ack_lua;
+        argv[2] = "4";
+        argv[3] = q->list;
+        argv[4] = q->inflight;
+        argv[5] = q->delayed;
+        argv[6] = q->dlq;
+        argv[7] = acks[i].raw;
+        argv[8] = kind;
+        argv[9] = acks[i].payload ? acks[i].payload : "";
+        argv[10] = due;
+        redisAppendCommandArgv(ctx, 11, argv, NULL);
+    }
+    got = pipeline_read(q, ctx, n, ok);
+    for (int i = 0; i < n; i++)
+        acks[i].done = ok[i];
+    free(ok);
+    return got;
+}
+
+int queue_pace(queue *q, const char *chat, long interval_ms, long long now_ms, long *wait_ms)
+{
+    char key[300], snow[32], sint[32];
+    const char *argv[6];
+    redisReply *rep;
+
+    snprintf(key, sizeof(key), "%s%s", q->pace, chat);
+    snprintf(snow, sizeof(snow), "%lld", now_ms);
+    snprintf(sint, sizeof(sint), "%ld", interval_ms);
+    argv[0] = "EVAL";
+    argv[1] = pace_lua;
+    argv[2] = "1";
+    argv[3] = key;
+    argv[4] = snow;
+    argv[5] = sint;
+    rep = rconn_command_argv(q->r, 0, 6, argv, NULL);
+    if (!rep || rep->type != REDIS_REPLY_INTEGER) {
+        set_err(q, rep);
+        if (rep)
+            freeReplyObject(rep);
+        return -1;
+    }
+    *wait_ms = (long)rep->integer;
+    freeReplyObject(rep);
+    return 0;
+}
+
+int queue_pace_block(queue *q, const char *chat, long long until_ms)
+{
+    char key[300], suntil[32];
+    const char *argv[5];
+    redisReply *rep;
+
+    snprintf(key, sizeof(key), "%s%s", q->pace, chat);
+    snprintf(suntil, sizeof(suntil), "%lld", until_ms);
+    argv[0] = "EVAL";
+    argv[1] = block_lua;
+    argv[2] = "1";
+    argv[3] = key;
+    argv[4] = suntil;
+    rep = rconn_command_argv(q->r, 1, 5, argv, NULL);
+    if (!rep || rep->type == REDIS_REPLY_ERROR) {
+        set_err(q, rep);
+        if (rep)
+            freeReplyObject(rep);
+        return -1;
+    }
+    freeReplyObject(rep);
+    return 0;
+}
+
+int queue_push(queue *q, const char *job)
+{
+    redisReply *rep = rconn_command(q->r, 0, "LPUSH %s %s", q->list, job);
+
+    if (!rep || rep->type != REDIS_REPLY_INTEGER) {
+        set_err(q, rep);
+        if (rep)
+            freeReplyObject(rep);
+        return -1;
+    }
+    freeReplyObject(rep);
+    return 0;
+}

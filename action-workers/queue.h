@@ -1,0 +1,84 @@
+/* queue: the reliable job queue in Redis (RESP2 commands and Lua scripts
+ * that Redis 2.6+ runs; nothing needs LMOVE or streams).
+ *
+ * Keys (prefix "action_jobs" by default):
+ *   action_jobs           list: producers LPUSH, consumers take from the
+ *                         right; a producer puts urgent (priority > 1) jobs
+ *                         with RPUSH so they are taken first.
+ *   action_jobs_inflight  zset: job -> lease deadline (ms). A job is moved
+ *                         here atomically when taken (one Lua script), and
+ *                         removed when its outcome is recorded. Leases of
+ *                         jobs still being worked on are extended; a job
+ *                         whose lease expired (its worker died) goes back to
+ *                         the list, so it is delivered again.
+ *   action_jobs_delayed   zset: job -> due time (ms): retries, 429s, paced
+ *                         Telegram messages and jobs for an open breaker.
+ *                         Moved back to the list when due.
+ *   action_jobs_dlq       list: jobs whose attempts are exhausted.
+ *   action_jobs_pace:{chat} string: the next free send slot for a chat.
+ *
+ * Jobs are identified by their exact bytes. A queue is one Redis connection
+ * and NOT thread-safe: each worker thread has its own. */
+#ifndef AW_QUEUE_H
+#define AW_QUEUE_H
+
+#include <stddef.h>
+
+#include "rconn.h"
+
+typedef struct queue queue;
+
+typedef enum {
+    QUEUE_DONE = 0,    /* finished (success or final failure): drop */
+    QUEUE_RETRY = 1,   /* schedule `payload` on the delayed set at `due_ms` */
+    QUEUE_DEAD = 2,    /* push `payload` to the dead-letter list */
+    QUEUE_RELEASE = 3  /* give the job back untouched (shutdown) */
+} queue_ack_kind;
+
+typedef struct {
+    const char *raw;     /* the job as taken */
+    queue_ack_kind kind;
+    const char *payload; /* RETRY/DEAD: the job to store */
+    long long due_ms;    /* RETRY */
+    int done;            /* set by queue_ack when Redis recorded it */
+} queue_ack;
+
+/* `prefix` NULL means "action_jobs". Does not connect. NULL on OOM. Free
+ * with queue_free. */
+queue *queue_new(const rconn_opts *o, const char *prefix, int timeout_ms);
+void queue_free(queue *q);
+
+/* Takes up to `max` jobs and leases them until `deadline_ms`. *out gets a
+ * malloc'd array of malloc'd strings (free each, then the array, with
+ * free()); *n their count. Returns 0 (also when none), -1 when Redis failed
+ * (reason in queue_errstr). */
+int queue_take(queue *q, int max, long long deadline_ms, char ***out, int *n);
+
+/* Extends the leases of jobs still held (pipelined ZADD XX). Returns 0/-1. */
+int queue_extend(queue *q, char *const *raws, int n, long long deadline_ms);
+
+/* Moves due delayed jobs and jobs whose lease expired back to the list, at
+ * most `limit` of each. Any number of workers may run it at once. Returns
+ * 0/-1; counts go to *moved and *reaped (may be NULL). */
+int queue_maintain(queue *q, long long now_ms, int limit, int *moved, int *reaped);
+
+/* Records outcomes (pipelined, one atomic script per job). Sets done on
+ * each ack Redis accepted. When our lease had been reaped and the job was
+ * requeued, that copy is taken back first; if another worker holds it, the
+ * ack is a no-op for us. Returns the number recorded, or -1 when Redis
+ * failed before any answer. */
+int queue_record(queue *q, queue_ack *acks, int n);
+
+/* Reserves the next send slot for `chat`, `interval_ms` after the last one.
+ * *wait_ms gets how long to wait before sending (0: now). Returns 0/-1. */
+int queue_pace(queue *q, const char *chat, long interval_ms, long long now_ms, long *wait_ms);
+
+/* Pushes the chat's next slot to at least `until_ms` (after a 429). */
+int queue_pace_block(queue *q, const char *chat, long long until_ms);
+
+/* Pushes a job to the list (tests and tools). Returns 0/-1. */
+int queue_push(queue *q, const char *job);
+
+const char *queue_errstr(const queue *q);
+
+#endif

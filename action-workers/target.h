@@ -1,0 +1,40 @@
+/* target: which hosts a webhook or MCP action may reach.
+ *
+ * User-supplied URLs must not reach the platform's own network (SSRF):
+ * loopback, private, carrier-grade NAT, link-local (cloud metadata),
+ * multicast and reserved ranges, v4 and v6 (v4-mapped v6 is checked as v4),
+ * are refused unless ALLOWED_TARGETS lists the host name, the address or a
+ * CIDR containing it. Every resolved address must pass, and the address
+ * that passed is pinned for the transfer (CURLOPT_RESOLVE), so a DNS answer
+ * that changes between the check and the connect (rebinding) cannot send
+ * the request elsewhere. Only http and https are accepted. */
+#ifndef AW_TARGET_H
+#define AW_TARGET_H
+
+#include <stddef.h>
+#include <sys/socket.h>
+
+typedef struct target_policy target_policy;
+
+typedef struct {
+    char host[256];     /* as in the URL, without brackets */
+    int port;
+    char resolve[400];  /* "host:port:addr" for CURLOPT_RESOLVE; "" for IP literals */
+} target_info;
+
+/* Parses ALLOWED_TARGETS: a comma list of host names, IPv4/IPv6 addresses
+ * and CIDRs. NULL or "" allows nothing extra. Returns NULL with the bad
+ * entry named in `err` when an entry is malformed, or on OOM. Free with
+ * target_policy_free. */
+target_policy *target_policy_new(const char *allowed, char *err, size_t errlen);
+void target_policy_free(target_policy *p);
+
+/* Checks `url`: scheme, host and every address it resolves to (getaddrinfo,
+ * blocking). Returns 0 and fills `out` when it may be reached, -1 with the
+ * reason in `err` otherwise. */
+int target_check(const target_policy *p, const char *url, target_info *out, char *err, size_t errlen);
+
+/* Nonzero when the address lies in a range refused by default. */
+int target_addr_restricted(const struct sockaddr *sa);
+
+#endif

@@ -1,0 +1,531 @@
+/* auth: POST /api/v1/auth/{register,login,refresh,logout} and auth_require. */
+#include "auth.h"
+
+#include <crypt.h>
+#include <ctype.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "apiutil.h"
+#include "log.h"
+
+#define AUTH_MIN_PASSWORD 8
+#define AUTH_MAX_PASSWORD 256 /* bytes; well inside libcrypt's CRYPT_MAX_PASSPHRASE_SIZE */
+#define AUTH_BAD_LOGIN "invalid username/email or password"
+#define AUTH_BAD_REFRESH "invalid, expired, used or revoked refresh token"
+
+#define USER_COLS                                                                                             \
+    "id, username, email, telegram_chat_id, is_active, "                                                      \
+    "to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') AS created_at"
+
+/* ---- passwords ---------------------------------------------------------- */
+
+/* yescrypt hash of `pw` with a fresh salt into out. Returns 0 or -1. */
+static int auth_hash_password(const char *pw, char *out, size_t outlen)
+{
+    char *salt = crypt_gensalt_ra("$y$", 0, NULL, 0);
+    struct crypt_data *cd = calloc(1, sizeof(*cd));
+    const char *h = NULL;
+    int rc = -1;
+
+    if (!salt || !cd)
+        goto out;
+    h = crypt_rn(pw, salt, cd, (int)sizeof(*cd));
+    if (h && h[0] != '*' && strlen(h) < outlen) {
+        snprintf(out, outlen, "%s", h);
+        rc = 0;
+    }
+out:
+    free(salt);
+    free(cd);
+    return rc;
+}
+
+/* Nonzero when `pw` matches `stored`; always spends one yescrypt run. */
+static int auth_check_password(const char *pw, const char *stored)
+{
+    struct crypt_data *cd = calloc(1, sizeof(*cd));
+    const char *h;
+    int ok = 0;
+
+    if (!cd)
+        return 0;
+    h = crypt_rn(pw, stored, cd, (int)sizeof(*cd));
+    if (h && h[0] != '*')
+        ok = apiutil_secret_eq(h, stored);
+    free(cd);
+    return ok;
+}
+
+int auth_init(gateway *gw, char *err, size_t errlen)
+{
+    unsigned char rnd[24];
+    char pw[64];
+
+    if (apiutil_random(rnd, sizeof(rnd)) < 0) {
+        snprintf(err, errlen, "getrandom failed");
+        return -1;
+    }
+    apiutil_b64url(rnd, sizeof(rnd), pw, sizeof(pw));
+    if (auth_hash_password(pw, gw->dummy_hash, sizeof(gw->dummy_hash)) < 0) {
+        snprintf(err, errlen, "libcrypt has no yescrypt");
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- request bodies ----------------------------------------------------- */
+
+/* A string member; adds a problem to `details` and returns NULL when it is
+ * missing (and required), not a string, or outside [minlen, maxlen]. */
+static const char *auth_str(const cJSON *body, const char *name, int required, size_t minlen, size_t maxlen,
+                            cJSON *details)
+{
+    const cJSON *it = cJSON_GetObjectItemCaseSensitive(body, name);
+    char msg[96];
+    size_t len;
+
+    if (!it || cJSON_IsNull(it)) {
+        if (required)
+            cJSON_AddStringToObject(details, name, "required");
+        return NULL;
+    }
+    if (!cJSON_IsString(it)) {
+        cJSON_AddStringToObject(details, name, "must be a string");
+        return NULL;
+    }
+    len = strlen(it->valuestring);
+    if (len < minlen || len > maxlen) {
+        snprintf(msg, sizeof(msg), "length must be %zu to %zu bytes", minlen, maxlen);
+        cJSON_AddStringToObject(details, name, msg);
+        return NULL;
+    }
+    return it->valuestring;
+}
+
+static int auth_username_ok(const char *s)
+{
+    for (; *s; s++)
+        if (!isalnum((unsigned char)*s) && *s != '_' && *s != '-' && *s != '.')
+            return 0;
+    return 1;
+}
+
+/* A deliberately loose check: one '@' with text on both sides, a dot in
+ * the domain, no spaces or control characters. Deliverability is not ours
+ * to judge. */
+static int auth_email_ok(const char *s)
+{
+    const char *at = strchr(s, '@');
+
+    if (!at || at == s || strchr(at + 1, '@') || !strchr(at + 1, '.') || at[1] == '.' ||
+        s[strlen(s) - 1] == '.')
+        return 0;
+    for (; *s; s++)
+        if ((unsigned char)*s <= ' ' || *s == 0x7f)
+            return 0;
+    return 1;
+}
+
+static void auth_lower(char *dst, size_t len, const char *src)
+{
+    size_t i = 0;
+
+    for (; src[i] && i + 1 < len; i++)
+        dst[i] = (char)tolower((unsigned char)src[i]);
+    dst[i] = '\0';
+}
+
+/* Parses the body into an object or answers 400. */
+static cJSON *auth_body(httpd_req *req)
+{
+    cJSON *body = NULL;
+
+    if (httpd_req_json(req, &body) < 0)
+        return NULL;
+    if (!cJSON_IsObject(body)) {
+        cJSON_Delete(body);
+        httpd_respond_error(req, 400, "invalid_request", "the body must be a JSON object", NULL);
+        return NULL;
+    }
+    return body;
+}
+
+/* Answers 400 with `details` when it has members; returns nonzero then. */
+static int auth_reject(httpd_req *req, cJSON *details)
+{
+    if (!cJSON_GetArraySize(details))
+        return 0;
+    httpd_respond_error(req, 400, "invalid_request", "invalid fields", details);
+    return 1;
+}
+
+/* ---- tokens ------------------------------------------------------------- */
+
+static cJSON *user_json(const PGresult *res, int row)
+{
+    cJSON *u = cJSON_CreateObject();
+    const char *tg = PQgetisnull(res, row, 3) ? NULL : PQgetvalue(res, row, 3);
+
+    cJSON_AddStringToObject(u, "id", PQgetvalue(res, row, 0));
+    cJSON_AddStringToObject(u, "username", PQgetvalue(res, row, 1));
+    cJSON_AddStringToObject(u, "email", PQgetvalue(res, row, 2));
+    if (tg)
+        cJSON_AddStringToObject(u, "telegram_chat_id", tg);
+    else
+        cJSON_AddNullToObject(u, "telegram_chat_id");
+    cJSON_AddBoolToObject(u, "is_active", PQgetisnull(res, row, 4) || PQgetvalue(res, row, 4)[0] == 't');
+    cJSON_AddStringToObject(u, "created_at", PQgetvalue(res, row, 5));
+    return u;
+}
+
+/* A new opaque refresh token (43 characters) and its SHA-256. */
+static int auth_new_refresh(char tok[64], char hash[65])
+{
+    unsigned char rnd[32];
+
+    if (apiutil_random(rnd, sizeof(rnd)) < 0)
+        return -1;
+    apiutil_b64url(rnd, sizeof(rnd), tok, 64);
+    apiutil_sha256_hex(tok, hash);
+    return 0;
+}
+
+/* Stores a refresh token for `user_id` in `family` and answers 200 with
+ * the token pair. Runs on `conn` (inside the caller's transaction when it
+ * has one, which it then commits). Returns 0, or -1 when it answered with
+ * an error. */
+static int auth_issue(gateway *gw, httpd_req *req, PGconn *conn, const char *user_id, const char *username,
+                      const char *family, int in_tx)
+{
+    char tok[64], hash[65], ttl[32];
+    const char *params[4];
+    char *access = NULL;
+    cJSON *claims, *out;
+    PGresult *res;
+    int rc;
+
+    if (auth_new_refresh(tok, hash) < 0) {
+        httpd_respond_error(req, 500, "internal", "no randomness", NULL);
+        return -1;
+    }
+    claims = cJSON_CreateObject();
+    cJSON_AddStringToObject(claims, "sub", user_id);
+    cJSON_AddStringToObject(claims, "user_id", user_id);
+    cJSON_AddStringToObject(claims, "username", username);
+    rc = jwtauth_sign(gw->jwt, claims, gw->cfg.access_token_ttl_s, &access);
+    cJSON_Delete(claims);
+    if (rc < 0 || !access) {
+        log_error("cannot sign an access token: %s", jwtauth_reason(rc));
+        httpd_respond_error(req, 500, "internal", "cannot sign a token", NULL);
+        return -1;
+    }
+    snprintf(ttl, sizeof(ttl), "%ld", gw->cfg.refresh_token_ttl_s);
+    params[0] = hash;
+    params[1] = user_id;
+    params[2] = family;
+    params[3] = ttl;
+    res = apiutil_exec(req, conn,
+                       "INSERT INTO refresh_tokens (token_hash, user_id, family_id, expires_at) "
+                       "VALUES ($1, $2, $3, now() + $4::bigint * interval '1 second')",
+                       4, params);
+    if (!res)
+        goto fail;
+    PQclear(res);
+    if (in_tx) {
+        res = apiutil_exec(req, conn, "COMMIT", 0, NULL);
+        if (!res)
+            goto fail;
+        PQclear(res);
+    }
+    out = cJSON_CreateObject();
+    cJSON_AddStringToObject(out, "access_token", access);
+    cJSON_AddStringToObject(out, "refresh_token", tok);
+    cJSON_AddStringToObject(out, "token_type", "Bearer");
+    cJSON_AddNumberToObject(out, "expires_in", (double)gw->cfg.access_token_ttl_s);
+    free(access);
+    httpd_respond_json(req, 200, out);
+    return 0;
+fail:
+    free(access);
+    return -1;
+}
+
+/* ---- routes ------------------------------------------------------------- */
+
+static void auth_register(httpd_req *req, void *ud)
+{
+    gateway *gw = ud;
+    cJSON *body = auth_body(req), *details;
+    const char *username, *email, *password, *params[3];
+    char email_l[256], hash[256], err[512];
+    PGconn *conn = NULL;
+    PGresult *res;
+
+    if (!body)
+        return;
+    details = cJSON_CreateObject();
+    username = auth_str(body, "username", 1, 3, 64, details);
+    email = auth_str(body, "email", 1, 3, 254, details);
+    password = auth_str(body, "password", 1, AUTH_MIN_PASSWORD, AUTH_MAX_PASSWORD, details);
+    if (username && !auth_username_ok(username))
+        cJSON_AddStringToObject(details, "username", "only letters, digits, '_', '-' and '.'");
+    if (email && !auth_email_ok(email))
+        cJSON_AddStringToObject(details, "email", "not an email address");
+    if (auth_reject(req, details))
+        goto out;
+    cJSON_Delete(details);
+    details = NULL;
+    auth_lower(email_l, sizeof(email_l), email);
+    if (auth_hash_password(password, hash, sizeof(hash)) < 0) {
+        httpd_respond_error(req, 500, "internal", "cannot hash the password", NULL);
+        goto out;
+    }
+    if (!(conn = apiutil_db(gw, req)))
+        goto out;
+    params[0] = username;
+    params[1] = email_l;
+    params[2] = hash;
+    res = dbpool_exec(conn,
+                      "INSERT INTO users (username, email, password_hash) VALUES ($1, $2, $3) RETURNING " USER_COLS,
+                      3, params, err, sizeof(err));
+    if (!res) {
+        if (strncmp(err, "23505", 5) == 0) {
+            cJSON *d = cJSON_CreateObject();
+
+            cJSON_AddStringToObject(d, strstr(err, "email") ? "email" : "username", "already taken");
+            httpd_respond_error(req, 409, "conflict", "an account with this username or email exists", d);
+        } else {
+            apiutil_db_fail(req, "register", err);
+        }
+        goto out;
+    }
+    log_event(LOG_INFO, "user registered", "\"user_id\":\"%s\"", PQgetvalue(res, 0, 0));
+    httpd_respond_json(req, 201, user_json(res, 0));
+    PQclear(res);
+out:
+    dbpool_release(gw->db, conn);
+    cJSON_Delete(details);
+    cJSON_Delete(body);
+}
+
+static void auth_login(httpd_req *req, void *ud)
+{
+    gateway *gw = ud;
+    cJSON *body = auth_body(req), *details;
+    const char *username, *email, *password, *params[1];
+    char email_l[256], family[40], user_id[128], uname[128];
+    unsigned char rnd[16];
+    PGconn *conn = NULL;
+    PGresult *res = NULL;
+    int found, ok;
+
+    if (!body)
+        return;
+    details = cJSON_CreateObject();
+    username = auth_str(body, "username", 0, 1, 254, details);
+    email = auth_str(body, "email", 0, 1, 254, details);
+    password = auth_str(body, "password", 1, 1, AUTH_MAX_PASSWORD, details);
+    if (!username && !email && !cJSON_GetObjectItemCaseSensitive(details, "username") &&
+        !cJSON_GetObjectItemCaseSensitive(details, "email"))
+        cJSON_AddStringToObject(details, "username", "username or email is required");
+    if (auth_reject(req, details))
+        goto out;
+    if (!(conn = apiutil_db(gw, req)))
+        goto out;
+    if (username) {
+        params[0] = username;
+        res = apiutil_exec(req, conn,
+                           "SELECT id, username, password_hash, is_active FROM users WHERE username = $1", 1,
+                           params);
+    } else {
+        auth_lower(email_l, sizeof(email_l), email);
+        params[0] = email_l;
+        res = apiutil_exec(req, conn,
+                           "SELECT id, username, password_hash, is_active FROM users WHERE email = $1", 1, params);
+    }
+    if (!res)
+        goto out;
+    found = PQntuples(res) == 1 && !PQgetisnull(res, 0, 2);
+    /* An unknown user costs one yescrypt run too, against a hash nobody
+     * knows the password of, so timing does not tell users apart. */
+    ok = auth_check_password(password, found ? PQgetvalue(res, 0, 2) : gw->dummy_hash);
+    if (!found || !ok || (!PQgetisnull(res, 0, 3) && PQgetvalue(res, 0, 3)[0] == 'f')) {
+        httpd_respond_error(req, 401, "unauthorized", AUTH_BAD_LOGIN, NULL);
+        goto out;
+    }
+    snprintf(user_id, sizeof(user_id), "%s", PQgetvalue(res, 0, 0));
+    snprintf(uname, sizeof(uname), "%s", PQgetvalue(res, 0, 1));
+    PQclear(res);
+    params[0] = user_id;
+    res = apiutil_exec(req, conn, "UPDATE users SET last_login_at = now() WHERE id = $1", 1, params);
+    if (!res)
+        goto out;
+    if (apiutil_random(rnd, sizeof(rnd)) < 0) {
+        httpd_respond_error(req, 500, "internal", "no randomness", NULL);
+        goto out;
+    }
+    for (size_t i = 0; i < sizeof(rnd); i++)
+        snprintf(family + 2 * i, 3, "%02x", rnd[i]);
+    auth_issue(gw, req, conn, user_id, uname, family, 0);
+out:
+    PQclear(res);
+    dbpool_release(gw->db, conn);
+    cJSON_Delete(details);
+    cJSON_Delete(body);
+}
+
+/* Revokes every live token of the family `hash` belongs to. Returns the
+ * number revoked, or -1 (after answering) on a database error. */
+static int auth_revoke_family(httpd_req *req, PGconn *conn, const char *hash, int only_if_used)
+{
+    const char *params[1] = {hash};
+    PGresult *res;
+    int n;
+
+    res = apiutil_exec(req, conn,
+                       only_if_used
+                           ? "UPDATE refresh_tokens SET revoked_at = now() WHERE revoked_at IS NULL AND family_id = "
+                             "(SELECT family_id FROM refresh_tokens WHERE token_hash = $1 AND used_at IS NOT NULL)"
+                           : "UPDATE refresh_tokens SET revoked_at = now() WHERE revoked_at IS NULL AND family_id = "
+                             "(SELECT family_id FROM refresh_tokens WHERE token_hash = $1)",
+                       1, params);
+    if (!res)
+        return -1;
+    n = (int)strtol(PQcmdTuples(res), NULL, 10);
+    PQclear(res);
+    return n;
+}
+
+static void auth_refresh(httpd_req *req, void *ud)
+{
+    gateway *gw = ud;
+    cJSON *body = auth_body(req), *details;
+    const char *tok, *params[1];
+    char hash[65], user_id[128], uname[128], family[128];
+    PGconn *conn = NULL;
+    PGresult *res = NULL;
+
+    if (!body)
+        return;
+    details = cJSON_CreateObject();
+    tok = auth_str(body, "refresh_token", 1, 1, 512, details);
+    if (auth_reject(req, details))
+        goto out;
+    apiutil_sha256_hex(tok, hash);
+    if (!(conn = apiutil_db(gw, req)))
+        goto out;
+    if (!(res = apiutil_exec(req, conn, "BEGIN", 0, NULL)))
+        goto out;
+    PQclear(res);
+    params[0] = hash;
+    /* The row lock taken by UPDATE makes two concurrent refreshes with the
+     * same token serialise: the second finds used_at set. */
+    res = apiutil_exec(req, conn,
+                       "UPDATE refresh_tokens r SET used_at = now() FROM users u "
+                       "WHERE r.token_hash = $1 AND r.used_at IS NULL AND r.revoked_at IS NULL "
+                       "AND r.expires_at > now() AND u.id = r.user_id AND u.is_active IS NOT FALSE "
+                       "RETURNING r.user_id, u.username, r.family_id",
+                       1, params);
+    if (!res)
+        goto out;
+    if (PQntuples(res) != 1) {
+        int n;
+
+        PQclear(res);
+        res = NULL;
+        n = auth_revoke_family(req, conn, hash, 1);
+        if (n < 0)
+            goto out;
+        if ((res = apiutil_exec(req, conn, "COMMIT", 0, NULL)) == NULL)
+            goto out;
+        if (n > 0)
+            log_event(LOG_WARN, "refresh token replayed: session revoked", "\"request_id\":\"%s\"",
+                      httpd_req_id(req));
+        httpd_respond_error(req, 401, "unauthorized", AUTH_BAD_REFRESH, NULL);
+        goto out;
+    }
+    snprintf(user_id, sizeof(user_id), "%s", PQgetvalue(res, 0, 0));
+    snprintf(uname, sizeof(uname), "%s", PQgetvalue(res, 0, 1));
+    snprintf(family, sizeof(family), "%s", PQgetvalue(res, 0, 2));
+    auth_issue(gw, req, conn, user_id, uname, family, 1);
+out:
+    PQclear(res);
+    dbpool_release(gw->db, conn); /* rolls back an unfinished transaction */
+    cJSON_Delete(details);
+    cJSON_Delete(body);
+}
+
+static void auth_logout(httpd_req *req, void *ud)
+{
+    gateway *gw = ud;
+    cJSON *body = auth_body(req), *details;
+    const char *tok;
+    char hash[65];
+    PGconn *conn = NULL;
+
+    if (!body)
+        return;
+    details = cJSON_CreateObject();
+    tok = auth_str(body, "refresh_token", 1, 1, 512, details);
+    if (auth_reject(req, details))
+        goto out;
+    apiutil_sha256_hex(tok, hash);
+    if (!(conn = apiutil_db(gw, req)))
+        goto out;
+    /* Unknown tokens answer the same 204: logout is idempotent and tells
+     * nothing about which tokens exist. */
+    if (auth_revoke_family(req, conn, hash, 0) >= 0)
+        httpd_respond_static(req, 204, NULL, "", 0);
+out:
+    dbpool_release(gw->db, conn);
+    cJSON_Delete(details);
+    cJSON_Delete(body);
+}
+
+int auth_require(gateway *gw, httpd_req *req, auth_user *out)
+{
+    const char *hdr = httpd_req_header(req, "Authorization");
+    const char *tok = hdr ? jwtauth_bearer(hdr) : NULL;
+    cJSON *claims = NULL;
+    const cJSON *sub, *name;
+    int rc;
+
+    if (!tok) {
+        httpd_respond_error(req, 401, "unauthorized", "missing Bearer token", NULL);
+        httpd_req_add_header(req, "WWW-Authenticate", "Bearer");
+        return -1;
+    }
+    rc = jwtauth_verify(gw->jwt, tok, &claims);
+    if (rc < 0) {
+        cJSON *d = cJSON_CreateObject();
+
+        cJSON_AddStringToObject(d, "reason", jwtauth_reason(rc));
+        httpd_respond_error(req, 401, "unauthorized", jwtauth_message(rc), d);
+        httpd_req_add_header(req, "WWW-Authenticate", "Bearer error=\"invalid_token\"");
+        cJSON_Delete(claims);
+        return -1;
+    }
+    sub = cJSON_GetObjectItemCaseSensitive(claims, "sub");
+    name = cJSON_GetObjectItemCaseSensitive(claims, "username");
+    if (!cJSON_IsString(sub) || !sub->valuestring[0] || strlen(sub->valuestring) >= sizeof(out->user_id)) {
+        cJSON_Delete(claims);
+        httpd_respond_error(req, 401, "unauthorized", "invalid token: no subject", NULL);
+        return -1;
+    }
+    snprintf(out->user_id, sizeof(out->user_id), "%s", sub->valuestring);
+    snprintf(out->username, sizeof(out->username), "%s", cJSON_IsString(name) ? name->valuestring : "");
+    cJSON_Delete(claims);
+    return 0;
+}
+
+int gateway_auth_routes(gateway *gw)
+{
+    if (httpd_route(gw->http, "POST", "/api/v1/auth/register", auth_register, gw) < 0 ||
+        httpd_route(gw->http, "POST", "/api/v1/auth/login", auth_login, gw) < 0 ||
+        httpd_route(gw->http, "POST", "/api/v1/auth/refresh", auth_refresh, gw) < 0 ||
+        httpd_route(gw->http, "POST", "/api/v1/auth/logout", auth_logout, gw) < 0)
+        return -1;
+    return 0;
+}

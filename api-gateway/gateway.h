@@ -1,0 +1,68 @@
+/* gateway: the API gateway's shared context, built once in main() and read
+ * by every route module. After start-up it is read-only except for the
+ * objects that document their own thread safety (pool, health, limiter). */
+#ifndef AE_GATEWAY_H
+#define AE_GATEWAY_H
+
+#include "cfg.h"
+#include "dbpool.h"
+#include "health.h"
+#include "httpd.h"
+#include "jwtauth.h"
+
+typedef struct ratelimit ratelimit;
+
+#define GATEWAY_VERSION "0.1.0"
+
+typedef struct {
+    char host[256];
+    int port;
+    int threads;
+    long max_body;
+    char cors_origins[1024];
+    long rate_limit_per_min;
+    long access_token_ttl_s;
+    long refresh_token_ttl_s;
+    long health_interval_ms;
+    int db_max_connections;
+    int access_log;
+    char conninfo[2048];
+    char migrations_dir[1024];
+    char jwt_secret[512];
+    char ingest_token[512];
+    char internal_token[512];
+} gateway_config;
+
+typedef struct {
+    gateway_config cfg;
+    dbpool *db;
+    health *health;
+    int health_db; /* index of the database check in `health` */
+    int migrated;  /* set once by the health thread */
+    jwtauth *jwt;
+    httpd *http;
+    ratelimit *limiter; /* NULL when RATE_LIMIT=0 */
+    /* A yescrypt hash of a random password, computed at start: a login for
+     * an unknown user is checked against it so that it costs the same time
+     * as a wrong password for a real one. */
+    char dummy_hash[256];
+} gateway;
+
+/* Reads every setting; problems are recorded in `c`. */
+void gateway_config_read(cfg *c, gateway_config *out);
+
+/* Registers GET /health, GET /api/v1/health and GET /metrics. */
+int gateway_health_routes(gateway *gw);
+
+/* Registers the REST API routes of each module (auth.c, triggers.c,
+ * chain_events.c, results.c). Each returns 0 or -1. */
+int gateway_auth_routes(gateway *gw);
+int gateway_trigger_routes(gateway *gw);
+int gateway_chain_event_routes(gateway *gw);
+int gateway_result_routes(gateway *gw);
+
+/* The database check run by the health thread: applies pending migrations
+ * the first time the database answers, then pings. */
+int gateway_db_check(void *ud);
+
+#endif

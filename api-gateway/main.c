@@ -1,0 +1,134 @@
+/* api-gateway: the ERC-8004 REST API and the platform's HTTP front door. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "auth.h"
+#include "gateway.h"
+#include "log.h"
+#include "migrate.h"
+#include "ratelimit.h"
+#include "svc.h"
+
+#define DEV_JWT_SECRET "dev-jwt-secret-change-me"
+#define DEV_INGEST_TOKEN "dev-ingest-token"
+#define DEV_INTERNAL_TOKEN "dev-internal-token"
+
+static void copy_setting(char *dst, size_t len, const char *value)
+{
+    snprintf(dst, len, "%s", value ? value : "");
+}
+
+void gateway_config_read(cfg *c, gateway_config *o)
+{
+    memset(o, 0, sizeof(*o));
+    copy_setting(o->host, sizeof(o->host), cfg_str(c, "SERVER_HOST", "0.0.0.0"));
+    o->port = (int)cfg_int(c, "SERVER_PORT", 8080, 0, 65535);
+    o->threads = (int)cfg_int(c, "HTTP_THREADS", 0, 0, 256);
+    o->max_body = cfg_int(c, "MAX_BODY_BYTES", 1024 * 1024, 1024, 64L * 1024 * 1024);
+    copy_setting(o->cors_origins, sizeof(o->cors_origins),
+                 cfg_str(c, "CORS_ORIGINS", "http://localhost*,http://127.0.0.1*"));
+    o->rate_limit_per_min = cfg_int(c, "RATE_LIMIT", 1000, 0, 100000000);
+    o->access_token_ttl_s = cfg_int(c, "ACCESS_TOKEN_TTL_SECONDS", 3600, 10, 86400 * 30);
+    o->refresh_token_ttl_s = cfg_int(c, "REFRESH_TOKEN_TTL_SECONDS", 86400 * 30, 60, 86400 * 365);
+    o->health_interval_ms = cfg_duration_ms(c, "HEALTH_CHECK_INTERVAL", 1000, 1);
+    o->db_max_connections = (int)cfg_int(c, "DB_MAX_CONNECTIONS", 10, 1, 1000);
+    o->access_log = cfg_bool(c, "ACCESS_LOG", 1);
+    dbpool_conninfo_from_cfg(c, o->conninfo, sizeof(o->conninfo));
+    if (migrate_default_dir(o->migrations_dir, sizeof(o->migrations_dir)) < 0)
+        cfg_error(c, "MIGRATIONS_DIR", cfg_str(c, "MIGRATIONS_DIR", ""), "a readable directory of migrations");
+    copy_setting(o->jwt_secret, sizeof(o->jwt_secret), cfg_secret(c, "JWT_SECRET", DEV_JWT_SECRET));
+    copy_setting(o->ingest_token, sizeof(o->ingest_token), cfg_secret(c, "INGEST_TOKEN", DEV_INGEST_TOKEN));
+    copy_setting(o->internal_token, sizeof(o->internal_token),
+                 cfg_secret(c, "INTERNAL_TOKEN", DEV_INTERNAL_TOKEN));
+}
+
+static int gateway_open(gateway *gw, char *err, size_t errlen)
+{
+    httpd_opts ho = {0};
+
+    gw->db = dbpool_new(gw->cfg.conninfo, gw->cfg.db_max_connections);
+    gw->health = health_new(gw->cfg.health_interval_ms);
+    gw->jwt = jwtauth_new(gw->cfg.jwt_secret, NULL, NULL, 30);
+    if (!gw->db || !gw->health || !gw->jwt) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    gw->health_db = health_add(gw->health, "postgresql", gateway_db_check, gw);
+    ho.service = "api-gateway";
+    ho.host = gw->cfg.host;
+    ho.port = gw->cfg.port;
+    ho.threads = gw->cfg.threads;
+    ho.max_body = (size_t)gw->cfg.max_body;
+    ho.cors_origins = gw->cfg.cors_origins;
+    ho.access_log = gw->cfg.access_log;
+    gw->http = httpd_new(&ho, err, errlen);
+    if (!gw->http || gateway_health_routes(gw) < 0)
+        return -1;
+    if (auth_init(gw, err, errlen) < 0)
+        return -1;
+    if (gateway_auth_routes(gw) < 0 || gateway_trigger_routes(gw) < 0 || gateway_result_routes(gw) < 0 ||
+        gateway_chain_event_routes(gw) < 0) {
+        snprintf(err, errlen, "cannot register the REST routes");
+        return -1;
+    }
+    /* RATE_LIMIT=0 turns the limiter off (benchmarks, trusted networks). */
+    if (gw->cfg.rate_limit_per_min > 0) {
+        gw->limiter = ratelimit_new(gw->cfg.rate_limit_per_min);
+        if (!gw->limiter) {
+            snprintf(err, errlen, "out of memory");
+            return -1;
+        }
+        httpd_set_hook(gw->http, ratelimit_hook, gw);
+    }
+    /* The first check runs before listening, so the first answer is true;
+     * a database that is down only makes the service report unhealthy. */
+    if (health_start(gw->health) < 0) {
+        snprintf(err, errlen, "cannot start the health thread");
+        return -1;
+    }
+    return httpd_start(gw->http, err, errlen);
+}
+
+static void gateway_close(gateway *gw)
+{
+    httpd_free(gw->http);
+    ratelimit_free(gw->limiter);
+    health_free(gw->health);
+    jwtauth_free(gw->jwt);
+    dbpool_free(gw->db);
+}
+
+int main(void)
+{
+    static gateway gw;
+    char err[512];
+    cfg *c;
+    int rc = 1;
+
+    if (svc_init() < 0)
+        return 1;
+    c = cfg_boot("api-gateway");
+    if (!c)
+        return 2;
+    gateway_config_read(c, &gw.cfg);
+    if (cfg_finish(c) < 0) {
+        cfg_free(c);
+        return 2;
+    }
+    cfg_free(c);
+    if (gateway_open(&gw, err, sizeof(err)) < 0) {
+        log_error("cannot start: %s", err);
+        goto out;
+    }
+    log_event(LOG_INFO, "listening", "\"port\":%d,\"version\":\"%s\"", httpd_port(gw.http), GATEWAY_VERSION);
+    while (svc_wait(1000) == 0 || !svc_stopping())
+        ;
+    log_info("stopping: finishing in-flight requests");
+    httpd_stop(gw.http, 10000);
+    rc = 0;
+out:
+    gateway_close(&gw);
+    log_info("stopped");
+    return rc;
+}

@@ -1,0 +1,115 @@
+/* httpd: the HTTP server every service uses, over libmicrohttpd.
+ *
+ * It owns what SPEC calls the common HTTP behaviour: routing with path
+ * parameters and 404/405, a bounded request body (413 before the body is
+ * read when Content-Length is too large), X-Request-Id on every response,
+ * the JSON error body, CORS, one access-log line per request and request
+ * metrics.
+ *
+ * Handlers run on the server's worker threads (MHD's thread pool), so they
+ * may block on the database; each request is handled by one thread. A
+ * handler must answer exactly once, synchronously, with one of the
+ * httpd_respond_* calls; a handler that does not answer gets a 500. */
+#ifndef AE_HTTPD_H
+#define AE_HTTPD_H
+
+#include <stddef.h>
+
+#include <cjson/cJSON.h>
+
+#include "metrics.h"
+
+typedef struct httpd httpd;
+typedef struct httpd_req httpd_req;
+
+typedef void (*httpd_handler)(httpd_req *req, void *ud);
+
+/* Called before routing; returns nonzero when it answered the request
+ * itself (rate limiting, authentication of a whole prefix). */
+typedef int (*httpd_hook)(httpd_req *req, void *ud);
+
+typedef struct {
+    const char *service;      /* for logs and metrics labels */
+    const char *host;         /* bind address; NULL or "" means every address */
+    int port;                 /* 0 picks a free port (see httpd_port) */
+    int threads;              /* worker threads; <= 0 means the number of CPUs */
+    size_t max_body;          /* bytes; 0 means 1 MiB */
+    int connection_timeout_s; /* idle keep-alive connections are closed after it; 0 means 60 */
+    int max_connections;      /* 0 means 10000 */
+    const char *cors_origins; /* comma list, '*' at the end matches a prefix; NULL disables CORS */
+    metrics *metrics;         /* NULL means metrics_default() */
+    int access_log;           /* nonzero logs one line per request at info level */
+    int reuse_port;           /* SO_REUSEPORT: several processes serve one port */
+} httpd_opts;
+
+/* Creates a server (not listening yet). Returns NULL on bad options or
+ * OOM, with the reason in err. Free with httpd_free(). */
+httpd *httpd_new(const httpd_opts *opts, char *err, size_t errlen);
+
+/* Stops (if running) and frees. NULL is a no-op. */
+void httpd_free(httpd *srv);
+
+/* Registers a route before httpd_start. `method` is GET, POST, PUT, PATCH,
+ * DELETE or OPTIONS (HEAD is served by GET routes). `pattern` is a path
+ * with `{name}` segments, e.g. "/api/v1/triggers/{id}", and optionally a
+ * last `{name...}` segment that takes the rest of the path. Returns 0 or
+ * -1 when the table is full or the pattern is malformed. */
+int httpd_route(httpd *srv, const char *method, const char *pattern, httpd_handler fn, void *ud);
+
+void httpd_set_hook(httpd *srv, httpd_hook fn, void *ud);
+
+/* Registers GET /metrics, answered from the server's registry. */
+int httpd_route_metrics(httpd *srv);
+
+/* Starts listening. Returns 0, or -1 with the reason in err. */
+int httpd_start(httpd *srv, char *err, size_t errlen);
+
+/* The port actually bound (useful with port 0). */
+int httpd_port(const httpd *srv);
+
+/* Stops accepting, lets in-flight requests finish for up to grace_ms, then
+ * closes everything. */
+void httpd_stop(httpd *srv, int grace_ms);
+
+/* --- Requests. Strings returned stay valid until the request completes. */
+const char *httpd_req_method(const httpd_req *req);
+const char *httpd_req_path(const httpd_req *req);
+const char *httpd_req_id(const httpd_req *req);
+const char *httpd_req_remote(const httpd_req *req);
+/* A path parameter captured by the route, or NULL. */
+const char *httpd_req_param(const httpd_req *req, const char *name);
+/* A query-string argument (decoded), or NULL. */
+const char *httpd_req_query(const httpd_req *req, const char *name);
+/* A request header (case-insensitive name), or NULL. */
+const char *httpd_req_header(const httpd_req *req, const char *name);
+/* The request body (NUL-terminated for convenience) and its length. */
+const char *httpd_req_body(const httpd_req *req, size_t *len);
+/* Parses the body as JSON. On success *out is owned by the caller
+ * (cJSON_Delete). On failure the request has been answered with 400 naming
+ * the position (or the emptiness) and -1 is returned. */
+int httpd_req_json(httpd_req *req, cJSON **out);
+
+/* Adds a header to the response to come (copied). Up to 16 per request. */
+int httpd_req_add_header(httpd_req *req, const char *name, const char *value);
+
+/* --- Answers. Each request is answered once; later calls are ignored. */
+
+/* Serialises `body` (ownership taken, NULL sends "null"). */
+void httpd_respond_json(httpd_req *req, int status, cJSON *body);
+/* Sends `len` bytes copied from `body`. */
+void httpd_respond_bytes(httpd_req *req, int status, const char *content_type, const char *body, size_t len);
+/* Sends `body` without copying; it must outlive the server (string literals). */
+void httpd_respond_static(httpd_req *req, int status, const char *content_type, const char *body, size_t len);
+/* Sends a malloc'd buffer; ownership taken (freed with free()). */
+void httpd_respond_take(httpd_req *req, int status, const char *content_type, char *body, size_t len);
+/* The common error body {"error","message","details"?,"request_id"}. `code`
+ * NULL derives it from the status. `details` ownership taken (may be NULL). */
+void httpd_respond_error(httpd_req *req, int status, const char *code, const char *message, cJSON *details);
+/* printf-style message variant of httpd_respond_error without details. */
+void httpd_respond_errorf(httpd_req *req, int status, const char *code, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+/* The error code SPEC uses for an HTTP status ("not_found" for 404...). */
+const char *httpd_status_code(int status);
+
+#endif

@@ -1,0 +1,89 @@
+// A local MCP server for the action-workers tests, built with the official
+// SDK (@modelcontextprotocol/sdk) over the Streamable HTTP transport, in
+// stateful mode (Mcp-Session-Id). Tools:
+//   notify {agent_id, text, ...}  records its arguments and succeeds
+//   fail   {...}                  answers a tool error (isError: true)
+//   slow   {ms}                   succeeds after ms milliseconds
+// GET /_calls returns every tools/call seen (name, arguments, the
+// Authorization header); DELETE /_calls clears them.
+// Usage: node mcp-server.mjs PORT
+import http from 'node:http';
+import { randomUUID } from 'node:crypto';
+import { McpServer } from '@modelcontextprotocol/sdk/server/mcp.js';
+import { StreamableHTTPServerTransport } from '@modelcontextprotocol/sdk/server/streamableHttp.js';
+import { isInitializeRequest } from '@modelcontextprotocol/sdk/types.js';
+import { z } from 'zod';
+
+const port = Number(process.argv[2] || 18330);
+const calls = [];
+const transports = new Map();
+
+function buildServer(auth) {
+  const server = new McpServer({ name: 'aw-test-peer', version: '1.0.0' });
+  server.tool('notify', 'Records a notification.', { agent_id: z.any().optional(), text: z.string().optional() }
+    , async (args, extra) => {
+      calls.push({ name: 'notify', arguments: args, authorization: auth.value, session: extra.sessionId });
+      return { content: [{ type: 'text', text: `notified ${args.agent_id ?? ''}` }] };
+    });
+  server.tool('fail', 'Always fails.', { reason: z.string().optional() }, async (args) => {
+    calls.push({ name: 'fail', arguments: args, authorization: auth.value });
+    return { isError: true, content: [{ type: 'text', text: `refused: ${args.reason ?? 'no reason'}` }] };
+  });
+  server.tool('slow', 'Succeeds after ms.', { ms: z.number().optional() }, async (args) => {
+    await new Promise((r) => setTimeout(r, args.ms ?? 1000));
+    calls.push({ name: 'slow', arguments: args, authorization: auth.value });
+    return { content: [{ type: 'text', text: 'done' }] };
+  });
+  return server;
+}
+
+function readBody(req) {
+  return new Promise((resolve, reject) => {
+    const chunks = [];
+    req.on('data', (c) => chunks.push(c));
+    req.on('end', () => resolve(Buffer.concat(chunks).toString('utf8')));
+    req.on('error', reject);
+  });
+}
+
+const httpServer = http.createServer(async (req, res) => {
+  try {
+    if (req.url === '/_calls') {
+      if (req.method === 'DELETE') calls.length = 0;
+      res.writeHead(200, { 'content-type': 'application/json' });
+      res.end(JSON.stringify(calls));
+      return;
+    }
+    if (req.url !== '/mcp') {
+      res.writeHead(404).end();
+      return;
+    }
+    const raw = req.method === 'POST' ? await readBody(req) : '';
+    const body = raw ? JSON.parse(raw) : undefined;
+    const sid = req.headers['mcp-session-id'];
+    let entry = sid ? transports.get(sid) : undefined;
+    if (!entry && req.method === 'POST' && isInitializeRequest(body)) {
+      const auth = { value: req.headers['authorization'] || null };
+      const transport = new StreamableHTTPServerTransport({
+        sessionIdGenerator: () => randomUUID(),
+        onsessioninitialized: (id) => transports.set(id, { transport, auth }),
+      });
+      transport.onclose = () => { if (transport.sessionId) transports.delete(transport.sessionId); };
+      await buildServer(auth).connect(transport);
+      entry = { transport, auth };
+    }
+    if (!entry) {
+      res.writeHead(400, { 'content-type': 'application/json' });
+      res.end(JSON.stringify({ jsonrpc: '2.0', error: { code: -32000, message: 'No valid session' }, id: null }));
+      return;
+    }
+    entry.auth.value = req.headers['authorization'] || entry.auth.value;
+    await entry.transport.handleRequest(req, res, body);
+  } catch (e) {
+    console.error(e);
+    if (!res.headersSent) res.writeHead(500).end(String(e));
+  }
+});
+
+httpServer.listen(port, '127.0.0.1', () => console.log(`mcp peer listening on ${port}`));
+process.on('SIGTERM', () => process.exit(0));

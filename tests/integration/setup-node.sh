@@ -1,0 +1,22 @@
+#!/bin/sh
+# Installs the integration tests' npm packages (jsonwebtoken, @redocly/cli)
+# under tests/integration/node_modules from package-lock.json. Idempotent and
+# fast when already installed: it does nothing when node_modules matches the
+# lock file (npm writes node_modules/.package-lock.json on install).
+set -eu
+cd "$(dirname "$0")"
+if ! command -v npm >/dev/null 2>&1; then
+    echo "setup-node.sh: npm not found (apt-get install npm)" >&2
+    exit 1
+fi
+stamp=node_modules/.ae-installed
+if [ -f "$stamp" ] && [ -f package-lock.json ] && cmp -s package-lock.json "$stamp" \
+    && [ -d node_modules/jsonwebtoken ] && [ -x node_modules/.bin/redocly ]; then
+    exit 0
+fi
+if [ -f package-lock.json ]; then
+    npm ci --no-audit --no-fund --loglevel=error
+else
+    npm install --no-audit --no-fund --loglevel=error
+fi
+cp package-lock.json "$stamp"

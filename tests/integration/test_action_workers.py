@@ -1,0 +1,436 @@
+"""Integration tests of bin/action-workers (SPEC 4, issue 5) against real
+PostgreSQL (database ae_test_aw) and Redis (db 2), with local peers: a
+Telegram-compatible recorder, webhook recorders and an MCP server built with
+the official SDK (tests/integration/peers)."""
+import hashlib
+import hmac
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import unittest
+import urllib.request
+import uuid
+
+import awharness as H
+from httppeers import Peer, Resp, telegram_429
+
+PEERS = os.path.join(os.path.dirname(__file__), "peers")
+
+
+class Base(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        H.prepare_db()
+        cls.conn = H.db()
+        cls.r = H.rds()
+        cls.hook = Peer("webhook").start(H.free_port())
+        cls.tg = Peer("telegram").start(H.free_port())
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.hook.stop()
+        cls.tg.stop()
+        cls.conn.close()
+
+    def setUp(self):
+        self.queue = "awtest:%s:%s" % (self._testMethodName, uuid.uuid4().hex[:6])
+        self.hook.clear()
+        self.tg.clear()
+        self.workers = []
+
+    def tearDown(self):
+        for w in self.workers:
+            if w.proc.poll() is None:
+                w.proc.kill()
+                w.proc.wait(5)
+            w.log.close()
+        keys = list(self.r.scan_iter(self.queue + "*"))
+        if keys:
+            self.r.delete(*keys)
+
+    def worker(self, **env):
+        w = H.Worker(self.queue, **env)
+        self.workers.append(w)
+        return w
+
+    def push(self, job, r=None, queue=None):
+        H.ensure_refs(self.conn, job["trigger_id"], [job["event_id"]])
+        (r or self.r).lpush(queue or self.queue, json.dumps(job))
+        return job
+
+    def url(self, path="/hook"):
+        return "http://127.0.0.1:%d%s" % (self.hook.httpd.server_address[1], path)
+
+
+class RestTest(Base):
+    def test_rest_delivery_headers_body_signature(self):
+        secret = "s3cret"
+        self.worker(WEBHOOK_SECRET=secret)
+        ev = H.make_event(tag1='he said "hi"\n\\', score=91)
+        job = self.push(H.make_job("rest", {
+            "method": "PUT", "url": self.url("/hook"), "headers": {"X-Custom": "yes"},
+            "body_template": '{"agent":"{{agent_id}}","tag":"{{tag1}}","score":{{score}},"trigger":"{{trigger.name}}","missing":"{{nope}}"}',
+        }, event=ev, trigger_name="Quality alert"))
+        reqs = self.hook.wait(1)
+        self.assertEqual(len(reqs), 1)
+        req = reqs[0]
+        self.assertEqual(req["method"], "PUT")
+        self.assertEqual(req["path"], "/hook")
+        self.assertEqual(req["headers"]["x-custom"], "yes")
+        self.assertEqual(req["headers"]["x-idempotency-key"], job["id"])
+        self.assertEqual(req["headers"]["content-type"], "application/json")
+        body = json.loads(req["body"])
+        self.assertEqual(body, {"agent": "42", "tag": 'he said "hi"\n\\', "score": 91,
+                                "trigger": "Quality alert", "missing": ""})
+        want = "sha256=" + hmac.new(secret.encode(), req["body"].encode(), hashlib.sha256).hexdigest()
+        self.assertEqual(req["headers"]["x-signature"], want)
+        rows = H.wait_results(self.conn, job["id"], lambda rs: len(rs) == 1)
+        self.assertEqual([(x["status"], x["retry_count"]) for x in rows], [("success", 0)])
+        self.assertEqual(rows[0]["action_type"], "rest")
+        self.assertEqual(rows[0]["response_data"]["status"], 200)
+        self.assertIsNotNone(rows[0]["duration_ms"])
+
+    def test_5xx_retried_then_dead_lettered(self):
+        self.worker(RETRY_BASE_MS=150, RETRY_MAX_ATTEMPTS=3)
+        self.hook.default = Resp(503, {"error": "down"})
+        job = self.push(H.make_job("rest", {"method": "POST", "url": self.url("/down")}))
+        rows = H.wait_results(self.conn, job["id"], lambda rs: len(rs) == 3, timeout=20)
+        self.assertEqual([(x["status"], x["retry_count"]) for x in rows],
+                         [("retrying", 0), ("retrying", 1), ("dead", 2)])
+        self.assertIn("HTTP 503", rows[2]["error_message"])
+        reqs = self.hook.requests("/down")
+        self.assertEqual(len(reqs), 3)
+        # Backoff with jitter: the second gap is at least the first's floor.
+        self.assertGreaterEqual(reqs[1]["t"] - reqs[0]["t"], 0.07)
+        self.assertGreaterEqual(reqs[2]["t"] - reqs[1]["t"], 0.14)
+        self.assertTrue(all(r["headers"]["x-idempotency-key"] == job["id"] for r in reqs))
+        time.sleep(0.3)
+        dlq = self.r.lrange(self.queue + "_dlq", 0, -1)
+        self.assertEqual(len(dlq), 1)
+        dead = json.loads(dlq[0])
+        self.assertEqual(dead["id"], job["id"])
+        self.assertEqual(dead["attempt"], 3)
+        self.assertIn("503", dead["last_error"])
+        self.assertEqual(self.r.zcard(self.queue + "_inflight"), 0)
+        self.assertEqual(self.r.zcard(self.queue + "_delayed"), 0)
+
+    def test_4xx_is_final(self):
+        self.worker()
+        self.hook.default = Resp(404, {"error": "no such hook"})
+        job = self.push(H.make_job("rest", {"method": "POST", "url": self.url("/gone")}))
+        rows = H.wait_results(self.conn, job["id"], lambda rs: len(rs) >= 1)
+        time.sleep(1.0)
+        rows = H.results(self.conn, job["id"])
+        self.assertEqual([(x["status"], x["retry_count"]) for x in rows], [("failed", 0)])
+        self.assertEqual(len(self.hook.requests("/gone")), 1)
+        self.assertEqual(self.r.llen(self.queue + "_dlq"), 0)
+        self.assertEqual(self.r.zcard(self.queue + "_delayed"), 0)
+        self.assertEqual(self.r.zcard(self.queue + "_inflight"), 0)
+
+    def test_429_and_408_are_retried(self):
+        self.worker(RETRY_BASE_MS=100)
+        self.hook.script("/busy", [Resp(429, {}, headers={"Retry-After": "1"}), Resp(408, {})])
+        job = self.push(H.make_job("rest", {"method": "POST", "url": self.url("/busy")}))
+        rows = H.wait_results(self.conn, job["id"], lambda rs: len(rs) == 3, timeout=15)
+        self.assertEqual([x["status"] for x in rows], ["retrying", "retrying", "success"])
+        reqs = self.hook.requests("/busy")
+        self.assertGreaterEqual(reqs[1]["t"] - reqs[0]["t"], 0.9)  # Retry-After honoured
+
+    def test_timeout(self):
+        self.worker(RETRY_MAX_ATTEMPTS=1)
+        self.hook.script("/slow", [Resp(200, {}, delay=2.0)])
+        job = self.push(H.make_job("rest", {"method": "POST", "url": self.url("/slow"), "timeout_ms": 300}))
+        rows = H.wait_results(self.conn, job["id"], lambda rs: len(rs) == 1, timeout=10)
+        self.assertEqual(rows[0]["status"], "dead")
+        self.assertIn("timeout", rows[0]["error_message"])
+        self.assertLess(rows[0]["duration_ms"], 1500)
+
+    def test_private_targets_refused(self):
+        self.worker()
+        port = self.hook.httpd.server_address[1]
+        jobs = [self.push(H.make_job("rest", {"method": "POST", "url": u})) for u in (
+            "http://127.0.0.2:%d/x" % port,      # loopback, not in ALLOWED_TARGETS
+            "http://127.1.2.3:%d/x" % port,      # loopback, another address
+            "http://169.254.169.254/latest/meta-data",  # link-local (cloud metadata)
+            "http://10.1.2.3/x",                 # private
+            "http://[::1]:%d/x" % port,          # v6 loopback
+            "ftp://127.0.0.1/x",                 # not http
+        )]
+        for job in jobs:
+            rows = H.wait_results(self.conn, job["id"], lambda rs: len(rs) == 1)
+            self.assertEqual(len(rows), 1, job["config"]["url"])
+            self.assertEqual(rows[0]["status"], "failed")
+            self.assertRegex(rows[0]["error_message"], "refused|not allowed")
+        self.assertEqual(self.hook.requests(), [])
+
+    def test_breaker_opens_and_defers(self):
+        self.worker(BREAKER_FAILURES=2, BREAKER_COOLDOWN_MS=1500, RETRY_BASE_MS=50, RETRY_MAX_ATTEMPTS=10)
+        self.hook.script("/flaky", [Resp(500, {})] * 3)
+        job = self.push(H.make_job("rest", {"method": "POST", "url": self.url("/flaky")}))
+        rows = H.wait_results(self.conn, job["id"], lambda rs: rs and rs[-1]["status"] == "success", timeout=20)
+        self.assertEqual(rows[-1]["status"], "success")
+        reqs = self.hook.requests("/flaky")
+        self.assertEqual(len(reqs), 4)
+        # After two failures the host is open: the third attempt waits for
+        # the cool-down instead of following the 50 ms backoff.
+        self.assertGreaterEqual(reqs[2]["t"] - reqs[1]["t"], 1.2)
+
+
+class TelegramTest(Base):
+    def tg_path(self):
+        return "/bot%s/sendMessage" % H.TOKEN
+
+    def tg_base(self):
+        return "http://127.0.0.1:%d" % self.tg.httpd.server_address[1]
+
+    def test_template_chat_and_parse_mode(self):
+        self.worker(TELEGRAM_API_BASE=self.tg_base())
+        job = self.push(H.make_job("telegram", {
+            "chat_id": 987654, "parse_mode": "HTML",
+            "message_template": "<b>{{trigger.name}}</b>: agent {{agent_id}} scored {{score}} ({{tag1}}){{missing}}",
+        }, trigger_name="Score watch"))
+        reqs = self.tg.wait(1)
+        self.assertEqual(len(reqs), 1)
+        self.assertEqual(reqs[0]["path"], self.tg_path())
+        body = json.loads(reqs[0]["body"])
+        self.assertEqual(body, {"chat_id": 987654, "parse_mode": "HTML",
+                                "text": "<b>Score watch</b>: agent 42 scored 87 (quality)"})
+        rows = H.wait_results(self.conn, job["id"], lambda rs: len(rs) == 1)
+        self.assertEqual(rows[0]["status"], "success")
+        self.assertIsInstance(rows[0]["response_data"]["message_id"], int)
+
+    def test_default_message(self):
+        self.worker(TELEGRAM_API_BASE=self.tg_base(), EXPLORER_TX_URL="https://explorer.test/tx/{tx}")
+        self.push(H.make_job("telegram", {"chat_id": "-100200"}, event=H.make_event(tag1="needs_review")))
+        reqs = self.tg.wait(1)
+        body = json.loads(reqs[0]["body"])
+        self.assertEqual(body["chat_id"], -100200)
+        self.assertEqual(body["parse_mode"], "Markdown")
+        text = body["text"]
+        for part in ("New feedback", "#42", "Score: 87", "needs\\_review", "Chain: 1",
+                     "[View transaction](https://explorer.test/tx/0xabc123)"):
+            self.assertIn(part, text)
+
+    def test_429_retry_after_waited_out(self):
+        self.worker(TELEGRAM_API_BASE=self.tg_base())
+        self.tg.script(self.tg_path(), [telegram_429(2)])
+        job = self.push(H.make_job("telegram", {"chat_id": 5, "message_template": "hello"}))
+        reqs = self.tg.wait(2, timeout=15)
+        self.assertEqual(len(reqs), 2)
+        self.assertGreaterEqual(reqs[1]["t"] - reqs[0]["t"], 1.9)
+        rows = H.wait_results(self.conn, job["id"], lambda rs: len(rs) == 2)
+        self.assertEqual([x["status"] for x in rows], ["retrying", "success"])
+        self.assertIn("429", rows[0]["error_message"])
+
+    def test_per_chat_pacing(self):
+        self.worker(TELEGRAM_API_BASE=self.tg_base(), TELEGRAM_CHAT_INTERVAL_MS=1000)
+        for i in range(3):
+            self.push(H.make_job("telegram", {"chat_id": 77, "message_template": "m%d" % i}))
+        self.push(H.make_job("telegram", {"chat_id": 78, "message_template": "other"}))
+        reqs = self.tg.wait(4, timeout=15)
+        self.assertEqual(len(reqs), 4)
+        same = [r["t"] for r in reqs if json.loads(r["body"])["chat_id"] == 77]
+        other = [r["t"] for r in reqs if json.loads(r["body"])["chat_id"] == 78]
+        self.assertEqual(len(same), 3)
+        self.assertGreaterEqual(same[1] - same[0], 0.9)
+        self.assertGreaterEqual(same[2] - same[1], 0.9)
+        self.assertLess(other[0] - same[0], 0.9)  # another chat is not held back
+
+
+class McpTest(Base):
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        r = subprocess.run([os.path.join(PEERS, "setup.sh")], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError("peers/setup.sh failed (MCP SDK): " + r.stderr)
+        cls.mcp_port = H.free_port()
+        cls.mcp_log = open("/tmp/aw-test-mcp-%d.log" % cls.mcp_port, "w")
+        cls.mcp = subprocess.Popen(["node", os.path.join(PEERS, "mcp-server.mjs"), str(cls.mcp_port)],
+                                   stdout=cls.mcp_log, stderr=subprocess.STDOUT)
+        if not H.wait_port(cls.mcp_port):
+            raise RuntimeError("MCP peer did not start")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.mcp.terminate()
+        cls.mcp.wait(5)
+        super().tearDownClass()
+
+    def calls(self):
+        with urllib.request.urlopen("http://127.0.0.1:%d/_calls" % self.mcp_port) as f:
+            return json.load(f)
+
+    def clear_calls(self):
+        req = urllib.request.Request("http://127.0.0.1:%d/_calls" % self.mcp_port, method="DELETE")
+        urllib.request.urlopen(req).read()
+
+    def test_tools_call_with_rendered_arguments_and_token(self):
+        self.clear_calls()
+        with self.conn.cursor() as c:
+            c.execute("INSERT INTO agent_mcp_tokens (agent_id, token) VALUES (4242, 'tok-4242') "
+                      "ON CONFLICT (agent_id) DO UPDATE SET token = EXCLUDED.token")
+        self.worker()
+        job = self.push(H.make_job("mcp", {
+            "server_url": "http://127.0.0.1:%d/mcp" % self.mcp_port, "tool": "notify",
+            "arguments_template": {"agent_id": "{{agent_id}}", "text": "score {{score}} \"{{tag1}}\""},
+        }, event=H.make_event(agent_id=4242, tag1="q\"x")))
+        rows = H.wait_results(self.conn, job["id"], lambda rs: len(rs) == 1, timeout=15)
+        self.assertEqual(rows[0]["status"], "success", rows[0]["error_message"])
+        calls = [c for c in self.calls() if c["name"] == "notify"]
+        self.assertEqual(len(calls), 1)
+        self.assertEqual(calls[0]["arguments"], {"agent_id": 4242, "text": "score 87 \"q\"x\""})
+        self.assertEqual(calls[0]["authorization"], "Bearer tok-4242")
+        self.assertIn("notified 4242", json.dumps(rows[0]["response_data"]))
+
+    def test_string_arguments_template_and_no_token(self):
+        self.clear_calls()
+        self.worker()
+        job = self.push(H.make_job("mcp", {
+            "server_url": "http://127.0.0.1:%d/mcp" % self.mcp_port, "tool": "notify",
+            "arguments_template": '{"text":"{{tag1}} by {{client_address}}"}',
+        }, event=H.make_event(agent_id=9999001, tag1='a"b')))
+        rows = H.wait_results(self.conn, job["id"], lambda rs: len(rs) == 1, timeout=15)
+        self.assertEqual(rows[0]["status"], "success", rows[0]["error_message"])
+        calls = [c for c in self.calls() if c["name"] == "notify"]
+        self.assertEqual(calls[0]["arguments"], {"text": 'a"b by 0xclient'})
+        self.assertIsNone(calls[0]["authorization"])
+
+    def test_tool_error_is_failure(self):
+        self.worker()
+        job = self.push(H.make_job("mcp", {
+            "server_url": "http://127.0.0.1:%d/mcp" % self.mcp_port, "tool": "fail",
+            "arguments_template": {"reason": "agent {{agent_id}}"},
+        }))
+        rows = H.wait_results(self.conn, job["id"], lambda rs: len(rs) == 1, timeout=15)
+        self.assertEqual(rows[0]["status"], "failed")
+        self.assertIn("tool error: refused: agent 42", rows[0]["error_message"])
+
+    def test_unknown_tool_is_failure(self):
+        self.worker()
+        job = self.push(H.make_job("mcp", {
+            "server_url": "http://127.0.0.1:%d/mcp" % self.mcp_port, "tool": "nope", "arguments_template": {}}))
+        rows = H.wait_results(self.conn, job["id"], lambda rs: len(rs) == 1, timeout=15)
+        self.assertEqual(rows[0]["status"], "failed")
+
+
+class FaultTest(Base):
+    def test_kill9_mid_delivery_is_redelivered_after_visibility_timeout(self):
+        self.hook.script("/slowkill", [Resp(200, {}, delay=4.0)])
+        w = self.worker(JOB_VISIBILITY_TIMEOUT="2s")
+        job = self.push(H.make_job("rest", {"method": "POST", "url": self.url("/slowkill")}))
+        # Wait until the delivery is in flight (leased), then kill -9.
+        end = time.time() + 10
+        while time.time() < end and self.r.zcard(self.queue + "_inflight") == 0:
+            time.sleep(0.02)
+        time.sleep(0.3)
+        self.assertEqual(self.r.zcard(self.queue + "_inflight"), 1)
+        w.kill9()
+        t_kill = time.time()
+        self.worker(JOB_VISIBILITY_TIMEOUT="2s")
+        rows = H.wait_results(self.conn, job["id"], lambda rs: rs and rs[0]["status"] == "success", timeout=20)
+        self.assertEqual(rows[0]["status"], "success")
+        self.assertGreaterEqual(time.time() - t_kill, 1.0)
+        reqs = self.hook.wait(2, timeout=10, path="/slowkill")
+        self.assertEqual(len(reqs), 2)  # the killed attempt reached the peer too
+        self.assertEqual({r["headers"]["x-idempotency-key"] for r in reqs}, {job["id"]})
+        self.assertEqual(self.r.zcard(self.queue + "_inflight"), 0)
+
+    def test_redis_restart_during_burst(self):
+        port = H.free_port()
+        d = tempfile.mkdtemp(prefix="aw-redis-")
+
+        def start_redis():
+            p = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", d,
+                                  "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self.assertTrue(H.wait_port(port))
+            return p
+
+        rp = start_redis()
+        try:
+            url = "redis://127.0.0.1:%d/0" % port
+            pr = H.rds(url)
+            self.hook.default = Resp(200, {}, delay=0.01)
+            self.worker(redis_url=url, WORKER_CONCURRENCY=8)
+            jobs = [H.make_job("rest", {"method": "POST", "url": self.url("/burst")}) for _ in range(300)]
+            for j in jobs:
+                self.push(j, r=pr)
+            self.hook.wait(30, path="/burst")
+            rp.send_signal(signal.SIGTERM)
+            rp.wait(10)
+            time.sleep(1.0)
+            rp = start_redis()
+            end = time.time() + 60
+            want = {j["id"] for j in jobs}
+            while time.time() < end:
+                got = {r["headers"]["x-idempotency-key"] for r in self.hook.requests("/burst")}
+                if want <= got:
+                    break
+                time.sleep(0.2)
+            self.assertEqual(want - got, set())
+            with self.conn.cursor() as c:
+                c.execute("SELECT count(DISTINCT job_id) FROM action_results WHERE job_id = ANY(%s) AND status='success'",
+                          (list(want),))
+                deadline = time.time() + 20
+                while True:
+                    c.execute("SELECT count(DISTINCT job_id) FROM action_results WHERE job_id = ANY(%s) AND status='success'",
+                              (list(want),))
+                    n = c.fetchone()[0]
+                    if n == len(want) or time.time() > deadline:
+                        break
+                    time.sleep(0.2)
+            self.assertEqual(n, len(want))
+        finally:
+            for w in self.workers:
+                w.proc.kill()
+            rp.terminate()
+            rp.wait(10)
+            shutil.rmtree(d, ignore_errors=True)
+
+    def test_sigterm_finishes_in_flight_and_leaves_the_rest(self):
+        self.hook.default = Resp(200, {}, delay=1.0)
+        w = self.worker(WORKER_CONCURRENCY=2, WORKER_THREADS=1)
+        jobs = [self.push(H.make_job("rest", {"method": "POST", "url": self.url("/term")})) for _ in range(6)]
+        end = time.time() + 10
+        while time.time() < end and self.r.zcard(self.queue + "_inflight") < 2:
+            time.sleep(0.02)
+        w.proc.send_signal(signal.SIGTERM)
+        self.assertEqual(w.proc.wait(15), 0)
+        done = sum(1 for j in jobs if any(x["status"] == "success" for x in H.results(self.conn, j["id"])))
+        self.assertGreaterEqual(done, 2)
+        left = self.r.llen(self.queue)
+        self.assertEqual(done + left, 6)
+        self.assertEqual(self.r.zcard(self.queue + "_inflight"), 0)
+
+
+class HealthMetricsTest(Base):
+    def test_health_and_metrics(self):
+        w = self.worker()
+        job = self.push(H.make_job("rest", {"method": "POST", "url": self.url("/m")}))
+        H.wait_results(self.conn, job["id"], lambda rs: len(rs) == 1)
+        with urllib.request.urlopen("http://127.0.0.1:%d/health" % w.port) as f:
+            self.assertEqual(f.status, 200)
+            self.assertEqual(json.load(f)["status"], "ok")
+        with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % w.port) as f:
+            text = f.read().decode()
+        for name in ("action_jobs_delivered_total", "action_jobs_failed_total", "action_jobs_retried_total",
+                     "action_jobs_dead_total", "action_jobs_in_flight", "action_delivery_duration_seconds_bucket"):
+            self.assertIn(name, text)
+        self.assertRegex(text, r'action_jobs_delivered_total\{action_type="rest"\} [1-9]')
+
+    def test_invalid_job_dead_lettered(self):
+        self.worker()
+        self.r.lpush(self.queue, "not json")
+        end = time.time() + 10
+        while time.time() < end and self.r.llen(self.queue + "_dlq") == 0:
+            time.sleep(0.05)
+        self.assertEqual(self.r.lrange(self.queue + "_dlq", 0, -1), ["not json"])
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,209 @@
+/* Unit tests of the action-workers' pure modules: template rendering, the
+ * target (SSRF) policy, the circuit breaker and the bounded buffer.
+ *
+ * The Makefile links unit tests against libshared only, so the modules'
+ * sources are compiled into this binary directly. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <arpa/inet.h>
+#include <cmocka.h>
+
+#include "../../action-workers/breaker.c"
+#include "../../action-workers/buf.c"
+#include "../../action-workers/target.c"
+#include "../../action-workers/template.c"
+
+static cJSON *event(void)
+{
+    return cJSON_Parse("{\"id\":\"ev1\",\"agent_id\":42,\"score\":87,\"tag1\":\"a\\\"b\\\\c\\n\",\"tag2\":null,"
+                       "\"ratio\":0.5,\"ok\":true,\"meta\":{\"k\":1},\"under\":\"x_y*z\"}");
+}
+
+static void render_fields(void **state)
+{
+    cJSON *ev = event();
+    template_ctx ctx = {ev, "My trigger", "t1", "j1"};
+    char *s;
+
+    (void)state;
+    s = template_render("agent {{agent_id}} score {{ score }} {{trigger.name}} {{missing}}|{{tag2}}|{{event.agent_id}}"
+                        "|{{ratio}}|{{ok}}|{{meta}}|{{job.id}}|{{trigger.id}}|{{event_id}}",
+                        &ctx, TEMPLATE_RAW, 0);
+    assert_string_equal(s, "agent 42 score 87 My trigger ||42|0.5|true|{\"k\":1}|j1|t1|ev1");
+    free(s);
+    cJSON_Delete(ev);
+}
+
+static void render_json_escapes(void **state)
+{
+    cJSON *ev = event(), *parsed;
+    template_ctx ctx = {ev, "q\"uote", NULL, NULL};
+    char *s;
+
+    (void)state;
+    s = template_render("{\"t\":\"{{tag1}}\",\"n\":\"{{trigger.name}}\",\"s\":{{score}}}", &ctx, TEMPLATE_JSON, 0);
+    assert_string_equal(s, "{\"t\":\"a\\\"b\\\\c\\n\",\"n\":\"q\\\"uote\",\"s\":87}");
+    parsed = cJSON_Parse(s);
+    assert_non_null(parsed);
+    assert_string_equal(cJSON_GetObjectItem(parsed, "t")->valuestring, "a\"b\\c\n");
+    cJSON_Delete(parsed);
+    free(s);
+    cJSON_Delete(ev);
+}
+
+static void render_markdown_and_edges(void **state)
+{
+    cJSON *ev = event();
+    template_ctx ctx = {ev, NULL, NULL, NULL};
+    char *s;
+
+    (void)state;
+    s = template_render("*{{under}}*", &ctx, TEMPLATE_MARKDOWN, 0);
+    assert_string_equal(s, "*x\\_y\\*z*");
+    free(s);
+    s = template_render("open {{agent_id and {{ }} {{trigger.name}}", &ctx, TEMPLATE_RAW, 0);
+    assert_string_equal(s, "open {{agent_id and {{ }} ");
+    free(s);
+    s = template_render(NULL, &ctx, TEMPLATE_RAW, 0);
+    assert_string_equal(s, "");
+    free(s);
+    s = template_render("{{agent_id}}{{agent_id}}{{agent_id}}", &ctx, TEMPLATE_RAW, 4);
+    assert_string_equal(s, "4242");
+    free(s);
+    cJSON_Delete(ev);
+}
+
+static void render_json_tree(void **state)
+{
+    cJSON *ev = event();
+    template_ctx ctx = {ev, "T", NULL, NULL};
+    cJSON *tpl = cJSON_Parse("{\"agent\":\"{{agent_id}}\",\"text\":\"score {{score}} {{tag1}}\",\"list\":[\"{{ok}}\",3],"
+                             "\"name\":\"{{trigger.name}}\"}");
+    cJSON *out = template_render_json(tpl, &ctx);
+    char *s = cJSON_PrintUnformatted(out);
+
+    (void)state;
+    assert_string_equal(s, "{\"agent\":42,\"text\":\"score 87 a\\\"b\\\\c\\n\",\"list\":[true,3],\"name\":\"T\"}");
+    free(s);
+    cJSON_Delete(out);
+    cJSON_Delete(tpl);
+    cJSON_Delete(ev);
+}
+
+static int restricted(const char *ip)
+{
+    struct sockaddr_storage ss;
+
+    memset(&ss, 0, sizeof(ss));
+    if (inet_pton(AF_INET, ip, &((struct sockaddr_in *)&ss)->sin_addr) == 1)
+        ss.ss_family = AF_INET;
+    else if (inet_pton(AF_INET6, ip, &((struct sockaddr_in6 *)&ss)->sin6_addr) == 1)
+        ss.ss_family = AF_INET6;
+    return target_addr_restricted((struct sockaddr *)&ss);
+}
+
+static void target_ranges(void **state)
+{
+    (void)state;
+    assert_true(restricted("127.0.0.1"));
+    assert_true(restricted("10.0.0.5"));
+    assert_true(restricted("172.20.1.1"));
+    assert_true(restricted("192.168.1.1"));
+    assert_true(restricted("169.254.169.254"));
+    assert_true(restricted("100.64.0.1"));
+    assert_true(restricted("0.0.0.0"));
+    assert_true(restricted("::1"));
+    assert_true(restricted("fe80::1"));
+    assert_true(restricted("fd00::1"));
+    assert_true(restricted("::ffff:127.0.0.1"));
+    assert_false(restricted("8.8.8.8"));
+    assert_false(restricted("172.32.0.1"));
+    assert_false(restricted("2001:4860::8888"));
+}
+
+static void target_policy_checks(void **state)
+{
+    char err[300];
+    target_info ti;
+    target_policy *p = target_policy_new("127.0.0.1, 10.9.0.0/16,example.internal", err, sizeof(err));
+
+    (void)state;
+    assert_non_null(p);
+    assert_int_equal(target_check(p, "http://127.0.0.1:8080/x", &ti, err, sizeof(err)), 0);
+    assert_string_equal(ti.host, "127.0.0.1");
+    assert_int_equal(ti.port, 8080);
+    assert_string_equal(ti.resolve, "");
+    assert_int_equal(target_check(p, "http://10.9.3.4/x", &ti, err, sizeof(err)), 0);
+    assert_int_equal(target_check(p, "https://10.10.3.4/x", &ti, err, sizeof(err)), -1);
+    assert_int_equal(target_check(p, "http://127.0.0.2/x", &ti, err, sizeof(err)), -1);
+    assert_non_null(strstr(err, "ALLOWED_TARGETS"));
+    assert_int_equal(target_check(p, "http://[::1]:80/", &ti, err, sizeof(err)), -1);
+    assert_int_equal(target_check(p, "file:///etc/passwd", &ti, err, sizeof(err)), -1);
+    assert_int_equal(target_check(p, "not a url", &ti, err, sizeof(err)), -1);
+    target_policy_free(p);
+    assert_null(target_policy_new("10.0.0.0/99", err, sizeof(err)));
+    assert_null(target_policy_new("bad host!", err, sizeof(err)));
+    p = target_policy_new("", err, sizeof(err));
+    assert_non_null(p);
+    assert_int_equal(target_check(p, "http://127.0.0.1/", &ti, err, sizeof(err)), -1);
+    target_policy_free(p);
+}
+
+static void breaker_cycle(void **state)
+{
+    breaker *b = breaker_new(2, 1000);
+
+    (void)state;
+    assert_int_equal(breaker_allow(b, "h:1", 0), 0);
+    breaker_report(b, "h:1", 0, 0);
+    assert_int_equal(breaker_allow(b, "h:1", 10), 0);
+    breaker_report(b, "h:1", 0, 10);
+    assert_int_equal(breaker_allow(b, "h:1", 20), 990);     /* open */
+    assert_int_equal(breaker_allow(b, "other:1", 20), 0);   /* per host */
+    assert_int_equal(breaker_open_count(b, 20), 1);
+    assert_int_equal(breaker_allow(b, "h:1", 1010), 0);     /* half-open probe */
+    assert_true(breaker_allow(b, "h:1", 1011) > 0);         /* one probe only */
+    breaker_report(b, "h:1", 0, 1020);                      /* probe failed */
+    assert_true(breaker_allow(b, "h:1", 1030) > 0);
+    assert_int_equal(breaker_allow(b, "h:1", 2030), 0);
+    breaker_report(b, "h:1", 1, 2040);                      /* probe succeeded */
+    assert_int_equal(breaker_allow(b, "h:1", 2050), 0);
+    assert_int_equal(breaker_open_count(b, 2050), 0);
+    breaker_free(b);
+    breaker_free(NULL);
+}
+
+static void buf_bounds(void **state)
+{
+    buf b;
+    char *s;
+
+    (void)state;
+    buf_init(&b, 5);
+    assert_int_equal(buf_puts(&b, "abc"), 0);
+    assert_int_equal(buf_puts(&b, "defg"), 0);
+    assert_string_equal(buf_str(&b), "abcde");
+    assert_int_equal(b.truncated, 2);
+    s = buf_take(&b);
+    assert_string_equal(s, "abcde");
+    free(s);
+    assert_string_equal(buf_str(&b), "");
+    buf_free(&b);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(render_fields),        cmocka_unit_test(render_json_escapes),
+        cmocka_unit_test(render_markdown_and_edges), cmocka_unit_test(render_json_tree),
+        cmocka_unit_test(target_ranges),        cmocka_unit_test(target_policy_checks),
+        cmocka_unit_test(breaker_cycle),        cmocka_unit_test(buf_bounds),
+    };
+
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
