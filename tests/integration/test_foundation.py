@@ -45,6 +45,15 @@ class GatewayHealthFollowsPostgres(unittest.TestCase):
         self.assertIn("text/plain", headers["content-type"])
         self.assertIn(b"http_requests_total{", text)
 
+    def test_metrics_pass_promtool(self):
+        """SPEC: GET /metrics is validated by `promtool check metrics`."""
+        for _ in range(3):
+            http("GET", self.base + "/api/v1/health")
+            http("GET", self.base + "/nope")
+        _, _, text = http("GET", self.base + "/metrics")
+        r = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, timeout=30)
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+
     def test_migrations_applied_at_start(self):
         conn = self.pg.connect()
         try:
