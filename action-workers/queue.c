@@ -34,15 +34,27 @@ static const char maintain_lua[] =
     "end\n"
     "return {move(KEYS[3]), move(KEYS[2])}\n";
 
-/* KEYS: list, inflight, delayed, dlq. ARGV: raw, kind, payload, due. */
+/* KEYS: list, inflight, delayed, dlq. ARGV: groups of four (raw, kind,
+ * payload, due), one per job. One script records a whole batch, so a
+ * batch costs one round trip and one script call instead of one per job.
+ * Returns, per job, 1 when this call recorded it and 0 when the job was
+ * neither leased nor queued (another worker holds or recorded it). */
 static const char ack_lua[] =
-    "local r = redis.call('ZREM', KEYS[2], ARGV[1])\n"
-    "if r == 0 then r = redis.call('LREM', KEYS[1], -1, ARGV[1]) end\n"
-    "if r == 0 then return 0 end\n"
-    "if ARGV[2] == '1' then redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])\n"
-    "elseif ARGV[2] == '2' then redis.call('LPUSH', KEYS[4], ARGV[3])\n"
-    "elseif ARGV[2] == '3' then redis.call('RPUSH', KEYS[1], ARGV[1]) end\n"
-    "return 1\n";
+    "local out = {}\n"
+    "for i = 1, #ARGV, 4 do\n"
+    "  local raw = ARGV[i]\n"
+    "  local r = redis.call('ZREM', KEYS[2], raw)\n"
+    "  if r == 0 then r = redis.call('LREM', KEYS[1], -1, raw) end\n"
+    "  if r ~= 0 then\n"
+    "    local k = ARGV[i + 1]\n"
+    "    if k == '1' then redis.call('ZADD', KEYS[3], ARGV[i + 3], ARGV[i + 2])\n"
+    "    elseif k == '2' then redis.call('LPUSH', KEYS[4], ARGV[i + 2])\n"
+    "    elseif k == '3' then redis.call('RPUSH', KEYS[1], raw) end\n"
+    "    r = 1\n"
+    "  end\n"
+    "  out[#out + 1] = r\n"
+    "end\n"
+    "return out\n";
 
 /* KEYS: pace key. ARGV: now, interval. Returns the wait in ms. */
 static const char pace_lua[] =
@@ -235,44 +247,67 @@ int queue_maintain(queue *q, long long now_ms, int limit, int *moved, int *reape
     return 0;
 }
 
+#define ACK_CHUNK 512
+
+/* Records acks[0..n) (n <= ACK_CHUNK) with one script call. */
+static int record_chunk(queue *q, queue_ack *acks, int n)
+{
+    const char **argv = calloc((size_t)(7 + 4 * n), sizeof(*argv));
+    char (*nums)[2][24] = calloc((size_t)n, sizeof(*nums));
+    redisReply *rep = NULL;
+    int got = -1;
+
+    if (!argv || !nums) {
+        snprintf(q->err, sizeof(q->err), "out of memory");
+        goto out;
+    }
+    argv[0] = "EVAL";
+    argv[1] = ack_lua;
+    argv[2] = "4";
+    argv[3] = q->list;
+    argv[4] = q->inflight;
+    argv[5] = q->delayed;
+    argv[6] = q->dlq;
+    for (int i = 0; i < n; i++) {
+        const char **a = argv + 7 + 4 * i;
+
+        snprintf(nums[i][0], sizeof(nums[i][0]), "%d", (int)acks[i].kind);
+        snprintf(nums[i][1], sizeof(nums[i][1]), "%lld", acks[i].due_ms);
+        a[0] = acks[i].raw;
+        a[1] = nums[i][0];
+        a[2] = acks[i].payload ? acks[i].payload : "";
+        a[3] = nums[i][1];
+    }
+    /* Not retried inside rconn: the caller keeps every job whose ack is not
+     * confirmed and sends it again, and a repeated ack is harmless (the job
+     * is no longer leased, so the second one is a no-op). */
+    rep = rconn_command_argv(q->r, 0, 7 + 4 * n, argv, NULL);
+    if (!rep || rep->type != REDIS_REPLY_ARRAY || rep->elements != (size_t)n) {
+        set_err(q, rep);
+        goto out;
+    }
+    for (int i = 0; i < n; i++)
+        acks[i].done = 1;
+    got = n;
+out:
+    if (rep)
+        freeReplyObject(rep);
+    free(nums);
+    free(argv);
+    return got;
+}
+
 int queue_record(queue *q, queue_ack *acks, int n)
 {
-    redisContext *ctx;
-    int *ok, got;
+    int got = 0;
 
-    if (n <= 0)
-        return 0;
-    if (rconn_connect(q->r) < 0) {
-        snprintf(q->err, sizeof(q->err), "%s", rconn_errstr(q->r));
-        return -1;
-    }
-    ok = calloc((size_t)n, sizeof(*ok));
-    if (!ok)
-        return -1;
-    ctx = rconn_context(q->r);
-    for (int i = 0; i < n; i++) {
-        char kind[4], due[32];
-        const char *argv[11];
+    for (int i = 0; i < n; i += ACK_CHUNK) {
+        int k = n - i < ACK_CHUNK ? n - i : ACK_CHUNK, r = record_chunk(q, acks + i, k);
 
-        snprintf(kind, sizeof(kind), "%d", (int)acks[i].kind);
-        snprintf(due, sizeof(due), "%lld", acks[i].due_ms);
-        argv[0] = "EVAL";
-        argv[1] = ack_lua;
-        argv[2] = "4";
-        argv[3] = q->list;
-        argv[4] = q->inflight;
-        argv[5] = q->delayed;
-        argv[6] = q->dlq;
-        argv[7] = acks[i].raw;
-        argv[8] = kind;
-        argv[9] = acks[i].payload ? acks[i].payload : "";
-        argv[10] = due;
-        redisAppendCommandArgv(ctx, 11, argv, NULL);
+        if (r < 0)
+            return got ? got : -1;
+        got += r;
     }
-    got = pipeline_read(q, ctx, n, ok);
-    for (int i = 0; i < n; i++)
-        acks[i].done = ok[i];
-    free(ok);
     return got;
 }
 

@@ -784,12 +784,15 @@ int httpd_start(httpd *srv, char *err, size_t errlen)
         return -1;
     if (ss.ss_family == AF_INET6)
         flags |= MHD_USE_IPv6;
+    /* Without the reuse option MHD sets SO_REUSEADDR, so a restarted service
+     * binds at once; passing 0 would turn that off. SO_REUSEPORT is opt-in
+     * because it lets a second process silently share the port. */
     srv->daemon = MHD_start_daemon(
         flags, (uint16_t)srv->opts.port, NULL, NULL, httpd_access, srv, MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&ss,
         MHD_OPTION_THREAD_POOL_SIZE, (unsigned int)srv->opts.threads, MHD_OPTION_CONNECTION_TIMEOUT,
         (unsigned int)srv->opts.connection_timeout_s, MHD_OPTION_CONNECTION_LIMIT,
         (unsigned int)srv->opts.max_connections, MHD_OPTION_NOTIFY_COMPLETED, httpd_completed, srv,
-        MHD_OPTION_LISTENING_ADDRESS_REUSE, srv->opts.reuse_port ? 1U : 0U, MHD_OPTION_END);
+        srv->opts.reuse_port ? MHD_OPTION_LISTENING_ADDRESS_REUSE : MHD_OPTION_END, 1U, MHD_OPTION_END);
     if (!srv->daemon) {
         snprintf(err, errlen, "cannot listen on %s:%d: %s", srv->host[0] ? srv->host : "*", srv->opts.port,
                  strerror(errno));

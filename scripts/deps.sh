@@ -24,13 +24,19 @@ POLICY_RC=/usr/sbin/policy-rc.d
 log() { printf 'deps: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-# Prints the packages dpkg does not report as fully installed.
+# Prints the packages dpkg does not report as fully installed. Node.js and
+# npm (the integration tests' JWT cross-check, OpenAPI linter and MCP peer
+# come from npm) are judged by their commands instead: a NodeSource nodejs
+# bundles npm, and Debian's npm package would conflict with it.
 missing_packages() {
     local p status
     for p in "${PACKAGES[@]}"; do
         status=$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null || true)
         [[ $status == installed ]] || printf '%s\n' "$p"
     done
+    if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+        printf '%s\n' nodejs npm
+    fi
 }
 
 # Runs a command as root: directly when we are root, else through sudo.

@@ -38,7 +38,10 @@ PG_PORT=${AE_PG_PORT:-55432}
 REDIS_PORT=${AE_REDIS_PORT:-56379}
 AMQP_PORT=${AE_AMQP_PORT:-55672}
 AMQP_DIST_PORT=${AE_AMQP_DIST_PORT:-55673}
+# One node name per port, so that two checkouts on different ports can run
+# side by side (epmd refuses a second node of the same name).
 RABBIT_NODE=rabbit_ae@localhost
+[[ $AMQP_PORT == 55672 ]] || RABBIT_NODE=rabbit_ae_$AMQP_PORT@localhost
 RABBIT_BIN=/usr/lib/rabbitmq/bin
 
 DB_NAME=erc8004_backend
@@ -73,21 +76,47 @@ reserve_ports() {
     [[ $EUID -eq 0 && -w $f ]] || return 0
     cur=$(cat "$f")
     for p in "$PG_PORT" "$REDIS_PORT" "$AMQP_PORT" "$AMQP_DIST_PORT"; do
-        [[ ,$cur, == *,$p,* ]] || add+=",$p"
+        port_reserved "$cur" "$p" || add+=",$p"
     done
     [[ -n $add ]] || return 0
     cur=${cur:+$cur}${add}
     echo "${cur#,}" >"$f" 2>/dev/null || log "warning: could not reserve ports ${add#,}"
 }
 
-# Waits (up to 65 s, the TIME-WAIT period) while some socket other than a
-# listener still holds local port $1, so that the bind that follows works.
+# True when port $2 is in the reserved list $1 ("a,b-c,..." as the kernel
+# prints it).
+port_reserved() {
+    awk -v list="$1" -v p="$2" 'BEGIN {
+        n = split(list, parts, ",")
+        for (i = 1; i <= n; i++) {
+            m = split(parts[i], r, "-")
+            if (m == 1 && r[1] == p) exit 0
+            if (m == 2 && p >= r[1] + 0 && p <= r[2] + 0) exit 0
+        }
+        exit 1
+    }'
+}
+
+# True when a listener could bind 127.0.0.1:$1 now. Servers set
+# SO_REUSEADDR, so their own connections left in TIME-WAIT do not matter;
+# only a client socket that got the port as its ephemeral port does.
+port_bindable() {
+    [[ -x /usr/bin/python3 ]] || return 0
+    /usr/bin/python3 - "$1" <<'PY' 2>/dev/null
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+PY
+}
+
+# Waits (up to 65 s, the TIME-WAIT period) until port $1 can be bound, so
+# that the server started next does not die with "Address already in use".
 wait_port_unused() {
     local port=$1 deadline=$((SECONDS + 65)) said=0
-    command -v ss >/dev/null 2>&1 || return 0
-    while ss -Htan "sport = :$port" 2>/dev/null | grep -q .; do
+    until port_bindable "$port"; do
         if [[ $said -eq 0 ]]; then
-            log "port $port is still held by a client socket (TIME-WAIT); waiting for it to clear"
+            log "port $port is held by another socket (an ephemeral client port?); waiting up to 65s"
             said=1
         fi
         ((SECONDS < deadline)) || return 0
@@ -172,12 +201,13 @@ link_fallback() {
 }
 
 # Runs a command as the given system user when we are root (PostgreSQL and
-# RabbitMQ refuse root), else as ourselves.
+# RabbitMQ refuse root), else as ourselves. From /, because the service
+# user may not be allowed into the current directory.
 as_user() {
     local user=$1
     shift
     if [[ $EUID -eq 0 ]]; then
-        runuser -u "$user" -- "$@"
+        (cd / && runuser -u "$user" -- "$@")
     else
         "$@"
     fi
@@ -310,7 +340,8 @@ pg_start() {
     rm -f "$PG_SOCK/.s.PGSQL.$PG_PORT.lock" 2>/dev/null || true
     touch "$PG_LOG"
     own "$PG_USER_OS" "$PG_LOG"
-    if ! pg pg_ctl -D "$PGDATA_DIR" -l "$PG_LOG" -w -t "$PG_TIMEOUT" start >/dev/null 2>&1 || ! pg_ready; then
+    # 9>&-: the server must not inherit the lock, or it would hold it forever.
+    if ! pg pg_ctl -D "$PGDATA_DIR" -l "$PG_LOG" -w -t "$PG_TIMEOUT" start >/dev/null 2>&1 9>&- || ! pg_ready; then
         show_tail "$PG_LOG"
         die "pg: did not start within ${PG_TIMEOUT}s (port $PG_PORT)"
     fi
@@ -347,7 +378,7 @@ pg_restart() {
         return 0
     fi
     pg_write_conf
-    if ! pg pg_ctl -D "$PGDATA_DIR" -l "$PG_LOG" -m fast -w -t "$PG_TIMEOUT" restart >/dev/null 2>&1 || ! pg_ready; then
+    if ! pg pg_ctl -D "$PGDATA_DIR" -l "$PG_LOG" -m fast -w -t "$PG_TIMEOUT" restart >/dev/null 2>&1 9>&- || ! pg_ready; then
         show_tail "$PG_LOG"
         die "pg: restart failed"
     fi
@@ -364,8 +395,8 @@ pg_status() {
         return 0
     fi
     if port_open "$PG_PORT"; then
-        log "pg: port $PG_PORT served by a PostgreSQL this checkout did not start"
-        return 3
+        log "pg: port $PG_PORT served by a PostgreSQL this checkout did not start (up, not ours)"
+        return 0
     fi
     log "pg: stopped"
     return 3
@@ -421,7 +452,7 @@ redis_start() {
     redis_write_conf
     wait_port_unused "$REDIS_PORT"
     rm -f "$REDIS_PID"
-    redis-server "$REDIS_DIR/redis.conf" >>"$REDIS_LOG" 2>&1 || {
+    redis-server "$REDIS_DIR/redis.conf" >>"$REDIS_LOG" 2>&1 9>&- || {
         show_tail "$REDIS_LOG"
         die "redis: redis-server failed to start"
     }
@@ -462,8 +493,8 @@ redis_status() {
         return 0
     fi
     if port_open "$REDIS_PORT"; then
-        log "redis: port $REDIS_PORT served by a Redis this checkout did not start"
-        return 3
+        log "redis: port $REDIS_PORT served by a Redis this checkout did not start (up, not ours)"
+        return 0
     fi
     log "redis: stopped"
     return 3
@@ -500,6 +531,7 @@ rabbit_paths() {
         "RABBITMQ_MNESIA_BASE=$RABBIT_DIR/mnesia"
         "RABBITMQ_LOG_BASE=$RABBIT_DIR/log"
         "RABBITMQ_PID_FILE=$RABBIT_PID"
+        "ERL_CRASH_DUMP=$RABBIT_DIR/log/erl_crash.dump"
         "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS=-kernel inet_dist_use_interface {127,0,0,1}"
     )
 }
@@ -509,7 +541,7 @@ rabbit_paths() {
 rabbit() {
     local secs=$1 tool=$2
     shift 2
-    timeout "$secs" "${RABBIT_RUNAS[@]}" env "${RABBIT_ENV[@]}" "$RABBIT_BIN/$tool" "$@"
+    (cd / && timeout "$secs" "${RABBIT_RUNAS[@]}" env "${RABBIT_ENV[@]}" "$RABBIT_BIN/$tool" "$@")
 }
 
 rabbit_ours_running() { pidfile_alive "$RABBIT_PID" beam; }
@@ -539,8 +571,8 @@ rabbit_launch() {
     rm -f "$RABBIT_PID"
     # setsid: the node must outlive this script and ignore the terminal's
     # Ctrl-C (stack.sh run stops it explicitly).
-    setsid "${RABBIT_RUNAS[@]}" env "${RABBIT_ENV[@]}" "$RABBIT_BIN/rabbitmq-server" \
-        </dev/null >>"$RABBIT_STARTUP_LOG" 2>&1 &
+    (cd "$RABBIT_DIR" && exec setsid "${RABBIT_RUNAS[@]}" env "${RABBIT_ENV[@]}" "$RABBIT_BIN/rabbitmq-server") \
+        </dev/null >>"$RABBIT_STARTUP_LOG" 2>&1 9>&- &
     RABBIT_LAUNCHER=$!
 }
 
@@ -614,8 +646,8 @@ rabbit_status() {
         return 3
     fi
     if port_open "$AMQP_PORT"; then
-        log "rabbitmq: port $AMQP_PORT served by something this checkout did not start"
-        return 3
+        log "rabbitmq: port $AMQP_PORT served by something this checkout did not start (up, not ours)"
+        return 0
     fi
     log "rabbitmq: stopped"
     return 3

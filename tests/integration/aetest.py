@@ -8,7 +8,7 @@ local servers' URLs, starting a service as a subprocess and plain HTTP.
         status, headers, body = http("GET", "http://127.0.0.1:18001/api/v1/health")
 """
 
-import http.client
+import http.client as httpclient
 import json
 import os
 import signal
@@ -32,7 +32,7 @@ def http(method, url, body=None, headers=None, timeout=10):
     """One request on a fresh connection. Returns (status, headers dict with
     lower-case names, body bytes)."""
     u = urllib.parse.urlsplit(url)
-    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
+    conn = httpclient.HTTPConnection(u.hostname, u.port, timeout=timeout)
     try:
         path = u.path + ("?" + u.query if u.query else "")
         if isinstance(body, (dict, list)):
@@ -62,7 +62,7 @@ def wait_for(pred, timeout=10.0, interval=0.05, what="condition"):
             last = pred()
             if last:
                 return last
-        except (OSError, http.client.HTTPException) as e:
+        except (OSError, httpclient.HTTPException) as e:
             last = e
         time.sleep(interval)
     raise AssertionError("timed out waiting for %s (last: %r)" % (what, last))

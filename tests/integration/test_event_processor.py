@@ -1,0 +1,327 @@
+"""Integration tests of bin/event-processor against real PostgreSQL and Redis.
+
+Own database ae_test_ep (created on the shared server), own Redis DB 3. Every
+test uses its own chain_id so triggers of other tests never match its events.
+"""
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import unittest
+import urllib.request
+import uuid
+
+import psycopg2
+import redis
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from aetest import BINDIR, Service, wait_for  # noqa: E402
+from pgtmp import free_port  # noqa: E402
+
+PG = dict(host="127.0.0.1", port=55432, user="erc8004", password="erc8004")
+DB = "ae_test_ep"
+DSN = "postgresql://erc8004:erc8004@127.0.0.1:55432/" + DB
+REDIS_URL = "redis://127.0.0.1:56379/3"
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class EventProcessorTest(unittest.TestCase):
+    chain = 1000
+
+    @classmethod
+    def setUpClass(cls):
+        admin = psycopg2.connect(dbname="erc8004_backend", **PG)
+        admin.autocommit = True
+        with admin.cursor() as c:
+            c.execute("DROP DATABASE IF EXISTS %s WITH (FORCE)" % DB)
+            c.execute("CREATE DATABASE %s" % DB)
+        admin.close()
+        env = dict(os.environ, DATABASE_URL=DSN, MIGRATIONS_DIR=os.path.join(ROOT, "database/migrations"))
+        subprocess.run([os.path.join(BINDIR, "migrate")], env=env, check=True, capture_output=True)
+        cls.db = psycopg2.connect(DSN)
+        cls.db.autocommit = True
+        cls.r = redis.Redis.from_url(REDIS_URL)
+        cls.r.flushdb()
+        with cls.db.cursor() as c:
+            c.execute("INSERT INTO users (id, username, email, password_hash) VALUES ('u1','ep','ep@x','x')")
+        cls.port = free_port()
+        cls.svc = cls.make_service()
+        cls.start_service()
+
+    @classmethod
+    def make_service(cls):
+        return Service("event-processor", {
+            "DATABASE_URL": DSN, "REDIS_URL": REDIS_URL, "METRICS_PORT": cls.port,
+            "MIGRATIONS_DIR": os.path.join(ROOT, "database/migrations"), "POLL_INTERVAL_MS": 1000,
+        })
+
+    @classmethod
+    def start_service(cls):
+        # A fresh port on every start: the health server's previous socket
+        # may still be in TIME_WAIT.
+        cls.port = free_port()
+        cls.svc.env["METRICS_PORT"] = str(cls.port)
+        cls.svc.start()
+
+        def healthy():
+            try:
+                with urllib.request.urlopen("http://127.0.0.1:%d/health" % cls.port, timeout=2) as r:
+                    return r.status == 200
+            except OSError:
+                if cls.svc.proc.poll() is not None:
+                    raise AssertionError("event-processor exited:\n" + cls.svc.log())
+                return False
+        wait_for(healthy, 20, what="event-processor healthy")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.svc.stop()
+        cls.db.close()
+
+    # helpers -------------------------------------------------------------
+    def setUp(self):
+        EventProcessorTest.chain += 1
+        self.chain_id = EventProcessorTest.chain
+
+    def sql(self, q, args=None):
+        with self.db.cursor() as c:
+            c.execute(q, args)
+            return c.fetchall() if c.description else None
+
+    def trigger(self, conds, actions=None, registry="reputation", notify=True):
+        tid = "t-" + uuid.uuid4().hex[:12]
+        stateful = any(c["condition_type"] in ("ema_threshold", "rate_limit") for c in conds)
+        self.sql("INSERT INTO triggers (id, user_id, name, chain_id, registry, is_stateful) VALUES "
+                 "(%s,'u1',%s,%s,%s,%s)", (tid, "name " + tid, self.chain_id, registry, stateful))
+        for c in conds:
+            self.sql("INSERT INTO trigger_conditions (trigger_id, condition_type, field, operator, value, config) "
+                     "VALUES (%s,%s,%s,%s,%s,%s)", (tid, c["condition_type"], c.get("field"), c.get("operator"),
+                                                     None if c.get("value") is None else str(c["value"]),
+                                                     json.dumps(c["config"]) if "config" in c else None))
+        for a in actions or [{"action_type": "rest", "config": {"url": "http://x"}}]:
+            self.sql("INSERT INTO trigger_actions (trigger_id, action_type, priority, config) VALUES (%s,%s,%s,%s)",
+                     (tid, a["action_type"], a.get("priority", 1), json.dumps(a["config"])))
+        if notify:
+            self.sql("SELECT pg_notify('trigger_changed', %s)", (tid,))
+        time.sleep(0.15)
+        return tid
+
+    def event(self, conn=None, **kw):
+        ev = {"id": "e-" + uuid.uuid4().hex[:16], "chain_id": self.chain_id, "registry": "reputation",
+              "event_type": "NewFeedback", "agent_id": 1, "score": 50, "timestamp": int(time.time())}
+        ev.update(kw)
+        cols = list(ev)
+        q = 'INSERT INTO events (%s) VALUES (%s)' % (",".join('"%s"' % c for c in cols), ",".join(["%s"] * len(cols)))
+        with (conn or self.db).cursor() as c:
+            c.execute(q, [ev[k] for k in cols])
+        return ev["id"]
+
+    def drained(self, timeout=15):
+        def empty():
+            return self.sql("SELECT (SELECT count(*) FROM event_queue) + (SELECT count(*) FROM job_outbox)")[0][0] == 0
+        wait_for(empty, timeout, what="queue and outbox drained")
+        time.sleep(0.1)
+
+    def jobs(self, tids):
+        out = [json.loads(j) for j in self.r.lrange("action_jobs", 0, -1)]
+        return [j for j in out if j["trigger_id"] in tids]
+
+    def pairs(self, tids):
+        return sorted((j["trigger_id"], j["event_id"]) for j in self.jobs(tids))
+
+    def state(self, tid):
+        rows = self.sql("SELECT state_data FROM trigger_state WHERE trigger_id = %s", (tid,))
+        return rows[0][0] if rows else None
+
+    # matching ------------------------------------------------------------
+    def test_condition_types_end_to_end(self):
+        t_agent = self.trigger([{"condition_type": "agent_id_equals", "value": 7}])
+        t_type = self.trigger([{"condition_type": "event_type_equals", "value": "FeedbackRevoked"}])
+        t_tag1 = self.trigger([{"condition_type": "tag_equals", "field": "tag1", "value": "a"}])
+        t_tag2 = self.trigger([{"condition_type": "tag_equals", "field": "tag2", "value": "b"}])
+        ops = {"<": (40, 60), ">": (60, 40), "=": (50, 51), "==": (50, 49), "<=": (50, 51), ">=": (50, 49),
+               "!=": (49, 50), "<>": (51, 50)}
+        t_ops = {op: self.trigger([{"condition_type": "score_threshold", "operator": op, "value": 50}]) for op in ops}
+        expected = []
+        e = self.event(agent_id=7, score=None)
+        expected.append((t_agent, e))
+        self.event(agent_id=8, score=None)
+        e = self.event(event_type="FeedbackRevoked", score=None, agent_id=None)
+        expected.append((t_type, e))
+        e = self.event(tag1="a", tag2="z", score=None, agent_id=None)
+        expected.append((t_tag1, e))
+        e = self.event(tag1="z", tag2="b", score=None, agent_id=None)
+        expected.append((t_tag2, e))
+        for op, (yes, no) in ops.items():
+            e = self.event(score=yes, agent_id=None)
+            self.event(score=no, agent_id=None)
+            for op2, (yes2, no2) in ops.items():
+                # the same score may satisfy other operators too
+                if {"<": yes < 50, ">": yes > 50, "=": yes == 50, "==": yes == 50, "<=": yes <= 50,
+                        ">=": yes >= 50, "!=": yes != 50, "<>": yes != 50}[op2]:
+                    expected.append((t_ops[op2], e))
+        # the non-matching scores match the complementary operators
+        self.drained()
+        got = self.pairs([t_agent, t_type, t_tag1, t_tag2] + list(t_ops.values()))
+        evs = {e for _, e in got}
+        # Recompute expectation for every event with a score from the database.
+        rows = self.sql("SELECT id, score FROM events WHERE chain_id = %s AND score IS NOT NULL", (self.chain_id,))
+        expected = [p for p in expected if p[0] not in t_ops.values()]
+        for eid, score in rows:
+            for op, tid in t_ops.items():
+                if {"<": score < 50, ">": score > 50, "=": score == 50, "==": score == 50, "<=": score <= 50,
+                        ">=": score >= 50, "!=": score != 50, "<>": score != 50}[op]:
+                    expected.append((tid, eid))
+        self.assertEqual(got, sorted(expected))
+        self.assertTrue(evs)
+        j = self.jobs([t_agent])[0]
+        for k in ("id", "trigger_id", "event_id", "action_type", "priority", "config", "event", "created_at",
+                  "attempt", "trigger_name", "user_id"):
+            self.assertIn(k, j)
+        self.assertEqual(j["attempt"], 0)
+        self.assertEqual(j["event"]["agent_id"], 7)
+        self.assertEqual(j["trigger_name"], "name " + t_agent)
+
+    def test_unknown_condition_never_matches(self):
+        t = self.trigger([{"condition_type": "moon_phase", "value": "full"}])
+        self.event()
+        self.drained()
+        self.assertEqual(self.jobs([t]), [])
+        self.assertIn("never matches", self.svc.log())
+
+    def test_ema_sequence_state(self):
+        t = self.trigger([{"condition_type": "agent_id_equals", "value": 3},
+                          {"condition_type": "ema_threshold", "operator": ">", "value": 60,
+                           "config": {"window_size": 3}}])
+        ids = []
+        for s in (50, 70, 90, 20, 100):
+            ids.append(self.event(agent_id=3, score=s))
+            self.event(agent_id=4, score=0)  # another agent: must not feed the EMA
+        self.drained()
+        st = self.state(t)["1"]
+        self.assertAlmostEqual(st["ema"], 73.75)
+        self.assertEqual(st["count"], 5)
+        self.assertEqual(self.pairs([t]), sorted([(t, ids[2]), (t, ids[4])]))
+
+    def test_rate_limit_reset_on_trigger(self):
+        t = self.trigger([{"condition_type": "rate_limit", "operator": ">=", "value": 3,
+                           "config": {"time_window": "1h", "reset_on_trigger": True}}])
+        ids = [self.event(timestamp=1700000000 + i) for i in range(7)]
+        self.drained()
+        # 1,2,3(match, reset),1,2,3(match, reset),1
+        self.assertEqual(self.pairs([t]), sorted([(t, ids[2]), (t, ids[5])]))
+        self.assertEqual(self.state(t)["0"]["times"], [1700000006])
+
+    def test_priority_taken_first(self):
+        t = self.trigger([], actions=[{"action_type": "rest", "priority": 1, "config": {"url": "http://a"}},
+                                      {"action_type": "mcp", "priority": 5,
+                                       "config": {"server_url": "http://m", "tool": "x"}}])
+        self.event()
+        self.drained()
+        raw = self.r.lrange("action_jobs", 0, -1)
+        mine = [json.loads(x) for x in raw if json.loads(x)["trigger_id"] == t]
+        self.assertEqual(len(mine), 2)
+        # the rightmost (taken first by RPOP) of this trigger's jobs is priority 5
+        order = [json.loads(x)["priority"] for x in raw if json.loads(x)["trigger_id"] == t]
+        self.assertEqual(order[-1], 5)
+
+    def test_trigger_create_change_delete(self):
+        t = self.trigger([{"condition_type": "score_threshold", "operator": ">", "value": 10}])
+        e1 = self.event(score=20)
+        self.drained()
+        self.sql("UPDATE trigger_conditions SET value = '30' WHERE trigger_id = %s", (t,))
+        self.sql("SELECT pg_notify('trigger_changed', %s)", (t,))
+        time.sleep(0.2)
+        self.event(score=20)
+        e3 = self.event(score=40)
+        self.drained()
+        self.sql("DELETE FROM triggers WHERE id = %s", (t,))
+        self.sql("SELECT pg_notify('trigger_changed', %s)", (t,))
+        time.sleep(0.2)
+        self.event(score=40)
+        self.drained()
+        self.assertEqual(self.pairs([t]), sorted([(t, e1), (t, e3)]))
+
+    # no loss ------------------------------------------------------------
+    def _stream_trigger(self):
+        # Always true (count < 5000), and the state keeps every time counted.
+        return self.trigger([{"condition_type": "rate_limit", "operator": "<", "value": 5000,
+                              "config": {"time_window": "1d"}}],
+                            actions=[{"action_type": "rest", "config": {"url": "http://a"}},
+                                     {"action_type": "rest", "priority": 2, "config": {"url": "http://b"}}])
+
+    def _assert_exact(self, t, ids):
+        jobs = self.jobs([t])
+        self.assertEqual(len(jobs), 2 * len(ids), "two jobs per event, none twice")
+        self.assertEqual(len({j["id"] for j in jobs}), len(jobs))
+        self.assertEqual(sorted({j["event_id"] for j in jobs}), sorted(ids))
+        st = self.state(t)["0"]
+        self.assertEqual(len(st["times"]), len(ids), "each event counted exactly once")
+
+    def test_kill9_mid_stream(self):
+        t = self._stream_trigger()
+        ids = []
+        conn = psycopg2.connect(DSN)
+        conn.autocommit = True
+        for i in range(1500):
+            ids.append(self.event(conn=conn, timestamp=1700000000 + i))
+            if i == 700:
+                self.svc.kill9()
+        self.start_service()
+        conn.close()
+        self.drained(30)
+        self._assert_exact(t, ids)
+
+    def test_events_while_down(self):
+        t = self._stream_trigger()
+        self.assertEqual(self.svc.stop(), 0)
+        ids = [self.event(timestamp=1700000000 + i) for i in range(300)]
+        self.start_service()
+        self.drained()
+        self._assert_exact(t, ids)
+
+    def test_listen_connection_dropped(self):
+        t = self._stream_trigger()
+        n = self.sql("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                     "WHERE application_name = 'event-processor-listen' AND datname = %s", (DB,))[0][0]
+        self.assertGreaterEqual(n, 1)  # a killed predecessor may linger
+        time.sleep(0.3)
+        ids = [self.event(timestamp=1700000000 + i) for i in range(50)]
+        self.drained()
+        self._assert_exact(t, ids)
+        wait_for(lambda: self.sql("SELECT count(*) FROM pg_stat_activity WHERE application_name = "
+                                  "'event-processor-listen' AND datname = %s", (DB,))[0][0] == 1, 10,
+                 what="LISTEN reconnected")
+        # With LISTEN back, an event is handled well within the poll interval.
+        e = self.event(timestamp=1700000100)
+        t0 = time.time()
+        wait_for(lambda: any(j["event_id"] == e for j in self.jobs([t])), 5, interval=0.01)
+        self.assertLess(time.time() - t0, 0.5)
+
+    def test_out_of_order_commits(self):
+        t = self._stream_trigger()
+        a = psycopg2.connect(DSN)
+        b = psycopg2.connect(DSN)
+        ea = self.event(conn=a, timestamp=1700000000)  # lower seq, commits later
+        eb = self.event(conn=b, timestamp=1700000001)
+        b.commit()
+        wait_for(lambda: any(j["event_id"] == eb for j in self.jobs([t])), 5)
+        a.commit()
+        self.drained()
+        a.close()
+        b.close()
+        self._assert_exact(t, [ea, eb])
+
+    def test_metrics_and_health(self):
+        with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % self.port, timeout=5) as r:
+            self.assertEqual(r.status, 200)
+            text = r.read().decode()
+        for name in ("events_processed_total", "trigger_matches_total", "jobs_enqueued_total",
+                     "event_processor_lag_events", "event_processor_batch_duration_seconds_bucket"):
+            self.assertIn(name, text)
+
+
+if __name__ == "__main__":
+    unittest.main()
