@@ -51,8 +51,13 @@ typedef struct {
     rconn_opts redis;
 } aw_config;
 
+struct writer;
+struct sig_key;
+
 typedef struct aw {
     aw_config cfg;
+    struct writer *writer;     /* records finished jobs (writer.c) */
+    struct sig_key *sig;       /* WEBHOOK_SECRET's HMAC key, NULL when unset */
     dbpool *db;
     breaker *br;
     target_policy *targets;
@@ -87,8 +92,10 @@ struct job {
     long long t0;         /* attempt start (ms) */
     int attempted;        /* a request was sent: this is an attempt */
 
+    target_cache *tcache; /* the worker thread's target decisions (borrowed) */
+
     /* The current transfer. */
-    CURL *easy;
+    CURL *easy;             /* borrowed from the worker's pool while delivering */
     struct curl_slist *hdrs;
     struct curl_slist *resolve_list; /* CURLOPT_RESOLVE pin (owned) */
     char *body;           /* request body (owned) */
@@ -171,6 +178,27 @@ int awm_init(void);
 void awm_outcome(act_kind kind, const char *status, double seconds);
 void awm_inflight_add(long delta);
 void awm_event(const char *name, long n);
+
+/* writer.c: one thread per process that writes the action_results rows of
+ * finished jobs in batches and then records their outcomes in Redis (which
+ * ends their leases), so the event loops never wait for either. */
+typedef struct writer writer;
+/* NULL on OOM. Free with writer_free (which stops the thread first). */
+writer *writer_new(aw *app);
+/* Starts the thread. Returns 0 or -1. */
+int writer_start(writer *w);
+/* Hands over the finished jobs head..tail (n of them, linked by next); the
+ * writer owns and frees them. Thread-safe. */
+void writer_submit(writer *w, job *head, job *tail, int n);
+/* Jobs handed over and not yet recorded (for back-pressure). */
+long writer_pending(writer *w);
+/* Records what is left for up to grace_ms, then stops the thread; jobs
+ * still unrecorded are dropped (still leased: they will be redelivered). */
+void writer_stop(writer *w, long grace_ms);
+void writer_free(writer *w);
+
+/* Frees a job and everything it owns (worker.c). NULL is a no-op. */
+void aw_job_free(job *j);
 
 /* worker.c: runs one event loop thread until stop; returns NULL. */
 void *worker_run(void *arg);

@@ -5,10 +5,8 @@
 #include <string.h>
 #include <strings.h>
 
-#include <openssl/evp.h>
-#include <openssl/hmac.h>
-
 #include "aw.h"
+#include "sig.h"
 #include "template.h"
 
 #define REST_DEFAULT_TIMEOUT_MS 30000
@@ -20,18 +18,6 @@ static long rest_timeout(const job *j)
     if (cJSON_IsNumber(t) && t->valuedouble >= 1 && t->valuedouble <= 300000)
         return (long)t->valuedouble;
     return REST_DEFAULT_TIMEOUT_MS;
-}
-
-static int sign(const char *secret, const char *body, char *hex, size_t hexlen)
-{
-    unsigned char mac[EVP_MAX_MD_SIZE];
-    unsigned int maclen = 0;
-
-    if (!HMAC(EVP_sha256(), secret, (int)strlen(secret), (const unsigned char *)body, strlen(body), mac, &maclen))
-        return -1;
-    for (unsigned int i = 0; i < maclen && 2 * i + 2 < hexlen; i++)
-        snprintf(hex + 2 * i, 3, "%02x", mac[i]);
-    return 0;
 }
 
 /* The body: body_template rendered with JSON-escaped values (a string), or
@@ -104,7 +90,7 @@ int deliver_rest_begin(aw *app, job *j)
             return 1;
         }
     }
-    if (target_check(app->targets, url->valuestring, &ti, err, sizeof(err)) < 0) {
+    if (target_check_cached(app->targets, j->tcache, url->valuestring, j->t0, &ti, err, sizeof(err)) < 0) {
         deliver_fail(j, OUT_FINAL, "refused: %s", err);
         return 1;
     }
@@ -140,10 +126,10 @@ int deliver_rest_begin(aw *app, job *j)
         goto oom;
     if (deliver_header(j, "X-Idempotency-Key: %s", j->id) < 0 || deliver_header(j, "Expect:") < 0)
         goto oom;
-    if (app->cfg.webhook_secret[0]) {
-        char hex[2 * EVP_MAX_MD_SIZE + 1] = "";
+    if (app->sig) {
+        char hex[65];
 
-        if (sign(app->cfg.webhook_secret, j->body ? j->body : "", hex, sizeof(hex)) < 0 ||
+        if (sig_hex(app->sig, j->body ? j->body : "", j->body ? strlen(j->body) : 0, hex) < 0 ||
             deliver_header(j, "X-Signature: sha256=%s", hex) < 0)
             goto oom;
     }

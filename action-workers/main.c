@@ -13,6 +13,7 @@
 #include "health_http.h"
 #include "log.h"
 #include "metrics.h"
+#include "sig.h"
 #include "svc.h"
 
 #define MAX_THREADS 64
@@ -29,7 +30,7 @@ static void config_read(cfg *c, aw_config *o)
 
     memset(o, 0, sizeof(*o));
     o->concurrency = (int)cfg_int(c, "WORKER_CONCURRENCY", 64, 1, 100000);
-    o->threads = (int)cfg_int(c, "WORKER_THREADS", ncpu >= 2 ? 2 : 1, 1, MAX_THREADS);
+    o->threads = (int)cfg_int(c, "WORKER_THREADS", ncpu >= 4 ? ncpu / 2 : 1, 1, MAX_THREADS);
     o->visibility_ms = cfg_duration_ms(c, "JOB_VISIBILITY_TIMEOUT", 60000, 1000);
     o->retry_base_ms = cfg_int(c, "RETRY_BASE_MS", 1000, 1, 3600000);
     o->retry_max_ms = cfg_int(c, "RETRY_MAX_DELAY_MS", 300000, 1, 86400000);
@@ -83,7 +84,15 @@ static int app_open(aw *app, const char *allowed, char *err, size_t errlen)
     app->br = breaker_new(app->cfg.breaker_failures, app->cfg.breaker_cooldown_ms);
     app->health = health_new(2000);
     app->health_rconn = rconn_new(&app->cfg.redis, 2000);
-    if (!app->db || !app->br || !app->health || !app->health_rconn || awm_init() < 0) {
+    app->writer = writer_new(app);
+    if (app->cfg.webhook_secret[0]) {
+        app->sig = sig_key_new(app->cfg.webhook_secret, strlen(app->cfg.webhook_secret));
+        if (!app->sig) {
+            snprintf(err, errlen, "cannot prepare the WEBHOOK_SECRET key");
+            return -1;
+        }
+    }
+    if (!app->db || !app->br || !app->health || !app->health_rconn || !app->writer || awm_init() < 0) {
         snprintf(err, errlen, "out of memory");
         return -1;
     }
@@ -143,6 +152,10 @@ int main(void)
         log_error("cannot start: %s", err);
         goto out;
     }
+    if (writer_start(app.writer) < 0) {
+        log_error("cannot start the writer thread");
+        goto out;
+    }
     for (int i = 0; i < app.cfg.threads; i++) {
         args[i].app = &app;
         args[i].index = i;
@@ -164,9 +177,15 @@ int main(void)
     log_info("stopping: no new jobs, finishing in-flight deliveries");
     for (int i = 0; i < started; i++)
         pthread_join(th[i], NULL);
+    /* The workers are done; what they finished is recorded within a short
+     * extra delay, and whatever is still unrecorded after it stays leased
+     * and is delivered again. */
+    writer_stop(app.writer, 2000);
     httpd_stop(app.http, 1000);
     rc = 0;
 out:
+    writer_free(app.writer);
+    sig_key_free(app.sig);
     httpd_free(app.http);
     health_free(app.health);
     rconn_free(app.health_rconn);

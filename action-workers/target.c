@@ -281,3 +281,65 @@ int target_check(const target_policy *p, const char *url, target_info *out, char
                  out->port, first);
     return 0;
 }
+
+#define TCACHE_SLOTS 64
+
+typedef struct {
+    char *url;             /* owned; NULL when the slot is free */
+    long long expires;
+    target_info info;
+} tslot;
+
+struct target_cache {
+    long ttl_ms;
+    tslot slots[TCACHE_SLOTS];
+};
+
+target_cache *target_cache_new(long ttl_ms)
+{
+    target_cache *c = calloc(1, sizeof(*c));
+
+    if (c)
+        c->ttl_ms = ttl_ms;
+    return c;
+}
+
+void target_cache_free(target_cache *c)
+{
+    if (!c)
+        return;
+    for (int i = 0; i < TCACHE_SLOTS; i++)
+        free(c->slots[i].url);
+    free(c);
+}
+
+static unsigned url_hash(const char *s)
+{
+    unsigned h = 2166136261u;
+
+    for (; *s; s++)
+        h = (h ^ (unsigned char)*s) * 16777619u;
+    return h;
+}
+
+int target_check_cached(const target_policy *p, target_cache *c, const char *url, long long now_ms,
+                        target_info *out, char *err, size_t errlen)
+{
+    tslot *s;
+
+    if (!c || !url)
+        return target_check(p, url, out, err, errlen);
+    /* Direct-mapped: a colliding URL simply replaces the entry. */
+    s = &c->slots[url_hash(url) % TCACHE_SLOTS];
+    if (s->url && now_ms < s->expires && !strcmp(s->url, url)) {
+        *out = s->info;
+        return 0;
+    }
+    if (target_check(p, url, out, err, errlen) < 0)
+        return -1;
+    free(s->url);
+    s->url = strdup(url);
+    s->info = *out;
+    s->expires = now_ms + c->ttl_ms;
+    return 0;
+}

@@ -34,6 +34,23 @@ void target_policy_free(target_policy *p);
  * reason in `err` otherwise. */
 int target_check(const target_policy *p, const char *url, target_info *out, char *err, size_t errlen);
 
+/* A small per-thread memory of URLs that passed target_check, so that a
+ * stream of jobs for the same webhook does not parse and resolve the same
+ * URL each time. An entry holds the exact URL and the pinned address and
+ * is trusted for `ttl_ms` only, after which the URL is checked (and
+ * resolved) again; refusals and resolution failures are never remembered.
+ * Not thread-safe: one per worker thread. */
+typedef struct target_cache target_cache;
+
+/* NULL on OOM. Free with target_cache_free. */
+target_cache *target_cache_new(long ttl_ms);
+void target_cache_free(target_cache *c);
+
+/* target_check through the cache `c` (NULL: no cache). `now_ms` is the
+ * caller's clock. */
+int target_check_cached(const target_policy *p, target_cache *c, const char *url, long long now_ms,
+                        target_info *out, char *err, size_t errlen);
+
 /* Nonzero when the address lies in a range refused by default. */
 int target_addr_restricted(const struct sockaddr *sa);
 

@@ -1,19 +1,25 @@
 /* worker: one event-loop thread. It leases jobs from Redis, drives up to
  * its share of WORKER_CONCURRENCY deliveries at once through one libcurl
- * multi handle (no thread per delivery), writes each attempt's result to
- * PostgreSQL and only then records the outcome in Redis.
+ * multi handle (no thread per delivery), and hands every finished job to
+ * the process's writer (writer.c), which writes the attempt's result to
+ * PostgreSQL and only then records the outcome in Redis. The loop itself
+ * never waits for PostgreSQL, and talks to Redis only to take jobs (in
+ * batches, ahead of need, so the slots stay busy) and for maintenance.
  *
  * A job stays leased in action_jobs_inflight until its outcome is recorded,
- * and the thread extends the leases of everything it holds every third of
- * the visibility timeout. So a job is never lost: if the process dies the
- * lease runs out and the job is delivered again; if PostgreSQL is down the
- * finished job waits here (still leased) until its row is written; if Redis
- * is down the ack waits until it is back. Delivery is at least once, which
- * is why every request carries the job id as an idempotency key. */
+ * and whoever holds it (this thread, then the writer) extends its lease
+ * every third of the visibility timeout. So a job is never lost: if the
+ * process dies the lease runs out and the job is delivered again; if
+ * PostgreSQL is down the finished job waits in the writer (still leased)
+ * until its row is written; if Redis is down the ack waits until it is back.
+ * Delivery is at least once, which is why every request carries the job id
+ * as an idempotency key. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "aw.h"
 #include "backoff.h"
@@ -21,22 +27,31 @@
 #include "queue.h"
 #include "svc.h"
 
-#define FLUSH_BATCH 256
+#define RELEASE_BATCH 512
 #define TAKE_BATCH 64
+#define TAKE_MIN 16
 #define MAINT_EVERY_MS 200
 #define MAINT_LIMIT 500
-#define FLUSH_DELAY_MS 5
+#define TARGET_TTL_MS 10000
 
 typedef struct {
     aw *app;
     int idx, cap;
     queue *q;
     CURLM *multi;
-    job *active, *held, *done;
-    int nactive, nheld, ndone;
+    job *active, *held;
+    int nactive, nheld;
+    job *ready, *ready_tail; /* leased, not started yet (FIFO) */
+    int nready, prefetch;
+    job *fin, *fin_tail;     /* finished this turn, for the writer */
+    int nfin;
+    CURL **pool;             /* idle easy handles, reused by the next jobs */
+    int npool, pool_cap;
+    target_cache *tc;
+    int ep;                  /* epoll set of the transfers' sockets */
+    long long curl_due;      /* libcurl's next timeout (ms), -1 for none */
     unsigned seed;
-    long long next_take, next_maint, next_extend, next_db_log, next_redis_log;
-    long long first_done; /* when the oldest unrecorded outcome finished */
+    long long next_take, next_maint, next_extend, next_redis_log;
 } worker;
 
 static long long wall_ms(void)
@@ -47,7 +62,7 @@ static long long wall_ms(void)
     return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-static void job_free(job *j)
+void aw_job_free(job *j)
 {
     if (!j)
         return;
@@ -82,7 +97,7 @@ static int jint(const cJSON *o, const char *k)
 
 /* Takes ownership of `raw`. Never returns NULL except on OOM; a job that
  * cannot be understood gets OUT_INVALID. */
-static job *job_parse(char *raw)
+static job *job_parse(worker *w, char *raw)
 {
     job *j = calloc(1, sizeof(*j));
     const char *type;
@@ -92,6 +107,7 @@ static job *job_parse(char *raw)
         return NULL;
     }
     j->raw = raw;
+    j->tcache = w->tc;
     j->retry_after_hdr = -1;
     buf_init(&j->resp, 0);
     j->doc = cJSON_Parse(raw);
@@ -250,14 +266,38 @@ static void finish(worker *w, job *j, long long now)
         j->row_done = 1;
         j->out = OUT_NONE;
     }
-    if (!w->ndone)
-        w->first_done = now;
-    push(&w->done, &w->ndone, j);
+    /* The transfer's resources go back to the thread at once; the writer
+     * needs only the outcome. */
+    if (j->easy) {
+        if (w->npool < w->pool_cap)
+            w->pool[w->npool++] = j->easy;
+        else
+            curl_easy_cleanup(j->easy);
+        j->easy = NULL;
+    }
+    curl_slist_free_all(j->hdrs);
+    j->hdrs = NULL;
+    curl_slist_free_all(j->resolve_list);
+    j->resolve_list = NULL;
+    free(j->body);
+    j->body = NULL;
+    buf_free(&j->resp);
+    j->next = NULL;
+    if (w->fin_tail)
+        w->fin_tail->next = j;
+    else
+        w->fin = j;
+    w->fin_tail = j;
+    w->nfin++;
 }
 
 static void start(worker *w, job *j, long long now)
 {
-    int rc = j->out == OUT_INVALID ? 1 : deliver_begin(w->app, w->q, j, now);
+    int rc;
+
+    if (!j->easy && w->npool)
+        j->easy = w->pool[--w->npool];
+    rc = j->out == OUT_INVALID ? 1 : deliver_begin(w->app, w->q, j, now);
 
     if (rc == 0 && curl_multi_add_handle(w->multi, j->easy) != CURLM_OK) {
         deliver_fail(j, OUT_RETRY, "cannot start the transfer");
@@ -273,19 +313,32 @@ static void start(worker *w, job *j, long long now)
     }
 }
 
+/* How many jobs to take now: enough to fill the free slots plus a
+ * prefetch, so that slots freed by completions are refilled from memory
+ * without waiting for Redis; asked in batches of at least TAKE_MIN while
+ * some are still ready. */
+static int take_want(worker *w, long long now)
+{
+    int want = w->cap - w->nactive - w->nheld + w->prefetch - w->nready;
+
+    if (svc_stopping() || now < w->next_take || want <= 0 || (w->nready && want < TAKE_MIN))
+        return 0;
+    /* Finished jobs waiting to be recorded do not hold a delivery slot
+     * (deliveries go on while a batch is written), but they are bounded
+     * too: past 4x the slots of the process, no new job is taken. */
+    if (writer_pending(w->app->writer) >= 4L * w->app->cfg.concurrency)
+        return 0;
+    return want > TAKE_BATCH ? TAKE_BATCH : want;
+}
+
 static void take(worker *w, long long now)
 {
-    /* Finished jobs waiting for their outcome to be recorded do not hold a
-     * delivery slot (deliveries go on while a batch is written), but they
-     * are bounded too: past 4x the slots no new job is taken. */
-    int room = w->cap - w->nactive - w->nheld, n = 0;
+    int want = take_want(w, now), n = 0;
     char **raws = NULL;
 
-    if (room <= 0 || w->ndone >= 4 * w->cap || now < w->next_take)
+    if (!want)
         return;
-    if (room > TAKE_BATCH)
-        room = TAKE_BATCH;
-    if (queue_take(w->q, room, now + w->app->cfg.visibility_ms, &raws, &n) < 0) {
+    if (queue_take(w->q, want, now + w->app->cfg.visibility_ms, &raws, &n) < 0) {
         if (now >= w->next_redis_log) {
             log_event(LOG_WARN, "redis unavailable", "\"error\":\"%s\"", queue_errstr(w->q));
             w->next_redis_log = now + 10000;
@@ -295,14 +348,35 @@ static void take(worker *w, long long now)
     }
     /* An empty answer means the queue is idle: poll again later. A full one
      * means there may be more: ask again at once. */
-    w->next_take = n < room ? now + w->app->cfg.poll_ms : now;
+    w->next_take = n < want ? now + w->app->cfg.poll_ms : now;
     for (int i = 0; i < n; i++) {
-        job *j = job_parse(raws[i]);
+        job *j = job_parse(w, raws[i]);
 
-        if (j)
-            start(w, j, now);
+        if (!j)
+            continue;
+        if (w->ready_tail)
+            w->ready_tail->next = j;
+        else
+            w->ready = j;
+        w->ready_tail = j;
+        w->nready++;
     }
     free(raws);
+}
+
+/* Starts ready jobs while there are free slots. */
+static void start_ready(worker *w, long long now)
+{
+    while (w->ready && w->nactive + w->nheld < w->cap) {
+        job *j = w->ready;
+
+        w->ready = j->next;
+        if (!w->ready)
+            w->ready_tail = NULL;
+        j->next = NULL;
+        w->nready--;
+        start(w, j, now);
+    }
 }
 
 static void run_held(worker *w, long long now)
@@ -344,62 +418,17 @@ static void completed(worker *w, long long now)
     }
 }
 
-/* Writes pending rows, then records outcomes in Redis, then frees. */
-static void flush(worker *w, long long now)
+/* Hands this turn's finished jobs to the writer. */
+static void submit(worker *w)
 {
-    job *batch[FLUSH_BATCH];
-    queue_ack acks[FLUSH_BATCH];
-    int n = 0;
-    char err[512];
-
-    /* Outcomes are recorded in batches (one INSERT and one Redis pipeline
-     * for many jobs): at once when half the slots wait, else after a few
-     * milliseconds, so a single job is not held back noticeably. */
-    if (!w->ndone || (w->ndone < w->cap && now - w->first_done < FLUSH_DELAY_MS && !svc_stopping()))
-        return;
-    for (job *j = w->done; j && n < FLUSH_BATCH; j = j->next)
-        if (!j->row_done)
-            batch[n++] = j;
-    if (n) {
-        if (results_write(w->app, batch, n, err, sizeof(err)) == 0) {
-            for (int i = 0; i < n; i++)
-                batch[i]->row_done = 1;
-        } else if (now >= w->next_db_log) {
-            char e[600];
-
-            log_event(LOG_WARN, "cannot write action_results; jobs stay leased", "\"pending\":%d,\"error\":\"%s\"",
-                      w->ndone, log_escape(e, sizeof(e), err));
-            w->next_db_log = now + 10000;
-        }
-    }
-    n = 0;
-    for (job *j = w->done; j && n < FLUSH_BATCH; j = j->next)
-        if (j->row_done) {
-            batch[n] = j;
-            acks[n].raw = j->raw;
-            acks[n].kind = (queue_ack_kind)j->ack_kind;
-            acks[n].payload = j->ack_payload;
-            acks[n].due_ms = j->due_ms;
-            acks[n].done = 0;
-            n++;
-        }
-    if (!n)
-        return;
-    if (queue_record(w->q, acks, n) < 0 && now >= w->next_redis_log) {
-        log_event(LOG_WARN, "cannot record outcomes in redis; will retry", "\"error\":\"%s\"", queue_errstr(w->q));
-        w->next_redis_log = now + 10000;
-    }
-    for (int i = 0; i < n; i++)
-        if (acks[i].done) {
-            unlink_job(&w->done, &w->ndone, batch[i]);
-            job_free(batch[i]);
-        }
-    w->first_done = now;
+    writer_submit(w->app->writer, w->fin, w->fin_tail, w->nfin);
+    w->fin = w->fin_tail = NULL;
+    w->nfin = 0;
 }
 
 static void extend_leases(worker *w, long long now)
 {
-    int n = w->nactive + w->nheld + w->ndone, k = 0;
+    int n = w->nactive + w->nheld + w->nready, k = 0;
     char **raws;
 
     if (now < w->next_extend)
@@ -414,7 +443,7 @@ static void extend_leases(worker *w, long long now)
         raws[k++] = j->raw;
     for (job *j = w->held; j; j = j->next)
         raws[k++] = j->raw;
-    for (job *j = w->done; j; j = j->next)
+    for (job *j = w->ready; j; j = j->next)
         raws[k++] = j->raw;
     if (queue_extend(w->q, raws, k, now + w->app->cfg.visibility_ms) < 0)
         w->next_extend = now + 500;
@@ -438,43 +467,53 @@ static void maintain(worker *w, long long now)
         w->next_take = now;
 }
 
+/* Hands the jobs of `list` back to the queue untouched and frees them. */
+static void release_list(worker *w, job *list, int transfers)
+{
+    queue_ack acks[RELEASE_BATCH];
+    int n = 0;
+
+    for (job *j = list; j; j = j->next) {
+        if (transfers)
+            curl_multi_remove_handle(w->multi, j->easy);
+        if (n < RELEASE_BATCH) {
+            acks[n].raw = j->raw;
+            acks[n].kind = QUEUE_RELEASE;
+            acks[n].payload = NULL;
+            acks[n].due_ms = 0;
+            acks[n].done = 0;
+            n++;
+        }
+    }
+    if (n)
+        queue_record(w->q, acks, n);
+    while (list) {
+        job *j = list;
+
+        list = j->next;
+        aw_job_free(j);
+    }
+}
+
+/* On SIGTERM, jobs taken ahead but not started go back at once. */
+static void release_ready(worker *w)
+{
+    if (!w->ready)
+        return;
+    release_list(w, w->ready, 0);
+    w->ready = w->ready_tail = NULL;
+    w->nready = 0;
+}
+
 /* At the end of the grace period, unfinished deliveries are abandoned and
  * their jobs handed back to the queue untouched. */
 static void release_all(worker *w)
 {
-    job *lists[2] = {w->active, w->held};
-    queue_ack acks[FLUSH_BATCH];
-    int n = 0;
-
-    for (int l = 0; l < 2; l++)
-        for (job *j = lists[l]; j; j = j->next) {
-            if (l == 0)
-                curl_multi_remove_handle(w->multi, j->easy);
-            if (n < FLUSH_BATCH) {
-                acks[n].raw = j->raw;
-                acks[n].kind = QUEUE_RELEASE;
-                acks[n].payload = NULL;
-                acks[n].due_ms = 0;
-                acks[n].done = 0;
-                n++;
-            }
-        }
-    if (n)
-        queue_record(w->q, acks, n);
-    log_event(LOG_WARN, "grace period over; unfinished jobs handed back", "\"count\":%d", n);
+    log_event(LOG_WARN, "grace period over; unfinished jobs handed back", "\"count\":%d", w->nactive + w->nheld);
     awm_inflight_add(-w->nactive);
-    while (w->active) {
-        job *j = w->active;
-
-        w->active = j->next;
-        job_free(j);
-    }
-    while (w->held) {
-        job *j = w->held;
-
-        w->held = j->next;
-        job_free(j);
-    }
+    release_list(w, w->active, 1);
+    release_list(w, w->held, 0);
+    w->active = w->held = NULL;
     w->nactive = w->nheld = 0;
 }
 
@@ -482,16 +521,86 @@ static int poll_timeout(worker *w, long long now)
 {
     long long t = now + w->app->cfg.poll_ms;
 
-    if (w->nactive + w->nheld < w->cap && w->ndone < 4 * w->cap && w->next_take < t)
+    if (w->ready && w->nactive + w->nheld < w->cap)
+        t = now;
+    if (!svc_stopping() && w->cap - w->nactive - w->nheld + w->prefetch - w->nready > 0 && w->next_take < t &&
+        writer_pending(w->app->writer) < 4L * w->app->cfg.concurrency)
         t = w->next_take;
-    if (w->ndone && w->first_done + FLUSH_DELAY_MS < t)
-        t = w->first_done + FLUSH_DELAY_MS;
     for (job *j = w->held; j; j = j->next)
         if (j->start_at < t)
             t = j->start_at;
     if (t < now)
         t = now;
     return (int)(t - now);
+}
+
+/* libcurl tells which sockets to watch (CURLMOPT_SOCKETFUNCTION), and
+ * the loop hands it only the sockets epoll reports ready, instead of
+ * curl_multi_perform, which visits (and polls) every transfer each turn. */
+static int on_socket(CURL *e, curl_socket_t s, int what, void *ud, void *sockp)
+{
+    worker *w = ud;
+    struct epoll_event ev;
+
+    (void)e;
+    memset(&ev, 0, sizeof(ev));
+    ev.data.fd = s;
+    if (what == CURL_POLL_REMOVE) {
+        if (sockp)
+            epoll_ctl(w->ep, EPOLL_CTL_DEL, s, NULL);
+        curl_multi_assign(w->multi, s, NULL);
+        return 0;
+    }
+    ev.events = (what & CURL_POLL_IN ? EPOLLIN : 0u) | (what & CURL_POLL_OUT ? EPOLLOUT : 0u);
+    if (sockp) {
+        epoll_ctl(w->ep, EPOLL_CTL_MOD, s, &ev);
+    } else {
+        epoll_ctl(w->ep, EPOLL_CTL_ADD, s, &ev);
+        curl_multi_assign(w->multi, s, w);
+    }
+    return 0;
+}
+
+static int on_timer(CURLM *m, long timeout_ms, void *ud)
+{
+    worker *w = ud;
+
+    (void)m;
+    w->curl_due = timeout_ms < 0 ? -1 : wall_ms() + timeout_ms;
+    return 0;
+}
+
+/* Waits up to timeout_ms for socket events and lets libcurl act on them
+ * and on its due timers. */
+static void run_transfers(worker *w, int timeout_ms)
+{
+    struct epoll_event evs[128];
+    int n, running = 0;
+    long long now;
+
+    if (w->curl_due >= 0) {
+        long long left = w->curl_due - wall_ms();
+
+        if (left < timeout_ms)
+            timeout_ms = left < 0 ? 0 : (int)left;
+    }
+    n = epoll_wait(w->ep, evs, 128, timeout_ms);
+    for (int i = 0; i < n; i++) {
+        int f = 0;
+
+        if (evs[i].events & (EPOLLIN | EPOLLHUP))
+            f |= CURL_CSELECT_IN;
+        if (evs[i].events & EPOLLOUT)
+            f |= CURL_CSELECT_OUT;
+        if (evs[i].events & EPOLLERR)
+            f |= CURL_CSELECT_ERR;
+        curl_multi_socket_action(w->multi, evs[i].data.fd, f, &running);
+    }
+    now = wall_ms();
+    if (w->curl_due >= 0 && now >= w->curl_due) {
+        w->curl_due = -1;
+        curl_multi_socket_action(w->multi, CURL_SOCKET_TIMEOUT, 0, &running);
+    }
 }
 
 void *worker_run(void *arg)
@@ -505,50 +614,67 @@ void *worker_run(void *arg)
     w.idx = a->index;
     w.cap = a->capacity;
     w.seed = (unsigned)(time(NULL) ^ (a->index * 7919));
+    /* A prefetch of half the slots (at most TAKE_BATCH) keeps the slots
+     * busy while the next batch is being taken. */
+    w.prefetch = w.cap / 2 < TAKE_BATCH ? w.cap / 2 : TAKE_BATCH;
+    w.pool_cap = w.cap + 8;
+    w.pool = calloc((size_t)w.pool_cap, sizeof(*w.pool));
+    w.tc = target_cache_new(TARGET_TTL_MS);
     w.q = queue_new(&w.app->cfg.redis, w.app->cfg.queue_prefix, 5000);
     w.multi = curl_multi_init();
-    if (!w.q || !w.multi) {
+    w.ep = epoll_create1(EPOLL_CLOEXEC);
+    w.curl_due = -1;
+    if (!w.q || !w.multi || !w.pool || !w.tc || w.ep < 0) {
         log_error("worker %d: out of memory", w.idx);
         svc_request_stop();
         goto out;
     }
     curl_multi_setopt(w.multi, CURLMOPT_MAXCONNECTS, (long)(w.cap * 2));
+    curl_multi_setopt(w.multi, CURLMOPT_SOCKETFUNCTION, on_socket);
+    curl_multi_setopt(w.multi, CURLMOPT_SOCKETDATA, &w);
+    curl_multi_setopt(w.multi, CURLMOPT_TIMERFUNCTION, on_timer);
+    curl_multi_setopt(w.multi, CURLMOPT_TIMERDATA, &w);
     for (;;) {
         long long now = wall_ms();
-        int running = 0;
 
         if (svc_stopping()) {
             if (!drain_deadline) {
                 drain_deadline = now + w.app->cfg.shutdown_grace_ms;
                 log_event(LOG_INFO, "worker draining", "\"worker\":%d,\"in_flight\":%d", w.idx, w.nactive + w.nheld);
+                release_ready(&w);
             }
             if (now >= drain_deadline && (w.nactive || w.nheld))
                 release_all(&w);
-            if (!w.nactive && !w.nheld && (!w.ndone || now >= drain_deadline + 2000))
+            if (!w.nactive && !w.nheld)
                 break;
         } else {
             maintain(&w, now);
             take(&w, now);
+            start_ready(&w, now);
         }
         run_held(&w, now);
-        curl_multi_perform(w.multi, &running);
-        completed(&w, wall_ms());
-        flush(&w, wall_ms());
-        extend_leases(&w, wall_ms());
+        run_transfers(&w, poll_timeout(&w, wall_ms()));
         now = wall_ms();
-        curl_multi_poll(w.multi, NULL, 0, poll_timeout(&w, now), NULL);
+        completed(&w, now);
+        submit(&w);
+        if (!svc_stopping()) {
+            /* Refill the slots just freed before sleeping. */
+            take(&w, now);
+            start_ready(&w, now);
+        }
+        extend_leases(&w, now);
     }
-    if (w.ndone)
-        log_event(LOG_WARN, "outcomes not recorded at exit; their jobs will be redelivered", "\"count\":%d", w.ndone);
 out:
-    while (w.done) {
-        job *j = w.done;
-
-        w.done = j->next;
-        job_free(j);
-    }
+    submit(&w);
+    release_ready(&w);
+    while (w.npool)
+        curl_easy_cleanup(w.pool[--w.npool]);
+    free(w.pool);
     if (w.multi)
         curl_multi_cleanup(w.multi);
+    if (w.ep >= 0)
+        close(w.ep);
+    target_cache_free(w.tc);
     queue_free(w.q);
     return NULL;
 }

@@ -71,27 +71,27 @@ static cJSON *tg_load(httpd_req *req, PGconn *conn, const char *id, const char *
 /* The conditions or actions of a validated body as the JSON array
  * jsonb_to_recordset reads: condition values become text (a number 50
  * is stored as "50", the column being text). Returns a malloc'd string. */
-static char *tg_rows_json(const trigger_def *def, int actions)
+static char *tg_rows_json(const trigger_model_def *def, int actions)
 {
     cJSON *arr = cJSON_CreateArray();
     char *s;
 
     if (actions) {
         for (int i = 0; i < def->naction; i++) {
-            const trigger_action *a = &def->actions[i];
+            const trigger_model_action *a = &def->actions[i];
             cJSON *o = cJSON_CreateObject();
 
-            cJSON_AddStringToObject(o, "action_type", trigger_action_type_name(a->type));
+            cJSON_AddStringToObject(o, "action_type", trigger_model_action_type_name(a->type));
             cJSON_AddNumberToObject(o, "priority", a->priority);
             cJSON_AddItemToObject(o, "config", cJSON_Duplicate(a->config, 1));
             cJSON_AddItemToArray(arr, o);
         }
     } else {
         for (int i = 0; i < def->ncond; i++) {
-            const trigger_condition *c = &def->conds[i];
+            const trigger_model_condition *c = &def->conds[i];
             cJSON *o = cJSON_CreateObject();
 
-            cJSON_AddStringToObject(o, "condition_type", trigger_condition_type_name(c->type));
+            cJSON_AddStringToObject(o, "condition_type", trigger_model_condition_type_name(c->type));
             if (c->field)
                 cJSON_AddStringToObject(o, "field", c->field);
             if (c->op_text)
@@ -110,7 +110,7 @@ static char *tg_rows_json(const trigger_def *def, int actions)
 
 /* Writes the children of trigger `id` from `def` (after the caller deleted
  * any old ones) and notifies. Returns 0 or -1 (answered). */
-static int tg_write_children(httpd_req *req, PGconn *conn, const char *id, const trigger_def *def)
+static int tg_write_children(httpd_req *req, PGconn *conn, const char *id, const trigger_model_def *def)
 {
     char *conds = tg_rows_json(def, 0), *acts = tg_rows_json(def, 1);
     const char *params[2] = {id, NULL};
@@ -176,14 +176,14 @@ static cJSON *tg_body(httpd_req *req)
 
 /* Validates `body` with trigger_model; answers 400 with every problem and
  * returns NULL when it is invalid. The caller frees the result with
- * trigger_def_free. */
-static trigger_def *tg_validate(httpd_req *req, const cJSON *body)
+ * trigger_model_def_free. */
+static trigger_model_def *tg_validate(httpd_req *req, const cJSON *body)
 {
     cJSON *details = cJSON_CreateObject();
-    trigger_def *def = trigger_def_parse(body, details);
+    trigger_model_def *def = trigger_model_parse(body, details);
 
     if (!def || cJSON_GetArraySize(details)) {
-        trigger_def_free(def);
+        trigger_model_def_free(def);
         httpd_respond_error(req, 400, "invalid_request", "invalid trigger", details);
         return NULL;
     }
@@ -191,7 +191,7 @@ static trigger_def *tg_validate(httpd_req *req, const cJSON *body)
     return def;
 }
 
-static void tg_params_top(const trigger_def *def, char chain[24], const char *p[6])
+static void tg_params_top(const trigger_model_def *def, char chain[24], const char *p[6])
 {
     snprintf(chain, 24, "%lld", (long long)def->chain_id);
     p[0] = def->name;
@@ -199,7 +199,7 @@ static void tg_params_top(const trigger_def *def, char chain[24], const char *p[
     p[2] = chain;
     p[3] = def->registry;
     p[4] = def->enabled ? "true" : "false";
-    p[5] = trigger_def_is_stateful(def) ? "true" : "false";
+    p[5] = trigger_model_def_is_stateful(def) ? "true" : "false";
 }
 
 static void tg_create(httpd_req *req, void *ud)
@@ -207,7 +207,7 @@ static void tg_create(httpd_req *req, void *ud)
     gateway *gw = ud;
     auth_user user;
     cJSON *body;
-    trigger_def *def = NULL;
+    trigger_model_def *def = NULL;
     const char *params[7];
     char chain[24], id[128];
     PGconn *conn = NULL;
@@ -234,13 +234,13 @@ static void tg_create(httpd_req *req, void *ud)
     tg_commit_answer(req, conn, id, user.user_id, 201);
 out:
     dbpool_release(gw->db, conn); /* rolls back anything uncommitted */
-    trigger_def_free(def);
+    trigger_model_def_free(def);
     cJSON_Delete(body);
 }
 
 /* Replaces trigger `id` of `user` with `def` inside the caller's
  * transaction, then commits and answers. */
-static void tg_replace(httpd_req *req, PGconn *conn, const char *id, const auth_user *user, const trigger_def *def)
+static void tg_replace(httpd_req *req, PGconn *conn, const char *id, const auth_user *user, const trigger_model_def *def)
 {
     const char *params[8];
     char chain[24];
@@ -273,7 +273,7 @@ static void tg_put(httpd_req *req, void *ud)
     gateway *gw = ud;
     auth_user user;
     cJSON *body;
-    trigger_def *def = NULL;
+    trigger_model_def *def = NULL;
     PGconn *conn = NULL;
 
     if (auth_require(gw, req, &user) < 0 || !(body = tg_body(req)))
@@ -284,7 +284,7 @@ static void tg_put(httpd_req *req, void *ud)
         tg_replace(req, conn, httpd_req_param(req, "id"), &user, def);
 out:
     dbpool_release(gw->db, conn);
-    trigger_def_free(def);
+    trigger_model_def_free(def);
     cJSON_Delete(body);
 }
 
@@ -295,7 +295,7 @@ static void tg_patch(httpd_req *req, void *ud)
     gateway *gw = ud;
     auth_user user;
     cJSON *body, *cur = NULL, *it;
-    trigger_def *def = NULL;
+    trigger_model_def *def = NULL;
     PGconn *conn = NULL;
     const char *id = httpd_req_param(req, "id");
     static const char *const drop[] = {"id", "is_stateful", "created_at", "updated_at", NULL};
@@ -336,7 +336,7 @@ static void tg_patch(httpd_req *req, void *ud)
         tg_replace(req, conn, id, &user, def);
 out:
     dbpool_release(gw->db, conn);
-    trigger_def_free(def);
+    trigger_model_def_free(def);
     cJSON_Delete(cur);
     cJSON_Delete(body);
 }

@@ -4,7 +4,8 @@
 #   O=build BINDIR=bin tests/run.sh
 #
 # 1. starts the local PostgreSQL, Redis and RabbitMQ (scripts/servers.sh),
-#    exports their URLs and the development secrets, runs $BINDIR/migrate;
+#    exports their URLs as TEST_DATABASE_URL, TEST_REDIS_URL and
+#    TEST_AMQP_URL (with O and BINDIR), runs $BINDIR/migrate;
 # 2. runs each cmocka binary $O/tests/test_*;
 # 3. runs each tests/integration/test_*.py with Debian's /usr/bin/python3
 #    (python3-psycopg2 and python3-redis live there; a pyenv python earlier
@@ -122,10 +123,12 @@ bootstrap() {
         record boot servers 0 1 0 $((SECONDS - start)) "the local servers did not start"
         return 1
     fi
-    eval "$(scripts/stack.sh env)"
-    # The gateway would register a proxied service for each of these.
-    unset AE_GATEWAY_URL AE_REALTIME_URL AE_RUNTIME_URL AE_EVENT_PROCESSOR_URL AE_ACTION_WORKERS_URL
-    export TEST_DATABASE_URL=$DATABASE_URL TEST_REDIS_URL=$REDIS_URL TEST_AMQP_URL=$AMQP_URL
+    # The tests get the servers' URLs under their own names (aetest.py reads
+    # TEST_DATABASE_URL...). DATABASE_URL, REDIS_URL, AMQP_URL and the
+    # secrets are deliberately not exported to them: a test that starts a
+    # program with os.environ plus a few variables (DB_PORT=5x, no
+    # JWT_SECRET...) must see exactly those, not the shared defaults.
+    eval "$(scripts/servers.sh env | sed 's/^export /export TEST_/')"
     # Sanitizer reports with stacks; cmocka's plain-text summary for parsing.
     export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1}
     export CMOCKA_MESSAGE_OUTPUT=STDOUT
@@ -142,7 +145,7 @@ run_migrate() {
         record boot migrate 0 1 0 0 "$bin is not built"
         return 1
     fi
-    run_logged migrate 300 TERM "$bin"
+    run_logged migrate 300 TERM env DATABASE_URL="$TEST_DATABASE_URL" "$bin"
     if ((RC != 0)); then
         record boot migrate 0 1 0 "$SECS" "exit $RC"
         return 1
@@ -216,7 +219,7 @@ run_python() {
         if ((RC != 0 && failed == 0)); then
             failed=1
             note="exited with $RC"
-        elif ((ran == 0)); then
+        elif ((ran == 0 && failed == 0)); then
             failed=1
             note="ran no tests"
         fi

@@ -74,7 +74,8 @@ class Service:
     def __init__(self, name, env, health=None, health_status=None, cwd=None, args=()):
         self.name = name
         self.env = dict(os.environ)
-        self.env.update({"LOG_FORMAT": "json", "LOG_LEVEL": "info"})
+        self.env.update({"LOG_FORMAT": "json", "LOG_LEVEL": "info",
+                         "MIGRATIONS_DIR": os.path.join(ROOT, "database", "migrations")})
         self.env.update({k: str(v) for k, v in env.items()})
         self.health = health
         self.health_status = health_status
@@ -99,14 +100,18 @@ class Service:
 
     def stop(self, sig=signal.SIGTERM, timeout=15):
         """Stops the program; returns its exit code."""
-        if not self.proc or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else None
-        self.proc.send_signal(sig)
         try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
+            if not self.proc or self.proc.poll() is not None:
+                return self.proc.returncode if self.proc else None
+            self.proc.send_signal(sig)
+            try:
+                return self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                return self.proc.wait()
+        finally:
+            if getattr(self, "_log", None) and not self._log.closed:
+                self._log.close()
 
     def kill9(self):
         self.proc.kill()
@@ -134,5 +139,4 @@ class Service:
 
     def __exit__(self, *exc):
         self.stop()
-        self._log.close()
         return False

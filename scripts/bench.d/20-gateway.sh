@@ -1,0 +1,163 @@
+#!/usr/bin/env bash
+# Benchmark: the api-gateway (issue 3).
+#
+# 1. Ingest: chain events per second through POST /api/v1/chain-events in
+#    batches of 100 (wrk with a Lua script that gives every event a unique id),
+#    against pgbench inserting the same rows in the same batches of 100 (one
+#    multi-row INSERT ... ON CONFLICT (id) DO NOTHING RETURNING id per
+#    transaction, the statement the gateway runs), same clients, same run.
+#    Bar: ratio >= 0.7.
+# 2. GET /api/v1/triggers (authenticated, 20 rows with their conditions and
+#    actions) requests per second, and its ratio to GET /api/v1/health.
+#
+# PostgreSQL from BENCH_DATABASE_URL, else DATABASE_URL (var/env), else the
+# local dev server (database ae_bench_gw, created and migrated here).
+# Environment: BENCH_SECONDS (duration of each run, 5), BENCH_CLIENTS (ingest
+# connections, 8), BINDIR (bin).
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$ROOT"
+[ -f scripts/bench.d/lib.sh ] && . scripts/bench.d/lib.sh || true
+[ -f var/env ] && . var/env || true
+BINDIR=${BINDIR:-bin}
+SECS=${BENCH_SECONDS:-5}
+CLIENTS=${BENCH_CLIENTS:-8}
+WORK=$ROOT/var/bench/gateway
+mkdir -p "$WORK"
+PY=/usr/bin/python3
+TOKEN=bench-ingest-token
+SECRET=bench-jwt-secret-0123456789
+
+free_port() { $PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+for tool in wrk pgbench psql; do
+    command -v $tool >/dev/null || { echo "20-gateway: $tool is missing (scripts/deps.sh installs it)" >&2; exit 1; }
+done
+[ -x "$BINDIR/api-gateway" ] && [ -x "$BINDIR/migrate" ] || { echo "20-gateway: build first (make)" >&2; exit 1; }
+
+if [ -n "${BENCH_DATABASE_URL:-}" ]; then
+    DBURL=$BENCH_DATABASE_URL
+elif [ -n "${DATABASE_URL:-}" ]; then
+    DBURL=$DATABASE_URL
+else
+    ADMIN="postgresql://erc8004:erc8004@127.0.0.1:55432/postgres"
+    psql "$ADMIN" -tAc "SELECT 1 FROM pg_database WHERE datname='ae_bench_gw'" | grep -q 1 ||
+        psql "$ADMIN" -qc "CREATE DATABASE ae_bench_gw"
+    DBURL=postgresql://erc8004:erc8004@127.0.0.1:55432/ae_bench_gw
+fi
+DATABASE_URL=$DBURL "$BINDIR/migrate" >/dev/null
+# Both sides start from the same (empty) table.
+psql "$DBURL" -qc "DELETE FROM events WHERE id LIKE 'wrk-%' OR id LIKE 'pgb-%'" >/dev/null
+
+PORT=$(free_port)
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+}
+trap cleanup EXIT
+SERVER_PORT=$PORT SERVER_HOST=127.0.0.1 DATABASE_URL=$DBURL JWT_SECRET=$SECRET INGEST_TOKEN=$TOKEN \
+    RATE_LIMIT=0 ACCESS_LOG=0 LOG_LEVEL=warn DB_MAX_CONNECTIONS=$((CLIENTS + 4)) \
+    "$BINDIR/api-gateway" 2>"$WORK/api-gateway.log" &
+PIDS+=($!)
+BASE=http://127.0.0.1:$PORT
+for i in $(seq 100); do
+    [ "$(curl -s -o /dev/null -w '%{http_code}' "$BASE/api/v1/health" || true)" = 200 ] && break
+    sleep 0.1
+done
+
+# The event row both sides insert (only the id differs).
+ROW_FIELDS='"chain_id":11155111,"block_number":%d,"block_hash":"0xbb","transaction_hash":"0xaa","log_index":%d,"registry":"reputation","event_type":"NewFeedback","agent_id":%d,"timestamp":1700000000,"client_address":"0xc1","feedback_index":1,"score":90,"tag1":"quality","tag2":"speed"'
+
+cat > "$WORK/ingest.lua" <<LUA
+-- Each request posts 100 events whose ids are unique across threads and runs.
+local threads = {}
+function setup(thread)
+    table.insert(threads, thread)
+    thread:set("tid", #threads)
+end
+local counter = 0
+local prefix
+function init(args)
+    prefix = "wrk-" .. args[1] .. "-" .. tostring(tid) .. "-"
+end
+local headers = {["Content-Type"] = "application/json", ["Authorization"] = "Bearer $TOKEN"}
+function request()
+    local parts = {}
+    for i = 1, 100 do
+        counter = counter + 1
+        parts[i] = string.format('{"id":"%s%d",$ROW_FIELDS}', prefix, counter, counter, i, counter % 1000)
+    end
+    return wrk.format("POST", "/api/v1/chain-events", headers, "[" .. table.concat(parts, ",") .. "]")
+end
+LUA
+
+RUN=$(date +%s%N)
+wrk -t2 -c"$CLIENTS" -d"${SECS}s" -s "$WORK/ingest.lua" "$BASE" -- "$RUN" > "$WORK/wrk-ingest.txt"
+WRK_RPS=$(awk '/Requests\/sec/ {print $2}' "$WORK/wrk-ingest.txt")
+WRK_BAD=$(awk '/Non-2xx/ {print $NF}' "$WORK/wrk-ingest.txt")
+WRK_BAD=${WRK_BAD:-0}
+
+# pgbench: the same 100 rows per transaction, one statement.
+$PY - "$WORK/ingest.sql" <<'PYEOF'
+import sys
+rows = []
+for i in range(1, 101):
+    rows.append("('pgb-' || :r || '-%d', 11155111, :b + %d, '0xbb', '0xaa', %d, 'reputation', 'NewFeedback', %d, "
+                "1700000000, '0xc1', 1, 90, 'quality', 'speed')" % (i, i, i, i % 1000))
+sql = ("\\set r random(1, 9000000000000000000)\n\\set b random(1, 1000000)\n"
+       "INSERT INTO events (id, chain_id, block_number, block_hash, transaction_hash, log_index, registry, event_type, "
+       "agent_id, \"timestamp\", client_address, feedback_index, score, tag1, tag2) VALUES "
+       + ", ".join(rows) + " ON CONFLICT (id) DO NOTHING RETURNING id;\n")
+open(sys.argv[1], "w").write(sql)
+PYEOF
+pgbench -n -c "$CLIENTS" -j 2 -T "$SECS" -f "$WORK/ingest.sql" "$DBURL" > "$WORK/pgbench.txt" 2>&1
+PGB_TPS=$(awk '/^tps = / {print $3; exit}' "$WORK/pgbench.txt")
+PGB_FAILED=$(awk '/number of failed transactions/ {print $5}' "$WORK/pgbench.txt")
+PGB_FAILED=${PGB_FAILED:-0}
+STORED=$(psql "$DBURL" -tAc "SELECT count(*) FROM events WHERE id LIKE 'wrk-$RUN-%'")
+
+# 2. GET /api/v1/triggers with 20 triggers, and the health route.
+AUTH=$($PY - "$BASE" <<'PYEOF'
+import json, sys, urllib.request, uuid
+base = sys.argv[1]
+def post(path, body, token=None):
+    h = {"Content-Type": "application/json"}
+    if token:
+        h["Authorization"] = "Bearer " + token
+    req = urllib.request.Request(base + path, json.dumps(body).encode(), h, method="POST")
+    with urllib.request.urlopen(req) as r:
+        return json.loads(r.read() or b"null")
+name = "bench_" + uuid.uuid4().hex[:10]
+post("/api/v1/auth/register", {"username": name, "email": name + "@example.com", "password": "bench-password"})
+tok = post("/api/v1/auth/login", {"username": name, "password": "bench-password"})["access_token"]
+for i in range(20):
+    post("/api/v1/triggers", {
+        "name": "bench %d" % i, "chain_id": 11155111, "registry": "reputation",
+        "conditions": [{"condition_type": "score_threshold", "field": "score", "operator": ">=", "value": "80"}],
+        "actions": [{"action_type": "telegram", "config": {"chat_id": "1", "message_template": "{{agent_id}}"}}]},
+        tok)
+print(tok)
+PYEOF
+)
+LIST_RPS=$(wrk -t2 -c32 -d"${SECS}s" -H "Authorization: Bearer $AUTH" "$BASE/api/v1/triggers" | tee "$WORK/wrk-list.txt" |
+    awk '/Requests\/sec/ {print $2}')
+LIST_BAD=$(awk '/Non-2xx/ {print $NF}' "$WORK/wrk-list.txt")
+HEALTH_RPS=$(wrk -t2 -c32 -d"${SECS}s" "$BASE/api/v1/health" | awk '/Requests\/sec/ {print $2}')
+psql "$DBURL" -qc "DELETE FROM events WHERE id LIKE 'wrk-%' OR id LIKE 'pgb-%'" >/dev/null
+
+$PY - "$WRK_RPS" "$WRK_BAD" "$PGB_TPS" "$PGB_FAILED" "$STORED" "$LIST_RPS" "${LIST_BAD:-0}" "$HEALTH_RPS" "$CLIENTS" <<'PYEOF'
+import sys
+wrk_rps, wrk_bad, pgb_tps, pgb_failed, stored = float(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+list_rps, list_bad, health_rps, clients = float(sys.argv[6]), int(sys.argv[7]), float(sys.argv[8]), int(sys.argv[9])
+ours, anchor = wrk_rps * 100, pgb_tps * 100
+ratio = ours / anchor if anchor else 0.0
+ok = ratio >= 0.7 and wrk_bad == 0 and pgb_failed == 0 and stored > 0
+print("gateway ingest: %.0f events/s through POST /api/v1/chain-events (batches of 100, %d connections; %d events stored, %d non-2xx)"
+      % (ours, clients, stored, wrk_bad))
+print("gateway ingest: pgbench, same rows, same batches, %d clients: %.0f events/s; ratio %.2f (bar >= 0.7) %s"
+      % (clients, anchor, ratio, "PASS" if ok else "FAIL"))
+print("gateway list: GET /api/v1/triggers (authenticated, 20 rows) %.0f req/s; GET /api/v1/health %.0f req/s; ratio %.3f%s"
+      % (list_rps, health_rps, list_rps / health_rps if health_rps else 0.0,
+         "" if list_bad == 0 else " (%d non-2xx!)" % list_bad))
+sys.exit(0 if ok and list_bad == 0 else 1)
+PYEOF

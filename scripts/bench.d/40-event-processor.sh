@@ -1,0 +1,174 @@
+#!/usr/bin/env bash
+# Benchmark: event-processor (SPEC 3, issue 4).
+#
+# Throughput: EP_BENCH_EVENTS (200000) events inserted in batches of 100
+# (one transaction each) with 1,000 enabled triggers, about 10 of which match
+# each event (agent_id_equals over 100 agents). The processor is held off by
+# its advisory lock while the events are inserted, then released; its
+# processed events/s (first batch to empty queue and outbox, all jobs in
+# Redis) is compared with the raw insert rate of the same batches into a
+# plain copy of the events table (no triggers) measured in the same run.
+# Bar: ratio >= 1.0.
+#
+# Latency: EP_BENCH_LAT_SECONDS (5) s of 1,000 events/s, one per
+# transaction; commit (client side) to first job of the event seen in Redis,
+# p50 and p99. Bar: p99 <= 10 ms.
+#
+# PostgreSQL: BENCH_DATABASE_URL's server, else the local dev server
+# (database ae_bench_ep, created and migrated here). Redis: a private
+# redis-server on a free port (the jobs would not fit the shared one).
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$ROOT"
+BINDIR=${BINDIR:-bin}
+WORK=$ROOT/var/bench/event-processor
+mkdir -p "$WORK"
+PY=/usr/bin/python3
+for tool in redis-server psql; do
+    command -v $tool >/dev/null || { echo "40-event-processor: $tool is missing" >&2; exit 1; }
+done
+[ -x "$BINDIR/event-processor" ] && [ -x "$BINDIR/migrate" ] || { echo "40-event-processor: build first (make)" >&2; exit 1; }
+free_port() { $PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+REDIS_PORT=$(free_port)
+METRICS_PORT=$(free_port)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no --dir "$WORK" \
+    --logfile "$WORK/redis.log" >/dev/null &
+PIDS+=($!)
+BASE=${BENCH_DATABASE_URL:-postgresql://erc8004:erc8004@127.0.0.1:55432/erc8004_backend}
+DB_URL=${BASE%/*}/ae_bench_ep
+psql "$BASE" -qc "DROP DATABASE IF EXISTS ae_bench_ep WITH (FORCE)" -c "CREATE DATABASE ae_bench_ep" >/dev/null
+DATABASE_URL=$DB_URL MIGRATIONS_DIR=$ROOT/database/migrations "$BINDIR/migrate" >/dev/null 2>&1
+export DB_URL REDIS_PORT METRICS_PORT BINDIR WORK ROOT
+exec 3>&1
+$PY - <<'PYEOF'
+import json, os, subprocess, threading, time, urllib.request
+import psycopg2, psycopg2.extras, redis
+
+N = int(os.environ.get("EP_BENCH_EVENTS", "200000"))
+LAT_S = float(os.environ.get("EP_BENCH_LAT_SECONDS", "5"))
+DB = os.environ["DB_URL"]
+r = redis.Redis(port=int(os.environ["REDIS_PORT"]))
+for _ in range(100):
+    try:
+        r.ping(); break
+    except redis.ConnectionError:
+        time.sleep(0.05)
+db = psycopg2.connect(DB); db.autocommit = True
+cur = db.cursor()
+cur.execute("INSERT INTO users (id, username, email, password_hash) VALUES ('ub','bench','b@x','x')")
+cur.execute("INSERT INTO triggers (id, user_id, name, chain_id, registry) "
+            "SELECT 'bt' || i, 'ub', 'bench ' || i, 1, 'reputation' FROM generate_series(0, 999) i")
+cur.execute("INSERT INTO trigger_conditions (trigger_id, condition_type, value) "
+            "SELECT 'bt' || i, 'agent_id_equals', (i % 100)::text FROM generate_series(0, 999) i")
+cur.execute("INSERT INTO trigger_conditions (trigger_id, condition_type, operator, value) "
+            "SELECT 'bt' || i, 'score_threshold', '>=', '0' FROM generate_series(0, 999) i")
+cur.execute("INSERT INTO trigger_actions (trigger_id, action_type, config) "
+            "SELECT 'bt' || i, 'rest', '{\"url\":\"http://127.0.0.1:9/hook\",\"method\":\"POST\"}' "
+            "FROM generate_series(0, 999) i")
+cur.execute("CREATE TABLE events_copy (LIKE events INCLUDING ALL)")
+
+env = dict(os.environ, DATABASE_URL=DB, REDIS_URL="redis://127.0.0.1:%s/0" % os.environ["REDIS_PORT"],
+           METRICS_PORT=os.environ["METRICS_PORT"], LOG_LEVEL="warn",
+           MIGRATIONS_DIR=os.path.join(os.environ["ROOT"], "database/migrations"))
+log = open(os.path.join(os.environ["WORK"], "event-processor.log"), "wb")
+proc = subprocess.Popen([os.path.join(os.environ["BINDIR"], "event-processor")], env=env, stdout=log, stderr=log)
+def healthy():
+    try:
+        with urllib.request.urlopen("http://127.0.0.1:%s/health" % os.environ["METRICS_PORT"], timeout=1) as h:
+            return h.status == 200
+    except OSError:
+        return False
+t = time.time()
+while not healthy():
+    if time.time() - t > 20: raise SystemExit("event-processor did not become healthy")
+    time.sleep(0.05)
+
+cols = ["id", "chain_id", "registry", "event_type", "agent_id", "score", "timestamp", "client_address", "tag1", "tag2",
+        "block_number", "transaction_hash", "log_index"]
+def batches(prefix):
+    for b in range(0, N, 100):
+        yield [("%s-%d" % (prefix, i), 1, "reputation", "NewFeedback", i % 100, i % 100, 1700000000 + i,
+                "0xclient%040d" % i, "quality", "speed", 1000000 + i // 10, "0x%064x" % i, i % 10)
+               for i in range(b, min(b + 100, N))]
+def insert(table, prefix):
+    c = psycopg2.connect(DB); c.autocommit = True
+    k = c.cursor()
+    q = 'INSERT INTO %s (%s) VALUES %%s' % (table, ",".join('"%s"' % x for x in cols))
+    t0 = time.perf_counter()
+    for rows in batches(prefix):
+        psycopg2.extras.execute_values(k, q, rows, page_size=100)
+    dt = time.perf_counter() - t0
+    c.close()
+    return dt
+
+# Anchor: the same batches into a plain copy table.
+raw_dt = insert("events_copy", "c")
+raw_rate = N / raw_dt
+
+# Drain Redis as jobs arrive (they would not fit in memory otherwise).
+drained = [0]; stop = threading.Event()
+def drainer():
+    rr = redis.Redis(port=int(os.environ["REDIS_PORT"]))
+    while not stop.is_set():
+        p = rr.pipeline(transaction=True); p.llen("action_jobs"); p.delete("action_jobs")
+        drained[0] += p.execute()[0]
+        time.sleep(0.02)
+    p = rr.pipeline(transaction=True); p.llen("action_jobs"); p.delete("action_jobs")
+    drained[0] += p.execute()[0]
+th = threading.Thread(target=drainer); th.start()
+
+lock = psycopg2.connect(DB); lock.autocommit = True
+lock.cursor().execute("SELECT pg_advisory_lock(8004000002)")
+ins_dt = insert("events", "e")
+t0 = time.perf_counter()
+lock.cursor().execute("SELECT pg_advisory_unlock(8004000002)")
+while True:
+    cur.execute("SELECT EXISTS (SELECT 1 FROM event_queue) OR EXISTS (SELECT 1 FROM job_outbox)")
+    if not cur.fetchone()[0]: break
+    time.sleep(0.01)
+ep_dt = time.perf_counter() - t0
+stop.set(); th.join()
+ep_rate = N / ep_dt
+ratio = ep_rate / raw_rate
+print("event-processor throughput: %d events, %d jobs (expected %d)" % (N, drained[0], N * 10))
+print("  ours   (processed events/s): %.0f" % ep_rate)
+print("  anchor (raw insert events/s into a plain copy table, batches of 100): %.0f" % raw_rate)
+print("  (insert into events with the queue trigger: %.0f events/s)" % (N / ins_dt))
+print("  ratio: %.2f (bar >= 1.0) %s" % (ratio, "PASS" if ratio >= 1.0 else "FAIL"))
+ok = ratio >= 1.0 and drained[0] == N * 10
+
+# Latency at 1,000 events/s.
+seen = {}; stop.clear()
+def watcher():
+    rr = redis.Redis(port=int(os.environ["REDIS_PORT"]))
+    while not stop.is_set():
+        p = rr.pipeline(transaction=True); p.lrange("action_jobs", 0, -1); p.delete("action_jobs")
+        jobs = p.execute()[0]
+        now = time.perf_counter()
+        for j in jobs:
+            eid = json.loads(j)["event_id"]
+            seen.setdefault(eid, now)
+th = threading.Thread(target=watcher); th.start()
+c = psycopg2.connect(DB); c.autocommit = True; k = c.cursor()
+q = 'INSERT INTO events (%s) VALUES (%s)' % (",".join('"%s"' % x for x in cols), ",".join(["%s"] * len(cols)))
+commits = {}
+n = int(LAT_S * 1000); start = time.perf_counter()
+for i in range(n):
+    due = start + i / 1000.0
+    while time.perf_counter() < due: pass
+    row = list(next(iter([[("l-%d" % i, 1, "reputation", "NewFeedback", i % 100, 50, 1700000000 + i, "0x", "a", "b", i, "0x", 0)]])))[0]
+    k.execute(q, row)
+    commits[row[0]] = time.perf_counter()
+time.sleep(1); stop.set(); th.join()
+lat = sorted(max(0.0, seen[e] - commits[e]) * 1000 for e in commits if e in seen)
+missing = len(commits) - len(lat)
+p50 = lat[len(lat) // 2]; p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+print("event-processor latency at 1000 events/s (%d events, %d missing): p50 %.2f ms, p99 %.2f ms (bar p99 <= 10 ms) %s"
+      % (len(commits), missing, p50, p99, "PASS" if p99 <= 10 and not missing else "FAIL"))
+ok = ok and p99 <= 10 and not missing
+proc.terminate(); proc.wait(15)
+raise SystemExit(0 if ok else 1)
+PYEOF
