@@ -62,8 +62,9 @@ int queue_extend(queue *q, char *const *raws, int n, long long deadline_ms);
  * 0/-1; counts go to *moved and *reaped (may be NULL). */
 int queue_maintain(queue *q, long long now_ms, int limit, int *moved, int *reaped);
 
-/* Records outcomes (pipelined, one atomic script per job). Sets done on
- * each ack Redis accepted. When our lease had been reaped and the job was
+/* Records outcomes: one script call per batch of up to 512 jobs (each
+ * job's ack is atomic; so is the batch). Sets done on each ack Redis
+ * accepted. When our lease had been reaped and the job was
  * requeued, that copy is taken back first; if another worker holds it, the
  * ack is a no-op for us. Returns the number recorded, or -1 when Redis
  * failed before any answer. */

@@ -127,8 +127,8 @@ env_lines() {
 load_env() {
     eval "$("$SERVERS" env)"
     load_secrets
-    # The binaries' default is <binary dir>/../database/migrations, which
-    # is wrong for BINDIR=build-san/bin; name the real directory.
+    # Explicit, so that bin/migrate and every service read the same
+    # directory whatever BINDIR is (and var/env says which one).
     export MIGRATIONS_DIR=${MIGRATIONS_DIR:-$ROOT/database/migrations}
     export LOG_FORMAT=${LOG_FORMAT:-json}
 }
