@@ -137,8 +137,14 @@ CREATE TABLE agent_mcp_tokens (
 DO $$
 BEGIN
     IF EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb') THEN
-        CREATE EXTENSION IF NOT EXISTS timescaledb;
-        RAISE NOTICE 'timescaledb enabled';
+        BEGIN
+            CREATE EXTENSION IF NOT EXISTS timescaledb;
+            RAISE NOTICE 'timescaledb enabled';
+        EXCEPTION WHEN OTHERS THEN
+            -- Not preloaded, or the role may not create it: the schema
+            -- works without it.
+            RAISE NOTICE 'timescaledb is installed but could not be enabled (%): skipped', SQLERRM;
+        END;
     ELSE
         RAISE NOTICE 'timescaledb is not installed: events stay a plain table';
     END IF;
