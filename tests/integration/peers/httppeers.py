@@ -140,3 +140,30 @@ def telegram_429(retry_after):
     return Resp(429, {"ok": False, "error_code": 429,
                       "description": "Too Many Requests: retry after %d" % retry_after,
                       "parameters": {"retry_after": retry_after}})
+
+
+def _main():
+    """Runs a Telegram-compatible server and a webhook receiver for trying
+    the platform by hand (README, "End to end by hand"); prints every request
+    they get until Ctrl-C."""
+    import sys
+    tg_port = int(sys.argv[1]) if len(sys.argv) > 1 else 18777
+    hook_port = int(sys.argv[2]) if len(sys.argv) > 2 else 18778
+    peers = [Peer("telegram").start(tg_port), Peer("webhook").start(hook_port)]
+    print("telegram-compatible server: TELEGRAM_API_BASE=http://127.0.0.1:%d" % tg_port, flush=True)
+    print("webhook receiver:           http://127.0.0.1:%d/<any path>" % hook_port, flush=True)
+    seen = [0, 0]
+    try:
+        while True:
+            for i, p in enumerate(peers):
+                reqs = p.requests()
+                for r in reqs[seen[i]:]:
+                    print("%s %s %s %s" % (p.kind, r["method"], r["path"], r["body"]), flush=True)
+                seen[i] = len(reqs)
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    _main()
