@@ -27,8 +27,7 @@ typedef struct {
     long poll_ms;         /* POLL_INTERVAL_MS */
     int batch_size;       /* BATCH_SIZE */
     char queue[128];      /* ACTION_QUEUE: the Redis list */
-    long seen_ttl_s;      /* JOB_SEEN_TTL_SECONDS */
-    int sync_commit;      /* EP_SYNCHRONOUS_COMMIT */
+    long seen_ttl_s;      /* BATCH_KEY_TTL_SECONDS: life of ep:batch:* keys */
     rconn_opts redis;
 } ep_config;
 

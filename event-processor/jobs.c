@@ -1,39 +1,42 @@
 #include "jobs.h"
 
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
-#include "migrate.h"
+#include <openssl/evp.h>
 
-/* Jobs per script call: bounds the argument vector Redis parses at once. */
-#define CHUNK 512
-/* The largest job document accepted (an event carries at most a few text
- * columns of 64 KiB). */
-#define MAX_JOB_BYTES (8u << 20)
+/* Values per LPUSH/RPUSH command: bounds the argument vector Redis parses
+ * at once. */
+#define PUSH_CHUNK 1000
+/* The largest batch of job documents accepted in one push. */
+#define MAX_ARENA_BYTES ((size_t)1 << 30)
 
 typedef struct {
     char *s;
     size_t len, cap;
 } sbuf;
 
+/* A job: its JSON, channel and Broadcast live in the arena (offsets, since
+ * the arena moves as it grows). */
 typedef struct {
     char id[65];
     int priority;
-    size_t seq;
-    char *json;
-    size_t json_len;
-    char *channel; /* NULL: no Broadcast */
-    char *msg;
-    size_t msg_len;
+    int seq;
+    size_t json_off, json_len;
+    size_t ch_off, ch_len; /* ch_len 0: no Broadcast */
+    size_t msg_off, msg_len;
 } job;
 
 struct jobs {
     job *v;
     int n, cap;
+    sbuf arena;      /* job documents, channels, messages */
     sbuf ev, tr, ac; /* outbox array literals */
+    sbuf resp;       /* the RESP of one push */
+    EVP_MD_CTX *mdctx;
+    EVP_MD *md;
 };
 
 static int sb_grow(sbuf *b, size_t add)
@@ -43,9 +46,9 @@ static int sb_grow(sbuf *b, size_t add)
 
     if (b->len + add + 1 <= b->cap)
         return 0;
-    if (b->len + add + 1 > (64u << 20) * 4u)
+    if (b->len + add + 1 > MAX_ARENA_BYTES)
         return -1;
-    cap = b->cap ? b->cap : 256;
+    cap = b->cap ? b->cap : 4096;
     while (cap < b->len + add + 1)
         cap *= 2;
     if (!(p = realloc(b->s, cap)))
@@ -55,9 +58,10 @@ static int sb_grow(sbuf *b, size_t add)
     return 0;
 }
 
-static int sb_put(sbuf *b, const char *s, size_t n)
+/* Appends without terminating: callers that need a C string add it. */
+static inline int sb_put(sbuf *b, const char *s, size_t n)
 {
-    if (sb_grow(b, n) < 0)
+    if (b->len + n + 1 > b->cap && sb_grow(b, n) < 0)
         return -1;
     memcpy(b->s + b->len, s, n);
     b->len += n;
@@ -65,10 +69,12 @@ static int sb_put(sbuf *b, const char *s, size_t n)
     return 0;
 }
 
-static int sb_str(sbuf *b, const char *s)
+static inline int sb_str(sbuf *b, const char *s)
 {
     return sb_put(b, s, strlen(s));
 }
+
+#define SB_LIT(b, lit) sb_put((b), (lit), sizeof(lit) - 1)
 
 /* Appends `s` as an element of a PostgreSQL array literal (quoted). */
 static int sb_arr_elem(sbuf *b, const char *s)
@@ -84,31 +90,73 @@ static int sb_arr_elem(sbuf *b, const char *s)
     return sb_put(b, "\"", 1);
 }
 
+/* RESP: an array header and a bulk string. */
+static int resp_array(sbuf *b, long n)
+{
+    char h[32];
+    int k = snprintf(h, sizeof(h), "*%ld\r\n", n);
+
+    return sb_put(b, h, (size_t)k);
+}
+
+static int resp_bulk(sbuf *b, const char *s, size_t n)
+{
+    char h[32];
+    int k = snprintf(h, sizeof(h), "$%zu\r\n", n);
+
+    if (sb_grow(b, (size_t)k + n + 2) < 0)
+        return -1;
+    memcpy(b->s + b->len, h, (size_t)k);
+    memcpy(b->s + b->len + k, s, n);
+    memcpy(b->s + b->len + k + n, "\r\n", 2);
+    b->len += (size_t)k + n + 2;
+    b->s[b->len] = '\0';
+    return 0;
+}
+
+static int resp_cmd(sbuf *b, int argc, const char **argv)
+{
+    if (resp_array(b, argc) < 0)
+        return -1;
+    for (int i = 0; i < argc; i++)
+        if (resp_bulk(b, argv[i], strlen(argv[i])) < 0)
+            return -1;
+    return 0;
+}
+
 jobs *jobs_new(void)
 {
-    return calloc(1, sizeof(jobs));
+    jobs *j = calloc(1, sizeof(jobs));
+
+    if (!j)
+        return NULL;
+    j->mdctx = EVP_MD_CTX_new();
+    j->md = EVP_MD_fetch(NULL, "SHA256", NULL);
+    if (!j->mdctx || !j->md) {
+        jobs_free(j);
+        return NULL;
+    }
+    return j;
 }
 
 void jobs_clear(jobs *j)
 {
-    for (int i = 0; i < j->n; i++) {
-        free(j->v[i].json);
-        free(j->v[i].channel);
-        free(j->v[i].msg);
-    }
     j->n = 0;
-    j->ev.len = j->tr.len = j->ac.len = 0;
+    j->arena.len = j->ev.len = j->tr.len = j->ac.len = j->resp.len = 0;
 }
 
 void jobs_free(jobs *j)
 {
     if (!j)
         return;
-    jobs_clear(j);
     free(j->v);
+    free(j->arena.s);
     free(j->ev.s);
     free(j->tr.s);
     free(j->ac.s);
+    free(j->resp.s);
+    EVP_MD_CTX_free(j->mdctx);
+    EVP_MD_free(j->md);
     free(j);
 }
 
@@ -130,39 +178,38 @@ void jobs_now_rfc3339(char out[32])
     snprintf(out, 32, "%.19s.%06dZ", date, (int)((ts.tv_nsec / 1000) % 1000000));
 }
 
-/* Builds a string of the pieces given (NULL-terminated list). */
-static char *concat(size_t *len, ...)
+/* Hex SHA-256 of "a|b" or "a|b|c" (c NULL: two parts). The context is
+ * reused: a fresh EVP fetch per digest costs more than the digest. */
+static void digest3(jobs *j, const char *a, const char *b, const char *c, char hex[65])
 {
-    va_list ap;
-    sbuf b = {0};
-    const char *s;
+    static const char digits[] = "0123456789abcdef";
+    unsigned char md[EVP_MAX_MD_SIZE];
+    unsigned int mdlen = 0;
 
-    va_start(ap, len);
-    while ((s = va_arg(ap, const char *))) {
-        if (sb_str(&b, s) < 0) {
-            va_end(ap);
-            free(b.s);
-            return NULL;
-        }
+    memset(md, 0, sizeof(md));
+    if (EVP_DigestInit_ex(j->mdctx, j->md, NULL) != 1 || EVP_DigestUpdate(j->mdctx, a, strlen(a)) != 1 ||
+        EVP_DigestUpdate(j->mdctx, "|", 1) != 1 || EVP_DigestUpdate(j->mdctx, b, strlen(b)) != 1 ||
+        (c && (EVP_DigestUpdate(j->mdctx, "|", 1) != 1 || EVP_DigestUpdate(j->mdctx, c, strlen(c)) != 1)) ||
+        EVP_DigestFinal_ex(j->mdctx, md, &mdlen) != 1)
+        mdlen = 32; /* all zeros: never happens short of OOM */
+    for (unsigned int i = 0; i < 32; i++) {
+        hex[i * 2] = digits[md[i] >> 4];
+        hex[i * 2 + 1] = digits[md[i] & 15];
     }
-    va_end(ap);
-    if (b.len > MAX_JOB_BYTES) {
-        free(b.s);
-        return NULL;
-    }
-    *len = b.len;
-    return b.s;
+    hex[64] = '\0';
 }
 
 static int add_common(jobs *j, const char *tid, const char *tid_esc, const char *name_esc, const char *user_esc,
                       int action_id, const char *action_type, int priority, const char *config_json,
                       const jobs_event *ev, const char *now, int publish)
 {
-    char key[1024], prio[16], aid[16];
+    char prio[16], aid[16];
+    sbuf *a = &j->arena;
+    size_t arena_len = a->len, ev_len = j->ev.len, tr_len = j->tr.len, ac_len = j->ac.len;
     job *x;
 
     if (j->n == j->cap) {
-        int cap = j->cap ? j->cap * 2 : 64;
+        int cap = j->cap ? j->cap * 2 : 256;
         job *p = realloc(j->v, (size_t)cap * sizeof(*p));
 
         if (!p)
@@ -171,54 +218,44 @@ static int add_common(jobs *j, const char *tid, const char *tid_esc, const char 
         j->cap = cap;
     }
     x = &j->v[j->n];
-    memset(x, 0, sizeof(*x));
     snprintf(aid, sizeof(aid), "%d", action_id);
     snprintf(prio, sizeof(prio), "%d", priority);
-    {
-        /* The id hashes the raw ids, so it never depends on escaping. */
-        sbuf k = {0};
-
-        if (sb_str(&k, tid) < 0 || sb_put(&k, "|", 1) < 0 || sb_str(&k, ev->id) < 0 || sb_put(&k, "|", 1) < 0 ||
-            sb_str(&k, aid) < 0) {
-            free(k.s);
-            return -1;
-        }
-        migrate_sha256_hex(k.s, k.len, x->id);
-        free(k.s);
-    }
+    /* The id hashes the raw ids, so it never depends on escaping. */
+    digest3(j, tid, ev->id, aid, x->id);
     x->priority = priority;
-    x->seq = (size_t)j->n;
-    x->json = concat(&x->json_len, "{\"id\":\"", x->id, "\",\"trigger_id\":\"", tid_esc, "\",\"event_id\":\"",
-                     ev->id_esc, "\",\"action_type\":\"", action_type, "\",\"action_id\":", aid,
-                     ",\"priority\":", prio, ",\"config\":", config_json, ",\"event\":", ev->json,
-                     ",\"created_at\":\"", now, "\",\"attempt\":0,\"trigger_name\":\"", name_esc,
-                     "\",\"user_id\":\"", user_esc, "\"}", (const char *)NULL);
-    if (!x->json)
-        return -1;
+    x->seq = j->n;
+    x->ch_len = x->msg_len = 0;
+    /* The document is spliced from prebuilt pieces: the event's JSON is
+     * built once per event, the trigger's escaped strings once per load. */
+    x->json_off = a->len;
+    if (SB_LIT(a, "{\"id\":\"") < 0 || sb_put(a, x->id, 64) < 0 || SB_LIT(a, "\",\"trigger_id\":\"") < 0 ||
+        sb_str(a, tid_esc) < 0 || SB_LIT(a, "\",\"event_id\":\"") < 0 || sb_str(a, ev->id_esc) < 0 ||
+        SB_LIT(a, "\",\"action_type\":\"") < 0 || sb_str(a, action_type) < 0 || SB_LIT(a, "\",\"action_id\":") < 0 ||
+        sb_str(a, aid) < 0 || SB_LIT(a, ",\"priority\":") < 0 || sb_str(a, prio) < 0 ||
+        SB_LIT(a, ",\"config\":") < 0 || sb_str(a, config_json) < 0 || SB_LIT(a, ",\"event\":") < 0 ||
+        sb_put(a, ev->json, ev->json_len) < 0 || SB_LIT(a, ",\"created_at\":\"") < 0 || sb_str(a, now) < 0 ||
+        SB_LIT(a, "\",\"attempt\":0,\"trigger_name\":\"") < 0 || sb_str(a, name_esc) < 0 ||
+        SB_LIT(a, "\",\"user_id\":\"") < 0 || sb_str(a, user_esc) < 0 || SB_LIT(a, "\"}") < 0)
+        goto fail;
+    x->json_len = a->len - x->json_off;
     if (publish) {
         char mid[65];
-        sbuf k = {0};
 
-        if (sb_str(&k, tid) < 0 || sb_put(&k, "|", 1) < 0 || sb_str(&k, ev->id) < 0) {
-            free(k.s);
-            free(x->json);
-            return -1;
-        }
-        migrate_sha256_hex(k.s, k.len, mid);
-        free(k.s);
-        snprintf(key, sizeof(key), "rt:topic:user:%s", user_esc);
-        x->channel = strdup(key);
-        x->msg = concat(&x->msg_len, "{\"topic\":\"user:", user_esc,
-                        "\",\"payload\":{\"type\":\"trigger.fired\",\"trigger_id\":\"", tid_esc,
-                        "\",\"event_id\":\"", ev->id_esc, "\",\"event_type\":\"", ev->type_esc,
-                        "\",\"agent_id\":", ev->agent, "},\"from\":\"event-processor\",\"message_id\":\"", mid,
-                        "\",\"timestamp\":\"", now, "\"}", (const char *)NULL);
-        if (!x->channel || !x->msg) {
-            free(x->json);
-            free(x->channel);
-            free(x->msg);
-            return -1;
-        }
+        digest3(j, tid, ev->id, NULL, mid);
+        x->ch_off = a->len;
+        if (SB_LIT(a, "rt:topic:user:") < 0 || sb_str(a, user_esc) < 0)
+            goto fail;
+        x->ch_len = a->len - x->ch_off;
+        x->msg_off = a->len;
+        if (SB_LIT(a, "{\"topic\":\"user:") < 0 || sb_str(a, user_esc) < 0 ||
+            SB_LIT(a, "\",\"payload\":{\"type\":\"trigger.fired\",\"trigger_id\":\"") < 0 || sb_str(a, tid_esc) < 0 ||
+            SB_LIT(a, "\",\"event_id\":\"") < 0 || sb_str(a, ev->id_esc) < 0 ||
+            SB_LIT(a, "\",\"event_type\":\"") < 0 || sb_str(a, ev->type_esc) < 0 || SB_LIT(a, "\",\"agent_id\":") < 0 ||
+            sb_str(a, ev->agent) < 0 || SB_LIT(a, "},\"from\":\"event-processor\",\"message_id\":\"") < 0 ||
+            sb_put(a, mid, 64) < 0 || SB_LIT(a, "\",\"timestamp\":\"") < 0 || sb_str(a, now) < 0 ||
+            SB_LIT(a, "\"}") < 0)
+            goto fail;
+        x->msg_len = a->len - x->msg_off;
     }
     if (j->ev.len == 0 && (sb_str(&j->ev, "{") < 0 || sb_str(&j->tr, "{") < 0 || sb_str(&j->ac, "{") < 0))
         goto fail;
@@ -228,9 +265,10 @@ static int add_common(jobs *j, const char *tid, const char *tid_esc, const char 
     j->n++;
     return 0;
 fail:
-    free(x->json);
-    free(x->channel);
-    free(x->msg);
+    a->len = arena_len;
+    j->ev.len = ev_len;
+    j->tr.len = tr_len;
+    j->ac.len = ac_len;
     return -1;
 }
 
@@ -274,22 +312,6 @@ int jobs_outbox_arrays(jobs *j, const char **event_ids, const char **trigger_ids
     return 0;
 }
 
-/* KEYS[1]: the list. ARGV[1]: ttl; then 5 per job: id, L|R, job, channel
- * ("" for none), message. */
-static const char push_lua[] =
-    "local n = 0\n"
-    "for i = 2, #ARGV, 5 do\n"
-    "  if redis.call('SET', 'job:seen:' .. ARGV[i], '1', 'NX', 'EX', ARGV[1]) then\n"
-    "    if ARGV[i + 1] == 'R' then redis.call('RPUSH', KEYS[1], ARGV[i + 2])\n"
-    "    else redis.call('LPUSH', KEYS[1], ARGV[i + 2]) end\n"
-    "    if ARGV[i + 3] ~= '' then redis.call('PUBLISH', ARGV[i + 3], ARGV[i + 4]) end\n"
-    "    n = n + 1\n"
-    "  end\n"
-    "end\n"
-    "return n\n";
-
-static char push_sha[41];
-
 /* Ordinary jobs first in batch order, then priority > 1 ascending (stable). */
 static int job_cmp(const void *pa, const void *pb)
 {
@@ -303,126 +325,150 @@ static int job_cmp(const void *pa, const void *pb)
     return a->seq < b->seq ? -1 : (a->seq > b->seq);
 }
 
-static int send_chunks(jobs *j, redisContext *c, const char *queue, const char *ttl, int *noscript, int *pushed,
-                       char *err, size_t errlen)
+/* Appends LPUSH (ordinary) and RPUSH (priority) commands of the jobs in
+ * [from, to) in chunks. Returns the number of commands or -1. */
+static long build_pushes(jobs *j, const char *queue, int from, int to)
 {
-    int nchunks = (j->n + CHUNK - 1) / CHUNK, rc = 0;
-    const char **argv = malloc((size_t)(4 + 5 * CHUNK) * sizeof(*argv));
-    size_t *lens = malloc((size_t)(4 + 5 * CHUNK) * sizeof(*lens));
+    long ncmd = 0;
 
-    if (!argv || !lens) {
-        free(argv);
-        free(lens);
-        snprintf(err, errlen, "out of memory");
+    for (int i = from; i < to;) {
+        int right = j->v[i].priority > 1, k = i;
+
+        while (k < to && (j->v[k].priority > 1) == right && k - i < PUSH_CHUNK)
+            k++;
+        if (resp_array(&j->resp, 2 + (k - i)) < 0 || resp_bulk(&j->resp, right ? "RPUSH" : "LPUSH", 5) < 0 ||
+            resp_bulk(&j->resp, queue, strlen(queue)) < 0)
+            return -1;
+        for (int m = i; m < k; m++)
+            if (resp_bulk(&j->resp, j->arena.s + j->v[m].json_off, j->v[m].json_len) < 0)
+                return -1;
+        ncmd++;
+        i = k;
+    }
+    for (int i = from; i < to; i++) {
+        job *x = &j->v[i];
+
+        if (!x->ch_len)
+            continue;
+        if (resp_array(&j->resp, 3) < 0 || resp_bulk(&j->resp, "PUBLISH", 7) < 0 ||
+            resp_bulk(&j->resp, j->arena.s + x->ch_off, x->ch_len) < 0 ||
+            resp_bulk(&j->resp, j->arena.s + x->msg_off, x->msg_len) < 0)
+            return -1;
+        ncmd++;
+    }
+    return ncmd;
+}
+
+static redisReply *get_reply(redisContext *c, char *err, size_t errlen)
+{
+    redisReply *rep = NULL;
+
+    if (redisGetReply(c, (void **)&rep) != REDIS_OK || !rep) {
+        snprintf(err, errlen, "redis: %s", c->errstr[0] ? c->errstr : "no reply");
+        return NULL;
+    }
+    return rep;
+}
+
+/* Sends what j->resp holds. */
+static int send_resp(jobs *j, redisContext *c, char *err, size_t errlen)
+{
+    if (redisAppendFormattedCommand(c, j->resp.s, j->resp.len) != REDIS_OK) {
+        snprintf(err, errlen, "redis: %s", c->errstr[0] ? c->errstr : "out of memory");
         return -1;
     }
-    for (int k = 0; k < nchunks; k++) {
-        int first = k * CHUNK, last = first + CHUNK < j->n ? first + CHUNK : j->n, argc = 0;
+    j->resp.len = 0;
+    return 0;
+}
 
-        argv[argc] = "EVALSHA";
-        lens[argc++] = 7;
-        argv[argc] = push_sha;
-        lens[argc++] = 40;
-        argv[argc] = "1";
-        lens[argc++] = 1;
-        argv[argc] = queue;
-        lens[argc++] = strlen(queue);
-        argv[argc] = ttl;
-        lens[argc++] = strlen(ttl);
-        for (int i = first; i < last; i++) {
-            job *x = &j->v[i];
+/* One attempt. Returns pushed (>= 0), -1 (error, connection usable) or -2
+ * (the connection is unusable). */
+static int push_once(jobs *j, redisContext *c, const char *queue, const char *key, const char *ttl, char *err,
+                     size_t errlen)
+{
+    const char *watch[] = {"WATCH", key}, *exists[] = {"EXISTS", key}, *multi[] = {"MULTI"};
+    const char *set[] = {"SET", key, "1", "EX", ttl}, *exec[] = {"EXEC"}, *unwatch[] = {"UNWATCH"};
+    redisReply *rep;
+    long ncmd;
+    int done, bad = 0;
 
-            argv[argc] = x->id;
-            lens[argc++] = 64;
-            argv[argc] = x->priority > 1 ? "R" : "L";
-            lens[argc++] = 1;
-            argv[argc] = x->json;
-            lens[argc++] = x->json_len;
-            argv[argc] = x->channel ? x->channel : "";
-            lens[argc++] = x->channel ? strlen(x->channel) : 0;
-            argv[argc] = x->msg ? x->msg : "";
-            lens[argc++] = x->msg ? x->msg_len : 0;
-        }
-        if (redisAppendCommandArgv(c, argc, argv, lens) != REDIS_OK) {
-            snprintf(err, errlen, "redis: %s", c->errstr);
-            rc = -1;
-            goto out;
-        }
-    }
-    for (int k = 0; k < nchunks; k++) {
-        redisReply *rep = NULL;
-
-        if (redisGetReply(c, (void **)&rep) != REDIS_OK || !rep) {
-            snprintf(err, errlen, "redis: %s", c->errstr[0] ? c->errstr : "no reply");
-            rc = -2; /* the connection is unusable */
-            goto out;
-        }
+    j->resp.len = 0;
+    if (resp_cmd(&j->resp, 2, watch) < 0 || resp_cmd(&j->resp, 2, exists) < 0 || send_resp(j, c, err, errlen) < 0)
+        return -2;
+    for (int i = 0; i < 2; i++) {
+        if (!(rep = get_reply(c, err, errlen)))
+            return -2;
         if (rep->type == REDIS_REPLY_ERROR) {
-            if (!strncmp(rep->str, "NOSCRIPT", 8))
-                *noscript = 1;
-            else if (!rc) {
-                snprintf(err, errlen, "redis: %s", rep->str);
-                rc = -1;
-            }
-        } else if (rep->type == REDIS_REPLY_INTEGER) {
-            *pushed += (int)rep->integer;
+            snprintf(err, errlen, "redis: %s", rep->str);
+            freeReplyObject(rep);
+            return -2;
+        }
+        done = i == 1 && rep->type == REDIS_REPLY_INTEGER && rep->integer != 0;
+        freeReplyObject(rep);
+    }
+    if (done) {
+        /* Already pushed (a replay of a batch that reached Redis). */
+        if (resp_cmd(&j->resp, 1, unwatch) < 0 || send_resp(j, c, err, errlen) < 0 ||
+            !(rep = get_reply(c, err, errlen)))
+            return -2;
+        freeReplyObject(rep);
+        return 0;
+    }
+    if (resp_cmd(&j->resp, 1, multi) < 0 || (ncmd = build_pushes(j, queue, 0, j->n)) < 0 ||
+        resp_cmd(&j->resp, 5, set) < 0 || resp_cmd(&j->resp, 1, exec) < 0) {
+        snprintf(err, errlen, "out of memory");
+        return -2; /* half a transaction may be in the buffer: start over */
+    }
+    if (send_resp(j, c, err, errlen) < 0)
+        return -2;
+    /* MULTI, each queued command and the SET answer +OK/+QUEUED (or an
+     * error, which makes EXEC abort); then EXEC. */
+    for (long i = 0; i < ncmd + 2; i++) {
+        if (!(rep = get_reply(c, err, errlen)))
+            return -2;
+        if (rep->type == REDIS_REPLY_ERROR && !bad) {
+            snprintf(err, errlen, "redis: %s", rep->str);
+            bad = 1;
         }
         freeReplyObject(rep);
     }
-out:
-    free(argv);
-    free(lens);
-    return rc;
+    if (!(rep = get_reply(c, err, errlen)))
+        return -2;
+    if (rep->type == REDIS_REPLY_NIL) {
+        /* WATCH fired: another pusher took this batch meanwhile. */
+        freeReplyObject(rep);
+        return 0;
+    }
+    if (rep->type != REDIS_REPLY_ARRAY || bad) {
+        if (!bad)
+            snprintf(err, errlen, "redis: %s", rep->type == REDIS_REPLY_ERROR ? rep->str : "EXEC failed");
+        freeReplyObject(rep);
+        return -1;
+    }
+    freeReplyObject(rep);
+    return j->n;
 }
 
-int jobs_push(jobs *j, rconn *r, const char *queue, long ttl_s, char *err, size_t errlen)
+int jobs_push(jobs *j, rconn *r, const char *queue, const char *batch_key, long ttl_s, char *err, size_t errlen)
 {
     char ttl[24];
     redisContext *c;
-    int pushed = 0;
+    int rc;
 
     if (j->n == 0)
         return 0;
     qsort(j->v, (size_t)j->n, sizeof(*j->v), job_cmp);
     snprintf(ttl, sizeof(ttl), "%ld", ttl_s);
-    for (int attempt = 0; attempt < 2; attempt++) {
-        int noscript = 0, rc;
-
-        if (rconn_connect(r) < 0 || !(c = rconn_context(r))) {
-            snprintf(err, errlen, "redis: %s", rconn_errstr(r));
-            return -1;
-        }
-        if (!push_sha[0] || attempt > 0) {
-            redisReply *rep = rconn_command(r, 1, "SCRIPT LOAD %s", push_lua);
-
-            if (!rep || rep->type != REDIS_REPLY_STRING || rep->len != 40) {
-                snprintf(err, errlen, "redis: cannot load the push script: %s",
-                         rep && rep->type == REDIS_REPLY_ERROR ? rep->str : rconn_errstr(r));
-                if (rep)
-                    freeReplyObject(rep);
-                return -1;
-            }
-            memcpy(push_sha, rep->str, 40);
-            push_sha[40] = '\0';
-            freeReplyObject(rep);
-            if (!(c = rconn_context(r))) {
-                snprintf(err, errlen, "redis: %s", rconn_errstr(r));
-                return -1;
-            }
-        }
-        pushed = 0;
-        rc = send_chunks(j, c, queue, ttl, &noscript, &pushed, err, errlen);
-        if (rc == -2 || (rc < 0 && c->err)) {
-            rconn_mark_broken(r);
-            return -1;
-        }
-        if (rc < 0)
-            return -1;
-        /* A server restarted without the script: load it and send again;
-         * the chunks that ran are skipped by their job:seen keys. */
-        if (!noscript)
-            return pushed;
+    if (rconn_connect(r) < 0 || !(c = rconn_context(r))) {
+        snprintf(err, errlen, "redis: %s", rconn_errstr(r));
+        return -1;
     }
-    snprintf(err, errlen, "redis: the push script keeps disappearing");
-    return -1;
+    rc = push_once(j, c, queue, batch_key, ttl, err, errlen);
+    if (rc == -2) {
+        /* Whatever state the connection is in (a WATCH, a half-read
+         * transaction), a new one starts clean. */
+        rconn_mark_broken(r);
+        return -1;
+    }
+    return rc;
 }

@@ -6,13 +6,23 @@
  * the hex SHA-256 of "trigger_id|event_id|action_id", so the same match
  * always yields the same id.
  *
- * Push protocol: one Lua script call per chunk of jobs. For each job it runs
- * SET job:seen:{id} 1 NX EX ttl and only when that succeeds LPUSHes the job
- * (RPUSH when priority > 1; consumers pop from the right) and PUBLISHes the
- * match's realtime Broadcast; so a job pushed once is never pushed again,
- * however often an outbox is replayed within the ttl. Jobs of priority > 1
- * are pushed after the others in ascending priority, so the highest ends
- * rightmost and is taken first. Not thread-safe. */
+ * Push protocol: a batch (one job_outbox row) is pushed entirely or not at
+ * all, guarded by one key per batch, `ep:batch:{outbox id}:{outbox
+ * created_at in microseconds}`:
+ *
+ *   WATCH key; EXISTS key            -> 1: already pushed, UNWATCH, done
+ *   MULTI; LPUSH queue j1 j2 ...; RPUSH queue p1 p2 ...; PUBLISH ch msg ...;
+ *   SET key 1 EX ttl; EXEC            -> nil: another pusher won, done
+ *
+ * Ordinary jobs (priority <= 1) are LPUSHed in batch order, jobs of priority
+ * > 1 RPUSHed after them in ascending priority (stable), so consumers that
+ * pop from the right take the highest priority first and the others in
+ * order. One PUBLISH of the match's realtime Broadcast per match. The
+ * transaction is atomic, and WATCH makes two pushers of the same batch (a
+ * replay racing the original) exclusive, so a batch's jobs reach Redis once
+ * however often its outbox row is replayed within the key's ttl. The
+ * created_at part keeps a recreated database, whose outbox ids start again
+ * at 1, from meeting the keys of the old one. Not thread-safe. */
 #ifndef AE_JOBS_H
 #define AE_JOBS_H
 
@@ -28,6 +38,7 @@ typedef struct {
     const char *id;        /* events.id */
     const char *id_esc;    /* JSON-escaped */
     const char *json;      /* the event object as JSON text */
+    size_t json_len;       /* strlen(json) */
     const char *type_esc;  /* event_type, JSON-escaped ("" when null) */
     const char *agent;     /* agent_id as JSON ("null" when null) */
 } jobs_event;
@@ -59,10 +70,12 @@ int jobs_add_parts(jobs *j, const char *trigger_id, const char *trigger_name, co
  * change to `j`. Returns 0 or -1 (OOM). */
 int jobs_outbox_arrays(jobs *j, const char **event_ids, const char **trigger_ids, const char **action_ids);
 
-/* Pushes every job held to list `queue` with the protocol above. Returns
- * the number of jobs newly enqueued (>= 0), or -1 with the reason in `err`
- * (Redis down or refusing: nothing is lost, the outbox still holds them). */
-int jobs_push(jobs *j, rconn *r, const char *queue, long ttl_s, char *err, size_t errlen);
+/* Pushes every job held to list `queue` as the batch `batch_key` with the
+ * protocol above (`ttl_s`: the key's lifetime). Returns the number of jobs
+ * newly enqueued (0 when the batch was already pushed), or -1 with the
+ * reason in `err` (Redis down or refusing: nothing is lost, the outbox
+ * still holds them). */
+int jobs_push(jobs *j, rconn *r, const char *queue, const char *batch_key, long ttl_s, char *err, size_t errlen);
 
 /* RFC 3339 UTC time with microseconds into out[32]. */
 void jobs_now_rfc3339(char out[32]);

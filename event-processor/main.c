@@ -33,9 +33,8 @@ static void config_read(cfg *c, ep_config *o)
     copy_setting(o->metrics_host, sizeof(o->metrics_host), cfg_str(c, "METRICS_HOST", "0.0.0.0"));
     o->metrics_port = (int)cfg_int(c, "METRICS_PORT", 9101, 0, 65535);
     o->poll_ms = cfg_int(c, "POLL_INTERVAL_MS", 1000, 1, 3600000);
-    o->batch_size = (int)cfg_int(c, "BATCH_SIZE", 500, 1, 10000);
-    o->seen_ttl_s = cfg_int(c, "JOB_SEEN_TTL_SECONDS", 86400, 60, 86400L * 365);
-    o->sync_commit = cfg_bool(c, "EP_SYNCHRONOUS_COMMIT", 0);
+    o->batch_size = (int)cfg_int(c, "BATCH_SIZE", 2000, 1, 10000);
+    o->seen_ttl_s = cfg_int(c, "BATCH_KEY_TTL_SECONDS", 86400, 60, 86400L * 365);
     q = cfg_str(c, "ACTION_QUEUE", "action_jobs");
     if (!q[0] || strlen(q) >= sizeof(o->queue))
         cfg_error(c, "ACTION_QUEUE", q, "a Redis key name shorter than 128 bytes");

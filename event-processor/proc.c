@@ -23,11 +23,26 @@
 #include "svc.h"
 #include "tindex.h"
 
+/* The outbox row's creation time in microseconds: part of its Redis batch
+ * key (jobs.h). */
+#define OUTBOX_USEC "(extract(epoch FROM created_at) * 1000000)::bigint"
+
 /* Outbox rows pushed but not yet deleted, deleted by the next transaction. */
 #define MAX_PENDING_DEL 64
 /* Serialises batches of several processors on one database: the order in
  * which events reach a trigger's state must be the queue order. */
 #define EP_LOCK_KEY "8004000002"
+
+enum { PH_FETCH, PH_MATCH, PH_STATE, PH_OUTBOX, PH_COMMIT, PH_PUSH, PH_N };
+static const char *const ph_names[PH_N] = {"fetch", "match", "state", "outbox", "commit", "push"};
+
+static long long now_us(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
 
 typedef struct {
     cJSON *ev;
@@ -52,6 +67,9 @@ typedef struct {
     int nstateful, capstateful;
     long long lag_at;
     int redis_failing;
+    /* Time spent per phase (microseconds), logged at shutdown. */
+    long long ph[PH_N];
+    long long batches;
     char last_err[512];
 } loop;
 
@@ -178,10 +196,22 @@ static int listen_drain(loop *L)
 /* ------------------------------------------------------------------ */
 /* Batches.                                                            */
 
+/* The plan is pinned to index lookups whatever the statistics say: the
+ * queue's head is found through its primary key (= ANY of an array rather
+ * than IN, which the planner may turn into a hash join over the whole,
+ * mostly dead, queue), and each event by its id (a LATERAL subquery with
+ * OFFSET 0 is not flattened into a join, so it cannot become a sequential
+ * scan of events when their statistics are stale). */
 static const char fetch_sql[] =
-    "WITH q AS (DELETE FROM event_queue WHERE seq IN "
-    "(SELECT seq FROM event_queue ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED) RETURNING seq, event_id) "
-    "SELECT q.seq, " EVENT_MODEL_SELECT " FROM q JOIN events e ON e.id = q.event_id ORDER BY q.seq";
+    "WITH q AS (DELETE FROM event_queue WHERE seq = ANY (ARRAY("
+    "SELECT seq FROM event_queue ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED)) RETURNING seq, event_id) "
+    "SELECT q.seq, e.* FROM q CROSS JOIN LATERAL (SELECT " EVENT_MODEL_SELECT
+    " FROM events e WHERE e.id = q.event_id OFFSET 0) e ORDER BY q.seq";
+
+static void batch_key(char *buf, size_t len, const char *id, const char *usec)
+{
+    snprintf(buf, len, "ep:batch:%s:%s", id, usec);
+}
 
 static int exec_ok(PGresult *res, ExecStatusType want, char *err, size_t errlen, PGconn *conn)
 {
@@ -222,6 +252,7 @@ static int bev_prepare(bev *b, jobs_event *je)
     je->id = cJSON_IsString(id) ? id->valuestring : "";
     je->id_esc = b->id_esc;
     je->json = b->json;
+    je->json_len = strlen(b->json);
     je->type_esc = b->type_esc;
     je->agent = b->agent;
     return 0;
@@ -484,8 +515,10 @@ static int begin_batch(loop *L, PGconn *conn, char *err, size_t errlen)
     char sql[256 + MAX_PENDING_DEL * 24];
     size_t off;
 
-    off = (size_t)snprintf(sql, sizeof(sql), "BEGIN; %sSELECT pg_advisory_xact_lock(" EP_LOCK_KEY ")",
-                           L->app->cfg.sync_commit ? "" : "SET LOCAL synchronous_commit TO off; ");
+    /* synchronous_commit stays on: the Redis push after COMMIT is guarded
+     * by the outbox row's id, so the row (and the consumed queue rows) must
+     * be durable before its jobs are visible (docs/event-processor.md). */
+    off = (size_t)snprintf(sql, sizeof(sql), "BEGIN; SELECT pg_advisory_xact_lock(" EP_LOCK_KEY ")");
     if (L->npending) {
         off += (size_t)snprintf(sql + off, sizeof(sql) - off, "; DELETE FROM job_outbox WHERE id IN (");
         for (int i = 0; i < L->npending && off < sizeof(sql); i++)
@@ -499,12 +532,13 @@ static int begin_batch(loop *L, PGconn *conn, char *err, size_t errlen)
 static int run_batch(loop *L, PGconn *conn, char *err, size_t errlen)
 {
     ep *app = L->app;
-    char lim[16];
+    char lim[16], key[128];
     const char *p[3];
     PGresult *res = NULL;
     long long t0 = svc_now_ms(), outbox_id = 0;
     long matches = 0;
     int n = 0, had_pending = L->npending;
+    long long tp = now_us(), tq;
 
     jobs_clear(L->jobs);
     if (begin_batch(L, conn, err, errlen) < 0)
@@ -515,11 +549,17 @@ static int run_batch(loop *L, PGconn *conn, char *err, size_t errlen)
     if (exec_ok(res, PGRES_TUPLES_OK, err, errlen, conn) < 0)
         goto fail;
     n = PQntuples(res);
+    L->ph[PH_FETCH] += (tq = now_us()) - tp;
+    tp = tq;
     if (n > 0) {
         if ((matches = match_events(L, conn, res, n, err, errlen)) < 0)
             goto fail;
+        L->ph[PH_MATCH] += (tq = now_us()) - tp;
+        tp = tq;
         if (save_states(L, conn, err, errlen) < 0)
             goto fail;
+        L->ph[PH_STATE] += (tq = now_us()) - tp;
+        tp = tq;
         if (jobs_count(L->jobs)) {
             PGresult *r2;
 
@@ -529,15 +569,19 @@ static int run_batch(loop *L, PGconn *conn, char *err, size_t errlen)
             }
             r2 = PQexecParams(conn,
                               "INSERT INTO job_outbox (event_ids, trigger_ids, action_ids) "
-                              "VALUES ($1::text[], $2::text[], $3::int[]) RETURNING id",
+                              "VALUES ($1::text[], $2::text[], $3::int[]) "
+                              "RETURNING id, " OUTBOX_USEC,
                               3, NULL, p, NULL, NULL, 0);
             if (exec_ok(r2, PGRES_TUPLES_OK, err, errlen, conn) < 0) {
                 PQclear(r2);
                 goto fail;
             }
             outbox_id = strtoll(PQgetvalue(r2, 0, 0), NULL, 10);
+            batch_key(key, sizeof(key), PQgetvalue(r2, 0, 0), PQgetvalue(r2, 0, 1));
             PQclear(r2);
         }
+        L->ph[PH_OUTBOX] += (tq = now_us()) - tp;
+        tp = tq;
     } else if (!had_pending) {
         /* Nothing taken and nothing to delete: no need to commit. */
         PQclear(res);
@@ -548,6 +592,9 @@ static int run_batch(loop *L, PGconn *conn, char *err, size_t errlen)
         goto fail;
     PQclear(res);
     res = NULL;
+    L->ph[PH_COMMIT] += (tq = now_us()) - tp;
+    tp = tq;
+    L->batches++;
     for (int i = 0; i < n; i++)
         bev_clear(&L->evs[i]);
     stateful_reset(L);
@@ -558,7 +605,7 @@ static int run_batch(loop *L, PGconn *conn, char *err, size_t errlen)
      * wait in the outbox. */
     if (jobs_count(L->jobs)) {
         char perr[512];
-        int pushed = jobs_push(L->jobs, app->push, app->cfg.queue, app->cfg.seen_ttl_s, perr, sizeof(perr));
+        int pushed = jobs_push(L->jobs, app->push, app->cfg.queue, key, app->cfg.seen_ttl_s, perr, sizeof(perr));
 
         if (pushed < 0) {
             loop_error(L, "cannot push jobs to Redis; they stay in the outbox", perr);
@@ -573,6 +620,7 @@ static int run_batch(loop *L, PGconn *conn, char *err, size_t errlen)
             }
         }
     }
+    L->ph[PH_PUSH] += now_us() - tp;
     metrics_histogram_observe(app->m_batch, (double)(svc_now_ms() - t0) / 1000.0);
     return n;
 fail:
@@ -589,42 +637,41 @@ fail:
     return -1;
 }
 
-/* Pushes what an earlier run left in the outbox (crash between COMMIT and
- * push, or Redis down), rebuilding the jobs from their references. Returns
- * 0 when the outbox is empty, -1 on error. */
 static const char outbox_sql[] =
     "SELECT o.id AS outbox_id, r.trigger_id AS ob_trigger_id, t.name AS ob_trigger_name, t.user_id AS ob_user_id, "
     "a.id AS ob_action_id, a.action_type AS ob_action_type, a.priority AS ob_priority, a.config::text AS ob_config, "
     EVENT_MODEL_SELECT " FROM job_outbox o "
     "CROSS JOIN LATERAL unnest(o.event_ids, o.trigger_ids, o.action_ids) WITH ORDINALITY AS r(event_id, trigger_id, "
     "action_id, ord) JOIN events e ON e.id = r.event_id JOIN triggers t ON t.id = r.trigger_id "
-    "JOIN trigger_actions a ON a.id = r.action_id WHERE o.id = ANY($1::bigint[]) ORDER BY o.id, r.ord";
+    "JOIN trigger_actions a ON a.id = r.action_id WHERE o.id = $1::bigint ORDER BY r.ord";
 
+/* Pushes what an earlier run left in the outbox (crash between COMMIT and
+ * push, or Redis down), one row at a time, rebuilding the jobs from their
+ * references; each row is pushed under its own batch key, so a row whose
+ * jobs already reached Redis is skipped. Returns 0 when the outbox is
+ * empty, -1 on error. */
 static int flush_outbox(loop *L, PGconn *conn, char *err, size_t errlen)
 {
     ep *app = L->app;
 
     for (;;) {
-        PGresult *ids = PQexec(conn, "SELECT id FROM job_outbox ORDER BY id LIMIT 20"), *res;
-        char arr[20 * 24 + 4], now[32], prev[1024] = "";
-        size_t off = 0;
+        PGresult *ids = PQexec(conn, "SELECT id, " OUTBOX_USEC " FROM job_outbox ORDER BY id LIMIT 1"), *res;
+        char now[32], prev[1024] = "", key[128], id[32];
         const char *p[1];
-        int n, pushed;
+        int pushed;
 
         if (exec_ok(ids, PGRES_TUPLES_OK, err, errlen, conn) < 0) {
             PQclear(ids);
             return -1;
         }
-        if ((n = PQntuples(ids)) == 0) {
+        if (PQntuples(ids) == 0) {
             PQclear(ids);
             return 0;
         }
-        arr[off++] = '{';
-        for (int i = 0; i < n; i++)
-            off += (size_t)snprintf(arr + off, sizeof(arr) - off, "%s%s", i ? "," : "", PQgetvalue(ids, i, 0));
-        snprintf(arr + off, sizeof(arr) - off, "}");
+        snprintf(id, sizeof(id), "%s", PQgetvalue(ids, 0, 0));
+        batch_key(key, sizeof(key), id, PQgetvalue(ids, 0, 1));
         PQclear(ids);
-        p[0] = arr;
+        p[0] = id;
         res = PQexecParams(conn, outbox_sql, 1, NULL, p, NULL, NULL, 0);
         if (exec_ok(res, PGRES_TUPLES_OK, err, errlen, conn) < 0) {
             PQclear(res);
@@ -660,14 +707,14 @@ static int flush_outbox(loop *L, PGconn *conn, char *err, size_t errlen)
             }
         }
         PQclear(res);
-        pushed = jobs_push(L->jobs, app->push, app->cfg.queue, app->cfg.seen_ttl_s, err, errlen);
+        pushed = jobs_push(L->jobs, app->push, app->cfg.queue, key, app->cfg.seen_ttl_s, err, errlen);
         if (pushed < 0)
             return -1;
         metrics_counter_add(app->m_enqueued, (uint64_t)pushed);
-        if (pushed)
-            log_event(LOG_INFO, "outbox flushed", "\"jobs\":%d,\"enqueued\":%d", jobs_count(L->jobs), pushed);
+        log_event(LOG_INFO, "outbox flushed", "\"outbox_id\":%s,\"jobs\":%d,\"enqueued\":%d", id,
+                  jobs_count(L->jobs), pushed);
         jobs_clear(L->jobs);
-        res = PQexecParams(conn, "DELETE FROM job_outbox WHERE id = ANY($1::bigint[])", 1, NULL, p, NULL, NULL, 0);
+        res = PQexecParams(conn, "DELETE FROM job_outbox WHERE id = $1::bigint", 1, NULL, p, NULL, NULL, 0);
         if (exec_ok(res, PGRES_COMMAND_OK, err, errlen, conn) < 0) {
             PQclear(res);
             return -1;
@@ -815,6 +862,15 @@ void *ep_run(void *arg)
         wait_for_work(&L, L.listen ? app->cfg.poll_ms : (app->cfg.poll_ms < 200 ? app->cfg.poll_ms : 200));
     }
     listen_close(&L);
+    {
+        char b[256];
+        size_t off = 0;
+
+        for (int i = 0; i < PH_N; i++)
+            off += (size_t)snprintf(b + off, sizeof(b) - off, "%s\"%s_ms\":%lld", i ? "," : "", ph_names[i],
+                                    L.ph[i] / 1000);
+        log_event(LOG_INFO, "phase totals", "%s,\"batches\":%lld", b, L.batches);
+    }
     for (int i = 0; i < L.evcap; i++)
         bev_clear(&L.evs[i]);
     free(L.evs);

@@ -71,7 +71,7 @@ cur.execute("INSERT INTO trigger_actions (trigger_id, action_type, config) "
 cur.execute("CREATE TABLE events_copy (LIKE events INCLUDING ALL)")
 
 env = dict(os.environ, DATABASE_URL=DB, REDIS_URL="redis://127.0.0.1:%s/0" % os.environ["REDIS_PORT"],
-           METRICS_PORT=os.environ["METRICS_PORT"], LOG_LEVEL="warn",
+           METRICS_PORT=os.environ["METRICS_PORT"], LOG_LEVEL=os.environ.get("EP_BENCH_LOG_LEVEL", "warn"),
            MIGRATIONS_DIR=os.path.join(os.environ["ROOT"], "database/migrations"))
 log = open(os.path.join(os.environ["WORK"], "event-processor.log"), "wb")
 proc = subprocess.Popen([os.path.join(os.environ["BINDIR"], "event-processor")], env=env, stdout=log, stderr=log)
@@ -140,35 +140,56 @@ print("  (insert into events with the queue trigger: %.0f events/s)" % (N / ins_
 print("  ratio: %.2f (bar >= 1.0) %s" % (ratio, "PASS" if ratio >= 1.0 else "FAIL"))
 ok = ratio >= 1.0 and drained[0] == N * 10
 
-# Latency at 1,000 events/s.
-seen = {}; stop.clear()
-def watcher():
-    rr = redis.Redis(port=int(os.environ["REDIS_PORT"]))
-    while not stop.is_set():
-        p = rr.pipeline(transaction=True); p.lrange("action_jobs", 0, -1); p.delete("action_jobs")
-        jobs = p.execute()[0]
-        now = time.perf_counter()
-        for j in jobs:
-            eid = json.loads(j)["event_id"]
-            seen.setdefault(eid, now)
-th = threading.Thread(target=watcher); th.start()
-c = psycopg2.connect(DB); c.autocommit = True; k = c.cursor()
-q = 'INSERT INTO events (%s) VALUES (%s)' % (",".join('"%s"' % x for x in cols), ",".join(["%s"] * len(cols)))
-commits = {}
-n = int(LAT_S * 1000); start = time.perf_counter()
-for i in range(n):
-    due = start + i / 1000.0
-    while time.perf_counter() < due: pass
-    row = list(next(iter([[("l-%d" % i, 1, "reputation", "NewFeedback", i % 100, 50, 1700000000 + i, "0x", "a", "b", i, "0x", 0)]])))[0]
-    k.execute(q, row)
-    commits[row[0]] = time.perf_counter()
-time.sleep(1); stop.set(); th.join()
-lat = sorted(max(0.0, seen[e] - commits[e]) * 1000 for e in commits if e in seen)
-missing = len(commits) - len(lat)
-p50 = lat[len(lat) // 2]; p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
-print("event-processor latency at 1000 events/s (%d events, %d missing): p50 %.2f ms, p99 %.2f ms (bar p99 <= 10 ms) %s"
-      % (len(commits), missing, p50, p99, "PASS" if p99 <= 10 and not missing else "FAIL"))
-ok = ok and p99 <= 10 and not missing
+# Latency at 1,000 events/s. The watcher is a separate process (a thread
+# would share the GIL with the inserting loop and see the jobs late): it
+# blocks in BRPOP, then takes everything queued in one MULTI (LRANGE + DEL),
+# and stamps each event's first job with CLOCK_MONOTONIC, the clock the
+# inserting process stamps its commits with.
+LAT_N = int(LAT_S * 1000)
+if LAT_N:
+    import multiprocessing
+    mono = lambda: time.clock_gettime(time.CLOCK_MONOTONIC)
+    def watch(port, out, ready, stop_ev):
+        rr = redis.Redis(port=port)
+        seen = {}
+        ready.set()
+        key = b'"event_id":"'
+        while not stop_ev.is_set():
+            first = rr.brpop("action_jobs", timeout=0.2)
+            if first is None:
+                continue
+            now = mono()
+            p = rr.pipeline(transaction=True); p.lrange("action_jobs", 0, -1); p.delete("action_jobs")
+            jobs = [first[1]] + p.execute()[0]
+            now2 = mono()
+            for k, j in enumerate(jobs):
+                i = j.index(key) + len(key)
+                eid = j[i:j.index(b'"', i)].decode()
+                seen.setdefault(eid, now if k == 0 else now2)
+        out.put(seen)
+    q_out = multiprocessing.Queue(); ready = multiprocessing.Event(); stop_ev = multiprocessing.Event()
+    wp = multiprocessing.Process(target=watch, args=(int(os.environ["REDIS_PORT"]), q_out, ready, stop_ev))
+    wp.start(); ready.wait(10)
+    c = psycopg2.connect(DB); c.autocommit = True; k = c.cursor()
+    q = 'INSERT INTO events (%s) VALUES (%s)' % (",".join('"%s"' % x for x in cols), ",".join(["%s"] * len(cols)))
+    commits = {}
+    start = mono()
+    for i in range(LAT_N):
+        due = start + i / 1000.0
+        d = due - mono()
+        if d > 0:
+            time.sleep(d)
+        row = ("l-%d" % i, 1, "reputation", "NewFeedback", i % 100, 50, 1700000000 + i, "0x", "a", "b", i, "0x", 0)
+        k.execute(q, row)
+        commits[row[0]] = mono()
+    time.sleep(1); stop_ev.set(); seen = q_out.get(timeout=30); wp.join(10)
+    lat = sorted(max(0.0, seen[e] - commits[e]) * 1000 for e in commits if e in seen)
+    missing = len(commits) - len(lat)
+    p50 = lat[len(lat) // 2]; p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+    print("event-processor latency at 1000 events/s (%d events, %d missing), commit returned to the client -> "
+          "first job of the event in Redis: p50 %.2f ms, p99 %.2f ms, max %.2f ms (bar p99 <= 10 ms) %s"
+          % (len(commits), missing, p50, p99, lat[-1], "PASS" if p99 <= 10 and not missing else "FAIL"))
+    ok = ok and p99 <= 10 and not missing
 proc.terminate(); proc.wait(15)
 raise SystemExit(0 if ok else 1)
 PYEOF
