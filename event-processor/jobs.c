@@ -390,7 +390,7 @@ static int push_once(jobs *j, redisContext *c, const char *queue, const char *ke
     const char *set[] = {"SET", key, "1", "EX", ttl}, *exec[] = {"EXEC"}, *unwatch[] = {"UNWATCH"};
     redisReply *rep;
     long ncmd;
-    int done, bad = 0;
+    int done = 0, bad = 0;
 
     j->resp.len = 0;
     if (resp_cmd(&j->resp, 2, watch) < 0 || resp_cmd(&j->resp, 2, exists) < 0 || send_resp(j, c, err, errlen) < 0)
@@ -403,7 +403,8 @@ static int push_once(jobs *j, redisContext *c, const char *queue, const char *ke
             freeReplyObject(rep);
             return -2;
         }
-        done = i == 1 && rep->type == REDIS_REPLY_INTEGER && rep->integer != 0;
+        if (i == 1)
+            done = rep->type == REDIS_REPLY_INTEGER && rep->integer != 0;
         freeReplyObject(rep);
     }
     if (done) {

@@ -6,6 +6,7 @@
  * let the next transaction delete the outbox row. */
 #include <errno.h>
 #include <poll.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -52,8 +53,34 @@ typedef struct {
     int lens[2], nlists;
 } bev;
 
+/* The Redis pusher thread: the processing thread hands it each committed
+ * batch and goes on with the next one meanwhile, so PostgreSQL, the
+ * matching and Redis work at the same time. One batch in flight at most:
+ * handing over the next waits for the previous push (back-pressure). The
+ * outbox ids it pushed are collected by the processing thread, which
+ * deletes their rows in its next transaction; a failed push leaves its row
+ * in the outbox and sets `failed`, and the processing thread flushes the
+ * outbox (after waiting for the pusher to be idle: the Redis connection is
+ * used by one thread at a time). */
+typedef struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    ep *app;
+    jobs *busy;  /* the batch being pushed, NULL when idle */
+    jobs *spare; /* a free job buffer for the processing thread */
+    char key[128];
+    long long outbox_id;
+    long long done[MAX_PENDING_DEL];
+    int ndone;
+    int failed;
+    char err[512];
+    int stop, started;
+    pthread_t th;
+} pusher;
+
 typedef struct {
     ep *app;
+    pusher *P;
     PGconn *listen;
     backoff lb;
     long long listen_retry_at;
@@ -191,6 +218,90 @@ static int listen_drain(loop *L)
         PQfreemem(n);
     }
     return count;
+}
+
+/* ------------------------------------------------------------------ */
+/* Pusher thread.                                                      */
+
+static void *pusher_main(void *arg)
+{
+    pusher *P = arg;
+    ep *app = P->app;
+
+    pthread_mutex_lock(&P->mu);
+    for (;;) {
+        jobs *j;
+        char key[128], err[512];
+        long long id;
+        int pushed;
+
+        while (!P->busy && !P->stop)
+            pthread_cond_wait(&P->cv, &P->mu);
+        if (!P->busy)
+            break;
+        j = P->busy;
+        id = P->outbox_id;
+        snprintf(key, sizeof(key), "%s", P->key);
+        pthread_mutex_unlock(&P->mu);
+        pushed = jobs_push(j, app->push, app->cfg.queue, key, app->cfg.seen_ttl_s, err, sizeof(err));
+        if (pushed >= 0)
+            metrics_counter_add(app->m_enqueued, (uint64_t)pushed);
+        jobs_clear(j);
+        pthread_mutex_lock(&P->mu);
+        if (pushed < 0) {
+            P->failed = 1;
+            snprintf(P->err, sizeof(P->err), "%s", err);
+        } else if (P->ndone < MAX_PENDING_DEL) {
+            P->done[P->ndone++] = id;
+        } /* else: the row stays and a later outbox flush deletes it */
+        P->spare = j;
+        P->busy = NULL;
+        pthread_cond_broadcast(&P->cv);
+    }
+    pthread_mutex_unlock(&P->mu);
+    return NULL;
+}
+
+/* Hands the committed batch `*jp` (outbox row `id`, batch key `key`) to
+ * the pusher and puts a free buffer in *jp. */
+static void pusher_submit(pusher *P, jobs **jp, const char *key, long long id)
+{
+    pthread_mutex_lock(&P->mu);
+    while (P->busy)
+        pthread_cond_wait(&P->cv, &P->mu);
+    P->busy = *jp;
+    P->outbox_id = id;
+    snprintf(P->key, sizeof(P->key), "%s", key);
+    *jp = P->spare;
+    P->spare = NULL;
+    pthread_cond_broadcast(&P->cv);
+    pthread_mutex_unlock(&P->mu);
+}
+
+/* Waits until no push is in flight. */
+static void pusher_wait_idle(pusher *P)
+{
+    pthread_mutex_lock(&P->mu);
+    while (P->busy)
+        pthread_cond_wait(&P->cv, &P->mu);
+    pthread_mutex_unlock(&P->mu);
+}
+
+/* Moves the pushed outbox ids into L's deletion list and reports a failed
+ * push. Returns 1 when a push failed since the last call. */
+static int pusher_collect(pusher *P, long long *ids, int *nids, int cap, char *err, size_t errlen)
+{
+    int failed;
+
+    pthread_mutex_lock(&P->mu);
+    while (P->ndone && *nids < cap)
+        ids[(*nids)++] = P->done[--P->ndone];
+    failed = P->failed;
+    if (failed)
+        snprintf(err, errlen, "%s", P->err);
+    P->failed = 0;
+    pthread_mutex_unlock(&P->mu);
+    return failed;
 }
 
 /* ------------------------------------------------------------------ */
@@ -509,6 +620,28 @@ static int exec_cmd(PGconn *conn, const char *sql, char *err, size_t errlen)
     return rc;
 }
 
+static void push_failed(loop *L, const char *err)
+{
+    loop_error(L, "cannot push jobs to Redis; they stay in the outbox", err);
+    L->outbox_dirty = 1;
+    L->redis_failing = 1;
+}
+
+/* Takes the outbox ids the pusher has pushed (their rows are deleted by the
+ * next transaction) and its failures. */
+static void collect_pushed(loop *L)
+{
+    char perr[512];
+    int before = L->npending;
+
+    if (pusher_collect(L->P, L->pending_del, &L->npending, MAX_PENDING_DEL, perr, sizeof(perr)))
+        push_failed(L, perr);
+    else if (L->npending > before && L->redis_failing && !L->outbox_dirty) {
+        L->redis_failing = 0;
+        L->last_err[0] = '\0';
+    }
+}
+
 /* BEGIN plus the deletion of the outbox rows already pushed. */
 static int begin_batch(loop *L, PGconn *conn, char *err, size_t errlen)
 {
@@ -537,8 +670,11 @@ static int run_batch(loop *L, PGconn *conn, char *err, size_t errlen)
     PGresult *res = NULL;
     long long t0 = svc_now_ms(), outbox_id = 0;
     long matches = 0;
-    int n = 0, had_pending = L->npending;
+    int n = 0, had_pending;
     long long tp = now_us(), tq;
+
+    collect_pushed(L);
+    had_pending = L->npending;
 
     jobs_clear(L->jobs);
     if (begin_batch(L, conn, err, errlen) < 0)
@@ -601,25 +737,10 @@ static int run_batch(loop *L, PGconn *conn, char *err, size_t errlen)
     L->npending = 0;
     metrics_counter_add(app->m_processed, (uint64_t)n);
     metrics_counter_add(app->m_matches, (uint64_t)matches);
-    /* The batch is durable. Now the jobs go to Redis; when that fails they
-     * wait in the outbox. */
-    if (jobs_count(L->jobs)) {
-        char perr[512];
-        int pushed = jobs_push(L->jobs, app->push, app->cfg.queue, key, app->cfg.seen_ttl_s, perr, sizeof(perr));
-
-        if (pushed < 0) {
-            loop_error(L, "cannot push jobs to Redis; they stay in the outbox", perr);
-            L->outbox_dirty = 1;
-            L->redis_failing = 1;
-        } else {
-            metrics_counter_add(app->m_enqueued, (uint64_t)pushed);
-            L->pending_del[L->npending++] = outbox_id;
-            if (L->redis_failing) {
-                L->redis_failing = 0;
-                L->last_err[0] = '\0';
-            }
-        }
-    }
+    /* The batch is durable. Now the jobs go to Redis (on the pusher
+     * thread); when that fails they wait in the outbox. */
+    if (jobs_count(L->jobs))
+        pusher_submit(L->P, &L->jobs, key, outbox_id);
     L->ph[PH_PUSH] += now_us() - tp;
     metrics_histogram_observe(app->m_batch, (double)(svc_now_ms() - t0) / 1000.0);
     return n;
@@ -653,6 +774,10 @@ static const char outbox_sql[] =
 static int flush_outbox(loop *L, PGconn *conn, char *err, size_t errlen)
 {
     ep *app = L->app;
+
+    /* The Redis connection is the pusher's while it pushes. */
+    pusher_wait_idle(L->P);
+    collect_pushed(L);
 
     for (;;) {
         PGresult *ids = PQexec(conn, "SELECT id, " OUTBOX_USEC " FROM job_outbox ORDER BY id LIMIT 1"), *res;
@@ -777,14 +902,22 @@ void *ep_run(void *arg)
     backoff db_backoff;
     char err[1024];
 
+    static pusher P;
+
     memset(&L, 0, sizeof(L));
     L.app = app;
+    L.P = &P;
+    pthread_mutex_init(&P.mu, NULL);
+    pthread_cond_init(&P.cv, NULL);
+    P.app = app;
     L.triggers_dirty = 1;
     L.outbox_dirty = 1;
     backoff_init(&L.lb, 100, 5000);
     backoff_init(&db_backoff, 100, 5000);
-    if (!(L.jobs = jobs_new())) {
-        log_error("out of memory");
+    if (!(L.jobs = jobs_new()) || !(P.spare = jobs_new()) || pthread_create(&P.th, NULL, pusher_main, &P) != 0) {
+        log_error("cannot start: out of memory or threads");
+        jobs_free(L.jobs);
+        jobs_free(P.spare);
         svc_request_stop();
         return NULL;
     }
@@ -838,6 +971,8 @@ void *ep_run(void *arg)
             update_lag(&L, conn, 0);
             /* Idle: delete pushed outbox rows now rather than with the next
              * batch (which this is, if events arrived meanwhile). */
+            pusher_wait_idle(&P);
+            collect_pushed(&L);
             if (L.npending && !svc_stopping()) {
                 n = run_batch(&L, conn, err, sizeof(err));
                 if (n < 0) {
@@ -861,6 +996,14 @@ void *ep_run(void *arg)
             continue;
         wait_for_work(&L, L.listen ? app->cfg.poll_ms : (app->cfg.poll_ms < 200 ? app->cfg.poll_ms : 200));
     }
+    /* Finish the push in hand; its outbox row is deleted at the next
+     * start (the flush finds its batch key and skips it). */
+    pthread_mutex_lock(&P.mu);
+    P.stop = 1;
+    pthread_cond_broadcast(&P.cv);
+    pthread_mutex_unlock(&P.mu);
+    pthread_join(P.th, NULL);
+    jobs_free(P.spare);
     listen_close(&L);
     {
         char b[256];

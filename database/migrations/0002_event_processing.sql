@@ -36,8 +36,11 @@ CREATE TRIGGER events_enqueue AFTER INSERT ON events
 -- job documents: writing a full row per job would cost far more than the
 -- events themselves. After a crash between COMMIT and the Redis push, the
 -- processor rebuilds the jobs from these references (joined to events,
--- triggers and trigger_actions) and pushes them; Redis guards every push
--- with SET job:seen:{id} NX, so a job that was already pushed is skipped.
+-- triggers and trigger_actions) and pushes them. A row's jobs go to Redis
+-- in one MULTI/EXEC that also sets ep:batch:{id}:{created_at in us} (under
+-- WATCH), so a row whose jobs were already pushed is skipped on replay.
+-- This needs the row durable before its push: the processor commits with
+-- synchronous_commit on.
 CREATE TABLE job_outbox (
     id          bigserial PRIMARY KEY,
     event_ids   text[] NOT NULL,

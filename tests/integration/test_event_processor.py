@@ -314,6 +314,27 @@ class EventProcessorTest(unittest.TestCase):
         b.close()
         self._assert_exact(t, [ea, eb])
 
+    def test_outbox_replay_pushed_once(self):
+        # Two outbox rows left by a crash between COMMIT and push: one whose
+        # batch already reached Redis (its ep:batch key exists) and one that
+        # did not. At start, the first is skipped and the second pushed; both
+        # rows are deleted.
+        t = self.trigger([{"condition_type": "agent_id_equals", "value": 424242}])
+        self.assertEqual(self.svc.stop(), 0)
+        e1 = self.event(agent_id=1)
+        e2 = self.event(agent_id=2)
+        self.sql("DELETE FROM event_queue")
+        aid = self.sql("SELECT id FROM trigger_actions WHERE trigger_id = %s", (t,))[0][0]
+        rows = []
+        for e in (e1, e2):
+            rows.append(self.sql("INSERT INTO job_outbox (event_ids, trigger_ids, action_ids) VALUES "
+                                 "(ARRAY[%s], ARRAY[%s], ARRAY[%s]) RETURNING id, "
+                                 "(extract(epoch FROM created_at) * 1000000)::bigint", (e, t, aid))[0])
+        self.r.set("ep:batch:%d:%d" % rows[0], "1", ex=600)
+        self.start_service()
+        self.drained()
+        self.assertEqual(self.pairs([t]), [(t, e2)])
+
     def test_metrics_and_health(self):
         with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % self.port, timeout=5) as r:
             self.assertEqual(r.status, 200)
