@@ -153,11 +153,15 @@ static cJSON *auth_body(httpd_req *req)
 }
 
 /* Answers 400 with `details` when it has members; returns nonzero then. */
-static int auth_reject(httpd_req *req, cJSON *details)
+/* Answers 400 when `*details` lists bad fields. The details object then
+ * belongs to the response, so *details is set to NULL for the caller's
+ * cleanup path. */
+static int auth_reject(httpd_req *req, cJSON **details)
 {
-    if (!cJSON_GetArraySize(details))
+    if (!cJSON_GetArraySize(*details))
         return 0;
-    httpd_respond_error(req, 400, "invalid_request", "invalid fields", details);
+    httpd_respond_error(req, 400, "invalid_request", "invalid fields", *details);
+    *details = NULL;
     return 1;
 }
 
@@ -273,7 +277,7 @@ static void auth_register(httpd_req *req, void *ud)
         cJSON_AddStringToObject(details, "username", "only letters, digits, '_', '-' and '.'");
     if (email && !auth_email_ok(email))
         cJSON_AddStringToObject(details, "email", "not an email address");
-    if (auth_reject(req, details))
+    if (auth_reject(req, &details))
         goto out;
     cJSON_Delete(details);
     details = NULL;
@@ -330,7 +334,7 @@ static void auth_login(httpd_req *req, void *ud)
     if (!username && !email && !cJSON_GetObjectItemCaseSensitive(details, "username") &&
         !cJSON_GetObjectItemCaseSensitive(details, "email"))
         cJSON_AddStringToObject(details, "username", "username or email is required");
-    if (auth_reject(req, details))
+    if (auth_reject(req, &details))
         goto out;
     if (!(conn = apiutil_db(gw, req)))
         goto out;
@@ -411,7 +415,7 @@ static void auth_refresh(httpd_req *req, void *ud)
         return;
     details = cJSON_CreateObject();
     tok = auth_str(body, "refresh_token", 1, 1, 512, details);
-    if (auth_reject(req, details))
+    if (auth_reject(req, &details))
         goto out;
     apiutil_sha256_hex(tok, hash);
     if (!(conn = apiutil_db(gw, req)))
@@ -469,7 +473,7 @@ static void auth_logout(httpd_req *req, void *ud)
         return;
     details = cJSON_CreateObject();
     tok = auth_str(body, "refresh_token", 1, 1, 512, details);
-    if (auth_reject(req, details))
+    if (auth_reject(req, &details))
         goto out;
     apiutil_sha256_hex(tok, hash);
     if (!(conn = apiutil_db(gw, req)))

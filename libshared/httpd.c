@@ -76,6 +76,7 @@ struct httpd_req {
     char *body;
     size_t body_len, body_cap;
     int too_large;
+    unsigned long long declared_len;
     httpd_kv params[HTTPD_MAX_PARAMS];
     int nparams;
     char *param_buf;
@@ -588,8 +589,10 @@ static httpd_req *httpd_req_new(httpd *srv, struct MHD_Connection *conn, const c
     if (clen) {
         char *end;
         unsigned long long n = strtoull(clen, &end, 10);
-        if (*end == '\0' && n > srv->opts.max_body)
+        if (*end == '\0' && n > srv->opts.max_body) {
             req->too_large = 1;
+            req->declared_len = n;
+        }
     }
     return req;
 }
@@ -627,6 +630,18 @@ static int httpd_append_body(httpd_req *req, const char *data, size_t len)
     return 0;
 }
 
+/* A body declared too large is answered at once, which makes MHD close the
+ * connection without reading it. Up to this size it is read and thrown
+ * away instead, so that clients which write the whole body before reading
+ * (most of them) see the 413 rather than a reset, and keep-alive survives.
+ * Memory stays bounded either way: discarded bytes are never stored. */
+static unsigned long long httpd_drain_max(const httpd *srv)
+{
+    unsigned long long cap = (unsigned long long)srv->opts.max_body * 8;
+
+    return cap < 64ULL * 1024 * 1024 ? cap : 64ULL * 1024 * 1024;
+}
+
 static enum MHD_Result httpd_access(void *cls, struct MHD_Connection *conn, const char *url, const char *method,
                                     const char *version, const char *upload_data, size_t *upload_data_size,
                                     void **req_cls)
@@ -643,7 +658,7 @@ static enum MHD_Result httpd_access(void *cls, struct MHD_Connection *conn, cons
         if (!req)
             return MHD_NO;
         *req_cls = req;
-        if (req->too_large) {
+        if (req->too_large && req->declared_len > httpd_drain_max(srv)) {
             httpd_dispatch(req);
             return httpd_queue(req);
         }
