@@ -38,6 +38,7 @@ typedef struct {
     long telegram_timeout_ms; /* TELEGRAM_TIMEOUT_MS */
     long mcp_timeout_ms;      /* MCP_TIMEOUT_MS (per request) */
     long response_max;        /* RESPONSE_MAX_BYTES kept in action_results */
+    int native_http;          /* HTTP_CLIENT=native: plain http:// REST goes through h1.c */
     char telegram_base[512];
     char telegram_token[256];
     char explorer_tx_url[512];
@@ -98,6 +99,12 @@ struct job {
     CURL *easy;             /* borrowed from the worker's pool while delivering */
     struct curl_slist *hdrs;
     struct curl_slist *resolve_list; /* CURLOPT_RESOLVE pin (owned) */
+    int native;           /* this request goes through h1.c, not libcurl */
+    buf req;              /* h1: the serialized request (owned) */
+    struct h1_req *h1req; /* h1: the running request (owned by the pool) */
+    target_info ti;       /* h1: the checked target with its pinned address */
+    long timeout_ms;      /* h1: the request's timeout */
+    int head_only;        /* h1: HEAD request */
     char *body;           /* request body (owned) */
     buf resp;
     long status;
@@ -152,6 +159,9 @@ int deliver_setup(job *j, const char *method, const char *url, const char *body,
                   const char *resolve, size_t max_resp);
 /* Adds a header line to j->hdrs. Returns 0 or -1. */
 int deliver_header(job *j, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Feeds one raw response header line (as libcurl's header callback gets
+ * it) to the job: Content-Type, Mcp-Session-Id, Retry-After. */
+void deliver_header_line(void *job_ptr, const char *line, size_t n);
 /* Frees the per-request state (headers, body, response) but not the easy. */
 void deliver_reset_request(job *j);
 /* Sets the outcome from a finished HTTP transfer: 2xx success; 408/429/5xx

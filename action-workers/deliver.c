@@ -1,6 +1,7 @@
 /* deliver: what every kind of action shares: the libcurl request set-up,
  * the HTTP outcome rules and the dispatch to the kind's own module. */
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -68,6 +69,11 @@ static size_t on_header(char *data, size_t size, size_t nmemb, void *ud)
     return n;
 }
 
+void deliver_header_line(void *job_ptr, const char *line, size_t n)
+{
+    on_header((char *)(uintptr_t)line, 1, n, job_ptr);
+}
+
 void deliver_reset_request(job *j)
 {
     curl_slist_free_all(j->hdrs);
@@ -78,6 +84,8 @@ void deliver_reset_request(job *j)
     j->status = 0;
     j->ctype[0] = '\0';
     j->retry_after_hdr = -1;
+    buf_free(&j->req);
+    j->native = 0;
 }
 
 int deliver_header(job *j, const char *fmt, ...)
@@ -176,7 +184,9 @@ void deliver_classify(job *j, CURLcode rc, long timeout_ms)
         j->breaker_fail = 1;
         return;
     }
-    curl_easy_getinfo(j->easy, CURLINFO_RESPONSE_CODE, &j->status);
+    /* h1 requests carry their status in j->status already. */
+    if (!j->native)
+        curl_easy_getinfo(j->easy, CURLINFO_RESPONSE_CODE, &j->status);
     if (j->status >= 200 && j->status < 300) {
         j->out = OUT_SUCCESS;
         j->err[0] = '\0';

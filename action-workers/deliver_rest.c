@@ -66,6 +66,95 @@ static int header_ok(const char *s)
     return !strpbrk(s, "\r\n");
 }
 
+/* Plain http:// URLs without user info go through h1.c (HTTP_CLIENT=native);
+ * everything else stays with libcurl. */
+static int native_ok(const char *url, const target_info *ti)
+{
+    const char *a = url + 7;
+
+    if (strncasecmp(url, "http://", 7) || ti->addrlen == 0)
+        return 0;
+    return !memchr(a, '@', strcspn(a, "/?#"));
+}
+
+static int has_header(const struct curl_slist *l, const char *name)
+{
+    size_t n = strlen(name);
+
+    for (; l; l = l->next)
+        if (!strncasecmp(l->data, name, n) && l->data[n] == ':')
+            return 1;
+    return 0;
+}
+
+#define NATIVE_REQ_MAX (256u * 1024 * 1024)
+
+/* Serializes the request for h1 into j->req: what libcurl would send for
+ * the same options (request line, Host, User-Agent, Accept, the headers in
+ * j->hdrs, Content-Length) plus Connection: keep-alive. Returns 0 or -1. */
+static int native_setup(job *j, const char *method, const char *url, const target_info *ti, long timeout_ms,
+                        size_t max_resp)
+{
+    const char *a = url + 7, *path = a + strcspn(a, "/?#");
+    size_t plen = strcspn(path, "#");
+    buf *b = &j->req;
+    char line[400];
+    int bad = 0;
+
+    buf_free(b);
+    buf_init(b, NATIVE_REQ_MAX);
+    bad |= buf_puts(b, method);
+    bad |= buf_puts(b, " ");
+    if (plen == 0 || path[0] == '?')
+        bad |= buf_puts(b, "/");
+    bad |= buf_append(b, path, plen);
+    snprintf(line, sizeof(line), strchr(ti->host, ':') ? " HTTP/1.1\r\nHost: [%s]" : " HTTP/1.1\r\nHost: %s",
+             ti->host);
+    bad |= buf_puts(b, line);
+    if (ti->port != 80) {
+        snprintf(line, sizeof(line), ":%d", ti->port);
+        bad |= buf_puts(b, line);
+    }
+    bad |= buf_puts(b, "\r\n");
+    if (!has_header(j->hdrs, "User-Agent"))
+        bad |= buf_puts(b, "User-Agent: erc8004-action-workers/" AW_VERSION "\r\n");
+    if (!has_header(j->hdrs, "Accept"))
+        bad |= buf_puts(b, "Accept: */*\r\n");
+    for (const struct curl_slist *l = j->hdrs; l; l = l->next) {
+        const char *c = strchr(l->data, ':');
+        size_t vl;
+
+        /* "Name:" with no value removes a header in libcurl (Expect:); the
+         * framing headers are ours. */
+        if (!c || !strncasecmp(l->data, "Connection:", 11) || !strncasecmp(l->data, "Transfer-Encoding:", 18))
+            continue;
+        vl = strspn(c + 1, " \t");
+        if (!c[1 + vl])
+            continue;
+        bad |= buf_puts(b, l->data);
+        bad |= buf_puts(b, "\r\n");
+    }
+    if (j->body) {
+        snprintf(line, sizeof(line), "Content-Length: %zu\r\n", strlen(j->body));
+        bad |= buf_puts(b, line);
+    }
+    bad |= buf_puts(b, "Connection: keep-alive\r\n\r\n");
+    if (j->body)
+        bad |= buf_puts(b, j->body);
+    if (bad || b->truncated)
+        return -1;
+    buf_free(&j->resp);
+    buf_init(&j->resp, max_resp);
+    j->status = 0;
+    j->ctype[0] = '\0';
+    j->retry_after_hdr = -1;
+    j->ti = *ti;
+    j->timeout_ms = timeout_ms;
+    j->head_only = !strcmp(method, "HEAD");
+    j->native = 1;
+    return 0;
+}
+
 int deliver_rest_begin(aw *app, job *j)
 {
     const cJSON *url = cJSON_GetObjectItemCaseSensitive(j->config, "url");
@@ -133,9 +222,13 @@ int deliver_rest_begin(aw *app, job *j)
             deliver_header(j, "X-Signature: sha256=%s", hex) < 0)
             goto oom;
     }
-    if (deliver_setup(j, method, url->valuestring, j->body, rest_timeout(j), ti.resolve,
-                      (size_t)app->cfg.response_max) < 0)
+    if (app->cfg.native_http && native_ok(url->valuestring, &ti)) {
+        if (native_setup(j, method, url->valuestring, &ti, rest_timeout(j), (size_t)app->cfg.response_max) < 0)
+            goto oom;
+    } else if (deliver_setup(j, method, url->valuestring, j->body, rest_timeout(j), ti.resolve,
+                             (size_t)app->cfg.response_max) < 0) {
         goto oom;
+    }
     j->attempted = 1;
     return 0;
 oom:

@@ -50,6 +50,16 @@ static void config_read(cfg *c, aw_config *o)
     o->telegram_timeout_ms = cfg_duration_ms(c, "TELEGRAM_TIMEOUT_MS", 10000, 1);
     o->mcp_timeout_ms = cfg_duration_ms(c, "MCP_TIMEOUT_MS", 30000, 1);
     o->response_max = cfg_int(c, "RESPONSE_MAX_BYTES", 65536, 256, 16L * 1024 * 1024);
+    {
+        const char *hc = cfg_str(c, "HTTP_CLIENT", "native");
+
+        /* native: plain http:// REST deliveries use h1.c on the event loop;
+         * curl: everything goes through libcurl (https always does). */
+        if (!strcmp(hc, "native"))
+            o->native_http = 1;
+        else if (strcmp(hc, "curl"))
+            cfg_error(c, "HTTP_CLIENT", hc, "native or curl");
+    }
     base = cfg_str(c, "TELEGRAM_API_BASE", "https://api.telegram.org");
     if (strncmp(base, "http://", 7) && strncmp(base, "https://", 8))
         cfg_error(c, "TELEGRAM_API_BASE", base, "an http:// or https:// URL");

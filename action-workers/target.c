@@ -268,8 +268,13 @@ int target_check(const target_policy *p, const char *url, target_info *out, char
             freeaddrinfo(res);
             return -1;
         }
-        if (!first[0])
+        if (!first[0]) {
             snprintf(first, sizeof(first), "%s", a);
+            if (ai->ai_addrlen <= sizeof(out->addr)) {
+                memcpy(&out->addr, ai->ai_addr, ai->ai_addrlen);
+                out->addrlen = (socklen_t)ai->ai_addrlen;
+            }
+        }
     }
     freeaddrinfo(res);
     if (!first[0]) {

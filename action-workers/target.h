@@ -20,6 +20,8 @@ typedef struct {
     char host[256];     /* as in the URL, without brackets */
     int port;
     char resolve[400];  /* "host:port:addr" for CURLOPT_RESOLVE; "" for IP literals */
+    struct sockaddr_storage addr; /* the pinned address (with the port), for h1's connect */
+    socklen_t addrlen;
 } target_info;
 
 /* Parses ALLOWED_TARGETS: a comma list of host names, IPv4/IPv6 addresses

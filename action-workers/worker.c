@@ -23,6 +23,7 @@
 
 #include "aw.h"
 #include "backoff.h"
+#include "h1.h"
 #include "log.h"
 #include "queue.h"
 #include "svc.h"
@@ -50,6 +51,7 @@ typedef struct {
     target_cache *tc;
     int ep;                  /* epoll set of the transfers' sockets */
     long long curl_due;      /* libcurl's next timeout (ms), -1 for none */
+    h1_pool *h1;             /* plain http:// REST requests (HTTP_CLIENT=native) */
     unsigned seed;
     long long next_take, next_maint, next_extend, next_redis_log;
 } worker;
@@ -72,6 +74,7 @@ void aw_job_free(job *j)
     curl_slist_free_all(j->resolve_list);
     free(j->body);
     buf_free(&j->resp);
+    buf_free(&j->req);
     cJSON_Delete(j->doc);
     cJSON_Delete(j->response);
     free(j->trigger_name);
@@ -282,6 +285,8 @@ static void finish(worker *w, job *j, long long now)
     free(j->body);
     j->body = NULL;
     buf_free(&j->resp);
+    buf_free(&j->req);
+    j->h1req = NULL;
     j->next = NULL;
     if (w->fin_tail)
         w->fin_tail->next = j;
@@ -299,7 +304,15 @@ static void start(worker *w, job *j, long long now)
         j->easy = w->pool[--w->npool];
     rc = j->out == OUT_INVALID ? 1 : deliver_begin(w->app, w->q, j, now);
 
-    if (rc == 0 && curl_multi_add_handle(w->multi, j->easy) != CURLM_OK) {
+    if (rc == 0 && j->native) {
+        h1_request rq = {j->host, (const struct sockaddr *)&j->ti.addr, j->ti.addrlen, j->req.p, j->req.len,
+                         j->timeout_ms, j->head_only, &j->resp, deliver_header_line, j};
+
+        if (!w->h1 || h1_start(w->h1, &rq, now, &j->h1req) < 0) {
+            deliver_fail(j, OUT_RETRY, "cannot start the transfer");
+            rc = 1;
+        }
+    } else if (rc == 0 && curl_multi_add_handle(w->multi, j->easy) != CURLM_OK) {
         deliver_fail(j, OUT_RETRY, "cannot start the transfer");
         rc = 1;
     }
@@ -392,10 +405,56 @@ static void run_held(worker *w, long long now)
     }
 }
 
+/* libcurl's codes for h1's errors, so that deliver_classify treats both
+ * clients' failures alike. */
+static CURLcode h1_code(int err)
+{
+    switch (err) {
+    case H1_OK:
+        return CURLE_OK;
+    case H1_E_TIMEOUT:
+        return CURLE_OPERATION_TIMEDOUT;
+    case H1_E_CONNECT:
+        return CURLE_COULDNT_CONNECT;
+    case H1_E_SEND:
+        return CURLE_SEND_ERROR;
+    case H1_E_RECV:
+        return CURLE_RECV_ERROR;
+    case H1_E_NOTHING:
+        return CURLE_GOT_NOTHING;
+    case H1_E_PARTIAL:
+        return CURLE_PARTIAL_FILE;
+    case H1_E_NOMEM:
+        return CURLE_OUT_OF_MEMORY;
+    default:
+        return CURLE_WEIRD_SERVER_REPLY;
+    }
+}
+
 static void completed(worker *w, long long now)
 {
     CURLMsg *m;
-    int left;
+    int left, err;
+    void *ud;
+    long status;
+
+    while (w->h1 && (err = h1_next_done(w->h1, &ud, &status)) >= 0) {
+        job *j = ud;
+
+        j->h1req = NULL;
+        j->status = status;
+        /* The same outcome code as a libcurl transfer; a kind that wants
+         * another request (only MCP does, and it never uses h1) would get
+         * a libcurl one. */
+        if (deliver_done(w->app, w->q, j, h1_code(err), now) == 0 && !j->native && j->easy &&
+            curl_multi_add_handle(w->multi, j->easy) == CURLM_OK)
+            continue;
+        unlink_job(&w->active, &w->nactive, j);
+        awm_inflight_add(-1);
+        if (j->out == OUT_NONE)
+            deliver_fail(j, OUT_RETRY, "transfer could not continue");
+        finish(w, j, now);
+    }
 
     while ((m = curl_multi_info_read(w->multi, &left))) {
         job *j = NULL;
@@ -474,8 +533,12 @@ static void release_list(worker *w, job *list, int transfers)
     int n = 0;
 
     for (job *j = list; j; j = j->next) {
-        if (transfers)
+        if (transfers && j->h1req) {
+            h1_cancel(w->h1, j->h1req);
+            j->h1req = NULL;
+        } else if (transfers && j->easy) {
             curl_multi_remove_handle(w->multi, j->easy);
+        }
         if (n < RELEASE_BATCH) {
             acks[n].raw = j->raw;
             acks[n].kind = QUEUE_RELEASE;
@@ -578,15 +641,24 @@ static void run_transfers(worker *w, int timeout_ms)
     int n, running = 0;
     long long now;
 
-    if (w->curl_due >= 0) {
-        long long left = w->curl_due - wall_ms();
+    long long h1_due = w->h1 ? h1_next_due(w->h1) : -1;
+
+    if (w->curl_due >= 0 || h1_due >= 0) {
+        long long due = w->curl_due < 0 ? h1_due : h1_due < 0 || w->curl_due < h1_due ? w->curl_due : h1_due;
+        long long left = due - wall_ms();
 
         if (left < timeout_ms)
             timeout_ms = left < 0 ? 0 : (int)left;
     }
     n = epoll_wait(w->ep, evs, 128, timeout_ms);
+    now = n > 0 ? wall_ms() : 0;
     for (int i = 0; i < n; i++) {
         int f = 0;
+
+        if (evs[i].data.u64 & H1_TAG) {
+            h1_event(w->h1, evs[i].data.u64, evs[i].events, now);
+            continue;
+        }
 
         if (evs[i].events & (EPOLLIN | EPOLLHUP))
             f |= CURL_CSELECT_IN;
@@ -597,6 +669,8 @@ static void run_transfers(worker *w, int timeout_ms)
         curl_multi_socket_action(w->multi, evs[i].data.fd, f, &running);
     }
     now = wall_ms();
+    if (w->h1 && h1_due >= 0 && now >= h1_due)
+        h1_expire(w->h1, now);
     if (w->curl_due >= 0 && now >= w->curl_due) {
         w->curl_due = -1;
         curl_multi_socket_action(w->multi, CURL_SOCKET_TIMEOUT, 0, &running);
@@ -624,7 +698,11 @@ void *worker_run(void *arg)
     w.multi = curl_multi_init();
     w.ep = epoll_create1(EPOLL_CLOEXEC);
     w.curl_due = -1;
-    if (!w.q || !w.multi || !w.pool || !w.tc || w.ep < 0) {
+    /* As many connections as libcurl's cache would keep (twice the slots),
+     * at most a slot's worth idle per host. */
+    if (w.app->cfg.native_http && w.ep >= 0)
+        w.h1 = h1_pool_new(w.ep, w.cap * 2 + 8, w.cap);
+    if (!w.q || !w.multi || !w.pool || !w.tc || w.ep < 0 || (w.app->cfg.native_http && !w.h1)) {
         log_error("worker %d: out of memory", w.idx);
         svc_request_stop();
         goto out;
@@ -672,6 +750,7 @@ out:
     free(w.pool);
     if (w.multi)
         curl_multi_cleanup(w.multi);
+    h1_pool_free(w.h1);
     if (w.ep >= 0)
         close(w.ep);
     target_cache_free(w.tc);

@@ -1,0 +1,772 @@
+/* h1: see h1.h. One request per connection at a time; the worker's epoll
+ * set watches the sockets (level-triggered). A busy connection is watched
+ * for input, and for output only while a request is partly written, so a
+ * request on a reused connection usually costs one send and one recv and
+ * no epoll_ctl. Idle connections stay watched for input: any event on one
+ * (the peer closed it) closes it. */
+#include "h1.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/epoll.h>
+#include <unistd.h>
+
+#define H1_KEY_MAX 320
+#define H1_READ_CHUNK 16384
+
+enum {
+    P_STATUS = 0, P_HEADERS, P_BODY, P_EOF_BODY, P_CHUNK_SIZE, P_CHUNK_DATA, P_CHUNK_END, P_TRAILERS, P_DONE,
+    P_ERROR
+};
+
+/* ---------------------------------------------------------------- parser */
+
+void h1_parser_init(h1_parser *p, int head_only, buf *body, h1_header_fn on_header, void *ud)
+{
+    p->state = P_STATUS;
+    p->head_only = head_only;
+    p->status = 0;
+    p->http10 = p->keep_alive = p->conn_close = p->chunked = p->has_len = 0;
+    p->remaining = 0;
+    p->hdr_bytes = 0;
+    p->linelen = 0;
+    p->body = body;
+    p->on_header = on_header;
+    p->ud = ud;
+    p->err[0] = '\0';
+}
+
+static int perr(h1_parser *p, const char *msg)
+{
+    snprintf(p->err, sizeof(p->err), "%s", msg);
+    p->state = P_ERROR;
+    return H1_PARSE_ERROR;
+}
+
+static int body_add(h1_parser *p, const char *d, size_t n)
+{
+    if (p->body && n && buf_append(p->body, d, n) < 0)
+        return perr(p, "out of memory");
+    return 0;
+}
+
+/* Does the comma list `v` (length n) contain the token `tok`? */
+static int has_token(const char *v, size_t n, const char *tok)
+{
+    size_t tl = strlen(tok);
+
+    for (size_t i = 0; i + tl <= n; i++)
+        if (!strncasecmp(v + i, tok, tl))
+            return 1;
+    return 0;
+}
+
+static int status_line(h1_parser *p, const char *s, size_t n)
+{
+    if (n < 12 || memcmp(s, "HTTP/1.", 7) || (s[7] != '0' && s[7] != '1') || s[8] != ' ' || s[9] < '1' ||
+        s[9] > '5' || s[10] < '0' || s[10] > '9' || s[11] < '0' || s[11] > '9' || (n > 12 && s[12] != ' '))
+        return perr(p, "bad status line");
+    p->status = (s[9] - '0') * 100 + (s[10] - '0') * 10 + (s[11] - '0');
+    p->http10 = s[7] == '0';
+    p->keep_alive = p->conn_close = p->chunked = p->has_len = 0;
+    p->state = P_HEADERS;
+    return 0;
+}
+
+static int end_of_headers(h1_parser *p)
+{
+    if (p->status >= 100 && p->status < 200 && p->status != 101) {
+        p->state = P_STATUS; /* an interim answer: the real one follows */
+        return 0;
+    }
+    if (p->head_only || p->status == 204 || p->status == 304 || p->status == 101)
+        p->state = P_DONE;
+    else if (p->chunked)
+        p->state = P_CHUNK_SIZE;
+    else if (p->has_len)
+        p->state = p->remaining ? P_BODY : P_DONE;
+    else {
+        p->state = P_EOF_BODY;
+        p->conn_close = 1;
+    }
+    return 0;
+}
+
+static int header_line(h1_parser *p, const char *s, size_t n)
+{
+    const char *colon = memchr(s, ':', n), *v;
+    size_t nl, vl;
+
+    if (!colon || colon == s)
+        return perr(p, "malformed header line");
+    nl = (size_t)(colon - s);
+    v = colon + 1;
+    vl = n - nl - 1;
+    while (vl && (*v == ' ' || *v == '\t')) {
+        v++;
+        vl--;
+    }
+    while (vl && (v[vl - 1] == ' ' || v[vl - 1] == '\t'))
+        vl--;
+    if (nl == 14 && !strncasecmp(s, "content-length", 14)) {
+        unsigned long long len = 0;
+
+        if (!vl || vl > 18)
+            return perr(p, "bad Content-Length");
+        for (size_t i = 0; i < vl; i++) {
+            if (v[i] < '0' || v[i] > '9')
+                return perr(p, "bad Content-Length");
+            len = len * 10 + (unsigned)(v[i] - '0');
+        }
+        if (p->has_len && p->remaining != len)
+            return perr(p, "conflicting Content-Length");
+        p->has_len = 1;
+        p->remaining = len;
+    } else if (nl == 17 && !strncasecmp(s, "transfer-encoding", 17)) {
+        if (has_token(v, vl, "chunked"))
+            p->chunked = 1;
+    } else if (nl == 10 && !strncasecmp(s, "connection", 10)) {
+        if (has_token(v, vl, "close"))
+            p->conn_close = 1;
+        if (has_token(v, vl, "keep-alive"))
+            p->keep_alive = 1;
+    }
+    return 0;
+}
+
+static int chunk_size(h1_parser *p, const char *s, size_t n)
+{
+    unsigned long long v = 0;
+    size_t i = 0;
+
+    for (; i < n; i++) {
+        int d;
+
+        if (s[i] >= '0' && s[i] <= '9')
+            d = s[i] - '0';
+        else if (s[i] >= 'a' && s[i] <= 'f')
+            d = s[i] - 'a' + 10;
+        else if (s[i] >= 'A' && s[i] <= 'F')
+            d = s[i] - 'A' + 10;
+        else
+            break;
+        if (i >= 15)
+            return perr(p, "chunk too large");
+        v = v * 16 + (unsigned)d;
+    }
+    if (i == 0 || (i < n && s[i] != ';' && s[i] != ' ' && s[i] != '\t'))
+        return perr(p, "bad chunk size");
+    if (v == 0)
+        p->state = P_TRAILERS;
+    else {
+        p->remaining = v;
+        p->state = P_CHUNK_DATA;
+    }
+    return 0;
+}
+
+/* One complete line (with its LF) in p->line. */
+static int one_line(h1_parser *p)
+{
+    size_t raw = p->linelen, n = raw;
+    const char *s = p->line;
+
+    p->linelen = 0;
+    if (n && s[n - 1] == '\n')
+        n--;
+    if (n && s[n - 1] == '\r')
+        n--;
+    switch (p->state) {
+    case P_STATUS:
+        if (n == 0)
+            return 0; /* tolerate a stray empty line before the status */
+        return status_line(p, s, n);
+    case P_HEADERS:
+        if (n == 0)
+            return end_of_headers(p);
+        if (header_line(p, s, n) < 0)
+            return H1_PARSE_ERROR;
+        if (p->on_header)
+            p->on_header(p->ud, s, raw);
+        return 0;
+    case P_CHUNK_SIZE:
+        return chunk_size(p, s, n);
+    case P_CHUNK_END:
+        if (n)
+            return perr(p, "bad chunk terminator");
+        p->state = P_CHUNK_SIZE;
+        return 0;
+    case P_TRAILERS:
+        if (n == 0)
+            p->state = P_DONE;
+        return 0;
+    default:
+        return perr(p, "parser misuse");
+    }
+}
+
+int h1_parse(h1_parser *p, const char *d, size_t n, size_t *used)
+{
+    size_t i = 0;
+
+    while (i < n && p->state != P_DONE) {
+        if (p->state == P_ERROR)
+            return H1_PARSE_ERROR;
+        if (p->state == P_BODY || p->state == P_CHUNK_DATA) {
+            size_t k = n - i;
+
+            if ((unsigned long long)k > p->remaining)
+                k = (size_t)p->remaining;
+            if (body_add(p, d + i, k) < 0)
+                return H1_PARSE_ERROR;
+            i += k;
+            p->remaining -= k;
+            if (!p->remaining)
+                p->state = p->state == P_BODY ? P_DONE : P_CHUNK_END;
+            continue;
+        }
+        if (p->state == P_EOF_BODY) {
+            if (body_add(p, d + i, n - i) < 0)
+                return H1_PARSE_ERROR;
+            i = n;
+            continue;
+        }
+        {
+            const char *nl = memchr(d + i, '\n', n - i);
+            size_t k = nl ? (size_t)(nl - (d + i)) + 1 : n - i;
+            int in_head = p->state == P_STATUS || p->state == P_HEADERS || p->state == P_TRAILERS;
+
+            if (p->linelen + k > H1_LINE_MAX)
+                return perr(p, in_head ? "header line too long" : "chunk line too long");
+            if (in_head) {
+                p->hdr_bytes += k;
+                if (p->hdr_bytes > H1_HEADERS_MAX)
+                    return perr(p, "headers too large");
+            }
+            memcpy(p->line + p->linelen, d + i, k);
+            p->linelen += k;
+            i += k;
+            if (nl && one_line(p) < 0)
+                return H1_PARSE_ERROR;
+        }
+    }
+    *used = i;
+    if (p->state == P_ERROR)
+        return H1_PARSE_ERROR;
+    return p->state == P_DONE ? H1_PARSE_DONE : H1_PARSE_MORE;
+}
+
+int h1_parse_eof(h1_parser *p)
+{
+    if (p->state == P_EOF_BODY || p->state == P_DONE) {
+        p->state = P_DONE;
+        return H1_PARSE_DONE;
+    }
+    return perr(p, "connection closed before the end of the response");
+}
+
+int h1_parse_in_body(const h1_parser *p)
+{
+    return p->state == P_BODY || p->state == P_CHUNK_DATA || p->state == P_CHUNK_SIZE || p->state == P_CHUNK_END ||
+           p->state == P_TRAILERS || p->state == P_EOF_BODY;
+}
+
+int h1_parse_reusable(const h1_parser *p)
+{
+    if (p->state != P_DONE || p->conn_close || p->status == 101)
+        return 0;
+    return !p->http10 || p->keep_alive;
+}
+
+/* ------------------------------------------------------------------ pool */
+
+enum { C_FREE = 0, C_CONNECTING, C_BUSY, C_IDLE };
+
+struct h1_req {
+    h1_req *next;          /* in the done list */
+    h1_request rq;
+    size_t sent;
+    long long deadline;
+    int retried;
+    int err;
+    long status;
+    struct h1_conn *conn;  /* NULL once finished */
+    char key[H1_KEY_MAX];
+    struct sockaddr_storage addr;
+};
+
+typedef struct h1_conn {
+    int fd;                /* -1 when the slot is free */
+    int state;
+    uint32_t events;       /* registered with epoll */
+    int reused;            /* a complete response came on it before */
+    int got_bytes;         /* the current request saw response bytes */
+    unsigned hash;
+    char key[H1_KEY_MAX];
+    struct sockaddr_storage addr;
+    socklen_t addrlen;
+    h1_req *req;
+    h1_parser p;
+} h1_conn;
+
+struct h1_pool {
+    int ep;
+    int n, max_idle;
+    h1_conn *conns;
+    h1_req *done, *done_tail;
+};
+
+static unsigned key_hash(const char *s)
+{
+    unsigned h = 2166136261u;
+
+    for (; *s; s++)
+        h = (h ^ (unsigned char)*s) * 16777619u;
+    return h;
+}
+
+h1_pool *h1_pool_new(int epfd, int max_conns, int max_idle_per_host)
+{
+    h1_pool *p = calloc(1, sizeof(*p));
+
+    if (!p)
+        return NULL;
+    p->conns = calloc((size_t)max_conns, sizeof(*p->conns));
+    if (!p->conns) {
+        free(p);
+        return NULL;
+    }
+    p->ep = epfd;
+    p->n = max_conns;
+    p->max_idle = max_idle_per_host;
+    for (int i = 0; i < p->n; i++)
+        p->conns[i].fd = -1;
+    return p;
+}
+
+static void conn_close(h1_conn *c)
+{
+    if (c->fd >= 0)
+        close(c->fd); /* also leaves the epoll set */
+    c->fd = -1;
+    c->state = C_FREE;
+    c->req = NULL;
+    c->events = 0;
+}
+
+void h1_pool_free(h1_pool *p)
+{
+    if (!p)
+        return;
+    for (int i = 0; i < p->n; i++) {
+        if (p->conns[i].req)
+            free(p->conns[i].req);
+        conn_close(&p->conns[i]);
+    }
+    while (p->done) {
+        h1_req *r = p->done;
+
+        p->done = r->next;
+        free(r);
+    }
+    free(p->conns);
+    free(p);
+}
+
+static void complete(h1_pool *p, h1_req *r, int err)
+{
+    r->err = err;
+    r->conn = NULL;
+    r->next = NULL;
+    if (p->done_tail)
+        p->done_tail->next = r;
+    else
+        p->done = r;
+    p->done_tail = r;
+}
+
+static int watch(h1_pool *p, h1_conn *c, uint32_t events)
+{
+    struct epoll_event ev;
+
+    if (c->events == events)
+        return 0;
+    memset(&ev, 0, sizeof(ev));
+    ev.events = events;
+    ev.data.u64 = H1_TAG | (uint64_t)(c - p->conns);
+    if (epoll_ctl(p->ep, c->events ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, c->fd, &ev) < 0)
+        return -1;
+    c->events = events;
+    return 0;
+}
+
+static void attach(h1_pool *p, h1_req *r, int allow_idle);
+
+/* The request on `c` failed with `err`. A reused connection that failed
+ * before any answer was most likely closed by the peer while idle: the
+ * request goes once more on a fresh connection. */
+static void fail_conn(h1_pool *p, h1_conn *c, int err)
+{
+    h1_req *r = c->req;
+    int stale = c->reused && !c->got_bytes &&
+                (err == H1_E_SEND || err == H1_E_RECV || err == H1_E_NOTHING);
+
+    conn_close(c);
+    if (!r)
+        return;
+    if (stale && !r->retried) {
+        r->retried = 1;
+        r->sent = 0;
+        attach(p, r, 0);
+        return;
+    }
+    complete(p, r, err);
+}
+
+static int idle_count(const h1_pool *p, const h1_conn *c)
+{
+    int n = 0;
+
+    for (int i = 0; i < p->n; i++) {
+        const h1_conn *o = &p->conns[i];
+
+        if (o->state == C_IDLE && o->hash == c->hash && !strcmp(o->key, c->key))
+            n++;
+    }
+    return n;
+}
+
+static void done_ok(h1_pool *p, h1_conn *c, int reusable)
+{
+    h1_req *r = c->req;
+
+    r->status = c->p.status;
+    c->req = NULL;
+    if (reusable && idle_count(p, c) < p->max_idle) {
+        c->state = C_IDLE;
+        c->reused = 1;
+        if (watch(p, c, EPOLLIN | EPOLLRDHUP) < 0)
+            conn_close(c);
+    } else {
+        conn_close(c);
+    }
+    complete(p, r, H1_OK);
+}
+
+static void send_some(h1_pool *p, h1_conn *c)
+{
+    h1_req *r = c->req;
+
+    while (r->sent < r->rq.len) {
+        ssize_t n = send(c->fd, r->rq.data + r->sent, r->rq.len - r->sent, MSG_NOSIGNAL);
+
+        if (n > 0) {
+            r->sent += (size_t)n;
+        } else if (n < 0 && errno == EINTR) {
+            continue;
+        } else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            if (watch(p, c, EPOLLIN | EPOLLOUT) < 0)
+                fail_conn(p, c, H1_E_SEND);
+            return;
+        } else {
+            fail_conn(p, c, H1_E_SEND);
+            return;
+        }
+    }
+    if (watch(p, c, EPOLLIN) < 0)
+        fail_conn(p, c, H1_E_RECV);
+}
+
+static void recv_some(h1_pool *p, h1_conn *c)
+{
+    char tmp[H1_READ_CHUNK];
+
+    for (;;) {
+        ssize_t n = recv(c->fd, tmp, sizeof(tmp), 0);
+
+        if (n > 0) {
+            size_t used = 0;
+            int rc;
+
+            c->got_bytes = 1;
+            rc = h1_parse(&c->p, tmp, (size_t)n, &used);
+            if (rc == H1_PARSE_ERROR) {
+                fail_conn(p, c, H1_E_PROTO);
+                return;
+            }
+            if (rc == H1_PARSE_DONE) {
+                /* Bytes after the response, or an answer before the whole
+                 * request was sent, leave the connection in an unknown
+                 * state: it is not reused. */
+                done_ok(p, c, used == (size_t)n && c->req->sent == c->req->rq.len && h1_parse_reusable(&c->p));
+                return;
+            }
+            if ((size_t)n < sizeof(tmp))
+                return; /* level-triggered: epoll says when there is more */
+        } else if (n == 0) {
+            if (h1_parse_eof(&c->p) == H1_PARSE_DONE)
+                done_ok(p, c, 0);
+            else
+                fail_conn(p, c, !c->got_bytes ? H1_E_NOTHING : h1_parse_in_body(&c->p) ? H1_E_PARTIAL : H1_E_PROTO);
+            return;
+        } else if (errno == EINTR) {
+            continue;
+        } else if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            return;
+        } else {
+            fail_conn(p, c, H1_E_RECV);
+            return;
+        }
+    }
+}
+
+static h1_conn *free_slot(h1_pool *p)
+{
+    h1_conn *idle = NULL;
+
+    for (int i = 0; i < p->n; i++) {
+        if (p->conns[i].state == C_FREE)
+            return &p->conns[i];
+        if (!idle && p->conns[i].state == C_IDLE)
+            idle = &p->conns[i];
+    }
+    /* Full: the first idle connection (of any host) makes room. */
+    if (idle)
+        conn_close(idle);
+    return idle;
+}
+
+static h1_conn *find_idle(h1_pool *p, const h1_req *r, unsigned hash)
+{
+    socklen_t alen = r->rq.addrlen;
+
+    for (int i = 0; i < p->n; i++) {
+        h1_conn *c = &p->conns[i];
+
+        if (c->state == C_IDLE && c->hash == hash && c->addrlen == alen && !strcmp(c->key, r->key) &&
+            !memcmp(&c->addr, &r->addr, alen))
+            return c;
+    }
+    return NULL;
+}
+
+static void bind_req(h1_conn *c, h1_req *r)
+{
+    c->req = r;
+    c->got_bytes = 0;
+    r->conn = c;
+    h1_parser_init(&c->p, r->rq.head_only, r->rq.body, r->rq.on_header, r->rq.ud);
+}
+
+/* Puts `r` on a connection: an idle one for its key when allowed, else a
+ * new one. */
+static void attach(h1_pool *p, h1_req *r, int allow_idle)
+{
+    unsigned hash = key_hash(r->key);
+    h1_conn *c = allow_idle ? find_idle(p, r, hash) : NULL;
+    int fd, one = 1;
+
+    if (c) {
+        c->state = C_BUSY;
+        bind_req(c, r);
+        send_some(p, c);
+        return;
+    }
+    c = free_slot(p);
+    if (!c) {
+        complete(p, r, H1_E_CONNECT);
+        return;
+    }
+    fd = socket(r->addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        complete(p, r, H1_E_CONNECT);
+        return;
+    }
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one));
+    if (connect(fd, (const struct sockaddr *)&r->addr, r->rq.addrlen) < 0 && errno != EINPROGRESS) {
+        close(fd);
+        complete(p, r, H1_E_CONNECT);
+        return;
+    }
+    c->fd = fd;
+    c->state = C_CONNECTING;
+    c->events = 0;
+    c->reused = 0;
+    c->hash = hash;
+    snprintf(c->key, sizeof(c->key), "%s", r->key);
+    memcpy(&c->addr, &r->addr, r->rq.addrlen);
+    c->addrlen = r->rq.addrlen;
+    bind_req(c, r);
+    if (watch(p, c, EPOLLOUT | EPOLLIN) < 0)
+        fail_conn(p, c, H1_E_CONNECT);
+}
+
+int h1_start(h1_pool *p, const h1_request *rq, long long now, h1_req **out)
+{
+    h1_req *r = calloc(1, sizeof(*r));
+
+    *out = NULL;
+    if (!r)
+        return -1;
+    r->rq = *rq;
+    snprintf(r->key, sizeof(r->key), "%s", rq->key);
+    if (rq->addrlen > sizeof(r->addr)) {
+        free(r);
+        return -1;
+    }
+    memcpy(&r->addr, rq->addr, rq->addrlen);
+    r->rq.key = r->key;
+    r->rq.addr = (const struct sockaddr *)&r->addr;
+    r->deadline = now + rq->timeout_ms;
+    *out = r;
+    attach(p, r, 1);
+    return 0;
+}
+
+void h1_cancel(h1_pool *p, h1_req *r)
+{
+    if (!r)
+        return;
+    if (r->conn) {
+        r->conn->req = NULL;
+        conn_close(r->conn);
+    } else {
+        h1_req **pp = &p->done;
+
+        p->done_tail = NULL;
+        while (*pp) {
+            if (*pp == r)
+                *pp = r->next;
+            else {
+                p->done_tail = *pp;
+                pp = &(*pp)->next;
+            }
+        }
+    }
+    free(r);
+}
+
+void h1_event(h1_pool *p, uint64_t tag, uint32_t events, long long now)
+{
+    uint64_t idx = tag & 0xffffffffu;
+    h1_conn *c;
+
+    (void)now;
+    if (idx >= (uint64_t)p->n)
+        return;
+    c = &p->conns[idx];
+    if (c->fd < 0)
+        return;
+    switch (c->state) {
+    case C_IDLE:
+        conn_close(c); /* closed by the peer, or talking out of turn */
+        return;
+    case C_CONNECTING: {
+        int err = 0;
+        socklen_t el = sizeof(err);
+
+        if (getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &el) < 0 || err) {
+            fail_conn(p, c, H1_E_CONNECT);
+            return;
+        }
+        if (!(events & (EPOLLOUT | EPOLLIN | EPOLLHUP | EPOLLERR)))
+            return;
+        if (events & (EPOLLHUP | EPOLLERR)) {
+            fail_conn(p, c, H1_E_CONNECT);
+            return;
+        }
+        c->state = C_BUSY;
+        send_some(p, c);
+        return;
+    }
+    case C_BUSY:
+        if ((events & EPOLLOUT) && c->req->sent < c->req->rq.len) {
+            send_some(p, c);
+            if (c->state != C_BUSY || !c->req)
+                return;
+        }
+        if (events & (EPOLLIN | EPOLLHUP | EPOLLERR | EPOLLRDHUP))
+            recv_some(p, c);
+        return;
+    default:
+        return;
+    }
+}
+
+long long h1_next_due(const h1_pool *p)
+{
+    long long due = -1;
+
+    for (int i = 0; i < p->n; i++) {
+        const h1_conn *c = &p->conns[i];
+
+        if (c->req && (due < 0 || c->req->deadline < due))
+            due = c->req->deadline;
+    }
+    return due;
+}
+
+void h1_expire(h1_pool *p, long long now)
+{
+    for (int i = 0; i < p->n; i++) {
+        h1_conn *c = &p->conns[i];
+
+        if (c->req && c->req->deadline <= now) {
+            h1_req *r = c->req;
+
+            c->req = NULL;
+            conn_close(c);
+            complete(p, r, H1_E_TIMEOUT);
+        }
+    }
+}
+
+int h1_next_done(h1_pool *p, void **ud, long *status)
+{
+    h1_req *r = p->done;
+    int err;
+
+    if (!r)
+        return -1;
+    p->done = r->next;
+    if (!p->done)
+        p->done_tail = NULL;
+    *ud = r->rq.ud;
+    *status = r->err == H1_OK ? r->status : 0;
+    err = r->err;
+    free(r);
+    return err;
+}
+
+const char *h1_strerror(int err)
+{
+    switch (err) {
+    case H1_OK:
+        return "ok";
+    case H1_E_TIMEOUT:
+        return "timeout";
+    case H1_E_CONNECT:
+        return "cannot connect";
+    case H1_E_SEND:
+        return "send failed";
+    case H1_E_RECV:
+        return "receive failed";
+    case H1_E_NOTHING:
+        return "empty reply";
+    case H1_E_PROTO:
+        return "bad HTTP response";
+    case H1_E_PARTIAL:
+        return "partial response";
+    case H1_E_NOMEM:
+        return "out of memory";
+    default:
+        return "unknown error";
+    }
+}

@@ -1,0 +1,138 @@
+/* h1: a small HTTP/1.1 client for plain http:// REST deliveries, driven by
+ * the worker thread's own epoll loop (no thread, no libcurl).
+ *
+ * It does only what a webhook POST needs: a bounded pool of keep-alive
+ * connections per host (key + pinned address), a non-blocking connect to
+ * the address target.c already checked, one request at a time per
+ * connection, and a response parser (status line, headers, Content-Length,
+ * chunked or read-to-close bodies). A connection is reused only after a
+ * complete response. A request that fails on a reused connection before
+ * any response byte arrived (the peer closed an idle keep-alive) is sent
+ * once more on a fresh connection. Everything else is reported as an
+ * h1_err, which the caller maps onto the libcurl codes so that outcomes are
+ * classified exactly as for libcurl transfers. https, redirects, proxies
+ * and authentication are libcurl's business. */
+#ifndef AW_H1_H
+#define AW_H1_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/socket.h>
+
+#include "buf.h"
+
+/* How a request ended. */
+typedef enum {
+    H1_OK = 0,
+    H1_E_TIMEOUT,  /* timeout_ms passed */
+    H1_E_CONNECT,  /* connect failed (refused, unreachable, no slot) */
+    H1_E_SEND,     /* sending the request failed */
+    H1_E_RECV,     /* receiving failed */
+    H1_E_NOTHING,  /* the peer closed without answering */
+    H1_E_PROTO,    /* the answer is not HTTP/1.x or breaks a limit */
+    H1_E_PARTIAL,  /* the peer closed in the middle of the body */
+    H1_E_NOMEM
+} h1_err;
+
+/* Called for every response header line, as received (with its CRLF). */
+typedef void (*h1_header_fn)(void *ud, const char *line, size_t n);
+
+/* ---- The response parser (public so it can be embedded and tested). ---- */
+
+#define H1_LINE_MAX 8192      /* longest status, header or chunk-size line */
+#define H1_HEADERS_MAX 65536  /* most header bytes in one response */
+
+enum { H1_PARSE_ERROR = -1, H1_PARSE_MORE = 0, H1_PARSE_DONE = 1 };
+
+typedef struct {
+    int state;
+    int head_only;            /* the request was HEAD: no body follows */
+    long status;              /* set once the status line is read */
+    int http10, keep_alive, conn_close, chunked, has_len;
+    unsigned long long remaining; /* body or chunk bytes still to come */
+    size_t hdr_bytes;
+    size_t linelen;
+    buf *body;                /* where body bytes go (bounded by the buf); may be NULL */
+    h1_header_fn on_header;   /* may be NULL */
+    void *ud;
+    char err[96];             /* why H1_PARSE_ERROR */
+    char line[H1_LINE_MAX];
+} h1_parser;
+
+/* Prepares `p` for one response. */
+void h1_parser_init(h1_parser *p, int head_only, buf *body, h1_header_fn on_header, void *ud);
+
+/* Feeds `n` bytes. Returns H1_PARSE_MORE when more are needed,
+ * H1_PARSE_DONE when the response is complete (`*used` bytes of this call
+ * belonged to it), H1_PARSE_ERROR with the reason in p->err. */
+int h1_parse(h1_parser *p, const char *data, size_t n, size_t *used);
+
+/* The peer closed the connection: H1_PARSE_DONE when that ends the body
+ * (a response without length), else H1_PARSE_ERROR. */
+int h1_parse_eof(h1_parser *p);
+
+/* Nonzero when the parser is inside a body (for PARTIAL vs PROTO). */
+int h1_parse_in_body(const h1_parser *p);
+
+/* Nonzero when the response may be followed by another one on the
+ * connection (HTTP/1.1 without Connection: close, or 1.0 keep-alive, and
+ * a delimited body). Only meaningful after H1_PARSE_DONE. */
+int h1_parse_reusable(const h1_parser *p);
+
+/* ---- The connection pool and requests. ---- */
+
+/* Epoll events of the pool's sockets carry this bit in data.u64 (the other
+ * bits are the connection's index), so a loop sharing its epoll set with
+ * other sockets (data.fd) can tell them apart. */
+#define H1_TAG (1ULL << 62)
+
+typedef struct h1_pool h1_pool;
+typedef struct h1_req h1_req;
+
+typedef struct {
+    const char *key;                /* pool key, e.g. "host:port" */
+    const struct sockaddr *addr;    /* where to connect (pinned address) */
+    socklen_t addrlen;
+    const char *data;               /* the request bytes, kept alive by the caller until done */
+    size_t len;
+    long timeout_ms;                /* whole request, connect included */
+    int head_only;                  /* HEAD request */
+    buf *body;                      /* response body (bounded by the buf) */
+    h1_header_fn on_header;
+    void *ud;                       /* handed back on completion and to on_header */
+} h1_request;
+
+/* A pool of at most `max_conns` connections (busy and idle) registered in
+ * the epoll set `epfd`, keeping at most `max_idle_per_host` idle ones per
+ * key. NULL on OOM. Free with h1_pool_free (closes everything; requests
+ * still running are dropped without completion). */
+h1_pool *h1_pool_new(int epfd, int max_conns, int max_idle_per_host);
+void h1_pool_free(h1_pool *p);
+
+/* Starts a request at time `now` (ms). Returns 0 with the request in `*out`
+ * (to h1_cancel it), or -1 on OOM. Failures after that, even immediate
+ * ones, are reported through h1_next_done. */
+int h1_start(h1_pool *p, const h1_request *rq, long long now, h1_req **out);
+
+/* Abandons a request that has not been collected by h1_next_done: its
+ * connection is closed and it is freed. NULL is a no-op. */
+void h1_cancel(h1_pool *p, h1_req *r);
+
+/* Handles an epoll event whose data.u64 has H1_TAG. */
+void h1_event(h1_pool *p, uint64_t tag, uint32_t events, long long now);
+
+/* The earliest request deadline (ms), or -1 when nothing runs. */
+long long h1_next_due(const h1_pool *p);
+
+/* Fails the requests whose deadline passed with H1_E_TIMEOUT. */
+void h1_expire(h1_pool *p, long long now);
+
+/* Takes one finished request: returns its h1_err and fills `*ud` and
+ * `*status` (the HTTP status, 0 when none), or returns -1 when none is
+ * finished. The request is freed. */
+int h1_next_done(h1_pool *p, void **ud, long *status);
+
+/* A short description of an h1_err (static). */
+const char *h1_strerror(int err);
+
+#endif
