@@ -307,6 +307,7 @@ typedef struct h1_conn {
     uint32_t events;       /* registered with epoll */
     int reused;            /* a complete response came on it before */
     int got_bytes;         /* the current request saw response bytes */
+    uint32_t gen;          /* bumped per socket: stale epoll events are ignored */
     unsigned hash;
     char key[H1_KEY_MAX];
     struct sockaddr_storage addr;
@@ -318,6 +319,7 @@ typedef struct h1_conn {
 struct h1_pool {
     int ep;
     int n, max_idle;
+    int hi;                /* slots at or past this index were never used */
     h1_conn *conns;
     h1_req *done, *done_tail;
 };
@@ -399,7 +401,7 @@ static int watch(h1_pool *p, h1_conn *c, uint32_t events)
         return 0;
     memset(&ev, 0, sizeof(ev));
     ev.events = events;
-    ev.data.u64 = H1_TAG | (uint64_t)(c - p->conns);
+    ev.data.u64 = H1_TAG | ((uint64_t)(c->gen & 0x3fffffffu) << 32) | (uint64_t)(c - p->conns);
     if (epoll_ctl(p->ep, c->events ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, c->fd, &ev) < 0)
         return -1;
     c->events = events;
@@ -433,7 +435,7 @@ static int idle_count(const h1_pool *p, const h1_conn *c)
 {
     int n = 0;
 
-    for (int i = 0; i < p->n; i++) {
+    for (int i = 0; i < p->hi; i++) {
         const h1_conn *o = &p->conns[i];
 
         if (o->state == C_IDLE && o->hash == c->hash && !strcmp(o->key, c->key))
@@ -471,7 +473,7 @@ static void send_some(h1_pool *p, h1_conn *c)
         } else if (n < 0 && errno == EINTR) {
             continue;
         } else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-            if (watch(p, c, EPOLLIN | EPOLLOUT) < 0)
+            if (watch(p, c, EPOLLIN | EPOLLRDHUP | EPOLLOUT) < 0)
                 fail_conn(p, c, H1_E_SEND);
             return;
         } else {
@@ -479,7 +481,7 @@ static void send_some(h1_pool *p, h1_conn *c)
             return;
         }
     }
-    if (watch(p, c, EPOLLIN) < 0)
+    if (watch(p, c, EPOLLIN | EPOLLRDHUP) < 0)
         fail_conn(p, c, H1_E_RECV);
 }
 
@@ -531,8 +533,11 @@ static h1_conn *free_slot(h1_pool *p)
     h1_conn *idle = NULL;
 
     for (int i = 0; i < p->n; i++) {
-        if (p->conns[i].state == C_FREE)
+        if (p->conns[i].state == C_FREE) {
+            if (i >= p->hi)
+                p->hi = i + 1;
             return &p->conns[i];
+        }
         if (!idle && p->conns[i].state == C_IDLE)
             idle = &p->conns[i];
     }
@@ -546,7 +551,7 @@ static h1_conn *find_idle(h1_pool *p, const h1_req *r, unsigned hash)
 {
     socklen_t alen = r->rq.addrlen;
 
-    for (int i = 0; i < p->n; i++) {
+    for (int i = 0; i < p->hi; i++) {
         h1_conn *c = &p->conns[i];
 
         if (c->state == C_IDLE && c->hash == hash && c->addrlen == alen && !strcmp(c->key, r->key) &&
@@ -596,6 +601,7 @@ static void attach(h1_pool *p, h1_req *r, int allow_idle)
         return;
     }
     c->fd = fd;
+    c->gen++;
     c->state = C_CONNECTING;
     c->events = 0;
     c->reused = 0;
@@ -604,7 +610,7 @@ static void attach(h1_pool *p, h1_req *r, int allow_idle)
     memcpy(&c->addr, &r->addr, r->rq.addrlen);
     c->addrlen = r->rq.addrlen;
     bind_req(c, r);
-    if (watch(p, c, EPOLLOUT | EPOLLIN) < 0)
+    if (watch(p, c, EPOLLOUT | EPOLLIN | EPOLLRDHUP) < 0)
         fail_conn(p, c, H1_E_CONNECT);
 }
 
@@ -662,7 +668,9 @@ void h1_event(h1_pool *p, uint64_t tag, uint32_t events, long long now)
     if (idx >= (uint64_t)p->n)
         return;
     c = &p->conns[idx];
-    if (c->fd < 0)
+    /* An event queued for a socket that was closed (and its slot reused)
+     * earlier in the same epoll batch is not for this one. */
+    if (c->fd < 0 || ((tag >> 32) & 0x3fffffffu) != (c->gen & 0x3fffffffu))
         return;
     switch (c->state) {
     case C_IDLE:
@@ -704,7 +712,7 @@ long long h1_next_due(const h1_pool *p)
 {
     long long due = -1;
 
-    for (int i = 0; i < p->n; i++) {
+    for (int i = 0; i < p->hi; i++) {
         const h1_conn *c = &p->conns[i];
 
         if (c->req && (due < 0 || c->req->deadline < due))
@@ -715,7 +723,7 @@ long long h1_next_due(const h1_pool *p)
 
 void h1_expire(h1_pool *p, long long now)
 {
-    for (int i = 0; i < p->n; i++) {
+    for (int i = 0; i < p->hi; i++) {
         h1_conn *c = &p->conns[i];
 
         if (c->req && c->req->deadline <= now) {

@@ -82,7 +82,7 @@ int h1_parse_reusable(const h1_parser *p);
 /* ---- The connection pool and requests. ---- */
 
 /* Epoll events of the pool's sockets carry this bit in data.u64 (the other
- * bits are the connection's index), so a loop sharing its epoll set with
+ * bits are the connection's generation and index), so a loop sharing its epoll set with
  * other sockets (data.fd) can tell them apart. */
 #define H1_TAG (1ULL << 62)
 

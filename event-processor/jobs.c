@@ -1,8 +1,11 @@
 #include "jobs.h"
 
+#include <errno.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/uio.h>
 #include <time.h>
 
 #include <openssl/evp.h>
@@ -18,23 +21,35 @@ typedef struct {
     size_t len, cap;
 } sbuf;
 
-/* A job: its JSON, channel and Broadcast live in the arena (offsets, since
- * the arena moves as it grows). */
+/* A job: its document lives in the arena already framed as a RESP bulk
+ * string ("$len\r\n{...}\r\n"), so the push writes it to the socket from
+ * there (writev) without copying it; its channel and Broadcast live in
+ * `pub`. Offsets, since the buffers move as they grow. */
 typedef struct {
     char id[65];
     int priority;
     int seq;
-    size_t json_off, json_len;
+    size_t bulk_off, bulk_len;
     size_t ch_off, ch_len; /* ch_len 0: no Broadcast */
     size_t msg_off, msg_len;
 } job;
 
+/* A piece of the push: `len` bytes at `off` in the arena or in resp. */
+typedef struct {
+    int in_arena;
+    size_t off, len;
+} seg;
+
 struct jobs {
     job *v;
     int n, cap;
-    sbuf arena;      /* job documents, channels, messages */
+    int nhigh;       /* jobs with priority > 1 (0: no sorting needed) */
+    sbuf arena;      /* job documents as RESP bulks, back to back */
+    sbuf pub;        /* channels and Broadcast messages */
     sbuf ev, tr, ac; /* outbox array literals */
-    sbuf resp;       /* the RESP of one push */
+    sbuf resp;       /* command framing and the small commands of a push */
+    seg *segs;       /* the push, in order */
+    int nseg, capseg;
     EVP_MD_CTX *mdctx;
     EVP_MD *md;
 };
@@ -81,6 +96,11 @@ static int sb_arr_elem(sbuf *b, const char *s)
 {
     if (sb_str(b, b->len > 1 ? ",\"" : "\"") < 0)
         return -1;
+    if (!strpbrk(s, "\"\\")) {
+        if (sb_str(b, s) < 0)
+            return -1;
+        return sb_put(b, "\"", 1);
+    }
     for (; *s; s++) {
         if ((*s == '"' || *s == '\\') && sb_put(b, "\\", 1) < 0)
             return -1;
@@ -141,8 +161,8 @@ jobs *jobs_new(void)
 
 void jobs_clear(jobs *j)
 {
-    j->n = 0;
-    j->arena.len = j->ev.len = j->tr.len = j->ac.len = j->resp.len = 0;
+    j->n = j->nhigh = j->nseg = 0;
+    j->arena.len = j->pub.len = j->ev.len = j->tr.len = j->ac.len = j->resp.len = 0;
 }
 
 void jobs_free(jobs *j)
@@ -151,6 +171,8 @@ void jobs_free(jobs *j)
         return;
     free(j->v);
     free(j->arena.s);
+    free(j->pub.s);
+    free(j->segs);
     free(j->ev.s);
     free(j->tr.s);
     free(j->ac.s);
@@ -199,13 +221,24 @@ static void digest3(jobs *j, const char *a, const char *b, const char *c, char h
     hex[64] = '\0';
 }
 
+/* A piece of a job document. */
+typedef struct {
+    const char *s;
+    size_t n;
+} piece;
+
+#define PIECE_LIT(lit) ((piece){(lit), sizeof(lit) - 1})
+#define PIECE_STR(str) ((piece){(str), strlen(str)})
+
 static int add_common(jobs *j, const char *tid, const char *tid_esc, const char *name_esc, const char *user_esc,
                       int action_id, const char *action_type, int priority, const char *config_json,
                       const jobs_event *ev, const char *now, int publish)
 {
-    char prio[16], aid[16];
-    sbuf *a = &j->arena;
-    size_t arena_len = a->len, ev_len = j->ev.len, tr_len = j->tr.len, ac_len = j->ac.len;
+    char prio[16], aid[16], hdr[32];
+    sbuf *a = &j->arena, *pb = &j->pub;
+    size_t arena_len = a->len, pub_len = pb->len, ev_len = j->ev.len, tr_len = j->tr.len, ac_len = j->ac.len;
+    size_t total = 0;
+    int hlen;
     job *x;
 
     if (j->n == j->cap) {
@@ -225,47 +258,70 @@ static int add_common(jobs *j, const char *tid, const char *tid_esc, const char 
     x->priority = priority;
     x->seq = j->n;
     x->ch_len = x->msg_len = 0;
-    /* The document is spliced from prebuilt pieces: the event's JSON is
-     * built once per event, the trigger's escaped strings once per load. */
-    x->json_off = a->len;
-    if (SB_LIT(a, "{\"id\":\"") < 0 || sb_put(a, x->id, 64) < 0 || SB_LIT(a, "\",\"trigger_id\":\"") < 0 ||
-        sb_str(a, tid_esc) < 0 || SB_LIT(a, "\",\"event_id\":\"") < 0 || sb_str(a, ev->id_esc) < 0 ||
-        SB_LIT(a, "\",\"action_type\":\"") < 0 || sb_str(a, action_type) < 0 || SB_LIT(a, "\",\"action_id\":") < 0 ||
-        sb_str(a, aid) < 0 || SB_LIT(a, ",\"priority\":") < 0 || sb_str(a, prio) < 0 ||
-        SB_LIT(a, ",\"config\":") < 0 || sb_str(a, config_json) < 0 || SB_LIT(a, ",\"event\":") < 0 ||
-        sb_put(a, ev->json, ev->json_len) < 0 || SB_LIT(a, ",\"created_at\":\"") < 0 || sb_str(a, now) < 0 ||
-        SB_LIT(a, "\",\"attempt\":0,\"trigger_name\":\"") < 0 || sb_str(a, name_esc) < 0 ||
-        SB_LIT(a, "\",\"user_id\":\"") < 0 || sb_str(a, user_esc) < 0 || SB_LIT(a, "\"}") < 0)
-        goto fail;
-    x->json_len = a->len - x->json_off;
+    {
+        /* The document is spliced from prebuilt pieces (the event's JSON is
+         * built once per event, the trigger's escaped strings once per
+         * load), after its RESP bulk header, whose length is known once
+         * the pieces are. */
+        const piece pieces[] = {
+            PIECE_LIT("{\"id\":\""), {x->id, 64}, PIECE_LIT("\",\"trigger_id\":\""), PIECE_STR(tid_esc),
+            PIECE_LIT("\",\"event_id\":\""), PIECE_STR(ev->id_esc), PIECE_LIT("\",\"action_type\":\""),
+            PIECE_STR(action_type), PIECE_LIT("\",\"action_id\":"), PIECE_STR(aid), PIECE_LIT(",\"priority\":"),
+            PIECE_STR(prio), PIECE_LIT(",\"config\":"), PIECE_STR(config_json), PIECE_LIT(",\"event\":"),
+            {ev->json, ev->json_len}, PIECE_LIT(",\"created_at\":\""), PIECE_STR(now),
+            PIECE_LIT("\",\"attempt\":0,\"trigger_name\":\""), PIECE_STR(name_esc), PIECE_LIT("\",\"user_id\":\""),
+            PIECE_STR(user_esc), PIECE_LIT("\"}"),
+        };
+        const int np = (int)(sizeof(pieces) / sizeof(pieces[0]));
+
+        for (int i = 0; i < np; i++)
+            total += pieces[i].n;
+        hlen = snprintf(hdr, sizeof(hdr), "$%zu\r\n", total);
+        if (sb_grow(a, (size_t)hlen + total + 2) < 0)
+            goto fail;
+        x->bulk_off = a->len;
+        memcpy(a->s + a->len, hdr, (size_t)hlen);
+        a->len += (size_t)hlen;
+        for (int i = 0; i < np; i++) {
+            memcpy(a->s + a->len, pieces[i].s, pieces[i].n);
+            a->len += pieces[i].n;
+        }
+        memcpy(a->s + a->len, "\r\n", 2);
+        a->len += 2;
+        a->s[a->len] = '\0';
+        x->bulk_len = a->len - x->bulk_off;
+    }
     if (publish) {
         char mid[65];
 
         digest3(j, tid, ev->id, NULL, mid);
-        x->ch_off = a->len;
-        if (SB_LIT(a, "rt:topic:user:") < 0 || sb_str(a, user_esc) < 0)
+        x->ch_off = pb->len;
+        if (SB_LIT(pb, "rt:topic:user:") < 0 || sb_str(pb, user_esc) < 0)
             goto fail;
-        x->ch_len = a->len - x->ch_off;
-        x->msg_off = a->len;
-        if (SB_LIT(a, "{\"topic\":\"user:") < 0 || sb_str(a, user_esc) < 0 ||
-            SB_LIT(a, "\",\"payload\":{\"type\":\"trigger.fired\",\"trigger_id\":\"") < 0 || sb_str(a, tid_esc) < 0 ||
-            SB_LIT(a, "\",\"event_id\":\"") < 0 || sb_str(a, ev->id_esc) < 0 ||
-            SB_LIT(a, "\",\"event_type\":\"") < 0 || sb_str(a, ev->type_esc) < 0 || SB_LIT(a, "\",\"agent_id\":") < 0 ||
-            sb_str(a, ev->agent) < 0 || SB_LIT(a, "},\"from\":\"event-processor\",\"message_id\":\"") < 0 ||
-            sb_put(a, mid, 64) < 0 || SB_LIT(a, "\",\"timestamp\":\"") < 0 || sb_str(a, now) < 0 ||
-            SB_LIT(a, "\"}") < 0)
+        x->ch_len = pb->len - x->ch_off;
+        x->msg_off = pb->len;
+        if (SB_LIT(pb, "{\"topic\":\"user:") < 0 || sb_str(pb, user_esc) < 0 ||
+            SB_LIT(pb, "\",\"payload\":{\"type\":\"trigger.fired\",\"trigger_id\":\"") < 0 ||
+            sb_str(pb, tid_esc) < 0 || SB_LIT(pb, "\",\"event_id\":\"") < 0 || sb_str(pb, ev->id_esc) < 0 ||
+            SB_LIT(pb, "\",\"event_type\":\"") < 0 || sb_str(pb, ev->type_esc) < 0 ||
+            SB_LIT(pb, "\",\"agent_id\":") < 0 || sb_str(pb, ev->agent) < 0 ||
+            SB_LIT(pb, "},\"from\":\"event-processor\",\"message_id\":\"") < 0 || sb_put(pb, mid, 64) < 0 ||
+            SB_LIT(pb, "\",\"timestamp\":\"") < 0 || sb_str(pb, now) < 0 || SB_LIT(pb, "\"}") < 0)
             goto fail;
-        x->msg_len = a->len - x->msg_off;
+        x->msg_len = pb->len - x->msg_off;
     }
     if (j->ev.len == 0 && (sb_str(&j->ev, "{") < 0 || sb_str(&j->tr, "{") < 0 || sb_str(&j->ac, "{") < 0))
         goto fail;
     if (sb_arr_elem(&j->ev, ev->id) < 0 || sb_arr_elem(&j->tr, tid) < 0 ||
         sb_str(&j->ac, j->ac.len > 1 ? "," : "") < 0 || sb_str(&j->ac, aid) < 0)
         goto fail;
+    if (priority > 1)
+        j->nhigh++;
     j->n++;
     return 0;
 fail:
     a->len = arena_len;
+    pb->len = pub_len;
     j->ev.len = ev_len;
     j->tr.len = tr_len;
     j->ac.len = ac_len;
@@ -325,38 +381,123 @@ static int job_cmp(const void *pa, const void *pb)
     return a->seq < b->seq ? -1 : (a->seq > b->seq);
 }
 
-/* Appends LPUSH (ordinary) and RPUSH (priority) commands of the jobs in
- * [from, to) in chunks. Returns the number of commands or -1. */
-static long build_pushes(jobs *j, const char *queue, int from, int to)
+/* Appends a piece to the push, merged with the previous one when they are
+ * adjacent in the same buffer (consecutive job documents are). */
+static int seg_add(jobs *j, int in_arena, size_t off, size_t len)
+{
+    seg *last = j->nseg ? &j->segs[j->nseg - 1] : NULL;
+
+    if (len == 0)
+        return 0;
+    if (last && last->in_arena == in_arena && last->off + last->len == off) {
+        last->len += len;
+        return 0;
+    }
+    if (j->nseg == j->capseg) {
+        int cap = j->capseg ? j->capseg * 2 : 64;
+        seg *p = realloc(j->segs, (size_t)cap * sizeof(*p));
+
+        if (!p)
+            return -1;
+        j->segs = p;
+        j->capseg = cap;
+    }
+    j->segs[j->nseg++] = (seg){in_arena, off, len};
+    return 0;
+}
+
+/* Adds what was appended to j->resp since *mark to the push. */
+static int seg_resp(jobs *j, size_t *mark)
+{
+    int rc = seg_add(j, 0, *mark, j->resp.len - *mark);
+
+    *mark = j->resp.len;
+    return rc;
+}
+
+/* Appends LPUSH (ordinary) and RPUSH (priority) commands of every job in
+ * chunks, then the PUBLISHes, to the push (j->resp from *mark on holds
+ * what precedes). Returns the number of commands or -1. */
+static long build_pushes(jobs *j, const char *queue, size_t *mark)
 {
     long ncmd = 0;
 
-    for (int i = from; i < to;) {
+    for (int i = 0; i < j->n;) {
         int right = j->v[i].priority > 1, k = i;
 
-        while (k < to && (j->v[k].priority > 1) == right && k - i < PUSH_CHUNK)
+        while (k < j->n && (j->v[k].priority > 1) == right && k - i < PUSH_CHUNK)
             k++;
         if (resp_array(&j->resp, 2 + (k - i)) < 0 || resp_bulk(&j->resp, right ? "RPUSH" : "LPUSH", 5) < 0 ||
-            resp_bulk(&j->resp, queue, strlen(queue)) < 0)
+            resp_bulk(&j->resp, queue, strlen(queue)) < 0 || seg_resp(j, mark) < 0)
             return -1;
         for (int m = i; m < k; m++)
-            if (resp_bulk(&j->resp, j->arena.s + j->v[m].json_off, j->v[m].json_len) < 0)
+            if (seg_add(j, 1, j->v[m].bulk_off, j->v[m].bulk_len) < 0)
                 return -1;
         ncmd++;
         i = k;
     }
-    for (int i = from; i < to; i++) {
+    for (int i = 0; i < j->n; i++) {
         job *x = &j->v[i];
 
         if (!x->ch_len)
             continue;
         if (resp_array(&j->resp, 3) < 0 || resp_bulk(&j->resp, "PUBLISH", 7) < 0 ||
-            resp_bulk(&j->resp, j->arena.s + x->ch_off, x->ch_len) < 0 ||
-            resp_bulk(&j->resp, j->arena.s + x->msg_off, x->msg_len) < 0)
+            resp_bulk(&j->resp, j->pub.s + x->ch_off, x->ch_len) < 0 ||
+            resp_bulk(&j->resp, j->pub.s + x->msg_off, x->msg_len) < 0)
             return -1;
         ncmd++;
     }
-    return ncmd;
+    return seg_resp(j, mark) < 0 ? -1 : ncmd;
+}
+
+/* Writes the push's pieces to the connection's socket with writev, from
+ * where they are (the documents are not copied into hiredis's output
+ * buffer, which is flushed first). hiredis reads the replies afterwards:
+ * in blocking mode it only reads what the socket holds. */
+static int send_segs(jobs *j, redisContext *c, char *err, size_t errlen)
+{
+    struct iovec iov[IOV_MAX < 1024 ? IOV_MAX : 1024];
+    int done = 0, k = 0;
+    size_t skip = 0; /* bytes of segs[k] already written */
+
+    while (!done)
+        if (redisBufferWrite(c, &done) != REDIS_OK) {
+            snprintf(err, errlen, "redis: %s", c->errstr[0] ? c->errstr : "write failed");
+            return -1;
+        }
+    while (k < j->nseg) {
+        int n = 0;
+        ssize_t w;
+
+        for (int i = k; i < j->nseg && n < (int)(sizeof(iov) / sizeof(iov[0])); i++, n++) {
+            const seg *g = &j->segs[i];
+            size_t off = i == k ? skip : 0;
+
+            iov[n].iov_base = (g->in_arena ? j->arena.s : j->resp.s) + g->off + off;
+            iov[n].iov_len = g->len - off;
+        }
+        w = writev(c->fd, iov, n);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            snprintf(err, errlen, "redis: write: %s", errno == EAGAIN ? "timed out" : strerror(errno));
+            return -1;
+        }
+        /* Advance past what was written. */
+        while (w > 0 && k < j->nseg) {
+            size_t left = j->segs[k].len - skip;
+
+            if ((size_t)w >= left) {
+                w -= (ssize_t)left;
+                k++;
+                skip = 0;
+            } else {
+                skip += (size_t)w;
+                w = 0;
+            }
+        }
+    }
+    return 0;
 }
 
 static redisReply *get_reply(redisContext *c, char *err, size_t errlen)
@@ -390,6 +531,7 @@ static int push_once(jobs *j, redisContext *c, const char *queue, const char *ke
     const char *set[] = {"SET", key, "1", "EX", ttl}, *exec[] = {"EXEC"}, *unwatch[] = {"UNWATCH"};
     redisReply *rep;
     long ncmd;
+    size_t mark = 0;
     int done = 0, bad = 0;
 
     j->resp.len = 0;
@@ -415,12 +557,16 @@ static int push_once(jobs *j, redisContext *c, const char *queue, const char *ke
         freeReplyObject(rep);
         return 0;
     }
-    if (resp_cmd(&j->resp, 1, multi) < 0 || (ncmd = build_pushes(j, queue, 0, j->n)) < 0 ||
-        resp_cmd(&j->resp, 5, set) < 0 || resp_cmd(&j->resp, 1, exec) < 0) {
+    j->resp.len = 0;
+    j->nseg = 0;
+    if (resp_cmd(&j->resp, 1, multi) < 0 || (ncmd = build_pushes(j, queue, &mark)) < 0 ||
+        resp_cmd(&j->resp, 5, set) < 0 || resp_cmd(&j->resp, 1, exec) < 0 || seg_resp(j, &mark) < 0) {
         snprintf(err, errlen, "out of memory");
-        return -2; /* half a transaction may be in the buffer: start over */
+        return -2;
     }
-    if (send_resp(j, c, err, errlen) < 0)
+    /* A write that fails midway leaves half a transaction on the
+     * connection: -2 drops the connection, which discards it. */
+    if (send_segs(j, c, err, errlen) < 0)
         return -2;
     /* MULTI, each queued command and the SET answer +OK/+QUEUED (or an
      * error, which makes EXEC abort); then EXEC. */
@@ -458,7 +604,8 @@ int jobs_push(jobs *j, rconn *r, const char *queue, const char *batch_key, long 
 
     if (j->n == 0)
         return 0;
-    qsort(j->v, (size_t)j->n, sizeof(*j->v), job_cmp);
+    if (j->nhigh)
+        qsort(j->v, (size_t)j->n, sizeof(*j->v), job_cmp);
     snprintf(ttl, sizeof(ttl), "%ld", ttl_s);
     if (rconn_connect(r) < 0 || !(c = rconn_context(r))) {
         snprintf(err, errlen, "redis: %s", rconn_errstr(r));

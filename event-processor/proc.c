@@ -18,6 +18,7 @@
 #include "backoff.h"
 #include "ep.h"
 #include "event_model.h"
+#include "evrow.h"
 #include "jobs.h"
 #include "log.h"
 #include "migrate.h"
@@ -46,8 +47,10 @@ static long long now_us(void)
 }
 
 typedef struct {
-    cJSON *ev;
+    cJSON *ev; /* the members matching reads (evrow_match_obj) */
+    int row;   /* the event's row in the batch's result */
     char *json, *id_esc, *type_esc;
+    size_t json_len;
     char agent[24];
     tindex_trigger *const *lists[2];
     int lens[2], nlists;
@@ -342,15 +345,16 @@ static void bev_clear(bev *b)
     memset(b, 0, sizeof(*b));
 }
 
-/* The parts of the event the jobs need, built on its first match. */
-static int bev_prepare(bev *b, jobs_event *je)
+/* The parts of the event the jobs need, built on its first match from
+ * its row in `res`. */
+static int bev_prepare(bev *b, const evrow_cols *cols, const PGresult *res, jobs_event *je)
 {
     const cJSON *id = cJSON_GetObjectItemCaseSensitive(b->ev, "id");
     const cJSON *ty = cJSON_GetObjectItemCaseSensitive(b->ev, "event_type");
     int64_t agent;
 
     if (!b->json) {
-        b->json = cJSON_PrintUnformatted(b->ev);
+        b->json = evrow_json(cols, res, b->row, &b->json_len);
         b->id_esc = tindex_json_escape(cJSON_IsString(id) ? id->valuestring : "");
         b->type_esc = tindex_json_escape(cJSON_IsString(ty) ? ty->valuestring : "");
         if (event_model_get_i64(b->ev, "agent_id", &agent) == 0)
@@ -363,7 +367,7 @@ static int bev_prepare(bev *b, jobs_event *je)
     je->id = cJSON_IsString(id) ? id->valuestring : "";
     je->id_esc = b->id_esc;
     je->json = b->json;
-    je->json_len = strlen(b->json);
+    je->json_len = b->json_len;
     je->type_esc = b->type_esc;
     je->agent = b->agent;
     return 0;
@@ -533,8 +537,10 @@ static long match_events(loop *L, PGconn *conn, PGresult *res, int n, char *err,
     long matches = 0;
     char now[32];
     int64_t now_s = (int64_t)time(NULL);
+    evrow_cols cols;
 
     jobs_now_rfc3339(now);
+    evrow_cols_init(&cols, res);
     if (ensure_evs(L, n) < 0)
         goto oom;
     /* Pass 1: events and their candidate triggers; the stateful ones
@@ -545,7 +551,8 @@ static long match_events(loop *L, PGconn *conn, PGresult *res, int n, char *err,
         const cJSON *reg, *ty;
         int has_agent;
 
-        if (!(b->ev = event_model_from_row(res, i)))
+        b->row = i;
+        if (!(b->ev = evrow_match_obj(&cols, res, i)))
             goto oom;
         reg = cJSON_GetObjectItemCaseSensitive(b->ev, "registry");
         ty = cJSON_GetObjectItemCaseSensitive(b->ev, "event_type");
@@ -593,7 +600,7 @@ static long match_events(loop *L, PGconn *conn, PGresult *res, int n, char *err,
                 if (r != 1)
                     continue;
                 matches++;
-                if (bev_prepare(b, &je) < 0)
+                if (bev_prepare(b, &cols, res, &je) < 0)
                     goto oom;
                 for (int a = 0; a < t->naction; a++)
                     if (jobs_add(L->jobs, t, &t->actions[a], &je, now, a == 0) < 0)
@@ -783,6 +790,7 @@ static int flush_outbox(loop *L, PGconn *conn, char *err, size_t errlen)
         PGresult *ids = PQexec(conn, "SELECT id, " OUTBOX_USEC " FROM job_outbox ORDER BY id LIMIT 1"), *res;
         char now[32], prev[1024] = "", key[128], id[32];
         const char *p[1];
+        evrow_cols cols;
         int pushed;
 
         if (exec_ok(ids, PGRES_TUPLES_OK, err, errlen, conn) < 0) {
@@ -804,13 +812,14 @@ static int flush_outbox(loop *L, PGconn *conn, char *err, size_t errlen)
         }
         jobs_clear(L->jobs);
         jobs_now_rfc3339(now);
+        evrow_cols_init(&cols, res);
         for (int r = 0; r < PQntuples(res); r++) {
-            bev b = {0};
+            bev b = {.row = r};
             jobs_event je;
             char pair[1024];
             int rc;
 
-            if (!(b.ev = event_model_from_row(res, r)) || bev_prepare(&b, &je) < 0) {
+            if (!(b.ev = evrow_match_obj(&cols, res, r)) || bev_prepare(&b, &cols, res, &je) < 0) {
                 bev_clear(&b);
                 PQclear(res);
                 snprintf(err, errlen, "out of memory");

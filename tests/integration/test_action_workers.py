@@ -167,6 +167,74 @@ class RestTest(Base):
             self.assertRegex(rows[0]["error_message"], "refused|not allowed")
         self.assertEqual(self.hook.requests(), [])
 
+    def test_reused_connection_dropped_is_retried(self):
+        """A peer that closes a reused keep-alive connection instead of
+        answering: the delivery failed before any response byte and must go
+        once more on a fresh connection, within the same attempt."""
+        import socket
+        import threading
+        lsock = socket.socket()
+        lsock.bind(("127.0.0.1", 0))
+        lsock.listen(16)
+        port = lsock.getsockname()[1]
+        seen = {"conns": 0, "reqs": 0, "dropped": 0}
+
+        def read_request(c):
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = c.recv(65536)
+                if not chunk:
+                    return False
+                data += chunk
+            head, _, body = data.partition(b"\r\n\r\n")
+            n = 0
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    n = int(line.split(b":", 1)[1])
+            while len(body) < n:
+                body += c.recv(65536)
+            return True
+
+        def serve(c):
+            # The first request on a connection is answered (keep-alive);
+            # a second one is read and the connection closed unanswered, as
+            # a server does when its idle timeout races the next request.
+            if read_request(c):
+                seen["reqs"] += 1
+                c.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{\"ok\":true}")
+                if read_request(c):
+                    seen["dropped"] += 1
+            c.close()
+
+        def accept_loop():
+            while True:
+                try:
+                    c, _ = lsock.accept()
+                except OSError:
+                    return
+                seen["conns"] += 1
+                threading.Thread(target=serve, args=(c,), daemon=True).start()
+
+        threading.Thread(target=accept_loop, daemon=True).start()
+        try:
+            self.worker()
+            url = "http://127.0.0.1:%d/hook" % port
+            j1 = self.push(H.make_job("rest", {"method": "POST", "url": url}))
+            rows = H.wait_results(self.conn, j1["id"], lambda rs: len(rs) == 1)
+            self.assertEqual(rows[0]["status"], "success", rows)
+            time.sleep(0.1)
+            j2 = self.push(H.make_job("rest", {"method": "POST", "url": url}))
+            rows = H.wait_results(self.conn, j2["id"], lambda rs: len(rs) == 1)
+            self.assertEqual(len(rows), 1, rows)
+            self.assertEqual(rows[0]["status"], "success", rows)
+            self.assertEqual(rows[0]["retry_count"], 0)
+            self.assertEqual(rows[0]["response_data"], {"status": 200, "body": {"ok": True}})
+            self.assertEqual(seen["reqs"], 2)
+            self.assertEqual(seen["dropped"], 1)
+            self.assertEqual(seen["conns"], 2)
+        finally:
+            lsock.close()
+
     def test_breaker_opens_and_defers(self):
         self.worker(BREAKER_FAILURES=2, BREAKER_COOLDOWN_MS=1500, RETRY_BASE_MS=50, RETRY_MAX_ATTEMPTS=10)
         self.hook.script("/flaky", [Resp(500, {})] * 3)

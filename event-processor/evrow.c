@@ -1,0 +1,177 @@
+#include "evrow.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Integers beyond this are not exact as doubles (event_model.h). */
+#define EXACT_LIMIT 9007199254740992LL
+
+/* The columns trigger_model_match may read. */
+static const char *const match_cols[] = {"id",    "chain_id", "registry",  "event_type", "agent_id",
+                                         "score", "tag1",     "tag2",      "timestamp",  "created_at"};
+#define NMATCH ((int)(sizeof(match_cols) / sizeof(match_cols[0])))
+
+void evrow_cols_init(evrow_cols *c, const PGresult *res)
+{
+    for (int i = 0; i < EVENT_MODEL_NCOLS; i++)
+        c->f[i] = PQfnumber(res, event_model_columns[i].name);
+}
+
+static int col_index(const char *name)
+{
+    for (int i = 0; i < EVENT_MODEL_NCOLS; i++)
+        if (!strcmp(event_model_columns[i].name, name))
+            return i;
+    return -1;
+}
+
+static int is_int(const event_column *col)
+{
+    return col->type == EVENT_COL_INT || col->type == EVENT_COL_BIGINT;
+}
+
+cJSON *evrow_match_obj(const evrow_cols *c, const PGresult *res, int row)
+{
+    /* Column positions of match_cols in event_model_columns: constant, so
+     * computed once (the processing thread is the only caller, and the
+     * result is the same whichever thread computes it first). */
+    static int idx[NMATCH];
+    static int ready;
+    cJSON *o = cJSON_CreateObject();
+
+    if (!o)
+        return NULL;
+    if (!ready) {
+        for (int i = 0; i < NMATCH; i++)
+            idx[i] = col_index(match_cols[i]);
+        ready = 1;
+    }
+    for (int i = 0; i < NMATCH; i++) {
+        const event_column *col;
+        const char *text;
+        cJSON *v;
+        int64_t x;
+        int f;
+
+        if (idx[i] < 0 || (f = c->f[idx[i]]) < 0)
+            continue;
+        col = &event_model_columns[idx[i]];
+        text = PQgetvalue(res, row, f);
+        if (PQgetisnull(res, row, f))
+            v = cJSON_CreateNull();
+        else if (!is_int(col) || event_model_parse_i64(text, &x) < 0)
+            v = cJSON_CreateString(text);
+        else if (x >= -EXACT_LIMIT && x <= EXACT_LIMIT)
+            v = cJSON_CreateNumber((double)x);
+        else
+            v = cJSON_CreateRaw(text);
+        /* The key is a static string of event_model_columns: no copy. */
+        if (!v || !cJSON_AddItemToObjectCS(o, col->name, v)) {
+            cJSON_Delete(v);
+            cJSON_Delete(o);
+            return NULL;
+        }
+    }
+    return o;
+}
+
+typedef struct {
+    char *s;
+    size_t len, cap;
+} buf;
+
+static int put(buf *b, const char *s, size_t n)
+{
+    if (b->len + n + 1 > b->cap) {
+        size_t cap = b->cap ? b->cap * 2 : 1024;
+        char *p;
+
+        while (cap < b->len + n + 1)
+            cap *= 2;
+        if (!(p = realloc(b->s, cap)))
+            return -1;
+        b->s = p;
+        b->cap = cap;
+    }
+    memcpy(b->s + b->len, s, n);
+    b->len += n;
+    b->s[b->len] = '\0';
+    return 0;
+}
+
+/* Appends `s` as a JSON string, escaped as cJSON escapes. */
+static int put_str(buf *b, const char *s)
+{
+    const unsigned char *p = (const unsigned char *)s, *run = p;
+
+    if (put(b, "\"", 1) < 0)
+        return -1;
+    for (; *p; p++) {
+        char esc[8];
+        int n = 2;
+
+        if (*p >= 0x20 && *p != '"' && *p != '\\')
+            continue;
+        if (put(b, (const char *)run, (size_t)(p - run)) < 0)
+            return -1;
+        run = p + 1;
+        esc[0] = '\\';
+        switch (*p) {
+        case '"': esc[1] = '"'; break;
+        case '\\': esc[1] = '\\'; break;
+        case '\b': esc[1] = 'b'; break;
+        case '\f': esc[1] = 'f'; break;
+        case '\n': esc[1] = 'n'; break;
+        case '\r': esc[1] = 'r'; break;
+        case '\t': esc[1] = 't'; break;
+        default: n = snprintf(esc, sizeof(esc), "\\u%04x", *p); break;
+        }
+        if (put(b, esc, (size_t)n) < 0)
+            return -1;
+    }
+    if (put(b, (const char *)run, (size_t)(p - run)) < 0)
+        return -1;
+    return put(b, "\"", 1);
+}
+
+char *evrow_json(const evrow_cols *c, const PGresult *res, int row, size_t *len)
+{
+    buf b = {0};
+    int first = 1;
+
+    if (put(&b, "{", 1) < 0)
+        goto oom;
+    for (int i = 0; i < EVENT_MODEL_NCOLS; i++) {
+        const event_column *col = &event_model_columns[i];
+        const char *text;
+        int f = c->f[i];
+        int64_t x;
+
+        if (f < 0)
+            continue;
+        if ((!first && put(&b, ",", 1) < 0) || put(&b, "\"", 1) < 0 || put(&b, col->name, strlen(col->name)) < 0 ||
+            put(&b, "\":", 2) < 0)
+            goto oom;
+        first = 0;
+        text = PQgetvalue(res, row, f);
+        if (PQgetisnull(res, row, f)) {
+            if (put(&b, "null", 4) < 0)
+                goto oom;
+        } else if (is_int(col) && event_model_parse_i64(text, &x) == 0) {
+            /* PostgreSQL's text of an integer is a valid JSON number with
+             * every digit: exact even beyond 2^53. */
+            if (put(&b, text, strlen(text)) < 0)
+                goto oom;
+        } else if (put_str(&b, text) < 0) {
+            goto oom;
+        }
+    }
+    if (put(&b, "}", 1) < 0)
+        goto oom;
+    *len = b.len;
+    return b.s;
+oom:
+    free(b.s);
+    return NULL;
+}
