@@ -89,9 +89,14 @@ static void health_route(httpd_req *req, void *ud)
     httpd_respond_static(req, 200, "application/json", "{\"status\":\"ok\"}", 15);
 }
 
+static int aw_extra_routes(httpd *srv, void *ud)
+{
+    (void)ud;
+    return httpd_route(srv, "GET", "/healthz", health_route, NULL);
+}
+
 static int app_open(aw *app, const char *allowed, char *err, size_t errlen)
 {
-    httpd_opts ho = {0};
 
     app->targets = target_policy_new(allowed, err, errlen);
     if (!app->targets)
@@ -114,20 +119,9 @@ static int app_open(aw *app, const char *allowed, char *err, size_t errlen)
     }
     app->health_db = health_add(app->health, "postgresql", deps_check_pg, app->db);
     app->health_redis = health_add(app->health, "redis", deps_check_redis, app->health_rconn);
-    ho.service = "action-workers";
-    ho.host = app->cfg.metrics_host;
-    ho.port = app->cfg.metrics_port;
-    ho.threads = 1;
-    ho.access_log = 0;
-    app->http = httpd_new(&ho, err, errlen);
-    if (!app->http || health_http_route(app->http, "/health", app->health, "action-workers", AW_VERSION) < 0 ||
-        httpd_route(app->http, "GET", "/healthz", health_route, NULL) < 0 || httpd_route_metrics(app->http) < 0)
-        return -1;
-    if (health_start(app->health) < 0) {
-        snprintf(err, errlen, "cannot start the health thread");
-        return -1;
-    }
-    return httpd_start(app->http, err, errlen);
+    app->http = health_http_serve("action-workers", AW_VERSION, app->cfg.metrics_host, app->cfg.metrics_port,
+                                  app->health, aw_extra_routes, NULL, err, errlen);
+    return app->http ? 0 : -1;
 }
 
 int main(void)

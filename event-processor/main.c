@@ -45,7 +45,6 @@ static int app_open(ep *app, char *err, size_t errlen)
 {
     static const double bounds[] = {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5};
     metrics *m = metrics_default();
-    httpd_opts ho = {0};
 
     app->db = dbpool_new(app->cfg.conninfo, 2);
     app->health = health_new(1000);
@@ -73,20 +72,9 @@ static int app_open(ep *app, char *err, size_t errlen)
     health_add(app->health, "postgresql", ep_db_check, app);
     health_add(app->health, "redis", deps_check_redis, app->health_rconn);
     app->health_listen = health_add(app->health, "listen", ep_listen_check, app);
-    ho.service = "event-processor";
-    ho.host = app->cfg.metrics_host;
-    ho.port = app->cfg.metrics_port;
-    ho.threads = 1;
-    ho.access_log = 0;
-    app->http = httpd_new(&ho, err, errlen);
-    if (!app->http || health_http_route(app->http, "/health", app->health, "event-processor", EP_VERSION) < 0 ||
-        httpd_route_metrics(app->http) < 0)
-        return -1;
-    if (health_start(app->health) < 0) {
-        snprintf(err, errlen, "cannot start the health thread");
-        return -1;
-    }
-    return httpd_start(app->http, err, errlen);
+    app->http = health_http_serve("event-processor", EP_VERSION, app->cfg.metrics_host, app->cfg.metrics_port,
+                                  app->health, NULL, NULL, err, errlen);
+    return app->http ? 0 : -1;
 }
 
 int main(void)

@@ -1,5 +1,6 @@
 #include "health_http.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 
 #include "svc.h"
@@ -50,4 +51,35 @@ int health_http_route(httpd *srv, const char *path, health *h, const char *servi
     ctx->version = version;
     ctx->started_ms = svc_now_ms();
     return httpd_route(srv, "GET", path, health_http_handler, ctx);
+}
+
+httpd *health_http_serve(const char *service, const char *version, const char *host, int port, health *h,
+                         health_http_extra_fn extra, void *ud, char *err, size_t errlen)
+{
+    httpd_opts ho = {0};
+    httpd *srv;
+
+    ho.service = service;
+    ho.host = host;
+    ho.port = port;
+    ho.threads = 1;
+    ho.access_log = 0;
+    srv = httpd_new(&ho, err, errlen);
+    if (!srv)
+        return NULL;
+    if (health_http_route(srv, "/health", h, service, version) < 0 || httpd_route_metrics(srv) < 0 ||
+        (extra && extra(srv, ud) < 0)) {
+        snprintf(err, errlen, "cannot register the health routes");
+        goto fail;
+    }
+    if (health_start(h) < 0) {
+        snprintf(err, errlen, "cannot start the health thread");
+        goto fail;
+    }
+    if (httpd_start(srv, err, errlen) < 0)
+        goto fail;
+    return srv;
+fail:
+    httpd_free(srv);
+    return NULL;
 }
