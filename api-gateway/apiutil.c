@@ -49,6 +49,48 @@ PGresult *apiutil_exec(httpd_req *req, PGconn *conn, const char *sql, int n, con
     return res;
 }
 
+/* Nonzero when `res` succeeded; otherwise writes "SQLSTATE: message". */
+static int apiutil_res_ok(PGconn *conn, const PGresult *res, char *err, size_t errlen)
+{
+    ExecStatusType st = res ? PQresultStatus(res) : PGRES_FATAL_ERROR;
+    const char *state, *msg;
+
+    if (st == PGRES_TUPLES_OK || st == PGRES_COMMAND_OK)
+        return 1;
+    state = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
+    msg = res ? PQresultErrorMessage(res) : PQerrorMessage(conn);
+    snprintf(err, errlen, "%s: %s", state ? state : "08006", msg && *msg ? msg : "no result");
+    return 0;
+}
+
+PGresult *apiutil_exec_prepared(httpd_req *req, PGconn *conn, const char *name, const char *sql, int n,
+                                const char *const *params)
+{
+    char err[512];
+    PGresult *res;
+
+    if (PQtransactionStatus(conn) != PQTRANS_IDLE)
+        return apiutil_exec(req, conn, sql, n, params);
+    res = PQexecPrepared(conn, name, n, params, NULL, NULL, 0);
+    if (!apiutil_res_ok(conn, res, err, sizeof(err)) && strncmp(err, "26000", 5) == 0) {
+        PQclear(res);
+        res = PQprepare(conn, name, sql, n, NULL);
+        if (!apiutil_res_ok(conn, res, err, sizeof(err))) {
+            PQclear(res);
+            apiutil_db_fail(req, name, err);
+            return NULL;
+        }
+        PQclear(res);
+        res = PQexecPrepared(conn, name, n, params, NULL, NULL, 0);
+    }
+    if (!apiutil_res_ok(conn, res, err, sizeof(err))) {
+        PQclear(res);
+        apiutil_db_fail(req, name, err);
+        return NULL;
+    }
+    return res;
+}
+
 int apiutil_limit(httpd_req *req, int def, int max, int *out, cJSON *details)
 {
     const char *s = httpd_req_query(req, "limit");

@@ -30,6 +30,15 @@ void apiutil_db_fail(httpd_req *req, const char *what, const char *err);
  * and returns NULL. The caller PQclears the result. */
 PGresult *apiutil_exec(httpd_req *req, PGconn *conn, const char *sql, int n, const char *const *params);
 
+/* Like apiutil_exec, but as the prepared statement `name` (a string
+ * literal naming `sql`, unique per SQL text): a read that runs on every
+ * request skips planning after its first run on each pooled connection. The
+ * statement is prepared on the connection the first time it is missing
+ * (SQLSTATE 26000). Inside a transaction it falls back to apiutil_exec,
+ * since the failed first attempt would abort the transaction. */
+PGresult *apiutil_exec_prepared(httpd_req *req, PGconn *conn, const char *name, const char *sql, int n,
+                                const char *const *params);
+
 /* Reads ?limit= (1..max, default `def`). Adds "limit" to `details` when it
  * is bad and returns -1; returns 0 otherwise. */
 int apiutil_limit(httpd_req *req, int def, int max, int *out, cJSON *details);

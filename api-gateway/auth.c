@@ -341,13 +341,15 @@ static void auth_login(httpd_req *req, void *ud)
     if (username) {
         params[0] = username;
         res = apiutil_exec(req, conn,
-                           "SELECT id, username, password_hash, is_active FROM users WHERE username = $1", 1,
-                           params);
+                           "SELECT id, username, password_hash, is_active FROM users "
+                           "WHERE lower(username) = lower($1)",
+                           1, params);
     } else {
         auth_lower(email_l, sizeof(email_l), email);
         params[0] = email_l;
         res = apiutil_exec(req, conn,
-                           "SELECT id, username, password_hash, is_active FROM users WHERE email = $1", 1, params);
+                           "SELECT id, username, password_hash, is_active FROM users WHERE lower(email) = lower($1)",
+                           1, params);
     }
     if (!res)
         goto out;

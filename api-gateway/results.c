@@ -6,6 +6,7 @@
 
 #include "apiutil.h"
 #include "auth.h"
+#include "event_model.h"
 #include "log.h"
 
 #define RS_DEFAULT_LIMIT 20
@@ -15,7 +16,7 @@
     "r.id, r.job_id, r.trigger_id, r.event_id, r.action_type, r.status, "                                    \
     "to_char(r.executed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') AS executed_at, "         \
     "r.duration_ms, r.error_message, r.response_data, r.retry_count, "                                       \
-    "(extract(epoch from r.executed_at) * 1000000)::bigint AS cursor_usec, r.id::text AS cursor_id"
+    "(extract(epoch from r.executed_at) * 1000000)::bigint AS cursor_usec, r.id AS cursor_id"
 
 static void rs_list(httpd_req *req, void *ud)
 {
@@ -27,11 +28,16 @@ static void rs_list(httpd_req *req, void *ud)
     PGconn *conn = NULL;
     PGresult *res = NULL;
     int limit, rows;
+    int64_t idv;
 
     if (auth_require(gw, req, &user) < 0)
         goto out;
     apiutil_limit(req, RS_DEFAULT_LIMIT, RS_MAX_LIMIT, &limit, details);
-    apiutil_cursor_decode(req, usec, sizeof(usec), cid, sizeof(cid), details);
+    /* action_results.id is a bigserial: a cursor naming anything else is
+     * malformed (and would fail the cast). */
+    if (apiutil_cursor_decode(req, usec, sizeof(usec), cid, sizeof(cid), details) == 0 && usec[0] &&
+        event_model_parse_i64(cid, &idv) < 0)
+        cJSON_AddStringToObject(details, "cursor", "malformed cursor (use next_cursor from a previous page)");
     if (cJSON_GetArraySize(details)) {
         httpd_respond_error(req, 400, "invalid_request", "invalid query", details);
         details = NULL;
@@ -57,13 +63,13 @@ static void rs_list(httpd_req *req, void *ud)
         params[3] = cid;
         res = apiutil_exec(req, conn,
                            "SELECT " RS_COLS " FROM action_results r WHERE r.trigger_id = $1 "
-                           "AND (r.executed_at, r.id::text) < ('epoch'::timestamptz + $3::bigint * interval "
-                           "'1 microsecond', $4) ORDER BY r.executed_at DESC, r.id::text DESC LIMIT $2",
+                           "AND (r.executed_at, r.id) < ('epoch'::timestamptz + $3::bigint * interval "
+                           "'1 microsecond', $4::bigint) ORDER BY r.executed_at DESC, r.id DESC LIMIT $2",
                            4, params);
     } else {
         res = apiutil_exec(req, conn,
                            "SELECT " RS_COLS " FROM action_results r WHERE r.trigger_id = $1 "
-                           "ORDER BY r.executed_at DESC, r.id::text DESC LIMIT $2",
+                           "ORDER BY r.executed_at DESC, r.id DESC LIMIT $2",
                            2, params);
     }
     if (!res)

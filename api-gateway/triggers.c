@@ -54,10 +54,11 @@ static cJSON *tg_load(httpd_req *req, PGconn *conn, const char *id, const char *
     cJSON *t = NULL;
 
     *failed = 0;
-    res = apiutil_exec(req, conn,
-                       for_update ? TG_SELECT "WHERE t.id = $1 AND t.user_id = $2 FOR UPDATE OF t"
-                                  : TG_SELECT "WHERE t.id = $1 AND t.user_id = $2",
-                       2, params);
+    if (for_update)
+        res = apiutil_exec(req, conn, TG_SELECT "WHERE t.id = $1 AND t.user_id = $2 FOR UPDATE OF t", 2, params);
+    else
+        res = apiutil_exec_prepared(req, conn, "gw_trigger_get", TG_SELECT "WHERE t.id = $1 AND t.user_id = $2", 2,
+                                    params);
     if (!res) {
         *failed = 1;
         return NULL;
@@ -240,7 +241,8 @@ out:
 
 /* Replaces trigger `id` of `user` with `def` inside the caller's
  * transaction, then commits and answers. */
-static void tg_replace(httpd_req *req, PGconn *conn, const char *id, const auth_user *user, const trigger_model_def *def)
+static void tg_replace(httpd_req *req, PGconn *conn, const char *id, const auth_user *user,
+                       const trigger_model_def *def)
 {
     const char *params[8];
     char chain[24];
@@ -422,14 +424,15 @@ static void tg_list(httpd_req *req, void *ud)
      * position, not an offset, so rows inserted meanwhile (which sort
      * before the cursor) shift nothing. */
     if (usec[0])
-        res = apiutil_exec(req, conn,
-                           TG_SELECT "WHERE t.user_id = $1 AND (t.created_at, t.id) < ('epoch'::timestamptz + "
-                                     "$3::bigint * interval '1 microsecond', $4) "
-                                     "ORDER BY t.created_at DESC, t.id DESC LIMIT $2",
-                           4, params);
+        res = apiutil_exec_prepared(req, conn, "gw_trigger_list_after",
+                                    TG_SELECT "WHERE t.user_id = $1 AND (t.created_at, t.id) < ('epoch'::timestamptz + "
+                                              "$3::bigint * interval '1 microsecond', $4) "
+                                              "ORDER BY t.created_at DESC, t.id DESC LIMIT $2",
+                                    4, params);
     else
-        res = apiutil_exec(req, conn, TG_SELECT "WHERE t.user_id = $1 ORDER BY t.created_at DESC, t.id DESC LIMIT $2",
-                           2, params);
+        res = apiutil_exec_prepared(req, conn, "gw_trigger_list",
+                                    TG_SELECT "WHERE t.user_id = $1 ORDER BY t.created_at DESC, t.id DESC LIMIT $2",
+                                    2, params);
     if (!res)
         goto out;
     rows = PQntuples(res);

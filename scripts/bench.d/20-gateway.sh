@@ -15,55 +15,49 @@
 # Environment: BENCH_SECONDS (duration of each run, 5), BENCH_CLIENTS (ingest
 # connections, 8), BINDIR (bin).
 set -euo pipefail
-ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd -P)
 cd "$ROOT"
-[ -f scripts/bench.d/lib.sh ] && . scripts/bench.d/lib.sh || true
-[ -f var/env ] && . var/env || true
+# shellcheck source=scripts/bench.d/lib.sh
+. "$ROOT/scripts/bench.d/lib.sh"
 BINDIR=${BINDIR:-bin}
+[[ $BINDIR == /* ]] || BINDIR=$ROOT/$BINDIR
 SECS=${BENCH_SECONDS:-5}
 CLIENTS=${BENCH_CLIENTS:-8}
-WORK=$ROOT/var/bench/gateway
+PORT=${BENCH_GATEWAY_PORT:-18820}
+WORK=$BENCH_VAR/gateway
 mkdir -p "$WORK"
 PY=/usr/bin/python3
 TOKEN=bench-ingest-token
 SECRET=bench-jwt-secret-0123456789
 
-free_port() { $PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-for tool in wrk pgbench psql; do
+for tool in wrk pgbench psql curl; do
     command -v $tool >/dev/null || { echo "20-gateway: $tool is missing (scripts/deps.sh installs it)" >&2; exit 1; }
 done
 [ -x "$BINDIR/api-gateway" ] && [ -x "$BINDIR/migrate" ] || { echo "20-gateway: build first (make)" >&2; exit 1; }
 
+# A database of its own (ae_bench_gw) on the server DATABASE_URL names (the
+# local dev server by default), so the shared database and any running
+# event-processor never see the benchmark's rows.
 if [ -n "${BENCH_DATABASE_URL:-}" ]; then
     DBURL=$BENCH_DATABASE_URL
-elif [ -n "${DATABASE_URL:-}" ]; then
-    DBURL=$DATABASE_URL
 else
-    ADMIN="postgresql://erc8004:erc8004@127.0.0.1:55432/postgres"
+    BASEURL=${DATABASE_URL:-postgres://erc8004:erc8004@127.0.0.1:55432/erc8004_backend}
+    DBURL=$($PY -c 'import sys, urllib.parse as u; p = u.urlsplit(sys.argv[1]); print(u.urlunsplit((p.scheme, p.netloc, "/ae_bench_gw", p.query, "")))' "$BASEURL")
+    ADMIN=$($PY -c 'import sys, urllib.parse as u; p = u.urlsplit(sys.argv[1]); print(u.urlunsplit((p.scheme, p.netloc, "/postgres", p.query, "")))' "$BASEURL")
     psql "$ADMIN" -tAc "SELECT 1 FROM pg_database WHERE datname='ae_bench_gw'" | grep -q 1 ||
         psql "$ADMIN" -qc "CREATE DATABASE ae_bench_gw"
-    DBURL=postgresql://erc8004:erc8004@127.0.0.1:55432/ae_bench_gw
 fi
-DATABASE_URL=$DBURL "$BINDIR/migrate" >/dev/null
-# Both sides start from the same (empty) table.
+DATABASE_URL=$DBURL MIGRATIONS_DIR=$ROOT/database/migrations "$BINDIR/migrate" >/dev/null
+# Both sides start from the same table.
 psql "$DBURL" -qc "DELETE FROM events WHERE id LIKE 'wrk-%' OR id LIKE 'pgb-%'" >/dev/null
 
-PORT=$(free_port)
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-}
-trap cleanup EXIT
-SERVER_PORT=$PORT SERVER_HOST=127.0.0.1 DATABASE_URL=$DBURL JWT_SECRET=$SECRET INGEST_TOKEN=$TOKEN \
-    RATE_LIMIT=0 ACCESS_LOG=0 LOG_LEVEL=warn DB_MAX_CONNECTIONS=$((CLIENTS + 4)) \
-    "$BINDIR/api-gateway" 2>"$WORK/api-gateway.log" &
-PIDS+=($!)
+trap bench_cleanup EXIT
+wait_port_free "$PORT" 30
+bench_spawn api-gateway "$WORK/api-gateway.log" env SERVER_PORT=$PORT SERVER_HOST=127.0.0.1 DATABASE_URL="$DBURL" \
+    MIGRATIONS_DIR="$ROOT/database/migrations" JWT_SECRET=$SECRET INGEST_TOKEN=$TOKEN RATE_LIMIT=0 ACCESS_LOG=0 \
+    LOG_LEVEL=warn "$BINDIR/api-gateway"
 BASE=http://127.0.0.1:$PORT
-for i in $(seq 100); do
-    [ "$(curl -s -o /dev/null -w '%{http_code}' "$BASE/api/v1/health" || true)" = 200 ] && break
-    sleep 0.1
-done
+wait_http "$BASE/api/v1/health" 30 200 "$BENCH_LAST_PID"
 
 # The event row both sides insert (only the id differs).
 ROW_FIELDS='"chain_id":11155111,"block_number":%d,"block_hash":"0xbb","transaction_hash":"0xaa","log_index":%d,"registry":"reputation","event_type":"NewFeedback","agent_id":%d,"timestamp":1700000000,"client_address":"0xc1","feedback_index":1,"score":90,"tag1":"quality","tag2":"speed"'
@@ -142,7 +136,7 @@ PYEOF
 LIST_RPS=$(wrk -t2 -c32 -d"${SECS}s" -H "Authorization: Bearer $AUTH" "$BASE/api/v1/triggers" | tee "$WORK/wrk-list.txt" |
     awk '/Requests\/sec/ {print $2}')
 LIST_BAD=$(awk '/Non-2xx/ {print $NF}' "$WORK/wrk-list.txt")
-HEALTH_RPS=$(wrk -t2 -c32 -d"${SECS}s" "$BASE/api/v1/health" | awk '/Requests\/sec/ {print $2}')
+HEALTH_RPS=$(wrk_rps "$BASE/api/v1/health" "${SECS}s" 32)
 psql "$DBURL" -qc "DELETE FROM events WHERE id LIKE 'wrk-%' OR id LIKE 'pgb-%'" >/dev/null
 
 $PY - "$WRK_RPS" "$WRK_BAD" "$PGB_TPS" "$PGB_FAILED" "$STORED" "$LIST_RPS" "${LIST_BAD:-0}" "$HEALTH_RPS" "$CLIENTS" <<'PYEOF'
