@@ -1,10 +1,11 @@
 /* ep: the event-processor's shared state (SPEC 3; docs/event-processor.md).
  *
- * One processing thread owns the PostgreSQL work connection (from the
- * pool), the LISTEN connection, the trigger index and the Redis push
- * connection; none of them is shared with another thread. The main thread
- * only waits for signals, and the health thread only runs the checks on
- * its own connections. */
+ * One processing thread owns the two PostgreSQL work connections (from
+ * the pool, for the length of a burst), the LISTEN connection and the
+ * trigger index; the pusher thread owns the Redis push connection between
+ * a hand-over and the end of its push (pusher.h). The main thread only
+ * waits for signals, and the health thread only runs the checks on its own
+ * connections. */
 #ifndef AE_EP_H
 #define AE_EP_H
 

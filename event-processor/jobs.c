@@ -32,6 +32,11 @@ typedef struct {
     size_t bulk_off, bulk_len;
     size_t ch_off, ch_len; /* ch_len 0: no Broadcast */
     size_t msg_off, msg_len;
+    /* The message id (64 hex digits at mid_off in the message) is the
+     * digest of trigger id and event id, kept raw at tid/eid_off; it is
+     * computed at push time, and only for messages someone receives. */
+    size_t mid_off, tid_off, eid_off;
+    int chan; /* the channel's index among the push's distinct channels */
 } job;
 
 /* A piece of the push: `len` bytes at `off` in the arena or in resp. */
@@ -52,6 +57,11 @@ struct jobs {
     int nseg, capseg;
     EVP_MD_CTX *mdctx;
     EVP_MD *md;
+    /* Per push: the distinct channels (index of a job holding each) and
+     * their subscriber counts; an open-addressing table finds them. */
+    int *chans, nchans, capchans;
+    long long *subs;
+    int *slots, capslots;
 };
 
 static int sb_grow(sbuf *b, size_t add)
@@ -177,6 +187,9 @@ void jobs_free(jobs *j)
     free(j->tr.s);
     free(j->ac.s);
     free(j->resp.s);
+    free(j->chans);
+    free(j->subs);
+    free(j->slots);
     EVP_MD_CTX_free(j->mdctx);
     EVP_MD_free(j->md);
     free(j);
@@ -292,9 +305,14 @@ static int add_common(jobs *j, const char *tid, const char *tid_esc, const char 
         x->bulk_len = a->len - x->bulk_off;
     }
     if (publish) {
-        char mid[65];
+        static const char nomid[] = "0000000000000000000000000000000000000000000000000000000000000000";
 
-        digest3(j, tid, ev->id, NULL, mid);
+        x->tid_off = pb->len;
+        if (sb_put(pb, tid, strlen(tid) + 1) < 0)
+            goto fail;
+        x->eid_off = pb->len;
+        if (sb_put(pb, ev->id, strlen(ev->id) + 1) < 0)
+            goto fail;
         x->ch_off = pb->len;
         if (SB_LIT(pb, "rt:topic:user:") < 0 || sb_str(pb, user_esc) < 0)
             goto fail;
@@ -305,7 +323,8 @@ static int add_common(jobs *j, const char *tid, const char *tid_esc, const char 
             sb_str(pb, tid_esc) < 0 || SB_LIT(pb, "\",\"event_id\":\"") < 0 || sb_str(pb, ev->id_esc) < 0 ||
             SB_LIT(pb, "\",\"event_type\":\"") < 0 || sb_str(pb, ev->type_esc) < 0 ||
             SB_LIT(pb, "\",\"agent_id\":") < 0 || sb_str(pb, ev->agent) < 0 ||
-            SB_LIT(pb, "},\"from\":\"event-processor\",\"message_id\":\"") < 0 || sb_put(pb, mid, 64) < 0 ||
+            SB_LIT(pb, "},\"from\":\"event-processor\",\"message_id\":\"") < 0 ||
+            (x->mid_off = pb->len, sb_put(pb, nomid, 64) < 0) ||
             SB_LIT(pb, "\",\"timestamp\":\"") < 0 || sb_str(pb, now) < 0 || SB_LIT(pb, "\"}") < 0)
             goto fail;
         x->msg_len = pb->len - x->msg_off;
@@ -416,9 +435,10 @@ static int seg_resp(jobs *j, size_t *mark)
 }
 
 /* Appends LPUSH (ordinary) and RPUSH (priority) commands of every job in
- * chunks, then the PUBLISHes, to the push (j->resp from *mark on holds
- * what precedes). Returns the number of commands or -1. */
-static long build_pushes(jobs *j, const char *queue, size_t *mark)
+ * chunks, then the PUBLISHes to channels with subscribers (all when
+ * `numpat`: a pattern may match any of them), to the push (j->resp from
+ * *mark on holds what precedes). Returns the number of commands or -1. */
+static long build_pushes(jobs *j, const char *queue, long long numpat, size_t *mark)
 {
     long ncmd = 0;
 
@@ -438,9 +458,12 @@ static long build_pushes(jobs *j, const char *queue, size_t *mark)
     }
     for (int i = 0; i < j->n; i++) {
         job *x = &j->v[i];
+        char mid[65];
 
-        if (!x->ch_len)
+        if (!x->ch_len || (!numpat && j->subs[x->chan] <= 0))
             continue;
+        digest3(j, j->pub.s + x->tid_off, j->pub.s + x->eid_off, NULL, mid);
+        memcpy(j->pub.s + x->mid_off, mid, 64);
         if (resp_array(&j->resp, 3) < 0 || resp_bulk(&j->resp, "PUBLISH", 7) < 0 ||
             resp_bulk(&j->resp, j->pub.s + x->ch_off, x->ch_len) < 0 ||
             resp_bulk(&j->resp, j->pub.s + x->msg_off, x->msg_len) < 0)
@@ -522,6 +545,103 @@ static int send_resp(jobs *j, redisContext *c, char *err, size_t errlen)
     return 0;
 }
 
+static uint32_t chan_hash(const char *s, size_t n)
+{
+    uint32_t h = 2166136261u;
+
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ (unsigned char)s[i]) * 16777619u;
+    return h;
+}
+
+/* Numbers the distinct channels of the Broadcasts (job.chan) and lists
+ * them (j->chans: a job holding each). Returns 0 or -1 (OOM). */
+static int collect_channels(jobs *j)
+{
+    int want = 16;
+
+    j->nchans = 0;
+    while (want < 2 * j->n)
+        want *= 2;
+    if (want > j->capslots) {
+        int *s = realloc(j->slots, (size_t)want * sizeof(*s));
+
+        if (!s)
+            return -1;
+        j->slots = s;
+        j->capslots = want;
+    }
+    memset(j->slots, -1, (size_t)want * sizeof(*j->slots));
+    for (int i = 0; i < j->n; i++) {
+        job *x = &j->v[i];
+        const char *ch;
+        uint32_t h;
+        int *slot;
+
+        if (!x->ch_len)
+            continue;
+        ch = j->pub.s + x->ch_off;
+        h = chan_hash(ch, x->ch_len) & (uint32_t)(want - 1);
+        for (;; h = (h + 1) & (uint32_t)(want - 1)) {
+            slot = &j->slots[h];
+            if (*slot < 0)
+                break;
+            {
+                const job *y = &j->v[j->chans[*slot]];
+
+                if (y->ch_len == x->ch_len && !memcmp(j->pub.s + y->ch_off, ch, x->ch_len))
+                    break;
+            }
+        }
+        if (*slot < 0) {
+            if (j->nchans == j->capchans) {
+                int cap = j->capchans ? j->capchans * 2 : 16;
+                int *c = realloc(j->chans, (size_t)cap * sizeof(*c));
+                long long *s = c ? realloc(j->subs, (size_t)cap * sizeof(*s)) : NULL;
+
+                if (c)
+                    j->chans = c;
+                if (!s)
+                    return -1;
+                j->subs = s;
+                j->capchans = cap;
+            }
+            j->chans[j->nchans] = i;
+            j->subs[j->nchans] = 0;
+            *slot = j->nchans++;
+        }
+        x->chan = *slot;
+    }
+    return 0;
+}
+
+/* Appends PUBSUB NUMSUB of the distinct channels to j->resp. */
+static int numsub_cmd(jobs *j)
+{
+    if (resp_array(&j->resp, 2 + j->nchans) < 0 || resp_bulk(&j->resp, "PUBSUB", 6) < 0 ||
+        resp_bulk(&j->resp, "NUMSUB", 6) < 0)
+        return -1;
+    for (int i = 0; i < j->nchans; i++) {
+        const job *x = &j->v[j->chans[i]];
+
+        if (resp_bulk(&j->resp, j->pub.s + x->ch_off, x->ch_len) < 0)
+            return -1;
+    }
+    return 0;
+}
+
+/* Reads the NUMSUB reply ([channel, count, ...] in request order). */
+static void numsub_read(jobs *j, const redisReply *rep)
+{
+    if (rep->type != REDIS_REPLY_ARRAY)
+        return;
+    for (int i = 0; i < j->nchans && (size_t)(2 * i + 1) < rep->elements; i++) {
+        const redisReply *n = rep->element[2 * i + 1];
+
+        j->subs[i] = n->type == REDIS_REPLY_INTEGER ? n->integer : 1;
+    }
+}
+
 /* One attempt. Returns pushed (>= 0), -1 (error, connection usable) or -2
  * (the connection is unusable). */
 static int push_once(jobs *j, redisContext *c, const char *queue, const char *key, const char *ttl, char *err,
@@ -529,15 +649,29 @@ static int push_once(jobs *j, redisContext *c, const char *queue, const char *ke
 {
     const char *watch[] = {"WATCH", key}, *exists[] = {"EXISTS", key}, *multi[] = {"MULTI"};
     const char *set[] = {"SET", key, "1", "EX", ttl}, *exec[] = {"EXEC"}, *unwatch[] = {"UNWATCH"};
+    const char *numpat_cmd[] = {"PUBSUB", "NUMPAT"};
     redisReply *rep;
     long ncmd;
+    long long numpat = 0;
     size_t mark = 0;
-    int done = 0, bad = 0;
+    int done = 0, bad = 0, nq;
 
+    /* Besides the batch key: who listens. A Broadcast nobody is
+     * subscribed to is not sent (pub/sub delivers to the subscribers of
+     * the moment of PUBLISH; one that subscribes between this question
+     * and the EXEC is no different from one that subscribed a moment
+     * after it). */
     j->resp.len = 0;
-    if (resp_cmd(&j->resp, 2, watch) < 0 || resp_cmd(&j->resp, 2, exists) < 0 || send_resp(j, c, err, errlen) < 0)
+    if (collect_channels(j) < 0) {
+        snprintf(err, errlen, "out of memory");
         return -2;
-    for (int i = 0; i < 2; i++) {
+    }
+    nq = j->nchans ? 4 : 2;
+    if (resp_cmd(&j->resp, 2, watch) < 0 || resp_cmd(&j->resp, 2, exists) < 0 ||
+        (j->nchans && (resp_cmd(&j->resp, 2, numpat_cmd) < 0 || numsub_cmd(j) < 0)) ||
+        send_resp(j, c, err, errlen) < 0)
+        return -2;
+    for (int i = 0; i < nq; i++) {
         if (!(rep = get_reply(c, err, errlen)))
             return -2;
         if (rep->type == REDIS_REPLY_ERROR) {
@@ -547,6 +681,10 @@ static int push_once(jobs *j, redisContext *c, const char *queue, const char *ke
         }
         if (i == 1)
             done = rep->type == REDIS_REPLY_INTEGER && rep->integer != 0;
+        else if (i == 2)
+            numpat = rep->type == REDIS_REPLY_INTEGER ? rep->integer : 1;
+        else if (i == 3)
+            numsub_read(j, rep);
         freeReplyObject(rep);
     }
     if (done) {
@@ -559,7 +697,7 @@ static int push_once(jobs *j, redisContext *c, const char *queue, const char *ke
     }
     j->resp.len = 0;
     j->nseg = 0;
-    if (resp_cmd(&j->resp, 1, multi) < 0 || (ncmd = build_pushes(j, queue, &mark)) < 0 ||
+    if (resp_cmd(&j->resp, 1, multi) < 0 || (ncmd = build_pushes(j, queue, numpat, &mark)) < 0 ||
         resp_cmd(&j->resp, 5, set) < 0 || resp_cmd(&j->resp, 1, exec) < 0 || seg_resp(j, &mark) < 0) {
         snprintf(err, errlen, "out of memory");
         return -2;

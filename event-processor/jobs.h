@@ -10,14 +10,17 @@
  * all, guarded by one key per batch, `ep:batch:{outbox id}:{outbox
  * created_at in microseconds}`:
  *
- *   WATCH key; EXISTS key            -> 1: already pushed, UNWATCH, done
+ *   WATCH key; EXISTS key; PUBSUB NUMPAT; PUBSUB NUMSUB ch...
+ *                                     -> 1: already pushed, UNWATCH, done
  *   MULTI; LPUSH queue j1 j2 ...; RPUSH queue p1 p2 ...; PUBLISH ch msg ...;
  *   SET key 1 EX ttl; EXEC            -> nil: another pusher won, done
  *
  * Ordinary jobs (priority <= 1) are LPUSHed in batch order, jobs of priority
  * > 1 RPUSHed after them in ascending priority (stable), so consumers that
  * pop from the right take the highest priority first and the others in
- * order. One PUBLISH of the match's realtime Broadcast per match. The
+ * order. One PUBLISH of the match's realtime Broadcast per match whose
+ * channel has a subscriber (all of them when a pattern subscription
+ * exists): nobody would receive the others. The
  * transaction is atomic, and WATCH makes two pushers of the same batch (a
  * replay racing the original) exclusive, so a batch's jobs reach Redis once
  * however often its outbox row is replayed within the key's ttl. The

@@ -46,7 +46,7 @@ static int app_open(ep *app, char *err, size_t errlen)
     static const double bounds[] = {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5};
     metrics *m = metrics_default();
 
-    app->db = dbpool_new(app->cfg.conninfo, 2);
+    app->db = dbpool_new(app->cfg.conninfo, 3); /* two work connections and the health check */
     app->health = health_new(1000);
     app->health_rconn = rconn_new(&app->cfg.redis, 2000);
     app->push = rconn_new(&app->cfg.redis, 5000);

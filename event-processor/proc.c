@@ -1,12 +1,18 @@
 /* proc: the processing loop of the event-processor. See
- * docs/event-processor.md for the protocol; in short, per batch and in one
- * transaction: take the oldest rows of event_queue (DELETE ... SKIP
- * LOCKED), match them against the trigger index, upsert trigger_state,
- * record the jobs in job_outbox, COMMIT; then push the jobs to Redis and
- * let the next transaction delete the outbox row. */
+ * docs/event-processor.md for the protocol; in short, while it holds the
+ * processors' advisory lock the loop works through the queue in batches,
+ * each in its own transaction: take the oldest rows of event_queue
+ * (DELETE ... SKIP LOCKED), match them against the trigger index, upsert
+ * trigger_state, record the jobs in job_outbox, COMMIT; then push the jobs
+ * to Redis and let a later transaction delete the outbox row.
+ *
+ * Two connections take turns so that PostgreSQL and the matching work at
+ * the same time: while batch k is matched here, the other connection
+ * commits batch k-1 and fetches batch k+1 (its SKIP LOCKED passes over the
+ * rows batch k holds). Commits stay in batch order: batch k's COMMIT is
+ * sent only once batch k-1's has succeeded, and a failure rolls both back. */
 #include <errno.h>
 #include <poll.h>
-#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -22,6 +28,7 @@
 #include "jobs.h"
 #include "log.h"
 #include "migrate.h"
+#include "pusher.h"
 #include "svc.h"
 #include "tindex.h"
 
@@ -29,14 +36,15 @@
  * key (jobs.h). */
 #define OUTBOX_USEC "(extract(epoch FROM created_at) * 1000000)::bigint"
 
-/* Outbox rows pushed but not yet deleted, deleted by the next transaction. */
-#define MAX_PENDING_DEL 64
-/* Serialises batches of several processors on one database: the order in
- * which events reach a trigger's state must be the queue order. */
+/* Outbox rows pushed but not yet deleted, deleted by the next commit. */
+#define MAX_PENDING_DEL PUSHER_MAX_DONE
+/* The processors' session lock: one processor works through the queue at
+ * a time, so each trigger's state sees the events in queue order and the
+ * states cached between batches stay true. */
 #define EP_LOCK_KEY "8004000002"
 
-enum { PH_FETCH, PH_MATCH, PH_STATE, PH_OUTBOX, PH_COMMIT, PH_PUSH, PH_N };
-static const char *const ph_names[PH_N] = {"fetch", "match", "state", "outbox", "commit", "push"};
+enum { PH_LOCK, PH_FETCH, PH_MATCH, PH_COMMIT, PH_PUSH, PH_N };
+static const char *const ph_names[PH_N] = {"lock", "fetch_wait", "match", "commit_wait", "push_wait"};
 
 static long long now_us(void)
 {
@@ -56,30 +64,26 @@ typedef struct {
     int lens[2], nlists;
 } bev;
 
-/* The Redis pusher thread: the processing thread hands it each committed
- * batch and goes on with the next one meanwhile, so PostgreSQL, the
- * matching and Redis work at the same time. One batch in flight at most:
- * handing over the next waits for the previous push (back-pressure). The
- * outbox ids it pushed are collected by the processing thread, which
- * deletes their rows in its next transaction; a failed push leaves its row
- * in the outbox and sets `failed`, and the processing thread flushes the
- * outbox (after waiting for the pusher to be idle: the Redis connection is
- * used by one thread at a time). */
+/* What a connection in pipeline mode will answer next, in order. */
+enum { Q_BEGIN, Q_FETCH, Q_DEL, Q_STATE, Q_OUTBOX, Q_COMMIT, Q_SYNC };
+#define SLOT_QMAX 16
+
+/* One of the two work connections and the batch it carries. */
 typedef struct {
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    ep *app;
-    jobs *busy;  /* the batch being pushed, NULL when idle */
-    jobs *spare; /* a free job buffer for the processing thread */
-    char key[128];
+    PGconn *conn;
+    int q[SLOT_QMAX]; /* answers awaited, oldest first */
+    int qhead, qlen;
+    int fetch_queued, commit_queued;
+    PGresult *rows;   /* the fetched batch (open transaction), NULL when none */
+    int n;            /* its number of events */
+    /* The batch whose COMMIT is queued. */
+    jobs *cj;
     long long outbox_id;
-    long long done[MAX_PENDING_DEL];
-    int ndone;
-    int failed;
-    char err[512];
-    int stop, started;
-    pthread_t th;
-} pusher;
+    char key[128];
+    int cn;
+    long cmatches;
+    long long t0;
+} slot;
 
 typedef struct {
     ep *app;
@@ -88,13 +92,16 @@ typedef struct {
     backoff lb;
     long long listen_retry_at;
     int triggers_dirty, outbox_dirty;
+    int notified; /* new_event wake-ups read since the last fetch was sent */
     long long pending_del[MAX_PENDING_DEL];
     int npending;
     jobs *jobs;
     bev *evs;
     int evcap;
-    tindex_trigger **stateful; /* candidates needing state in this batch */
-    int nstateful, capstateful;
+    /* Stateful triggers whose state is cached in the index for this
+     * burst; to_load: those among them still to be read. */
+    tindex_trigger **stateful;
+    int nstateful, capstateful, first_unloaded;
     long long lag_at;
     int redis_failing;
     /* Time spent per phase (microseconds), logged at shutdown. */
@@ -212,7 +219,8 @@ static int listen_drain(loop *L)
         loop_error(L, "LISTEN connection lost", PQerrorMessage(L->listen));
         listen_close(L);
         L->listen_retry_at = svc_now_ms() + backoff_next_ms(&L->lb);
-        return 1; /* look at the queue: we may have missed wake-ups */
+        L->notified = 1; /* look at the queue: we may have missed wake-ups */
+        return 1;
     }
     while ((n = PQnotifies(L->listen))) {
         if (!strcmp(n->relname, "trigger_changed"))
@@ -220,91 +228,8 @@ static int listen_drain(loop *L)
         count++;
         PQfreemem(n);
     }
+    L->notified += count;
     return count;
-}
-
-/* ------------------------------------------------------------------ */
-/* Pusher thread.                                                      */
-
-static void *pusher_main(void *arg)
-{
-    pusher *P = arg;
-    ep *app = P->app;
-
-    pthread_mutex_lock(&P->mu);
-    for (;;) {
-        jobs *j;
-        char key[128], err[512];
-        long long id;
-        int pushed;
-
-        while (!P->busy && !P->stop)
-            pthread_cond_wait(&P->cv, &P->mu);
-        if (!P->busy)
-            break;
-        j = P->busy;
-        id = P->outbox_id;
-        snprintf(key, sizeof(key), "%s", P->key);
-        pthread_mutex_unlock(&P->mu);
-        pushed = jobs_push(j, app->push, app->cfg.queue, key, app->cfg.seen_ttl_s, err, sizeof(err));
-        if (pushed >= 0)
-            metrics_counter_add(app->m_enqueued, (uint64_t)pushed);
-        jobs_clear(j);
-        pthread_mutex_lock(&P->mu);
-        if (pushed < 0) {
-            P->failed = 1;
-            snprintf(P->err, sizeof(P->err), "%s", err);
-        } else if (P->ndone < MAX_PENDING_DEL) {
-            P->done[P->ndone++] = id;
-        } /* else: the row stays and a later outbox flush deletes it */
-        P->spare = j;
-        P->busy = NULL;
-        pthread_cond_broadcast(&P->cv);
-    }
-    pthread_mutex_unlock(&P->mu);
-    return NULL;
-}
-
-/* Hands the committed batch `*jp` (outbox row `id`, batch key `key`) to
- * the pusher and puts a free buffer in *jp. */
-static void pusher_submit(pusher *P, jobs **jp, const char *key, long long id)
-{
-    pthread_mutex_lock(&P->mu);
-    while (P->busy)
-        pthread_cond_wait(&P->cv, &P->mu);
-    P->busy = *jp;
-    P->outbox_id = id;
-    snprintf(P->key, sizeof(P->key), "%s", key);
-    *jp = P->spare;
-    P->spare = NULL;
-    pthread_cond_broadcast(&P->cv);
-    pthread_mutex_unlock(&P->mu);
-}
-
-/* Waits until no push is in flight. */
-static void pusher_wait_idle(pusher *P)
-{
-    pthread_mutex_lock(&P->mu);
-    while (P->busy)
-        pthread_cond_wait(&P->cv, &P->mu);
-    pthread_mutex_unlock(&P->mu);
-}
-
-/* Moves the pushed outbox ids into L's deletion list and reports a failed
- * push. Returns 1 when a push failed since the last call. */
-static int pusher_collect(pusher *P, long long *ids, int *nids, int cap, char *err, size_t errlen)
-{
-    int failed;
-
-    pthread_mutex_lock(&P->mu);
-    while (P->ndone && *nids < cap)
-        ids[(*nids)++] = P->done[--P->ndone];
-    failed = P->failed;
-    if (failed)
-        snprintf(err, errlen, "%s", P->err);
-    P->failed = 0;
-    pthread_mutex_unlock(&P->mu);
-    return failed;
 }
 
 /* ------------------------------------------------------------------ */
@@ -315,12 +240,18 @@ static int pusher_collect(pusher *P, long long *ids, int *nids, int cap, char *e
  * than IN, which the planner may turn into a hash join over the whole,
  * mostly dead, queue), and each event by its id (a LATERAL subquery with
  * OFFSET 0 is not flattened into a join, so it cannot become a sequential
- * scan of events when their statistics are stale). */
-static const char fetch_sql[] =
-    "WITH q AS (DELETE FROM event_queue WHERE seq = ANY (ARRAY("
-    "SELECT seq FROM event_queue ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED)) RETURNING seq, event_id) "
-    "SELECT q.seq, e.* FROM q CROSS JOIN LATERAL (SELECT " EVENT_MODEL_SELECT
-    " FROM events e WHERE e.id = q.event_id OFFSET 0) e ORDER BY q.seq";
+ * scan of events when their statistics are stale). The first fetch of a
+ * burst waits for rows locked by anyone else (a processor that lost its
+ * lock mid-batch must finish or roll back before its events are taken
+ * again, in order); the later ones pass over the rows of the batch the
+ * other connection holds. */
+#define FETCH_SQL(lock)                                                                                       \
+    "WITH q AS (DELETE FROM event_queue WHERE seq = ANY (ARRAY("                                              \
+    "SELECT seq FROM event_queue ORDER BY seq LIMIT $1 " lock ")) RETURNING seq, event_id) "                  \
+    "SELECT q.seq, e.* FROM q CROSS JOIN LATERAL (SELECT " EVENT_MODEL_SELECT                                 \
+    " FROM events e WHERE e.id = q.event_id OFFSET 0) e ORDER BY q.seq"
+static const char fetch_first_sql[] = FETCH_SQL("FOR UPDATE");
+static const char fetch_next_sql[] = FETCH_SQL("FOR UPDATE SKIP LOCKED");
 
 static void batch_key(char *buf, size_t len, const char *id, const char *usec)
 {
@@ -334,6 +265,20 @@ static int exec_ok(PGresult *res, ExecStatusType want, char *err, size_t errlen,
     snprintf(err, errlen, "%s", res ? PQresultErrorMessage(res) : PQerrorMessage(conn));
     err[strcspn(err, "\n")] = '\0';
     return -1;
+}
+
+static int exec_cmd(PGconn *conn, const char *sql, char *err, size_t errlen)
+{
+    PGresult *res = PQexec(conn, sql);
+    ExecStatusType st = PQresultStatus(res);
+    int rc = (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK) ? 0 : -1;
+
+    if (rc < 0) {
+        snprintf(err, errlen, "%s", res ? PQresultErrorMessage(res) : PQerrorMessage(conn));
+        err[strcspn(err, "\n")] = '\0';
+    }
+    PQclear(res);
+    return rc;
 }
 
 static void bev_clear(bev *b)
@@ -373,6 +318,8 @@ static int bev_prepare(bev *b, const evrow_cols *cols, const PGresult *res, jobs
     return 0;
 }
 
+/* Caches `t`'s state for the rest of the burst (read by the next
+ * load_states). */
 static int stateful_add(loop *L, tindex_trigger *t)
 {
     if (t->need_state)
@@ -391,6 +338,9 @@ static int stateful_add(loop *L, tindex_trigger *t)
     return 0;
 }
 
+/* Forgets the cached states: at the end of a burst (another processor may
+ * change them before the next), on a failure, and before the index they
+ * live in is replaced. */
 static void stateful_reset(loop *L)
 {
     for (int i = 0; i < L->nstateful; i++) {
@@ -402,6 +352,7 @@ static void stateful_reset(loop *L)
         t->state_dirty = 0;
     }
     L->nstateful = 0;
+    L->first_unloaded = 0;
 }
 
 /* Appends `s` quoted as a PostgreSQL array element. */
@@ -435,7 +386,10 @@ static int arr_add(char **buf, size_t *len, size_t *cap, const char *s)
     return 0;
 }
 
-/* Loads state_data of the stateful candidates, locking their rows. */
+/* Reads the states of the triggers cached since the last load. No row
+ * lock is needed: the session lock keeps every other processor out, and a
+ * state this burst changed is already cached (so never read while its
+ * update is uncommitted). `conn` is in plain mode. */
 static int load_states(loop *L, PGconn *conn, char *err, size_t errlen)
 {
     char *arr = NULL;
@@ -444,7 +398,7 @@ static int load_states(loop *L, PGconn *conn, char *err, size_t errlen)
     PGresult *res;
     int rc = -1;
 
-    for (int i = 0; i < L->nstateful; i++)
+    for (int i = L->first_unloaded; i < L->nstateful; i++)
         if (arr_add(&arr, &len, &cap, L->stateful[i]->id) < 0) {
             snprintf(err, errlen, "out of memory");
             goto out;
@@ -452,9 +406,7 @@ static int load_states(loop *L, PGconn *conn, char *err, size_t errlen)
     arr[len++] = '}';
     arr[len] = '\0';
     p[0] = arr;
-    res = PQexecParams(conn,
-                       "SELECT trigger_id, state_data::text FROM trigger_state WHERE trigger_id = ANY($1::text[]) "
-                       "ORDER BY trigger_id FOR UPDATE",
+    res = PQexecParams(conn, "SELECT trigger_id, state_data::text FROM trigger_state WHERE trigger_id = ANY($1::text[])",
                        1, NULL, p, NULL, NULL, 0);
     if (exec_ok(res, PGRES_TUPLES_OK, err, errlen, conn) == 0) {
         for (int r = 0; r < PQntuples(res); r++) {
@@ -465,6 +417,7 @@ static int load_states(loop *L, PGconn *conn, char *err, size_t errlen)
                 t->state = cJSON_Parse(PQgetvalue(res, r, 1));
             }
         }
+        L->first_unloaded = L->nstateful;
         rc = 0;
     }
     PQclear(res);
@@ -473,16 +426,17 @@ out:
     return rc;
 }
 
-static int save_states(loop *L, PGconn *conn, char *err, size_t errlen)
+/* The states this batch changed as one JSON object {trigger_id: state},
+ * or NULL in *text when none did (or on OOM: returns -1). Clears the
+ * dirty marks: the text is what the batch's transaction writes. */
+static int dirty_states(loop *L, char **text)
 {
     cJSON *all = cJSON_CreateObject();
-    char *text = NULL;
-    const char *p[1];
-    PGresult *res;
-    int rc = -1, n = 0;
+    int n = 0;
 
+    *text = NULL;
     if (!all)
-        goto oom;
+        return -1;
     for (int i = 0; i < L->nstateful; i++) {
         tindex_trigger *t = L->stateful[i];
 
@@ -490,29 +444,14 @@ static int save_states(loop *L, PGconn *conn, char *err, size_t errlen)
             cJSON_AddItemReferenceToObject(all, t->id, t->state);
             n++;
         }
+        t->state_dirty = 0;
     }
-    if (!n) {
+    if (n && !(*text = cJSON_PrintUnformatted(all))) {
         cJSON_Delete(all);
-        return 0;
+        return -1;
     }
-    if (!(text = cJSON_PrintUnformatted(all)))
-        goto oom;
-    p[0] = text;
-    res = PQexecParams(conn,
-                       "INSERT INTO trigger_state (trigger_id, state_data, last_updated) "
-                       "SELECT key, value, now() FROM jsonb_each($1::jsonb) "
-                       "ON CONFLICT (trigger_id) DO UPDATE SET state_data = EXCLUDED.state_data, "
-                       "last_updated = EXCLUDED.last_updated",
-                       1, NULL, p, NULL, NULL, 0);
-    rc = exec_ok(res, PGRES_COMMAND_OK, err, errlen, conn);
-    PQclear(res);
     cJSON_Delete(all);
-    free(text);
-    return rc;
-oom:
-    cJSON_Delete(all);
-    snprintf(err, errlen, "out of memory");
-    return -1;
+    return 0;
 }
 
 static int ensure_evs(loop *L, int n)
@@ -529,9 +468,18 @@ static int ensure_evs(loop *L, int n)
     return 0;
 }
 
-/* Matches the events of `res` against the index, filling L->jobs. Returns
- * the number of matches or -1. */
-static long match_events(loop *L, PGconn *conn, PGresult *res, int n, char *err, size_t errlen)
+/* Reads whatever the other connection has sent so far, so that a large
+ * result does not stall its server process on a full socket. */
+static void poke(PGconn *other)
+{
+    if (other)
+        PQconsumeInput(other);
+}
+
+/* Matches the events of `res` against the index, filling L->jobs. States
+ * not cached yet are read over `conn` (plain mode). Returns the number of
+ * matches or -1. */
+static long match_events(loop *L, PGconn *conn, PGconn *other, PGresult *res, int n, char *err, size_t errlen)
 {
     ep *app = L->app;
     long matches = 0;
@@ -544,7 +492,7 @@ static long match_events(loop *L, PGconn *conn, PGresult *res, int n, char *err,
     if (ensure_evs(L, n) < 0)
         goto oom;
     /* Pass 1: events and their candidate triggers; the stateful ones
-     * among them need their state loaded. */
+     * among them need their state cached. */
     for (int i = 0; i < n; i++) {
         bev *b = &L->evs[i];
         int64_t chain, agent;
@@ -571,7 +519,7 @@ static long match_events(loop *L, PGconn *conn, PGresult *res, int n, char *err,
                     goto oom;
             }
     }
-    if (L->nstateful && load_states(L, conn, err, errlen) < 0)
+    if (L->first_unloaded < L->nstateful && load_states(L, conn, err, errlen) < 0)
         return -1;
     /* Pass 2: in queue order, so each trigger's state sees its events in
      * the order they were committed to the queue. */
@@ -579,6 +527,8 @@ static long match_events(loop *L, PGconn *conn, PGresult *res, int n, char *err,
         bev *b = &L->evs[i];
         const cJSON *ty = cJSON_GetObjectItemCaseSensitive(b->ev, "event_type");
 
+        if ((i & 255) == 255)
+            poke(other);
         for (int l = 0; l < b->nlists; l++)
             for (int k = 0; k < b->lens[l]; k++) {
                 tindex_trigger *t = b->lists[l][k];
@@ -607,24 +557,14 @@ static long match_events(loop *L, PGconn *conn, PGresult *res, int n, char *err,
                         goto oom;
             }
     }
+    for (int i = 0; i < n; i++)
+        bev_clear(&L->evs[i]);
     return matches;
 oom:
+    for (int i = 0; i < n && i < L->evcap; i++)
+        bev_clear(&L->evs[i]);
     snprintf(err, errlen, "out of memory");
     return -1;
-}
-
-static int exec_cmd(PGconn *conn, const char *sql, char *err, size_t errlen)
-{
-    PGresult *res = PQexec(conn, sql);
-    ExecStatusType st = PQresultStatus(res);
-    int rc = (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK) ? 0 : -1;
-
-    if (rc < 0) {
-        snprintf(err, errlen, "%s", res ? PQresultErrorMessage(res) : PQerrorMessage(conn));
-        err[strcspn(err, "\n")] = '\0';
-    }
-    PQclear(res);
-    return rc;
 }
 
 static void push_failed(loop *L, const char *err)
@@ -635,7 +575,7 @@ static void push_failed(loop *L, const char *err)
 }
 
 /* Takes the outbox ids the pusher has pushed (their rows are deleted by the
- * next transaction) and its failures. */
+ * next commit) and its failures. */
 static void collect_pushed(loop *L)
 {
     char perr[512];
@@ -649,120 +589,257 @@ static void collect_pushed(loop *L)
     }
 }
 
-/* BEGIN plus the deletion of the outbox rows already pushed. */
-static int begin_batch(loop *L, PGconn *conn, char *err, size_t errlen)
-{
-    char sql[256 + MAX_PENDING_DEL * 24];
-    size_t off;
+/* ------------------------------------------------------------------ */
+/* Work connections in pipeline mode.                                 */
 
-    /* synchronous_commit stays on: the Redis push after COMMIT is guarded
-     * by the outbox row's id, so the row (and the consumed queue rows) must
-     * be durable before its jobs are visible (docs/event-processor.md). */
-    off = (size_t)snprintf(sql, sizeof(sql), "BEGIN; SELECT pg_advisory_xact_lock(" EP_LOCK_KEY ")");
-    if (L->npending) {
-        off += (size_t)snprintf(sql + off, sizeof(sql) - off, "; DELETE FROM job_outbox WHERE id IN (");
-        for (int i = 0; i < L->npending && off < sizeof(sql); i++)
-            off += (size_t)snprintf(sql + off, sizeof(sql) - off, "%s%lld", i ? "," : "", L->pending_del[i]);
-        snprintf(sql + off, sizeof(sql) - off, ")");
-    }
-    return exec_cmd(conn, sql, err, errlen);
+static void slot_seterr(slot *s, char *err, size_t errlen)
+{
+    snprintf(err, errlen, "%s", PQerrorMessage(s->conn));
+    err[strcspn(err, "\n")] = '\0';
 }
 
-/* One batch. Returns the number of events taken (>= 0) or -1. */
-static int run_batch(loop *L, PGconn *conn, char *err, size_t errlen)
+/* Switches the connection in or out of pipeline mode (out: nothing may be
+ * awaited). */
+static int slot_mode(slot *s, int pipeline, char *err, size_t errlen)
 {
-    ep *app = L->app;
-    char lim[16], key[128];
+    int on = PQpipelineStatus(s->conn) != PQ_PIPELINE_OFF;
+
+    if (on == pipeline)
+        return 0;
+    if ((pipeline ? PQenterPipelineMode(s->conn) : PQexitPipelineMode(s->conn)) != 1) {
+        slot_seterr(s, err, errlen);
+        return -1;
+    }
+    return 0;
+}
+
+static int slot_send(slot *s, int kind, const char *sql, int nparams, const char *const *params, char *err,
+                     size_t errlen)
+{
+    if (s->qlen + 2 > SLOT_QMAX) {
+        snprintf(err, errlen, "internal: pipeline queue full");
+        return -1;
+    }
+    if (slot_mode(s, 1, err, errlen) < 0)
+        return -1;
+    if (!PQsendQueryParams(s->conn, sql, nparams, NULL, params, NULL, NULL, 0)) {
+        slot_seterr(s, err, errlen);
+        return -1;
+    }
+    s->q[(s->qhead + s->qlen++) % SLOT_QMAX] = kind;
+    return 0;
+}
+
+static int slot_sync(slot *s, char *err, size_t errlen)
+{
+    if (PQpipelineSync(s->conn) != 1 || PQflush(s->conn) != 0) {
+        slot_seterr(s, err, errlen);
+        return -1;
+    }
+    s->q[(s->qhead + s->qlen++) % SLOT_QMAX] = Q_SYNC;
+    return 0;
+}
+
+/* Queues BEGIN and the fetch of the next batch. */
+static int slot_send_fetch(loop *L, slot *s, int first, char *err, size_t errlen)
+{
+    char lim[16];
+    const char *p[1] = {lim};
+
+    snprintf(lim, sizeof(lim), "%d", L->app->cfg.batch_size);
+    if (slot_send(s, Q_BEGIN, "BEGIN", 0, NULL, err, errlen) < 0 ||
+        slot_send(s, Q_FETCH, first ? fetch_first_sql : fetch_next_sql, 1, p, err, errlen) < 0 ||
+        slot_sync(s, err, errlen) < 0)
+        return -1;
+    s->fetch_queued = 1;
+    /* A wake-up read from now on may be for an event this fetch misses. */
+    L->notified = 0;
+    return 0;
+}
+
+/* Queues the end of the batch `s` holds: deletion of the outbox rows
+ * pushed so far, the changed states, the outbox row of L->jobs (which
+ * becomes the slot's), COMMIT. */
+static int slot_send_commit(loop *L, slot *s, long matches, char *err, size_t errlen)
+{
+    char ids[32 + MAX_PENDING_DEL * 22], *states = NULL;
     const char *p[3];
-    PGresult *res = NULL;
-    long long t0 = svc_now_ms(), outbox_id = 0;
-    long matches = 0;
-    int n = 0, had_pending;
-    long long tp = now_us(), tq;
+    jobs *tmp;
+    int rc = -1;
 
     collect_pushed(L);
-    had_pending = L->npending;
+    if (L->npending) {
+        size_t off = 0;
 
+        for (int i = 0; i < L->npending; i++)
+            off += (size_t)snprintf(ids + off, sizeof(ids) - off, "%c%lld", i ? ',' : '{', L->pending_del[i]);
+        snprintf(ids + off, sizeof(ids) - off, "}");
+        p[0] = ids;
+        /* A failed commit leaves them to the outbox flush that follows. */
+        L->npending = 0;
+        if (slot_send(s, Q_DEL, "DELETE FROM job_outbox WHERE id = ANY($1::bigint[])", 1, p, err, errlen) < 0)
+            goto out;
+    }
+    if (dirty_states(L, &states) < 0)
+        goto oom;
+    if (states) {
+        p[0] = states;
+        if (slot_send(s, Q_STATE,
+                      "INSERT INTO trigger_state (trigger_id, state_data, last_updated) "
+                      "SELECT key, value, now() FROM jsonb_each($1::jsonb) "
+                      "ON CONFLICT (trigger_id) DO UPDATE SET state_data = EXCLUDED.state_data, "
+                      "last_updated = EXCLUDED.last_updated",
+                      1, p, err, errlen) < 0)
+            goto out;
+    }
+    if (jobs_count(L->jobs)) {
+        if (jobs_outbox_arrays(L->jobs, &p[0], &p[1], &p[2]) < 0)
+            goto oom;
+        if (slot_send(s, Q_OUTBOX,
+                      "INSERT INTO job_outbox (event_ids, trigger_ids, action_ids) "
+                      "VALUES ($1::text[], $2::text[], $3::int[]) RETURNING id, " OUTBOX_USEC,
+                      3, p, err, errlen) < 0)
+            goto out;
+    }
+    if (slot_send(s, Q_COMMIT, "COMMIT", 0, NULL, err, errlen) < 0 || slot_sync(s, err, errlen) < 0)
+        goto out;
+    tmp = s->cj;
+    s->cj = L->jobs;
+    L->jobs = tmp;
     jobs_clear(L->jobs);
-    if (begin_batch(L, conn, err, errlen) < 0)
-        goto fail;
-    snprintf(lim, sizeof(lim), "%d", app->cfg.batch_size);
-    p[0] = lim;
-    res = PQexecParams(conn, fetch_sql, 1, NULL, p, NULL, NULL, 0);
-    if (exec_ok(res, PGRES_TUPLES_OK, err, errlen, conn) < 0)
-        goto fail;
-    n = PQntuples(res);
-    L->ph[PH_FETCH] += (tq = now_us()) - tp;
-    tp = tq;
-    if (n > 0) {
-        if ((matches = match_events(L, conn, res, n, err, errlen)) < 0)
-            goto fail;
-        L->ph[PH_MATCH] += (tq = now_us()) - tp;
-        tp = tq;
-        if (save_states(L, conn, err, errlen) < 0)
-            goto fail;
-        L->ph[PH_STATE] += (tq = now_us()) - tp;
-        tp = tq;
-        if (jobs_count(L->jobs)) {
-            PGresult *r2;
+    s->cn = s->n;
+    s->cmatches = matches;
+    s->outbox_id = 0;
+    s->commit_queued = 1;
+    PQclear(s->rows);
+    s->rows = NULL;
+    s->n = 0;
+    rc = 0;
+    goto out;
+oom:
+    snprintf(err, errlen, "out of memory");
+out:
+    free(states);
+    return rc;
+}
 
-            if (jobs_outbox_arrays(L->jobs, &p[0], &p[1], &p[2]) < 0) {
-                snprintf(err, errlen, "out of memory");
-                goto fail;
-            }
-            r2 = PQexecParams(conn,
-                              "INSERT INTO job_outbox (event_ids, trigger_ids, action_ids) "
-                              "VALUES ($1::text[], $2::text[], $3::int[]) "
-                              "RETURNING id, " OUTBOX_USEC,
-                              3, NULL, p, NULL, NULL, 0);
-            if (exec_ok(r2, PGRES_TUPLES_OK, err, errlen, conn) < 0) {
-                PQclear(r2);
-                goto fail;
-            }
-            outbox_id = strtoll(PQgetvalue(r2, 0, 0), NULL, 10);
-            batch_key(key, sizeof(key), PQgetvalue(r2, 0, 0), PQgetvalue(r2, 0, 1));
-            PQclear(r2);
+/* Reads the answers up to the next sync point: the fetched rows, the
+ * outbox row id, and whether everything succeeded. The first error is
+ * reported; the answers after it are consumed (the server skips them). */
+static int slot_read(slot *s, char *err, size_t errlen)
+{
+    int rc = 0;
+
+    while (s->qlen) {
+        int kind = s->q[s->qhead];
+        PGresult *res = PQgetResult(s->conn);
+        ExecStatusType st;
+
+        /* libpq ends each query's answers with a NULL; one left over
+         * from the previous answer (or a sync point) is skipped. */
+        if (!res && PQstatus(s->conn) == CONNECTION_OK)
+            res = PQgetResult(s->conn);
+        if (!res) {
+            if (!rc)
+                slot_seterr(s, err, errlen);
+            s->qlen = 0; /* the connection is unusable */
+            return -1;
         }
-        L->ph[PH_OUTBOX] += (tq = now_us()) - tp;
-        tp = tq;
-    } else if (!had_pending) {
-        /* Nothing taken and nothing to delete: no need to commit. */
+        s->qhead = (s->qhead + 1) % SLOT_QMAX;
+        s->qlen--;
+        st = PQresultStatus(res);
+        if (kind == Q_SYNC) {
+            PQclear(res);
+            if (st != PGRES_PIPELINE_SYNC && !rc) {
+                snprintf(err, errlen, "internal: expected the end of a pipeline");
+                rc = -1;
+            }
+            break;
+        }
+        if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) {
+            if (!rc)
+                exec_ok(res, PGRES_TUPLES_OK, err, errlen, s->conn);
+            rc = -1;
+        } else if (kind == Q_FETCH) {
+            PQclear(s->rows);
+            s->rows = res;
+            s->n = PQntuples(res);
+            res = NULL;
+        } else if (kind == Q_OUTBOX) {
+            s->outbox_id = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
+            batch_key(s->key, sizeof(s->key), PQgetvalue(res, 0, 0), PQgetvalue(res, 0, 1));
+        }
         PQclear(res);
-        exec_cmd(conn, "ROLLBACK", err, errlen);
-        return 0;
+        if ((res = PQgetResult(s->conn)) != NULL) { /* the end of this query's answers */
+            PQclear(res);
+            if (!rc)
+                snprintf(err, errlen, "internal: more than one result for a pipelined query");
+            rc = -1;
+        }
     }
-    if (exec_cmd(conn, "COMMIT", err, errlen) < 0)
-        goto fail;
-    PQclear(res);
-    res = NULL;
-    L->ph[PH_COMMIT] += (tq = now_us()) - tp;
-    tp = tq;
-    L->batches++;
-    for (int i = 0; i < n; i++)
-        bev_clear(&L->evs[i]);
-    stateful_reset(L);
-    L->npending = 0;
-    metrics_counter_add(app->m_processed, (uint64_t)n);
-    metrics_counter_add(app->m_matches, (uint64_t)matches);
-    /* The batch is durable. Now the jobs go to Redis (on the pusher
-     * thread); when that fails they wait in the outbox. */
-    if (jobs_count(L->jobs))
-        pusher_submit(L->P, &L->jobs, key, outbox_id);
-    L->ph[PH_PUSH] += now_us() - tp;
-    metrics_histogram_observe(app->m_batch, (double)(svc_now_ms() - t0) / 1000.0);
-    return n;
-fail:
-    PQclear(res);
-    for (int i = 0; i < n && i < L->evcap; i++)
-        bev_clear(&L->evs[i]);
-    stateful_reset(L);
-    jobs_clear(L->jobs);
-    if (PQstatus(conn) == CONNECTION_OK && PQtransactionStatus(conn) != PQTRANS_IDLE) {
-        char e2[256];
+    return rc;
+}
 
-        exec_cmd(conn, "ROLLBACK", e2, sizeof(e2));
+/* Reads the answer to the fetch queued on `s` (after its commit, if one is
+ * queued before it: read that first). */
+static int slot_read_fetch(loop *L, slot *s, char *err, size_t errlen)
+{
+    long long t = now_us();
+    int rc = slot_read(s, err, errlen);
+
+    s->fetch_queued = 0;
+    L->ph[PH_FETCH] += now_us() - t;
+    return rc;
+}
+
+/* Reads the answer to the commit queued on `s` and, when it succeeded,
+ * hands its jobs to the pusher. */
+static int slot_read_commit(loop *L, slot *s, char *err, size_t errlen)
+{
+    ep *app = L->app;
+    long long t = now_us();
+    int rc = slot_read(s, err, errlen);
+
+    s->commit_queued = 0;
+    L->ph[PH_COMMIT] += now_us() - t;
+    if (rc < 0) {
+        jobs_clear(s->cj);
+        return -1;
     }
-    return -1;
+    if (s->cn)
+        L->batches++;
+    metrics_counter_add(app->m_processed, (uint64_t)s->cn);
+    metrics_counter_add(app->m_matches, (uint64_t)s->cmatches);
+    /* The batch is durable. Now its jobs go to Redis (on the pusher
+     * thread); when that fails they wait in the outbox. */
+    if (jobs_count(s->cj)) {
+        t = now_us();
+        pusher_submit(L->P, &s->cj, s->key, s->outbox_id);
+        L->ph[PH_PUSH] += now_us() - t;
+    }
+    metrics_histogram_observe(app->m_batch, (double)(svc_now_ms() - s->t0) / 1000.0);
+    return 0;
+}
+
+/* After a failure: consumes what is still awaited, leaves pipeline mode
+ * and rolls back. A broken connection is left to the pool to replace. */
+static void slot_abort(slot *s)
+{
+    char e[256];
+
+    if (s->conn && PQstatus(s->conn) == CONNECTION_OK) {
+        while (s->qlen && PQstatus(s->conn) == CONNECTION_OK)
+            if (slot_read(s, e, sizeof(e)) < 0 && PQstatus(s->conn) != CONNECTION_OK)
+                break;
+        if (slot_mode(s, 0, e, sizeof(e)) == 0 && PQtransactionStatus(s->conn) != PQTRANS_IDLE)
+            exec_cmd(s->conn, "ROLLBACK", e, sizeof(e));
+    }
+    s->qlen = 0;
+    s->fetch_queued = s->commit_queued = 0;
+    PQclear(s->rows);
+    s->rows = NULL;
+    s->n = 0;
+    jobs_clear(s->cj);
 }
 
 static const char outbox_sql[] =
@@ -857,6 +934,7 @@ static int flush_outbox(loop *L, PGconn *conn, char *err, size_t errlen)
     }
 }
 
+/* The queue's length, at most once a second while a burst runs. */
 static void update_lag(loop *L, PGconn *conn, int behind)
 {
     PGresult *res;
@@ -880,6 +958,7 @@ static int reload_triggers(loop *L, PGconn *conn, char *err, size_t errlen)
 
     if (!ix)
         return -1;
+    stateful_reset(L); /* the cached states live in the old index */
     tindex_free(L->app->index);
     L->app->index = ix;
     L->triggers_dirty = 0;
@@ -904,36 +983,197 @@ static void wait_for_work(loop *L, long timeout_ms)
         svc_sleep_ms(timeout_ms);
 }
 
+/* Takes the processors' session lock on `conn`, waiting while another
+ * processor holds it (its burst ends when its queue is empty). The wait is
+ * asynchronous so that a stop interrupts it. Returns 1 when held, 0 when
+ * stopping, -1 on error. */
+static int leader_lock(loop *L, PGconn *conn, char *err, size_t errlen)
+{
+    long long t = now_us();
+    int rc = -1;
+
+    if (!PQsendQuery(conn, "SELECT pg_advisory_lock(" EP_LOCK_KEY ")")) {
+        snprintf(err, errlen, "%s", PQerrorMessage(conn));
+        return -1;
+    }
+    while (PQisBusy(conn)) {
+        struct pollfd fds[2] = {{.fd = PQsocket(conn), .events = POLLIN}, {.fd = L->app->wake_fd, .events = POLLIN}};
+
+        if (svc_stopping()) {
+            PGcancel *c = PQgetCancel(conn);
+            char cerr[256];
+
+            if (c) {
+                PQcancel(c, cerr, sizeof(cerr));
+                PQfreeCancel(c);
+            }
+            rc = 0;
+            break;
+        }
+        if (poll(fds, 2, 200) < 0 && errno != EINTR)
+            break;
+        if (!PQconsumeInput(conn))
+            break;
+        listen_drain(L);
+    }
+    for (PGresult *res; (res = PQgetResult(conn)) != NULL; PQclear(res))
+        if (rc == -1 && exec_ok(res, PGRES_TUPLES_OK, err, errlen, conn) == 0)
+            rc = 1;
+    if (rc == -1 && !err[0])
+        snprintf(err, errlen, "%s", PQerrorMessage(conn));
+    if (rc == 0 && PQtransactionStatus(conn) == PQTRANS_IDLE)
+        exec_cmd(conn, "SELECT pg_advisory_unlock_all()", err, errlen); /* the lock may have come first */
+    L->ph[PH_LOCK] += now_us() - t;
+    return rc;
+}
+
+/* Works through the queue while it holds the lock (on s[0]): batch after
+ * batch until a fetch comes back short, with the two slots taking turns
+ * (see the top of this file). Returns 0 when the queue was drained (or a
+ * stop finished the batch in hand), -1 on error; the caller aborts the
+ * slots then. */
+static int burst(loop *L, slot s[2], char *err, size_t errlen)
+{
+    ep *app = L->app;
+    slot *x = &s[0], *y = &s[1], *t;
+
+    if (L->triggers_dirty && reload_triggers(L, x->conn, err, errlen) < 0)
+        return -1;
+    if (L->outbox_dirty) {
+        if (flush_outbox(L, x->conn, err, errlen) < 0)
+            loop_error(L, "cannot flush the outbox", err); /* Redis down: jobs wait in the outbox */
+        else
+            L->outbox_dirty = 0;
+        err[0] = '\0';
+    }
+    if (slot_send_fetch(L, x, 1, err, errlen) < 0 || slot_read_fetch(L, x, err, errlen) < 0)
+        return -1;
+    for (;;) {
+        /* x holds a fetched batch; y may have the previous batch's commit
+         * queued. */
+        int more = x->n == app->cfg.batch_size && !svc_stopping();
+        long matches = 0;
+        long long tm;
+
+        listen_drain(L);
+        if (L->triggers_dirty) {
+            /* The previous batch must be durable before the states are
+             * read again from the new index. */
+            if ((y->commit_queued && slot_read_commit(L, y, err, errlen) < 0) || slot_mode(y, 0, err, errlen) < 0 ||
+                reload_triggers(L, y->conn, err, errlen) < 0)
+                return -1;
+        }
+        if (more && slot_send_fetch(L, y, 0, err, errlen) < 0)
+            return -1;
+        x->t0 = svc_now_ms();
+        tm = now_us();
+        if (x->n > 0) {
+            if (slot_mode(x, 0, err, errlen) < 0)
+                return -1;
+            if (more)
+                update_lag(L, x->conn, 1);
+            if ((matches = match_events(L, x->conn, y->conn, x->rows, x->n, err, errlen)) < 0)
+                return -1;
+        }
+        L->ph[PH_MATCH] += now_us() - tm;
+        if (y->commit_queued && slot_read_commit(L, y, err, errlen) < 0)
+            return -1;
+        if (slot_send_commit(L, x, matches, err, errlen) < 0)
+            return -1;
+        if (!more)
+            return slot_read_commit(L, x, err, errlen);
+        if (slot_read_fetch(L, y, err, errlen) < 0)
+            return -1;
+        t = x;
+        x = y;
+        y = t;
+    }
+}
+
+/* One burst with its connections: lock, batches, unlock. Returns the
+ * number of batches that held events, or -1 (the error is logged). */
+static int run_burst(loop *L)
+{
+    ep *app = L->app;
+    slot s[2];
+    char err[1024] = "";
+    int rc = -1, locked = 0;
+    long long before = L->batches;
+
+    memset(s, 0, sizeof(s));
+    if (!(s[0].conn = dbpool_acquire(app->db, 2000)) || !(s[1].conn = dbpool_acquire(app->db, 2000))) {
+        dbpool_errstr(app->db, err, sizeof(err));
+        loop_error(L, "no database connection", err);
+        goto out;
+    }
+    if (!(s[0].cj = jobs_new()) || !(s[1].cj = jobs_new())) {
+        loop_error(L, "out of memory", "jobs");
+        goto out;
+    }
+    if ((locked = leader_lock(L, s[0].conn, err, sizeof(err))) <= 0) {
+        if (locked < 0)
+            loop_error(L, "cannot take the processors' lock", err);
+        rc = locked;
+        goto out;
+    }
+    if (burst(L, s, err, sizeof(err)) < 0) {
+        loop_error(L, "batch failed", err);
+        L->triggers_dirty = 1; /* e.g. a trigger deleted under us */
+        L->outbox_dirty = 1;   /* the outbox rows to delete were not */
+    } else {
+        rc = 0;
+    }
+out:
+    for (int i = 0; i < 2; i++)
+        if (s[i].conn)
+            slot_abort(&s[i]);
+    /* The cached states are true only while the lock is held. */
+    stateful_reset(L);
+    if (rc == 0) {
+        /* Idle: delete the pushed outbox rows now rather than with the
+         * next batch. */
+        pusher_wait_idle(L->P);
+        collect_pushed(L);
+        if (L->npending) {
+            char sql[64 + MAX_PENDING_DEL * 22];
+            size_t off = (size_t)snprintf(sql, sizeof(sql), "DELETE FROM job_outbox WHERE id IN (");
+
+            for (int i = 0; i < L->npending; i++)
+                off += (size_t)snprintf(sql + off, sizeof(sql) - off, "%s%lld", i ? "," : "", L->pending_del[i]);
+            snprintf(sql + off, sizeof(sql) - off, ")");
+            if (exec_cmd(s[0].conn, sql, err, sizeof(err)) == 0)
+                L->npending = 0;
+        }
+        update_lag(L, s[0].conn, 0);
+    }
+    if (locked > 0 && PQstatus(s[0].conn) == CONNECTION_OK)
+        exec_cmd(s[0].conn, "SELECT pg_advisory_unlock(" EP_LOCK_KEY ")", err, sizeof(err));
+    for (int i = 0; i < 2; i++) {
+        dbpool_release(app->db, s[i].conn);
+        jobs_free(s[i].cj);
+    }
+    return rc < 0 ? -1 : (int)(L->batches - before);
+}
+
 void *ep_run(void *arg)
 {
     ep *app = arg;
     loop L;
     backoff db_backoff;
-    char err[1024];
-
-    static pusher P;
 
     memset(&L, 0, sizeof(L));
     L.app = app;
-    L.P = &P;
-    pthread_mutex_init(&P.mu, NULL);
-    pthread_cond_init(&P.cv, NULL);
-    P.app = app;
     L.triggers_dirty = 1;
     L.outbox_dirty = 1;
     backoff_init(&L.lb, 100, 5000);
     backoff_init(&db_backoff, 100, 5000);
-    if (!(L.jobs = jobs_new()) || !(P.spare = jobs_new()) || pthread_create(&P.th, NULL, pusher_main, &P) != 0) {
+    if (!(L.jobs = jobs_new()) || !(L.P = pusher_start(app))) {
         log_error("cannot start: out of memory or threads");
         jobs_free(L.jobs);
-        jobs_free(P.spare);
         svc_request_stop();
         return NULL;
     }
     while (!svc_stopping()) {
-        PGconn *conn;
-        int n = 0, failed = 0;
-
         if (!atomic_load(&app->migrated)) {
             svc_sleep_ms(100);
             continue;
@@ -941,78 +1181,22 @@ void *ep_run(void *arg)
         if (!L.listen)
             listen_open(&L);
         listen_drain(&L);
-        if (!(conn = dbpool_acquire(app->db, 2000))) {
-            svc_sleep_ms(backoff_next_ms(&db_backoff));
-            continue;
-        }
-        if (L.triggers_dirty && reload_triggers(&L, conn, err, sizeof(err)) < 0) {
-            loop_error(&L, "cannot load triggers", err);
-            failed = 1;
-        }
-        if (!failed && L.outbox_dirty) {
-            if (flush_outbox(&L, conn, err, sizeof(err)) < 0) {
-                loop_error(&L, "cannot flush the outbox", err);
-                /* Redis down: keep matching (jobs wait in the outbox). */
-            } else {
-                L.outbox_dirty = 0;
-            }
-        }
-        while (!failed && !svc_stopping()) {
-            n = run_batch(&L, conn, err, sizeof(err));
-            if (n < 0) {
-                loop_error(&L, "batch failed", err);
-                L.triggers_dirty = 1; /* e.g. a trigger deleted under us */
-                failed = 1;
-                break;
-            }
-            if (n < app->cfg.batch_size)
-                break;
-            update_lag(&L, conn, 1);
-            /* A trigger change notified meanwhile applies from the next
-             * batch on. */
-            listen_drain(&L);
-            if (L.triggers_dirty && reload_triggers(&L, conn, err, sizeof(err)) < 0) {
-                loop_error(&L, "cannot load triggers", err);
-                failed = 1;
-            }
-        }
-        if (!failed) {
-            update_lag(&L, conn, 0);
-            /* Idle: delete pushed outbox rows now rather than with the next
-             * batch (which this is, if events arrived meanwhile). */
-            pusher_wait_idle(&P);
-            collect_pushed(&L);
-            if (L.npending && !svc_stopping()) {
-                n = run_batch(&L, conn, err, sizeof(err));
-                if (n < 0) {
-                    loop_error(&L, "batch failed", err);
-                    failed = 1;
-                } else if (n > 0) {
-                    dbpool_release(app->db, conn);
-                    continue;
-                }
-            }
-        }
-        dbpool_release(app->db, conn);
-        if (failed) {
+        L.notified = 0;
+        if (run_burst(&L) < 0) {
             svc_sleep_ms(backoff_next_ms(&db_backoff));
             continue;
         }
         backoff_reset(&db_backoff);
         if (svc_stopping())
             break;
-        if (listen_drain(&L) > 0 || L.triggers_dirty)
+        /* Events may have arrived while the last batch committed. */
+        if (listen_drain(&L) > 0 || L.notified || L.triggers_dirty)
             continue;
         wait_for_work(&L, L.listen ? app->cfg.poll_ms : (app->cfg.poll_ms < 200 ? app->cfg.poll_ms : 200));
     }
-    /* Finish the push in hand; its outbox row is deleted at the next
-     * start (the flush finds its batch key and skips it). */
-    pthread_mutex_lock(&P.mu);
-    P.stop = 1;
-    pthread_cond_broadcast(&P.cv);
-    pthread_mutex_unlock(&P.mu);
-    pthread_join(P.th, NULL);
-    jobs_free(P.spare);
+    /* The pusher finishes the push in hand; its outbox row is deleted at
+     * the next start (the flush finds its batch key and skips it). */
+    pusher_stop(L.P);
     listen_close(&L);
     {
         char b[256];

@@ -3,6 +3,7 @@
 Own database ae_test_ep (created on the shared server), own Redis DB 3. Every
 test uses its own chain_id so triggers of other tests never match its events.
 """
+import hashlib
 import json
 import os
 import subprocess
@@ -227,6 +228,37 @@ class EventProcessorTest(unittest.TestCase):
         order = [json.loads(x)["priority"] for x in raw if json.loads(x)["trigger_id"] == t]
         self.assertEqual(order[-1], 5)
 
+    def test_broadcast_to_subscribers_only(self):
+        t = self.trigger([{"condition_type": "agent_id_equals", "value": 9}])
+
+        def publishes():
+            stats = self.r.info("commandstats")
+            return stats.get("cmdstat_publish", {}).get("calls", 0)
+        # Nobody listens: the match is not published (the job still is).
+        before = publishes()
+        quiet = self.event(agent_id=9)
+        self.drained()
+        self.assertEqual(self.pairs([t]), [(t, quiet)])
+        self.assertEqual(publishes(), before)
+        # A subscriber of the owner's topic gets the Broadcast of each match.
+        ps = self.r.pubsub()
+        ps.subscribe("rt:topic:user:u1")
+        self.assertEqual(ps.get_message(timeout=2)["type"], "subscribe")
+        loud = self.event(agent_id=9)
+        self.event(agent_id=10)  # no match, no Broadcast
+        self.drained()
+        msg = ps.get_message(timeout=5)
+        self.assertIsNotNone(msg, "no Broadcast received")
+        body = json.loads(msg["data"])
+        self.assertEqual(body["topic"], "user:u1")
+        self.assertEqual(body["from"], "event-processor")
+        self.assertEqual(body["payload"], {"type": "trigger.fired", "trigger_id": t, "event_id": loud,
+                                           "event_type": "NewFeedback", "agent_id": 9})
+        self.assertEqual(body["message_id"], hashlib.sha256(("%s|%s" % (t, loud)).encode()).hexdigest())
+        self.assertRegex(body["timestamp"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
+        self.assertIsNone(ps.get_message(timeout=0.5))
+        ps.close()
+
     def test_trigger_create_change_delete(self):
         t = self.trigger([{"condition_type": "score_threshold", "operator": ">", "value": 10}])
         e1 = self.event(score=20)
@@ -273,6 +305,34 @@ class EventProcessorTest(unittest.TestCase):
         conn.close()
         self.drained(30)
         self._assert_exact(t, ids)
+
+    def test_two_processors_one_order(self):
+        # A second instance on the same database: one works through the
+        # queue at a time (session lock), the other takes over when the
+        # first dies; every event is handled once and reaches the state in
+        # queue order.
+        t = self._stream_trigger()
+        port = free_port()
+        other = Service("event-processor", dict(self.svc.env, METRICS_PORT=str(port)))
+        other.start()
+        try:
+            wait_for(lambda: other.proc.poll() is None and "listening" in other.log(), 20,
+                     what="second event-processor up")
+            ids = []
+            conn = psycopg2.connect(DSN)
+            conn.autocommit = True
+            for i in range(1200):
+                ids.append(self.event(conn=conn, timestamp=1700000000 + i))
+                if i == 600:
+                    self.svc.kill9()
+            conn.close()
+            self.drained(30)
+            self._assert_exact(t, ids)
+            times = self.state(t)["0"]["times"]
+            self.assertEqual(times, sorted(times), "events reached the state in queue order")
+        finally:
+            other.stop()
+            self.start_service()
 
     def test_events_while_down(self):
         t = self._stream_trigger()
