@@ -120,11 +120,42 @@ static int sb_arr_elem(sbuf *b, const char *s)
     return sb_put(b, "\"", 1);
 }
 
+/* Decimal digits of v into out (no NUL); returns their number. snprintf
+ * was a tenth of the processing thread's time at five numbers per job. */
+static int fmt_i64(char *out, long long v)
+{
+    char tmp[24];
+    unsigned long long u = v < 0 ? 0ULL - (unsigned long long)v : (unsigned long long)v;
+    int n = 0, k = 0;
+
+    do {
+        tmp[n++] = (char)('0' + u % 10);
+        u /= 10;
+    } while (u);
+    if (v < 0)
+        out[k++] = '-';
+    while (n)
+        out[k++] = tmp[--n];
+    return k;
+}
+
+/* A RESP header: `lead` ('*' or '$'), the number, CRLF. */
+static int resp_head(char *out, char lead, long long n)
+{
+    int k = 1;
+
+    out[0] = lead;
+    k += fmt_i64(out + 1, n);
+    out[k++] = '\r';
+    out[k++] = '\n';
+    return k;
+}
+
 /* RESP: an array header and a bulk string. */
 static int resp_array(sbuf *b, long n)
 {
     char h[32];
-    int k = snprintf(h, sizeof(h), "*%ld\r\n", n);
+    int k = resp_head(h, '*', n);
 
     return sb_put(b, h, (size_t)k);
 }
@@ -132,7 +163,7 @@ static int resp_array(sbuf *b, long n)
 static int resp_bulk(sbuf *b, const char *s, size_t n)
 {
     char h[32];
-    int k = snprintf(h, sizeof(h), "$%zu\r\n", n);
+    int k = resp_head(h, '$', (long long)n);
 
     if (sb_grow(b, (size_t)k + n + 2) < 0)
         return -1;
@@ -264,8 +295,8 @@ static int add_common(jobs *j, const char *tid, const char *tid_esc, const char 
         j->cap = cap;
     }
     x = &j->v[j->n];
-    snprintf(aid, sizeof(aid), "%d", action_id);
-    snprintf(prio, sizeof(prio), "%d", priority);
+    aid[fmt_i64(aid, action_id)] = '\0';
+    prio[fmt_i64(prio, priority)] = '\0';
     /* The id hashes the raw ids, so it never depends on escaping. */
     digest3(j, tid, ev->id, aid, x->id);
     x->priority = priority;
@@ -289,7 +320,7 @@ static int add_common(jobs *j, const char *tid, const char *tid_esc, const char 
 
         for (int i = 0; i < np; i++)
             total += pieces[i].n;
-        hlen = snprintf(hdr, sizeof(hdr), "$%zu\r\n", total);
+        hlen = resp_head(hdr, '$', (long long)total);
         if (sb_grow(a, (size_t)hlen + total + 2) < 0)
             goto fail;
         x->bulk_off = a->len;

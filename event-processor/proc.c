@@ -93,6 +93,8 @@ typedef struct {
     long long listen_retry_at;
     int triggers_dirty, outbox_dirty;
     int notified; /* new_event wake-ups read since the last fetch was sent */
+    slot s[2];    /* the work connections of the session */
+    int held;     /* the session holds the processors' lock */
     long long pending_del[MAX_PENDING_DEL];
     int npending;
     jobs *jobs;
@@ -1090,48 +1092,43 @@ static int burst(loop *L, slot s[2], char *err, size_t errlen)
     }
 }
 
-/* One burst with its connections: lock, batches, unlock. Returns the
- * number of batches that held events, or -1 (the error is logged). */
-static int run_burst(loop *L)
+/* A session: the two work connections and the lock, held from the first
+ * burst until the queue has been quiet for SESSION_IDLE_MS (a lock and
+ * two connections per burst would cost two round trips per event when
+ * events come one at a time). */
+#define SESSION_IDLE_MS 50
+
+static int session_open(loop *L)
 {
     ep *app = L->app;
-    slot s[2];
     char err[1024] = "";
-    int rc = -1, locked = 0;
-    long long before = L->batches;
+    int locked;
 
-    memset(s, 0, sizeof(s));
-    if (!(s[0].conn = dbpool_acquire(app->db, 2000)) || !(s[1].conn = dbpool_acquire(app->db, 2000))) {
-        dbpool_errstr(app->db, err, sizeof(err));
-        loop_error(L, "no database connection", err);
-        goto out;
-    }
-    if (!(s[0].cj = jobs_new()) || !(s[1].cj = jobs_new())) {
-        loop_error(L, "out of memory", "jobs");
-        goto out;
-    }
-    if ((locked = leader_lock(L, s[0].conn, err, sizeof(err))) <= 0) {
-        if (locked < 0)
-            loop_error(L, "cannot take the processors' lock", err);
-        rc = locked;
-        goto out;
-    }
-    if (burst(L, s, err, sizeof(err)) < 0) {
-        loop_error(L, "batch failed", err);
-        L->triggers_dirty = 1; /* e.g. a trigger deleted under us */
-        L->outbox_dirty = 1;   /* the outbox rows to delete were not */
-    } else {
-        rc = 0;
-    }
-out:
     for (int i = 0; i < 2; i++)
-        if (s[i].conn)
-            slot_abort(&s[i]);
+        if (!L->s[i].conn && !(L->s[i].conn = dbpool_acquire(app->db, 2000))) {
+            dbpool_errstr(app->db, err, sizeof(err));
+            loop_error(L, "no database connection", err);
+            return -1;
+        }
+    if ((locked = leader_lock(L, L->s[0].conn, err, sizeof(err))) < 0)
+        loop_error(L, "cannot take the processors' lock", err);
+    L->held = locked > 0;
+    return locked;
+}
+
+/* Ends the session: `clean` after a successful burst (the pushed outbox
+ * rows are deleted first), else after a failure. */
+static void session_close(loop *L, int clean)
+{
+    ep *app = L->app;
+    char err[1024];
+
+    for (int i = 0; i < 2; i++)
+        if (L->s[i].conn)
+            slot_abort(&L->s[i]);
     /* The cached states are true only while the lock is held. */
     stateful_reset(L);
-    if (rc == 0) {
-        /* Idle: delete the pushed outbox rows now rather than with the
-         * next batch. */
+    if (clean && L->held) {
         pusher_wait_idle(L->P);
         collect_pushed(L);
         if (L->npending) {
@@ -1141,18 +1138,37 @@ out:
             for (int i = 0; i < L->npending; i++)
                 off += (size_t)snprintf(sql + off, sizeof(sql) - off, "%s%lld", i ? "," : "", L->pending_del[i]);
             snprintf(sql + off, sizeof(sql) - off, ")");
-            if (exec_cmd(s[0].conn, sql, err, sizeof(err)) == 0)
+            if (exec_cmd(L->s[0].conn, sql, err, sizeof(err)) == 0)
                 L->npending = 0;
         }
-        update_lag(L, s[0].conn, 0);
+        update_lag(L, L->s[0].conn, 0);
     }
-    if (locked > 0 && PQstatus(s[0].conn) == CONNECTION_OK)
-        exec_cmd(s[0].conn, "SELECT pg_advisory_unlock(" EP_LOCK_KEY ")", err, sizeof(err));
+    if (L->held && L->s[0].conn && PQstatus(L->s[0].conn) == CONNECTION_OK)
+        exec_cmd(L->s[0].conn, "SELECT pg_advisory_unlock(" EP_LOCK_KEY ")", err, sizeof(err));
+    L->held = 0;
     for (int i = 0; i < 2; i++) {
-        dbpool_release(app->db, s[i].conn);
-        jobs_free(s[i].cj);
+        dbpool_release(app->db, L->s[i].conn);
+        L->s[i].conn = NULL;
     }
-    return rc < 0 ? -1 : (int)(L->batches - before);
+}
+
+/* One burst in the open session. Returns 0 or -1 (logged; the session is
+ * closed). */
+static int session_burst(loop *L)
+{
+    char err[1024] = "";
+
+    if (burst(L, L->s, err, sizeof(err)) < 0) {
+        loop_error(L, "batch failed", err);
+        L->triggers_dirty = 1; /* e.g. a trigger deleted under us */
+        L->outbox_dirty = 1;   /* the outbox rows to delete were not */
+        session_close(L, 0);
+        return -1;
+    }
+    /* Back in plain mode, outside any transaction, between bursts. */
+    for (int i = 0; i < 2; i++)
+        slot_abort(&L->s[i]);
+    return 0;
 }
 
 void *ep_run(void *arg)
@@ -1167,9 +1183,12 @@ void *ep_run(void *arg)
     L.outbox_dirty = 1;
     backoff_init(&L.lb, 100, 5000);
     backoff_init(&db_backoff, 100, 5000);
-    if (!(L.jobs = jobs_new()) || !(L.P = pusher_start(app))) {
+    if (!(L.jobs = jobs_new()) || !(L.s[0].cj = jobs_new()) || !(L.s[1].cj = jobs_new()) ||
+        !(L.P = pusher_start(app))) {
         log_error("cannot start: out of memory or threads");
         jobs_free(L.jobs);
+        jobs_free(L.s[0].cj);
+        jobs_free(L.s[1].cj);
         svc_request_stop();
         return NULL;
     }
@@ -1182,7 +1201,17 @@ void *ep_run(void *arg)
             listen_open(&L);
         listen_drain(&L);
         L.notified = 0;
-        if (run_burst(&L) < 0) {
+        if (!L.held) {
+            int rc = session_open(&L);
+
+            if (rc <= 0) {
+                session_close(&L, 0);
+                if (rc < 0)
+                    svc_sleep_ms(backoff_next_ms(&db_backoff));
+                continue;
+            }
+        }
+        if (session_burst(&L) < 0) {
             svc_sleep_ms(backoff_next_ms(&db_backoff));
             continue;
         }
@@ -1192,8 +1221,15 @@ void *ep_run(void *arg)
         /* Events may have arrived while the last batch committed. */
         if (listen_drain(&L) > 0 || L.notified || L.triggers_dirty)
             continue;
+        wait_for_work(&L, SESSION_IDLE_MS);
+        if (listen_drain(&L) > 0 || L.notified || L.triggers_dirty)
+            continue;
+        /* Quiet: let other processors in, then sleep until woken. */
+        session_close(&L, 1);
         wait_for_work(&L, L.listen ? app->cfg.poll_ms : (app->cfg.poll_ms < 200 ? app->cfg.poll_ms : 200));
     }
+    if (L.held)
+        session_close(&L, 1);
     /* The pusher finishes the push in hand; its outbox row is deleted at
      * the next start (the flush finds its batch key and skips it). */
     pusher_stop(L.P);
@@ -1212,5 +1248,7 @@ void *ep_run(void *arg)
     free(L.evs);
     free(L.stateful);
     jobs_free(L.jobs);
+    jobs_free(L.s[0].cj);
+    jobs_free(L.s[1].cj);
     return NULL;
 }
