@@ -198,8 +198,16 @@ writer *writer_new(aw *app);
 /* Starts the thread. Returns 0 or -1. */
 int writer_start(writer *w);
 /* Hands over the finished jobs head..tail (n of them, linked by next); the
- * writer owns and frees them. Thread-safe. */
+ * writer owns them, and gives them back to be freed by writer_reap once
+ * recorded. Thread-safe. */
 void writer_submit(writer *w, job *head, job *tail, int n);
+/* The jobs the writer has recorded (linked by next, NULL when none), for
+ * the caller to free (aw_job_free) or reuse. The worker threads call it:
+ * glibc's malloc is cheapest when memory is freed by the thread that
+ * allocated it (a thread freeing another's chunks takes that arena's lock,
+ * and the two threads then contend on every batch). Thread-safe; cheap
+ * when there is nothing to take. */
+job *writer_reap(writer *w);
 /* Jobs handed over and not yet recorded (for back-pressure). */
 long writer_pending(writer *w);
 /* Records what is left for up to grace_ms, then stops the thread; jobs
@@ -209,6 +217,9 @@ void writer_free(writer *w);
 
 /* Frees a job and everything it owns (worker.c). NULL is a no-op. */
 void aw_job_free(job *j);
+/* Frees what a job owns and zeroes it, keeping the struct itself for
+ * reuse (worker.c). */
+void aw_job_clear(job *j);
 
 /* worker.c: runs one event loop thread until stop; returns NULL. */
 void *worker_run(void *arg);

@@ -36,6 +36,24 @@ int buf_append(buf *b, const void *data, size_t n)
     return 0;
 }
 
+int buf_reserve(buf *b, size_t n)
+{
+    char *p;
+
+    if (n > b->max)
+        n = b->max;
+    if (n + 1 <= b->cap)
+        return 0;
+    p = realloc(b->p, n + 1);
+    if (!p)
+        return -1;
+    if (!b->p)
+        p[0] = '\0';
+    b->p = p;
+    b->cap = n + 1;
+    return 0;
+}
+
 int buf_puts(buf *b, const char *s)
 {
     return buf_append(b, s, strlen(s));

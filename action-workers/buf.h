@@ -28,6 +28,9 @@ int buf_puts(buf *b, const char *s);
 
 /* Empties the buffer and keeps its memory. */
 void buf_reset(buf *b);
+/* Makes room for at least `n` bytes (and the NUL) in all, so that the
+ * appends that follow do not reallocate. Returns 0 or -1 (OOM). */
+int buf_reserve(buf *b, size_t n);
 
 /* Releases the memory and empties the buffer. */
 void buf_free(buf *b);

@@ -77,32 +77,56 @@ static int native_ok(const char *url, const target_info *ti)
     return !memchr(a, '@', strcspn(a, "/?#"));
 }
 
-static int has_header(const struct curl_slist *l, const char *name)
-{
-    size_t n = strlen(name);
-
-    for (; l; l = l->next)
-        if (!strncasecmp(l->data, name, n) && l->data[n] == ':')
-            return 1;
-    return 0;
-}
-
 #define NATIVE_REQ_MAX (256u * 1024 * 1024)
 
-/* Serializes the request for h1 into j->req: what libcurl would send for
- * the same options (request line, Host, User-Agent, Accept, the headers in
- * j->hdrs, Content-Length) plus Connection: keep-alive. Returns 0 or -1. */
-static int native_setup(job *j, const char *method, const char *url, const target_info *ti, long timeout_ms,
-                        size_t max_resp)
+/* Appends "name: value\r\n", cut like deliver_header's 2048-byte line
+ * would cut it, so both paths send the same bytes. */
+static int put_header(buf *b, const char *name, const char *value)
+{
+    size_t nl = strlen(name), vl = strlen(value);
+
+    if (nl > 2045)
+        nl = 2045;
+    if (nl + 2 + vl > 2047)
+        vl = 2047 - nl - 2;
+    return buf_append(b, name, nl) < 0 || buf_append(b, ": ", 2) < 0 || buf_append(b, value, vl) < 0 ||
+                   buf_append(b, "\r\n", 2) < 0
+               ? -1
+               : 0;
+}
+
+static int usable_header(const cJSON *h)
+{
+    return cJSON_IsString(h) && header_ok(h->string) && header_ok(h->valuestring) && !strchr(h->string, ':') &&
+           strcasecmp(h->string, "X-Idempotency-Key") && strcasecmp(h->string, "X-Signature") &&
+           strcasecmp(h->string, "Content-Length") && strcasecmp(h->string, "Host");
+}
+
+/* The request for h1, written straight into j->req: the same bytes as
+ * deliver_header's list followed by native_setup, without building the
+ * list (a malloc'd node and line per header). Returns 0 or -1 (OOM). */
+static int native_build(aw *app, job *j, const char *method, const char *url, const target_info *ti,
+                        const cJSON *hs, long timeout_ms, size_t max_resp)
 {
     const char *a = url + 7, *path = a + strcspn(a, "/?#");
-    size_t plen = strcspn(path, "#");
+    size_t plen = strcspn(path, "#"), blen = j->body ? strlen(j->body) : 0;
     buf *b = &j->req;
+    const cJSON *h;
     char line[400];
-    int bad = 0;
+    int bad = 0, has_ctype = 0, has_ua = 0, has_accept = 0;
 
     buf_free(b);
     buf_init(b, NATIVE_REQ_MAX);
+    if (buf_reserve(b, 512 + strlen(url) + blen) < 0)
+        return -1;
+    if (cJSON_IsObject(hs))
+        cJSON_ArrayForEach(h, hs) {
+            if (!usable_header(h))
+                continue;
+            has_ctype |= !strcasecmp(h->string, "Content-Type");
+            has_ua |= !strcasecmp(h->string, "User-Agent");
+            has_accept |= !strcasecmp(h->string, "Accept");
+        }
     bad |= buf_puts(b, method);
     bad |= buf_puts(b, " ");
     if (plen == 0 || path[0] == '?')
@@ -116,31 +140,38 @@ static int native_setup(job *j, const char *method, const char *url, const targe
         bad |= buf_puts(b, line);
     }
     bad |= buf_puts(b, "\r\n");
-    if (!has_header(j->hdrs, "User-Agent"))
+    if (!has_ua)
         bad |= buf_puts(b, "User-Agent: erc8004-action-workers/" AW_VERSION "\r\n");
-    if (!has_header(j->hdrs, "Accept"))
+    if (!has_accept)
         bad |= buf_puts(b, "Accept: */*\r\n");
-    for (const struct curl_slist *l = j->hdrs; l; l = l->next) {
-        const char *c = strchr(l->data, ':');
-        size_t vl;
+    if (cJSON_IsObject(hs))
+        cJSON_ArrayForEach(h, hs) {
+            /* Framing headers are ours; a blank value removes a header in
+             * libcurl, so it is not sent. */
+            if (!usable_header(h) || !strcasecmp(h->string, "Connection") ||
+                !strcasecmp(h->string, "Transfer-Encoding") || !h->valuestring[strspn(h->valuestring, " \t")])
+                continue;
+            bad |= put_header(b, h->string, h->valuestring);
+        }
+    if (!has_ctype && j->body)
+        bad |= buf_puts(b, "Content-Type: application/json\r\n");
+    bad |= put_header(b, "X-Idempotency-Key", j->id);
+    if (app->sig) {
+        char hex[65];
 
-        /* "Name:" with no value removes a header in libcurl (Expect:); the
-         * framing headers are ours. */
-        if (!c || !strncasecmp(l->data, "Connection:", 11) || !strncasecmp(l->data, "Transfer-Encoding:", 18))
-            continue;
-        vl = strspn(c + 1, " \t");
-        if (!c[1 + vl])
-            continue;
-        bad |= buf_puts(b, l->data);
+        if (sig_hex(app->sig, j->body ? j->body : "", blen, hex) < 0)
+            return -1;
+        bad |= buf_puts(b, "X-Signature: sha256=");
+        bad |= buf_append(b, hex, 64);
         bad |= buf_puts(b, "\r\n");
     }
     if (j->body) {
-        snprintf(line, sizeof(line), "Content-Length: %zu\r\n", strlen(j->body));
+        snprintf(line, sizeof(line), "Content-Length: %zu\r\n", blen);
         bad |= buf_puts(b, line);
     }
     bad |= buf_puts(b, "Connection: keep-alive\r\n\r\n");
     if (j->body)
-        bad |= buf_puts(b, j->body);
+        bad |= buf_append(b, j->body, blen);
     if (bad || b->truncated)
         return -1;
     buf_free(&j->resp);
@@ -198,12 +229,15 @@ int deliver_rest_begin(aw *app, job *j)
             return 1;
         }
     }
+    if (app->cfg.native_http && native_ok(url->valuestring, &ti)) {
+        if (native_build(app, j, method, url->valuestring, &ti, hs, rest_timeout(j), (size_t)app->cfg.response_max) < 0)
+            goto oom;
+        j->attempted = 1;
+        return 0;
+    }
     if (cJSON_IsObject(hs)) {
         cJSON_ArrayForEach(h, hs) {
-            if (!cJSON_IsString(h) || !header_ok(h->string) || !header_ok(h->valuestring) ||
-                strchr(h->string, ':') || !strcasecmp(h->string, "X-Idempotency-Key") ||
-                !strcasecmp(h->string, "X-Signature") || !strcasecmp(h->string, "Content-Length") ||
-                !strcasecmp(h->string, "Host"))
+            if (!usable_header(h))
                 continue;
             if (!strcasecmp(h->string, "Content-Type"))
                 has_ctype = 1;
@@ -222,13 +256,9 @@ int deliver_rest_begin(aw *app, job *j)
             deliver_header(j, "X-Signature: sha256=%s", hex) < 0)
             goto oom;
     }
-    if (app->cfg.native_http && native_ok(url->valuestring, &ti)) {
-        if (native_setup(j, method, url->valuestring, &ti, rest_timeout(j), (size_t)app->cfg.response_max) < 0)
-            goto oom;
-    } else if (deliver_setup(j, method, url->valuestring, j->body, rest_timeout(j), ti.resolve,
-                             (size_t)app->cfg.response_max) < 0) {
+    if (deliver_setup(j, method, url->valuestring, j->body, rest_timeout(j), ti.resolve,
+                      (size_t)app->cfg.response_max) < 0)
         goto oom;
-    }
     j->attempted = 1;
     return 0;
 oom:

@@ -4,21 +4,30 @@
 #include <stdlib.h>
 #include <string.h>
 
+#define QUEUE_TAKE_MAX 1000
+
 struct queue {
     rconn *r;
     char list[128], inflight[140], delayed[140], dlq[140], pace[140];
     char err[256];
 };
 
-/* KEYS: list, inflight. ARGV: max, deadline. */
+/* KEYS: list, inflight. ARGV: max, deadline. Takes up to max jobs from
+ * the consuming (right) end, the rightmost first, and leases them all with
+ * one LRANGE, one LTRIM and one ZADD, instead of an RPOP and a ZADD per
+ * job: a batch costs three commands inside the script whatever its size. */
 static const char take_lua[] =
-    "local out = {}\n"
-    "for i = 1, tonumber(ARGV[1]) do\n"
-    "  local j = redis.call('RPOP', KEYS[1])\n"
-    "  if not j then break end\n"
-    "  redis.call('ZADD', KEYS[2], ARGV[2], j)\n"
-    "  out[#out + 1] = j\n"
+    "local js = redis.call('LRANGE', KEYS[1], -tonumber(ARGV[1]), -1)\n"
+    "local k = #js\n"
+    "if k == 0 then return js end\n"
+    "redis.call('LTRIM', KEYS[1], 0, -k - 1)\n"
+    "local out, args = {}, {}\n"
+    "for i = k, 1, -1 do\n"
+    "  out[#out + 1] = js[i]\n"
+    "  args[#args + 1] = ARGV[2]\n"
+    "  args[#args + 1] = js[i]\n"
     "end\n"
+    "redis.call('ZADD', KEYS[2], unpack(args))\n"
     "return out\n";
 
 /* KEYS: list, inflight, delayed. ARGV: now, limit. Due and expired jobs go
@@ -103,6 +112,19 @@ const char *queue_errstr(const queue *q)
     return q->err;
 }
 
+/* hiredis frees its read buffer after each reply once more than 16 KiB of
+ * it is unused, so every batch of taken jobs (tens of KiB) had it
+ * allocated anew. The buffer is bounded by the largest reply (a take is at
+ * most QUEUE_TAKE_MAX jobs), so it is kept instead. Set on each call: a
+ * reconnect makes a new reader. */
+static void keep_read_buffer(queue *q)
+{
+    redisContext *ctx = rconn_context(q->r);
+
+    if (ctx && ctx->reader)
+        ctx->reader->maxbuf = 0;
+}
+
 static void set_err(queue *q, redisReply *rep)
 {
     if (!rep)
@@ -113,19 +135,16 @@ static void set_err(queue *q, redisReply *rep)
         snprintf(q->err, sizeof(q->err), "unexpected reply type %d", rep->type);
 }
 
-int queue_take(queue *q, int max, long long deadline_ms, char ***out, int *n)
+/* Fills the take's argv (7 entries) for up to `max` jobs. */
+static void take_argv(queue *q, int max, long long deadline_ms, char *smax, size_t smaxlen, char *sdl, size_t sdllen,
+                      const char **argv)
 {
-    char smax[16], sdl[32];
-    const char *argv[7];
-    redisReply *rep;
-    char **jobs;
-
-    *out = NULL;
-    *n = 0;
-    if (max <= 0)
-        return 0;
-    snprintf(smax, sizeof(smax), "%d", max);
-    snprintf(sdl, sizeof(sdl), "%lld", deadline_ms);
+    /* The script passes two arguments per job to one ZADD, and Lua 5.1
+     * unpacks at most 8000 values. */
+    if (max > QUEUE_TAKE_MAX)
+        max = QUEUE_TAKE_MAX;
+    snprintf(smax, smaxlen, "%d", max);
+    snprintf(sdl, sdllen, "%lld", deadline_ms);
     argv[0] = "EVAL";
     argv[1] = take_lua;
     argv[2] = "2";
@@ -133,9 +152,13 @@ int queue_take(queue *q, int max, long long deadline_ms, char ***out, int *n)
     argv[4] = q->inflight;
     argv[5] = smax;
     argv[6] = sdl;
-    /* Not idempotent: a retry after a lost answer could take jobs twice, so
-     * a failure is reported and the lease reaper recovers any taken job. */
-    rep = rconn_command_argv(q->r, 0, 7, argv, NULL);
+}
+
+/* Turns the take's reply into the jobs (and frees it). */
+static int take_reply(queue *q, redisReply *rep, char ***out, int *n)
+{
+    char **jobs;
+
     if (!rep || rep->type != REDIS_REPLY_ARRAY) {
         set_err(q, rep);
         if (rep)
@@ -165,6 +188,84 @@ int queue_take(queue *q, int max, long long deadline_ms, char ***out, int *n)
     freeReplyObject(rep);
     *out = jobs;
     return 0;
+}
+
+int queue_take(queue *q, int max, long long deadline_ms, char ***out, int *n)
+{
+    char smax[16], sdl[32];
+    const char *argv[7];
+
+    *out = NULL;
+    *n = 0;
+    if (max <= 0)
+        return 0;
+    take_argv(q, max, deadline_ms, smax, sizeof(smax), sdl, sizeof(sdl), argv);
+    /* Not idempotent: a retry after a lost answer could take jobs twice, so
+     * a failure is reported and the lease reaper recovers any taken job. */
+    keep_read_buffer(q);
+    return take_reply(q, rconn_command_argv(q->r, 0, 7, argv, NULL), out, n);
+}
+
+int queue_take_send(queue *q, int max, long long deadline_ms)
+{
+    char smax[16], sdl[32];
+    const char *argv[7];
+    redisContext *ctx;
+    int done = 0;
+
+    if (max <= 0 || rconn_connect(q->r) < 0 || !(ctx = rconn_context(q->r))) {
+        snprintf(q->err, sizeof(q->err), "%s", max <= 0 ? "nothing to take" : rconn_errstr(q->r));
+        return -1;
+    }
+    keep_read_buffer(q);
+    take_argv(q, max, deadline_ms, smax, sizeof(smax), sdl, sizeof(sdl), argv);
+    if (redisAppendCommandArgv(ctx, 7, argv, NULL) != REDIS_OK)
+        goto fail;
+    /* The command is small: on the blocking socket this returns once it
+     * is all written (or failed). */
+    do {
+        if (redisBufferWrite(ctx, &done) != REDIS_OK)
+            goto fail;
+    } while (!done);
+    return ctx->fd;
+fail:
+    snprintf(q->err, sizeof(q->err), "%s", ctx->errstr[0] ? ctx->errstr : "redis I/O error");
+    rconn_mark_broken(q->r);
+    return -1;
+}
+
+void queue_take_drop(queue *q)
+{
+    rconn_mark_broken(q->r);
+}
+
+int queue_take_recv(queue *q, int block, char ***out, int *n)
+{
+    redisContext *ctx = rconn_context(q->r);
+    void *rep = NULL;
+
+    *out = NULL;
+    *n = 0;
+    if (!ctx) {
+        snprintf(q->err, sizeof(q->err), "%s", rconn_errstr(q->r));
+        return -1;
+    }
+    if (block) {
+        if (redisGetReply(ctx, &rep) != REDIS_OK)
+            goto fail;
+    } else {
+        /* What the socket has now (epoll said it is readable), then a
+         * reply if it is complete. */
+        if (redisBufferRead(ctx) != REDIS_OK || redisGetReplyFromReader(ctx, &rep) != REDIS_OK)
+            goto fail;
+        if (!rep)
+            return 0;
+    }
+    return take_reply(q, rep, out, n) < 0 ? -1 : 1;
+fail:
+    snprintf(q->err, sizeof(q->err), "%s", ctx->errstr[0] ? ctx->errstr : "redis I/O error");
+    rconn_mark_broken(q->r);
+    return -1;
 }
 
 /* Sends `n` pipelined commands already appended and reads their replies;

@@ -5,15 +5,25 @@
  * upsert keeps one row per attempt with the latest outcome instead of
  * failing the whole batch on a duplicate.
  *
- * A batch is one statement with ten array parameters, one per column,
+ * A batch is first sent with COPY, PostgreSQL's cheapest way in (no
+ * statement to parse or plan, no array parameters to decode). COPY cannot
+ * upsert: a batch that repeats an attempt already written fails as a whole
+ * with a unique violation (23505), nothing of it is kept, and it is sent
+ * again as the upsert below. Repeats only follow a crash or an expired
+ * lease, so nearly every batch takes the fast path, and the rows written
+ * are the same either way.
+ *
+ * The upsert is one statement with ten array parameters, one per column,
  * expanded by unnest(). Unlike a multi-row VALUES list with ten parameters
  * per row, the statement text does not grow with the batch, so PostgreSQL
  * parses and plans the same small statement whatever the batch size. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "aw.h"
+#include "fmt.h"
 
 #define COLS 10
 
@@ -29,6 +39,10 @@ static const char insert_sql[] =
 
 /* Appends one element of a text-format array literal: NULL, or the value
  * in double quotes with quotes and backslashes escaped. */
+static const char copy_sql[] =
+    "COPY action_results (job_id, trigger_id, event_id, action_type, status, executed_at, duration_ms, "
+    "error_message, response_data, retry_count) FROM STDIN";
+
 static int put_elem(buf *b, const char *s, int first)
 {
     const char *p;
@@ -67,53 +81,137 @@ static int by_attempt(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
-int results_write(aw *app, job **jobs, int n, char *err, size_t errlen)
+/* Appends one COPY text-format field: \N for NULL, else the value with
+ * backslash, tab, newline and carriage return escaped. `sep` follows it
+ * (a tab, or the newline that ends the row). */
+static int copy_field(buf *b, const char *s, char sep)
+{
+    const char *p;
+
+    if (!s)
+        return buf_append(b, "\\N", 2) < 0 || buf_append(b, &sep, 1) < 0 ? -1 : 0;
+    while ((p = strpbrk(s, "\\\t\n\r"))) {
+        char esc[2] = {'\\', *p == '\\' ? '\\' : *p == '\t' ? 't' : *p == '\n' ? 'n' : 'r'};
+
+        if (buf_append(b, s, (size_t)(p - s)) < 0 || buf_append(b, esc, 2) < 0)
+            return -1;
+        s = p + 1;
+    }
+    return buf_puts(b, s) < 0 || buf_append(b, &sep, 1) < 0 ? -1 : 0;
+}
+
+/* The attempt's start as a timestamptz literal in UTC, to the millisecond
+ * (what to_timestamp(ms / 1000.0) gives). The seconds part is formatted
+ * once per second: rows of a batch mostly share it. */
+static void copy_time(char *out, size_t n, long long ms)
+{
+    static _Thread_local long long last_sec = -1;
+    static _Thread_local char last[80];
+    time_t t = (time_t)(ms >= 0 ? ms / 1000 : (ms - 999) / 1000);
+    int frac = (int)(ms - (long long)t * 1000);
+
+    if ((long long)t != last_sec) {
+        struct tm tm;
+
+        gmtime_r(&t, &tm);
+        snprintf(last, sizeof(last), "%04d-%02d-%02d %02d:%02d:%02d", tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday,
+                 tm.tm_hour, tm.tm_min, tm.tm_sec);
+        last_sec = (long long)t;
+    }
+    snprintf(out, n, "%s.%03d+00", last, frac);
+}
+
+/* One row of the batch in COPY text format. `resp` is response_data
+ * (printed JSON) or NULL. */
+static int copy_row(buf *b, const job *j, const char *resp)
+{
+    char ts[96], d[24], c[24];
+
+    copy_time(ts, sizeof(ts), j->executed_at);
+    fmt_i64(d, j->duration_ms);
+    fmt_i64(c, j->attempt);
+    return copy_field(b, j->id, '\t') < 0 || copy_field(b, j->trigger_id, '\t') < 0 ||
+                   copy_field(b, j->event_id, '\t') < 0 || copy_field(b, j->action_type, '\t') < 0 ||
+                   copy_field(b, j->status_text, '\t') < 0 || copy_field(b, ts, '\t') < 0 ||
+                   copy_field(b, d, '\t') < 0 || copy_field(b, j->err[0] ? j->err : NULL, '\t') < 0 ||
+                   copy_field(b, resp, '\t') < 0 || copy_field(b, c, '\n') < 0
+               ? -1
+               : 0;
+}
+
+/* Writes "SQLSTATE: message" of a failed result (or of the connection). */
+static void result_err(PGconn *c, PGresult *r, char *err, size_t errlen)
+{
+    const char *state = r ? PQresultErrorField(r, PG_DIAG_SQLSTATE) : NULL;
+    const char *primary = r ? PQresultErrorField(r, PG_DIAG_MESSAGE_PRIMARY) : NULL;
+
+    if (state && primary)
+        snprintf(err, errlen, "%s: %s", state, primary);
+    else
+        snprintf(err, errlen, "08006: %s", PQerrorMessage(c));
+}
+
+/* Sends the rows in `data` with COPY. Returns 0 once committed, -1 with
+ * "SQLSTATE: reason" in err. Every result is read, so the connection is
+ * idle again either way (or broken, which dbpool_release sees). */
+static int run_copy(PGconn *c, const buf *data, char *err, size_t errlen)
+{
+    PGresult *r = PQexec(c, copy_sql);
+    int rc = -1;
+
+    if (!r || PQresultStatus(r) != PGRES_COPY_IN) {
+        result_err(c, r, err, errlen);
+        PQclear(r);
+        /* A failed COPY command has no more results; drain in case. */
+        while ((r = PQgetResult(c)))
+            PQclear(r);
+        return -1;
+    }
+    PQclear(r);
+    if (PQputCopyData(c, data->p, (int)data->len) != 1) {
+        snprintf(err, errlen, "08006: %s", PQerrorMessage(c));
+        PQputCopyEnd(c, "client could not send the rows");
+    } else if (PQputCopyEnd(c, NULL) != 1) {
+        snprintf(err, errlen, "08006: %s", PQerrorMessage(c));
+    } else {
+        rc = 0;
+    }
+    while ((r = PQgetResult(c))) {
+        if (PQresultStatus(r) != PGRES_COMMAND_OK) {
+            if (rc == 0)
+                result_err(c, r, err, errlen);
+            rc = -1;
+        }
+        PQclear(r);
+    }
+    return rc;
+}
+
+/* The upsert of rows[0..n) (sorted, no attempt twice). */
+static int run_upsert(PGconn *c, job **rows, char **resps, int n, char *err, size_t errlen)
 {
     buf cols[COLS];
     const char *params[COLS];
-    job **sorted = NULL;
-    PGconn *c = NULL;
     PGresult *r;
-    int rc = -1, first = 1;
+    int rc = -1;
 
-    if (n <= 0)
-        return 0;
     for (int k = 0; k < COLS; k++) {
         buf_init(&cols[k], (size_t)1 << 30);
         buf_append(&cols[k], "{", 1);
     }
-    /* Sorted by key: one attempt may appear twice in a batch (a lease that
-     * ran out while the first delivery was still being recorded), and one
-     * statement cannot upsert a row twice, so only the last copy is sent.
-     * The order also makes concurrent writers lock index entries in the
-     * same order. */
-    sorted = malloc((size_t)n * sizeof(*sorted));
-    if (!sorted) {
-        snprintf(err, errlen, "out of memory");
-        goto out;
-    }
-    memcpy(sorted, jobs, (size_t)n * sizeof(*sorted));
-    qsort(sorted, (size_t)n, sizeof(*sorted), by_attempt);
     for (int i = 0; i < n; i++) {
-        job *j = sorted[i];
-        char *resp;
-        int bad;
+        job *j = rows[i];
+        int first = i == 0;
 
-        if (i + 1 < n && !strcmp(j->id, sorted[i + 1]->id) && j->attempt == sorted[i + 1]->attempt)
-            continue;
-        resp = j->response ? cJSON_PrintUnformatted(j->response) : NULL;
-        bad = put_elem(&cols[0], j->id, first) < 0 || put_elem(&cols[1], j->trigger_id, first) < 0 ||
-              put_elem(&cols[2], j->event_id, first) < 0 || put_elem(&cols[3], j->action_type, first) < 0 ||
-              put_elem(&cols[4], j->status_text, first) < 0 || put_num(&cols[5], j->executed_at, first) < 0 ||
-              put_num(&cols[6], j->duration_ms, first) < 0 ||
-              put_elem(&cols[7], j->err[0] ? j->err : NULL, first) < 0 || put_elem(&cols[8], resp, first) < 0 ||
-              put_num(&cols[9], j->attempt, first) < 0;
-        free(resp);
-        if (bad) {
+        if (put_elem(&cols[0], j->id, first) < 0 || put_elem(&cols[1], j->trigger_id, first) < 0 ||
+            put_elem(&cols[2], j->event_id, first) < 0 || put_elem(&cols[3], j->action_type, first) < 0 ||
+            put_elem(&cols[4], j->status_text, first) < 0 || put_num(&cols[5], j->executed_at, first) < 0 ||
+            put_num(&cols[6], j->duration_ms, first) < 0 ||
+            put_elem(&cols[7], j->err[0] ? j->err : NULL, first) < 0 || put_elem(&cols[8], resps[i], first) < 0 ||
+            put_num(&cols[9], j->attempt, first) < 0) {
             snprintf(err, errlen, "out of memory");
             goto out;
         }
-        first = 0;
     }
     for (int k = 0; k < COLS; k++) {
         if (buf_append(&cols[k], "}", 1) < 0 || cols[k].truncated) {
@@ -122,20 +220,73 @@ int results_write(aw *app, job **jobs, int n, char *err, size_t errlen)
         }
         params[k] = buf_str(&cols[k]);
     }
-    c = dbpool_acquire(app->db, 2000);
-    if (!c) {
-        dbpool_errstr(app->db, err, errlen);
-        goto out;
-    }
     r = dbpool_exec(c, insert_sql, COLS, params, err, errlen);
     if (r) {
         PQclear(r);
         rc = 0;
     }
 out:
-    dbpool_release(app->db, c);
     for (int k = 0; k < COLS; k++)
         buf_free(&cols[k]);
-    free(sorted);
+    return rc;
+}
+
+int results_write(aw *app, job **jobs, int n, char *err, size_t errlen)
+{
+    job **rows = NULL;
+    char **resps = NULL;
+    buf data;
+    PGconn *c = NULL;
+    int rc = -1, m = 0;
+
+    if (n <= 0)
+        return 0;
+    buf_init(&data, (size_t)1 << 30);
+    rows = malloc((size_t)n * sizeof(*rows));
+    resps = calloc((size_t)n, sizeof(*resps));
+    if (!rows || !resps) {
+        snprintf(err, errlen, "out of memory");
+        goto out;
+    }
+    /* Sorted by key: one attempt may appear twice in a batch (a lease that
+     * ran out while the first delivery was still being recorded), and
+     * neither COPY nor one upsert can write a row twice, so only the last
+     * copy is sent. The order also makes concurrent writers lock index
+     * entries in the same order. */
+    memcpy(rows, jobs, (size_t)n * sizeof(*rows));
+    qsort(rows, (size_t)n, sizeof(*rows), by_attempt);
+    for (int i = 0; i < n; i++) {
+        job *j = rows[i];
+
+        if (i + 1 < n && !strcmp(j->id, rows[i + 1]->id) && j->attempt == rows[i + 1]->attempt)
+            continue;
+        rows[m] = j;
+        resps[m] = j->response ? cJSON_PrintUnformatted(j->response) : NULL;
+        if ((j->response && !resps[m]) || copy_row(&data, j, resps[m]) < 0) {
+            m++;
+            snprintf(err, errlen, "out of memory");
+            goto out;
+        }
+        m++;
+    }
+    if (data.truncated) {
+        snprintf(err, errlen, "batch too large");
+        goto out;
+    }
+    c = dbpool_acquire(app->db, 2000);
+    if (!c) {
+        dbpool_errstr(app->db, err, errlen);
+        goto out;
+    }
+    rc = run_copy(c, &data, err, errlen);
+    if (rc < 0 && !strncmp(err, "23505", 5))
+        rc = run_upsert(c, rows, resps, m, err, errlen);
+out:
+    dbpool_release(app->db, c);
+    buf_free(&data);
+    for (int i = 0; resps && i < m; i++)
+        free(resps[i]);
+    free(resps);
+    free(rows);
     return rc;
 }

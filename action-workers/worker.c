@@ -3,8 +3,10 @@
  * multi handle (no thread per delivery), and hands every finished job to
  * the process's writer (writer.c), which writes the attempt's result to
  * PostgreSQL and only then records the outcome in Redis. The loop itself
- * never waits for PostgreSQL, and talks to Redis only to take jobs (in
- * batches, ahead of need, so the slots stay busy) and for maintenance.
+ * never waits for PostgreSQL. It takes jobs from Redis in batches, ahead
+ * of need, on a connection of its own whose answer it reads when epoll
+ * reports it, so deliveries go on while Redis works; it waits for Redis
+ * only for maintenance and lease extensions.
  *
  * A job stays leased in action_jobs_inflight until its outcome is recorded,
  * and whoever holds it (this thread, then the writer) extends its lease
@@ -29,16 +31,27 @@
 #include "svc.h"
 
 #define RELEASE_BATCH 512
-#define TAKE_BATCH 64
-#define TAKE_MIN 16
+#define TAKE_BATCH 256 /* at most this many jobs per take */
+#define TAKE_MIN 64    /* while jobs are ready, take no fewer */
 #define MAINT_EVERY_MS 200
 #define MAINT_LIMIT 500
 #define TARGET_TTL_MS 10000
+/* The epoll tag of the take connection's socket (h1 uses H1_TAG, libcurl
+ * plain socket numbers). */
+#define TAKE_TAG (1ULL << 61)
+/* Finished jobs waiting to be recorded, per delivery slot of the process,
+ * past which no new job is taken. Deep enough that the writer's batches
+ * (up to 2000 rows, see writer.c) never starve the slots while one is
+ * being written, still bounded when PostgreSQL or Redis is down. */
+#define PENDING_PER_SLOT 32L
 
 typedef struct {
     aw *app;
     int idx, cap;
     queue *q;
+    queue *tq;               /* its own connection for takes, answered in the loop */
+    int take_fd;             /* tq's socket as registered in ep, -1 for none */
+    int taking;              /* a take was sent; its answer is awaited (the count asked) */
     CURLM *multi;
     job *active, *held;
     int nactive, nheld;
@@ -52,6 +65,8 @@ typedef struct {
     int ep;                  /* epoll set of the transfers' sockets */
     long long curl_due;      /* libcurl's next timeout (ms), -1 for none */
     h1_pool *h1;             /* plain http:// REST requests (HTTP_CLIENT=native) */
+    job *spare;              /* recorded jobs' structs, cleared, for the next ones */
+    int nspare, spare_max;
     unsigned seed;
     long long next_take, next_maint, next_extend, next_redis_log;
 } worker;
@@ -68,6 +83,12 @@ void aw_job_free(job *j)
 {
     if (!j)
         return;
+    aw_job_clear(j);
+    free(j);
+}
+
+void aw_job_clear(job *j)
+{
     if (j->easy)
         curl_easy_cleanup(j->easy);
     curl_slist_free_all(j->hdrs);
@@ -81,7 +102,7 @@ void aw_job_free(job *j)
     free(j->token);
     free(j->ack_payload);
     free(j->raw);
-    free(j);
+    memset(j, 0, sizeof(*j));
 }
 
 static const char *jstr(const cJSON *o, const char *k)
@@ -98,12 +119,21 @@ static int jint(const cJSON *o, const char *k)
     return cJSON_IsNumber(v) && v->valuedouble >= 0 && v->valuedouble < 1e6 ? (int)v->valuedouble : 0;
 }
 
-/* Takes ownership of `raw`. Never returns NULL except on OOM; a job that
- * cannot be understood gets OUT_INVALID. */
-static job *job_parse(worker *w, char *raw)
+/* A job as taken: its bytes only (takes ownership of `raw`). It is
+ * parsed when it starts (job_parse), not when taken: a take brings up to
+ * TAKE_BATCH jobs at once, and parsing them all in one go would hold the
+ * loop while responses wait. NULL on OOM. */
+static job *job_new(worker *w, char *raw)
 {
-    job *j = calloc(1, sizeof(*j));
-    const char *type;
+    job *j = w->spare;
+
+    if (j) {
+        w->spare = j->next;
+        w->nspare--;
+        j->next = NULL;
+    } else {
+        j = calloc(1, sizeof(*j));
+    }
 
     if (!j) {
         free(raw);
@@ -113,10 +143,18 @@ static job *job_parse(worker *w, char *raw)
     j->tcache = w->tc;
     j->retry_after_hdr = -1;
     buf_init(&j->resp, 0);
-    j->doc = cJSON_Parse(raw);
+    return j;
+}
+
+/* Parses j->raw; a job that cannot be understood gets OUT_INVALID. */
+static void job_parse(job *j)
+{
+    const char *type;
+
+    j->doc = cJSON_Parse(j->raw);
     if (!cJSON_IsObject(j->doc)) {
         deliver_fail(j, OUT_INVALID, "job is not a JSON object");
-        return j;
+        return;
     }
     j->id = jstr(j->doc, "id");
     j->trigger_id = jstr(j->doc, "trigger_id");
@@ -130,7 +168,7 @@ static job *job_parse(worker *w, char *raw)
         j->event_id = jstr(j->event, "id");
     if (!j->id || !type || !cJSON_IsObject(j->config)) {
         deliver_fail(j, OUT_INVALID, "job lacks id, action_type or config");
-        return j;
+        return;
     }
     if (!strcmp(type, "rest") || !strcmp(type, "webhook"))
         j->kind = ACT_REST;
@@ -140,7 +178,6 @@ static job *job_parse(worker *w, char *raw)
         j->kind = ACT_MCP;
     else
         deliver_fail(j, OUT_INVALID, "unknown action_type");
-    return j;
 }
 
 static void push(job **list, int *n, job *j)
@@ -300,6 +337,8 @@ static void start(worker *w, job *j, long long now)
 {
     int rc;
 
+    if (!j->doc && j->out == OUT_NONE)
+        job_parse(j);
     if (!j->easy && w->npool)
         j->easy = w->pool[--w->npool];
     rc = j->out == OUT_INVALID ? 1 : deliver_begin(w->app, w->q, j, now);
@@ -334,36 +373,25 @@ static int take_want(worker *w, long long now)
 {
     int want = w->cap - w->nactive - w->nheld + w->prefetch - w->nready;
 
-    if (svc_stopping() || now < w->next_take || want <= 0 || (w->nready && want < TAKE_MIN))
+    if (w->taking || svc_stopping() || now < w->next_take || want <= 0 || (w->nready && want < TAKE_MIN))
         return 0;
     /* Finished jobs waiting to be recorded do not hold a delivery slot
      * (deliveries go on while a batch is written), but they are bounded
-     * too: past 4x the slots of the process, no new job is taken. */
-    if (writer_pending(w->app->writer) >= 4L * w->app->cfg.concurrency)
+     * too: past PENDING_PER_SLOT times the slots of the process, no new
+     * job is taken. */
+    if (writer_pending(w->app->writer) >= PENDING_PER_SLOT * w->app->cfg.concurrency)
         return 0;
     return want > TAKE_BATCH ? TAKE_BATCH : want;
 }
 
-static void take(worker *w, long long now)
+/* Appends taken jobs to the ready list. An empty answer means the queue
+ * is idle: poll again later. A full one means there may be more: ask
+ * again at once. */
+static void took(worker *w, char **raws, int n, int want, long long now)
 {
-    int want = take_want(w, now), n = 0;
-    char **raws = NULL;
-
-    if (!want)
-        return;
-    if (queue_take(w->q, want, now + w->app->cfg.visibility_ms, &raws, &n) < 0) {
-        if (now >= w->next_redis_log) {
-            log_event(LOG_WARN, "redis unavailable", "\"error\":\"%s\"", queue_errstr(w->q));
-            w->next_redis_log = now + 10000;
-        }
-        w->next_take = now + 500;
-        return;
-    }
-    /* An empty answer means the queue is idle: poll again later. A full one
-     * means there may be more: ask again at once. */
     w->next_take = n < want ? now + w->app->cfg.poll_ms : now;
     for (int i = 0; i < n; i++) {
-        job *j = job_parse(w, raws[i]);
+        job *j = job_new(w, raws[i]);
 
         if (!j)
             continue;
@@ -375,6 +403,79 @@ static void take(worker *w, long long now)
         w->nready++;
     }
     free(raws);
+}
+
+static void take_failed(worker *w, long long now)
+{
+    if (now >= w->next_redis_log) {
+        log_event(LOG_WARN, "redis unavailable", "\"error\":\"%s\"", queue_errstr(w->tq));
+        w->next_redis_log = now + 10000;
+    }
+    w->next_take = now + 500;
+}
+
+/* Sends a take when one is due. The loop does not wait for its answer:
+ * the deliveries in flight go on, and the answer is read when epoll
+ * reports it (take_answer). */
+static void take(worker *w, long long now)
+{
+    int want = take_want(w, now), fd;
+
+    if (!want)
+        return;
+    fd = queue_take_send(w->tq, want, now + w->app->cfg.visibility_ms);
+    if (fd < 0) {
+        /* The connection was dropped (closing its socket took it out of
+         * the set); the next one is registered anew, even if it gets the
+         * same descriptor number. */
+        w->take_fd = -1;
+        take_failed(w, now);
+        return;
+    }
+    if (fd != w->take_fd) {
+        /* A new connection (the first, or after a failure). */
+        struct epoll_event ev;
+
+        memset(&ev, 0, sizeof(ev));
+        ev.events = EPOLLIN;
+        ev.data.u64 = TAKE_TAG;
+        if (epoll_ctl(w->ep, EPOLL_CTL_ADD, fd, &ev) < 0 && epoll_ctl(w->ep, EPOLL_CTL_MOD, fd, &ev) < 0) {
+            /* Without the event the answer would never be read: wait for
+             * it here instead. */
+            char **raws = NULL;
+            int n = 0;
+
+            if (queue_take_recv(w->tq, 1, &raws, &n) < 0) {
+                take_failed(w, now);
+                return;
+            }
+            took(w, raws, n, want, now);
+            return;
+        }
+        w->take_fd = fd;
+    }
+    w->taking = want;
+}
+
+/* Reads the answer of the take in flight; `block` waits for it. */
+static void take_answer(worker *w, int block, long long now)
+{
+    char **raws = NULL;
+    int n = 0, want = w->taking, r;
+
+    if (!w->taking)
+        return;
+    r = queue_take_recv(w->tq, block, &raws, &n);
+    if (r == 0)
+        return;
+    w->taking = 0;
+    if (r < 0) {
+        /* The connection is gone; its socket leaves the set when closed. */
+        w->take_fd = -1;
+        take_failed(w, now);
+        return;
+    }
+    took(w, raws, n, want, now);
 }
 
 /* Starts ready jobs while there are free slots. */
@@ -477,6 +578,28 @@ static void completed(worker *w, long long now)
     }
 }
 
+/* Frees the jobs the writer has recorded, here, in the thread that
+ * allocated them, and keeps their structs for the next jobs, up to as many
+ * as can be alive at once (a job is a few KiB: allocating and freeing one
+ * each time goes past malloc's per-thread cache, and freeing a batch of
+ * them made glibc consolidate its free lists). */
+static void recycle(worker *w)
+{
+    job *j = writer_reap(w->app->writer), *next;
+
+    for (; j; j = next) {
+        next = j->next;
+        if (w->nspare < w->spare_max) {
+            aw_job_clear(j);
+            j->next = w->spare;
+            w->spare = j;
+            w->nspare++;
+        } else {
+            aw_job_free(j);
+        }
+    }
+}
+
 /* Hands this turn's finished jobs to the writer. */
 static void submit(worker *w)
 {
@@ -558,9 +681,11 @@ static void release_list(worker *w, job *list, int transfers)
     }
 }
 
-/* On SIGTERM, jobs taken ahead but not started go back at once. */
+/* On SIGTERM, jobs taken ahead but not started go back at once, with
+ * those of a take still in flight (its answer is waited for). */
 static void release_ready(worker *w)
 {
+    take_answer(w, 1, wall_ms());
     if (!w->ready)
         return;
     release_list(w, w->ready, 0);
@@ -586,8 +711,10 @@ static int poll_timeout(worker *w, long long now)
 
     if (w->ready && w->nactive + w->nheld < w->cap)
         t = now;
-    if (!svc_stopping() && w->cap - w->nactive - w->nheld + w->prefetch - w->nready > 0 && w->next_take < t &&
-        writer_pending(w->app->writer) < 4L * w->app->cfg.concurrency)
+    /* Only when a take would really be sent then (take_want: not while one
+     * is in flight, and not for fewer than TAKE_MIN while jobs are ready);
+     * waking for less would spin the loop with zero timeouts. */
+    if (w->next_take < t && take_want(w, w->next_take > now ? w->next_take : now) > 0)
         t = w->next_take;
     for (job *j = w->held; j; j = j->next)
         if (j->start_at < t)
@@ -659,6 +786,19 @@ static void run_transfers(worker *w, int timeout_ms)
             h1_event(w->h1, evs[i].data.u64, evs[i].events, now);
             continue;
         }
+        if (evs[i].data.u64 == TAKE_TAG) {
+            if (w->taking) {
+                take_answer(w, 0, now);
+            } else {
+                /* Nothing is expected on this connection: the server
+                 * closed it (or sent something unasked). Drop it, which
+                 * also takes its socket out of the set; otherwise the
+                 * event would fire at every turn. */
+                queue_take_drop(w->tq);
+                w->take_fd = -1;
+            }
+            continue;
+        }
 
         if (evs[i].events & (EPOLLIN | EPOLLHUP))
             f |= CURL_CSELECT_IN;
@@ -688,13 +828,20 @@ void *worker_run(void *arg)
     w.idx = a->index;
     w.cap = a->capacity;
     w.seed = (unsigned)(time(NULL) ^ (a->index * 7919));
-    /* A prefetch of half the slots (at most TAKE_BATCH) keeps the slots
-     * busy while the next batch is being taken. */
-    w.prefetch = w.cap / 2 < TAKE_BATCH ? w.cap / 2 : TAKE_BATCH;
+    /* A prefetch of four times the slots (at most TAKE_BATCH) keeps the
+     * slots busy while the next batch is being taken: under load a take
+     * waits for Redis to be scheduled (a millisecond or more on a busy
+     * machine), and half the slots ran dry in that time. */
+    w.prefetch = w.cap * 4 < TAKE_BATCH ? w.cap * 4 : TAKE_BATCH;
+    /* Jobs alive at once: taken ahead, in the slots, and waiting for the
+     * writer (this thread's share of the process's bound). */
+    w.spare_max = w.prefetch + w.cap + (int)PENDING_PER_SLOT * w.cap;
     w.pool_cap = w.cap + 8;
     w.pool = calloc((size_t)w.pool_cap, sizeof(*w.pool));
     w.tc = target_cache_new(TARGET_TTL_MS);
     w.q = queue_new(&w.app->cfg.redis, w.app->cfg.queue_prefix, 5000);
+    w.tq = queue_new(&w.app->cfg.redis, w.app->cfg.queue_prefix, 5000);
+    w.take_fd = -1;
     w.multi = curl_multi_init();
     w.ep = epoll_create1(EPOLL_CLOEXEC);
     w.curl_due = -1;
@@ -702,7 +849,7 @@ void *worker_run(void *arg)
      * at most a slot's worth idle per host. */
     if (w.app->cfg.native_http && w.ep >= 0)
         w.h1 = h1_pool_new(w.ep, w.cap * 2 + 8, w.cap);
-    if (!w.q || !w.multi || !w.pool || !w.tc || w.ep < 0 || (w.app->cfg.native_http && !w.h1)) {
+    if (!w.q || !w.tq || !w.multi || !w.pool || !w.tc || w.ep < 0 || (w.app->cfg.native_http && !w.h1)) {
         log_error("worker %d: out of memory", w.idx);
         svc_request_stop();
         goto out;
@@ -735,6 +882,7 @@ void *worker_run(void *arg)
         now = wall_ms();
         completed(&w, now);
         submit(&w);
+        recycle(&w);
         if (!svc_stopping()) {
             /* Refill the slots just freed before sleeping. */
             take(&w, now);
@@ -753,7 +901,14 @@ out:
     h1_pool_free(w.h1);
     if (w.ep >= 0)
         close(w.ep);
+    while (w.spare) {
+        job *j = w.spare;
+
+        w.spare = j->next;
+        free(j);
+    }
     target_cache_free(w.tc);
+    queue_free(w.tq);
     queue_free(w.q);
     return NULL;
 }

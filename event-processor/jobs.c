@@ -10,6 +10,8 @@
 
 #include <openssl/evp.h>
 
+#include "fmt.h"
+
 /* Values per LPUSH/RPUSH command: bounds the argument vector Redis parses
  * at once. */
 #define PUSH_CHUNK 1000
@@ -120,32 +122,13 @@ static int sb_arr_elem(sbuf *b, const char *s)
     return sb_put(b, "\"", 1);
 }
 
-/* Decimal digits of v into out (no NUL); returns their number. snprintf
- * was a tenth of the processing thread's time at five numbers per job. */
-static int fmt_i64(char *out, long long v)
-{
-    char tmp[24];
-    unsigned long long u = v < 0 ? 0ULL - (unsigned long long)v : (unsigned long long)v;
-    int n = 0, k = 0;
-
-    do {
-        tmp[n++] = (char)('0' + u % 10);
-        u /= 10;
-    } while (u);
-    if (v < 0)
-        out[k++] = '-';
-    while (n)
-        out[k++] = tmp[--n];
-    return k;
-}
-
 /* A RESP header: `lead` ('*' or '$'), the number, CRLF. */
 static int resp_head(char *out, char lead, long long n)
 {
     int k = 1;
 
     out[0] = lead;
-    k += fmt_i64(out + 1, n);
+    k += (int)fmt_i64(out + 1, n);
     out[k++] = '\r';
     out[k++] = '\n';
     return k;
@@ -278,7 +261,7 @@ static int add_common(jobs *j, const char *tid, const char *tid_esc, const char 
                       int action_id, const char *action_type, int priority, const char *config_json,
                       const jobs_event *ev, const char *now, int publish)
 {
-    char prio[16], aid[16], hdr[32];
+    char prio[FMT_I64_MAX], aid[FMT_I64_MAX], hdr[32];
     sbuf *a = &j->arena, *pb = &j->pub;
     size_t arena_len = a->len, pub_len = pb->len, ev_len = j->ev.len, tr_len = j->tr.len, ac_len = j->ac.len;
     size_t total = 0;
@@ -295,8 +278,8 @@ static int add_common(jobs *j, const char *tid, const char *tid_esc, const char 
         j->cap = cap;
     }
     x = &j->v[j->n];
-    aid[fmt_i64(aid, action_id)] = '\0';
-    prio[fmt_i64(prio, priority)] = '\0';
+    fmt_i64(aid, action_id);
+    fmt_i64(prio, priority);
     /* The id hashes the raw ids, so it never depends on escaping. */
     digest3(j, tid, ev->id, aid, x->id);
     x->priority = priority;

@@ -131,6 +131,29 @@ class RestTest(Base):
         self.assertEqual(self.r.zcard(self.queue + "_delayed"), 0)
         self.assertEqual(self.r.zcard(self.queue + "_inflight"), 0)
 
+    def test_repeated_attempt_updates_its_row(self):
+        # A job delivered again with the same attempt number (as after a
+        # crash between its row and its ack) meets its own row: the batch's
+        # COPY fails on the unique key and is sent again as the upsert, so
+        # the row takes the latest outcome and the job is still recorded.
+        self.worker()
+        self.hook.script("/again", [Resp(200, {}), Resp(404, {"error": "gone"})])
+        job = self.push(H.make_job("rest", {"method": "POST", "url": self.url("/again")}))
+        H.wait_results(self.conn, job["id"], lambda rs: len(rs) == 1 and rs[0]["status"] == "success")
+        other = self.push(H.make_job("rest", {"method": "POST", "url": self.url("/hook")}))
+        self.push(job)
+        rows = H.wait_results(self.conn, job["id"], lambda rs: len(rs) == 1 and rs[0]["status"] == "failed")
+        self.assertEqual([(x["status"], x["retry_count"]) for x in rows], [("failed", 0)])
+        # The job delivered alongside in the same batch got its row too.
+        self.assertEqual([x["status"] for x in H.wait_results(self.conn, other["id"], lambda rs: len(rs) == 1)],
+                         ["success"])
+        deadline = time.time() + 10
+        while time.time() < deadline and self.r.zcard(self.queue + "_inflight"):
+            time.sleep(0.05)
+        self.assertEqual(self.r.zcard(self.queue + "_inflight"), 0)
+        self.assertEqual(self.r.llen(self.queue), 0)
+        self.assertEqual(len(self.hook.requests("/again")), 2)
+
     def test_429_and_408_are_retried(self):
         self.worker(RETRY_BASE_MS=100)
         self.hook.script("/busy", [Resp(429, {}, headers={"Retry-After": "1"}), Resp(408, {})])

@@ -1,0 +1,64 @@
+/* Unit tests for fmt: fmt_i64 against snprintf over edge and random
+ * values. */
+#include <limits.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "fmt.h"
+
+static void check(long long v)
+{
+    char got[FMT_I64_MAX], want[32];
+    size_t n = fmt_i64(got, v);
+
+    snprintf(want, sizeof(want), "%lld", v);
+    assert_string_equal(got, want);
+    assert_int_equal(n, strlen(want));
+}
+
+static void test_edges(void **state)
+{
+    (void)state;
+    check(0);
+    check(1);
+    check(-1);
+    check(9);
+    check(10);
+    check(-10);
+    check(LLONG_MAX);
+    check(LLONG_MIN);
+    check(INT_MAX);
+    check(INT_MIN);
+}
+
+static void test_random(void **state)
+{
+    unsigned long long x = 88172645463325252ULL;
+
+    (void)state;
+    for (int i = 0; i < 100000; i++) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        long long v = (long long)(x >> (i % 64));
+
+        check(i % 2 && v != LLONG_MIN ? -v : v);
+    }
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_edges),
+        cmocka_unit_test(test_random),
+    };
+
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
