@@ -334,6 +334,37 @@ class EventProcessorTest(unittest.TestCase):
             other.stop()
             self.start_service()
 
+    def test_standby_waits_then_takes_over(self):
+        # While another session holds the processors' lock, events wait;
+        # when it is released they are handled at once (no poll interval);
+        # and a processor waiting for the lock still stops promptly.
+        t = self._stream_trigger()
+        holder = psycopg2.connect(DSN)
+        holder.autocommit = True
+        with holder.cursor() as c:
+            c.execute("SELECT pg_advisory_lock(8004000002)")
+        try:
+            ids = [self.event(timestamp=1700000000 + i) for i in range(20)]
+            time.sleep(0.5)
+            self.assertEqual(self.jobs([t]), [], "processed without the lock")
+            t0 = time.time()
+            with holder.cursor() as c:
+                c.execute("SELECT pg_advisory_unlock(8004000002)")
+            self.drained()
+            self.assertLess(time.time() - t0, 0.9, "taken over within the poll interval")
+            self._assert_exact(t, ids)
+            with holder.cursor() as c:
+                c.execute("SELECT pg_advisory_lock(8004000002)")
+            self.event(timestamp=1700000100)  # wakes it into waiting for the lock
+            time.sleep(0.3)
+            t0 = time.time()
+            self.assertEqual(self.svc.stop(), 0)
+            self.assertLess(time.time() - t0, 3, "stopped while waiting for the lock")
+        finally:
+            holder.close()
+            self.start_service()
+            self.drained()
+
     def test_events_while_down(self):
         t = self._stream_trigger()
         self.assertEqual(self.svc.stop(), 0)
