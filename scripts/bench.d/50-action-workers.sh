@@ -5,9 +5,9 @@
 #
 # Every delivery is a full job: leased from Redis, rendered, signed, POSTed,
 # its action_results row written to PostgreSQL and its outcome recorded in
-# Redis. Uses a private redis-server and nginx under var/bench; PostgreSQL
-# from BENCH_DATABASE_URL, else DATABASE_URL (var/env), else the local dev
-# server (database ae_bench_aw, created and migrated here).
+# Redis. Uses a private redis-server and nginx under var/bench; PostgreSQL:
+# the server of BENCH_DATABASE_URL, else DATABASE_URL (var/env), else the
+# local dev server, in database ae_bench_aw (recreated and migrated here).
 #
 # Fairness: wrk and the workers hit the same nginx sink (one worker
 # process, keep-alive) at concurrency 64 on the same machine. The jobs are
@@ -78,17 +78,13 @@ for i in $(seq 50); do
     sleep 0.1
 done
 
-if [ -n "${BENCH_DATABASE_URL:-}" ]; then
-    DBURL=$BENCH_DATABASE_URL
-elif [ -n "${DATABASE_URL:-}" ]; then
-    DBURL=$DATABASE_URL
-else
-    psql "postgresql://erc8004:erc8004@127.0.0.1:55432/postgres" -tAc \
-        "SELECT 1 FROM pg_database WHERE datname='ae_bench_aw'" | grep -q 1 ||
-        psql "postgresql://erc8004:erc8004@127.0.0.1:55432/postgres" -qc "CREATE DATABASE ae_bench_aw"
-    DBURL=postgresql://erc8004:erc8004@127.0.0.1:55432/ae_bench_aw
-fi
-DATABASE_URL=$DBURL "$BINDIR/migrate" >/dev/null
+# A database of its own, created afresh each run: rows deleted by earlier
+# runs would leave the table and its indexes bloated, and the timing would
+# drift from run to run (a production table grows; it is not emptied).
+BASE=${BENCH_DATABASE_URL:-${DATABASE_URL:-postgresql://erc8004:erc8004@127.0.0.1:55432/erc8004_backend}}
+DBURL=${BASE%/*}/ae_bench_aw
+psql "$BASE" -qc "DROP DATABASE IF EXISTS ae_bench_aw WITH (FORCE)" -c "CREATE DATABASE ae_bench_aw" >/dev/null
+DATABASE_URL=$DBURL "$BINDIR/migrate" >"$WORK/migrate.log" 2>&1 || { cat "$WORK/migrate.log" >&2; exit 1; }
 
 # 1. wrk on the sink.
 WRK_RPS=$(wrk -t2 -c$CONC -d${SECS}s "http://127.0.0.1:$SINK_PORT/" | awk '/Requests\/sec/ {print $2}')
