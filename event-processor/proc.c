@@ -106,6 +106,7 @@ typedef struct {
     int nstateful, capstateful, first_unloaded;
     long long lag_at;
     int redis_failing;
+    int pushed_since_fail; /* a push succeeded since the last failed one */
     /* Time spent per phase (microseconds), logged at shutdown. */
     long long ph[PH_N];
     long long batches;
@@ -491,6 +492,7 @@ static long match_events(loop *L, PGconn *conn, PGconn *other, PGresult *res, in
 
     jobs_now_rfc3339(now);
     evrow_cols_init(&cols, res);
+    jobs_clear(L->jobs); /* a batch's jobs are its own, whatever failed before */
     if (ensure_evs(L, n) < 0)
         goto oom;
     /* Pass 1: events and their candidate triggers; the stateful ones
@@ -574,6 +576,7 @@ static void push_failed(loop *L, const char *err)
     loop_error(L, "cannot push jobs to Redis; they stay in the outbox", err);
     L->outbox_dirty = 1;
     L->redis_failing = 1;
+    L->pushed_since_fail = 0;
 }
 
 /* Takes the outbox ids the pusher has pushed (their rows are deleted by the
@@ -585,6 +588,8 @@ static void collect_pushed(loop *L)
 
     if (pusher_collect(L->P, L->pending_del, &L->npending, MAX_PENDING_DEL, perr, sizeof(perr)))
         push_failed(L, perr);
+    else if (L->npending > before)
+        L->pushed_since_fail = 1;
     else if (L->npending > before && L->redis_failing && !L->outbox_dirty) {
         L->redis_failing = 0;
         L->last_err[0] = '\0';
@@ -921,8 +926,10 @@ static int flush_outbox(loop *L, PGconn *conn, char *err, size_t errlen)
         }
         PQclear(res);
         pushed = jobs_push(L->jobs, app->push, app->cfg.queue, key, app->cfg.seen_ttl_s, err, errlen);
-        if (pushed < 0)
+        if (pushed < 0) {
+            jobs_clear(L->jobs); /* the row stays; its jobs must not join the next batch's */
             return -1;
+        }
         metrics_counter_add(app->m_enqueued, (uint64_t)pushed);
         log_event(LOG_INFO, "outbox flushed", "\"outbox_id\":%s,\"jobs\":%d,\"enqueued\":%d", id,
                   jobs_count(L->jobs), pushed);
@@ -1047,6 +1054,7 @@ static int burst(loop *L, slot s[2], char *err, size_t errlen)
         else
             L->outbox_dirty = 0;
         err[0] = '\0';
+        jobs_clear(L->jobs);
     }
     if (slot_send_fetch(L, x, 1, err, errlen) < 0 || slot_read_fetch(L, x, err, errlen) < 0)
         return -1;
@@ -1056,6 +1064,14 @@ static int burst(loop *L, slot s[2], char *err, size_t errlen)
         int more = x->n == app->cfg.batch_size && !svc_stopping();
         long matches = 0;
         long long tm;
+
+        if (more && L->outbox_dirty && L->pushed_since_fail) {
+            /* Redis is back: end the burst after this batch, so the next
+             * one starts by flushing what failed to reach it, rather than
+             * after the backlog. */
+            more = 0;
+            L->notified = 1;
+        }
 
         listen_drain(L);
         if (L->triggers_dirty) {

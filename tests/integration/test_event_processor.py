@@ -5,6 +5,8 @@ test uses its own chain_id so triggers of other tests never match its events.
 """
 import hashlib
 import json
+import shutil
+import tempfile
 import os
 import subprocess
 import sys
@@ -364,6 +366,68 @@ class EventProcessorTest(unittest.TestCase):
             holder.close()
             self.start_service()
             self.drained()
+
+    def test_redis_lost_under_load(self):
+        # Redis dies (without persistence) while events stream in, and comes
+        # back empty: every event committed after the loss still yields its
+        # jobs exactly once; those processed meanwhile wait in the outbox.
+        t = self._stream_trigger()
+        self.assertEqual(self.svc.stop(), 0)
+        rport = free_port()
+        rdir = tempfile.mkdtemp(prefix="ae-ep-redis-")
+
+        def redis_up():
+            proc = subprocess.Popen(["redis-server", "--port", str(rport), "--bind", "127.0.0.1", "--save", "",
+                                     "--appendonly", "no", "--dir", rdir], stdout=subprocess.DEVNULL)
+            rr = redis.Redis(port=rport)
+            wait_for(lambda: self._ping(rr), 10, what="private redis")
+            return proc, rr
+        rproc, rr = redis_up()
+        svc = Service("event-processor", dict(self.svc.env, METRICS_PORT=str(free_port()),
+                                              REDIS_URL="redis://127.0.0.1:%d/0" % rport))
+        svc.start()
+        conn = psycopg2.connect(DSN)
+        conn.autocommit = True
+        try:
+            wait_for(lambda: "listening" in svc.log(), 20, what="processor up")
+            rproc.kill()
+            rproc.wait()
+            ids = self._insert_many(conn, 0, 3000)
+            wait_for(lambda: self.sql("SELECT count(*) FROM event_queue")[0][0] == 0, 30, what="processed")
+            self.assertGreater(self.sql("SELECT count(*) FROM job_outbox")[0][0], 0, "jobs kept in the outbox")
+            rproc, rr = redis_up()
+            ids += self._insert_many(conn, 3000, 3000)
+            self.drained(30)
+            jobs = [json.loads(j) for j in rr.lrange("action_jobs", 0, -1)]
+            mine = [j for j in jobs if j["trigger_id"] == t]
+            self.assertEqual(len(mine), 2 * len(ids), "two jobs per event")
+            self.assertEqual(len({j["id"] for j in mine}), len(mine), "none twice")
+            self.assertEqual({j["event_id"] for j in mine}, set(ids))
+        finally:
+            conn.close()
+            self.assertEqual(svc.stop(), 0)
+            rproc.kill()
+            rproc.wait()
+            shutil.rmtree(rdir, ignore_errors=True)
+            self.start_service()
+
+    @staticmethod
+    def _ping(rr):
+        try:
+            return rr.ping()
+        except redis.ConnectionError:
+            return False
+
+    def _insert_many(self, conn, start, n):
+        ids = ["e-%s-%d" % (uuid.uuid4().hex[:8], i) for i in range(start, start + n)]
+        with conn.cursor() as c:
+            for b in range(0, n, 50):
+                rows = [(ids[k], self.chain_id, "reputation", "NewFeedback", 1, 50, 1700000000 + start + k)
+                        for k in range(b, min(b + 50, n))]
+                c.execute("INSERT INTO events (id, chain_id, registry, event_type, agent_id, score, \"timestamp\") "
+                          "VALUES " + ",".join(["(%s,%s,%s,%s,%s,%s,%s)"] * len(rows)),
+                          [v for r in rows for v in r])
+        return ids
 
     def test_events_while_down(self):
         t = self._stream_trigger()
