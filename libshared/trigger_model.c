@@ -972,6 +972,23 @@ static int64_t event_time(const cJSON *event, int64_t now_s)
     return t;
 }
 
+/* Links `item` into `array` just before its member `at`. Debian's cJSON
+ * 1.7.15 cJSON_InsertItemInArray drops an item inserted between two others
+ * (it is linked to nothing and leaks; [1,3] + 2 at 1 gives [1,3]), so a
+ * rate_limit event older than the newest was never counted. */
+static void json_insert_before(cJSON *array, cJSON *at, cJSON *item)
+{
+    item->next = at;
+    if (at == array->child) {
+        item->prev = at->prev; /* the last item, as cJSON keeps it */
+        array->child = item;
+    } else {
+        item->prev = at->prev;
+        at->prev->next = item;
+    }
+    at->prev = item;
+}
+
 /* Advances a rate_limit entry: the kept times stay sorted; those out of the
  * window before the newest one are dropped; only the newest `cap` are kept,
  * which is enough to compare the count against the threshold. */
@@ -979,7 +996,6 @@ static int eval_rate(const mcond *c, cJSON *e, const cJSON *event, int64_t now_s
 {
     int64_t t = event_time(event, now_s), newest, count = 0;
     cJSON *times = cJSON_GetObjectItemCaseSensitive(e, "times"), *it, *next, *nt;
-    int pos = 0;
 
     if (!cJSON_IsArray(times)) {
         cJSON_DeleteItemFromObjectCaseSensitive(e, "times");
@@ -991,14 +1007,13 @@ static int eval_rate(const mcond *c, cJSON *e, const cJSON *event, int64_t now_s
     {
         if (!cJSON_IsNumber(it) || it->valuedouble > (double)t)
             break;
-        pos++;
     }
     if (!(nt = cJSON_CreateNumber((double)t)))
         return -1;
-    if (pos >= cJSON_GetArraySize(times))
+    if (!it)
         cJSON_AddItemToArray(times, nt);
     else
-        cJSON_InsertItemInArray(times, pos, nt);
+        json_insert_before(times, it, nt);
     /* Drop what fell out of the window of the newest time, and anything
      * that is not a number. */
     it = cJSON_GetArrayItem(times, cJSON_GetArraySize(times) - 1);

@@ -392,11 +392,11 @@ class EventProcessorTest(unittest.TestCase):
             wait_for(lambda: "listening" in svc.log(), 20, what="processor up")
             rproc.kill()
             rproc.wait()
-            ids = self._insert_many(conn, 0, 3000)
+            ids = self._insert_many(conn, 0, 2000)
             wait_for(lambda: self.sql("SELECT count(*) FROM event_queue")[0][0] == 0, 30, what="processed")
             self.assertGreater(self.sql("SELECT count(*) FROM job_outbox")[0][0], 0, "jobs kept in the outbox")
             rproc, rr = redis_up()
-            ids += self._insert_many(conn, 3000, 3000)
+            ids += self._insert_many(conn, 2000, 2000)
             self.drained(30)
             jobs = [json.loads(j) for j in rr.lrange("action_jobs", 0, -1)]
             mine = [j for j in jobs if j["trigger_id"] == t]

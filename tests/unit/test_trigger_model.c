@@ -418,6 +418,43 @@ static void test_hints(void **state)
     trigger_model_def_free(NULL);
 }
 
+/* Events of one window arriving out of time order are all counted, and
+ * the kept times stay sorted (cJSON 1.7.15's middle insert lost them). */
+static void test_rate_limit_out_of_order(void **state)
+{
+    cJSON *c = J("[{\"condition_type\":\"rate_limit\",\"operator\":\">=\",\"value\":\"5\","
+                 "\"config\":{\"time_window\":\"1h\"}}]");
+    trigger_model_matcher *m = trigger_model_matcher_new(c, "t");
+    const int ts[] = {100, 250, 200, 150, 300};
+    cJSON *st = NULL;
+    int r = 0;
+
+    (void)state;
+    for (int i = 0; i < 5; i++) {
+        char buf[128];
+        cJSON *e, *next = NULL;
+
+        snprintf(buf, sizeof(buf), "{\"chain_id\":1,\"registry\":\"reputation\",\"timestamp\":%d}", 1700000000 + ts[i]);
+        e = J(buf);
+        r = trigger_model_match(m, e, st, &next, 1700000000);
+        cJSON_Delete(e);
+        assert_non_null(next);
+        cJSON_Delete(st);
+        st = next;
+    }
+    assert_int_equal(r, 1); /* the fifth event makes 5 in the hour */
+    {
+        const cJSON *times = cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(st, "0"), "times");
+        char *txt = cJSON_PrintUnformatted(times);
+
+        assert_string_equal(txt, "[1700000100,1700000150,1700000200,1700000250,1700000300]");
+        cJSON_free(txt);
+    }
+    cJSON_Delete(st);
+    trigger_model_matcher_free(m);
+    cJSON_Delete(c);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -432,6 +469,7 @@ int main(void)
         cmocka_unit_test(test_ema_sees_only_passing_events),
         cmocka_unit_test(test_rate_limit_window),
         cmocka_unit_test(test_rate_limit_reset_and_ops),
+        cmocka_unit_test(test_rate_limit_out_of_order),
         cmocka_unit_test(test_hints),
     };
 
