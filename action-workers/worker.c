@@ -532,6 +532,17 @@ static CURLcode h1_code(int err)
     }
 }
 
+/* A transfer is over and nothing follows it: out of the active list, and
+ * on to its outcome (a retry when the delivery never set one). */
+static void retire(worker *w, job *j, long long now)
+{
+    unlink_job(&w->active, &w->nactive, j);
+    awm_inflight_add(-1);
+    if (j->out == OUT_NONE)
+        deliver_fail(j, OUT_RETRY, "transfer could not continue");
+    finish(w, j, now);
+}
+
 static void completed(worker *w, long long now)
 {
     CURLMsg *m;
@@ -550,11 +561,7 @@ static void completed(worker *w, long long now)
         if (deliver_done(w->app, w->q, j, h1_code(err), now) == 0 && !j->native && j->easy &&
             curl_multi_add_handle(w->multi, j->easy) == CURLM_OK)
             continue;
-        unlink_job(&w->active, &w->nactive, j);
-        awm_inflight_add(-1);
-        if (j->out == OUT_NONE)
-            deliver_fail(j, OUT_RETRY, "transfer could not continue");
-        finish(w, j, now);
+        retire(w, j, now);
     }
 
     while ((m = curl_multi_info_read(w->multi, &left))) {
@@ -570,11 +577,7 @@ static void completed(worker *w, long long now)
             if (deliver_done(w->app, w->q, j, rc, now) == 0 && curl_multi_add_handle(w->multi, j->easy) == CURLM_OK)
                 continue;
         }
-        unlink_job(&w->active, &w->nactive, j);
-        awm_inflight_add(-1);
-        if (j->out == OUT_NONE)
-            deliver_fail(j, OUT_RETRY, "transfer could not continue");
-        finish(w, j, now);
+        retire(w, j, now);
     }
 }
 

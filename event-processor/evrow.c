@@ -4,6 +4,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "buf.h"
+
 /* Integers beyond this are not exact as doubles (event_model.h). */
 #define EXACT_LIMIT 9007199254740992LL
 
@@ -76,31 +78,14 @@ cJSON *evrow_match_obj(const evrow_cols *c, const PGresult *res, int row)
     return o;
 }
 
-typedef struct {
-    char *s;
-    size_t len, cap;
-} buf;
+/* An event's JSON is never cut short: more than this is an error. */
+#define EVROW_JSON_MAX ((size_t)1 << 30)
 
 static int put(buf *b, const char *s, size_t n)
 {
-    if (b->len + n + 1 > b->cap) {
-        size_t cap = b->cap ? b->cap * 2 : 1024;
-        char *p;
-
-        while (cap < b->len + n + 1)
-            cap *= 2;
-        if (!(p = realloc(b->s, cap)))
-            return -1;
-        b->s = p;
-        b->cap = cap;
-    }
-    memcpy(b->s + b->len, s, n);
-    b->len += n;
-    b->s[b->len] = '\0';
-    return 0;
+    return buf_append(b, s, n) < 0 || b->truncated ? -1 : 0;
 }
 
-/* Appends `s` as a JSON string, escaped as cJSON escapes. */
 static int put_str(buf *b, const char *s)
 {
     const unsigned char *p = (const unsigned char *)s, *run = p;
@@ -137,9 +122,10 @@ static int put_str(buf *b, const char *s)
 
 char *evrow_json(const evrow_cols *c, const PGresult *res, int row, size_t *len)
 {
-    buf b = {0};
+    buf b;
     int first = 1;
 
+    buf_init(&b, EVROW_JSON_MAX);
     if (put(&b, "{", 1) < 0)
         goto oom;
     for (int i = 0; i < EVENT_MODEL_NCOLS; i++) {
@@ -170,8 +156,8 @@ char *evrow_json(const evrow_cols *c, const PGresult *res, int row, size_t *len)
     if (put(&b, "}", 1) < 0)
         goto oom;
     *len = b.len;
-    return b.s;
+    return buf_take(&b);
 oom:
-    free(b.s);
+    buf_free(&b);
     return NULL;
 }

@@ -73,7 +73,7 @@ typedef struct {
     PGconn *conn;
     int q[SLOT_QMAX]; /* answers awaited, oldest first */
     int qhead, qlen;
-    int fetch_queued, commit_queued;
+    int commit_queued;
     PGresult *rows;   /* the fetched batch (open transaction), NULL when none */
     int n;            /* its number of events */
     /* The batch whose COMMIT is queued. */
@@ -647,6 +647,22 @@ static int slot_sync(slot *s, char *err, size_t errlen)
     return 0;
 }
 
+/* Deletes the outbox rows whose jobs the pusher has pushed ($1: their ids
+ * as a bigint[] literal, from pending_ids). */
+static const char delete_pushed_sql[] = "DELETE FROM job_outbox WHERE id = ANY($1::bigint[])";
+#define PENDING_IDS_LEN (8 + MAX_PENDING_DEL * 22)
+
+/* L->pending_del as an array literal in `out` (PENDING_IDS_LEN bytes). */
+static const char *pending_ids(const loop *L, char out[PENDING_IDS_LEN])
+{
+    size_t off = 0;
+
+    for (int i = 0; i < L->npending; i++)
+        off += (size_t)snprintf(out + off, PENDING_IDS_LEN - off, "%c%lld", i ? ',' : '{', L->pending_del[i]);
+    snprintf(out + off, PENDING_IDS_LEN - off, "}");
+    return out;
+}
+
 /* Queues BEGIN and the fetch of the next batch. */
 static int slot_send_fetch(loop *L, slot *s, int first, char *err, size_t errlen)
 {
@@ -658,7 +674,6 @@ static int slot_send_fetch(loop *L, slot *s, int first, char *err, size_t errlen
         slot_send(s, Q_FETCH, first ? fetch_first_sql : fetch_next_sql, 1, p, err, errlen) < 0 ||
         slot_sync(s, err, errlen) < 0)
         return -1;
-    s->fetch_queued = 1;
     /* A wake-up read from now on may be for an event this fetch misses. */
     L->notified = 0;
     return 0;
@@ -669,22 +684,17 @@ static int slot_send_fetch(loop *L, slot *s, int first, char *err, size_t errlen
  * becomes the slot's), COMMIT. */
 static int slot_send_commit(loop *L, slot *s, long matches, char *err, size_t errlen)
 {
-    char ids[32 + MAX_PENDING_DEL * 22], *states = NULL;
+    char ids[PENDING_IDS_LEN], *states = NULL;
     const char *p[3];
     jobs *tmp;
     int rc = -1;
 
     collect_pushed(L);
     if (L->npending) {
-        size_t off = 0;
-
-        for (int i = 0; i < L->npending; i++)
-            off += (size_t)snprintf(ids + off, sizeof(ids) - off, "%c%lld", i ? ',' : '{', L->pending_del[i]);
-        snprintf(ids + off, sizeof(ids) - off, "}");
-        p[0] = ids;
+        p[0] = pending_ids(L, ids);
         /* A failed commit leaves them to the outbox flush that follows. */
         L->npending = 0;
-        if (slot_send(s, Q_DEL, "DELETE FROM job_outbox WHERE id = ANY($1::bigint[])", 1, p, err, errlen) < 0)
+        if (slot_send(s, Q_DEL, delete_pushed_sql, 1, p, err, errlen) < 0)
             goto out;
     }
     if (dirty_states(L, &states) < 0)
@@ -794,7 +804,6 @@ static int slot_read_fetch(loop *L, slot *s, char *err, size_t errlen)
     long long t = now_us();
     int rc = slot_read(s, err, errlen);
 
-    s->fetch_queued = 0;
     L->ph[PH_FETCH] += now_us() - t;
     return rc;
 }
@@ -842,7 +851,7 @@ static void slot_abort(slot *s)
             exec_cmd(s->conn, "ROLLBACK", e, sizeof(e));
     }
     s->qlen = 0;
-    s->fetch_queued = s->commit_queued = 0;
+    s->commit_queued = 0;
     PQclear(s->rows);
     s->rows = NULL;
     s->n = 0;
@@ -1148,14 +1157,13 @@ static void session_close(loop *L, int clean)
         pusher_wait_idle(L->P);
         collect_pushed(L);
         if (L->npending) {
-            char sql[64 + MAX_PENDING_DEL * 22];
-            size_t off = (size_t)snprintf(sql, sizeof(sql), "DELETE FROM job_outbox WHERE id IN (");
+            char ids[PENDING_IDS_LEN];
+            const char *p[1] = {pending_ids(L, ids)};
+            PGresult *res = PQexecParams(L->s[0].conn, delete_pushed_sql, 1, NULL, p, NULL, NULL, 0);
 
-            for (int i = 0; i < L->npending; i++)
-                off += (size_t)snprintf(sql + off, sizeof(sql) - off, "%s%lld", i ? "," : "", L->pending_del[i]);
-            snprintf(sql + off, sizeof(sql) - off, ")");
-            if (exec_cmd(L->s[0].conn, sql, err, sizeof(err)) == 0)
+            if (exec_ok(res, PGRES_COMMAND_OK, err, sizeof(err), L->s[0].conn) == 0)
                 L->npending = 0;
+            PQclear(res);
         }
         update_lag(L, L->s[0].conn, 0);
     }

@@ -14,7 +14,6 @@
 #include <cmocka.h>
 
 #include "../../action-workers/breaker.c"
-#include "../../action-workers/buf.c"
 #include "../../action-workers/target.c"
 #include "../../action-workers/template.c"
 

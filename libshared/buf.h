@@ -1,12 +1,12 @@
 /* buf: a growable byte buffer with a stated maximum (in the manner of curl's
- * dynbuf), used for HTTP bodies and rendered templates.
+ * dynbuf), used for HTTP bodies, rendered templates and JSON text.
  *
  * The contents are always NUL-terminated once anything was appended. Bytes
  * past `max` are dropped and counted in `truncated`, so a caller that only
  * wants a prefix (a response kept for the results table) keeps reading
  * without failing. */
-#ifndef AW_BUF_H
-#define AW_BUF_H
+#ifndef AE_BUF_H
+#define AE_BUF_H
 
 #include <stddef.h>
 
