@@ -303,6 +303,12 @@ BEGIN
     IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$DB_USER') THEN
         CREATE ROLE $DB_USER LOGIN CREATEDB PASSWORD '$DB_PASS';
     END IF;
+    -- DROP DATABASE ... WITH (FORCE) must also end an autovacuum worker
+    -- that happens to be in the database; without this role it fails
+    -- with "must be a member of the role whose process is being terminated".
+    IF NOT pg_has_role('$DB_USER', 'pg_signal_backend', 'MEMBER') THEN
+        GRANT pg_signal_backend TO $DB_USER;
+    END IF;
     IF (SELECT rolpassword IS NULL FROM pg_authid WHERE rolname = 'postgres') THEN
         ALTER ROLE postgres PASSWORD 'postgres';
     END IF;
