@@ -52,6 +52,12 @@ typedef struct {
     rconn_opts redis;
 } aw_config;
 
+/* Finished jobs waiting to be recorded, per delivery slot of the process,
+ * past which no new job is taken. Deep enough that the writer's batches
+ * (up to 2000 rows, see writer.c) never starve the slots while one is
+ * being written, still bounded when PostgreSQL or Redis is down. */
+#define AW_PENDING_PER_SLOT 32L
+
 struct writer;
 struct sig_key;
 
@@ -83,6 +89,7 @@ struct job {
     job *next;
     char *raw;            /* exact bytes taken from Redis (owned) */
     cJSON *doc;           /* parsed job (owned) */
+    void *arena;          /* the jarena slot holding doc, NULL when malloc'd (owned) */
     const char *id, *trigger_id, *event_id, *action_type;
     const cJSON *config, *event;
     act_kind kind;

@@ -12,6 +12,7 @@
 #include "aw.h"
 #include "deps.h"
 #include "health_http.h"
+#include "jarena.h"
 #include "log.h"
 #include "metrics.h"
 #include "sig.h"
@@ -163,6 +164,11 @@ int main(void)
         return 2;
     }
     cfg_free(c);
+    /* Parsed jobs live while they are delivered and until the writer has
+     * recorded them: at most that many slots are in use at once (beyond,
+     * jobs are parsed with malloc). Before any thread uses cJSON. */
+    if (jarena_init((size_t)app.cfg.concurrency * (AW_PENDING_PER_SLOT + 2) + 64) < 0)
+        log_warn("cannot reserve the job parsing region; jobs are parsed with malloc");
     if (!app.cfg.telegram_token[0])
         log_warn("TELEGRAM_BOT_TOKEN is not set: Telegram actions will fail");
     if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) {

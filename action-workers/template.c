@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "buf.h"
+#include "fmt.h"
 
 static char *dup_str(const char *s)
 {
@@ -18,7 +19,7 @@ static char *number_str(double v)
     char tmp[64];
 
     if (isfinite(v) && v == floor(v) && fabs(v) < 9.007199254740992e15)
-        snprintf(tmp, sizeof(tmp), "%lld", (long long)v);
+        fmt_i64(tmp, (long long)v);
     else
         snprintf(tmp, sizeof(tmp), "%.17g", v);
     return strdup(tmp);

@@ -26,6 +26,7 @@
 #include "aw.h"
 #include "backoff.h"
 #include "h1.h"
+#include "jarena.h"
 #include "log.h"
 #include "queue.h"
 #include "svc.h"
@@ -39,11 +40,6 @@
 /* The epoll tag of the take connection's socket (h1 uses H1_TAG, libcurl
  * plain socket numbers). */
 #define TAKE_TAG (1ULL << 61)
-/* Finished jobs waiting to be recorded, per delivery slot of the process,
- * past which no new job is taken. Deep enough that the writer's batches
- * (up to 2000 rows, see writer.c) never starve the slots while one is
- * being written, still bounded when PostgreSQL or Redis is down. */
-#define PENDING_PER_SLOT 32L
 
 typedef struct {
     aw *app;
@@ -97,6 +93,7 @@ void aw_job_clear(job *j)
     buf_free(&j->resp);
     buf_free(&j->req);
     cJSON_Delete(j->doc);
+    jarena_release(j->arena);
     cJSON_Delete(j->response);
     free(j->trigger_name);
     free(j->token);
@@ -151,7 +148,7 @@ static void job_parse(job *j)
 {
     const char *type;
 
-    j->doc = cJSON_Parse(j->raw);
+    j->doc = jarena_parse(j->raw, &j->arena);
     if (!cJSON_IsObject(j->doc)) {
         deliver_fail(j, OUT_INVALID, "job is not a JSON object");
         return;
@@ -377,9 +374,9 @@ static int take_want(worker *w, long long now)
         return 0;
     /* Finished jobs waiting to be recorded do not hold a delivery slot
      * (deliveries go on while a batch is written), but they are bounded
-     * too: past PENDING_PER_SLOT times the slots of the process, no new
+     * too: past AW_PENDING_PER_SLOT times the slots of the process, no new
      * job is taken. */
-    if (writer_pending(w->app->writer) >= PENDING_PER_SLOT * w->app->cfg.concurrency)
+    if (writer_pending(w->app->writer) >= AW_PENDING_PER_SLOT * w->app->cfg.concurrency)
         return 0;
     return want > TAKE_BATCH ? TAKE_BATCH : want;
 }
@@ -838,7 +835,7 @@ void *worker_run(void *arg)
     w.prefetch = w.cap * 4 < TAKE_BATCH ? w.cap * 4 : TAKE_BATCH;
     /* Jobs alive at once: taken ahead, in the slots, and waiting for the
      * writer (this thread's share of the process's bound). */
-    w.spare_max = w.prefetch + w.cap + (int)PENDING_PER_SLOT * w.cap;
+    w.spare_max = w.prefetch + w.cap + (int)AW_PENDING_PER_SLOT * w.cap;
     w.pool_cap = w.cap + 8;
     w.pool = calloc((size_t)w.pool_cap, sizeof(*w.pool));
     w.tc = target_cache_new(TARGET_TTL_MS);
