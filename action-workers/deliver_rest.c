@@ -206,7 +206,7 @@ int deliver_rest_begin(aw *app, job *j)
         return 1;
     }
     if (cJSON_IsString(m) && m->valuestring[0]) {
-        snprintf(method, sizeof(method), "%s", m->valuestring);
+        fmt_copy(method, sizeof(method), m->valuestring);
         for (char *p = method; *p; p++)
             if (*p >= 'a' && *p <= 'z')
                 *p = (char)(*p - 'a' + 'A');
@@ -219,7 +219,13 @@ int deliver_rest_begin(aw *app, job *j)
         deliver_fail(j, OUT_FINAL, "refused: %s", err);
         return 1;
     }
-    snprintf(j->host, sizeof(j->host), "%s:%d", ti.host, ti.port);
+    {
+        /* host:port, the breaker's key (no snprintf: once per delivery). */
+        size_t hl = fmt_copy(j->host, sizeof(j->host) - FMT_I64_MAX - 1, ti.host);
+
+        j->host[hl] = ':';
+        fmt_i64(j->host + hl + 1, ti.port);
+    }
     wait = breaker_allow(app->br, j->host, j->t0);
     if (wait > 0) {
         deliver_fail(j, OUT_DEFER, "circuit open for %s", j->host);

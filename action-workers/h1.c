@@ -6,6 +6,8 @@
  * (the peer closed it) closes it. */
 #include "h1.h"
 
+#include "fmt.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
@@ -320,6 +322,7 @@ struct h1_pool {
     int ep;
     int n, max_idle;
     int hi;                /* slots at or past this index were never used */
+    int nidle;             /* connections in C_IDLE, of any host */
     h1_conn *conns;
     h1_req *done, *done_tail;
 };
@@ -352,8 +355,9 @@ h1_pool *h1_pool_new(int epfd, int max_conns, int max_idle_per_host)
     return p;
 }
 
-static void conn_close(h1_conn *c)
+static void conn_close(h1_pool *p, h1_conn *c)
 {
+    p->nidle -= c->state == C_IDLE;
     if (c->fd >= 0)
         close(c->fd); /* also leaves the epoll set */
     c->fd = -1;
@@ -369,7 +373,7 @@ void h1_pool_free(h1_pool *p)
     for (int i = 0; i < p->n; i++) {
         if (p->conns[i].req)
             free(p->conns[i].req);
-        conn_close(&p->conns[i]);
+        conn_close(p, &p->conns[i]);
     }
     while (p->done) {
         h1_req *r = p->done;
@@ -419,7 +423,7 @@ static void fail_conn(h1_pool *p, h1_conn *c, int err)
     int stale = c->reused && !c->got_bytes &&
                 (err == H1_E_SEND || err == H1_E_RECV || err == H1_E_NOTHING);
 
-    conn_close(c);
+    conn_close(p, c);
     if (!r)
         return;
     if (stale && !r->retried) {
@@ -435,6 +439,10 @@ static int idle_count(const h1_pool *p, const h1_conn *c)
 {
     int n = 0;
 
+    /* Most answers find fewer idle connections in all than the per-host
+     * limit: no need to look for this host's. */
+    if (p->nidle < p->max_idle)
+        return p->nidle;
     for (int i = 0; i < p->hi; i++) {
         const h1_conn *o = &p->conns[i];
 
@@ -452,11 +460,12 @@ static void done_ok(h1_pool *p, h1_conn *c, int reusable)
     c->req = NULL;
     if (reusable && idle_count(p, c) < p->max_idle) {
         c->state = C_IDLE;
+        p->nidle++;
         c->reused = 1;
         if (watch(p, c, EPOLLIN | EPOLLRDHUP) < 0)
-            conn_close(c);
+            conn_close(p, c);
     } else {
-        conn_close(c);
+        conn_close(p, c);
     }
     complete(p, r, H1_OK);
 }
@@ -543,7 +552,7 @@ static h1_conn *free_slot(h1_pool *p)
     }
     /* Full: the first idle connection (of any host) makes room. */
     if (idle)
-        conn_close(idle);
+        conn_close(p, idle);
     return idle;
 }
 
@@ -551,6 +560,8 @@ static h1_conn *find_idle(h1_pool *p, const h1_req *r, unsigned hash)
 {
     socklen_t alen = r->rq.addrlen;
 
+    if (!p->nidle)
+        return NULL;
     for (int i = 0; i < p->hi; i++) {
         h1_conn *c = &p->conns[i];
 
@@ -579,6 +590,7 @@ static void attach(h1_pool *p, h1_req *r, int allow_idle)
 
     if (c) {
         c->state = C_BUSY;
+        p->nidle--;
         bind_req(c, r);
         send_some(p, c);
         return;
@@ -606,7 +618,7 @@ static void attach(h1_pool *p, h1_req *r, int allow_idle)
     c->events = 0;
     c->reused = 0;
     c->hash = hash;
-    snprintf(c->key, sizeof(c->key), "%s", r->key);
+    fmt_copy(c->key, sizeof(c->key), r->key);
     memcpy(&c->addr, &r->addr, r->rq.addrlen);
     c->addrlen = r->rq.addrlen;
     bind_req(c, r);
@@ -622,7 +634,7 @@ int h1_start(h1_pool *p, const h1_request *rq, long long now, h1_req **out)
     if (!r)
         return -1;
     r->rq = *rq;
-    snprintf(r->key, sizeof(r->key), "%s", rq->key);
+    fmt_copy(r->key, sizeof(r->key), rq->key);
     if (rq->addrlen > sizeof(r->addr)) {
         free(r);
         return -1;
@@ -642,7 +654,7 @@ void h1_cancel(h1_pool *p, h1_req *r)
         return;
     if (r->conn) {
         r->conn->req = NULL;
-        conn_close(r->conn);
+        conn_close(p, r->conn);
     } else {
         h1_req **pp = &p->done;
 
@@ -674,7 +686,7 @@ void h1_event(h1_pool *p, uint64_t tag, uint32_t events, long long now)
         return;
     switch (c->state) {
     case C_IDLE:
-        conn_close(c); /* closed by the peer, or talking out of turn */
+        conn_close(p, c); /* closed by the peer, or talking out of turn */
         return;
     case C_CONNECTING: {
         int err = 0;
@@ -730,7 +742,7 @@ void h1_expire(h1_pool *p, long long now)
             h1_req *r = c->req;
 
             c->req = NULL;
-            conn_close(c);
+            conn_close(p, c);
             complete(p, r, H1_E_TIMEOUT);
         }
     }

@@ -92,7 +92,10 @@ void aw_job_clear(job *j)
     free(j->body);
     buf_free(&j->resp);
     buf_free(&j->req);
-    cJSON_Delete(j->doc);
+    /* A document in a slot goes with it: walking its cold nodes only to
+     * skip them cost 5% of the loop. */
+    if (!j->arena || j->doc_grown)
+        cJSON_Delete(j->doc);
     jarena_release(j->arena);
     cJSON_Delete(j->response);
     free(j->trigger_name);
@@ -828,11 +831,13 @@ void *worker_run(void *arg)
     w.idx = a->index;
     w.cap = a->capacity;
     w.seed = (unsigned)(time(NULL) ^ (a->index * 7919));
-    /* A prefetch of four times the slots (at most TAKE_BATCH) keeps the
+    /* A prefetch of eight times the slots (at most two takes) keeps the
      * slots busy while the next batch is being taken: under load a take
-     * waits for Redis to be scheduled (a millisecond or more on a busy
-     * machine), and half the slots ran dry in that time. */
-    w.prefetch = w.cap * 4 < TAKE_BATCH ? w.cap * 4 : TAKE_BATCH;
+     * waits for Redis to be scheduled and to lease the batch (a
+     * millisecond or more on a busy machine). With one take's worth, the
+     * loop found no job ready for a free slot in 12% of its turns and the
+     * slots averaged 57 of 64 busy; with two, 63.5. */
+    w.prefetch = w.cap * 8 < 2 * TAKE_BATCH ? w.cap * 8 : 2 * TAKE_BATCH;
     /* Jobs alive at once: taken ahead, in the slots, and waiting for the
      * writer (this thread's share of the process's bound). */
     w.spare_max = w.prefetch + w.cap + (int)AW_PENDING_PER_SLOT * w.cap;

@@ -1,6 +1,8 @@
 /* fmt: see fmt.h. */
 #include "fmt.h"
 
+#include <string.h>
+
 size_t fmt_i64(char *out, long long v)
 {
     char tmp[FMT_I64_MAX];
@@ -17,4 +19,13 @@ size_t fmt_i64(char *out, long long v)
         out[k++] = tmp[--n];
     out[k] = '\0';
     return k;
+}
+
+size_t fmt_copy(char *dst, size_t size, const char *src)
+{
+    size_t n = strnlen(src, size - 1);
+
+    memcpy(dst, src, n);
+    dst[n] = '\0';
+    return n;
 }

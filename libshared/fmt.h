@@ -13,4 +13,9 @@
  * terminating NUL; returns the number of characters before it. */
 size_t fmt_i64(char *out, long long v);
 
+/* Copies the string src into dst (size bytes, size > 0), cut to fit, with
+ * a terminating NUL: what snprintf(dst, size, "%s", src) does, without
+ * parsing a format. Returns the number of characters written. */
+size_t fmt_copy(char *dst, size_t size, const char *src);
+
 #endif

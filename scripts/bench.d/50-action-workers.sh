@@ -15,7 +15,7 @@
 # action_jobs with one RENAME only once the workers answer /healthz, so the
 # timed span is deliveries only: no job loading, no process start-up.
 #
-# Environment: BENCH_JOBS (60000), BENCH_SECONDS (wrk duration, 5),
+# Environment: BENCH_JOBS (200000), BENCH_SECONDS (wrk duration, 5),
 # BINDIR (bin), WORKER_THREADS (the workers' default when unset).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -23,7 +23,7 @@ cd "$ROOT"
 [ -f scripts/bench.d/lib.sh ] && . scripts/bench.d/lib.sh || true
 [ -f var/env ] && . var/env || true
 BINDIR=${BINDIR:-bin}
-JOBS=${BENCH_JOBS:-60000}
+JOBS=${BENCH_JOBS:-200000}
 SECS=${BENCH_SECONDS:-5}
 CONC=64
 WORK=$ROOT/var/bench/action-workers

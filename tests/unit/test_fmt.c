@@ -53,11 +53,27 @@ static void test_random(void **state)
     }
 }
 
+static void test_copy(void **state)
+{
+    char small[4], big[16];
+
+    (void)state;
+    assert_int_equal(fmt_copy(big, sizeof(big), "host:80"), 7);
+    assert_string_equal(big, "host:80");
+    assert_int_equal(fmt_copy(small, sizeof(small), "abcdef"), 3);
+    assert_string_equal(small, "abc");
+    assert_int_equal(fmt_copy(small, sizeof(small), ""), 0);
+    assert_string_equal(small, "");
+    assert_int_equal(fmt_copy(small, 1, "x"), 0);
+    assert_string_equal(small, "");
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_edges),
         cmocka_unit_test(test_random),
+        cmocka_unit_test(test_copy),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);
