@@ -135,6 +135,7 @@ struct job {
     int breaker_fail;     /* report to the breaker: 1 failure, 0 nothing, -1 success */
     char err[512];
     cJSON *response;      /* response_data (owned) */
+    char *response_text;  /* or response_data as JSON text, written directly (owned) */
     int row_done;         /* action_results written (or none needed) */
     const char *status_text; /* success|failed|retrying|dead, set when finished */
     long duration_ms;

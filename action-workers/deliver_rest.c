@@ -277,10 +277,53 @@ oom:
     return 1;
 }
 
+/* A body that cannot start a JSON value, which deliver_body_json would
+ * keep as a string: most sinks answer "ok" or an HTML page. */
+static int plain_body(const job *j)
+{
+    const char *s = buf_str(&j->resp);
+
+    s += strspn(s, " \t\r\n");
+    return j->resp.len && !strchr("{[\"-0123456789tfn", *s);
+}
+
+/* response_data of such a body as JSON text, written directly: building,
+ * printing and freeing a cJSON object for it cost more than the rest of
+ * the result. The same text deliver_body_json's string would print. */
+static char *plain_response(const job *j)
+{
+    char num[FMT_I64_MAX];
+    size_t max = 4096;
+    buf b;
+    char *cut = j->resp.len > max ? strndup(buf_str(&j->resp), max) : NULL;
+    int bad = j->resp.len > max && !cut;
+
+    buf_init(&b, 0);
+    bad |= buf_puts(&b, "{");
+    if (j->status) {
+        bad |= buf_puts(&b, "\"status\":");
+        bad |= buf_append(&b, num, fmt_i64(num, j->status));
+        bad |= buf_puts(&b, ",");
+    }
+    bad |= buf_puts(&b, "\"body\":\"");
+    bad |= template_json_escape(&b, cut ? cut : buf_str(&j->resp));
+    bad |= buf_puts(&b, "\"}");
+    free(cut);
+    if (bad || b.truncated) {
+        buf_free(&b);
+        return NULL; /* the cJSON way then */
+    }
+    return buf_take(&b);
+}
+
 int deliver_rest_done(aw *app, job *j, CURLcode rc)
 {
     (void)app;
     deliver_classify(j, rc, rest_timeout(j));
+    free(j->response_text);
+    j->response_text = NULL;
+    if (plain_body(j) && (j->response_text = plain_response(j)))
+        return 1;
     cJSON_Delete(j->response);
     j->response = cJSON_CreateObject();
     if (j->response) {

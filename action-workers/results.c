@@ -37,12 +37,12 @@ static const char insert_sql[] =
     "executed_at = EXCLUDED.executed_at, duration_ms = EXCLUDED.duration_ms, "
     "error_message = EXCLUDED.error_message, response_data = EXCLUDED.response_data";
 
-/* Appends one element of a text-format array literal: NULL, or the value
- * in double quotes with quotes and backslashes escaped. */
 static const char copy_sql[] =
     "COPY action_results (job_id, trigger_id, event_id, action_type, status, executed_at, duration_ms, "
     "error_message, response_data, retry_count) FROM STDIN";
 
+/* Appends one element of a text-format array literal: NULL, or the value
+ * (made valid UTF-8) in double quotes with quotes and backslashes escaped. */
 static int put_elem(buf *b, const char *s, int first)
 {
     const char *p;
@@ -54,11 +54,11 @@ static int put_elem(buf *b, const char *s, int first)
     if (buf_append(b, "\"", 1) < 0)
         return -1;
     while ((p = strpbrk(s, "\"\\"))) {
-        if (buf_append(b, s, (size_t)(p - s)) < 0 || buf_append(b, "\\", 1) < 0 || buf_append(b, p, 1) < 0)
+        if (buf_append_utf8(b, s, (size_t)(p - s)) < 0 || buf_append(b, "\\", 1) < 0 || buf_append(b, p, 1) < 0)
             return -1;
         s = p + 1;
     }
-    return buf_puts(b, s) < 0 || buf_append(b, "\"", 1) < 0 ? -1 : 0;
+    return buf_append_utf8(b, s, strlen(s)) < 0 || buf_append(b, "\"", 1) < 0 ? -1 : 0;
 }
 
 static int put_num(buf *b, long long v, int first)
@@ -83,7 +83,10 @@ static int by_attempt(const void *a, const void *b)
 
 /* Appends one COPY text-format field: \N for NULL, else the value with
  * backslash, tab, newline and carriage return escaped. `sep` follows it
- * (a tab, or the newline that ends the row). */
+ * (a tab, or the newline that ends the row). Values are made valid UTF-8
+ * here, as in put_elem: a peer's response or error text with one stray
+ * byte would otherwise fail the whole batch (22021) again and again, and
+ * every result after it would wait behind it. */
 static int copy_field(buf *b, const char *s, char sep)
 {
     const char *p;
@@ -93,11 +96,11 @@ static int copy_field(buf *b, const char *s, char sep)
     while ((p = strpbrk(s, "\\\t\n\r"))) {
         char esc[2] = {'\\', *p == '\\' ? '\\' : *p == '\t' ? 't' : *p == '\n' ? 'n' : 'r'};
 
-        if (buf_append(b, s, (size_t)(p - s)) < 0 || buf_append(b, esc, 2) < 0)
+        if (buf_append_utf8(b, s, (size_t)(p - s)) < 0 || buf_append(b, esc, 2) < 0)
             return -1;
         s = p + 1;
     }
-    return buf_puts(b, s) < 0 || buf_append(b, &sep, 1) < 0 ? -1 : 0;
+    return buf_append_utf8(b, s, strlen(s)) < 0 || buf_append(b, &sep, 1) < 0 ? -1 : 0;
 }
 
 /* The attempt's start as a timestamptz literal in UTC, to the millisecond
@@ -274,7 +277,8 @@ int results_write(aw *app, job **jobs, int n, char *err, size_t errlen)
         if (i + 1 < n && !strcmp(j->id, rows[i + 1]->id) && j->attempt == rows[i + 1]->attempt)
             continue;
         rows[m] = j;
-        resps[m] = j->response ? cJSON_PrintUnformatted(j->response) : NULL;
+        /* Printed here (freed below) unless the delivery wrote it. */
+        resps[m] = j->response_text ? j->response_text : j->response ? cJSON_PrintUnformatted(j->response) : NULL;
         if ((j->response && !resps[m]) || copy_row(&data, j, resps[m]) < 0) {
             m++;
             snprintf(err, errlen, "out of memory");
@@ -298,7 +302,8 @@ out:
     dbpool_release(app->db, c);
     buf_free(&data);
     for (int i = 0; resps && i < m; i++)
-        free(resps[i]);
+        if (resps[i] != rows[i]->response_text)
+            free(resps[i]);
     free(resps);
     free(rows);
     return rc;

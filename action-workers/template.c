@@ -62,7 +62,7 @@ char *template_value(const char *name, const template_ctx *ctx)
     return cJSON_PrintUnformatted(v);
 }
 
-static int put_json_escaped(buf *b, const char *s)
+int template_json_escape(buf *b, const char *s)
 {
     char esc[8];
 
@@ -105,7 +105,7 @@ static int put_markdown_escaped(buf *b, const char *s)
 static int put_value(buf *b, const char *v, template_mode mode)
 {
     if (mode == TEMPLATE_JSON)
-        return put_json_escaped(b, v);
+        return template_json_escape(b, v);
     if (mode == TEMPLATE_MARKDOWN)
         return put_markdown_escaped(b, v);
     return buf_puts(b, v);

@@ -14,6 +14,8 @@
 
 #include <cjson/cJSON.h>
 
+#include "buf.h"
+
 /* What placeholders may refer to. Every member may be NULL. */
 typedef struct {
     const cJSON *event;       /* the event object carried by the job */
@@ -37,6 +39,9 @@ char *template_render(const char *tpl, const template_ctx *ctx, template_mode mo
  * as a malloc'd string the caller frees with free(); NULL when the field is
  * missing or null (or on OOM). */
 char *template_value(const char *name, const template_ctx *ctx);
+
+/* Appends `s` escaped as the inside of a JSON string. Returns 0 or -1. */
+int template_json_escape(buf *b, const char *s);
 
 /* Renders every string inside `tpl` (a JSON value; objects and arrays are
  * walked) in RAW mode, returning a new cJSON tree owned by the caller

@@ -98,6 +98,7 @@ void aw_job_clear(job *j)
         cJSON_Delete(j->doc);
     jarena_release(j->arena);
     cJSON_Delete(j->response);
+    free(j->response_text);
     free(j->trigger_name);
     free(j->token);
     free(j->ack_payload);

@@ -92,3 +92,61 @@ const char *buf_str(const buf *b)
 {
     return b->p ? b->p : "";
 }
+
+/* The length of the well-formed UTF-8 sequence at s (n > 0 bytes left),
+ * or 0 with *bad set to the length of its longest invalid prefix (>= 1). */
+static size_t utf8_seq(const unsigned char *s, size_t n, size_t *bad)
+{
+    unsigned lo = 0x80, hi = 0xBF;
+    size_t need;
+
+    if (s[0] < 0x80)
+        return 1;
+    if (s[0] >= 0xC2 && s[0] <= 0xDF) {
+        need = 1;
+    } else if (s[0] >= 0xE0 && s[0] <= 0xEF) {
+        need = 2;
+        lo = s[0] == 0xE0 ? 0xA0 : 0x80; /* no overlong forms */
+        hi = s[0] == 0xED ? 0x9F : 0xBF; /* no surrogates */
+    } else if (s[0] >= 0xF0 && s[0] <= 0xF4) {
+        need = 3;
+        lo = s[0] == 0xF0 ? 0x90 : 0x80;
+        hi = s[0] == 0xF4 ? 0x8F : 0xBF; /* nothing past U+10FFFF */
+    } else {
+        *bad = 1;
+        return 0;
+    }
+    for (size_t k = 1; k <= need; k++) {
+        if (k >= n || s[k] < lo || s[k] > hi) {
+            *bad = k;
+            return 0;
+        }
+        lo = 0x80;
+        hi = 0xBF;
+    }
+    return need + 1;
+}
+
+int buf_append_utf8(buf *b, const char *s, size_t n)
+{
+    const unsigned char *p = (const unsigned char *)s, *end = p + n, *run = p;
+
+    while (p < end) {
+        size_t bad = 0, k;
+
+        if (*p < 0x80) {
+            p++;
+            continue;
+        }
+        k = utf8_seq(p, (size_t)(end - p), &bad);
+        if (k) {
+            p += k;
+            continue;
+        }
+        if (buf_append(b, run, (size_t)(p - run)) < 0 || buf_append(b, "\xEF\xBF\xBD", 3) < 0)
+            return -1;
+        p += bad;
+        run = p;
+    }
+    return buf_append(b, run, (size_t)(p - run));
+}

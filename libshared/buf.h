@@ -26,6 +26,13 @@ int buf_append(buf *b, const void *data, size_t n);
 /* Appends a NUL-terminated string. */
 int buf_puts(buf *b, const char *s);
 
+/* Appends `n` bytes that should be UTF-8, each ill-formed sequence (its
+ * longest invalid prefix) replaced by U+FFFD, as Unicode recommends and
+ * Python's "replace" does: text from peers goes into PostgreSQL text and
+ * jsonb, which refuse the whole statement over one bad byte. Returns 0 or
+ * -1 (OOM). */
+int buf_append_utf8(buf *b, const char *s, size_t n);
+
 /* Empties the buffer and keeps its memory. */
 void buf_reset(buf *b);
 /* Makes room for at least `n` bytes (and the NUL) in all, so that the

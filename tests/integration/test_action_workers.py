@@ -118,6 +118,23 @@ class RestTest(Base):
         self.assertEqual(self.r.zcard(self.queue + "_inflight"), 0)
         self.assertEqual(self.r.zcard(self.queue + "_delayed"), 0)
 
+    def test_response_body_not_utf8_is_recorded(self):
+        # A peer's body goes into response_data (jsonb): bytes that are not
+        # UTF-8 must not make PostgreSQL refuse the batch, which would hold
+        # every later result too.
+        self.worker()
+        self.hook.script("/bin", [Resp(200, b"ok \xff\xfe \xc3( \x01 \xe2\x82")])
+        bad = self.push(H.make_job("rest", {"method": "POST", "url": self.url("/bin")}))
+        rows = H.wait_results(self.conn, bad["id"], lambda rs: len(rs) == 1)
+        self.assertEqual(rows[0]["status"], "success")
+        self.assertEqual(rows[0]["response_data"], {"status": 200, "body": "ok \ufffd\ufffd \ufffd( \x01 \ufffd"})
+        # A long plain body is kept to its first 4096 bytes, escaped.
+        self.hook.script("/after", [Resp(201, 'say "hi"\\\n' + "x" * 5000)])
+        good = self.push(H.make_job("rest", {"method": "POST", "url": self.url("/after")}))
+        rows = H.wait_results(self.conn, good["id"], lambda rs: len(rs) == 1)
+        self.assertEqual(rows[0]["status"], "success")
+        self.assertEqual(rows[0]["response_data"], {"status": 201, "body": ('say "hi"\\\n' + "x" * 5000)[:4096]})
+
     def test_4xx_is_final(self):
         self.worker()
         self.hook.default = Resp(404, {"error": "no such hook"})

@@ -195,9 +195,43 @@ static void buf_bounds(void **state)
     buf_free(&b);
 }
 
+static void utf8_case(const char *in, size_t n, const char *want, size_t wn)
+{
+    buf b;
+
+    buf_init(&b, 0);
+    assert_int_equal(buf_append_utf8(&b, in, n), 0);
+    assert_int_equal(b.len, wn);
+    assert_memory_equal(b.p, want, wn);
+    buf_free(&b);
+}
+
+#define UTF8_CASE(in, want) utf8_case(in, sizeof(in) - 1, want, sizeof(want) - 1)
+
+/* Well-formed text passes as is; each longest ill-formed prefix becomes
+ * one U+FFFD (the results Python's "replace" gives). */
+static void buf_utf8_repairs(void **state)
+{
+#define R "\xEF\xBF\xBD"
+    (void)state;
+    UTF8_CASE("plain \x01 ascii", "plain \x01 ascii");
+    UTF8_CASE("\xC3\xA9 \xE2\x82\xAC \xF0\x9F\x98\x80 \xF4\x8F\xBF\xBF",
+              "\xC3\xA9 \xE2\x82\xAC \xF0\x9F\x98\x80 \xF4\x8F\xBF\xBF");
+    UTF8_CASE("ok \xFF\xFE \xC3( \xE2\x82", "ok " R R " " R "( " R);
+    UTF8_CASE("\xC0\xAF", R R);                 /* overlong */
+    UTF8_CASE("\xE0\x80\xAF", R R R);          /* overlong, 3 bytes */
+    UTF8_CASE("\xED\xA0\x80", R R R);          /* a surrogate */
+    UTF8_CASE("\xF4\x90\x80\x80", R R R R);   /* past U+10FFFF */
+    UTF8_CASE("\xF0\x9F\x98", R);              /* cut short */
+    UTF8_CASE("\x80x", R "x");                   /* stray continuation */
+    UTF8_CASE("a\0b", "a\0b");
+#undef R
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(buf_utf8_repairs),
         cmocka_unit_test(render_fields),        cmocka_unit_test(render_json_escapes),
         cmocka_unit_test(render_markdown_and_edges), cmocka_unit_test(render_json_tree),
         cmocka_unit_test(target_ranges),        cmocka_unit_test(target_policy_checks),
