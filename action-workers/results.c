@@ -24,6 +24,7 @@
 
 #include "aw.h"
 #include "fmt.h"
+#include "log.h"
 
 #define COLS 10
 
@@ -247,6 +248,47 @@ out:
     return rc;
 }
 
+/* The batch was refused for what it holds, not for the connection: a
+ * value the server will not take (class 22), a constraint other than the
+ * repeated attempt the upsert handles (23), a limit (54). Retrying it as a
+ * whole would fail the same way forever, with every later result queued
+ * behind it. */
+static int refused_data(const char *err)
+{
+    return !strncmp(err, "22", 2) || (!strncmp(err, "23", 2) && strncmp(err, "23505", 5)) || !strncmp(err, "54", 2);
+}
+
+/* Writes rows[0..n) one by one, so one bad row cannot hold the others. A
+ * row refused alone is written once more without its response and with
+ * the reason as its error; one refused even so is logged and dropped: the
+ * attempt happened, and its job must still be acknowledged. Returns -1
+ * only when the connection failed (the batch is then retried; rows
+ * already written are upserted again, unchanged). */
+static int run_apart(PGconn *c, job **rows, char **resps, int n, char *err, size_t errlen)
+{
+    for (int i = 0; i < n; i++) {
+        job *j = rows[i];
+        char *none = NULL;
+
+        if (run_upsert(c, &rows[i], &resps[i], 1, err, errlen) == 0)
+            continue;
+        if (!refused_data(err))
+            return -1;
+        snprintf(j->err, sizeof(j->err), "result not stored as reported: %.400s", err);
+        if (run_upsert(c, &rows[i], &none, 1, err, errlen) == 0)
+            continue;
+        if (!refused_data(err))
+            return -1;
+        {
+            char e1[600], e2[600];
+
+            log_event(LOG_ERROR, "action_results row refused; dropped", "\"job_id\":\"%s\",\"error\":\"%s\"",
+                      log_escape(e1, sizeof(e1), j->id), log_escape(e2, sizeof(e2), err));
+        }
+    }
+    return 0;
+}
+
 int results_write(aw *app, job **jobs, int n, char *err, size_t errlen)
 {
     job **rows = NULL;
@@ -298,6 +340,8 @@ int results_write(aw *app, job **jobs, int n, char *err, size_t errlen)
     rc = run_copy(c, &data, err, errlen);
     if (rc < 0 && !strncmp(err, "23505", 5))
         rc = run_upsert(c, rows, resps, m, err, errlen);
+    if (rc < 0 && refused_data(err))
+        rc = run_apart(c, rows, resps, m, err, errlen);
 out:
     dbpool_release(app->db, c);
     buf_free(&data);

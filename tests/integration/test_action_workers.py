@@ -554,6 +554,52 @@ class FaultTest(Base):
             with open(self.workers[0].log.name) as f:
                 self.assertIn("cannot write action_results", f.read())
 
+    def test_refused_row_does_not_hold_the_others(self):
+        # A row PostgreSQL refuses for its data (CHECKs added here stand for
+        # any value the server will not take) must not hold its batch, or
+        # every result after it: it is written without its response, or
+        # else dropped with a log line; the others are written and every
+        # job is acknowledged.
+        with PgTmp() as pg:
+            env = dict(os.environ, DATABASE_URL=pg.url(), MIGRATIONS_DIR=os.path.join(H.ROOT, "database", "migrations"))
+            r = subprocess.run([os.path.join(H.BINDIR, "migrate")], env=env, capture_output=True, text=True)
+            self.assertEqual(r.returncode, 0, r.stderr)
+            conn = pg.connect()
+            with conn.cursor() as c:
+                c.execute("ALTER TABLE action_results ADD CONSTRAINT t_poison_body "
+                          "CHECK (response_data IS NULL OR response_data->>'body' <> 'poison')")
+                c.execute("ALTER TABLE action_results ADD CONSTRAINT t_doomed CHECK (event_id <> 'ev-doomed')")
+            self.hook.default = Resp(200, {})
+            self.hook.script("/poison", [Resp(200, "poison")])
+            poison = H.make_job("rest", {"method": "POST", "url": self.url("/poison")})
+            doomed = H.make_job("rest", {"method": "POST", "url": self.url("/doomed")}, event=H.make_event(id="ev-doomed"))
+            fine = [H.make_job("rest", {"method": "POST", "url": self.url("/fine")}) for _ in range(20)]
+            for j in [poison, doomed] + fine:
+                self.r.lpush(self.queue, json.dumps(j))
+            w = self.worker(DATABASE_URL=pg.url())
+            for j in fine:
+                rows = H.wait_results(conn, j["id"], lambda rs: len(rs) == 1)
+                self.assertEqual([(x["status"], x["response_data"]) for x in rows], [("success", {"status": 200, "body": {}})])
+            rows = H.wait_results(conn, poison["id"], lambda rs: len(rs) == 1)
+            self.assertEqual(rows[0]["status"], "success")
+            self.assertIsNone(rows[0]["response_data"])
+            self.assertTrue(rows[0]["error_message"].startswith("result not stored as reported: 23514"), rows)
+            end = time.time() + 10
+            while (self.r.zcard(self.queue + "_inflight") or self.r.llen(self.queue)) and time.time() < end:
+                time.sleep(0.1)
+            self.assertEqual(self.r.zcard(self.queue + "_inflight"), 0)
+            self.assertEqual(self.r.llen(self.queue), 0)
+            self.assertEqual(H.results(conn, doomed["id"]), [])
+            self.assertEqual(len(self.hook.requests("/doomed")), 1)
+            w.proc.kill()
+            w.log.flush()
+            with open(w.log.name) as f:
+                log = [json.loads(line) for line in f if line.startswith("{")]
+            dropped = [x for x in log if x["msg"] == "action_results row refused; dropped"]
+            self.assertEqual([x["job_id"] for x in dropped], [doomed["id"]])
+            self.assertTrue(dropped[0]["error"].startswith("23514"))
+            conn.close()
+
     def test_sigterm_finishes_in_flight_and_leaves_the_rest(self):
         self.hook.default = Resp(200, {}, delay=1.0)
         w = self.worker(WORKER_CONCURRENCY=2, WORKER_THREADS=1)
