@@ -63,11 +63,17 @@ def prepare_db():
             c.execute('CREATE DATABASE "%s"' % DB_NAME)
     admin.close()
     if os.environ.get("AW_TEST_NO_MIGRATE") != "1":
-        env = dict(os.environ, DATABASE_URL=DATABASE_URL, MIGRATIONS_DIR=os.path.join(ROOT, "database", "migrations"))
-        r = subprocess.run([os.path.join(BINDIR, "migrate")], env=env, cwd=ROOT, capture_output=True, text=True)
-        if r.returncode != 0:
-            raise RuntimeError("bin/migrate failed: %s %s" % (r.stdout, r.stderr))
+        migrate(DATABASE_URL)
     _prepared = True
+
+
+def migrate(url):
+    """Applies the migrations to the database at `url` with bin/migrate;
+    raises (the test fails) when that fails."""
+    env = dict(os.environ, DATABASE_URL=url, MIGRATIONS_DIR=os.path.join(ROOT, "database", "migrations"))
+    r = subprocess.run([os.path.join(BINDIR, "migrate")], env=env, cwd=ROOT, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError("bin/migrate failed: %s %s" % (r.stdout, r.stderr))
 
 
 def db():

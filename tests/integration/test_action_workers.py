@@ -509,9 +509,7 @@ class FaultTest(Base):
         # is written once and every job acknowledged: none lost, none sent
         # twice. A private cluster, so the shared one is not disturbed.
         with PgTmp() as pg:
-            env = dict(os.environ, DATABASE_URL=pg.url(), MIGRATIONS_DIR=os.path.join(H.ROOT, "database", "migrations"))
-            r = subprocess.run([os.path.join(H.BINDIR, "migrate")], env=env, capture_output=True, text=True)
-            self.assertEqual(r.returncode, 0, r.stderr)
+            H.migrate(pg.url())
             conn = pg.connect()
             self.hook.default = Resp(200, {}, delay=0.02)
             jobs = [H.make_job("rest", {"method": "POST", "url": self.url("/pgburst")}) for _ in range(300)]
@@ -561,9 +559,7 @@ class FaultTest(Base):
         # else dropped with a log line; the others are written and every
         # job is acknowledged.
         with PgTmp() as pg:
-            env = dict(os.environ, DATABASE_URL=pg.url(), MIGRATIONS_DIR=os.path.join(H.ROOT, "database", "migrations"))
-            r = subprocess.run([os.path.join(H.BINDIR, "migrate")], env=env, capture_output=True, text=True)
-            self.assertEqual(r.returncode, 0, r.stderr)
+            H.migrate(pg.url())
             conn = pg.connect()
             with conn.cursor() as c:
                 c.execute("ALTER TABLE action_results ADD CONSTRAINT t_poison_body "
