@@ -75,7 +75,7 @@ void httpd_stop(httpd *srv, int grace_ms);
 const char *httpd_req_method(const httpd_req *req);
 const char *httpd_req_path(const httpd_req *req);
 const char *httpd_req_id(const httpd_req *req);
-const char *httpd_req_remote(const httpd_req *req);
+const char *httpd_req_remote(httpd_req *req);
 /* A path parameter captured by the route, or NULL. */
 const char *httpd_req_param(const httpd_req *req, const char *name);
 /* A query-string argument (decoded), or NULL. */
