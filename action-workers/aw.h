@@ -91,9 +91,8 @@ struct job {
     job *next;
     char *raw;            /* exact bytes taken from Redis (owned) */
     cJSON *doc;           /* parsed job (owned) */
-    void *arena;          /* the jarena slot holding doc, NULL when malloc'd (owned) */
-    int doc_grown;        /* nodes from malloc were added to doc: it needs cJSON_Delete
-                             even in a slot (set by whoever adds to doc) */
+    void *arena;          /* the jarena slot holding doc, NULL when malloc'd (owned);
+                             doc is read-only: what changes goes in the fields below */
     const char *id, *trigger_id, *event_id, *action_type;
     const cJSON *config, *event;
     act_kind kind;
@@ -127,6 +126,8 @@ struct job {
     char protocol[40];
     char *token;          /* MCP bearer token (owned, never logged) */
     char chat[64];        /* Telegram chat id */
+    long long pace_slot;  /* Telegram: the send slot reserved for a deferred message,
+                             carried in its next payload (0: none) */
 
     /* The outcome. */
     outcome out;
@@ -135,7 +136,8 @@ struct job {
     int breaker_fail;     /* report to the breaker: 1 failure, 0 nothing, -1 success */
     char err[512];
     cJSON *response;      /* response_data (owned) */
-    char *response_text;  /* or response_data as JSON text, written directly (owned) */
+    char *response_text;  /* response_data as JSON text: written by the delivery, or
+                             printed from response by the writer (owned) */
     int row_done;         /* action_results written (or none needed) */
     const char *status_text; /* success|failed|retrying|dead, set when finished */
     long duration_ms;

@@ -4,6 +4,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "hash.h"
+
 #define NBUCKETS 1024
 
 typedef struct entry {
@@ -53,11 +55,7 @@ void breaker_free(breaker *b)
 
 static unsigned hash(const char *s)
 {
-    unsigned h = 2166136261u;
-
-    for (; *s; s++)
-        h = (h ^ (unsigned char)*s) * 16777619u;
-    return h % NBUCKETS;
+    return hash_fnv1a_str(s) % NBUCKETS;
 }
 
 static entry *lookup(breaker *b, const char *host, int create)

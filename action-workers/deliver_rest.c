@@ -79,6 +79,8 @@ static int native_ok(const char *url, const target_info *ti)
 }
 
 #define NATIVE_REQ_MAX (256u * 1024 * 1024)
+/* Bytes of a response body kept in response_data. */
+#define BODY_KEPT 4096
 
 /* Appends "name: value\r\n", cut like deliver_header's 2048-byte line
  * would cut it, so both paths send the same bytes. */
@@ -293,7 +295,7 @@ static int plain_body(const job *j)
 static char *plain_response(const job *j)
 {
     char num[FMT_I64_MAX];
-    size_t max = 4096;
+    size_t max = BODY_KEPT;
     buf b;
     char *cut = j->resp.len > max ? strndup(buf_str(&j->resp), max) : NULL;
     int bad = j->resp.len > max && !cut;
@@ -330,7 +332,7 @@ int deliver_rest_done(aw *app, job *j, CURLcode rc)
         if (j->status)
             cJSON_AddNumberToObject(j->response, "status", (double)j->status);
         if (j->resp.len)
-            cJSON_AddItemToObject(j->response, "body", deliver_body_json(j, 4096));
+            cJSON_AddItemToObject(j->response, "body", deliver_body_json(j, BODY_KEPT));
     }
     return 1;
 }

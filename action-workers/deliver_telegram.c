@@ -185,9 +185,7 @@ int deliver_telegram_begin(aw *app, queue *q, job *j, long long now)
             return 1;
         }
         if (wait > app->cfg.pace_hold_ms) {
-            cJSON_DeleteItemFromObjectCaseSensitive(j->doc, "pace_slot");
-            cJSON_AddNumberToObject(j->doc, "pace_slot", (double)(now + wait));
-            j->doc_grown = 1;
+            j->pace_slot = now + wait;
             deliver_fail(j, OUT_DEFER, "paced");
             j->delay_ms = wait;
             return 1;

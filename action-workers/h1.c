@@ -7,6 +7,7 @@
 #include "h1.h"
 
 #include "fmt.h"
+#include "hash.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -327,15 +328,6 @@ struct h1_pool {
     h1_req *done, *done_tail;
 };
 
-static unsigned key_hash(const char *s)
-{
-    unsigned h = 2166136261u;
-
-    for (; *s; s++)
-        h = (h ^ (unsigned char)*s) * 16777619u;
-    return h;
-}
-
 h1_pool *h1_pool_new(int epfd, int max_conns, int max_idle_per_host)
 {
     h1_pool *p = calloc(1, sizeof(*p));
@@ -584,7 +576,7 @@ static void bind_req(h1_conn *c, h1_req *r)
  * new one. */
 static void attach(h1_pool *p, h1_req *r, int allow_idle)
 {
-    unsigned hash = key_hash(r->key);
+    unsigned hash = hash_fnv1a_str(r->key);
     h1_conn *c = allow_idle ? find_idle(p, r, hash) : NULL;
     int fd, one = 1;
 

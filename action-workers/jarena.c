@@ -100,6 +100,14 @@ void jarena_release(void *slot)
     pthread_mutex_unlock(&mu);
 }
 
+void jarena_free(cJSON *doc, void *slot)
+{
+    if (slot)
+        jarena_release(slot);
+    else
+        cJSON_Delete(doc);
+}
+
 cJSON *jarena_parse(const char *text, void **slot)
 {
     char *s = acquire();

@@ -190,22 +190,6 @@ static int take_reply(queue *q, redisReply *rep, char ***out, int *n)
     return 0;
 }
 
-int queue_take(queue *q, int max, long long deadline_ms, char ***out, int *n)
-{
-    char smax[16], sdl[32];
-    const char *argv[7];
-
-    *out = NULL;
-    *n = 0;
-    if (max <= 0)
-        return 0;
-    take_argv(q, max, deadline_ms, smax, sizeof(smax), sdl, sizeof(sdl), argv);
-    /* Not idempotent: a retry after a lost answer could take jobs twice, so
-     * a failure is reported and the lease reaper recovers any taken job. */
-    keep_read_buffer(q);
-    return take_reply(q, rconn_command_argv(q->r, 0, 7, argv, NULL), out, n);
-}
-
 int queue_take_send(queue *q, int max, long long deadline_ms)
 {
     char smax[16], sdl[32];
@@ -219,6 +203,8 @@ int queue_take_send(queue *q, int max, long long deadline_ms)
     }
     keep_read_buffer(q);
     take_argv(q, max, deadline_ms, smax, sizeof(smax), sdl, sizeof(sdl), argv);
+    /* Sent once: a retry after a lost answer could take jobs twice, so a
+     * failure is reported and the lease reaper recovers any taken job. */
     if (redisAppendCommandArgv(ctx, 7, argv, NULL) != REDIS_OK)
         goto fail;
     /* The command is small: on the blocking socket this returns once it

@@ -48,21 +48,17 @@ typedef struct {
 queue *queue_new(const rconn_opts *o, const char *prefix, int timeout_ms);
 void queue_free(queue *q);
 
-/* Takes up to `max` jobs (at most 1000 per call) and leases them until `deadline_ms`. *out gets a
- * malloc'd array of malloc'd strings (free each, then the array, with
- * free()); *n their count. Returns 0 (also when none), -1 when Redis failed
- * (reason in queue_errstr). */
-int queue_take(queue *q, int max, long long deadline_ms, char ***out, int *n);
-
-/* The same take in two halves, for an event loop that must not wait for
+/* Takes up to `max` jobs (at most 1000 per call) and leases them until
+ * `deadline_ms`, in two halves, for an event loop that must not wait for
  * Redis. queue_take_send sends the script (connecting first when needed)
  * and returns the connection's socket, to watch for reading; -1 on
  * failure (reason in queue_errstr). queue_take_recv then reads what has
- * arrived: 1 with the jobs in *out and *n as queue_take gives them once the
- * whole answer is there, 0 when more is needed, -1 on failure (the
- * connection is dropped; the lease reaper recovers any job the lost answer
- * held). `block` waits for the answer instead (shutdown). Between the two
- * halves, nothing else may use this queue. */
+ * arrived: 1 once the whole answer is there, with *out a malloc'd array
+ * of malloc'd strings (free each, then the array, with free()) and *n
+ * their count (0 when the queue was empty); 0 when more is needed; -1 on
+ * failure (the connection is dropped; the lease reaper recovers any job
+ * the lost answer held). `block` waits for the answer instead (shutdown).
+ * Between the two halves, nothing else may use this queue. */
 int queue_take_send(queue *q, int max, long long deadline_ms);
 int queue_take_recv(queue *q, int block, char ***out, int *n);
 /* Closes the connection (its socket leaves any epoll set); the next call

@@ -64,10 +64,10 @@ static int put_elem(buf *b, const char *s, int first)
 
 static int put_num(buf *b, long long v, int first)
 {
-    char tmp[32];
-    int k = snprintf(tmp, sizeof(tmp), "%s%lld", first ? "" : ",", v);
+    char tmp[1 + FMT_I64_MAX];
 
-    return buf_append(b, tmp, (size_t)k);
+    tmp[0] = ',';
+    return buf_append(b, tmp + first, (size_t)!first + fmt_i64(tmp + 1, v));
 }
 
 static int by_attempt(const void *a, const void *b)
@@ -138,9 +138,8 @@ static void copy_time(char *out, size_t n, long long ms)
     memcpy(out, "+00", 4);
 }
 
-/* One row of the batch in COPY text format. `resp` is response_data
- * (printed JSON) or NULL. */
-static int copy_row(buf *b, const job *j, const char *resp)
+/* One row of the batch in COPY text format. */
+static int copy_row(buf *b, const job *j)
 {
     char ts[96], d[24], c[24];
 
@@ -151,7 +150,7 @@ static int copy_row(buf *b, const job *j, const char *resp)
                    copy_field(b, j->event_id, '\t') < 0 || copy_field(b, j->action_type, '\t') < 0 ||
                    copy_field(b, j->status_text, '\t') < 0 || copy_field(b, ts, '\t') < 0 ||
                    copy_field(b, d, '\t') < 0 || copy_field(b, j->err[0] ? j->err : NULL, '\t') < 0 ||
-                   copy_field(b, resp, '\t') < 0 || copy_field(b, c, '\n') < 0
+                   copy_field(b, j->response_text, '\t') < 0 || copy_field(b, c, '\n') < 0
                ? -1
                : 0;
 }
@@ -205,7 +204,7 @@ static int run_copy(PGconn *c, const buf *data, char *err, size_t errlen)
 }
 
 /* The upsert of rows[0..n) (sorted, no attempt twice). */
-static int run_upsert(PGconn *c, job **rows, char **resps, int n, char *err, size_t errlen)
+static int run_upsert(PGconn *c, job **rows, int n, char *err, size_t errlen)
 {
     buf cols[COLS];
     const char *params[COLS];
@@ -224,7 +223,7 @@ static int run_upsert(PGconn *c, job **rows, char **resps, int n, char *err, siz
             put_elem(&cols[2], j->event_id, first) < 0 || put_elem(&cols[3], j->action_type, first) < 0 ||
             put_elem(&cols[4], j->status_text, first) < 0 || put_num(&cols[5], j->executed_at, first) < 0 ||
             put_num(&cols[6], j->duration_ms, first) < 0 ||
-            put_elem(&cols[7], j->err[0] ? j->err : NULL, first) < 0 || put_elem(&cols[8], resps[i], first) < 0 ||
+            put_elem(&cols[7], j->err[0] ? j->err : NULL, first) < 0 || put_elem(&cols[8], j->response_text, first) < 0 ||
             put_num(&cols[9], j->attempt, first) < 0) {
             snprintf(err, errlen, "out of memory");
             goto out;
@@ -264,18 +263,21 @@ static int refused_data(const char *err)
  * attempt happened, and its job must still be acknowledged. Returns -1
  * only when the connection failed (the batch is then retried; rows
  * already written are upserted again, unchanged). */
-static int run_apart(PGconn *c, job **rows, char **resps, int n, char *err, size_t errlen)
+static int run_apart(PGconn *c, job **rows, int n, char *err, size_t errlen)
 {
     for (int i = 0; i < n; i++) {
         job *j = rows[i];
-        char *none = NULL;
 
-        if (run_upsert(c, &rows[i], &resps[i], 1, err, errlen) == 0)
+        if (run_upsert(c, &rows[i], 1, err, errlen) == 0)
             continue;
         if (!refused_data(err))
             return -1;
         snprintf(j->err, sizeof(j->err), "result not stored as reported: %.400s", err);
-        if (run_upsert(c, &rows[i], &none, 1, err, errlen) == 0)
+        free(j->response_text);
+        j->response_text = NULL;
+        cJSON_Delete(j->response);
+        j->response = NULL;
+        if (run_upsert(c, &rows[i], 1, err, errlen) == 0)
             continue;
         if (!refused_data(err))
             return -1;
@@ -292,7 +294,6 @@ static int run_apart(PGconn *c, job **rows, char **resps, int n, char *err, size
 int results_write(aw *app, job **jobs, int n, char *err, size_t errlen)
 {
     job **rows = NULL;
-    char **resps = NULL;
     buf data;
     PGconn *c = NULL;
     int rc = -1, m = 0;
@@ -301,8 +302,7 @@ int results_write(aw *app, job **jobs, int n, char *err, size_t errlen)
         return 0;
     buf_init(&data, (size_t)1 << 30);
     rows = malloc((size_t)n * sizeof(*rows));
-    resps = calloc((size_t)n, sizeof(*resps));
-    if (!rows || !resps) {
+    if (!rows) {
         snprintf(err, errlen, "out of memory");
         goto out;
     }
@@ -318,15 +318,14 @@ int results_write(aw *app, job **jobs, int n, char *err, size_t errlen)
 
         if (i + 1 < n && !strcmp(j->id, rows[i + 1]->id) && j->attempt == rows[i + 1]->attempt)
             continue;
-        rows[m] = j;
-        /* Printed here (freed below) unless the delivery wrote it. */
-        resps[m] = j->response_text ? j->response_text : j->response ? cJSON_PrintUnformatted(j->response) : NULL;
-        if ((j->response && !resps[m]) || copy_row(&data, j, resps[m]) < 0) {
-            m++;
+        rows[m++] = j;
+        /* response_data as text: written by the delivery, else printed here
+         * once (a batch written again does not print it again). */
+        if ((!j->response_text && j->response && !(j->response_text = cJSON_PrintUnformatted(j->response))) ||
+            copy_row(&data, j) < 0) {
             snprintf(err, errlen, "out of memory");
             goto out;
         }
-        m++;
     }
     if (data.truncated) {
         snprintf(err, errlen, "batch too large");
@@ -339,16 +338,12 @@ int results_write(aw *app, job **jobs, int n, char *err, size_t errlen)
     }
     rc = run_copy(c, &data, err, errlen);
     if (rc < 0 && !strncmp(err, "23505", 5))
-        rc = run_upsert(c, rows, resps, m, err, errlen);
+        rc = run_upsert(c, rows, m, err, errlen);
     if (rc < 0 && refused_data(err))
-        rc = run_apart(c, rows, resps, m, err, errlen);
+        rc = run_apart(c, rows, m, err, errlen);
 out:
     dbpool_release(app->db, c);
     buf_free(&data);
-    for (int i = 0; resps && i < m; i++)
-        if (resps[i] != rows[i]->response_text)
-            free(resps[i]);
-    free(resps);
     free(rows);
     return rc;
 }

@@ -10,6 +10,8 @@
 
 #include <curl/curl.h>
 
+#include "hash.h"
+
 #define TARGET_MAX_RULES 64
 
 typedef struct {
@@ -318,15 +320,6 @@ void target_cache_free(target_cache *c)
     free(c);
 }
 
-static unsigned url_hash(const char *s)
-{
-    unsigned h = 2166136261u;
-
-    for (; *s; s++)
-        h = (h ^ (unsigned char)*s) * 16777619u;
-    return h;
-}
-
 int target_check_cached(const target_policy *p, target_cache *c, const char *url, long long now_ms,
                         target_info *out, char *err, size_t errlen)
 {
@@ -335,7 +328,7 @@ int target_check_cached(const target_policy *p, target_cache *c, const char *url
     if (!c || !url)
         return target_check(p, url, out, err, errlen);
     /* Direct-mapped: a colliding URL simply replaces the entry. */
-    s = &c->slots[url_hash(url) % TCACHE_SLOTS];
+    s = &c->slots[hash_fnv1a_str(url) % TCACHE_SLOTS];
     if (s->url && now_ms < s->expires && !strcmp(s->url, url)) {
         *out = s->info;
         return 0;

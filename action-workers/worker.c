@@ -92,11 +92,7 @@ void aw_job_clear(job *j)
     free(j->body);
     buf_free(&j->resp);
     buf_free(&j->req);
-    /* A document in a slot goes with it: walking its cold nodes only to
-     * skip them cost 5% of the loop. */
-    if (!j->arena || j->doc_grown)
-        cJSON_Delete(j->doc);
-    jarena_release(j->arena);
+    jarena_free(j->doc, j->arena);
     cJSON_Delete(j->response);
     free(j->response_text);
     free(j->trigger_name);
@@ -208,13 +204,15 @@ static char *next_payload(job *j, int attempt, int throttled, int keep_pace)
 
     if (!d)
         return NULL;
+    if (!keep_pace || j->pace_slot)
+        cJSON_DeleteItemFromObjectCaseSensitive(d, "pace_slot");
+    if (keep_pace && j->pace_slot)
+        cJSON_AddNumberToObject(d, "pace_slot", (double)j->pace_slot);
     cJSON_DeleteItemFromObjectCaseSensitive(d, "attempt");
     cJSON_AddNumberToObject(d, "attempt", attempt);
     cJSON_DeleteItemFromObjectCaseSensitive(d, "throttled");
     if (throttled)
         cJSON_AddNumberToObject(d, "throttled", throttled);
-    if (!keep_pace)
-        cJSON_DeleteItemFromObjectCaseSensitive(d, "pace_slot");
     if (j->err[0]) {
         cJSON_DeleteItemFromObjectCaseSensitive(d, "last_error");
         cJSON_AddStringToObject(d, "last_error", j->err);

@@ -149,7 +149,7 @@ static int write_rows(writer *w, job *list, long long now, long long *next_log)
 static int ack_rows(writer *w, job **list, long long now, long long *next_log)
 {
     queue_ack *acks;
-    job **js, *dead = NULL;
+    job **js, *dead = NULL, *dead_tail = NULL;
     int n = 0, k = 0, got, ndead = 0;
 
     for (job *j = *list; j; j = j->next)
@@ -188,6 +188,8 @@ static int ack_rows(writer *w, job **list, long long now, long long *next_log)
             if (acks[k].done) {
                 *pp = j->next;
                 j->next = dead;
+                if (!dead)
+                    dead_tail = j;
                 dead = j;
                 ndead++;
                 k++;
@@ -200,12 +202,8 @@ static int ack_rows(writer *w, job **list, long long now, long long *next_log)
     free(acks);
     free(js);
     if (dead) {
-        job *last = dead;
-
-        while (last->next)
-            last = last->next;
         pthread_mutex_lock(&w->mu);
-        last->next = w->dead;
+        dead_tail->next = w->dead;
         w->dead = dead;
         pthread_mutex_unlock(&w->mu);
         atomic_fetch_add(&w->ndead, ndead);

@@ -11,6 +11,7 @@
 #include <openssl/evp.h>
 
 #include "fmt.h"
+#include "hash.h"
 
 /* Values per LPUSH/RPUSH command: bounds the argument vector Redis parses
  * at once. */
@@ -559,15 +560,6 @@ static int send_resp(jobs *j, redisContext *c, char *err, size_t errlen)
     return 0;
 }
 
-static uint32_t chan_hash(const char *s, size_t n)
-{
-    uint32_t h = 2166136261u;
-
-    for (size_t i = 0; i < n; i++)
-        h = (h ^ (unsigned char)s[i]) * 16777619u;
-    return h;
-}
-
 /* Numbers the distinct channels of the Broadcasts (job.chan) and lists
  * them (j->chans: a job holding each). Returns 0 or -1 (OOM). */
 static int collect_channels(jobs *j)
@@ -595,7 +587,7 @@ static int collect_channels(jobs *j)
         if (!x->ch_len)
             continue;
         ch = j->pub.s + x->ch_off;
-        h = chan_hash(ch, x->ch_len) & (uint32_t)(want - 1);
+        h = hash_fnv1a(ch, x->ch_len) & (uint32_t)(want - 1);
         for (;; h = (h + 1) & (uint32_t)(want - 1)) {
             slot = &j->slots[h];
             if (*slot < 0)

@@ -294,17 +294,23 @@ class EventProcessorTest(unittest.TestCase):
         st = self.state(t)["0"]
         self.assertEqual(len(st["times"]), len(ids), "each event counted exactly once")
 
-    def test_kill9_mid_stream(self):
-        t = self._stream_trigger()
+    def _stream_killed_at(self, n, kill_at):
+        # n events a second apart; the service is killed (-9) after the
+        # kill_at-th. Returns their ids.
         ids = []
         conn = psycopg2.connect(DSN)
         conn.autocommit = True
-        for i in range(1500):
+        for i in range(n):
             ids.append(self.event(conn=conn, timestamp=1700000000 + i))
-            if i == 700:
+            if i == kill_at:
                 self.svc.kill9()
-        self.start_service()
         conn.close()
+        return ids
+
+    def test_kill9_mid_stream(self):
+        t = self._stream_trigger()
+        ids = self._stream_killed_at(1500, 700)
+        self.start_service()
         self.drained(30)
         self._assert_exact(t, ids)
 
@@ -320,14 +326,7 @@ class EventProcessorTest(unittest.TestCase):
         try:
             wait_for(lambda: other.proc.poll() is None and "listening" in other.log(), 20,
                      what="second event-processor up")
-            ids = []
-            conn = psycopg2.connect(DSN)
-            conn.autocommit = True
-            for i in range(1200):
-                ids.append(self.event(conn=conn, timestamp=1700000000 + i))
-                if i == 600:
-                    self.svc.kill9()
-            conn.close()
+            ids = self._stream_killed_at(1200, 600)
             self.drained(30)
             self._assert_exact(t, ids)
             times = self.state(t)["0"]["times"]

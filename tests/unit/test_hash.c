@@ -1,0 +1,43 @@
+/* Unit tests of libshared/hash: FNV-1a against the published test vectors
+ * (www.isthe.com/chongo/tech/comp/fnv), both entry points. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "hash.h"
+
+static void test_vectors(void **state)
+{
+    static const struct {
+        const char *s;
+        uint32_t h;
+    } v[] = {{"", 0x811c9dc5u}, {"a", 0xe40c292cu}, {"foobar", 0xbf9cf968u}};
+
+    (void)state;
+    for (size_t i = 0; i < sizeof(v) / sizeof(v[0]); i++) {
+        assert_int_equal(hash_fnv1a_str(v[i].s), v[i].h);
+        assert_int_equal(hash_fnv1a(v[i].s, strlen(v[i].s)), v[i].h);
+    }
+}
+
+/* The length form hashes bytes past a NUL too; the string form stops. */
+static void test_embedded_nul(void **state)
+{
+    (void)state;
+    assert_int_not_equal(hash_fnv1a("a\0b", 3), hash_fnv1a_str("a\0b"));
+    assert_int_equal(hash_fnv1a("a\0b", 1), hash_fnv1a_str("a"));
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_vectors),
+        cmocka_unit_test(test_embedded_nul),
+    };
+
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
