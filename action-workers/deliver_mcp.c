@@ -9,6 +9,7 @@
 
 #include "aw.h"
 #include "log.h"
+#include "origin.h"
 #include "template.h"
 
 #define MCP_PROTOCOL "2025-03-26"
@@ -20,8 +21,12 @@ static const char *server_url(const job *j)
     return cJSON_IsString(u) ? u->valuestring : NULL;
 }
 
-/* Looks up the bearer token of the event's agent. Returns 0 (token or
- * none) or -1 when the database is unavailable. */
+/* Looks up the bearer token of the event's agent and keeps it only when
+ * the action's server_url is on the origin the token is bound to
+ * (agent_mcp_tokens.server_origin): anyone may write a trigger whose MCP
+ * action names any server, so the token goes to the agent's own server
+ * and nowhere else; an unbound token (NULL origin) is sent nowhere.
+ * Returns 0 (token or none) or -1 when the database is unavailable. */
 static int load_token(aw *app, job *j)
 {
     char *agent = template_value("agent_id", &(template_ctx){j->event, NULL, NULL, NULL});
@@ -37,12 +42,24 @@ static int load_token(aw *app, job *j)
     }
     {
         const char *p[1] = {agent};
-        PGresult *r = dbpool_exec(c, "SELECT token FROM agent_mcp_tokens WHERE agent_id::text = $1", 1, p, NULL, 0);
+        PGresult *r = dbpool_exec(c, "SELECT token, server_origin FROM agent_mcp_tokens WHERE agent_id::text = $1", 1,
+                                  p, NULL, 0);
 
-        if (!r)
+        if (!r) {
             rc = -1;
-        else if (PQntuples(r) == 1 && !PQgetisnull(r, 0, 0))
-            j->token = strdup(PQgetvalue(r, 0, 0));
+        } else if (PQntuples(r) == 1 && !PQgetisnull(r, 0, 0)) {
+            const char *bound = PQgetisnull(r, 0, 1) ? NULL : PQgetvalue(r, 0, 1);
+            char a[32], o[300];
+
+            if (bound && origin_same(server_url(j), bound)) {
+                j->token = strdup(PQgetvalue(r, 0, 0));
+            } else {
+                log_event(bound ? LOG_INFO : LOG_WARN, "MCP token not sent: server_url is not the agent's bound origin",
+                          "\"job_id\":\"%s\",\"agent_id\":\"%s\",\"bound_origin\":\"%s\"",
+                          log_escape(o, sizeof(o), j->id ? j->id : ""), log_escape(a, sizeof(a), agent),
+                          bound ? "set" : "none");
+            }
+        }
         if (r)
             PQclear(r);
     }

@@ -15,6 +15,8 @@ import unittest
 import urllib.request
 import uuid
 
+import psycopg2.errors
+
 import awharness as H
 from httppeers import Peer, Resp, telegram_429
 from pgtmp import PgTmp
@@ -359,32 +361,56 @@ class McpTest(Base):
         r = subprocess.run([os.path.join(PEERS, "setup.sh")], capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError("peers/setup.sh failed (MCP SDK): " + r.stderr)
-        cls.mcp_port = H.free_port()
-        cls.mcp_log = open("/tmp/aw-test-mcp-%d.log" % cls.mcp_port, "w")
-        cls.mcp = subprocess.Popen(["node", os.path.join(PEERS, "mcp-server.mjs"), str(cls.mcp_port)],
-                                   stdout=cls.mcp_log, stderr=subprocess.STDOUT)
-        if not H.wait_port(cls.mcp_port):
+        # Two servers: the agents' own (tokens are bound to its origin) and
+        # another one that a trigger may name.
+        cls.mcp_port, cls.mcp, cls.mcp_log = cls.start_mcp()
+        cls.other_port, cls.other, cls.other_log = cls.start_mcp()
+
+    @classmethod
+    def start_mcp(cls):
+        port = H.free_port()
+        log = open("/tmp/aw-test-mcp-%d.log" % port, "w")
+        p = subprocess.Popen(["node", os.path.join(PEERS, "mcp-server.mjs"), str(port)],
+                             stdout=log, stderr=subprocess.STDOUT)
+        if not H.wait_port(port):
             raise RuntimeError("MCP peer did not start")
+        return port, p, log
 
     @classmethod
     def tearDownClass(cls):
-        cls.mcp.terminate()
-        cls.mcp.wait(5)
+        for p in (cls.mcp, cls.other):
+            p.terminate()
+            p.wait(5)
         super().tearDownClass()
 
-    def calls(self):
-        with urllib.request.urlopen("http://127.0.0.1:%d/_calls" % self.mcp_port) as f:
+    def calls(self, port=None):
+        with urllib.request.urlopen("http://127.0.0.1:%d/_calls" % (port or self.mcp_port)) as f:
+            return json.load(f)
+
+    def auths(self, port=None):
+        """The Authorization header of every request the server received."""
+        with urllib.request.urlopen("http://127.0.0.1:%d/_auth" % (port or self.mcp_port)) as f:
             return json.load(f)
 
     def clear_calls(self):
-        req = urllib.request.Request("http://127.0.0.1:%d/_calls" % self.mcp_port, method="DELETE")
-        urllib.request.urlopen(req).read()
+        for port in (self.mcp_port, self.other_port):
+            req = urllib.request.Request("http://127.0.0.1:%d/_calls" % port, method="DELETE")
+            urllib.request.urlopen(req).read()
+
+    def set_token(self, agent, token, origin):
+        with self.conn.cursor() as c:
+            c.execute("INSERT INTO agent_mcp_tokens (agent_id, token, server_origin) VALUES (%s, %s, %s) "
+                      "ON CONFLICT (agent_id) DO UPDATE SET token = EXCLUDED.token, "
+                      "server_origin = EXCLUDED.server_origin", (agent, token, origin))
+
+    def mcp_job(self, port, agent, path="/mcp"):
+        return self.push(H.make_job("mcp", {
+            "server_url": "http://127.0.0.1:%d%s" % (port, path), "tool": "notify",
+            "arguments_template": {"agent_id": "{{agent_id}}"}}, event=H.make_event(agent_id=agent)))
 
     def test_tools_call_with_rendered_arguments_and_token(self):
         self.clear_calls()
-        with self.conn.cursor() as c:
-            c.execute("INSERT INTO agent_mcp_tokens (agent_id, token) VALUES (4242, 'tok-4242') "
-                      "ON CONFLICT (agent_id) DO UPDATE SET token = EXCLUDED.token")
+        self.set_token(4242, "tok-4242", "http://127.0.0.1:%d" % self.mcp_port)
         self.worker()
         job = self.push(H.make_job("mcp", {
             "server_url": "http://127.0.0.1:%d/mcp" % self.mcp_port, "tool": "notify",
@@ -397,6 +423,47 @@ class McpTest(Base):
         self.assertEqual(calls[0]["arguments"], {"agent_id": 4242, "text": "score 87 \"q\"x\""})
         self.assertEqual(calls[0]["authorization"], "Bearer tok-4242")
         self.assertIn("notified 4242", json.dumps(rows[0]["response_data"]))
+
+    def test_token_goes_only_to_its_bound_origin(self):
+        """Issue 10: any user may write an MCP action for any agent naming any
+        server; the agent's token reaches only the server it is bound to."""
+        self.clear_calls()
+        bound = "http://127.0.0.1:%d" % self.mcp_port
+        self.set_token(4243, "tok-4243", bound)
+        self.worker()
+        stolen = self.mcp_job(self.other_port, 4243)
+        own = self.mcp_job(self.mcp_port, 4243)
+        for job in (stolen, own):
+            rows = H.wait_results(self.conn, job["id"], lambda rs: len(rs) == 1, timeout=15)
+            self.assertEqual(rows[0]["status"], "success", rows[0]["error_message"])
+        # The other server got the whole exchange, and no token in any request.
+        self.assertEqual(len([c for c in self.calls(self.other_port) if c["name"] == "notify"]), 1)
+        other = self.auths(self.other_port)
+        self.assertGreaterEqual(len(other), 3)
+        self.assertEqual(other, [None] * len(other))
+        # The bound server got it in every request.
+        mine = self.auths(self.mcp_port)
+        self.assertGreaterEqual(len(mine), 3)
+        self.assertEqual(mine, ["Bearer tok-4243"] * len(mine))
+
+    def test_origin_compared_normalized_and_unbound_token_never_sent(self):
+        self.clear_calls()
+        # Upper case, an explicit trailing slash: the same origin.
+        self.set_token(4244, "tok-4244", "HTTP://127.0.0.1:%d/" % self.mcp_port)
+        # Same host, another port: another origin. No origin at all (a row
+        # from before the binding): sent nowhere.
+        self.set_token(4245, "tok-4245", "http://127.0.0.1:%d" % self.other_port)
+        self.set_token(4246, "tok-4246", None)
+        self.worker()
+        jobs = [self.mcp_job(self.mcp_port, 4244, path="/mcp?via=x"), self.mcp_job(self.mcp_port, 4245),
+                self.mcp_job(self.mcp_port, 4246)]
+        for job in jobs:
+            rows = H.wait_results(self.conn, job["id"], lambda rs: len(rs) == 1, timeout=15)
+            self.assertEqual(rows[0]["status"], "success", rows[0]["error_message"])
+        by_agent = {c["arguments"]["agent_id"]: c["authorization"] for c in self.calls() if c["name"] == "notify"}
+        self.assertEqual(by_agent, {4244: "Bearer tok-4244", 4245: None, 4246: None})
+        with self.assertRaises(psycopg2.errors.CheckViolation):  # the column holds origins only
+            self.set_token(4247, "t", "http://127.0.0.1:%d/mcp" % self.mcp_port)
 
     def test_string_arguments_template_and_no_token(self):
         self.clear_calls()

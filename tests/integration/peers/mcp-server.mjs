@@ -5,7 +5,8 @@
 //   fail   {...}                  answers a tool error (isError: true)
 //   slow   {ms}                   succeeds after ms milliseconds
 // GET /_calls returns every tools/call seen (name, arguments, the
-// Authorization header); DELETE /_calls clears them.
+// Authorization header); GET /_auth the Authorization header of every
+// request to /mcp (null when absent); DELETE /_calls clears both.
 // Usage: node mcp-server.mjs PORT
 import http from 'node:http';
 import { randomUUID } from 'node:crypto';
@@ -16,6 +17,7 @@ import { z } from 'zod';
 
 const port = Number(process.argv[2] || 18330);
 const calls = [];
+const auths = [];
 const transports = new Map();
 
 function buildServer(auth) {
@@ -48,16 +50,22 @@ function readBody(req) {
 
 const httpServer = http.createServer(async (req, res) => {
   try {
+    if (req.url === '/_auth') {
+      res.writeHead(200, { 'content-type': 'application/json' });
+      res.end(JSON.stringify(auths));
+      return;
+    }
     if (req.url === '/_calls') {
-      if (req.method === 'DELETE') calls.length = 0;
+      if (req.method === 'DELETE') { calls.length = 0; auths.length = 0; }
       res.writeHead(200, { 'content-type': 'application/json' });
       res.end(JSON.stringify(calls));
       return;
     }
-    if (req.url !== '/mcp') {
+    if (req.url.split('?')[0] !== '/mcp') {
       res.writeHead(404).end();
       return;
     }
+    auths.push(req.headers['authorization'] || null);
     const raw = req.method === 'POST' ? await readBody(req) : '';
     const body = raw ? JSON.parse(raw) : undefined;
     const sid = req.headers['mcp-session-id'];
