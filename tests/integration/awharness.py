@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import uuid
 
 import psycopg2
@@ -17,12 +18,19 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "peers"))
 
 BINDIR = os.path.abspath(os.path.join(ROOT, os.environ.get("BINDIR", "bin")))
-PG_HOST = os.environ.get("AW_TEST_PG_HOST", "127.0.0.1")
-PG_PORT = os.environ.get("AW_TEST_PG_PORT", "55432")
-PG_USER = os.environ.get("AW_TEST_PG_USER", "erc8004")
-PG_PASS = os.environ.get("AW_TEST_PG_PASSWORD", "erc8004")
+# The local servers tests/run.sh started (TEST_DATABASE_URL, TEST_REDIS_URL:
+# their ports follow AE_PG_PORT and AE_REDIS_PORT), unless AW_TEST_* say
+# otherwise.
+_pg = urllib.parse.urlsplit(os.environ.get("TEST_DATABASE_URL",
+                                           "postgres://erc8004:erc8004@127.0.0.1:%s/x" % os.environ.get("AE_PG_PORT", "55432")))
+_rd = urllib.parse.urlsplit(os.environ.get("TEST_REDIS_URL",
+                                           "redis://127.0.0.1:%s/0" % os.environ.get("AE_REDIS_PORT", "56379")))
+PG_HOST = os.environ.get("AW_TEST_PG_HOST", _pg.hostname or "127.0.0.1")
+PG_PORT = os.environ.get("AW_TEST_PG_PORT", str(_pg.port or 5432))
+PG_USER = os.environ.get("AW_TEST_PG_USER", _pg.username or "erc8004")
+PG_PASS = os.environ.get("AW_TEST_PG_PASSWORD", _pg.password or "erc8004")
 DB_NAME = os.environ.get("AW_TEST_DB", "ae_test_aw")
-REDIS_URL = os.environ.get("AW_TEST_REDIS", "redis://127.0.0.1:56379/2")
+REDIS_URL = os.environ.get("AW_TEST_REDIS", "redis://%s:%d/2" % (_rd.hostname or "127.0.0.1", _rd.port or 6379))
 DATABASE_URL = "postgresql://%s:%s@%s:%s/%s" % (PG_USER, PG_PASS, PG_HOST, PG_PORT, DB_NAME)
 TOKEN = "123456:TEST-token"
 
