@@ -43,6 +43,8 @@ typedef struct {
     char telegram_token[256];
     char explorer_tx_url[512];
     char webhook_secret[256];
+    char ca_bundle[1024];     /* CA_BUNDLE: PEM file of the CAs TLS peers must chain to;
+                                 "" for the system store */
     char queue_prefix[120];
     char metrics_host[64];
     int metrics_port;
@@ -135,6 +137,7 @@ struct job {
     int throttle;         /* this failure was a 429 */
     int breaker_fail;     /* report to the breaker: 1 failure, 0 nothing, -1 success */
     char err[512];
+    char curl_err[CURL_ERROR_SIZE]; /* libcurl's detail of a failed transfer (CURLOPT_ERRORBUFFER) */
     cJSON *response;      /* response_data (owned) */
     char *response_text;  /* response_data as JSON text: written by the delivery, or
                              printed from response by the writer (owned) */
@@ -167,6 +170,10 @@ int deliver_mcp_begin(aw *app, job *j);
 int deliver_mcp_done(aw *app, job *j, CURLcode rc);
 
 /* Helpers shared by the kinds (deliver.c). */
+/* Sets what every libcurl transfer uses for TLS: `ca_bundle` ("" or NULL:
+ * the system store) is copied. Called once at start, before any worker
+ * thread runs; read-only afterwards. */
+void deliver_init(const char *ca_bundle);
 /* Prepares j->easy for a request; `body` may be NULL (ownership of body
  * and j->hdrs stays with the job). Returns 0 or -1 (OOM). */
 int deliver_setup(job *j, const char *method, const char *url, const char *body, long timeout_ms,

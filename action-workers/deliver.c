@@ -11,6 +11,14 @@
 #include "log.h"
 #include "queue.h"
 
+/* CA_BUNDLE, set once by deliver_init before the threads start. */
+static char ca_bundle[1024];
+
+void deliver_init(const char *path)
+{
+    snprintf(ca_bundle, sizeof(ca_bundle), "%s", path ? path : "");
+}
+
 static size_t on_body(char *data, size_t size, size_t nmemb, void *ud)
 {
     job *j = ud;
@@ -84,6 +92,7 @@ void deliver_reset_request(job *j)
     j->status = 0;
     j->ctype[0] = '\0';
     j->retry_after_hdr = -1;
+    j->curl_err[0] = '\0';
     buf_free(&j->req);
     j->native = 0;
 }
@@ -122,7 +131,9 @@ int deliver_setup(job *j, const char *method, const char *url, const char *body,
     j->status = 0;
     j->ctype[0] = '\0';
     j->retry_after_hdr = -1;
+    j->curl_err[0] = '\0';
     curl_easy_setopt(e, CURLOPT_URL, url);
+    curl_easy_setopt(e, CURLOPT_ERRORBUFFER, j->curl_err);
     curl_easy_setopt(e, CURLOPT_PRIVATE, j);
     curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
     curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, timeout_ms);
@@ -137,7 +148,17 @@ int deliver_setup(job *j, const char *method, const char *url, const char *body,
      * lead. A 3xx is reported like any other non-2xx answer. */
     curl_easy_setopt(e, CURLOPT_FOLLOWLOCATION, 0L);
     curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
-    if (resolve && *resolve) {
+    /* Peers are verified, always: there is no setting that turns this off
+     * (a private CA goes in CA_BUNDLE instead). These are libcurl's
+     * defaults, set here so that no default elsewhere can change them. */
+    curl_easy_setopt(e, CURLOPT_SSL_VERIFYPEER, 1L);
+    curl_easy_setopt(e, CURLOPT_SSL_VERIFYHOST, 2L);
+    if (ca_bundle[0])
+        curl_easy_setopt(e, CURLOPT_CAINFO, ca_bundle);
+    /* No proxy, whatever http_proxy/https_proxy/ALL_PROXY say: a proxy
+     * would connect to the host by name, not to the address the target
+     * check pinned. */
+    curl_easy_setopt(e, CURLOPT_PROXY, "");    if (resolve && *resolve) {
         res = curl_slist_append(NULL, resolve);
         if (!res)
             return -1;
@@ -177,8 +198,19 @@ void deliver_fail(job *j, outcome out, const char *fmt, ...)
 void deliver_classify(job *j, CURLcode rc, long timeout_ms)
 {
     if (rc != CURLE_OK) {
+        size_t n = strlen(j->curl_err);
+
+        while (n && (j->curl_err[n - 1] == '\n' || j->curl_err[n - 1] == ' '))
+            j->curl_err[--n] = '\0';
         if (rc == CURLE_OPERATION_TIMEDOUT)
             deliver_fail(j, OUT_RETRY, "timeout after %ld ms", timeout_ms);
+        else if (rc == CURLE_PEER_FAILED_VERIFICATION || rc == CURLE_SSL_CACERT_BADFILE)
+            /* The detail says which check failed (unknown CA, host name,
+             * expiry); the generic text alone does not. */
+            deliver_fail(j, OUT_RETRY, "TLS certificate not verified: %s",
+                         n ? j->curl_err : curl_easy_strerror(rc));
+        else if (n)
+            deliver_fail(j, OUT_RETRY, "%s: %s", curl_easy_strerror(rc), j->curl_err);
         else
             deliver_fail(j, OUT_RETRY, "%s", curl_easy_strerror(rc));
         j->breaker_fail = 1;

@@ -311,10 +311,13 @@ int deliver_mcp_done(aw *app, job *j, CURLcode rc)
     }
     deliver_classify(j, rc, app->cfg.mcp_timeout_ms);
     if (j->out != OUT_SUCCESS) {
-        char what[64];
+        char what[64], detail[sizeof(j->err)];
 
+        /* j->err is both the detail and the destination: copied first
+         * (vsnprintf from a buffer into itself left only the prefix). */
+        memcpy(detail, j->err, sizeof(detail));
         snprintf(what, sizeof(what), "%s", j->step == 0 ? "initialize" : j->step == 1 ? "initialized" : "tools/call");
-        deliver_fail(j, j->out, "%s: %.400s", what, j->err);
+        deliver_fail(j, j->out, "%s: %.400s", what, detail);
         cJSON_Delete(j->response);
         j->response = cJSON_CreateObject();
         if (j->response && j->status)

@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <curl/curl.h>
+#include <openssl/x509.h>
 
 #include "aw.h"
 #include "deps.h"
@@ -23,6 +24,17 @@
 static void copy_setting(char *dst, size_t len, const char *value)
 {
     snprintf(dst, len, "%s", value ? value : "");
+}
+
+/* Nonzero when `path` is a PEM file holding at least one certificate, so a
+ * wrong CA_BUNDLE stops the start instead of failing every https delivery. */
+static int ca_bundle_ok(const char *path)
+{
+    X509_STORE *st = X509_STORE_new();
+    int ok = st && X509_STORE_load_file(st, path) == 1;
+
+    X509_STORE_free(st);
+    return ok;
 }
 
 static void config_read(cfg *c, aw_config *o)
@@ -75,6 +87,14 @@ static void config_read(cfg *c, aw_config *o)
     if (o->explorer_tx_url[0] && !strstr(o->explorer_tx_url, "{tx}"))
         cfg_error(c, "EXPLORER_TX_URL", o->explorer_tx_url, "a URL pattern containing {tx}");
     copy_setting(o->webhook_secret, sizeof(o->webhook_secret), cfg_str(c, "WEBHOOK_SECRET", ""));
+    {
+        const char *ca = cfg_str(c, "CA_BUNDLE", "");
+
+        if (strlen(ca) >= sizeof(o->ca_bundle) || (ca[0] && !ca_bundle_ok(ca)))
+            cfg_error(c, "CA_BUNDLE", ca, "a readable PEM file of CA certificates");
+        else
+            copy_setting(o->ca_bundle, sizeof(o->ca_bundle), ca);
+    }
     copy_setting(o->queue_prefix, sizeof(o->queue_prefix), cfg_str(c, "ACTION_QUEUE", "action_jobs"));
     if (strlen(cfg_str(c, "ACTION_QUEUE", "action_jobs")) >= sizeof(o->queue_prefix))
         cfg_error(c, "ACTION_QUEUE", cfg_str(c, "ACTION_QUEUE", ""), "a Redis key name shorter than 120 bytes");
@@ -178,6 +198,7 @@ int main(void)
         log_error("cannot initialise libcurl");
         return 1;
     }
+    deliver_init(app.cfg.ca_bundle);
     if (app_open(&app, allowed, err, sizeof(err)) < 0) {
         log_error("cannot start: %s", err);
         goto out;

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import tempfile
 import time
@@ -18,6 +19,7 @@ import uuid
 import psycopg2.errors
 
 import awharness as H
+import tlspki
 from httppeers import Peer, Resp, telegram_429
 from pgtmp import PgTmp
 
@@ -25,13 +27,20 @@ PEERS = os.path.join(os.path.dirname(__file__), "peers")
 
 
 class Base(unittest.TestCase):
+    # The https variants (TLS = True) serve the peers with a certificate of
+    # a CA made when the tests start (tlspki), which the workers trust
+    # through CA_BUNDLE. Those deliveries go through libcurl.
+    TLS = False
+
     @classmethod
     def setUpClass(cls):
         H.prepare_db()
         cls.conn = H.db()
         cls.r = H.rds()
-        cls.hook = Peer("webhook").start(H.free_port())
-        cls.tg = Peer("telegram").start(H.free_port())
+        cls.pki = tlspki.get() if cls.TLS else None
+        tls = cls.pki.server_context("good") if cls.TLS else None
+        cls.hook = Peer("webhook").start(H.free_port(), tls=tls)
+        cls.tg = Peer("telegram").start(H.free_port(), tls=tls)
 
     @classmethod
     def tearDownClass(cls):
@@ -56,6 +65,9 @@ class Base(unittest.TestCase):
             self.r.delete(*keys)
 
     def worker(self, **env):
+        if self.TLS:
+            env.setdefault("CA_BUNDLE", self.pki.ca)
+        env = {k: v for k, v in env.items() if v is not None}
         w = H.Worker(self.queue, **env)
         self.workers.append(w)
         return w
@@ -66,7 +78,7 @@ class Base(unittest.TestCase):
         return job
 
     def url(self, path="/hook"):
-        return "http://127.0.0.1:%d%s" % (self.hook.httpd.server_address[1], path)
+        return self.hook.base() + path
 
 
 class RestTest(Base):
@@ -280,6 +292,22 @@ class RestTest(Base):
         finally:
             lsock.close()
 
+    def test_proxy_variables_are_ignored(self):
+        # A proxy would connect to the target by name, not to the address
+        # the target check pinned: the workers never use one, whatever the
+        # environment says (libcurl reads http_proxy, HTTPS_PROXY, ALL_PROXY).
+        proxy = Peer("webhook").start(H.free_port())
+        try:
+            p = "http://127.0.0.1:%d" % proxy.httpd.server_address[1]
+            self.worker(HTTP_CLIENT="curl", http_proxy=p, HTTPS_PROXY=p, https_proxy=p, ALL_PROXY=p, all_proxy=p)
+            job = self.push(H.make_job("rest", {"method": "POST", "url": self.url("/direct")}))
+            rows = H.wait_results(self.conn, job["id"], lambda rs: len(rs) == 1)
+            self.assertEqual(rows[0]["status"], "success", rows)
+            self.assertEqual(len(self.hook.requests("/direct")), 1)
+            self.assertEqual(proxy.requests(), [])
+        finally:
+            proxy.stop()
+
     def test_breaker_opens_and_defers(self):
         self.worker(BREAKER_FAILURES=2, BREAKER_COOLDOWN_MS=1500, RETRY_BASE_MS=50, RETRY_MAX_ATTEMPTS=10)
         self.hook.script("/flaky", [Resp(500, {})] * 3)
@@ -298,7 +326,7 @@ class TelegramTest(Base):
         return "/bot%s/sendMessage" % H.TOKEN
 
     def tg_base(self):
-        return "http://127.0.0.1:%d" % self.tg.httpd.server_address[1]
+        return self.tg.base()
 
     def test_template_chat_and_parse_mode(self):
         self.worker(TELEGRAM_API_BASE=self.tg_base())
@@ -370,7 +398,8 @@ class McpTest(Base):
     def start_mcp(cls):
         port = H.free_port()
         log = open("/tmp/aw-test-mcp-%d.log" % port, "w")
-        p = subprocess.Popen(["node", os.path.join(PEERS, "mcp-server.mjs"), str(port)],
+        cert = list(cls.pki.pair("good")) if cls.TLS else []
+        p = subprocess.Popen(["node", os.path.join(PEERS, "mcp-server.mjs"), str(port)] + cert,
                              stdout=log, stderr=subprocess.STDOUT)
         if not H.wait_port(port):
             raise RuntimeError("MCP peer did not start")
@@ -383,19 +412,28 @@ class McpTest(Base):
             p.wait(5)
         super().tearDownClass()
 
+    def origin(self, port=None):
+        return "%s://127.0.0.1:%d" % ("https" if self.TLS else "http", port or self.mcp_port)
+
+    def mcp_url(self, path="/mcp", port=None):
+        return self.origin(port) + path
+
+    def _open(self, req):
+        ctx = ssl.create_default_context(cafile=self.pki.ca) if self.TLS else None
+        return urllib.request.urlopen(req, context=ctx)
+
     def calls(self, port=None):
-        with urllib.request.urlopen("http://127.0.0.1:%d/_calls" % (port or self.mcp_port)) as f:
+        with self._open(self.mcp_url("/_calls", port)) as f:
             return json.load(f)
 
     def auths(self, port=None):
         """The Authorization header of every request the server received."""
-        with urllib.request.urlopen("http://127.0.0.1:%d/_auth" % (port or self.mcp_port)) as f:
+        with self._open(self.mcp_url("/_auth", port)) as f:
             return json.load(f)
 
     def clear_calls(self):
         for port in (self.mcp_port, self.other_port):
-            req = urllib.request.Request("http://127.0.0.1:%d/_calls" % port, method="DELETE")
-            urllib.request.urlopen(req).read()
+            self._open(urllib.request.Request(self.mcp_url("/_calls", port), method="DELETE")).read()
 
     def set_token(self, agent, token, origin):
         with self.conn.cursor() as c:
@@ -405,15 +443,15 @@ class McpTest(Base):
 
     def mcp_job(self, port, agent, path="/mcp"):
         return self.push(H.make_job("mcp", {
-            "server_url": "http://127.0.0.1:%d%s" % (port, path), "tool": "notify",
+            "server_url": self.mcp_url(path, port), "tool": "notify",
             "arguments_template": {"agent_id": "{{agent_id}}"}}, event=H.make_event(agent_id=agent)))
 
     def test_tools_call_with_rendered_arguments_and_token(self):
         self.clear_calls()
-        self.set_token(4242, "tok-4242", "http://127.0.0.1:%d" % self.mcp_port)
+        self.set_token(4242, "tok-4242", self.origin())
         self.worker()
         job = self.push(H.make_job("mcp", {
-            "server_url": "http://127.0.0.1:%d/mcp" % self.mcp_port, "tool": "notify",
+            "server_url": self.mcp_url(), "tool": "notify",
             "arguments_template": {"agent_id": "{{agent_id}}", "text": "score {{score}} \"{{tag1}}\""},
         }, event=H.make_event(agent_id=4242, tag1="q\"x")))
         rows = H.wait_results(self.conn, job["id"], lambda rs: len(rs) == 1, timeout=15)
@@ -428,7 +466,7 @@ class McpTest(Base):
         """Issue 10: any user may write an MCP action for any agent naming any
         server; the agent's token reaches only the server it is bound to."""
         self.clear_calls()
-        bound = "http://127.0.0.1:%d" % self.mcp_port
+        bound = self.origin()
         self.set_token(4243, "tok-4243", bound)
         self.worker()
         stolen = self.mcp_job(self.other_port, 4243)
@@ -449,10 +487,10 @@ class McpTest(Base):
     def test_origin_compared_normalized_and_unbound_token_never_sent(self):
         self.clear_calls()
         # Upper case, an explicit trailing slash: the same origin.
-        self.set_token(4244, "tok-4244", "HTTP://127.0.0.1:%d/" % self.mcp_port)
+        self.set_token(4244, "tok-4244", self.origin().upper() + "/")
         # Same host, another port: another origin. No origin at all (a row
         # from before the binding): sent nowhere.
-        self.set_token(4245, "tok-4245", "http://127.0.0.1:%d" % self.other_port)
+        self.set_token(4245, "tok-4245", self.origin(self.other_port))
         self.set_token(4246, "tok-4246", None)
         self.worker()
         jobs = [self.mcp_job(self.mcp_port, 4244, path="/mcp?via=x"), self.mcp_job(self.mcp_port, 4245),
@@ -463,13 +501,13 @@ class McpTest(Base):
         by_agent = {c["arguments"]["agent_id"]: c["authorization"] for c in self.calls() if c["name"] == "notify"}
         self.assertEqual(by_agent, {4244: "Bearer tok-4244", 4245: None, 4246: None})
         with self.assertRaises(psycopg2.errors.CheckViolation):  # the column holds origins only
-            self.set_token(4247, "t", "http://127.0.0.1:%d/mcp" % self.mcp_port)
+            self.set_token(4247, "t", self.mcp_url())
 
     def test_string_arguments_template_and_no_token(self):
         self.clear_calls()
         self.worker()
         job = self.push(H.make_job("mcp", {
-            "server_url": "http://127.0.0.1:%d/mcp" % self.mcp_port, "tool": "notify",
+            "server_url": self.mcp_url(), "tool": "notify",
             "arguments_template": '{"text":"{{tag1}} by {{client_address}}"}',
         }, event=H.make_event(agent_id=9999001, tag1='a"b')))
         rows = H.wait_results(self.conn, job["id"], lambda rs: len(rs) == 1, timeout=15)
@@ -481,7 +519,7 @@ class McpTest(Base):
     def test_tool_error_is_failure(self):
         self.worker()
         job = self.push(H.make_job("mcp", {
-            "server_url": "http://127.0.0.1:%d/mcp" % self.mcp_port, "tool": "fail",
+            "server_url": self.mcp_url(), "tool": "fail",
             "arguments_template": {"reason": "agent {{agent_id}}"},
         }))
         rows = H.wait_results(self.conn, job["id"], lambda rs: len(rs) == 1, timeout=15)
@@ -491,7 +529,7 @@ class McpTest(Base):
     def test_unknown_tool_is_failure(self):
         self.worker()
         job = self.push(H.make_job("mcp", {
-            "server_url": "http://127.0.0.1:%d/mcp" % self.mcp_port, "tool": "nope", "arguments_template": {}}))
+            "server_url": self.mcp_url(), "tool": "nope", "arguments_template": {}}))
         rows = H.wait_results(self.conn, job["id"], lambda rs: len(rs) == 1, timeout=15)
         self.assertEqual(rows[0]["status"], "failed")
 
@@ -701,6 +739,100 @@ class HealthMetricsTest(Base):
         while time.time() < end and self.r.llen(self.queue + "_dlq") == 0:
             time.sleep(0.05)
         self.assertEqual(self.r.lrange(self.queue + "_dlq", 0, -1), ["not json"])
+
+
+# The https path (issue 9): the same deliveries to peers serving https with a
+# certificate of the test CA, trusted through CA_BUNDLE; libcurl carries
+# them (h1 speaks plain http only).
+class RestHttpsTest(RestTest):
+    TLS = True
+    # Not about the transport: a raw plain-http socket peer for h1's
+    # connection reuse, and refusals decided before any connection.
+    test_reused_connection_dropped_is_retried = None
+    test_private_targets_refused = None
+
+    def test_unverified_peer_is_a_failed_attempt(self):
+        # Verification is on by default: without CA_BUNDLE the system store
+        # is used, which does not know the test CA.
+        self.worker(CA_BUNDLE=None, RETRY_MAX_ATTEMPTS=1)
+        job = self.push(H.make_job("rest", {"method": "POST", "url": self.url("/nostore")}))
+        rows = H.wait_results(self.conn, job["id"], lambda rs: len(rs) == 1)
+        self.assertEqual(rows[0]["status"], "dead", rows)
+        self.assertRegex(rows[0]["error_message"],
+                         r"^TLS certificate not verified: SSL certificate problem: unable to get local issuer certificate")
+        self.assertEqual(self.hook.requests("/nostore"), [])
+
+
+class TelegramHttpsTest(TelegramTest):
+    TLS = True
+
+    def test_unverified_bot_api_is_a_failed_attempt(self):
+        self.worker(TELEGRAM_API_BASE=self.tg_base(), CA_BUNDLE=None, RETRY_MAX_ATTEMPTS=1)
+        job = self.push(H.make_job("telegram", {"chat_id": 5, "message_template": "hello"}))
+        rows = H.wait_results(self.conn, job["id"], lambda rs: len(rs) == 1)
+        self.assertEqual(rows[0]["status"], "dead", rows)
+        self.assertIn("TLS certificate not verified: SSL certificate problem: unable to get local issuer certificate",
+                      rows[0]["error_message"])
+        self.assertEqual(self.tg.requests(), [])
+
+
+class McpHttpsTest(McpTest):
+    TLS = True
+
+    def test_unverified_server_is_a_failed_attempt(self):
+        self.clear_calls()
+        self.worker(CA_BUNDLE=None, RETRY_MAX_ATTEMPTS=1)
+        job = self.push(H.make_job("mcp", {"server_url": self.mcp_url(), "tool": "notify",
+                                           "arguments_template": {"text": "x"}}))
+        rows = H.wait_results(self.conn, job["id"], lambda rs: len(rs) == 1, timeout=15)
+        self.assertEqual(rows[0]["status"], "dead", rows)
+        self.assertIn("initialize: TLS certificate not verified: SSL certificate problem: unable to get local issuer "
+                      "certificate", rows[0]["error_message"])
+        self.assertEqual(self.calls(), [])
+
+
+class TlsVerifyTest(Base):
+    """A certificate that does not verify is a failed attempt that says why,
+    never a silent success; a bad CA_BUNDLE stops the start."""
+    TLS = True
+
+    def test_wrong_host_unknown_ca_and_expired_fail(self):
+        cases = {
+            "wrong_host": r"^TLS certificate not verified: SSL: no alternative certificate subject name matches "
+                          r"target host name '127\.0\.0\.1'",
+            "unknown_ca": r"^TLS certificate not verified: SSL certificate problem: self-signed certificate",
+            "expired": r"^TLS certificate not verified: SSL certificate problem: certificate has expired",
+        }
+        peers = {name: Peer("webhook").start(H.free_port(), tls=self.pki.server_context(name)) for name in cases}
+        try:
+            # Production changes nothing: no setting turns verification off.
+            self.worker(RETRY_MAX_ATTEMPTS=1, APP_ENV="production", JWT_SECRET="x" * 40)
+            jobs = {name: self.push(H.make_job("rest", {"method": "POST", "url": p.base() + "/x"}))
+                    for name, p in peers.items()}
+            good = self.push(H.make_job("rest", {"method": "POST", "url": self.url("/good")}))
+            for name, job in jobs.items():
+                rows = H.wait_results(self.conn, job["id"], lambda rs: len(rs) == 1)
+                self.assertEqual(len(rows), 1, name)
+                self.assertEqual(rows[0]["status"], "dead", (name, rows))
+                self.assertRegex(rows[0]["error_message"], cases[name])
+                self.assertEqual(peers[name].requests(), [], name)
+                if name != "wrong_host":
+                    self.assertGreaterEqual(peers[name].handshake_failures, 1, name)
+            rows = H.wait_results(self.conn, good["id"], lambda rs: len(rs) == 1)
+            self.assertEqual(rows[0]["status"], "success", rows)
+        finally:
+            for p in peers.values():
+                p.stop()
+
+    def test_bad_ca_bundle_stops_start(self):
+        for value in ("/nonexistent/ca.pem", os.path.abspath(__file__)):
+            env = dict(os.environ, DATABASE_URL=H.DATABASE_URL, REDIS_URL=H.REDIS_URL, CA_BUNDLE=value,
+                       METRICS_PORT=str(H.free_port()), ACTION_QUEUE=self.queue)
+            r = subprocess.run([os.path.join(H.BINDIR, "action-workers")], env=env, cwd="/tmp",
+                               capture_output=True, text=True, timeout=20)
+            self.assertEqual(r.returncode, 2, r.stderr)
+            self.assertIn("CA_BUNDLE", r.stdout + r.stderr)
+            self.assertIn(value, r.stdout + r.stderr)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Recorder servers that stand in for the Telegram Bot API and for webhook
 receivers. Each records every request (method, path, headers, body, time)
 and answers from a per-path script of canned responses, then a default.
-They speak HTTP/1.1 keep-alive, like the real services.
+They speak HTTP/1.1 keep-alive, like the real services, over plain TCP or
+TLS (start(port, tls=ssl_context): see tlspki.py).
 
     tg = Peer("telegram").start(18301)
     tg.script("/botTOKEN/sendMessage", [Resp(429, {...})])
@@ -11,6 +12,7 @@ They speak HTTP/1.1 keep-alive, like the real services.
     tg.requests()  # list of dicts
 """
 import json
+import ssl
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,6 +29,26 @@ class Resp:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    tls = None          # an ssl.SSLContext: serve https
+    handshake_failures = 0
+
+    def finish_request(self, request, client_address):
+        # The TLS handshake runs in the connection's own thread, so a client
+        # that refuses our certificate holds up nobody else.
+        if self.tls is None:
+            return super().finish_request(request, client_address)
+        try:
+            # The wrapped socket takes over the descriptor: it is the one to
+            # close (shutdown_request only sees the detached original).
+            request = self.tls.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError):
+            self.handshake_failures += 1
+            request.close()
+            return
+        try:
+            super().finish_request(request, client_address)
+        finally:
+            request.close()
 
 
 class Peer:
@@ -40,7 +62,7 @@ class Peer:
         self.msg_id = 0
 
     # -- control -------------------------------------------------------
-    def start(self, port):
+    def start(self, port, tls=None):
         peer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -77,12 +99,13 @@ class Peer:
                         self.send_header(k, v)
                     self.end_headers()
                     self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
+                except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
                     pass
 
             do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _any
 
         self.httpd = _Server(("127.0.0.1", port), Handler)
+        self.httpd.tls = tls
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
         return self
 
@@ -91,6 +114,20 @@ class Peer:
             self.httpd.shutdown()
             self.httpd.server_close()
             self.httpd = None
+
+    @property
+    def scheme(self):
+        return "https" if self.httpd.tls is not None else "http"
+
+    @property
+    def handshake_failures(self):
+        """TLS handshakes that failed on our side (a client refusing the
+        chain breaks off there; a host name mismatch is found by the client
+        only after the handshake)."""
+        return self.httpd.handshake_failures
+
+    def base(self):
+        return "%s://127.0.0.1:%d" % (self.scheme, self.httpd.server_address[1])
 
     def script(self, path, responses):
         with self.lock:

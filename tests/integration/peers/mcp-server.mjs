@@ -7,8 +7,10 @@
 // GET /_calls returns every tools/call seen (name, arguments, the
 // Authorization header); GET /_auth the Authorization header of every
 // request to /mcp (null when absent); DELETE /_calls clears both.
-// Usage: node mcp-server.mjs PORT
+// Usage: node mcp-server.mjs PORT [CERT.pem KEY.pem]  (with a certificate: https)
+import fs from 'node:fs';
 import http from 'node:http';
+import https from 'node:https';
 import { randomUUID } from 'node:crypto';
 import { McpServer } from '@modelcontextprotocol/sdk/server/mcp.js';
 import { StreamableHTTPServerTransport } from '@modelcontextprotocol/sdk/server/streamableHttp.js';
@@ -48,7 +50,8 @@ function readBody(req) {
   });
 }
 
-const httpServer = http.createServer(async (req, res) => {
+const [certFile, keyFile] = process.argv.slice(3, 5);
+const handler = async (req, res) => {
   try {
     if (req.url === '/_auth') {
       res.writeHead(200, { 'content-type': 'application/json' });
@@ -91,7 +94,10 @@ const httpServer = http.createServer(async (req, res) => {
     console.error(e);
     if (!res.headersSent) res.writeHead(500).end(String(e));
   }
-});
+};
+const httpServer = certFile
+  ? https.createServer({ cert: fs.readFileSync(certFile), key: fs.readFileSync(keyFile) }, handler)
+  : http.createServer(handler);
 
-httpServer.listen(port, '127.0.0.1', () => console.log(`mcp peer listening on ${port}`));
+httpServer.listen(port, '127.0.0.1', () => console.log(`mcp peer listening on ${port}${certFile ? ' (https)' : ''}`));
 process.on('SIGTERM', () => process.exit(0));
