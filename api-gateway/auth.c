@@ -490,7 +490,7 @@ out:
     cJSON_Delete(body);
 }
 
-int auth_require(gateway *gw, httpd_req *req, auth_user *out)
+int auth_check(gateway *gw, httpd_req *req, auth_user *out)
 {
     const char *hdr = httpd_req_header(req, "Authorization");
     const char *tok = hdr ? jwtauth_bearer(hdr) : NULL;
@@ -524,6 +524,17 @@ int auth_require(gateway *gw, httpd_req *req, auth_user *out)
     snprintf(out->username, sizeof(out->username), "%s", cJSON_IsString(name) ? name->valuestring : "");
     cJSON_Delete(claims);
     return 0;
+}
+
+int auth_require(gateway *gw, httpd_req *req, auth_user *out)
+{
+    const auth_user *seen = httpd_req_ctx(req);
+
+    if (seen) {
+        *out = *seen;
+        return 0;
+    }
+    return auth_check(gw, req, out);
 }
 
 int gateway_auth_routes(gateway *gw)

@@ -26,6 +26,10 @@ int auth_init(gateway *gw, char *err, size_t errlen);
  * `out`, or answers 401 (missing, malformed, forged, expired, alg none)
  * and returns -1. No database round trip: a token stays valid until it
  * expires even if the account is deactivated meanwhile. */
+int auth_check(gateway *gw, httpd_req *req, auth_user *out);
+
+/* auth_check, or its result when the guard already checked this request
+ * on its headers (see guard.h). */
 int auth_require(gateway *gw, httpd_req *req, auth_user *out);
 
 #endif

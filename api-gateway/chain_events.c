@@ -17,8 +17,7 @@
  * exact (extract returns numeric on PostgreSQL 14+). */
 #define CE_CURSOR_COL "(extract(epoch from e.created_at) * 1000000)::bigint AS cursor_usec"
 
-/* Checks "Authorization: Bearer $INGEST_TOKEN" in constant time. */
-static int ce_ingest_authorized(gateway *gw, httpd_req *req)
+int gateway_ingest_authorized(gateway *gw, httpd_req *req)
 {
     const char *hdr = httpd_req_header(req, "Authorization");
     const char *tok = hdr ? jwtauth_bearer(hdr) : NULL;
@@ -72,7 +71,7 @@ static void ce_ingest(httpd_req *req, void *ud)
     PGresult *res;
     int n, i, inserted;
 
-    if (!ce_ingest_authorized(gw, req) || httpd_req_json(req, &body) < 0)
+    if (!gateway_ingest_authorized(gw, req) || httpd_req_json(req, &body) < 0)
         return;
     events = cJSON_IsObject(body) ? cJSON_GetObjectItemCaseSensitive(body, "events") : body;
     details = cJSON_CreateObject();

@@ -19,6 +19,9 @@ typedef struct {
     int port;
     int threads;
     long max_body;
+    int max_connections;
+    int max_connections_per_ip;
+    long header_timeout_ms; /* -1: off */
     char cors_origins[1024];
     long rate_limit_per_min;
     long access_token_ttl_s;
@@ -60,6 +63,10 @@ int gateway_auth_routes(gateway *gw);
 int gateway_trigger_routes(gateway *gw);
 int gateway_chain_event_routes(gateway *gw);
 int gateway_result_routes(gateway *gw);
+
+/* Checks "Authorization: Bearer $INGEST_TOKEN" in constant time. Returns 1,
+ * or answers 401 and returns 0. */
+int gateway_ingest_authorized(gateway *gw, httpd_req *req);
 
 /* The database check run by the health thread: applies pending migrations
  * the first time the database answers, then pings. */

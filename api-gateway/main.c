@@ -6,6 +6,7 @@
 
 #include "auth.h"
 #include "gateway.h"
+#include "guard.h"
 #include "log.h"
 #include "migrate.h"
 #include "ratelimit.h"
@@ -37,6 +38,16 @@ void gateway_config_read(cfg *c, gateway_config *o)
      * ingest by a third and cost the health route nothing. */
     o->threads = (int)cfg_int(c, "HTTP_THREADS", gateway_default_threads(), 1, 256);
     o->max_body = cfg_int(c, "MAX_BODY_BYTES", 1024 * 1024, 1024, 64L * 1024 * 1024);
+    o->max_connections = (int)cfg_int(c, "MAX_CONNECTIONS", 10000, 1, 1000000);
+    /* One address may hold this many connections; beyond, new ones are
+     * closed at once. 0 turns the cap off (behind a proxy that is the only
+     * peer). */
+    o->max_connections_per_ip = (int)cfg_int(c, "MAX_CONNECTIONS_PER_IP", 256, 0, 1000000);
+    o->header_timeout_ms = cfg_duration_ms(c, "HTTP_HEADER_TIMEOUT", 10000, 1000);
+    if (o->header_timeout_ms > 3600000)
+        cfg_error(c, "HTTP_HEADER_TIMEOUT", cfg_str(c, "HTTP_HEADER_TIMEOUT", ""), "a duration up to 1h (0 turns it off)");
+    if (o->header_timeout_ms == 0 || o->header_timeout_ms > 3600000)
+        o->header_timeout_ms = o->header_timeout_ms ? 10000 : -1;
     copy_setting(o->cors_origins, sizeof(o->cors_origins),
                  cfg_str(c, "CORS_ORIGINS", "http://localhost*,http://127.0.0.1*"));
     o->rate_limit_per_min = cfg_int(c, "RATE_LIMIT", 1000, 0, 100000000);
@@ -73,6 +84,9 @@ static int gateway_open(gateway *gw, char *err, size_t errlen)
     ho.max_body = (size_t)gw->cfg.max_body;
     ho.cors_origins = gw->cfg.cors_origins;
     ho.access_log = gw->cfg.access_log;
+    ho.header_timeout_ms = (int)gw->cfg.header_timeout_ms;
+    ho.max_connections = gw->cfg.max_connections;
+    ho.max_connections_per_ip = gw->cfg.max_connections_per_ip;
     gw->http = httpd_new(&ho, err, errlen);
     if (!gw->http || gateway_health_routes(gw) < 0)
         return -1;
@@ -90,8 +104,8 @@ static int gateway_open(gateway *gw, char *err, size_t errlen)
             snprintf(err, errlen, "out of memory");
             return -1;
         }
-        httpd_set_hook(gw->http, ratelimit_hook, gw);
     }
+    httpd_set_hook(gw->http, guard_hook, gw);
     /* The first check runs before listening, so the first answer is true;
      * a database that is down only makes the service report unhealthy. */
     if (health_start(gw->health) < 0) {

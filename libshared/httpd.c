@@ -30,6 +30,23 @@
 #endif
 #define HTTPD_DEFAULT_BODY (1024 * 1024)
 #define HTTPD_BODY_CHUNK 4096
+#define HTTPD_DEFAULT_HEADER_TIMEOUT_MS 10000
+/* A request refused on its headers (401, 429...) with a declared body up to
+ * this size is answered after the body, read and thrown away, so that
+ * clients which write before they read see the answer; a larger or chunked
+ * one is answered at once and its connection closed unread. */
+#define HTTPD_REJECT_DRAIN (64 * 1024)
+
+/* One per open connection, for the header deadline (see httpd_reaper). */
+typedef struct httpd_conn {
+    struct httpd_conn *prev, *next;
+    int fd;
+    /* Monotonic ms by which the headers of the next request must be in; 0
+     * while a request is being served. Written by MHD's threads, read by
+     * the reaper. */
+    _Atomic long long deadline_ms;
+    int reaped;
+} httpd_conn;
 
 /* Methods get a small index so per-method metrics can be cached. */
 enum { M_GET, M_POST, M_PUT, M_PATCH, M_DELETE, M_OPTIONS, M_HEAD, M_OTHER, M_COUNT };
@@ -55,6 +72,12 @@ struct httpd {
     int nroutes;
     httpd_hook hook;
     void *hook_ud;
+    pthread_mutex_t conns_mu;
+    pthread_cond_t reaper_cv;
+    httpd_conn *conns;
+    pthread_t reaper;
+    int reaper_running, reaper_stop;
+    metrics_counter *header_timeouts;
     metrics *reg;
     metrics_histogram *latency;
     /* Counters per (method, status) are cached so the hot path never takes
@@ -80,7 +103,12 @@ struct httpd_req {
     char *body;
     size_t body_len, body_cap;
     int too_large;
-    unsigned long long declared_len;
+    int chunked;
+    size_t max_body;                /* this request's limit (httpd_req_set_max_body) */
+    unsigned long long declared_len; /* Content-Length, when sent */
+    unsigned long long discarded;    /* body bytes read and thrown away */
+    void *ctx;
+    void (*ctx_free)(void *);
     httpd_kv params[HTTPD_MAX_PARAMS];
     int nparams;
     char *param_buf;
@@ -437,14 +465,28 @@ static void httpd_make_request_id(httpd_req *req)
     req->request_id[32] = '\0';
 }
 
-static int httpd_origin_allowed(const httpd *srv, const char *origin)
+/* Nonzero when `rest` (what follows a pattern's prefix) is empty or a port:
+ * ':' and 1 to 5 digits. Anything else would let "http://localhost*" admit
+ * "http://localhost.evil.com" or "http://localhostevil.com". */
+static int httpd_origin_port_only(const char *rest, size_t len)
 {
-    const char *p = srv->cors;
-    size_t olen = strlen(origin);
-
-    if (!srv->cors[0])
+    if (len == 0)
+        return 1;
+    if (rest[0] != ':' || len < 2 || len > 6)
         return 0;
-    while (*p) {
+    for (size_t i = 1; i < len; i++)
+        if (rest[i] < '0' || rest[i] > '9')
+            return 0;
+    return 1;
+}
+
+int httpd_cors_match(const char *list, const char *origin)
+{
+    const char *p = list;
+    size_t olen = strlen(origin);
+    int any = 0;
+
+    while (p && *p) {
         const char *end = strchr(p, ',');
         size_t len = end ? (size_t)(end - p) : strlen(p);
 
@@ -454,31 +496,35 @@ static int httpd_origin_allowed(const httpd *srv, const char *origin)
         }
         while (len && p[len - 1] == ' ')
             len--;
-        if (len == 1 && p[0] == '*')
-            return 1;
-        if (len && p[len - 1] == '*') {
-            if (olen >= len - 1 && memcmp(origin, p, len - 1) == 0)
-                return 1;
+        if (len == 1 && p[0] == '*') {
+            any = 1;
+        } else if (len && p[len - 1] == '*') {
+            if (olen >= len - 1 && memcmp(origin, p, len - 1) == 0 &&
+                httpd_origin_port_only(origin + len - 1, olen - (len - 1)))
+                return HTTPD_CORS_CREDENTIALS;
         } else if (len == olen && memcmp(origin, p, len) == 0) {
-            return 1;
+            return HTTPD_CORS_CREDENTIALS;
         }
-        if (!end)
-            break;
-        p = end + 1;
+        p = end ? end + 1 : NULL;
     }
-    return 0;
+    return any ? HTTPD_CORS_ANY : HTTPD_CORS_NO;
 }
 
 static void httpd_add_cors(httpd_req *req, struct MHD_Response *resp)
 {
     const char *origin = httpd_req_header(req, "Origin");
+    int m = origin ? httpd_cors_match(req->srv->cors, origin) : HTTPD_CORS_NO;
 
-    if (!origin || !httpd_origin_allowed(req->srv, origin))
+    if (m == HTTPD_CORS_NO)
         return;
-    MHD_add_response_header(resp, "Access-Control-Allow-Origin", origin);
-    MHD_add_response_header(resp, "Access-Control-Allow-Credentials", "true");
-    MHD_add_response_header(resp, "Access-Control-Expose-Headers", "X-Request-Id, Retry-After");
+    /* "*" admits every origin, so it never comes with credentials: a page
+     * anywhere could otherwise read answers made with the user's cookies
+     * or HTTP authentication. */
+    MHD_add_response_header(resp, "Access-Control-Allow-Origin", m == HTTPD_CORS_ANY ? "*" : origin);
+    if (m == HTTPD_CORS_CREDENTIALS)
+        MHD_add_response_header(resp, "Access-Control-Allow-Credentials", "true");
     MHD_add_response_header(resp, "Vary", "Origin");
+    MHD_add_response_header(resp, "Access-Control-Expose-Headers", "X-Request-Id, Retry-After");
 }
 
 /* Answers a CORS preflight; returns 1 when the request was one. */
@@ -490,7 +536,7 @@ static int httpd_preflight(httpd_req *req)
 
     if (req->method_idx != M_OPTIONS || !origin || !want)
         return 0;
-    if (!httpd_origin_allowed(req->srv, origin)) {
+    if (httpd_cors_match(req->srv->cors, origin) == HTTPD_CORS_NO) {
         httpd_respond_error(req, 403, "forbidden", "origin not allowed", NULL);
         return 1;
     }
@@ -521,6 +567,31 @@ static metrics_counter *httpd_counter(httpd *srv, int midx, int status)
 
 /* ---- dispatch ----------------------------------------------------------- */
 
+static void httpd_too_large(httpd_req *req)
+{
+    httpd_respond_errorf(req, 413, "payload_too_large", "request body exceeds %zu bytes", req->max_body);
+}
+
+/* Everything decided on the headers alone, before any of the body is read:
+ * a declared body over the limit, CORS preflights, then the hook (rate
+ * limit, authentication). A request answered here never has its body
+ * stored. */
+static void httpd_on_headers(httpd_req *req)
+{
+    httpd *srv = req->srv;
+
+    if (req->too_large) {
+        httpd_too_large(req);
+        return;
+    }
+    if (httpd_preflight(req))
+        return;
+    if (srv->hook && srv->hook(req, srv->hook_ud))
+        return;
+    if (req->too_large) /* the hook lowered the limit */
+        httpd_too_large(req);
+}
+
 static void httpd_dispatch(httpd_req *req)
 {
     httpd *srv = req->srv;
@@ -528,13 +599,9 @@ static void httpd_dispatch(httpd_req *req)
     char allow[128] = "";
 
     if (req->too_large) {
-        httpd_respond_errorf(req, 413, "payload_too_large", "request body exceeds %zu bytes", srv->opts.max_body);
+        httpd_too_large(req);
         return;
     }
-    if (httpd_preflight(req))
-        return;
-    if (srv->hook && srv->hook(req, srv->hook_ud))
-        return;
     for (int i = 0; i < srv->nroutes; i++) {
         const httpd_route_t *r = &srv->routes[i];
 
@@ -591,6 +658,135 @@ static void httpd_remote(httpd_req *req)
                   sizeof(req->remote));
 }
 
+/* ---- the header deadline ------------------------------------------------ */
+
+/* MHD's connection timeout is an idle timeout: a client that trickles a
+ * header line every few seconds keeps a connection (and its memory pool)
+ * for ever. So each connection also gets a deadline for the headers of its
+ * next request, counted from when it opened or its last request ended (plus
+ * the keep-alive idle time), cleared while a request is served. The reaper
+ * thread shuts down the socket of a connection past its deadline; MHD then
+ * sees the end of the stream and closes it. The list is changed under
+ * conns_mu, and MHD reports a connection closed before it closes the
+ * socket, so the reaper never shuts down a descriptor reused by another. */
+
+static long long httpd_now_ms(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static httpd_conn *httpd_conn_of(struct MHD_Connection *conn)
+{
+    const union MHD_ConnectionInfo *ci = MHD_get_connection_info(conn, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
+
+    return ci ? ci->socket_context : NULL;
+}
+
+static void httpd_conn_busy(httpd *srv, struct MHD_Connection *conn)
+{
+    httpd_conn *c = srv->opts.header_timeout_ms > 0 ? httpd_conn_of(conn) : NULL;
+
+    if (c)
+        atomic_store_explicit(&c->deadline_ms, 0, memory_order_relaxed);
+}
+
+static void httpd_conn_idle(httpd *srv, struct MHD_Connection *conn)
+{
+    httpd_conn *c = srv->opts.header_timeout_ms > 0 ? httpd_conn_of(conn) : NULL;
+
+    if (c)
+        atomic_store_explicit(&c->deadline_ms,
+                              httpd_now_ms() + srv->opts.connection_timeout_s * 1000LL + srv->opts.header_timeout_ms,
+                              memory_order_relaxed);
+}
+
+static void httpd_notify_conn(void *cls, struct MHD_Connection *conn, void **socket_context,
+                              enum MHD_ConnectionNotificationCode toe)
+{
+    httpd *srv = cls;
+    httpd_conn *c = *socket_context;
+
+    if (toe == MHD_CONNECTION_NOTIFY_STARTED) {
+        const union MHD_ConnectionInfo *ci = MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CONNECTION_FD);
+
+        c = calloc(1, sizeof(*c));
+        if (!c || !ci) {
+            free(c);
+            return; /* untracked: only MHD's idle timeout applies */
+        }
+        c->fd = ci->connect_fd;
+        atomic_init(&c->deadline_ms, httpd_now_ms() + srv->opts.header_timeout_ms);
+        pthread_mutex_lock(&srv->conns_mu);
+        c->next = srv->conns;
+        if (srv->conns)
+            srv->conns->prev = c;
+        srv->conns = c;
+        pthread_mutex_unlock(&srv->conns_mu);
+        *socket_context = c;
+        return;
+    }
+    if (!c)
+        return;
+    pthread_mutex_lock(&srv->conns_mu);
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        srv->conns = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
+    pthread_mutex_unlock(&srv->conns_mu);
+    free(c);
+    *socket_context = NULL;
+}
+
+static void *httpd_reaper(void *arg)
+{
+    httpd *srv = arg;
+    long long tick = srv->opts.header_timeout_ms / 4;
+
+    if (tick > 1000)
+        tick = 1000;
+    if (tick < 20)
+        tick = 20;
+    pthread_mutex_lock(&srv->conns_mu);
+    while (!srv->reaper_stop) {
+        struct timespec ts;
+        long long now = httpd_now_ms();
+
+        for (httpd_conn *c = srv->conns; c; c = c->next) {
+            long long d = atomic_load_explicit(&c->deadline_ms, memory_order_relaxed);
+
+            if (d && d <= now && !c->reaped) {
+                c->reaped = 1;
+                shutdown(c->fd, SHUT_RDWR);
+                metrics_counter_inc(srv->header_timeouts);
+            }
+        }
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_nsec += (long)(tick % 1000) * 1000000L;
+        ts.tv_sec += (time_t)(tick / 1000) + ts.tv_nsec / 1000000000L;
+        ts.tv_nsec %= 1000000000L;
+        pthread_cond_timedwait(&srv->reaper_cv, &srv->conns_mu, &ts);
+    }
+    pthread_mutex_unlock(&srv->conns_mu);
+    return NULL;
+}
+
+static void httpd_reaper_stop(httpd *srv)
+{
+    if (!srv->reaper_running)
+        return;
+    pthread_mutex_lock(&srv->conns_mu);
+    srv->reaper_stop = 1;
+    pthread_cond_signal(&srv->reaper_cv);
+    pthread_mutex_unlock(&srv->conns_mu);
+    pthread_join(srv->reaper, NULL);
+    srv->reaper_running = 0;
+}
+
 static httpd_req *httpd_req_new(httpd *srv, struct MHD_Connection *conn, const char *url, const char *method)
 {
     httpd_req *req = calloc(1, sizeof(*req));
@@ -605,26 +801,52 @@ static httpd_req *httpd_req_new(httpd *srv, struct MHD_Connection *conn, const c
     req->path = url;
     clock_gettime(CLOCK_MONOTONIC, &req->start);
     httpd_make_request_id(req);
+    req->max_body = srv->opts.max_body;
     clen = httpd_req_header(req, MHD_HTTP_HEADER_CONTENT_LENGTH);
     if (clen) {
         char *end;
         unsigned long long n = strtoull(clen, &end, 10);
-        if (*end == '\0' && n > srv->opts.max_body) {
-            req->too_large = 1;
+
+        if (*end == '\0')
             req->declared_len = n;
-        }
+        req->too_large = req->declared_len > req->max_body;
+    } else {
+        const char *te = httpd_req_header(req, MHD_HTTP_HEADER_TRANSFER_ENCODING);
+
+        req->chunked = te && strcasestr(te, "chunked") != NULL;
     }
     return req;
 }
 
+void httpd_req_set_max_body(httpd_req *req, size_t max)
+{
+    if (max == 0 || max > req->srv->opts.max_body)
+        max = req->srv->opts.max_body;
+    req->max_body = max;
+    if (req->declared_len > max)
+        req->too_large = 1;
+}
+
+void httpd_req_set_ctx(httpd_req *req, void *ctx, void (*free_fn)(void *))
+{
+    if (req->ctx && req->ctx_free)
+        req->ctx_free(req->ctx);
+    req->ctx = ctx;
+    req->ctx_free = free_fn;
+}
+
+void *httpd_req_ctx(const httpd_req *req)
+{
+    return req->ctx;
+}
+
 static int httpd_append_body(httpd_req *req, const char *data, size_t len)
 {
-    size_t max = req->srv->opts.max_body;
+    size_t max = req->max_body;
 
-    if (req->too_large)
-        return 0;
     if (req->body_len + len > max) {
         req->too_large = 1;
+        req->discarded = req->body_len + len;
         free(req->body);
         req->body = NULL;
         req->body_len = req->body_cap = 0;
@@ -662,6 +884,27 @@ static unsigned long long httpd_drain_max(const httpd *srv)
     return cap < 64ULL * 1024 * 1024 ? cap : 64ULL * 1024 * 1024;
 }
 
+/* Whether a request answered on its headers is answered at once (MHD then
+ * closes the connection without reading the body) rather than after its
+ * body has been read and thrown away. */
+static int httpd_answer_now(const httpd_req *req)
+{
+    if (req->too_large)
+        return req->chunked || req->declared_len > httpd_drain_max(req->srv);
+    return req->chunked || req->declared_len > HTTPD_REJECT_DRAIN;
+}
+
+/* Body bytes of a request that is already answered or over its limit: read
+ * and thrown away up to a bound, after which the connection is cut (MHD
+ * 0.9.75 cannot queue a response in the middle of an upload). */
+static enum MHD_Result httpd_discard(httpd_req *req, size_t len)
+{
+    unsigned long long cap = req->too_large ? httpd_drain_max(req->srv) : HTTPD_REJECT_DRAIN;
+
+    req->discarded += len;
+    return req->discarded > cap ? MHD_NO : MHD_YES;
+}
+
 static enum MHD_Result httpd_access(void *cls, struct MHD_Connection *conn, const char *url, const char *method,
                                     const char *version, const char *upload_data, size_t *upload_data_size,
                                     void **req_cls)
@@ -671,26 +914,34 @@ static enum MHD_Result httpd_access(void *cls, struct MHD_Connection *conn, cons
 
     (void)version;
     if (!req) {
-        /* The first call only sets up: answering now makes MHD close the
-         * connection after the response, which costs keep-alive. The one
-         * exception is a body declared too large, which must not be read. */
+        /* Headers are complete. A request refused on them (413, a
+         * preflight, the hook) keeps its answer for the end, since
+         * answering now makes MHD close the connection, which costs
+         * keep-alive; unless the body is large or chunked, which must then
+         * not be read at all. */
         req = httpd_req_new(srv, conn, url, method);
         if (!req)
             return MHD_NO;
         *req_cls = req;
-        if (req->too_large && req->declared_len > httpd_drain_max(srv)) {
-            httpd_dispatch(req);
+        httpd_conn_busy(srv, conn);
+        httpd_on_headers(req);
+        if (req->response && (req->declared_len || req->chunked) && httpd_answer_now(req))
             return httpd_queue(req);
-        }
         return MHD_YES;
     }
     if (*upload_data_size) {
-        if (httpd_append_body(req, upload_data, *upload_data_size) < 0)
-            return MHD_NO;
+        size_t len = *upload_data_size;
+
         *upload_data_size = 0;
-        return MHD_YES;
+        if (req->status || req->too_large)
+            return httpd_discard(req, len);
+        if (httpd_append_body(req, upload_data, len) < 0)
+            return MHD_NO;
+        return req->too_large ? httpd_discard(req, 0) : MHD_YES;
     }
-    if (req->status)
+    if (req->response) /* answered on the headers */
+        return httpd_queue(req);
+    if (req->status) /* already queued */
         return MHD_YES;
     httpd_dispatch(req);
     return httpd_queue(req);
@@ -704,9 +955,9 @@ static void httpd_completed(void *cls, struct MHD_Connection *conn, void **req_c
     struct timespec now;
     double secs;
 
-    (void)conn;
     if (!req)
         return;
+    httpd_conn_idle(srv, conn);
     clock_gettime(CLOCK_MONOTONIC, &now);
     secs = (double)(now.tv_sec - req->start.tv_sec) + (double)(now.tv_nsec - req->start.tv_nsec) / 1e9;
     metrics_counter_inc(httpd_counter(srv, req->method_idx, req->status ? req->status : 499));
@@ -724,6 +975,8 @@ static void httpd_completed(void *cls, struct MHD_Connection *conn, void **req_c
         MHD_destroy_response(req->response);
     for (int i = 0; i < req->nheaders; i++)
         free(req->header_values[i]);
+    if (req->ctx && req->ctx_free)
+        req->ctx_free(req->ctx);
     free(req->param_buf);
     free(req->body);
     free(req);
@@ -776,6 +1029,12 @@ httpd *httpd_new(const httpd_opts *opts, char *err, size_t errlen)
         srv->opts.connection_timeout_s = 60;
     if (srv->opts.max_connections <= 0)
         srv->opts.max_connections = 10000;
+    if (srv->opts.header_timeout_ms == 0)
+        srv->opts.header_timeout_ms = HTTPD_DEFAULT_HEADER_TIMEOUT_MS;
+    if (srv->opts.max_connections_per_ip < 0)
+        srv->opts.max_connections_per_ip = 0;
+    pthread_mutex_init(&srv->conns_mu, NULL);
+    pthread_cond_init(&srv->reaper_cv, NULL);
     if (srv->opts.threads <= 0) {
         long n = sysconf(_SC_NPROCESSORS_ONLN);
         srv->opts.threads = n > 0 ? (int)n : 1;
@@ -784,6 +1043,8 @@ httpd *httpd_new(const httpd_opts *opts, char *err, size_t errlen)
     srv->latency = metrics_histogram_get(srv->reg, "http_request_duration_seconds",
                                          "Time from request start to response queued.", NULL,
                                          metrics_latency_buckets, metrics_latency_nbuckets);
+    srv->header_timeouts = metrics_counter_get(srv->reg, "http_header_timeouts_total",
+                                               "Connections closed because a request's headers took too long.", NULL);
     return srv;
 }
 
@@ -827,7 +1088,8 @@ int httpd_start(httpd *srv, char *err, size_t errlen)
         MHD_OPTION_THREAD_POOL_SIZE, (unsigned int)srv->opts.threads, MHD_OPTION_CONNECTION_TIMEOUT,
         (unsigned int)srv->opts.connection_timeout_s, MHD_OPTION_CONNECTION_LIMIT,
         (unsigned int)srv->opts.max_connections, MHD_OPTION_NOTIFY_COMPLETED, httpd_completed, srv,
-        MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)HTTPD_CONN_MEMORY,
+        MHD_OPTION_NOTIFY_CONNECTION, httpd_notify_conn, srv, MHD_OPTION_PER_IP_CONNECTION_LIMIT,
+        (unsigned int)srv->opts.max_connections_per_ip, MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)HTTPD_CONN_MEMORY,
         srv->opts.reuse_port ? MHD_OPTION_LISTENING_ADDRESS_REUSE : MHD_OPTION_END, 1U, MHD_OPTION_END);
     if (!srv->daemon) {
         snprintf(err, errlen, "cannot listen on %s:%d: %s", srv->host[0] ? srv->host : "*", srv->opts.port,
@@ -836,6 +1098,16 @@ int httpd_start(httpd *srv, char *err, size_t errlen)
     }
     info = MHD_get_daemon_info(srv->daemon, MHD_DAEMON_INFO_BIND_PORT);
     srv->port = info ? info->port : srv->opts.port;
+    if (srv->opts.header_timeout_ms > 0) {
+        srv->reaper_stop = 0;
+        if (pthread_create(&srv->reaper, NULL, httpd_reaper, srv) != 0) {
+            snprintf(err, errlen, "cannot start the header-deadline thread");
+            MHD_stop_daemon(srv->daemon);
+            srv->daemon = NULL;
+            return -1;
+        }
+        srv->reaper_running = 1;
+    }
     return 0;
 }
 
@@ -857,6 +1129,7 @@ void httpd_stop(httpd *srv, int grace_ms)
     }
     MHD_stop_daemon(srv->daemon);
     srv->daemon = NULL;
+    httpd_reaper_stop(srv);
 }
 
 void httpd_set_hook(httpd *srv, httpd_hook fn, void *ud)
@@ -872,5 +1145,7 @@ void httpd_free(httpd *srv)
     httpd_stop(srv, 0);
     for (int i = 0; i < srv->nroutes; i++)
         httpd_route_clear(&srv->routes[i]);
+    pthread_cond_destroy(&srv->reaper_cv);
+    pthread_mutex_destroy(&srv->conns_mu);
     free(srv);
 }

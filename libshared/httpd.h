@@ -24,8 +24,14 @@ typedef struct httpd_req httpd_req;
 
 typedef void (*httpd_handler)(httpd_req *req, void *ud);
 
-/* Called before routing; returns nonzero when it answered the request
- * itself (rate limiting, authentication of a whole prefix). */
+/* Called once the headers are in, before any of the body is read and
+ * before routing; returns nonzero when it answered the request itself
+ * (rate limiting, authentication of a whole prefix). A request answered
+ * there never has its body stored: a small declared body is read and
+ * thrown away so that the client sees the answer, a larger or chunked one
+ * is not read and the connection is closed after the answer. Only the
+ * headers, method, path, query and remote address may be used; the body is
+ * not there yet. */
 typedef int (*httpd_hook)(httpd_req *req, void *ud);
 
 typedef struct {
@@ -35,8 +41,14 @@ typedef struct {
     int threads;              /* worker threads; <= 0 means the number of CPUs */
     size_t max_body;          /* bytes; 0 means 1 MiB */
     int connection_timeout_s; /* idle keep-alive connections are closed after it; 0 means 60 */
-    int max_connections;      /* 0 means 10000 */
-    const char *cors_origins; /* comma list, '*' at the end matches a prefix; NULL disables CORS */
+    /* The whole headers of a request must arrive within this many ms of the
+     * connection opening (or of the previous request's end plus the idle
+     * time); else the connection is closed (slow-loris). 0 means 10 s, < 0
+     * turns it off. */
+    int header_timeout_ms;
+    int max_connections;        /* 0 means 10000 */
+    int max_connections_per_ip; /* more from one address are refused at once; 0 means no limit */
+    const char *cors_origins; /* comma list (see httpd_cors_match); NULL disables CORS */
     metrics *metrics;         /* NULL means metrics_default() */
     int access_log;           /* nonzero logs one line per request at info level */
     int reuse_port;           /* SO_REUSEPORT: several processes serve one port */
@@ -89,6 +101,17 @@ const char *httpd_req_body(const httpd_req *req, size_t *len);
  * the position (or the emptiness) and -1 is returned. */
 int httpd_req_json(httpd_req *req, cJSON **out);
 
+/* Lowers this request's body limit below the server's (from the hook: a
+ * route that takes small bodies, e.g. before the client is authenticated).
+ * 0 or more than the server's limit keeps the server's. */
+void httpd_req_set_max_body(httpd_req *req, size_t max);
+
+/* Attaches one pointer to the request (e.g. what the hook learnt about the
+ * client); `free_fn` (may be NULL) is called on it when the request ends or
+ * is given another. */
+void httpd_req_set_ctx(httpd_req *req, void *ctx, void (*free_fn)(void *));
+void *httpd_req_ctx(const httpd_req *req);
+
 /* Adds a header to the response to come (copied). Up to 16 per request. */
 int httpd_req_add_header(httpd_req *req, const char *name, const char *value);
 
@@ -108,6 +131,16 @@ void httpd_respond_error(httpd_req *req, int status, const char *code, const cha
 /* printf-style message variant of httpd_respond_error without details. */
 void httpd_respond_errorf(httpd_req *req, int status, const char *code, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
+
+/* CORS: how an Origin fares against a comma list of allowed origins. An
+ * entry is an exact origin ("https://app.example.com"), a prefix with a
+ * trailing '*' that matches only a port or nothing ("http://localhost*"
+ * admits "http://localhost" and "http://localhost:3000", never
+ * "http://localhost.evil.com"), or "*" alone: every origin, answered with
+ * "Access-Control-Allow-Origin: *" and without credentials. An exact or
+ * prefix match wins over "*". */
+enum { HTTPD_CORS_NO = 0, HTTPD_CORS_CREDENTIALS = 1, HTTPD_CORS_ANY = 2 };
+int httpd_cors_match(const char *list, const char *origin);
 
 /* The error code SPEC uses for an HTTP status ("not_found" for 404...). */
 const char *httpd_status_code(int status);

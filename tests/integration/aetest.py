@@ -25,7 +25,39 @@ REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:56379/0")
 AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:55672/%2f")
 
 __all__ = ["ROOT", "BINDIR", "DATABASE_URL", "REDIS_URL", "AMQP_URL", "Service", "http",
-           "http_json", "wait_for"]
+           "http_json", "wait_for", "db_url", "private_db_create", "private_db_drop"]
+
+
+def db_url(name):
+    """DATABASE_URL with its database replaced by `name`."""
+    u = urllib.parse.urlsplit(DATABASE_URL)
+    return urllib.parse.urlunsplit((u.scheme, u.netloc, "/" + name, u.query, u.fragment))
+
+
+def private_db_create(name):
+    """A fresh database `name` on the shared server (dropped first if left
+    over), migrated with bin/migrate. Returns its URL."""
+    import psycopg2
+    admin = psycopg2.connect(DATABASE_URL)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute("DROP DATABASE IF EXISTS %s WITH (FORCE)" % name)
+        cur.execute("CREATE DATABASE %s" % name)
+    admin.close()
+    env = dict(os.environ, DATABASE_URL=db_url(name))
+    r = subprocess.run([os.path.join(BINDIR, "migrate")], env=env, capture_output=True, text=True, timeout=120)
+    if r.returncode != 0:
+        raise RuntimeError("bin/migrate failed: %s %s" % (r.stdout, r.stderr))
+    return db_url(name)
+
+
+def private_db_drop(name):
+    import psycopg2
+    admin = psycopg2.connect(DATABASE_URL)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute("DROP DATABASE IF EXISTS %s WITH (FORCE)" % name)
+    admin.close()
 
 
 def http(method, url, body=None, headers=None, timeout=10):

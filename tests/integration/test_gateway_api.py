@@ -23,7 +23,8 @@ import urllib.parse
 import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from aetest import BINDIR, DATABASE_URL, ROOT, Service, http, http_json, wait_for  # noqa: E402
+from aetest import (BINDIR, ROOT, Service, db_url, http, http_json, private_db_create,  # noqa: E402
+                    private_db_drop, wait_for)
 from pgtmp import free_port  # noqa: E402
 
 import psycopg2  # noqa: E402
@@ -34,11 +35,6 @@ INGEST_TOKEN = "gw-test-ingest-token"
 # One database per run (dropped at the end), so that two runs of this suite
 # (a developer's and `make test`) never drop each other's database.
 DB_NAME = "ae_test_gw_%d" % os.getpid()
-
-
-def db_url(name):
-    u = urllib.parse.urlsplit(DATABASE_URL)
-    return urllib.parse.urlunsplit((u.scheme, u.netloc, "/" + name, u.query, u.fragment))
 
 
 TEST_DB_URL = db_url(DB_NAME)
@@ -61,16 +57,7 @@ def make_jwt(claims, secret=JWT_SECRET, alg="HS256"):
 def setUpModule():
     global GW, BASE, PORT
     subprocess.run([os.path.join(HERE, "setup-node.sh")], check=True)
-    admin = psycopg2.connect(DATABASE_URL)
-    admin.autocommit = True
-    with admin.cursor() as cur:
-        cur.execute("DROP DATABASE IF EXISTS %s WITH (FORCE)" % DB_NAME)
-        cur.execute("CREATE DATABASE %s" % DB_NAME)
-    admin.close()
-    env = dict(os.environ, DATABASE_URL=TEST_DB_URL)
-    r = subprocess.run([os.path.join(BINDIR, "migrate")], env=env, capture_output=True, text=True, timeout=120)
-    if r.returncode != 0:
-        raise RuntimeError("bin/migrate failed: %s %s" % (r.stdout, r.stderr))
+    private_db_create(DB_NAME)
     PORT = int(os.environ.get("GW_TEST_PORT") or free_port())
     BASE = "http://127.0.0.1:%d" % PORT
     GW = Service("api-gateway", {
@@ -82,11 +69,7 @@ def setUpModule():
 
 def tearDownModule():
     GW.stop()
-    admin = psycopg2.connect(DATABASE_URL)
-    admin.autocommit = True
-    with admin.cursor() as cur:
-        cur.execute("DROP DATABASE IF EXISTS %s WITH (FORCE)" % DB_NAME)
-    admin.close()
+    private_db_drop(DB_NAME)
 
 
 def db():

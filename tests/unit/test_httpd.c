@@ -270,6 +270,33 @@ static void test_cors(void **state)
     assert_non_null(strcasestr(r.headers, "Access-Control-Allow-Origin: https://app.example.com"));
 }
 
+/* Look-alike origins of a trailing-'*' entry are refused; "*" alone admits
+ * everything but never with credentials; an explicit entry wins over it. */
+static void test_cors_match(void **state)
+{
+    static const char *const lookalikes[] = {
+        "http://localhost.evil.com", "http://localhostevil.com", "http://127.0.0.1.nip.io",
+        "http://localhost:3000.evil.com", "http://localhost:", "http://localhost:abc",
+        "http://localhost:1234567", "http://localhost@evil.com", "http://127.0.0.1:80/x", NULL};
+    const char *list = "http://localhost*, http://127.0.0.1*,https://app.example.com";
+
+    (void)state;
+    assert_int_equal(httpd_cors_match(list, "http://localhost"), HTTPD_CORS_CREDENTIALS);
+    assert_int_equal(httpd_cors_match(list, "http://localhost:3000"), HTTPD_CORS_CREDENTIALS);
+    assert_int_equal(httpd_cors_match(list, "http://127.0.0.1:8080"), HTTPD_CORS_CREDENTIALS);
+    assert_int_equal(httpd_cors_match(list, "https://app.example.com"), HTTPD_CORS_CREDENTIALS);
+    for (int i = 0; lookalikes[i]; i++) {
+        print_message("origin %s\n", lookalikes[i]);
+        assert_int_equal(httpd_cors_match(list, lookalikes[i]), HTTPD_CORS_NO);
+    }
+    assert_int_equal(httpd_cors_match(list, "https://app.example.com.evil"), HTTPD_CORS_NO);
+    assert_int_equal(httpd_cors_match("*", "https://anything.example"), HTTPD_CORS_ANY);
+    assert_int_equal(httpd_cors_match("*, https://app.example.com", "https://app.example.com"),
+                     HTTPD_CORS_CREDENTIALS);
+    assert_int_equal(httpd_cors_match("https://app.example.com,*", "http://localhost.evil.com"), HTTPD_CORS_ANY);
+    assert_int_equal(httpd_cors_match("", "http://localhost"), HTTPD_CORS_NO);
+}
+
 static void test_metrics_route(void **state)
 {
     reply r;
@@ -300,6 +327,7 @@ int main(void)
         cmocka_unit_test(test_method_not_allowed), cmocka_unit_test(test_request_id),
         cmocka_unit_test(test_body_limit),        cmocka_unit_test(test_malformed_json),
         cmocka_unit_test(test_handler_without_answer), cmocka_unit_test(test_cors),
+        cmocka_unit_test(test_cors_match),
         cmocka_unit_test(test_metrics_route),     cmocka_unit_test(test_status_codes),
     };
     log_init("test", "error", "json");

@@ -1,0 +1,59 @@
+#include "guard.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "auth.h"
+#include "ratelimit.h"
+
+typedef enum { GUARD_OPEN, GUARD_USER, GUARD_INGEST } guard_kind;
+
+/* Nonzero when `path` is `prefix` or below it. */
+static int guard_under(const char *path, const char *prefix)
+{
+    size_t n = strlen(prefix);
+
+    return strncmp(path, prefix, n) == 0 && (path[n] == '\0' || path[n] == '/');
+}
+
+static guard_kind guard_route_kind(const char *method, const char *path)
+{
+    if (guard_under(path, "/api/v1/triggers"))
+        return GUARD_USER;
+    if (guard_under(path, "/api/v1/chain-events"))
+        return strcmp(method, "POST") == 0 ? GUARD_INGEST : GUARD_USER;
+    if (strcmp(path, "/api/v1/auth/logout-all") == 0)
+        return GUARD_USER;
+    return GUARD_OPEN;
+}
+
+int guard_hook(httpd_req *req, void *ud)
+{
+    gateway *gw = ud;
+    const char *path = httpd_req_path(req);
+    auth_user *user;
+
+    if (ratelimit_hook(req, gw))
+        return 1;
+    switch (guard_route_kind(httpd_req_method(req), path)) {
+    case GUARD_OPEN:
+        if (guard_under(path, "/api/v1/auth"))
+            httpd_req_set_max_body(req, GUARD_AUTH_MAX_BODY);
+        return 0;
+    case GUARD_INGEST:
+        return !gateway_ingest_authorized(gw, req);
+    case GUARD_USER:
+        break;
+    }
+    user = malloc(sizeof(*user));
+    if (!user) {
+        httpd_respond_error(req, 503, "unavailable", "out of memory", NULL);
+        return 1;
+    }
+    if (auth_check(gw, req, user) < 0) {
+        free(user);
+        return 1;
+    }
+    httpd_req_set_ctx(req, user, free);
+    return 0;
+}

