@@ -24,14 +24,28 @@ DATABASE_URL = os.environ.get("TEST_DATABASE_URL",
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:56379/0")
 AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:55672/%2f")
 
-__all__ = ["ROOT", "BINDIR", "DATABASE_URL", "REDIS_URL", "AMQP_URL", "Service", "http",
-           "http_json", "wait_for", "db_url", "private_db_create", "private_db_drop"]
+_PG = urllib.parse.urlsplit(DATABASE_URL)
+_REDIS = urllib.parse.urlsplit(REDIS_URL)
+# The local servers' ports (each engineer's worktree and CI use their own):
+# tests that make their own databases or pick a Redis db take them here.
+PG_HOST, PG_PORT = _PG.hostname or "127.0.0.1", _PG.port or 5432
+PG_USER, PG_PASSWORD = urllib.parse.unquote(_PG.username or ""), urllib.parse.unquote(_PG.password or "")
+REDIS_HOST, REDIS_PORT = _REDIS.hostname or "127.0.0.1", _REDIS.port or 6379
+
+__all__ = ["ROOT", "BINDIR", "DATABASE_URL", "REDIS_URL", "AMQP_URL", "PG_HOST", "PG_PORT", "PG_USER",
+           "PG_PASSWORD", "Service", "http", "http_json", "wait_for", "db_url", "redis_url", "private_db_create",
+           "private_db_drop"]
 
 
 def db_url(name):
     """DATABASE_URL with its database replaced by `name`."""
     u = urllib.parse.urlsplit(DATABASE_URL)
     return urllib.parse.urlunsplit((u.scheme, u.netloc, "/" + name, u.query, u.fragment))
+
+
+def redis_url(db):
+    """The local Redis server's URL for logical database `db`."""
+    return "redis://%s:%d/%d" % (REDIS_HOST, REDIS_PORT, db)
 
 
 def private_db_create(name):

@@ -20,13 +20,13 @@ import psycopg2
 import redis
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from aetest import BINDIR, Service, wait_for  # noqa: E402
+from aetest import BINDIR, PG_HOST, PG_PASSWORD, PG_PORT, PG_USER, Service, db_url, redis_url, wait_for  # noqa: E402
 from pgtmp import free_port  # noqa: E402
 
-PG = dict(host="127.0.0.1", port=55432, user="erc8004", password="erc8004")
+PG = dict(host=PG_HOST, port=PG_PORT, user=PG_USER, password=PG_PASSWORD)
 DB = "ae_test_ep"
-DSN = "postgresql://erc8004:erc8004@127.0.0.1:55432/" + DB
-REDIS_URL = "redis://127.0.0.1:56379/3"
+DSN = db_url(DB)
+REDIS_URL = redis_url(3)
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
