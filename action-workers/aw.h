@@ -75,7 +75,6 @@ typedef struct aw {
     health *health;
     int health_db, health_redis;
     rconn *health_rconn;
-    int migrated;
     httpd *http;
 } aw;
 

@@ -7,6 +7,7 @@
 
 #include "aw.h"
 #include "fmt.h"
+#include "jsonstr.h"
 #include "sig.h"
 #include "template.h"
 
@@ -308,7 +309,7 @@ static char *plain_response(const job *j)
         bad |= buf_puts(&b, ",");
     }
     bad |= buf_puts(&b, "\"body\":\"");
-    bad |= template_json_escape(&b, cut ? cut : buf_str(&j->resp));
+    bad |= jsonstr_puts(&b, cut ? cut : buf_str(&j->resp));
     bad |= buf_puts(&b, "\"}");
     free(cut);
     if (bad || b.truncated) {

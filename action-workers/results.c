@@ -25,6 +25,7 @@
 #include "aw.h"
 #include "fmt.h"
 #include "log.h"
+#include "pgarr.h"
 
 #define COLS 10
 
@@ -41,26 +42,6 @@ static const char insert_sql[] =
 static const char copy_sql[] =
     "COPY action_results (job_id, trigger_id, event_id, action_type, status, executed_at, duration_ms, "
     "error_message, response_data, retry_count) FROM STDIN";
-
-/* Appends one element of a text-format array literal: NULL, or the value
- * (made valid UTF-8) in double quotes with quotes and backslashes escaped. */
-static int put_elem(buf *b, const char *s, int first)
-{
-    const char *p;
-
-    if (!first && buf_append(b, ",", 1) < 0)
-        return -1;
-    if (!s)
-        return buf_append(b, "NULL", 4);
-    if (buf_append(b, "\"", 1) < 0)
-        return -1;
-    while ((p = strpbrk(s, "\"\\"))) {
-        if (buf_append_utf8(b, s, (size_t)(p - s)) < 0 || buf_append(b, "\\", 1) < 0 || buf_append(b, p, 1) < 0)
-            return -1;
-        s = p + 1;
-    }
-    return buf_append_utf8(b, s, strlen(s)) < 0 || buf_append(b, "\"", 1) < 0 ? -1 : 0;
-}
 
 static int put_num(buf *b, long long v, int first)
 {
@@ -85,9 +66,9 @@ static int by_attempt(const void *a, const void *b)
 /* Appends one COPY text-format field: \N for NULL, else the value with
  * backslash, tab, newline and carriage return escaped. `sep` follows it
  * (a tab, or the newline that ends the row). Values are made valid UTF-8
- * here, as in put_elem: a peer's response or error text with one stray
- * byte would otherwise fail the whole batch (22021) again and again, and
- * every result after it would wait behind it. */
+ * here, as the array elements are (PGARR_UTF8): a peer's response or error
+ * text with one stray byte would otherwise fail the whole batch (22021)
+ * again and again, and every result after it would wait behind it. */
 static int copy_field(buf *b, const char *s, char sep)
 {
     const char *p;
@@ -219,12 +200,13 @@ static int run_upsert(PGconn *c, job **rows, int n, char *err, size_t errlen)
         job *j = rows[i];
         int first = i == 0;
 
-        if (put_elem(&cols[0], j->id, first) < 0 || put_elem(&cols[1], j->trigger_id, first) < 0 ||
-            put_elem(&cols[2], j->event_id, first) < 0 || put_elem(&cols[3], j->action_type, first) < 0 ||
-            put_elem(&cols[4], j->status_text, first) < 0 || put_num(&cols[5], j->executed_at, first) < 0 ||
+        if (pgarr_add(&cols[0], j->id, PGARR_UTF8) < 0 || pgarr_add(&cols[1], j->trigger_id, PGARR_UTF8) < 0 ||
+            pgarr_add(&cols[2], j->event_id, PGARR_UTF8) < 0 ||
+            pgarr_add(&cols[3], j->action_type, PGARR_UTF8) < 0 ||
+            pgarr_add(&cols[4], j->status_text, PGARR_UTF8) < 0 || put_num(&cols[5], j->executed_at, first) < 0 ||
             put_num(&cols[6], j->duration_ms, first) < 0 ||
-            put_elem(&cols[7], j->err[0] ? j->err : NULL, first) < 0 || put_elem(&cols[8], j->response_text, first) < 0 ||
-            put_num(&cols[9], j->attempt, first) < 0) {
+            pgarr_add(&cols[7], j->err[0] ? j->err : NULL, PGARR_UTF8) < 0 ||
+            pgarr_add(&cols[8], j->response_text, PGARR_UTF8) < 0 || put_num(&cols[9], j->attempt, first) < 0) {
             snprintf(err, errlen, "out of memory");
             goto out;
         }

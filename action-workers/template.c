@@ -8,6 +8,7 @@
 
 #include "buf.h"
 #include "fmt.h"
+#include "jsonstr.h"
 
 static char *dup_str(const char *s)
 {
@@ -62,35 +63,6 @@ char *template_value(const char *name, const template_ctx *ctx)
     return cJSON_PrintUnformatted(v);
 }
 
-int template_json_escape(buf *b, const char *s)
-{
-    char esc[8];
-
-    for (; *s; s++) {
-        unsigned char c = (unsigned char)*s;
-        int rc;
-
-        if (c == '"')
-            rc = buf_append(b, "\\\"", 2);
-        else if (c == '\\')
-            rc = buf_append(b, "\\\\", 2);
-        else if (c == '\n')
-            rc = buf_append(b, "\\n", 2);
-        else if (c == '\r')
-            rc = buf_append(b, "\\r", 2);
-        else if (c == '\t')
-            rc = buf_append(b, "\\t", 2);
-        else if (c < 0x20) {
-            snprintf(esc, sizeof(esc), "\\u%04x", c);
-            rc = buf_append(b, esc, 6);
-        } else
-            rc = buf_append(b, s, 1);
-        if (rc < 0)
-            return -1;
-    }
-    return 0;
-}
-
 static int put_markdown_escaped(buf *b, const char *s)
 {
     for (; *s; s++) {
@@ -105,7 +77,7 @@ static int put_markdown_escaped(buf *b, const char *s)
 static int put_value(buf *b, const char *v, template_mode mode)
 {
     if (mode == TEMPLATE_JSON)
-        return template_json_escape(b, v);
+        return jsonstr_puts(b, v);
     if (mode == TEMPLATE_MARKDOWN)
         return put_markdown_escaped(b, v);
     return buf_puts(b, v);

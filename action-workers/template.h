@@ -40,9 +40,6 @@ char *template_render(const char *tpl, const template_ctx *ctx, template_mode mo
  * missing or null (or on OOM). */
 char *template_value(const char *name, const template_ctx *ctx);
 
-/* Appends `s` escaped as the inside of a JSON string. Returns 0 or -1. */
-int template_json_escape(buf *b, const char *s);
-
 /* Renders every string inside `tpl` (a JSON value; objects and arrays are
  * walked) in RAW mode, returning a new cJSON tree owned by the caller
  * (cJSON_Delete), or NULL on OOM. Keys are not rendered. A string that is

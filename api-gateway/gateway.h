@@ -6,6 +6,7 @@
 
 #include "cfg.h"
 #include "dbpool.h"
+#include "deps.h"
 #include "health.h"
 #include "httpd.h"
 #include "jwtauth.h"
@@ -40,8 +41,8 @@ typedef struct {
     gateway_config cfg;
     dbpool *db;
     health *health;
-    int health_db; /* index of the database check in `health` */
-    int migrated;  /* set once by the health thread */
+    int health_db;     /* index of the database check in `health` */
+    deps_pgmig *pgmig; /* the database check (migrations, then a ping) */
     jwtauth *jwt;
     httpd *http;
     ratelimit *limiter; /* NULL when RATE_LIMIT=0 */
@@ -67,9 +68,5 @@ int gateway_result_routes(gateway *gw);
 /* Checks "Authorization: Bearer $INGEST_TOKEN" in constant time. Returns 1,
  * or answers 401 and returns 0. */
 int gateway_ingest_authorized(gateway *gw, httpd_req *req);
-
-/* The database check run by the health thread: applies pending migrations
- * the first time the database answers, then pings. */
-int gateway_db_check(void *ud);
 
 #endif

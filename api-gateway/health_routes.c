@@ -2,7 +2,6 @@
 
 #include "gateway.h"
 #include "log.h"
-#include "migrate.h"
 
 static const char health_ok_body[] = "{\"status\":\"healthy\",\"database\":\"connected\",\"version\":\"" GATEWAY_VERSION "\"}";
 static const char health_bad_body[] =
@@ -33,26 +32,4 @@ int gateway_health_routes(gateway *gw)
         httpd_route(gw->http, "GET", "/health", health_live, gw) < 0 || httpd_route_metrics(gw->http) < 0)
         return -1;
     return 0;
-}
-
-int gateway_db_check(void *ud)
-{
-    gateway *gw = ud;
-    char err[512];
-    int rc, applied = 0;
-
-    if (!gw->migrated) {
-        PGconn *conn = dbpool_acquire(gw->db, 2000);
-
-        if (!conn)
-            return -1;
-        rc = migrate_run(conn, gw->cfg.migrations_dir, &applied, err, sizeof(err));
-        dbpool_release(gw->db, conn);
-        if (rc < 0) {
-            log_error("migrations failed: %s", err);
-            return -1;
-        }
-        gw->migrated = 1;
-    }
-    return dbpool_ping(gw->db, 2000);
 }

@@ -72,11 +72,12 @@ static int gateway_open(gateway *gw, char *err, size_t errlen)
     gw->db = dbpool_new(gw->cfg.conninfo, gw->cfg.db_max_connections);
     gw->health = health_new(gw->cfg.health_interval_ms);
     gw->jwt = jwtauth_new(gw->cfg.jwt_secret, NULL, NULL, 30);
-    if (!gw->db || !gw->health || !gw->jwt) {
+    gw->pgmig = gw->db ? deps_pgmig_new(gw->db, gw->cfg.migrations_dir) : NULL;
+    if (!gw->db || !gw->pgmig || !gw->health || !gw->jwt) {
         snprintf(err, errlen, "out of memory");
         return -1;
     }
-    gw->health_db = health_add(gw->health, "postgresql", gateway_db_check, gw);
+    gw->health_db = health_add(gw->health, "postgresql", deps_check_pg_migrate, gw->pgmig);
     ho.service = "api-gateway";
     ho.host = gw->cfg.host;
     ho.port = gw->cfg.port;
@@ -121,6 +122,7 @@ static void gateway_close(gateway *gw)
     ratelimit_free(gw->limiter);
     health_free(gw->health);
     jwtauth_free(gw->jwt);
+    deps_pgmig_free(gw->pgmig);
     dbpool_free(gw->db);
 }
 

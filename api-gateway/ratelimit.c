@@ -1,10 +1,12 @@
 #include "ratelimit.h"
 
 #include <pthread.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "hash.h"
 #include "svc.h"
 
 #define RL_BUCKETS 2048 /* hash slots per shard (chained) */
@@ -29,15 +31,6 @@ struct ratelimit {
     long long full_ms; /* idle time after which a bucket is full again */
     rl_shard shards[RATELIMIT_SHARDS];
 };
-
-static unsigned long rl_hash(const char *s)
-{
-    unsigned long h = 1469598103934665603UL; /* FNV-1a */
-
-    for (; *s; s++)
-        h = (h ^ (unsigned char)*s) * 1099511628211UL;
-    return h;
-}
 
 ratelimit *ratelimit_new(long per_min)
 {
@@ -110,7 +103,7 @@ static void rl_evict(ratelimit *rl, rl_shard *sh, long long now_ms)
 
 int ratelimit_take(ratelimit *rl, const char *key, long long now_ms)
 {
-    unsigned long h = rl_hash(key);
+    uint32_t h = hash_fnv1a_str(key);
     rl_shard *sh = &rl->shards[h % RATELIMIT_SHARDS];
     rl_entry **slot = &sh->slots[(h / RATELIMIT_SHARDS) % RL_BUCKETS], *e;
     int wait = 0;

@@ -13,6 +13,7 @@
 #include <stdint.h>
 
 #include "dbpool.h"
+#include "deps.h"
 #include "health.h"
 #include "httpd.h"
 #include "metrics.h"
@@ -43,7 +44,7 @@ typedef struct {
     httpd *http;
     int health_listen;
     atomic_int listen_ok;   /* the LISTEN connection is up */
-    atomic_int migrated;
+    deps_pgmig *pgmig;      /* the database check; says when migrations are applied */
     int wake_fd;            /* eventfd: the main thread wakes the loop at stop */
     tindex *index;
     /* Metrics (cached series). */
@@ -58,8 +59,5 @@ void *ep_run(void *arg);
 /* Health check of the LISTEN connection (reads ep.listen_ok). */
 int ep_listen_check(void *ud);
 
-/* Health check of PostgreSQL: pending migrations first (once), then a
- * ping. */
-int ep_db_check(void *ud);
 
 #endif

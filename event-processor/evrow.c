@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "buf.h"
+#include "jsonstr.h"
 
 /* Integers beyond this are not exact as doubles (event_model.h). */
 #define EXACT_LIMIT 9007199254740992LL
@@ -88,36 +89,7 @@ static int put(buf *b, const char *s, size_t n)
 
 static int put_str(buf *b, const char *s)
 {
-    const unsigned char *p = (const unsigned char *)s, *run = p;
-
-    if (put(b, "\"", 1) < 0)
-        return -1;
-    for (; *p; p++) {
-        char esc[8];
-        int n = 2;
-
-        if (*p >= 0x20 && *p != '"' && *p != '\\')
-            continue;
-        if (put(b, (const char *)run, (size_t)(p - run)) < 0)
-            return -1;
-        run = p + 1;
-        esc[0] = '\\';
-        switch (*p) {
-        case '"': esc[1] = '"'; break;
-        case '\\': esc[1] = '\\'; break;
-        case '\b': esc[1] = 'b'; break;
-        case '\f': esc[1] = 'f'; break;
-        case '\n': esc[1] = 'n'; break;
-        case '\r': esc[1] = 'r'; break;
-        case '\t': esc[1] = 't'; break;
-        default: n = snprintf(esc, sizeof(esc), "\\u%04x", *p); break;
-        }
-        if (put(b, esc, (size_t)n) < 0)
-            return -1;
-    }
-    if (put(b, (const char *)run, (size_t)(p - run)) < 0)
-        return -1;
-    return put(b, "\"", 1);
+    return put(b, "\"", 1) < 0 || jsonstr_puts(b, s) < 0 || b->truncated || put(b, "\"", 1) < 0 ? -1 : 0;
 }
 
 char *evrow_json(const evrow_cols *c, const PGresult *res, int row, size_t *len)

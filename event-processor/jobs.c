@@ -10,19 +10,17 @@
 
 #include <openssl/evp.h>
 
+#include "buf.h"
 #include "fmt.h"
 #include "hash.h"
+#include "jsonstr.h"
+#include "pgarr.h"
 
 /* Values per LPUSH/RPUSH command: bounds the argument vector Redis parses
  * at once. */
 #define PUSH_CHUNK 1000
 /* The largest batch of job documents accepted in one push. */
 #define MAX_ARENA_BYTES ((size_t)1 << 30)
-
-typedef struct {
-    char *s;
-    size_t len, cap;
-} sbuf;
 
 /* A job: its document lives in the arena already framed as a RESP bulk
  * string ("$len\r\n{...}\r\n"), so the push writes it to the socket from
@@ -52,10 +50,10 @@ struct jobs {
     job *v;
     int n, cap;
     int nhigh;       /* jobs with priority > 1 (0: no sorting needed) */
-    sbuf arena;      /* job documents as RESP bulks, back to back */
-    sbuf pub;        /* channels and Broadcast messages */
-    sbuf ev, tr, ac; /* outbox array literals */
-    sbuf resp;       /* command framing and the small commands of a push */
+    buf arena;      /* job documents as RESP bulks, back to back */
+    buf pub;        /* channels and Broadcast messages */
+    buf ev, tr, ac; /* outbox array literals */
+    buf resp;       /* command framing and the small commands of a push */
     seg *segs;       /* the push, in order */
     int nseg, capseg;
     EVP_MD_CTX *mdctx;
@@ -67,60 +65,11 @@ struct jobs {
     int *slots, capslots;
 };
 
-static int sb_grow(sbuf *b, size_t add)
+#define PUT_LIT(b, lit) buf_append_all((b), (lit), sizeof(lit) - 1)
+
+static inline int put_str(buf *b, const char *s)
 {
-    size_t cap;
-    char *p;
-
-    if (b->len + add + 1 <= b->cap)
-        return 0;
-    if (b->len + add + 1 > MAX_ARENA_BYTES)
-        return -1;
-    cap = b->cap ? b->cap : 4096;
-    while (cap < b->len + add + 1)
-        cap *= 2;
-    if (!(p = realloc(b->s, cap)))
-        return -1;
-    b->s = p;
-    b->cap = cap;
-    return 0;
-}
-
-/* Appends without terminating: callers that need a C string add it. */
-static inline int sb_put(sbuf *b, const char *s, size_t n)
-{
-    if (b->len + n + 1 > b->cap && sb_grow(b, n) < 0)
-        return -1;
-    memcpy(b->s + b->len, s, n);
-    b->len += n;
-    b->s[b->len] = '\0';
-    return 0;
-}
-
-static inline int sb_str(sbuf *b, const char *s)
-{
-    return sb_put(b, s, strlen(s));
-}
-
-#define SB_LIT(b, lit) sb_put((b), (lit), sizeof(lit) - 1)
-
-/* Appends `s` as an element of a PostgreSQL array literal (quoted). */
-static int sb_arr_elem(sbuf *b, const char *s)
-{
-    if (sb_str(b, b->len > 1 ? ",\"" : "\"") < 0)
-        return -1;
-    if (!strpbrk(s, "\"\\")) {
-        if (sb_str(b, s) < 0)
-            return -1;
-        return sb_put(b, "\"", 1);
-    }
-    for (; *s; s++) {
-        if ((*s == '"' || *s == '\\') && sb_put(b, "\\", 1) < 0)
-            return -1;
-        if (sb_put(b, s, 1) < 0)
-            return -1;
-    }
-    return sb_put(b, "\"", 1);
+    return buf_append_all(b, s, strlen(s));
 }
 
 /* A RESP header: `lead` ('*' or '$'), the number, CRLF. */
@@ -136,30 +85,30 @@ static int resp_head(char *out, char lead, long long n)
 }
 
 /* RESP: an array header and a bulk string. */
-static int resp_array(sbuf *b, long n)
+static int resp_array(buf *b, long n)
 {
     char h[32];
     int k = resp_head(h, '*', n);
 
-    return sb_put(b, h, (size_t)k);
+    return buf_append_all(b, h, (size_t)k);
 }
 
-static int resp_bulk(sbuf *b, const char *s, size_t n)
+static int resp_bulk(buf *b, const char *s, size_t n)
 {
     char h[32];
     int k = resp_head(h, '$', (long long)n);
 
-    if (sb_grow(b, (size_t)k + n + 2) < 0)
+    char *w = buf_extend(b, (size_t)k + n + 2);
+
+    if (!w)
         return -1;
-    memcpy(b->s + b->len, h, (size_t)k);
-    memcpy(b->s + b->len + k, s, n);
-    memcpy(b->s + b->len + k + n, "\r\n", 2);
-    b->len += (size_t)k + n + 2;
-    b->s[b->len] = '\0';
+    memcpy(w, h, (size_t)k);
+    memcpy(w + k, s, n);
+    memcpy(w + k + n, "\r\n", 2);
     return 0;
 }
 
-static int resp_cmd(sbuf *b, int argc, const char **argv)
+static int resp_cmd(buf *b, int argc, const char **argv)
 {
     if (resp_array(b, argc) < 0)
         return -1;
@@ -175,6 +124,12 @@ jobs *jobs_new(void)
 
     if (!j)
         return NULL;
+    buf_init(&j->arena, MAX_ARENA_BYTES);
+    buf_init(&j->pub, MAX_ARENA_BYTES);
+    buf_init(&j->ev, MAX_ARENA_BYTES);
+    buf_init(&j->tr, MAX_ARENA_BYTES);
+    buf_init(&j->ac, MAX_ARENA_BYTES);
+    buf_init(&j->resp, MAX_ARENA_BYTES);
     j->mdctx = EVP_MD_CTX_new();
     j->md = EVP_MD_fetch(NULL, "SHA256", NULL);
     if (!j->mdctx || !j->md) {
@@ -195,13 +150,13 @@ void jobs_free(jobs *j)
     if (!j)
         return;
     free(j->v);
-    free(j->arena.s);
-    free(j->pub.s);
+    buf_free(&j->arena);
+    buf_free(&j->pub);
     free(j->segs);
-    free(j->ev.s);
-    free(j->tr.s);
-    free(j->ac.s);
-    free(j->resp.s);
+    buf_free(&j->ev);
+    buf_free(&j->tr);
+    buf_free(&j->ac);
+    buf_free(&j->resp);
     free(j->chans);
     free(j->subs);
     free(j->slots);
@@ -263,9 +218,10 @@ static int add_common(jobs *j, const char *tid, const char *tid_esc, const char 
                       const jobs_event *ev, const char *now, int publish)
 {
     char prio[FMT_I64_MAX], aid[FMT_I64_MAX], hdr[32];
-    sbuf *a = &j->arena, *pb = &j->pub;
+    buf *a = &j->arena, *pb = &j->pub;
     size_t arena_len = a->len, pub_len = pb->len, ev_len = j->ev.len, tr_len = j->tr.len, ac_len = j->ac.len;
     size_t total = 0;
+    char *w;
     int hlen;
     job *x;
 
@@ -305,49 +261,47 @@ static int add_common(jobs *j, const char *tid, const char *tid_esc, const char 
         for (int i = 0; i < np; i++)
             total += pieces[i].n;
         hlen = resp_head(hdr, '$', (long long)total);
-        if (sb_grow(a, (size_t)hlen + total + 2) < 0)
-            goto fail;
         x->bulk_off = a->len;
-        memcpy(a->s + a->len, hdr, (size_t)hlen);
-        a->len += (size_t)hlen;
+        if (!(w = buf_extend(a, (size_t)hlen + total + 2)))
+            goto fail;
+        memcpy(w, hdr, (size_t)hlen);
+        w += hlen;
         for (int i = 0; i < np; i++) {
-            memcpy(a->s + a->len, pieces[i].s, pieces[i].n);
-            a->len += pieces[i].n;
+            memcpy(w, pieces[i].s, pieces[i].n);
+            w += pieces[i].n;
         }
-        memcpy(a->s + a->len, "\r\n", 2);
-        a->len += 2;
-        a->s[a->len] = '\0';
+        memcpy(w, "\r\n", 2);
         x->bulk_len = a->len - x->bulk_off;
     }
     if (publish) {
         static const char nomid[] = "0000000000000000000000000000000000000000000000000000000000000000";
 
         x->tid_off = pb->len;
-        if (sb_put(pb, tid, strlen(tid) + 1) < 0)
+        if (buf_append_all(pb, tid, strlen(tid) + 1) < 0)
             goto fail;
         x->eid_off = pb->len;
-        if (sb_put(pb, ev->id, strlen(ev->id) + 1) < 0)
+        if (buf_append_all(pb, ev->id, strlen(ev->id) + 1) < 0)
             goto fail;
         x->ch_off = pb->len;
-        if (SB_LIT(pb, "rt:topic:user:") < 0 || sb_str(pb, user_esc) < 0)
+        if (PUT_LIT(pb, "rt:topic:user:") < 0 || put_str(pb, user_esc) < 0)
             goto fail;
         x->ch_len = pb->len - x->ch_off;
         x->msg_off = pb->len;
-        if (SB_LIT(pb, "{\"topic\":\"user:") < 0 || sb_str(pb, user_esc) < 0 ||
-            SB_LIT(pb, "\",\"payload\":{\"type\":\"trigger.fired\",\"trigger_id\":\"") < 0 ||
-            sb_str(pb, tid_esc) < 0 || SB_LIT(pb, "\",\"event_id\":\"") < 0 || sb_str(pb, ev->id_esc) < 0 ||
-            SB_LIT(pb, "\",\"event_type\":\"") < 0 || sb_str(pb, ev->type_esc) < 0 ||
-            SB_LIT(pb, "\",\"agent_id\":") < 0 || sb_str(pb, ev->agent) < 0 ||
-            SB_LIT(pb, "},\"from\":\"event-processor\",\"message_id\":\"") < 0 ||
-            (x->mid_off = pb->len, sb_put(pb, nomid, 64) < 0) ||
-            SB_LIT(pb, "\",\"timestamp\":\"") < 0 || sb_str(pb, now) < 0 || SB_LIT(pb, "\"}") < 0)
+        if (PUT_LIT(pb, "{\"topic\":\"user:") < 0 || put_str(pb, user_esc) < 0 ||
+            PUT_LIT(pb, "\",\"payload\":{\"type\":\"trigger.fired\",\"trigger_id\":\"") < 0 ||
+            put_str(pb, tid_esc) < 0 || PUT_LIT(pb, "\",\"event_id\":\"") < 0 || put_str(pb, ev->id_esc) < 0 ||
+            PUT_LIT(pb, "\",\"event_type\":\"") < 0 || put_str(pb, ev->type_esc) < 0 ||
+            PUT_LIT(pb, "\",\"agent_id\":") < 0 || put_str(pb, ev->agent) < 0 ||
+            PUT_LIT(pb, "},\"from\":\"event-processor\",\"message_id\":\"") < 0 ||
+            (x->mid_off = pb->len, buf_append_all(pb, nomid, 64) < 0) ||
+            PUT_LIT(pb, "\",\"timestamp\":\"") < 0 || put_str(pb, now) < 0 || PUT_LIT(pb, "\"}") < 0)
             goto fail;
         x->msg_len = pb->len - x->msg_off;
     }
-    if (j->ev.len == 0 && (sb_str(&j->ev, "{") < 0 || sb_str(&j->tr, "{") < 0 || sb_str(&j->ac, "{") < 0))
+    if (j->ev.len == 0 && (put_str(&j->ev, "{") < 0 || put_str(&j->tr, "{") < 0 || put_str(&j->ac, "{") < 0))
         goto fail;
-    if (sb_arr_elem(&j->ev, ev->id) < 0 || sb_arr_elem(&j->tr, tid) < 0 ||
-        sb_str(&j->ac, j->ac.len > 1 ? "," : "") < 0 || sb_str(&j->ac, aid) < 0)
+    if (pgarr_add(&j->ev, ev->id, 0) < 0 || pgarr_add(&j->tr, tid, 0) < 0 || j->ev.truncated || j->tr.truncated ||
+        put_str(&j->ac, j->ac.len > 1 ? "," : "") < 0 || put_str(&j->ac, aid) < 0)
         goto fail;
     if (priority > 1)
         j->nhigh++;
@@ -359,6 +313,7 @@ fail:
     j->ev.len = ev_len;
     j->tr.len = tr_len;
     j->ac.len = ac_len;
+    j->ev.truncated = j->tr.truncated = 0;
     return -1;
 }
 
@@ -373,8 +328,8 @@ int jobs_add_parts(jobs *j, const char *trigger_id, const char *trigger_name, co
                    const char *action_type, int priority, const char *config_json, const jobs_event *ev,
                    const char *now, int publish)
 {
-    char *tid = tindex_json_escape(trigger_id), *name = tindex_json_escape(trigger_name);
-    char *user = tindex_json_escape(user_id), *type = tindex_json_escape(action_type);
+    char *tid = jsonstr_dup(trigger_id), *name = jsonstr_dup(trigger_name);
+    char *user = jsonstr_dup(user_id), *type = jsonstr_dup(action_type);
     int rc = -1;
 
     if (tid && name && user && type)
@@ -390,11 +345,11 @@ int jobs_outbox_arrays(jobs *j, const char **event_ids, const char **trigger_ids
 {
     if (j->n == 0)
         return -1;
-    if (sb_str(&j->ev, "}") < 0 || sb_str(&j->tr, "}") < 0 || sb_str(&j->ac, "}") < 0)
+    if (put_str(&j->ev, "}") < 0 || put_str(&j->tr, "}") < 0 || put_str(&j->ac, "}") < 0)
         return -1;
-    *event_ids = j->ev.s;
-    *trigger_ids = j->tr.s;
-    *action_ids = j->ac.s;
+    *event_ids = j->ev.p;
+    *trigger_ids = j->tr.p;
+    *action_ids = j->ac.p;
     /* Leave the builders reusable: drop the closing braces again. */
     j->ev.len--;
     j->tr.len--;
@@ -477,11 +432,11 @@ static long build_pushes(jobs *j, const char *queue, long long numpat, size_t *m
 
         if (!x->ch_len || (!numpat && j->subs[x->chan] <= 0))
             continue;
-        digest3(j, j->pub.s + x->tid_off, j->pub.s + x->eid_off, NULL, mid);
-        memcpy(j->pub.s + x->mid_off, mid, 64);
+        digest3(j, j->pub.p + x->tid_off, j->pub.p + x->eid_off, NULL, mid);
+        memcpy(j->pub.p + x->mid_off, mid, 64);
         if (resp_array(&j->resp, 3) < 0 || resp_bulk(&j->resp, "PUBLISH", 7) < 0 ||
-            resp_bulk(&j->resp, j->pub.s + x->ch_off, x->ch_len) < 0 ||
-            resp_bulk(&j->resp, j->pub.s + x->msg_off, x->msg_len) < 0)
+            resp_bulk(&j->resp, j->pub.p + x->ch_off, x->ch_len) < 0 ||
+            resp_bulk(&j->resp, j->pub.p + x->msg_off, x->msg_len) < 0)
             return -1;
         ncmd++;
     }
@@ -511,7 +466,7 @@ static int send_segs(jobs *j, redisContext *c, char *err, size_t errlen)
             const seg *g = &j->segs[i];
             size_t off = i == k ? skip : 0;
 
-            iov[n].iov_base = (g->in_arena ? j->arena.s : j->resp.s) + g->off + off;
+            iov[n].iov_base = (g->in_arena ? j->arena.p : j->resp.p) + g->off + off;
             iov[n].iov_len = g->len - off;
         }
         w = writev(c->fd, iov, n);
@@ -552,7 +507,7 @@ static redisReply *get_reply(redisContext *c, char *err, size_t errlen)
 /* Sends what j->resp holds. */
 static int send_resp(jobs *j, redisContext *c, char *err, size_t errlen)
 {
-    if (redisAppendFormattedCommand(c, j->resp.s, j->resp.len) != REDIS_OK) {
+    if (redisAppendFormattedCommand(c, j->resp.p, j->resp.len) != REDIS_OK) {
         snprintf(err, errlen, "redis: %s", c->errstr[0] ? c->errstr : "out of memory");
         return -1;
     }
@@ -586,7 +541,7 @@ static int collect_channels(jobs *j)
 
         if (!x->ch_len)
             continue;
-        ch = j->pub.s + x->ch_off;
+        ch = j->pub.p + x->ch_off;
         h = hash_fnv1a(ch, x->ch_len) & (uint32_t)(want - 1);
         for (;; h = (h + 1) & (uint32_t)(want - 1)) {
             slot = &j->slots[h];
@@ -595,7 +550,7 @@ static int collect_channels(jobs *j)
             {
                 const job *y = &j->v[j->chans[*slot]];
 
-                if (y->ch_len == x->ch_len && !memcmp(j->pub.s + y->ch_off, ch, x->ch_len))
+                if (y->ch_len == x->ch_len && !memcmp(j->pub.p + y->ch_off, ch, x->ch_len))
                     break;
             }
         }
@@ -630,7 +585,7 @@ static int numsub_cmd(jobs *j)
     for (int i = 0; i < j->nchans; i++) {
         const job *x = &j->v[j->chans[i]];
 
-        if (resp_bulk(&j->resp, j->pub.s + x->ch_off, x->ch_len) < 0)
+        if (resp_bulk(&j->resp, j->pub.p + x->ch_off, x->ch_len) < 0)
             return -1;
     }
     return 0;

@@ -51,7 +51,8 @@ static int app_open(ep *app, char *err, size_t errlen)
     app->health_rconn = rconn_new(&app->cfg.redis, 2000);
     app->push = rconn_new(&app->cfg.redis, 5000);
     app->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    if (!app->db || !app->health || !app->health_rconn || !app->push || !m || app->wake_fd < 0) {
+    app->pgmig = app->db ? deps_pgmig_new(app->db, app->cfg.migrations_dir) : NULL;
+    if (!app->db || !app->pgmig || !app->health || !app->health_rconn || !app->push || !m || app->wake_fd < 0) {
         snprintf(err, errlen, "out of memory");
         return -1;
     }
@@ -69,7 +70,7 @@ static int app_open(ep *app, char *err, size_t errlen)
         snprintf(err, errlen, "cannot register the metrics");
         return -1;
     }
-    health_add(app->health, "postgresql", ep_db_check, app);
+    health_add(app->health, "postgresql", deps_check_pg_migrate, app->pgmig);
     health_add(app->health, "redis", deps_check_redis, app->health_rconn);
     app->health_listen = health_add(app->health, "listen", ep_listen_check, app);
     app->http = health_http_serve("event-processor", EP_VERSION, app->cfg.metrics_host, app->cfg.metrics_port,
@@ -126,6 +127,7 @@ out:
     rconn_free(app.health_rconn);
     rconn_free(app.push);
     tindex_free(app.index);
+    deps_pgmig_free(app.pgmig);
     dbpool_free(app.db);
     if (app.wake_fd >= 0)
         close(app.wake_fd);

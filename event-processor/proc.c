@@ -22,12 +22,14 @@
 #include <libpq-fe.h>
 
 #include "backoff.h"
+#include "buf.h"
 #include "ep.h"
 #include "event_model.h"
 #include "evrow.h"
 #include "jobs.h"
+#include "jsonstr.h"
 #include "log.h"
-#include "migrate.h"
+#include "pgarr.h"
 #include "pusher.h"
 #include "svc.h"
 #include "tindex.h"
@@ -118,31 +120,6 @@ int ep_listen_check(void *ud)
     ep *app = ud;
 
     return atomic_load(&app->listen_ok) ? 0 : -1;
-}
-
-int ep_db_check(void *ud)
-{
-    ep *app = ud;
-    char err[512];
-    int applied = 0;
-
-    if (!atomic_load(&app->migrated)) {
-        PGconn *conn = dbpool_acquire(app->db, 2000);
-        int rc;
-
-        if (!conn)
-            return -1;
-        rc = migrate_run(conn, app->cfg.migrations_dir, &applied, err, sizeof(err));
-        dbpool_release(app->db, conn);
-        if (rc < 0) {
-            log_error("migrations failed: %s", err);
-            return -1;
-        }
-        if (applied)
-            log_event(LOG_INFO, "migrations applied", "\"count\":%d", applied);
-        atomic_store(&app->migrated, 1);
-    }
-    return dbpool_ping(app->db, 2000);
 }
 
 /* Logs an error once per distinct message, so a dependency that stays down
@@ -256,9 +233,9 @@ static int listen_drain(loop *L)
 static const char fetch_first_sql[] = FETCH_SQL("FOR UPDATE");
 static const char fetch_next_sql[] = FETCH_SQL("FOR UPDATE SKIP LOCKED");
 
-static void batch_key(char *buf, size_t len, const char *id, const char *usec)
+static void batch_key(char *out, size_t len, const char *id, const char *usec)
 {
-    snprintf(buf, len, "ep:batch:%s:%s", id, usec);
+    snprintf(out, len, "ep:batch:%s:%s", id, usec);
 }
 
 static int exec_ok(PGresult *res, ExecStatusType want, char *err, size_t errlen, PGconn *conn)
@@ -303,8 +280,8 @@ static int bev_prepare(bev *b, const evrow_cols *cols, const PGresult *res, jobs
 
     if (!b->json) {
         b->json = evrow_json(cols, res, b->row, &b->json_len);
-        b->id_esc = tindex_json_escape(cJSON_IsString(id) ? id->valuestring : "");
-        b->type_esc = tindex_json_escape(cJSON_IsString(ty) ? ty->valuestring : "");
+        b->id_esc = jsonstr_dup(cJSON_IsString(id) ? id->valuestring : "");
+        b->type_esc = jsonstr_dup(cJSON_IsString(ty) ? ty->valuestring : "");
         if (event_model_get_i64(b->ev, "agent_id", &agent) == 0)
             snprintf(b->agent, sizeof(b->agent), "%lld", (long long)agent);
         else
@@ -358,57 +335,26 @@ static void stateful_reset(loop *L)
     L->first_unloaded = 0;
 }
 
-/* Appends `s` quoted as a PostgreSQL array element. */
-static int arr_add(char **buf, size_t *len, size_t *cap, const char *s)
-{
-    size_t need = strlen(s) * 2 + 4;
-
-    if (*len + need + 2 > *cap) {
-        size_t nc = *cap ? *cap : 256;
-        char *p;
-
-        while (nc < *len + need + 2)
-            nc *= 2;
-        if (!(p = realloc(*buf, nc)))
-            return -1;
-        *buf = p;
-        *cap = nc;
-    }
-    if (*len == 0)
-        (*buf)[(*len)++] = '{';
-    else
-        (*buf)[(*len)++] = ',';
-    (*buf)[(*len)++] = '"';
-    for (; *s; s++) {
-        if (*s == '"' || *s == '\\')
-            (*buf)[(*len)++] = '\\';
-        (*buf)[(*len)++] = *s;
-    }
-    (*buf)[(*len)++] = '"';
-    (*buf)[*len] = '\0';
-    return 0;
-}
-
 /* Reads the states of the triggers cached since the last load. No row
  * lock is needed: the session lock keeps every other processor out, and a
  * state this burst changed is already cached (so never read while its
  * update is uncommitted). `conn` is in plain mode. */
 static int load_states(loop *L, PGconn *conn, char *err, size_t errlen)
 {
-    char *arr = NULL;
-    size_t len = 0, cap = 0;
+    buf arr;
     const char *p[1];
     PGresult *res;
     int rc = -1;
 
+    buf_init(&arr, (size_t)1 << 30);
+    if (buf_append(&arr, "{", 1) < 0)
+        goto oom;
     for (int i = L->first_unloaded; i < L->nstateful; i++)
-        if (arr_add(&arr, &len, &cap, L->stateful[i]->id) < 0) {
-            snprintf(err, errlen, "out of memory");
-            goto out;
-        }
-    arr[len++] = '}';
-    arr[len] = '\0';
-    p[0] = arr;
+        if (pgarr_add(&arr, L->stateful[i]->id, 0) < 0)
+            goto oom;
+    if (buf_append(&arr, "}", 1) < 0 || arr.truncated)
+        goto oom;
+    p[0] = buf_str(&arr);
     res = PQexecParams(conn, "SELECT trigger_id, state_data::text FROM trigger_state WHERE trigger_id = ANY($1::text[])",
                        1, NULL, p, NULL, NULL, 0);
     if (exec_ok(res, PGRES_TUPLES_OK, err, errlen, conn) == 0) {
@@ -424,8 +370,11 @@ static int load_states(loop *L, PGconn *conn, char *err, size_t errlen)
         rc = 0;
     }
     PQclear(res);
+    goto out;
+oom:
+    snprintf(err, errlen, "out of memory");
 out:
-    free(arr);
+    buf_free(&arr);
     return rc;
 }
 
@@ -1217,7 +1166,7 @@ void *ep_run(void *arg)
         return NULL;
     }
     while (!svc_stopping()) {
-        if (!atomic_load(&app->migrated)) {
+        if (!deps_pgmig_done(app->pgmig)) {
             svc_sleep_ms(100);
             continue;
         }

@@ -4,6 +4,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "hash.h"
+#include "jsonstr.h"
 #include "log.h"
 
 /* One hash bucket: a key ("chain|registry|*" or "chain|registry|agent")
@@ -24,41 +26,6 @@ struct tindex {
     size_t nbyid;
 };
 
-static uint64_t hash_str(const char *s)
-{
-    uint64_t h = 1469598103934665603ULL;
-
-    for (; *s; s++) {
-        h ^= (unsigned char)*s;
-        h *= 1099511628211ULL;
-    }
-    return h;
-}
-
-char *tindex_json_escape(const char *s)
-{
-    size_t n = 0, j = 0;
-    char *out;
-
-    for (const unsigned char *p = (const unsigned char *)s; *p; p++)
-        n += (*p == '"' || *p == '\\') ? 2 : (*p < 0x20 ? 6 : 1);
-    if (!(out = malloc(n + 1)))
-        return NULL;
-    for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
-        if (*p == '"' || *p == '\\') {
-            out[j++] = '\\';
-            out[j++] = (char)*p;
-        } else if (*p < 0x20) {
-            snprintf(out + j, 7, "\\u%04x", *p);
-            j += 6;
-        } else {
-            out[j++] = (char)*p;
-        }
-    }
-    out[j] = '\0';
-    return out;
-}
-
 static void key_of(char *buf, size_t len, int64_t chain, const char *registry, int has_agent, int64_t agent)
 {
     if (has_agent)
@@ -69,7 +36,7 @@ static void key_of(char *buf, size_t len, int64_t chain, const char *registry, i
 
 static slot *slot_find(const tindex *ix, const char *key, int create)
 {
-    size_t i = hash_str(key) & (ix->nslots - 1);
+    size_t i = hash_fnv1a_str(key) & (ix->nslots - 1);
 
     for (;;) {
         slot *s = &ix->slots[i];
@@ -157,9 +124,9 @@ static int load_one(tindex_trigger *t, PGresult *res, int r)
     t->name = strdup(PQgetvalue(res, r, 2));
     if (!conds || !acts || !t->id || !t->user_id || !t->name)
         goto out;
-    t->id_esc = tindex_json_escape(t->id);
-    t->user_esc = tindex_json_escape(t->user_id);
-    t->name_esc = tindex_json_escape(t->name);
+    t->id_esc = jsonstr_dup(t->id);
+    t->user_esc = jsonstr_dup(t->user_id);
+    t->name_esc = jsonstr_dup(t->name);
     t->m = trigger_model_matcher_new(conds, t->id);
     if (!t->id_esc || !t->user_esc || !t->name_esc || !t->m)
         goto out;
@@ -249,7 +216,7 @@ tindex *tindex_load(PGconn *conn, char *err, size_t errlen)
             ix->n++;
             goto oom;
         }
-        h = hash_str(t->id) & (ix->nbyid - 1);
+        h = hash_fnv1a_str(t->id) & (ix->nbyid - 1);
         while (ix->byid[h])
             h = (h + 1) & (ix->nbyid - 1);
         ix->byid[h] = t;
@@ -294,7 +261,7 @@ tindex_trigger *tindex_find(const tindex *ix, const char *id)
 
     if (!ix || !ix->nbyid)
         return NULL;
-    h = hash_str(id) & (ix->nbyid - 1);
+    h = hash_fnv1a_str(id) & (ix->nbyid - 1);
     while (ix->byid[h]) {
         if (!strcmp(ix->byid[h]->id, id))
             return ix->byid[h];

@@ -57,8 +57,4 @@ int tindex_candidates(const tindex *ix, int64_t chain_id, const char *registry, 
 /* Looks a trigger up by id (NULL when absent). */
 tindex_trigger *tindex_find(const tindex *ix, const char *id);
 
-/* Escapes `s` as the inside of a JSON string. Returns a malloc'd string
- * (caller frees) or NULL on OOM. */
-char *tindex_json_escape(const char *s);
-
 #endif

@@ -9,6 +9,29 @@ void buf_init(buf *b, size_t max)
     b->max = max ? max : 1024 * 1024;
 }
 
+/* Grows the capacity to hold `need` bytes and the NUL (need <= max),
+ * at least doubling it. */
+static int grow(buf *b, size_t need)
+{
+    size_t cap = b->cap ? b->cap : 256;
+    char *p;
+
+    if (need + 1 <= b->cap)
+        return 0;
+    while (cap < need + 1)
+        cap *= 2;
+    if (cap > b->max + 1)
+        cap = b->max + 1;
+    p = realloc(b->p, cap);
+    if (!p)
+        return -1;
+    if (!b->p)
+        p[0] = '\0';
+    b->p = p;
+    b->cap = cap;
+    return 0;
+}
+
 int buf_append(buf *b, const void *data, size_t n)
 {
     size_t room = b->max > b->len ? b->max - b->len : 0;
@@ -17,18 +40,8 @@ int buf_append(buf *b, const void *data, size_t n)
         b->truncated += n - room;
         n = room;
     }
-    if (b->len + n + 1 > b->cap) {
-        size_t cap = b->cap ? b->cap : 256;
-        char *p;
-
-        while (cap < b->len + n + 1)
-            cap *= 2;
-        p = realloc(b->p, cap);
-        if (!p)
-            return -1;
-        b->p = p;
-        b->cap = cap;
-    }
+    if (grow(b, b->len + n) < 0)
+        return -1;
     if (n)
         memcpy(b->p + b->len, data, n);
     b->len += n;
@@ -36,22 +49,32 @@ int buf_append(buf *b, const void *data, size_t n)
     return 0;
 }
 
+int buf_append_all_grow(buf *b, const void *data, size_t n)
+{
+    char *w = buf_extend(b, n);
+
+    if (!w)
+        return -1;
+    if (n)
+        memcpy(w, data, n);
+    return 0;
+}
+
+char *buf_extend(buf *b, size_t n)
+{
+    char *w;
+
+    if (n > b->max || b->len > b->max - n || grow(b, b->len + n) < 0)
+        return NULL;
+    w = b->p + b->len;
+    b->len += n;
+    b->p[b->len] = '\0';
+    return w;
+}
+
 int buf_reserve(buf *b, size_t n)
 {
-    char *p;
-
-    if (n > b->max)
-        n = b->max;
-    if (n + 1 <= b->cap)
-        return 0;
-    p = realloc(b->p, n + 1);
-    if (!p)
-        return -1;
-    if (!b->p)
-        p[0] = '\0';
-    b->p = p;
-    b->cap = n + 1;
-    return 0;
+    return grow(b, n > b->max ? b->max : n);
 }
 
 int buf_puts(buf *b, const char *s)

@@ -9,8 +9,9 @@
 #define AE_BUF_H
 
 #include <stddef.h>
+#include <string.h>
 
-typedef struct {
+typedef struct buf {
     char *p;          /* heap; freed by buf_free */
     size_t len, cap;
     size_t max;       /* 0 means 1 MiB */
@@ -26,6 +27,30 @@ int buf_append(buf *b, const void *data, size_t n);
 /* Appends a NUL-terminated string. */
 int buf_puts(buf *b, const char *s);
 
+/* Appends all `n` bytes or none: -1, with the buffer unchanged, on OOM or
+ * when they would pass `max` (where buf_append would drop the rest). For
+ * text that must never be cut short (job documents, array literals). The
+ * common case, room already there, is inline: it runs per field on the
+ * event-processor's hot path. */
+int buf_append_all_grow(buf *b, const void *data, size_t n);
+static inline int buf_append_all(buf *b, const void *data, size_t n)
+{
+    if (n < b->cap - b->len && b->len + n <= b->max) {
+        memcpy(b->p + b->len, data, n);
+        b->len += n;
+        b->p[b->len] = '\0';
+        return 0;
+    }
+    return buf_append_all_grow(b, data, n);
+}
+
+/* Makes room for `n` more bytes past the contents and hands them to the
+ * caller to write: the length grows by n at once (the bytes are not
+ * initialised; the NUL after them is set). Returns where they start, or
+ * NULL (buffer unchanged) on OOM or when they would pass `max`. The
+ * pointer is valid until the next change. */
+char *buf_extend(buf *b, size_t n);
+
 /* Appends `n` bytes that should be UTF-8, each ill-formed sequence (its
  * longest invalid prefix) replaced by U+FFFD, as Unicode recommends and
  * Python's "replace" does: text from peers goes into PostgreSQL text and
@@ -36,7 +61,9 @@ int buf_append_utf8(buf *b, const char *s, size_t n);
 /* Empties the buffer and keeps its memory. */
 void buf_reset(buf *b);
 /* Makes room for at least `n` bytes (and the NUL) in all, so that the
- * appends that follow do not reallocate. Returns 0 or -1 (OOM). */
+ * appends that follow do not reallocate; the capacity at least doubles
+ * when it grows, so reserving before each append stays linear. Returns 0
+ * or -1 (OOM). */
 int buf_reserve(buf *b, size_t n);
 
 /* Releases the memory and empties the buffer. */

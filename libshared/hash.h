@@ -1,12 +1,21 @@
-/* hash: FNV-1a (32 bits), the hash of the small in-process tables (the
- * breaker's hosts, the target cache, pooled connections, a push's
- * channels): fast on short keys, and not exposed to hash flooding since
- * the keys come from configuration and our own jobs. */
+/* hash: FNV-1a (32 bits), the hash of the in-process tables (the breaker's
+ * hosts, the target cache, pooled connections, a push's channels, the
+ * trigger index, metric series, rate-limit buckets): fast on short keys.
+ * It is not keyed: a table whose keys a client chooses (rate-limit keys)
+ * bounds its chains or its size itself. */
 #ifndef AE_HASH_H
 #define AE_HASH_H
 
 #include <stddef.h>
 #include <stdint.h>
+
+/* The hash of nothing: where hash_fnv1a_add starts. */
+#define HASH_FNV1A_INIT 2166136261u
+
+/* Continues hash h over n bytes at p, for a key in several pieces:
+ * hash_fnv1a_add(hash_fnv1a_add(HASH_FNV1A_INIT, a, na), b, nb) is the
+ * hash of a and b back to back. */
+uint32_t hash_fnv1a_add(uint32_t h, const void *p, size_t n);
 
 /* The hash of n bytes at p. */
 uint32_t hash_fnv1a(const void *p, size_t n);

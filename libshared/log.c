@@ -7,6 +7,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "jsonstr.h"
+
 #define LOG_LINE_MAX 8192
 
 static char log_service[64] = "ae";
@@ -56,47 +58,10 @@ int log_enabled(log_level lvl)
 
 char *log_escape(char *dst, size_t dstlen, const char *src)
 {
-    static const char hex[] = "0123456789abcdef";
-    size_t o = 0;
-
-    if (dstlen == 0)
-        return dst;
-    for (const unsigned char *s = (const unsigned char *)(src ? src : ""); *s; s++) {
-        char esc[7];
-        size_t n;
-
-        if (*s == '"' || *s == '\\') {
-            esc[0] = '\\';
-            esc[1] = (char)*s;
-            n = 2;
-        } else if (*s == '\n') {
-            memcpy(esc, "\\n", 2);
-            n = 2;
-        } else if (*s == '\t') {
-            memcpy(esc, "\\t", 2);
-            n = 2;
-        } else if (*s == '\r') {
-            memcpy(esc, "\\r", 2);
-            n = 2;
-        } else if (*s < 0x20 || *s == 0x7f) {
-            memcpy(esc, "\\u00", 4);
-            esc[4] = hex[*s >> 4];
-            esc[5] = hex[*s & 15];
-            n = 6;
-        } else {
-            esc[0] = (char)*s;
-            n = 1;
-        }
-        if (o + n >= dstlen)
-            break;
-        memcpy(dst + o, esc, n);
-        o += n;
-    }
-    dst[o] = '\0';
-    return dst;
+    return jsonstr_into(dst, dstlen, src);
 }
 
-static size_t log_timestamp(char *buf, size_t len)
+static size_t log_timestamp(char *out, size_t len)
 {
     struct timespec ts;
     struct tm tm;
@@ -104,8 +69,8 @@ static size_t log_timestamp(char *buf, size_t len)
 
     clock_gettime(CLOCK_REALTIME, &ts);
     gmtime_r(&ts.tv_sec, &tm);
-    n = strftime(buf, len, "%Y-%m-%dT%H:%M:%S", &tm);
-    n += (size_t)snprintf(buf + n, len - n, ".%03ldZ", ts.tv_nsec / 1000000);
+    n = strftime(out, len, "%Y-%m-%dT%H:%M:%S", &tm);
+    n += (size_t)snprintf(out + n, len - n, ".%03ldZ", ts.tv_nsec / 1000000);
     return n;
 }
 

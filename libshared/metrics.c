@@ -17,6 +17,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "hash.h"
+
 /* Bounds on what a caller can make the registry hold. */
 #define METRICS_MAX_BOUNDS 256
 #define METRICS_MAX_RENDER (64u << 20)
@@ -149,14 +151,10 @@ metrics *metrics_default(void)
 /* FNV-1a over name, a separator and labels. */
 static uint64_t key_hash(const char *name, const char *labels)
 {
-    uint64_t h = 1469598103934665603ull;
+    uint32_t h = hash_fnv1a_add(HASH_FNV1A_INIT, name, strlen(name));
 
-    for (const unsigned char *p = (const unsigned char *)name; *p; p++)
-        h = (h ^ *p) * 1099511628211ull;
-    h = (h ^ 0xff) * 1099511628211ull;
-    for (const unsigned char *p = (const unsigned char *)labels; *p; p++)
-        h = (h ^ *p) * 1099511628211ull;
-    return h;
+    h = hash_fnv1a_add(h, "\xff", 1);
+    return hash_fnv1a_add(h, labels, strlen(labels));
 }
 
 static int name_ok(const char *s, int allow_colon)

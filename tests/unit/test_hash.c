@@ -1,5 +1,5 @@
 /* Unit tests of libshared/hash: FNV-1a against the published test vectors
- * (www.isthe.com/chongo/tech/comp/fnv), both entry points. */
+ * (www.isthe.com/chongo/tech/comp/fnv), every entry point. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -32,11 +32,20 @@ static void test_embedded_nul(void **state)
     assert_int_equal(hash_fnv1a("a\0b", 1), hash_fnv1a_str("a"));
 }
 
+/* A key hashed in pieces is the key hashed whole. */
+static void test_pieces(void **state)
+{
+    (void)state;
+    assert_int_equal(hash_fnv1a_add(hash_fnv1a_add(HASH_FNV1A_INIT, "foo", 3), "bar", 3), 0xbf9cf968u);
+    assert_int_equal(hash_fnv1a_add(HASH_FNV1A_INIT, "", 0), hash_fnv1a_str(""));
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_vectors),
         cmocka_unit_test(test_embedded_nul),
+        cmocka_unit_test(test_pieces),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);
