@@ -21,7 +21,9 @@
 # span is deliveries only.
 #
 # Environment: BENCH_JOBS (100000 per round), BENCH_SECONDS (wrk, 5),
-# BENCH_ROUNDS (3), BINDIR (bin), WORKER_THREADS (the workers' default).
+# BENCH_ROUNDS (3), BINDIR (bin), WORKER_THREADS (the workers' default);
+# BENCH_PERF=1 records a call-graph profile of the workers' timed spans
+# (perf record, var/bench/action-workers-https/perf-N.data).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd -P)
 cd "$ROOT"
@@ -161,6 +163,12 @@ PYEOF
     aw=$!
     wait_http "http://127.0.0.1:$METRICS_PORT/healthz" 30 200 "$aw" >&2 ||
         { echo "$NAME: action-workers did not start; see $WORK/action-workers.log" >&2; return 1; }
+    local perfpid=""
+    if [[ -n ${BENCH_PERF:-} ]]; then
+        perf record -q -g -p "$aw" -o "$WORK/perf-$1.data" 2>/dev/null &
+        perfpid=$!
+        sleep 0.3
+    fi
     c0=$(cpu_ticks "$aw")
     n0=$(cpu_ticks "$NGINX")
     read -r start end < <($PY - "$REDIS_PORT" "$aw" <<'PYEOF'
@@ -179,6 +187,10 @@ PYEOF
     ) || { echo "$NAME: action-workers died; see $WORK/action-workers.log" >&2; return 1; }
     c1=$(cpu_ticks "$aw")
     n1=$(cpu_ticks "$NGINX")
+    if [[ -n $perfpid ]]; then
+        kill -INT "$perfpid"
+        wait "$perfpid" || true
+    fi
     kill -TERM "$aw"
     wait "$aw" || true
     rows=$(psql "$DBURL" -tAc "SELECT count(*) FROM action_results WHERE status = 'success'")
@@ -191,7 +203,7 @@ for ((i = 1; i <= ROUNDS; i++)); do
     bench_log "$NAME: round $i/$ROUNDS: wrk"
     w=$(wrk_round)
     bench_log "$NAME: round $i/$ROUNDS: action-workers ($JOBS jobs)"
-    a=$(aw_round)
+    a=$(aw_round "$i")
     echo "$w $a" >>"$RESULTS"
 done
 
