@@ -1,6 +1,7 @@
 #include "target.h"
 
 #include <arpa/inet.h>
+#include <ctype.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <stdio.h>
@@ -148,14 +149,33 @@ int target_addr_restricted(const struct sockaddr *sa)
     if (sa->sa_family == AF_INET6) {
         const unsigned char *a = ((const struct sockaddr_in6 *)sa)->sin6_addr.s6_addr;
         static const unsigned char mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
-        static const unsigned char zero[16] = {0};
+
+        static const struct {
+            unsigned char net[16];
+            int bits;
+        } ranges[] = {
+            /* ::/96: ::, ::1 and the IPv4-compatible ::a.b.c.d (deprecated,
+             * and some stacks still route them to the IPv4 address). */
+            {{0}, 96},
+            /* Addresses a gateway translates to an IPv4 address the check
+             * never sees: NAT64 (64:ff9b::/96, and the local-use
+             * 64:ff9b:1::/48), 6to4 (2002::/16), Teredo (2001::/32). */
+            {{0x00, 0x64, 0xff, 0x9b}, 96},
+            {{0x00, 0x64, 0xff, 0x9b, 0x00, 0x01}, 48},
+            {{0x20, 0x02}, 16},
+            {{0x20, 0x01, 0x00, 0x00}, 32},
+            {{0x20, 0x01, 0x0d, 0xb8}, 32}, /* documentation */
+            {{0xfc}, 7},                    /* unique local */
+            {{0xfe, 0x80}, 10},             /* link-local */
+            {{0xfe, 0xc0}, 10},             /* site-local (deprecated, still routed as private) */
+            {{0xff}, 8},                    /* multicast */
+        };
 
         if (!memcmp(a, mapped, 12))
             return v4_restricted(a + 12);
-        if (!memcmp(a, zero, 15))
-            return 1; /* :: and ::1 */
-        if ((a[0] & 0xfe) == 0xfc || (a[0] == 0xfe && (a[1] & 0xc0) == 0x80) || a[0] == 0xff)
-            return 1; /* unique local, link-local, multicast */
+        for (size_t i = 0; i < sizeof(ranges) / sizeof(ranges[0]); i++)
+            if (prefix_match(a, ranges[i].net, ranges[i].bits))
+                return 1;
         return 0;
     }
     return 1;
@@ -218,6 +238,22 @@ static int split_url(const char *url, target_info *out, char *err, size_t errlen
         if (n == 0 || n >= sizeof(out->host)) {
             snprintf(err, errlen, "bad host");
             goto out;
+        }
+        /* ASCII names only: with an IDN host libcurl resolves the punycode
+         * form itself, so the address pinned here would not be used (write
+         * the xn-- form instead). Nothing else than letters, digits, dots,
+         * hyphens and underscores, or an IPv6 literal, passes either. */
+        for (size_t i = 0; i < n; i++) {
+            unsigned char ch = (unsigned char)h[i];
+
+            if (ch >= 0x80) {
+                snprintf(err, errlen, "host names must be ASCII (use the xn-- form of an international name)");
+                goto out;
+            }
+            if (!isalnum(ch) && !strchr(h == host ? ".-_" : ":.", ch)) {
+                snprintf(err, errlen, "bad character in host");
+                goto out;
+            }
         }
         memcpy(out->host, h, n);
         out->host[n] = '\0';

@@ -2,8 +2,13 @@
  *
  * User-supplied URLs must not reach the platform's own network (SSRF):
  * loopback, private, carrier-grade NAT, link-local (cloud metadata),
- * multicast and reserved ranges, v4 and v6 (v4-mapped v6 is checked as v4),
- * are refused unless ALLOWED_TARGETS lists the host name, the address or a
+ * multicast and reserved ranges, v4 and v6 (v4-mapped v6 is checked as v4;
+ * IPv4-compatible ::/96, NAT64 64:ff9b::/96 and 64:ff9b:1::/48, 6to4
+ * 2002::/16, Teredo 2001::/32 and site-local fec0::/10, which a gateway may
+ * route to an address the check never sees, are refused whole), and host
+ * names that are not ASCII (libcurl would resolve their punycode form
+ * itself, bypassing the pin), are refused unless ALLOWED_TARGETS lists the
+ * host name, the address or a
  * CIDR containing it. Every resolved address must pass, and the address
  * that passed is pinned for the transfer (CURLOPT_RESOLVE), so a DNS answer
  * that changes between the check and the connect (rebinding) cannot send
