@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <curl/curl.h>
+#include <openssl/crypto.h>
 #include <openssl/x509.h>
 
 #include "aw.h"
@@ -132,6 +133,8 @@ static int app_open(aw *app, const char *allowed, char *err, size_t errlen)
     app->writer = writer_new(app);
     if (app->cfg.webhook_secret[0]) {
         app->sig = sig_key_new(app->cfg.webhook_secret, strlen(app->cfg.webhook_secret));
+        /* Only the key schedule is needed from here on. */
+        OPENSSL_cleanse(app->cfg.webhook_secret, sizeof(app->cfg.webhook_secret));
         if (!app->sig) {
             snprintf(err, errlen, "cannot prepare the WEBHOOK_SECRET key");
             return -1;

@@ -3,6 +3,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <openssl/crypto.h>
 #include <openssl/evp.h>
 
 #define BLOCK 64
@@ -31,6 +32,7 @@ sig_key *sig_key_new(const char *secret, size_t len)
     if (!k)
         return NULL;
     memset(key, 0, sizeof(key));
+    memset(pad, 0, sizeof(pad));
     k->md = EVP_MD_fetch(NULL, "SHA256", NULL);
     k->inner = EVP_MD_CTX_new();
     k->outer = EVP_MD_CTX_new();
@@ -51,12 +53,15 @@ sig_key *sig_key_new(const char *secret, size_t len)
         pad[i] = key[i] ^ 0x5c;
     if (!EVP_DigestInit_ex(k->outer, k->md, NULL) || !EVP_DigestUpdate(k->outer, pad, BLOCK))
         goto fail;
-    memset(key, 0, sizeof(key));
-    memset(pad, 0, sizeof(pad));
+    /* The key and its padded forms are wiped with OPENSSL_cleanse: a
+     * memset of a buffer that is not read again is a dead store the
+     * compiler may drop. */
+    OPENSSL_cleanse(key, sizeof(key));
+    OPENSSL_cleanse(pad, sizeof(pad));
     return k;
 fail:
-    memset(key, 0, sizeof(key));
-    memset(pad, 0, sizeof(pad));
+    OPENSSL_cleanse(key, sizeof(key));
+    OPENSSL_cleanse(pad, sizeof(pad));
     sig_key_free(k);
     return NULL;
 }
