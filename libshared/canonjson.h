@@ -1,0 +1,40 @@
+/* canonjson: canonical JSON text and its SHA-256, for hashes that a client
+ * must be able to recompute (run receipts, replay payload hashes).
+ *
+ * Canonical here means: object members sorted by key (bytewise, which for
+ * UTF-8 is code point order, what Python's sort_keys and serde's BTreeMap
+ * give), no whitespace, strings escaped minimally (", \ and control
+ * characters; \b \f \n \r \t in their short form, others as \u00XX;
+ * everything else, non-ASCII included, as UTF-8), and numbers as integers
+ * when they are integral and below 1e21 in magnitude, else in the shortest
+ * %g form that reads back to the same double. Numbers go through a double
+ * (cJSON), so integers beyond 2^53 lose precision: the hash is of what the
+ * runtime stores and answers, which is the same text. */
+#ifndef AE_CANONJSON_H
+#define AE_CANONJSON_H
+
+#include <stddef.h>
+
+#include <cjson/cJSON.h>
+
+#include "buf.h"
+
+/* Deepest nesting written; deeper values are refused. */
+#define CANONJSON_MAX_DEPTH 128
+
+/* "sha256:" + 64 hex digits + NUL. */
+#define CANONJSON_HASH_LEN 72
+
+/* Appends the canonical text of `v` to `out`. Returns 0, or -1 on OOM, when
+ * `out` hit its maximum (out->truncated) or the value nests deeper than
+ * CANONJSON_MAX_DEPTH. */
+int canonjson_append(buf *out, const cJSON *v);
+
+/* Writes "sha256:<hex>" of the canonical text of `v` into `out`. Returns 0
+ * or -1 (as canonjson_append). */
+int canonjson_sha256(const cJSON *v, char out[CANONJSON_HASH_LEN]);
+
+/* Writes "sha256:<hex>" of `len` bytes into `out`. */
+void canonjson_sha256_bytes(const void *data, size_t len, char out[CANONJSON_HASH_LEN]);
+
+#endif
