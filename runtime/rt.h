@@ -1,0 +1,114 @@
+/* rt: what the runtime's handlers share: the service context, and the
+ * request and answer of one route independent of the HTTP server that
+ * carries it (so the same handlers serve over libmicrohttpd or the
+ * libwebsockets core). */
+#ifndef RT_RT_H
+#define RT_RT_H
+
+#include <stddef.h>
+
+#include <cjson/cJSON.h>
+
+#include "dbpool.h"
+#include "health.h"
+#include "khala.h"
+#include "metrics.h"
+#include "synctoken.h"
+
+typedef struct rt_req rt_req;
+
+/* One request. Getters return NULL when absent; strings live as long as
+ * the request. */
+struct rt_req {
+    const char *(*header)(const rt_req *q, const char *name);
+    const char *(*query)(const rt_req *q, const char *name);
+    const char *(*param)(const rt_req *q, const char *name);
+    const char *body;
+    size_t body_len;
+    void *tr; /* the transport's own request */
+};
+
+/* One answer: a JSON body (owned) or raw bytes (malloc'd, owned) of a
+ * content type. An error body without request_id gets it from the
+ * transport. */
+typedef struct {
+    int status;
+    cJSON *json;
+    char *raw;
+    size_t raw_len;
+    const char *ctype;
+    char retry_after[24]; /* Retry-After seconds when set */
+} rt_resp;
+
+typedef struct {
+    char service_name[64];
+    char build_sha[64];
+    const char *write_mode; /* rust_active, shadow_only, read_only */
+    int writes_enabled;
+    long poll_min_interval_ms;
+    long poll_default_limit, poll_max_limit;
+    khala_limits limits[3];     /* by khala_class */
+    long retention_messages;    /* per topic; 0 keeps everything */
+    long heartbeat_stale_ms;
+    int enforce_origin;
+    char allowed_origins[2048]; /* ",a,b," lower case, no trailing slash */
+} rt_config;
+
+typedef struct {
+    rt_config cfg;
+    dbpool *db;
+    synctoken *tok;
+    khala_table *rate;  /* publish rate per topic */
+    khala_table *guard; /* poll interval per principal and topic */
+    health *health;
+    metrics *m;
+    long long started_ms;
+    metrics_counter *conflicts, *replays, *published, *stale_floor, *stale_budget;
+    metrics_gauge *subscribers;
+} rt;
+
+/* Handlers: each fills `a` exactly once. */
+void rt_h_healthz(rt *r, const rt_req *q, rt_resp *a);
+void rt_h_readyz(rt *r, const rt_req *q, rt_resp *a);
+
+void rt_h_run_create(rt *r, const rt_req *q, rt_resp *a);
+void rt_h_run_append(rt *r, const rt_req *q, rt_resp *a);
+void rt_h_run_get(rt *r, const rt_req *q, rt_resp *a);
+void rt_h_run_receipt(rt *r, const rt_req *q, rt_resp *a);
+void rt_h_run_replay(rt *r, const rt_req *q, rt_resp *a);
+void rt_h_run_summary(rt *r, const rt_req *q, rt_resp *a);
+void rt_h_run_checkpoint(rt *r, const rt_req *q, rt_resp *a);
+void rt_h_drift(rt *r, const rt_req *q, rt_resp *a);
+
+void rt_h_worker_register(rt *r, const rt_req *q, rt_resp *a);
+void rt_h_worker_get(rt *r, const rt_req *q, rt_resp *a);
+void rt_h_worker_heartbeat(rt *r, const rt_req *q, rt_resp *a);
+void rt_h_worker_status(rt *r, const rt_req *q, rt_resp *a);
+void rt_h_worker_checkpoint(rt *r, const rt_req *q, rt_resp *a);
+void rt_h_worker_list(rt *r, const rt_req *q, rt_resp *a);
+
+void rt_h_khala_poll(rt *r, const rt_req *q, rt_resp *a);
+
+/* The checks a Khala WebSocket passes before the upgrade (origin, token,
+ * scope, owner, after_seq). Returns 0 with the topic's after_seq in *after,
+ * or -1 with the refusal in `a` (the poll's JSON). */
+int rt_khala_ws_accept(rt *r, const rt_req *q, const char *topic, long long *after, rt_resp *a);
+
+/* --- helpers shared by the handler files (rtapi.c). */
+
+/* An error answer {"error": code, "message": message}. */
+void rt_error(rt_resp *a, int status, const char *code, const char *message);
+/* The answer for a failed database call (503 unavailable). */
+void rt_db_error(rt_resp *a, const char *err);
+/* 503 write_path_frozen when the write mode freezes writes; returns -1
+ * then, else 0. */
+int rt_writes_frozen(rt *r, rt_resp *a);
+/* Parses the body as a JSON object into *out (NULL body or empty: an
+ * empty object when allow_empty). Returns 0, or -1 with a 400 in `a`. */
+int rt_body_object(const rt_req *q, cJSON **out, int allow_empty, rt_resp *a);
+/* Nonzero when `s` is a UUID in its canonical text form. */
+int rt_is_uuid(const char *s);
+/* Counts one append of `event_type` (bounded label set). */
+void rt_count_append(rt *r, const char *event_type);
+
+#endif

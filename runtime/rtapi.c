@@ -1,0 +1,158 @@
+/* rtapi: helpers every handler file uses, and the health routes. */
+#include "rt.h"
+
+#include <ctype.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "fmt.h"
+#include "svc.h"
+
+void rt_error(rt_resp *a, int status, const char *code, const char *message)
+{
+    a->status = status;
+    a->json = cJSON_CreateObject();
+    cJSON_AddStringToObject(a->json, "error", code);
+    cJSON_AddStringToObject(a->json, "message", message);
+}
+
+void rt_db_error(rt_resp *a, const char *err)
+{
+    (void)err;
+    /* The reason stays in the log: it may name tables and values. */
+    rt_error(a, 503, "unavailable", "the database is unavailable; retry");
+}
+
+int rt_writes_frozen(rt *r, rt_resp *a)
+{
+    if (r->cfg.writes_enabled)
+        return 0;
+    rt_error(a, 503, "write_path_frozen", "");
+    cJSON_ReplaceItemInObject(a->json, "message",
+                              cJSON_CreateString(strcmp(r->cfg.write_mode, "read_only") == 0
+                                                     ? "runtime authority is read_only: writes are frozen"
+                                                     : "runtime authority is shadow_only: writes are frozen"));
+    return -1;
+}
+
+int rt_body_object(const rt_req *q, cJSON **out, int allow_empty, rt_resp *a)
+{
+    const char *end = NULL;
+    char msg[160];
+    size_t i;
+
+    *out = NULL;
+    for (i = 0; i < q->body_len && isspace((unsigned char)q->body[i]); i++)
+        ;
+    if (i == q->body_len) {
+        if (allow_empty) {
+            *out = cJSON_CreateObject();
+            return 0;
+        }
+        rt_error(a, 400, "invalid_request", "request body is empty: expected a JSON object");
+        return -1;
+    }
+    *out = cJSON_ParseWithLengthOpts(q->body, q->body_len, &end, 0);
+    if (!*out) {
+        snprintf(msg, sizeof(msg), "malformed JSON at byte %zu", end ? (size_t)(end - q->body) : (size_t)0);
+        rt_error(a, 400, "invalid_request", msg);
+        return -1;
+    }
+    if (!cJSON_IsObject(*out)) {
+        cJSON_Delete(*out);
+        *out = NULL;
+        rt_error(a, 400, "invalid_request", "request body must be a JSON object");
+        return -1;
+    }
+    return 0;
+}
+
+int rt_is_uuid(const char *s)
+{
+    int i;
+
+    if (!s || strlen(s) != 36)
+        return 0;
+    for (i = 0; i < 36; i++) {
+        if (i == 8 || i == 13 || i == 18 || i == 23) {
+            if (s[i] != '-')
+                return 0;
+        } else if (!isxdigit((unsigned char)s[i])) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* Event types are chosen by clients: the first 64 get their own series,
+ * the rest share "other", so a client cannot grow the registry. */
+#define RT_TYPES_MAX 64
+
+void rt_count_append(rt *r, const char *event_type)
+{
+    static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+    static char names[RT_TYPES_MAX][64];
+    static metrics_counter *counters[RT_TYPES_MAX];
+    static metrics_counter *other;
+    static int n;
+    metrics_counter *c = NULL;
+    char labels[160], esc[128];
+    int i;
+
+    pthread_mutex_lock(&mu);
+    for (i = 0; i < n; i++)
+        if (strcmp(names[i], event_type) == 0) {
+            c = counters[i];
+            break;
+        }
+    if (!c && n < RT_TYPES_MAX && strlen(event_type) < sizeof(names[0])) {
+        snprintf(labels, sizeof(labels), "event_type=\"%s\"", metrics_escape_label(esc, sizeof(esc), event_type));
+        c = metrics_counter_get(r->m, "runtime_appends_total", "Events appended to run logs, by event type.", labels);
+        if (c) {
+            fmt_copy(names[n], sizeof(names[0]), event_type);
+            counters[n++] = c;
+        }
+    }
+    if (!c) {
+        if (!other)
+            other = metrics_counter_get(r->m, "runtime_appends_total", "Events appended to run logs, by event type.",
+                                        "event_type=\"other\"");
+        c = other;
+    }
+    pthread_mutex_unlock(&mu);
+    metrics_counter_inc(c);
+}
+
+void rt_h_healthz(rt *r, const rt_req *q, rt_resp *a)
+{
+    (void)q;
+    a->status = 200;
+    a->json = cJSON_CreateObject();
+    cJSON_AddStringToObject(a->json, "status", "ok");
+    cJSON_AddStringToObject(a->json, "service", r->cfg.service_name);
+    cJSON_AddStringToObject(a->json, "build_sha", r->cfg.build_sha);
+    cJSON_AddNumberToObject(a->json, "uptime_seconds", (double)((svc_now_ms() - r->started_ms) / 1000));
+    cJSON_AddStringToObject(a->json, "authority_write_mode", r->cfg.write_mode);
+    cJSON_AddBoolToObject(a->json, "authority_writer_active", r->cfg.writes_enabled);
+    cJSON_AddStringToObject(a->json, "fanout_driver", "postgres");
+    cJSON_AddBoolToObject(a->json, "db_configured", 1);
+}
+
+void rt_h_readyz(rt *r, const rt_req *q, rt_resp *a)
+{
+    int ok = health_ok(r->health);
+
+    (void)q;
+    a->status = ok ? 200 : 503;
+    a->json = cJSON_CreateObject();
+    cJSON_AddStringToObject(a->json, "status", ok ? "ready" : "not_ready");
+    /* Every part of the authority lives in PostgreSQL: each is ready when
+     * the database answers. */
+    cJSON_AddBoolToObject(a->json, "authority_ready", ok);
+    cJSON_AddBoolToObject(a->json, "projector_ready", ok);
+    cJSON_AddBoolToObject(a->json, "workers_ready", ok);
+    cJSON_AddBoolToObject(a->json, "authority_writer_active", r->cfg.writes_enabled);
+    cJSON_AddStringToObject(a->json, "fanout_driver", "postgres");
+    cJSON_AddStringToObject(a->json, "database", ok ? "connected" : "disconnected");
+}

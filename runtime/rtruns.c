@@ -1,0 +1,576 @@
+/* rtruns: runs, their event log, receipts, replay and the run projections
+ * (SPEC 6). The append itself is one call of runtime.append_run_event
+ * (database/migrations/0014_runtime.sql): one round trip, one transaction. */
+#include "rt.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <openssl/rand.h>
+
+#include "buf.h"
+#include "canonjson.h"
+#include "fmt.h"
+#include "log.h"
+#include "svc.h"
+
+#define RT_ACQUIRE_MS 5000
+
+static const char RUN_SQL[] =
+    "SELECT id::text, worker_id, status, metadata::text, runtime.ts(created_at), runtime.ts(updated_at), last_seq "
+    "FROM runtime.runs WHERE id = $1";
+static const char EVENTS_SQL[] =
+    "SELECT seq, event_type, payload::text, idempotency_key, runtime.ts(recorded_at) "
+    "FROM runtime.run_events WHERE run_id = $1 ORDER BY seq";
+
+static cJSON *text_or_null(const PGresult *res, int row, int col)
+{
+    return PQgetisnull(res, row, col) ? cJSON_CreateNull() : cJSON_CreateString(PQgetvalue(res, row, col));
+}
+
+static cJSON *raw_or_null(const PGresult *res, int row, int col)
+{
+    return PQgetisnull(res, row, col) ? cJSON_CreateNull() : cJSON_CreateRaw(PQgetvalue(res, row, col));
+}
+
+/* The RUN object of SPEC 6, with its events unless `with_events` is 0.
+ * Returns NULL with *found 0 for an unknown run, or NULL with *found 1
+ * and err set on a database failure. Caller frees with cJSON_Delete. */
+static cJSON *run_load(PGconn *c, const char *id, int with_events, int *found, char *err, size_t errlen)
+{
+    const char *p[1] = {id};
+    PGresult *res = dbpool_exec(c, RUN_SQL, 1, p, err, errlen), *ev = NULL;
+    cJSON *run = NULL, *events;
+    int i;
+
+    *found = 1;
+    if (!res)
+        return NULL;
+    if (PQntuples(res) == 0) {
+        *found = 0;
+        PQclear(res);
+        return NULL;
+    }
+    if (with_events && !(ev = dbpool_exec(c, EVENTS_SQL, 1, p, err, errlen))) {
+        PQclear(res);
+        return NULL;
+    }
+    run = cJSON_CreateObject();
+    cJSON_AddStringToObject(run, "id", PQgetvalue(res, 0, 0));
+    cJSON_AddItemToObject(run, "worker_id", text_or_null(res, 0, 1));
+    cJSON_AddStringToObject(run, "status", PQgetvalue(res, 0, 2));
+    cJSON_AddItemToObject(run, "metadata", raw_or_null(res, 0, 3));
+    if (ev) {
+        events = cJSON_AddArrayToObject(run, "events");
+        for (i = 0; i < PQntuples(ev); i++) {
+            cJSON *e = cJSON_CreateObject();
+            cJSON_AddNumberToObject(e, "seq", (double)strtoll(PQgetvalue(ev, i, 0), NULL, 10));
+            cJSON_AddStringToObject(e, "event_type", PQgetvalue(ev, i, 1));
+            cJSON_AddItemToObject(e, "payload", cJSON_CreateRaw(PQgetvalue(ev, i, 2)));
+            cJSON_AddItemToObject(e, "idempotency_key", text_or_null(ev, i, 3));
+            cJSON_AddStringToObject(e, "recorded_at", PQgetvalue(ev, i, 4));
+            cJSON_AddItemToArray(events, e);
+        }
+    } else {
+        cJSON_AddNumberToObject(run, "last_seq", (double)strtoll(PQgetvalue(res, 0, 6), NULL, 10));
+    }
+    cJSON_AddStringToObject(run, "created_at", PQgetvalue(res, 0, 4));
+    cJSON_AddStringToObject(run, "updated_at", PQgetvalue(res, 0, 5));
+    PQclear(res);
+    PQclear(ev);
+    return run;
+}
+
+/* Answers {"run": RUN} (status `status`) for run `id` on connection c. */
+static void answer_run(rt_resp *a, PGconn *c, const char *id, int status, int with_events)
+{
+    char err[512];
+    int found;
+    cJSON *run = run_load(c, id, with_events, &found, err, sizeof(err));
+
+    if (!run) {
+        if (found) {
+            log_warn("runtime: loading run %s failed: %s", id, err);
+            rt_db_error(a, err);
+        } else {
+            rt_error(a, 404, "not_found", "run not found");
+        }
+        return;
+    }
+    a->status = status;
+    a->json = cJSON_CreateObject();
+    cJSON_AddItemToObject(a->json, "run", run);
+}
+
+static PGconn *acquire(rt *r, rt_resp *a)
+{
+    char err[256];
+    PGconn *c = dbpool_acquire(r->db, RT_ACQUIRE_MS);
+
+    if (!c)
+        rt_db_error(a, dbpool_errstr(r->db, err, sizeof(err)));
+    return c;
+}
+
+static int run_id_param(const rt_req *q, rt_resp *a, const char **id)
+{
+    *id = q->param(q, "id");
+    if (!rt_is_uuid(*id)) {
+        rt_error(a, 400, "invalid_request", "run id must be a UUID");
+        return -1;
+    }
+    return 0;
+}
+
+static void new_uuid(char out[37])
+{
+    unsigned char b[16];
+    static const char hex[] = "0123456789abcdef";
+    int i, j = 0;
+
+    if (RAND_bytes(b, sizeof(b)) != 1) {
+        /* RAND_bytes fails only without an entropy source; a clock-based id
+         * is still unique per process in practice and never reused. */
+        long long t = svc_now_ms();
+        for (i = 0; i < 16; i++)
+            b[i] = (unsigned char)(t >> (i % 8 * 8)) ^ (unsigned char)(i * 37);
+    }
+    b[6] = (unsigned char)((b[6] & 0x0f) | 0x40);
+    b[8] = (unsigned char)((b[8] & 0x3f) | 0x80);
+    for (i = 0; i < 16; i++) {
+        if (i == 4 || i == 6 || i == 8 || i == 10)
+            out[j++] = '-';
+        out[j++] = hex[b[i] >> 4];
+        out[j++] = hex[b[i] & 15];
+    }
+    out[j] = '\0';
+}
+
+static void retention_text(rt *r, char out[FMT_I64_MAX])
+{
+    fmt_i64(out, r->cfg.retention_messages);
+}
+
+void rt_h_run_create(rt *r, const rt_req *q, rt_resp *a)
+{
+    cJSON *body = NULL, *worker, *meta;
+    char id[37], keep[FMT_I64_MAX], err[512];
+    char *meta_text = NULL;
+    const char *p[4];
+    PGconn *c = NULL;
+    PGresult *res;
+
+    if (rt_writes_frozen(r, a) < 0 || rt_body_object(q, &body, 1, a) < 0)
+        return;
+    worker = cJSON_GetObjectItemCaseSensitive(body, "worker_id");
+    meta = cJSON_GetObjectItemCaseSensitive(body, "metadata");
+    if (worker && !cJSON_IsNull(worker) && !cJSON_IsString(worker)) {
+        rt_error(a, 400, "invalid_request", "worker_id must be a string");
+        goto out;
+    }
+    if (meta && !cJSON_IsNull(meta) && !(meta_text = cJSON_PrintUnformatted(meta))) {
+        rt_error(a, 500, "internal", "out of memory");
+        goto out;
+    }
+    if (!(c = acquire(r, a)))
+        goto out;
+    new_uuid(id);
+    retention_text(r, keep);
+    p[0] = id;
+    p[1] = cJSON_IsString(worker) ? worker->valuestring : NULL;
+    p[2] = meta_text;
+    p[3] = keep;
+    res = dbpool_exec(c, "SELECT runtime.create_run($1, $2, $3::jsonb, $4)", 4, p, err, sizeof(err));
+    if (!res) {
+        log_warn("runtime: creating a run failed: %s", err);
+        rt_db_error(a, err);
+        goto out;
+    }
+    PQclear(res);
+    rt_count_append(r, "run.started");
+    metrics_counter_inc(r->published);
+    answer_run(a, c, id, 201, 1);
+out:
+    dbpool_release(r->db, c);
+    free(meta_text);
+    cJSON_Delete(body);
+}
+
+/* Prefer: return=minimal (RFC 7240) answers the run without its events:
+ * the full answer grows with the log, which a client appending thousands
+ * of events to one run may not want back each time. */
+static int wants_minimal(const rt_req *q)
+{
+    const char *v = q->header(q, "Prefer");
+
+    return v && strstr(v, "return=minimal") != NULL;
+}
+
+static int check_publish(rt *r, const char *topic, size_t payload_bytes, rt_resp *a)
+{
+    khala_class cls = khala_topic_class(topic);
+    const khala_limits *l = &r->cfg.limits[cls];
+    long retry = 0;
+
+    if ((long)payload_bytes > l->max_payload_bytes) {
+        rt_error(a, 413, "payload_too_large", "khala frame payload exceeds configured limit");
+        cJSON_AddStringToObject(a->json, "reason_code", "khala_frame_payload_too_large");
+        cJSON_AddStringToObject(a->json, "topic", topic);
+        cJSON_AddStringToObject(a->json, "topic_class", khala_class_name(cls));
+        cJSON_AddNumberToObject(a->json, "payload_bytes", (double)payload_bytes);
+        cJSON_AddNumberToObject(a->json, "max_payload_bytes", (double)l->max_payload_bytes);
+        return -1;
+    }
+    if (khala_rate_take(r->rate, topic, l->publish_per_second, svc_now_ms(), &retry) < 0) {
+        rt_error(a, 429, "rate_limited", "khala publish rate limit exceeded");
+        cJSON_AddStringToObject(a->json, "reason_code", "khala_publish_rate_limited");
+        cJSON_AddNumberToObject(a->json, "retry_after_ms", (double)retry);
+        cJSON_AddStringToObject(a->json, "topic", topic);
+        cJSON_AddStringToObject(a->json, "topic_class", khala_class_name(cls));
+        cJSON_AddNumberToObject(a->json, "max_publish_per_second", (double)l->publish_per_second);
+        snprintf(a->retry_after, sizeof(a->retry_after), "1");
+        return -1;
+    }
+    return 0;
+}
+
+void rt_h_run_append(rt *r, const rt_req *q, rt_resp *a)
+{
+    cJSON *body = NULL, *type, *payload, *key, *expected;
+    char *payload_text = NULL, topic[64], keep[FMT_I64_MAX], exp_text[FMT_I64_MAX], err[512];
+    const char *id, *p[6], *outcome;
+    PGconn *c = NULL;
+    PGresult *res = NULL;
+
+    if (rt_writes_frozen(r, a) < 0 || run_id_param(q, a, &id) < 0 || rt_body_object(q, &body, 0, a) < 0)
+        return;
+    type = cJSON_GetObjectItemCaseSensitive(body, "event_type");
+    payload = cJSON_GetObjectItemCaseSensitive(body, "payload");
+    key = cJSON_GetObjectItemCaseSensitive(body, "idempotency_key");
+    expected = cJSON_GetObjectItemCaseSensitive(body, "expected_previous_seq");
+    if (!cJSON_IsString(type) || !type->valuestring[0] || strlen(type->valuestring) > 256) {
+        rt_error(a, 400, "invalid_request", "event_type must be a non-empty string (at most 256 bytes)");
+        goto out;
+    }
+    if (key && !cJSON_IsNull(key) && (!cJSON_IsString(key) || strlen(key->valuestring) > 512)) {
+        rt_error(a, 400, "invalid_request", "idempotency_key must be a string (at most 512 bytes)");
+        goto out;
+    }
+    if (expected && !cJSON_IsNull(expected) &&
+        (!cJSON_IsNumber(expected) || expected->valuedouble < 0 || expected->valuedouble > 9e15 ||
+         expected->valuedouble != (double)(long long)expected->valuedouble)) {
+        rt_error(a, 400, "invalid_request", "expected_previous_seq must be a non-negative integer");
+        goto out;
+    }
+    if (strcmp(type->valuestring, "run.finished") == 0 &&
+        !cJSON_IsString(cJSON_GetObjectItemCaseSensitive(payload, "status"))) {
+        rt_error(a, 400, "invalid_request", "run.finished requires payload.status");
+        goto out;
+    }
+    payload_text = payload && !cJSON_IsNull(payload) ? cJSON_PrintUnformatted(payload) : strdup("{}");
+    if (!payload_text) {
+        rt_error(a, 500, "internal", "out of memory");
+        goto out;
+    }
+    snprintf(topic, sizeof(topic), "run:%s:events", id);
+    if (check_publish(r, topic, strlen(payload_text), a) < 0)
+        goto out;
+    if (!(c = acquire(r, a)))
+        goto out;
+    retention_text(r, keep);
+    if (cJSON_IsNumber(expected))
+        fmt_i64(exp_text, (long long)expected->valuedouble);
+    p[0] = id;
+    p[1] = type->valuestring;
+    p[2] = payload_text;
+    p[3] = cJSON_IsString(key) ? key->valuestring : NULL;
+    p[4] = cJSON_IsNumber(expected) ? exp_text : NULL;
+    p[5] = keep;
+    res = dbpool_exec(c, "SELECT outcome, seq, status, message FROM runtime.append_run_event($1, $2, $3::jsonb, $4, $5, $6)",
+                      6, p, err, sizeof(err));
+    if (!res || PQntuples(res) != 1) {
+        log_warn("runtime: append to run %s failed: %s", id, res ? "no outcome" : err);
+        rt_db_error(a, err);
+        goto out;
+    }
+    outcome = PQgetvalue(res, 0, 0);
+    if (strcmp(outcome, "appended") == 0) {
+        rt_count_append(r, type->valuestring);
+        metrics_counter_inc(r->published);
+        answer_run(a, c, id, 200, !wants_minimal(q));
+    } else if (strcmp(outcome, "replayed") == 0) {
+        metrics_counter_inc(r->replays);
+        answer_run(a, c, id, 200, !wants_minimal(q));
+    } else if (strcmp(outcome, "not_found") == 0) {
+        rt_error(a, 404, "not_found", "run not found");
+    } else if (strcmp(outcome, "conflict") == 0) {
+        metrics_counter_inc(r->conflicts);
+        rt_error(a, 409, "conflict", PQgetvalue(res, 0, 3));
+    } else {
+        rt_error(a, 400, "invalid_request", PQgetvalue(res, 0, 3));
+    }
+out:
+    PQclear(res);
+    dbpool_release(r->db, c);
+    free(payload_text);
+    cJSON_Delete(body);
+}
+
+void rt_h_run_get(rt *r, const rt_req *q, rt_resp *a)
+{
+    const char *id;
+    PGconn *c;
+
+    if (run_id_param(q, a, &id) < 0 || !(c = acquire(r, a)))
+        return;
+    answer_run(a, c, id, 200, 1);
+    dbpool_release(r->db, c);
+}
+
+/* The run's events as cJSON for hashing: payloads parsed (jsonb text is
+ * valid JSON), idempotency keys null or text. */
+static cJSON *canonical_events(const cJSON *run)
+{
+    const cJSON *e;
+    cJSON *out = cJSON_CreateArray();
+
+    cJSON_ArrayForEach(e, cJSON_GetObjectItemCaseSensitive(run, "events")) {
+        cJSON *x = cJSON_CreateObject();
+        const cJSON *pl = cJSON_GetObjectItemCaseSensitive(e, "payload");
+        cJSON_AddNumberToObject(x, "seq", cJSON_GetObjectItemCaseSensitive(e, "seq")->valuedouble);
+        cJSON_AddStringToObject(x, "event_type", cJSON_GetObjectItemCaseSensitive(e, "event_type")->valuestring);
+        cJSON_AddItemToObject(x, "payload", cJSON_Parse(pl->valuestring));
+        cJSON_AddItemToObject(x, "idempotency_key",
+                              cJSON_Duplicate(cJSON_GetObjectItemCaseSensitive(e, "idempotency_key"), 1));
+        cJSON_AddStringToObject(x, "recorded_at", cJSON_GetObjectItemCaseSensitive(e, "recorded_at")->valuestring);
+        cJSON_AddItemToArray(out, x);
+    }
+    return out;
+}
+
+static const char *policy_bundle(const cJSON *run, cJSON **parsed)
+{
+    const cJSON *meta = cJSON_GetObjectItemCaseSensitive(run, "metadata");
+    const cJSON *pb;
+
+    *parsed = cJSON_IsRaw(meta) ? cJSON_Parse(meta->valuestring) : NULL;
+    pb = cJSON_GetObjectItemCaseSensitive(*parsed, "policy_bundle_id");
+    return cJSON_IsString(pb) && pb->valuestring[0] ? pb->valuestring : "runtime.default";
+}
+
+/* Loads the run with its events for the receipt and replay routes. */
+static cJSON *load_full(rt *r, const rt_req *q, rt_resp *a, const char **id)
+{
+    PGconn *c;
+    cJSON *run;
+    char err[512];
+    int found;
+
+    if (run_id_param(q, a, id) < 0 || !(c = acquire(r, a)))
+        return NULL;
+    run = run_load(c, *id, 1, &found, err, sizeof(err));
+    dbpool_release(r->db, c);
+    if (!run) {
+        if (found)
+            rt_db_error(a, err);
+        else
+            rt_error(a, 404, "not_found", "run not found");
+    }
+    return run;
+}
+
+void rt_h_run_receipt(rt *r, const rt_req *q, rt_resp *a)
+{
+    const char *id;
+    cJSON *run = load_full(r, q, a, &id), *events, *meta = NULL, *rc;
+    const cJSON *list, *first, *last;
+    char hash[CANONJSON_HASH_LEN];
+
+    if (!run)
+        return;
+    events = canonical_events(run);
+    list = cJSON_GetObjectItemCaseSensitive(run, "events");
+    first = cJSON_GetArrayItem(list, 0);
+    last = cJSON_GetArrayItem(list, cJSON_GetArraySize(list) - 1);
+    if (canonjson_sha256(events, hash) < 0) {
+        rt_error(a, 500, "internal", "the run's events could not be hashed");
+        goto out;
+    }
+    a->status = 200;
+    rc = a->json = cJSON_CreateObject();
+    cJSON_AddStringToObject(rc, "schema", "openagents.receipt.v1");
+    cJSON_AddStringToObject(rc, "session_id", id);
+    cJSON_AddStringToObject(rc, "trajectory_hash", hash);
+    cJSON_AddStringToObject(rc, "policy_bundle_id", policy_bundle(run, &meta));
+    cJSON_AddStringToObject(rc, "created_at", cJSON_GetObjectItemCaseSensitive(run, "created_at")->valuestring);
+    cJSON_AddNumberToObject(rc, "event_count", cJSON_GetArraySize(list));
+    cJSON_AddNumberToObject(rc, "first_seq", first ? cJSON_GetObjectItemCaseSensitive(first, "seq")->valuedouble : 0);
+    cJSON_AddNumberToObject(rc, "last_seq", last ? cJSON_GetObjectItemCaseSensitive(last, "seq")->valuedouble : 0);
+    cJSON_AddArrayToObject(rc, "tool_calls");
+    cJSON_AddArrayToObject(rc, "verification");
+out:
+    cJSON_Delete(meta);
+    cJSON_Delete(events);
+    cJSON_Delete(run);
+}
+
+static int ndjson_line(buf *out, cJSON *line)
+{
+    char *s = cJSON_PrintUnformatted(line);
+    int rc = s && buf_puts(out, s) == 0 && buf_append(out, "\n", 1) == 0 ? 0 : -1;
+
+    free(s);
+    cJSON_Delete(line);
+    return rc;
+}
+
+void rt_h_run_replay(rt *r, const rt_req *q, rt_resp *a)
+{
+    const char *id, *status, *end_status, *created;
+    cJSON *run = load_full(r, q, a, &id), *meta = NULL, *line, *e, *parsed;
+    const char *policy, *end_ts;
+    char hash[CANONJSON_HASH_LEN];
+    buf out;
+    int bad = 0;
+
+    if (!run)
+        return;
+    buf_init(&out, (size_t)512 * 1024 * 1024);
+    policy = policy_bundle(run, &meta);
+    created = cJSON_GetObjectItemCaseSensitive(run, "created_at")->valuestring;
+    end_ts = cJSON_GetObjectItemCaseSensitive(run, "updated_at")->valuestring;
+    line = cJSON_CreateObject();
+    cJSON_AddStringToObject(line, "type", "ReplayHeader");
+    cJSON_AddNumberToObject(line, "replay_version", 1);
+    cJSON_AddStringToObject(line, "producer", "openagents-runtime");
+    cJSON_AddStringToObject(line, "created_at", created);
+    bad |= ndjson_line(&out, line);
+    line = cJSON_CreateObject();
+    cJSON_AddStringToObject(line, "type", "SessionStart");
+    cJSON_AddStringToObject(line, "ts", created);
+    cJSON_AddStringToObject(line, "session_id", id);
+    cJSON_AddStringToObject(line, "policy_bundle_id", policy);
+    bad |= ndjson_line(&out, line);
+    cJSON_ArrayForEach(e, cJSON_GetObjectItemCaseSensitive(run, "events")) {
+        parsed = cJSON_Parse(cJSON_GetObjectItemCaseSensitive(e, "payload")->valuestring);
+        if (canonjson_sha256(parsed, hash) < 0)
+            bad = 1;
+        line = cJSON_CreateObject();
+        cJSON_AddStringToObject(line, "type", "RuntimeEvent");
+        cJSON_AddStringToObject(line, "ts", cJSON_GetObjectItemCaseSensitive(e, "recorded_at")->valuestring);
+        cJSON_AddStringToObject(line, "session_id", id);
+        cJSON_AddNumberToObject(line, "seq", cJSON_GetObjectItemCaseSensitive(e, "seq")->valuedouble);
+        cJSON_AddStringToObject(line, "runtime_event_type",
+                                cJSON_GetObjectItemCaseSensitive(e, "event_type")->valuestring);
+        cJSON_AddStringToObject(line, "payload_hash", hash);
+        cJSON_AddItemToObject(line, "payload", parsed);
+        cJSON_AddItemToObject(line, "idempotency_key",
+                              cJSON_Duplicate(cJSON_GetObjectItemCaseSensitive(e, "idempotency_key"), 1));
+        bad |= ndjson_line(&out, line);
+        end_ts = cJSON_GetObjectItemCaseSensitive(e, "recorded_at")->valuestring;
+    }
+    status = cJSON_GetObjectItemCaseSensitive(run, "status")->valuestring;
+    end_status = strcmp(status, "failed") == 0 ? "failure" : strcmp(status, "canceled") == 0 ? "cancelled" : "success";
+    line = cJSON_CreateObject();
+    cJSON_AddStringToObject(line, "type", "SessionEnd");
+    cJSON_AddStringToObject(line, "ts", end_ts);
+    cJSON_AddStringToObject(line, "session_id", id);
+    cJSON_AddStringToObject(line, "status", end_status);
+    cJSON_AddNumberToObject(line, "confidence", strcmp(status, "succeeded") == 0 ? 1.0 : 0.0);
+    cJSON_AddNumberToObject(line, "total_tool_calls", 0);
+    bad |= ndjson_line(&out, line);
+    if (bad) {
+        rt_error(a, 500, "internal", "the replay could not be rendered");
+        buf_free(&out);
+    } else {
+        a->status = 200;
+        a->ctype = "application/x-ndjson";
+        a->raw_len = out.len;
+        a->raw = buf_take(&out);
+    }
+    cJSON_Delete(meta);
+    cJSON_Delete(run);
+}
+
+/* One-row projection queries answered as {name: {...}} or 404. */
+static void answer_row(rt *r, rt_resp *a, const char *sql, const char *arg, const char *name, const char *missing)
+{
+    char err[512];
+    const char *p[1] = {arg};
+    PGconn *c = acquire(r, a);
+    PGresult *res;
+
+    if (!c)
+        return;
+    res = dbpool_exec(c, sql, 1, p, err, sizeof(err));
+    dbpool_release(r->db, c);
+    if (!res) {
+        rt_db_error(a, err);
+        return;
+    }
+    if (PQntuples(res) == 0) {
+        rt_error(a, 404, "not_found", missing);
+    } else {
+        a->status = 200;
+        a->json = cJSON_CreateObject();
+        cJSON_AddItemToObject(a->json, name, cJSON_Parse(PQgetvalue(res, 0, 0)));
+    }
+    PQclear(res);
+}
+
+void rt_h_run_summary(rt *r, const rt_req *q, rt_resp *a)
+{
+    const char *id;
+
+    if (run_id_param(q, a, &id) < 0)
+        return;
+    answer_row(r, a,
+               "SELECT json_build_object('run_id', run_id, 'status', status, 'last_seq', last_seq, 'event_count', "
+               "event_count, 'projection_hash', projection_hash, 'updated_at', runtime.ts(updated_at)) "
+               "FROM runtime.run_summaries WHERE run_id = $1",
+               id, "summary", "run summary not found");
+}
+
+static const char CHECKPOINT_SQL[] =
+    "SELECT json_build_object('topic', topic, 'last_seq', last_seq, 'last_event_type', last_event_type, "
+    "'updated_at', runtime.ts(updated_at)) FROM runtime.projection_checkpoints WHERE topic = $1";
+
+void rt_h_run_checkpoint(rt *r, const rt_req *q, rt_resp *a)
+{
+    const char *id;
+    char topic[64];
+
+    if (run_id_param(q, a, &id) < 0)
+        return;
+    snprintf(topic, sizeof(topic), "run:%s:events", id);
+    answer_row(r, a, CHECKPOINT_SQL, topic, "checkpoint", "checkpoint not found");
+}
+
+void rt_h_worker_checkpoint(rt *r, const rt_req *q, rt_resp *a)
+{
+    const char *id = q->param(q, "id");
+    char topic[600];
+
+    if (!id || strlen(id) > 512) {
+        rt_error(a, 400, "invalid_request", "worker id is required (at most 512 bytes)");
+        return;
+    }
+    snprintf(topic, sizeof(topic), "worker:%s:lifecycle", id);
+    answer_row(r, a, CHECKPOINT_SQL, topic, "checkpoint", "checkpoint not found");
+}
+
+void rt_h_drift(rt *r, const rt_req *q, rt_resp *a)
+{
+    const char *topic = q->query(q, "topic");
+
+    if (!topic || !*topic || strlen(topic) > 600) {
+        rt_error(a, 400, "invalid_request", "topic is required");
+        return;
+    }
+    answer_row(r, a,
+               "SELECT json_build_object('topic', topic, 'expected_next_seq', expected_next_seq, 'last_seen_seq', "
+               "last_seen_seq, 'incoming_seq', incoming_seq, 'reason', reason, 'detected_at', runtime.ts(detected_at)) "
+               "FROM runtime.projection_drift WHERE topic = $1",
+               topic, "drift", "no drift for this topic");
+}

@@ -1,0 +1,22 @@
+/* rtserve: the server that carries the runtime's routes (rtroutes) and
+ * its Khala WebSocket route. */
+#ifndef RT_RTSERVE_H
+#define RT_RTSERVE_H
+
+#include <stddef.h>
+
+#include "rt.h"
+
+typedef struct rtserve rtserve;
+
+/* Creates the server for `r` (borrowed; must outlive it) on host:port with
+ * `threads` handler threads (handlers block on the database). NULL with
+ * err on failure. Free with rtserve_free. */
+rtserve *rtserve_new(rt *r, const char *host, int port, int threads, char *err, size_t errlen);
+int rtserve_start(rtserve *s, char *err, size_t errlen);
+int rtserve_port(const rtserve *s);
+/* Stops accepting and lets requests in flight finish for up to grace_ms. */
+void rtserve_stop(rtserve *s, int grace_ms);
+void rtserve_free(rtserve *s);
+
+#endif
