@@ -65,6 +65,8 @@ CREATE TABLE runtime.worker_events (
 );
 
 -- Projections (the original's projector, kept in the same transaction).
+-- projection_hash is sha256 over the canonical JSON of {event_count,
+-- last_seq, run_id, status}.
 CREATE TABLE runtime.run_summaries (
     run_id uuid PRIMARY KEY,
     status text NOT NULL,
@@ -204,8 +206,8 @@ BEGIN
         END IF;
         INSERT INTO runtime.run_summaries AS s (run_id, status, last_seq, event_count, projection_hash)
         VALUES (NEW.run_id, st, NEW.seq, n,
-                'sha256:' || encode(sha256(convert_to(json_build_object('event_count', n, 'last_seq', NEW.seq,
-                    'run_id', NEW.run_id::text, 'status', st)::jsonb::text, 'UTF8')), 'hex'))
+                'sha256:' || encode(sha256(convert_to(format('{"event_count":%s,"last_seq":%s,"run_id":%s,"status":%s}',
+                    n, NEW.seq, to_json(NEW.run_id::text), to_json(st)), 'UTF8')), 'hex'))
         ON CONFLICT (run_id) DO UPDATE SET status = excluded.status, last_seq = excluded.last_seq,
             event_count = excluded.event_count, projection_hash = excluded.projection_hash, updated_at = now();
     END IF;

@@ -1,0 +1,821 @@
+"""runtime (SPEC 6) against the real PostgreSQL that run.sh started: every
+route and shape, the run and worker state machines, receipts hashed
+independently here, drift on a gap forced into the log, Khala poll with its
+stale-cursor, guard and publish-limit answers, every sync-token refusal,
+write modes, 20 concurrent appenders watched by a poller, kill -9 during
+appends, runtime-migrate twice on a fresh cluster, runtime-smoke exit codes.
+
+Tokens are minted here with hmac (an implementation independent of ours)
+and, once, by the npm `jsonwebtoken` package (tests/integration/setup-node.sh).
+"""
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+import unittest
+import uuid
+
+import psycopg2
+
+from aetest import BINDIR, DATABASE_URL, Service, http, http_json, wait_for
+from pgtmp import PgTmp, free_port
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+KEY = "test-sync-key"
+ISS = "https://openagents.com"
+AUD = "openagents-sync"
+
+
+def setUpModule():
+    subprocess.run([os.path.join(HERE, "setup-node.sh")], check=True)
+
+
+def b64(data):
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def mint(claims, key=KEY, alg="HS256"):
+    head = b64(json.dumps({"alg": alg, "typ": "JWT"}).encode())
+    body = b64(json.dumps(claims).encode())
+    sig = b64(hmac.new(key.encode(), (head + "." + body).encode(), hashlib.sha256).digest())
+    return head + "." + body + "." + sig
+
+
+def claims(**over):
+    now = int(time.time())
+    c = {"iss": ISS, "aud": AUD, "sub": "user:7", "exp": now + 600, "iat": now, "jti": "j-" + uuid.uuid4().hex,
+         "oa_user_id": 7, "oa_org_id": "org:7", "oa_device_id": "dev-1", "oa_client_surface": "web",
+         "oa_sync_scopes": ["runtime.run_events", "runtime.worker_lifecycle_events"]}
+    for k, v in over.items():
+        if v is None:
+            c.pop(k, None)
+        else:
+            c[k] = v
+    return c
+
+
+def canon(v):
+    """Canonical JSON as SPEC 6 defines it for trajectory_hash, computed
+    independently of the runtime: keys sorted, no whitespace."""
+    return json.dumps(v, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def sha(text):
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def runtime_env(port, **extra):
+    env = {"RUNTIME_BIND_ADDR": "127.0.0.1:%d" % port, "DATABASE_URL": DATABASE_URL,
+           "RUNTIME_SYNC_TOKEN_SIGNING_KEY": KEY, "RUNTIME_KHALA_POLL_MIN_INTERVAL_MS": "0",
+           "RUNTIME_KHALA_RUN_EVENTS_PUBLISH_RATE_PER_SECOND": "100000",
+           "RUNTIME_KHALA_WORKER_LIFECYCLE_PUBLISH_RATE_PER_SECOND": "100000"}
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+class Runtime(Service):
+    def __init__(self, **extra):
+        self.port = free_port()
+        self.base = "http://127.0.0.1:%d" % self.port
+        super().__init__("runtime", runtime_env(self.port, **extra), health=self.base + "/healthz")
+
+    def call(self, method, path, body=None, headers=None):
+        return http_json(method, self.base + path, body, headers)
+
+    def new_run(self, **body):
+        st, _, b = self.call("POST", "/internal/v1/runs", body)
+        assert st == 201, (st, b)
+        return b["run"]
+
+    def append(self, run_id, event_type, payload=None, key=None, expected=None, headers=None):
+        body = {"event_type": event_type}
+        if payload is not None:
+            body["payload"] = payload
+        if key is not None:
+            body["idempotency_key"] = key
+        if expected is not None:
+            body["expected_previous_seq"] = expected
+        return self.call("POST", "/internal/v1/runs/%s/events" % run_id, body, headers)
+
+    def poll(self, topic, after=0, limit=None, token=None, headers=None):
+        path = "/internal/v1/khala/topics/%s/messages?after_seq=%d" % (topic, after)
+        if limit is not None:
+            path += "&limit=%d" % limit
+        h = dict(headers or {})
+        if token is not False:
+            h.setdefault("Authorization", "Bearer " + (token or mint(claims())))
+        return self.call("GET", path, headers=h)
+
+
+def db():
+    c = psycopg2.connect(DATABASE_URL)
+    c.autocommit = True
+    return c
+
+
+class Runs(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.rt = Runtime().start()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.rt.stop()
+
+    def test_health_and_ready(self):
+        st, hdrs, b = self.rt.call("GET", "/healthz")
+        self.assertEqual(st, 200)
+        self.assertTrue(hdrs.get("x-request-id"))
+        for k in ("status", "service", "build_sha", "uptime_seconds", "authority_write_mode",
+                  "authority_writer_active", "fanout_driver"):
+            self.assertIn(k, b)
+        self.assertEqual((b["status"], b["service"], b["build_sha"], b["authority_write_mode"]),
+                         ("ok", "runtime", "dev", "rust_active"))
+        self.assertIs(b["authority_writer_active"], True)
+        st, _, b = self.rt.call("GET", "/readyz")
+        self.assertEqual(st, 200)
+        self.assertEqual(b["status"], "ready")
+        for k in ("authority_ready", "projector_ready", "workers_ready"):
+            self.assertIs(b[k], True)
+
+    def test_create_run_shape(self):
+        run = self.rt.new_run()
+        uuid.UUID(run["id"])
+        self.assertEqual(run["status"], "running")
+        self.assertIsNone(run["metadata"])
+        self.assertIsNone(run["worker_id"])
+        self.assertEqual(len(run["events"]), 1)
+        ev = run["events"][0]
+        self.assertEqual((ev["seq"], ev["event_type"], ev["payload"], ev["idempotency_key"]),
+                         (1, "run.started", {"source": "runtime"}, None))
+        self.assertTrue(ev["recorded_at"].endswith("Z"))
+        for k in ("created_at", "updated_at"):
+            self.assertIn(k, run)
+        run = self.rt.new_run(worker_id="desktop:w1", metadata={"a": [1, 2]})
+        self.assertEqual((run["worker_id"], run["metadata"]), ("desktop:w1", {"a": [1, 2]}))
+        st, _, b = self.rt.call("GET", "/internal/v1/runs/" + run["id"])
+        self.assertEqual((st, b["run"]), (200, run))
+
+    def test_append_idempotency_and_expected_seq(self):
+        run = self.rt.new_run()
+        rid = run["id"]
+        st, _, b = self.rt.append(rid, "step", {"n": 1}, key="k-1", expected=1)
+        self.assertEqual(st, 200, b)
+        self.assertEqual([e["seq"] for e in b["run"]["events"]], [1, 2])
+        self.assertEqual(b["run"]["events"][1]["idempotency_key"], "k-1")
+        # The same key again: nothing appended, 200, even with a stale expected seq.
+        for expected in (1, 0, None):
+            st, _, b = self.rt.append(rid, "step", {"n": 99}, key="k-1", expected=expected)
+            self.assertEqual(st, 200, b)
+            self.assertEqual(len(b["run"]["events"]), 2)
+            self.assertEqual(b["run"]["events"][1]["payload"], {"n": 1})
+        st, _, b = self.rt.append(rid, "step", {"n": 2}, expected=1)
+        self.assertEqual(st, 409, b)
+        self.assertEqual(b["error"], "conflict")
+        self.assertIn("request_id", b)
+        st, _, b = self.rt.append(rid, "step", expected=2)
+        self.assertEqual(st, 200, b)
+        self.assertEqual(b["run"]["events"][2]["payload"], {})
+        st, _, b = self.rt.call("GET", "/internal/v1/runs/" + rid)
+        self.assertEqual(len(b["run"]["events"]), 3)
+
+    def test_bad_requests(self):
+        run = self.rt.new_run()
+        p = "/internal/v1/runs/%s/events" % run["id"]
+        st, _, b = http_json("POST", self.rt.base + p, b'{"event_type": "x",', {"Content-Type": "application/json"})
+        self.assertEqual((st, b["error"]), (400, "invalid_request"))
+        self.assertIn("byte", b["message"])
+        for body in ({}, {"event_type": 5}, {"event_type": "x", "expected_previous_seq": -1},
+                     {"event_type": "x", "idempotency_key": 3}):
+            st, _, b = self.rt.call("POST", p, body)
+            self.assertEqual((st, b["error"]), (400, "invalid_request"), body)
+        st, _, b = self.rt.call("GET", "/internal/v1/runs/" + str(uuid.uuid4()))
+        self.assertEqual((st, b["error"]), (404, "not_found"))
+        st, _, b = self.rt.append(str(uuid.uuid4()), "x")
+        self.assertEqual(st, 404)
+        st, _, b = self.rt.call("GET", "/internal/v1/runs/not-a-uuid")
+        self.assertEqual(st, 400)
+        st, _, b = self.rt.call("DELETE", "/internal/v1/runs/" + run["id"])
+        self.assertEqual(st, 405)
+        st, _, b = http_json("POST", self.rt.base + p, b"x" * (1024 * 1024 + 10), {"Content-Type": "application/json"})
+        self.assertEqual((st, b["error"]), (413, "payload_too_large"))
+
+    def test_state_machine(self):
+        def status_after(steps):
+            run = self.rt.new_run()
+            last = None
+            for etype, payload in steps:
+                last = self.rt.append(run["id"], etype, payload)
+            return last
+
+        legal = [
+            ([("run.started", {})], "running"),
+            ([("run.cancel_requested", {})], "canceling"),
+            ([("run.cancel_requested", {}), ("run.cancel_requested", {})], "canceling"),
+            ([("run.finished", {"status": "succeeded"})], "succeeded"),
+            ([("run.finished", {"status": "failed"})], "failed"),
+            ([("run.finished", {"status": "canceled"})], "canceled"),
+            ([("run.finished", {"status": "cancelled"})], "canceled"),
+            ([("run.cancel_requested", {}), ("run.finished", {"status": "canceled"})], "canceled"),
+            ([("run.cancel_requested", {}), ("run.finished", {"status": "failed"})], "failed"),
+            ([("run.finished", {"status": "succeeded"}), ("run.finished", {"status": "succeeded"})], "succeeded"),
+            ([("run.finished", {"status": "failed"}), ("note", {"x": 1})], "failed"),
+            ([("run.cancel_requested", {}), ("note", {})], "canceling"),
+        ]
+        for steps, want in legal:
+            st, _, b = status_after(steps)
+            self.assertEqual(st, 200, (steps, b))
+            self.assertEqual(b["run"]["status"], want, steps)
+            self.assertEqual(len(b["run"]["events"]), len(steps) + 1)
+        illegal = [
+            [("run.cancel_requested", {}), ("run.finished", {"status": "succeeded"})],
+            [("run.cancel_requested", {}), ("run.started", {})],
+            [("run.finished", {"status": "succeeded"}), ("run.started", {})],
+            [("run.finished", {"status": "succeeded"}), ("run.cancel_requested", {})],
+            [("run.finished", {"status": "succeeded"}), ("run.finished", {"status": "failed"})],
+            [("run.finished", {"status": "failed"}), ("run.finished", {"status": "canceled"})],
+            [("run.finished", {"status": "canceled"}), ("run.finished", {"status": "succeeded"})],
+            [("run.finished", {"status": "done"})],
+            [("run.finished", {})],
+            [("run.finished", {"status": 1})],
+        ]
+        for steps in illegal:
+            st, _, b = status_after(steps)
+            self.assertEqual(st, 400, (steps, b))
+            self.assertEqual(b["error"], "invalid_request")
+        run = self.rt.new_run()
+        st, _, b = self.rt.append(run["id"], "run.finished")
+        self.assertEqual(st, 400)
+
+    def test_receipt_and_replay(self):
+        run = self.rt.new_run(metadata={"policy_bundle_id": "pb.test"})
+        rid = run["id"]
+        self.rt.append(rid, "tool", {"b": [1, 2.5, "é\n"], "a": {"z": None, "y": True}}, key="t1")
+        st, _, b = self.rt.append(rid, "run.finished", {"status": "succeeded"})
+        events = b["run"]["events"]
+        st, _, rc = self.rt.call("GET", "/internal/v1/runs/%s/receipt" % rid)
+        self.assertEqual(st, 200, rc)
+        want = sha(canon([{"seq": e["seq"], "event_type": e["event_type"], "payload": e["payload"],
+                           "idempotency_key": e["idempotency_key"], "recorded_at": e["recorded_at"]}
+                          for e in events]))
+        self.assertEqual(rc["trajectory_hash"], want)
+        self.assertEqual((rc["schema"], rc["session_id"], rc["policy_bundle_id"], rc["event_count"],
+                          rc["first_seq"], rc["last_seq"], rc["tool_calls"], rc["verification"]),
+                         ("openagents.receipt.v1", rid, "pb.test", 3, 1, 3, [], []))
+        self.assertEqual(rc["created_at"], run["created_at"])
+        _, _, again = self.rt.call("GET", "/internal/v1/runs/%s/receipt" % rid)
+        self.assertEqual(again, rc)
+        plain = self.rt.new_run()
+        _, _, rc2 = self.rt.call("GET", "/internal/v1/runs/%s/receipt" % plain["id"])
+        self.assertEqual(rc2["policy_bundle_id"], "runtime.default")
+
+        st, hdrs, data = http("GET", self.rt.base + "/internal/v1/runs/%s/replay" % rid)
+        self.assertEqual(st, 200)
+        self.assertTrue(hdrs["content-type"].startswith("application/x-ndjson"))
+        lines = [json.loads(x) for x in data.decode().splitlines()]
+        self.assertEqual(len(lines), 2 + 3 + 1)
+        self.assertEqual(lines[0], {"type": "ReplayHeader", "replay_version": 1, "producer": "openagents-runtime",
+                                    "created_at": run["created_at"]})
+        self.assertEqual(lines[1], {"type": "SessionStart", "ts": run["created_at"], "session_id": rid,
+                                    "policy_bundle_id": "pb.test"})
+        for line, ev in zip(lines[2:5], events):
+            self.assertEqual(line["type"], "RuntimeEvent")
+            self.assertEqual((line["ts"], line["session_id"], line["seq"], line["runtime_event_type"], line["payload"]),
+                             (ev["recorded_at"], rid, ev["seq"], ev["event_type"], ev["payload"]))
+            self.assertEqual(line["payload_hash"], sha(canon(ev["payload"])))
+        end = lines[5]
+        self.assertEqual((end["type"], end["session_id"], end["status"], end["confidence"], end["total_tool_calls"]),
+                         ("SessionEnd", rid, "success", 1, 0))
+        for status, want_end in (("failed", "failure"), ("canceled", "cancelled")):
+            r = self.rt.new_run()
+            self.rt.append(r["id"], "run.finished", {"status": status})
+            _, _, data = http("GET", self.rt.base + "/internal/v1/runs/%s/replay" % r["id"])
+            self.assertEqual(json.loads(data.decode().splitlines()[-1])["status"], want_end)
+
+    def test_projections_and_drift_on_forced_gap(self):
+        run = self.rt.new_run()
+        rid = run["id"]
+        self.rt.append(rid, "step")
+        self.rt.append(rid, "run.cancel_requested")
+        st, _, b = self.rt.call("GET", "/internal/v1/projectors/run-summary/" + rid)
+        self.assertEqual(st, 200, b)
+        s = b["summary"]
+        self.assertEqual((s["run_id"], s["status"], s["last_seq"], s["event_count"]), (rid, "canceling", 3, 3))
+        self.assertEqual(s["projection_hash"], sha(canon({"run_id": rid, "status": "canceling", "last_seq": 3,
+                                                           "event_count": 3})))
+        st, _, b = self.rt.call("GET", "/internal/v1/projectors/checkpoints/" + rid)
+        self.assertEqual(b["checkpoint"]["topic"], "run:%s:events" % rid)
+        self.assertEqual((b["checkpoint"]["last_seq"], b["checkpoint"]["last_event_type"]), (3, "run.cancel_requested"))
+        topic = "run:%s:events" % rid
+        st, _, b = self.rt.call("GET", "/internal/v1/projectors/drift?topic=" + topic)
+        self.assertEqual(st, 404)
+        # A writer outside the runtime leaves a gap: seq 6 after 3.
+        with db() as c, c.cursor() as cur:
+            cur.execute("INSERT INTO runtime.run_events (run_id, seq, event_type, payload) VALUES (%s, 6, 'x', '{}')",
+                        (rid,))
+        st, _, b = self.rt.call("GET", "/internal/v1/projectors/drift?topic=" + topic)
+        self.assertEqual(st, 200, b)
+        d = b["drift"]
+        self.assertEqual((d["topic"], d["expected_next_seq"], d["last_seen_seq"], d["incoming_seq"], d["reason"]),
+                         (topic, 4, 3, 6, "sequence_gap"))
+        self.assertIn("detected_at", d)
+        st, _, b = self.rt.call("GET", "/internal/v1/projectors/drift")
+        self.assertEqual(st, 400)
+
+    def test_metrics(self):
+        run = self.rt.new_run()
+        self.rt.append(run["id"], "metric.probe", key="m1")
+        self.rt.append(run["id"], "metric.probe", key="m1")
+        self.rt.append(run["id"], "metric.probe", expected=0)
+        st, hdrs, data = http("GET", self.rt.base + "/metrics")
+        text = data.decode()
+        self.assertEqual(st, 200)
+        self.assertIn('runtime_appends_total{event_type="metric.probe"} 1', text)
+        for name in ("runtime_append_conflicts_total", "runtime_idempotent_replays_total",
+                     "runtime_khala_messages_published_total", "runtime_khala_subscribers",
+                     "runtime_khala_stale_cursor_total"):
+            self.assertIn(name, text)
+        val = [ln for ln in text.splitlines() if ln.startswith("runtime_append_conflicts_total")][0]
+        self.assertGreaterEqual(int(val.split()[-1]), 1)
+
+
+class Workers(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.rt = Runtime(RUNTIME_WORKER_HEARTBEAT_STALE_AFTER_MS=1500).start()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.rt.stop()
+
+    def wid(self):
+        return "desktop:%s:w" % uuid.uuid4().hex[:8]
+
+    def test_register_get_and_owners(self):
+        wid = self.wid()
+        st, _, b = self.rt.call("POST", "/internal/v1/workers", {"worker_id": wid, "owner_user_id": 7,
+                                                                 "workspace_ref": "ws1", "metadata": {"env": "dev"}})
+        self.assertEqual(st, 201, b)
+        w, live = b["worker"]["worker"], b["worker"]["liveness"]
+        self.assertEqual((w["worker_id"], w["owner"], w["status"], w["latest_seq"], w["workspace_ref"],
+                          w["codex_home_ref"], w["adapter"], w["metadata"], w["stopped_at"]),
+                         (wid, {"user_id": 7, "guest_scope": None}, "running", 1, "ws1", None, "in_memory",
+                          {"env": "dev"}, None))
+        for k in ("started_at", "last_heartbeat_at", "updated_at"):
+            self.assertTrue(w[k])
+        self.assertEqual((live["heartbeat_stale_after_ms"], live["heartbeat_state"]), (1500, "fresh"))
+        self.assertGreaterEqual(live["heartbeat_age_ms"], 0)
+        # The same owner reattaches; metadata merges.
+        st, _, b = self.rt.call("POST", "/internal/v1/workers", {"worker_id": wid, "owner_user_id": 7,
+                                                                 "metadata": {"k": 1}})
+        self.assertEqual(st, 201, b)
+        self.assertEqual((b["worker"]["worker"]["latest_seq"], b["worker"]["worker"]["metadata"]),
+                         (2, {"env": "dev", "k": 1}))
+        st, _, b = self.rt.call("POST", "/internal/v1/workers", {"worker_id": wid, "owner_user_id": 8})
+        self.assertEqual(st, 403, b)
+        st, _, b = self.rt.call("GET", "/internal/v1/workers/%s?owner_user_id=7" % wid)
+        self.assertEqual((st, b["worker"]["worker"]["worker_id"]), (200, wid))
+        st, _, b = self.rt.call("GET", "/internal/v1/workers/" + wid)
+        self.assertEqual((st, b["error"]), (400, "invalid_request"))
+        st, _, b = self.rt.call("GET", "/internal/v1/workers/%s?owner_user_id=8" % wid)
+        self.assertEqual(st, 403)
+        st, _, b = self.rt.call("GET", "/internal/v1/workers/%s?owner_guest_scope=g1" % wid)
+        self.assertEqual(st, 403)
+        st, _, b = self.rt.call("GET", "/internal/v1/workers/nope:%s?owner_user_id=7" % uuid.uuid4().hex)
+        self.assertEqual(st, 404)
+        for body in ({"worker_id": self.wid()}, {"worker_id": self.wid(), "owner_user_id": 1, "owner_guest_scope": "g"},
+                     {"worker_id": self.wid(), "owner_user_id": "7"}, {"owner_guest_scope": "  "}):
+            st, _, b = self.rt.call("POST", "/internal/v1/workers", body)
+            self.assertEqual(st, 400, body)
+        st, _, b = self.rt.call("POST", "/internal/v1/workers", {"owner_guest_scope": "guest-abc"})
+        self.assertEqual(st, 201, b)
+        gid = b["worker"]["worker"]["worker_id"]
+        self.assertRegex(gid, r"^codexw_[0-9a-f-]{36}$")
+        self.assertEqual(b["worker"]["worker"]["owner"], {"user_id": None, "guest_scope": "guest-abc"})
+        st, _, b = self.rt.call("GET", "/internal/v1/workers/%s?owner_guest_scope=guest-abc" % gid)
+        self.assertEqual(st, 200)
+        st, _, b = self.rt.call("GET", "/internal/v1/workers?owner_guest_scope=guest-abc")
+        self.assertIn(gid, [x["worker"]["worker_id"] for x in b["workers"]])
+        st, _, b = self.rt.call("GET", "/internal/v1/workers?owner_user_id=7")
+        ids = [x["worker"]["worker_id"] for x in b["workers"]]
+        self.assertIn(wid, ids)
+        self.assertNotIn(gid, ids)
+
+    def test_transitions(self):
+        def fresh():
+            wid = self.wid()
+            st, _, _ = self.rt.call("POST", "/internal/v1/workers", {"worker_id": wid, "owner_user_id": 7})
+            self.assertEqual(st, 201)
+            return wid
+
+        def move(wid, status, uid=7):
+            return self.rt.call("POST", "/internal/v1/workers/%s/status" % wid,
+                                {"owner_user_id": uid, "status": status, "reason": "test"})
+
+        legal = [["stopping", "stopped", "starting", "running"], ["failed", "running"], ["stopped", "running"],
+                 ["running"], ["stopping", "failed", "starting", "stopping"], ["failed", "starting", "failed"],
+                 ["stopped", "starting", "running", "stopped"]]
+        for path in legal:
+            wid = fresh()
+            for s in path:
+                st, _, b = move(wid, s)
+                self.assertEqual(st, 200, (path, s, b))
+                self.assertEqual(b["worker"]["worker"]["status"], s)
+                if s in ("stopped", "failed"):
+                    self.assertTrue(b["worker"]["worker"]["stopped_at"])
+                    self.assertEqual(b["worker"]["liveness"]["heartbeat_state"], s)
+                else:
+                    self.assertIsNone(b["worker"]["worker"]["stopped_at"])
+        illegal = [["starting"], ["stopping", "running"], ["stopping", "starting"], ["stopped", "stopping"],
+                   ["failed", "stopped"], ["stopped", "failed"], ["failed", "stopping"]]
+        for path in illegal:
+            wid = fresh()
+            for s in path[:-1]:
+                self.assertEqual(move(wid, s)[0], 200)
+            st, _, b = move(wid, path[-1])
+            self.assertEqual((st, b["error"]), (400, "invalid_request"), path)
+        wid = fresh()
+        self.assertEqual(move(wid, "sleeping")[0], 400)
+        self.assertEqual(move(wid, "stopping", uid=8)[0], 403)
+        self.assertEqual(move("unknown:" + uuid.uuid4().hex, "stopping")[0], 404)
+        st, _, b = self.rt.call("POST", "/internal/v1/workers/%s/status" % wid, {"status": "stopping"})
+        self.assertEqual(st, 400)
+
+    def test_heartbeat_stale_and_checkpoint(self):
+        wid = self.wid()
+        self.rt.call("POST", "/internal/v1/workers", {"worker_id": wid, "owner_user_id": 7})
+        st, _, b = self.rt.call("POST", "/internal/v1/workers/%s/heartbeat" % wid,
+                                {"owner_user_id": 7, "metadata_patch": {"cpu": 3}})
+        self.assertEqual(st, 200, b)
+        self.assertEqual((b["worker"]["worker"]["metadata"], b["worker"]["worker"]["latest_seq"],
+                          b["worker"]["liveness"]["heartbeat_state"]), ({"cpu": 3}, 2, "fresh"))
+        self.assertEqual(self.rt.call("POST", "/internal/v1/workers/%s/heartbeat" % wid,
+                                      {"owner_user_id": 9, "metadata_patch": {}})[0], 403)
+        self.assertEqual(self.rt.call("POST", "/internal/v1/workers/%s/heartbeat" % wid, {"metadata_patch": {}})[0],
+                         400)
+        time.sleep(1.7)
+        st, _, b = self.rt.call("GET", "/internal/v1/workers/%s?owner_user_id=7" % wid)
+        self.assertEqual(b["worker"]["liveness"]["heartbeat_state"], "stale")
+        self.assertGreater(b["worker"]["liveness"]["heartbeat_age_ms"], 1500)
+        st, _, b = self.rt.call("GET", "/internal/v1/workers/%s/checkpoint" % wid)
+        self.assertEqual(st, 200, b)
+        self.assertEqual(b["checkpoint"], dict(b["checkpoint"], topic="worker:%s:lifecycle" % wid, last_seq=2,
+                                               last_event_type="worker.heartbeat"))
+        self.assertEqual(self.rt.call("GET", "/internal/v1/workers/nobody:%s/checkpoint" % uuid.uuid4().hex)[0], 404)
+        # The worker topic carries one message per write, worker.<status>.
+        st, _, b = self.rt.poll("worker:%s:lifecycle" % wid)
+        self.assertEqual(st, 200, b)
+        self.assertEqual([(m["sequence"], m["kind"]) for m in b["messages"]],
+                         [(1, "worker.running"), (2, "worker.running")])
+        self.assertEqual(b["messages"][1]["payload"], {"worker_id": wid, "status": "running", "latest_seq": 2,
+                                                       "heartbeat_state": "fresh"})
+
+
+class Khala(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.rt = Runtime(RUNTIME_KHALA_RUN_EVENTS_REPLAY_BUDGET_EVENTS=15, RUNTIME_KHALA_RETENTION_MESSAGES=40,
+                         RUNTIME_SYNC_REVOKED_JTIS="revoked-1, revoked-2").start()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.rt.stop()
+
+    def topic_with(self, n):
+        run = self.rt.new_run()
+        for i in range(n - 1):
+            st, _, _ = self.rt.append(run["id"], "step", {"i": i}, headers={"Prefer": "return=minimal"})
+            self.assertEqual(st, 200)
+        return run["id"], "run:%s:events" % run["id"]
+
+    def test_poll_order_resume_and_shape(self):
+        rid, topic = self.topic_with(8)
+        st, _, b = self.rt.poll(topic, 0, limit=5)
+        self.assertEqual(st, 200, b)
+        self.assertEqual([m["sequence"] for m in b["messages"]], [1, 2, 3, 4, 5])
+        m = b["messages"][1]
+        self.assertEqual((m["topic"], m["kind"], m["payload"]), (topic, "step", {"i": 0}))
+        self.assertIn("published_at", m)
+        self.assertEqual((b["topic"], b["oldest_available_cursor"], b["head_cursor"], b["next_cursor"],
+                          b["replay_complete"], b["limit_applied"], b["limit_capped"]),
+                         (topic, 0, 8, 5, False, 5, False))
+        st, _, b = self.rt.poll(topic, b["next_cursor"], limit=500)
+        self.assertEqual([m["sequence"] for m in b["messages"]], [6, 7, 8])
+        self.assertEqual((b["next_cursor"], b["replay_complete"], b["limit_applied"], b["limit_capped"]),
+                         (8, True, 200, True))
+        st, _, b = self.rt.poll(topic, 8)
+        self.assertEqual((b["messages"], b["next_cursor"], b["limit_applied"]), ([], 8, 100))
+        st, _, b = self.rt.poll(topic, 0, limit=0)
+        self.assertEqual(len(b["messages"]), 1)
+
+    def test_stale_cursor_budget_and_floor(self):
+        rid, topic = self.topic_with(20)
+        st, _, b = self.rt.poll(topic, 2)
+        self.assertEqual(st, 410, b)
+        self.assertEqual(b["error"], "stale_cursor")
+        d = b["details"]
+        self.assertEqual((d["topic"], d["requested_cursor"], d["oldest_available_cursor"], d["head_cursor"],
+                          d["reason_codes"], d["recovery"]),
+                         (topic, 2, 0, 20, ["replay_budget_exceeded"], "reset_local_watermark_and_replay_bootstrap"))
+        self.assertEqual(self.rt.poll(topic, 5)[0], 200)
+        # Retention keeps 40 messages: past 45 the oldest are pruned.
+        for i in range(30):
+            self.rt.append(rid, "more", {"i": i}, headers={"Prefer": "return=minimal"})
+        st, _, b = self.rt.poll(topic, 45)
+        self.assertEqual(st, 200, b)
+        floor = b["oldest_available_cursor"]
+        self.assertGreater(floor, 0)
+        self.assertEqual(b["head_cursor"], 50)
+        st, _, b = self.rt.poll(topic, floor - 1)
+        self.assertEqual(st, 410, b)
+        self.assertEqual(b["details"]["reason_codes"], ["retention_floor_breach", "replay_budget_exceeded"])
+        self.assertEqual(b["details"]["oldest_available_cursor"], floor)
+        if 50 - floor <= 15:
+            st, _, b = self.rt.poll(topic, floor)
+            self.assertEqual(st, 200)
+            self.assertEqual(b["messages"][0]["sequence"], floor + 1)
+        with db() as c, c.cursor() as cur:
+            cur.execute("SELECT min(seq), count(*) FROM runtime.khala_messages WHERE topic = %s", (topic,))
+            lo, n = cur.fetchone()
+        self.assertEqual((lo, n), (floor + 1, 50 - floor))
+
+    def test_token_refusals(self):
+        rid, topic = self.topic_with(1)
+        now = int(time.time())
+        cases = [
+            (None, "missing_authorization"),
+            ("Basic dXNlcjpwYXNz", "invalid_authorization_scheme"),
+            ("Bearer " + mint(claims(), key="another-key"), "invalid_token"),
+            ("Bearer " + mint(claims(iss="https://evil.example")), "invalid_token"),
+            ("Bearer " + mint(claims(aud="someone-else")), "invalid_token"),
+            ("Bearer " + mint(claims(sub=None)), "invalid_token"),
+            ("Bearer " + mint(claims(nbf=now + 3600)), "invalid_token"),
+            ("Bearer " + mint(claims(exp=now - 10, iat=now - 20)), "token_expired"),
+            ("Bearer " + mint(claims(iat=None)), "missing_iat"),
+            ("Bearer " + mint(claims(iat=now - 301)), "token_too_old"),
+            ("Bearer " + mint(claims(jti=None)), "missing_jti"),
+            ("Bearer " + mint(claims(jti="revoked-2")), "token_revoked"),
+            ("Bearer not.a.token", "invalid_token"),
+        ]
+        for auth, reason in cases:
+            h = {"Authorization": auth} if auth else {}
+            st, _, b = self.rt.poll(topic, token=False, headers=h)
+            self.assertEqual((st, b.get("error"), b.get("reason_code")), (401, "unauthorized", reason), auth)
+            self.assertTrue(b["message"])
+
+    def test_forbidden(self):
+        rid, topic = self.topic_with(1)
+        st, _, b = self.rt.poll(topic, token=mint(claims(oa_sync_scopes=["runtime.worker_lifecycle_events"])))
+        self.assertEqual((st, b["error"], b["reason_code"]), (403, "forbidden_topic", "missing_scope"))
+        st, _, b = self.rt.poll("secrets:all", token=mint(claims()))
+        self.assertEqual((st, b["error"], b["reason_code"]), (403, "forbidden_topic", "forbidden_topic"))
+        wid = "desktop:%s" % uuid.uuid4().hex[:8]
+        self.rt.call("POST", "/internal/v1/workers", {"worker_id": wid, "owner_user_id": 7})
+        wt = "worker:%s:lifecycle" % wid
+        st, _, b = self.rt.poll(wt, token=mint(claims()))
+        self.assertEqual(st, 200, b)
+        st, _, b = self.rt.poll(wt, token=mint(claims(oa_sync_scopes=["runtime.codex_worker_events"])))
+        self.assertEqual(st, 200, b)
+        st, _, b = self.rt.poll(wt, token=mint(claims(oa_sync_scopes=["runtime.run_events"])))
+        self.assertEqual((st, b["reason_code"]), (403, "missing_scope"))
+        st, _, b = self.rt.poll(wt, token=mint(claims(oa_user_id=8)))
+        self.assertEqual((st, b["error"], b["reason_code"]), (403, "forbidden_topic", "owner_mismatch"))
+        st, _, b = self.rt.poll("worker:unknown-%s:lifecycle" % uuid.uuid4().hex, token=mint(claims()))
+        self.assertEqual((st, b["reason_code"]), (403, "owner_mismatch"))
+        # A guest worker is its org's: a token without a user id reads it.
+        st, _, b = self.rt.call("POST", "/internal/v1/workers", {"owner_guest_scope": "org:guest"})
+        gt = "worker:%s:lifecycle" % b["worker"]["worker"]["worker_id"]
+        self.assertEqual(self.rt.poll(gt, token=mint(claims(oa_user_id=None, oa_org_id="org:guest")))[0], 200)
+        self.assertEqual(self.rt.poll(gt, token=mint(claims(oa_user_id=None, oa_org_id="org:other")))[0], 403)
+
+    def test_origin_policy(self):
+        rid, topic = self.topic_with(1)
+        st, _, b = self.rt.poll(topic, headers={"Origin": "https://evil.example"})
+        self.assertEqual((st, b["error"], b["reason_code"]), (403, "forbidden_origin", "origin_not_allowed"))
+        for origin in ("https://openagents.com", "https://WWW.openagents.com/"):
+            self.assertEqual(self.rt.poll(topic, headers={"Origin": origin})[0], 200, origin)
+        self.assertEqual(self.rt.poll(topic)[0], 200)
+
+    def test_node_jsonwebtoken_token_accepted(self):
+        rid, topic = self.topic_with(2)
+        script = ("const jwt=require('jsonwebtoken');"
+                  "process.stdout.write(jwt.sign({sub:'user:7',oa_user_id:7,oa_sync_scopes:['runtime.run_events']},"
+                  "process.argv[1],{algorithm:'HS256',expiresIn:600,issuer:process.argv[2],audience:process.argv[3],"
+                  "jwtid:'node-'+Date.now()}));")
+        r = subprocess.run(["node", "-e", script, KEY, ISS, AUD], cwd=HERE, capture_output=True, text=True, check=True)
+        st, _, b = self.rt.poll(topic, token=r.stdout.strip())
+        self.assertEqual(st, 200, b)
+        self.assertEqual([m["sequence"] for m in b["messages"]], [1, 2])
+
+    def test_publish_limits(self):
+        rt = Runtime(RUNTIME_KHALA_RUN_EVENTS_PUBLISH_RATE_PER_SECOND=3,
+                     RUNTIME_KHALA_RUN_EVENTS_MAX_PAYLOAD_BYTES=64).start()
+        try:
+            run = rt.new_run()
+            st, _, b = rt.append(run["id"], "big", {"x": "y" * 100})
+            self.assertEqual((st, b["error"], b["reason_code"]), (413, "payload_too_large",
+                                                                  "khala_frame_payload_too_large"))
+            self.assertEqual(b["max_payload_bytes"], 64)
+            codes = [rt.append(run["id"], "tick", {"i": i})[0] for i in range(6)]
+            self.assertIn(429, codes)
+            self.assertLessEqual(codes.count(200), 3)
+            st, _, b = rt.append(run["id"], "tick")
+            if st == 429:
+                self.assertEqual((b["error"], b["reason_code"]), ("rate_limited", "khala_publish_rate_limited"))
+                self.assertGreaterEqual(b["retry_after_ms"], 0)
+            # Nothing refused was appended.
+            _, _, got = rt.call("GET", "/internal/v1/runs/" + run["id"])
+            self.assertEqual(len(got["run"]["events"]), 1 + codes.count(200) + (st == 200))
+        finally:
+            rt.stop()
+
+    def test_poll_interval_guard(self):
+        rt = Runtime(RUNTIME_KHALA_POLL_MIN_INTERVAL_MS=400).start()
+        try:
+            run = rt.new_run()
+            topic = "run:%s:events" % run["id"]
+            tok = mint(claims())
+            self.assertEqual(rt.poll(topic, token=tok)[0], 200)
+            st, _, b = rt.poll(topic, token=tok)
+            self.assertEqual((st, b["error"], b["reason_code"]), (429, "rate_limited", "poll_interval_guard"))
+            self.assertTrue(0 < b["retry_after_ms"] <= 400)
+            # Another principal is another poller.
+            self.assertEqual(rt.poll(topic, token=mint(claims(sub="user:8", oa_device_id="d8")))[0], 200)
+            time.sleep(0.45)
+            self.assertEqual(rt.poll(topic, token=tok)[0], 200)
+        finally:
+            rt.stop()
+
+
+class WriteModes(unittest.TestCase):
+    def test_frozen_modes_refuse_writes(self):
+        run = None
+        with Runtime() as active:
+            run = active.new_run()
+            active.call("POST", "/internal/v1/workers", {"worker_id": "wm:%s" % run["id"], "owner_user_id": 7})
+        for mode in ("shadow_only", "read_only"):
+            with Runtime(RUNTIME_AUTHORITY_WRITE_MODE=mode) as rt:
+                _, _, h = rt.call("GET", "/healthz")
+                self.assertEqual((h["authority_write_mode"], h["authority_writer_active"]), (mode, False))
+                wid = "wm:%s" % run["id"]
+                for path, body in (("/internal/v1/runs", {}),
+                                   ("/internal/v1/runs/%s/events" % run["id"], {"event_type": "x"}),
+                                   ("/internal/v1/workers", {"owner_user_id": 7}),
+                                   ("/internal/v1/workers/%s/heartbeat" % wid, {"owner_user_id": 7}),
+                                   ("/internal/v1/workers/%s/status" % wid, {"owner_user_id": 7, "status": "stopping"})):
+                    st, _, b = rt.call("POST", path, body)
+                    self.assertEqual((st, b["error"]), (503, "write_path_frozen"), (mode, path))
+                st, _, b = rt.call("GET", "/internal/v1/runs/" + run["id"])
+                self.assertEqual((st, len(b["run"]["events"])), (200, 1))
+        with Runtime(RUNTIME_AUTHORITY_WRITE_MODE="active") as rt:
+            _, _, h = rt.call("GET", "/healthz")
+            self.assertEqual(h["authority_write_mode"], "rust_active")
+        port = free_port()
+        r = subprocess.run([os.path.join(BINDIR, "runtime")], env=dict(os.environ, **runtime_env(
+            port, RUNTIME_AUTHORITY_WRITE_MODE="sometimes")), capture_output=True, text=True, timeout=20)
+        self.assertEqual(r.returncode, 2)
+        self.assertIn("RUNTIME_AUTHORITY_WRITE_MODE", r.stderr)
+
+
+class Concurrency(unittest.TestCase):
+    def test_twenty_appenders_and_a_gap_free_poller(self):
+        with Runtime(DB_MAX_CONNECTIONS=24) as rt:
+            run = rt.new_run()
+            rid, topic = run["id"], "run:%s:events" % run["id"]
+            per, stop, problems, seen = 15, threading.Event(), [], []
+            tok = mint(claims())
+
+            def appender(n):
+                for i in range(per):
+                    st, _, b = rt.append(rid, "w%d" % n, {"i": i}, key="a%d-%d" % (n, i),
+                                         headers={"Prefer": "return=minimal"})
+                    if st != 200:
+                        problems.append((n, i, st, b))
+
+            def poller():
+                cursor = 0
+                while True:
+                    st, _, b = rt.poll(topic, cursor, limit=200, token=tok)
+                    if st != 200:
+                        problems.append(("poll", st, b))
+                        return
+                    seqs = [m["sequence"] for m in b["messages"]]
+                    # Every answer continues exactly where the cursor was.
+                    if seqs != list(range(cursor + 1, cursor + 1 + len(seqs))):
+                        problems.append(("gap", cursor, seqs))
+                        return
+                    if seqs:
+                        cursor = seqs[-1]
+                        seen.extend(seqs)
+                    elif stop.is_set():
+                        return
+
+            p = threading.Thread(target=poller)
+            p.start()
+            ts = [threading.Thread(target=appender, args=(n,)) for n in range(20)]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join()
+            stop.set()
+            p.join(30)
+            self.assertEqual(problems, [])
+            self.assertEqual(seen, list(range(1, 2 + 20 * per)))
+            _, _, b = rt.call("GET", "/internal/v1/runs/" + rid)
+            self.assertEqual([e["seq"] for e in b["run"]["events"]], list(range(1, 2 + 20 * per)))
+
+
+class Crash(unittest.TestCase):
+    def test_kill9_during_appends_loses_no_acknowledged_append(self):
+        rt = Runtime().start()
+        run = rt.new_run()
+        acked, lock, stop = [], threading.Lock(), threading.Event()
+
+        def appender(n):
+            i = 0
+            while not stop.is_set():
+                key = "c%d-%d" % (n, i)
+                try:
+                    st, _, b = rt.append(run["id"], "crash", {"n": n, "i": i}, key=key,
+                                         headers={"Prefer": "return=minimal"})
+                except OSError:
+                    return
+                if st == 200:
+                    with lock:
+                        acked.append(key)
+                i += 1
+
+        ts = [threading.Thread(target=appender, args=(n,)) for n in range(6)]
+        for t in ts:
+            t.start()
+        wait_for(lambda: len(acked) > 60, timeout=20, what="appends before the kill")
+        rt.kill9()
+        stop.set()
+        for t in ts:
+            t.join(20)
+        n_acked = len(acked)
+        with db() as c, c.cursor() as cur:
+            # A statement the killed runtime had sent still commits; wait
+            # for its server sessions to end before counting.
+            def sessions_gone():
+                cur.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'runtime' "
+                            "AND datname = current_database()")
+                return cur.fetchone()[0] == 0
+            wait_for(sessions_gone, timeout=20, what="the killed runtime's sessions to end")
+            cur.execute("SELECT idempotency_key FROM runtime.run_events WHERE run_id = %s", (run["id"],))
+            stored = {r[0] for r in cur.fetchall()}
+            cur.execute("SELECT max(seq), count(*) FROM runtime.run_events WHERE run_id = %s", (run["id"],))
+            top, count = cur.fetchone()
+            cur.execute("SELECT head_seq FROM runtime.khala_topics WHERE topic = %s", ("run:%s:events" % run["id"],))
+            head = cur.fetchone()[0]
+        self.assertGreater(n_acked, 60)
+        self.assertEqual(set(acked) - stored, set())
+        self.assertEqual((top, head), (count, count))
+        with Runtime() as again:
+            # The log goes on where it stopped; a retried key is not appended twice.
+            st, _, b = again.append(run["id"], "crash", key=acked[0], headers={"Prefer": "return=minimal"})
+            self.assertEqual((st, b["run"]["last_seq"]), (200, count))
+            st, _, b = again.append(run["id"], "after", headers={"Prefer": "return=minimal"})
+            self.assertEqual(b["run"]["last_seq"], count + 1)
+
+
+class Programs(unittest.TestCase):
+    def test_runtime_migrate_twice_on_a_fresh_database(self):
+        with PgTmp() as pg:
+            env = dict(os.environ, DB_URL=pg.url(), LOG_FORMAT="json")
+            env.pop("DATABASE_URL", None)
+            prog = os.path.join(BINDIR, "runtime-migrate")
+            first = subprocess.run([prog], env=env, capture_output=True, text=True, timeout=60)
+            self.assertEqual(first.returncode, 0, first.stderr)
+            self.assertRegex(first.stdout, r"applied \d+ migrations")
+            tables = pg.query("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'runtime'")
+            second = subprocess.run([prog], env=env, capture_output=True, text=True, timeout=60)
+            self.assertEqual(second.returncode, 0, second.stderr)
+            self.assertEqual(second.stdout.strip(), "up to date")
+            self.assertEqual(pg.query("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'runtime'"),
+                             tables)
+            self.assertGreaterEqual(tables[0][0], 10)
+
+    def test_runtime_smoke_exit_codes(self):
+        prog = os.path.join(BINDIR, "runtime-smoke")
+        with Runtime() as rt:
+            r = subprocess.run([prog], env=dict(os.environ, SMOKE_BASE_URL=rt.base), capture_output=True, text=True,
+                               timeout=60)
+            self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+            for step in ("healthz", "readyz", "create run", "append run.started", "append event", "read back",
+                         "receipt"):
+                self.assertIn("ok   " + step, r.stdout)
+        r = subprocess.run([prog], env=dict(os.environ, SMOKE_BASE_URL="http://127.0.0.1:%d" % free_port()),
+                           capture_output=True, text=True, timeout=60)
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("FAIL healthz", r.stdout)
+
+
+if __name__ == "__main__":
+    unittest.main()
