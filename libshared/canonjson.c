@@ -51,7 +51,7 @@ static int canon_number(buf *out, double d)
 
     if (!isfinite(d))
         return buf_puts(out, "null");
-    if (d == floor(d) && fabs(d) < 1e21) {
+    if (d == floor(d) && fabs(d) < 1e16) {
         n = snprintf(tmp, sizeof(tmp), "%.0f", d);
         if (n == 2 && tmp[0] == '-' && tmp[1] == '0')
             n = snprintf(tmp, sizeof(tmp), "0");

@@ -6,10 +6,10 @@
  * give), no whitespace, strings escaped minimally (", \ and control
  * characters; \b \f \n \r \t in their short form, others as \u00XX;
  * everything else, non-ASCII included, as UTF-8), and numbers as integers
- * when they are integral and below 1e21 in magnitude, else in the shortest
- * %g form that reads back to the same double. Numbers go through a double
- * (cJSON), so integers beyond 2^53 lose precision: the hash is of what the
- * runtime stores and answers, which is the same text. */
+ * when they are integral and below 1e16 in magnitude, else in the shortest
+ * %g form that reads back to the same double (what Python's json.dumps
+ * prints for a float: 2.5, 1e+16, -3.25e-07). Numbers go through a double
+ * (cJSON), so integers beyond 2^53 lose precision. */
 #ifndef AE_CANONJSON_H
 #define AE_CANONJSON_H
 
