@@ -183,7 +183,7 @@ class SkeletonServices(unittest.TestCase):
             self.assertEqual(body["checks"], {"postgresql": "up", "redis": "up", "rabbitmq": "up"})
             self.assertEqual(body["max_connections"], 10000)
             status, _, body = http_json("GET", "http://127.0.0.1:%d/healthz" % run_port)
-            self.assertEqual((status, body["status"], body["authority_write_mode"]), (200, "ok", "active"))
+            self.assertEqual((status, body["status"], body["authority_write_mode"]), (200, "ok", "rust_active"))
         finally:
             codes = [s.stop() for s in services]
         self.assertEqual(codes, [0, 0, 0])
