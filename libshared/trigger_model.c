@@ -9,8 +9,13 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "buf.h"
 #include "event_model.h"
+#include "fmt.h"
 #include "log.h"
+
+#define TM_STR_(x) #x
+#define TM_STR(x) TM_STR_(x)
 
 static const char *const cond_names[] = {"unknown",     "agent_id_equals", "event_type_equals", "score_threshold",
                                          "tag_equals",  "ema_threshold",   "rate_limit"};
@@ -236,7 +241,7 @@ static void check_op(trigger_model_condition *c, const cJSON *cond, const char *
 }
 
 static void check_numeric_value(trigger_model_condition *c, const cJSON *cond, const char *pfx, cJSON *d,
-                                char buf[48], double min, double max)
+                                char vbuf[48], double min, double max)
 {
     const cJSON *v = member(cond, "value");
     double x;
@@ -259,12 +264,12 @@ static void check_numeric_value(trigger_model_condition *c, const cJSON *cond, c
     if (cJSON_IsString(v)) {
         c->value = v->valuestring;
     } else {
-        fmt_num(x, buf);
-        c->value = buf;
+        fmt_num(x, vbuf);
+        c->value = vbuf;
     }
 }
 
-static void check_condition(trigger_model_condition *c, const cJSON *cond, int i, cJSON *d, char buf[48])
+static void check_condition(trigger_model_condition *c, const cJSON *cond, int i, cJSON *d, char vbuf[48])
 {
     char pfx[48];
     const cJSON *t, *v, *f, *cfg;
@@ -313,8 +318,8 @@ static void check_condition(trigger_model_condition *c, const cJSON *cond, int i
         else if (cJSON_IsString(v))
             c->value = v->valuestring;
         else {
-            snprintf(buf, 48, "%lld", (long long)id);
-            c->value = buf;
+            snprintf(vbuf, 48, "%lld", (long long)id);
+            c->value = vbuf;
         }
         break;
     }
@@ -346,14 +351,14 @@ static void check_condition(trigger_model_condition *c, const cJSON *cond, int i
         break;
     case TRIGGER_COND_SCORE_THRESHOLD:
         check_op(c, cond, pfx, d, 1);
-        check_numeric_value(c, cond, pfx, d, buf, -1e15, 1e15);
+        check_numeric_value(c, cond, pfx, d, vbuf, -1e15, 1e15);
         break;
     case TRIGGER_COND_EMA_THRESHOLD: {
         const cJSON *ws = cfg && cJSON_IsObject(cfg) ? member(cfg, "window_size") : NULL;
         int64_t n;
 
         check_op(c, cond, pfx, d, 1);
-        check_numeric_value(c, cond, pfx, d, buf, -1e15, 1e15);
+        check_numeric_value(c, cond, pfx, d, vbuf, -1e15, 1e15);
         if (!cfg)
             problem(d, pfx, "config", "required: {window_size}");
         else if (cJSON_IsObject(cfg) && !ws)
@@ -368,7 +373,7 @@ static void check_condition(trigger_model_condition *c, const cJSON *cond, int i
         int64_t secs;
 
         check_op(c, cond, pfx, d, 1);
-        check_numeric_value(c, cond, pfx, d, buf, 0, TRIGGER_MODEL_MAX_RATE);
+        check_numeric_value(c, cond, pfx, d, vbuf, 0, TRIGGER_MODEL_MAX_RATE);
         if (!cfg)
             problem(d, pfx, "config", "required: {time_window}");
         else if (cJSON_IsObject(cfg) && !tw)
@@ -620,6 +625,10 @@ trigger_model_def *trigger_model_parse(const cJSON *body, cJSON *details)
             check_condition(&def->conds[i], c, i, details, p->vals[i]);
             i++;
         }
+        if (trigger_model_def_stateful_count(def) > TRIGGER_MODEL_MAX_STATEFUL)
+            problem(details, NULL, "conditions",
+                    "must have at most " TM_STR(TRIGGER_MODEL_MAX_STATEFUL) " stateful conditions (ema_threshold, "
+                    "rate_limit)");
     }
 
     acts = member(body, "actions");
@@ -674,12 +683,31 @@ int trigger_model_validate(const cJSON *body, cJSON **details_out)
     return -1;
 }
 
-int trigger_model_def_is_stateful(const trigger_model_def *def)
+int trigger_model_def_stateful_count(const trigger_model_def *def)
 {
+    int n = 0;
+
     for (int i = 0; def && i < def->ncond; i++)
         if (def->conds[i].type == TRIGGER_COND_EMA_THRESHOLD || def->conds[i].type == TRIGGER_COND_RATE_LIMIT)
-            return 1;
-    return 0;
+            n++;
+    return n;
+}
+
+int trigger_model_def_is_stateful(const trigger_model_def *def)
+{
+    return trigger_model_def_stateful_count(def) > 0;
+}
+
+int trigger_model_check_user_triggers(long long existing, cJSON *details)
+{
+    char msg[128];
+
+    if (existing < TRIGGER_MODEL_MAX_TRIGGERS_PER_USER)
+        return 0;
+    snprintf(msg, sizeof(msg), "a user may have at most %d triggers (this one would be number %lld)",
+             TRIGGER_MODEL_MAX_TRIGGERS_PER_USER, existing + 1);
+    problem(details, NULL, "triggers", msg);
+    return -1;
 }
 
 int trigger_model_is_stateful(const cJSON *conditions)
@@ -712,7 +740,8 @@ typedef struct {
     int64_t window;   /* ema window_size, rate_limit seconds */
     double alpha;     /* ema */
     int reset;        /* rate_limit reset_on_trigger */
-    int cap;          /* rate_limit: timestamps kept */
+    int64_t bucket_s; /* rate_limit: seconds per time bucket */
+    int nb;           /* rate_limit: buckets in the window */
     int idx;          /* index in the array (state key) */
 } mcond;
 
@@ -807,12 +836,27 @@ static void compile_one(mcond *c, const cJSON *cond, int idx, const char *tid)
                 break;
             }
             c->reset = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(cfg, "reset_on_trigger"));
-            c->cap = (int)ceil(c->num) + 2;
+            c->bucket_s = (c->window + TRIGGER_MODEL_RATE_BUCKETS - 1) / TRIGGER_MODEL_RATE_BUCKETS;
+            c->nb = (int)((c->window + c->bucket_s - 1) / c->bucket_s);
         }
         break;
     default:
         break;
     }
+}
+
+static int is_stateful_type(trigger_model_cond_type t)
+{
+    return t == TRIGGER_COND_EMA_THRESHOLD || t == TRIGGER_COND_RATE_LIMIT;
+}
+
+static int stateful_count_of(const trigger_model_matcher *m)
+{
+    int k = 0;
+
+    for (int i = 0; i < m->n; i++)
+        k += is_stateful_type(m->c[i].type);
+    return k;
 }
 
 trigger_model_matcher *trigger_model_matcher_new(const cJSON *conditions, const char *trigger_id)
@@ -846,6 +890,15 @@ trigger_model_matcher *trigger_model_matcher_new(const cJSON *conditions, const 
             }
             i++;
         }
+    }
+    if (stateful_count_of(m) > TRIGGER_MODEL_MAX_STATEFUL) {
+        char a[128];
+
+        /* The gateway refuses such a trigger; a stored one (written before
+         * the limit, or by hand) must not cost every tenant's matching. */
+        m->never = 1;
+        log_event(LOG_WARN, "trigger never matches", "\"trigger_id\":\"%s\",\"reason\":\"more than %d stateful "
+                  "conditions\"", log_escape(a, sizeof(a), trigger_id ? trigger_id : ""), TRIGGER_MODEL_MAX_STATEFUL);
     }
     return m;
 }
@@ -899,64 +952,271 @@ static int stateless_ok(const mcond *c, const cJSON *event)
     }
 }
 
-/* The state entry of condition `c` in `st` when it still fits the
- * condition; a stale entry (edited trigger) is replaced by a fresh one.
- * Returns the entry (owned by `st`) or NULL on OOM. */
-static cJSON *state_entry(cJSON *st, const mcond *c)
+/* ------------------------------------------------------------------ */
+/* State.                                                               */
+
+/* The state of one condition; only the stateful ones use theirs. */
+typedef struct {
+    int fed;       /* an event reached the condition since the state began */
+    double ema;    /* ema_threshold */
+    int64_t count; /* ema_threshold: scores seen */
+    /* rate_limit: events per time bucket (bucket index = time / bucket_s),
+     * a ring of nb buckets whose newest is `head`; sum = the ring's total. */
+    int64_t head, sum;
+    int64_t *ring;
+} cstate;
+
+struct trigger_model_state {
+    const trigger_model_matcher *m;
+    cstate *c;
+};
+
+static int64_t floor_div(int64_t a, int64_t b)
+{
+    int64_t q = a / b;
+
+    if (a % b && (a < 0) != (b < 0))
+        q--;
+    return q;
+}
+
+static int64_t *ring_at(const mcond *c, const cstate *s, int64_t bucket)
+{
+    int64_t k = bucket % c->nb;
+
+    return &s->ring[k < 0 ? k + c->nb : k];
+}
+
+/* Counts an event of time `t` into a rate_limit state and returns the
+ * events of its window that the state holds, this one included: the
+ * buckets from the oldest kept up to the event's own. An event older than
+ * every kept bucket counts alone and is not kept. O(1) for events in time
+ * order (the ring advances by the buckets passed, at most nb), O(nb) for
+ * an event that arrives after newer ones. */
+static int64_t rate_add(const mcond *c, cstate *s, int64_t t)
+{
+    int64_t b = floor_div(t, c->bucket_s), n = 0;
+
+    if (!s->fed) {
+        s->fed = 1;
+        s->head = b;
+    }
+    if (b > s->head) {
+        if (b - s->head >= c->nb) {
+            memset(s->ring, 0, (size_t)c->nb * sizeof(*s->ring));
+            s->sum = 0;
+        } else {
+            for (int64_t k = s->head + 1; k <= b; k++) {
+                int64_t *x = ring_at(c, s, k);
+
+                s->sum -= *x;
+                *x = 0;
+            }
+        }
+        s->head = b;
+    }
+    if (b <= s->head - c->nb)
+        return 1;
+    (*ring_at(c, s, b))++;
+    s->sum++;
+    if (b == s->head)
+        return s->sum;
+    for (int64_t k = s->head - c->nb + 1; k <= b; k++)
+        n += *ring_at(c, s, k);
+    return n;
+}
+
+static const cJSON *entry_of(const cJSON *stored, const mcond *c)
 {
     char key[16];
-    cJSON *e;
-    const char *want = trigger_model_condition_type_name(c->type);
+    const cJSON *e, *t, *p;
     const char *pname = c->type == TRIGGER_COND_EMA_THRESHOLD ? "window_size" : "window_s";
-    const cJSON *t, *p;
 
     snprintf(key, sizeof(key), "%d", c->idx);
-    e = cJSON_GetObjectItemCaseSensitive(st, key);
-    if (e) {
-        t = cJSON_GetObjectItemCaseSensitive(e, "type");
-        p = cJSON_GetObjectItemCaseSensitive(e, pname);
-        if (cJSON_IsObject(e) && cJSON_IsString(t) && !strcmp(t->valuestring, want) && cJSON_IsNumber(p) &&
-            p->valuedouble == (double)c->window)
-            return e;
-        cJSON_DeleteItemFromObjectCaseSensitive(st, key);
-    }
-    if (!(e = cJSON_CreateObject()))
-        return NULL;
-    cJSON_AddItemToObject(st, key, e);
-    if (!cJSON_AddStringToObject(e, "type", want) || !cJSON_AddNumberToObject(e, pname, (double)c->window))
+    e = cJSON_GetObjectItemCaseSensitive(stored, key);
+    t = cJSON_GetObjectItemCaseSensitive(e, "type");
+    p = cJSON_GetObjectItemCaseSensitive(e, pname);
+    /* An entry of another type or window (the trigger was edited) is
+     * stale: the state restarts. */
+    if (!cJSON_IsObject(e) || !cJSON_IsString(t) || strcmp(t->valuestring, trigger_model_condition_type_name(c->type)) ||
+        !cJSON_IsNumber(p) || p->valuedouble != (double)c->window)
         return NULL;
     return e;
 }
 
-static void set_num(cJSON *o, const char *name, double v)
+static void restore_ema(cstate *s, const cJSON *e)
 {
-    cJSON *it = cJSON_GetObjectItemCaseSensitive(o, name);
+    const cJSON *ema = cJSON_GetObjectItemCaseSensitive(e, "ema");
+    const cJSON *cnt = cJSON_GetObjectItemCaseSensitive(e, "count");
 
-    if (cJSON_IsNumber(it))
-        cJSON_SetNumberValue(it, v);
-    else {
-        cJSON_DeleteItemFromObjectCaseSensitive(o, name);
-        cJSON_AddNumberToObject(o, name, v);
+    if (cJSON_IsNumber(ema) && isfinite(ema->valuedouble) && cJSON_IsNumber(cnt) && cnt->valuedouble >= 1) {
+        s->fed = 1;
+        s->ema = ema->valuedouble;
+        s->count = (int64_t)cnt->valuedouble;
     }
 }
 
-/* Advances an EMA entry; returns 1/0 for the comparison, -1 on OOM. */
-static int eval_ema(const mcond *c, cJSON *e, const cJSON *event)
+static void restore_rate(const mcond *c, cstate *s, const cJSON *e)
+{
+    const cJSON *counts = cJSON_GetObjectItemCaseSensitive(e, "counts");
+    const cJSON *head = cJSON_GetObjectItemCaseSensitive(e, "head");
+    const cJSON *bs = cJSON_GetObjectItemCaseSensitive(e, "bucket_s");
+    const cJSON *times = cJSON_GetObjectItemCaseSensitive(e, "times"), *it;
+
+    if (cJSON_IsArray(counts) && cJSON_IsNumber(head) && cJSON_IsNumber(bs) &&
+        bs->valuedouble == (double)c->bucket_s && cJSON_GetArraySize(counts) == c->nb) {
+        int64_t k = (int64_t)head->valuedouble - c->nb + 1;
+
+        s->fed = 1;
+        s->head = (int64_t)head->valuedouble;
+        cJSON_ArrayForEach(it, counts)
+        {
+            int64_t v = cJSON_IsNumber(it) && it->valuedouble > 0 ? (int64_t)it->valuedouble : 0;
+
+            *ring_at(c, s, k++) = v;
+            s->sum += v;
+        }
+        return;
+    }
+    /* The layout before time buckets (a time per event counted, oldest
+     * first): replayed into buckets, so a stored count survives. */
+    cJSON_ArrayForEach(it, times)
+    {
+        if (cJSON_IsNumber(it) && it->valuedouble > 0)
+            rate_add(c, s, (int64_t)it->valuedouble);
+    }
+}
+
+trigger_model_state *trigger_model_state_new(const trigger_model_matcher *m, const cJSON *stored)
+{
+    trigger_model_state *st;
+
+    if (!m || !(st = calloc(1, sizeof(*st))))
+        return NULL;
+    st->m = m;
+    if (m->n && !(st->c = calloc((size_t)m->n, sizeof(*st->c))))
+        goto fail;
+    for (int i = 0; i < m->n; i++) {
+        const mcond *c = &m->c[i];
+        const cJSON *e;
+
+        if (c->never || !is_stateful_type(c->type))
+            continue;
+        if (c->type == TRIGGER_COND_RATE_LIMIT && !(st->c[i].ring = calloc((size_t)c->nb, sizeof(int64_t))))
+            goto fail;
+        if (!cJSON_IsObject(stored) || !(e = entry_of(stored, c)))
+            continue;
+        if (c->type == TRIGGER_COND_EMA_THRESHOLD)
+            restore_ema(&st->c[i], e);
+        else
+            restore_rate(c, &st->c[i], e);
+    }
+    return st;
+fail:
+    trigger_model_state_free(st);
+    return NULL;
+}
+
+void trigger_model_state_free(trigger_model_state *st)
+{
+    if (!st)
+        return;
+    for (int i = 0; st->c && i < st->m->n; i++)
+        free(st->c[i].ring);
+    free(st->c);
+    free(st);
+}
+
+static int put_i64(buf *out, int64_t v)
+{
+    char n[24];
+
+    return buf_append(out, n, fmt_i64(n, (long long)v));
+}
+
+static int state_print(const trigger_model_state *st, buf *out)
+{
+    int first = 1, rc = 0;
+
+    rc |= buf_append(out, "{", 1);
+    for (int i = 0; i < st->m->n; i++) {
+        const mcond *c = &st->m->c[i];
+        const cstate *s = &st->c[i];
+
+        if (c->never || !is_stateful_type(c->type) || !s->fed)
+            continue;
+        if (!first)
+            rc |= buf_append(out, ",", 1);
+        first = 0;
+        rc |= buf_append(out, "\"", 1);
+        rc |= put_i64(out, c->idx);
+        if (c->type == TRIGGER_COND_EMA_THRESHOLD) {
+            char d[40];
+            int n = snprintf(d, sizeof(d), "%.17g", s->ema);
+
+            rc |= buf_puts(out, "\":{\"type\":\"ema_threshold\",\"window_size\":");
+            rc |= put_i64(out, c->window);
+            rc |= buf_puts(out, ",\"ema\":");
+            rc |= buf_append(out, d, (size_t)n);
+            rc |= buf_puts(out, ",\"count\":");
+            rc |= put_i64(out, s->count);
+        } else {
+            rc |= buf_puts(out, "\":{\"type\":\"rate_limit\",\"window_s\":");
+            rc |= put_i64(out, c->window);
+            rc |= buf_puts(out, ",\"bucket_s\":");
+            rc |= put_i64(out, c->bucket_s);
+            rc |= buf_puts(out, ",\"head\":");
+            rc |= put_i64(out, s->head);
+            rc |= buf_puts(out, ",\"counts\":[");
+            for (int64_t k = s->head - c->nb + 1; k <= s->head; k++) {
+                rc |= put_i64(out, *ring_at(c, s, k));
+                if (k < s->head)
+                    rc |= buf_append(out, ",", 1);
+            }
+            rc |= buf_append(out, "]", 1);
+        }
+        rc |= buf_append(out, "}", 1);
+    }
+    rc |= buf_append(out, "}", 1);
+    return rc || out->truncated ? -1 : 0;
+}
+
+char *trigger_model_state_text(const trigger_model_state *st, size_t *len)
+{
+    buf b;
+
+    if (!st)
+        return NULL;
+    /* 8 conditions of 128 counters of up to 20 digits fit well below. */
+    buf_init(&b, 64 * 1024);
+    if (state_print(st, &b) < 0) {
+        buf_free(&b);
+        return NULL;
+    }
+    if (len)
+        *len = b.len;
+    return buf_take(&b);
+}
+
+/* ------------------------------------------------------------------ */
+/* Matching.                                                            */
+
+/* Advances an EMA; returns 1/0 for the comparison. */
+static int eval_ema(const mcond *c, cstate *s, const cJSON *event)
 {
     int64_t score;
-    const cJSON *ema = cJSON_GetObjectItemCaseSensitive(e, "ema");
-    const cJSON *cnt = cJSON_GetObjectItemCaseSensitive(e, "count");
-    double x, count = cJSON_IsNumber(cnt) ? cnt->valuedouble : 0;
 
     if (event_model_get_i64(event, "score", &score) < 0)
         return 0;
-    if (count < 1 || !cJSON_IsNumber(ema))
-        x = (double)score;
-    else
-        x = c->alpha * (double)score + (1.0 - c->alpha) * ema->valuedouble;
-    set_num(e, "ema", x);
-    set_num(e, "count", count + 1);
-    return trigger_model_compare(x, c->op, c->num);
+    if (!s->fed) {
+        s->fed = 1;
+        s->ema = (double)score;
+        s->count = 0;
+    } else {
+        s->ema = c->alpha * (double)score + (1.0 - c->alpha) * s->ema;
+    }
+    s->count++;
+    return trigger_model_compare(s->ema, c->op, c->num);
 }
 
 /* The event's time in seconds: the `timestamp` column (block time, Unix
@@ -972,127 +1232,53 @@ static int64_t event_time(const cJSON *event, int64_t now_s)
     return t;
 }
 
-/* Links `item` into `array` just before its member `at`. Debian's cJSON
- * 1.7.15 cJSON_InsertItemInArray drops an item inserted between two others
- * (it is linked to nothing and leaks; [1,3] + 2 at 1 gives [1,3]), so a
- * rate_limit event older than the newest was never counted. */
-static void json_insert_before(cJSON *array, cJSON *at, cJSON *item)
+int trigger_model_match(const trigger_model_matcher *m, const cJSON *event, trigger_model_state *st, int *changed,
+                        int64_t now_s)
 {
-    item->next = at;
-    if (at == array->child) {
-        item->prev = at->prev; /* the last item, as cJSON keeps it */
-        array->child = item;
-    } else {
-        item->prev = at->prev;
-        at->prev->next = item;
-    }
-    at->prev = item;
-}
-
-/* Advances a rate_limit entry: the kept times stay sorted; those out of the
- * window before the newest one are dropped; only the newest `cap` are kept,
- * which is enough to compare the count against the threshold. */
-static int eval_rate(const mcond *c, cJSON *e, const cJSON *event, int64_t now_s)
-{
-    int64_t t = event_time(event, now_s), newest, count = 0;
-    cJSON *times = cJSON_GetObjectItemCaseSensitive(e, "times"), *it, *next, *nt;
-
-    if (!cJSON_IsArray(times)) {
-        cJSON_DeleteItemFromObjectCaseSensitive(e, "times");
-        if (!(times = cJSON_AddArrayToObject(e, "times")))
-            return -1;
-    }
-    /* Sorted insert. */
-    cJSON_ArrayForEach(it, times)
-    {
-        if (!cJSON_IsNumber(it) || it->valuedouble > (double)t)
-            break;
-    }
-    if (!(nt = cJSON_CreateNumber((double)t)))
-        return -1;
-    if (!it)
-        cJSON_AddItemToArray(times, nt);
-    else
-        json_insert_before(times, it, nt);
-    /* Drop what fell out of the window of the newest time, and anything
-     * that is not a number. */
-    it = cJSON_GetArrayItem(times, cJSON_GetArraySize(times) - 1);
-    newest = cJSON_IsNumber(it) ? (int64_t)it->valuedouble : t;
-    for (it = times->child; it; it = next) {
-        next = it->next;
-        if (!cJSON_IsNumber(it) || (int64_t)it->valuedouble <= newest - c->window)
-            cJSON_Delete(cJSON_DetachItemViaPointer(times, it));
-    }
-    while (cJSON_GetArraySize(times) > c->cap)
-        cJSON_DeleteItemFromArray(times, 0);
-    /* Count the events within (t - window, t]. */
-    cJSON_ArrayForEach(it, times)
-    {
-        int64_t x = (int64_t)it->valuedouble;
-
-        if (x > t - c->window && x <= t)
-            count++;
-    }
-    return trigger_model_compare((double)count, c->op, c->num);
-}
-
-int trigger_model_match(const trigger_model_matcher *m, const cJSON *event, const cJSON *state_in,
-                        cJSON **state_out, int64_t now_s)
-{
-    cJSON *st = NULL;
     int ok = 1;
 
-    *state_out = NULL;
+    if (changed)
+        *changed = 0;
     if (!m || m->never)
         return 0;
     for (int i = 0; i < m->n; i++) {
         const mcond *c = &m->c[i];
 
-        if (c->type == TRIGGER_COND_EMA_THRESHOLD || c->type == TRIGGER_COND_RATE_LIMIT)
+        if (is_stateful_type(c->type))
             continue;
         if (!stateless_ok(c, event))
             return 0;
     }
     if (!m->stateful)
         return 1;
-    st = cJSON_IsObject(state_in) ? cJSON_Duplicate(state_in, 1) : cJSON_CreateObject();
-    if (!st)
+    if (!st || st->m != m)
         return -1;
     /* Every stateful condition sees every event that passed the stateless
      * ones, so each EMA or count is over the same stream of events. */
     for (int i = 0; i < m->n; i++) {
         const mcond *c = &m->c[i];
-        cJSON *e;
         int r;
 
-        if (c->type != TRIGGER_COND_EMA_THRESHOLD && c->type != TRIGGER_COND_RATE_LIMIT)
+        if (!is_stateful_type(c->type))
             continue;
-        if (!(e = state_entry(st, c)))
-            goto oom;
-        r = c->type == TRIGGER_COND_EMA_THRESHOLD ? eval_ema(c, e, event) : eval_rate(c, e, event, now_s);
-        if (r < 0)
-            goto oom;
+        if (c->type == TRIGGER_COND_EMA_THRESHOLD)
+            r = eval_ema(c, &st->c[i], event);
+        else
+            r = trigger_model_compare((double)rate_add(c, &st->c[i], event_time(event, now_s)), c->op, c->num);
         if (!r)
             ok = 0;
     }
     if (ok) {
         for (int i = 0; i < m->n; i++) {
             const mcond *c = &m->c[i];
-            char key[16];
-            cJSON *e, *times;
 
-            if (c->type != TRIGGER_COND_RATE_LIMIT || !c->reset)
-                continue;
-            snprintf(key, sizeof(key), "%d", c->idx);
-            e = cJSON_GetObjectItemCaseSensitive(st, key);
-            if (!e || !(times = cJSON_CreateArray()))
-                goto oom;
-            cJSON_ReplaceItemInObjectCaseSensitive(e, "times", times);
+            if (c->type == TRIGGER_COND_RATE_LIMIT && c->reset) {
+                memset(st->c[i].ring, 0, (size_t)c->nb * sizeof(int64_t));
+                st->c[i].sum = 0;
+            }
         }
     }
-    *state_out = st;
+    if (changed)
+        *changed = 1;
     return ok;
-oom:
-    cJSON_Delete(st);
-    return -1;
 }

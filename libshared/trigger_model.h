@@ -16,6 +16,7 @@
  *   ema_threshold      config {window_size: integer > 0}, operator, value: a number
  *   rate_limit         config {time_window: "<n>s|m|h|d", reset_on_trigger?: bool},
  *                      operator, value: a number (0..TRIGGER_MODEL_MAX_RATE)
+ * At most TRIGGER_MODEL_MAX_STATEFUL of the last two per trigger.
  * Operators: < > = == <= >= != <> ("=" and "==" are equality, "!=" and "<>"
  * inequality). Stored values are text (trigger_conditions.value): a number
  * given as 50 is stored as "50".
@@ -36,6 +37,7 @@
 #ifndef AE_TRIGGER_MODEL_H
 #define AE_TRIGGER_MODEL_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include <cjson/cJSON.h>
@@ -47,8 +49,19 @@
 #define TRIGGER_MODEL_MAX_ACTIONS 16
 #define TRIGGER_MODEL_MAX_PRIORITY 100
 #define TRIGGER_MODEL_MAX_WINDOW_SIZE 100000 /* ema_threshold window_size */
-#define TRIGGER_MODEL_MAX_RATE 100000        /* rate_limit threshold: bounds its state */
+#define TRIGGER_MODEL_MAX_RATE 100000        /* rate_limit threshold */
 #define TRIGGER_MODEL_MAX_TIMEOUT_MS 300000
+/* What one user can make the shared matching loop do (issue 10): a trigger
+ * has at most this many stateful conditions (ema_threshold and rate_limit
+ * together; a stored trigger beyond it never matches), and a user at most
+ * this many triggers (enforced by the gateway on create). */
+#define TRIGGER_MODEL_MAX_STATEFUL 8
+#define TRIGGER_MODEL_MAX_TRIGGERS_PER_USER 100
+/* rate_limit counts events in this many time buckets per window, whatever
+ * the count: a window of w seconds has buckets of ceil(w/128) seconds, so
+ * windows up to 128 s are exact to the second and longer ones have their
+ * far edge rounded to a bucket (less than 1/128 of the window). */
+#define TRIGGER_MODEL_RATE_BUCKETS 128
 
 typedef enum {
     TRIGGER_COND_UNKNOWN = 0, /* only from stored rows: never matches */
@@ -129,6 +142,14 @@ int trigger_model_validate(const cJSON *body, cJSON **details_out);
  * value of triggers.is_stateful). */
 int trigger_model_def_is_stateful(const trigger_model_def *def);
 
+/* The number of ema_threshold and rate_limit conditions of the def. */
+int trigger_model_def_stateful_count(const trigger_model_def *def);
+
+/* The per-user limit: returns 0 when a user who has `existing` triggers
+ * may create one more, else -1 with the problem added to `details` (member
+ * "triggers"), for the gateway's 400. */
+int trigger_model_check_user_triggers(long long existing, cJSON *details);
+
 /* The same from a JSON array of conditions (body or stored form): nonzero
  * when any element's condition_type is ema_threshold or rate_limit. */
 int trigger_model_is_stateful(const cJSON *conditions);
@@ -185,6 +206,33 @@ const char *trigger_model_matcher_event_type(const trigger_model_matcher *m);
  * requires (an agent_id_equals condition), else 0. */
 int trigger_model_matcher_agent_id(const trigger_model_matcher *m, int64_t *agent_id);
 
+/* The stateful conditions' state of one trigger (opaque), made for one
+ * matcher and changed in place by trigger_model_match: no copy per event.
+ * Its size does not depend on the counts: an EMA and its count per
+ * ema_threshold, TRIGGER_MODEL_RATE_BUCKETS counters per rate_limit. */
+typedef struct trigger_model_state trigger_model_state;
+
+/* A state for matcher `m` (which must outlive it), restored from the
+ * stored state_data `stored` (NULL or not an object: a fresh state).
+ * Entries whose type or window differ from the condition (the trigger was
+ * edited) restart; rate_limit entries of the earlier layout (a "times"
+ * array) are converted. Returns NULL on OOM; free with
+ * trigger_model_state_free (NULL is a no-op). */
+trigger_model_state *trigger_model_state_new(const trigger_model_matcher *m, const cJSON *stored);
+void trigger_model_state_free(trigger_model_state *st);
+
+/* The state as the JSON text stored in trigger_state.state_data: a
+ * malloc'd string the caller frees (NULL on OOM), its length in *len when
+ * `len` is not NULL. At most about 2.5 KiB per stateful condition. Layout:
+ * {"<i>": {...}} keyed by the condition's index in the array given to
+ * trigger_model_matcher_new, for conditions an event reached:
+ *   ema_threshold  {"type":"ema_threshold","window_size":n,"ema":x,"count":k}
+ *   rate_limit     {"type":"rate_limit","window_s":w,"bucket_s":b,"head":h,
+ *                   "counts":[c0,...]}: the events counted per bucket of b
+ *                  seconds (bucket = floor(time / b)), the nb = ceil(w/b)
+ *                  buckets up to bucket h, oldest first. */
+char *trigger_model_state_text(const trigger_model_state *st, size_t *len);
+
 /* Evaluates the matcher against `event` (an object as event_model_from_row
  * builds it; integer members may be numbers, raw numbers or decimal
  * strings). Stateless conditions are ANDed first; the stateful ones
@@ -192,32 +240,26 @@ int trigger_model_matcher_agent_id(const trigger_model_matcher *m, int64_t *agen
  * only for events that pass every stateless condition. A field the event
  * lacks (missing or null) makes its condition false.
  *
- * `state_in` is the trigger's stored state_data (or NULL when none).
- * When the event reached the stateful conditions, *state_out is set to the
- * new state_data (a new object the caller frees with cJSON_Delete, to be
- * stored in trigger_state); otherwise *state_out is NULL and the state is
- * unchanged. `now_s` is the clock (Unix seconds) rate_limit uses when the
- * event has no `timestamp` column.
- *
- * State layout: {"<i>": {...}} keyed by the condition's index in the array
- * given to trigger_model_matcher_new:
- *   ema_threshold  {"type":"ema_threshold","window_size":n,"ema":x,"count":k}
- *   rate_limit     {"type":"rate_limit","window_s":w,"times":[t1,...]}
- *                  (times of the events counted, oldest first, at most
- *                  ceil(value)+2 of them: enough to decide any operator).
- * An entry whose type or parameters differ from the condition (the
- * trigger was edited) is discarded and the state restarts.
+ * `st` is the trigger's state (from trigger_model_state_new for this
+ * matcher; may be NULL for a matcher that is not stateful). When the event
+ * reached the stateful conditions, `st` is changed in place and *changed
+ * (when not NULL) is set to 1, else 0. `now_s` is the clock (Unix seconds)
+ * rate_limit uses when the event has no `timestamp` column.
  *
  * EMA: alpha = 2/(window_size+1); the first score seeds the EMA; each later
  * score gives ema = alpha*score + (1-alpha)*ema; the NEW ema is compared.
  * Events without a score leave the EMA unchanged and do not match.
- * rate_limit: counts the events that reached it within the window
- * (time_window seconds up to and including this event's time), this event
- * included, and compares the count; with reset_on_trigger the count
- * restarts after the trigger matched.
+ * rate_limit: counts the events that reached it within the window, this
+ * event included, and compares the count. The window is the buckets up to
+ * and including this event's (see TRIGGER_MODEL_RATE_BUCKETS), of those
+ * the state keeps: the newest event seen so far decides which are kept, so
+ * an event that arrives after newer ones counts the kept events up to its
+ * own bucket, and one older than every kept bucket counts alone (1). With
+ * reset_on_trigger the count restarts after the trigger matched.
  *
- * Returns 1 when every condition holds, 0 when not, -1 on OOM. */
-int trigger_model_match(const trigger_model_matcher *m, const cJSON *event, const cJSON *state_in,
-                        cJSON **state_out, int64_t now_s);
+ * Returns 1 when every condition holds, 0 when not, -1 when a stateful
+ * matcher gets no state (or one made for another matcher). */
+int trigger_model_match(const trigger_model_matcher *m, const cJSON *event, trigger_model_state *st, int *changed,
+                        int64_t now_s);
 
 #endif

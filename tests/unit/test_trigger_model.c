@@ -24,22 +24,39 @@ static cJSON *J(const char *s)
     return j;
 }
 
-/* Matches `event` against `conds` statelessly (state must not change). */
+/* Matches `event` against `conds` once, from a fresh state. */
 static int m1(const char *conds, const char *event)
 {
-    cJSON *c = J(conds), *e = J(event), *st = NULL;
+    cJSON *c = J(conds), *e = J(event);
     trigger_model_matcher *m = trigger_model_matcher_new(c, "t");
-    int r;
+    trigger_model_state *st;
+    int r, changed = -1;
 
     assert_non_null(m);
-    r = trigger_model_match(m, e, NULL, &st, 1000);
+    st = trigger_model_state_new(m, NULL);
+    assert_non_null(st);
+    r = trigger_model_match(m, e, st, &changed, 1000);
     if (!trigger_model_matcher_stateful(m))
-        assert_null(st);
-    cJSON_Delete(st);
+        assert_int_equal(changed, 0);
+    trigger_model_state_free(st);
     trigger_model_matcher_free(m);
     cJSON_Delete(c);
     cJSON_Delete(e);
     return r;
+}
+
+/* The state as stored (parsed back), for checks; the caller deletes it. */
+static cJSON *state_json(const trigger_model_state *st)
+{
+    size_t len = 0;
+    char *txt = trigger_model_state_text(st, &len);
+    cJSON *j;
+
+    assert_non_null(txt);
+    assert_int_equal(strlen(txt), len);
+    j = J(txt);
+    free(txt);
+    return j;
 }
 
 static const char *msg(const cJSON *d, const char *key)
@@ -256,52 +273,76 @@ static void test_ema_sequence(void **state)
     cJSON *c = J("[{\"condition_type\":\"ema_threshold\",\"operator\":\">\",\"value\":\"60\","
                  "\"config\":{\"window_size\":3}}]");
     trigger_model_matcher *m = trigger_model_matcher_new(c, "t");
+    trigger_model_state *st = trigger_model_state_new(m, NULL);
     const int scores[] = {50, 70, 90, 20, 100};
     /* alpha = 0.5: 50, 60, 75, 47.5, 73.75 */
     const double want[] = {50, 60, 75, 47.5, 73.75};
     const int match[] = {0, 0, 1, 0, 1};
-    cJSON *st = NULL;
 
     (void)state;
+    assert_non_null(st);
     for (int i = 0; i < 5; i++) {
         char ev[64];
-        cJSON *e, *out = NULL;
-        const cJSON *ent, *ema, *cnt;
+        cJSON *e, *j;
+        const cJSON *ent;
+        int changed = 0;
 
         snprintf(ev, sizeof(ev), "{\"score\":%d}", scores[i]);
         e = J(ev);
-        assert_int_equal(trigger_model_match(m, e, st, &out, 0), match[i]);
-        assert_non_null(out);
-        ent = cJSON_GetObjectItem(out, "0");
-        ema = cJSON_GetObjectItem(ent, "ema");
-        cnt = cJSON_GetObjectItem(ent, "count");
-        assert_true(fabs(ema->valuedouble - want[i]) < 1e-9);
-        assert_int_equal((int)cnt->valuedouble, i + 1);
-        cJSON_Delete(st);
-        st = out;
+        assert_int_equal(trigger_model_match(m, e, st, &changed, 0), match[i]);
+        assert_int_equal(changed, 1);
+        j = state_json(st);
+        ent = cJSON_GetObjectItem(j, "0");
+        assert_string_equal(cJSON_GetObjectItem(ent, "type")->valuestring, "ema_threshold");
+        assert_true(fabs(cJSON_GetObjectItem(ent, "ema")->valuedouble - want[i]) < 1e-9);
+        assert_int_equal((int)cJSON_GetObjectItem(ent, "count")->valuedouble, i + 1);
+        cJSON_Delete(j);
         cJSON_Delete(e);
     }
     /* An event without a score: no match, EMA unchanged. */
     {
-        cJSON *e = J("{\"agent_id\":1}"), *out = NULL;
+        cJSON *e = J("{\"agent_id\":1}"), *j;
 
-        assert_int_equal(trigger_model_match(m, e, st, &out, 0), 0);
-        assert_true(fabs(cJSON_GetObjectItem(cJSON_GetObjectItem(out, "0"), "ema")->valuedouble - 73.75) < 1e-9);
-        cJSON_Delete(out);
+        assert_int_equal(trigger_model_match(m, e, st, NULL, 0), 0);
+        j = state_json(st);
+        assert_true(fabs(cJSON_GetObjectItem(cJSON_GetObjectItem(j, "0"), "ema")->valuedouble - 73.75) < 1e-9);
+        /* The stored state carries on where it was. */
+        {
+            trigger_model_state *back = trigger_model_state_new(m, j);
+            cJSON *e2 = J("{\"score\":100}"), *j2;
+
+            assert_int_equal(trigger_model_match(m, e2, back, NULL, 0), 1);
+            j2 = state_json(back);
+            assert_true(fabs(cJSON_GetObjectItem(cJSON_GetObjectItem(j2, "0"), "ema")->valuedouble - 86.875) < 1e-9);
+            cJSON_Delete(j2);
+            cJSON_Delete(e2);
+            trigger_model_state_free(back);
+        }
+        cJSON_Delete(j);
         cJSON_Delete(e);
     }
     /* A stale state (other window size) restarts from the new score. */
     {
         cJSON *old = J("{\"0\":{\"type\":\"ema_threshold\",\"window_size\":9,\"ema\":1000,\"count\":5}}");
-        cJSON *e = J("{\"score\":61}"), *out = NULL;
+        cJSON *e = J("{\"score\":61}"), *j;
+        trigger_model_state *st2 = trigger_model_state_new(m, old);
 
-        assert_int_equal(trigger_model_match(m, e, old, &out, 0), 1);
-        assert_true(fabs(cJSON_GetObjectItem(cJSON_GetObjectItem(out, "0"), "ema")->valuedouble - 61) < 1e-9);
-        cJSON_Delete(out);
+        assert_int_equal(trigger_model_match(m, e, st2, NULL, 0), 1);
+        j = state_json(st2);
+        assert_true(fabs(cJSON_GetObjectItem(cJSON_GetObjectItem(j, "0"), "ema")->valuedouble - 61) < 1e-9);
+        cJSON_Delete(j);
+        trigger_model_state_free(st2);
         cJSON_Delete(old);
         cJSON_Delete(e);
     }
-    cJSON_Delete(st);
+    /* A stateful matcher needs a state made for it. */
+    {
+        cJSON *e = J("{\"score\":61}");
+
+        assert_int_equal(trigger_model_match(m, e, NULL, NULL, 0), -1);
+        cJSON_Delete(e);
+    }
+    trigger_model_state_free(st);
     trigger_model_matcher_free(m);
     cJSON_Delete(c);
 }
@@ -313,91 +354,356 @@ static void test_ema_sees_only_passing_events(void **state)
                  "{\"condition_type\":\"ema_threshold\",\"operator\":\">=\",\"value\":\"0\","
                  "\"config\":{\"window_size\":1}}]");
     trigger_model_matcher *m = trigger_model_matcher_new(c, "t");
-    cJSON *e = J("{\"agent_id\":8,\"score\":10}"), *out = NULL;
+    trigger_model_state *st = trigger_model_state_new(m, NULL);
+    cJSON *e = J("{\"agent_id\":8,\"score\":10}"), *j;
+    int changed = -1;
 
     (void)state;
-    assert_int_equal(trigger_model_match(m, e, NULL, &out, 0), 0);
-    assert_null(out);
+    assert_int_equal(trigger_model_match(m, e, st, &changed, 0), 0);
+    assert_int_equal(changed, 0);
+    j = state_json(st);
+    assert_int_equal(cJSON_GetArraySize(j), 0);
+    cJSON_Delete(j);
     cJSON_Delete(e);
     e = J("{\"agent_id\":7,\"score\":10}");
-    assert_int_equal(trigger_model_match(m, e, NULL, &out, 0), 1);
-    assert_non_null(cJSON_GetObjectItem(out, "1"));
-    cJSON_Delete(out);
+    assert_int_equal(trigger_model_match(m, e, st, &changed, 0), 1);
+    assert_int_equal(changed, 1);
+    j = state_json(st);
+    assert_non_null(cJSON_GetObjectItem(j, "1"));
+    cJSON_Delete(j);
     cJSON_Delete(e);
+    trigger_model_state_free(st);
     trigger_model_matcher_free(m);
     cJSON_Delete(c);
 }
 
-static int rate_step(trigger_model_matcher *m, cJSON **st, long ts)
+/* One rate_limit condition `op value` over `window`, with its state. */
+typedef struct {
+    cJSON *c;
+    trigger_model_matcher *m;
+    trigger_model_state *st;
+} rl;
+
+static rl rl_new(const char *op, const char *value, const char *window, int reset)
+{
+    char conds[256];
+    rl r;
+
+    snprintf(conds, sizeof(conds),
+             "[{\"condition_type\":\"rate_limit\",\"operator\":\"%s\",\"value\":\"%s\","
+             "\"config\":{\"time_window\":\"%s\",\"reset_on_trigger\":%s}}]",
+             op, value, window, reset ? "true" : "false");
+    r.c = J(conds);
+    r.m = trigger_model_matcher_new(r.c, "t");
+    assert_non_null(r.m);
+    assert_false(trigger_model_matcher_never(r.m));
+    r.st = trigger_model_state_new(r.m, NULL);
+    assert_non_null(r.st);
+    return r;
+}
+
+static void rl_free(rl *r)
+{
+    trigger_model_state_free(r->st);
+    trigger_model_matcher_free(r->m);
+    cJSON_Delete(r->c);
+}
+
+/* One event at `ts` (none: the clock, 5000). */
+static int rate_step(rl *r, long ts)
 {
     char ev[64];
-    cJSON *e, *out = NULL;
-    int r;
+    cJSON *e;
+    int res, changed = 0;
 
     if (ts >= 0)
         snprintf(ev, sizeof(ev), "{\"timestamp\":%ld}", ts);
     else
         snprintf(ev, sizeof(ev), "{}");
     e = J(ev);
-    r = trigger_model_match(m, e, *st, &out, 5000);
-    assert_non_null(out);
-    cJSON_Delete(*st);
-    *st = out;
+    res = trigger_model_match(r->m, e, r->st, &changed, 5000);
+    assert_int_equal(changed, 1);
     cJSON_Delete(e);
-    return r;
+    return res;
+}
+
+/* The sum of the counts kept for condition "0". */
+static long kept(const rl *r)
+{
+    cJSON *j = state_json(r->st), *it;
+    long n = 0;
+
+    cJSON_ArrayForEach(it, cJSON_GetObjectItem(cJSON_GetObjectItem(j, "0"), "counts")) n += (long)it->valuedouble;
+    cJSON_Delete(j);
+    return n;
 }
 
 static void test_rate_limit_window(void **state)
 {
-    cJSON *c = J("[{\"condition_type\":\"rate_limit\",\"operator\":\">=\",\"value\":\"3\","
-                 "\"config\":{\"time_window\":\"60s\"}}]");
-    trigger_model_matcher *m = trigger_model_matcher_new(c, "t");
-    cJSON *st = NULL;
+    rl r = rl_new(">=", "3", "60s", 0);
+    cJSON *j;
 
     (void)state;
-    assert_int_equal(rate_step(m, &st, 1000), 0); /* 1 */
-    assert_int_equal(rate_step(m, &st, 1010), 0); /* 2 */
-    assert_int_equal(rate_step(m, &st, 1020), 1); /* 3 */
-    assert_int_equal(rate_step(m, &st, 1030), 1); /* 4 */
-    assert_int_equal(rate_step(m, &st, 1075), 1); /* 1020,1030,1075 = 3 (1000,1010 left the window) */
-    assert_int_equal(rate_step(m, &st, 1200), 0); /* alone */
-    /* Bounded: never more than ceil(3)+2 times kept. */
-    for (int i = 0; i < 50; i++)
-        rate_step(m, &st, 1201 + i);
-    assert_true(cJSON_GetArraySize(cJSON_GetObjectItem(cJSON_GetObjectItem(st, "0"), "times")) <= 5);
+    assert_int_equal(rate_step(&r, 1000), 0); /* 1 */
+    assert_int_equal(rate_step(&r, 1010), 0); /* 2 */
+    assert_int_equal(rate_step(&r, 1020), 1); /* 3 */
+    assert_int_equal(rate_step(&r, 1030), 1); /* 4 */
+    assert_int_equal(rate_step(&r, 1075), 1); /* 1020,1030,1075 = 3 (1000,1010 left the window) */
+    assert_int_equal(rate_step(&r, 1200), 0); /* alone */
+    /* Bounded: one counter per second of a 60 s window, whatever the count. */
+    for (int i = 0; i < 500; i++)
+        rate_step(&r, 1201 + i / 10);
+    j = state_json(r.st);
+    assert_int_equal(cJSON_GetArraySize(cJSON_GetObjectItem(cJSON_GetObjectItem(j, "0"), "counts")), 60);
+    assert_int_equal((int)cJSON_GetObjectItem(cJSON_GetObjectItem(j, "0"), "bucket_s")->valuedouble, 1);
+    cJSON_Delete(j);
     /* No timestamp: the clock given (5000) is used. */
-    assert_int_equal(rate_step(m, &st, -1), 0);
-    cJSON_Delete(st);
-    trigger_model_matcher_free(m);
-    cJSON_Delete(c);
+    assert_int_equal(rate_step(&r, -1), 0);
+    assert_int_equal(kept(&r), 1);
+    rl_free(&r);
+}
+
+/* Windows up to 128 s count to the second: an event exactly one window
+ * later no longer sees the first, one second less does. */
+static void test_rate_limit_window_edges(void **state)
+{
+    rl r = rl_new(">=", "2", "60s", 0);
+
+    (void)state;
+    assert_int_equal(rate_step(&r, 1000), 0);
+    assert_int_equal(rate_step(&r, 1060), 0); /* (1000, 1060]: 1000 is out */
+    assert_int_equal(rate_step(&r, 1119), 1); /* (1059, 1119]: 1060 is in */
+    rl_free(&r);
+    r = rl_new(">=", "2", "128s", 0);
+    assert_int_equal(rate_step(&r, 1000), 0);
+    assert_int_equal(rate_step(&r, 1127), 1); /* 127 s later: in */
+    assert_int_equal(rate_step(&r, 1254), 1); /* with 1127 */
+    assert_int_equal(rate_step(&r, 1382), 0); /* 1254 is 128 s back: out */
+    rl_free(&r);
+}
+
+/* Longer windows count in 128 buckets: 1 h has buckets of 29 s, 125 of
+ * them (3625 s), and the far edge moves a bucket at a time. */
+static void test_rate_limit_long_window_buckets(void **state)
+{
+    rl r = rl_new(">=", "2", "1h", 0);
+    cJSON *j;
+
+    (void)state;
+    assert_int_equal(rate_step(&r, 29 * 1000), 0);        /* bucket 1000 */
+    assert_int_equal(rate_step(&r, 29 * 1000 + 3624), 1); /* bucket 1124: 1000 still kept */
+    j = state_json(r.st);
+    assert_int_equal((int)cJSON_GetObjectItem(cJSON_GetObjectItem(j, "0"), "bucket_s")->valuedouble, 29);
+    assert_int_equal(cJSON_GetArraySize(cJSON_GetObjectItem(cJSON_GetObjectItem(j, "0"), "counts")), 125);
+    assert_int_equal((int)cJSON_GetObjectItem(cJSON_GetObjectItem(j, "0"), "head")->valuedouble, 1124);
+    cJSON_Delete(j);
+    rl_free(&r);
+    r = rl_new(">=", "2", "1h", 0);
+    assert_int_equal(rate_step(&r, 29 * 1000 + 28), 0);   /* bucket 1000, its last second */
+    assert_int_equal(rate_step(&r, 29 * 1000 + 3625), 0); /* bucket 1125: 1000 has left */
+    assert_int_equal(kept(&r), 1);
+    rl_free(&r);
+    /* 365 days, the longest window: still 128 counters at most. */
+    r = rl_new(">", "99999", "365d", 0);
+    for (long i = 0; i < 99999; i++)
+        assert_int_equal(rate_step(&r, 1700000000 + i * 300), 0); /* one every 5 min */
+    assert_int_equal(rate_step(&r, 1700000000 + 99999L * 300), 1); /* number 100000 */
+    j = state_json(r.st);
+    assert_true(cJSON_GetArraySize(cJSON_GetObjectItem(cJSON_GetObjectItem(j, "0"), "counts")) <= 128);
+    cJSON_Delete(j);
+    rl_free(&r);
 }
 
 static void test_rate_limit_reset_and_ops(void **state)
 {
-    cJSON *c = J("[{\"condition_type\":\"rate_limit\",\"operator\":\">\",\"value\":\"1\","
-                 "\"config\":{\"time_window\":\"1h\",\"reset_on_trigger\":true}}]");
-    trigger_model_matcher *m = trigger_model_matcher_new(c, "t");
-    cJSON *st = NULL;
+    rl r = rl_new(">", "1", "1h", 1);
 
     (void)state;
-    assert_int_equal(rate_step(m, &st, 100), 0); /* 1 */
-    assert_int_equal(rate_step(m, &st, 101), 1); /* 2 > 1: match, reset */
-    assert_int_equal(cJSON_GetArraySize(cJSON_GetObjectItem(cJSON_GetObjectItem(st, "0"), "times")), 0);
-    assert_int_equal(rate_step(m, &st, 102), 0); /* 1 again */
-    assert_int_equal(rate_step(m, &st, 103), 1);
-    cJSON_Delete(st);
-    trigger_model_matcher_free(m);
-    cJSON_Delete(c);
+    assert_int_equal(rate_step(&r, 100), 0); /* 1 */
+    assert_int_equal(rate_step(&r, 101), 1); /* 2 > 1: match, reset */
+    assert_int_equal(kept(&r), 0);
+    assert_int_equal(rate_step(&r, 102), 0); /* 1 again */
+    assert_int_equal(rate_step(&r, 103), 1);
+    assert_int_equal(kept(&r), 0);
+    /* A reset state survives being stored. */
+    {
+        cJSON *j = state_json(r.st);
+        trigger_model_state *back = trigger_model_state_new(r.m, j);
+
+        trigger_model_state_free(r.st);
+        r.st = back;
+        cJSON_Delete(j);
+        assert_int_equal(rate_step(&r, 104), 0);
+        assert_int_equal(rate_step(&r, 105), 1);
+    }
+    rl_free(&r);
+    /* Without reset_on_trigger the count goes on. */
+    r = rl_new(">", "1", "1h", 0);
+    assert_int_equal(rate_step(&r, 100), 0);
+    assert_int_equal(rate_step(&r, 101), 1);
+    assert_int_equal(rate_step(&r, 102), 1);
+    assert_int_equal(kept(&r), 3);
+    rl_free(&r);
     /* "<" : fewer than 2 in the window. */
-    c = J("[{\"condition_type\":\"rate_limit\",\"operator\":\"<\",\"value\":\"2\",\"config\":{\"time_window\":\"1m\"}}]");
+    r = rl_new("<", "2", "1m", 0);
+    assert_int_equal(rate_step(&r, 100), 1);
+    assert_int_equal(rate_step(&r, 110), 0);
+    assert_int_equal(rate_step(&r, 300), 1);
+    rl_free(&r);
+}
+
+/* Events that arrive after newer ones: each counts the kept events up to
+ * its own time; one older than everything kept counts alone and is not
+ * kept. */
+static void test_rate_limit_out_of_order(void **state)
+{
+    rl r = rl_new(">=", "5", "1h", 0);
+    const int ts[] = {100, 250, 200, 150, 300};
+
+    (void)state;
+    for (int i = 0; i < 5; i++)
+        assert_int_equal(rate_step(&r, 1700000000 + ts[i]), i == 4); /* the fifth makes 5 in the hour */
+    assert_int_equal(kept(&r), 5);
+    rl_free(&r);
+
+    r = rl_new(">=", "3", "60s", 0);
+    assert_int_equal(rate_step(&r, 1000), 0); /* 1 */
+    assert_int_equal(rate_step(&r, 1050), 0); /* 2 */
+    assert_int_equal(rate_step(&r, 1020), 0); /* late: 1000, 1020 (1050 is after it) */
+    assert_int_equal(rate_step(&r, 1051), 1); /* 1000, 1020, 1050, 1051 */
+    assert_int_equal(rate_step(&r, 900), 0);  /* before everything kept: alone */
+    assert_int_equal(kept(&r), 4);            /* and not kept */
+    assert_int_equal(rate_step(&r, 1052), 1);
+    assert_int_equal(kept(&r), 5);
+    rl_free(&r);
+}
+
+/* The worst trigger the limits allow keeps a state of bounded size, and
+ * the stored form restores the same counts. */
+static void test_rate_limit_state_bounded_and_roundtrip(void **state)
+{
+    char conds[4096];
+    size_t off = 0;
+    cJSON *c, *j;
+    trigger_model_matcher *m;
+    trigger_model_state *st, *back;
+    char *a, *b;
+    size_t len = 0;
+
+    (void)state;
+    off += (size_t)snprintf(conds + off, sizeof(conds) - off, "[");
+    for (int i = 0; i < TRIGGER_MODEL_MAX_STATEFUL; i++)
+        off += (size_t)snprintf(conds + off, sizeof(conds) - off,
+                                "%s{\"condition_type\":\"rate_limit\",\"operator\":\">=\",\"value\":\"100000\","
+                                "\"config\":{\"time_window\":\"%dd\"}}",
+                                i ? "," : "", 365 - i);
+    snprintf(conds + off, sizeof(conds) - off, "]");
+    c = J(conds);
     m = trigger_model_matcher_new(c, "t");
-    st = NULL;
-    assert_int_equal(rate_step(m, &st, 100), 1);
-    assert_int_equal(rate_step(m, &st, 110), 0);
-    assert_int_equal(rate_step(m, &st, 300), 1);
-    cJSON_Delete(st);
+    assert_false(trigger_model_matcher_never(m));
+    st = trigger_model_state_new(m, NULL);
+    for (long i = 0; i < 200000; i++) {
+        char ev[64];
+        cJSON *e;
+
+        snprintf(ev, sizeof(ev), "{\"timestamp\":%ld}", 1700000000 + i * 60);
+        e = J(ev);
+        assert_int_equal(trigger_model_match(m, e, st, NULL, 0), i >= 99999);
+        cJSON_Delete(e);
+    }
+    a = trigger_model_state_text(st, &len);
+    assert_non_null(a);
+    assert_true(len < (size_t)TRIGGER_MODEL_MAX_STATEFUL * 2600);
+    j = J(a);
+    back = trigger_model_state_new(m, j);
+    b = trigger_model_state_text(back, NULL);
+    assert_string_equal(a, b);
+    free(a);
+    free(b);
+    cJSON_Delete(j);
+    trigger_model_state_free(back);
+    trigger_model_state_free(st);
     trigger_model_matcher_free(m);
     cJSON_Delete(c);
+}
+
+/* trigger_state rows written before the buckets ("times") keep their counts. */
+static void test_rate_limit_legacy_state(void **state)
+{
+    rl r = rl_new(">=", "4", "60s", 0);
+    cJSON *old = J("{\"0\":{\"type\":\"rate_limit\",\"window_s\":60,\"times\":[1000,1010,1020]}}");
+    cJSON *stale = J("{\"0\":{\"type\":\"rate_limit\",\"window_s\":3600,\"times\":[1000,1010,1020]}}");
+
+    (void)state;
+    trigger_model_state_free(r.st);
+    r.st = trigger_model_state_new(r.m, old);
+    assert_int_equal(kept(&r), 3);
+    assert_int_equal(rate_step(&r, 1030), 1); /* 4 */
+    trigger_model_state_free(r.st);
+    r.st = trigger_model_state_new(r.m, stale); /* another window: restarts */
+    assert_int_equal(rate_step(&r, 1030), 0);
+    assert_int_equal(kept(&r), 1);
+    cJSON_Delete(old);
+    cJSON_Delete(stale);
+    rl_free(&r);
+}
+
+/* The limits that keep one trigger or user from stalling everyone's
+ * matching, the same for the gateway (validation) and the processor
+ * (stored rows). */
+static void test_limits(void **state)
+{
+    char body[8192], conds[6000];
+    cJSON *b, *d = NULL, *c;
+    trigger_model_matcher *m;
+    size_t off;
+
+    (void)state;
+    for (int n = TRIGGER_MODEL_MAX_STATEFUL; n <= TRIGGER_MODEL_MAX_STATEFUL + 1; n++) {
+        off = (size_t)snprintf(conds, sizeof(conds), "[");
+        for (int i = 0; i < n; i++)
+            off += (size_t)snprintf(conds + off, sizeof(conds) - off,
+                                    "%s{\"condition_type\":\"%s\",\"operator\":\">\",\"value\":\"1\","
+                                    "\"config\":{\"time_window\":\"1h\",\"window_size\":3}}",
+                                    i ? "," : "", i % 2 ? "ema_threshold" : "rate_limit");
+        snprintf(conds + off, sizeof(conds) - off, "]");
+        snprintf(body, sizeof(body),
+                 "{\"name\":\"n\",\"chain_id\":1,\"registry\":\"reputation\",\"conditions\":%s,"
+                 "\"actions\":[{\"action_type\":\"telegram\",\"config\":{\"chat_id\":1}}]}",
+                 conds);
+        b = J(body);
+        c = J(conds);
+        m = trigger_model_matcher_new(c, "t");
+        if (n == TRIGGER_MODEL_MAX_STATEFUL) {
+            assert_int_equal(trigger_model_validate(b, &d), 0);
+            assert_false(trigger_model_matcher_never(m));
+        } else {
+            assert_int_equal(trigger_model_validate(b, &d), -1);
+            assert_non_null(strstr(msg(d, "conditions"), "at most 8 stateful conditions"));
+            assert_true(trigger_model_matcher_never(m));
+            assert_int_equal(m1(conds, "{\"score\":5,\"timestamp\":100}"), 0);
+        }
+        cJSON_Delete(d);
+        d = NULL;
+        trigger_model_matcher_free(m);
+        cJSON_Delete(c);
+        cJSON_Delete(b);
+    }
+    /* The largest rate_limit value is 100000. */
+    b = J("{\"name\":\"n\",\"chain_id\":1,\"registry\":\"reputation\",\"conditions\":["
+          "{\"condition_type\":\"rate_limit\",\"operator\":\">\",\"value\":100001,\"config\":{\"time_window\":\"1d\"}}],"
+          "\"actions\":[{\"action_type\":\"telegram\",\"config\":{\"chat_id\":1}}]}");
+    assert_int_equal(trigger_model_validate(b, &d), -1);
+    assert_string_equal(msg(d, "conditions[0].value"), "must be between 0 and 100000");
+    cJSON_Delete(d);
+    cJSON_Delete(b);
+    /* Triggers per user. */
+    d = cJSON_CreateObject();
+    assert_int_equal(trigger_model_check_user_triggers(TRIGGER_MODEL_MAX_TRIGGERS_PER_USER - 1, d), 0);
+    assert_int_equal(cJSON_GetArraySize(d), 0);
+    assert_int_equal(trigger_model_check_user_triggers(TRIGGER_MODEL_MAX_TRIGGERS_PER_USER, d), -1);
+    assert_non_null(strstr(msg(d, "triggers"), "at most 100 triggers"));
+    cJSON_Delete(d);
 }
 
 static void test_hints(void **state)
@@ -418,43 +724,6 @@ static void test_hints(void **state)
     trigger_model_def_free(NULL);
 }
 
-/* Events of one window arriving out of time order are all counted, and
- * the kept times stay sorted (cJSON 1.7.15's middle insert lost them). */
-static void test_rate_limit_out_of_order(void **state)
-{
-    cJSON *c = J("[{\"condition_type\":\"rate_limit\",\"operator\":\">=\",\"value\":\"5\","
-                 "\"config\":{\"time_window\":\"1h\"}}]");
-    trigger_model_matcher *m = trigger_model_matcher_new(c, "t");
-    const int ts[] = {100, 250, 200, 150, 300};
-    cJSON *st = NULL;
-    int r = 0;
-
-    (void)state;
-    for (int i = 0; i < 5; i++) {
-        char buf[128];
-        cJSON *e, *next = NULL;
-
-        snprintf(buf, sizeof(buf), "{\"chain_id\":1,\"registry\":\"reputation\",\"timestamp\":%d}", 1700000000 + ts[i]);
-        e = J(buf);
-        r = trigger_model_match(m, e, st, &next, 1700000000);
-        cJSON_Delete(e);
-        assert_non_null(next);
-        cJSON_Delete(st);
-        st = next;
-    }
-    assert_int_equal(r, 1); /* the fifth event makes 5 in the hour */
-    {
-        const cJSON *times = cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(st, "0"), "times");
-        char *txt = cJSON_PrintUnformatted(times);
-
-        assert_string_equal(txt, "[1700000100,1700000150,1700000200,1700000250,1700000300]");
-        cJSON_free(txt);
-    }
-    cJSON_Delete(st);
-    trigger_model_matcher_free(m);
-    cJSON_Delete(c);
-}
-
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -470,6 +739,11 @@ int main(void)
         cmocka_unit_test(test_rate_limit_window),
         cmocka_unit_test(test_rate_limit_reset_and_ops),
         cmocka_unit_test(test_rate_limit_out_of_order),
+        cmocka_unit_test(test_rate_limit_window_edges),
+        cmocka_unit_test(test_rate_limit_long_window_buckets),
+        cmocka_unit_test(test_rate_limit_state_bounded_and_roundtrip),
+        cmocka_unit_test(test_rate_limit_legacy_state),
+        cmocka_unit_test(test_limits),
         cmocka_unit_test(test_hints),
     };
 
