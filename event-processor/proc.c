@@ -326,7 +326,7 @@ static void stateful_reset(loop *L)
     for (int i = 0; i < L->nstateful; i++) {
         tindex_trigger *t = L->stateful[i];
 
-        cJSON_Delete(t->state);
+        trigger_model_state_free(t->state);
         t->state = NULL;
         t->need_state = 0;
         t->state_dirty = 0;
@@ -362,8 +362,16 @@ static int load_states(loop *L, PGconn *conn, char *err, size_t errlen)
             tindex_trigger *t = tindex_find(L->app->index, PQgetvalue(res, r, 0));
 
             if (t && t->need_state) {
-                cJSON_Delete(t->state);
-                t->state = cJSON_Parse(PQgetvalue(res, r, 1));
+                cJSON *stored = cJSON_Parse(PQgetvalue(res, r, 1));
+
+                trigger_model_state_free(t->state);
+                t->state = trigger_model_state_new(t->m, stored);
+                cJSON_Delete(stored);
+                if (!t->state) {
+                    snprintf(err, errlen, "out of memory");
+                    rc = -1;
+                    break;
+                }
             }
         }
         L->first_unloaded = L->nstateful;
@@ -383,26 +391,58 @@ out:
  * dirty marks: the text is what the batch's transaction writes. */
 static int dirty_states(loop *L, char **text)
 {
-    cJSON *all = cJSON_CreateObject();
-    int n = 0;
+    char *out = NULL;
+    size_t len = 0, cap = 0;
+    int rc = 0;
 
     *text = NULL;
-    if (!all)
-        return -1;
     for (int i = 0; i < L->nstateful; i++) {
         tindex_trigger *t = L->stateful[i];
+        size_t sl = 0, il;
+        char *st;
 
-        if (t->state_dirty && t->state) {
-            cJSON_AddItemReferenceToObject(all, t->id, t->state);
-            n++;
-        }
+        if (!t->state_dirty || !t->state)
+            continue;
         t->state_dirty = 0;
+        if (rc < 0 || !(st = trigger_model_state_text(t->state, &sl))) {
+            rc = -1;
+            continue;
+        }
+        il = strlen(t->id_esc);
+        if (len + il + sl + 8 > cap) {
+            size_t nc = cap ? cap : 4096;
+            char *p;
+
+            while (nc < len + il + sl + 8)
+                nc *= 2;
+            if (!(p = realloc(out, nc))) {
+                free(st);
+                rc = -1;
+                continue;
+            }
+            out = p;
+            cap = nc;
+        }
+        out[len] = len ? ',' : '{';
+        out[len + 1] = '"';
+        len += 2;
+        memcpy(out + len, t->id_esc, il);
+        len += il;
+        out[len] = '"';
+        out[len + 1] = ':';
+        len += 2;
+        memcpy(out + len, st, sl);
+        len += sl;
+        free(st);
     }
-    if (n && !(*text = cJSON_PrintUnformatted(all))) {
-        cJSON_Delete(all);
-        return -1;
+    if (rc < 0 || !out) {
+        free(out);
+        return rc;
     }
-    cJSON_Delete(all);
+    /* The room for the closing brace was reserved with the last member. */
+    out[len] = '}';
+    out[len + 1] = '\0';
+    *text = out;
     return 0;
 }
 
@@ -486,20 +526,21 @@ static long match_events(loop *L, PGconn *conn, PGconn *other, PGresult *res, in
             for (int k = 0; k < b->lens[l]; k++) {
                 tindex_trigger *t = b->lists[l][k];
                 const char *et = trigger_model_matcher_event_type(t->m);
-                cJSON *st = NULL;
                 jobs_event je;
-                int r;
+                int r, changed = 0;
 
                 if (et && (!cJSON_IsString(ty) || strcmp(et, ty->valuestring)))
                     continue;
-                r = trigger_model_match(t->m, b->ev, t->state, &st, now_s);
+                /* A trigger without a stored state starts a fresh one; the
+                 * state is changed in place (never copied per event). */
+                if (trigger_model_matcher_stateful(t->m) && !t->state &&
+                    !(t->state = trigger_model_state_new(t->m, NULL)))
+                    goto oom;
+                r = trigger_model_match(t->m, b->ev, t->state, &changed, now_s);
                 if (r < 0)
                     goto oom;
-                if (st) {
-                    cJSON_Delete(t->state);
-                    t->state = st;
+                if (changed)
                     t->state_dirty = 1;
-                }
                 if (r != 1)
                     continue;
                 matches++;

@@ -84,7 +84,7 @@ void tindex_free(tindex *ix)
         for (int a = 0; a < t->naction; a++)
             free(t->actions[a].config_json);
         free(t->actions);
-        cJSON_Delete(t->state);
+        trigger_model_state_free(t->state);
     }
     for (size_t i = 0; i < ix->nslots; i++) {
         free(ix->slots[i].key);

@@ -28,7 +28,7 @@ typedef struct {
     int naction;
     tindex_action *actions;
     /* Per-batch scratch owned by the processing loop. */
-    cJSON *state;     /* state_data loaded for this batch */
+    trigger_model_state *state; /* cached for the burst; NULL until needed */
     int need_state;   /* candidate in this batch (stateful only) */
     int state_dirty;
 } tindex_trigger;
