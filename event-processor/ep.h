@@ -49,6 +49,7 @@ typedef struct {
     tindex *index;
     /* Metrics (cached series). */
     metrics_counter *m_processed, *m_matches, *m_enqueued, *m_errors;
+    metrics_counter *m_reload_full, *m_reload_changed; /* trigger index loads: whole, per changed trigger */
     metrics_gauge *m_lag, *m_triggers;
     metrics_histogram *m_batch;
 } ep;

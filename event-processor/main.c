@@ -61,6 +61,12 @@ static int app_open(ep *app, char *err, size_t errlen)
     app->m_enqueued = metrics_counter_get(m, "jobs_enqueued_total", "Jobs pushed to the Redis action queue", NULL);
     app->m_errors = metrics_counter_get(m, "event_processor_errors_total", "Failed batches, loads and pushes", NULL);
     app->m_lag = metrics_gauge_get(m, "event_processor_lag_events", "Committed events not yet processed (queue depth)", NULL);
+    app->m_reload_full = metrics_counter_get(m, "event_processor_trigger_reloads_total",
+                                             "Trigger index updates: whole loads, and triggers read again on trigger_changed",
+                                             "kind=\"full\"");
+    app->m_reload_changed = metrics_counter_get(m, "event_processor_trigger_reloads_total",
+                                                "Trigger index updates: whole loads, and triggers read again on trigger_changed",
+                                                "kind=\"changed\"");
     app->m_triggers = metrics_gauge_get(m, "event_processor_triggers", "Enabled triggers in the index", NULL);
     app->m_batch = metrics_histogram_get(m, "event_processor_batch_duration_seconds",
                                          "Time to process one batch, push included", NULL, bounds,

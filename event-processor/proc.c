@@ -38,6 +38,10 @@
  * key (jobs.h). */
 #define OUTBOX_USEC "(extract(epoch FROM created_at) * 1000000)::bigint"
 
+/* Triggers reloaded one by one on trigger_changed before a whole load is
+ * cheaper. */
+#define MAX_CHANGED 256
+
 /* Outbox rows pushed but not yet deleted, deleted by the next commit. */
 #define MAX_PENDING_DEL PUSHER_MAX_DONE
 /* The processors' session lock: one processor works through the queue at
@@ -94,6 +98,11 @@ typedef struct {
     backoff lb;
     long long listen_retry_at;
     int triggers_dirty, outbox_dirty;
+    /* What trigger_changed named since the last reload (the ids, copied);
+     * triggers_full: the index must be loaded whole instead (start, LISTEN
+     * reconnect, a notification without an id, too many ids, a failure). */
+    char *changed[MAX_CHANGED];
+    int nchanged, triggers_full;
     int notified; /* new_event wake-ups read since the last fetch was sent */
     slot s[2];    /* the work connections of the session */
     int held;     /* the session holds the processors' lock */
@@ -147,6 +156,42 @@ static void listen_close(loop *L)
     atomic_store(&L->app->listen_ok, 0);
 }
 
+
+static void changed_clear(loop *L)
+{
+    for (int i = 0; i < L->nchanged; i++)
+        free(L->changed[i]);
+    L->nchanged = 0;
+}
+
+static void want_full_reload(loop *L)
+{
+    changed_clear(L);
+    L->triggers_full = 1;
+    L->triggers_dirty = 1;
+}
+
+/* Notes a trigger_changed: the gateway's payload is the trigger's id, and
+ * only that trigger is read again (see reload_triggers). */
+static void trigger_changed(loop *L, const char *id)
+{
+    L->triggers_dirty = 1;
+    if (L->triggers_full)
+        return;
+    if (!id || !id[0] || strlen(id) > 256 || L->nchanged == MAX_CHANGED) {
+        want_full_reload(L);
+        return;
+    }
+    for (int i = 0; i < L->nchanged; i++)
+        if (!strcmp(L->changed[i], id))
+            return;
+    if (!(L->changed[L->nchanged] = strdup(id))) {
+        want_full_reload(L);
+        return;
+    }
+    L->nchanged++;
+}
+
 static void listen_open(loop *L)
 {
     const char *keys[] = {"dbname", "application_name", "connect_timeout", NULL};
@@ -181,7 +226,7 @@ static void listen_open(loop *L)
     L->last_err[0] = '\0';
     /* Whatever was notified while we were not listening is unknown: reload
      * the triggers and look at the queue. */
-    L->triggers_dirty = 1;
+    want_full_reload(L);
     log_info("listening for new_event and trigger_changed");
 }
 
@@ -204,7 +249,7 @@ static int listen_drain(loop *L)
     }
     while ((n = PQnotifies(L->listen))) {
         if (!strcmp(n->relname, "trigger_changed"))
-            L->triggers_dirty = 1;
+            trigger_changed(L, n->extra);
         count++;
         PQfreemem(n);
     }
@@ -960,16 +1005,56 @@ static void update_lag(loop *L, PGconn *conn, int behind)
     PQclear(res);
 }
 
+/* tindex_update's drop: a trigger about to be replaced or removed leaves
+ * the burst's cached states (its state goes with it; every state change
+ * is committed before a reload, so the stored row is current). */
+static void stateful_forget(void *ud, tindex_trigger *t)
+{
+    loop *L = ud;
+
+    if (!t->need_state)
+        return;
+    for (int i = 0; i < L->nstateful; i++)
+        if (L->stateful[i] == t) {
+            memmove(L->stateful + i, L->stateful + i + 1, (size_t)(L->nstateful - i - 1) * sizeof(*L->stateful));
+            L->nstateful--;
+            if (i < L->first_unloaded)
+                L->first_unloaded--;
+            break;
+        }
+    t->need_state = 0;
+}
+
+/* Brings the index up to date: only the triggers trigger_changed named
+ * when that is all that is known, else everything. Other triggers, and
+ * their cached states, are left alone by the former. */
 static int reload_triggers(loop *L, PGconn *conn, char *err, size_t errlen)
 {
-    tindex *ix = tindex_load(conn, err, errlen);
+    tindex *ix;
 
-    if (!ix)
+    if (!L->triggers_full && L->app->index) {
+        if (tindex_update(L->app->index, conn, (const char *const *)L->changed, L->nchanged, stateful_forget, L, err,
+                          errlen) == 0) {
+            metrics_counter_add(L->app->m_reload_changed, (uint64_t)L->nchanged);
+            log_event(LOG_DEBUG, "triggers updated", "\"changed\":%d,\"count\":%d", L->nchanged,
+                      tindex_count(L->app->index));
+            changed_clear(L);
+            L->triggers_dirty = 0;
+            metrics_gauge_set(L->app->m_triggers, tindex_count(L->app->index));
+            return 0;
+        }
+        loop_error(L, "cannot update the changed triggers; loading them all", err);
+        want_full_reload(L);
+    }
+    if (!(ix = tindex_load(conn, err, errlen)))
         return -1;
     stateful_reset(L); /* the cached states live in the old index */
     tindex_free(L->app->index);
     L->app->index = ix;
+    changed_clear(L);
+    L->triggers_full = 0;
     L->triggers_dirty = 0;
+    metrics_counter_inc(L->app->m_reload_full);
     metrics_gauge_set(L->app->m_triggers, tindex_count(ix));
     log_event(LOG_DEBUG, "triggers loaded", "\"count\":%d", tindex_count(ix));
     return 0;
@@ -1174,7 +1259,7 @@ static int session_burst(loop *L)
 
     if (burst(L, L->s, err, sizeof(err)) < 0) {
         loop_error(L, "batch failed", err);
-        L->triggers_dirty = 1; /* e.g. a trigger deleted under us */
+        want_full_reload(L); /* e.g. a trigger deleted under us */
         L->outbox_dirty = 1;   /* the outbox rows to delete were not */
         session_close(L, 0);
         return -1;
@@ -1193,7 +1278,7 @@ void *ep_run(void *arg)
 
     memset(&L, 0, sizeof(L));
     L.app = app;
-    L.triggers_dirty = 1;
+    want_full_reload(&L);
     L.outbox_dirty = 1;
     backoff_init(&L.lb, 100, 5000);
     backoff_init(&db_backoff, 100, 5000);
@@ -1261,6 +1346,7 @@ void *ep_run(void *arg)
         bev_clear(&L.evs[i]);
     free(L.evs);
     free(L.stateful);
+    changed_clear(&L);
     jobs_free(L.jobs);
     jobs_free(L.s[0].cj);
     jobs_free(L.s[1].cj);

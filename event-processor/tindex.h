@@ -1,8 +1,11 @@
 /* tindex: the in-memory index of enabled triggers, by (chain_id, registry)
  * and, for triggers with an agent_id_equals condition, by agent as well, so
- * an event only meets the triggers that can match it. Rebuilt whole from
- * PostgreSQL at start, on trigger_changed and after a LISTEN reconnect.
- * Not thread-safe: owned by the processing thread. */
+ * an event only meets the triggers that can match it. Built whole from
+ * PostgreSQL at start and after a LISTEN reconnect; on trigger_changed
+ * (whose payload is the trigger's id) only the triggers named are read
+ * again and replaced, so one user's writes cost the loop one trigger each,
+ * not a reload of everyone's. Not thread-safe: owned by the processing
+ * thread. */
 #ifndef AE_TINDEX_H
 #define AE_TINDEX_H
 
@@ -31,6 +34,9 @@ typedef struct {
     trigger_model_state *state; /* cached for the burst; NULL until needed */
     int need_state;   /* candidate in this batch (stateful only) */
     int state_dirty;
+    /* The index's own. */
+    char *ix_key_;
+    int ix_pos_;
 } tindex_trigger;
 
 typedef struct tindex tindex;
@@ -39,6 +45,16 @@ typedef struct tindex tindex;
  * Returns a new index (free with tindex_free) or NULL with the reason in
  * `err`. */
 tindex *tindex_load(PGconn *conn, char *err, size_t errlen);
+
+/* Reads the triggers `ids` (n of them) again over `conn` and replaces
+ * them in the index: one that no longer exists, is disabled or never
+ * matches leaves it, a new one enters. `drop(ud, t)`, when given, is
+ * called for each trigger about to be replaced or removed (and freed with
+ * its state), before it goes. Returns 0, or -1 with the reason in `err`:
+ * the index is unchanged when the read failed, but may be partly updated
+ * after an OOM, so the caller then loads it whole. */
+int tindex_update(tindex *ix, PGconn *conn, const char *const *ids, int n, void (*drop)(void *, tindex_trigger *),
+                  void *ud, char *err, size_t errlen);
 
 /* Frees the index. NULL is a no-op. */
 void tindex_free(tindex *ix);

@@ -215,7 +215,22 @@ class EventProcessorTest(unittest.TestCase):
         self.drained()
         # 1,2,3(match, reset),1,2,3(match, reset),1
         self.assertEqual(self.pairs([t]), sorted([(t, ids[2]), (t, ids[5])]))
-        self.assertEqual(self.state(t)["0"]["times"], [1700000006])
+        self.assertEqual(sum(self.state(t)["0"]["counts"]), 1)
+
+    def test_rate_limit_state_from_before_the_buckets(self):
+        """A trigger_state row of the earlier layout (one time per event
+        counted) keeps its count and is stored in buckets from then on."""
+        t = self.trigger([{"condition_type": "rate_limit", "operator": ">=", "value": 4,
+                           "config": {"time_window": "1h"}}])
+        self.sql("INSERT INTO trigger_state (trigger_id, state_data, last_updated) VALUES (%s, %s, now())",
+                 (t, json.dumps({"0": {"type": "rate_limit", "window_s": 3600,
+                                       "times": [1700000000, 1700000001, 1700000002]}})))
+        e = self.event(timestamp=1700000003)
+        self.drained()
+        self.assertEqual(self.pairs([t]), [(t, e)])  # 3 stored + this one = 4
+        st = self.state(t)["0"]
+        self.assertNotIn("times", st)
+        self.assertEqual((st["bucket_s"], len(st["counts"]), sum(st["counts"])), (29, 125, 4))
 
     def test_priority_taken_first(self):
         t = self.trigger([], actions=[{"action_type": "rest", "priority": 1, "config": {"url": "http://a"}},
@@ -278,9 +293,72 @@ class EventProcessorTest(unittest.TestCase):
         self.drained()
         self.assertEqual(self.pairs([t]), sorted([(t, e1), (t, e3)]))
 
+    def reloads(self):
+        with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % self.port, timeout=5) as r:
+            text = r.read().decode()
+        out = {}
+        for kind in ("full", "changed"):
+            key = 'event_processor_trigger_reloads_total{kind="%s"} ' % kind
+            out[kind] = int(float([ln for ln in text.splitlines() if ln.startswith(key)][0][len(key):]))
+        return out
+
+    def test_trigger_changes_reload_only_that_trigger(self):
+        """Issue 10: a trigger write reads that trigger again, not every
+        user's; the index stays right through adds, edits, disables and
+        deletes among triggers that share its (chain, registry) key."""
+        a = self.trigger([{"condition_type": "score_threshold", "operator": ">", "value": 10}])
+        b = self.trigger([{"condition_type": "score_threshold", "operator": ">", "value": 10}])
+        c = self.trigger([{"condition_type": "agent_id_equals", "value": 5}])
+        e1 = self.event(score=20, agent_id=5)
+        self.drained()
+        before = self.reloads()
+        self.sql("UPDATE triggers SET enabled = false WHERE id = %s", (b,))
+        self.sql("SELECT pg_notify('trigger_changed', %s)", (b,))
+        self.sql("UPDATE trigger_conditions SET value = '6' WHERE trigger_id = %s", (c,))
+        self.sql("SELECT pg_notify('trigger_changed', %s)", (c,))
+        d = self.trigger([{"condition_type": "agent_id_equals", "value": 6}])
+        time.sleep(0.2)
+        e2 = self.event(score=20, agent_id=6)
+        self.drained()
+        after = self.reloads()
+        self.assertEqual(after["full"], before["full"], "no whole reload for named triggers")
+        self.assertEqual(after["changed"] - before["changed"], 3)
+        self.sql("DELETE FROM triggers WHERE id = %s", (a,))
+        self.sql("UPDATE triggers SET enabled = true WHERE id = %s", (b,))
+        self.sql("SELECT pg_notify('trigger_changed', %s)", (a,))
+        self.sql("SELECT pg_notify('trigger_changed', %s)", (b,))
+        time.sleep(0.2)
+        e3 = self.event(score=20, agent_id=5)
+        self.drained()
+        self.assertEqual(self.pairs([a, b, c, d]), sorted([
+            (a, e1), (b, e1), (c, e1),   # all three
+            (a, e2), (c, e2), (d, e2),   # b disabled, c now agent 6, d new
+            (b, e3)]))                   # a deleted, b back, c and d are agent 6
+        # A notification without an id reloads everything.
+        self.sql("SELECT pg_notify('trigger_changed', '')")
+        time.sleep(0.2)
+        self.event(score=1)
+        self.drained()
+        self.assertEqual(self.reloads()["full"], before["full"] + 1)
+
+    def test_state_of_other_triggers_kept_across_a_reload(self):
+        """A write to one trigger mid-burst leaves the other triggers'
+        cached states alone: every event is counted once."""
+        t = self._stream_trigger()
+        conn = psycopg2.connect(DSN)
+        conn.autocommit = True
+        ids = []
+        for i in range(600):
+            ids.append(self.event(conn=conn, timestamp=1700000000 + i))
+            if i % 100 == 50:
+                self.trigger([{"condition_type": "agent_id_equals", "value": 777}], notify=True)
+        conn.close()
+        self.drained(30)
+        self._assert_exact(t, ids)
+
     # no loss ------------------------------------------------------------
     def _stream_trigger(self):
-        # Always true (count < 5000), and the state keeps every time counted.
+        # Always true (count < 5000), and the state counts every event.
         return self.trigger([{"condition_type": "rate_limit", "operator": "<", "value": 5000,
                               "config": {"time_window": "1d"}}],
                             actions=[{"action_type": "rest", "config": {"url": "http://a"}},
@@ -292,7 +370,7 @@ class EventProcessorTest(unittest.TestCase):
         self.assertEqual(len({j["id"] for j in jobs}), len(jobs))
         self.assertEqual(sorted({j["event_id"] for j in jobs}), sorted(ids))
         st = self.state(t)["0"]
-        self.assertEqual(len(st["times"]), len(ids), "each event counted exactly once")
+        self.assertEqual(sum(st["counts"]), len(ids), "each event counted exactly once")
 
     def _stream_killed_at(self, n, kill_at):
         # n events a second apart; the service is killed (-9) after the
@@ -301,7 +379,7 @@ class EventProcessorTest(unittest.TestCase):
         conn = psycopg2.connect(DSN)
         conn.autocommit = True
         for i in range(n):
-            ids.append(self.event(conn=conn, timestamp=1700000000 + i))
+            ids.append(self.event(conn=conn, timestamp=1700000000 + i, score=(i * 37) % 101))
             if i == kill_at:
                 self.svc.kill9()
         conn.close()
@@ -320,6 +398,9 @@ class EventProcessorTest(unittest.TestCase):
         # first dies; every event is handled once and reaches the state in
         # queue order.
         t = self._stream_trigger()
+        # An EMA depends on the order of the scores it sees.
+        ema = self.trigger([{"condition_type": "ema_threshold", "operator": ">", "value": -1,
+                             "config": {"window_size": 10}}])
         port = free_port()
         other = Service("event-processor", dict(self.svc.env, METRICS_PORT=str(port)))
         other.start()
@@ -329,8 +410,13 @@ class EventProcessorTest(unittest.TestCase):
             ids = self._stream_killed_at(1200, 600)
             self.drained(30)
             self._assert_exact(t, ids)
-            times = self.state(t)["0"]["times"]
-            self.assertEqual(times, sorted(times), "events reached the state in queue order")
+            want = None
+            for i in range(len(ids)):
+                x = (i * 37) % 101
+                want = x if want is None else 2 / 11 * x + (1 - 2 / 11) * want
+            st = self.state(ema)["0"]
+            self.assertEqual(st["count"], len(ids))
+            self.assertAlmostEqual(st["ema"], want, places=6, msg="events reached the state in queue order")
         finally:
             other.stop()
             self.start_service()
