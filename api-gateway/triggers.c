@@ -203,6 +203,36 @@ static void tg_params_top(const trigger_model_def *def, char chain[24], const ch
     p[5] = trigger_model_def_is_stateful(def) ? "true" : "false";
 }
 
+/* The per-user trigger limit (trigger_model), inside the creating
+ * transaction: the user's row is locked first, so that concurrent creates
+ * of one user count one after the other. Returns 0, or -1 when answered (400 beyond
+ * the limit). */
+static int tg_user_limit(httpd_req *req, PGconn *conn, const char *user_id)
+{
+    const char *p[1] = {user_id};
+    PGresult *res;
+    cJSON *details;
+    long long n;
+
+    /* Two statements: the count must be read after the lock is granted
+     * (one statement's snapshot predates its wait for the lock). */
+    if (tg_do(req, conn, "SELECT 1 FROM users WHERE id = $1 FOR UPDATE", 1, p) < 0 ||
+        !(res = apiutil_exec(req, conn, "SELECT count(*) FROM triggers WHERE user_id = $1", 1, p)))
+        return -1;
+    n = PQntuples(res) == 1 ? strtoll(PQgetvalue(res, 0, 0), NULL, 10) : 0;
+    PQclear(res);
+    if (!(details = cJSON_CreateObject())) {
+        httpd_respond_error(req, 500, "internal", "out of memory", NULL);
+        return -1;
+    }
+    if (trigger_model_check_user_triggers(n, details) < 0) {
+        httpd_respond_error(req, 400, "invalid_request", "too many triggers", details);
+        return -1;
+    }
+    cJSON_Delete(details);
+    return 0;
+}
+
 static void tg_create(httpd_req *req, void *ud)
 {
     gateway *gw = ud;
@@ -220,7 +250,7 @@ static void tg_create(httpd_req *req, void *ud)
         goto out;
     tg_params_top(def, chain, params);
     params[6] = user.user_id;
-    if (tg_do(req, conn, "BEGIN", 0, NULL) < 0)
+    if (tg_do(req, conn, "BEGIN", 0, NULL) < 0 || tg_user_limit(req, conn, user.user_id) < 0)
         goto out;
     res = apiutil_exec(req, conn,
                        "INSERT INTO triggers (id, user_id, name, description, chain_id, registry, enabled, "

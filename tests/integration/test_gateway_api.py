@@ -544,6 +544,73 @@ class Triggers(unittest.TestCase):
         self.assertEqual(len(page["items"]), 20, "default limit")
 
 
+class TriggerLimits(unittest.TestCase):
+    """Issue 10: what one user may ask of the matching loop every tenant
+    shares (limits in libshared/trigger_model.h, the same in the processor)."""
+
+    def test_stateful_conditions_and_rate_value_bounded(self):
+        _, tok = new_user("lim")
+        a = tok["access_token"]
+
+        def stateful(n):
+            return [{"condition_type": "rate_limit" if i % 2 == 0 else "ema_threshold", "operator": ">",
+                     "value": "100000" if i % 2 == 0 else "1",
+                     "config": {"time_window": "365d"} if i % 2 == 0 else {"window_size": 100000}}
+                    for i in range(n)]
+        st, _, t = call("POST", "/api/v1/triggers", valid_trigger(conditions=stateful(8)), token=a)
+        self.assertEqual(st, 201, t)
+        st, _, e = call("POST", "/api/v1/triggers", valid_trigger(conditions=stateful(9)), token=a)
+        self.assertEqual((st, e["error"]), (400, "invalid_request"))
+        self.assertIn("at most 8 stateful conditions", e["details"]["conditions"])
+        st, _, e = call("PUT", "/api/v1/triggers/" + t["id"], valid_trigger(conditions=stateful(9)), token=a)
+        self.assertEqual(st, 400)
+        self.assertIn("conditions", e["details"])
+        st, _, e = call("POST", "/api/v1/triggers", valid_trigger(conditions=[
+            {"condition_type": "rate_limit", "operator": ">", "value": "100001", "config": {"time_window": "1h"}}]),
+            token=a)
+        self.assertEqual(st, 400)
+        self.assertEqual(e["details"]["conditions[0].value"], "must be between 0 and 100000")
+
+    def test_triggers_per_user_bounded_even_when_concurrent(self):
+        _, tok = new_user("many")
+        a = tok["access_token"]
+        for i in range(95):
+            st, _, t = call("POST", "/api/v1/triggers", valid_trigger(name="t%d" % i), token=a)
+            self.assertEqual(st, 201, t)
+        got = []
+
+        def go(i):
+            got.append(call("POST", "/api/v1/triggers", valid_trigger(name="c%d" % i), token=a))
+        ts = [threading.Thread(target=go, args=(i,)) for i in range(10)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        self.assertEqual(sorted(st for st, _, _ in got), [201] * 5 + [400] * 5)
+        for st, _, e in got:
+            if st == 400:
+                self.assertEqual(e["error"], "invalid_request")
+                self.assertIn("at most 100 triggers", e["details"]["triggers"])
+        with db() as conn, conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM triggers t JOIN users u ON u.id = t.user_id WHERE u.username = %s",
+                        (tok.get("username") or _whoami(a),))
+            self.assertEqual(cur.fetchone()[0], 100)
+        # Another user is not affected, and a deleted trigger frees a place.
+        _, other = new_user("few")
+        st, _, _ = call("POST", "/api/v1/triggers", valid_trigger(), token=other["access_token"])
+        self.assertEqual(st, 201)
+        st, _, lst = call("GET", "/api/v1/triggers?limit=1", token=a)
+        st, _, _ = call("DELETE", "/api/v1/triggers/" + lst["items"][0]["id"], token=a)
+        self.assertEqual(st, 204)
+        st, _, _ = call("POST", "/api/v1/triggers", valid_trigger(), token=a)
+        self.assertEqual(st, 201)
+
+
+def _whoami(token):
+    payload = token.split(".")[1]
+    return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["username"]
+
+
 class Results(unittest.TestCase):
     def test_results_newest_first_paginated_owner_only(self):
         user, tok = new_user("res")
