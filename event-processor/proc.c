@@ -413,9 +413,8 @@ static int load_states(loop *L, PGconn *conn, char *err, size_t errlen)
                 t->state = trigger_model_state_new(t->m, stored);
                 cJSON_Delete(stored);
                 if (!t->state) {
-                    snprintf(err, errlen, "out of memory");
-                    rc = -1;
-                    break;
+                    PQclear(res);
+                    goto oom;
                 }
             }
         }
@@ -436,59 +435,32 @@ out:
  * dirty marks: the text is what the batch's transaction writes. */
 static int dirty_states(loop *L, char **text)
 {
-    char *out = NULL;
-    size_t len = 0, cap = 0;
-    int rc = 0;
+    buf out;
+    int n = 0, rc = 0;
 
     *text = NULL;
+    buf_init(&out, (size_t)1 << 30);
     for (int i = 0; i < L->nstateful; i++) {
         tindex_trigger *t = L->stateful[i];
-        size_t sl = 0, il;
+        size_t sl = 0;
         char *st;
 
         if (!t->state_dirty || !t->state)
             continue;
         t->state_dirty = 0;
-        if (rc < 0 || !(st = trigger_model_state_text(t->state, &sl))) {
-            rc = -1;
+        if (rc < 0)
             continue;
-        }
-        il = strlen(t->id_esc);
-        if (len + il + sl + 8 > cap) {
-            size_t nc = cap ? cap : 4096;
-            char *p;
-
-            while (nc < len + il + sl + 8)
-                nc *= 2;
-            if (!(p = realloc(out, nc))) {
-                free(st);
-                rc = -1;
-                continue;
-            }
-            out = p;
-            cap = nc;
-        }
-        out[len] = len ? ',' : '{';
-        out[len + 1] = '"';
-        len += 2;
-        memcpy(out + len, t->id_esc, il);
-        len += il;
-        out[len] = '"';
-        out[len + 1] = ':';
-        len += 2;
-        memcpy(out + len, st, sl);
-        len += sl;
+        if (!(st = trigger_model_state_text(t->state, &sl)) || buf_append_all(&out, n ? ",\"" : "{\"", 2) < 0 ||
+            buf_append_all(&out, t->id_esc, strlen(t->id_esc)) < 0 || buf_append_all(&out, "\":", 2) < 0 ||
+            buf_append_all(&out, st, sl) < 0)
+            rc = -1;
         free(st);
+        n++;
     }
-    if (rc < 0 || !out) {
-        free(out);
-        return rc;
-    }
-    /* The room for the closing brace was reserved with the last member. */
-    out[len] = '}';
-    out[len + 1] = '\0';
-    *text = out;
-    return 0;
+    if (rc == 0 && n && (buf_append_all(&out, "}", 1) < 0 || !(*text = buf_take(&out))))
+        rc = -1;
+    buf_free(&out);
+    return rc;
 }
 
 static int ensure_evs(loop *L, int n)
