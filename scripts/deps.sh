@@ -18,6 +18,7 @@ PACKAGES=(
     libcjson-dev libcurl4-openssl-dev libjwt-dev libcmocka-dev libssl-dev libcrypt-dev
     postgresql redis-server rabbitmq-server nginx-light
     wrk curl python3 python3-psycopg2 python3-redis
+    openssl ca-certificates
 )
 POLICY_RC=/usr/sbin/policy-rc.d
 
