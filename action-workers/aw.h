@@ -17,6 +17,7 @@
 #include "httpd.h"
 #include "rconn.h"
 #include "target.h"
+#include "template.h"
 
 #define AW_VERSION "0.1.0"
 
@@ -195,9 +196,12 @@ cJSON *deliver_body_json(const job *j, size_t max);
 const char *deliver_trigger_name(aw *app, job *j);
 
 
-/* The default Telegram text for an event (deliver_telegram.c), Markdown.
- * Returns a malloc'd string (free()) or NULL on OOM. */
-char *telegram_default_text(const cJSON *event, const char *trigger_name, const char *explorer_tx_url);
+/* The default Telegram text for an event (deliver_telegram.c), with the
+ * markup of `mode` (TEMPLATE_MARKDOWN, _MARKDOWN_V2, _HTML; TEMPLATE_RAW
+ * for plain text) and every value escaped for it. Returns a malloc'd
+ * string (free()) or NULL on OOM. */
+char *telegram_default_text(const cJSON *event, const char *trigger_name, const char *explorer_tx_url,
+                            template_mode mode);
 
 /* results.c: writes one action_results row per finished attempt, in one
  * statement. Returns 0 or -1 with the reason in err. */

@@ -22,44 +22,81 @@ static long rest_timeout(const job *j)
     return REST_DEFAULT_TIMEOUT_MS;
 }
 
-/* The body: body_template rendered with JSON-escaped values (a string), or
+/* Whether the body is JSON: unless the action's headers name another
+ * Content-Type, it is (application/json is what we send then). */
+static int json_body(const cJSON *hs)
+{
+    const cJSON *h;
+
+    if (cJSON_IsObject(hs))
+        cJSON_ArrayForEach(h, hs) {
+            if (cJSON_IsString(h) && !strcasecmp(h->string, "Content-Type"))
+                return strstr(h->valuestring, "json") != NULL;
+        }
+    return 1;
+}
+
+/* The body in *out: body_template rendered (a string: values placed for
+ * where they stand in the JSON text, see template.h, and the result checked
+ * to be JSON; with a Content-Type that is not JSON, values as they are), or
  * a JSON template whose strings are rendered (an object), else the job's
- * own description of what happened. */
-static char *rest_body(aw *app, job *j)
+ * own description of what happened. Returns 0, -1 on OOM, or -2 with the
+ * reason in why when the rendered body is not JSON. */
+static int rest_body(aw *app, job *j, const cJSON *hs, char **out, char *why, size_t whylen)
 {
     const cJSON *bt = cJSON_GetObjectItemCaseSensitive(j->config, "body_template");
     template_ctx ctx = {j->event, NULL, j->trigger_id, j->id};
-    char *out;
 
+    *out = NULL;
     if (cJSON_IsString(bt)) {
+        int json = json_body(hs);
+        const char *end = NULL;
+        cJSON *check;
+
         if (strstr(bt->valuestring, "trigger"))
             ctx.trigger_name = deliver_trigger_name(app, j);
-        return template_render(bt->valuestring, &ctx, TEMPLATE_JSON, 0);
+        *out = template_render(bt->valuestring, &ctx, json ? TEMPLATE_JSON : TEMPLATE_RAW, 0);
+        if (!*out)
+            return -1;
+        if (!json)
+            return 0;
+        /* A template that is not JSON itself would send a body the peer
+         * cannot read; nothing is sent then. */
+        check = cJSON_ParseWithOpts(*out, &end, 1);
+        if (check) {
+            cJSON_Delete(check);
+            return 0;
+        }
+        snprintf(why, whylen, "body_template does not render to JSON (at byte %ld)",
+                 end ? (long)(end - *out) : 0L);
+        free(*out);
+        *out = NULL;
+        return -2;
     }
     if (cJSON_IsObject(bt) || cJSON_IsArray(bt)) {
         cJSON *r;
 
         ctx.trigger_name = deliver_trigger_name(app, j);
         r = template_render_json(bt, &ctx);
-        out = r ? cJSON_PrintUnformatted(r) : NULL;
+        *out = r ? cJSON_PrintUnformatted(r) : NULL;
         cJSON_Delete(r);
-        return out;
+        return *out ? 0 : -1;
     }
     {
         cJSON *o = cJSON_CreateObject();
         const char *tn = deliver_trigger_name(app, j);
 
         if (!o)
-            return NULL;
+            return -1;
         cJSON_AddStringToObject(o, "job_id", j->id);
         cJSON_AddStringToObject(o, "trigger_id", j->trigger_id ? j->trigger_id : "");
         if (tn)
             cJSON_AddStringToObject(o, "trigger_name", tn);
         cJSON_AddStringToObject(o, "event_id", j->event_id ? j->event_id : "");
         cJSON_AddItemToObject(o, "event", j->event ? cJSON_Duplicate(j->event, 1) : cJSON_CreateNull());
-        out = cJSON_PrintUnformatted(o);
+        *out = cJSON_PrintUnformatted(o);
         cJSON_Delete(o);
-        return out;
+        return *out ? 0 : -1;
     }
 }
 
@@ -237,8 +274,13 @@ int deliver_rest_begin(aw *app, job *j)
     }
     deliver_reset_request(j);
     if (strcmp(method, "GET") && strcmp(method, "HEAD") && strcmp(method, "DELETE")) {
-        j->body = rest_body(app, j);
-        if (!j->body) {
+        int rc = rest_body(app, j, hs, &j->body, err, sizeof(err));
+
+        if (rc == -2) {
+            deliver_fail(j, OUT_FINAL, "%s", err);
+            return 1;
+        }
+        if (rc < 0) {
             deliver_fail(j, OUT_RETRY, "out of memory");
             return 1;
         }

@@ -51,89 +51,111 @@ static const char *str_field(const cJSON *ev, const char *name)
     return cJSON_IsString(v) && v->valuestring[0] ? v->valuestring : NULL;
 }
 
-/* Appends "label: value" (value Markdown-escaped) when the field is set. */
-static void line(buf *b, const template_ctx *ctx, const char *label, const char *field)
-{
-    char *v = template_value(field, ctx);
-    char tpl[160];
-    char *r;
+/* The markup of a default message in each parse mode. */
+typedef struct {
+    const char *b_open, *b_close; /* bold */
+    const char *a_open, *a_close; /* the transaction link: a_open URL a_close */
+} tg_markup;
 
-    if (!v || !*v) {
-        free(v);
-        return;
-    }
-    free(v);
-    snprintf(tpl, sizeof(tpl), "\n%s: {{%s}}", label, field);
-    r = template_render(tpl, ctx, TEMPLATE_MARKDOWN, 4096);
-    if (r)
-        buf_puts(b, r);
-    free(r);
+static const tg_markup *markup(template_mode mode)
+{
+    static const tg_markup md = {"*", "*", "\n[View transaction](", ")"};
+    static const tg_markup html = {"<b>", "</b>", "\n<a href=\"", "\">View transaction</a>"};
+    static const tg_markup plain = {"", "", "\nTransaction: ", ""};
+
+    return mode == TEMPLATE_HTML ? &html : mode == TEMPLATE_RAW ? &plain : &md;
 }
 
-char *telegram_default_text(const cJSON *ev, const char *trigger_name, const char *explorer_tx_url)
+/* Appends "\nlabel: value" when the field is set; the value written for
+ * text outside markup in `mode`. */
+static void line(buf *b, const template_ctx *ctx, template_mode mode, const char *label, const char *field)
+{
+    char *v = template_value(field, ctx);
+
+    if (v && *v) {
+        buf_puts(b, "\n");
+        template_escape(b, label, mode, TEMPLATE_AT_TEXT);
+        template_escape(b, ": ", mode, TEMPLATE_AT_TEXT);
+        template_escape(b, v, mode, TEMPLATE_AT_TEXT);
+    }
+    free(v);
+}
+
+char *telegram_default_text(const cJSON *ev, const char *trigger_name, const char *explorer_tx_url,
+                            template_mode mode)
 {
     template_ctx ctx = {ev, trigger_name, NULL, NULL};
-    const char *type = str_field(ev, "event_type"), *title;
-    char *head, *tx;
+    const tg_markup *mk = markup(mode);
+    const char *type = str_field(ev, "event_type"), *title, *rest;
+    char *v, *tx;
     buf b;
 
     if (!type)
         type = "Event";
-    if (!strcmp(type, "AgentRegistered"))
-        title = "*New agent registered*: agent #{{agent_id}}";
-    else if (!strcmp(type, "MetadataSet"))
-        title = "*Metadata updated* on agent #{{agent_id}}";
-    else if (!strcmp(type, "NewFeedback"))
-        title = "*New feedback* for agent #{{agent_id}}";
+    rest = " for agent #";
+    if (!strcmp(type, "AgentRegistered")) {
+        title = "New agent registered";
+        rest = ": agent #";
+    } else if (!strcmp(type, "MetadataSet")) {
+        title = "Metadata updated";
+        rest = " on agent #";
+    } else if (!strcmp(type, "NewFeedback"))
+        title = "New feedback";
     else if (!strcmp(type, "FeedbackRevoked"))
-        title = "*Feedback revoked* for agent #{{agent_id}}";
-    else if (!strcmp(type, "ResponseAppended"))
-        title = "*Response appended* to feedback for agent #{{agent_id}}";
-    else if (!strcmp(type, "ValidationRequest"))
-        title = "*Validation requested* for agent #{{agent_id}}";
+        title = "Feedback revoked";
+    else if (!strcmp(type, "ResponseAppended")) {
+        title = "Response appended";
+        rest = " to feedback for agent #";
+    } else if (!strcmp(type, "ValidationRequest"))
+        title = "Validation requested";
     else if (!strcmp(type, "ValidationResponse"))
-        title = "*Validation response* for agent #{{agent_id}}";
-    else
-        title = "*{{event_type}}* on agent #{{agent_id}}";
+        title = "Validation response";
+    else {
+        title = type; /* from the event: escaped like any value */
+        rest = " on agent #";
+    }
     buf_init(&b, 4096);
     if (trigger_name) {
-        char *t = template_render("🔔 {{trigger.name}}\n", &ctx, TEMPLATE_MARKDOWN, 512);
-
-        if (t)
-            buf_puts(&b, t);
-        free(t);
+        buf_puts(&b, "\xf0\x9f\x94\x94 "); /* a bell */
+        template_escape(&b, trigger_name, mode, TEMPLATE_AT_TEXT);
+        buf_puts(&b, "\n");
     }
-    head = template_render(title, &ctx, TEMPLATE_MARKDOWN, 512);
-    if (head)
-        buf_puts(&b, head);
-    free(head);
-    line(&b, &ctx, "Score", "score");
-    line(&b, &ctx, "Tag 1", "tag1");
-    line(&b, &ctx, "Tag 2", "tag2");
-    line(&b, &ctx, "Client", "client_address");
-    line(&b, &ctx, "Feedback index", "feedback_index");
-    line(&b, &ctx, "Owner", "owner");
-    line(&b, &ctx, "Token URI", "token_uri");
-    line(&b, &ctx, "Key", "metadata_key");
-    line(&b, &ctx, "Value", "metadata_value");
-    line(&b, &ctx, "Validator", "validator_address");
-    line(&b, &ctx, "Request hash", "request_hash");
-    line(&b, &ctx, "Response", "response");
-    line(&b, &ctx, "Response URI", "response_uri");
-    line(&b, &ctx, "Tag", "tag");
-    line(&b, &ctx, "Chain", "chain_id");
-    line(&b, &ctx, "Block", "block_number");
+    buf_puts(&b, mk->b_open);
+    template_escape(&b, title, mode, TEMPLATE_AT_BOLD);
+    buf_puts(&b, mk->b_close);
+    template_escape(&b, rest, mode, TEMPLATE_AT_TEXT);
+    v = template_value("agent_id", &ctx);
+    template_escape(&b, v ? v : "?", mode, TEMPLATE_AT_TEXT);
+    free(v);
+    line(&b, &ctx, mode, "Score", "score");
+    line(&b, &ctx, mode, "Tag 1", "tag1");
+    line(&b, &ctx, mode, "Tag 2", "tag2");
+    line(&b, &ctx, mode, "Client", "client_address");
+    line(&b, &ctx, mode, "Feedback index", "feedback_index");
+    line(&b, &ctx, mode, "Owner", "owner");
+    line(&b, &ctx, mode, "Token URI", "token_uri");
+    line(&b, &ctx, mode, "Key", "metadata_key");
+    line(&b, &ctx, mode, "Value", "metadata_value");
+    line(&b, &ctx, mode, "Validator", "validator_address");
+    line(&b, &ctx, mode, "Request hash", "request_hash");
+    line(&b, &ctx, mode, "Response", "response");
+    line(&b, &ctx, mode, "Response URI", "response_uri");
+    line(&b, &ctx, mode, "Tag", "tag");
+    line(&b, &ctx, mode, "Chain", "chain_id");
+    line(&b, &ctx, mode, "Block", "block_number");
     tx = template_value("transaction_hash", &ctx);
     if (tx && *tx && explorer_tx_url && *explorer_tx_url && strstr(explorer_tx_url, "{tx}")) {
         const char *at = strstr(explorer_tx_url, "{tx}");
+        char *pre = strndup(explorer_tx_url, (size_t)(at - explorer_tx_url));
 
-        buf_puts(&b, "\n[View transaction](");
-        buf_append(&b, explorer_tx_url, (size_t)(at - explorer_tx_url));
-        buf_puts(&b, tx);
-        buf_puts(&b, at + 4);
-        buf_puts(&b, ")");
+        buf_puts(&b, mk->a_open);
+        template_escape(&b, pre ? pre : "", mode, TEMPLATE_AT_URL);
+        template_escape(&b, tx, mode, TEMPLATE_AT_URL);
+        template_escape(&b, at + 4, mode, TEMPLATE_AT_URL);
+        buf_puts(&b, mk->a_close);
+        free(pre);
     } else if (tx && *tx) {
-        line(&b, &ctx, "Tx", "transaction_hash");
+        line(&b, &ctx, mode, "Tx", "transaction_hash");
     }
     free(tx);
     return buf_take(&b);
@@ -151,12 +173,28 @@ int deliver_telegram_begin(aw *app, queue *q, job *j, long long now)
     const cJSON *tpl = cJSON_GetObjectItemCaseSensitive(j->config, "message_template");
     const cJSON *pm = cJSON_GetObjectItemCaseSensitive(j->config, "parse_mode");
     const char *parse_mode = cJSON_IsString(pm) ? pm->valuestring : "Markdown";
+    template_mode mode;
     char url[1024];
     char *text;
     cJSON *body;
     long wait = 0;
     int rc;
 
+    /* Values are escaped for the message's parse mode (template.h): chain
+     * data is anyone's to write, and must neither add markup nor make the
+     * Bot API refuse the message ("can't parse entities", a final 400). */
+    if (!strcmp(parse_mode, "Markdown"))
+        mode = TEMPLATE_MARKDOWN;
+    else if (!strcmp(parse_mode, "MarkdownV2"))
+        mode = TEMPLATE_MARKDOWN_V2;
+    else if (!strcmp(parse_mode, "HTML"))
+        mode = TEMPLATE_HTML;
+    else if (!parse_mode[0])
+        mode = TEMPLATE_RAW; /* plain text: nothing to escape */
+    else {
+        deliver_fail(j, OUT_FINAL, "parse_mode must be Markdown, MarkdownV2, HTML or empty (plain text)");
+        return 1;
+    }
     if (!app->cfg.telegram_token[0]) {
         deliver_fail(j, OUT_FINAL, "TELEGRAM_BOT_TOKEN is not set");
         return 1;
@@ -201,11 +239,9 @@ int deliver_telegram_begin(aw *app, queue *q, job *j, long long now)
         if (cJSON_IsString(tpl) && tpl->valuestring[0]) {
             if (strstr(tpl->valuestring, "trigger"))
                 ctx.trigger_name = deliver_trigger_name(app, j);
-            text = template_render(tpl->valuestring, &ctx, TEMPLATE_RAW, 4096);
+            text = template_render(tpl->valuestring, &ctx, mode, 4096);
         } else {
-            text = telegram_default_text(j->event, deliver_trigger_name(app, j), app->cfg.explorer_tx_url);
-            if (!cJSON_IsString(pm))
-                parse_mode = "Markdown";
+            text = telegram_default_text(j->event, deliver_trigger_name(app, j), app->cfg.explorer_tx_url, mode);
         }
     }
     body = cJSON_CreateObject();

@@ -24,16 +24,46 @@ typedef struct {
     const char *job_id;
 } template_ctx;
 
+/* How values are written into the template's text. The template's own
+ * text is copied as it is (its markup stays); in the JSON and Telegram
+ * modes the renderer follows that text to know where each placeholder
+ * stands, and writes the value so that it cannot change the structure
+ * around it. */
 typedef enum {
     TEMPLATE_RAW = 0,      /* values copied as they are */
-    TEMPLATE_JSON = 1,     /* values escaped as the inside of a JSON string */
-    TEMPLATE_MARKDOWN = 2  /* Telegram (legacy) Markdown specials escaped */
+    /* JSON text: inside a string, the value is escaped string content;
+     * outside, it is a JSON value: numbers and booleans as they are,
+     * objects and arrays as compact JSON, anything else (text, a missing
+     * field) a quoted, escaped string. */
+    TEMPLATE_JSON = 1,
+    /* Telegram's legacy Markdown: outside an entity _ * ` [ are
+     * backslash-escaped; inside one (where Telegram allows no escape), the
+     * entity's closing mark is written as close, escaped mark, reopen
+     * (*2*\**2* for "2*2"); "]" in a link text becomes U+FF3D, ")" and
+     * spaces in a link URL are percent-encoded. */
+    TEMPLATE_MARKDOWN = 2,
+    /* MarkdownV2: every special (_*[]()~`>#+-=|{}.!\) backslash-escaped;
+     * inside code and pre only ` and \, inside a link URL only ) and \. */
+    TEMPLATE_MARKDOWN_V2 = 3,
+    /* Telegram HTML: < > & " ' as entities (text and attribute values). */
+    TEMPLATE_HTML = 4
 } template_mode;
 
 /* Renders `tpl` (NULL renders as "") with values from `ctx`. The result is
  * at most `max` bytes (0: 1 MiB); longer output is cut. Returns a malloc'd
  * string the caller frees with free(), or NULL on OOM. */
 char *template_render(const char *tpl, const template_ctx *ctx, template_mode mode, size_t max);
+
+/* Where template_escape writes. */
+typedef enum {
+    TEMPLATE_AT_TEXT = 0, /* outside any markup */
+    TEMPLATE_AT_BOLD,     /* inside a bold entity */
+    TEMPLATE_AT_URL       /* in a link's URL */
+} template_place;
+
+/* Appends `s` as a value placed `at` in a text of `mode` is written.
+ * Returns 0 or -1. For composing Telegram texts. */
+int template_escape(buf *b, const char *s, template_mode mode, template_place at);
 
 /* The value a placeholder `name` (without braces) renders to, in RAW mode,
  * as a malloc'd string the caller frees with free(); NULL when the field is

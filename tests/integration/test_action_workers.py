@@ -186,6 +186,35 @@ class RestTest(Base):
         self.assertEqual(self.r.llen(self.queue), 0)
         self.assertEqual(len(self.hook.requests("/again")), 2)
 
+    def test_placeholders_outside_strings_are_json_values(self):
+        # Issue 10, item 5: {{tag1}} outside quotes used to be pasted raw, so
+        # a string field could add members ("admin":true) or break the body.
+        self.worker()
+        ev = H.make_event(tag1='x","admin":true,"y":"', score=91)
+        job = self.push(H.make_job("rest", {
+            "method": "POST", "url": self.url("/typed"),
+            "body_template": '{"agent":{{agent_id}},"score":{{score}},"tag":{{tag1}},"none":{{nope}},"in":"<{{tag1}}>"}',
+        }, event=ev))
+        rows = H.wait_results(self.conn, job["id"], lambda rs: len(rs) == 1)
+        self.assertEqual(rows[0]["status"], "success", rows)
+        body = json.loads(self.hook.requests("/typed")[0]["body"])
+        self.assertEqual(body, {"agent": 42, "score": 91, "tag": 'x","admin":true,"y":"', "none": "",
+                                "in": '<x","admin":true,"y":">'})
+        # A template that is not JSON itself: nothing is sent, a final failure.
+        bad = self.push(H.make_job("rest", {"method": "POST", "url": self.url("/bad"),
+                                            "body_template": '{"agent": {{agent_id}}, oops}'}))
+        rows = H.wait_results(self.conn, bad["id"], lambda rs: len(rs) == 1)
+        self.assertEqual(rows[0]["status"], "failed")
+        self.assertRegex(rows[0]["error_message"], r"body_template does not render to JSON \(at byte \d+\)")
+        # Another Content-Type: the body is text, values as they are.
+        txt = self.push(H.make_job("rest", {"method": "POST", "url": self.url("/text"),
+                                            "headers": {"Content-Type": "text/plain"},
+                                            "body_template": 'tag {{tag1}} score {{score}}'}, event=ev))
+        rows = H.wait_results(self.conn, txt["id"], lambda rs: len(rs) == 1)
+        self.assertEqual(rows[0]["status"], "success", rows)
+        self.assertEqual(self.hook.requests("/text")[0]["body"], 'tag x","admin":true,"y":" score 91')
+        self.assertEqual(self.hook.requests("/bad"), [])
+
     def test_429_and_408_are_retried(self):
         self.worker(RETRY_BASE_MS=100)
         self.hook.script("/busy", [Resp(429, {}, headers={"Retry-After": "1"}), Resp(408, {})])
@@ -356,6 +385,77 @@ class TelegramTest(Base):
                      "[View transaction](https://explorer.test/tx/0xabc123)"):
             self.assertIn(part, text)
 
+    # Issue 10, item 4: values anyone can write on chain, in every parse
+    # mode. They must not become markup our bot sends (a link), nor break the
+    # template's own (Telegram answers 400, final: the message is lost).
+    EVIL = "[Claim your reward](https://evil.example)"
+    STRAY = "a_b*c <d> & `e`"
+
+    def sent_texts(self, configs, **event):
+        self.worker(TELEGRAM_API_BASE=self.tg_base(), TELEGRAM_CHAT_INTERVAL_MS=0,
+                    EXPLORER_TX_URL="https://explorer.test/tx/{tx}")
+        ev = H.make_event(tag1=self.EVIL, tag2=self.STRAY, **event)
+        jobs = [self.push(H.make_job("telegram", dict(c, chat_id=9000 + i), event=ev, trigger_name="Watch_1"))
+                for i, c in enumerate(configs)]
+        reqs = self.tg.wait(len(jobs))
+        self.assertEqual(len(reqs), len(jobs))
+        by_chat = {json.loads(r["body"])["chat_id"]: json.loads(r["body"]) for r in reqs}
+        for i, j in enumerate(jobs):
+            rows = H.wait_results(self.conn, j["id"], lambda rs: len(rs) == 1)
+            self.assertEqual(rows[0]["status"], "success", rows)
+        return [by_chat[9000 + i] for i in range(len(jobs))]
+
+    def test_values_escaped_for_each_parse_mode(self):
+        tpl = {
+            "Markdown": "*{{trigger.name}}*: {{tag1}} / {{tag2}} [tx](https://x.test/{{tag2}})",
+            "MarkdownV2": "*{{trigger.name}}*: {{tag1}} / {{tag2}} [tx](https://x.test/{{tag2}}) \\(ok\\)",
+            "HTML": "<b>{{trigger.name}}</b>: {{tag1}} / <i>{{tag2}}</i> <a href=\"https://x.test/{{tag2}}\">tx</a>",
+            "": "{{trigger.name}}: {{tag1}} / {{tag2}}",
+        }
+        sent = self.sent_texts([{"parse_mode": m, "message_template": t} for m, t in tpl.items()])
+        self.assertEqual([b.get("parse_mode") for b in sent], ["Markdown", "MarkdownV2", "HTML", None])
+        self.assertEqual(sent[0]["text"], "*Watch_1*: \\[Claim your reward](https://evil.example) / "
+                                          "a\\_b\\*c <d> & \\`e\\` [tx](https://x.test/a_b*c%20<d>%20&%20`e`)")
+        self.assertEqual(sent[1]["text"], "*Watch\\_1*: \\[Claim your reward\\]\\(https://evil\\.example\\) / "
+                                          "a\\_b\\*c <d\\> & \\`e\\` [tx](https://x.test/a_b*c <d> & `e`) \\(ok\\)")
+        self.assertEqual(sent[2]["text"], "<b>Watch_1</b>: [Claim your reward](https://evil.example) / "
+                                          "<i>a_b*c &lt;d&gt; &amp; `e`</i> "
+                                          "<a href=\"https://x.test/a_b*c &lt;d&gt; &amp; `e`\">tx</a>")
+        self.assertEqual(sent[3]["text"], "Watch_1: %s / %s" % (self.EVIL, self.STRAY))
+
+    def test_default_message_in_each_parse_mode(self):
+        sent = self.sent_texts([{"parse_mode": m} for m in ("Markdown", "MarkdownV2", "HTML", "")],
+                               transaction_hash="0xab)c")
+        md, v2, html, plain = (b["text"] for b in sent)
+        self.assertIn("*New feedback* for agent #42", md)
+        self.assertIn("Tag 1: \\[Claim your reward](https://evil.example)", md)
+        self.assertIn("Tag 2: a\\_b\\*c <d> & \\`e\\`", md)
+        self.assertIn("[View transaction](https://explorer.test/tx/0xab%29c)", md)
+        self.assertIn("*New feedback* for agent \\#42", v2)
+        self.assertIn("Tag 1: \\[Claim your reward\\]\\(https://evil\\.example\\)", v2)
+        self.assertIn("Tag 2: a\\_b\\*c <d\\> & \\`e\\`", v2)
+        self.assertIn("[View transaction](https://explorer.test/tx/0xab\\)c)", v2)
+        self.assertIn("<b>New feedback</b> for agent #42", html)
+        self.assertIn("Tag 2: a_b*c &lt;d&gt; &amp; `e`", html)
+        self.assertIn("<a href=\"https://explorer.test/tx/0xab)c\">View transaction</a>", html)
+        self.assertIn("New feedback for agent #42", plain)
+        self.assertIn("Tag 1: " + self.EVIL, plain)
+        self.assertIn("Transaction: https://explorer.test/tx/0xab)c", plain)
+        # An event type nobody knows is a value too, inside the bold title.
+        self.tg.clear()
+        for w in self.workers:
+            w.proc.kill()
+        sent = self.sent_texts([{"parse_mode": "Markdown"}], event_type="Odd*Type_")
+        self.assertTrue(sent[0]["text"].startswith("\U0001f514 Watch\\_1\n*Odd*\\**Type_* on agent #42"), sent[0]["text"])
+
+    def test_unknown_parse_mode_is_final(self):
+        self.worker(TELEGRAM_API_BASE=self.tg_base())
+        job = self.push(H.make_job("telegram", {"chat_id": 5, "parse_mode": "markdown", "message_template": "x"}))
+        rows = H.wait_results(self.conn, job["id"], lambda rs: len(rs) == 1)
+        self.assertEqual(rows[0]["status"], "failed")
+        self.assertIn("parse_mode must be", rows[0]["error_message"])
+        self.assertEqual(self.tg.requests(), [])
+
     def test_429_retry_after_waited_out(self):
         self.worker(TELEGRAM_API_BASE=self.tg_base())
         self.tg.script(self.tg_path(), [telegram_429(2)])
@@ -515,6 +615,19 @@ class McpTest(Base):
         calls = [c for c in self.calls() if c["name"] == "notify"]
         self.assertEqual(calls[0]["arguments"], {"text": 'a"b by 0xclient'})
         self.assertIsNone(calls[0]["authorization"])
+
+    def test_string_arguments_template_values_outside_strings(self):
+        self.clear_calls()
+        self.worker()
+        hostile = 'q","agent_id":1,"z":"'
+        job = self.push(H.make_job("mcp", {
+            "server_url": self.mcp_url(), "tool": "notify",
+            "arguments_template": '{"agent_id":{{agent_id}},"text":{{tag1}}}',
+        }, event=H.make_event(agent_id=9999002, tag1=hostile)))
+        rows = H.wait_results(self.conn, job["id"], lambda rs: len(rs) == 1, timeout=15)
+        self.assertEqual(rows[0]["status"], "success", rows[0]["error_message"])
+        calls = [c for c in self.calls() if c["name"] == "notify"]
+        self.assertEqual(calls[0]["arguments"], {"agent_id": 9999002, "text": hostile})
 
     def test_tool_error_is_failure(self):
         self.worker()

@@ -62,8 +62,10 @@ static void render_markdown_and_edges(void **state)
     char *s;
 
     (void)state;
+    /* Inside a legacy Markdown entity there is no escape: the closing mark
+     * is written as close, escaped mark, reopen. */
     s = template_render("*{{under}}*", &ctx, TEMPLATE_MARKDOWN, 0);
-    assert_string_equal(s, "*x\\_y\\*z*");
+    assert_string_equal(s, "*x_y*\\**z*");
     free(s);
     s = template_render("open {{agent_id and {{ }} {{trigger.name}}", &ctx, TEMPLATE_RAW, 0);
     assert_string_equal(s, "open {{agent_id and {{ }} ");
@@ -228,6 +230,113 @@ static void buf_utf8_repairs(void **state)
 #undef R
 }
 
+/* Values that anyone can put on chain, for every Telegram parse mode
+ * (issue 10, item 4): they must neither add markup (a link our bot would
+ * send) nor break the template's own (a 400 that loses the message). */
+static cJSON *hostile(void)
+{
+    return cJSON_Parse("{\"agent_id\":42,"
+                       "\"evil\":\"[Claim your reward](https://evil.example)\","
+                       "\"under\":\"x_y*z\",\"code\":\"a`b\",\"pre\":\"``` x\","
+                       "\"html\":\"<b>&\\\"'\",\"v2\":\"1.5-2! #{a}|~>+=\\\\\","
+                       "\"sp\":\"a b)c\"}");
+}
+
+static void expect(const char *tpl, template_mode mode, const char *want)
+{
+    cJSON *ev = hostile();
+    template_ctx ctx = {ev, "T_1", NULL, NULL};
+    char *s = template_render(tpl, &ctx, mode, 0);
+
+    assert_non_null(s);
+    assert_string_equal(s, want);
+    free(s);
+    cJSON_Delete(ev);
+}
+
+static void telegram_markdown_values(void **state)
+{
+    (void)state;
+    /* Outside an entity: _ * ` [ escaped; the fake link is text. */
+    expect("Tag: {{evil}} by {{trigger.name}}", TEMPLATE_MARKDOWN,
+           "Tag: \\[Claim your reward](https://evil.example) by T\\_1");
+    expect("{{under}} {{code}}", TEMPLATE_MARKDOWN, "x\\_y\\*z a\\`b");
+    /* The template's own markup stays; inside it, values close and reopen. */
+    expect("*{{under}}* _{{under}}_ `{{code}}`", TEMPLATE_MARKDOWN, "*x_y*\\**z* _x_\\__y*z_ `a`\\``b`");
+    expect("```{{pre}}```", TEMPLATE_MARKDOWN, "```\x60\xe2\x80\x8b\x60\xe2\x80\x8b\x60\xe2\x80\x8b x```");
+    /* A link: "]" cannot end its text, ")" or a space cannot end its URL. */
+    expect("[{{evil}}](https://ok.example/?q={{sp}}) after {{under}}", TEMPLATE_MARKDOWN,
+           "[[Claim your reward\xef\xbc\xbd(https://evil.example)](https://ok.example/?q=a%20b%29c) after x\\_y\\*z");
+    /* Escapes in the template's text are its own. */
+    expect("\\*{{under}}", TEMPLATE_MARKDOWN, "\\*x\\_y\\*z");
+}
+
+static void telegram_markdown_v2_values(void **state)
+{
+    (void)state;
+    expect("{{evil}}", TEMPLATE_MARKDOWN_V2, "\\[Claim your reward\\]\\(https://evil\\.example\\)");
+    expect("*{{under}}* ||{{v2}}||", TEMPLATE_MARKDOWN_V2,
+           "*x\\_y\\*z* ||1\\.5\\-2\\! \\#\\{a\\}\\|\\~\\>\\+\\=\\\\||");
+    expect("`{{code}}` ```{{v2}}```", TEMPLATE_MARKDOWN_V2, "`a\\`b` ```1.5-2! #{a}|~>+=\\\\```");
+    expect("[{{under}}](https://ok.example/{{sp}}) \\({{trigger.name}}\\)", TEMPLATE_MARKDOWN_V2,
+           "[x\\_y\\*z](https://ok.example/a b\\)c) \\(T\\_1\\)");
+}
+
+static void telegram_html_values(void **state)
+{
+    (void)state;
+    expect("<b>{{html}}</b> <a href=\"https://ok.example/?t={{html}}\">{{evil}}</a>", TEMPLATE_HTML,
+           "<b>&lt;b&gt;&amp;&quot;&#39;</b> <a href=\"https://ok.example/?t=&lt;b&gt;&amp;&quot;&#39;\">"
+           "[Claim your reward](https://evil.example)</a>");
+}
+
+static void telegram_escape_places(void **state)
+{
+    buf b;
+
+    (void)state;
+    buf_init(&b, 0);
+    assert_int_equal(template_escape(&b, "a*b_c", TEMPLATE_MARKDOWN, TEMPLATE_AT_BOLD), 0);
+    assert_int_equal(template_escape(&b, "|a*b_c.", TEMPLATE_MARKDOWN_V2, TEMPLATE_AT_BOLD), 0);
+    assert_int_equal(template_escape(&b, "|x y)", TEMPLATE_MARKDOWN, TEMPLATE_AT_URL), 0);
+    assert_int_equal(template_escape(&b, "|x y)", TEMPLATE_MARKDOWN_V2, TEMPLATE_AT_URL), 0);
+    assert_int_equal(template_escape(&b, "|<&>", TEMPLATE_HTML, TEMPLATE_AT_TEXT), 0);
+    assert_int_equal(template_escape(&b, "|*_", TEMPLATE_RAW, TEMPLATE_AT_TEXT), 0);
+    assert_string_equal(buf_str(&b), "a*\\**b_c\\|a\\*b\\_c\\.|x%20y%29|x y\\)|&lt;&amp;&gt;|*_");
+    buf_free(&b);
+}
+
+/* A placeholder outside a JSON string is a JSON value of its own (issue 10,
+ * item 5): a string field can no longer add members. */
+static void json_values_outside_strings(void **state)
+{
+    cJSON *ev = cJSON_Parse("{\"agent_id\":42,\"ratio\":0.5,\"ok\":false,\"meta\":{\"k\":[1]},\"nul\":null,"
+                            "\"tag1\":\"1,\\\"admin\\\":true\",\"num_text\":\"17\"}");
+    template_ctx ctx = {ev, "n\"ame", "t1", NULL};
+    char *s;
+    cJSON *parsed;
+
+    (void)state;
+    s = template_render("{\"agent\":{{agent_id}},\"tag\":{{tag1}},\"r\":{{ratio}},\"ok\":{{ok}},\"m\":{{meta}},"
+                        "\"n\":{{nul}},\"x\":{{missing}},\"s\":{{num_text}},\"tr\":{{trigger.name}},"
+                        "\"in\":\"<{{tag1}}>\",\"br\":\"}{{agent_id}}\\\"{{agent_id}}\",\"arr\":[{{agent_id}},{{tag1}}]}",
+                        &ctx, TEMPLATE_JSON, 0);
+    assert_string_equal(s, "{\"agent\":42,\"tag\":\"1,\\\"admin\\\":true\",\"r\":0.5,\"ok\":false,\"m\":{\"k\":[1]},"
+                           "\"n\":\"\",\"x\":\"\",\"s\":\"17\",\"tr\":\"n\\\"ame\","
+                           "\"in\":\"<1,\\\"admin\\\":true>\",\"br\":\"}42\\\"42\",\"arr\":[42,\"1,\\\"admin\\\":true\"]}");
+    parsed = cJSON_Parse(s);
+    assert_non_null(parsed);
+    assert_null(cJSON_GetObjectItem(parsed, "admin"));
+    assert_string_equal(cJSON_GetObjectItem(parsed, "tag")->valuestring, "1,\"admin\":true");
+    cJSON_Delete(parsed);
+    free(s);
+    /* The README's example. */
+    s = template_render("{\"agent\":{{agent_id}}}", &ctx, TEMPLATE_JSON, 0);
+    assert_string_equal(s, "{\"agent\":42}");
+    free(s);
+    cJSON_Delete(ev);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -236,6 +345,9 @@ int main(void)
         cmocka_unit_test(render_markdown_and_edges), cmocka_unit_test(render_json_tree),
         cmocka_unit_test(target_ranges),        cmocka_unit_test(target_policy_checks),
         cmocka_unit_test(breaker_cycle),        cmocka_unit_test(buf_bounds),
+        cmocka_unit_test(telegram_markdown_values), cmocka_unit_test(telegram_markdown_v2_values),
+        cmocka_unit_test(telegram_html_values), cmocka_unit_test(telegram_escape_places),
+        cmocka_unit_test(json_values_outside_strings),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);
