@@ -391,11 +391,18 @@ int amqpc_declare_topic_exchange(amqpc *a, const char *name, int durable)
 int amqpc_declare_queue_bind(amqpc *a, const char *queue, const char *exchange,
                              const char *routing_key)
 {
+    return amqpc_declare_queue(a, queue, 1, exchange, routing_key);
+}
+
+int amqpc_declare_queue(amqpc *a, const char *queue, int durable, const char *exchange,
+                        const char *routing_key)
+{
     if (!a || !queue)
         return -1;
     if (amqpc_connect(a) < 0)
         return -1;
-    amqp_queue_declare(a->conn, AMQPC_CHANNEL, amqp_cstring_bytes(queue), 0, 1, 0, 0, amqp_empty_table);
+    amqp_queue_declare(a->conn, AMQPC_CHANNEL, amqp_cstring_bytes(queue), 0, durable ? 1 : 0, 0, 0,
+                       amqp_empty_table);
     if (amqpc_check(a, amqp_get_rpc_reply(a->conn), "queue.declare") < 0)
         return -1;
     if (!routing_key)

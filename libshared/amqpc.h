@@ -73,6 +73,14 @@ int amqpc_declare_topic_exchange(amqpc *a, const char *name, int durable);
 int amqpc_declare_queue_bind(amqpc *a, const char *queue, const char *exchange,
                              const char *routing_key);
 
+/* The same with the queue's durability chosen: a queue that already exists
+ * with the other durability makes the broker close the channel
+ * (PRECONDITION_FAILED, reported here), which consumers that follow another
+ * service's declarations (RABBITMQ_QUEUE_DURABLE) must be able to avoid.
+ * 0 or -1. */
+int amqpc_declare_queue(amqpc *a, const char *queue, int durable, const char *exchange,
+                        const char *routing_key);
+
 /* Publishes `len` bytes (content type application/json; delivery mode 2
  * when `persistent`), connecting first when needed. Returns 0 when the
  * frame was written (no publisher confirms), -1 otherwise. */
