@@ -14,6 +14,7 @@
 
 #include "backoff.h"
 #include "log.h"
+#include "redact.h"
 
 #define AMQPC_ERR_MAX 512
 #define AMQPC_CHANNEL 1
@@ -62,7 +63,7 @@ int amqpc_url_from_cfg(cfg *c, char *out, size_t outlen)
 {
     const char *url = cfg_str(c, "AMQP_URL", AMQPC_DEFAULT_URL);
     struct amqp_connection_info ci;
-    const char *why, *at, *scheme;
+    const char *why;
     char *buf, shown[512];
 
     if (!c || !out || outlen == 0)
@@ -76,20 +77,18 @@ int amqpc_url_from_cfg(cfg *c, char *out, size_t outlen)
     if (!why && strlen(url) >= outlen)
         why = "a shorter URL";
     if (why) {
-        /* Mask the userinfo's password: "amqp://user:***@host". */
-        scheme = strstr(url, "://");
-        at = scheme ? strrchr(scheme + 3, '@') : NULL;
-        if (at) {
-            const char *colon = memchr(scheme + 3, ':', (size_t)(at - scheme - 3));
-
-            snprintf(shown, sizeof(shown), "%.*s:***%s", (int)((colon ? colon : at) - url), url, at);
-        } else {
-            snprintf(shown, sizeof(shown), "%s", url);
-        }
+        redact_url(shown, sizeof(shown), url);
         cfg_error(c, "AMQP_URL", shown, why);
         return -1;
     }
     snprintf(out, outlen, "%s", url);
+    {
+        char esc[1100];
+
+        /* One line at start saying which broker the service uses. */
+        redact_url(shown, sizeof(shown), url);
+        log_event(LOG_INFO, "amqp", "\"url\":\"%s\"", log_escape(esc, sizeof(esc), shown));
+    }
     return 0;
 }
 

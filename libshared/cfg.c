@@ -11,6 +11,8 @@
 
 #define CFG_ERR_MAX 4096
 #define CFG_LINE_MAX 8192
+/* Shortest secret accepted in production: 256 bits for an HS256 key. */
+#define CFG_SECRET_MIN 32
 
 struct cfg {
     char service[64];
@@ -179,18 +181,37 @@ int cfg_production(cfg *c)
     return strcasecmp(env, "production") == 0 || strcasecmp(env, "prod") == 0;
 }
 
+/* A placeholder that someone copied from an example file. */
+static int cfg_placeholder(const char *v)
+{
+    return strcasestr(v, "change-me") || strcasestr(v, "changeme") || strcasestr(v, "change_me");
+}
+
 const char *cfg_secret(cfg *c, const char *name, const char *dev_default)
 {
     const char *v = cfg_str(c, name, NULL);
+    char shown[64];
 
-    if (v && strcmp(v, dev_default) != 0)
-        return v;
-    if (cfg_production(c)) {
-        cfg_error(c, name, "<default>", "a secret of its own when APP_ENV=production");
+    if (!v || strcmp(v, dev_default) == 0) {
+        if (cfg_production(c)) {
+            cfg_error(c, name, "<default>", "a secret of its own when APP_ENV=production");
+            return dev_default;
+        }
+        log_warn("%s is not set: using the development default (never do this in production)", name);
         return dev_default;
     }
-    log_warn("%s is not set: using the development default (never do this in production)", name);
-    return dev_default;
+    /* The value itself is never shown, only its length. */
+    snprintf(shown, sizeof(shown), "(%zu bytes, not shown)", strlen(v));
+    if (cfg_production(c)) {
+        if (strlen(v) < CFG_SECRET_MIN)
+            cfg_error(c, name, shown, "a secret of at least 32 bytes when APP_ENV=production");
+        else if (cfg_placeholder(v))
+            cfg_error(c, name, shown, "a real secret, not a change-me placeholder, when APP_ENV=production");
+    } else if (strlen(v) < CFG_SECRET_MIN || cfg_placeholder(v)) {
+        log_warn("%s is shorter than %d bytes or a change-me placeholder: APP_ENV=production refuses it", name,
+                 CFG_SECRET_MIN);
+    }
+    return v;
 }
 
 /* Removes surrounding quotes and resolves escapes in place. Returns -1 on

@@ -40,8 +40,11 @@ const char *cfg_enum(cfg *c, const char *name, const char *def, const char *cons
  * `bare_unit_ms` milliseconds; returns milliseconds. */
 long cfg_duration_ms(cfg *c, const char *name, long def_ms, long bare_unit_ms);
 
-/* A secret with a development default. Using the default logs a warning,
- * and with APP_ENV=production is an error. */
+/* A secret with a development default. Using the default logs a warning.
+ * With APP_ENV=production the default, a value shorter than 32 bytes and a
+ * placeholder (containing "change-me", "changeme" or "change_me", any case)
+ * are errors; outside production the latter two log a warning. The value is
+ * never written to a log or error message. */
 const char *cfg_secret(cfg *c, const char *name, const char *dev_default);
 
 /* Nonzero for APP_ENV=production. */

@@ -12,6 +12,7 @@
 
 #include "backoff.h"
 #include "log.h"
+#include "redact.h"
 
 #define DBPOOL_ERR_MAX 512
 #define DBPOOL_BACKOFF_BASE_MS 100
@@ -98,28 +99,6 @@ static int append_kv(char *out, size_t outlen, size_t *used, const char *key, co
     return 0;
 }
 
-/* Masks the userinfo password of a URL ("scheme://user:***@host") so a bad
- * DATABASE_URL can be reported without leaking it. A keyword conninfo with
- * a password= is replaced wholesale. */
-static void redact_url(char *dst, size_t len, const char *url)
-{
-    const char *start = strstr(url, "://");
-    const char *at, *colon;
-
-    if (!start) {
-        snprintf(dst, len, "%s", strstr(url, "password") ? "(conninfo with a password, not shown)" : url);
-        return;
-    }
-    start += 3;
-    at = strchr(start, '@');
-    colon = memchr(start, ':', at ? (size_t)(at - start) : 0);
-    if (!at || !colon) {
-        snprintf(dst, len, "%s", url);
-        return;
-    }
-    snprintf(dst, len, "%.*s:***%s", (int)(colon - url), url, at);
-}
-
 /* Checks every port of a parsed conninfo (a comma list for multi-host). */
 static int ports_ok(const char *ports)
 {
@@ -170,6 +149,15 @@ static int conninfo_from_url(cfg *c, const char *url, char *out, size_t outlen)
     return 0;
 }
 
+/* One line at start saying which database the service uses, secrets masked. */
+static void dbpool_log_target(const char *conninfo)
+{
+    char shown[1024], esc[2048];
+
+    log_event(LOG_INFO, "database", "\"url\":\"%s\"",
+              log_escape(esc, sizeof(esc), redact_url(shown, sizeof(shown), conninfo)));
+}
+
 int dbpool_conninfo_from_cfg(cfg *c, char *out, size_t outlen)
 {
     const char *url, *host, *name, *user, *pass, *rawport;
@@ -187,6 +175,7 @@ int dbpool_conninfo_from_cfg(cfg *c, char *out, size_t outlen)
             out[0] = '\0';
             return -1;
         }
+        dbpool_log_target(out);
         return 0;
     }
     host = cfg_str(c, "DB_HOST", "localhost");
@@ -212,6 +201,8 @@ int dbpool_conninfo_from_cfg(cfg *c, char *out, size_t outlen)
     }
     if (rc < 0)
         out[0] = '\0';
+    else
+        dbpool_log_target(out);
     return rc;
 }
 

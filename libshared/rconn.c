@@ -12,6 +12,7 @@
 
 #include "backoff.h"
 #include "log.h"
+#include "redact.h"
 
 #define RCONN_ERR_MAX 512
 #define RCONN_BACKOFF_BASE_MS 100
@@ -236,16 +237,16 @@ int rconn_parse_url(const char *url, rconn_opts *o, char *err, size_t errlen)
     return 0;
 }
 
-/* Masks the password of a Redis URL for error messages. */
-static void redact(char *dst, size_t len, const char *url)
+/* One line at start saying which Redis the service uses, secrets masked. */
+static void rconn_log_target(const char *url, const rconn_opts *o)
 {
-    const char *s = strstr(url, "://");
-    const char *at = s ? strrchr(s + 3, '@') : NULL;
+    char shown[600], esc[1200];
 
-    if (!at)
-        snprintf(dst, len, "%s", url);
+    if (url)
+        redact_url(shown, sizeof(shown), url);
     else
-        snprintf(dst, len, "%.*s***%s", (int)(s + 3 - url), url, at);
+        snprintf(shown, sizeof(shown), "redis://%s%s:%d/%d", o->password[0] ? ":***@" : "", o->host, o->port, o->db);
+    log_event(LOG_INFO, "redis", "\"url\":\"%s\"", log_escape(esc, sizeof(esc), shown));
 }
 
 int rconn_opts_from_cfg(cfg *c, rconn_opts *o)
@@ -260,11 +261,12 @@ int rconn_opts_from_cfg(cfg *c, rconn_opts *o)
     url = cfg_str(c, "REDIS_URL", NULL);
     if (url) {
         if (rconn_parse_url(url, o, err, sizeof(err)) < 0) {
-            redact(shown, sizeof(shown), url);
+            redact_url(shown, sizeof(shown), url);
             cfg_error(c, "REDIS_URL", shown, err);
             opts_defaults(o);
             return -1;
         }
+        rconn_log_target(url, o);
         return 0;
     }
     opts_defaults(o);
@@ -298,6 +300,8 @@ int rconn_opts_from_cfg(cfg *c, rconn_opts *o)
         v = 0;
     }
     o->db = (int)v;
+    if (rc == 0)
+        rconn_log_target(NULL, o);
     return rc;
 }
 

@@ -11,16 +11,18 @@ a free port.
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 import time
 import unittest
+import urllib.parse
 import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from aetest import (BINDIR, Service, http, http_json, private_db_create, private_db_drop,  # noqa: E402
-                    wait_for)
+from aetest import (BINDIR, REDIS_URL, ROOT, Service, http, http_json, private_db_create,  # noqa: E402
+                    private_db_drop, wait_for)
 from pgtmp import free_port  # noqa: E402
 
 import psycopg2  # noqa: E402
@@ -340,6 +342,110 @@ class ConnectionLimits(unittest.TestCase):
             finally:
                 for s in socks:
                     s.close()
+
+
+
+# --------------------------------------------------------------------------- 10. URLs masked in logs
+
+def with_query_password(url, password):
+    """`url` with its userinfo password moved to ?password= (libpq takes both)."""
+    u = urllib.parse.urlsplit(url)
+    netloc = "%s@%s:%d" % (u.username, u.hostname, u.port)
+    return urllib.parse.urlunsplit((u.scheme, netloc, u.path, "password=%s&application_name=gwsec" % password, ""))
+
+
+class UrlMasking(unittest.TestCase):
+    def test_database_url_query_password_masked_at_start(self):
+        pw = urllib.parse.urlsplit(TEST_DB_URL).password
+        url = with_query_password(TEST_DB_URL, pw)
+        with Gateway(DATABASE_URL=url) as gw:
+            self.assertEqual(http("GET", gw.base + "/api/v1/health")[0], 200)
+            log = gw.svc.log()
+        self.assertNotIn("password=" + pw, log)
+        shown = [r for r in gw.svc.log_lines() if r.get("msg") == "database"]
+        self.assertTrue(shown, log[-2000:])
+        self.assertIn("?password=***&application_name=gwsec", shown[0]["url"])
+
+    def test_bad_database_url_error_masks_every_secret(self):
+        port = free_port()
+        svc = Service("api-gateway", {
+            "SERVER_PORT": port, "SERVER_HOST": "127.0.0.1", "JWT_SECRET": JWT_SECRET, "INGEST_TOKEN": INGEST_TOKEN,
+            "DATABASE_URL": "postgres://app:hunter2-userinfo@127.0.0.1:notaport/db?password=hunter2-query&sslmode=disable"})
+        svc.start()
+        self.assertEqual(svc.proc.wait(20), 2)
+        svc.stop()
+        log = svc.log()
+        self.assertIn("DATABASE_URL", log)
+        self.assertNotIn("hunter2", log)
+        self.assertIn("password=***", log)
+
+    def test_every_service_masks_its_urls_at_start(self):
+        u = urllib.parse.urlsplit(REDIS_URL)
+        redis_url = "redis://:hunter2-redis@%s:%d/0" % (u.hostname, u.port)
+        db = with_query_password(TEST_DB_URL, urllib.parse.urlsplit(TEST_DB_URL).password)
+        for name in ["event-processor", "action-workers"]:
+            with self.subTest(service=name):
+                svc = Service(name, {"DATABASE_URL": db, "REDIS_URL": redis_url, "METRICS_PORT": free_port()})
+                svc.start()
+                try:
+                    wait_for(lambda: re.search(r'"msg":"redis".*"url":"redis://:\*\*\*@', svc.log()), 15,
+                             what="%s logs its Redis URL" % name)
+                    wait_for(lambda: '"msg":"database"' in svc.log(), 15, what="%s logs its database" % name)
+                finally:
+                    svc.stop()
+                log = svc.log()
+                self.assertNotIn("hunter2", log)
+                self.assertNotIn("password=" + urllib.parse.urlsplit(TEST_DB_URL).password, log)
+
+
+
+# --------------------------------------------------------------------------- 6. secrets in production
+
+class ProductionSecrets(unittest.TestCase):
+    def run_gw(self, **env):
+        port = free_port()
+        e = {"SERVER_PORT": port, "SERVER_HOST": "127.0.0.1", "DATABASE_URL": TEST_DB_URL, "APP_ENV": "production",
+             "JWT_SECRET": JWT_SECRET, "INGEST_TOKEN": INGEST_TOKEN, "INTERNAL_TOKEN": "i" * 40}
+        e.update(env)
+        svc = Service("api-gateway", e, health="http://127.0.0.1:%d/health" % port)
+        return svc
+
+    def test_placeholders_and_short_secrets_stop_start_up(self):
+        # What docker-compose used to fall back to, and a short one.
+        for var, value in [("JWT_SECRET", "change-me-in-production"), ("INGEST_TOKEN", "change-me-ingest"),
+                           ("INTERNAL_TOKEN", "change-me-internal-0123456789abcdef0123"),
+                           ("JWT_SECRET", "short-but-not-default")]:
+            with self.subTest(var=var, value=value):
+                svc = self.run_gw(**{var: value})
+                svc.health = None
+                svc.start()
+                try:
+                    self.assertEqual(svc.proc.wait(20), 2)
+                finally:
+                    svc.stop()
+                log = svc.log()
+                self.assertIn(var, log)
+                self.assertNotIn(value, log)
+
+    def test_long_own_secrets_start(self):
+        svc = self.run_gw()
+        svc.start()
+        try:
+            self.assertEqual(http("GET", svc.health)[0], 200)
+        finally:
+            svc.stop()
+
+    def test_compose_requires_every_secret(self):
+        with open(os.path.join(ROOT, "docker", "docker-compose.yml")) as f:
+            text = "\n".join(line for line in f.read().splitlines() if not line.lstrip().startswith("#"))
+        self.assertNotIn("change-me", text.lower())
+        for var in ["JWT_SECRET", "INGEST_TOKEN", "INTERNAL_TOKEN", "RUNTIME_SYNC_TOKEN_SIGNING_KEY"]:
+            with self.subTest(var=var):
+                refs = re.findall(r"\$\{%s([^}]*)\}" % var, text)
+                self.assertTrue(refs, "%s is not passed to the services" % var)
+                for r in refs:
+                    self.assertTrue(r.startswith(":?"), "${%s%s} has a fallback" % (var, r))
+        self.assertIn("APP_ENV: ${APP_ENV:-production}", text)
 
 
 if __name__ == "__main__":

@@ -139,10 +139,36 @@ static void test_secret_production(void **state)
     assert_true(cfg_failed(c));
     cfg_free(c);
     c = fresh();
-    setenv("T_SECRET", "real-secret", 1);
-    assert_string_equal(cfg_secret(c, "T_SECRET", "dev"), "real-secret");
+    setenv("T_SECRET", "a-real-secret-of-32-bytes-or-more", 1);
+    assert_string_equal(cfg_secret(c, "T_SECRET", "dev"), "a-real-secret-of-32-bytes-or-more");
     assert_false(cfg_failed(c));
+    cfg_free(c);
+    /* Short ones and placeholders (what docker-compose used to fall back to)
+     * are refused in production, and the value never appears in the error. */
+    {
+        static const char *const bad[] = {"real-secret", "0123456789abcdef0123456789abcde",
+                                          "change-me-in-production-0123456789abcdef",
+                                          "CHANGE-ME-ingest-token-0123456789abcdef", "my-changeme-secret-0123456789abcdef",
+                                          "change-me-ingest", NULL};
+
+        for (int i = 0; bad[i]; i++) {
+            c = fresh();
+            setenv("T_SECRET", bad[i], 1);
+            cfg_secret(c, "T_SECRET", "dev");
+            print_message("%s -> %s\n", bad[i], cfg_errstr(c));
+            assert_true(cfg_failed(c));
+            assert_null(strstr(cfg_errstr(c), bad[i]));
+            assert_non_null(strstr(cfg_errstr(c), "T_SECRET"));
+            cfg_free(c);
+        }
+    }
+    /* Outside production they are accepted (with a warning). */
     unsetenv("APP_ENV");
+    c = fresh();
+    setenv("T_SECRET", "short", 1);
+    assert_string_equal(cfg_secret(c, "T_SECRET", "dev"), "short");
+    assert_false(cfg_failed(c));
+    unsetenv("T_SECRET");
     cfg_free(c);
 }
 
