@@ -3,17 +3,23 @@
 
 #include <crypt.h>
 #include <ctype.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "apiutil.h"
 #include "log.h"
+#include "revocation.h"
 
 #define AUTH_MIN_PASSWORD 8
 #define AUTH_MAX_PASSWORD 256 /* bytes; well inside libcrypt's CRYPT_MAX_PASSPHRASE_SIZE */
 #define AUTH_BAD_LOGIN "invalid username/email or password"
 #define AUTH_BAD_REFRESH "invalid, expired, used or revoked refresh token"
+#define AUTH_VALID_AFTER_EXPR(t) "coalesce(floor(extract(epoch FROM " t "tokens_valid_after))::bigint::text, '')"
+#define AUTH_VALID_AFTER_COL AUTH_VALID_AFTER_EXPR("")
+#define AUTH_VALID_AFTER_U_COL AUTH_VALID_AFTER_EXPR("u.")
 
 #define USER_COLS                                                                                             \
     "id, username, email, telegram_chat_id, is_active, "                                                      \
@@ -200,9 +206,16 @@ static int auth_new_refresh(char tok[64], char hash[65])
  * the token pair. Runs on `conn` (inside the caller's transaction when it
  * has one, which it then commits). Returns 0, or -1 when it answered with
  * an error. */
-static int auth_issue(gateway *gw, httpd_req *req, PGconn *conn, const char *user_id, const char *username,
-                      const char *family, int in_tx)
+/* tokens_valid_after (floor, unix seconds) from a column of "" or digits. */
+static long long auth_valid_after(const char *s)
 {
+    return s && s[0] ? strtoll(s, NULL, 10) : LLONG_MIN;
+}
+
+static int auth_issue(gateway *gw, httpd_req *req, PGconn *conn, const char *user_id, const char *username,
+                      const char *family, long long valid_after, int in_tx)
+{
+    long long now = (long long)time(NULL);
     char tok[64], hash[65], ttl[32];
     const char *params[4];
     char *access = NULL;
@@ -218,6 +231,11 @@ static int auth_issue(gateway *gw, httpd_req *req, PGconn *conn, const char *use
     cJSON_AddStringToObject(claims, "sub", user_id);
     cJSON_AddStringToObject(claims, "user_id", user_id);
     cJSON_AddStringToObject(claims, "username", username);
+    /* Tokens issued at or before tokens_valid_after are refused, and iat has
+     * whole seconds: a token issued in the second of a logout-everywhere
+     * carries the next second, so that it works. */
+    if (valid_after != LLONG_MIN && now <= valid_after)
+        cJSON_AddNumberToObject(claims, "iat", (double)(valid_after + 1));
     rc = jwtauth_sign(gw->jwt, claims, gw->cfg.access_token_ttl_s, &access);
     cJSON_Delete(claims);
     if (rc < 0 || !access) {
@@ -320,6 +338,7 @@ static void auth_login(httpd_req *req, void *ud)
     cJSON *body = auth_body(req), *details;
     const char *username, *email, *password, *params[1];
     char email_l[256], family[40], user_id[128], uname[128];
+    long long valid_after;
     unsigned char rnd[16];
     PGconn *conn = NULL;
     PGresult *res = NULL;
@@ -341,14 +360,15 @@ static void auth_login(httpd_req *req, void *ud)
     if (username) {
         params[0] = username;
         res = apiutil_exec(req, conn,
-                           "SELECT id, username, password_hash, is_active FROM users "
-                           "WHERE lower(username) = lower($1)",
+                           "SELECT id, username, password_hash, is_active, " AUTH_VALID_AFTER_COL
+                           " FROM users WHERE lower(username) = lower($1)",
                            1, params);
     } else {
         auth_lower(email_l, sizeof(email_l), email);
         params[0] = email_l;
         res = apiutil_exec(req, conn,
-                           "SELECT id, username, password_hash, is_active FROM users WHERE lower(email) = lower($1)",
+                           "SELECT id, username, password_hash, is_active, " AUTH_VALID_AFTER_COL
+                           " FROM users WHERE lower(email) = lower($1)",
                            1, params);
     }
     if (!res)
@@ -363,6 +383,7 @@ static void auth_login(httpd_req *req, void *ud)
     }
     snprintf(user_id, sizeof(user_id), "%s", PQgetvalue(res, 0, 0));
     snprintf(uname, sizeof(uname), "%s", PQgetvalue(res, 0, 1));
+    valid_after = auth_valid_after(PQgetvalue(res, 0, 4));
     PQclear(res);
     params[0] = user_id;
     res = apiutil_exec(req, conn, "UPDATE users SET last_login_at = now() WHERE id = $1", 1, params);
@@ -374,7 +395,7 @@ static void auth_login(httpd_req *req, void *ud)
     }
     for (size_t i = 0; i < sizeof(rnd); i++)
         snprintf(family + 2 * i, 3, "%02x", rnd[i]);
-    auth_issue(gw, req, conn, user_id, uname, family, 0);
+    auth_issue(gw, req, conn, user_id, uname, family, valid_after, 0);
 out:
     PQclear(res);
     dbpool_release(gw->db, conn);
@@ -432,7 +453,7 @@ static void auth_refresh(httpd_req *req, void *ud)
                        "UPDATE refresh_tokens r SET used_at = now() FROM users u "
                        "WHERE r.token_hash = $1 AND r.used_at IS NULL AND r.revoked_at IS NULL "
                        "AND r.expires_at > now() AND u.id = r.user_id AND u.is_active IS NOT FALSE "
-                       "RETURNING r.user_id, u.username, r.family_id",
+                       "RETURNING r.user_id, u.username, r.family_id, " AUTH_VALID_AFTER_U_COL,
                        1, params);
     if (!res)
         goto out;
@@ -455,7 +476,7 @@ static void auth_refresh(httpd_req *req, void *ud)
     snprintf(user_id, sizeof(user_id), "%s", PQgetvalue(res, 0, 0));
     snprintf(uname, sizeof(uname), "%s", PQgetvalue(res, 0, 1));
     snprintf(family, sizeof(family), "%s", PQgetvalue(res, 0, 2));
-    auth_issue(gw, req, conn, user_id, uname, family, 1);
+    auth_issue(gw, req, conn, user_id, uname, family, auth_valid_after(PQgetvalue(res, 0, 3)), 1);
 out:
     PQclear(res);
     dbpool_release(gw->db, conn); /* rolls back an unfinished transaction */
@@ -490,12 +511,51 @@ out:
     cJSON_Delete(body);
 }
 
+/* POST /api/v1/auth/logout-all: every access token of the caller issued
+ * until now stops working at once, on every gateway instance (revocation.h),
+ * and every refresh token is revoked. One statement, so both or neither. */
+static void auth_logout_all(httpd_req *req, void *ud)
+{
+    gateway *gw = ud;
+    auth_user user;
+    char now_s[32];
+    const char *params[2];
+    PGconn *conn;
+    PGresult *res;
+
+    if (auth_require(gw, req, &user) < 0 || !(conn = apiutil_db(gw, req)))
+        return;
+    snprintf(now_s, sizeof(now_s), "%lld", (long long)time(NULL));
+    params[0] = user.user_id;
+    params[1] = now_s;
+    res = apiutil_exec(req, conn,
+                       "WITH u AS (UPDATE users SET updated_at = now(), tokens_valid_after = "
+                       "greatest(coalesce(tokens_valid_after, '-infinity'), to_timestamp($2::bigint)) "
+                       "WHERE id = $1 RETURNING id) "
+                       "UPDATE refresh_tokens SET revoked_at = now() "
+                       "WHERE user_id IN (SELECT id FROM u) AND revoked_at IS NULL",
+                       2, params);
+    dbpool_release(gw->db, conn);
+    if (!res)
+        return;
+    PQclear(res);
+    revocation_forget(gw->revocation, user.user_id);
+    {
+        char esc[300];
+
+        log_event(LOG_INFO, "signed out everywhere", "\"user_id\":\"%s\"",
+                  log_escape(esc, sizeof(esc), user.user_id));
+    }
+    httpd_respond_static(req, 204, NULL, "", 0);
+}
+
 int auth_check(gateway *gw, httpd_req *req, auth_user *out)
 {
     const char *hdr = httpd_req_header(req, "Authorization");
     const char *tok = hdr ? jwtauth_bearer(hdr) : NULL;
     cJSON *claims = NULL;
-    const cJSON *sub, *name;
+    const cJSON *sub, *name, *iat;
+    char err[256];
     int rc;
 
     if (!tok) {
@@ -515,6 +575,7 @@ int auth_check(gateway *gw, httpd_req *req, auth_user *out)
     }
     sub = cJSON_GetObjectItemCaseSensitive(claims, "sub");
     name = cJSON_GetObjectItemCaseSensitive(claims, "username");
+    iat = cJSON_GetObjectItemCaseSensitive(claims, "iat");
     if (!cJSON_IsString(sub) || !sub->valuestring[0] || strlen(sub->valuestring) >= sizeof(out->user_id)) {
         cJSON_Delete(claims);
         httpd_respond_error(req, 401, "unauthorized", "invalid token: no subject", NULL);
@@ -522,7 +583,25 @@ int auth_check(gateway *gw, httpd_req *req, auth_user *out)
     }
     snprintf(out->user_id, sizeof(out->user_id), "%s", sub->valuestring);
     snprintf(out->username, sizeof(out->username), "%s", cJSON_IsString(name) ? name->valuestring : "");
+    /* A token without iat counts as issued at the epoch: refused once its
+     * user has signed out everywhere. */
+    rc = revocation_check(gw->revocation, gw->db, out->user_id, cJSON_IsNumber(iat) ? (long long)iat->valuedouble : 0,
+                          err, sizeof(err));
     cJSON_Delete(claims);
+    if (rc < 0) {
+        log_event(LOG_WARN, "cannot check token revocation", "\"request_id\":\"%s\"", httpd_req_id(req));
+        httpd_respond_error(req, 503, "unavailable", "the database is unavailable", NULL);
+        return -1;
+    }
+    if (rc != REVOCATION_OK) {
+        static const char *const reasons[] = {"", "token_revoked", "account_inactive", "account_unknown"};
+        cJSON *d = cJSON_CreateObject();
+
+        cJSON_AddStringToObject(d, "reason", reasons[rc]);
+        httpd_respond_error(req, 401, "unauthorized", revocation_message(rc), d);
+        httpd_req_add_header(req, "WWW-Authenticate", "Bearer error=\"invalid_token\"");
+        return -1;
+    }
     return 0;
 }
 
@@ -542,7 +621,8 @@ int gateway_auth_routes(gateway *gw)
     if (httpd_route(gw->http, "POST", "/api/v1/auth/register", auth_register, gw) < 0 ||
         httpd_route(gw->http, "POST", "/api/v1/auth/login", auth_login, gw) < 0 ||
         httpd_route(gw->http, "POST", "/api/v1/auth/refresh", auth_refresh, gw) < 0 ||
-        httpd_route(gw->http, "POST", "/api/v1/auth/logout", auth_logout, gw) < 0)
+        httpd_route(gw->http, "POST", "/api/v1/auth/logout", auth_logout, gw) < 0 ||
+        httpd_route(gw->http, "POST", "/api/v1/auth/logout-all", auth_logout_all, gw) < 0)
         return -1;
     return 0;
 }

@@ -12,6 +12,7 @@
 #include "jwtauth.h"
 
 typedef struct ratelimit ratelimit;
+typedef struct revocation revocation;
 
 #define GATEWAY_VERSION "0.1.0"
 
@@ -26,6 +27,7 @@ typedef struct {
     char cors_origins[1024];
     long rate_limit_per_min;
     long access_token_ttl_s;
+    long token_cache_ttl_ms;
     long refresh_token_ttl_s;
     long health_interval_ms;
     int db_max_connections;
@@ -46,6 +48,7 @@ typedef struct {
     jwtauth *jwt;
     httpd *http;
     ratelimit *limiter; /* NULL when RATE_LIMIT=0 */
+    revocation *revocation;
     /* A yescrypt hash of a random password, computed at start: a login for
      * an unknown user is checked against it so that it costs the same time
      * as a wrong password for a real one. */

@@ -10,6 +10,7 @@
 #include "log.h"
 #include "migrate.h"
 #include "ratelimit.h"
+#include "revocation.h"
 #include "svc.h"
 
 #define DEV_JWT_SECRET "dev-jwt-secret-change-me"
@@ -51,7 +52,10 @@ void gateway_config_read(cfg *c, gateway_config *o)
     copy_setting(o->cors_origins, sizeof(o->cors_origins),
                  cfg_str(c, "CORS_ORIGINS", "http://localhost*,http://127.0.0.1*"));
     o->rate_limit_per_min = cfg_int(c, "RATE_LIMIT", 1000, 0, 100000000);
-    o->access_token_ttl_s = cfg_int(c, "ACCESS_TOKEN_TTL_SECONDS", 3600, 10, 86400 * 30);
+    /* Short, since a token is a bearer credential until it expires; a
+     * revoked one is refused at once anyway (revocation.h). */
+    o->access_token_ttl_s = cfg_int(c, "ACCESS_TOKEN_TTL_SECONDS", 900, 10, 86400 * 30);
+    o->token_cache_ttl_ms = cfg_duration_ms(c, "TOKEN_STATE_CACHE_TTL", 60000, 1000);
     o->refresh_token_ttl_s = cfg_int(c, "REFRESH_TOKEN_TTL_SECONDS", 86400 * 30, 60, 86400 * 365);
     o->health_interval_ms = cfg_duration_ms(c, "HEALTH_CHECK_INTERVAL", 1000, 1);
     o->db_max_connections = (int)cfg_int(c, "DB_MAX_CONNECTIONS", 10, 1, 1000);
@@ -72,8 +76,9 @@ static int gateway_open(gateway *gw, char *err, size_t errlen)
     gw->db = dbpool_new(gw->cfg.conninfo, gw->cfg.db_max_connections);
     gw->health = health_new(gw->cfg.health_interval_ms);
     gw->jwt = jwtauth_new(gw->cfg.jwt_secret, NULL, NULL, 30);
+    gw->revocation = revocation_new(gw->cfg.conninfo, gw->cfg.token_cache_ttl_ms);
     gw->pgmig = gw->db ? deps_pgmig_new(gw->db, gw->cfg.migrations_dir) : NULL;
-    if (!gw->db || !gw->pgmig || !gw->health || !gw->jwt) {
+    if (!gw->db || !gw->pgmig || !gw->health || !gw->jwt || !gw->revocation) {
         snprintf(err, errlen, "out of memory");
         return -1;
     }
@@ -121,6 +126,7 @@ static void gateway_close(gateway *gw)
     httpd_free(gw->http);
     ratelimit_free(gw->limiter);
     health_free(gw->health);
+    revocation_free(gw->revocation);
     jwtauth_free(gw->jwt);
     deps_pgmig_free(gw->pgmig);
     dbpool_free(gw->db);

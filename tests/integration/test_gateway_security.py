@@ -448,5 +448,100 @@ class ProductionSecrets(unittest.TestCase):
         self.assertIn("APP_ENV: ${APP_ENV:-production}", text)
 
 
+
+# --------------------------------------------------------------------------- 11. access tokens revoked at once
+
+def metric(base, name):
+    for line in http("GET", base + "/metrics")[2].decode().splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.split()[-1])
+    return 0.0
+
+
+class Revocation(unittest.TestCase):
+    """Two gateway instances on one database: a logout-everywhere or a
+    deactivation through either (or in SQL) stops every access token on
+    both, without a database round trip per request otherwise."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.a = Gateway().__enter__()
+        cls.b = Gateway().__enter__()
+        for gw in (cls.a, cls.b):
+            wait_for(lambda: "api-gateway-tokens" in gw.svc.log() and '"msg":"listening"' in gw.svc.log(), 10,
+                     what="the token listener")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.a.__exit__()
+        cls.b.__exit__()
+
+    def status(self, gw, token):
+        st, _, body = gw.call("GET", "/api/v1/triggers", token=token)
+        return st, (body or {}).get("details", {}).get("reason")
+
+    def test_short_access_tokens_by_default(self):
+        _, tok = self.a.user()
+        self.assertEqual(tok["expires_in"], 900)
+        claims = json.loads(__import__("base64").urlsafe_b64decode(tok["access_token"].split(".")[1] + "=="))
+        self.assertEqual(claims["exp"] - claims["iat"], 900)
+
+    def test_logout_all_stops_tokens_on_every_instance_at_once(self):
+        user, tok = self.a.user()
+        _, tok2 = self.a.call("POST", "/api/v1/auth/login", {"username": user["username"], "password": "correct horse 1"})[1:]
+        for gw in (self.a, self.b):
+            self.assertEqual(self.status(gw, tok["access_token"]), (200, None))
+        st, _, _ = self.a.call("POST", "/api/v1/auth/logout-all", token=tok["access_token"])
+        self.assertEqual(st, 204)
+        # The instance that took the request: at once.
+        self.assertEqual(self.status(self.a, tok["access_token"]), (401, "token_revoked"))
+        self.assertEqual(self.status(self.a, tok2["access_token"]), (401, "token_revoked"))
+        # The other one: as soon as PostgreSQL's notification arrives (milliseconds).
+        wait_for(lambda: self.status(self.b, tok2["access_token"]) == (401, "token_revoked"), 2,
+                 what="instance B refusing the revoked token")
+        self.assertEqual(self.status(self.b, tok["access_token"]), (401, "token_revoked"))
+        # Refresh tokens are revoked too.
+        st, _, _ = self.b.call("POST", "/api/v1/auth/refresh", {"refresh_token": tok2["refresh_token"]})
+        self.assertEqual(st, 401)
+        # A login right after (often in the same second) gives a token that works everywhere.
+        st, _, fresh = self.b.call("POST", "/api/v1/auth/login", {"username": user["username"], "password": "correct horse 1"})
+        self.assertEqual(st, 200)
+        for gw in (self.a, self.b):
+            self.assertEqual(self.status(gw, fresh["access_token"]), (200, None))
+        # Logout-everywhere needs a valid token itself.
+        st, _, _ = self.a.call("POST", "/api/v1/auth/logout-all", token=tok["access_token"])
+        self.assertEqual(st, 401)
+        self.assertEqual(self.a.call("POST", "/api/v1/auth/logout-all")[0], 401)
+
+    def test_deactivation_in_sql_takes_effect_at_once(self):
+        user, tok = self.a.user()
+        for gw in (self.a, self.b):
+            self.assertEqual(self.status(gw, tok["access_token"]), (200, None))
+        with db() as c, c.cursor() as cur:
+            cur.execute("UPDATE users SET is_active = false WHERE id = %s", (user["id"],))
+        for gw in (self.a, self.b):
+            wait_for(lambda: self.status(gw, tok["access_token"]) == (401, "account_inactive"), 2,
+                     what="deactivated account refused")
+        with db() as c, c.cursor() as cur:
+            cur.execute("UPDATE users SET is_active = true WHERE id = %s", (user["id"],))
+        for gw in (self.a, self.b):
+            wait_for(lambda: self.status(gw, tok["access_token"]) == (200, None), 2, what="reactivated")
+        with db() as c, c.cursor() as cur:
+            cur.execute("DELETE FROM users WHERE id = %s", (user["id"],))
+        for gw in (self.a, self.b):
+            wait_for(lambda: self.status(gw, tok["access_token"]) == (401, "account_unknown"), 2,
+                     what="deleted account refused")
+
+    def test_no_database_round_trip_per_request(self):
+        _, tok = self.a.user()
+        self.assertEqual(self.status(self.a, tok["access_token"]), (200, None))
+        reads = metric(self.a.base, "gateway_token_state_reads_total")
+        hits = metric(self.a.base, "gateway_token_state_hits_total")
+        for _ in range(30):
+            self.assertEqual(self.status(self.a, tok["access_token"]), (200, None))
+        self.assertEqual(metric(self.a.base, "gateway_token_state_reads_total"), reads)
+        self.assertGreaterEqual(metric(self.a.base, "gateway_token_state_hits_total") - hits, 30)
+
+
 if __name__ == "__main__":
     unittest.main()
