@@ -149,15 +149,6 @@ static int conninfo_from_url(cfg *c, const char *url, char *out, size_t outlen)
     return 0;
 }
 
-/* One line at start saying which database the service uses, secrets masked. */
-static void dbpool_log_target(const char *conninfo)
-{
-    char shown[1024], esc[2048];
-
-    log_event(LOG_INFO, "database", "\"url\":\"%s\"",
-              log_escape(esc, sizeof(esc), redact_url(shown, sizeof(shown), conninfo)));
-}
-
 int dbpool_conninfo_from_cfg(cfg *c, char *out, size_t outlen)
 {
     const char *url, *host, *name, *user, *pass, *rawport;
@@ -175,7 +166,6 @@ int dbpool_conninfo_from_cfg(cfg *c, char *out, size_t outlen)
             out[0] = '\0';
             return -1;
         }
-        dbpool_log_target(out);
         return 0;
     }
     host = cfg_str(c, "DB_HOST", "localhost");
@@ -201,12 +191,20 @@ int dbpool_conninfo_from_cfg(cfg *c, char *out, size_t outlen)
     }
     if (rc < 0)
         out[0] = '\0';
-    else
-        dbpool_log_target(out);
     return rc;
 }
 
 /* ---- the pool ---- */
+
+/* One line when a service creates its pool (at start) saying which database
+ * it uses, secrets masked. */
+static void dbpool_log_target(const char *conninfo)
+{
+    char shown[1024], esc[2048];
+
+    log_event(LOG_INFO, "database", "\"url\":\"%s\"",
+              log_escape(esc, sizeof(esc), redact_url(shown, sizeof(shown), conninfo)));
+}
 
 dbpool *dbpool_new(const char *conninfo, int max_conns)
 {
@@ -236,6 +234,7 @@ dbpool *dbpool_new(const char *conninfo, int max_conns)
     pthread_condattr_destroy(&ca);
     p->max_conns = max_conns;
     backoff_init(&p->bo, DBPOOL_BACKOFF_BASE_MS, DBPOOL_BACKOFF_MAX_MS);
+    dbpool_log_target(conninfo);
     return p;
 fail:
     free(p->idle);

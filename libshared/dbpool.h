@@ -35,7 +35,8 @@ typedef struct dbpool dbpool;
 int dbpool_conninfo_from_cfg(cfg *c, char *out, size_t outlen);
 
 /* Creates a pool of at most `max_conns` (>= 1) connections for `conninfo`
- * (copied). Reading DB_MAX_CONNECTIONS (default 10) is the caller's job.
+ * (copied), and logs one "database" line naming it with secrets masked.
+ * Reading DB_MAX_CONNECTIONS (default 10) is the caller's job.
  * Does not connect. Returns NULL only on OOM or bad arguments. Free with
  * dbpool_free. */
 dbpool *dbpool_new(const char *conninfo, int max_conns);
