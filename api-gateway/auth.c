@@ -11,7 +11,10 @@
 
 #include "apiutil.h"
 #include "log.h"
+#include "loginguard.h"
+#include "metrics.h"
 #include "revocation.h"
+#include "svc.h"
 
 #define AUTH_MIN_PASSWORD 8
 #define AUTH_MAX_PASSWORD 256 /* bytes; well inside libcrypt's CRYPT_MAX_PASSPHRASE_SIZE */
@@ -79,6 +82,30 @@ int auth_init(gateway *gw, char *err, size_t errlen)
         return -1;
     }
     return 0;
+}
+
+/* ---- password guessing --------------------------------------------------- */
+
+/* Answers 429 with Retry-After. */
+static void auth_throttled(httpd_req *req, int wait_s, const char *why)
+{
+    char secs[16];
+
+    snprintf(secs, sizeof(secs), "%d", wait_s);
+    httpd_respond_errorf(req, 429, "rate_limited", "%s; retry in %d s", why, wait_s);
+    httpd_req_add_header(req, "Retry-After", secs);
+}
+
+/* Takes a hash slot, or answers 429 and returns -1. */
+static int auth_hash_slot(gateway *gw, httpd_req *req)
+{
+    if (loginguard_hash_take(gw->logins) == 0)
+        return 0;
+    metrics_counter_inc(metrics_counter_get(metrics_default(), "gateway_login_throttled_total",
+                                            "Logins and registrations refused with 429, by reason.",
+                                            "reason=\"hashes\""));
+    auth_throttled(req, 1, "too many password checks in progress");
+    return -1;
 }
 
 /* ---- request bodies ----------------------------------------------------- */
@@ -284,6 +311,7 @@ static void auth_register(httpd_req *req, void *ud)
     char email_l[256], hash[256], err[512];
     PGconn *conn = NULL;
     PGresult *res;
+    int rc;
 
     if (!body)
         return;
@@ -300,7 +328,11 @@ static void auth_register(httpd_req *req, void *ud)
     cJSON_Delete(details);
     details = NULL;
     auth_lower(email_l, sizeof(email_l), email);
-    if (auth_hash_password(password, hash, sizeof(hash)) < 0) {
+    if (auth_hash_slot(gw, req) < 0)
+        goto out;
+    rc = auth_hash_password(password, hash, sizeof(hash));
+    loginguard_hash_give(gw->logins);
+    if (rc < 0) {
         httpd_respond_error(req, 500, "internal", "cannot hash the password", NULL);
         goto out;
     }
@@ -337,12 +369,12 @@ static void auth_login(httpd_req *req, void *ud)
     gateway *gw = ud;
     cJSON *body = auth_body(req), *details;
     const char *username, *email, *password, *params[1];
-    char email_l[256], family[40], user_id[128], uname[128];
+    char email_l[256], family[40], user_id[128], uname[128], account[300];
     long long valid_after;
     unsigned char rnd[16];
     PGconn *conn = NULL;
     PGresult *res = NULL;
-    int found, ok;
+    int found, ok, wait;
 
     if (!body)
         return;
@@ -374,10 +406,31 @@ static void auth_login(httpd_req *req, void *ud)
     if (!res)
         goto out;
     found = PQntuples(res) == 1 && !PQgetisnull(res, 0, 2);
+    /* The account is the user when known, else the name as given, so that
+     * unknown names are limited exactly like known ones. */
+    if (found) {
+        snprintf(account, sizeof(account), "u:%s", PQgetvalue(res, 0, 0));
+    } else {
+        memcpy(account, "n:", 3);
+        auth_lower(account + 2, sizeof(account) - 2, username ? username : email_l);
+    }
+    wait = loginguard_wait(gw->logins, account, svc_now_ms());
+    if (wait > 0) {
+        metrics_counter_inc(metrics_counter_get(metrics_default(), "gateway_login_throttled_total",
+                                                "Logins and registrations refused with 429, by reason.",
+                                                "reason=\"account\""));
+        auth_throttled(req, wait, "too many failed logins for this account");
+        goto out;
+    }
+    if (auth_hash_slot(gw, req) < 0)
+        goto out;
     /* An unknown user costs one yescrypt run too, against a hash nobody
      * knows the password of, so timing does not tell users apart. */
     ok = auth_check_password(password, found ? PQgetvalue(res, 0, 2) : gw->dummy_hash);
-    if (!found || !ok || (!PQgetisnull(res, 0, 3) && PQgetvalue(res, 0, 3)[0] == 'f')) {
+    loginguard_hash_give(gw->logins);
+    ok = found && ok && !(!PQgetisnull(res, 0, 3) && PQgetvalue(res, 0, 3)[0] == 'f');
+    loginguard_record(gw->logins, account, ok, svc_now_ms());
+    if (!ok) {
         httpd_respond_error(req, 401, "unauthorized", AUTH_BAD_LOGIN, NULL);
         goto out;
     }

@@ -13,6 +13,7 @@
 
 typedef struct ratelimit ratelimit;
 typedef struct revocation revocation;
+typedef struct loginguard loginguard;
 
 #define GATEWAY_VERSION "0.1.0"
 
@@ -28,6 +29,9 @@ typedef struct {
     long rate_limit_per_min;
     long access_token_ttl_s;
     long token_cache_ttl_ms;
+    int login_max_failures;
+    long login_backoff_max_ms;
+    int login_max_hashes;
     long refresh_token_ttl_s;
     long health_interval_ms;
     int db_max_connections;
@@ -49,6 +53,7 @@ typedef struct {
     httpd *http;
     ratelimit *limiter; /* NULL when RATE_LIMIT=0 */
     revocation *revocation;
+    loginguard *logins;
     /* A yescrypt hash of a random password, computed at start: a login for
      * an unknown user is checked against it so that it costs the same time
      * as a wrong password for a real one. */

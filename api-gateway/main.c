@@ -11,6 +11,7 @@
 #include "migrate.h"
 #include "ratelimit.h"
 #include "revocation.h"
+#include "loginguard.h"
 #include "svc.h"
 
 #define DEV_JWT_SECRET "dev-jwt-secret-change-me"
@@ -22,6 +23,13 @@ static int gateway_default_threads(void)
     long n = sysconf(_SC_NPROCESSORS_ONLN);
 
     return n > 2 ? (int)(n * 4) : 8;
+}
+
+static int gateway_default_hashes(void)
+{
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+
+    return n > 2 ? (int)(2 * n) : 4;
 }
 
 static void copy_setting(char *dst, size_t len, const char *value)
@@ -56,6 +64,16 @@ void gateway_config_read(cfg *c, gateway_config *o)
      * revoked one is refused at once anyway (revocation.h). */
     o->access_token_ttl_s = cfg_int(c, "ACCESS_TOKEN_TTL_SECONDS", 900, 10, 86400 * 30);
     o->token_cache_ttl_ms = cfg_duration_ms(c, "TOKEN_STATE_CACHE_TTL", 60000, 1000);
+    o->login_max_failures = (int)cfg_int(c, "LOGIN_MAX_FAILURES", 5, 1, 1000);
+    o->login_backoff_max_ms = cfg_duration_ms(c, "LOGIN_BACKOFF_MAX", 15 * 60000, 1000);
+    if (o->login_backoff_max_ms < 1000) {
+        cfg_error(c, "LOGIN_BACKOFF_MAX", cfg_str(c, "LOGIN_BACKOFF_MAX", ""), "a duration of at least 1s");
+        o->login_backoff_max_ms = 1000;
+    }
+    /* A yescrypt hash keeps a core busy for its whole run: many more at once
+     * than cores only makes every login slower and takes the worker threads
+     * from every other request. */
+    o->login_max_hashes = (int)cfg_int(c, "LOGIN_MAX_CONCURRENT_HASHES", gateway_default_hashes(), 1, 1024);
     o->refresh_token_ttl_s = cfg_int(c, "REFRESH_TOKEN_TTL_SECONDS", 86400 * 30, 60, 86400 * 365);
     o->health_interval_ms = cfg_duration_ms(c, "HEALTH_CHECK_INTERVAL", 1000, 1);
     o->db_max_connections = (int)cfg_int(c, "DB_MAX_CONNECTIONS", 10, 1, 1000);
@@ -77,8 +95,9 @@ static int gateway_open(gateway *gw, char *err, size_t errlen)
     gw->health = health_new(gw->cfg.health_interval_ms);
     gw->jwt = jwtauth_new(gw->cfg.jwt_secret, NULL, NULL, 30);
     gw->revocation = revocation_new(gw->cfg.conninfo, gw->cfg.token_cache_ttl_ms);
+    gw->logins = loginguard_new(gw->cfg.login_max_failures, gw->cfg.login_backoff_max_ms, gw->cfg.login_max_hashes);
     gw->pgmig = gw->db ? deps_pgmig_new(gw->db, gw->cfg.migrations_dir) : NULL;
-    if (!gw->db || !gw->pgmig || !gw->health || !gw->jwt || !gw->revocation) {
+    if (!gw->db || !gw->pgmig || !gw->health || !gw->jwt || !gw->revocation || !gw->logins) {
         snprintf(err, errlen, "out of memory");
         return -1;
     }
@@ -127,6 +146,7 @@ static void gateway_close(gateway *gw)
     ratelimit_free(gw->limiter);
     health_free(gw->health);
     revocation_free(gw->revocation);
+    loginguard_free(gw->logins);
     jwtauth_free(gw->jwt);
     deps_pgmig_free(gw->pgmig);
     dbpool_free(gw->db);

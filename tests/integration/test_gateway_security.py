@@ -15,6 +15,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 import unittest
 import urllib.parse
@@ -177,6 +178,81 @@ class Cors(unittest.TestCase):
                 st, h, _ = http("GET", gw.base + "/api/v1/health", headers={"Origin": origin})
                 self.assertEqual(h["access-control-allow-origin"], "*")
                 self.assertNotIn("access-control-allow-credentials", h)
+
+
+# --------------------------------------------------------------------------- 8. password guessing
+
+class PasswordGuessing(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.gw = Gateway(LOGIN_MAX_FAILURES="3", LOGIN_BACKOFF_MAX="4s").__enter__()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.gw.__exit__()
+
+    def login(self, password, username=None, email=None):
+        body = {"password": password}
+        if username:
+            body["username"] = username
+        if email:
+            body["email"] = email
+        st, h, resp = self.gw.call("POST", "/api/v1/auth/login", body)
+        return st, h, resp
+
+    def test_per_account_limit_with_back_off(self):
+        user, _ = self.gw.user(password="right password 1")
+        name, email = user["username"], user["email"]
+        for _ in range(3):
+            self.assertEqual(self.login("wrong password", name)[0], 401)
+        # Locked for 1 s: even the right password, by name or by email, is refused without a hash.
+        st, h, body = self.login("right password 1", name)
+        self.assertEqual((st, body["error"]), (429, "rate_limited"))
+        self.assertEqual(h["retry-after"], "1")
+        self.assertEqual(self.login("right password 1", email=email.upper())[0], 429)
+        # Other accounts are not affected.
+        other, _ = self.gw.user(password="other password 1")
+        self.assertEqual(self.login("other password 1", other["username"])[0], 200)
+        time.sleep(1.1)
+        # The next failure doubles the lock.
+        self.assertEqual(self.login("wrong password", name)[0], 401)
+        st, h, _ = self.login("right password 1", name)
+        self.assertEqual((st, h["retry-after"]), (429, "2"))
+        time.sleep(2.1)
+        self.assertEqual(self.login("right password 1", name)[0], 200)
+        # A success clears the count.
+        self.assertEqual(self.login("wrong password", name)[0], 401)
+        self.assertEqual(self.login("right password 1", name)[0], 200)
+
+    def test_unknown_accounts_limited_alike(self):
+        name = "nobody_" + uuid.uuid4().hex[:8]
+        for _ in range(3):
+            self.assertEqual(self.login("whatever", name)[0], 401)
+        st, h, _ = self.login("whatever", name.upper())
+        self.assertEqual((st, h["retry-after"]), (429, "1"))
+
+    def test_concurrent_hashes_capped(self):
+        with Gateway(LOGIN_MAX_CONCURRENT_HASHES="1", HTTP_THREADS="8") as gw:
+            results = []
+            barrier = threading.Barrier(16)
+
+            def attempt(i):
+                barrier.wait()
+                st, h, _ = http_json("POST", gw.base + "/api/v1/auth/login",
+                                     {"username": "cap_%d_%s" % (i, uuid.uuid4().hex[:6]), "password": "x" * 64})
+                results.append((st, h.get("retry-after")))
+
+            threads = [threading.Thread(target=attempt, args=(i,)) for i in range(16)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            statuses = sorted(st for st, _ in results)
+            self.assertEqual(set(statuses) - {401, 429}, set(), statuses)
+            self.assertIn(429, statuses)
+            self.assertIn(401, statuses)
+            self.assertTrue(all(ra == "1" for st, ra in results if st == 429), results)
+            self.assertGreaterEqual(metric(gw.base, 'gateway_login_throttled_total{reason="hashes"}'), 1)
 
 
 # --------------------------------------------------------------------------- 7. memory before authentication
