@@ -17,7 +17,7 @@ PKGS      := libmicrohttpd libpq hiredis librabbitmq libcjson libcurl libjwt ope
 WARN      := -std=c11 -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes \
              -Wmissing-prototypes -Wwrite-strings -Wvla -fno-common
 OPT       ?= -O2 -g
-CPPFLAGS  += -D_GNU_SOURCE -Ilibshared $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
+CPPFLAGS  += -D_GNU_SOURCE -Ilibshared $(shell pkg-config --cflags $(PKGS) libwebsockets 2>/dev/null)
 CFLAGS    += $(WARN) $(OPT) -pthread -MMD -MP
 LDLIBS    += $(shell pkg-config --libs $(PKGS) 2>/dev/null) -lcrypt -lpthread -lm
 ifneq ($(SANITIZE),)
@@ -48,7 +48,10 @@ runtime_SRCS          := $(call svc_common,runtime) runtime/main.c
 runtime-migrate_SRCS  := $(call svc_common,runtime) runtime/migrate_main.c
 runtime-smoke_SRCS    := $(call svc_common,runtime) runtime/smoke_main.c
 migrate_SRCS          := database/migrate_main.c
-realtime_LIBS         := $(shell pkg-config --libs libwebsockets 2>/dev/null)
+# libwebsockets (libshared/wsapp) only where a program serves WebSocket.
+LWS_LIBS              := $(shell pkg-config --libs libwebsockets 2>/dev/null)
+realtime_LIBS         := $(LWS_LIBS)
+runtime_LIBS          := $(LWS_LIBS)
 
 PROGRAMS  := api-gateway event-processor action-workers realtime runtime \
              runtime-migrate runtime-smoke migrate
@@ -92,12 +95,12 @@ $(foreach p,$(PROGRAMS),$(eval $(call program_rule,$(p))))
 $(O)/tests/%: $(O)/tests/unit/%.o $(LIB)
 	@mkdir -p $(@D)
 	$(call msg,LINK,$@)
-	$(Q)$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) -lcmocka
+	$(Q)$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(LWS_LIBS) -lcmocka
 
 $(O)/tests/drivers/%: $(O)/tests/integration/drivers/%.o $(LIB)
 	@mkdir -p $(@D)
 	$(call msg,LINK,$@)
-	$(Q)$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
+	$(Q)$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(LWS_LIBS)
 
 unit: $(UNIT_BINS)
 	$(Q)O=$(O) tests/run-unit.sh $(UNIT_BINS)

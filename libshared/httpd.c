@@ -388,21 +388,25 @@ void httpd_respond_json(httpd_req *req, int status, cJSON *body)
     httpd_respond_take(req, status, "application/json", text, strlen(text));
 }
 
-void httpd_respond_error(httpd_req *req, int status, const char *code, const char *message, cJSON *details)
+cJSON *httpd_error_body(int status, const char *code, const char *message, cJSON *details, const char *request_id)
 {
     cJSON *body = cJSON_CreateObject();
 
     if (!body) {
         cJSON_Delete(details);
-        httpd_respond_json(req, status, NULL);
-        return;
+        return NULL;
     }
     cJSON_AddStringToObject(body, "error", code ? code : httpd_status_code(status));
     cJSON_AddStringToObject(body, "message", message ? message : "");
     if (details)
         cJSON_AddItemToObject(body, "details", details);
-    cJSON_AddStringToObject(body, "request_id", req->request_id);
-    httpd_respond_json(req, status, body);
+    cJSON_AddStringToObject(body, "request_id", request_id ? request_id : "");
+    return body;
+}
+
+void httpd_respond_error(httpd_req *req, int status, const char *code, const char *message, cJSON *details)
+{
+    httpd_respond_json(req, status, httpd_error_body(status, code, message, details, req->request_id));
 }
 
 void httpd_respond_errorf(httpd_req *req, int status, const char *code, const char *fmt, ...)
@@ -447,12 +451,15 @@ static uint64_t httpd_rand64(void)
     return state;
 }
 
-static void httpd_make_request_id(httpd_req *req)
+void httpd_request_id_make(const char *given, char *out, size_t outlen)
 {
-    const char *given = httpd_req_header(req, "X-Request-Id");
-
-    if (given && httpd_request_id_sane(given)) {
-        snprintf(req->request_id, sizeof(req->request_id), "%s", given);
+    if (outlen < 33) {
+        if (outlen)
+            out[0] = '\0';
+        return;
+    }
+    if (given && httpd_request_id_sane(given) && strlen(given) < outlen) {
+        memcpy(out, given, strlen(given) + 1);
         return;
     }
     /* 32 hex digits by hand: snprintf was a tenth of the health route. */
@@ -460,9 +467,14 @@ static void httpd_make_request_id(httpd_req *req)
         unsigned long long v = (unsigned long long)httpd_rand64();
 
         for (int i = 15; i >= 0; i--, v >>= 4)
-            req->request_id[half * 16 + i] = "0123456789abcdef"[v & 15];
+            out[half * 16 + i] = "0123456789abcdef"[v & 15];
     }
-    req->request_id[32] = '\0';
+    out[32] = '\0';
+}
+
+static void httpd_make_request_id(httpd_req *req)
+{
+    httpd_request_id_make(httpd_req_header(req, "X-Request-Id"), req->request_id, sizeof(req->request_id));
 }
 
 /* Nonzero when `rest` (what follows a pattern's prefix) is empty or a port:

@@ -142,6 +142,16 @@ void httpd_respond_errorf(httpd_req *req, int status, const char *code, const ch
 enum { HTTPD_CORS_NO = 0, HTTPD_CORS_CREDENTIALS = 1, HTTPD_CORS_ANY = 2 };
 int httpd_cors_match(const char *list, const char *origin);
 
+/* The common error body as a new object (the caller's, cJSON_Delete), for
+ * servers other than httpd (wsapp). `details` ownership taken. NULL on
+ * OOM. */
+cJSON *httpd_error_body(int status, const char *code, const char *message, cJSON *details, const char *request_id);
+
+/* Writes into `out` (outlen >= 33; 72 holds any sane id) the request id to
+ * use: `given` (the client's X-Request-Id) when sane (1..64 of A-Z a-z 0-9
+ * - _ . :), else 32 random hex digits. */
+void httpd_request_id_make(const char *given, char *out, size_t outlen);
+
 /* The error code SPEC uses for an HTTP status ("not_found" for 404...). */
 const char *httpd_status_code(int status);
 

@@ -11,7 +11,7 @@ if ! command -v npm >/dev/null 2>&1; then
 fi
 stamp=node_modules/.ae-installed
 if [ -f "$stamp" ] && [ -f package-lock.json ] && cmp -s package-lock.json "$stamp" \
-    && [ -d node_modules/jsonwebtoken ] && [ -x node_modules/.bin/redocly ]; then
+    && [ -d node_modules/jsonwebtoken ] && [ -d node_modules/ws ] && [ -x node_modules/.bin/redocly ]; then
     exit 0
 fi
 if [ -f package-lock.json ]; then

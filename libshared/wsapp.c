@@ -1,0 +1,1768 @@
+/* wsapp: HTTP and WebSocket on one port over libwebsockets 4.1 (see
+ * wsapp.h for the model). */
+#include "wsapp.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <libwebsockets.h>
+
+#include "buf.h"
+#include "fmt.h"
+#include "httpd.h"
+#include "log.h"
+#include "svc.h"
+
+#define WSAPP_MAX_ROUTES 64
+#define WSAPP_MAX_RESP_HEADERS 16
+/* The private header that carries the client's Sec-WebSocket-Protocol past
+ * lws (lower case: lws stores unknown header names lowered). */
+#define WSAPP_SUBPROTO_HDR "x-wsapp-subprotocol:"
+/* Bytes lws keeps per connection to reassemble a frame; messages larger
+ * than this arrive in pieces that wsapp joins (up to max_frame). The
+ * buffer lives as long as the connection, so it is most of the cost of an
+ * idle one. */
+#define WSAPP_RX_CHUNK 1024
+/* Frames of several queued messages are joined into one write of up to
+ * this many bytes, so a burst costs one system call per connection. */
+#define WSAPP_WRITE_CHUNK 65536
+/* Frame header bytes reserved in front of every message's payload. */
+#define WSAPP_FRAME_ROOM 10
+
+enum { WSAPP_KIND_REQ = 1, WSAPP_KIND_CONN = 2, WSAPP_KIND_HEAD = 3 };
+
+typedef struct {
+    char method[8];
+    char *path;
+    size_t plen;
+    int prefix;
+    wsapp_http_fn fn;
+    void *ud;
+} wsapp_http_route;
+
+typedef struct {
+    char *path;
+    size_t plen;
+    int prefix;
+    wsapp_ws_handlers h;
+    void *ud;
+} wsapp_ws_route_t;
+
+struct wsapp_msg {
+    atomic_int refs;
+    int binary;
+    size_t len;   /* payload bytes */
+    size_t cap;   /* payload capacity */
+    size_t hdr;   /* frame header bytes, in front of the payload */
+    unsigned char mem[]; /* LWS_PRE + WSAPP_FRAME_ROOM + cap */
+};
+
+typedef struct wsapp_strnode {
+    struct wsapp_strnode *next;
+    char s[];
+} wsapp_strnode;
+
+struct wsapp_req {
+    int kind; /* WSAPP_KIND_REQ: first, so the opaque pointer tells its type */
+    wsapp *app;
+    struct lws *wsi;
+    const wsapp_http_route *route;
+    char method[8];
+    char *path;
+    char request_id[72];
+    char remote[48];
+    long long start_ms;
+    buf body;
+    size_t content_length;
+    int has_body, body_too_big, head_only, dispatched, deferred, answered, close_after;
+    int status, headers_sent, is_ws;
+    unsigned char *resp; /* LWS_PRE headroom, then the body */
+    size_t resp_len, resp_off;
+    char ctype[96];
+    char *hname[WSAPP_MAX_RESP_HEADERS], *hval[WSAPP_MAX_RESP_HEADERS];
+    int nhdr;
+    wsapp_strnode *strs;
+    char *subprotos;
+    char *subproto_chosen;
+    void (*on_gone)(wsapp_req *req, void *ud);
+    void *gone_ud;
+};
+
+struct wsapp_conn {
+    int kind; /* WSAPP_KIND_CONN */
+    unsigned established : 1, closing : 1, dropped : 1, ping : 1, discarding : 1, rx_binary : 1, told : 1;
+    struct lws *wsi;
+    wsapp *app;
+    const wsapp_ws_route_t *route;
+    wsapp_conn *prev, *next;
+    uint64_t id;
+    long long last_rx_ms;
+    wsapp_msg **q;
+    uint32_t qhead, qcount, qcap;
+    size_t qbytes;
+    char *rx;
+    size_t rxlen;
+    char *subproto; /* echoed in the handshake, then freed */
+    char *close_reason;
+    int close_code;
+    char remote[46];
+};
+
+/* A connection being read up to the end of its request head. */
+typedef struct {
+    int kind; /* WSAPP_KIND_HEAD */
+    lws_sorted_usec_list_t sul;
+    struct lws *wsi;
+    size_t len; /* bytes seen at the last look */
+    char data[];
+} wsapp_head;
+
+struct wsapp_timer {
+    lws_sorted_usec_list_t sul; /* first: the lws callback gets its address */
+    wsapp *app;
+    void (*fn)(wsapp_timer *t, void *ud);
+    void *ud;
+};
+
+typedef struct wsapp_post_item {
+    struct wsapp_post_item *next;
+    void (*fn)(wsapp *app, void *ud);
+    void *ud;
+} wsapp_post_item;
+
+struct wsapp {
+    wsapp_opts o;
+    char service[64];
+    char host[256];
+    struct lws_context *ctx;
+    struct lws_vhost *vh;
+    struct lws_protocols protocols[3];
+    struct lws *listen_wsi;
+    int listen_fd, port;
+    wsapp_http_route http[WSAPP_MAX_ROUTES];
+    int nhttp;
+    wsapp_ws_route_t ws[WSAPP_MAX_ROUTES];
+    int nws;
+    wsapp_conn *conns; /* open (established) connections */
+    int nconns, nsockets, http_inflight;
+    uint64_t next_id;
+    pthread_t thread;
+    int started, joined;
+    atomic_int stopping, done;
+    long long stop_deadline_ms;
+    int stop_phase;
+    pthread_mutex_t post_lock;
+    wsapp_post_item *posts, *posts_tail;
+    unsigned char *scratch; /* LWS_PRE + WSAPP_WRITE_CHUNK, loop thread only */
+    metrics_counter *m_http[6];
+    metrics_gauge *m_conns;
+    metrics_counter *m_opened, *m_dropped, *m_oversize, *m_refused;
+};
+
+/* ---- small helpers ------------------------------------------------------ */
+
+static char *wsapp_strndup(const char *s, size_t n)
+{
+    char *p = malloc(n + 1);
+
+    if (p) {
+        memcpy(p, s, n);
+        p[n] = '\0';
+    }
+    return p;
+}
+
+static int wsapp_path_matches(const char *rpath, size_t rlen, int prefix, const char *path)
+{
+    if (prefix)
+        return strncmp(path, rpath, rlen) == 0;
+    return strcmp(path, rpath) == 0;
+}
+
+static int wsapp_parse_pattern(const char *path, char **out, size_t *len, int *prefix)
+{
+    size_t n = strlen(path);
+
+    if (n == 0 || path[0] != '/')
+        return -1;
+    *prefix = path[n - 1] == '*';
+    if (*prefix)
+        n--;
+    *out = wsapp_strndup(path, n);
+    *len = n;
+    return *out ? 0 : -1;
+}
+
+static int wsapp_status_class(int status)
+{
+    int c = status / 100;
+
+    return c >= 1 && c <= 5 ? c : 0;
+}
+
+/* ---- messages ----------------------------------------------------------- */
+
+static unsigned char *wsapp_msg_payload(wsapp_msg *m) { return m->mem + LWS_PRE + WSAPP_FRAME_ROOM; }
+
+wsapp_msg *wsapp_msg_new_text(size_t cap)
+{
+    wsapp_msg *m;
+
+    if (cap > (1u << 30))
+        return NULL;
+    m = malloc(sizeof(*m) + LWS_PRE + WSAPP_FRAME_ROOM + cap + 1);
+    if (!m)
+        return NULL;
+    atomic_init(&m->refs, 1);
+    m->binary = 0;
+    m->len = 0;
+    m->cap = cap;
+    m->hdr = 0;
+    return m;
+}
+
+char *wsapp_msg_data(wsapp_msg *m) { return (char *)wsapp_msg_payload(m); }
+
+/* Server frames are unmasked, so one header serves every receiver. */
+void wsapp_msg_set_len(wsapp_msg *m, size_t len)
+{
+    unsigned char *p = wsapp_msg_payload(m);
+    unsigned char op = m->binary ? 0x82 : 0x81;
+
+    if (len > m->cap)
+        len = m->cap;
+    m->len = len;
+    if (len < 126) {
+        m->hdr = 2;
+        p[-2] = op;
+        p[-1] = (unsigned char)len;
+    } else if (len < 65536) {
+        m->hdr = 4;
+        p[-4] = op;
+        p[-3] = 126;
+        p[-2] = (unsigned char)(len >> 8);
+        p[-1] = (unsigned char)len;
+    } else {
+        m->hdr = 10;
+        p[-10] = op;
+        p[-9] = 127;
+        for (int i = 0; i < 8; i++)
+            p[-1 - i] = (unsigned char)((uint64_t)len >> (8 * i));
+    }
+}
+
+wsapp_msg *wsapp_msg_new(const void *data, size_t len, int binary)
+{
+    wsapp_msg *m = wsapp_msg_new_text(len);
+
+    if (!m)
+        return NULL;
+    m->binary = binary != 0;
+    if (len)
+        memcpy(wsapp_msg_payload(m), data, len);
+    wsapp_msg_set_len(m, len);
+    return m;
+}
+
+void wsapp_msg_ref(wsapp_msg *m) { atomic_fetch_add_explicit(&m->refs, 1, memory_order_relaxed); }
+
+void wsapp_msg_unref(wsapp_msg *m)
+{
+    if (m && atomic_fetch_sub_explicit(&m->refs, 1, memory_order_acq_rel) == 1)
+        free(m);
+}
+
+static size_t wsapp_msg_wire(const wsapp_msg *m) { return m->hdr + m->len; }
+
+/* ---- connections -------------------------------------------------------- */
+
+void *wsapp_conn_user(wsapp_conn *c)
+{
+    return (char *)c + ((sizeof(*c) + 15) & ~(size_t)15);
+}
+
+uint64_t wsapp_conn_id(const wsapp_conn *c) { return c->id; }
+const char *wsapp_conn_remote(const wsapp_conn *c) { return c->remote; }
+long long wsapp_conn_last_rx_ms(const wsapp_conn *c) { return c->last_rx_ms; }
+size_t wsapp_conn_queued(const wsapp_conn *c) { return c->qbytes; }
+int wsapp_conn_count(const wsapp *app) { return app->nconns; }
+
+static void wsapp_conn_clear_queue(wsapp_conn *c)
+{
+    while (c->qcount) {
+        wsapp_msg_unref(c->q[c->qhead]);
+        c->qhead = (c->qhead + 1) % c->qcap;
+        c->qcount--;
+    }
+    free(c->q);
+    c->q = NULL;
+    c->qcap = c->qhead = 0;
+    c->qbytes = 0;
+}
+
+static void wsapp_conn_drop(wsapp_conn *c)
+{
+    if (c->dropped)
+        return;
+    c->dropped = 1;
+    c->closing = 1;
+    wsapp_conn_clear_queue(c);
+    metrics_counter_inc(c->app->m_dropped);
+    if (c->wsi)
+        lws_set_timeout(c->wsi, PENDING_TIMEOUT_USER_REASON_BASE, LWS_TO_KILL_ASYNC);
+}
+
+int wsapp_conn_send(wsapp_conn *c, wsapp_msg *m)
+{
+    size_t wire = wsapp_msg_wire(m);
+
+    if (c->closing || !c->wsi)
+        return -1;
+    if (c->qbytes + wire > c->app->o.send_queue_bytes) {
+        log_event(LOG_WARN, "websocket reader too slow, dropped",
+                  "\"connection_id\":%llu,\"queued_bytes\":%zu", (unsigned long long)c->id, c->qbytes);
+        wsapp_conn_drop(c);
+        return -1;
+    }
+    if (c->qcount == c->qcap) {
+        uint32_t ncap = c->qcap ? c->qcap * 2 : 4;
+        wsapp_msg **nq = malloc(ncap * sizeof(*nq));
+
+        if (!nq)
+            return -1;
+        for (uint32_t i = 0; i < c->qcount; i++)
+            nq[i] = c->q[(c->qhead + i) % c->qcap];
+        free(c->q);
+        c->q = nq;
+        c->qcap = ncap;
+        c->qhead = 0;
+    }
+    wsapp_msg_ref(m);
+    c->q[(c->qhead + c->qcount) % c->qcap] = m;
+    c->qcount++;
+    c->qbytes += wire;
+    if (c->qcount == 1)
+        lws_callback_on_writable(c->wsi);
+    return 0;
+}
+
+int wsapp_conn_send_text(wsapp_conn *c, const char *data, size_t len)
+{
+    wsapp_msg *m = wsapp_msg_new(data, len, 0);
+    int rc;
+
+    if (!m)
+        return -1;
+    rc = wsapp_conn_send(c, m);
+    wsapp_msg_unref(m);
+    return rc;
+}
+
+void wsapp_conn_ping(wsapp_conn *c)
+{
+    if (c->closing || !c->wsi)
+        return;
+    c->ping = 1;
+    lws_callback_on_writable(c->wsi);
+}
+
+void wsapp_conn_close(wsapp_conn *c, int code, const char *reason)
+{
+    if (c->closing || !c->wsi)
+        return;
+    c->closing = 1;
+    c->close_code = code < 1000 || code > 4999 ? 1000 : code;
+    if (reason && reason[0])
+        c->close_reason = wsapp_strndup(reason, strnlen(reason, 123));
+    lws_callback_on_writable(c->wsi);
+}
+
+void wsapp_foreach_conn(wsapp *app, void (*fn)(wsapp_conn *c, void *user, void *ud), void *ud)
+{
+    wsapp_conn *c = app->conns, *next;
+
+    for (; c; c = next) {
+        next = c->next;
+        fn(c, wsapp_conn_user(c), ud);
+    }
+}
+
+static void wsapp_conn_free(wsapp_conn *c)
+{
+    wsapp_conn_clear_queue(c);
+    free(c->rx);
+    free(c->subproto);
+    free(c->close_reason);
+    free(c);
+}
+
+/* Writes what is queued: frames joined into chunks of WSAPP_WRITE_CHUNK
+ * while the socket takes them. Returns -1 to close. */
+static int wsapp_conn_writable(wsapp_conn *c)
+{
+    wsapp *app = c->app;
+
+    if (c->dropped)
+        return -1;
+    if (c->ping) {
+        /* A payload: lws 4.1 does not report an empty pong. */
+        unsigned char pbuf[LWS_PRE + 4] = {0};
+
+        memcpy(pbuf + LWS_PRE, "ping", 4);
+        c->ping = 0;
+        if (lws_write(c->wsi, pbuf + LWS_PRE, 4, LWS_WRITE_PING) < 0)
+            return -1;
+    }
+    while (c->qcount && !lws_send_pipe_choked(c->wsi)) {
+        wsapp_msg *m = c->q[c->qhead];
+        size_t wire = wsapp_msg_wire(m), n = 0;
+        unsigned char *out;
+
+        if (wire >= WSAPP_WRITE_CHUNK / 2 || c->qcount == 1) {
+            /* One large (or lone) frame goes out from its own memory. */
+            out = wsapp_msg_payload(m) - m->hdr;
+            n = wire;
+            c->qhead = (c->qhead + 1) % c->qcap;
+            c->qcount--;
+            c->qbytes -= wire;
+            if (lws_write(c->wsi, out, n, LWS_WRITE_HTTP) < (int)n) {
+                wsapp_msg_unref(m);
+                return -1;
+            }
+            wsapp_msg_unref(m);
+            continue;
+        }
+        out = app->scratch + LWS_PRE;
+        while (c->qcount) {
+            m = c->q[c->qhead];
+            wire = wsapp_msg_wire(m);
+            if (n + wire > WSAPP_WRITE_CHUNK)
+                break;
+            memcpy(out + n, wsapp_msg_payload(m) - m->hdr, wire);
+            n += wire;
+            c->qhead = (c->qhead + 1) % c->qcap;
+            c->qcount--;
+            c->qbytes -= wire;
+            wsapp_msg_unref(m);
+        }
+        /* The frames are already framed: lws passes HTTP writes on a
+         * WebSocket through unchanged. */
+        if (lws_write(c->wsi, out, n, LWS_WRITE_HTTP) < (int)n)
+            return -1;
+    }
+    if (c->qcount) {
+        lws_callback_on_writable(c->wsi);
+        return 0;
+    }
+    if (c->qcap > 4) {
+        /* A burst is over: give back its queue. */
+        free(c->q);
+        c->q = NULL;
+        c->qcap = c->qhead = 0;
+    }
+    if (c->closing) {
+        const char *r = c->close_reason ? c->close_reason : "";
+
+        lws_close_reason(c->wsi, (enum lws_close_status)c->close_code, (unsigned char *)(uintptr_t)r, strlen(r));
+        return -1;
+    }
+    return 0;
+}
+
+static void wsapp_conn_receive(wsapp_conn *c, const char *in, size_t len)
+{
+    wsapp *app = c->app;
+    const wsapp_ws_route_t *r = c->route;
+    int first = lws_is_first_fragment(c->wsi), final = lws_is_final_fragment(c->wsi);
+
+    c->last_rx_ms = svc_now_ms();
+    if (first) {
+        c->rxlen = 0;
+        c->discarding = 0;
+        c->rx_binary = lws_frame_is_binary(c->wsi) != 0;
+        if (final) {
+            if (len > app->o.max_frame) {
+                metrics_counter_inc(app->m_oversize);
+                if (r->h.too_big)
+                    r->h.too_big(c, wsapp_conn_user(c), len, r->ud);
+            } else if (r->h.message) {
+                r->h.message(c, wsapp_conn_user(c), in, len, c->rx_binary, r->ud);
+            }
+            return;
+        }
+    }
+    if (!c->discarding) {
+        if (c->rxlen + len > app->o.max_frame) {
+            c->discarding = 1;
+            free(c->rx);
+            c->rx = NULL;
+        } else {
+            char *nrx = realloc(c->rx, c->rxlen + len + 1);
+
+            if (!nrx) {
+                c->discarding = 1;
+            } else {
+                c->rx = nrx;
+                memcpy(c->rx + c->rxlen, in, len);
+            }
+        }
+    }
+    c->rxlen += len;
+    if (!final)
+        return;
+    if (c->discarding) {
+        metrics_counter_inc(app->m_oversize);
+        if (r->h.too_big)
+            r->h.too_big(c, wsapp_conn_user(c), c->rxlen, r->ud);
+    } else if (r->h.message) {
+        c->rx[c->rxlen] = '\0';
+        r->h.message(c, wsapp_conn_user(c), c->rx, c->rxlen, c->rx_binary, r->ud);
+    }
+    free(c->rx);
+    c->rx = NULL;
+    c->rxlen = 0;
+    c->discarding = 0;
+}
+
+/* ---- HTTP requests ------------------------------------------------------ */
+
+const char *wsapp_req_method(const wsapp_req *req) { return req->method; }
+const char *wsapp_req_path(const wsapp_req *req) { return req->path; }
+const char *wsapp_req_id(const wsapp_req *req) { return req->request_id; }
+const char *wsapp_req_remote(const wsapp_req *req) { return req->remote; }
+const char *wsapp_req_subprotocols(wsapp_req *req) { return req->subprotos; }
+
+const char *wsapp_req_body(const wsapp_req *req, size_t *len)
+{
+    if (len)
+        *len = req->body.len;
+    return buf_str(&req->body);
+}
+
+static const char *wsapp_req_keep(wsapp_req *req, const char *s, size_t n)
+{
+    wsapp_strnode *node = malloc(sizeof(*node) + n + 1);
+
+    if (!node)
+        return NULL;
+    memcpy(node->s, s, n);
+    node->s[n] = '\0';
+    node->next = req->strs;
+    req->strs = node;
+    return node->s;
+}
+
+const char *wsapp_req_query(wsapp_req *req, const char *name)
+{
+    char key[128], val[8192];
+    size_t n = strlen(name);
+    const char *v;
+
+    if (!req->wsi || n == 0 || n + 2 > sizeof(key))
+        return NULL;
+    memcpy(key, name, n);
+    key[n] = '=';
+    key[n + 1] = '\0';
+    v = lws_get_urlarg_by_name(req->wsi, key, val, (int)sizeof(val));
+    if (!v)
+        return NULL;
+    return wsapp_req_keep(req, v, strlen(v));
+}
+
+const char *wsapp_req_header(wsapp_req *req, const char *name)
+{
+    char key[128], *val;
+    size_t n = strlen(name);
+    int len;
+    const char *out = NULL;
+
+    if (!req->wsi || n == 0 || n + 2 > sizeof(key))
+        return NULL;
+    for (size_t i = 0; i < n; i++)
+        key[i] = (char)((name[i] >= 'A' && name[i] <= 'Z') ? name[i] + 32 : name[i]);
+    key[n] = ':';
+    key[n + 1] = '\0';
+    for (int t = 0; t < WSI_TOKEN_COUNT; t++) {
+        const unsigned char *tn = lws_token_to_string((enum lws_token_indexes)t);
+
+        if (!tn || strcmp((const char *)tn, key) != 0)
+            continue;
+        len = lws_hdr_total_length(req->wsi, (enum lws_token_indexes)t);
+        if (len <= 0)
+            return NULL;
+        val = malloc((size_t)len + 1);
+        if (!val)
+            return NULL;
+        if (lws_hdr_copy(req->wsi, val, len + 1, (enum lws_token_indexes)t) >= 0)
+            out = wsapp_req_keep(req, val, strlen(val));
+        free(val);
+        return out;
+    }
+    len = lws_hdr_custom_length(req->wsi, key, (int)n + 1);
+    if (len < 0)
+        return NULL;
+    val = malloc((size_t)len + 1);
+    if (!val)
+        return NULL;
+    if (lws_hdr_custom_copy(req->wsi, val, len + 1, key, (int)n + 1) >= 0) {
+        const char *v = val;
+
+        while (*v == ' ' || *v == '\t')
+            v++;
+        out = wsapp_req_keep(req, v, strlen(v));
+    }
+    free(val);
+    return out;
+}
+
+int wsapp_req_add_header(wsapp_req *req, const char *name, const char *value)
+{
+    if (req->nhdr >= WSAPP_MAX_RESP_HEADERS)
+        return -1;
+    req->hname[req->nhdr] = strdup(name);
+    req->hval[req->nhdr] = strdup(value);
+    if (!req->hname[req->nhdr] || !req->hval[req->nhdr]) {
+        free(req->hname[req->nhdr]);
+        free(req->hval[req->nhdr]);
+        return -1;
+    }
+    req->nhdr++;
+    return 0;
+}
+
+int wsapp_req_set_subprotocol(wsapp_req *req, const char *proto)
+{
+    free(req->subproto_chosen);
+    req->subproto_chosen = proto ? strdup(proto) : NULL;
+    return proto && !req->subproto_chosen ? -1 : 0;
+}
+
+static void wsapp_req_free(wsapp_req *req)
+{
+    if (!req)
+        return;
+    buf_free(&req->body);
+    free(req->path);
+    free(req->resp);
+    for (int i = 0; i < req->nhdr; i++) {
+        free(req->hname[i]);
+        free(req->hval[i]);
+    }
+    while (req->strs) {
+        wsapp_strnode *n = req->strs;
+
+        req->strs = n->next;
+        free(n);
+    }
+    free(req->subprotos);
+    free(req->subproto_chosen);
+    free(req);
+}
+
+static void wsapp_access_log(wsapp_req *req)
+{
+    char ep[512], eid[160], er[100];
+    double ms = (double)(svc_now_ms() - req->start_ms);
+    int cls = wsapp_status_class(req->status);
+
+    metrics_counter_inc(req->app->m_http[cls]);
+    if (!req->app->o.access_log || !log_enabled(LOG_INFO))
+        return;
+    log_event(LOG_INFO, "request",
+              "\"method\":\"%s\",\"path\":\"%s\",\"status\":%d,\"duration_ms\":%.3f,\"request_id\":\"%s\","
+              "\"remote\":\"%s\"",
+              req->method, log_escape(ep, sizeof(ep), req->path ? req->path : ""), req->status, ms,
+              log_escape(eid, sizeof(eid), req->request_id), log_escape(er, sizeof(er), req->remote));
+}
+
+/* Stores the answer; it is written when the socket is writable. */
+static void wsapp_answer(wsapp_req *req, int status, const char *ctype, unsigned char *resp, size_t len)
+{
+    if (req->answered) {
+        free(resp);
+        return;
+    }
+    req->answered = 1;
+    req->status = status;
+    fmt_copy(req->ctype, sizeof(req->ctype), ctype ? ctype : "application/json");
+    req->resp = resp;
+    req->resp_len = resp ? len : 0;
+    if (req->wsi && !req->is_ws)
+        lws_callback_on_writable(req->wsi);
+}
+
+void wsapp_respond(wsapp_req *req, int status, const char *content_type, const char *body, size_t len)
+{
+    unsigned char *r;
+
+    if (req->answered)
+        return;
+    r = malloc(LWS_PRE + len + 1);
+    if (!r) {
+        status = 500;
+        len = 0;
+        r = NULL;
+    } else if (len) {
+        memcpy(r + LWS_PRE, body, len);
+    }
+    wsapp_answer(req, status, content_type, r, len);
+}
+
+void wsapp_respond_take(wsapp_req *req, int status, const char *content_type, char *body, size_t len)
+{
+    wsapp_respond(req, status, content_type, body, len);
+    free(body);
+}
+
+void wsapp_respond_json(wsapp_req *req, int status, cJSON *body)
+{
+    char *text = body ? cJSON_PrintUnformatted(body) : NULL;
+
+    cJSON_Delete(body);
+    if (!text) {
+        wsapp_respond(req, body ? 500 : status, "application/json", "null", 4);
+        return;
+    }
+    wsapp_respond_take(req, status, "application/json", text, strlen(text));
+}
+
+void wsapp_respond_error(wsapp_req *req, int status, const char *code, const char *message, cJSON *details)
+{
+    wsapp_respond_json(req, status, httpd_error_body(status, code, message, details, req->request_id));
+}
+
+int wsapp_req_json(wsapp_req *req, cJSON **out)
+{
+    const char *end = NULL;
+    size_t len;
+    const char *body = wsapp_req_body(req, &len);
+
+    *out = NULL;
+    if (len == 0) {
+        wsapp_respond_error(req, 400, "invalid_request", "request body is empty; JSON expected", NULL);
+        return -1;
+    }
+    *out = cJSON_ParseWithLengthOpts(body, len, &end, 0);
+    if (!*out) {
+        char msg[128];
+        const char *at = cJSON_GetErrorPtr();
+        size_t pos = at && at >= body && at <= body + len ? (size_t)(at - body) : 0;
+
+        snprintf(msg, sizeof(msg), "malformed JSON at position %zu", pos);
+        wsapp_respond_error(req, 400, "invalid_request", msg, NULL);
+        return -1;
+    }
+    return 0;
+}
+
+void wsapp_req_defer(wsapp_req *req, void (*on_gone)(wsapp_req *req, void *ud), void *ud)
+{
+    req->deferred = 1;
+    req->on_gone = on_gone;
+    req->gone_ud = ud;
+}
+
+/* Builds the status line and headers into `hb` (LWS_PRE headroom).
+ * Returns the end pointer, or NULL when they do not fit. */
+static unsigned char *wsapp_headers(wsapp_req *req, unsigned char *hb, size_t hbsize)
+{
+    unsigned char *p = hb + LWS_PRE, *end = hb + hbsize - 1;
+
+    if (lws_add_http_common_headers(req->wsi, (unsigned int)req->status, req->ctype, (lws_filepos_t)req->resp_len,
+                                    &p, end) ||
+        lws_add_http_header_by_name(req->wsi, (const unsigned char *)"x-request-id:",
+                                    (const unsigned char *)req->request_id, (int)strlen(req->request_id), &p, end))
+        return NULL;
+    for (int i = 0; i < req->nhdr; i++) {
+        char name[128];
+        size_t n = strlen(req->hname[i]);
+
+        if (n + 2 > sizeof(name))
+            continue;
+        memcpy(name, req->hname[i], n);
+        name[n] = ':';
+        name[n + 1] = '\0';
+        if (lws_add_http_header_by_name(req->wsi, (const unsigned char *)name, (const unsigned char *)req->hval[i],
+                                        (int)strlen(req->hval[i]), &p, end))
+            return NULL;
+    }
+    if (req->close_after &&
+        lws_add_http_header_by_token(req->wsi, WSI_TOKEN_CONNECTION, (const unsigned char *)"close", 5, &p, end))
+        return NULL;
+    return p;
+}
+
+/* Writes the answer of an HTTP request. Returns -1 to close the socket, 0
+ * when more is to come or the transaction is over. */
+static int wsapp_http_write(wsapp_req *req)
+{
+    struct lws *wsi = req->wsi;
+
+    if (!req->headers_sent) {
+        unsigned char hb[LWS_PRE + 4096], *p = wsapp_headers(req, hb, sizeof(hb));
+
+        if (!p || lws_finalize_write_http_header(wsi, hb + LWS_PRE, &p, hb + sizeof(hb) - 1))
+            return -1;
+        req->headers_sent = 1;
+    }
+    while (!req->head_only && req->resp_off < req->resp_len) {
+        size_t n = req->resp_len - req->resp_off;
+        int last;
+
+        if (lws_send_pipe_choked(wsi)) {
+            lws_callback_on_writable(wsi);
+            return 0;
+        }
+        if (n > WSAPP_WRITE_CHUNK)
+            n = WSAPP_WRITE_CHUNK;
+        last = req->resp_off + n == req->resp_len;
+        if (lws_write(wsi, req->resp + LWS_PRE + req->resp_off, n, last ? LWS_WRITE_HTTP_FINAL : LWS_WRITE_HTTP) <
+            (int)n)
+            return -1;
+        req->resp_off += n;
+    }
+    wsapp_access_log(req);
+    {
+        int close_after = req->close_after;
+        wsapp *app = req->app;
+
+        lws_set_opaque_user_data(wsi, NULL);
+        wsapp_req_free(req);
+        app->http_inflight--;
+        if (close_after)
+            return -1;
+    }
+    return lws_http_transaction_completed(wsi) ? -1 : 0;
+}
+
+static const wsapp_http_route *wsapp_find_http(wsapp *app, const char *method, const char *path, int *other_method)
+{
+    const wsapp_http_route *best = NULL;
+
+    *other_method = 0;
+    for (int pass = 0; pass < 2 && !best; pass++) {
+        for (int i = 0; i < app->nhttp; i++) {
+            const wsapp_http_route *r = &app->http[i];
+
+            if (r->prefix != pass || !wsapp_path_matches(r->path, r->plen, r->prefix, path))
+                continue;
+            if (strcmp(r->method, method) != 0) {
+                *other_method = 1;
+                continue;
+            }
+            if (!best || r->plen > best->plen)
+                best = r;
+        }
+    }
+    return best;
+}
+
+static const wsapp_ws_route_t *wsapp_find_ws(wsapp *app, const char *path)
+{
+    const wsapp_ws_route_t *best = NULL;
+
+    for (int i = 0; i < app->nws; i++) {
+        const wsapp_ws_route_t *r = &app->ws[i];
+
+        if (!wsapp_path_matches(r->path, r->plen, r->prefix, path))
+            continue;
+        if (!r->prefix)
+            return r;
+        if (!best || r->plen > best->plen)
+            best = r;
+    }
+    return best;
+}
+
+static wsapp_req *wsapp_req_new(wsapp *app, struct lws *wsi)
+{
+    static const char *const names[] = {"GET", "POST", "OPTIONS", "PUT", "PATCH", "DELETE", "CONNECT", "HEAD", "GET"};
+    wsapp_req *req = calloc(1, sizeof(*req));
+    char *uri = NULL, given[80];
+    int ulen = 0, m;
+
+    if (!req)
+        return NULL;
+    req->kind = WSAPP_KIND_REQ;
+    req->app = app;
+    req->wsi = wsi;
+    req->start_ms = svc_now_ms();
+    buf_init(&req->body, app->o.max_body);
+    m = lws_http_get_uri_and_method(wsi, &uri, &ulen);
+    fmt_copy(req->method, sizeof(req->method), m >= 0 && m < (int)(sizeof(names) / sizeof(names[0])) ? names[m] : "?");
+    req->path = wsapp_strndup(uri ? uri : "/", uri ? (size_t)ulen : 1);
+    if (!req->path) {
+        wsapp_req_free(req);
+        return NULL;
+    }
+    if (lws_hdr_custom_copy(wsi, given, sizeof(given), "x-request-id:", 13) < 0)
+        given[0] = '\0';
+    httpd_request_id_make(given[0] == ' ' ? given + 1 : given, req->request_id, sizeof(req->request_id));
+    if (!lws_get_peer_simple(wsi, req->remote, sizeof(req->remote)))
+        req->remote[0] = '\0';
+    return req;
+}
+
+static void wsapp_http_dispatch(wsapp_req *req)
+{
+    wsapp *app = req->app;
+    const char *method = req->head_only ? "GET" : req->method;
+    int other = 0;
+
+    req->dispatched = 1;
+    if (req->body_too_big) {
+        req->close_after = 1;
+        wsapp_respond_error(req, 413, "payload_too_large", "request body exceeds the limit", NULL);
+        return;
+    }
+    req->route = wsapp_find_http(app, method, req->path, &other);
+    if (!req->route) {
+        if (other || wsapp_find_ws(app, req->path))
+            wsapp_respond_error(req, 405, "invalid_request", "method not allowed", NULL);
+        else
+            wsapp_respond_error(req, 404, "not_found", "no such route", NULL);
+        return;
+    }
+    req->route->fn(req, req->route->ud);
+    if (!req->answered && !req->deferred)
+        wsapp_respond_error(req, 500, "internal", "handler gave no answer", NULL);
+}
+
+/* LWS_CALLBACK_HTTP: a new request whose head is parsed. */
+static int wsapp_http_begin(wsapp *app, struct lws *wsi)
+{
+    wsapp_req *req = wsapp_req_new(app, wsi);
+    char cl[32];
+
+    if (!req)
+        return -1;
+    lws_set_opaque_user_data(wsi, req);
+    app->http_inflight++;
+    if (strcmp(req->method, "HEAD") == 0)
+        req->head_only = 1;
+    if (lws_hdr_copy(wsi, cl, sizeof(cl), WSI_TOKEN_HTTP_CONTENT_LENGTH) > 0) {
+        char *end;
+        unsigned long long v = strtoull(cl, &end, 10);
+
+        req->content_length = (size_t)v;
+        if (end == cl || *end)
+            req->body_too_big = 0, req->content_length = 0;
+        req->has_body = req->content_length > 0;
+        if (v > app->o.max_body) {
+            req->body_too_big = 1;
+            req->has_body = 0;
+        }
+    } else if (lws_hdr_total_length(wsi, WSI_TOKEN_HTTP_TRANSFER_ENCODING) > 0) {
+        req->has_body = 1;
+    }
+    if (!req->has_body || app->stopping)
+        wsapp_http_dispatch(req);
+    return 0;
+}
+
+static int wsapp_http_body(wsapp_req *req, const char *in, size_t len)
+{
+    if (req->body_too_big)
+        return 0;
+    if (req->body.len + len > req->app->o.max_body) {
+        req->body_too_big = 1;
+        buf_free(&req->body);
+        wsapp_http_dispatch(req);
+        return 0;
+    }
+    return buf_append(&req->body, in, len);
+}
+
+/* Refuses a WebSocket before the upgrade: the answer is written at once
+ * (lws then ends the transaction). */
+static int wsapp_ws_refuse(wsapp_req *req)
+{
+    unsigned char hb[LWS_PRE + 4096], *p;
+
+    if (!req->answered)
+        wsapp_respond_error(req, 403, "forbidden", "connection refused", NULL);
+    metrics_counter_inc(req->app->m_refused);
+    p = wsapp_headers(req, hb, sizeof(hb));
+    if (!p || lws_finalize_write_http_header(req->wsi, hb + LWS_PRE, &p, hb + sizeof(hb) - 1))
+        return -1;
+    if (req->resp_len &&
+        lws_write(req->wsi, req->resp + LWS_PRE, req->resp_len, LWS_WRITE_HTTP_FINAL) < (int)req->resp_len)
+        return -1;
+    wsapp_access_log(req);
+    return 1;
+}
+
+/* LWS_CALLBACK_HTTP_CONFIRM_UPGRADE. Returns what lws expects: 0 go on, 1
+ * answered, -1 hang up. */
+static int wsapp_ws_confirm(wsapp *app, struct lws *wsi)
+{
+    wsapp_req *req = wsapp_req_new(app, wsi);
+    const wsapp_ws_route_t *r;
+    wsapp_conn *c = NULL;
+    int rc = -1, len;
+
+    if (!req)
+        return -1;
+    req->is_ws = 1;
+    r = wsapp_find_ws(app, req->path);
+    if (app->stopping) {
+        wsapp_respond_error(req, 503, "unavailable", "server is stopping", NULL);
+        rc = wsapp_ws_refuse(req);
+        goto out;
+    }
+    if (!r) {
+        wsapp_respond_error(req, 404, "not_found", "no WebSocket route here", NULL);
+        rc = wsapp_ws_refuse(req);
+        goto out;
+    }
+    len = lws_hdr_custom_length(wsi, WSAPP_SUBPROTO_HDR, (int)strlen(WSAPP_SUBPROTO_HDR));
+    if (len > 0) {
+        char *v = malloc((size_t)len + 1);
+
+        if (!v || lws_hdr_custom_copy(wsi, v, len + 1, WSAPP_SUBPROTO_HDR, (int)strlen(WSAPP_SUBPROTO_HDR)) < 0) {
+            free(v);
+            goto out;
+        }
+        req->subprotos = v;
+        while (*req->subprotos == ' ')
+            memmove(req->subprotos, req->subprotos + 1, strlen(req->subprotos));
+    }
+    c = calloc(1, ((sizeof(*c) + 15) & ~(size_t)15) + r->h.user_size);
+    if (!c)
+        goto out;
+    c->kind = WSAPP_KIND_CONN;
+    c->app = app;
+    c->route = r;
+    c->id = ++app->next_id;
+    fmt_copy(c->remote, sizeof(c->remote), req->remote);
+    if (r->h.accept && r->h.accept(req, wsapp_conn_user(c), r->ud) < 0) {
+        free(c);
+        c = NULL;
+        rc = wsapp_ws_refuse(req);
+        goto out;
+    }
+    if (req->subproto_chosen) {
+        c->subproto = req->subproto_chosen;
+        req->subproto_chosen = NULL;
+    }
+    req->status = 101;
+    wsapp_access_log(req);
+    lws_set_opaque_user_data(wsi, c);
+    rc = 0;
+out:
+    wsapp_req_free(req);
+    return rc;
+}
+
+static void wsapp_conn_established(wsapp *app, struct lws *wsi, wsapp_conn *c)
+{
+    c->wsi = wsi;
+    c->established = 1;
+    c->last_rx_ms = svc_now_ms();
+    free(c->subproto);
+    c->subproto = NULL;
+    c->next = app->conns;
+    if (app->conns)
+        app->conns->prev = c;
+    app->conns = c;
+    app->nconns++;
+    metrics_gauge_set(app->m_conns, app->nconns);
+    metrics_counter_inc(app->m_opened);
+    if (c->route->h.open)
+        c->route->h.open(c, wsapp_conn_user(c), c->route->ud);
+}
+
+static void wsapp_conn_closed(wsapp *app, struct lws *wsi, wsapp_conn *c)
+{
+    if (c->established) {
+        if (c->prev)
+            c->prev->next = c->next;
+        else
+            app->conns = c->next;
+        if (c->next)
+            c->next->prev = c->prev;
+        app->nconns--;
+        metrics_gauge_set(app->m_conns, app->nconns);
+    }
+    c->wsi = NULL;
+    c->closing = 1;
+    if (!c->told && c->route->h.close)
+        c->route->h.close(c->established ? c : NULL, wsapp_conn_user(c), c->route->ud);
+    c->told = 1;
+    lws_set_opaque_user_data(wsi, NULL);
+    wsapp_conn_free(c);
+}
+
+/* ---- the loop ----------------------------------------------------------- */
+
+static void wsapp_run_posts(wsapp *app)
+{
+    wsapp_post_item *it;
+
+    pthread_mutex_lock(&app->post_lock);
+    it = app->posts;
+    app->posts = app->posts_tail = NULL;
+    pthread_mutex_unlock(&app->post_lock);
+    while (it) {
+        wsapp_post_item *next = it->next;
+
+        it->fn(app, it->ud);
+        free(it);
+        it = next;
+    }
+}
+
+int wsapp_post(wsapp *app, void (*fn)(wsapp *app, void *ud), void *ud)
+{
+    wsapp_post_item *it = malloc(sizeof(*it));
+
+    if (!it)
+        return -1;
+    it->fn = fn;
+    it->ud = ud;
+    it->next = NULL;
+    pthread_mutex_lock(&app->post_lock);
+    if (app->posts_tail)
+        app->posts_tail->next = it;
+    else
+        app->posts = it;
+    app->posts_tail = it;
+    pthread_mutex_unlock(&app->post_lock);
+    if (app->ctx)
+        lws_cancel_service(app->ctx);
+    return 0;
+}
+
+static void wsapp_close_each(wsapp_conn *c, void *user, void *ud)
+{
+    (void)user;
+    (void)ud;
+    wsapp_conn_close(c, 1001, "server stopping");
+}
+
+/* Runs on the loop: the stop sequence (close the listener and every
+ * WebSocket, wait for HTTP in flight, end). */
+static void wsapp_stop_step(wsapp *app)
+{
+    if (app->stop_phase == 0) {
+        app->stop_phase = 1;
+        if (app->listen_wsi) {
+            struct lws *lw = app->listen_wsi;
+
+            app->listen_wsi = NULL;
+            lws_set_timeout(lw, PENDING_TIMEOUT_USER_REASON_BASE, LWS_TO_KILL_ASYNC);
+        }
+        wsapp_foreach_conn(app, wsapp_close_each, NULL);
+    }
+    if ((app->nconns == 0 && app->http_inflight <= 0) || svc_now_ms() >= app->stop_deadline_ms)
+        atomic_store(&app->done, 1);
+}
+
+static void wsapp_accept_ready(wsapp *app)
+{
+    for (;;) {
+        int fd = accept4(app->listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC), one = 1;
+        struct lws *w;
+        wsapp_head *h;
+        lws_sock_file_fd_type d;
+
+        if (fd < 0)
+            return;
+        if (app->nsockets >= app->o.max_connections || app->stopping) {
+            close(fd);
+            continue;
+        }
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+        h = calloc(1, sizeof(*h) + app->o.max_header + 1);
+        if (!h) {
+            close(fd);
+            continue;
+        }
+        h->kind = WSAPP_KIND_HEAD;
+        d.filefd = fd;
+        w = lws_adopt_descriptor_vhost(app->vh, LWS_ADOPT_RAW_FILE_DESC, d, "wsapp-head", NULL);
+        if (!w) {
+            free(h);
+            close(fd);
+            continue;
+        }
+        h->wsi = w;
+        lws_set_opaque_user_data(w, h);
+        lws_set_timeout(w, PENDING_TIMEOUT_USER_REASON_BASE + 1, app->o.http_timeout_s);
+    }
+}
+
+static void wsapp_reply_raw(int fd, int status, const char *code, const char *message)
+{
+    char out[512];
+    cJSON *b = httpd_error_body(status, code, message, NULL, "");
+    char *text = b ? cJSON_PrintUnformatted(b) : NULL;
+    int n;
+
+    cJSON_Delete(b);
+    n = snprintf(out, sizeof(out), "HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %zu\r\n"
+                 "Connection: close\r\n\r\n%s", status, code, text ? strlen(text) : 0, text ? text : "");
+    free(text);
+    if (n > 0 && (size_t)n < sizeof(out) && write(fd, out, (size_t)n) < 0)
+        return;
+}
+
+/* Moves Sec-WebSocket-Protocol to WSAPP_SUBPROTO_HDR (see wsapp.h) in a
+ * copy of the head; `*outlen` is the new length. */
+static char *wsapp_head_rewrite(const char *h, size_t len, size_t *outlen)
+{
+    static const char from[] = "sec-websocket-protocol:";
+    size_t flen = sizeof(from) - 1, tlen = strlen(WSAPP_SUBPROTO_HDR);
+    char *out = malloc(len + 64);
+    size_t o = 0, i = 0;
+
+    if (!out)
+        return NULL;
+    while (i < len) {
+        const char *eol = memchr(h + i, '\n', len - i);
+        size_t l = eol ? (size_t)(eol - (h + i)) + 1 : len - i;
+
+        if (i > 0 && l > flen && strncasecmp(h + i, from, flen) == 0 && o + tlen + (l - flen) < len + 64) {
+            memcpy(out + o, WSAPP_SUBPROTO_HDR, tlen);
+            o += tlen;
+            memcpy(out + o, h + i + flen, l - flen);
+            o += l - flen;
+        } else {
+            memcpy(out + o, h + i, l);
+            o += l;
+        }
+        i += l;
+    }
+    *outlen = o;
+    return out;
+}
+
+/* Hands a socket whose request head is complete (`n` bytes peeked at
+ * `data`) to lws: as it is, or, when it offers subprotocols, with the head
+ * consumed here, rewritten and given to lws as its first read (the body of
+ * a WebSocket handshake is empty, so only the head is taken). */
+static void wsapp_head_handoff(wsapp *app, int fd, const char *data, size_t n)
+{
+    static const char hdr[] = "\r\nsec-websocket-protocol:";
+    const char *end = memmem(data, n, "\r\n\r\n", 4);
+    size_t hlen = (size_t)(end - data) + 4, outlen;
+    int has_proto = 0, nfd;
+    char *head;
+
+    for (size_t i = 0; i + sizeof(hdr) - 1 <= hlen; i++)
+        if (data[i] == '\r' && strncasecmp(data + i, hdr, sizeof(hdr) - 1) == 0) {
+            has_proto = 1;
+            break;
+        }
+    nfd = dup(fd);
+    if (nfd < 0)
+        return;
+    if (!has_proto) {
+        if (!lws_adopt_socket_vhost(app->vh, nfd))
+            close(nfd);
+        return;
+    }
+    if (recv(fd, (char *)(uintptr_t)data, hlen, 0) != (ssize_t)hlen) {
+        close(nfd);
+        return;
+    }
+    head = wsapp_head_rewrite(data, hlen, &outlen);
+    if (!head) {
+        close(nfd);
+        return;
+    }
+    /* On failure lws has closed nfd. */
+    (void)lws_adopt_socket_vhost_readbuf(app->vh, nfd, head, outlen);
+    free(head);
+}
+
+static void wsapp_head_retry(lws_sorted_usec_list_t *sul)
+{
+    wsapp_head *h = lws_container_of(sul, wsapp_head, sul);
+
+    lws_rx_flow_control(h->wsi, 1);
+}
+
+/* Callback of the "wsapp-head" protocol: a new connection, watched as a
+ * raw descriptor (lws does not read it) until its request head is all
+ * there, which recv(MSG_PEEK) tells without taking the bytes. */
+static int wsapp_head_cb(struct lws *wsi, enum lws_callback_reasons reason, void *user, void *in, size_t len)
+{
+    wsapp *app = lws_context_user(lws_get_context(wsi));
+    wsapp_head *h = lws_get_opaque_user_data(wsi);
+    int fd = lws_get_socket_fd(wsi);
+    ssize_t n;
+
+    (void)user;
+    (void)in;
+    (void)len;
+    switch (reason) {
+    case LWS_CALLBACK_RAW_RX_FILE:
+        if (!h)
+            return -1;
+        n = recv(fd, h->data, app->o.max_header, MSG_PEEK);
+        if (n <= 0)
+            return n < 0 && errno == EAGAIN ? 0 : -1;
+        if (!memmem(h->data, (size_t)n, "\r\n\r\n", 4)) {
+            if ((size_t)n >= app->o.max_header) {
+                wsapp_reply_raw(fd, 431, "invalid_request", "request head too large");
+                return -1;
+            }
+            if ((size_t)n > h->len) {
+                /* More came but not all: look again when the socket
+                 * next has data, not in a busy loop over the same bytes. */
+                h->len = (size_t)n;
+                lws_rx_flow_control(wsi, 0);
+                lws_sul_schedule(app->ctx, 0, &h->sul, wsapp_head_retry, 5 * LWS_US_PER_MS);
+                return 0;
+            }
+            lws_rx_flow_control(wsi, 0);
+            lws_sul_schedule(app->ctx, 0, &h->sul, wsapp_head_retry, 20 * LWS_US_PER_MS);
+            return 0;
+        }
+        wsapp_head_handoff(app, fd, h->data, (size_t)n);
+        return -1;
+    case LWS_CALLBACK_RAW_CLOSE_FILE:
+        if (h) {
+            lws_sul_cancel(&h->sul);
+            free(h);
+            lws_set_opaque_user_data(wsi, NULL);
+        }
+        return 0;
+    default:
+        return 0;
+    }
+}
+
+/* Callback of the listening descriptor (adopted as a raw file). */
+static int wsapp_listen_cb(struct lws *wsi, enum lws_callback_reasons reason, void *user, void *in, size_t len)
+{
+    wsapp *app = lws_context_user(lws_get_context(wsi));
+
+    (void)user;
+    (void)in;
+    (void)len;
+    if (reason == LWS_CALLBACK_RAW_RX_FILE)
+        wsapp_accept_ready(app);
+    return 0;
+}
+
+static int wsapp_raw_cb(struct lws *wsi, enum lws_callback_reasons reason, void *user, void *in, size_t len)
+{
+    wsapp *app = lws_context_user(lws_get_context(wsi));
+
+    if (wsi == app->listen_wsi || (!app->listen_wsi && !lws_get_opaque_user_data(wsi)))
+        return wsapp_listen_cb(wsi, reason, user, in, len);
+    return wsapp_head_cb(wsi, reason, user, in, len);
+}
+
+static int wsapp_cb(struct lws *wsi, enum lws_callback_reasons reason, void *user, void *in, size_t len)
+{
+    struct lws_context *ctx = lws_get_context(wsi);
+    wsapp *app = ctx ? lws_context_user(ctx) : NULL;
+    void *op = wsi ? lws_get_opaque_user_data(wsi) : NULL;
+    int kind = op ? *(int *)op : 0;
+    wsapp_req *req = kind == WSAPP_KIND_REQ ? op : NULL;
+    wsapp_conn *c = kind == WSAPP_KIND_CONN ? op : NULL;
+
+    (void)user;
+    if (!app)
+        return 0;
+    switch (reason) {
+    case LWS_CALLBACK_EVENT_WAIT_CANCELLED:
+        wsapp_run_posts(app);
+        if (app->stopping)
+            wsapp_stop_step(app);
+        return 0;
+    case LWS_CALLBACK_HTTP:
+        if (req)
+            return -1;
+        return wsapp_http_begin(app, wsi);
+    case LWS_CALLBACK_HTTP_BODY:
+        return req ? wsapp_http_body(req, in, len) : -1;
+    case LWS_CALLBACK_HTTP_BODY_COMPLETION:
+        if (req && !req->dispatched)
+            wsapp_http_dispatch(req);
+        return 0;
+    case LWS_CALLBACK_HTTP_WRITEABLE:
+        if (req && req->answered)
+            return wsapp_http_write(req);
+        return 0;
+    case LWS_CALLBACK_HTTP_CONFIRM_UPGRADE:
+        if (op)
+            return -1;
+        return wsapp_ws_confirm(app, wsi);
+    case LWS_CALLBACK_ADD_HEADERS:
+        if (c && c->subproto) {
+            struct lws_process_html_args *a = in;
+            unsigned char *p = (unsigned char *)a->p;
+
+            if (lws_add_http_header_by_name(wsi, (const unsigned char *)"sec-websocket-protocol:",
+                                            (const unsigned char *)c->subproto, (int)strlen(c->subproto), &p,
+                                            p + a->max_len))
+                return -1;
+            a->p = (char *)p;
+        }
+        return 0;
+    case LWS_CALLBACK_ESTABLISHED:
+        if (!c)
+            return -1;
+        wsapp_conn_established(app, wsi, c);
+        return 0;
+    case LWS_CALLBACK_RECEIVE:
+        if (c && !c->dropped)
+            wsapp_conn_receive(c, in, len);
+        return 0;
+    case LWS_CALLBACK_RECEIVE_PONG:
+        if (c) {
+            c->last_rx_ms = svc_now_ms();
+            if (c->route->h.pong)
+                c->route->h.pong(c, wsapp_conn_user(c), c->route->ud);
+        }
+        return 0;
+    case LWS_CALLBACK_SERVER_WRITEABLE:
+        return c ? wsapp_conn_writable(c) : 0;
+    case LWS_CALLBACK_CLOSED:
+        if (c)
+            wsapp_conn_closed(app, wsi, c);
+        return 0;
+    case LWS_CALLBACK_WSI_CREATE:
+        app->nsockets++;
+        return 0;
+    case LWS_CALLBACK_WSI_DESTROY:
+        if (kind == WSAPP_KIND_HEAD) {
+            lws_sul_cancel(&((wsapp_head *)op)->sul);
+            free(op);
+            lws_set_opaque_user_data(wsi, NULL);
+        } else if (c) {
+            wsapp_conn_closed(app, wsi, c);
+        } else if (req) {
+            if (req->deferred && !req->answered && req->on_gone)
+                req->on_gone(req, req->gone_ud);
+            app->http_inflight--;
+            lws_set_opaque_user_data(wsi, NULL);
+            wsapp_req_free(req);
+        }
+        app->nsockets--;
+        return 0;
+    default:
+        return 0;
+    }
+}
+
+/* ---- timers ------------------------------------------------------------- */
+
+static void wsapp_timer_fire(lws_sorted_usec_list_t *sul)
+{
+    wsapp_timer *t = (wsapp_timer *)sul;
+
+    t->fn(t, t->ud);
+}
+
+wsapp_timer *wsapp_timer_new(wsapp *app, void (*fn)(wsapp_timer *t, void *ud), void *ud)
+{
+    wsapp_timer *t = calloc(1, sizeof(*t));
+
+    if (!t)
+        return NULL;
+    t->app = app;
+    t->fn = fn;
+    t->ud = ud;
+    return t;
+}
+
+void wsapp_timer_set(wsapp_timer *t, long ms)
+{
+    lws_sul_schedule(t->app->ctx, 0, &t->sul, wsapp_timer_fire, (lws_usec_t)(ms < 0 ? 0 : ms) * 1000);
+}
+
+void wsapp_timer_cancel(wsapp_timer *t)
+{
+    if (t && t->app->ctx)
+        lws_sul_schedule(t->app->ctx, 0, &t->sul, wsapp_timer_fire, LWS_SET_TIMER_USEC_CANCEL);
+}
+
+void wsapp_timer_free(wsapp_timer *t)
+{
+    if (!t)
+        return;
+    wsapp_timer_cancel(t);
+    free(t);
+}
+
+/* ---- set-up ------------------------------------------------------------- */
+
+int wsapp_route(wsapp *app, const char *method, const char *path, wsapp_http_fn fn, void *ud)
+{
+    wsapp_http_route *r;
+
+    if (app->nhttp >= WSAPP_MAX_ROUTES || !fn || strlen(method) >= sizeof(r->method))
+        return -1;
+    r = &app->http[app->nhttp];
+    if (wsapp_parse_pattern(path, &r->path, &r->plen, &r->prefix) < 0)
+        return -1;
+    fmt_copy(r->method, sizeof(r->method), method);
+    r->fn = fn;
+    r->ud = ud;
+    app->nhttp++;
+    return 0;
+}
+
+int wsapp_ws_route(wsapp *app, const char *path, const wsapp_ws_handlers *h, void *ud)
+{
+    wsapp_ws_route_t *r;
+
+    if (app->nws >= WSAPP_MAX_ROUTES || !h)
+        return -1;
+    r = &app->ws[app->nws];
+    if (wsapp_parse_pattern(path, &r->path, &r->plen, &r->prefix) < 0)
+        return -1;
+    r->h = *h;
+    r->ud = ud;
+    app->nws++;
+    return 0;
+}
+
+static void wsapp_metrics_handler(wsapp_req *req, void *ud)
+{
+    wsapp *app = ud;
+    char *text = NULL;
+    size_t len = 0;
+
+    if (metrics_render(app->o.metrics, &text, &len) < 0) {
+        wsapp_respond_error(req, 500, "internal", "out of memory", NULL);
+        return;
+    }
+    wsapp_respond_take(req, 200, METRICS_CONTENT_TYPE, text, len);
+}
+
+int wsapp_route_metrics(wsapp *app) { return wsapp_route(app, "GET", "/metrics", wsapp_metrics_handler, app); }
+
+wsapp *wsapp_new(const wsapp_opts *opts, char *err, size_t errlen)
+{
+    wsapp *app = calloc(1, sizeof(*app));
+    char lab[160], esc[96];
+    static const char *const cls[6] = {"other", "1xx", "2xx", "3xx", "4xx", "5xx"};
+
+    if (!app) {
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    app->o = *opts;
+    fmt_copy(app->service, sizeof(app->service), opts->service ? opts->service : "wsapp");
+    fmt_copy(app->host, sizeof(app->host), opts->host ? opts->host : "");
+    app->o.service = app->service;
+    app->o.host = app->host;
+    if (!app->o.max_body)
+        app->o.max_body = 1u << 20;
+    if (!app->o.max_header)
+        app->o.max_header = 16384;
+    if (!app->o.max_frame)
+        app->o.max_frame = 65536;
+    if (!app->o.send_queue_bytes)
+        app->o.send_queue_bytes = 1u << 20;
+    if (app->o.max_connections <= 0)
+        app->o.max_connections = 20000;
+    if (app->o.http_timeout_s <= 0)
+        app->o.http_timeout_s = 30;
+    if (!app->o.metrics)
+        app->o.metrics = metrics_default();
+    app->listen_fd = -1;
+    pthread_mutex_init(&app->post_lock, NULL);
+    app->scratch = malloc(LWS_PRE + WSAPP_WRITE_CHUNK);
+    if (!app->scratch) {
+        snprintf(err, errlen, "out of memory");
+        wsapp_free(app);
+        return NULL;
+    }
+    metrics_escape_label(esc, sizeof(esc), app->service);
+    for (int i = 0; i < 6; i++) {
+        snprintf(lab, sizeof(lab), "service=\"%s\",class=\"%s\"", esc, cls[i]);
+        app->m_http[i] = metrics_counter_get(app->o.metrics, "wsapp_http_responses_total",
+                                             "HTTP responses (WebSocket handshakes included) by status class", lab);
+    }
+    snprintf(lab, sizeof(lab), "service=\"%s\"", esc);
+    app->m_conns = metrics_gauge_get(app->o.metrics, "wsapp_websocket_connections", "Open WebSocket connections", lab);
+    app->m_opened = metrics_counter_get(app->o.metrics, "wsapp_websocket_opened_total", "WebSocket connections opened", lab);
+    app->m_dropped = metrics_counter_get(app->o.metrics, "wsapp_websocket_dropped_slow_total",
+                                         "WebSocket connections dropped because their send queue was full", lab);
+    app->m_oversize = metrics_counter_get(app->o.metrics, "wsapp_websocket_oversize_total",
+                                          "Incoming WebSocket messages discarded for exceeding the frame limit", lab);
+    app->m_refused = metrics_counter_get(app->o.metrics, "wsapp_websocket_refused_total",
+                                         "WebSocket handshakes refused before the upgrade", lab);
+    return app;
+}
+
+static int wsapp_listen(wsapp *app, char *err, size_t errlen)
+{
+    struct sockaddr_in sa;
+    socklen_t sl = sizeof(sa);
+    int one = 1, fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+
+    if (fd < 0) {
+        snprintf(err, errlen, "socket: %s", strerror(errno));
+        return -1;
+    }
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    if (app->o.reuse_port && setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) < 0) {
+        snprintf(err, errlen, "SO_REUSEPORT: %s", strerror(errno));
+        goto fail;
+    }
+    memset(&sa, 0, sizeof(sa));
+    sa.sin_family = AF_INET;
+    sa.sin_port = htons((uint16_t)app->o.port);
+    if (!app->host[0] || strcmp(app->host, "0.0.0.0") == 0) {
+        sa.sin_addr.s_addr = htonl(INADDR_ANY);
+    } else if (strcmp(app->host, "localhost") == 0) {
+        sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    } else if (inet_pton(AF_INET, app->host, &sa.sin_addr) != 1) {
+        snprintf(err, errlen, "HOST %s is not an IPv4 address", app->host);
+        goto fail;
+    }
+    if (bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
+        snprintf(err, errlen, "bind %s:%d: %s", app->host[0] ? app->host : "0.0.0.0", app->o.port, strerror(errno));
+        goto fail;
+    }
+    if (listen(fd, 4096) < 0 || getsockname(fd, (struct sockaddr *)&sa, &sl) < 0) {
+        snprintf(err, errlen, "listen: %s", strerror(errno));
+        goto fail;
+    }
+    app->listen_fd = fd;
+    app->port = ntohs(sa.sin_port);
+    return 0;
+fail:
+    close(fd);
+    return -1;
+}
+
+static void *wsapp_thread(void *arg)
+{
+    wsapp *app = arg;
+
+    while (!atomic_load(&app->done)) {
+        if (lws_service(app->ctx, 0) < 0)
+            break;
+        if (app->stopping)
+            wsapp_stop_step(app);
+    }
+    return NULL;
+}
+
+static void wsapp_lws_log(int level, const char *line)
+{
+    size_t n = strlen(line);
+    char msg[512];
+
+    /* lws 4.1 logs every adoption with a first read at error level. */
+    if (strstr(line, "calling service") || strstr(line, "deferring handling ah"))
+        return;
+    while (n && (line[n - 1] == '\n' || line[n - 1] == '\r'))
+        n--;
+    if (n >= sizeof(msg))
+        n = sizeof(msg) - 1;
+    memcpy(msg, line, n);
+    msg[n] = '\0';
+    log_msgf(level & LLL_ERR ? LOG_ERROR : LOG_WARN, "libwebsockets: %s", msg);
+}
+
+int wsapp_start(wsapp *app, char *err, size_t errlen)
+{
+    struct lws_context_creation_info info;
+    lws_sock_file_fd_type d;
+
+    if (app->started) {
+        snprintf(err, errlen, "already started");
+        return -1;
+    }
+    if (wsapp_listen(app, err, errlen) < 0)
+        return -1;
+    lws_set_log_level(LLL_ERR | LLL_WARN, wsapp_lws_log);
+    app->protocols[0].name = "wsapp";
+    app->protocols[0].callback = wsapp_cb;
+    app->protocols[0].rx_buffer_size = WSAPP_RX_CHUNK;
+    app->protocols[1].name = "wsapp-head";
+    app->protocols[1].callback = wsapp_raw_cb;
+    memset(&info, 0, sizeof(info));
+    info.port = CONTEXT_PORT_NO_LISTEN_SERVER;
+    info.protocols = app->protocols;
+    info.user = app;
+    info.max_http_header_data = (unsigned short)(app->o.max_header > 65535 ? 65535 : app->o.max_header);
+    info.max_http_header_pool = 256;
+    info.timeout_secs = (unsigned int)app->o.http_timeout_s;
+    info.keepalive_timeout = app->o.http_timeout_s;
+    info.pt_serv_buf_size = 16384;
+    info.options = LWS_SERVER_OPTION_DISABLE_IPV6;
+    app->ctx = lws_create_context(&info);
+    if (!app->ctx) {
+        snprintf(err, errlen, "cannot create the libwebsockets context");
+        return -1;
+    }
+    app->vh = lws_get_vhost_by_name(app->ctx, "default");
+    d.filefd = app->listen_fd;
+    app->listen_wsi = app->vh ? lws_adopt_descriptor_vhost(app->vh, LWS_ADOPT_RAW_FILE_DESC, d, "wsapp-head", NULL)
+                              : NULL;
+    if (!app->listen_wsi) {
+        snprintf(err, errlen, "cannot watch the listening socket");
+        return -1;
+    }
+    if (pthread_create(&app->thread, NULL, wsapp_thread, app) != 0) {
+        snprintf(err, errlen, "cannot start the loop thread");
+        return -1;
+    }
+    app->started = 1;
+    return 0;
+}
+
+int wsapp_port(const wsapp *app) { return app->port; }
+int wsapp_stopping(const wsapp *app) { return atomic_load(&((wsapp *)(uintptr_t)app)->stopping); }
+
+void wsapp_stop(wsapp *app, int grace_ms)
+{
+    if (!app || !app->started || app->joined)
+        return;
+    if (!atomic_exchange(&app->stopping, 1)) {
+        app->stop_deadline_ms = svc_now_ms() + (grace_ms > 0 ? grace_ms : 0);
+        lws_cancel_service(app->ctx);
+    }
+    /* The loop may be asleep in poll with nothing to do: wake it until the
+     * stop sequence has run and its deadline passed. */
+    while (!atomic_load(&app->done)) {
+        lws_cancel_service(app->ctx);
+        usleep(20000);
+    }
+    pthread_join(app->thread, NULL);
+    app->joined = 1;
+}
+
+void wsapp_free(wsapp *app)
+{
+    if (!app)
+        return;
+    wsapp_stop(app, 0);
+    if (app->ctx) {
+        lws_context_destroy(app->ctx);
+        app->ctx = NULL;
+    }
+    /* Posts that never ran still own what they point at. */
+    wsapp_run_posts(app);
+    if (app->listen_fd >= 0 && !app->started)
+        close(app->listen_fd);
+    for (int i = 0; i < app->nhttp; i++)
+        free(app->http[i].path);
+    for (int i = 0; i < app->nws; i++)
+        free(app->ws[i].path);
+    free(app->scratch);
+    pthread_mutex_destroy(&app->post_lock);
+    free(app);
+}

@@ -1,0 +1,226 @@
+/* wsapp: one port serving HTTP and WebSocket, over libwebsockets 4.1.
+ *
+ * A wsapp owns a listening socket (SO_REUSEPORT on request, so several
+ * processes share a port), one libwebsockets context and the thread that
+ * services it. It gives HTTP what SPEC calls the common behaviour (routes
+ * by method and path, a bounded request body with 413, the JSON error body,
+ * X-Request-Id, one access-log line per request) and WebSocket routes with
+ * an accept hook that runs before the upgrade, per-connection user data, a
+ * bounded send queue per connection (a reader that falls behind is dropped,
+ * never buffered without bound), pings, timers, and a thread-safe way to
+ * run code on the loop.
+ *
+ * Threads. Every callback (HTTP handlers, WebSocket hooks, timers, posted
+ * functions) runs on the loop thread, one at a time: application state that
+ * only callbacks touch needs no lock. A callback must not block (no
+ * database round trip): a handler that needs one defers its answer
+ * (wsapp_req_defer), does the work elsewhere and answers later from the
+ * loop through wsapp_post. Only wsapp_post, wsapp_stop and the wsapp_msg
+ * reference counts may be used from other threads.
+ *
+ * Why a listener of our own: lws 4.1 sets SO_REUSEPORT only when it runs
+ * several service threads, and it refuses a Sec-WebSocket-Protocol list
+ * longer than 127 bytes or a name longer than 63 (a subprotocol carrying a
+ * JWT is both). wsapp therefore accepts connections itself, reads the
+ * request head (bounded by max_header), moves any Sec-WebSocket-Protocol
+ * value into a private header that the accept hook reads
+ * (wsapp_req_subprotocols) and hands the socket to lws with those bytes;
+ * the accept hook picks the subprotocol to echo (wsapp_req_set_subprotocol). */
+#ifndef AE_WSAPP_H
+#define AE_WSAPP_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cjson/cJSON.h>
+
+#include "metrics.h"
+
+typedef struct wsapp wsapp;
+typedef struct wsapp_req wsapp_req;   /* one HTTP request, or the handshake of a WebSocket */
+typedef struct wsapp_conn wsapp_conn; /* one open WebSocket */
+typedef struct wsapp_msg wsapp_msg;   /* an outgoing frame, shared by many connections */
+typedef struct wsapp_timer wsapp_timer;
+
+typedef struct {
+    const char *service;      /* log and metric label; NULL means "wsapp" */
+    const char *host;         /* bind address; NULL or "" means every IPv4 address */
+    int port;                 /* 0 picks a free port (wsapp_port) */
+    int reuse_port;           /* nonzero: SO_REUSEPORT */
+    size_t max_body;          /* HTTP request body; 0 means 1 MiB */
+    size_t max_header;        /* request head; 0 means 16 KiB (JWTs in headers and subprotocols) */
+    size_t max_frame;         /* an incoming WebSocket message; 0 means 64 KiB */
+    size_t send_queue_bytes;  /* queued bytes per connection before it is dropped; 0 means 1 MiB */
+    int max_connections;      /* sockets (HTTP and WebSocket) accepted at once; 0 means 20000 */
+    int http_timeout_s;       /* idle HTTP keep-alive and slow heads; 0 means 30 */
+    int access_log;           /* nonzero: one info line per HTTP request and handshake */
+    metrics *metrics;         /* NULL means metrics_default() */
+} wsapp_opts;
+
+/* Creates the server (not listening). Returns NULL with the reason in err
+ * on bad options or OOM. Free with wsapp_free. */
+wsapp *wsapp_new(const wsapp_opts *opts, char *err, size_t errlen);
+
+/* Stops (if running) and frees everything, open connections included.
+ * NULL is a no-op. */
+void wsapp_free(wsapp *app);
+
+/* ---- HTTP ---------------------------------------------------------- */
+
+typedef void (*wsapp_http_fn)(wsapp_req *req, void *ud);
+
+/* Registers a route before wsapp_start. `method` is GET, POST, PUT, PATCH
+ * or DELETE (HEAD is served by GET routes, the body left out). `path` is
+ * matched exactly, or, when it ends with '*', as a prefix (the '*' left
+ * out: "/executions/" then a star matches "/executions/abc"). Exact routes win over
+ * prefixes; among prefixes the longest wins. A path with no route is 404,
+ * one with routes of other methods only is 405. Returns 0 or -1. */
+int wsapp_route(wsapp *app, const char *method, const char *path, wsapp_http_fn fn, void *ud);
+
+/* Registers GET /metrics, answered from the registry of the options. */
+int wsapp_route_metrics(wsapp *app);
+
+/* Request accessors. Strings are owned by the request and stay valid until
+ * it is answered (for a WebSocket, until the accept hook returns). */
+const char *wsapp_req_method(const wsapp_req *req);
+const char *wsapp_req_path(const wsapp_req *req);   /* without the query string */
+const char *wsapp_req_id(const wsapp_req *req);     /* X-Request-Id: the client's when sane */
+const char *wsapp_req_remote(const wsapp_req *req); /* peer IP address */
+/* A query argument, %-decoded, or NULL. */
+const char *wsapp_req_query(wsapp_req *req, const char *name);
+/* A request header by case-insensitive name, or NULL. */
+const char *wsapp_req_header(wsapp_req *req, const char *name);
+/* The body (NUL-terminated) and its length; "" for none. */
+const char *wsapp_req_body(const wsapp_req *req, size_t *len);
+/* Parses the body as JSON; on success *out is the caller's (cJSON_Delete).
+ * On failure the request has been answered 400 naming the position and -1
+ * is returned. */
+int wsapp_req_json(wsapp_req *req, cJSON **out);
+/* Adds a response header (both copied; at most 16). Returns 0 or -1. */
+int wsapp_req_add_header(wsapp_req *req, const char *name, const char *value);
+
+/* Answers. A request is answered once; later answers are ignored. */
+void wsapp_respond(wsapp_req *req, int status, const char *content_type, const char *body, size_t len);
+/* Takes a malloc'd body (freed with free()). */
+void wsapp_respond_take(wsapp_req *req, int status, const char *content_type, char *body, size_t len);
+/* Serialises and frees `body` (NULL sends null). */
+void wsapp_respond_json(wsapp_req *req, int status, cJSON *body);
+/* The common error body; `code` NULL derives it from the status; `details`
+ * ownership taken (may be NULL). */
+void wsapp_respond_error(wsapp_req *req, int status, const char *code, const char *message, cJSON *details);
+
+/* Called in an HTTP handler: the answer comes later. The request stays
+ * alive until answered (from the loop thread, e.g. in a wsapp_post
+ * function) or until its client goes away, which wsapp_req_gone reports
+ * (the handler's caller then must not answer). `on_gone` (may be NULL) is
+ * called on the loop when the client leaves before the answer; after it
+ * returns, `req` is freed. */
+void wsapp_req_defer(wsapp_req *req, void (*on_gone)(wsapp_req *req, void *ud), void *ud);
+
+/* ---- WebSocket ----------------------------------------------------- */
+
+typedef struct {
+    /* Bytes of user data per connection, zeroed, owned by wsapp, alive from
+     * accept to close (wsapp_conn_user). */
+    size_t user_size;
+    /* Before the upgrade. Return 0 to accept, or answer the request with
+     * wsapp_respond_* (401, 403, 503...) and return -1 to refuse; -1
+     * without an answer refuses with 403. `user` is the connection's user
+     * data, already usable. NULL accepts everything. */
+    int (*accept)(wsapp_req *req, void *user, void *ud);
+    /* After the upgrade; the connection may send. */
+    void (*open)(wsapp_conn *c, void *user, void *ud);
+    /* One whole message (fragments joined), text or binary. `data` is
+     * valid during the call only. */
+    void (*message)(wsapp_conn *c, void *user, const char *data, size_t len, int binary, void *ud);
+    /* A message larger than max_frame was discarded (the connection stays
+     * open). `size` is what had arrived when it was cut. May be NULL. */
+    void (*too_big)(wsapp_conn *c, void *user, size_t size, void *ud);
+    /* A WebSocket pong arrived. May be NULL. */
+    void (*pong)(wsapp_conn *c, void *user, void *ud);
+    /* The connection is gone (closed by either side, dropped, or the server
+     * stopping). Called once for each open; `c` is invalid afterwards and
+     * the user data freed. Also called for an accepted handshake that
+     * never completed, with `c` NULL, so that accept's work is undone. */
+    void (*close)(wsapp_conn *c, void *user, void *ud);
+} wsapp_ws_handlers;
+
+/* Registers a WebSocket route for GET `path` (exact, or a prefix with a
+ * trailing '*'). The handlers are copied. Returns 0 or -1. */
+int wsapp_ws_route(wsapp *app, const char *path, const wsapp_ws_handlers *h, void *ud);
+
+/* In the accept hook: the subprotocols the client offered, comma-separated
+ * as sent (NULL when none), and the one to echo in the answer (copied; it
+ * must be one of them; NULL echoes none). */
+const char *wsapp_req_subprotocols(wsapp_req *req);
+int wsapp_req_set_subprotocol(wsapp_req *req, const char *proto);
+
+void *wsapp_conn_user(wsapp_conn *c);
+/* A process-unique number for the connection (never 0). */
+uint64_t wsapp_conn_id(const wsapp_conn *c);
+const char *wsapp_conn_remote(const wsapp_conn *c);
+
+/* A frame to send, built once and shared: it holds the WebSocket header
+ * and the payload. Created with one reference; wsapp_conn_send takes its
+ * own, so the creator drops its reference with wsapp_msg_unref when done.
+ * Returns NULL on OOM or when len exceeds 1 GiB. */
+wsapp_msg *wsapp_msg_new(const void *data, size_t len, int binary);
+/* The same from a pre-built text whose final length is not yet known:
+ * wsapp_msg_new_text reserves `cap` bytes at wsapp_msg_data; set the length
+ * with wsapp_msg_set_len before the first send. */
+wsapp_msg *wsapp_msg_new_text(size_t cap);
+char *wsapp_msg_data(wsapp_msg *m);
+void wsapp_msg_set_len(wsapp_msg *m, size_t len);
+void wsapp_msg_ref(wsapp_msg *m);
+void wsapp_msg_unref(wsapp_msg *m); /* NULL is a no-op */
+
+/* Queues `m` (a reference is taken) on the connection. When the queue
+ * would exceed send_queue_bytes the connection is dropped (its close hook
+ * follows from the loop) and -1 is returned; -1 also for a closing one. */
+int wsapp_conn_send(wsapp_conn *c, wsapp_msg *m);
+/* Copies `len` bytes into a new text frame and queues it. */
+int wsapp_conn_send_text(wsapp_conn *c, const char *data, size_t len);
+/* Bytes queued and not yet written. */
+size_t wsapp_conn_queued(const wsapp_conn *c);
+/* Sends a WebSocket ping (payload: none). */
+void wsapp_conn_ping(wsapp_conn *c);
+/* Closes with `code` (1000..4999) and a reason (cut to 123 bytes) once the
+ * frames already queued are written. Idempotent. */
+void wsapp_conn_close(wsapp_conn *c, int code, const char *reason);
+/* Monotonic ms of the last frame (any kind, pongs included) received. */
+long long wsapp_conn_last_rx_ms(const wsapp_conn *c);
+
+/* Calls fn for every open WebSocket of the app (any route). fn may close
+ * the connection it is given, not others. */
+void wsapp_foreach_conn(wsapp *app, void (*fn)(wsapp_conn *c, void *user, void *ud), void *ud);
+/* Open WebSocket connections. */
+int wsapp_conn_count(const wsapp *app);
+
+/* ---- loop ---------------------------------------------------------- */
+
+/* Runs fn(ud) on the loop thread soon. Safe from any thread (it wakes the
+ * loop with lws_cancel_service). Functions posted before wsapp_stop that
+ * have not run when the loop ends are run with `app` stopping (they must
+ * still free what ud holds). Returns 0 or -1 (OOM). */
+int wsapp_post(wsapp *app, void (*fn)(wsapp *app, void *ud), void *ud);
+
+/* A timer on the loop: created idle, armed with wsapp_timer_set (a
+ * re-arm replaces the previous deadline). Use on the loop thread (or
+ * before wsapp_start). Free with wsapp_timer_free (NULL no-op). */
+wsapp_timer *wsapp_timer_new(wsapp *app, void (*fn)(wsapp_timer *t, void *ud), void *ud);
+void wsapp_timer_set(wsapp_timer *t, long ms);
+void wsapp_timer_cancel(wsapp_timer *t);
+void wsapp_timer_free(wsapp_timer *t);
+
+/* Binds and starts the loop thread. Returns 0 or -1 with the reason. */
+int wsapp_start(wsapp *app, char *err, size_t errlen);
+/* The port bound (after wsapp_start). */
+int wsapp_port(const wsapp *app);
+/* Nonzero once wsapp_stop began (for handlers and timers). */
+int wsapp_stopping(const wsapp *app);
+/* Graceful stop, from any thread but the loop's: stops accepting, closes
+ * every WebSocket with 1001, lets HTTP requests in flight finish for up to
+ * grace_ms, then ends the loop and joins its thread. Idempotent. */
+void wsapp_stop(wsapp *app, int grace_ms);
+
+#endif
