@@ -82,13 +82,6 @@ int amqpc_url_from_cfg(cfg *c, char *out, size_t outlen)
         return -1;
     }
     snprintf(out, outlen, "%s", url);
-    {
-        char esc[1100];
-
-        /* One line at start saying which broker the service uses. */
-        redact_url(shown, sizeof(shown), url);
-        log_event(LOG_INFO, "amqp", "\"url\":\"%s\"", log_escape(esc, sizeof(esc), shown));
-    }
     return 0;
 }
 
@@ -102,9 +95,16 @@ amqpc *amqpc_new(const char *url, const char *connection_name)
     a->urlbuf = strdup(url && *url ? url : AMQPC_DEFAULT_URL);
     if (!a->urlbuf)
         goto fail;
+    /* One line when a service makes its connection (at start) saying which
+     * broker it uses, secrets masked; parse_url cuts urlbuf up, so first. */
+    {
+        char shown[512], esc[1100];
+
+        redact_url(shown, sizeof(shown), a->urlbuf);
+        log_event(LOG_INFO, "amqp", "\"url\":\"%s\"", log_escape(esc, sizeof(esc), shown));
+    }
     why = parse_url(a->urlbuf, &a->ci);
     if (why) {
-        /* The URL is not logged: it may hold a password. */
         log_event(LOG_ERROR, "bad AMQP URL", "\"expected\":\"%s\"", why);
         goto fail;
     }

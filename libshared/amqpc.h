@@ -31,7 +31,8 @@ int amqpc_url_from_cfg(cfg *c, char *out, size_t outlen);
  * %-decoded, "/" when empty; NULL: AMQPC_DEFAULT_URL), parsed with
  * amqp_parse_url on a private copy. `connection_name` is sent as the
  * connection_name client property (NULL: none). Does not connect. Returns
- * NULL on OOM or an unparsable URL (logged, without the password). Free
+ * NULL on OOM or an unparsable URL. Logs one "amqp" line naming the URL,
+ * secrets masked (as every error about it). Free
  * with amqpc_free. */
 amqpc *amqpc_new(const char *url, const char *connection_name);
 

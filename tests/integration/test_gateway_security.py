@@ -13,7 +13,6 @@ import json
 import os
 import re
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -22,7 +21,7 @@ import urllib.parse
 import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from aetest import (BINDIR, REDIS_URL, ROOT, Service, http, http_json, private_db_create,  # noqa: E402
+from aetest import (AMQP_URL, REDIS_URL, ROOT, Service, http, http_json, private_db_create,  # noqa: E402
                     private_db_drop, wait_for)
 from pgtmp import free_port  # noqa: E402
 
@@ -459,14 +458,20 @@ class UrlMasking(unittest.TestCase):
         u = urllib.parse.urlsplit(REDIS_URL)
         redis_url = "redis://:hunter2-redis@%s:%d/0" % (u.hostname, u.port)
         db = with_query_password(TEST_DB_URL, urllib.parse.urlsplit(TEST_DB_URL).password)
-        for name in ["event-processor", "action-workers"]:
+        a = urllib.parse.urlsplit(AMQP_URL)
+        amqp_url = "amqp://%s:hunter2-amqp@%s:%d/%%2f" % (a.username, a.hostname, a.port)
+        for name in ["event-processor", "action-workers", "realtime"]:
             with self.subTest(service=name):
-                svc = Service(name, {"DATABASE_URL": db, "REDIS_URL": redis_url, "METRICS_PORT": free_port()})
+                svc = Service(name, {"DATABASE_URL": db, "REDIS_URL": redis_url, "METRICS_PORT": free_port(),
+                                     "PORT": free_port(), "AMQP_URL": amqp_url})
                 svc.start()
                 try:
                     wait_for(lambda: re.search(r'"msg":"redis".*"url":"redis://:\*\*\*@', svc.log()), 15,
                              what="%s logs its Redis URL" % name)
                     wait_for(lambda: '"msg":"database"' in svc.log(), 15, what="%s logs its database" % name)
+                    if name == "realtime":
+                        wait_for(lambda: '"url":"amqp://%s:***@' % a.username in svc.log(), 15,
+                                 what="realtime logs its AMQP URL")
                 finally:
                     svc.stop()
                 log = svc.log()
