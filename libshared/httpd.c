@@ -1157,6 +1157,14 @@ void httpd_free(httpd *srv)
     httpd_stop(srv, 0);
     for (int i = 0; i < srv->nroutes; i++)
         httpd_route_clear(&srv->routes[i]);
+    /* MHD reports every connection closed when it stops; this is only in
+     * case one was not. */
+    while (srv->conns) {
+        httpd_conn *next = srv->conns->next;
+
+        free(srv->conns);
+        srv->conns = next;
+    }
     pthread_cond_destroy(&srv->reaper_cv);
     pthread_mutex_destroy(&srv->conns_mu);
     free(srv);
