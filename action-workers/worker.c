@@ -25,6 +25,7 @@
 
 #include "aw.h"
 #include "backoff.h"
+#include "curlep.h"
 #include "h1.h"
 #include "jarena.h"
 #include "log.h"
@@ -59,7 +60,7 @@ typedef struct {
     int npool, pool_cap;
     target_cache *tc;
     int ep;                  /* epoll set of the transfers' sockets */
-    long long curl_due;      /* libcurl's next timeout (ms), -1 for none */
+    curlep cep;              /* libcurl's multi handle on `ep` */
     h1_pool *h1;             /* plain http:// REST requests (HTTP_CLIENT=native) */
     job *spare;              /* recorded jobs' structs, cleared, for the next ones */
     int nspare, spare_max;
@@ -726,54 +727,18 @@ static int poll_timeout(worker *w, long long now)
     return (int)(t - now);
 }
 
-/* libcurl tells which sockets to watch (CURLMOPT_SOCKETFUNCTION), and
- * the loop hands it only the sockets epoll reports ready, instead of
- * curl_multi_perform, which visits (and polls) every transfer each turn. */
-static int on_socket(CURL *e, curl_socket_t s, int what, void *ud, void *sockp)
-{
-    worker *w = ud;
-    struct epoll_event ev;
-
-    (void)e;
-    memset(&ev, 0, sizeof(ev));
-    ev.data.fd = s;
-    if (what == CURL_POLL_REMOVE) {
-        if (sockp)
-            epoll_ctl(w->ep, EPOLL_CTL_DEL, s, NULL);
-        curl_multi_assign(w->multi, s, NULL);
-        return 0;
-    }
-    ev.events = (what & CURL_POLL_IN ? EPOLLIN : 0u) | (what & CURL_POLL_OUT ? EPOLLOUT : 0u);
-    if (sockp) {
-        epoll_ctl(w->ep, EPOLL_CTL_MOD, s, &ev);
-    } else {
-        epoll_ctl(w->ep, EPOLL_CTL_ADD, s, &ev);
-        curl_multi_assign(w->multi, s, w);
-    }
-    return 0;
-}
-
-static int on_timer(CURLM *m, long timeout_ms, void *ud)
-{
-    worker *w = ud;
-
-    (void)m;
-    w->curl_due = timeout_ms < 0 ? -1 : wall_ms() + timeout_ms;
-    return 0;
-}
-
 /* Waits up to timeout_ms for socket events and lets libcurl act on them
  * and on its due timers. */
 static void run_transfers(worker *w, int timeout_ms)
 {
     struct epoll_event evs[128];
-    int n, running = 0;
+    int n;
     long long now;
 
     long long h1_due = w->h1 ? h1_next_due(w->h1) : -1;
 
-    if (w->curl_due >= 0 || h1_due >= 0) {
-        long long due = w->curl_due < 0 ? h1_due : h1_due < 0 || w->curl_due < h1_due ? w->curl_due : h1_due;
+    if (w->cep.due >= 0 || h1_due >= 0) {
+        long long due = w->cep.due < 0 ? h1_due : h1_due < 0 || w->cep.due < h1_due ? w->cep.due : h1_due;
         long long left = due - wall_ms();
 
         if (left < timeout_ms)
@@ -782,8 +747,6 @@ static void run_transfers(worker *w, int timeout_ms)
     n = epoll_wait(w->ep, evs, 128, timeout_ms);
     now = n > 0 ? wall_ms() : 0;
     for (int i = 0; i < n; i++) {
-        int f = 0;
-
         if (evs[i].data.u64 & H1_TAG) {
             h1_event(w->h1, evs[i].data.u64, evs[i].events, now);
             continue;
@@ -801,22 +764,12 @@ static void run_transfers(worker *w, int timeout_ms)
             }
             continue;
         }
-
-        if (evs[i].events & (EPOLLIN | EPOLLHUP))
-            f |= CURL_CSELECT_IN;
-        if (evs[i].events & EPOLLOUT)
-            f |= CURL_CSELECT_OUT;
-        if (evs[i].events & EPOLLERR)
-            f |= CURL_CSELECT_ERR;
-        curl_multi_socket_action(w->multi, evs[i].data.fd, f, &running);
+        curlep_event(&w->cep, evs[i].data.fd, evs[i].events);
     }
     now = wall_ms();
     if (w->h1 && h1_due >= 0 && now >= h1_due)
         h1_expire(w->h1, now);
-    if (w->curl_due >= 0 && now >= w->curl_due) {
-        w->curl_due = -1;
-        curl_multi_socket_action(w->multi, CURL_SOCKET_TIMEOUT, 0, &running);
-    }
+    curlep_expire(&w->cep, now);
 }
 
 void *worker_run(void *arg)
@@ -848,7 +801,6 @@ void *worker_run(void *arg)
     w.take_fd = -1;
     w.multi = curl_multi_init();
     w.ep = epoll_create1(EPOLL_CLOEXEC);
-    w.curl_due = -1;
     /* As many connections as libcurl's cache would keep (twice the slots),
      * at most a slot's worth idle per host. */
     if (w.app->cfg.native_http && w.ep >= 0)
@@ -859,10 +811,7 @@ void *worker_run(void *arg)
         goto out;
     }
     curl_multi_setopt(w.multi, CURLMOPT_MAXCONNECTS, (long)(w.cap * 2));
-    curl_multi_setopt(w.multi, CURLMOPT_SOCKETFUNCTION, on_socket);
-    curl_multi_setopt(w.multi, CURLMOPT_SOCKETDATA, &w);
-    curl_multi_setopt(w.multi, CURLMOPT_TIMERFUNCTION, on_timer);
-    curl_multi_setopt(w.multi, CURLMOPT_TIMERDATA, &w);
+    curlep_init(&w.cep, w.multi, w.ep, wall_ms);
     for (;;) {
         long long now = wall_ms();
 

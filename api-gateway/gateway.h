@@ -10,6 +10,7 @@
 #include "health.h"
 #include "httpd.h"
 #include "jwtauth.h"
+#include "proxy.h"
 
 typedef struct ratelimit ratelimit;
 typedef struct revocation revocation;
@@ -41,6 +42,7 @@ typedef struct {
     char jwt_secret[512];
     char ingest_token[512];
     char internal_token[512];
+    proxy_config proxy;
 } gateway_config;
 
 typedef struct {
@@ -54,11 +56,15 @@ typedef struct {
     ratelimit *limiter; /* NULL when RATE_LIMIT=0 */
     revocation *revocation;
     loginguard *logins;
+    proxy *proxy;
     /* A yescrypt hash of a random password, computed at start: a login for
      * an unknown user is checked against it so that it costs the same time
      * as a wrong password for a real one. */
     char dummy_hash[256];
 } gateway;
+
+/* SSE streams held by this instance (0 before SSE starts). */
+long gateway_sse_clients(gateway *gw);
 
 /* Reads every setting; problems are recorded in `c`. */
 void gateway_config_read(cfg *c, gateway_config *out);

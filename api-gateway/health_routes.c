@@ -20,10 +20,23 @@ static void health_api(httpd_req *req, void *ud)
         httpd_respond_static(req, 503, "application/json", health_bad_body, sizeof(health_bad_body) - 1);
 }
 
+/* Liveness, with what SPEC 2b adds: the SSE clients held and the proxy's
+ * upstreams with their breaker state (all from memory). */
 static void health_live(httpd_req *req, void *ud)
 {
-    (void)ud;
-    httpd_respond_static(req, 200, "application/json", live_body, sizeof(live_body) - 1);
+    gateway *gw = ud;
+    cJSON *o = cJSON_CreateObject();
+
+    if (!o) {
+        httpd_respond_static(req, 200, "application/json", live_body, sizeof(live_body) - 1);
+        return;
+    }
+    cJSON_AddStringToObject(o, "status", "ok");
+    cJSON_AddStringToObject(o, "service", "api-gateway");
+    cJSON_AddStringToObject(o, "version", GATEWAY_VERSION);
+    cJSON_AddNumberToObject(o, "sse_clients", (double)gateway_sse_clients(gw));
+    cJSON_AddItemToObject(o, "upstreams", proxy_health(gw->proxy));
+    httpd_respond_json(req, 200, o);
 }
 
 int gateway_health_routes(gateway *gw)

@@ -85,6 +85,13 @@ void gateway_config_read(cfg *c, gateway_config *o)
     copy_setting(o->ingest_token, sizeof(o->ingest_token), cfg_secret(c, "INGEST_TOKEN", DEV_INGEST_TOKEN));
     copy_setting(o->internal_token, sizeof(o->internal_token),
                  cfg_secret(c, "INTERNAL_TOKEN", DEV_INTERNAL_TOKEN));
+    proxy_config_read(c, &o->proxy, o->host, o->port);
+}
+
+long gateway_sse_clients(gateway *gw)
+{
+    (void)gw;
+    return 0;
 }
 
 static int gateway_open(gateway *gw, char *err, size_t errlen)
@@ -131,6 +138,11 @@ static int gateway_open(gateway *gw, char *err, size_t errlen)
         }
     }
     httpd_set_hook(gw->http, guard_hook, gw);
+    gw->proxy = proxy_new(&gw->cfg.proxy, NULL, err, errlen);
+    if (!gw->proxy)
+        return -1;
+    httpd_set_stream_hooks(gw->http, proxy_claims, proxy_take, gw->proxy);
+    httpd_set_fallback(gw->http, proxy_fallback, gw->proxy);
     /* The first check runs before listening, so the first answer is true;
      * a database that is down only makes the service report unhealthy. */
     if (health_start(gw->health) < 0) {
@@ -142,7 +154,9 @@ static int gateway_open(gateway *gw, char *err, size_t errlen)
 
 static void gateway_close(gateway *gw)
 {
+    proxy_stop(gw->proxy, 0);
     httpd_free(gw->http);
+    proxy_free(gw->proxy);
     ratelimit_free(gw->limiter);
     health_free(gw->health);
     revocation_free(gw->revocation);
@@ -178,6 +192,9 @@ int main(void)
     while (svc_wait(1000) == 0 || !svc_stopping())
         ;
     log_info("stopping: finishing in-flight requests");
+    /* Suspended connections must be resumed before the server stops: the
+     * proxy answers what it still holds first. */
+    proxy_stop(gw.proxy, 10000);
     httpd_stop(gw.http, 10000);
     rc = 0;
 out:

@@ -78,6 +78,10 @@ struct httpd {
     pthread_t reaper;
     int reaper_running, reaper_stop;
     metrics_counter *header_timeouts;
+    httpd_hook claims, take;
+    void *stream_ud;
+    httpd_handler fallback;
+    void *fallback_ud;
     metrics *reg;
     metrics_histogram *latency;
     /* Counters per (method, status) are cached so the hot path never takes
@@ -89,6 +93,19 @@ typedef struct {
     const char *name;
     char *value;
 } httpd_kv;
+
+/* The state of a deferred request, shared between the MHD thread that owns
+ * the connection and the thread that answers (see httpd_req_defer). */
+typedef struct {
+    pthread_mutex_t mu;
+    int suspended; /* MHD_suspend_connection was called and not yet undone */
+    int woken;     /* httpd_req_resume came while the connection ran */
+    int answered;  /* a response is set: queue it at the next chance */
+    int body_done; /* the sink saw the end of the body */
+    httpd_body_fn sink;
+    httpd_done_fn done;
+    void *ud;
+} httpd_defer;
 
 struct httpd_req {
     httpd *srv;
@@ -117,6 +134,8 @@ struct httpd_req {
     int nheaders;
     struct MHD_Response *response;
     int status;
+    httpd_defer *defer;
+    char raw_target[]; /* the request target as received (see httpd_uri_log) */
 };
 
 static int httpd_method_index(const char *m)
@@ -251,6 +270,42 @@ const char *httpd_req_remote(httpd_req *req)
     return req->remote;
 }
 
+const char *httpd_req_target(const httpd_req *req)
+{
+    return req->raw_target;
+}
+
+struct httpd_each_ctx {
+    httpd_header_fn fn;
+    void *ud;
+};
+
+static enum MHD_Result httpd_each_cb(void *cls, enum MHD_ValueKind kind, const char *key, const char *value)
+{
+    struct httpd_each_ctx *c = cls;
+
+    (void)kind;
+    c->fn(c->ud, key, value ? value : "");
+    return MHD_YES;
+}
+
+void httpd_req_each_header(const httpd_req *req, httpd_header_fn fn, void *ud)
+{
+    struct httpd_each_ctx c = {fn, ud};
+
+    MHD_get_connection_values(req->conn, MHD_HEADER_KIND, httpd_each_cb, &c);
+}
+
+struct MHD_Connection *httpd_req_connection(const httpd_req *req)
+{
+    return req->conn;
+}
+
+void httpd_req_set_timeout(httpd_req *req, unsigned int seconds)
+{
+    MHD_set_connection_option(req->conn, MHD_CONNECTION_OPTION_TIMEOUT, seconds);
+}
+
 const char *httpd_req_query(const httpd_req *req, const char *name)
 {
     return MHD_lookup_connection_value(req->conn, MHD_GET_ARGUMENT_KIND, name);
@@ -333,6 +388,17 @@ const char *httpd_status_code(int status)
     case 504: return "gateway_timeout";
     default: return status >= 500 ? "internal" : "invalid_request";
     }
+}
+
+void httpd_req_set_response(httpd_req *req, int status, struct MHD_Response *resp)
+{
+    if (req->response || !resp) {
+        if (resp)
+            MHD_destroy_response(resp);
+        return;
+    }
+    req->response = resp;
+    req->status = status;
 }
 
 static void httpd_set_response(httpd_req *req, int status, const char *content_type, struct MHD_Response *resp)
@@ -591,8 +657,11 @@ static void httpd_too_large(httpd_req *req)
 static void httpd_on_headers(httpd_req *req)
 {
     httpd *srv = req->srv;
+    /* A streamed request (the proxy's) is not held, so the body limit is
+     * not the server's but the taker's own. */
+    int claimed = srv->claims && srv->claims(req, srv->stream_ud);
 
-    if (req->too_large) {
+    if (req->too_large && !claimed) {
         httpd_too_large(req);
         return;
     }
@@ -600,6 +669,12 @@ static void httpd_on_headers(httpd_req *req)
         return;
     if (srv->hook && srv->hook(req, srv->hook_ud))
         return;
+    if (claimed) {
+        srv->take(req, srv->stream_ud);
+        if (!req->defer && !req->response)
+            httpd_respond_error(req, 500, "internal", "stream hook did not answer", NULL);
+        return;
+    }
     if (req->too_large) /* the hook lowered the limit */
         httpd_too_large(req);
 }
@@ -634,6 +709,12 @@ static void httpd_dispatch(httpd_req *req)
     if (path_matched) {
         httpd_respond_errorf(req, 405, "invalid_request", "method %s is not allowed here", req->method);
         httpd_req_add_header(req, "Allow", allow);
+        return;
+    }
+    if (srv->fallback) {
+        srv->fallback(req, srv->fallback_ud);
+        if (!req->response)
+            httpd_respond_error(req, 500, "internal", "handler did not answer", NULL);
         return;
     }
     httpd_respond_errorf(req, 404, "not_found", "no route for %s %s", req->method, req->path);
@@ -799,13 +880,26 @@ static void httpd_reaper_stop(httpd *srv)
     srv->reaper_running = 0;
 }
 
-static httpd_req *httpd_req_new(httpd *srv, struct MHD_Connection *conn, const char *url, const char *method)
+/* MHD's URI log callback sees the request target before MHD decodes the
+ * path and splits off the query, which is what the proxy must forward; the
+ * request is allocated here with a copy of it. */
+static void *httpd_uri_log(void *cls, const char *uri, struct MHD_Connection *conn)
 {
-    httpd_req *req = calloc(1, sizeof(*req));
+    size_t n = strlen(uri);
+    httpd_req *req = calloc(1, sizeof(*req) + n + 1);
+
+    (void)cls;
+    (void)conn;
+    if (req)
+        memcpy(req->raw_target, uri, n + 1);
+    return req;
+}
+
+static httpd_req *httpd_req_init(httpd_req *req, httpd *srv, struct MHD_Connection *conn, const char *url,
+                                 const char *method)
+{
     const char *clen;
 
-    if (!req)
-        return NULL;
     req->srv = srv;
     req->conn = conn;
     req->method = method;
@@ -917,6 +1011,8 @@ static enum MHD_Result httpd_discard(httpd_req *req, size_t len)
     return req->discarded > cap ? MHD_NO : MHD_YES;
 }
 
+static enum MHD_Result httpd_deferred_step(httpd_req *req, const char *data, size_t *len);
+
 static enum MHD_Result httpd_access(void *cls, struct MHD_Connection *conn, const char *url, const char *method,
                                     const char *version, const char *upload_data, size_t *upload_data_size,
                                     void **req_cls)
@@ -925,18 +1021,22 @@ static enum MHD_Result httpd_access(void *cls, struct MHD_Connection *conn, cons
     httpd_req *req = *req_cls;
 
     (void)version;
-    if (!req) {
+    if (!req)
+        return MHD_NO;
+    if (req->defer)
+        return httpd_deferred_step(req, upload_data, upload_data_size);
+    if (!req->srv) {
         /* Headers are complete. A request refused on them (413, a
          * preflight, the hook) keeps its answer for the end, since
          * answering now makes MHD close the connection, which costs
          * keep-alive; unless the body is large or chunked, which must then
-         * not be read at all. */
-        req = httpd_req_new(srv, conn, url, method);
-        if (!req)
-            return MHD_NO;
-        *req_cls = req;
+         * not be read at all. A request the stream hooks took (deferred)
+         * gets its body through the sink. */
+        httpd_req_init(req, srv, conn, url, method);
         httpd_conn_busy(srv, conn);
         httpd_on_headers(req);
+        if (req->defer)
+            return req->response ? httpd_queue(req) : MHD_YES;
         if (req->response && (req->declared_len || req->chunked) && httpd_answer_now(req))
             return httpd_queue(req);
         return MHD_YES;
@@ -959,6 +1059,89 @@ static enum MHD_Result httpd_access(void *cls, struct MHD_Connection *conn, cons
     return httpd_queue(req);
 }
 
+/* ---- deferred requests -------------------------------------------------- */
+
+void httpd_req_defer(httpd_req *req, httpd_body_fn sink, httpd_done_fn done, void *ud)
+{
+    httpd_defer *d;
+
+    if (req->defer)
+        return;
+    d = calloc(1, sizeof(*d));
+    if (!d) {
+        httpd_respond_error(req, 500, "internal", "out of memory", NULL);
+        return;
+    }
+    pthread_mutex_init(&d->mu, NULL);
+    d->sink = sink;
+    d->done = done;
+    d->ud = ud;
+    req->defer = d;
+}
+
+void httpd_req_resume(httpd_req *req)
+{
+    httpd_defer *d = req->defer;
+
+    pthread_mutex_lock(&d->mu);
+    if (req->response)
+        d->answered = 1;
+    if (d->suspended) {
+        d->suspended = 0;
+        MHD_resume_connection(req->conn);
+    } else {
+        d->woken = 1;
+    }
+    pthread_mutex_unlock(&d->mu);
+}
+
+/* Suspends unless a wake-up came since the last step (it would be lost). */
+static void httpd_defer_wait(httpd_req *req, httpd_defer *d)
+{
+    if (d->woken) {
+        d->woken = 0;
+        return;
+    }
+    d->suspended = 1;
+    MHD_suspend_connection(req->conn);
+}
+
+/* One access-handler call of a deferred request: body pieces go to the
+ * sink (a piece it does not take suspends the connection until resumed),
+ * and once the body is in, the answer is queued as soon as it is set. */
+static enum MHD_Result httpd_deferred_step(httpd_req *req, const char *data, size_t *len)
+{
+    httpd_defer *d = req->defer;
+    int answered;
+
+    if (*len) {
+        size_t took = d->sink && !d->body_done ? d->sink(req, data, *len, d->ud) : *len;
+
+        if (took > *len)
+            took = *len;
+        *len -= took;
+        if (*len) {
+            pthread_mutex_lock(&d->mu);
+            httpd_defer_wait(req, d);
+            pthread_mutex_unlock(&d->mu);
+        }
+        return MHD_YES;
+    }
+    if (!d->body_done) {
+        d->body_done = 1;
+        if (d->sink)
+            d->sink(req, NULL, 0, d->ud);
+    }
+    pthread_mutex_lock(&d->mu);
+    answered = d->answered;
+    if (!answered)
+        httpd_defer_wait(req, d);
+    pthread_mutex_unlock(&d->mu);
+    if (answered)
+        return httpd_queue(req);
+    return MHD_YES;
+}
+
 static void httpd_completed(void *cls, struct MHD_Connection *conn, void **req_cls,
                             enum MHD_RequestTerminationCode toe)
 {
@@ -970,6 +1153,17 @@ static void httpd_completed(void *cls, struct MHD_Connection *conn, void **req_c
     if (!req)
         return;
     httpd_conn_idle(srv, conn);
+    if (!req->srv) {
+        free(req);
+        *req_cls = NULL;
+        return;
+    }
+    if (req->defer) {
+        if (req->defer->done)
+            req->defer->done(req, req->defer->ud);
+        pthread_mutex_destroy(&req->defer->mu);
+        free(req->defer);
+    }
     clock_gettime(CLOCK_MONOTONIC, &now);
     secs = (double)(now.tv_sec - req->start.tv_sec) + (double)(now.tv_nsec - req->start.tv_nsec) / 1e9;
     metrics_counter_inc(httpd_counter(srv, req->method_idx, req->status ? req->status : 499));
@@ -1085,7 +1279,9 @@ static int httpd_bind_addr(const httpd *srv, struct sockaddr_storage *ss, char *
 int httpd_start(httpd *srv, char *err, size_t errlen)
 {
     struct sockaddr_storage ss;
-    unsigned int flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_USE_TURBO;
+    /* Suspend/resume lets a request wait on another event loop (the proxy's
+     * transfers, SSE streams) without holding a thread. */
+    unsigned int flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_USE_TURBO | MHD_ALLOW_SUSPEND_RESUME;
     const union MHD_DaemonInfo *info;
 
     if (httpd_bind_addr(srv, &ss, err, errlen) < 0)
@@ -1100,8 +1296,9 @@ int httpd_start(httpd *srv, char *err, size_t errlen)
         MHD_OPTION_THREAD_POOL_SIZE, (unsigned int)srv->opts.threads, MHD_OPTION_CONNECTION_TIMEOUT,
         (unsigned int)srv->opts.connection_timeout_s, MHD_OPTION_CONNECTION_LIMIT,
         (unsigned int)srv->opts.max_connections, MHD_OPTION_NOTIFY_COMPLETED, httpd_completed, srv,
-        MHD_OPTION_NOTIFY_CONNECTION, httpd_notify_conn, srv, MHD_OPTION_PER_IP_CONNECTION_LIMIT,
-        (unsigned int)srv->opts.max_connections_per_ip, MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)HTTPD_CONN_MEMORY,
+        MHD_OPTION_NOTIFY_CONNECTION, httpd_notify_conn, srv, MHD_OPTION_URI_LOG_CALLBACK, httpd_uri_log, srv,
+        MHD_OPTION_PER_IP_CONNECTION_LIMIT, (unsigned int)srv->opts.max_connections_per_ip,
+        MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)HTTPD_CONN_MEMORY,
         srv->opts.reuse_port ? MHD_OPTION_LISTENING_ADDRESS_REUSE : MHD_OPTION_END, 1U, MHD_OPTION_END);
     if (!srv->daemon) {
         snprintf(err, errlen, "cannot listen on %s:%d: %s", srv->host[0] ? srv->host : "*", srv->opts.port,
@@ -1148,6 +1345,19 @@ void httpd_set_hook(httpd *srv, httpd_hook fn, void *ud)
 {
     srv->hook = fn;
     srv->hook_ud = ud;
+}
+
+void httpd_set_stream_hooks(httpd *srv, httpd_hook claims, httpd_hook take, void *ud)
+{
+    srv->claims = claims;
+    srv->take = take;
+    srv->stream_ud = ud;
+}
+
+void httpd_set_fallback(httpd *srv, httpd_handler fn, void *ud)
+{
+    srv->fallback = fn;
+    srv->fallback_ud = ud;
 }
 
 void httpd_free(httpd *srv)

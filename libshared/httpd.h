@@ -9,7 +9,13 @@
  * Handlers run on the server's worker threads (MHD's thread pool), so they
  * may block on the database; each request is handled by one thread. A
  * handler must answer exactly once, synchronously, with one of the
- * httpd_respond_* calls; a handler that does not answer gets a 500. */
+ * httpd_respond_* calls; a handler that does not answer gets a 500.
+ *
+ * A request that waits on something else (an upstream, an event) does not
+ * hold a thread: a stream hook takes it when its headers are in, defers it
+ * (httpd_req_defer: the body goes to a sink as it arrives, the connection
+ * is suspended while nothing can move) and another thread answers it later
+ * and calls httpd_req_resume. Streamed answers are httpstream's. */
 #ifndef AE_HTTPD_H
 #define AE_HTTPD_H
 
@@ -23,6 +29,21 @@ typedef struct httpd httpd;
 typedef struct httpd_req httpd_req;
 
 typedef void (*httpd_handler)(httpd_req *req, void *ud);
+
+/* A piece of a deferred request's body (len 0 once, at its end). Runs on
+ * the connection's MHD thread. Returns how many bytes it took; the rest is
+ * offered again after httpd_req_resume. */
+typedef size_t (*httpd_body_fn)(httpd_req *req, const char *data, size_t len, void *ud);
+
+/* The request is over (answered and sent, or the client went away); the
+ * request must not be used after it returns. Runs on the MHD thread. */
+typedef void (*httpd_done_fn)(httpd_req *req, void *ud);
+
+/* One request header. */
+typedef void (*httpd_header_fn)(void *ud, const char *name, const char *value);
+
+struct MHD_Connection;
+struct MHD_Response;
 
 /* Called once the headers are in, before any of the body is read and
  * before routing; returns nonzero when it answered the request itself
@@ -70,6 +91,16 @@ int httpd_route(httpd *srv, const char *method, const char *pattern, httpd_handl
 
 void httpd_set_hook(httpd *srv, httpd_hook fn, void *ud);
 
+/* Streamed requests (the proxy's). Once a request's headers are in,
+ * `claims` says (nonzero) whether it is one: then the server's body limit
+ * does not apply to it, and after the preflight and the hook (which may
+ * still answer it), `take` must either answer it or call httpd_req_defer.
+ * Both run on the MHD thread; `claims` must not answer. */
+void httpd_set_stream_hooks(httpd *srv, httpd_hook claims, httpd_hook take, void *ud);
+
+/* Answers requests whose path matches no route (instead of the 404). */
+void httpd_set_fallback(httpd *srv, httpd_handler fn, void *ud);
+
 /* Registers GET /metrics, answered from the server's registry. */
 int httpd_route_metrics(httpd *srv);
 
@@ -111,6 +142,31 @@ void httpd_req_set_max_body(httpd_req *req, size_t max);
  * is given another. */
 void httpd_req_set_ctx(httpd_req *req, void *ctx, void (*free_fn)(void *));
 void *httpd_req_ctx(const httpd_req *req);
+
+/* The request target as the client sent it (path not decoded, with the
+ * query string). */
+const char *httpd_req_target(const httpd_req *req);
+/* Calls fn for every request header, in the order received. */
+void httpd_req_each_header(const httpd_req *req, httpd_header_fn fn, void *ud);
+/* Idle timeout of this connection (0: none); from the MHD thread only. */
+void httpd_req_set_timeout(httpd_req *req, unsigned int seconds);
+
+/* --- Deferred requests (see the top). From the stream hook only: the
+ * request's body goes to `sink` (NULL throws it away) and its answer comes
+ * later, from any thread: one httpd_respond_* call (or
+ * httpd_req_set_response) followed by httpd_req_resume. `done` (may be
+ * NULL) runs when the request is over; until then the request stays valid,
+ * and it stays valid at least until the answer is resumed. */
+void httpd_req_defer(httpd_req *req, httpd_body_fn sink, httpd_done_fn done, void *ud);
+/* Wakes a deferred request: a sink that refused bytes is offered them
+ * again, and a set answer is queued. Any thread; after the call that
+ * resumes an answer the caller must not touch the request again. */
+void httpd_req_resume(httpd_req *req);
+
+/* For httpstream: the MHD connection, and setting a ready MHD response
+ * (ownership taken; ignored, and destroyed, when one is set already). */
+struct MHD_Connection *httpd_req_connection(const httpd_req *req);
+void httpd_req_set_response(httpd_req *req, int status, struct MHD_Response *resp);
 
 /* Adds a header to the response to come (copied). Up to 16 per request. */
 int httpd_req_add_header(httpd_req *req, const char *name, const char *value);

@@ -13,7 +13,7 @@
 #include <arpa/inet.h>
 #include <cmocka.h>
 
-#include "../../action-workers/breaker.c"
+#include "breaker.h"
 #include "../../action-workers/target.c"
 #include "../../action-workers/template.c"
 

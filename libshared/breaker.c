@@ -137,3 +137,36 @@ int breaker_open_count(breaker *b, long long now_ms)
     pthread_mutex_unlock(&b->mu);
     return n;
 }
+
+void breaker_cancel(breaker *b, const char *host)
+{
+    entry *e;
+
+    if (!b || b->threshold <= 0)
+        return;
+    pthread_mutex_lock(&b->mu);
+    e = lookup(b, host, 0);
+    if (e)
+        e->probing = 0;
+    pthread_mutex_unlock(&b->mu);
+}
+
+int breaker_state(breaker *b, const char *host, long long now_ms)
+{
+    entry *e;
+    int st = BREAKER_CLOSED;
+
+    if (!b || b->threshold <= 0)
+        return st;
+    pthread_mutex_lock(&b->mu);
+    e = lookup(b, host, 0);
+    if (e && e->open_until)
+        st = now_ms < e->open_until ? BREAKER_OPEN : BREAKER_HALF_OPEN;
+    pthread_mutex_unlock(&b->mu);
+    return st;
+}
+
+const char *breaker_state_name(int state)
+{
+    return state == BREAKER_OPEN ? "open" : state == BREAKER_HALF_OPEN ? "half_open" : "closed";
+}

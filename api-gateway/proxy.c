@@ -1,0 +1,1317 @@
+#include "proxy.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <ifaddrs.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <arpa/inet.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <curl/curl.h>
+#include <microhttpd.h>
+
+#include "breaker.h"
+#include "buf.h"
+#include "curlep.h"
+#include "fmt.h"
+#include "httpstream.h"
+#include "log.h"
+#include "svc.h"
+
+extern char **environ;
+
+#define PX_IN_MAX (64 * 1024)      /* request body bytes buffered between client and upstream */
+#define PX_OUT_MAX (256 * 1024)    /* response bytes buffered for a slow client */
+#define PX_SMALL_MAX (64 * 1024)   /* a response declared at most this long is answered whole */
+#define PX_HDR_MAX (64 * 1024)     /* response header bytes */
+#define PX_PREFIX "/api/v1/"
+
+/* Commands posted to a loop from other threads. */
+enum { CMD_ADD = 1, CMD_UNPAUSE_READ = 2, CMD_UNPAUSE_WRITE = 4, CMD_CANCEL = 8 };
+
+typedef struct upstream {
+    char name[64];
+    char var[80];
+    char url[1024];
+    long timeout_ms;
+    metrics_histogram *latency;
+    metrics_gauge *breaker_gauge;
+    _Atomic(metrics_counter *) by_status[600];
+} upstream;
+
+typedef struct pxloop pxloop;
+
+typedef struct pxreq {
+    proxy *px;
+    pxloop *loop;
+    upstream *up;
+    atomic_int refs;
+    CURL *easy;
+    struct curl_slist *hdrs;
+    char *url;
+    long long start_ms;
+
+    /* Under mu: shared by the MHD thread and the loop. */
+    pthread_mutex_t mu;
+    httpd_req *req;       /* NULL once answered or gone */
+    int client_gone;
+    int finished;         /* the transfer is over (no more body wanted) */
+    char *in;             /* request body waiting for the upstream */
+    size_t in_off, in_len;
+    int in_eof;
+    int read_paused;      /* the transfer waits for body bytes */
+    int body_blocked;     /* the connection waits for room */
+    int cmds;             /* pending commands (linked on loop->cmdq when nonzero) */
+    struct pxreq *cmd_next;
+
+    /* The loop's own. */
+    int has_body;
+    int status;
+    int headers_done;
+    int streaming;
+    int write_paused;
+    int breaker_reported;
+    long long declared_len;
+    buf rh;               /* response header lines kept */
+    buf body;             /* a small response, answered whole */
+    httpstream *out;
+    struct pxreq *next, *prev; /* running transfers of the loop */
+} pxreq;
+
+struct pxloop {
+    proxy *px;
+    pthread_t thread;
+    int started;
+    int epfd, evfd;
+    CURLM *multi;
+    curlep cep;
+    pthread_mutex_t qmu;
+    pxreq *cmdq;
+    atomic_int stop;
+    pxreq *running;
+    int nrunning;
+};
+
+struct proxy {
+    proxy_config cfg;
+    upstream ups[PROXY_MAX_UPSTREAMS];
+    int nups;
+    breaker *brk;
+    metrics *reg;
+    pxloop *loops;
+    int nloops;
+    atomic_uint rr;
+    atomic_int stopping;
+};
+
+static long long now_ms(void)
+{
+    return svc_now_ms();
+}
+
+/* ---- configuration ------------------------------------------------------ */
+
+static const char *const reserved_names[] = {"auth", "triggers", "chain_events", "chain-events", "events",
+                                             "health", "internal", NULL};
+
+static int is_reserved(const char *name)
+{
+    for (int i = 0; reserved_names[i]; i++)
+        if (strcmp(reserved_names[i], name) == 0)
+            return 1;
+    return 0;
+}
+
+/* Nonzero when `addr` is one of this machine's addresses (or a wildcard). */
+static int addr_is_local(const struct sockaddr *sa, struct ifaddrs *ifs)
+{
+    if (sa->sa_family == AF_INET) {
+        const struct sockaddr_in *a = (const struct sockaddr_in *)(const void *)sa;
+        uint32_t ip = ntohl(a->sin_addr.s_addr);
+
+        if ((ip >> 24) == 127 || ip == 0)
+            return 1;
+        for (struct ifaddrs *i = ifs; i; i = i->ifa_next)
+            if (i->ifa_addr && i->ifa_addr->sa_family == AF_INET &&
+                ((struct sockaddr_in *)(void *)i->ifa_addr)->sin_addr.s_addr == a->sin_addr.s_addr)
+                return 1;
+    } else if (sa->sa_family == AF_INET6) {
+        const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)(const void *)sa;
+
+        if (IN6_IS_ADDR_LOOPBACK(&a->sin6_addr) || IN6_IS_ADDR_UNSPECIFIED(&a->sin6_addr))
+            return 1;
+        if (IN6_IS_ADDR_V4MAPPED(&a->sin6_addr) && a->sin6_addr.s6_addr[12] == 127)
+            return 1;
+        for (struct ifaddrs *i = ifs; i; i = i->ifa_next)
+            if (i->ifa_addr && i->ifa_addr->sa_family == AF_INET6 &&
+                memcmp(&((struct sockaddr_in6 *)(void *)i->ifa_addr)->sin6_addr, &a->sin6_addr, 16) == 0)
+                return 1;
+    }
+    return 0;
+}
+
+/* Nonzero when the URL's host:port is where this gateway listens. */
+static int url_points_here(const char *url, const char *self_host, int self_port)
+{
+    CURLU *u = curl_url();
+    char *host = NULL, *port = NULL;
+    struct addrinfo hints, *res = NULL;
+    struct ifaddrs *ifs = NULL;
+    int here = 0;
+
+    if (!u)
+        return 0;
+    if (curl_url_set(u, CURLUPART_URL, url, 0) != CURLUE_OK ||
+        curl_url_get(u, CURLUPART_HOST, &host, 0) != CURLUE_OK ||
+        curl_url_get(u, CURLUPART_PORT, &port, CURLU_DEFAULT_PORT) != CURLUE_OK)
+        goto out;
+    if (strtol(port, NULL, 10) != self_port)
+        goto out;
+    {
+        size_t hl = strlen(host);
+
+        if (hl > 2 && host[0] == '[') {
+            memmove(host, host + 1, hl - 2);
+            host[hl - 2] = '\0';
+        }
+    }
+    memset(&hints, 0, sizeof(hints));
+    hints.ai_socktype = SOCK_STREAM;
+    if (getaddrinfo(host, NULL, &hints, &res) != 0)
+        goto out;
+    getifaddrs(&ifs);
+    for (struct addrinfo *ai = res; ai && !here; ai = ai->ai_next) {
+        if (addr_is_local(ai->ai_addr, ifs)) {
+            here = 1;
+        } else if (self_host && *self_host) {
+            /* A gateway bound to a public address is reached through it. */
+            char a[INET6_ADDRSTRLEN] = "";
+
+            if (ai->ai_family == AF_INET)
+                inet_ntop(AF_INET, &((struct sockaddr_in *)(void *)ai->ai_addr)->sin_addr, a, sizeof(a));
+            else
+                inet_ntop(AF_INET6, &((struct sockaddr_in6 *)(void *)ai->ai_addr)->sin6_addr, a, sizeof(a));
+            here = strcmp(a, self_host) == 0;
+        }
+    }
+out:
+    if (ifs)
+        freeifaddrs(ifs);
+    if (res)
+        freeaddrinfo(res);
+    curl_free(host);
+    curl_free(port);
+    curl_url_cleanup(u);
+    return here;
+}
+
+void proxy_config_read(cfg *c, proxy_config *o, const char *self_host, int self_port)
+{
+    memset(o, 0, sizeof(*o));
+    o->timeout_ms = cfg_int(c, "PROXY_TIMEOUT_MS", 30000, 1, 3600L * 1000);
+    o->connect_timeout_ms = cfg_int(c, "PROXY_CONNECT_TIMEOUT_MS", 5000, 1, 600L * 1000);
+    o->breaker_threshold = (int)cfg_int(c, "PROXY_BREAKER_THRESHOLD", 5, 0, 1000000);
+    o->breaker_cooldown_ms = cfg_int(c, "PROXY_BREAKER_COOLDOWN_MS", 10000, 1, 3600L * 1000);
+    o->loops = (int)cfg_int(c, "PROXY_LOOPS", 1, 1, 64);
+    o->max_conns_per_upstream = (int)cfg_int(c, "PROXY_MAX_CONNECTIONS_PER_UPSTREAM", 512, 1, 100000);
+    o->max_body = cfg_int(c, "PROXY_MAX_BODY_BYTES", 1024L * 1024 * 1024, 0, 1L << 62);
+    for (char **e = environ; *e; e++) {
+        const char *eq = strchr(*e, '='), *val;
+        size_t nlen;
+        struct proxy_upstream_cfg *u;
+        char var[80], tvar[96];
+
+        if (!eq)
+            continue;
+        nlen = (size_t)(eq - *e);
+        val = eq + 1;
+        if (nlen <= 4 || nlen >= sizeof(var) || memcmp(eq - 4, "_URL", 4) != 0)
+            continue;
+        if (strncasecmp(val, "http://", 7) != 0 && strncasecmp(val, "https://", 8) != 0)
+            continue; /* DATABASE_URL, REDIS_URL...: not HTTP services */
+        memcpy(var, *e, nlen);
+        var[nlen] = '\0';
+        if (strncmp(var, "AE_", 3) == 0 || strncmp(var, "TEST_", 5) == 0)
+            continue; /* the stack's and the tests' own addresses */
+        if (o->nupstreams >= PROXY_MAX_UPSTREAMS) {
+            cfg_error(c, var, val, "at most 64 proxied services");
+            continue;
+        }
+        u = &o->upstreams[o->nupstreams];
+        memset(u, 0, sizeof(*u));
+        fmt_copy(u->var, sizeof(u->var), var);
+        {
+            size_t i, n = nlen - 4;
+            int ok = n > 0 && n < sizeof(u->name);
+
+            for (i = 0; ok && i < n; i++) {
+                char ch = var[i];
+
+                if (!isalnum((unsigned char)ch) && ch != '_')
+                    ok = 0;
+                u->name[i] = (char)tolower((unsigned char)ch);
+            }
+            u->name[ok ? n : 0] = '\0';
+            if (!ok) {
+                cfg_error(c, var, val, "a service name of letters, digits and _");
+                continue;
+            }
+        }
+        if (is_reserved(u->name)) {
+            cfg_error(c, var, val, "a service name that is not a native route (auth, triggers, chain_events, events, health)");
+            continue;
+        }
+        if (strlen(val) >= sizeof(u->url) || strpbrk(val, " \t\r\n?#")) {
+            cfg_error(c, var, val, "an http(s) URL without query or fragment, under 1024 bytes");
+            continue;
+        }
+        fmt_copy(u->url, sizeof(u->url), val);
+        while (strlen(u->url) > 8 && u->url[strlen(u->url) - 1] == '/')
+            u->url[strlen(u->url) - 1] = '\0';
+        {
+            CURLU *cu = curl_url();
+            int bad = !cu || curl_url_set(cu, CURLUPART_URL, u->url, 0) != CURLUE_OK;
+
+            curl_url_cleanup(cu);
+            if (bad) {
+                cfg_error(c, var, val, "a valid http(s) URL");
+                continue;
+            }
+        }
+        if (url_points_here(u->url, self_host, self_port)) {
+            cfg_error(c, var, val, "a URL that is not this gateway itself (it would forward to itself without end)");
+            continue;
+        }
+        snprintf(tvar, sizeof(tvar), "%.*s_TIMEOUT_MS", (int)(nlen - 4), var);
+        u->timeout_ms = cfg_int(c, tvar, o->timeout_ms, 1, 3600L * 1000);
+        o->nupstreams++;
+    }
+}
+
+/* ---- helpers ------------------------------------------------------------ */
+
+static void px_unref(pxreq *r)
+{
+    if (atomic_fetch_sub(&r->refs, 1) != 1)
+        return;
+    if (r->easy)
+        curl_easy_cleanup(r->easy);
+    curl_slist_free_all(r->hdrs);
+    free(r->url);
+    free(r->in);
+    buf_free(&r->rh);
+    buf_free(&r->body);
+    httpstream_release(r->out);
+    pthread_mutex_destroy(&r->mu);
+    free(r);
+}
+
+static void loop_post(pxreq *r, int cmd)
+{
+    pxloop *l = r->loop;
+    uint64_t one = 1;
+    int wake = 0;
+
+    pthread_mutex_lock(&l->qmu);
+    if (!r->cmds) {
+        atomic_fetch_add(&r->refs, 1);
+        r->cmd_next = l->cmdq;
+        l->cmdq = r;
+        wake = 1;
+    }
+    r->cmds |= cmd;
+    pthread_mutex_unlock(&l->qmu);
+    if (wake && write(l->evfd, &one, sizeof(one)) < 0 && errno != EAGAIN)
+        log_warn("proxy: cannot wake the loop: %s", strerror(errno));
+}
+
+static metrics_counter *up_counter(proxy *px, upstream *u, int status)
+{
+    metrics_counter *c;
+    char labels[160], esc[96];
+
+    if (status < 100 || status >= 600)
+        status = 599;
+    c = atomic_load_explicit(&u->by_status[status], memory_order_relaxed);
+    if (c)
+        return c;
+    snprintf(labels, sizeof(labels), "service=\"%s\",status=\"%d\"", metrics_escape_label(esc, sizeof(esc), u->name),
+             status);
+    c = metrics_counter_get(px->reg, "proxy_requests_total", "Proxied requests, by service and status answered.",
+                            labels);
+    atomic_store_explicit(&u->by_status[status], c, memory_order_relaxed);
+    return c;
+}
+
+static void up_breaker_gauge(proxy *px, upstream *u)
+{
+    metrics_gauge_set(u->breaker_gauge, (double)breaker_state(px->brk, u->name, now_ms()));
+}
+
+/* ---- answers (loop thread) ----------------------------------------------- */
+
+/* Hands the answer set on r->req to its connection. Loop thread, r->mu
+ * held. */
+static void px_resume_answer_locked(pxreq *r)
+{
+    httpd_req *req = r->req;
+
+    r->req = NULL;
+    if (req)
+        httpd_req_resume(req);
+}
+
+static void px_fail(pxreq *r, int status, const char *code, const char *fmt, const char *arg)
+{
+    pthread_mutex_lock(&r->mu);
+    if (r->req) {
+        httpd_respond_errorf(r->req, status, code, fmt, arg);
+        px_resume_answer_locked(r);
+    }
+    pthread_mutex_unlock(&r->mu);
+    metrics_counter_inc(up_counter(r->px, r->up, status));
+}
+
+static void px_breaker(pxreq *r, int ok)
+{
+    if (r->breaker_reported)
+        return;
+    r->breaker_reported = 1;
+    breaker_report(r->px->brk, r->up->name, ok, now_ms());
+    up_breaker_gauge(r->px, r->up);
+}
+
+/* ---- header handling ------------------------------------------------------ */
+
+static int hdr_is(const char *name, size_t n, const char *want)
+{
+    return strlen(want) == n && strncasecmp(name, want, n) == 0;
+}
+
+/* Hop-by-hop headers (RFC 9110 7.6.1) and those the gateway sets itself. */
+static int hop_by_hop(const char *name, size_t n)
+{
+    static const char *const hop[] = {"connection", "keep-alive", "proxy-connection", "proxy-authenticate",
+                                      "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade",
+                                      NULL};
+
+    for (int i = 0; hop[i]; i++)
+        if (hdr_is(name, n, hop[i]))
+            return 1;
+    return 0;
+}
+
+/* Nonzero when `name` is listed in a Connection header value. */
+static int listed_in(const char *conn_value, const char *name, size_t n)
+{
+    const char *p = conn_value;
+
+    while (p && *p) {
+        size_t len;
+
+        while (*p == ' ' || *p == '\t' || *p == ',')
+            p++;
+        len = strcspn(p, ", \t");
+        if (len == n && strncasecmp(p, name, n) == 0)
+            return 1;
+        p += len;
+    }
+    return 0;
+}
+
+typedef struct {
+    pxreq *r;
+    httpd_req *req;
+    const char *connection;
+    const char *xff;
+    int has_accept;
+    int fail;
+} hdr_ctx;
+
+static void add_req_header(void *ud, const char *name, const char *value)
+{
+    hdr_ctx *h = ud;
+    size_t n = strlen(name);
+    char line[8192];
+    struct curl_slist *l;
+
+    if (hop_by_hop(name, n) || hdr_is(name, n, "host") || hdr_is(name, n, "content-length") ||
+        hdr_is(name, n, "expect") || hdr_is(name, n, "x-forwarded-for") || hdr_is(name, n, "x-forwarded-host") ||
+        hdr_is(name, n, "x-forwarded-proto") || hdr_is(name, n, "x-request-id") ||
+        (h->connection && listed_in(h->connection, name, n)))
+        return;
+    if (hdr_is(name, n, "accept"))
+        h->has_accept = 1;
+    /* An empty value would make libcurl drop the header: "Name;" sends it. */
+    if (*value)
+        snprintf(line, sizeof(line), "%s: %s", name, value);
+    else
+        snprintf(line, sizeof(line), "%s;", name);
+    l = curl_slist_append(h->r->hdrs, line);
+    if (!l)
+        h->fail = 1;
+    else
+        h->r->hdrs = l;
+}
+
+static int add_line(pxreq *r, const char *fmt, const char *a, const char *b)
+{
+    char line[8192];
+    struct curl_slist *l;
+
+    snprintf(line, sizeof(line), fmt, a, b);
+    l = curl_slist_append(r->hdrs, line);
+    if (!l)
+        return -1;
+    r->hdrs = l;
+    return 0;
+}
+
+/* ---- libcurl callbacks (loop thread) -------------------------------------- */
+
+static size_t px_read_cb(char *dst, size_t size, size_t nitems, void *ud)
+{
+    pxreq *r = ud;
+    size_t want = size * nitems, n;
+    httpd_req *wake = NULL;
+
+    pthread_mutex_lock(&r->mu);
+    n = r->in_len - r->in_off;
+    if (n == 0) {
+        if (r->in_eof || r->client_gone) {
+            pthread_mutex_unlock(&r->mu);
+            return r->in_eof ? 0 : CURL_READFUNC_ABORT;
+        }
+        r->read_paused = 1;
+        pthread_mutex_unlock(&r->mu);
+        return CURL_READFUNC_PAUSE;
+    }
+    if (n > want)
+        n = want;
+    memcpy(dst, r->in + r->in_off, n);
+    r->in_off += n;
+    if (r->in_off == r->in_len)
+        r->in_off = r->in_len = 0;
+    if (r->body_blocked && r->req) {
+        r->body_blocked = 0;
+        wake = r->req;
+    }
+    if (wake)
+        httpd_req_resume(wake);
+    pthread_mutex_unlock(&r->mu);
+    return n;
+}
+
+static void px_stream_drain(void *ud);
+static void px_stream_close(void *ud);
+
+/* Starts the answer once the response headers are in. */
+static void px_headers_done(pxreq *r)
+{
+    const char *p = r->rh.p ? r->rh.p : "", *end = p + r->rh.len;
+    const char *ctype = NULL, *conn = NULL;
+    char ctype_buf[512] = "", conn_buf[512] = "";
+    struct MHD_Response *resp = NULL;
+    int sse;
+
+    r->headers_done = 1;
+    metrics_histogram_observe(r->up->latency, (double)(now_ms() - r->start_ms) / 1000.0);
+    px_breaker(r, !(r->status >= 502 && r->status <= 504));
+    /* First pass: the headers that decide how the rest is handled. */
+    for (const char *l = p; l < end;) {
+        const char *nl = memchr(l, '\n', (size_t)(end - l)), *colon = memchr(l, ':', (size_t)(nl - l));
+        size_t n = colon ? (size_t)(colon - l) : 0;
+
+        if (colon) {
+            const char *v = colon + 1;
+
+            while (*v == ' ')
+                v++;
+            if (hdr_is(l, n, "content-type"))
+                snprintf(ctype_buf, sizeof(ctype_buf), "%.*s", (int)(nl - v), v), ctype = ctype_buf;
+            else if (hdr_is(l, n, "connection"))
+                snprintf(conn_buf, sizeof(conn_buf), "%.*s", (int)(nl - v), v), conn = conn_buf;
+        }
+        l = nl + 1;
+    }
+    sse = ctype && strncasecmp(ctype, "text/event-stream", 17) == 0;
+    /* 204 and 304 have no body, whatever their headers say. */
+    r->streaming = r->status != 204 && r->status != 304 &&
+                   (sse || r->declared_len < 0 || r->declared_len > PX_SMALL_MAX);
+    if (!r->streaming)
+        return; /* answered whole at the end */
+    pthread_mutex_lock(&r->mu);
+    if (r->req) {
+        r->out = httpstream_new(r->req, r->status, NULL, sse ? -1 : r->declared_len, PX_OUT_MAX);
+        if (!r->out) {
+            httpd_respond_error(r->req, 500, "internal", "out of memory", NULL);
+            px_resume_answer_locked(r);
+            pthread_mutex_unlock(&r->mu);
+            return;
+        }
+        (void)resp;
+        for (const char *l = p; l < end;) {
+            const char *nl = memchr(l, '\n', (size_t)(end - l)), *colon = memchr(l, ':', (size_t)(nl - l));
+            size_t n = colon ? (size_t)(colon - l) : 0;
+
+            if (colon && !(conn && listed_in(conn, l, n))) {
+                char name[256], val[8192];
+                const char *v = colon + 1;
+
+                while (*v == ' ')
+                    v++;
+                snprintf(name, sizeof(name), "%.*s", (int)n, l);
+                snprintf(val, sizeof(val), "%.*s", (int)(nl - v), v);
+                httpstream_add_header(r->out, name, val);
+            }
+            l = nl + 1;
+        }
+        if (sse)
+            httpstream_add_header(r->out, "X-Accel-Buffering", "no");
+        atomic_fetch_add(&r->refs, 1); /* the stream's callbacks */
+        httpstream_set_callbacks(r->out, px_stream_drain, px_stream_close, r);
+        metrics_counter_inc(up_counter(r->px, r->up, r->status));
+        px_resume_answer_locked(r);
+    }
+    pthread_mutex_unlock(&r->mu);
+}
+
+static size_t px_header_cb(char *data, size_t size, size_t nitems, void *ud)
+{
+    pxreq *r = ud;
+    size_t n = size * nitems, nlen;
+    const char *colon;
+
+    if (n >= 5 && memcmp(data, "HTTP/", 5) == 0) {
+        /* A status line: a 1xx interim answer's headers are dropped. */
+        const char *sp = memchr(data, ' ', n);
+
+        buf_reset(&r->rh);
+        r->declared_len = -1;
+        r->status = sp ? (int)strtol(sp + 1, NULL, 10) : 502;
+        return n;
+    }
+    if (n <= 2 && (data[0] == '\r' || data[0] == '\n')) {
+        if (r->status >= 200 && !r->headers_done)
+            px_headers_done(r);
+        return n;
+    }
+    colon = memchr(data, ':', n);
+    if (!colon)
+        return n;
+    nlen = (size_t)(colon - data);
+    if (hdr_is(data, nlen, "content-length")) {
+        r->declared_len = strtoll(colon + 1, NULL, 10);
+        return n;
+    }
+    if ((hop_by_hop(data, nlen) && !hdr_is(data, nlen, "connection")) || hdr_is(data, nlen, "date") ||
+        hdr_is(data, nlen, "x-request-id"))
+        return n;
+    while (n && (data[n - 1] == '\r' || data[n - 1] == '\n'))
+        n--;
+    if (r->rh.len + n + 1 > PX_HDR_MAX)
+        return 0; /* fails the transfer: 502 */
+    buf_append(&r->rh, data, n);
+    buf_append(&r->rh, "\n", 1);
+    return size * nitems;
+}
+
+static size_t px_write_cb(char *data, size_t size, size_t nitems, void *ud)
+{
+    pxreq *r = ud;
+    size_t n = size * nitems;
+    int rc;
+
+    if (!r->streaming) {
+        if (buf_append(&r->body, data, n) < 0 || r->body.truncated)
+            return 0;
+        return n;
+    }
+    if (!r->out)
+        return 0;
+    rc = httpstream_write(r->out, data, n);
+    if (rc == 1) {
+        r->write_paused = 1;
+        return CURL_WRITEFUNC_PAUSE;
+    }
+    return rc == 0 ? n : 0;
+}
+
+/* ---- stream callbacks (MHD thread) ---------------------------------------- */
+
+static void px_stream_drain(void *ud)
+{
+    loop_post(ud, CMD_UNPAUSE_WRITE);
+}
+
+static void px_stream_close(void *ud)
+{
+    pxreq *r = ud;
+
+    pthread_mutex_lock(&r->mu);
+    r->client_gone = 1;
+    pthread_mutex_unlock(&r->mu);
+    loop_post(r, CMD_CANCEL);
+    px_unref(r);
+}
+
+/* ---- the loop ------------------------------------------------------------ */
+
+static void px_unlink(pxloop *l, pxreq *r)
+{
+    if (r->prev)
+        r->prev->next = r->next;
+    else
+        l->running = r->next;
+    if (r->next)
+        r->next->prev = r->prev;
+    r->next = r->prev = NULL;
+    l->nrunning--;
+}
+
+/* The transfer is over: answer what is still unanswered, release it. */
+static void px_finish(pxloop *l, pxreq *r, CURLcode rc, const char *why)
+{
+    int gone;
+
+    px_unlink(l, r);
+    curl_multi_remove_handle(l->multi, r->easy);
+    pthread_mutex_lock(&r->mu);
+    r->finished = 1;
+    gone = r->client_gone;
+    /* A body still arriving is thrown away from now on. */
+    if (r->body_blocked && r->req) {
+        r->body_blocked = 0;
+        httpd_req_resume(r->req);
+    }
+    pthread_mutex_unlock(&r->mu);
+    if (gone && rc != CURLE_OK) {
+        /* The client left first: nobody to answer, and no verdict on the
+         * upstream (a probe it let through may be tried again). */
+        if (!r->headers_done)
+            breaker_cancel(r->px->brk, r->up->name);
+        if (r->out)
+            httpstream_end(r->out, 1);
+    } else if (r->streaming && r->out) {
+        httpstream_end(r->out, rc != CURLE_OK);
+    } else if (rc == CURLE_OK && r->headers_done) {
+        struct MHD_Response *resp;
+        size_t len = r->body.len;
+        char *body = len ? buf_take(&r->body) : NULL;
+
+        resp = MHD_create_response_from_buffer(len, body ? body : (void *)"", body ? MHD_RESPMEM_MUST_FREE
+                                                                             : MHD_RESPMEM_PERSISTENT);
+        if (resp) {
+            const char *p = r->rh.p ? r->rh.p : "", *end = p + r->rh.len, *conn = NULL;
+            char conn_buf[512];
+
+            for (const char *ln = p; ln < end;) {
+                const char *nl = memchr(ln, '\n', (size_t)(end - ln)), *colon = memchr(ln, ':', (size_t)(nl - ln));
+
+                if (colon && hdr_is(ln, (size_t)(colon - ln), "connection")) {
+                    const char *v = colon + 1;
+
+                    while (*v == ' ')
+                        v++;
+                    snprintf(conn_buf, sizeof(conn_buf), "%.*s", (int)(nl - v), v);
+                    conn = conn_buf;
+                }
+                ln = nl + 1;
+            }
+            for (const char *ln = p; ln < end;) {
+                const char *nl = memchr(ln, '\n', (size_t)(end - ln)), *colon = memchr(ln, ':', (size_t)(nl - ln));
+
+                if (colon) {
+                    size_t n = (size_t)(colon - ln);
+                    const char *v = colon + 1;
+                    char name[256], val[8192];
+
+                    while (*v == ' ')
+                        v++;
+                    if (!hdr_is(ln, n, "connection") && !(conn && listed_in(conn, ln, n))) {
+                        snprintf(name, sizeof(name), "%.*s", (int)n, ln);
+                        snprintf(val, sizeof(val), "%.*s", (int)(nl - v), v);
+                        MHD_add_response_header(resp, name, val);
+                    }
+                }
+                ln = nl + 1;
+            }
+        } else {
+            free(body);
+        }
+        pthread_mutex_lock(&r->mu);
+        if (r->req) {
+            if (resp)
+                httpd_req_set_response(r->req, r->status, resp);
+            else
+                httpd_respond_error(r->req, 500, "internal", "out of memory", NULL);
+            px_resume_answer_locked(r);
+        } else if (resp) {
+            MHD_destroy_response(resp);
+        }
+        pthread_mutex_unlock(&r->mu);
+        metrics_counter_inc(up_counter(r->px, r->up, r->status));
+    } else if (r->headers_done) {
+        /* Broke after the headers: the client gets a 502 all the same. */
+        px_fail(r, 502, "bad_gateway", "upstream %s broke off its answer", r->up->name);
+    } else {
+        int timeout = rc == CURLE_OPERATION_TIMEDOUT;
+
+        px_breaker(r, 0);
+        if (why)
+            px_fail(r, 503, "unavailable", "%s", why);
+        else if (timeout)
+            px_fail(r, 504, "gateway_timeout", "upstream %s did not answer in time", r->up->name);
+        else
+            px_fail(r, 502, "bad_gateway", "upstream %s cannot be reached", r->up->name);
+        if (log_enabled(LOG_WARN))
+            log_warn("proxy: %s: %s", r->up->name, why ? why : curl_easy_strerror(rc));
+    }
+    px_unref(r);
+}
+
+static void px_check_done(pxloop *l)
+{
+    CURLMsg *m;
+    int left;
+
+    while ((m = curl_multi_info_read(l->multi, &left))) {
+        pxreq *r = NULL;
+
+        if (m->msg != CURLMSG_DONE)
+            continue;
+        curl_easy_getinfo(m->easy_handle, CURLINFO_PRIVATE, (char **)&r);
+        if (r)
+            px_finish(l, r, m->data.result, NULL);
+    }
+}
+
+static void px_run_cmds(pxloop *l)
+{
+    pxreq *q;
+
+    pthread_mutex_lock(&l->qmu);
+    q = l->cmdq;
+    l->cmdq = NULL;
+    pthread_mutex_unlock(&l->qmu);
+    while (q) {
+        pxreq *r = q;
+        int cmds;
+
+        q = r->cmd_next;
+        pthread_mutex_lock(&l->qmu);
+        cmds = r->cmds;
+        r->cmds = 0;
+        pthread_mutex_unlock(&l->qmu);
+        if (cmds & CMD_ADD) {
+            if (atomic_load(&l->stop) || curl_multi_add_handle(l->multi, r->easy) != CURLM_OK) {
+                r->next = l->running; /* px_finish unlinks it */
+                if (l->running)
+                    l->running->prev = r;
+                l->running = r;
+                l->nrunning++;
+                atomic_fetch_add(&r->refs, 1);
+                px_finish(l, r, CURLE_FAILED_INIT, "the gateway is stopping");
+            } else {
+                r->next = l->running;
+                if (l->running)
+                    l->running->prev = r;
+                l->running = r;
+                l->nrunning++;
+                atomic_fetch_add(&r->refs, 1); /* the loop's, dropped by px_finish */
+            }
+        }
+        if (r->next || r->prev || l->running == r) {
+            if (cmds & CMD_CANCEL) {
+                px_finish(l, r, CURLE_WRITE_ERROR, NULL);
+            } else {
+                int pause = 0;
+
+                if (cmds & CMD_UNPAUSE_READ) {
+                    pthread_mutex_lock(&r->mu);
+                    r->read_paused = 0;
+                    pthread_mutex_unlock(&r->mu);
+                    pause = 1;
+                }
+                if ((cmds & CMD_UNPAUSE_WRITE) && r->write_paused) {
+                    r->write_paused = 0;
+                    pause = 1;
+                }
+                if (pause)
+                    curl_easy_pause(r->easy, (r->write_paused ? CURLPAUSE_RECV : 0) | CURLPAUSE_CONT);
+            }
+        }
+        px_unref(r); /* the queue's */
+    }
+}
+
+static void *px_loop_main(void *ud)
+{
+    pxloop *l = ud;
+    struct epoll_event evs[64];
+
+    for (;;) {
+        int n = epoll_wait(l->epfd, evs, 64, curlep_wait_ms(&l->cep, now_ms(), 1000));
+
+        for (int i = 0; i < n; i++) {
+            if (evs[i].data.fd == l->evfd) {
+                uint64_t v;
+
+                if (read(l->evfd, &v, sizeof(v)) < 0 && errno != EAGAIN)
+                    log_warn("proxy: eventfd read: %s", strerror(errno));
+                continue;
+            }
+            curlep_event(&l->cep, evs[i].data.fd, evs[i].events);
+        }
+        curlep_expire(&l->cep, now_ms());
+        px_check_done(l);
+        px_run_cmds(l);
+        px_check_done(l);
+        if (atomic_load(&l->stop)) {
+            /* Stopping: whatever still runs is answered now. */
+            while (l->running)
+                px_finish(l, l->running, CURLE_FAILED_INIT, "the gateway is stopping");
+            break;
+        }
+    }
+    return NULL;
+}
+
+/* ---- the MHD side ---------------------------------------------------------- */
+
+static size_t px_body_sink(httpd_req *req, const char *data, size_t len, void *ud)
+{
+    pxreq *r = ud;
+    size_t took;
+    int unpause = 0;
+
+    (void)req;
+    pthread_mutex_lock(&r->mu);
+    if (r->finished || r->client_gone) {
+        pthread_mutex_unlock(&r->mu);
+        return len;
+    }
+    if (len == 0) {
+        r->in_eof = 1;
+        unpause = r->read_paused;
+        r->read_paused = 0;
+        pthread_mutex_unlock(&r->mu);
+        if (unpause)
+            loop_post(r, CMD_UNPAUSE_READ);
+        return 0;
+    }
+    if (!r->in) {
+        r->in = malloc(PX_IN_MAX);
+        if (!r->in) {
+            pthread_mutex_unlock(&r->mu);
+            return len;
+        }
+    }
+    if (r->in_off && r->in_len + len > PX_IN_MAX) {
+        memmove(r->in, r->in + r->in_off, r->in_len - r->in_off);
+        r->in_len -= r->in_off;
+        r->in_off = 0;
+    }
+    took = PX_IN_MAX - r->in_len < len ? PX_IN_MAX - r->in_len : len;
+    memcpy(r->in + r->in_len, data, took);
+    r->in_len += took;
+    if (took < len)
+        r->body_blocked = 1;
+    if (took && r->read_paused) {
+        r->read_paused = 0;
+        unpause = 1;
+    }
+    pthread_mutex_unlock(&r->mu);
+    if (unpause)
+        loop_post(r, CMD_UNPAUSE_READ);
+    return took;
+}
+
+static void px_req_done(httpd_req *req, void *ud)
+{
+    pxreq *r = ud;
+    int cancel;
+
+    (void)req;
+    pthread_mutex_lock(&r->mu);
+    r->req = NULL;
+    cancel = !r->finished;
+    if (cancel)
+        r->client_gone = 1;
+    pthread_mutex_unlock(&r->mu);
+    if (cancel)
+        loop_post(r, CMD_CANCEL);
+    px_unref(r);
+}
+
+static upstream *px_find(proxy *px, const char *name, size_t n)
+{
+    for (int i = 0; i < px->nups; i++)
+        if (strlen(px->ups[i].name) == n && memcmp(px->ups[i].name, name, n) == 0)
+            return &px->ups[i];
+    return NULL;
+}
+
+/* "/.." or "/." segments (plain or %-encoded) could climb out of the
+ * upstream's base path once libcurl normalises the URL. */
+static int has_dot_segment(const char *p)
+{
+    for (const char *s = p; *s && *s != '?'; s++) {
+        if (*s != '/')
+            continue;
+        const char *t = s + 1;
+        int dots = 0;
+
+        for (;;) {
+            if (*t == '.') {
+                t++;
+                dots++;
+            } else if (t[0] == '%' && t[1] == '2' && (t[2] == 'e' || t[2] == 'E')) {
+                t += 3;
+                dots++;
+            } else {
+                break;
+            }
+        }
+        if (dots >= 1 && dots <= 2 && (*t == '/' || *t == '\0' || *t == '?'))
+            return 1;
+    }
+    return 0;
+}
+
+static int method_proxied(const char *m)
+{
+    return !strcmp(m, "GET") || !strcmp(m, "POST") || !strcmp(m, "PUT") || !strcmp(m, "PATCH") ||
+           !strcmp(m, "DELETE");
+}
+
+static int px_setup(pxreq *r, httpd_req *req, const char *rest)
+{
+    const char *method = httpd_req_method(req), *clen = httpd_req_header(req, "Content-Length");
+    const char *te = httpd_req_header(req, "Transfer-Encoding"), *host = httpd_req_header(req, "Host");
+    hdr_ctx h = {r, req, httpd_req_header(req, "Connection"), httpd_req_header(req, "X-Forwarded-For"), 0, 0};
+    size_t ulen = strlen(r->up->url) + strlen(rest) + 2;
+    long long cl = clen ? strtoll(clen, NULL, 10) : 0;
+    CURL *e;
+
+    r->url = malloc(ulen);
+    if (!r->url)
+        return -1;
+    snprintf(r->url, ulen, "%s%s%s", r->up->url, rest[0] == '/' ? "" : "/", rest);
+    r->has_body = cl > 0 || te || !strcmp(method, "POST") || !strcmp(method, "PUT") || !strcmp(method, "PATCH");
+    httpd_req_each_header(req, add_req_header, &h);
+    if (h.fail)
+        return -1;
+    {
+        const char *remote = httpd_req_remote(req);
+
+        if (h.xff && *h.xff ? add_line(r, "X-Forwarded-For: %s, %s", h.xff, remote)
+                            : add_line(r, "X-Forwarded-For: %s%s", remote, ""))
+            return -1;
+    }
+    if ((host && add_line(r, "X-Forwarded-Host: %s%s", host, "")) ||
+        add_line(r, "X-Forwarded-Proto: %s%s", "http", "") ||
+        add_line(r, "X-Request-Id: %s%s", httpd_req_id(req), "") || add_line(r, "Expect:%s%s", "", "") ||
+        (!h.has_accept && add_line(r, "Accept:%s%s", "", "")))
+        return -1;
+    e = r->easy = curl_easy_init();
+    if (!e)
+        return -1;
+    curl_easy_setopt(e, CURLOPT_URL, r->url);
+    curl_easy_setopt(e, CURLOPT_PRIVATE, r);
+    curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(e, CURLOPT_TCP_NODELAY, 1L);
+    curl_easy_setopt(e, CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_1_1);
+    curl_easy_setopt(e, CURLOPT_HTTPHEADER, r->hdrs);
+    curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, px_header_cb);
+    curl_easy_setopt(e, CURLOPT_HEADERDATA, r);
+    curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, px_write_cb);
+    curl_easy_setopt(e, CURLOPT_WRITEDATA, r);
+    curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS,
+                     r->px->cfg.connect_timeout_ms < r->up->timeout_ms ? r->px->cfg.connect_timeout_ms
+                                                                       : r->up->timeout_ms);
+    /* The timeout is one of silence, not of the whole exchange: a stream
+     * (SSE) may last for hours as long as bytes keep coming. */
+    curl_easy_setopt(e, CURLOPT_LOW_SPEED_LIMIT, 1L);
+    curl_easy_setopt(e, CURLOPT_LOW_SPEED_TIME, (r->up->timeout_ms + 999) / 1000);
+    curl_easy_setopt(e, CURLOPT_PATH_AS_IS, 1L);
+    curl_easy_setopt(e, CURLOPT_HTTP_CONTENT_DECODING, 0L);
+    curl_easy_setopt(e, CURLOPT_HTTP_TRANSFER_DECODING, 1L);
+    curl_easy_setopt(e, CURLOPT_SUPPRESS_CONNECT_HEADERS, 1L);
+    if (r->has_body) {
+        curl_easy_setopt(e, CURLOPT_UPLOAD, 1L);
+        curl_easy_setopt(e, CURLOPT_READFUNCTION, px_read_cb);
+        curl_easy_setopt(e, CURLOPT_READDATA, r);
+        curl_easy_setopt(e, CURLOPT_INFILESIZE_LARGE, (curl_off_t)(te && !clen ? -1 : cl));
+        curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, method);
+    } else if (strcmp(method, "GET") != 0) {
+        curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, method);
+    }
+    return 0;
+}
+
+/* The upstream of a request target, and where its rest starts. */
+static upstream *px_route(proxy *px, httpd_req *req, const char **rest)
+{
+    const char *target = httpd_req_target(req), *svc;
+
+    if (strncmp(target, PX_PREFIX, sizeof(PX_PREFIX) - 1) != 0 || !method_proxied(httpd_req_method(req)))
+        return NULL;
+    svc = target + sizeof(PX_PREFIX) - 1;
+    *rest = svc + strcspn(svc, "/?");
+    return px_find(px, svc, (size_t)(*rest - svc));
+}
+
+int proxy_claims(httpd_req *req, void *ud)
+{
+    const char *rest;
+
+    return px_route(ud, req, &rest) != NULL;
+}
+
+int proxy_take(httpd_req *req, void *ud)
+{
+    proxy *px = ud;
+    const char *rest = NULL;
+    upstream *u = px_route(px, req, &rest);
+    pxreq *r;
+    long wait;
+    const char *clen;
+
+    if (!u) {
+        httpd_respond_error(req, 500, "internal", "no upstream", NULL);
+        return 1;
+    }
+    if (atomic_load(&px->stopping)) {
+        httpd_respond_error(req, 503, "unavailable", "the gateway is stopping", NULL);
+        return 1;
+    }
+    if (has_dot_segment(rest)) {
+        httpd_respond_error(req, 400, "invalid_request", "the path may not contain . or .. segments", NULL);
+        metrics_counter_inc(up_counter(px, u, 400));
+        return 1;
+    }
+    clen = httpd_req_header(req, "Content-Length");
+    if (clen && px->cfg.max_body > 0 && strtoll(clen, NULL, 10) > px->cfg.max_body) {
+        httpd_respond_errorf(req, 413, "payload_too_large", "request body exceeds %lld bytes", px->cfg.max_body);
+        metrics_counter_inc(up_counter(px, u, 413));
+        return 1;
+    }
+    wait = breaker_allow(px->brk, u->name, now_ms());
+    if (wait > 0) {
+        char secs[FMT_I64_MAX];
+
+        up_breaker_gauge(px, u);
+        httpd_respond_errorf(req, 503, "unavailable", "upstream %s is failing; its circuit breaker is open",
+                             u->name);
+        fmt_i64(secs, (wait + 999) / 1000);
+        httpd_req_add_header(req, "Retry-After", secs);
+        metrics_counter_inc(up_counter(px, u, 503));
+        return 1;
+    }
+    r = calloc(1, sizeof(*r));
+    if (!r) {
+        httpd_respond_error(req, 500, "internal", "out of memory", NULL);
+        return 1;
+    }
+    pthread_mutex_init(&r->mu, NULL);
+    atomic_init(&r->refs, 1); /* the request's, dropped by px_req_done */
+    r->px = px;
+    r->up = u;
+    r->req = req;
+    r->declared_len = -1;
+    r->start_ms = now_ms();
+    r->loop = &px->loops[atomic_fetch_add(&px->rr, 1) % (unsigned)px->nloops];
+    buf_init(&r->rh, PX_HDR_MAX);
+    buf_init(&r->body, PX_SMALL_MAX);
+    if (px_setup(r, req, rest) < 0) {
+        breaker_cancel(px->brk, u->name);
+        px_unref(r);
+        httpd_respond_error(req, 500, "internal", "out of memory", NULL);
+        return 1;
+    }
+    httpd_req_defer(req, r->has_body ? px_body_sink : NULL, px_req_done, r);
+    loop_post(r, CMD_ADD);
+    return 1;
+}
+
+void proxy_fallback(httpd_req *req, void *ud)
+{
+    const char *path = httpd_req_path(req);
+
+    (void)ud;
+    if (strncmp(path, PX_PREFIX, sizeof(PX_PREFIX) - 1) == 0 && path[sizeof(PX_PREFIX) - 1]) {
+        const char *svc = path + sizeof(PX_PREFIX) - 1;
+        size_t n = strcspn(svc, "/");
+        char var[96];
+        size_t i;
+
+        for (i = 0; i < n && i < 64; i++) {
+            char ch = svc[i];
+
+            var[i] = isalnum((unsigned char)ch) ? (char)toupper((unsigned char)ch) : '_';
+        }
+        var[i] = '\0';
+        httpd_respond_errorf(req, 404, "not_found", "no service %s is configured: set %s_URL to proxy it", var,
+                             var);
+        return;
+    }
+    httpd_respond_errorf(req, 404, "not_found", "no route for %s", path);
+}
+
+cJSON *proxy_health(proxy *px)
+{
+    cJSON *arr = cJSON_CreateArray();
+    long long now = now_ms();
+
+    for (int i = 0; px && i < px->nups; i++) {
+        cJSON *o = cJSON_CreateObject();
+        int st = breaker_state(px->brk, px->ups[i].name, now);
+
+        cJSON_AddStringToObject(o, "name", px->ups[i].name);
+        cJSON_AddStringToObject(o, "url", px->ups[i].url);
+        cJSON_AddStringToObject(o, "breaker", breaker_state_name(st));
+        cJSON_AddItemToArray(arr, o);
+        metrics_gauge_set(px->ups[i].breaker_gauge, (double)st);
+    }
+    return arr;
+}
+
+/* ---- lifecycle ------------------------------------------------------------ */
+
+static int loop_init(proxy *px, pxloop *l, char *err, size_t errlen)
+{
+    struct epoll_event ev;
+
+    l->px = px;
+    pthread_mutex_init(&l->qmu, NULL);
+    l->epfd = epoll_create1(EPOLL_CLOEXEC);
+    l->evfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    l->multi = curl_multi_init();
+    if (l->epfd < 0 || l->evfd < 0 || !l->multi) {
+        snprintf(err, errlen, "cannot create the proxy's event loop: %s", strerror(errno));
+        return -1;
+    }
+    memset(&ev, 0, sizeof(ev));
+    ev.events = EPOLLIN;
+    ev.data.fd = l->evfd;
+    epoll_ctl(l->epfd, EPOLL_CTL_ADD, l->evfd, &ev);
+    curlep_init(&l->cep, l->multi, l->epfd, now_ms);
+    curl_multi_setopt(l->multi, CURLMOPT_MAX_HOST_CONNECTIONS, (long)px->cfg.max_conns_per_upstream);
+    /* Idle connections kept for reuse: enough for every upstream's share. */
+    curl_multi_setopt(l->multi, CURLMOPT_MAXCONNECTS, (long)(px->nups > 0 ? px->nups : 1) * 256);
+    if (pthread_create(&l->thread, NULL, px_loop_main, l) != 0) {
+        snprintf(err, errlen, "cannot start the proxy's event loop");
+        return -1;
+    }
+    l->started = 1;
+    return 0;
+}
+
+proxy *proxy_new(const proxy_config *pc, metrics *reg, char *err, size_t errlen)
+{
+    proxy *px = calloc(1, sizeof(*px));
+
+    if (!px) {
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    px->cfg = *pc;
+    px->reg = reg ? reg : metrics_default();
+    px->brk = breaker_new(pc->breaker_threshold, pc->breaker_cooldown_ms);
+    if (!px->brk)
+        goto oom;
+    for (int i = 0; i < pc->nupstreams; i++) {
+        upstream *u = &px->ups[px->nups++];
+        char labels[128], esc[96];
+
+        fmt_copy(u->name, sizeof(u->name), pc->upstreams[i].name);
+        fmt_copy(u->var, sizeof(u->var), pc->upstreams[i].var);
+        fmt_copy(u->url, sizeof(u->url), pc->upstreams[i].url);
+        u->timeout_ms = pc->upstreams[i].timeout_ms;
+        snprintf(labels, sizeof(labels), "service=\"%s\"", metrics_escape_label(esc, sizeof(esc), u->name));
+        u->latency = metrics_histogram_get(px->reg, "proxy_upstream_duration_seconds",
+                                           "Time from a proxied request to its upstream's response headers.",
+                                           labels, metrics_latency_buckets, metrics_latency_nbuckets);
+        u->breaker_gauge = metrics_gauge_get(px->reg, "proxy_breaker_state",
+                                             "Circuit breaker per upstream: 0 closed, 1 open, 2 half-open.", labels);
+        metrics_gauge_set(u->breaker_gauge, 0);
+        log_event(LOG_INFO, "proxy_service", "\"service\":\"%s\",\"variable\":\"%s\"", u->name, u->var);
+    }
+    px->nloops = pc->loops > 0 ? pc->loops : 1;
+    px->loops = calloc((size_t)px->nloops, sizeof(*px->loops));
+    if (!px->loops)
+        goto oom;
+    for (int i = 0; i < px->nloops; i++)
+        if (loop_init(px, &px->loops[i], err, errlen) < 0) {
+            proxy_free(px);
+            return NULL;
+        }
+    return px;
+oom:
+    snprintf(err, errlen, "out of memory");
+    proxy_free(px);
+    return NULL;
+}
+
+void proxy_stop(proxy *px, int grace_ms)
+{
+    if (!px)
+        return;
+    atomic_store(&px->stopping, 1);
+    for (int waited = 0; waited < grace_ms; waited += 20) {
+        int busy = 0;
+
+        for (int i = 0; i < px->nloops; i++)
+            busy += px->loops[i].nrunning;
+        if (!busy)
+            break;
+        usleep(20 * 1000);
+    }
+    for (int i = 0; i < px->nloops; i++) {
+        pxloop *l = &px->loops[i];
+        uint64_t one = 1;
+
+        if (!l->started)
+            continue;
+        atomic_store(&l->stop, 1);
+        if (write(l->evfd, &one, sizeof(one)) < 0)
+            log_warn("proxy: cannot wake the loop: %s", strerror(errno));
+        pthread_join(l->thread, NULL);
+        l->started = 0;
+        /* A request posted while the loop ended is answered here. */
+        px_run_cmds(l);
+    }
+}
+
+void proxy_free(proxy *px)
+{
+    if (!px)
+        return;
+    proxy_stop(px, 0);
+    for (int i = 0; px->loops && i < px->nloops; i++) {
+        pxloop *l = &px->loops[i];
+
+        if (l->multi)
+            curl_multi_cleanup(l->multi);
+        if (l->epfd > 0)
+            close(l->epfd);
+        if (l->evfd > 0)
+            close(l->evfd);
+        pthread_mutex_destroy(&l->qmu);
+    }
+    free(px->loops);
+    breaker_free(px->brk);
+    free(px);
+}

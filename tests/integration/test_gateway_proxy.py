@@ -1,0 +1,369 @@
+"""The api-gateway's reverse proxy (SPEC 2b, issue 11) against local
+upstreams: what is forwarded and what is dropped, streaming both ways, the
+error answers (404, 502, 504, 503 from the circuit breaker), keep-alive
+reuse and the start-up refusal of a URL that points at the gateway itself.
+
+The gateway runs without a database (DATABASE_URL points at a closed port:
+the proxy needs none) and on a free port.
+"""
+
+import hashlib
+import http.client as httpclient
+import http.server as httpserver
+import json
+import os
+import socket
+import socketserver
+import subprocess
+import sys
+import threading
+import time
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from aetest import BINDIR, REDIS_URL, Service, http, http_json, wait_for  # noqa: E402
+from pgtmp import free_port  # noqa: E402
+
+
+class Upstream(httpserver.BaseHTTPRequestHandler):
+    """An upstream that tells what it received and can be slow or stream."""
+    protocol_version = "HTTP/1.1"
+    seen = []          # (method, path, headers dict, body length, client port)
+    lock = threading.Lock()
+
+    def log_message(self, *a):
+        pass
+
+    def _body(self):
+        h = hashlib.sha256()
+        n = 0
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            while True:
+                size = int(self.rfile.readline().split(b";")[0], 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    break
+                left = size
+                while left:
+                    chunk = self.rfile.read(min(left, 1 << 16))
+                    h.update(chunk)
+                    n += len(chunk)
+                    left -= len(chunk)
+                self.rfile.readline()
+        else:
+            left = int(self.headers.get("Content-Length") or 0)
+            while left:
+                chunk = self.rfile.read(min(left, 1 << 16))
+                if not chunk:
+                    break
+                h.update(chunk)
+                n += len(chunk)
+                left -= len(chunk)
+        return n, h.hexdigest()
+
+    def _handle(self):
+        n, digest = self._body()
+        with Upstream.lock:
+            Upstream.seen.append((self.command, self.path, dict(self.headers.items()), n,
+                                  self.client_address[1]))
+        p = self.path
+        if "/slow" in p:
+            time.sleep(3)
+        if "/stream" in p:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for i in range(3):
+                frame = ("id: %d\nevent: tick\ndata: {\"n\":%d,\"t\":%f}\n\n" % (i, i, time.time())).encode()
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(frame), frame))
+                self.wfile.flush()
+                time.sleep(0.6)
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+            return
+        if "/status/" in p:
+            code = int(p.rsplit("/", 1)[1].split("?")[0])
+            body = json.dumps({"status": code}).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        if "/big" in p:
+            block = b"x" * 65536
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(len(block) * 64))
+            self.end_headers()
+            for _ in range(64):
+                self.wfile.write(block)
+            return
+        body = json.dumps({"method": self.command, "path": self.path, "headers": dict(self.headers.items()),
+                           "body_len": n, "body_sha256": digest}).encode()
+        self.send_response(201 if self.command == "POST" else 200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("X-Upstream", "yes")
+        self.send_header("Keep-Alive", "timeout=5")
+        self.send_header("X-Private-Hop", "secret")
+        self.send_header("Connection", "X-Private-Hop")
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
+
+
+class ThreadedServer(socketserver.ThreadingMixIn, httpserver.HTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+def start_upstream(port=0):
+    srv = ThreadedServer(("127.0.0.1", port), Upstream)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv
+
+
+def gw_env(port, extra):
+    env = {"SERVER_PORT": port, "SERVER_HOST": "127.0.0.1",
+           "DATABASE_URL": "postgres://nobody@127.0.0.1:%d/none" % free_port(),
+           "REDIS_URL": REDIS_URL, "RATE_LIMIT": "0", "HEALTH_CHECK_INTERVAL": "200ms",
+           "LOG_LEVEL": "warn"}
+    env.update(extra)
+    return env
+
+
+def rss_kib(pid):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def setUpModule():
+    global UP, GW, BASE, PORT, DEAD_PORT, FLAKY_PORT
+    UP = start_upstream()
+    DEAD_PORT = free_port()
+    FLAKY_PORT = free_port()
+    PORT = free_port()
+    BASE = "http://127.0.0.1:%d" % PORT
+    up = "http://127.0.0.1:%d" % UP.server_address[1]
+    GW = Service("api-gateway", gw_env(PORT, {
+        "ECHO_URL": up + "/base", "ORCHESTRATOR_URL": up, "DEAD_URL": "http://127.0.0.1:%d" % DEAD_PORT,
+        "FLAKY_URL": "http://127.0.0.1:%d" % FLAKY_PORT,
+        "PROXY_TIMEOUT_MS": "1000", "PROXY_BREAKER_THRESHOLD": "3", "PROXY_BREAKER_COOLDOWN_MS": "1500"}),
+        health=BASE + "/health").start()
+
+
+def tearDownModule():
+    GW.stop()
+    UP.shutdown()
+
+
+class ProxyTest(unittest.TestCase):
+    def test_forwards_method_path_query_headers_body(self):
+        body = b'{"hello": "world"}'
+        status, hdrs, data = http("POST", BASE + "/api/v1/echo/a/b%20c/?x=1&y=%2F&x=2", body=body, headers={
+            "Content-Type": "application/json", "X-Custom": "kept", "X-Request-Id": "req-abc-123",
+            "Connection": "keep-alive, X-Drop-Me", "X-Drop-Me": "gone", "Keep-Alive": "timeout=9",
+            "TE": "trailers", "X-Forwarded-For": "10.1.2.3", "Host": "front.example:8443"})
+        self.assertEqual(status, 201, data)
+        got = json.loads(data)
+        self.assertEqual(got["method"], "POST")
+        self.assertEqual(got["path"], "/base/a/b%20c/?x=1&y=%2F&x=2")
+        self.assertEqual(got["body_len"], len(body))
+        self.assertEqual(got["body_sha256"], hashlib.sha256(body).hexdigest())
+        h = {k.lower(): v for k, v in got["headers"].items()}
+        self.assertEqual(h["x-custom"], "kept")
+        self.assertEqual(h["content-type"], "application/json")
+        for hop in ("x-drop-me", "keep-alive", "te", "upgrade", "proxy-connection"):
+            self.assertNotIn(hop, h)
+        self.assertNotEqual(h.get("connection", "").lower(), "x-drop-me")
+        self.assertEqual(h["x-forwarded-for"], "10.1.2.3, 127.0.0.1")
+        self.assertEqual(h["x-forwarded-host"], "front.example:8443")
+        self.assertEqual(h["x-forwarded-proto"], "http")
+        self.assertEqual(h["x-request-id"], "req-abc-123")
+        self.assertNotIn("expect", h)
+        # The response: upstream headers kept, its hop-by-hop ones dropped.
+        self.assertEqual(hdrs["x-upstream"], "yes")
+        self.assertEqual(hdrs["x-request-id"], "req-abc-123")
+        self.assertNotIn("keep-alive", hdrs)
+        self.assertNotIn("x-private-hop", hdrs)
+
+    def test_methods_and_generated_request_id(self):
+        for method in ("GET", "PUT", "PATCH", "DELETE"):
+            status, hdrs, data = http(method, BASE + "/api/v1/orchestrator/runs/7",
+                                      body=b"{}" if method in ("PUT", "PATCH") else None)
+            self.assertEqual(status, 200, (method, data))
+            got = json.loads(data)
+            self.assertEqual(got["method"], method)
+            self.assertEqual(got["path"], "/runs/7")
+            self.assertEqual(got["headers"]["X-Request-Id"], hdrs["x-request-id"])
+            self.assertNotIn("Accept", got["headers"])  # nothing added that the client did not send
+        status, _, data = http("GET", BASE + "/api/v1/orchestrator")
+        self.assertEqual(status, 200)
+        self.assertEqual(json.loads(data)["path"], "/")
+
+    def test_upstream_status_and_large_body_pass_through(self):
+        status, _, data = http("GET", BASE + "/api/v1/echo/status/418")
+        self.assertEqual(status, 418)
+        self.assertEqual(json.loads(data), {"status": 418})
+        status, hdrs, data = http("GET", BASE + "/api/v1/echo/big")
+        self.assertEqual(status, 200)
+        self.assertEqual(len(data), 64 * 65536)
+        self.assertEqual(hdrs["content-length"], str(64 * 65536))
+
+    def test_unknown_service_404(self):
+        status, _, body = http_json("GET", BASE + "/api/v1/nosuch/thing")
+        self.assertEqual(status, 404)
+        self.assertEqual(body["error"], "not_found")
+        self.assertIn("NOSUCH_URL", body["message"])
+        self.assertIn("request_id", body)
+        # Native routes keep their own answers (405, not a proxy 404).
+        status, _, body = http_json("DELETE", BASE + "/api/v1/health")
+        self.assertEqual(status, 405)
+
+    def test_dot_segments_refused(self):
+        status, _, body = http_json("GET", BASE + "/api/v1/echo/../../etc/passwd")
+        self.assertEqual(status, 400)
+        status, _, body = http_json("GET", BASE + "/api/v1/echo/%2e%2e/x")
+        self.assertEqual(status, 400)
+
+    def test_upstream_down_502(self):
+        status, _, body = http_json("GET", BASE + "/api/v1/dead/x")
+        self.assertEqual(status, 502)
+        self.assertEqual(body["error"], "bad_gateway")
+        self.assertIn("request_id", body)
+
+    def test_upstream_slow_504(self):
+        t0 = time.monotonic()
+        status, _, body = http_json("GET", BASE + "/api/v1/echo/slow", timeout=10)
+        self.assertEqual(status, 504)
+        self.assertEqual(body["error"], "gateway_timeout")
+        self.assertLess(time.monotonic() - t0, 2.9)
+
+    def test_streaming_response_event_by_event(self):
+        conn = httpclient.HTTPConnection("127.0.0.1", PORT, timeout=10)
+        conn.request("GET", "/api/v1/echo/stream")
+        r = conn.getresponse()
+        self.assertEqual(r.status, 200)
+        self.assertTrue(r.getheader("Content-Type").startswith("text/event-stream"))
+        arrivals = []
+        pending = b""
+        while len(arrivals) < 3:
+            chunk = r.read1(4096)
+            if not chunk:
+                break
+            pending += chunk
+            while b"\n\n" in pending:
+                frame, pending = pending.split(b"\n\n", 1)
+                data = json.loads(frame.split(b"data: ", 1)[1])
+                arrivals.append((time.time(), data))
+        conn.close()
+        self.assertEqual([d["n"] for _, d in arrivals], [0, 1, 2])
+        # Each event reached the client soon after the upstream wrote it,
+        # not at the end of the stream (1.2 s later for the first).
+        for seen_at, d in arrivals:
+            self.assertLess(seen_at - d["t"], 0.4, arrivals)
+
+    def test_large_upload_streams_without_memory_growth(self):
+        size = 50 * 1024 * 1024
+        piece = os.urandom(1024 * 1024)
+        digest = hashlib.sha256()
+        before = rss_kib(GW.proc.pid)
+        conn = httpclient.HTTPConnection("127.0.0.1", PORT, timeout=60)
+        conn.putrequest("PUT", "/api/v1/echo/upload")
+        conn.putheader("Content-Length", str(size))
+        conn.putheader("Content-Type", "application/octet-stream")
+        conn.endheaders()
+        peak = before
+        for i in range(50):
+            conn.send(piece)
+            digest.update(piece)
+            if i % 5 == 0:
+                peak = max(peak, rss_kib(GW.proc.pid))
+        r = conn.getresponse()
+        got = json.loads(r.read())
+        conn.close()
+        peak = max(peak, rss_kib(GW.proc.pid))
+        self.assertEqual(r.status, 200)
+        self.assertEqual(got["body_len"], size)
+        self.assertEqual(got["body_sha256"], digest.hexdigest())
+        # Held whole it would be 50 MiB; streamed it is a few buffers.
+        self.assertLess(peak - before, 8 * 1024, (before, peak))
+
+    def test_chunked_upload(self):
+        conn = httpclient.HTTPConnection("127.0.0.1", PORT, timeout=20)
+        parts = [b"a" * 1000, b"b" * 70000, b"c" * 5]
+        conn.request("POST", "/api/v1/echo/chunked", body=iter(parts), encode_chunked=True,
+                     headers={"Transfer-Encoding": "chunked"})
+        r = conn.getresponse()
+        got = json.loads(r.read())
+        conn.close()
+        self.assertEqual(got["body_len"], sum(map(len, parts)))
+        self.assertEqual(got["body_sha256"], hashlib.sha256(b"".join(parts)).hexdigest())
+
+    def test_keep_alive_pool_reuses_upstream_connections(self):
+        with Upstream.lock:
+            Upstream.seen.clear()
+        for _ in range(20):
+            status, _, _ = http("GET", BASE + "/api/v1/echo/ka")
+            self.assertEqual(status, 200)
+        with Upstream.lock:
+            ports = {s[4] for s in Upstream.seen if s[1].startswith("/base/ka")}
+        self.assertLessEqual(len(ports), 2, ports)
+
+    def test_breaker_opens_and_recovers(self):
+        for _ in range(3):
+            status, _, _ = http_json("GET", BASE + "/api/v1/flaky/x")
+            self.assertEqual(status, 502)
+        status, hdrs, body = http_json("GET", BASE + "/api/v1/flaky/x")
+        self.assertEqual(status, 503)
+        self.assertEqual(body["error"], "unavailable")
+        self.assertIn("retry-after", hdrs)
+        _, _, health = http_json("GET", BASE + "/health")
+        states = {u["name"]: u["breaker"] for u in health["upstreams"]}
+        self.assertEqual(states["flaky"], "open")
+        self.assertEqual(states["echo"], "closed")
+        srv = start_upstream(FLAKY_PORT)
+        try:
+            def recovered():
+                s, _, _ = http("GET", BASE + "/api/v1/flaky/x")
+                return s == 200
+            wait_for(recovered, timeout=10, interval=0.3, what="breaker to close")
+            _, _, health = http_json("GET", BASE + "/health")
+            self.assertEqual({u["name"]: u["breaker"] for u in health["upstreams"]}["flaky"], "closed")
+        finally:
+            srv.shutdown()
+            srv.server_close()
+        _, _, metrics = http("GET", BASE + "/metrics")
+        self.assertIn(b'proxy_requests_total{service="flaky",status="503"}', metrics)
+        self.assertIn(b'proxy_breaker_state{service="flaky"}', metrics)
+        self.assertIn(b'proxy_upstream_duration_seconds_count{service="echo"}', metrics)
+
+    def test_self_pointing_url_refused_at_start(self):
+        port = free_port()
+        env = dict(os.environ)
+        env.update({k: str(v) for k, v in gw_env(port, {"LOOP_URL": "http://localhost:%d/x" % port}).items()})
+        r = subprocess.run([os.path.join(BINDIR, "api-gateway")], env=env, capture_output=True, text=True,
+                           timeout=20)
+        self.assertEqual(r.returncode, 2, r.stdout + r.stderr)
+        self.assertIn("LOOP_URL", r.stdout + r.stderr)
+
+    def test_reserved_name_refused_at_start(self):
+        port = free_port()
+        env = dict(os.environ)
+        env.update({k: str(v) for k, v in gw_env(port, {"TRIGGERS_URL": "http://127.0.0.1:9/"}).items()})
+        r = subprocess.run([os.path.join(BINDIR, "api-gateway")], env=env, capture_output=True, text=True,
+                           timeout=20)
+        self.assertEqual(r.returncode, 2, r.stdout + r.stderr)
+        self.assertIn("TRIGGERS_URL", r.stdout + r.stderr)
+
+
+if __name__ == "__main__":
+    unittest.main()
