@@ -11,6 +11,7 @@
 #include "httpd.h"
 #include "jwtauth.h"
 #include "proxy.h"
+#include "sse.h"
 
 typedef struct ratelimit ratelimit;
 typedef struct revocation revocation;
@@ -43,6 +44,7 @@ typedef struct {
     char ingest_token[512];
     char internal_token[512];
     proxy_config proxy;
+    sse_config sse;
 } gateway_config;
 
 typedef struct {
@@ -57,6 +59,7 @@ typedef struct {
     revocation *revocation;
     loginguard *logins;
     proxy *proxy;
+    sse *sse;
     /* A yescrypt hash of a random password, computed at start: a login for
      * an unknown user is checked against it so that it costs the same time
      * as a wrong password for a real one. */

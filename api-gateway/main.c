@@ -86,12 +86,12 @@ void gateway_config_read(cfg *c, gateway_config *o)
     copy_setting(o->internal_token, sizeof(o->internal_token),
                  cfg_secret(c, "INTERNAL_TOKEN", DEV_INTERNAL_TOKEN));
     proxy_config_read(c, &o->proxy, o->host, o->port);
+    sse_config_read(c, &o->sse, o->internal_token);
 }
 
 long gateway_sse_clients(gateway *gw)
 {
-    (void)gw;
-    return 0;
+    return sse_clients(gw->sse);
 }
 
 static int gateway_open(gateway *gw, char *err, size_t errlen)
@@ -143,6 +143,9 @@ static int gateway_open(gateway *gw, char *err, size_t errlen)
         return -1;
     httpd_set_stream_hooks(gw->http, proxy_claims, proxy_take, gw->proxy);
     httpd_set_fallback(gw->http, proxy_fallback, gw->proxy);
+    gw->sse = sse_new(&gw->cfg.sse, NULL, err, errlen);
+    if (!gw->sse || sse_routes(gw->sse, gw->http) < 0)
+        return -1;
     /* The first check runs before listening, so the first answer is true;
      * a database that is down only makes the service report unhealthy. */
     if (health_start(gw->health) < 0) {
@@ -154,9 +157,11 @@ static int gateway_open(gateway *gw, char *err, size_t errlen)
 
 static void gateway_close(gateway *gw)
 {
+    sse_stop(gw->sse);
     proxy_stop(gw->proxy, 0);
     httpd_free(gw->http);
     proxy_free(gw->proxy);
+    sse_free(gw->sse);
     ratelimit_free(gw->limiter);
     health_free(gw->health);
     revocation_free(gw->revocation);
@@ -194,6 +199,7 @@ int main(void)
     log_info("stopping: finishing in-flight requests");
     /* Suspended connections must be resumed before the server stops: the
      * proxy answers what it still holds first. */
+    sse_stop(gw.sse);
     proxy_stop(gw.proxy, 10000);
     httpd_stop(gw.http, 10000);
     rc = 0;

@@ -1,0 +1,109 @@
+/* sse: Server-Sent Events of SPEC 2b, GET /api/v1/events/{client_id}, with
+ * publishing (Redis `sse:{client_id}`, POST /internal/v1/sse/{client_id})
+ * and the human-in-the-loop answers (POST /api/v1/events/{client_id}/response).
+ *
+ * Every event is stored in Redis before it is delivered (sse_store.c): a
+ * script gives it the client's next id, appends the formatted frame to the
+ * client's bounded buffer and publishes it on one channel that every
+ * gateway instance reads, so any instance that holds the client delivers
+ * it and a client that reconnects elsewhere replays what it missed. A raw
+ * `PUBLISH sse:{client_id}` from a backend is stored by exactly one instance
+ * (the one holding the Redis lock `sse:ingest:lock`).
+ *
+ * Threads: the hub thread (sse_hub.c) owns the subscription, heartbeats and
+ * the ingest lock; stream handlers run on MHD threads and block on Redis for
+ * one round trip at connect (each MHD thread has its own connection); a held
+ * stream costs no thread (httpstream). The client registry is shared, under
+ * striped locks. */
+#ifndef AE_SSE_H
+#define AE_SSE_H
+
+#include <stddef.h>
+
+#include <cjson/cJSON.h>
+
+#include "cfg.h"
+#include "httpd.h"
+#include "metrics.h"
+#include "rconn.h"
+
+typedef struct sse sse;
+
+#define SSE_CLIENT_ID_MAX 128
+#define SSE_DELIVER_CHANNEL "gw:sse:deliver"
+
+typedef struct {
+    long heartbeat_ms;        /* SSE_HEARTBEAT_SECONDS (30) */
+    int buffer_events;        /* SSE_BUFFER_EVENTS (100) */
+    long buffer_ttl_s;        /* SSE_BUFFER_TTL_SECONDS (300) */
+    long client_buffer_bytes; /* SSE_CLIENT_BUFFER_BYTES: more waiting for one client drops it */
+    long write_timeout_s;     /* SSE_WRITE_TIMEOUT_SECONDS: a client that takes nothing this long is closed */
+    long answer_ttl_s;        /* HITL_ANSWER_TTL_SECONDS: how long an answer is remembered for idempotency */
+    rconn_opts redis;
+    char internal_token[512];
+} sse_config;
+
+/* Reads the settings (the Redis ones through rconn). */
+void sse_config_read(cfg *c, sse_config *out, const char *internal_token);
+
+/* Creates the hub and starts its thread. NULL on failure (err). */
+sse *sse_new(const sse_config *sc, metrics *reg, char *err, size_t errlen);
+
+/* Registers the three routes. Returns 0 or -1. */
+int sse_routes(sse *s, httpd *srv);
+
+/* Streams held by this instance. */
+long sse_clients(sse *s);
+
+/* Ends every stream (clients reconnect elsewhere) and stops the hub; new
+ * streams get 503. Call before httpd_stop. */
+void sse_stop(sse *s);
+
+void sse_free(sse *s);
+
+/* ---- Between the modules of sse (not for other callers). ---- */
+
+/* Nonzero when `id` is a client id we accept: 1..128 of [A-Za-z0-9_.-]. */
+int sse_client_id_ok(const char *id);
+
+/* RFC 3339 UTC with milliseconds into out (at least 32 bytes). */
+void sse_timestamp(char *out, size_t len);
+
+/* Stores and publishes one event (the store script); `data_json` is JSON
+ * text without raw newlines. On success returns 0 with the id in *id. */
+int sse_store_publish(sse *s, rconn *r, const char *client_id, const char *event_type, const char *data_json,
+                      long long *id);
+
+/* Runs the connect script: on success *out (freed by the caller with
+ * freeReplyObject) is [established id, effective last id, lost, last,
+ * [frames...]]. Returns 0 or -1. */
+int sse_store_connect(sse *s, rconn *r, const char *client_id, const char *last_event_id, long online_ttl_s,
+                      redisReply **out);
+
+enum { SSE_ANSWER_FAILED = -1, SSE_ANSWER_STORED, SSE_ANSWER_RETRY, SSE_ANSWER_CONFLICT, SSE_ANSWER_UNKNOWN_CLIENT };
+
+/* Stores a HITL answer once (see SPEC 2b); returns one of SSE_ANSWER_*. */
+int sse_store_answer(sse *s, rconn *r, const char *client_id, const char *question_id, const char *answer_json,
+                     int held_here);
+
+/* The Redis connection of the calling thread (created on first use, freed
+ * when the thread ends). NULL on OOM. */
+rconn *sse_store_conn(sse *s);
+
+/* GET /api/v1/events/{client_id} (ud: the hub). */
+void sse_stream_handler(httpd_req *req, void *ud);
+
+/* Nonzero for an event type a publisher may use: 1..64 of
+ * [A-Za-z0-9_.:-], not one the gateway sends itself (heartbeat,
+ * connection.established, stream.reset). */
+int sse_event_type_ok(const char *type);
+
+/* Stores and publishes an event with `data` (NULL: null) through `r`. */
+int sse_publish(sse *s, rconn *r, const char *client_id, const char *type, const cJSON *data, long long *id);
+
+/* Nonzero when this instance holds a stream of `client_id`. */
+int sse_hub_has(sse *s, const char *client_id);
+
+const sse_config *sse_cfg(const sse *s);
+
+#endif

@@ -1,0 +1,254 @@
+/* sse_store: the Redis side of SSE and HITL, as scripts so that every
+ * step that must be atomic is (an id, its frame in the buffer, the
+ * publication).
+ *
+ * Keys per client (all expire): sse:seq:{id} the id counter, sse:buf:{id}
+ * the frames (a list, newest last, at most SSE_BUFFER_EVENTS), sse:lost:{id}
+ * the highest id no longer in the buffer, sse:last:{id} the highest event id
+ * stored, sse:est:{id} what each connection.established id stands for,
+ * sse:online:{id} set while a stream is held. */
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "log.h"
+#include "sse.h"
+
+/* ARGV: client id, event type, data JSON, timestamp, buffer size, buffer
+ * TTL, counter TTL. A list created anew (the old one expired) means every
+ * event before it is lost for a reconnecting client. */
+static const char publish_lua[] =
+    "local id = redis.call('INCR', KEYS[1])\n"
+    "redis.call('EXPIRE', KEYS[1], ARGV[7])\n"
+    "local env = '{\"id\":\"' .. id .. '\",\"event_type\":\"' .. ARGV[2] .. '\",\"timestamp\":\"' .. ARGV[4] ..\n"
+    "  '\",\"data\":' .. ARGV[3] .. '}'\n"
+    "local frame = 'id: ' .. id .. '\\nevent: ' .. ARGV[2] .. '\\ndata: ' .. env .. '\\n\\n'\n"
+    "local prev = redis.call('GET', KEYS[4])\n"
+    "local n = redis.call('RPUSH', KEYS[2], frame)\n"
+    "local max = tonumber(ARGV[5])\n"
+    "if n == 1 and prev then redis.call('SET', KEYS[3], prev, 'EX', ARGV[7]) end\n"
+    "if n > max then\n"
+    "  local gone = redis.call('LPOP', KEYS[2], n - max)\n"
+    "  redis.call('SET', KEYS[3], string.match(gone[#gone], '^id: (%d+)'), 'EX', ARGV[7])\n"
+    "end\n"
+    "redis.call('SET', KEYS[4], id, 'EX', ARGV[7])\n"
+    "redis.call('EXPIRE', KEYS[2], ARGV[6])\n"
+    "redis.call('PUBLISH', '" SSE_DELIVER_CHANNEL "', ARGV[1] .. '\\n' .. frame)\n"
+    "return id\n";
+
+/* KEYS: seq, buf, lost, last, online, est. ARGV: the Last-Event-ID ('' for
+ * none), counter TTL, online TTL. The id given to connection.established
+ * is recorded with the position it stands for, so a client that reconnects
+ * with it (it was the last id it saw) is still owed the replay that came
+ * after it. */
+static const char connect_lua[] =
+    "local eff = ARGV[1]\n"
+    "if eff ~= '' then local m = redis.call('HGET', KEYS[6], eff) if m then eff = m end end\n"
+    "local id = redis.call('INCR', KEYS[1])\n"
+    "redis.call('EXPIRE', KEYS[1], ARGV[2])\n"
+    "if redis.call('HLEN', KEYS[6]) > 256 then redis.call('DEL', KEYS[6]) end\n"
+    "redis.call('HSET', KEYS[6], id, eff)\n"
+    "redis.call('EXPIRE', KEYS[6], ARGV[2])\n"
+    "redis.call('SET', KEYS[5], '1', 'EX', ARGV[3])\n"
+    "return {id, eff, redis.call('GET', KEYS[3]) or '0', redis.call('GET', KEYS[4]) or '0',\n"
+    "        redis.call('LRANGE', KEYS[2], 0, -1)}\n";
+
+/* KEYS: the answer, online, buf. ARGV: client id, question id, answer JSON,
+ * received_at, TTL, '1' when this instance holds the client. */
+static const char answer_lua[] =
+    "if ARGV[6] ~= '1' and redis.call('EXISTS', KEYS[2]) == 0 and redis.call('EXISTS', KEYS[3]) == 0 then\n"
+    "  return 'unknown' end\n"
+    "local prev = redis.call('GET', KEYS[1])\n"
+    "if prev then if prev == ARGV[3] then return 'retry' end return 'conflict' end\n"
+    "redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[5])\n"
+    "redis.call('XADD', 'hitl:responses', '*', 'client_id', ARGV[1], 'question_id', ARGV[2], 'answer', ARGV[3],\n"
+    "  'received_at', ARGV[4])\n"
+    "return 'ok'\n";
+
+static long store_counter_ttl(const sse_config *c)
+{
+    /* Ids must keep increasing for a client that stays connected with
+     * nothing to say for a long time: the counter outlives the buffer. */
+    return c->buffer_ttl_s > 86400 ? c->buffer_ttl_s : 86400;
+}
+
+static pthread_key_t store_key;
+static pthread_once_t store_once = PTHREAD_ONCE_INIT;
+
+static void store_free_conn(void *p)
+{
+    rconn_free(p);
+}
+
+static void store_make_key(void)
+{
+    pthread_key_create(&store_key, store_free_conn);
+}
+
+rconn *sse_store_conn(sse *s)
+{
+    rconn *r;
+
+    pthread_once(&store_once, store_make_key);
+    r = pthread_getspecific(store_key);
+    if (!r) {
+        r = rconn_new(&sse_cfg(s)->redis, 2000);
+        if (r)
+            pthread_setspecific(store_key, r);
+    }
+    return r;
+}
+
+void sse_timestamp(char *out, size_t len)
+{
+    struct timespec ts;
+    struct tm tm;
+    char base[32];
+
+    clock_gettime(CLOCK_REALTIME, &ts);
+    gmtime_r(&ts.tv_sec, &tm);
+    strftime(base, sizeof(base), "%Y-%m-%dT%H:%M:%S", &tm);
+    snprintf(out, len, "%s.%03ldZ", base, ts.tv_nsec / 1000000);
+}
+
+int sse_client_id_ok(const char *id)
+{
+    size_t n = 0;
+
+    for (const char *p = id; *p; p++, n++) {
+        char c = *p;
+
+        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' || c == '-' ||
+              c == '.'))
+            return 0;
+    }
+    return n >= 1 && n <= SSE_CLIENT_ID_MAX;
+}
+
+int sse_store_publish(sse *s, rconn *r, const char *client_id, const char *event_type, const char *data_json,
+                      long long *id)
+{
+    const sse_config *c = sse_cfg(s);
+    char k_seq[160], k_buf[160], k_lost[160], k_last[160], ts[40], max[24], ttl[24], cttl[24];
+    const char *argv[14];
+    redisReply *rep;
+    int rc = -1;
+
+    snprintf(k_seq, sizeof(k_seq), "sse:seq:%s", client_id);
+    snprintf(k_buf, sizeof(k_buf), "sse:buf:%s", client_id);
+    snprintf(k_lost, sizeof(k_lost), "sse:lost:%s", client_id);
+    snprintf(k_last, sizeof(k_last), "sse:last:%s", client_id);
+    sse_timestamp(ts, sizeof(ts));
+    snprintf(max, sizeof(max), "%d", c->buffer_events);
+    snprintf(ttl, sizeof(ttl), "%ld", c->buffer_ttl_s);
+    snprintf(cttl, sizeof(cttl), "%ld", store_counter_ttl(c));
+    argv[0] = "EVAL";
+    argv[1] = publish_lua;
+    argv[2] = "4";
+    argv[3] = k_seq;
+    argv[4] = k_buf;
+    argv[5] = k_lost;
+    argv[6] = k_last;
+    argv[7] = client_id;
+    argv[8] = event_type;
+    argv[9] = data_json;
+    argv[10] = ts;
+    argv[11] = max;
+    argv[12] = ttl;
+    argv[13] = cttl;
+    /* Not idempotent: a retry after a lost reply could store it twice. */
+    rep = rconn_command_argv(r, 0, 14, argv, NULL);
+    if (rep && rep->type == REDIS_REPLY_INTEGER) {
+        *id = rep->integer;
+        rc = 0;
+    } else if (rep && rep->type == REDIS_REPLY_ERROR) {
+        log_warn("sse: publish script failed: %s", rep->str);
+    }
+    freeReplyObject(rep);
+    return rc;
+}
+
+int sse_store_connect(sse *s, rconn *r, const char *client_id, const char *last_event_id, long online_ttl_s,
+                      redisReply **out)
+{
+    const sse_config *c = sse_cfg(s);
+    char k[6][160], cttl[24], ottl[24];
+    static const char *const names[6] = {"seq", "buf", "lost", "last", "online", "est"};
+    const char *argv[12];
+    redisReply *rep;
+
+    *out = NULL;
+    for (int i = 0; i < 6; i++)
+        snprintf(k[i], sizeof(k[i]), "sse:%s:%s", names[i], client_id);
+    snprintf(cttl, sizeof(cttl), "%ld", store_counter_ttl(c));
+    snprintf(ottl, sizeof(ottl), "%ld", online_ttl_s);
+    argv[0] = "EVAL";
+    argv[1] = connect_lua;
+    argv[2] = "6";
+    for (int i = 0; i < 6; i++)
+        argv[3 + i] = k[i];
+    argv[9] = last_event_id ? last_event_id : "";
+    argv[10] = cttl;
+    argv[11] = ottl;
+    rep = rconn_command_argv(r, 0, 12, argv, NULL);
+    if (!rep || rep->type != REDIS_REPLY_ARRAY || rep->elements != 5 || rep->element[0]->type != REDIS_REPLY_INTEGER ||
+        rep->element[4]->type != REDIS_REPLY_ARRAY) {
+        if (rep && rep->type == REDIS_REPLY_ERROR)
+            log_warn("sse: connect script failed: %s", rep->str);
+        freeReplyObject(rep);
+        return -1;
+    }
+    *out = rep;
+    return 0;
+}
+
+int sse_store_answer(sse *s, rconn *r, const char *client_id, const char *question_id, const char *answer_json,
+                     int held_here)
+{
+    const sse_config *c = sse_cfg(s);
+    char k_online[160], k_buf[160], ts[40], ttl[24];
+    const char *argv[12];
+    size_t lens[12];
+    char *k_answer;
+    size_t klen = strlen(client_id) + strlen(question_id) + 16;
+    redisReply *rep;
+    int rc = SSE_ANSWER_FAILED;
+
+    k_answer = malloc(klen);
+    if (!k_answer)
+        return rc;
+    snprintf(k_answer, klen, "hitl:answer:%s:%s", client_id, question_id);
+    snprintf(k_online, sizeof(k_online), "sse:online:%s", client_id);
+    snprintf(k_buf, sizeof(k_buf), "sse:buf:%s", client_id);
+    sse_timestamp(ts, sizeof(ts));
+    snprintf(ttl, sizeof(ttl), "%ld", c->answer_ttl_s);
+    argv[0] = "EVAL";
+    argv[1] = answer_lua;
+    argv[2] = "3";
+    argv[3] = k_answer;
+    argv[4] = k_online;
+    argv[5] = k_buf;
+    argv[6] = client_id;
+    argv[7] = question_id;
+    argv[8] = answer_json;
+    argv[9] = ts;
+    argv[10] = ttl;
+    argv[11] = held_here ? "1" : "0";
+    for (int i = 0; i < 12; i++)
+        lens[i] = strlen(argv[i]);
+    /* Idempotent by construction: the script stores an answer once. */
+    rep = rconn_command_argv(r, 1, 12, argv, lens);
+    if (rep && (rep->type == REDIS_REPLY_STATUS || rep->type == REDIS_REPLY_STRING)) {
+        rc = !strcmp(rep->str, "ok")        ? SSE_ANSWER_STORED
+             : !strcmp(rep->str, "retry")   ? SSE_ANSWER_RETRY
+             : !strcmp(rep->str, "conflict") ? SSE_ANSWER_CONFLICT
+                                             : SSE_ANSWER_UNKNOWN_CLIENT;
+    } else if (rep && rep->type == REDIS_REPLY_ERROR) {
+        log_warn("sse: answer script failed: %s", rep->str);
+    }
+    freeReplyObject(rep);
+    free(k_answer);
+    return rc;
+}

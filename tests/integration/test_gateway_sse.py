@@ -1,0 +1,332 @@
+"""The api-gateway's Server-Sent Events and human-in-the-loop answers
+(SPEC 2b, issue 11) against the real Redis, with a stock client (npm
+`eventsource`, tests/integration/sse_client.js) and raw sockets where the
+bytes on the wire matter: frames and event types, heartbeats without an id,
+publishing through Redis and the internal route, two gateway instances
+sharing the replay buffer, stream.reset, events published before a client
+connects, a client that stops reading, and POST .../response.
+
+Each test uses its own client ids (a per-run prefix), so runs never see each
+other's events; the gateways run without a database.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import unittest
+import uuid
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from aetest import REDIS_URL, Service, http, http_json, wait_for  # noqa: E402
+from pgtmp import free_port  # noqa: E402
+
+import redis  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TOKEN = "sse-test-internal-token"
+RUN = uuid.uuid4().hex[:8]
+
+
+def gw_env(port, extra=None):
+    env = {"SERVER_PORT": port, "SERVER_HOST": "127.0.0.1",
+           "DATABASE_URL": "postgres://nobody@127.0.0.1:%d/none" % free_port(),
+           "REDIS_URL": REDIS_URL, "RATE_LIMIT": "0", "INTERNAL_TOKEN": TOKEN,
+           "SSE_HEARTBEAT_SECONDS": "1", "SSE_BUFFER_EVENTS": "5", "LOG_LEVEL": "warn",
+           "SSE_CLIENT_BUFFER_BYTES": "65536", "SSE_WRITE_TIMEOUT_SECONDS": "3"}
+    env.update(extra or {})
+    return env
+
+
+def cid(name):
+    return "t%s-%s" % (RUN, name)
+
+
+class Client:
+    """npm eventsource in a node process; events as dicts, in order."""
+
+    def __init__(self, base, client_id, count=1000, timeout_ms=15000, last_id=None):
+        args = ["node", os.path.join(HERE, "sse_client.js"), "%s/api/v1/events/%s" % (base, client_id),
+                str(count), str(timeout_ms)]
+        if last_id is not None:
+            args.append(str(last_id))
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=HERE)
+        self.events = []
+        self.lock = threading.Lock()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            with self.lock:
+                self.events.append(json.loads(line))
+
+    def wait(self, pred, timeout=10, what="events"):
+        def check():
+            with self.lock:
+                evs = list(self.events)
+            return evs if pred(evs) else None
+        return wait_for(check, timeout=timeout, interval=0.02, what=what)
+
+    def of(self, *types):
+        with self.lock:
+            return [e for e in self.events if e["type"] in types]
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+def publish_http(base, client_id, event_type, data, token=TOKEN):
+    headers = {"Authorization": "Bearer " + token} if token else {}
+    return http_json("POST", "%s/internal/v1/sse/%s" % (base, client_id),
+                     {"event_type": event_type, "data": data}, headers=headers)
+
+
+def raw_stream(port, client_id, last_id=None, rcvbuf=None):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    s.connect(("127.0.0.1", port))
+    req = "GET /api/v1/events/%s HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n" % client_id
+    if last_id is not None:
+        req += "Last-Event-ID: %s\r\n" % last_id
+    s.sendall((req + "\r\n").encode())
+    return s
+
+
+def setUpModule():
+    global A, B, BASE_A, BASE_B, PORT_A, PORT_B, R
+    subprocess.run([os.path.join(HERE, "setup-node.sh")], check=True)
+    R = redis.Redis.from_url(REDIS_URL)
+    PORT_A, PORT_B = free_port(), free_port()
+    BASE_A, BASE_B = "http://127.0.0.1:%d" % PORT_A, "http://127.0.0.1:%d" % PORT_B
+    A = Service("api-gateway", gw_env(PORT_A), health=BASE_A + "/health").start()
+    B = Service("api-gateway", gw_env(PORT_B), health=BASE_B + "/health").start()
+    # One of the two holds the ingest lock (raw PUBLISH) within a second.
+    time.sleep(1.2)
+
+
+def tearDownModule():
+    A.stop()
+    B.stop()
+
+
+class SseTest(unittest.TestCase):
+    def test_established_first_then_heartbeats_without_id(self):
+        c = Client(BASE_A, cid("hb"))
+        try:
+            evs = c.wait(lambda e: len([x for x in e if x["type"] == "heartbeat"]) >= 2, what="two heartbeats")
+            first = evs[0]
+            self.assertEqual(first["type"], "connection.established")
+            self.assertEqual(first["data"]["event_type"], "connection.established")
+            self.assertEqual(first["data"]["data"]["client_id"], cid("hb"))
+            self.assertIn("message", first["data"]["data"])
+            self.assertEqual(first["data"]["id"], first["id"])
+            self.assertRegex(first["data"]["timestamp"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
+            for hb in c.of("heartbeat"):
+                self.assertIn("timestamp", hb["data"])
+                self.assertEqual(hb["id"], first["id"])  # a heartbeat does not move Last-Event-ID
+        finally:
+            c.close()
+        # On the wire: no id: line in a heartbeat frame.
+        s = raw_stream(PORT_A, cid("hb-raw"))
+        s.settimeout(5)
+        data = b""
+        while b"\n\n" not in data.split(b"event: heartbeat", 1)[-1] or b"event: heartbeat" not in data:
+            data += s.recv(4096)
+        s.close()
+        head, body = data.split(b"\r\n\r\n", 1)
+        self.assertIn(b"text/event-stream", head)
+        # The frame (chunked encoding aside) runs from the blank line before it.
+        frame = body.split(b"event: heartbeat", 1)
+        before = frame[0].rsplit(b"\n\n", 1)[-1]
+        self.assertNotIn(b"id:", before)
+        self.assertNotIn(b"id:", frame[1].split(b"\n\n", 1)[0])
+
+    def test_publish_through_redis_and_internal_route(self):
+        c = Client(BASE_A, cid("pub"))
+        try:
+            c.wait(lambda e: any(x["type"] == "connection.established" for x in e))
+            status, _, body = publish_http(BASE_A, cid("pub"), "run.start", {"run": 1})
+            self.assertEqual(status, 202, body)
+            self.assertRegex(body["id"], r"^\d+$")
+            R.publish("sse:" + cid("pub"), json.dumps({"event_type": "question", "data": {"q": "ok?"}}))
+            status, _, body2 = publish_http(BASE_B, cid("pub"), "run.complete", {"run": 1, "ok": True})
+            self.assertEqual(status, 202)
+            evs = c.wait(lambda e: len([x for x in e if x["type"] in ("run.start", "question", "run.complete")]) >= 3,
+                         what="three events")
+            got = [x for x in evs if x["type"] in ("run.start", "question", "run.complete")]
+            self.assertEqual(got[0]["data"]["data"], {"run": 1})
+            self.assertEqual(got[0]["id"], body["id"])
+            self.assertEqual({x["type"] for x in got}, {"run.start", "question", "run.complete"})
+            ids = [int(x["id"]) for x in got]
+            self.assertEqual(ids, sorted(ids))
+            self.assertEqual(len(set(ids)), 3)
+            for x in got:
+                self.assertEqual(x["data"]["id"], x["id"])
+                self.assertEqual(x["data"]["event_type"], x["type"])
+        finally:
+            c.close()
+
+    def test_internal_route_needs_the_token(self):
+        status, _, body = publish_http(BASE_A, cid("auth"), "run.start", {}, token=None)
+        self.assertEqual(status, 401)
+        self.assertEqual(body["error"], "unauthorized")
+        status, _, _ = publish_http(BASE_A, cid("auth"), "run.start", {}, token="wrong")
+        self.assertEqual(status, 401)
+        status, _, body = publish_http(BASE_A, cid("auth"), "heartbeat", {})
+        self.assertEqual(status, 400)
+        status, _, body = publish_http(BASE_A, cid("auth"), "bad type\n", {})
+        self.assertEqual(status, 400)
+
+    def test_reconnect_to_the_other_instance_gets_exactly_the_missed_events(self):
+        name = cid("two")
+        c = Client(BASE_A, name)
+        try:
+            c.wait(lambda e: any(x["type"] == "connection.established" for x in e))
+            publish_http(BASE_B, name, "run.progress", {"n": 1})
+            publish_http(BASE_B, name, "run.progress", {"n": 2})
+            evs = c.wait(lambda e: len([x for x in e if x["type"] == "run.progress"]) >= 2)
+            last = [x for x in evs if x["type"] == "run.progress"][-1]["id"]
+        finally:
+            c.close()
+        publish_http(BASE_A, name, "run.progress", {"n": 3})
+        R.publish("sse:" + name, json.dumps({"event_type": "run.progress", "data": {"n": 4}}))
+        wait_for(lambda: R.llen("sse:buf:" + name) >= 4, what="the raw publish stored")
+        c2 = Client(BASE_B, name, last_id=last)
+        try:
+            evs = c2.wait(lambda e: len([x for x in e if x["type"] == "run.progress"]) >= 2, what="missed events")
+            time.sleep(0.5)
+            got = c2.of("run.progress", "stream.reset", "connection.established")
+            self.assertEqual(got[0]["type"], "connection.established")
+            self.assertEqual([x["data"]["data"]["n"] for x in got[1:]], [3, 4])
+        finally:
+            c2.close()
+
+    def test_stream_reset_when_the_id_is_too_old_or_unknown(self):
+        name = cid("reset")
+        ids = []
+        for i in range(8):  # the buffer holds 5
+            _, _, body = publish_http(BASE_A, name, "node.complete", {"i": i})
+            ids.append(body["id"])
+        for last in (ids[0], "999999999", "not-a-number"):
+            c = Client(BASE_B, name, last_id=last)
+            try:
+                evs = c.wait(lambda e: len([x for x in e if x["type"] == "node.complete"]) >= 5)
+                time.sleep(0.3)
+                got = c.of("connection.established", "stream.reset", "node.complete")
+                self.assertEqual([x["type"] for x in got[:2]], ["connection.established", "stream.reset"], last)
+                self.assertEqual([x["data"]["data"]["i"] for x in got[2:]], [3, 4, 5, 6, 7])
+            finally:
+                c.close()
+        # An id still covered by the buffer: no reset, just what follows it.
+        c = Client(BASE_B, name, last_id=ids[5])
+        try:
+            c.wait(lambda e: len([x for x in e if x["type"] == "node.complete"]) >= 2)
+            time.sleep(0.3)
+            self.assertEqual(c.of("stream.reset"), [])
+            self.assertEqual([x["data"]["data"]["i"] for x in c.of("node.complete")], [6, 7])
+        finally:
+            c.close()
+
+    def test_event_published_before_the_client_connects(self):
+        name = cid("early")
+        status, _, _ = publish_http(BASE_B, name, "question", {"q": "before"})
+        self.assertEqual(status, 202)
+        self.assertGreater(R.ttl("sse:buf:" + name), 0)
+        c = Client(BASE_A, name)
+        try:
+            evs = c.wait(lambda e: any(x["type"] == "question" for x in e))
+            self.assertEqual(evs[0]["type"], "connection.established")
+            self.assertEqual(c.of("question")[0]["data"]["data"], {"q": "before"})
+            self.assertEqual(c.of("stream.reset"), [])
+        finally:
+            c.close()
+
+    def test_a_client_that_stops_reading_does_not_block_another(self):
+        slow = raw_stream(PORT_A, cid("slow"), rcvbuf=4096)
+        fast = Client(BASE_A, cid("fast"))
+        try:
+            fast.wait(lambda e: any(x["type"] == "connection.established" for x in e))
+            wait_for(lambda: http_json("GET", BASE_A + "/health")[2]["sse_clients"] >= 2, what="both held")
+            big = "x" * 30000
+            for i in range(300):  # far more than the slow one's socket and buffer hold
+                publish_http(BASE_A, cid("slow"), "run.progress", {"i": i, "pad": big})
+            t0 = time.time()
+            publish_http(BASE_A, cid("fast"), "run.complete", {"ok": True})
+            evs = fast.wait(lambda e: any(x["type"] == "run.complete" for x in e), timeout=3)
+            self.assertLess([x for x in evs if x["type"] == "run.complete"][0]["t"] / 1000.0 - t0, 1.0)
+
+            def dropped():
+                _, _, m = http("GET", BASE_A + "/metrics")
+                for line in m.decode().splitlines():
+                    if line.startswith("sse_clients_dropped_total"):
+                        return float(line.split()[-1]) >= 1
+                return False
+            wait_for(dropped, timeout=10, what="the slow client dropped")
+        finally:
+            slow.close()
+            fast.close()
+
+    def test_hitl_response_stored_once(self):
+        name = cid("hitl")
+        c = Client(BASE_A, name)
+        try:
+            c.wait(lambda e: any(x["type"] == "connection.established" for x in e))
+            before = R.xlen("hitl:responses")
+            url = "%s/api/v1/events/%s/response" % (BASE_B, name)
+            qid = "q-" + uuid.uuid4().hex
+            status, _, body = http_json("POST", url, {"question_id": qid, "answer": {"b": [1, 2], "a": "yes"}})
+            self.assertEqual(status, 200, body)
+            self.assertEqual(body, {"status": "ok", "message": "Response received"})
+            # A retry (same answer, members in another order) appends nothing.
+            status, _, body = http_json("POST", url, {"question_id": qid, "answer": {"a": "yes", "b": [1, 2]}})
+            self.assertEqual(status, 200)
+            status, _, body = http_json("POST", url, {"question_id": qid, "answer": "no"})
+            self.assertEqual(status, 409)
+            self.assertEqual(body["error"], "conflict")
+            self.assertEqual(R.xlen("hitl:responses"), before + 1)
+            entry = [e for e in R.xrange("hitl:responses", count=100000)
+                     if e[1][b"question_id"] == qid.encode()]
+            self.assertEqual(len(entry), 1)
+            f = entry[0][1]
+            self.assertEqual(f[b"client_id"], name.encode())
+            self.assertEqual(json.loads(f[b"answer"]), {"a": "yes", "b": [1, 2]})
+            self.assertRegex(f[b"received_at"].decode(), r"^\d{4}-\d\d-\d\dT")
+            status, _, body = http_json("POST", url, {"answer": 1})
+            self.assertEqual(status, 400)
+            self.assertIn("question_id", body["details"])
+        finally:
+            c.close()
+        status, _, body = http_json("POST", "%s/api/v1/events/%s/response" % (BASE_A, cid("nobody")),
+                                    {"question_id": "q", "answer": 1})
+        self.assertEqual(status, 404)
+        self.assertEqual(body["error"], "not_found")
+
+    def test_bad_client_id(self):
+        status, _, body = http_json("GET", BASE_A + "/api/v1/events/" + "x" * 200)
+        self.assertEqual(status, 400)
+
+    def test_health_and_metrics(self):
+        c = Client(BASE_A, cid("health"))
+        try:
+            c.wait(lambda e: any(x["type"] == "connection.established" for x in e))
+            _, _, h = http_json("GET", BASE_A + "/health")
+            self.assertEqual(h["status"], "ok")
+            self.assertGreaterEqual(h["sse_clients"], 1)
+            self.assertIsInstance(h["upstreams"], list)
+            _, _, m = http("GET", BASE_A + "/metrics")
+            for name in (b"sse_clients ", b"sse_events_delivered_total", b"sse_events_replayed_total",
+                         b"sse_clients_dropped_total"):
+                self.assertIn(name, m)
+        finally:
+            c.close()
+
+
+if __name__ == "__main__":
+    unittest.main()
