@@ -515,8 +515,9 @@ void sse_stream_handler(httpd_req *req, void *ud)
                 reset = 1;
         }
     }
-    buf_init(&init, 0);
-    init.max = (size_t)-1;
+    /* The replay is bounded by the buffer (SSE_BUFFER_EVENTS events, each
+     * under the publish route's body limit). */
+    buf_init(&init, (size_t)1 << 30);
     /* The id's alphabet needs no JSON escaping. */
     snprintf(cjson, sizeof(cjson), "{\"client_id\":\"%s\",\"message\":\"Connected to event stream\"}", cid);
     append_event(&init, est, "connection.established", cjson);
