@@ -283,6 +283,58 @@ static cJSON *find_reply(const char *body, const char *ctype, int id)
     return found;
 }
 
+/* What a JSON-RPC error object says, for error_message: "JSON-RPC error
+ * CODE: MESSAGE", then ": DATA" when the server sent data (text as it is,
+ * anything else as JSON): servers put the real reason there (the MCP SDK
+ * answered "Parse error" with data "ReferenceError: crypto is not
+ * defined"). */
+static void rpc_error_text(const cJSON *err, char *out, size_t len)
+{
+    const cJSON *code = cJSON_GetObjectItemCaseSensitive(err, "code");
+    const cJSON *m = cJSON_GetObjectItemCaseSensitive(err, "message");
+    const cJSON *data = cJSON_GetObjectItemCaseSensitive(err, "data");
+    char *printed = NULL;
+    const char *d = NULL;
+
+    if (cJSON_IsString(data))
+        d = data->valuestring;
+    else if (data && !cJSON_IsNull(data))
+        d = printed = cJSON_PrintUnformatted(data);
+    snprintf(out, len, "JSON-RPC error %lld: %s%s%.300s", cJSON_IsNumber(code) ? (long long)code->valuedouble : 0LL,
+             cJSON_IsString(m) && m->valuestring[0] ? m->valuestring : "(no message)", d ? ": " : "", d ? d : "");
+    free(printed);
+}
+
+/* The JSON-RPC error in a reply that failed at the HTTP level, if it holds
+ * one: the answer to our request, or one with id null (a request the
+ * server could not read). Returns a tree the caller deletes, or NULL. */
+static cJSON *http_error_reply(const job *j, int id)
+{
+    cJSON *msg = find_reply(buf_str(&j->resp), j->ctype, id);
+
+    if (!msg && j->resp.len && !j->resp.truncated)
+        msg = cJSON_Parse(buf_str(&j->resp));
+    if (msg && !cJSON_IsObject(cJSON_GetObjectItemCaseSensitive(msg, "error"))) {
+        cJSON_Delete(msg);
+        msg = NULL;
+    }
+    return msg;
+}
+
+/* The start of a body that is not JSON-RPC, on one line, for
+ * error_message. */
+static void body_snippet(const job *j, char *out, size_t len)
+{
+    size_t o = 0;
+
+    for (size_t i = 0; i < j->resp.len && o + 1 < len && o < 200; i++) {
+        unsigned char c = (unsigned char)j->resp.p[i];
+
+        out[o++] = c < 0x20 || c == 0x7f ? ' ' : (char)c;
+    }
+    out[o] = '\0';
+}
+
 /* The text of a tool result's content, for error messages. */
 static void content_text(const cJSON *result, char *out, size_t len)
 {
@@ -311,13 +363,20 @@ int deliver_mcp_done(aw *app, job *j, CURLcode rc)
     }
     deliver_classify(j, rc, app->cfg.mcp_timeout_ms);
     if (j->out != OUT_SUCCESS) {
-        char what[64], detail[sizeof(j->err)];
+        char what[64], detail[sizeof(j->err)], said[400] = "";
+        cJSON *rpc = rc == CURLE_OK ? http_error_reply(j, id) : NULL;
 
         /* j->err is both the detail and the destination: copied first
          * (vsnprintf from a buffer into itself left only the prefix). */
         memcpy(detail, j->err, sizeof(detail));
         snprintf(what, sizeof(what), "%s", j->step == 0 ? "initialize" : j->step == 1 ? "initialized" : "tools/call");
-        deliver_fail(j, j->out, "%s: %.400s", what, detail);
+        /* Say what the server said, not only its status. */
+        if (rpc)
+            rpc_error_text(cJSON_GetObjectItemCaseSensitive(rpc, "error"), said, sizeof(said));
+        else if (rc == CURLE_OK)
+            body_snippet(j, said, sizeof(said));
+        cJSON_Delete(rpc);
+        deliver_fail(j, j->out, "%s: %.100s%s%s", what, detail[0] ? detail : "failed", said[0] ? ": " : "", said);
         cJSON_Delete(j->response);
         j->response = cJSON_CreateObject();
         if (j->response && j->status)
@@ -338,11 +397,10 @@ int deliver_mcp_done(aw *app, job *j, CURLcode rc)
         deliver_fail(j, OUT_RETRY, "%s: no JSON-RPC answer in the response", j->step == 0 ? "initialize" : "tools/call");
         j->breaker_fail = 1;
     } else if (err) {
-        const cJSON *m = cJSON_GetObjectItemCaseSensitive(err, "message");
+        char said[400];
 
-        deliver_fail(j, OUT_FINAL, "%s: JSON-RPC error %d: %.400s", j->step == 0 ? "initialize" : "tools/call",
-                     cJSON_GetObjectItemCaseSensitive(err, "code") ? cJSON_GetObjectItemCaseSensitive(err, "code")->valueint : 0,
-                     cJSON_IsString(m) ? m->valuestring : "");
+        rpc_error_text(err, said, sizeof(said));
+        deliver_fail(j, OUT_FINAL, "%s: %s", j->step == 0 ? "initialize" : "tools/call", said);
         cJSON_Delete(j->response);
         j->response = cJSON_CreateObject();
         if (j->response)

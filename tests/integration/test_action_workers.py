@@ -645,6 +645,41 @@ class McpTest(Base):
             "server_url": self.mcp_url(), "tool": "nope", "arguments_template": {}}))
         rows = H.wait_results(self.conn, job["id"], lambda rs: len(rs) == 1, timeout=15)
         self.assertEqual(rows[0]["status"], "failed")
+        self.assertIn("nope", rows[0]["error_message"])
+
+    def test_server_error_says_what_the_server_said(self):
+        """Issue 9.1: error_message carries the HTTP status and the JSON-RPC
+        error's code, message and data (it read "initialize: initialize: ")."""
+        self.worker()
+        broken = self.push(H.make_job("mcp", {"server_url": self.mcp_url("/mcp-broken"), "tool": "notify"}))
+        plain = self.push(H.make_job("mcp", {"server_url": self.mcp_url("/mcp-plain"), "tool": "notify"}))
+        rows = H.wait_results(self.conn, broken["id"], lambda rs: len(rs) == 1, timeout=15)
+        self.assertEqual(rows[0]["status"], "failed")
+        self.assertEqual(rows[0]["error_message"],
+                         "initialize: HTTP 400: JSON-RPC error -32700: Parse error: ReferenceError: crypto is not defined")
+        rows = H.wait_results(self.conn, plain["id"], lambda rs: len(rs) == 1, timeout=15)
+        self.assertEqual(rows[0]["status"], "failed")
+        self.assertEqual(rows[0]["error_message"], "initialize: HTTP 403: forbidden by policy")
+
+    def test_peer_runs_without_global_web_crypto(self):
+        """Debian 12's Node.js 18 has no global `crypto`; the SDK peer must
+        work there too. Node 20's --no-experimental-global-webcrypto removes
+        the global as Node 18 lacks it."""
+        port = H.free_port()
+        cert = list(self.pki.pair("good")) if self.TLS else []
+        with open("/tmp/aw-test-mcp-%d.log" % port, "w") as log:
+            p = subprocess.Popen(["node", "--no-experimental-global-webcrypto", os.path.join(PEERS, "mcp-server.mjs"),
+                                  str(port)] + cert, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            self.assertTrue(H.wait_port(port), "MCP peer did not start")
+            self.worker()
+            job = self.push(H.make_job("mcp", {"server_url": self.mcp_url(port=port), "tool": "notify",
+                                               "arguments_template": {"text": "hi"}}))
+            rows = H.wait_results(self.conn, job["id"], lambda rs: len(rs) == 1, timeout=15)
+            self.assertEqual(rows[0]["status"], "success", rows[0]["error_message"])
+        finally:
+            p.terminate()
+            p.wait(5)
 
 
 class FaultTest(Base):

@@ -7,7 +7,13 @@
 // GET /_calls returns every tools/call seen (name, arguments, the
 // Authorization header); GET /_auth the Authorization header of every
 // request to /mcp (null when absent); DELETE /_calls clears both.
+// POST /mcp-broken answers what the SDK answered on Node.js 18 without the
+// Web Crypto global (a 400 with a JSON-RPC error and its data); POST
+// /mcp-plain a 403 with a text body: servers that fail, for the tests of
+// what error_message says.
 // Usage: node mcp-server.mjs PORT [CERT.pem KEY.pem]  (with a certificate: https)
+// Runs on Node.js 18 (Debian 12) and later: ./webcrypto.mjs comes first.
+import './webcrypto.mjs';
 import fs from 'node:fs';
 import http from 'node:http';
 import https from 'node:https';
@@ -62,6 +68,16 @@ const handler = async (req, res) => {
       if (req.method === 'DELETE') { calls.length = 0; auths.length = 0; }
       res.writeHead(200, { 'content-type': 'application/json' });
       res.end(JSON.stringify(calls));
+      return;
+    }
+    if (req.url === '/mcp-broken') {
+      res.writeHead(400, { 'content-type': 'application/json' });
+      res.end(JSON.stringify({ jsonrpc: '2.0', error: { code: -32700, message: 'Parse error', data: 'ReferenceError: crypto is not defined' }, id: null }));
+      return;
+    }
+    if (req.url === '/mcp-plain') {
+      res.writeHead(403, { 'content-type': 'text/plain' });
+      res.end('forbidden by\npolicy');
       return;
     }
     if (req.url.split('?')[0] !== '/mcp') {
