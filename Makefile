@@ -2,6 +2,11 @@
 # bin/. Objects live out of tree under $(O); V=1 shows full command lines;
 # SANITIZE=address,undefined builds an instrumented copy in its own tree so
 # that it never mixes with the normal objects.
+#
+# CFLAGS, CPPFLAGS, LDFLAGS and LDLIBS are the user's: they only add to what
+# the build needs (make CFLAGS=-O0 still gets -Werror, -MMD and -pthread),
+# which lives in the ALL_* variables (git's pattern). CFLAGS defaults to
+# -O2 -g.
 
 CC       ?= cc
 SANITIZE ?=
@@ -13,16 +18,32 @@ O        ?= build-san
 BINDIR   ?= build-san/bin
 endif
 
+CFLAGS   ?= -O2 -g
 PKGS      := libmicrohttpd libpq hiredis librabbitmq libcjson libcurl libjwt openssl
+PKGS_ALL  := $(PKGS) libwebsockets
+
+# Goals that build nothing here (deps installs the packages; test, bench, up
+# and run install them first, then build in a sub-make).
+NOBUILD_GOALS := deps clean down test bench up run lint
+ifneq ($(filter-out $(NOBUILD_GOALS),$(or $(MAKECMDGOALS),all)),)
+PKG_MISSING := $(strip $(foreach p,$(PKGS_ALL),$(if $(shell pkg-config --exists $(p) 2>/dev/null && echo y),,$(p))))
+ifneq ($(PKG_MISSING),)
+$(error pkg-config does not know: $(PKG_MISSING) (scripts/deps.sh, or make deps, installs them))
+endif
+PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS_ALL))
+PKG_LIBS   := $(shell pkg-config --libs $(PKGS))
+LWS_LIBS   := $(shell pkg-config --libs libwebsockets)
+endif
+
 WARN      := -std=c11 -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes \
              -Wmissing-prototypes -Wwrite-strings -Wvla -fno-common
-OPT       ?= -O2 -g
-CPPFLAGS  += -D_GNU_SOURCE -Ilibshared $(shell pkg-config --cflags $(PKGS) libwebsockets 2>/dev/null)
-CFLAGS    += $(WARN) $(OPT) -pthread -MMD -MP
-LDLIBS    += $(shell pkg-config --libs $(PKGS) 2>/dev/null) -lcrypt -lpthread -lm
+ALL_CPPFLAGS = -D_GNU_SOURCE -Ilibshared $(PKG_CFLAGS) $(CPPFLAGS)
+ALL_CFLAGS   = $(WARN) -pthread -MMD -MP $(SAN_CFLAGS) $(CFLAGS)
+ALL_LDFLAGS  = -pthread $(SAN_LDFLAGS) $(LDFLAGS)
+ALL_LDLIBS   = $(PKG_LIBS) -lcrypt -lpthread -lm $(LDLIBS)
 ifneq ($(SANITIZE),)
-CFLAGS    += -fsanitize=$(SANITIZE) -fno-omit-frame-pointer -fno-sanitize-recover=all
-LDFLAGS   += -fsanitize=$(SANITIZE)
+SAN_CFLAGS  := -fsanitize=$(SANITIZE) -fno-omit-frame-pointer -fno-sanitize-recover=all
+SAN_LDFLAGS := -fsanitize=$(SANITIZE)
 endif
 
 ifeq ($(V),1)
@@ -49,9 +70,8 @@ runtime-migrate_SRCS  := $(call svc_common,runtime) runtime/migrate_main.c
 runtime-smoke_SRCS    := $(call svc_common,runtime) runtime/smoke_main.c
 migrate_SRCS          := database/migrate_main.c
 # libwebsockets (libshared/wsapp) only where a program serves WebSocket.
-LWS_LIBS              := $(shell pkg-config --libs libwebsockets 2>/dev/null)
-realtime_LIBS         := $(LWS_LIBS)
-runtime_LIBS          := $(LWS_LIBS)
+realtime_LIBS          = $(LWS_LIBS)
+runtime_LIBS           = $(LWS_LIBS)
 
 PROGRAMS  := api-gateway event-processor action-workers realtime runtime \
              runtime-migrate runtime-smoke migrate
@@ -82,48 +102,53 @@ $(LIB): $(LIB_OBJS)
 $(O)/%.o: %.c
 	@mkdir -p $(@D)
 	$(call msg,CC,$<)
-	$(Q)$(CC) $(CPPFLAGS) $(CFLAGS) -c -o $@ $<
+	$(Q)$(CC) $(ALL_CPPFLAGS) $(ALL_CFLAGS) -c -o $@ $<
 
 define program_rule
 $(BINDIR)/$(1): $$($(1)_SRCS:%.c=$(O)/%.o) $(LIB)
 	@mkdir -p $$(@D)
 	$$(call msg,LINK,$$@)
-	$(Q)$$(CC) $$(LDFLAGS) -o $$@ $$^ $$($(1)_LIBS) $$(LDLIBS)
+	$(Q)$$(CC) $$(ALL_LDFLAGS) -o $$@ $$^ $$($(1)_LIBS) $$(ALL_LDLIBS)
 endef
 $(foreach p,$(PROGRAMS),$(eval $(call program_rule,$(p))))
 
 $(O)/tests/%: $(O)/tests/unit/%.o $(LIB)
 	@mkdir -p $(@D)
 	$(call msg,LINK,$@)
-	$(Q)$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(LWS_LIBS) -lcmocka
+	$(Q)$(CC) $(ALL_LDFLAGS) -o $@ $^ $(ALL_LDLIBS) $(LWS_LIBS) -lcmocka
 
 $(O)/tests/drivers/%: $(O)/tests/integration/drivers/%.o $(LIB)
 	@mkdir -p $(@D)
 	$(call msg,LINK,$@)
-	$(Q)$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) $(LWS_LIBS)
+	$(Q)$(CC) $(ALL_LDFLAGS) -o $@ $^ $(ALL_LDLIBS) $(LWS_LIBS)
 
 unit: $(UNIT_BINS)
 	$(Q)O=$(O) tests/run-unit.sh $(UNIT_BINS)
 
 # `make test`: install what is missing, start the local servers, then every
 # unit, integration and end-to-end test against them.
+# test, bench, up and run build in a sub-make, after deps: on a fresh
+# machine the packages pkg-config reads are there only then.
 test: deps
 	$(Q)$(MAKE) --no-print-directory all $(UNIT_BINS) $(DRV_BINS)
 	$(Q)O=$(O) BINDIR=$(BINDIR) tests/run.sh
 
-bench: deps all
+bench: deps
+	$(Q)$(MAKE) --no-print-directory all
 	$(Q)BINDIR=$(BINDIR) scripts/bench.sh
 
 deps:
 	$(Q)scripts/deps.sh
 
-up: deps all
+up: deps
+	$(Q)$(MAKE) --no-print-directory all
 	$(Q)BINDIR=$(BINDIR) scripts/stack.sh up
 
 down:
 	$(Q)scripts/stack.sh down
 
-run: deps all
+run: deps
+	$(Q)$(MAKE) --no-print-directory all
 	$(Q)BINDIR=$(BINDIR) scripts/stack.sh run
 
 clean:
