@@ -4,9 +4,14 @@
 # reports every package installed it exits without touching apt (so
 # `make test` and `make up` pay only a dpkg-query on every run).
 #
+# Every command the build, the tests, the benchmarks and the scripts run
+# comes from a package here (tests/integration/tools.py maps each command to
+# its package, and test_tools.py checks that both lists agree), or from npm
+# with a lock file (tests/integration/package.json, peers/package.json).
+#
 # Installing needs root; as another user it goes through sudo. Debian's
-# maintainer scripts would start system-wide PostgreSQL, Redis, RabbitMQ and
-# nginx on their default ports; a temporary /usr/sbin/policy-rc.d forbids
+# maintainer scripts would start system-wide PostgreSQL, Redis, RabbitMQ,
+# nginx and Prometheus on their default ports; a temporary /usr/sbin/policy-rc.d forbids
 # that (and keeps nginx's postinst from failing when port 80 is taken), and
 # whatever got started anyway is stopped again: the project runs servers of
 # its own under ./var (scripts/servers.sh).
@@ -16,11 +21,17 @@ PACKAGES=(
     build-essential pkg-config
     libmicrohttpd-dev libpq-dev libhiredis-dev librabbitmq-dev libwebsockets-dev
     libcjson-dev libcurl4-openssl-dev libjwt-dev libcmocka-dev libssl-dev libcrypt-dev
-    postgresql redis-server rabbitmq-server nginx-light
-    wrk curl python3 python3-psycopg2 python3-redis
-    openssl ca-certificates
+    postgresql postgresql-client redis-server redis-tools rabbitmq-server nginx-light
+    wrk curl openssl iproute2 procps ca-certificates python3 python3-psycopg2 python3-redis
 )
+# Installed without their Recommends: prometheus (for promtool, which checks
+# /metrics) recommends prometheus-node-exporter, which pulls smartmontools
+# and openipmi, daemons of their own.
+PACKAGES_NO_RECOMMENDS=(prometheus)
+# `make lint` only (scripts/deps.sh lint).
+PACKAGES_LINT=(cppcheck clang-tidy)
 POLICY_RC=/usr/sbin/policy-rc.d
+WANT_NODE=1
 
 log() { printf 'deps: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -31,11 +42,11 @@ die() { log "error: $*"; exit 1; }
 # bundles npm, and Debian's npm package would conflict with it.
 missing_packages() {
     local p status
-    for p in "${PACKAGES[@]}"; do
+    for p in "$@"; do
         status=$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null || true)
         [[ $status == installed ]] || printf '%s\n' "$p"
     done
-    if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    if [[ $WANT_NODE -eq 1 ]] && { ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; }; then
         printf '%s\n' nodejs npm
     fi
 }
@@ -77,7 +88,7 @@ unblock_service_starts() {
 # packages' own instances on default ports, never ours under ./var.
 stop_system_services() {
     local svc
-    for svc in postgresql redis-server rabbitmq-server nginx; do
+    for svc in postgresql redis-server rabbitmq-server nginx prometheus; do
         if [[ -x /etc/init.d/$svc ]] && as_root /etc/init.d/"$svc" status >/dev/null 2>&1; then
             log "stopping the system $svc the package started"
             as_root /etc/init.d/"$svc" stop >/dev/null 2>&1 || log "warning: could not stop system $svc"
@@ -97,14 +108,28 @@ report_default_ports() {
     done
 }
 
+# Installs the packages named after the first argument, which says whether
+# their Recommends come too ("recommends" or "no-recommends").
+apt_install() {
+    local rec=$1
+    shift
+    (($# > 0)) || return 0
+    local -a opts=(-y -q -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold)
+    [[ $rec == recommends ]] || opts+=(--no-install-recommends)
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install "${opts[@]}" "$@"
+}
+
 install_packages() {
-    local -a missing=("$@")
+    local -a missing=("$@") plain=() norec=() p
+    for p in "${missing[@]}"; do
+        if [[ " ${PACKAGES_NO_RECOMMENDS[*]} " == *" $p "* ]]; then norec+=("$p"); else plain+=("$p"); fi
+    done
     log "installing: ${missing[*]}"
     trap unblock_service_starts EXIT
     block_service_starts
     as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
-        -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold "${missing[@]}"
+    apt_install recommends "${plain[@]}"
+    apt_install no-recommends "${norec[@]}"
     unblock_service_starts
     trap - EXIT
     stop_system_services
@@ -113,13 +138,18 @@ install_packages() {
 
 main() {
     command -v dpkg-query >/dev/null 2>&1 || die "dpkg-query not found: this script supports Debian only"
-    local -a missing
-    mapfile -t missing < <(missing_packages)
+    local -a missing wanted=("${PACKAGES[@]}" "${PACKAGES_NO_RECOMMENDS[@]}")
+    case ${1:-} in
+    "") ;;
+    lint) wanted=("${PACKAGES_LINT[@]}") WANT_NODE=0 ;;
+    *) die "usage: scripts/deps.sh [lint]" ;;
+    esac
+    mapfile -t missing < <(missing_packages "${wanted[@]}")
     if [[ ${#missing[@]} -eq 0 ]]; then
         return 0
     fi
     install_packages "${missing[@]}"
-    mapfile -t missing < <(missing_packages)
+    mapfile -t missing < <(missing_packages "${wanted[@]}")
     [[ ${#missing[@]} -eq 0 ]] || die "still missing after apt-get install: ${missing[*]}"
     log "all packages installed"
 }

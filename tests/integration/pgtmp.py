@@ -25,6 +25,8 @@ import subprocess
 import tempfile
 import time
 
+from tools import need
+
 __all__ = ["PgTmp", "free_port"]
 
 
@@ -40,10 +42,11 @@ def _bindir():
         if cand and os.path.exists(os.path.join(cand, "pg_ctl")):
             return cand
     try:
-        out = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True, check=True)
+        out = subprocess.run([need("pg_config"), "--bindir"], capture_output=True, text=True, check=True)
         return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError) as e:
-        raise RuntimeError("PostgreSQL server binaries not found; set PG_BINDIR") from e
+    except (OSError, subprocess.CalledProcessError, AssertionError):
+        raise AssertionError("PostgreSQL server binaries (pg_ctl) not found: install the Debian package "
+                             "postgresql (scripts/deps.sh does), or set PG_BINDIR") from None
 
 
 class PgTmp:

@@ -6,7 +6,7 @@
 set -eu
 cd "$(dirname "$0")"
 if ! command -v npm >/dev/null 2>&1; then
-    echo "setup-node.sh: npm not found (apt-get install npm)" >&2
+    echo "setup-node.sh: npm not found: install the Debian package npm (scripts/deps.sh does)" >&2
     exit 1
 fi
 stamp=node_modules/.ae-installed

@@ -22,6 +22,7 @@ import awharness as H
 import tlspki
 from httppeers import Peer, Resp, telegram_429
 from pgtmp import PgTmp
+from tools import need
 
 PEERS = os.path.join(os.path.dirname(__file__), "peers")
 
@@ -488,7 +489,7 @@ class McpTest(Base):
         super().setUpClass()
         r = subprocess.run([os.path.join(PEERS, "setup.sh")], capture_output=True, text=True)
         if r.returncode != 0:
-            raise RuntimeError("peers/setup.sh failed (MCP SDK): " + r.stderr)
+            raise AssertionError("peers/setup.sh failed (MCP SDK): " + r.stderr.strip())
         # Two servers: the agents' own (tokens are bound to its origin) and
         # another one that a trigger may name.
         cls.mcp_port, cls.mcp, cls.mcp_log = cls.start_mcp()
@@ -499,7 +500,7 @@ class McpTest(Base):
         port = H.free_port()
         log = open("/tmp/aw-test-mcp-%d.log" % port, "w")
         cert = list(cls.pki.pair("good")) if cls.TLS else []
-        p = subprocess.Popen(["node", os.path.join(PEERS, "mcp-server.mjs"), str(port)] + cert,
+        p = subprocess.Popen([need("node"), os.path.join(PEERS, "mcp-server.mjs"), str(port)] + cert,
                              stdout=log, stderr=subprocess.STDOUT)
         if not H.wait_port(port):
             raise RuntimeError("MCP peer did not start")
@@ -668,8 +669,9 @@ class McpTest(Base):
         port = H.free_port()
         cert = list(self.pki.pair("good")) if self.TLS else []
         with open("/tmp/aw-test-mcp-%d.log" % port, "w") as log:
-            p = subprocess.Popen(["node", "--no-experimental-global-webcrypto", os.path.join(PEERS, "mcp-server.mjs"),
-                                  str(port)] + cert, stdout=log, stderr=subprocess.STDOUT)
+            p = subprocess.Popen([need("node"), "--no-experimental-global-webcrypto",
+                                  os.path.join(PEERS, "mcp-server.mjs"), str(port)] + cert,
+                                 stdout=log, stderr=subprocess.STDOUT)
         try:
             self.assertTrue(H.wait_port(port), "MCP peer did not start")
             self.worker()
@@ -709,7 +711,7 @@ class FaultTest(Base):
         d = tempfile.mkdtemp(prefix="aw-redis-")
 
         def start_redis():
-            p = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", d,
+            p = subprocess.Popen([need("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--dir", d,
                                   "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             self.assertTrue(H.wait_port(port))

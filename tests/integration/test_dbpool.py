@@ -26,6 +26,7 @@ import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from pgtmp import PgTmp, free_port  # noqa: E402
+from tools import need  # noqa: E402
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 DRIVER_NAME = "shared_clients"
@@ -368,7 +369,7 @@ class RedisServer:
         self.proc = None
 
     def start(self):
-        argv = [shutil.which("redis-server") or "/usr/bin/redis-server", "--port", str(self.port),
+        argv = [need("redis-server"), "--port", str(self.port),
                 "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--daemonize", "no"]
         if self.password:
             argv += ["--requirepass", self.password]
@@ -536,16 +537,14 @@ class RabbitTmp:
     def ctl(self, *args, check=True):
         with open(os.path.join(self.dir, ".erlang.cookie")) as f:
             cookie = f.read().strip()
-        r = subprocess.run(["rabbitmqctl", "-n", self.node, "--erlang-cookie", cookie] + list(args),
+        r = subprocess.run([need("rabbitmqctl"), "-n", self.node, "--erlang-cookie", cookie] + list(args),
                            env=self.env, capture_output=True, text=True, timeout=60)
         if check and r.returncode != 0:
             raise AssertionError("rabbitmqctl %s: %s%s" % (args, r.stdout, r.stderr))
         return r
 
     def start(self):
-        server = "/usr/lib/rabbitmq/bin/rabbitmq-server"
-        if not os.access(server, os.X_OK):
-            server = shutil.which("rabbitmq-server")
+        server = need("rabbitmq-server")
         self.out = open(os.path.join(self.dir, "out.log"), "a")
         self.proc = subprocess.Popen([server], env=self.env, stdout=self.out, stderr=subprocess.STDOUT,
                                      cwd=self.dir, start_new_session=True)
@@ -575,7 +574,7 @@ class RabbitTmp:
 
     def cleanup(self):
         self.stop()
-        epmd = shutil.which("epmd") or "/usr/bin/epmd"
+        epmd = need("epmd")
         subprocess.run([epmd, "-port", self.env["ERL_EPMD_PORT"], "-kill"], capture_output=True, timeout=10)
         shutil.rmtree(self.dir, ignore_errors=True)
 

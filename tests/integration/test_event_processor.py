@@ -22,6 +22,7 @@ import redis
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from aetest import BINDIR, PG_HOST, PG_PASSWORD, PG_PORT, PG_USER, Service, db_url, redis_url, wait_for  # noqa: E402
 from pgtmp import free_port  # noqa: E402
+from tools import need  # noqa: E402
 
 PG = dict(host=PG_HOST, port=PG_PORT, user=PG_USER, password=PG_PASSWORD)
 DB = "ae_test_ep"
@@ -462,7 +463,7 @@ class EventProcessorTest(unittest.TestCase):
         rdir = tempfile.mkdtemp(prefix="ae-ep-redis-")
 
         def redis_up():
-            proc = subprocess.Popen(["redis-server", "--port", str(rport), "--bind", "127.0.0.1", "--save", "",
+            proc = subprocess.Popen([need("redis-server"), "--port", str(rport), "--bind", "127.0.0.1", "--save", "",
                                      "--appendonly", "no", "--dir", rdir], stdout=subprocess.DEVNULL)
             rr = redis.Redis(port=rport)
             wait_for(lambda: self._ping(rr), 10, what="private redis")

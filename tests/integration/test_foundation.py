@@ -12,6 +12,7 @@ import unittest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from aetest import AMQP_URL, BINDIR, DATABASE_URL, REDIS_URL, Service, http, http_json, wait_for  # noqa: E402
 from pgtmp import PgTmp, free_port  # noqa: E402
+from tools import need  # noqa: E402
 
 
 class GatewayHealthFollowsPostgres(unittest.TestCase):
@@ -51,7 +52,7 @@ class GatewayHealthFollowsPostgres(unittest.TestCase):
             http("GET", self.base + "/api/v1/health")
             http("GET", self.base + "/nope")
         _, _, text = http("GET", self.base + "/metrics")
-        r = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, timeout=30)
+        r = subprocess.run([need("promtool"), "check", "metrics"], input=text, capture_output=True, timeout=30)
         self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
 
     def test_migrations_applied_at_start(self):

@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from aetest import (BINDIR, ROOT, Service, db_url, http, http_json, private_db_create,  # noqa: E402
                     private_db_drop, wait_for)
 from pgtmp import free_port  # noqa: E402
+from tools import need  # noqa: E402
 
 import psycopg2  # noqa: E402
 
@@ -56,7 +57,10 @@ def make_jwt(claims, secret=JWT_SECRET, alg="HS256"):
 
 def setUpModule():
     global GW, BASE, PORT
-    subprocess.run([os.path.join(HERE, "setup-node.sh")], check=True)
+    need("npm")
+    r = subprocess.run([os.path.join(HERE, "setup-node.sh")], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise AssertionError("setup-node.sh failed (npm packages): " + r.stderr.strip())
     private_db_create(DB_NAME)
     PORT = int(os.environ.get("GW_TEST_PORT") or free_port())
     BASE = "http://127.0.0.1:%d" % PORT
@@ -320,7 +324,7 @@ class Tokens(unittest.TestCase):
         script = ("const jwt=require('jsonwebtoken');"
                   "process.stdout.write(jwt.sign({sub:process.argv[1]},process.argv[2],"
                   "{algorithm:'HS256',expiresIn:600,jwtid:'n-'+Date.now()}));")
-        r = subprocess.run(["node", "-e", script, self.user["id"], JWT_SECRET], cwd=HERE,
+        r = subprocess.run([need("node"), "-e", script, self.user["id"], JWT_SECRET], cwd=HERE,
                            capture_output=True, text=True, check=True)
         st, _, body = call("GET", "/api/v1/triggers", token=r.stdout.strip())
         self.assertEqual(st, 200, body)
@@ -329,7 +333,7 @@ class Tokens(unittest.TestCase):
         script = ("const jwt=require('jsonwebtoken');"
                   "const c=jwt.verify(process.argv[1],process.argv[2],{algorithms:['HS256']});"
                   "process.stdout.write(JSON.stringify(c));")
-        r = subprocess.run(["node", "-e", script, self.tok["access_token"], JWT_SECRET], cwd=HERE,
+        r = subprocess.run([need("node"), "-e", script, self.tok["access_token"], JWT_SECRET], cwd=HERE,
                            capture_output=True, text=True)
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertEqual(json.loads(r.stdout)["sub"], self.user["id"])

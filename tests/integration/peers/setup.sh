@@ -5,7 +5,7 @@
 set -eu
 cd "$(dirname "$0")"
 if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
-    echo "setup.sh: node and npm are required (apt-get install nodejs npm)" >&2
+    echo "setup.sh: node or npm not found: install the Debian packages nodejs and npm (scripts/deps.sh does)" >&2
     exit 1
 fi
 if [ -f node_modules/@modelcontextprotocol/sdk/package.json ] && [ -f node_modules/.aw-installed ] &&

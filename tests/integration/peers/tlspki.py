@@ -17,7 +17,11 @@ import os
 import shutil
 import ssl
 import subprocess
+import sys
 import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tools import need  # noqa: E402
 
 _pki = None
 
@@ -27,9 +31,7 @@ class PkiError(RuntimeError):
 
 
 def _run(args, cwd):
-    if shutil.which("openssl") is None:
-        raise PkiError("openssl is missing: apt-get install openssl (scripts/deps.sh installs it)")
-    r = subprocess.run(["openssl"] + args, cwd=cwd, capture_output=True, text=True)
+    r = subprocess.run([need("openssl")] + args, cwd=cwd, capture_output=True, text=True)
     if r.returncode != 0:
         raise PkiError("openssl %s failed: %s" % (" ".join(args), r.stderr.strip()))
 
