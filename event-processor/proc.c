@@ -587,19 +587,23 @@ static void push_failed(loop *L, const char *err)
 }
 
 /* Takes the outbox ids the pusher has pushed (their rows are deleted by the
- * next commit) and its failures. */
+ * next commit) and its failures. A push that went through after a failed
+ * one ends the outage: it is logged, and the error is forgotten so that
+ * the next outage is logged too, even with the same text. */
 static void collect_pushed(loop *L)
 {
     char perr[512];
     int before = L->npending;
 
-    if (pusher_collect(L->P, L->pending_del, &L->npending, MAX_PENDING_DEL, perr, sizeof(perr)))
+    if (pusher_collect(L->P, L->pending_del, &L->npending, MAX_PENDING_DEL, perr, sizeof(perr))) {
         push_failed(L, perr);
-    else if (L->npending > before)
+    } else if (L->npending > before) {
         L->pushed_since_fail = 1;
-    else if (L->npending > before && L->redis_failing && !L->outbox_dirty) {
-        L->redis_failing = 0;
-        L->last_err[0] = '\0';
+        if (L->redis_failing) {
+            L->redis_failing = 0;
+            L->last_err[0] = '\0';
+            log_info("pushing jobs to Redis again");
+        }
     }
 }
 

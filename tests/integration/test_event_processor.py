@@ -497,6 +497,70 @@ class EventProcessorTest(unittest.TestCase):
             shutil.rmtree(rdir, ignore_errors=True)
             self.start_service()
 
+    def test_two_redis_outages_each_logged(self):
+        """Issue 9.3: the second outage, with the same error text as the
+        first, is logged too (the recovery branch never ran: an error with
+        the text last logged was never logged again). The outages are Redis
+        refusing writes (maxmemory reached), which keeps the connection and
+        so the text the same."""
+        t = self._stream_trigger()
+        self.assertEqual(self.svc.stop(), 0)
+        rport = free_port()
+        rdir = tempfile.mkdtemp(prefix="ae-ep-redis-")
+        procs = [subprocess.Popen([need("redis-server"), "--port", str(rport), "--bind", "127.0.0.1", "--save", "",
+                                   "--appendonly", "no", "--dir", rdir, "--maxmemory-policy", "noeviction"],
+                                  stdout=subprocess.DEVNULL)]
+        rr = redis.Redis(port=rport)
+        wait_for(lambda: self._ping(rr), 10, what="private redis")
+
+        def redis_down():
+            rr.config_set("maxmemory", 1)
+
+        def redis_up():
+            rr.config_set("maxmemory", 0)
+            return rr
+
+        def failures():
+            return [r for r in svc.log_lines() if r.get("level") == "error" and r.get("msg") in (
+                "cannot push jobs to Redis; they stay in the outbox", "cannot flush the outbox")]
+
+        def recoveries():
+            return [r for r in svc.log_lines() if r.get("msg") == "pushing jobs to Redis again"]
+        svc = Service("event-processor", dict(self.svc.env, METRICS_PORT=str(free_port()),
+                                              REDIS_URL="redis://127.0.0.1:%d/0" % rport))
+        svc.start()
+        conn = psycopg2.connect(DSN)
+        conn.autocommit = True
+        ids = []
+        try:
+            wait_for(lambda: "listening" in svc.log(), 20, what="processor up")
+            seen = []
+            for outage in (1, 2):
+                before = len(failures())
+                redis_down()
+                ids += self._insert_many(conn, 1000 * outage, 20)
+                wait_for(lambda: len(failures()) > before, 20, what="outage %d logged" % outage)
+                seen.append(failures()[before].get("error"))
+                rr = redis_up()
+                ids += self._insert_many(conn, 1000 * outage + 500, 20)
+                self.drained(30)
+            self.assertEqual(seen[0], seen[1], "the same error text both times")
+            self.assertIn("OOM", seen[0])
+            self.assertEqual(len(recoveries()), 2)
+            jobs = [json.loads(j) for j in rr.lrange("action_jobs", 0, -1)]
+            mine = [j for j in jobs if j["trigger_id"] == t]
+            self.assertEqual(len(mine), 2 * len(ids), "two jobs per event, none lost")
+            self.assertEqual(len(mine), len({j["id"] for j in mine}), "none twice")
+            self.assertEqual({j["event_id"] for j in mine}, set(ids))
+        finally:
+            conn.close()
+            self.assertEqual(svc.stop(), 0)
+            for p in procs:
+                p.kill()
+                p.wait()
+            shutil.rmtree(rdir, ignore_errors=True)
+            self.start_service()
+
     @staticmethod
     def _ping(rr):
         try:
