@@ -82,14 +82,17 @@ UNIT_BINS := $(UNIT_SRCS:tests/unit/%.c=$(O)/tests/%)
 # Small programs that integration tests drive (tests/integration/drivers).
 DRV_SRCS  := $(wildcard tests/integration/drivers/*.c)
 DRV_BINS  := $(DRV_SRCS:tests/integration/drivers/%.c=$(O)/tests/drivers/%)
+# action-workers with fault injection, for tests only: worker.c built again
+# with -DAE_FAULTS (see worker.c), every other object shared with bin/.
+FAULT_BIN := $(O)/tests/action-workers-faults
 
 ALL_OBJS  := $(LIB_OBJS) $(sort $(foreach p,$(PROGRAMS),$($(p)_SRCS:%.c=$(O)/%.o))) \
-             $(UNIT_SRCS:%.c=$(O)/%.o) $(DRV_SRCS:%.c=$(O)/%.o)
+             $(UNIT_SRCS:%.c=$(O)/%.o) $(DRV_SRCS:%.c=$(O)/%.o) $(O)/faults/action-workers/worker.o
 
 .PHONY: all test unit bench run up down clean deps lint tests
 all: $(LIB) $(BINS) libshared/libshared.a
 
-tests: $(UNIT_BINS) $(DRV_BINS)
+tests: $(UNIT_BINS) $(DRV_BINS) $(FAULT_BIN)
 
 # The SPEC names libshared/libshared.a; the real archive stays out of tree.
 libshared/libshared.a: $(LIB)
@@ -117,6 +120,17 @@ $(O)/tests/%: $(O)/tests/unit/%.o $(LIB)
 	$(call msg,LINK,$@)
 	$(Q)$(CC) $(ALL_LDFLAGS) -o $@ $^ $(ALL_LDLIBS) $(LWS_LIBS) -lcmocka
 
+$(O)/faults/%.o: %.c
+	@mkdir -p $(@D)
+	$(call msg,CC,$<+faults)
+	$(Q)$(CC) $(ALL_CPPFLAGS) -DAE_FAULTS $(ALL_CFLAGS) -c -o $@ $<
+
+$(FAULT_BIN): $(filter-out $(O)/action-workers/worker.o,$(action-workers_SRCS:%.c=$(O)/%.o)) \
+              $(O)/faults/action-workers/worker.o $(LIB)
+	@mkdir -p $(@D)
+	$(call msg,LINK,$@)
+	$(Q)$(CC) $(ALL_LDFLAGS) -o $@ $^ $(ALL_LDLIBS)
+
 $(O)/tests/drivers/%: $(O)/tests/integration/drivers/%.o $(LIB)
 	@mkdir -p $(@D)
 	$(call msg,LINK,$@)
@@ -130,7 +144,7 @@ unit: $(UNIT_BINS)
 # test, bench, up and run build in a sub-make, after deps: on a fresh
 # machine the packages pkg-config reads are there only then.
 test: deps
-	$(Q)$(MAKE) --no-print-directory all $(UNIT_BINS) $(DRV_BINS)
+	$(Q)$(MAKE) --no-print-directory all $(UNIT_BINS) $(DRV_BINS) $(FAULT_BIN)
 	$(Q)O=$(O) BINDIR=$(BINDIR) tests/run.sh
 
 bench: deps

@@ -47,15 +47,17 @@ static const char maintain_lua[] =
  * payload, due), one per job. One script records a whole batch, so a
  * batch costs one round trip and one script call instead of one per job.
  * Returns, per job, 1 when this call recorded it and 0 when the job was
- * neither leased nor queued (another worker holds or recorded it). */
+ * neither leased nor queued (another worker holds or recorded it), or was
+ * to be left leased (kind 4, QUEUE_KEEP: nothing to do). */
 static const char ack_lua[] =
     "local out = {}\n"
     "for i = 1, #ARGV, 4 do\n"
     "  local raw = ARGV[i]\n"
-    "  local r = redis.call('ZREM', KEYS[2], raw)\n"
-    "  if r == 0 then r = redis.call('LREM', KEYS[1], -1, raw) end\n"
+    "  local k = ARGV[i + 1]\n"
+    "  local r = 0\n"
+    "  if k ~= '4' then r = redis.call('ZREM', KEYS[2], raw) end\n"
+    "  if r == 0 and k ~= '4' then r = redis.call('LREM', KEYS[1], -1, raw) end\n"
     "  if r ~= 0 then\n"
-    "    local k = ARGV[i + 1]\n"
     "    if k == '1' then redis.call('ZADD', KEYS[3], ARGV[i + 3], ARGV[i + 2])\n"
     "    elseif k == '2' then redis.call('LPUSH', KEYS[4], ARGV[i + 2])\n"
     "    elseif k == '3' then redis.call('RPUSH', KEYS[1], raw) end\n"

@@ -32,7 +32,9 @@ typedef enum {
     QUEUE_DONE = 0,    /* finished (success or final failure): drop */
     QUEUE_RETRY = 1,   /* schedule `payload` on the delayed set at `due_ms` */
     QUEUE_DEAD = 2,    /* push `payload` to the dead-letter list */
-    QUEUE_RELEASE = 3  /* give the job back untouched (shutdown) */
+    QUEUE_RELEASE = 3, /* give the job back untouched (shutdown) */
+    QUEUE_KEEP = 4     /* record nothing: the job stays leased until the
+                        * reaper brings it back (out of memory) */
 } queue_ack_kind;
 
 typedef struct {

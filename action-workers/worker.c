@@ -198,9 +198,23 @@ static void unlink_job(job **list, int *n, job *j)
 
 /* The job as it goes back to Redis: the next attempt number and what went
  * wrong, for the dead-letter list and for whoever looks at the queue. */
+#ifdef AE_FAULTS
+/* Test builds only (build/tests/action-workers-faults): with
+ * AE_FAULT_PAYLOAD_OOM=1 every retry or dead-letter payload fails as if
+ * memory ran out, so the tests can see what that path does. */
+static int fault_payload_oom(void)
+{
+    const char *v = getenv("AE_FAULT_PAYLOAD_OOM");
+
+    return v && v[0] == '1';
+}
+#else
+#define fault_payload_oom() 0
+#endif
+
 static char *next_payload(job *j, int attempt, int throttled, int keep_pace)
 {
-    cJSON *d = cJSON_Duplicate(j->doc, 1);
+    cJSON *d = fault_payload_oom() ? NULL : cJSON_Duplicate(j->doc, 1);
     char *s;
 
     if (!d)
@@ -233,6 +247,7 @@ static const char *kind_name(act_kind k)
 static void finish(worker *w, job *j, long long now)
 {
     aw *app = w->app;
+    char e_oom[200];
 
     j->executed_at = j->t0 ? j->t0 : now;
     j->duration_ms = (long)(now - j->executed_at);
@@ -301,10 +316,14 @@ static void finish(worker *w, job *j, long long now)
         }
     }
     if ((j->ack_kind == QUEUE_RETRY || j->ack_kind == QUEUE_DEAD) && !j->ack_payload) {
-        /* Out of memory: leave the job leased; the reaper brings it back. */
-        j->ack_kind = QUEUE_DONE;
+        /* Out of memory: leave the job leased (no result row, nothing
+         * recorded in Redis); when its lease runs out the reaper puts it
+         * back on the list and the attempt runs again. */
+        j->ack_kind = QUEUE_KEEP;
         j->row_done = 1;
         j->out = OUT_NONE;
+        log_event(LOG_ERROR, "out of memory: job left leased for the reaper", "\"job_id\":\"%s\"",
+                  log_escape(e_oom, sizeof(e_oom), j->id));
     }
     /* The transfer's resources go back to the thread at once; the writer
      * needs only the outcome. */

@@ -18,6 +18,8 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "peers"))
 
 BINDIR = os.path.abspath(os.path.join(ROOT, os.environ.get("BINDIR", "bin")))
+# action-workers built with fault injection (make tests; -DAE_FAULTS).
+FAULT_BIN = os.path.abspath(os.path.join(ROOT, os.environ.get("O", "build"), "tests", "action-workers-faults"))
 # The local servers tests/run.sh started (TEST_DATABASE_URL, TEST_REDIS_URL:
 # their ports follow AE_PG_PORT and AE_REDIS_PORT), unless AW_TEST_* say
 # otherwise.
@@ -157,7 +159,7 @@ def make_job(action_type, config, event=None, trigger_id=None, **kw):
 class Worker:
     """bin/action-workers as a child process."""
 
-    def __init__(self, queue, redis_url=REDIS_URL, **env):
+    def __init__(self, queue, redis_url=REDIS_URL, binary=None, **env):
         self.port = free_port()
         self.env = dict(os.environ)
         self.env.update({
@@ -168,7 +170,7 @@ class Worker:
         })
         self.env.update({k: str(v) for k, v in env.items()})
         self.log = open("/tmp/aw-test-%s-%d.log" % (queue.replace(":", "_"), self.port), "w")
-        self.proc = subprocess.Popen([os.path.join(BINDIR, "action-workers")], env=self.env, cwd="/tmp",
+        self.proc = subprocess.Popen([binary or os.path.join(BINDIR, "action-workers")], env=self.env, cwd="/tmp",
                                      stdout=self.log, stderr=subprocess.STDOUT)
         if not wait_port(self.port):
             raise RuntimeError("action-workers did not start; see " + self.log.name)

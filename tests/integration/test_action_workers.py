@@ -65,11 +65,11 @@ class Base(unittest.TestCase):
         if keys:
             self.r.delete(*keys)
 
-    def worker(self, **env):
+    def worker(self, binary=None, **env):
         if self.TLS:
             env.setdefault("CA_BUNDLE", self.pki.ca)
         env = {k: v for k, v in env.items() if v is not None}
-        w = H.Worker(self.queue, **env)
+        w = H.Worker(self.queue, binary=binary, **env)
         self.workers.append(w)
         return w
 
@@ -705,6 +705,35 @@ class FaultTest(Base):
         self.assertEqual(len(reqs), 2)  # the killed attempt reached the peer too
         self.assertEqual({r["headers"]["x-idempotency-key"] for r in reqs}, {job["id"]})
         self.assertEqual(self.r.zcard(self.queue + "_inflight"), 0)
+
+    def test_out_of_memory_leaves_the_job_leased(self):
+        """Issue 9.3: when the retry payload cannot be built (out of memory,
+        injected in a test build), the job stays leased with no result row
+        and the reaper brings it back; it used to be acked as done and
+        dropped."""
+        self.assertTrue(os.access(H.FAULT_BIN, os.X_OK), H.FAULT_BIN + " is not built (make tests)")
+        self.hook.script("/oom", [Resp(500, {})] * 3 + [Resp(200, {})])
+        w = self.worker(binary=H.FAULT_BIN, AE_FAULT_PAYLOAD_OOM="1", JOB_VISIBILITY_TIMEOUT="2s")
+        job = self.push(H.make_job("rest", {"method": "POST", "url": self.url("/oom")}))
+        raw = json.dumps(job)
+        self.hook.wait(1, timeout=10, path="/oom")
+        end = time.time() + 10
+        while time.time() < end and "job left leased" not in open(w.log.name).read():
+            time.sleep(0.05)
+        self.assertIn("job left leased", open(w.log.name).read())
+        self.assertIsNotNone(self.r.zscore(self.queue + "_inflight", raw), "still leased")
+        self.assertEqual(self.r.llen(self.queue), 0)
+        # The lease runs out, the reaper puts the job back and it is tried
+        # again (failing again the same way): nothing was recorded.
+        self.hook.wait(2, timeout=15, path="/oom")
+        self.assertEqual(H.results(self.conn, job["id"]), [])
+        self.assertEqual(self.r.llen(self.queue + "_dlq"), 0)
+        w.stop()
+        # A worker with memory to spare finishes the job: nothing was lost.
+        self.worker(JOB_VISIBILITY_TIMEOUT="2s")
+        rows = H.wait_results(self.conn, job["id"], lambda rs: rs and rs[-1]["status"] == "success", timeout=30)
+        self.assertEqual(rows[-1]["status"], "success", rows)
+        self.assertEqual({r["headers"]["x-idempotency-key"] for r in self.hook.requests("/oom")}, {job["id"]})
 
     def test_redis_restart_during_burst(self):
         port = H.free_port()
