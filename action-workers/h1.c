@@ -59,14 +59,29 @@ static int body_add(h1_parser *p, const char *d, size_t n)
     return 0;
 }
 
-/* Does the comma list `v` (length n) contain the token `tok`? */
+/* Does the comma list `v` (length n) hold the token `tok`, as a whole
+ * element (case-insensitive, optional white space around it, parameters
+ * after ';' ignored)? "closed" or "keep-alive-ish" are other tokens. */
 static int has_token(const char *v, size_t n, const char *tok)
 {
-    size_t tl = strlen(tok);
+    size_t tl = strlen(tok), i = 0;
 
-    for (size_t i = 0; i + tl <= n; i++)
-        if (!strncasecmp(v + i, tok, tl))
+    while (i < n) {
+        size_t b, e;
+
+        while (i < n && (v[i] == ' ' || v[i] == '\t' || v[i] == ','))
+            i++;
+        b = i;
+        while (i < n && v[i] != ',' && v[i] != ';')
+            i++;
+        e = i;
+        while (e > b && (v[e - 1] == ' ' || v[e - 1] == '\t'))
+            e--;
+        if (e - b == tl && !strncasecmp(v + b, tok, tl))
             return 1;
+        while (i < n && v[i] != ',')
+            i++;
+    }
     return 0;
 }
 

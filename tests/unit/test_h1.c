@@ -217,6 +217,39 @@ static void body_to_close_and_eof(void **state)
     free(p);
 }
 
+/* Issue 9.3: tokens are matched whole: "closed" is not "close". */
+static void connection_tokens_whole(void **state)
+{
+    static const struct {
+        const char *hdr;
+        int close, keep_alive, chunked;
+    } v[] = {
+        {"Connection: closed", 0, 0, 0},
+        {"Connection: close", 1, 0, 0},
+        {"Connection: Keep-Alive, CLOSE", 1, 1, 0},
+        {"Connection: upgrade,close ", 1, 0, 0},
+        {"Connection: keep-alive-ish, noclose", 0, 0, 0},
+        {"Connection: \tkeep-alive\t", 0, 1, 0},
+        {"Transfer-Encoding: chunkedx", 0, 0, 0},
+        {"Transfer-Encoding: gzip, chunked", 0, 0, 1},
+        {"Transfer-Encoding: chunked;q=1", 0, 0, 1},
+    };
+    h1_parser *p = malloc(sizeof(*p));
+    char r[256];
+    size_t used;
+
+    (void)state;
+    for (size_t i = 0; i < sizeof(v) / sizeof(v[0]); i++) {
+        snprintf(r, sizeof(r), "HTTP/1.1 200 OK\r\n%s\r\n", v[i].hdr);
+        h1_parser_init(p, 0, NULL, NULL, NULL);
+        assert_int_equal(h1_parse(p, r, strlen(r), &used), H1_PARSE_MORE);
+        assert_int_equal(p->conn_close, v[i].close);
+        assert_int_equal(p->keep_alive, v[i].keep_alive);
+        assert_int_equal(p->chunked, v[i].chunked);
+    }
+    free(p);
+}
+
 static void no_body_statuses_and_head(void **state)
 {
     h1_parser *p = malloc(sizeof(*p));
@@ -271,6 +304,7 @@ int main(void)
         cmocka_unit_test(body_to_close_and_eof),
         cmocka_unit_test(no_body_statuses_and_head),
         cmocka_unit_test(connection_close_and_bounded_body),
+        cmocka_unit_test(connection_tokens_whole),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);
