@@ -25,6 +25,7 @@ import psycopg2
 
 from aetest import BINDIR, DATABASE_URL, Service, http, http_json, wait_for
 from pgtmp import PgTmp, free_port
+from tools import need
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KEY = "test-sync-key"
@@ -608,7 +609,8 @@ class Khala(unittest.TestCase):
                   "process.stdout.write(jwt.sign({sub:'user:7',oa_user_id:7,oa_sync_scopes:['runtime.run_events']},"
                   "process.argv[1],{algorithm:'HS256',expiresIn:600,issuer:process.argv[2],audience:process.argv[3],"
                   "jwtid:'node-'+Date.now()}));")
-        r = subprocess.run(["node", "-e", script, KEY, ISS, AUD], cwd=HERE, capture_output=True, text=True, check=True)
+        r = subprocess.run([need("node"), "-e", script, KEY, ISS, AUD], cwd=HERE, capture_output=True, text=True,
+                           check=True)
         st, _, b = self.rt.poll(topic, token=r.stdout.strip())
         self.assertEqual(st, 200, b)
         self.assertEqual([m["sequence"] for m in b["messages"]], [1, 2])
