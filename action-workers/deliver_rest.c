@@ -106,12 +106,13 @@ static int header_ok(const char *s)
 }
 
 /* Plain http:// URLs without user info go through h1.c (HTTP_CLIENT=native);
- * everything else stays with libcurl. */
+ * everything else stays with libcurl, and so does a request target too
+ * long for target_info's copy. */
 static int native_ok(const char *url, const target_info *ti)
 {
     const char *a = url + 7;
 
-    if (strncasecmp(url, "http://", 7) || ti->addrlen == 0)
+    if (strncasecmp(url, "http://", 7) || ti->addrlen == 0 || !ti->path[0])
         return 0;
     return !memchr(a, '@', strcspn(a, "/?#"));
 }
@@ -149,8 +150,7 @@ static int usable_header(const cJSON *h)
 static int native_build(aw *app, job *j, const char *method, const char *url, const target_info *ti,
                         const cJSON *hs, long timeout_ms, size_t max_resp)
 {
-    const char *a = url + 7, *path = a + strcspn(a, "/?#");
-    size_t plen = strcspn(path, "#"), blen = j->body ? strlen(j->body) : 0;
+    size_t blen = j->body ? strlen(j->body) : 0;
     buf *b = &j->req;
     const cJSON *h;
     char num[1 + FMT_I64_MAX];
@@ -170,9 +170,7 @@ static int native_build(aw *app, job *j, const char *method, const char *url, co
         }
     bad |= buf_puts(b, method);
     bad |= buf_puts(b, " ");
-    if (plen == 0 || path[0] == '?')
-        bad |= buf_puts(b, "/");
-    bad |= buf_append(b, path, plen);
+    bad |= buf_puts(b, ti->path);
     /* Built piece by piece: snprintf's format parsing cost more than the
      * copying, once per delivery. */
     ipv6 = strchr(ti->host, ':') != NULL;

@@ -206,6 +206,35 @@ static int name_allowed(const target_policy *p, const char *host)
     return 0;
 }
 
+/* out->path from the parsed URL: its path and query, as libcurl's request
+ * line carries them (dot segments resolved, no fragment); "" when they are
+ * longer than the buffer. */
+static void request_path(CURLU *u, target_info *out)
+{
+    char *path = NULL, *query = NULL;
+    size_t pl, ql;
+
+    out->path[0] = '\0';
+    if (curl_url_get(u, CURLUPART_PATH, &path, 0) != CURLUE_OK || !path)
+        goto out;
+    if (curl_url_get(u, CURLUPART_QUERY, &query, 0) != CURLUE_OK)
+        query = NULL;
+    pl = strlen(path);
+    ql = query ? strlen(query) : 0;
+    if (pl + (query ? 1 + ql : 0) >= sizeof(out->path))
+        goto out;
+    memcpy(out->path, path, pl);
+    if (query) {
+        out->path[pl] = '?';
+        memcpy(out->path + pl + 1, query, ql);
+        pl += 1 + ql;
+    }
+    out->path[pl] = '\0';
+out:
+    curl_free(path);
+    curl_free(query);
+}
+
 static int split_url(const char *url, target_info *out, char *err, size_t errlen)
 {
     CURLU *u = curl_url();
@@ -259,6 +288,7 @@ static int split_url(const char *url, target_info *out, char *err, size_t errlen
         out->host[n] = '\0';
     }
     out->port = (int)strtol(port, NULL, 10);
+    request_path(u, out);
     rc = 0;
 out:
     curl_free(scheme);

@@ -25,6 +25,10 @@ typedef struct {
     char host[256];     /* as in the URL, without brackets */
     int port;
     char resolve[400];  /* "host:port:addr" for CURLOPT_RESOLVE; "" for IP literals */
+    /* The request target as libcurl sends it ("/path?query", from the
+     * same curl_url() parse); "" when it does not fit here, and then h1
+     * leaves the request to libcurl. */
+    char path[256];
     struct sockaddr_storage addr; /* the pinned address (with the port), for h1's connect */
     socklen_t addrlen;
 } target_info;

@@ -110,6 +110,19 @@ class RestTest(Base):
         self.assertEqual(rows[0]["response_data"]["status"], 200)
         self.assertIsNotNone(rows[0]["duration_ms"])
 
+    def test_path_and_query_as_parsed(self):
+        """Issue 9.3: the request target is the path and query from the one
+        curl_url() parse in target.c (dot segments resolved, the fragment
+        left out), the same on h1 and on libcurl."""
+        for client in ("native", "curl"):
+            self.hook.clear()
+            w = self.worker(HTTP_CLIENT=client)
+            job = self.push(H.make_job("rest", {"method": "POST", "url": self.url("/a/../pq?x=1&y=%20z#frag")}))
+            reqs = self.hook.wait(1)
+            self.assertEqual([r["path"] for r in reqs], ["/pq?x=1&y=%20z"], client)
+            self.assertEqual(reqs[0]["headers"]["x-idempotency-key"], job["id"])
+            w.stop()
+
     def test_5xx_retried_then_dead_lettered(self):
         self.worker(RETRY_BASE_MS=150, RETRY_MAX_ATTEMPTS=3)
         self.hook.default = Resp(503, {"error": "down"})

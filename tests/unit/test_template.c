@@ -127,6 +127,37 @@ static void target_ranges(void **state)
     assert_false(restricted("2001:4860::8888"));
 }
 
+/* Issue 9.3: the request target comes from target_check's curl_url()
+ * parse, as libcurl would send it, not from a second parse by hand. */
+static void target_request_path(void **state)
+{
+    static const struct {
+        const char *url, *path;
+    } v[] = {
+        {"http://127.0.0.1", "/"},
+        {"http://127.0.0.1:81?q=1", "/?q=1"},
+        {"http://127.0.0.1/a/b?x=1&y=%20#frag", "/a/b?x=1&y=%20"},
+        {"http://127.0.0.1/a/../b/./c", "/b/c"},
+        {"http://user:pw@127.0.0.1/p?", "/p?"},
+        {"http://127.0.0.1/#only-fragment", "/"},
+    };
+    char err[300], url[600];
+    target_info ti;
+    target_policy *p = target_policy_new("127.0.0.1", err, sizeof(err));
+
+    (void)state;
+    assert_non_null(p);
+    for (size_t i = 0; i < sizeof(v) / sizeof(v[0]); i++) {
+        assert_int_equal(target_check(p, v[i].url, &ti, err, sizeof(err)), 0);
+        assert_string_equal(ti.path, v[i].path);
+    }
+    /* Too long for target_info: left empty (h1 then leaves it to libcurl). */
+    snprintf(url, sizeof(url), "http://127.0.0.1/%0300d", 7);
+    assert_int_equal(target_check(p, url, &ti, err, sizeof(err)), 0);
+    assert_string_equal(ti.path, "");
+    target_policy_free(p);
+}
+
 static void target_policy_checks(void **state)
 {
     char err[300];
@@ -139,6 +170,7 @@ static void target_policy_checks(void **state)
     assert_string_equal(ti.host, "127.0.0.1");
     assert_int_equal(ti.port, 8080);
     assert_string_equal(ti.resolve, "");
+    assert_string_equal(ti.path, "/x");
     assert_int_equal(target_check(p, "http://10.9.3.4/x", &ti, err, sizeof(err)), 0);
     assert_int_equal(target_check(p, "https://10.10.3.4/x", &ti, err, sizeof(err)), -1);
     assert_int_equal(target_check(p, "http://127.0.0.2/x", &ti, err, sizeof(err)), -1);
@@ -344,6 +376,7 @@ int main(void)
         cmocka_unit_test(render_fields),        cmocka_unit_test(render_json_escapes),
         cmocka_unit_test(render_markdown_and_edges), cmocka_unit_test(render_json_tree),
         cmocka_unit_test(target_ranges),        cmocka_unit_test(target_policy_checks),
+        cmocka_unit_test(target_request_path),
         cmocka_unit_test(breaker_cycle),        cmocka_unit_test(buf_bounds),
         cmocka_unit_test(telegram_markdown_values), cmocka_unit_test(telegram_markdown_v2_values),
         cmocka_unit_test(telegram_html_values), cmocka_unit_test(telegram_escape_places),
