@@ -12,18 +12,29 @@
 #   scripts/stack.sh status   servers and services, with their health
 #   scripts/stack.sh env      prints what `up` writes to var/env
 #
-# Environment: BINDIR (bin), STACK_TIMEOUT (60 s for the health checks).
+# Environment: BINDIR (bin), STACK_TIMEOUT (60 s for the health checks),
+# STACK_VAR (var), STACK_SERVICES (all five), STACK_PORTS (the services'
+# ports in the order above; 8080 8081 4100 9101 9102): the last three let a
+# test run a stack beside another.
 # Everything already exported when it runs (TELEGRAM_API_BASE, ALLOWED_TARGETS,
 # MY_SERVICE_URL...) reaches the services unchanged; JWT_SECRET, INGEST_TOKEN,
 # INTERNAL_TOKEN and RUNTIME_SYNC_TOKEN_SIGNING_KEY default to random values
 # generated once into var/secrets.
 #
-# Files: var/log/<service>.log, var/run/<service>.pid, var/env, var/secrets.
+# The configuration the stack was started with is kept (SPEC 7): the first
+# `up` records the pass-through variables (every name a service reads
+# through cfg, and every *_URL) in var/stack.env; a later `up` that starts a
+# service again (it crashed, or its binary was rebuilt) gives it those
+# values, whatever the calling shell has, and says which ones differ there.
+# `down` forgets them, so the next `up` records afresh.
+#
+# Files: var/log/<service>.log, var/run/<service>.pid, var/env, var/secrets,
+# var/stack.env.
 set -euo pipefail
 umask 022
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
-VAR=$ROOT/var
+VAR=${STACK_VAR:-$ROOT/var}
 BINDIR=${BINDIR:-bin}
 [[ $BINDIR == /* ]] || BINDIR=$ROOT/$BINDIR
 SERVERS=$ROOT/scripts/servers.sh
@@ -33,7 +44,10 @@ STACK_TIMEOUT=${STACK_TIMEOUT:-60}
 # mark (tests/run.sh kills marked processes when the suite ends).
 unset AE_TEST_RUN
 
-SERVICES=(api-gateway realtime runtime event-processor action-workers)
+ALL_SERVICES=(api-gateway realtime runtime event-processor action-workers)
+read -r -a SERVICES <<<"${STACK_SERVICES:-${ALL_SERVICES[*]}}"
+read -r -a PORTS <<<"${STACK_PORTS:-8080 8081 4100 9101 9102}"
+STACK_ENV=$VAR/stack.env
 SECRET_NAMES=(JWT_SECRET INGEST_TOKEN INTERNAL_TOKEN RUNTIME_SYNC_TOKEN_SIGNING_KEY)
 # The services' own URLs go to var/env only. They are deliberately not
 # named GATEWAY_URL etc.: the gateway registers a proxied service for every
@@ -46,31 +60,32 @@ die() { log "error: $*"; exit 1; }
 
 # ---------------------------------------------------------------- service table
 
-health_url() {
-    case $1 in
-        api-gateway) echo http://127.0.0.1:8080/api/v1/health ;;
-        realtime) echo http://127.0.0.1:8081/health ;;
-        runtime) echo http://127.0.0.1:4100/healthz ;;
-        event-processor) echo http://127.0.0.1:9101/health ;;
-        action-workers) echo http://127.0.0.1:9102/health ;;
-    esac
+service_port() {
+    local i
+    for i in "${!ALL_SERVICES[@]}"; do
+        if [[ ${ALL_SERVICES[$i]} == "$1" ]]; then echo "${PORTS[$i]}"; fi
+    done
 }
 
-service_port() {
-    local url
-    url=$(health_url "$1")
-    url=${url#http://127.0.0.1:}
-    echo "${url%%/*}"
+health_url() {
+    local port
+    port=$(service_port "$1")
+    case $1 in
+        api-gateway) echo "http://127.0.0.1:$port/api/v1/health" ;;
+        realtime | event-processor | action-workers) echo "http://127.0.0.1:$port/health" ;;
+        runtime) echo "http://127.0.0.1:$port/healthz" ;;
+    esac
 }
 
 # The variables that put each service on its port.
 service_port_env() {
+    local port
+    port=$(service_port "$1")
     case $1 in
-        api-gateway) echo SERVER_PORT=8080 ;;
-        realtime) echo PORT=8081 ;;
-        runtime) echo RUNTIME_BIND_ADDR=127.0.0.1:4100 ;;
-        event-processor) echo METRICS_PORT=9101 ;;
-        action-workers) echo METRICS_PORT=9102 ;;
+        api-gateway) echo "SERVER_PORT=$port" ;;
+        realtime) echo "PORT=$port" ;;
+        runtime) echo "RUNTIME_BIND_ADDR=127.0.0.1:$port" ;;
+        event-processor | action-workers) echo "METRICS_PORT=$port" ;;
     esac
 }
 
@@ -116,11 +131,79 @@ env_lines() {
     done
     printf 'export TELEGRAM_API_BASE=%q\n' "${TELEGRAM_API_BASE:-https://api.telegram.org}"
     printf 'export MIGRATIONS_DIR=%q\n' "$MIGRATIONS_DIR"
-    printf 'export AE_GATEWAY_URL=%q\n' http://127.0.0.1:8080
-    printf 'export AE_REALTIME_URL=%q\n' http://127.0.0.1:8081
-    printf 'export AE_RUNTIME_URL=%q\n' http://127.0.0.1:4100
-    printf 'export AE_EVENT_PROCESSOR_URL=%q\n' http://127.0.0.1:9101
-    printf 'export AE_ACTION_WORKERS_URL=%q\n' http://127.0.0.1:9102
+    printf 'export AE_GATEWAY_URL=%q\n' "http://127.0.0.1:$(service_port api-gateway)"
+    printf 'export AE_REALTIME_URL=%q\n' "http://127.0.0.1:$(service_port realtime)"
+    printf 'export AE_RUNTIME_URL=%q\n' "http://127.0.0.1:$(service_port runtime)"
+    printf 'export AE_EVENT_PROCESSOR_URL=%q\n' "http://127.0.0.1:$(service_port event-processor)"
+    printf 'export AE_ACTION_WORKERS_URL=%q\n' "http://127.0.0.1:$(service_port action-workers)"
+}
+
+# ---------------------------------------------------------------- recorded configuration
+
+# The pass-through variables: every name the services read through a cfg
+# getter (found in the sources, so a new setting is covered without a list
+# to keep), and every *_URL in the environment (the gateway proxies a
+# service per {NAME}_URL), less the AE_*_URL that stack.sh itself writes.
+config_names() {
+    {
+        grep -rhoE 'cfg_[a-z0-9_]+\([a-z_>.-]+, "[A-Z][A-Z0-9_]*"' "$ROOT"/libshared/*.c "$ROOT"/*/*.c 2>/dev/null |
+            sed -E 's/.*"([A-Z0-9_]+)"$/\1/'
+        compgen -e | grep -E '^[A-Z][A-Z0-9_]*_URL$' || true
+    } | grep -vxF -f <(printf '%s\n' "${AE_URLS[@]}") | sort -u
+}
+
+# Prints NAME=VALUE (NUL-terminated) for each pass-through variable this
+# process has in its environment.
+config_now() {
+    local n
+    declare -A exported=()
+    while read -r n; do exported[$n]=1; done < <(compgen -e)
+    while read -r n; do
+        if [[ -n ${exported[$n]:-} ]]; then printf '%s=%s\0' "$n" "${!n}"; fi
+    done < <(config_names)
+}
+
+# Writes the pass-through variables set now to var/stack.env.
+record_config() {
+    local tmp kv
+    mkdir -p "$VAR"
+    tmp=$(mktemp "$VAR/.stack.env.XXXXXX")
+    {
+        echo "# The pass-through configuration of the stack's first \`up\` (scripts/stack.sh); \`down\` removes it."
+        while IFS= read -r -d '' kv; do
+            printf 'export %s=%q\n' "${kv%%=*}" "${kv#*=}"
+        done < <(config_now)
+    } >"$tmp"
+    chmod 600 "$tmp"
+    mv "$tmp" "$STACK_ENV"
+}
+
+# Puts this shell's pass-through variables back to what var/stack.env
+# recorded (set, or unset when they were not set then), after naming the
+# ones that differ. The values are not printed: some are secrets.
+apply_recorded_config() {
+    local kv n
+    local -a differ=()
+    declare -A now=() rec=()
+    while IFS= read -r -d '' kv; do now[${kv%%=*}]=${kv#*=}; done < <(config_now)
+    # The file holds only `export NAME=%q` lines: read in a subshell with
+    # everything else unset, it gives back exactly the recorded values.
+    while IFS= read -r -d '' kv; do rec[${kv%%=*}]=${kv#*=}; done < <(
+        for n in "${!now[@]}"; do unset "$n"; done
+        # shellcheck disable=SC1090
+        . "$STACK_ENV"
+        config_now
+    )
+    for n in "${!now[@]}" "${!rec[@]}"; do
+        if [[ -n ${now[$n]+set} && -n ${rec[$n]+set} && ${now[$n]} == "${rec[$n]}" ]]; then continue; fi
+        [[ " ${differ[*]} " == *" $n "* ]] || differ+=("$n")
+    done
+    for n in "${!now[@]}"; do [[ -n ${rec[$n]+set} ]] || unset "$n"; done
+    for n in "${!rec[@]}"; do export "$n=${rec[$n]}"; done
+    if ((${#differ[@]} > 0)); then
+        log "this environment differs from the one the stack was started with in: $(printf '%s\n' "${differ[@]}" | sort | tr '\n' ' ')"
+        log "services started now get the recorded values (${STACK_ENV#"$ROOT"/}); \`make down\` first to start afresh with these"
+    fi
 }
 
 # Loads the URLs and secrets into this shell's environment.
@@ -235,7 +318,9 @@ wait_healthy() {
     while ((${#pending[@]} > 0)); do
         still=()
         for name in "${pending[@]}"; do
-            if ! service_pid "$name" >/dev/null; then
+            # Just started, the pid may still be the subshell on its way to
+            # exec the service: alive is enough here.
+            if ! kill -0 "$(tr -dc 0-9 <"$(pidfile "$name")")" 2>/dev/null; then
                 show_log_tail "$name"
                 die "$name exited during start-up"
             fi
@@ -263,6 +348,7 @@ STARTED_SERVICES=()
 cmd_up() {
     local name
     mkdir -p "$VAR/log" "$VAR/run"
+    if [[ -f $STACK_ENV ]]; then apply_recorded_config; else record_config; fi
     "$SERVERS" start all >/dev/null
     load_env
     [[ -x $BINDIR/migrate ]] || die "$BINDIR/migrate is not built (run make)"
@@ -289,6 +375,7 @@ cmd_down_services() {
 
 cmd_down() {
     cmd_down_services
+    rm -f "$STACK_ENV"
     "$SERVERS" stop all
 }
 
