@@ -19,6 +19,7 @@ import unittest
 
 from aetest import ROOT, http, wait_for
 from pgtmp import free_port
+from tools import need
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO = os.path.join(ROOT, os.environ.get("O", "build"), "tests", "drivers", "wsapp_demo")
@@ -54,7 +55,7 @@ class Demo:
 
 def node(script, timeout=30):
     """Runs a node script (with `ws` resolvable) and returns its JSON output."""
-    r = subprocess.run(["node", "-e", script], cwd=HERE, capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run([need("node"), "-e", script], cwd=HERE, capture_output=True, text=True, timeout=timeout)
     if r.returncode != 0:
         raise AssertionError("node failed: %s %s" % (r.stdout, r.stderr))
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -278,7 +279,7 @@ class ProcessTest(unittest.TestCase):
 const ws = new WebSocket('ws://127.0.0.1:%d/echo?key=ok');
 ws.on('message', (m) => { if (m.toString() == 'hello') console.error('open'); });
 ws.on('close', (c, r) => console.log(JSON.stringify({code: c, reason: r.toString()})));""" % d.port
-        p = subprocess.Popen(["node", "-e", script], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        p = subprocess.Popen([need("node"), "-e", script], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
         self.assertEqual(p.stderr.readline().strip(), "open")
         self.assertEqual(d.stop(), 0)
