@@ -23,6 +23,7 @@ import uuid
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from aetest import REDIS_URL, Service, http, http_json, wait_for  # noqa: E402
 from pgtmp import free_port  # noqa: E402
+from tools import need  # noqa: E402
 
 import redis  # noqa: E402
 
@@ -49,7 +50,7 @@ class Client:
     """npm eventsource in a node process; events as dicts, in order."""
 
     def __init__(self, base, client_id, count=1000, timeout_ms=15000, last_id=None):
-        args = ["node", os.path.join(HERE, "sse_client.js"), "%s/api/v1/events/%s" % (base, client_id),
+        args = [need("node"), os.path.join(HERE, "sse_client.js"), "%s/api/v1/events/%s" % (base, client_id),
                 str(count), str(timeout_ms)]
         if last_id is not None:
             args.append(str(last_id))
