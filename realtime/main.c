@@ -32,6 +32,7 @@ typedef struct {
     int port;
     int reuse_port;
     int stop_grace_ms;
+    long send_queue_bytes;
     char conninfo[2048];
     char amqp_url[1024];
     char instance_id[128];
@@ -97,6 +98,9 @@ static void realtime_config(cfg *c, realtime *rt)
     rt->port = (int)cfg_int(c, "PORT", 8081, 0, 65535);
     rt->reuse_port = cfg_bool(c, "REUSE_PORT", 0);
     rt->stop_grace_ms = (int)cfg_duration_ms(c, "SHUTDOWN_GRACE", 5000, 1);
+    /* A reader that falls this far behind is dropped (messaging's /info
+     * shows the same variable). */
+    rt->send_queue_bytes = cfg_int(c, "SEND_QUEUE_BYTES", 262144, 4096, 1L << 30);
     snprintf(rt->amqp_url, sizeof(rt->amqp_url), "%s",
              cfg_str(c, "AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f"));
     dbpool_conninfo_from_cfg(c, rt->conninfo, sizeof(rt->conninfo));
@@ -151,6 +155,7 @@ int main(void)
     wo.reuse_port = rt.reuse_port;
     wo.access_log = 1;
     wo.max_connections = 19000;
+    wo.send_queue_bytes = (size_t)rt.send_queue_bytes;
     wo.metrics = rt.h.metrics;
     rt.h.app = wsapp_new(&wo, err, sizeof(err));
     if (!rt.h.app || wsapp_route(rt.h.app, "GET", "/health", realtime_health, &rt) < 0 ||
@@ -188,10 +193,12 @@ out:
         if (rt_modules[started]->stop)
             rt_modules[started]->stop(rt.state[started]);
     }
+    /* Connections still open are closed here, their close hooks run:
+     * the modules are freed after. */
+    wsapp_free(rt.h.app);
     for (size_t i = RT_NMODULES; i > 0; i--)
         if (rt_modules[i - 1]->free && rt.state[i - 1])
             rt_modules[i - 1]->free(rt.state[i - 1]);
-    wsapp_free(rt.h.app);
     health_free(rt.h.health);
     amqpc_free(amqp);
     rconn_free(redis);

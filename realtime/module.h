@@ -11,8 +11,10 @@
  *   configure (every module)   reads variables; errors go to the cfg
  *   attach    (every module)   registers routes, checks; the server is not yet listening
  *   start     (every module)   after the server listens: threads, timers (via wsapp_post)
- *   stop      (reverse order)  after the server stopped (no callback runs any more)
- *   free      (reverse order)
+ *   stop      (reverse order)  after the loop ended (no callback runs any more);
+ *                              free timers here: they need the server
+ *   free      (reverse order)  after the server is freed (the close hooks of
+ *                              connections still open have run by then)
  * Any hook may be NULL. A module's routes and timers run on the server's
  * loop thread (see wsapp.h); its own threads talk to the loop through
  * wsapp_post. */

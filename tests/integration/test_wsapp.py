@@ -8,7 +8,6 @@ reader dropped while others go on, SO_REUSEPORT and SIGTERM.
 The WebSocket client is the stock npm `ws` package (node), beside raw
 sockets for what a polite client cannot do (stop reading)."""
 
-import base64
 import json
 import os
 import signal
@@ -20,6 +19,7 @@ import unittest
 from aetest import ROOT, http, wait_for
 from pgtmp import free_port
 from tools import need
+import wsraw
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO = os.path.join(ROOT, os.environ.get("O", "build"), "tests", "drivers", "wsapp_demo")
@@ -84,30 +84,6 @@ def ws_run(port, query, protos=None, sends=(), wait_ms=300, path="/echo"):
         json.dumps("ws://127.0.0.1:%d%s%s" % (port, path, query)), json.dumps(protos or []),
         json.dumps(list(sends)), wait_ms)
     return node(script)
-
-
-def ws_handshake(port, query="?key=ok"):
-    """A raw socket that completed the upgrade (and read the first frame)."""
-    s = socket.create_connection(("127.0.0.1", port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    s.sendall(("GET /echo%s HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-               "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n" % (query, key)).encode())
-    data = b""
-    while b"\r\n\r\n" not in data:
-        data += s.recv(4096)
-    assert data.startswith(b"HTTP/1.1 101"), data
-    return s
-
-
-def ws_send_text(s, text):
-    payload = text.encode()
-    mask = os.urandom(4)
-    hdr = bytes([0x81])
-    if len(payload) < 126:
-        hdr += bytes([0x80 | len(payload)])
-    else:
-        hdr += bytes([0x80 | 126]) + len(payload).to_bytes(2, "big")
-    s.sendall(hdr + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
 
 
 class DemoCase(unittest.TestCase):
@@ -232,9 +208,9 @@ ws.on('close', () => console.log(JSON.stringify(got)));""" % self.demo.port)
         self.assertEqual((r["code"], r["reason"]), (4001, "asked to"))
 
     def test_slow_reader_dropped_others_served(self):
-        slow = ws_handshake(self.demo.port)
+        slow = wsraw.connect(self.demo.port, "/echo?key=ok")
         slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        ws_send_text(slow, "flood 30000")
+        wsraw.send_text(slow, "flood 30000")
         # The server drops it once its queue passes 256 KiB: reading what
         # the kernel kept ends in EOF or a reset.
         def dropped():

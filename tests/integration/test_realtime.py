@@ -1,0 +1,442 @@
+"""realtime /ws (SPEC 5a) against real Redis, with the stock npm `ws` client
+(node) and raw sockets for the misbehaving peers: every frame type, the four
+token sources, 401s, refresh and 4001 at expiry, topic permissions, rooms
+and presence, two instances through Redis (broadcast, direct message, room,
+presence, a dead instance's presence expiring), trigger.fired on
+rt:topic:user:{id}, MAX_CONNECTIONS, rate limits, bad and oversize frames,
+heartbeat timeout, a slow reader dropped, /health /info /metrics
+(promtool)."""
+
+import base64
+import json
+import os
+import socket
+import subprocess
+import time
+import unittest
+
+import redis
+
+from aetest import AMQP_URL, DATABASE_URL, REDIS_URL, Service, http, http_json, wait_for
+from pgtmp import free_port
+import wsraw
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SECRET = "test-realtime-secret-0123456789abcdef"
+
+
+def setUpModule():
+    subprocess.run([os.path.join(HERE, "setup-node.sh")], check=True)
+
+
+def node(script, timeout=60):
+    r = subprocess.run(["node", "-e", PRELUDE + script], cwd=HERE, capture_output=True, text=True,
+                       timeout=timeout)
+    if r.returncode != 0:
+        raise AssertionError("node failed: %s\n%s" % (r.stdout, r.stderr))
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+# A scripted client: connect(url, opts) resolves once Status connected
+# arrives; c.next(pred) waits for a frame; c.frames keeps everything.
+PRELUDE = r"""
+const WebSocket = require('ws'); const jwt = require('jsonwebtoken');
+const SECRET = %s;
+function tok(claims, exp) { return jwt.sign(claims, SECRET, {expiresIn: exp || 60}); }
+function connect(url, protos, headers) {
+  return new Promise((res, rej) => {
+    const ws = new WebSocket(url, protos || [], {headers: headers || {}});
+    const c = {ws, frames: [], waiters: [], closed: null};
+    ws.on('unexpected-response', (req, r) => { let b = ''; r.on('data', d => b += d);
+      r.on('end', () => res({refused: r.statusCode, body: b})); });
+    ws.on('message', (d, bin) => { const f = JSON.parse(d.toString());
+      if (f.type == 'Status' && f.data.status == 'connected' && !c.hello) { c.hello = f; return res(c); }
+      c.frames.push(f); c.waiters = c.waiters.filter(w => !(w.pred(f) && (w.res(f), true))); });
+    ws.on('close', (code, reason) => { c.closed = {code, reason: reason.toString()};
+      for (const w of c.waiters) w.res(null); c.waiters = []; });
+    ws.on('error', e => rej(e));
+  });
+}
+function next(c, pred, ms) {
+  const seen = c.frames.find(pred); if (seen) { c.frames.splice(c.frames.indexOf(seen), 1); return Promise.resolve(seen); }
+  return new Promise(res => { const w = {pred: f => pred(f), res: f => { if (f) c.frames.splice(c.frames.indexOf(f), 1); res(f); }};
+    c.waiters.push(w); setTimeout(() => { c.waiters = c.waiters.filter(x => x !== w); res(null); }, ms || 3000); });
+}
+function send(c, type, data) { c.ws.send(JSON.stringify({type, data})); }
+const is = (t, f2) => f => f.type == t && (!f2 || f2(f.data));
+const sleep = ms => new Promise(r => setTimeout(r, ms));
+function closed(c, ms) { return new Promise(res => { if (c.closed) return res(c.closed);
+  c.ws.on('close', () => res(c.closed)); setTimeout(() => res(null), ms); }); }
+""" % json.dumps(SECRET)
+
+
+def rt_env(port, **extra):
+    env = {"PORT": str(port), "HOST": "127.0.0.1", "JWT_SECRET": SECRET, "DATABASE_URL": DATABASE_URL,
+           "AMQP_URL": AMQP_URL, "LOG_LEVEL": "info"}
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+class Realtime(Service):
+    def __init__(self, port=None, **extra):
+        self.port = port or free_port()
+        super().__init__("realtime", rt_env(self.port, **extra), health="http://127.0.0.1:%d/health" % self.port,
+                         health_status=200)
+        self.url = "ws://127.0.0.1:%d/ws" % self.port
+        self.base = "http://127.0.0.1:%d" % self.port
+
+
+def metric(base, name):
+    _, _, body = http("GET", base + "/metrics")
+    total = 0.0
+    for line in body.decode().splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            total += float(line.split()[-1])
+    return total
+
+
+class LocalTest(unittest.TestCase):
+    """One instance without Redis."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.rt = Realtime(RATE_LIMIT_PER_SECOND=50, RATE_LIMIT_BURST=50, HEARTBEAT_INTERVAL="1s",
+                          CLIENT_TIMEOUT="3s")
+        cls.rt.start()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.rt.stop()
+
+    def run_js(self, body, timeout=60):
+        return node("const URL = %s;\n(async () => {\n%s\n})().catch(e => { console.error(e); process.exit(1); });"
+                    % (json.dumps(self.rt.url), body), timeout)
+
+    def test_every_frame_type(self):
+        r = self.run_js(r"""
+const a = await connect(URL + '?token=' + tok({sub: 'alice'}));
+const b = await connect(URL + '?token=' + tok({user_id: 'bob', sub: 'ignored'}));
+const out = {};
+out.connected = a.frames.length == 0;
+send(a, 'Ping', {timestamp: 12345}); out.pong = (await next(a, is('Pong'))).data;
+send(a, 'Subscribe', {topics: ['news', 'sport']}); out.sub = (await next(a, is('Status'))).data;
+send(b, 'Subscribe', {topics: ['news']}); await next(b, is('Status'));
+send(b, 'Broadcast', {topic: 'news', payload: {headline: 'x'}});
+out.ack = (await next(b, is('Ack'))).data;
+out.bcast_a = (await next(a, is('Broadcast'))).data;
+out.bcast_b = (await next(b, is('Broadcast'))).data;
+send(a, 'Unsubscribe', {topics: ['news']}); out.unsub = (await next(a, is('Status'))).data;
+send(b, 'Broadcast', {topic: 'news', payload: 2}); await next(b, is('Broadcast')); await next(b, is('Ack'));
+out.after_unsub = await next(a, is('Broadcast'), 300);
+const a2 = await connect(URL + '?token=' + tok({sub: 'alice'}));
+send(b, 'DirectMessage', {target_user: 'alice', payload: {hi: 1}});
+out.dm_ack = (await next(b, is('Ack', d => d.message_id.startsWith('direct_')))).data;
+out.dm1 = (await next(a, is('DirectMessage'))).data; out.dm2 = (await next(a2, is('DirectMessage'))).data;
+send(b, 'DirectMessage', {target_user: 'nobody', payload: 1}); out.dm404 = (await next(b, is('Error'))).data;
+send(a, 'JoinRoom', {room: 'lobby'}); out.joined = (await next(a, is('Status'))).data;
+out.pres_self = (await next(a, is('PresenceUpdate'))).data;
+send(b, 'JoinRoom', {room: 'lobby'}); await next(b, is('Status'));
+out.pres_b = (await next(a, is('PresenceUpdate', d => d.user_id == 'bob'))).data;
+send(b, 'RoomMessage', {room: 'lobby', payload: 'hello room'});
+out.room_ack = (await next(b, is('Ack', d => d.message_id.startsWith('room_')))).data; out.room = (await next(a, is('RoomMessage'))).data;
+send(a, 'UpdatePresence', {status: 'busy', message: 'meeting'}); out.presence_status = (await next(a, is('Status'))).data;
+out.pres_busy = (await next(b, is('PresenceUpdate', d => d.user_id == 'alice' && d.status == 'busy'))).data;
+send(b, 'GetPresence', {room: 'lobby'}); out.presence = (await next(b, is('Presence'))).data;
+send(b, 'LeaveRoom', {room: 'lobby'}); out.left = (await next(b, is('Status'))).data;
+out.pres_left = (await next(a, is('PresenceUpdate', d => d.user_id == 'bob' && d.status == 'offline'))).data;
+a.ws.send(Buffer.from([1, 2, 3, 4])); out.binary = (await next(a, is('Status'))).data;
+send(a, 'RefreshToken', {token: tok({sub: 'alice'}, 120)}); out.refreshed = (await next(a, is('Status'))).data;
+send(a, 'Nonsense', {}); out.unknown = (await next(a, is('Error'))).data;
+console.log(JSON.stringify(out)); process.exit(0);
+""")
+        self.assertEqual(r["pong"], {"timestamp": 12345})
+        self.assertEqual(r["sub"], {"status": "subscribed", "details": {"topics": ["news", "sport"]}})
+        mid = r["ack"]["message_id"]
+        self.assertRegex(mid, r"^broadcast_[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+        for k in ("bcast_a", "bcast_b"):
+            d = r[k]
+            self.assertEqual((d["topic"], d["payload"], d["from"], d["message_id"]),
+                             ("news", {"headline": "x"}, "bob", mid))
+            self.assertRegex(d["timestamp"], r"^\d{4}-\d\d-\d\dT")
+        self.assertEqual(r["unsub"]["status"], "unsubscribed")
+        self.assertIsNone(r["after_unsub"])
+        self.assertRegex(r["dm_ack"]["message_id"], "^direct_")
+        for k in ("dm1", "dm2"):
+            self.assertEqual((r[k]["from"], r[k]["payload"], r[k]["message_id"]),
+                             ("bob", {"hi": 1}, r["dm_ack"]["message_id"]))
+        self.assertEqual(r["dm404"], {"code": 404, "message": "User nobody not found or not connected"})
+        self.assertEqual(r["joined"], {"status": "joined", "details": {"room": "lobby"}})
+        self.assertEqual((r["pres_self"]["room"], r["pres_self"]["user_id"], r["pres_self"]["status"]),
+                         ("lobby", "alice", "online"))
+        self.assertEqual(r["pres_b"]["status"], "online")
+        self.assertRegex(r["room_ack"]["message_id"], "^room_")
+        self.assertEqual((r["room"]["room"], r["room"]["from"], r["room"]["payload"]), ("lobby", "bob", "hello room"))
+        self.assertEqual(r["presence_status"]["status"], "presence_updated")
+        self.assertEqual(r["pres_busy"]["room"], "lobby")
+        self.assertEqual(r["presence"]["room"], "lobby")
+        self.assertEqual(sorted((u["user_id"], u["status"]) for u in r["presence"]["users"]),
+                         [("alice", "busy"), ("bob", "online")])
+        self.assertEqual(r["left"]["status"], "left")
+        self.assertEqual(r["binary"], {"status": "binary_received", "details": {"size": 4}})
+        self.assertEqual(r["refreshed"]["status"], "token_refreshed")
+        self.assertEqual(r["unknown"]["code"], 400)
+
+    def test_token_sources_and_refusals(self):
+        r = self.run_js(r"""
+const out = {};
+const t = tok({sub: 'carol'});
+out.query = !!(await connect(URL + '?token=' + t)).ws;
+out.access_token = !!(await connect(URL + '?access_token=' + t)).ws;
+out.bearer = !!(await connect(URL, [], {Authorization: 'Bearer ' + t})).ws;
+const p = await connect(URL, ['access_token.' + t]); out.subproto = p.ws && p.ws.protocol == 'access_token.' + t;
+out.missing = await connect(URL);
+out.bad = await connect(URL + '?token=' + t.slice(0, -3) + 'AAA');
+out.expired = await connect(URL + '?token=' + jwt.sign({sub: 'carol', exp: Math.floor(Date.now() / 1000) - 10}, SECRET));
+out.other_secret = await connect(URL + '?token=' + jwt.sign({sub: 'carol'}, 'nope', {expiresIn: 60}));
+console.log(JSON.stringify(out)); process.exit(0);
+""")
+        self.assertTrue(r["query"] and r["access_token"] and r["bearer"] and r["subproto"])
+        for k in ("missing", "bad", "expired", "other_secret"):
+            self.assertEqual(r[k]["refused"], 401, k)
+            self.assertEqual(json.loads(r[k]["body"])["error"], "unauthorized")
+
+    def test_refresh_extends_and_expiry_closes_4001(self):
+        r = self.run_js(r"""
+const now = Math.floor(Date.now() / 1000);
+const a = await connect(URL + '?token=' + jwt.sign({sub: 'dave', exp: now + 2}, SECRET));
+const b = await connect(URL + '?token=' + jwt.sign({sub: 'dave', exp: now + 2}, SECRET));
+send(b, 'RefreshToken', {token: jwt.sign({sub: 'dave', exp: now + 60}, SECRET)});
+const st = (await next(b, is('Status'))).data;
+send(b, 'RefreshToken', {token: jwt.sign({sub: 'eve', exp: now + 60}, SECRET)});
+const other = (await next(b, is('Error'))).data;
+const ca = await closed(a, 6000);
+send(b, 'Ping', {timestamp: 1}); const alive = !!(await next(b, is('Pong')));
+console.log(JSON.stringify({st, other, ca, alive, bclosed: b.closed})); process.exit(0);
+""")
+        self.assertEqual(r["st"]["status"], "token_refreshed")
+        self.assertEqual(r["other"]["code"], 403)
+        self.assertEqual(r["ca"], {"code": 4001, "reason": "Token expired"})
+        self.assertTrue(r["alive"])
+        self.assertIsNone(r["bclosed"])
+
+    def test_permissions(self):
+        r = self.run_js(r"""
+const out = {};
+const a = await connect(URL + '?token=' + tok({sub: 'frank', topics: ['orders.*', 'news', 'private:team']}));
+send(a, 'Subscribe', {topics: ['user:frank', 'user:grace', 'orders.eu', 'sport', 'news']});
+out.e1 = (await next(a, is('Error'))).data; out.e2 = (await next(a, is('Error'))).data;
+out.st = (await next(a, is('Status'))).data;
+send(a, 'JoinRoom', {room: 'private:team'}); out.join_ok = (await next(a, f => f.type == 'Status' || f.type == 'Error')).data;
+send(a, 'JoinRoom', {room: 'private:other'}); out.join_no = (await next(a, is('Error'))).data;
+send(a, 'Broadcast', {topic: 'user:grace', payload: 1}); out.pub_no = (await next(a, is('Error'))).data;
+const g = await connect(URL + '?token=' + tok({sub: 'grace'}));
+send(g, 'JoinRoom', {room: 'private:team'}); out.noclaim = (await next(g, is('Error'))).data;
+send(g, 'JoinRoom', {room: 'public'}); out.public = (await next(g, is('Status'))).data;
+console.log(JSON.stringify(out)); process.exit(0);
+""")
+        self.assertEqual(sorted([r["e1"]["code"], r["e2"]["code"]]), [403, 403])
+        self.assertEqual(sorted([r["e1"]["message"], r["e2"]["message"]]),
+                         ["Not allowed to subscribe to sport", "Not allowed to subscribe to user:grace"])
+        self.assertEqual(r["st"]["details"]["topics"], ["user:frank", "orders.eu", "news"])
+        self.assertEqual(r["join_ok"]["status"], "joined")
+        self.assertEqual(r["join_no"]["code"], 403)
+        self.assertEqual(r["pub_no"]["code"], 403)
+        self.assertEqual(r["noclaim"]["code"], 403)
+        self.assertEqual(r["public"]["status"], "joined")
+
+    def test_bad_and_oversize_frames_keep_the_connection(self):
+        r = self.run_js(r"""
+const a = await connect(URL + '?token=' + tok({sub: 'henry'}));
+const out = {};
+a.ws.send('{not json'); out.bad = (await next(a, is('Error'))).data;
+a.ws.send(JSON.stringify({type: 'Subscribe', data: {topics: 'x'}})); out.shape = (await next(a, is('Error'))).data;
+a.ws.send('x'.repeat(70000)); out.big = (await next(a, is('Error'))).data;
+send(a, 'Ping', {timestamp: 7}); out.pong = (await next(a, is('Pong'))).data;
+console.log(JSON.stringify(out)); process.exit(0);
+""")
+        self.assertEqual(r["bad"]["code"], 400)
+        self.assertEqual(r["shape"]["code"], 400)
+        self.assertEqual(r["big"]["code"], 400)
+        self.assertIn("70000", r["big"]["message"])
+        self.assertEqual(r["pong"], {"timestamp": 7})
+
+    def test_rate_limit_429(self):
+        before = metric(self.rt.base, "realtime_rate_limited_total")
+        r = self.run_js(r"""
+const a = await connect(URL + '?token=' + tok({sub: 'ivy'}));
+for (let i = 0; i < 120; i++) send(a, 'Ping', {timestamp: i});
+const e = await next(a, is('Error'));
+await sleep(1200);
+send(a, 'Ping', {timestamp: 'later'}); const later = await next(a, is('Pong', d => d.timestamp == 'later'));
+console.log(JSON.stringify({e: e.data, later: !!later})); process.exit(0);
+""")
+        self.assertEqual(r["e"], {"code": 429, "message": "Rate limit exceeded"})
+        self.assertTrue(r["later"])
+        self.assertGreater(metric(self.rt.base, "realtime_rate_limited_total"), before)
+
+    def test_heartbeat_json_ping_and_dead_peer_closed(self):
+        r = self.run_js(r"""
+const a = await connect(URL + '?token=' + tok({sub: 'jack'}));
+const ping = await next(a, is('Ping'), 2500);
+await sleep(3500);
+console.log(JSON.stringify({ping: ping && ping.data, open: !a.closed})); process.exit(0);
+""")
+        self.assertIsInstance(r["ping"]["timestamp"], (int, float))
+        self.assertTrue(r["open"], "a client that answers pings stays")
+        # A peer that never answers (nor sends anything) is closed.
+        s = wsraw.connect(self.rt.port, "/ws?token=" + sign({"sub": "kate"}))
+        s.settimeout(10)
+        start = time.monotonic()
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        self.assertLess(time.monotonic() - start, 9)
+        self.assertIn(b"Client timeout", data)
+        s.close()
+
+    def test_health_info_metrics_promtool(self):
+        status, _, body = http_json("GET", self.rt.base + "/health")
+        self.assertEqual(status, 200)
+        self.assertEqual(body["status"], "healthy")
+        for k in ("active_connections", "max_connections", "uptime_seconds"):
+            self.assertIn(k, body)
+        status, _, info = http_json("GET", self.rt.base + "/info")
+        self.assertEqual((info["version"], info["redis"]), ("0.2.0", "disabled"))
+        self.assertEqual(info["limits"]["max_frame_bytes"], 65536)
+        self.assertTrue(info["instance_id"])
+        _, _, text = http("GET", self.rt.base + "/metrics")
+        for name in (b"realtime_frames_in_total", b"realtime_frames_out_total", b"realtime_deliveries_total",
+                     b"wsapp_websocket_dropped_slow_total", b"realtime_rate_limited_total",
+                     b"realtime_bytes_per_connection", b"wsapp_websocket_connections"):
+            self.assertIn(name, text)
+        p = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, timeout=30)
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+
+
+def sign(claims, exp=60):
+    """HS256 by hand, so the raw-socket tests need no node."""
+    import hashlib
+    import hmac
+
+    def b64(b):
+        return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+    claims = dict(claims, exp=int(time.time()) + exp)
+    head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode()) + "." + b64(json.dumps(claims).encode())
+    return head + "." + b64(hmac.new(SECRET.encode(), head.encode(), hashlib.sha256).digest())
+
+
+class LimitsTest(unittest.TestCase):
+    def test_max_connections_503_and_health(self):
+        with Realtime(MAX_CONNECTIONS=2) as rt:
+            r = node("""(async () => {
+const t = tok({sub: 'x'}); const a = await connect(%(u)s + '?token=' + t); const b = await connect(%(u)s + '?token=' + t);
+const c = await connect(%(u)s + '?token=' + t);
+console.log(JSON.stringify({c})); process.exit(0); })();""" % {"u": json.dumps(rt.url)})
+            self.assertEqual(r["c"]["refused"], 503)
+            self.assertEqual(json.loads(r["c"]["body"]), {"error": "Server at capacity"})
+
+    def test_slow_reader_dropped_others_keep_receiving(self):
+        with Realtime(SEND_QUEUE_BYTES=1048576, RATE_LIMIT_ENABLED="false") as rt:
+            slow = wsraw.connect(rt.port, "/ws?token=" + sign({"sub": "slow"}))
+            slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            wsraw.send_text(slow, json.dumps({"type": "Subscribe", "data": {"topics": ["firehose"]}}))
+            time.sleep(0.3)
+            r = node("""(async () => {
+const pub = await connect(%(u)s + '?token=' + tok({sub: 'pub'}));
+const fast = await connect(%(u)s + '?token=' + tok({sub: 'fast'}));
+send(fast, 'Subscribe', {topics: ['firehose']}); await next(fast, is('Status'));
+let got = 0; fast.ws.on('message', d => { if (JSON.parse(d).type == 'Broadcast') got++; });
+const big = 'x'.repeat(4000);
+for (let i = 0; i < 3000; i++) { send(pub, 'Broadcast', {topic: 'firehose', payload: big}); if (i %% 50 == 49) await sleep(5); }
+const t0 = Date.now(); while (got < 3000 && Date.now() - t0 < 30000) await sleep(50);
+console.log(JSON.stringify({got})); process.exit(0); })();""" % {"u": json.dumps(rt.url)}, timeout=90)
+            self.assertEqual(r["got"], 3000)
+            wait_for(lambda: metric(rt.base, "wsapp_websocket_dropped_slow_total") >= 1, timeout=10,
+                     what="the slow reader dropped")
+            slow.close()
+
+
+class ScaleOutTest(unittest.TestCase):
+    """Two instances sharing Redis."""
+
+    def test_two_instances(self):
+        r = redis.Redis.from_url(REDIS_URL)
+        with Realtime(REDIS_URL=REDIS_URL, PRESENCE_TTL="3s") as a, \
+                Realtime(REDIS_URL=REDIS_URL, PRESENCE_TTL="3s") as b:
+            wait_for(lambda: http_json("GET", a.base + "/info")[2]["redis"] == "connected", what="a on redis")
+            wait_for(lambda: http_json("GET", b.base + "/info")[2]["redis"] == "connected", what="b on redis")
+            res = node("""(async () => {
+const out = {};
+const x = await connect(%(a)s + '?token=' + tok({sub: 'xavier'}));
+const y = await connect(%(b)s + '?token=' + tok({sub: 'yolanda'}));
+send(y, 'Subscribe', {topics: ['shared', 'user:yolanda']}); await next(y, is('Status'));
+send(x, 'Subscribe', {topics: ['shared']}); await next(x, is('Status'));
+await sleep(300);
+send(x, 'Broadcast', {topic: 'shared', payload: 'across'});
+out.by = (await next(y, is('Broadcast'))).data; out.bx = (await next(x, is('Broadcast'))).data;
+out.dup = await next(x, is('Broadcast'), 400);
+send(x, 'DirectMessage', {target_user: 'yolanda', payload: 'psst'});
+out.dm = (await next(y, is('DirectMessage'))).data;
+out.dm_ack = (await next(x, f => f.type == 'Error' || (f.type == 'Ack' && f.data.message_id.startsWith('direct_')))).data;
+send(x, 'DirectMessage', {target_user: 'zed', payload: 1}); out.dm404 = (await next(x, is('Error'))).data;
+send(x, 'JoinRoom', {room: 'hall'}); await next(x, is('Status'));
+await sleep(200);
+send(y, 'JoinRoom', {room: 'hall'}); await next(y, is('Status'));
+out.pu = (await next(x, is('PresenceUpdate', d => d.user_id == 'yolanda'))).data;
+await sleep(200);
+send(y, 'RoomMessage', {room: 'hall', payload: 'hi hall'}); out.rm = (await next(x, is('RoomMessage'))).data;
+send(x, 'GetPresence', {room: 'hall'}); out.presence = (await next(x, is('Presence'))).data;
+console.log(JSON.stringify(out)); process.exit(0); })();""" % {"a": json.dumps(a.url), "b": json.dumps(b.url)})
+            self.assertEqual((res["by"]["payload"], res["by"]["from"]), ("across", "xavier"))
+            self.assertEqual(res["bx"]["message_id"], res["by"]["message_id"])
+            self.assertIsNone(res["dup"], "the publisher's instance delivers once")
+            self.assertEqual((res["dm"]["from"], res["dm"]["payload"]), ("xavier", "psst"))
+            self.assertRegex(res["dm_ack"]["message_id"], "^direct_")
+            self.assertEqual(res["dm404"]["code"], 404)
+            self.assertEqual(res["pu"]["room"], "hall")
+            self.assertEqual((res["rm"]["from"], res["rm"]["payload"]), ("yolanda", "hi hall"))
+            self.assertEqual(sorted(u["user_id"] for u in res["presence"]["users"]), ["xavier", "yolanda"])
+
+            # trigger.fired as the event-processor publishes it (jobs.c).
+            p = subprocess.Popen(["node", "-e", PRELUDE + """(async () => {
+const y = await connect(%(b)s + '?token=' + tok({sub: '42'}));
+send(y, 'Subscribe', {topics: ['user:42']}); await next(y, is('Status'));
+console.error('ready');
+const f = await next(y, is('Broadcast'), 8000);
+console.log(JSON.stringify(f)); process.exit(0); })();""" % {"b": json.dumps(b.url)}], cwd=HERE,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            self.assertEqual(p.stderr.readline().strip(), "ready")
+            time.sleep(0.3)
+            msg = {"topic": "user:42", "payload": {"type": "trigger.fired", "trigger_id": "t-1", "event_id": "e-1",
+                                                   "event_type": "NewFeedback", "agent_id": 7},
+                   "from": "event-processor", "message_id": "0" * 64, "timestamp": "2026-01-01T00:00:00.000Z"}
+            self.assertGreaterEqual(r.publish("rt:topic:user:42", json.dumps(msg)), 1)
+            out, err = p.communicate(timeout=20)
+            frame = json.loads(out)
+            self.assertEqual(frame["type"], "Broadcast")
+            self.assertEqual(frame["data"], msg)
+
+            # A dead instance's presence expires: b dies with yolanda in
+            # the hall; a stops listing her within the TTL.
+            q = subprocess.Popen(["node", "-e", PRELUDE + """(async () => {
+const y = await connect(%(b)s + '?token=' + tok({sub: 'wanda'}));
+send(y, 'JoinRoom', {room: 'attic'}); await next(y, is('Status')); console.error('in'); await sleep(60000); })();"""
+                                  % {"b": json.dumps(b.url)}], cwd=HERE, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+            self.assertEqual(q.stderr.readline().strip(), "in")
+            presence = """(async () => {
+const x = await connect(%(a)s + '?token=' + tok({sub: 'xavier'}));
+send(x, 'GetPresence', {room: 'attic'}); const p = (await next(x, is('Presence'))).data;
+console.log(JSON.stringify(p.users.map(u => u.user_id))); process.exit(0); })();""" % {"a": json.dumps(a.url)}
+            self.assertEqual(node(presence), ["wanda"])
+            b.kill9()
+            q.kill()
+            q.communicate()
+            wait_for(lambda: node(presence) == [], timeout=15, interval=1, what="wanda's presence expired")
+
+
+if __name__ == "__main__":
+    unittest.main()
