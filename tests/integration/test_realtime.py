@@ -19,6 +19,7 @@ import redis
 
 from aetest import AMQP_URL, DATABASE_URL, REDIS_URL, Service, http, http_json, wait_for
 from pgtmp import free_port
+from tools import need
 import wsraw
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -30,7 +31,7 @@ def setUpModule():
 
 
 def node(script, timeout=60):
-    r = subprocess.run(["node", "-e", PRELUDE + script], cwd=HERE, capture_output=True, text=True,
+    r = subprocess.run([need("node"), "-e", PRELUDE + script], cwd=HERE, capture_output=True, text=True,
                        timeout=timeout)
     if r.returncode != 0:
         raise AssertionError("node failed: %s\n%s" % (r.stdout, r.stderr))
@@ -312,7 +313,7 @@ console.log(JSON.stringify({ping: ping && ping.data, open: !a.closed})); process
                      b"wsapp_websocket_dropped_slow_total", b"realtime_rate_limited_total",
                      b"realtime_bytes_per_connection", b"wsapp_websocket_connections"):
             self.assertIn(name, text)
-        p = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, timeout=30)
+        p = subprocess.run([need("promtool"), "check", "metrics"], input=text, capture_output=True, timeout=30)
         self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
 
 
@@ -401,7 +402,7 @@ console.log(JSON.stringify(out)); process.exit(0); })();""" % {"a": json.dumps(a
             self.assertEqual(sorted(u["user_id"] for u in res["presence"]["users"]), ["xavier", "yolanda"])
 
             # trigger.fired as the event-processor publishes it (jobs.c).
-            p = subprocess.Popen(["node", "-e", PRELUDE + """(async () => {
+            p = subprocess.Popen([need("node"), "-e", PRELUDE + """(async () => {
 const y = await connect(%(b)s + '?token=' + tok({sub: '42'}));
 send(y, 'Subscribe', {topics: ['user:42']}); await next(y, is('Status'));
 console.error('ready');
@@ -421,7 +422,7 @@ console.log(JSON.stringify(f)); process.exit(0); })();""" % {"b": json.dumps(b.u
 
             # A dead instance's presence expires: b dies with yolanda in
             # the hall; a stops listing her within the TTL.
-            q = subprocess.Popen(["node", "-e", PRELUDE + """(async () => {
+            q = subprocess.Popen([need("node"), "-e", PRELUDE + """(async () => {
 const y = await connect(%(b)s + '?token=' + tok({sub: 'wanda'}));
 send(y, 'JoinRoom', {room: 'attic'}); await next(y, is('Status')); console.error('in'); await sleep(60000); })();"""
                                   % {"b": json.dumps(b.url)}], cwd=HERE, stdout=subprocess.PIPE,
