@@ -73,6 +73,7 @@ typedef struct aw {
     dbpool *db;
     breaker *br;
     target_policy *targets;
+    struct h1_tls *tls;        /* h1's TLS context for https REST deliveries (NULL: libcurl's) */
     health *health;
     int health_db, health_redis;
     rconn *health_rconn;
@@ -112,6 +113,7 @@ struct job {
     struct curl_slist *hdrs;
     struct curl_slist *resolve_list; /* CURLOPT_RESOLVE pin (owned) */
     int native;           /* this request goes through h1.c, not libcurl */
+    int tls;              /* h1: https (verified against app->tls's CAs) */
     buf req;              /* h1: the serialized request (owned) */
     struct h1_req *h1req; /* h1: the running request (owned by the pool) */
     target_info ti;       /* h1: the checked target with its pinned address */

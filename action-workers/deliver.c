@@ -95,6 +95,7 @@ void deliver_reset_request(job *j)
     j->curl_err[0] = '\0';
     buf_free(&j->req);
     j->native = 0;
+    j->tls = 0;
 }
 
 int deliver_header(job *j, const char *fmt, ...)

@@ -105,16 +105,18 @@ static int header_ok(const char *s)
     return !strpbrk(s, "\r\n");
 }
 
-/* Plain http:// URLs without user info go through h1.c (HTTP_CLIENT=native);
- * everything else stays with libcurl, and so does a request target too
- * long for target_info's copy. */
-static int native_ok(const char *url, const target_info *ti)
+/* The length of the URL's scheme and "://" when h1.c can carry it
+ * (HTTP_CLIENT=native): http://, and https:// when h1 has a TLS context,
+ * without user info; 0 when the request stays with libcurl, as does a
+ * request target too long for target_info's copy. */
+static size_t native_ok(const aw *app, const char *url, const target_info *ti)
 {
-    const char *a = url + 7;
+    size_t skip = !strncasecmp(url, "http://", 7) ? 7 : app->tls && !strncasecmp(url, "https://", 8) ? 8 : 0;
+    const char *a = url + skip;
 
-    if (strncasecmp(url, "http://", 7) || ti->addrlen == 0 || !ti->path[0])
+    if (!skip || ti->addrlen == 0 || !ti->path[0] || memchr(a, '@', strcspn(a, "/?#")))
         return 0;
-    return !memchr(a, '@', strcspn(a, "/?#"));
+    return skip;
 }
 
 #define NATIVE_REQ_MAX (256u * 1024 * 1024)
@@ -147,7 +149,7 @@ static int usable_header(const cJSON *h)
 /* The request for h1, written straight into j->req: the same bytes as
  * deliver_header's list followed by native_setup, without building the
  * list (a malloc'd node and line per header). Returns 0 or -1 (OOM). */
-static int native_build(aw *app, job *j, const char *method, const char *url, const target_info *ti,
+static int native_build(aw *app, job *j, const char *method, const char *url, size_t skip, const target_info *ti,
                         const cJSON *hs, long timeout_ms, size_t max_resp)
 {
     size_t blen = j->body ? strlen(j->body) : 0;
@@ -177,7 +179,7 @@ static int native_build(aw *app, job *j, const char *method, const char *url, co
     bad |= buf_puts(b, ipv6 ? " HTTP/1.1\r\nHost: [" : " HTTP/1.1\r\nHost: ");
     bad |= buf_puts(b, ti->host);
     bad |= ipv6 ? buf_puts(b, "]") : 0;
-    if (ti->port != 80) {
+    if (ti->port != (skip == 8 ? 443 : 80)) {
         num[0] = ':';
         bad |= buf_append(b, num, 1 + fmt_i64(num + 1, ti->port));
     }
@@ -226,6 +228,7 @@ static int native_build(aw *app, job *j, const char *method, const char *url, co
     j->timeout_ms = timeout_ms;
     j->head_only = !strcmp(method, "HEAD");
     j->native = 1;
+    j->tls = skip == 8;
     return 0;
 }
 
@@ -238,6 +241,7 @@ int deliver_rest_begin(aw *app, job *j)
     target_info ti;
     long wait;
     int has_ctype = 0;
+    size_t skip;
 
     if (!cJSON_IsString(url)) {
         deliver_fail(j, OUT_FINAL, "config.url is missing");
@@ -283,8 +287,9 @@ int deliver_rest_begin(aw *app, job *j)
             return 1;
         }
     }
-    if (app->cfg.native_http && native_ok(url->valuestring, &ti)) {
-        if (native_build(app, j, method, url->valuestring, &ti, hs, rest_timeout(j), (size_t)app->cfg.response_max) < 0)
+    if (app->cfg.native_http && (skip = native_ok(app, url->valuestring, &ti)) > 0) {
+        if (native_build(app, j, method, url->valuestring, skip, &ti, hs, rest_timeout(j),
+                         (size_t)app->cfg.response_max) < 0)
             goto oom;
         j->attempted = 1;
         return 0;

@@ -3,7 +3,13 @@
  * for input, and for output only while a request is partly written, so a
  * request on a reused connection usually costs one send and one recv and
  * no epoll_ctl. Idle connections stay watched for input: any event on one
- * (the peer closed it) closes it. */
+ * (the peer closed it) closes it.
+ *
+ * TLS (https) runs through OpenSSL on the same non-blocking socket: after
+ * the connect, a handshake state drives SSL_do_handshake on the events it
+ * asks for; then SSL_write and SSL_read stand in for send and recv. Read
+ * ahead is off, so a record not yet read is still in the socket and epoll
+ * reports it; SSL_read is called until it wants more all the same. */
 #include "h1.h"
 
 #include "fmt.h"
@@ -20,7 +26,13 @@
 #include <sys/epoll.h>
 #include <unistd.h>
 
-#define H1_KEY_MAX 320
+#include <arpa/inet.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
+
+#define H1_KEY_MAX 600
+#define H1_DETAIL_MAX 256 /* CURL_ERROR_SIZE: the caller keeps it where libcurl writes its own */
 #define H1_READ_CHUNK 16384
 
 enum {
@@ -304,7 +316,47 @@ int h1_parse_reusable(const h1_parser *p)
 
 /* ------------------------------------------------------------------ pool */
 
-enum { C_FREE = 0, C_CONNECTING, C_BUSY, C_IDLE };
+enum { C_FREE = 0, C_CONNECTING, C_HANDSHAKE, C_BUSY, C_IDLE };
+
+struct h1_tls {
+    SSL_CTX *ctx;
+};
+
+h1_tls *h1_tls_new(const char *ca_file, char *err, size_t errlen)
+{
+    h1_tls *t = calloc(1, sizeof(*t));
+    int ok;
+
+    if (!t || !(t->ctx = SSL_CTX_new(TLS_client_method()))) {
+        snprintf(err, errlen, "out of memory");
+        free(t);
+        return NULL;
+    }
+    SSL_CTX_set_min_proto_version(t->ctx, TLS1_2_VERSION);
+    SSL_CTX_set_verify(t->ctx, SSL_VERIFY_PEER, NULL);
+    /* A peer that closes without close_notify (most servers after an idle
+     * keep-alive) is an end of stream, as for libcurl. */
+    SSL_CTX_set_options(t->ctx, SSL_OP_IGNORE_UNEXPECTED_EOF | SSL_OP_NO_RENEGOTIATION);
+    SSL_CTX_set_mode(t->ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER |
+                                 SSL_MODE_RELEASE_BUFFERS);
+    ok = ca_file && *ca_file ? SSL_CTX_load_verify_locations(t->ctx, ca_file, NULL)
+                             : SSL_CTX_set_default_verify_paths(t->ctx);
+    if (ok != 1) {
+        snprintf(err, errlen, "cannot load the CA certificates%s%.200s", ca_file && *ca_file ? " of " : "",
+                 ca_file && *ca_file ? ca_file : "");
+        h1_tls_free(t);
+        return NULL;
+    }
+    return t;
+}
+
+void h1_tls_free(h1_tls *t)
+{
+    if (!t)
+        return;
+    SSL_CTX_free(t->ctx);
+    free(t);
+}
 
 struct h1_req {
     h1_req *next;          /* in the done list */
@@ -316,6 +368,8 @@ struct h1_req {
     long status;
     struct h1_conn *conn;  /* NULL once finished */
     char key[H1_KEY_MAX];
+    char tls_host[256];    /* "" for plain http */
+    char detail[H1_DETAIL_MAX]; /* why a TLS failure happened */
     struct sockaddr_storage addr;
 };
 
@@ -331,6 +385,7 @@ typedef struct h1_conn {
     struct sockaddr_storage addr;
     socklen_t addrlen;
     h1_req *req;
+    SSL *ssl;              /* https: the TLS session, NULL for plain http */
     h1_parser p;
 } h1_conn;
 
@@ -341,9 +396,10 @@ struct h1_pool {
     int nidle;             /* connections in C_IDLE, of any host */
     h1_conn *conns;
     h1_req *done, *done_tail;
+    h1_tls *tls;           /* borrowed; NULL: plain http only */
 };
 
-h1_pool *h1_pool_new(int epfd, int max_conns, int max_idle_per_host)
+h1_pool *h1_pool_new(int epfd, int max_conns, int max_idle_per_host, h1_tls *tls)
 {
     h1_pool *p = calloc(1, sizeof(*p));
 
@@ -355,6 +411,7 @@ h1_pool *h1_pool_new(int epfd, int max_conns, int max_idle_per_host)
         return NULL;
     }
     p->ep = epfd;
+    p->tls = tls;
     p->n = max_conns;
     p->max_idle = max_idle_per_host;
     for (int i = 0; i < p->n; i++)
@@ -365,6 +422,10 @@ h1_pool *h1_pool_new(int epfd, int max_conns, int max_idle_per_host)
 static void conn_close(h1_pool *p, h1_conn *c)
 {
     p->nidle -= c->state == C_IDLE;
+    /* No close_notify: the socket closes next, and the peer learns the
+     * same from that. */
+    SSL_free(c->ssl);
+    c->ssl = NULL;
     if (c->fd >= 0)
         close(c->fd); /* also leaves the epoll set */
     c->fd = -1;
@@ -482,8 +543,29 @@ static void send_some(h1_pool *p, h1_conn *c)
     h1_req *r = c->req;
 
     while (r->sent < r->rq.len) {
-        ssize_t n = send(c->fd, r->rq.data + r->sent, r->rq.len - r->sent, MSG_NOSIGNAL);
+        ssize_t n;
 
+        if (c->ssl) {
+            int k = SSL_write(c->ssl, r->rq.data + r->sent, (int)(r->rq.len - r->sent > 1 << 30 ? 1 << 30
+                                                                                              : r->rq.len - r->sent));
+
+            if (k > 0) {
+                r->sent += (size_t)k;
+                continue;
+            }
+            switch (SSL_get_error(c->ssl, k)) {
+            case SSL_ERROR_WANT_WRITE:
+            case SSL_ERROR_WANT_READ:
+                if (watch(p, c, EPOLLIN | EPOLLRDHUP | EPOLLOUT) < 0)
+                    fail_conn(p, c, H1_E_SEND);
+                return;
+            default:
+                ERR_clear_error();
+                fail_conn(p, c, H1_E_SEND);
+                return;
+            }
+        }
+        n = send(c->fd, r->rq.data + r->sent, r->rq.len - r->sent, MSG_NOSIGNAL);
         if (n > 0) {
             r->sent += (size_t)n;
         } else if (n < 0 && errno == EINTR) {
@@ -506,8 +588,33 @@ static void recv_some(h1_pool *p, h1_conn *c)
     char tmp[H1_READ_CHUNK];
 
     for (;;) {
-        ssize_t n = recv(c->fd, tmp, sizeof(tmp), 0);
+        ssize_t n;
 
+        if (c->ssl) {
+            int k = SSL_read(c->ssl, tmp, (int)sizeof(tmp));
+
+            if (k > 0) {
+                n = k;
+            } else {
+                switch (SSL_get_error(c->ssl, k)) {
+                case SSL_ERROR_WANT_READ:
+                    return;
+                case SSL_ERROR_WANT_WRITE:
+                    if (watch(p, c, EPOLLIN | EPOLLRDHUP | EPOLLOUT) < 0)
+                        fail_conn(p, c, H1_E_RECV);
+                    return;
+                case SSL_ERROR_ZERO_RETURN:
+                    n = 0; /* close_notify, or an EOF (SSL_OP_IGNORE_UNEXPECTED_EOF) */
+                    break;
+                default:
+                    ERR_clear_error();
+                    fail_conn(p, c, H1_E_RECV);
+                    return;
+                }
+            }
+        } else {
+            n = recv(c->fd, tmp, sizeof(tmp), 0);
+        }
         if (n > 0) {
             size_t used = 0;
             int rc;
@@ -525,7 +632,7 @@ static void recv_some(h1_pool *p, h1_conn *c)
                 done_ok(p, c, used == (size_t)n && c->req->sent == c->req->rq.len && h1_parse_reusable(&c->p));
                 return;
             }
-            if ((size_t)n < sizeof(tmp))
+            if ((size_t)n < sizeof(tmp) && !c->ssl)
                 return; /* level-triggered: epoll says when there is more */
         } else if (n == 0) {
             if (h1_parse_eof(&c->p) == H1_PARSE_DONE)
@@ -542,6 +649,81 @@ static void recv_some(h1_pool *p, h1_conn *c)
             return;
         }
     }
+}
+
+/* The handshake failed: why, in libcurl's words, so that both clients'
+ * error messages read alike. */
+static int tls_failure(h1_conn *c)
+{
+    h1_req *r = c->req;
+    long v = SSL_get_verify_result(c->ssl);
+    unsigned long e = ERR_peek_last_error();
+
+    if (v == X509_V_ERR_HOSTNAME_MISMATCH || v == X509_V_ERR_IP_ADDRESS_MISMATCH) {
+        snprintf(r->detail, sizeof(r->detail), "SSL: no alternative certificate subject name matches target host name '%.180s'",
+                 r->tls_host);
+        ERR_clear_error();
+        return H1_E_TLS_VERIFY;
+    }
+    if (v != X509_V_OK) {
+        snprintf(r->detail, sizeof(r->detail), "SSL certificate problem: %s", X509_verify_cert_error_string(v));
+        ERR_clear_error();
+        return H1_E_TLS_VERIFY;
+    }
+    if (e) {
+        char why[160];
+
+        ERR_error_string_n(e, why, sizeof(why));
+        snprintf(r->detail, sizeof(r->detail), "TLS handshake failed: %s", why);
+    } else {
+        snprintf(r->detail, sizeof(r->detail), "TLS handshake failed: connection closed");
+    }
+    ERR_clear_error();
+    return H1_E_TLS;
+}
+
+/* Drives the handshake; on success the request is sent. */
+static void handshake(h1_pool *p, h1_conn *c)
+{
+    int k = SSL_do_handshake(c->ssl);
+
+    if (k == 1) {
+        c->state = C_BUSY;
+        send_some(p, c);
+        return;
+    }
+    switch (SSL_get_error(c->ssl, k)) {
+    case SSL_ERROR_WANT_READ:
+        if (watch(p, c, EPOLLIN | EPOLLRDHUP) < 0)
+            fail_conn(p, c, H1_E_TLS);
+        return;
+    case SSL_ERROR_WANT_WRITE:
+        if (watch(p, c, EPOLLIN | EPOLLRDHUP | EPOLLOUT) < 0)
+            fail_conn(p, c, H1_E_TLS);
+        return;
+    default:
+        fail_conn(p, c, tls_failure(c));
+        return;
+    }
+}
+
+/* Sets up the TLS session of a connected socket: SNI for names, and the
+ * name or address the certificate must carry. Returns 0 or -1. */
+static int tls_start(h1_pool *p, h1_conn *c)
+{
+    const char *host = c->req->tls_host;
+    unsigned char a[16];
+    int ip = inet_pton(AF_INET, host, a) == 1 || inet_pton(AF_INET6, host, a) == 1;
+
+    c->ssl = SSL_new(p->tls->ctx);
+    if (!c->ssl || SSL_set_fd(c->ssl, c->fd) != 1)
+        return -1;
+    if (ip ? X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(c->ssl), host) != 1
+           : SSL_set_tlsext_host_name(c->ssl, host) != 1 || SSL_set1_host(c->ssl, host) != 1)
+        return -1;
+    SSL_set_connect_state(c->ssl);
+    c->state = C_HANDSHAKE;
+    return 0;
 }
 
 static h1_conn *free_slot(h1_pool *p)
@@ -595,6 +777,11 @@ static void attach(h1_pool *p, h1_req *r, int allow_idle)
     h1_conn *c = allow_idle ? find_idle(p, r, hash) : NULL;
     int fd, one = 1;
 
+    if (r->tls_host[0] && !p->tls) {
+        snprintf(r->detail, sizeof(r->detail), "TLS is not set up");
+        complete(p, r, H1_E_TLS);
+        return;
+    }
     if (c) {
         c->state = C_BUSY;
         p->nidle--;
@@ -641,7 +828,12 @@ int h1_start(h1_pool *p, const h1_request *rq, long long now, h1_req **out)
     if (!r)
         return -1;
     r->rq = *rq;
-    fmt_copy(r->key, sizeof(r->key), rq->key);
+    /* A TLS connection is never reused for plain http, nor for another
+     * name: its key carries both. */
+    if (rq->tls_host && *rq->tls_host)
+        snprintf(r->key, sizeof(r->key), "s %.256s %.300s", rq->tls_host, rq->key);
+    else
+        fmt_copy(r->key, sizeof(r->key), rq->key);
     if (rq->addrlen > sizeof(r->addr)) {
         free(r);
         return -1;
@@ -649,6 +841,8 @@ int h1_start(h1_pool *p, const h1_request *rq, long long now, h1_req **out)
     memcpy(&r->addr, rq->addr, rq->addrlen);
     r->rq.key = r->key;
     r->rq.addr = (const struct sockaddr *)&r->addr;
+    fmt_copy(r->tls_host, sizeof(r->tls_host), rq->tls_host ? rq->tls_host : "");
+    r->rq.tls_host = NULL; /* r->tls_host is the one to use */
     r->deadline = now + rq->timeout_ms;
     *out = r;
     attach(p, r, 1);
@@ -709,12 +903,26 @@ void h1_event(h1_pool *p, uint64_t tag, uint32_t events, long long now)
             fail_conn(p, c, H1_E_CONNECT);
             return;
         }
+        if (c->req->tls_host[0]) {
+            if (tls_start(p, c) < 0) {
+                snprintf(c->req->detail, sizeof(c->req->detail), "cannot set up TLS for %.200s", c->req->tls_host);
+                ERR_clear_error();
+                fail_conn(p, c, H1_E_TLS);
+                return;
+            }
+            handshake(p, c);
+            return;
+        }
         c->state = C_BUSY;
         send_some(p, c);
         return;
     }
+    case C_HANDSHAKE:
+        handshake(p, c);
+        return;
     case C_BUSY:
-        if ((events & EPOLLOUT) && c->req->sent < c->req->rq.len) {
+        /* TLS may need input to go on writing (a key update). */
+        if ((events & (c->ssl ? EPOLLOUT | EPOLLIN : EPOLLOUT)) && c->req->sent < c->req->rq.len) {
             send_some(p, c);
             if (c->state != C_BUSY || !c->req)
                 return;
@@ -755,7 +963,7 @@ void h1_expire(h1_pool *p, long long now)
     }
 }
 
-int h1_next_done(h1_pool *p, void **ud, long *status)
+int h1_next_done(h1_pool *p, void **ud, long *status, char *detail, size_t dlen)
 {
     h1_req *r = p->done;
     int err;
@@ -767,6 +975,8 @@ int h1_next_done(h1_pool *p, void **ud, long *status)
         p->done_tail = NULL;
     *ud = r->rq.ud;
     *status = r->err == H1_OK ? r->status : 0;
+    if (dlen)
+        fmt_copy(detail, dlen, r->detail);
     err = r->err;
     free(r);
     return err;
@@ -793,6 +1003,10 @@ const char *h1_strerror(int err)
         return "partial response";
     case H1_E_NOMEM:
         return "out of memory";
+    case H1_E_TLS_VERIFY:
+        return "certificate not verified";
+    case H1_E_TLS:
+        return "TLS failed";
     default:
         return "unknown error";
     }

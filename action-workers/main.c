@@ -13,6 +13,7 @@
 
 #include "aw.h"
 #include "deps.h"
+#include "h1.h"
 #include "health_http.h"
 #include "jarena.h"
 #include "log.h"
@@ -125,6 +126,10 @@ static int app_open(aw *app, const char *allowed, char *err, size_t errlen)
 
     app->targets = target_policy_new(allowed, err, errlen);
     if (!app->targets)
+        return -1;
+    /* https REST deliveries go through h1 too (HTTP_CLIENT=native), with
+     * the same CAs libcurl is given. */
+    if (app->cfg.native_http && !(app->tls = h1_tls_new(app->cfg.ca_bundle, err, errlen)))
         return -1;
     app->db = dbpool_new(app->cfg.conninfo, app->cfg.db_max_connections);
     app->br = breaker_new(app->cfg.breaker_failures, app->cfg.breaker_cooldown_ms);
@@ -245,6 +250,7 @@ out:
     rconn_free(app.health_rconn);
     breaker_free(app.br);
     target_policy_free(app.targets);
+    h1_tls_free(app.tls);
     dbpool_free(app.db);
     curl_global_cleanup();
     log_info("stopped");

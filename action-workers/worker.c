@@ -26,6 +26,7 @@
 #include "aw.h"
 #include "backoff.h"
 #include "curlep.h"
+#include "fmt.h"
 #include "h1.h"
 #include "jarena.h"
 #include "log.h"
@@ -364,7 +365,8 @@ static void start(worker *w, job *j, long long now)
 
     if (rc == 0 && j->native) {
         h1_request rq = {j->host, (const struct sockaddr *)&j->ti.addr, j->ti.addrlen, j->req.p, j->req.len,
-                         j->timeout_ms, j->head_only, &j->resp, deliver_header_line, j};
+                         j->timeout_ms, j->head_only, &j->resp, deliver_header_line, j,
+                         j->tls ? j->ti.host : NULL};
 
         if (!w->h1 || h1_start(w->h1, &rq, now, &j->h1req) < 0) {
             deliver_fail(j, OUT_RETRY, "cannot start the transfer");
@@ -546,6 +548,10 @@ static CURLcode h1_code(int err)
         return CURLE_PARTIAL_FILE;
     case H1_E_NOMEM:
         return CURLE_OUT_OF_MEMORY;
+    case H1_E_TLS_VERIFY:
+        return CURLE_PEER_FAILED_VERIFICATION;
+    case H1_E_TLS:
+        return CURLE_SSL_CONNECT_ERROR;
     default:
         return CURLE_WEIRD_SERVER_REPLY;
     }
@@ -568,12 +574,15 @@ static void completed(worker *w, long long now)
     int left, err;
     void *ud;
     long status;
+    char detail[CURL_ERROR_SIZE];
 
-    while (w->h1 && (err = h1_next_done(w->h1, &ud, &status)) >= 0) {
+    while (w->h1 && (err = h1_next_done(w->h1, &ud, &status, detail, sizeof(detail))) >= 0) {
         job *j = ud;
 
         j->h1req = NULL;
         j->status = status;
+        /* Where libcurl would have written it (deliver_classify reads it). */
+        fmt_copy(j->curl_err, sizeof(j->curl_err), detail);
         /* The same outcome code as a libcurl transfer; a kind that wants
          * another request (only MCP does, and it never uses h1) would get
          * a libcurl one. */
@@ -823,7 +832,7 @@ void *worker_run(void *arg)
     /* As many connections as libcurl's cache would keep (twice the slots),
      * at most a slot's worth idle per host. */
     if (w.app->cfg.native_http && w.ep >= 0)
-        w.h1 = h1_pool_new(w.ep, w.cap * 2 + 8, w.cap);
+        w.h1 = h1_pool_new(w.ep, w.cap * 2 + 8, w.cap, w.app->tls);
     if (!w.q || !w.tq || !w.multi || !w.pool || !w.tc || w.ep < 0 || (w.app->cfg.native_http && !w.h1)) {
         log_error("worker %d: out of memory", w.idx);
         svc_request_stop();

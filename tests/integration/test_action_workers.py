@@ -32,6 +32,9 @@ class Base(unittest.TestCase):
     # a CA made when the tests start (tlspki), which the workers trust
     # through CA_BUNDLE. Those deliveries go through libcurl.
     TLS = False
+    # HTTP_CLIENT for the workers: None is the default (native: REST over
+    # http and https through h1.c); "curl" sends everything through libcurl.
+    CLIENT = None
 
     @classmethod
     def setUpClass(cls):
@@ -68,6 +71,8 @@ class Base(unittest.TestCase):
     def worker(self, binary=None, **env):
         if self.TLS:
             env.setdefault("CA_BUNDLE", self.pki.ca)
+        if self.CLIENT:
+            env.setdefault("HTTP_CLIENT", self.CLIENT)
         env = {k: v for k, v in env.items() if v is not None}
         w = H.Worker(self.queue, binary=binary, **env)
         self.workers.append(w)
@@ -955,6 +960,12 @@ class RestHttpsTest(RestTest):
         self.assertEqual(self.hook.requests("/nostore"), [])
 
 
+class RestHttpsCurlTest(RestHttpsTest):
+    """The https REST deliveries through libcurl (HTTP_CLIENT=curl) rather
+    than h1's TLS: both clients must behave alike."""
+    CLIENT = "curl"
+
+
 class TelegramHttpsTest(TelegramTest):
     TLS = True
 
@@ -1025,6 +1036,13 @@ class TlsVerifyTest(Base):
             self.assertEqual(r.returncode, 2, r.stderr)
             self.assertIn("CA_BUNDLE", r.stdout + r.stderr)
             self.assertIn(value, r.stdout + r.stderr)
+
+
+
+class TlsVerifyCurlTest(TlsVerifyTest):
+    """The same refusals through libcurl (HTTP_CLIENT=curl)."""
+    CLIENT = "curl"
+    test_bad_ca_bundle_stops_start = None
 
 
 if __name__ == "__main__":
