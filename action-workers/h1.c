@@ -337,8 +337,10 @@ h1_tls *h1_tls_new(const char *ca_file, char *err, size_t errlen)
     /* A peer that closes without close_notify (most servers after an idle
      * keep-alive) is an end of stream, as for libcurl. */
     SSL_CTX_set_options(t->ctx, SSL_OP_IGNORE_UNEXPECTED_EOF | SSL_OP_NO_RENEGOTIATION);
-    SSL_CTX_set_mode(t->ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER |
-                                 SSL_MODE_RELEASE_BUFFERS);
+    /* Not SSL_MODE_RELEASE_BUFFERS: a keep-alive connection would free and
+     * allocate its record buffers for every request; a pool holds at most
+     * 2 x slots + 8 connections, about 34 KiB each. */
+    SSL_CTX_set_mode(t->ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
     ok = ca_file && *ca_file ? SSL_CTX_load_verify_locations(t->ctx, ca_file, NULL)
                              : SSL_CTX_set_default_verify_paths(t->ctx);
     if (ok != 1) {
