@@ -148,8 +148,8 @@ test: deps
 	$(Q)O=$(O) BINDIR=$(BINDIR) tests/run.sh
 
 bench: deps
-	$(Q)$(MAKE) --no-print-directory all
-	$(Q)BINDIR=$(BINDIR) scripts/bench.sh
+	$(Q)$(MAKE) --no-print-directory all $(DRV_BINS)
+	$(Q)O=$(O) BINDIR=$(BINDIR) scripts/bench.sh
 
 deps:
 	$(Q)scripts/deps.sh

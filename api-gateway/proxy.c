@@ -553,7 +553,7 @@ static void px_headers_done(pxreq *r)
         return; /* answered whole at the end */
     pthread_mutex_lock(&r->mu);
     if (r->req) {
-        r->out = httpstream_new(r->req, r->status, NULL, sse ? -1 : r->declared_len, PX_OUT_MAX);
+        r->out = httpstream_new(r->req, r->status, NULL, sse ? -1 : r->declared_len, PX_OUT_MAX, 16384);
         if (!r->out) {
             httpd_respond_error(r->req, 500, "internal", "out of memory", NULL);
             px_resume_answer_locked(r);

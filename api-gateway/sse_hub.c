@@ -546,7 +546,8 @@ void sse_stream_handler(httpd_req *req, void *ud)
     }
     metrics_counter_add(s->c_replayed, replayed);
     threshold = maxid > e ? maxid : e;
-    out = httpstream_new(req, 200, "text/event-stream", -1, 0);
+    /* A small read block: each of thousands of idle streams pays for it. */
+    out = httpstream_new(req, 200, "text/event-stream", -1, 0, 1024);
     if (!out || httpstream_write_max(out, init.p, init.len, (size_t)-1) != 0) {
         pthread_mutex_lock(stripe(s, c->bucket));
         reg_unlink_locked(s, c);

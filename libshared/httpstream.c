@@ -106,7 +106,7 @@ static void httpstream_freed(void *cls)
 }
 
 httpstream *httpstream_new(httpd_req *req, int status, const char *content_type, long long length,
-                           size_t max_buffered)
+                           size_t max_buffered, size_t block)
 {
     httpstream *s = calloc(1, sizeof(*s));
 
@@ -117,7 +117,8 @@ httpstream *httpstream_new(httpd_req *req, int status, const char *content_type,
     s->conn = httpd_req_connection(req);
     s->max = max_buffered ? max_buffered : HTTPSTREAM_DEFAULT_MAX;
     s->resp = MHD_create_response_from_callback(length < 0 ? MHD_SIZE_UNKNOWN : (uint64_t)length,
-                                                HTTPSTREAM_BLOCK, httpstream_reader, s, httpstream_freed);
+                                                block ? block : HTTPSTREAM_BLOCK, httpstream_reader, s,
+                                                httpstream_freed);
     if (!s->resp) {
         pthread_mutex_destroy(&s->mu);
         free(s);

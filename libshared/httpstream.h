@@ -28,10 +28,13 @@ typedef void (*httpstream_fn)(void *ud);
 /* Sets a streamed answer on `req` (from its handler, or for a deferred
  * request from any thread before httpd_req_resume). `length` is the body
  * size when known (sent as Content-Length), else -1 (chunked). At most
- * `max_buffered` bytes wait for the client (0: 256 KiB). Returns NULL on
- * OOM or when the request has an answer already. */
+ * `max_buffered` bytes wait for the client (0: 256 KiB). `block` is the
+ * most MHD takes per read (0: 8 KiB); libmicrohttpd allocates that much
+ * with the response, so streams that are many and mostly idle (SSE) want
+ * it small. Returns NULL on OOM or when the request has an answer
+ * already. */
 httpstream *httpstream_new(httpd_req *req, int status, const char *content_type, long long length,
-                           size_t max_buffered);
+                           size_t max_buffered, size_t block);
 
 /* Adds a response header; only before the answer is queued (that is, in
  * the handler, or before httpd_req_resume). Returns 0 or -1. */
