@@ -1058,22 +1058,28 @@ static void restore_ema(cstate *s, const cJSON *e)
 
 static void restore_rate(const mcond *c, cstate *s, const cJSON *e)
 {
-    const cJSON *counts = cJSON_GetObjectItemCaseSensitive(e, "counts");
+    const cJSON *buckets = cJSON_GetObjectItemCaseSensitive(e, "buckets");
     const cJSON *head = cJSON_GetObjectItemCaseSensitive(e, "head");
     const cJSON *bs = cJSON_GetObjectItemCaseSensitive(e, "bucket_s");
     const cJSON *times = cJSON_GetObjectItemCaseSensitive(e, "times"), *it;
 
-    if (cJSON_IsArray(counts) && cJSON_IsNumber(head) && cJSON_IsNumber(bs) &&
-        bs->valuedouble == (double)c->bucket_s && cJSON_GetArraySize(counts) == c->nb) {
-        int64_t k = (int64_t)head->valuedouble - c->nb + 1;
-
+    if (cJSON_IsArray(buckets) && cJSON_IsNumber(head) && cJSON_IsNumber(bs) &&
+        bs->valuedouble == (double)c->bucket_s) {
         s->fed = 1;
         s->head = (int64_t)head->valuedouble;
-        cJSON_ArrayForEach(it, counts)
+        cJSON_ArrayForEach(it, buckets)
         {
-            int64_t v = cJSON_IsNumber(it) && it->valuedouble > 0 ? (int64_t)it->valuedouble : 0;
+            const cJSON *b = cJSON_GetArrayItem(it, 0), *n = cJSON_GetArrayItem(it, 1);
+            int64_t k, v;
 
-            *ring_at(c, s, k++) = v;
+            if (!cJSON_IsNumber(b) || !cJSON_IsNumber(n) || n->valuedouble < 1)
+                continue;
+            k = (int64_t)b->valuedouble;
+            v = (int64_t)n->valuedouble;
+            /* Only buckets of the window, once each. */
+            if (k > s->head || k <= s->head - c->nb || *ring_at(c, s, k))
+                continue;
+            *ring_at(c, s, k) = v;
             s->sum += v;
         }
         return;
@@ -1167,11 +1173,18 @@ static int state_print(const trigger_model_state *st, buf *out)
             rc |= put_i64(out, c->bucket_s);
             rc |= buf_puts(out, ",\"head\":");
             rc |= put_i64(out, s->head);
-            rc |= buf_puts(out, ",\"counts\":[");
-            for (int64_t k = s->head - c->nb + 1; k <= s->head; k++) {
-                rc |= put_i64(out, *ring_at(c, s, k));
-                if (k < s->head)
-                    rc |= buf_append(out, ",", 1);
+            rc |= buf_puts(out, ",\"buckets\":[");
+            for (int64_t k = s->head - c->nb + 1, any = 0; k <= s->head; k++) {
+                int64_t v = *ring_at(c, s, k);
+
+                if (!v)
+                    continue;
+                rc |= any ? buf_append(out, ",[", 2) : buf_append(out, "[", 1);
+                any = 1;
+                rc |= put_i64(out, k);
+                rc |= buf_append(out, ",", 1);
+                rc |= put_i64(out, v);
+                rc |= buf_append(out, "]", 1);
             }
             rc |= buf_append(out, "]", 1);
         }

@@ -223,14 +223,17 @@ void trigger_model_state_free(trigger_model_state *st);
 
 /* The state as the JSON text stored in trigger_state.state_data: a
  * malloc'd string the caller frees (NULL on OOM), its length in *len when
- * `len` is not NULL. At most about 2.5 KiB per stateful condition. Layout:
+ * `len` is not NULL. At most about 6 KiB per stateful condition (128
+ * buckets), typically under 150 bytes. Layout:
  * {"<i>": {...}} keyed by the condition's index in the array given to
  * trigger_model_matcher_new, for conditions an event reached:
  *   ema_threshold  {"type":"ema_threshold","window_size":n,"ema":x,"count":k}
  *   rate_limit     {"type":"rate_limit","window_s":w,"bucket_s":b,"head":h,
- *                   "counts":[c0,...]}: the events counted per bucket of b
- *                  seconds (bucket = floor(time / b)), the nb = ceil(w/b)
- *                  buckets up to bucket h, oldest first. */
+ *                   "buckets":[[k,n],...]}: n events counted in bucket k
+ *                  (bucket = floor(time / b) of b seconds), for the buckets
+ *                  of the window up to the newest, h (the nb = ceil(w/b)
+ *                  buckets k with h-nb < k <= h), oldest first, the empty
+ *                  ones left out. */
 char *trigger_model_state_text(const trigger_model_state *st, size_t *len);
 
 /* Evaluates the matcher against `event` (an object as event_model_from_row

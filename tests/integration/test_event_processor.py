@@ -216,7 +216,7 @@ class EventProcessorTest(unittest.TestCase):
         self.drained()
         # 1,2,3(match, reset),1,2,3(match, reset),1
         self.assertEqual(self.pairs([t]), sorted([(t, ids[2]), (t, ids[5])]))
-        self.assertEqual(sum(self.state(t)["0"]["counts"]), 1)
+        self.assertEqual(sum(n for _, n in self.state(t)["0"]["buckets"]), 1)
 
     def test_rate_limit_state_from_before_the_buckets(self):
         """A trigger_state row of the earlier layout (one time per event
@@ -231,7 +231,7 @@ class EventProcessorTest(unittest.TestCase):
         self.assertEqual(self.pairs([t]), [(t, e)])  # 3 stored + this one = 4
         st = self.state(t)["0"]
         self.assertNotIn("times", st)
-        self.assertEqual((st["bucket_s"], len(st["counts"]), sum(st["counts"])), (29, 125, 4))
+        self.assertEqual((st["bucket_s"], st["buckets"]), (29, [[1700000003 // 29, 4]]))
 
     def test_priority_taken_first(self):
         t = self.trigger([], actions=[{"action_type": "rest", "priority": 1, "config": {"url": "http://a"}},
@@ -371,7 +371,7 @@ class EventProcessorTest(unittest.TestCase):
         self.assertEqual(len({j["id"] for j in jobs}), len(jobs))
         self.assertEqual(sorted({j["event_id"] for j in jobs}), sorted(ids))
         st = self.state(t)["0"]
-        self.assertEqual(sum(st["counts"]), len(ids), "each event counted exactly once")
+        self.assertEqual(sum(n for _, n in st["buckets"]), len(ids), "each event counted exactly once")
 
     def _stream_killed_at(self, n, kill_at):
         # n events a second apart; the service is killed (-9) after the

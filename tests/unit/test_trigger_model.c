@@ -433,7 +433,10 @@ static long kept(const rl *r)
     cJSON *j = state_json(r->st), *it;
     long n = 0;
 
-    cJSON_ArrayForEach(it, cJSON_GetObjectItem(cJSON_GetObjectItem(j, "0"), "counts")) n += (long)it->valuedouble;
+    cJSON_ArrayForEach(it, cJSON_GetObjectItem(cJSON_GetObjectItem(j, "0"), "buckets"))
+    {
+        n += (long)cJSON_GetArrayItem(it, 1)->valuedouble;
+    }
     cJSON_Delete(j);
     return n;
 }
@@ -450,11 +453,14 @@ static void test_rate_limit_window(void **state)
     assert_int_equal(rate_step(&r, 1030), 1); /* 4 */
     assert_int_equal(rate_step(&r, 1075), 1); /* 1020,1030,1075 = 3 (1000,1010 left the window) */
     assert_int_equal(rate_step(&r, 1200), 0); /* alone */
-    /* Bounded: one counter per second of a 60 s window, whatever the count. */
+    /* Bounded: one counter per second of a 60 s window, whatever the count;
+     * stored are the buckets of the window that hold events: 1200 and the
+     * 50 seconds after it. */
     for (int i = 0; i < 500; i++)
         rate_step(&r, 1201 + i / 10);
     j = state_json(r.st);
-    assert_int_equal(cJSON_GetArraySize(cJSON_GetObjectItem(cJSON_GetObjectItem(j, "0"), "counts")), 60);
+    assert_int_equal(cJSON_GetArraySize(cJSON_GetObjectItem(cJSON_GetObjectItem(j, "0"), "buckets")), 51);
+    assert_int_equal(kept(&r), 501);
     assert_int_equal((int)cJSON_GetObjectItem(cJSON_GetObjectItem(j, "0"), "bucket_s")->valuedouble, 1);
     cJSON_Delete(j);
     /* No timestamp: the clock given (5000) is used. */
@@ -494,7 +500,12 @@ static void test_rate_limit_long_window_buckets(void **state)
     assert_int_equal(rate_step(&r, 29 * 1000 + 3624), 1); /* bucket 1124: 1000 still kept */
     j = state_json(r.st);
     assert_int_equal((int)cJSON_GetObjectItem(cJSON_GetObjectItem(j, "0"), "bucket_s")->valuedouble, 29);
-    assert_int_equal(cJSON_GetArraySize(cJSON_GetObjectItem(cJSON_GetObjectItem(j, "0"), "counts")), 125);
+    {
+        char *b = cJSON_PrintUnformatted(cJSON_GetObjectItem(cJSON_GetObjectItem(j, "0"), "buckets"));
+
+        assert_string_equal(b, "[[1000,1],[1124,1]]");
+        cJSON_free(b);
+    }
     assert_int_equal((int)cJSON_GetObjectItem(cJSON_GetObjectItem(j, "0"), "head")->valuedouble, 1124);
     cJSON_Delete(j);
     rl_free(&r);
@@ -509,7 +520,7 @@ static void test_rate_limit_long_window_buckets(void **state)
         assert_int_equal(rate_step(&r, 1700000000 + i * 300), 0); /* one every 5 min */
     assert_int_equal(rate_step(&r, 1700000000 + 99999L * 300), 1); /* number 100000 */
     j = state_json(r.st);
-    assert_true(cJSON_GetArraySize(cJSON_GetObjectItem(cJSON_GetObjectItem(j, "0"), "counts")) <= 128);
+    assert_true(cJSON_GetArraySize(cJSON_GetObjectItem(cJSON_GetObjectItem(j, "0"), "buckets")) <= 128);
     cJSON_Delete(j);
     rl_free(&r);
 }
