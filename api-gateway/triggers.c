@@ -203,30 +203,45 @@ static void tg_params_top(const trigger_model_def *def, char chain[24], const ch
     p[5] = trigger_model_def_is_stateful(def) ? "true" : "false";
 }
 
-/* The per-user trigger limit (trigger_model), inside the creating
- * transaction: the user's row is locked first, so that concurrent creates
- * of one user count one after the other. Returns 0, or -1 when answered (400 beyond
- * the limit). */
-static int tg_user_limit(httpd_req *req, PGconn *conn, const char *user_id)
+/* Locks the user's row for the rest of the transaction: every write of a
+ * user's triggers takes it first, so that the per-user limits are counted
+ * by one writer at a time, and always before a trigger row (no deadlock
+ * between a PATCH and a PUT of one trigger). Returns 0 or -1 (answered). */
+static int tg_user_lock(httpd_req *req, PGconn *conn, const char *user_id)
 {
     const char *p[1] = {user_id};
-    PGresult *res;
-    cJSON *details;
-    long long n;
 
-    /* Two statements: the count must be read after the lock is granted
-     * (one statement's snapshot predates its wait for the lock). */
-    if (tg_do(req, conn, "SELECT 1 FROM users WHERE id = $1 FOR UPDATE", 1, p) < 0 ||
-        !(res = apiutil_exec(req, conn, "SELECT count(*) FROM triggers WHERE user_id = $1", 1, p)))
+    return tg_do(req, conn, "SELECT 1 FROM users WHERE id = $1 FOR UPDATE", 1, p);
+}
+
+/* The per-user limits (trigger_model) for storing `def` as trigger `id`
+ * ("" for a new one), inside the writing transaction, after tg_user_lock
+ * (the count is read after the lock is granted: a statement's snapshot
+ * would predate its own wait for it). Returns 0, or -1 when answered (400
+ * beyond a limit). */
+static int tg_user_limits(httpd_req *req, PGconn *conn, const char *user_id, const char *id,
+                          const trigger_model_def *def)
+{
+    const char *p[2] = {user_id, id};
+    PGresult *res = apiutil_exec(req, conn,
+                                 "SELECT count(*), COALESCE(sum((SELECT count(*) FROM trigger_conditions c "
+                                 "WHERE c.trigger_id = t.id AND c.condition_type IN ('ema_threshold', 'rate_limit'))), 0) "
+                                 "FROM triggers t WHERE t.user_id = $1 AND t.id <> $2",
+                                 2, p);
+    cJSON *details;
+    long long n, stateful;
+
+    if (!res)
         return -1;
-    n = PQntuples(res) == 1 ? strtoll(PQgetvalue(res, 0, 0), NULL, 10) : 0;
+    n = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
+    stateful = strtoll(PQgetvalue(res, 0, 1), NULL, 10);
     PQclear(res);
     if (!(details = cJSON_CreateObject())) {
         httpd_respond_error(req, 500, "internal", "out of memory", NULL);
         return -1;
     }
-    if (trigger_model_check_user_triggers(n, details) < 0) {
-        httpd_respond_error(req, 400, "invalid_request", "too many triggers", details);
+    if (trigger_model_check_user_limits(n, stateful, def, !id[0], details) < 0) {
+        httpd_respond_error(req, 400, "invalid_request", "beyond the per-user trigger limits", details);
         return -1;
     }
     cJSON_Delete(details);
@@ -250,7 +265,8 @@ static void tg_create(httpd_req *req, void *ud)
         goto out;
     tg_params_top(def, chain, params);
     params[6] = user.user_id;
-    if (tg_do(req, conn, "BEGIN", 0, NULL) < 0 || tg_user_limit(req, conn, user.user_id) < 0)
+    if (tg_do(req, conn, "BEGIN", 0, NULL) < 0 || tg_user_lock(req, conn, user.user_id) < 0 ||
+        tg_user_limits(req, conn, user.user_id, "", def) < 0)
         goto out;
     res = apiutil_exec(req, conn,
                        "INSERT INTO triggers (id, user_id, name, description, chain_id, registry, enabled, "
@@ -270,7 +286,7 @@ out:
 }
 
 /* Replaces trigger `id` of `user` with `def` inside the caller's
- * transaction, then commits and answers. */
+ * transaction (which holds tg_user_lock), then commits and answers. */
 static void tg_replace(httpd_req *req, PGconn *conn, const char *id, const auth_user *user,
                        const trigger_model_def *def)
 {
@@ -278,6 +294,8 @@ static void tg_replace(httpd_req *req, PGconn *conn, const char *id, const auth_
     char chain[24];
     PGresult *res;
 
+    if (tg_user_limits(req, conn, user->user_id, id, def) < 0)
+        return;
     tg_params_top(def, chain, params);
     params[6] = id;
     params[7] = user->user_id;
@@ -312,7 +330,7 @@ static void tg_put(httpd_req *req, void *ud)
         return;
     if (!(def = tg_validate(req, body)) || !(conn = apiutil_db(gw, req)))
         goto out;
-    if (tg_do(req, conn, "BEGIN", 0, NULL) == 0)
+    if (tg_do(req, conn, "BEGIN", 0, NULL) == 0 && tg_user_lock(req, conn, user.user_id) == 0)
         tg_replace(req, conn, httpd_req_param(req, "id"), &user, def);
 out:
     dbpool_release(gw->db, conn);
@@ -335,7 +353,8 @@ static void tg_patch(httpd_req *req, void *ud)
 
     if (auth_require(gw, req, &user) < 0 || !(body = tg_body(req)))
         return;
-    if (!(conn = apiutil_db(gw, req)) || tg_do(req, conn, "BEGIN", 0, NULL) < 0)
+    if (!(conn = apiutil_db(gw, req)) || tg_do(req, conn, "BEGIN", 0, NULL) < 0 ||
+        tg_user_lock(req, conn, user.user_id) < 0)
         goto out;
     cur = tg_load(req, conn, id, user.user_id, 1, &failed);
     if (!cur) {

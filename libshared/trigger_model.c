@@ -698,16 +698,27 @@ int trigger_model_def_is_stateful(const trigger_model_def *def)
     return trigger_model_def_stateful_count(def) > 0;
 }
 
-int trigger_model_check_user_triggers(long long existing, cJSON *details)
+int trigger_model_check_user_limits(long long others, long long others_stateful, const trigger_model_def *def,
+                                    int creating, cJSON *details)
 {
-    char msg[128];
+    char msg[160];
+    int rc = 0, mine = trigger_model_def_stateful_count(def);
 
-    if (existing < TRIGGER_MODEL_MAX_TRIGGERS_PER_USER)
-        return 0;
-    snprintf(msg, sizeof(msg), "a user may have at most %d triggers (this one would be number %lld)",
-             TRIGGER_MODEL_MAX_TRIGGERS_PER_USER, existing + 1);
-    problem(details, NULL, "triggers", msg);
-    return -1;
+    if (creating && others >= TRIGGER_MODEL_MAX_TRIGGERS_PER_USER) {
+        snprintf(msg, sizeof(msg), "a user may have at most %d triggers (this one would be number %lld)",
+                 TRIGGER_MODEL_MAX_TRIGGERS_PER_USER, others + 1);
+        problem(details, NULL, "triggers", msg);
+        rc = -1;
+    }
+    if (mine && others_stateful + mine > TRIGGER_MODEL_MAX_STATEFUL_PER_USER) {
+        snprintf(msg, sizeof(msg),
+                 "a user's triggers may have at most %d stateful conditions (ema_threshold, rate_limit) in all; "
+                 "the others have %lld, this one %d",
+                 TRIGGER_MODEL_MAX_STATEFUL_PER_USER, others_stateful, mine);
+        problem(details, NULL, "conditions", msg);
+        rc = -1;
+    }
+    return rc;
 }
 
 int trigger_model_is_stateful(const cJSON *conditions)
@@ -1058,29 +1069,38 @@ static void restore_ema(cstate *s, const cJSON *e)
 
 static void restore_rate(const mcond *c, cstate *s, const cJSON *e)
 {
-    const cJSON *buckets = cJSON_GetObjectItemCaseSensitive(e, "buckets");
+    const cJSON *counts = cJSON_GetObjectItemCaseSensitive(e, "counts");
     const cJSON *head = cJSON_GetObjectItemCaseSensitive(e, "head");
     const cJSON *bs = cJSON_GetObjectItemCaseSensitive(e, "bucket_s");
     const cJSON *times = cJSON_GetObjectItemCaseSensitive(e, "times"), *it;
 
-    if (cJSON_IsArray(buckets) && cJSON_IsNumber(head) && cJSON_IsNumber(bs) &&
+    if (cJSON_IsString(counts) && cJSON_IsNumber(head) && cJSON_IsNumber(bs) &&
         bs->valuedouble == (double)c->bucket_s) {
+        const char *p = counts->valuestring;
+        int64_t k, fields = 1;
+
+        for (const char *q = p; *q; q++)
+            fields += *q == ',';
+        if (fields > c->nb)
+            return; /* not this condition's: a fresh state */
         s->fed = 1;
         s->head = (int64_t)head->valuedouble;
-        cJSON_ArrayForEach(it, buckets)
-        {
-            const cJSON *b = cJSON_GetArrayItem(it, 0), *n = cJSON_GetArrayItem(it, 1);
-            int64_t k, v;
+        for (k = s->head - fields + 1; k <= s->head; k++) {
+            char *end;
+            long long v = 0;
 
-            if (!cJSON_IsNumber(b) || !cJSON_IsNumber(n) || n->valuedouble < 1)
-                continue;
-            k = (int64_t)b->valuedouble;
-            v = (int64_t)n->valuedouble;
-            /* Only buckets of the window, once each. */
-            if (k > s->head || k <= s->head - c->nb || *ring_at(c, s, k))
-                continue;
-            *ring_at(c, s, k) = v;
-            s->sum += v;
+            if (*p >= '0' && *p <= '9') {
+                v = strtoll(p, &end, 10);
+                p = end;
+            }
+            if (v > 0) {
+                *ring_at(c, s, k) = v;
+                s->sum += v;
+            }
+            if (*p == ',')
+                p++;
+            else if (*p)
+                break; /* malformed: what was read stays */
         }
         return;
     }
@@ -1173,20 +1193,25 @@ static int state_print(const trigger_model_state *st, buf *out)
             rc |= put_i64(out, c->bucket_s);
             rc |= buf_puts(out, ",\"head\":");
             rc |= put_i64(out, s->head);
-            rc |= buf_puts(out, ",\"buckets\":[");
-            for (int64_t k = s->head - c->nb + 1, any = 0; k <= s->head; k++) {
-                int64_t v = *ring_at(c, s, k);
+            /* One field per bucket, oldest first, up to the newest (h);
+             * a zero is left empty and leading empty fields are left out:
+             * a quiet trigger stores "1". */
+            rc |= buf_puts(out, ",\"counts\":\"");
+            {
+                int64_t k = s->head - c->nb + 1;
 
-                if (!v)
-                    continue;
-                rc |= any ? buf_append(out, ",[", 2) : buf_append(out, "[", 1);
-                any = 1;
-                rc |= put_i64(out, k);
-                rc |= buf_append(out, ",", 1);
-                rc |= put_i64(out, v);
-                rc |= buf_append(out, "]", 1);
+                while (k < s->head && !*ring_at(c, s, k))
+                    k++;
+                for (; k <= s->head; k++) {
+                    int64_t v = *ring_at(c, s, k);
+
+                    if (v)
+                        rc |= put_i64(out, v);
+                    if (k < s->head)
+                        rc |= buf_append(out, ",", 1);
+                }
             }
-            rc |= buf_append(out, "]", 1);
+            rc |= buf_append(out, "\"", 1);
         }
         rc |= buf_append(out, "}", 1);
     }

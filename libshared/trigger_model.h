@@ -54,9 +54,14 @@
 /* What one user can make the shared matching loop do (issue 10): a trigger
  * has at most this many stateful conditions (ema_threshold and rate_limit
  * together; a stored trigger beyond it never matches), and a user at most
- * this many triggers (enforced by the gateway on create). */
+ * this many triggers and this many stateful conditions over all of them
+ * (enforced by the gateway on every write). Each stateful condition an
+ * event reaches is state written back with the batch: the per-user budget
+ * bounds what one user adds to every batch's commit (see
+ * scripts/bench.d/45-trigger-limits.sh). */
 #define TRIGGER_MODEL_MAX_STATEFUL 8
 #define TRIGGER_MODEL_MAX_TRIGGERS_PER_USER 100
+#define TRIGGER_MODEL_MAX_STATEFUL_PER_USER 32
 /* rate_limit counts events in this many time buckets per window, whatever
  * the count: a window of w seconds has buckets of ceil(w/128) seconds, so
  * windows up to 128 s are exact to the second and longer ones have their
@@ -145,10 +150,13 @@ int trigger_model_def_is_stateful(const trigger_model_def *def);
 /* The number of ema_threshold and rate_limit conditions of the def. */
 int trigger_model_def_stateful_count(const trigger_model_def *def);
 
-/* The per-user limit: returns 0 when a user who has `existing` triggers
- * may create one more, else -1 with the problem added to `details` (member
- * "triggers"), for the gateway's 400. */
-int trigger_model_check_user_triggers(long long existing, cJSON *details);
+/* The per-user limits, for the gateway's 400: a user whose other
+ * triggers (all but the one being replaced) number `others`, with
+ * `others_stateful` stateful conditions among them, may store `def` (a new
+ * trigger when `creating`). Returns 0, else -1 with the problems added to
+ * `details` (members "triggers" and "conditions"). */
+int trigger_model_check_user_limits(long long others, long long others_stateful, const trigger_model_def *def,
+                                    int creating, cJSON *details);
 
 /* The same from a JSON array of conditions (body or stored form): nonzero
  * when any element's condition_type is ema_threshold or rate_limit. */
@@ -223,17 +231,21 @@ void trigger_model_state_free(trigger_model_state *st);
 
 /* The state as the JSON text stored in trigger_state.state_data: a
  * malloc'd string the caller frees (NULL on OOM), its length in *len when
- * `len` is not NULL. At most about 6 KiB per stateful condition (128
- * buckets), typically under 150 bytes. Layout:
+ * `len` is not NULL. At most about 2.6 KiB per stateful condition (128
+ * buckets of up to 19 digits), typically under 150 bytes. Layout:
  * {"<i>": {...}} keyed by the condition's index in the array given to
  * trigger_model_matcher_new, for conditions an event reached:
  *   ema_threshold  {"type":"ema_threshold","window_size":n,"ema":x,"count":k}
  *   rate_limit     {"type":"rate_limit","window_s":w,"bucket_s":b,"head":h,
- *                   "buckets":[[k,n],...]}: n events counted in bucket k
- *                  (bucket = floor(time / b) of b seconds), for the buckets
- *                  of the window up to the newest, h (the nb = ceil(w/b)
- *                  buckets k with h-nb < k <= h), oldest first, the empty
- *                  ones left out. */
+ *                   "counts":"n1,,n3,...,nh"}: the events counted per
+ *                  bucket (bucket = floor(time / b), b seconds each), one
+ *                  comma-separated field per bucket up to the newest, h,
+ *                  oldest first, at most nb = ceil(w/b) of them; a zero is
+ *                  an empty field and leading empty fields are left out (a
+ *                  quiet trigger stores "1"). One string rather than an
+ *                  array of numbers: jsonb keeps it at its length, where
+ *                  128 numbers took 2 KiB before compression, and the state
+ *                  is written back every batch. */
 char *trigger_model_state_text(const trigger_model_state *st, size_t *len);
 
 /* Evaluates the matcher against `event` (an object as event_model_from_row

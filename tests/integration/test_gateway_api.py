@@ -563,6 +563,26 @@ class TriggerLimits(unittest.TestCase):
                     for i in range(n)]
         st, _, t = call("POST", "/api/v1/triggers", valid_trigger(conditions=stateful(8)), token=a)
         self.assertEqual(st, 201, t)
+        # 32 stateful conditions per user in all: 3 more triggers of 8 fit.
+        made = []
+        for _ in range(3):
+            st, _, x = call("POST", "/api/v1/triggers", valid_trigger(conditions=stateful(8)), token=a)
+            self.assertEqual(st, 201, x)
+            made.append(x)
+        st, _, e = call("POST", "/api/v1/triggers", valid_trigger(conditions=stateful(1)), token=a)
+        self.assertEqual(st, 400, e)
+        self.assertIn("at most 32 stateful conditions", e["details"]["conditions"])
+        # ...and no edit turns a stateless trigger into the 33rd.
+        st, _, plain = call("POST", "/api/v1/triggers", valid_trigger(), token=a)
+        self.assertEqual(st, 201, plain)
+        st, _, e = call("PATCH", "/api/v1/triggers/" + plain["id"], {"conditions": stateful(1)}, token=a)
+        self.assertEqual(st, 400, e)
+        self.assertIn("at most 32 stateful conditions", e["details"]["conditions"])
+        # Replacing one of the four with the same counts as before is fine.
+        st, _, x = call("PUT", "/api/v1/triggers/" + made[0]["id"], valid_trigger(conditions=stateful(8)), token=a)
+        self.assertEqual(st, 200, x)
+        for x in made:
+            self.assertEqual(call("DELETE", "/api/v1/triggers/" + x["id"], token=a)[0], 204)
         st, _, e = call("POST", "/api/v1/triggers", valid_trigger(conditions=stateful(9)), token=a)
         self.assertEqual((st, e["error"]), (400, "invalid_request"))
         self.assertIn("at most 8 stateful conditions", e["details"]["conditions"])
