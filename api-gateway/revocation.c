@@ -167,7 +167,11 @@ int revocation_check(revocation *rv, dbpool *db, const char *user_id, long long 
 {
     rv_op op = {rv, svc_now_ms(), 0, {LLONG_MIN, 0, REVOCATION_OK}, 0};
 
-    ktab_with(rv->cache, user_id, 0, op.now, rv_lookup_fn, &op);
+    /* While the listener is down a change made elsewhere would go unheard,
+     * so what is cached is not trusted until it is back (and the cache
+     * emptied). */
+    if (pglisten_up(rv->listener))
+        ktab_with(rv->cache, user_id, 0, op.now, rv_lookup_fn, &op);
     if (op.found) {
         metrics_counter_inc(rv->hits);
         return rv_verdict(op.st.base, op.st.valid_after, iat);

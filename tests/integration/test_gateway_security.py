@@ -613,6 +613,28 @@ class Revocation(unittest.TestCase):
             wait_for(lambda: self.status(gw, tok["access_token"]) == (401, "account_unknown"), 2,
                      what="deleted account refused")
 
+    def test_listener_loss_drops_the_cache(self):
+        """Notifications sent while the LISTEN connection is down are lost:
+        after it reconnects nothing cached before is trusted."""
+        gw = Gateway().__enter__()
+        try:
+            wait_for(lambda: '"msg":"listening"' in gw.svc.log(), 10, what="the token listener")
+            user, tok = gw.user()
+            self.assertEqual(self.status(gw, tok["access_token"]), (200, None))
+            with db() as c, c.cursor() as cur:
+                # (Every instance's listener on this database: the others reconnect too.)
+                cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                            "WHERE application_name = 'api-gateway-tokens' AND datname = current_database()")
+                # The change happens while nobody listens for it on that instance.
+                cur.execute("UPDATE users SET is_active = false WHERE id = %s", (user["id"],))
+            wait_for(lambda: "LISTEN connection lost" in gw.svc.log(), 5, what="the listener noticing")
+            wait_for(lambda: self.status(gw, tok["access_token"]) == (401, "account_inactive"), 5,
+                     what="the deactivated account refused after the listener came back")
+            wait_for(lambda: gw.svc.log().count('"msg":"listening","listener"') >= 2, 10, what="reconnected")
+            self.assertEqual(self.status(gw, tok["access_token"]), (401, "account_inactive"))
+        finally:
+            gw.__exit__()
+
     def test_no_database_round_trip_per_request(self):
         _, tok = self.a.user()
         self.assertEqual(self.status(self.a, tok["access_token"]), (200, None))
