@@ -3,10 +3,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "apiutil.h"
 #include "auth.h"
 #include "ratelimit.h"
 
-typedef enum { GUARD_OPEN, GUARD_USER, GUARD_INGEST } guard_kind;
+typedef enum { GUARD_OPEN, GUARD_USER, GUARD_INGEST, GUARD_INTERNAL } guard_kind;
 
 /* Nonzero when `path` is `prefix` or below it. */
 static int guard_under(const char *path, const char *prefix)
@@ -24,7 +25,22 @@ static guard_kind guard_route_kind(const char *method, const char *path)
         return strcmp(method, "POST") == 0 ? GUARD_INGEST : GUARD_USER;
     if (strcmp(path, "/api/v1/auth/logout-all") == 0)
         return GUARD_USER;
+    if (guard_under(path, "/internal"))
+        return GUARD_INTERNAL;
     return GUARD_OPEN;
+}
+
+/* Bearer $INTERNAL_TOKEN (backends publishing to SSE clients), compared in
+ * constant time; the route checks it again with the same answer. */
+static int guard_internal_ok(gateway *gw, httpd_req *req)
+{
+    const char *hdr = httpd_req_header(req, "Authorization");
+    const char *tok = hdr ? jwtauth_bearer(hdr) : NULL;
+
+    if (tok && apiutil_secret_eq(tok, gw->cfg.internal_token))
+        return 1;
+    httpd_respond_error(req, 401, "unauthorized", "Authorization: Bearer $INTERNAL_TOKEN is required", NULL);
+    return 0;
 }
 
 int guard_hook(httpd_req *req, void *ud)
@@ -42,6 +58,8 @@ int guard_hook(httpd_req *req, void *ud)
         return 0;
     case GUARD_INGEST:
         return !gateway_ingest_authorized(gw, req);
+    case GUARD_INTERNAL:
+        return !guard_internal_ok(gw, req);
     case GUARD_USER:
         break;
     }

@@ -1,7 +1,7 @@
 /* guard: what the gateway decides on a request's headers, before any of
  * its body is read (the httpd hook): the per-address rate limit, a small
  * body limit for the routes anyone may call, and authentication of the
- * routes that need it, so that an unauthenticated client never makes the
+ * routes that need it (user token, ingest token, internal token), so that an unauthenticated client never makes the
  * gateway hold a body.
  *
  * A user request that passes carries its auth_user as the request's ctx

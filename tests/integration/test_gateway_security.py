@@ -280,7 +280,8 @@ class HeadersFirst(unittest.TestCase):
             s.close()
 
     def test_unauthenticated_answered_before_body(self):
-        for path in ["/api/v1/triggers", "/api/v1/chain-events"]:
+        for path in ["/api/v1/triggers", "/api/v1/chain-events", "/internal/v1/sse/some-client",
+                     "/api/v1/auth/logout-all"]:
             with self.subTest(path=path):
                 t0 = time.monotonic()
                 data = self.head_only(self.gw.port, path)
