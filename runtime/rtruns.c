@@ -197,6 +197,25 @@ out:
     cJSON_Delete(body);
 }
 
+/* The run without its events, from the row runtime.append_run_event
+ * returned (outcome, seq, status, message, worker_id, metadata,
+ * created_at, updated_at). */
+static void answer_minimal(rt_resp *a, const char *id, const PGresult *res)
+{
+    cJSON *run = cJSON_CreateObject();
+
+    cJSON_AddStringToObject(run, "id", id);
+    cJSON_AddItemToObject(run, "worker_id", text_or_null(res, 0, 4));
+    cJSON_AddStringToObject(run, "status", PQgetvalue(res, 0, 2));
+    cJSON_AddItemToObject(run, "metadata", raw_or_null(res, 0, 5));
+    cJSON_AddNumberToObject(run, "last_seq", (double)strtoll(PQgetvalue(res, 0, 1), NULL, 10));
+    cJSON_AddStringToObject(run, "created_at", PQgetvalue(res, 0, 6));
+    cJSON_AddStringToObject(run, "updated_at", PQgetvalue(res, 0, 7));
+    a->status = 200;
+    a->json = cJSON_CreateObject();
+    cJSON_AddItemToObject(a->json, "run", run);
+}
+
 /* Prefer: return=minimal (RFC 7240) answers the run without its events:
  * the full answer grows with the log, which a client appending thousands
  * of events to one run may not want back each time. */
@@ -287,21 +306,25 @@ void rt_h_run_append(rt *r, const rt_req *q, rt_resp *a)
     p[3] = cJSON_IsString(key) ? key->valuestring : NULL;
     p[4] = cJSON_IsNumber(expected) ? exp_text : NULL;
     p[5] = keep;
-    res = dbpool_exec(c, "SELECT outcome, seq, status, message FROM runtime.append_run_event($1, $2, $3::jsonb, $4, $5, $6)",
-                      6, p, err, sizeof(err));
+    res = dbpool_exec(c, "SELECT * FROM runtime.append_run_event($1, $2, $3::jsonb, $4, $5, $6)", 6, p, err,
+                      sizeof(err));
     if (!res || PQntuples(res) != 1) {
         log_warn("runtime: append to run %s failed: %s", id, res ? "no outcome" : err);
         rt_db_error(a, err);
         goto out;
     }
     outcome = PQgetvalue(res, 0, 0);
-    if (strcmp(outcome, "appended") == 0) {
-        rt_count_append(r, type->valuestring);
-        metrics_counter_inc(r->published);
-        answer_run(a, c, id, 200, !wants_minimal(q));
-    } else if (strcmp(outcome, "replayed") == 0) {
-        metrics_counter_inc(r->replays);
-        answer_run(a, c, id, 200, !wants_minimal(q));
+    if (strcmp(outcome, "appended") == 0 || strcmp(outcome, "replayed") == 0) {
+        if (outcome[0] == 'a') {
+            rt_count_append(r, type->valuestring);
+            metrics_counter_inc(r->published);
+        } else {
+            metrics_counter_inc(r->replays);
+        }
+        if (wants_minimal(q))
+            answer_minimal(a, id, res);
+        else
+            answer_run(a, c, id, 200, 1);
     } else if (strcmp(outcome, "not_found") == 0) {
         rt_error(a, 404, "not_found", "run not found");
     } else if (strcmp(outcome, "conflict") == 0) {
