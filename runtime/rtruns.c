@@ -147,17 +147,12 @@ static void new_uuid(char out[37])
     out[j] = '\0';
 }
 
-static void retention_text(rt *r, char out[FMT_I64_MAX])
-{
-    fmt_i64(out, r->cfg.retention_messages);
-}
-
 void rt_h_run_create(rt *r, const rt_req *q, rt_resp *a)
 {
     cJSON *body = NULL, *worker, *meta;
-    char id[37], keep[FMT_I64_MAX], err[512];
+    char id[37], err[512];
     char *meta_text = NULL;
-    const char *p[4];
+    const char *p[3];
     PGconn *c = NULL;
     PGresult *res;
 
@@ -176,12 +171,10 @@ void rt_h_run_create(rt *r, const rt_req *q, rt_resp *a)
     if (!(c = acquire(r, a)))
         goto out;
     new_uuid(id);
-    retention_text(r, keep);
     p[0] = id;
     p[1] = cJSON_IsString(worker) ? worker->valuestring : NULL;
     p[2] = meta_text;
-    p[3] = keep;
-    res = dbpool_exec(c, "SELECT runtime.create_run($1, $2, $3::jsonb, $4)", 4, p, err, sizeof(err));
+    res = dbpool_exec(c, "SELECT runtime.create_run($1, $2, $3::jsonb)", 3, p, err, sizeof(err));
     if (!res) {
         log_warn("runtime: creating a run failed: %s", err);
         rt_db_error(a, err);
@@ -257,8 +250,8 @@ static int check_publish(rt *r, const char *topic, size_t payload_bytes, rt_resp
 void rt_h_run_append(rt *r, const rt_req *q, rt_resp *a)
 {
     cJSON *body = NULL, *type, *payload, *key, *expected;
-    char *payload_text = NULL, topic[64], keep[FMT_I64_MAX], exp_text[FMT_I64_MAX], err[512];
-    const char *id, *p[6], *outcome;
+    char *payload_text = NULL, topic[64], exp_text[FMT_I64_MAX], err[512];
+    const char *id, *p[5], *outcome;
     PGconn *c = NULL;
     PGresult *res = NULL;
 
@@ -297,7 +290,6 @@ void rt_h_run_append(rt *r, const rt_req *q, rt_resp *a)
         goto out;
     if (!(c = acquire(r, a)))
         goto out;
-    retention_text(r, keep);
     if (cJSON_IsNumber(expected))
         fmt_i64(exp_text, (long long)expected->valuedouble);
     p[0] = id;
@@ -305,9 +297,7 @@ void rt_h_run_append(rt *r, const rt_req *q, rt_resp *a)
     p[2] = payload_text;
     p[3] = cJSON_IsString(key) ? key->valuestring : NULL;
     p[4] = cJSON_IsNumber(expected) ? exp_text : NULL;
-    p[5] = keep;
-    res = dbpool_exec(c, "SELECT * FROM runtime.append_run_event($1, $2, $3::jsonb, $4, $5, $6)", 6, p, err,
-                      sizeof(err));
+    res = dbpool_exec(c, "SELECT * FROM runtime.append_run_event($1, $2, $3::jsonb, $4, $5)", 5, p, err, sizeof(err));
     if (!res || PQntuples(res) != 1) {
         log_warn("runtime: append to run %s failed: %s", id, res ? "no outcome" : err);
         rt_db_error(a, err);
@@ -549,38 +539,38 @@ void rt_h_run_summary(rt *r, const rt_req *q, rt_resp *a)
     if (run_id_param(q, a, &id) < 0)
         return;
     answer_row(r, a,
-               "SELECT json_build_object('run_id', run_id, 'status', status, 'last_seq', last_seq, 'event_count', "
-               "event_count, 'projection_hash', projection_hash, 'updated_at', runtime.ts(updated_at)) "
-               "FROM runtime.run_summaries WHERE run_id = $1",
+               "SELECT json_build_object('run_id', id, 'status', status, 'last_seq', projected_seq, 'event_count', "
+               "event_count, 'projection_hash', projection_hash, 'updated_at', runtime.ts(projected_at)) "
+               "FROM runtime.runs WHERE id = $1",
                id, "summary", "run summary not found");
 }
-
-static const char CHECKPOINT_SQL[] =
-    "SELECT json_build_object('topic', topic, 'last_seq', last_seq, 'last_event_type', last_event_type, "
-    "'updated_at', runtime.ts(updated_at)) FROM runtime.projection_checkpoints WHERE topic = $1";
 
 void rt_h_run_checkpoint(rt *r, const rt_req *q, rt_resp *a)
 {
     const char *id;
-    char topic[64];
 
     if (run_id_param(q, a, &id) < 0)
         return;
-    snprintf(topic, sizeof(topic), "run:%s:events", id);
-    answer_row(r, a, CHECKPOINT_SQL, topic, "checkpoint", "checkpoint not found");
+    answer_row(r, a,
+               "SELECT json_build_object('topic', 'run:' || id || ':events', 'last_seq', projected_seq, "
+               "'last_event_type', projected_event_type, 'updated_at', runtime.ts(projected_at)) "
+               "FROM runtime.runs WHERE id = $1 AND projected_seq > 0",
+               id, "checkpoint", "checkpoint not found");
 }
 
 void rt_h_worker_checkpoint(rt *r, const rt_req *q, rt_resp *a)
 {
     const char *id = q->param(q, "id");
-    char topic[600];
 
     if (!id || strlen(id) > 512) {
         rt_error(a, 400, "invalid_request", "worker id is required (at most 512 bytes)");
         return;
     }
-    snprintf(topic, sizeof(topic), "worker:%s:lifecycle", id);
-    answer_row(r, a, CHECKPOINT_SQL, topic, "checkpoint", "checkpoint not found");
+    answer_row(r, a,
+               "SELECT json_build_object('topic', 'worker:' || worker_id || ':lifecycle', 'last_seq', latest_seq, "
+               "'last_event_type', last_event_type, 'updated_at', runtime.ts(last_event_at)) "
+               "FROM runtime.workers WHERE worker_id = $1 AND latest_seq > 0",
+               id, "checkpoint", "checkpoint not found");
 }
 
 void rt_h_drift(rt *r, const rt_req *q, rt_resp *a)

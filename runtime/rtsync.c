@@ -154,25 +154,40 @@ int rt_khala_ws_accept(rt *r, const rt_req *q, const char *topic, long long *aft
     return 0;
 }
 
-static const char POLL_SQL[] =
-    "SELECT t.head_seq, t.floor_seq, (SELECT coalesce(json_agg(json_build_object('topic', m.topic, 'sequence', "
-    "m.seq, 'kind', m.kind, 'payload', m.payload, 'published_at', runtime.ts(m.published_at)) ORDER BY m.seq), "
-    "'[]') FROM (SELECT * FROM runtime.khala_messages WHERE topic = $1 AND seq > $2::bigint ORDER BY seq "
-    "LIMIT $3::int) m) FROM (SELECT 1) one LEFT JOIN runtime.khala_topics t ON t.topic = $1";
+/* A topic's window and messages in one statement (one snapshot, so head,
+ * floor and messages agree). The log rows are the messages: the run (or
+ * worker) row holds the head; the floor is the retention window below it. */
+static const char POLL_RUN_SQL[] =
+    "SELECT r.last_seq, (SELECT coalesce(json_agg(json_build_object('topic', $4::text, 'sequence', e.seq, 'kind', "
+    "e.event_type, 'payload', e.payload, 'published_at', runtime.ts(e.recorded_at)) ORDER BY e.seq), '[]') "
+    "FROM (SELECT * FROM runtime.run_events WHERE run_id = $1::uuid AND seq > $2::bigint ORDER BY seq "
+    "LIMIT $3::int) e) FROM (SELECT 1) one LEFT JOIN runtime.runs r ON r.id = $1::uuid";
+static const char POLL_WORKER_SQL[] =
+    "SELECT w.latest_seq, (SELECT coalesce(json_agg(json_build_object('topic', $4::text, 'sequence', e.seq, 'kind', "
+    "e.kind, 'payload', e.message, 'published_at', runtime.ts(e.occurred_at)) ORDER BY e.seq), '[]') "
+    "FROM (SELECT * FROM runtime.worker_events WHERE worker_id = $1 AND seq > $2::bigint ORDER BY seq "
+    "LIMIT $3::int) e) FROM (SELECT 1) one LEFT JOIN runtime.workers w ON w.worker_id = $1";
 
 int rtsync_read(rt *r, const char *topic, long long after, long limit, rtsync_window *w, rt_resp *a)
 {
-    char afters[FMT_I64_MAX], lims[FMT_I64_MAX], err[512];
-    const char *p[3] = {topic, afters, lims};
+    char afters[FMT_I64_MAX], lims[FMT_I64_MAX], id[RT_TOPIC_MAX], err[512];
+    const char *p[4] = {id, afters, lims, topic};
+    int kind = synctoken_parse_topic(topic, id, sizeof(id));
+    long long keep = r->cfg.retention_messages;
     PGconn *c;
     PGresult *res;
 
     memset(w, 0, sizeof(*w));
+    if (kind == 0 || (kind == SYNCTOKEN_TOPIC_RUN && !rt_is_uuid(id))) {
+        /* Topics nothing publishes on are empty. */
+        w->messages = cJSON_CreateArray();
+        return w->messages ? 0 : -1;
+    }
     fmt_i64(afters, after);
     fmt_i64(lims, limit);
     if (!(c = acquire(r, a)))
         return -1;
-    res = dbpool_exec(c, POLL_SQL, 3, p, err, sizeof(err));
+    res = dbpool_exec(c, kind == SYNCTOKEN_TOPIC_RUN ? POLL_RUN_SQL : POLL_WORKER_SQL, 4, p, err, sizeof(err));
     dbpool_release(r->db, c);
     if (!res || PQntuples(res) != 1) {
         log_warn("runtime: khala read of %s failed: %s", topic, res ? "no row" : err);
@@ -181,8 +196,8 @@ int rtsync_read(rt *r, const char *topic, long long after, long limit, rtsync_wi
         return -1;
     }
     w->head = PQgetisnull(res, 0, 0) ? 0 : strtoll(PQgetvalue(res, 0, 0), NULL, 10);
-    w->floor_seq = PQgetisnull(res, 0, 1) ? 0 : strtoll(PQgetvalue(res, 0, 1), NULL, 10);
-    w->messages = cJSON_Parse(PQgetvalue(res, 0, 2));
+    w->floor_seq = keep > 0 && w->head > keep ? w->head - keep : 0;
+    w->messages = cJSON_Parse(PQgetvalue(res, 0, 1));
     PQclear(res);
     if (!w->messages) {
         rt_error(a, 500, "internal", "out of memory");

@@ -210,9 +210,9 @@ void rt_h_worker_register(rt *r, const rt_req *q, rt_resp *a)
 {
     cJSON *body = NULL;
     owner o;
-    char gen[48], stale[FMT_I64_MAX], keep[FMT_I64_MAX], topic[RT_WORKER_ID_MAX + 32];
+    char gen[48], stale[FMT_I64_MAX];
     char *meta = NULL;
-    const char *id, *p[9], *adapter;
+    const char *id, *p[8], *adapter;
     int bad = 0, oom = 0;
 
     if (rt_writes_frozen(r, a) < 0 || rt_body_object(q, &body, 1, a) < 0)
@@ -237,21 +237,18 @@ void rt_h_worker_register(rt *r, const rt_req *q, rt_resp *a)
     }
     while (adapter && (*adapter == ' ' || *adapter == '\t'))
         adapter++;
-    snprintf(topic, sizeof(topic), "worker:%s:lifecycle", id);
     if (!meta && !(meta = strdup("{}"))) {
         rt_error(a, 500, "internal", "out of memory");
         goto out;
     }
     fmt_i64(stale, r->cfg.heartbeat_stale_ms);
-    fmt_i64(keep, r->cfg.retention_messages);
     p[0] = id;
     p[1] = o.has_uid ? o.uid : NULL;
     p[2] = o.guest;
     p[5] = adapter && *adapter ? adapter : "in_memory";
     p[6] = meta;
     p[7] = stale;
-    p[8] = keep;
-    worker_write(r, "SELECT runtime.worker_register($1, $2, $3, $4, $5, $6, $7::jsonb, $8, $9)", 9, p, id, &o, 201, a);
+    worker_write(r, "SELECT runtime.worker_register($1, $2, $3, $4, $5, $6, $7::jsonb, $8)", 8, p, id, &o, 201, a);
 out:
     free(meta);
     cJSON_Delete(body);
@@ -273,9 +270,9 @@ void rt_h_worker_heartbeat(rt *r, const rt_req *q, rt_resp *a)
 {
     cJSON *body = NULL;
     owner o;
-    char stale[FMT_I64_MAX], keep[FMT_I64_MAX];
+    char stale[FMT_I64_MAX];
     char *patch = NULL;
-    const char *id, *p[6];
+    const char *id, *p[5];
     int oom = 0;
 
     if (rt_writes_frozen(r, a) < 0 || worker_id_param(q, a, &id) < 0 || rt_body_object(q, &body, 0, a) < 0)
@@ -288,14 +285,12 @@ void rt_h_worker_heartbeat(rt *r, const rt_req *q, rt_resp *a)
         goto out;
     }
     fmt_i64(stale, r->cfg.heartbeat_stale_ms);
-    fmt_i64(keep, r->cfg.retention_messages);
     p[0] = id;
     p[1] = o.has_uid ? o.uid : NULL;
     p[2] = o.guest;
     p[3] = patch;
     p[4] = stale;
-    p[5] = keep;
-    worker_write(r, "SELECT runtime.worker_heartbeat($1, $2, $3, $4::jsonb, $5, $6)", 6, p, id, &o, 200, a);
+    worker_write(r, "SELECT runtime.worker_heartbeat($1, $2, $3, $4::jsonb, $5)", 5, p, id, &o, 200, a);
 out:
     free(patch);
     cJSON_Delete(body);
@@ -307,8 +302,8 @@ void rt_h_worker_status(rt *r, const rt_req *q, rt_resp *a)
     cJSON *body = NULL;
     const cJSON *st;
     owner o;
-    char stale[FMT_I64_MAX], keep[FMT_I64_MAX];
-    const char *id, *p[7];
+    char stale[FMT_I64_MAX];
+    const char *id, *p[6];
     int i, bad = 0;
 
     if (rt_writes_frozen(r, a) < 0 || worker_id_param(q, a, &id) < 0 || rt_body_object(q, &body, 0, a) < 0)
@@ -325,14 +320,12 @@ void rt_h_worker_status(rt *r, const rt_req *q, rt_resp *a)
         goto out;
     }
     fmt_i64(stale, r->cfg.heartbeat_stale_ms);
-    fmt_i64(keep, r->cfg.retention_messages);
     p[0] = id;
     p[1] = o.has_uid ? o.uid : NULL;
     p[2] = o.guest;
     p[3] = statuses[i];
     p[5] = stale;
-    p[6] = keep;
-    worker_write(r, "SELECT runtime.worker_transition($1, $2, $3, $4, $5, $6, $7)", 7, p, id, &o, 200, a);
+    worker_write(r, "SELECT runtime.worker_transition($1, $2, $3, $4, $5, $6)", 6, p, id, &o, 200, a);
 out:
     cJSON_Delete(body);
 }

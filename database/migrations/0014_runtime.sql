@@ -124,13 +124,15 @@ CREATE TABLE runtime.khala_listeners (
 );
 
 -- Publishes one message on `t`: the next sequence of the topic, the stored
--- message, retention pruning (the last `keep` messages stay; 0 keeps
--- everything) and the NOTIFY that wakes subscribers. Returns the sequence.
-CREATE FUNCTION runtime.khala_publish(t text, k text, p jsonb, keep bigint) RETURNS bigint
+-- message, retention pruning (runtime.khala_retention_messages, set by the
+-- writing transaction; 0 or unset keeps everything) and the NOTIFY that
+-- wakes subscribers. Returns the sequence.
+CREATE FUNCTION runtime.khala_publish(t text, k text, p jsonb) RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE
     h bigint;
     f bigint;
+    keep bigint := coalesce(nullif(current_setting('runtime.khala_retention_messages', true), ''), '0')::bigint;
     at timestamptz := now();
     note text;
 BEGIN
@@ -179,56 +181,37 @@ BEGIN
     RETURN true;
 END $$;
 
--- The run projections and the Khala message of one event. The append
--- function calls it directly; the trigger below calls it for rows written
--- by anyone else (a restore, a repair by hand), so the projector sees
--- every row of the log and reports a gap in it as drift.
-CREATE FUNCTION runtime.project_run_event(r uuid, s bigint, etype text, p jsonb, keep bigint, inline boolean)
-RETURNS void
-LANGUAGE plpgsql AS $$
-DECLARE
-    t text := 'run:' || r || ':events';
-    st text;
-BEGIN
-    -- Under the run's lock an append's seq is always last + 1: no drift to
-    -- look for, so one upsert does it.
-    IF inline THEN
-        INSERT INTO runtime.projection_checkpoints AS c (topic, last_seq, last_event_type) VALUES (t, s, etype)
-        ON CONFLICT (topic) DO UPDATE SET last_seq = excluded.last_seq, last_event_type = excluded.last_event_type,
-            updated_at = now()
-        WHERE c.last_seq < excluded.last_seq;
-    ELSIF NOT runtime.project_checkpoint(t, s, etype) THEN
-        PERFORM runtime.khala_publish(t, etype, p, keep);
-        RETURN;
-    END IF;
-    st := CASE WHEN etype = 'run.started' THEN 'running'
-               WHEN etype = 'run.cancel_requested' THEN 'canceling'
-               WHEN etype = 'run.finished' AND jsonb_typeof(p -> 'status') = 'string'
-                   THEN replace(p ->> 'status', 'cancelled', 'canceled') END;
-    INSERT INTO runtime.run_summaries AS x (run_id, status, last_seq, event_count, projection_hash)
-    VALUES (r, coalesce(st, 'created'), s, 1, runtime.summary_hash(r, coalesce(st, 'created'), s, 1))
-    ON CONFLICT (run_id) DO UPDATE SET status = coalesce(st, x.status), last_seq = excluded.last_seq,
-        event_count = x.event_count + 1,
-        projection_hash = runtime.summary_hash(r, coalesce(st, x.status), excluded.last_seq, x.event_count + 1),
-        updated_at = now();
-    PERFORM runtime.khala_publish(t, etype, p, keep);
-END $$;
-
-CREATE FUNCTION runtime.summary_hash(r uuid, st text, s bigint, n bigint) RETURNS text
-LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT 'sha256:' || encode(sha256(convert_to(format('{"event_count":%s,"last_seq":%s,"run_id":%s,"status":%s}',
-        n, s, to_json(r::text), to_json(st)), 'UTF8')), 'hex')
-$$;
-
--- runtime.inline_append is set (transaction-local) by the append function,
--- which projects its own rows.
+-- Every row of the run log, however it got there, goes through the
+-- projector and onto the run's Khala topic in the inserting transaction.
 CREATE FUNCTION runtime.on_run_event() RETURNS trigger
 LANGUAGE plpgsql AS $$
+DECLARE
+    t text := 'run:' || NEW.run_id || ':events';
+    st text;
+    n bigint;
 BEGIN
-    IF current_setting('runtime.inline_append', true) IS DISTINCT FROM 'on' THEN
-        PERFORM runtime.project_run_event(NEW.run_id, NEW.seq, NEW.event_type, NEW.payload,
-            coalesce(nullif(current_setting('runtime.khala_retention_messages', true), ''), '0')::bigint, false);
+    IF runtime.project_checkpoint(t, NEW.seq, NEW.event_type) THEN
+        SELECT status, event_count INTO st, n FROM runtime.run_summaries WHERE run_id = NEW.run_id FOR UPDATE;
+        st := coalesce(st, 'created');
+        n := coalesce(n, 0) + 1;
+        IF NEW.event_type = 'run.started' THEN
+            st := 'running';
+        ELSIF NEW.event_type = 'run.cancel_requested' THEN
+            st := 'canceling';
+        ELSIF NEW.event_type = 'run.finished' AND jsonb_typeof(NEW.payload -> 'status') = 'string' THEN
+            st := NEW.payload ->> 'status';
+            IF st = 'cancelled' THEN
+                st := 'canceled';
+            END IF;
+        END IF;
+        INSERT INTO runtime.run_summaries AS s (run_id, status, last_seq, event_count, projection_hash)
+        VALUES (NEW.run_id, st, NEW.seq, n,
+                'sha256:' || encode(sha256(convert_to(format('{"event_count":%s,"last_seq":%s,"run_id":%s,"status":%s}',
+                    n, NEW.seq, to_json(NEW.run_id::text), to_json(st)), 'UTF8')), 'hex'))
+        ON CONFLICT (run_id) DO UPDATE SET status = excluded.status, last_seq = excluded.last_seq,
+            event_count = excluded.event_count, projection_hash = excluded.projection_hash, updated_at = now();
     END IF;
+    PERFORM runtime.khala_publish(t, NEW.event_type, NEW.payload);
     RETURN NULL;
 END $$;
 
@@ -249,64 +232,53 @@ CREATE TRIGGER worker_events_project AFTER INSERT ON runtime.worker_events
 -- orders every writer of the run), then the idempotency key, the expected
 -- previous sequence and the state machine of SPEC 6 are checked in that
 -- order. outcome is appended, replayed (the key was seen: nothing appended),
--- not_found, conflict or invalid (message says why); the other columns are
--- the run after the call (seq its last seq), so that an answer without the
--- events needs no second round trip.
+-- not_found, conflict (message holds the current last seq) or invalid
+-- (message says why).
 CREATE FUNCTION runtime.append_run_event(p_run uuid, p_type text, p_payload jsonb, p_key text,
                                          p_expected bigint, p_retention bigint)
-RETURNS TABLE (outcome text, seq bigint, status text, message text, worker_id text, metadata text,
-               created_at text, updated_at text)
+RETURNS TABLE (outcome text, seq bigint, status text, message text)
 LANGUAGE plpgsql AS $$
 DECLARE
-    r runtime.runs%ROWTYPE;
     cur text;
     last bigint;
     nxt text;
     fin text;
     s bigint;
 BEGIN
-    SELECT * INTO r FROM runtime.runs x WHERE x.id = p_run FOR UPDATE;
+    SELECT r.status, r.last_seq INTO cur, last FROM runtime.runs r WHERE r.id = p_run FOR UPDATE;
     IF NOT FOUND THEN
-        RETURN QUERY SELECT 'not_found'::text, 0::bigint, NULL::text, 'run not found'::text, NULL::text, NULL::text,
-            NULL::text, NULL::text;
+        RETURN QUERY SELECT 'not_found'::text, 0::bigint, NULL::text, 'run not found'::text;
         RETURN;
     END IF;
-    cur := r.status;
-    last := r.last_seq;
     IF p_key IS NOT NULL THEN
         SELECT e.seq INTO s FROM runtime.run_events e WHERE e.run_id = p_run AND e.idempotency_key = p_key;
         IF FOUND THEN
-            RETURN QUERY SELECT 'replayed'::text, last, cur, NULL::text,
-            r.worker_id, r.metadata::text, runtime.ts(r.created_at), runtime.ts(r.updated_at);
+            RETURN QUERY SELECT 'replayed'::text, s, cur, NULL::text;
             RETURN;
         END IF;
     END IF;
     IF p_expected IS NOT NULL AND p_expected <> last THEN
         RETURN QUERY SELECT 'conflict'::text, last, cur,
-            format('expected_previous_seq %s does not match the run''s last seq %s', p_expected, last),
-            r.worker_id, r.metadata::text, runtime.ts(r.created_at), runtime.ts(r.updated_at);
+            format('expected_previous_seq %s does not match the run''s last seq %s', p_expected, last);
         RETURN;
     END IF;
     nxt := cur;
     IF p_type = 'run.started' THEN
         IF cur NOT IN ('created', 'running') THEN
-            RETURN QUERY SELECT 'invalid'::text, last, cur, format('invalid run transition: %s -> run.started', cur),
-            r.worker_id, r.metadata::text, runtime.ts(r.created_at), runtime.ts(r.updated_at);
+            RETURN QUERY SELECT 'invalid'::text, last, cur, format('invalid run transition: %s -> run.started', cur);
             RETURN;
         END IF;
         nxt := 'running';
     ELSIF p_type = 'run.cancel_requested' THEN
         IF cur NOT IN ('created', 'running', 'canceling') THEN
             RETURN QUERY SELECT 'invalid'::text, last, cur,
-                format('invalid run transition: %s -> run.cancel_requested', cur),
-            r.worker_id, r.metadata::text, runtime.ts(r.created_at), runtime.ts(r.updated_at);
+                format('invalid run transition: %s -> run.cancel_requested', cur);
             RETURN;
         END IF;
         nxt := 'canceling';
     ELSIF p_type = 'run.finished' THEN
         IF jsonb_typeof(p_payload -> 'status') IS DISTINCT FROM 'string' THEN
-            RETURN QUERY SELECT 'invalid'::text, last, cur, 'run.finished requires payload.status'::text,
-            r.worker_id, r.metadata::text, runtime.ts(r.created_at), runtime.ts(r.updated_at);
+            RETURN QUERY SELECT 'invalid'::text, last, cur, 'run.finished requires payload.status'::text;
             RETURN;
         END IF;
         fin := p_payload ->> 'status';
@@ -315,26 +287,22 @@ BEGIN
         END IF;
         IF fin NOT IN ('succeeded', 'failed', 'canceled') THEN
             RETURN QUERY SELECT 'invalid'::text, last, cur,
-                format('invalid run.finished payload.status: %s', p_payload ->> 'status'),
-            r.worker_id, r.metadata::text, runtime.ts(r.created_at), runtime.ts(r.updated_at);
+                format('invalid run.finished payload.status: %s', p_payload ->> 'status');
             RETURN;
         END IF;
         IF NOT (cur IN ('created', 'running') OR (cur = 'canceling' AND fin IN ('canceled', 'failed'))
                 OR cur = fin) THEN
-            RETURN QUERY SELECT 'invalid'::text, last, cur, format('invalid run transition: %s -> %s', cur, fin),
-            r.worker_id, r.metadata::text, runtime.ts(r.created_at), runtime.ts(r.updated_at);
+            RETURN QUERY SELECT 'invalid'::text, last, cur, format('invalid run transition: %s -> %s', cur, fin);
             RETURN;
         END IF;
         nxt := fin;
     END IF;
-    PERFORM set_config('runtime.inline_append', 'on', true);
+    PERFORM set_config('runtime.khala_retention_messages', p_retention::text, true);
     s := last + 1;
     INSERT INTO runtime.run_events (run_id, seq, event_type, payload, idempotency_key)
     VALUES (p_run, s, p_type, p_payload, p_key);
-    UPDATE runtime.runs x SET status = nxt, last_seq = s, updated_at = now() WHERE x.id = p_run RETURNING * INTO r;
-    PERFORM runtime.project_run_event(p_run, s, p_type, p_payload, p_retention, true);
-    RETURN QUERY SELECT 'appended'::text, s, nxt, NULL::text,
-            r.worker_id, r.metadata::text, runtime.ts(r.created_at), runtime.ts(r.updated_at);
+    UPDATE runtime.runs SET status = nxt, last_seq = s, updated_at = now() WHERE id = p_run;
+    RETURN QUERY SELECT 'appended'::text, s, nxt, NULL::text;
 END $$;
 
 -- A new run and its run.started at seq 1 (so a new run is running), in one
@@ -343,10 +311,9 @@ CREATE FUNCTION runtime.create_run(p_id uuid, p_worker text, p_metadata jsonb, p
 RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM set_config('runtime.inline_append', 'on', true);
+    PERFORM set_config('runtime.khala_retention_messages', p_retention::text, true);
     INSERT INTO runtime.runs (id, worker_id, status, metadata, last_seq) VALUES (p_id, p_worker, 'running', p_metadata, 1);
     INSERT INTO runtime.run_events (run_id, seq, event_type, payload) VALUES (p_id, 1, 'run.started', '{"source":"runtime"}');
-    PERFORM runtime.project_run_event(p_id, 1, 'run.started', '{"source":"runtime"}', p_retention, true);
 END $$;
 
 -- Worker liveness as SPEC 6 reports it.
@@ -366,8 +333,7 @@ $$;
 
 -- Appends one lifecycle event to a locked worker row `w` (already updated
 -- by the caller except for latest_seq) and publishes its Khala message.
-CREATE FUNCTION runtime.worker_append(p_id text, p_type text, p_payload jsonb, p_stale_ms bigint, p_keep bigint)
-RETURNS void
+CREATE FUNCTION runtime.worker_append(p_id text, p_type text, p_payload jsonb, p_stale_ms bigint) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
     w runtime.workers%ROWTYPE;
@@ -377,8 +343,7 @@ BEGIN
     INSERT INTO runtime.worker_events (worker_id, seq, event_type, payload) VALUES (p_id, w.latest_seq, p_type, p_payload);
     PERFORM runtime.khala_publish('worker:' || p_id || ':lifecycle', 'worker.' || w.status,
         jsonb_build_object('worker_id', p_id, 'status', w.status, 'latest_seq', w.latest_seq,
-                           'heartbeat_state', runtime.heartbeat_state(w.status, w.last_heartbeat_at, p_stale_ms)),
-        p_keep);
+                           'heartbeat_state', runtime.heartbeat_state(w.status, w.last_heartbeat_at, p_stale_ms)));
 END $$;
 
 -- Registers a worker or reattaches its owner to it. outcome: created,
@@ -391,6 +356,7 @@ DECLARE
     w runtime.workers%ROWTYPE;
     outcome text := 'created';
 BEGIN
+    PERFORM set_config('runtime.khala_retention_messages', p_retention::text, true);
     INSERT INTO runtime.workers (worker_id, owner_user_id, owner_guest_scope, workspace_ref, codex_home_ref, adapter,
                                  status, metadata, last_heartbeat_at)
     VALUES (p_id, p_uid, CASE WHEN p_uid IS NULL THEN btrim(p_guest) END, p_workspace, p_home, p_adapter, 'running',
@@ -409,7 +375,7 @@ BEGIN
         WHERE worker_id = p_id;
         outcome := 'reattached';
     END IF;
-    PERFORM runtime.worker_append(p_id, 'worker.started', '{"status":"running","reason":"register"}', p_stale_ms, p_retention);
+    PERFORM runtime.worker_append(p_id, 'worker.started', '{"status":"running","reason":"register"}', p_stale_ms);
     RETURN outcome;
 END $$;
 
@@ -421,6 +387,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
     w runtime.workers%ROWTYPE;
 BEGIN
+    PERFORM set_config('runtime.khala_retention_messages', p_retention::text, true);
     SELECT * INTO w FROM runtime.workers WHERE worker_id = p_id FOR UPDATE;
     IF NOT FOUND THEN
         RETURN 'not_found';
@@ -432,7 +399,7 @@ BEGIN
         metadata = CASE WHEN jsonb_typeof(metadata) = 'object' AND jsonb_typeof(p_patch) = 'object'
                         THEN metadata || p_patch ELSE metadata END
     WHERE worker_id = p_id;
-    PERFORM runtime.worker_append(p_id, 'worker.heartbeat', jsonb_build_object('status', w.status), p_stale_ms, p_retention);
+    PERFORM runtime.worker_append(p_id, 'worker.heartbeat', jsonb_build_object('status', w.status), p_stale_ms);
     RETURN 'ok';
 END $$;
 
@@ -445,6 +412,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
     w runtime.workers%ROWTYPE;
 BEGIN
+    PERFORM set_config('runtime.khala_retention_messages', p_retention::text, true);
     SELECT * INTO w FROM runtime.workers WHERE worker_id = p_id FOR UPDATE;
     IF NOT FOUND THEN
         RETURN 'not_found';
@@ -464,7 +432,6 @@ BEGIN
         last_heartbeat_at = CASE WHEN p_status IN ('stopped', 'failed') THEN now() ELSE last_heartbeat_at END
     WHERE worker_id = p_id;
     PERFORM runtime.worker_append(p_id, 'worker.' || p_status,
-        jsonb_build_object('status', p_status, 'reason', coalesce(p_reason, 'status_transition')), p_stale_ms,
-        p_retention);
+        jsonb_build_object('status', p_status, 'reason', coalesce(p_reason, 'status_transition')), p_stale_ms);
     RETURN 'ok';
 END $$;

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Benchmarks of the runtime (issue 14): appends/s to one run and over 100
+# runs from 32 clients, each against pgbench single-row commits on the same
+# private, durable (fsync=on) PostgreSQL cluster, and the append-to-WebSocket
+# frame p99 at 1,000 appends/s. The driver is runtime_bench.py (see its
+# header for the method and the environment).
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd -P)
+for tool in wrk pgbench node; do
+    command -v "$tool" >/dev/null || { echo "60-runtime: $tool is missing (scripts/deps.sh installs it)" >&2; exit 1; }
+done
+"$ROOT/tests/integration/setup-node.sh" >&2
+exec /usr/bin/python3 "$ROOT/scripts/bench.d/runtime_bench.py"
