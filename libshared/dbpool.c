@@ -618,20 +618,13 @@ int dbpool_degraded(dbpool *p)
     return down;
 }
 
-PGresult *dbpool_exec(PGconn *conn, const char *sql, int nparams, const char *const *params,
-                      char *err, size_t errlen)
+/* Keeps r when it succeeded; else writes the reason into err, clears r and
+ * returns NULL. */
+static PGresult *exec_result(PGconn *conn, PGresult *r, char *err, size_t errlen)
 {
-    PGresult *r;
-    ExecStatusType st;
+    ExecStatusType st = r ? PQresultStatus(r) : PGRES_FATAL_ERROR;
     char msg[DBPOOL_ERR_MAX];
 
-    if (!conn || !sql) {
-        if (err && errlen)
-            snprintf(err, errlen, "08003: no connection");
-        return NULL;
-    }
-    r = PQexecParams(conn, sql, nparams, NULL, params, NULL, NULL, 0);
-    st = r ? PQresultStatus(r) : PGRES_FATAL_ERROR;
     if (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK)
         return r;
     if (err && errlen) {
@@ -651,4 +644,49 @@ PGresult *dbpool_exec(PGconn *conn, const char *sql, int nparams, const char *co
     }
     PQclear(r);
     return NULL;
+}
+
+PGresult *dbpool_exec(PGconn *conn, const char *sql, int nparams, const char *const *params,
+                      char *err, size_t errlen)
+{
+    if (!conn || !sql) {
+        if (err && errlen)
+            snprintf(err, errlen, "08003: no connection");
+        return NULL;
+    }
+    return exec_result(conn, PQexecParams(conn, sql, nparams, NULL, params, NULL, NULL, 0), err, errlen);
+}
+
+/* 26000: the statement is not prepared on this connection (a new one, or
+ * one the server lost); 0A000: its plan went stale (a migration replaced
+ * a function it calls). Both are mended by preparing it again. */
+static int needs_prepare(const PGresult *r)
+{
+    const char *state = r ? PQresultErrorField(r, PG_DIAG_SQLSTATE) : NULL;
+
+    return state && (strcmp(state, "26000") == 0 || strcmp(state, "0A000") == 0);
+}
+
+PGresult *dbpool_exec_prepared(PGconn *conn, const char *name, const char *sql, int nparams,
+                               const char *const *params, char *err, size_t errlen)
+{
+    PGresult *r;
+    char dealloc[128];
+
+    if (!conn || !sql || !name || strlen(name) > 63) {
+        if (err && errlen)
+            snprintf(err, errlen, "08003: no connection or bad statement name");
+        return NULL;
+    }
+    r = PQexecPrepared(conn, name, nparams, params, NULL, NULL, 0);
+    if (!needs_prepare(r))
+        return exec_result(conn, r, err, errlen);
+    PQclear(r);
+    snprintf(dealloc, sizeof(dealloc), "DEALLOCATE \"%s\"", name);
+    PQclear(PQexec(conn, dealloc));
+    r = exec_result(conn, PQprepare(conn, name, sql, nparams, NULL), err, errlen);
+    if (!r)
+        return NULL;
+    PQclear(r);
+    return exec_result(conn, PQexecPrepared(conn, name, nparams, params, NULL, NULL, 0), err, errlen);
 }

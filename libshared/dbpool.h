@@ -88,4 +88,12 @@ int dbpool_degraded(dbpool *p);
 PGresult *dbpool_exec(PGconn *conn, const char *sql, int nparams, const char *const *params,
                       char *err, size_t errlen);
 
+/* dbpool_exec for a statement run often: prepared once per connection
+ * under `name` (at most 63 bytes, one name per SQL text), then executed
+ * without being parsed and planned again. A connection that does not know
+ * the statement (new, or the server restarted) or whose plan went stale
+ * prepares it again by itself. Same result and err as dbpool_exec. */
+PGresult *dbpool_exec_prepared(PGconn *conn, const char *name, const char *sql, int nparams,
+                               const char *const *params, char *err, size_t errlen);
+
 #endif

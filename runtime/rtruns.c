@@ -40,7 +40,7 @@ static cJSON *raw_or_null(const PGresult *res, int row, int col)
 static cJSON *run_load(PGconn *c, const char *id, int with_events, int *found, char *err, size_t errlen)
 {
     const char *p[1] = {id};
-    PGresult *res = dbpool_exec(c, RUN_SQL, 1, p, err, errlen), *ev = NULL;
+    PGresult *res = dbpool_exec_prepared(c, "rt_run", RUN_SQL, 1, p, err, errlen), *ev = NULL;
     cJSON *run = NULL, *events;
     int i;
 
@@ -52,7 +52,7 @@ static cJSON *run_load(PGconn *c, const char *id, int with_events, int *found, c
         PQclear(res);
         return NULL;
     }
-    if (with_events && !(ev = dbpool_exec(c, EVENTS_SQL, 1, p, err, errlen))) {
+    if (with_events && !(ev = dbpool_exec_prepared(c, "rt_events", EVENTS_SQL, 1, p, err, errlen))) {
         PQclear(res);
         return NULL;
     }
@@ -297,7 +297,8 @@ void rt_h_run_append(rt *r, const rt_req *q, rt_resp *a)
     p[2] = payload_text;
     p[3] = cJSON_IsString(key) ? key->valuestring : NULL;
     p[4] = cJSON_IsNumber(expected) ? exp_text : NULL;
-    res = dbpool_exec(c, "SELECT * FROM runtime.append_run_event($1, $2, $3::jsonb, $4, $5)", 5, p, err, sizeof(err));
+    res = dbpool_exec_prepared(c, "rt_append", "SELECT * FROM runtime.append_run_event($1, $2, $3::jsonb, $4, $5)", 5,
+                               p, err, sizeof(err));
     if (!res || PQntuples(res) != 1) {
         log_warn("runtime: append to run %s failed: %s", id, res ? "no outcome" : err);
         rt_db_error(a, err);

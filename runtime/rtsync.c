@@ -187,7 +187,8 @@ int rtsync_read(rt *r, const char *topic, long long after, long limit, rtsync_wi
     fmt_i64(lims, limit);
     if (!(c = acquire(r, a)))
         return -1;
-    res = dbpool_exec(c, kind == SYNCTOKEN_TOPIC_RUN ? POLL_RUN_SQL : POLL_WORKER_SQL, 4, p, err, sizeof(err));
+    res = kind == SYNCTOKEN_TOPIC_RUN ? dbpool_exec_prepared(c, "rt_poll_run", POLL_RUN_SQL, 4, p, err, sizeof(err))
+                                     : dbpool_exec_prepared(c, "rt_poll_worker", POLL_WORKER_SQL, 4, p, err, sizeof(err));
     dbpool_release(r->db, c);
     if (!res || PQntuples(res) != 1) {
         log_warn("runtime: khala read of %s failed: %s", topic, res ? "no row" : err);

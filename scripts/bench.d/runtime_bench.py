@@ -93,7 +93,7 @@ setup = function(thread) thread:set("tag", tostring(math.random(1, 1e12))) end
 init = function(args) tag = tostring(math.random(1, 1e12)) .. tostring(os.time()) end
 request = function()
   n = n + 1
-  local id = ids[(n %% #ids) + 1]
+  local id = ids[math.random(#ids)]
   return wrk.format("POST", "/internal/v1/runs/" .. id .. "/events",
     {["Content-Type"] = "application/json", ["Prefer"] = "return=minimal"},
     '{"event_type":"bench.step","payload":{"n":' .. n .. ',"tool":"grep","ok":true},"idempotency_key":"' ..
