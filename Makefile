@@ -66,8 +66,8 @@ event-processor_SRCS  := $(call svc_common,event-processor) event-processor/main
 action-workers_SRCS   := $(call svc_common,action-workers) action-workers/main.c
 realtime_SRCS         := $(call svc_common,realtime) realtime/main.c
 runtime_SRCS          := $(call svc_common,runtime) runtime/main.c
-runtime-migrate_SRCS  := $(call svc_common,runtime) runtime/migrate_main.c
-runtime-smoke_SRCS    := $(call svc_common,runtime) runtime/smoke_main.c
+runtime-migrate_SRCS  := runtime/migrate_main.c
+runtime-smoke_SRCS    := runtime/smoke_main.c
 migrate_SRCS          := database/migrate_main.c
 # libwebsockets (libshared/wsapp) only where a program serves WebSocket.
 realtime_LIBS          = $(LWS_LIBS)

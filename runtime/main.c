@@ -12,6 +12,7 @@
 #include "fmt.h"
 #include "health.h"
 #include "log.h"
+#include "migrate.h"
 #include "rt.h"
 #include "rtserve.h"
 #include "svc.h"
@@ -22,6 +23,7 @@ typedef struct {
     char conninfo[2048];
     int db_max;
     int threads;
+    char migrations_dir[1024];
     synctoken_opts tok;
 } boot;
 
@@ -127,6 +129,8 @@ static void config(cfg *c, rt_config *rc, boot *b)
     dbpool_conninfo_from_cfg(c, b->conninfo, sizeof(b->conninfo));
     b->db_max = (int)cfg_int(c, "DB_MAX_CONNECTIONS", 10, 1, 1000);
     b->threads = (int)cfg_int(c, "RUNTIME_WORKER_THREADS", b->db_max, 1, 256);
+    if (migrate_default_dir(b->migrations_dir, sizeof(b->migrations_dir)) < 0)
+        cfg_error(c, "MIGRATIONS_DIR", b->migrations_dir, "a readable directory of migrations");
 }
 
 static int metrics_init(rt *r)
@@ -151,6 +155,7 @@ int main(void)
     static rt r;
     boot b;
     rtserve *srv = NULL;
+    deps_pgmig *mig = NULL;
     char err[512];
     cfg *c;
     int rc = 1;
@@ -164,20 +169,25 @@ int main(void)
         return 2;
     }
     r.started_ms = svc_now_ms();
-    r.db = dbpool_new(b.conninfo, b.db_max);
+    /* Two more connections than handler threads: the WebSocket accept
+     * check and the stop path never wait behind a full pool. */
+    r.db = dbpool_new(b.conninfo, b.db_max + 2);
     r.tok = synctoken_new(&b.tok);
     r.rate = khala_table_new(4096);
     r.guard = khala_table_new(4096);
     r.health = health_new(2000);
     cfg_free(c);
-    if (!r.db || !r.tok || !r.rate || !r.guard || !r.health || metrics_init(&r) < 0)
+    if (!r.db || !r.tok || !r.rate || !r.guard || !r.health || metrics_init(&r) < 0 ||
+        !(mig = deps_pgmig_new(r.db, b.migrations_dir)))
         goto out;
-    health_add(r.health, "postgresql", deps_check_pg, r.db);
+    /* Migrations run on start (SPEC 0), retried by the health check until
+     * PostgreSQL answers; until then the runtime answers 503. */
+    health_add(r.health, "postgresql", deps_check_pg_migrate, mig);
     if (!(srv = rtserve_new(&r, b.host, b.port, b.threads, err, sizeof(err)))) {
         log_error("cannot start: %s", err);
         goto out;
     }
-    if (health_start(r.health) < 0 || rtserve_start(srv, err, sizeof(err)) < 0) {
+    if (health_start(r.health) < 0 || rtserve_start(srv, b.conninfo, err, sizeof(err)) < 0) {
         log_error("cannot start: %s", err);
         goto out;
     }
@@ -190,6 +200,7 @@ int main(void)
 out:
     rtserve_free(srv);
     health_free(r.health);
+    deps_pgmig_free(mig);
     khala_table_free(r.rate);
     khala_table_free(r.guard);
     synctoken_free(r.tok);

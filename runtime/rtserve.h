@@ -13,7 +13,9 @@ typedef struct rtserve rtserve;
  * `threads` handler threads (handlers block on the database). NULL with
  * err on failure. Free with rtserve_free. */
 rtserve *rtserve_new(rt *r, const char *host, int port, int threads, char *err, size_t errlen);
-int rtserve_start(rtserve *s, char *err, size_t errlen);
+/* Starts the handler threads, the LISTEN thread (its own connection with
+ * `conninfo`) and the server. Returns 0 or -1 with err. */
+int rtserve_start(rtserve *s, const char *conninfo, char *err, size_t errlen);
 int rtserve_port(const rtserve *s);
 /* Stops accepting and lets requests in flight finish for up to grace_ms. */
 void rtserve_stop(rtserve *s, int grace_ms);

@@ -15,6 +15,7 @@ import hmac
 import json
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -114,6 +115,44 @@ class Runtime(Service):
         return self.call("GET", path, headers=h)
 
 
+class WsClient:
+    """tests/integration/khala_ws_client.cjs (npm ws) as a subprocess: its
+    events as decoded lines."""
+
+    def __init__(self, rt, topic, after=0, want=0, timeout_ms=15000, token=None, headers=None):
+        h = dict(headers or {})
+        if token is not False:
+            h.setdefault("Authorization", "Bearer " + (token or mint(claims())))
+        url = "ws://127.0.0.1:%d/internal/v1/khala/topics/%s/ws?after_seq=%d" % (rt.port, topic, after)
+        self.proc = subprocess.Popen([need("node"), os.path.join(HERE, "khala_ws_client.cjs"), url, str(want),
+                                      str(timeout_ms), json.dumps(h)], cwd=HERE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, text=True)
+        self.events = []
+
+    def wait_ready(self):
+        """Reads events until the hello frame (or the end); returns them."""
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            self.events.append(json.loads(line))
+            if "ready" in self.events[-1]:
+                break
+        return self.events
+
+    def finish(self, timeout=30):
+        # The client ends by itself (its own timeout); reading to EOF through
+        # the same buffered file keeps what wait_ready's readline buffered.
+        for line in self.proc.stdout:
+            if line.strip():
+                self.events.append(json.loads(line))
+        self.proc.wait(timeout)
+        return self.events
+
+    def frames(self, kind=None):
+        return [e["frame"] for e in self.events if "frame" in e and (kind is None or e["frame"]["type"] == kind)]
+
+
 def db():
     c = psycopg2.connect(DATABASE_URL)
     c.autocommit = True
@@ -204,8 +243,20 @@ class Runs(unittest.TestCase):
         self.assertEqual(st, 400)
         st, _, b = self.rt.call("DELETE", "/internal/v1/runs/" + run["id"])
         self.assertEqual(st, 405)
-        st, _, b = http_json("POST", self.rt.base + p, b"x" * (1024 * 1024 + 10), {"Content-Type": "application/json"})
-        self.assertEqual((st, b["error"]), (413, "payload_too_large"))
+        # A body over 1 MiB is refused from its Content-Length, before it is
+        # read (so the client may not even get to send it).
+        with socket.create_connection(("127.0.0.1", self.rt.port), timeout=10) as sock:
+            sock.sendall(("POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          "Content-Length: %d\r\n\r\n" % (p, 1024 * 1024 + 10)).encode() + b"{" * 1000)
+            data = b""
+            while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 413"), head)
+        self.assertEqual(json.loads(body)["error"], "payload_too_large")
 
     def test_state_machine(self):
         def status_after(steps):
@@ -545,6 +596,74 @@ class Khala(unittest.TestCase):
             self.assertEqual(b["messages"][0]["sequence"], floor + 1)
         self.assertEqual(floor, 10)
 
+    def test_websocket_replay_then_live_in_order(self):
+        rid, topic = self.topic_with(5)
+        ws = WsClient(self.rt, topic, after=2, want=6)
+        ev = ws.wait_ready()
+        hello = ws.frames("hello")[0]
+        self.assertEqual((hello["topic"], hello["after_seq"]), (topic, 2))
+        for i in range(3):
+            st, _, _ = self.rt.append(rid, "live", {"i": i}, headers={"Prefer": "return=minimal"})
+            self.assertEqual(st, 200)
+        ws.finish()
+        msgs = [f["message"] for f in ws.frames("message")]
+        self.assertEqual([m["sequence"] for m in msgs], [3, 4, 5, 6, 7, 8], ev)
+        self.assertEqual([m["kind"] for m in msgs[-3:]], ["live"] * 3)
+        self.assertEqual([m["payload"] for m in msgs[-3:]], [{"i": 0}, {"i": 1}, {"i": 2}])
+        for m in msgs:
+            self.assertEqual(m["topic"], topic)
+            self.assertTrue(m["published_at"].endswith("Z"))
+        # The live frames carry what the poll route answers for them.
+        _, _, polled = self.rt.poll(topic, 2)
+        self.assertEqual(msgs, polled["messages"])
+        # Resuming from a cursor: only what follows it.
+        ws = WsClient(self.rt, topic, after=7, want=1)
+        ws.finish()
+        self.assertEqual([f["message"]["sequence"] for f in ws.frames("message")], [8])
+
+    def test_websocket_worker_topic_live(self):
+        wid = "desk:%s" % uuid.uuid4().hex[:8]
+        self.rt.call("POST", "/internal/v1/workers", {"worker_id": wid, "owner_user_id": 7})
+        ws = WsClient(self.rt, "worker:%s:lifecycle" % wid, want=3)
+        ws.wait_ready()
+        self.rt.call("POST", "/internal/v1/workers/%s/heartbeat" % wid, {"owner_user_id": 7})
+        self.rt.call("POST", "/internal/v1/workers/%s/status" % wid, {"owner_user_id": 7, "status": "stopping"})
+        ev = ws.finish()
+        msgs = [f["message"] for f in ws.frames("message")]
+        self.assertEqual([(m["sequence"], m["kind"]) for m in msgs],
+                         [(1, "worker.running"), (2, "worker.running"), (3, "worker.stopping")], ev)
+        self.assertEqual(msgs[2]["payload"]["status"], "stopping")
+
+    def test_websocket_stale_cursor_frame_then_close(self):
+        rid, topic = self.topic_with(20)
+        ws = WsClient(self.rt, topic, after=1)
+        ev = ws.finish()
+        stale = ws.frames("stale_cursor")
+        self.assertEqual(len(stale), 1, ev)
+        self.assertEqual((stale[0]["topic"], stale[0]["requested_cursor"], stale[0]["head_cursor"],
+                          stale[0]["reason_codes"], stale[0]["recovery"]),
+                         (topic, 1, 20, ["replay_budget_exceeded"], "reset_local_watermark_and_replay_bootstrap"))
+        self.assertEqual(ws.frames("message"), [])
+        self.assertIn("close", ev[-1])
+
+    def test_websocket_refused_before_upgrade(self):
+        rid, topic = self.topic_with(1)
+        cases = [
+            (dict(token=False), 401, "unauthorized", "missing_authorization"),
+            (dict(token=mint(claims(exp=int(time.time()) - 5))), 401, "unauthorized", "token_expired"),
+            (dict(token=mint(claims(oa_sync_scopes=[]))), 403, "forbidden_topic", "missing_scope"),
+            (dict(headers={"Origin": "https://evil.example"}), 403, "forbidden_origin", "origin_not_allowed"),
+        ]
+        for kw, status, error, reason in cases:
+            ws = WsClient(self.rt, topic, **kw)
+            ev = ws.finish()
+            self.assertEqual(len(ev), 1, ev)
+            self.assertEqual(ev[0]["refused"], status, ev)
+            self.assertEqual((ev[0]["body"]["error"], ev[0]["body"]["reason_code"]), (error, reason))
+        ws = WsClient(self.rt, "worker:nobody-%s:lifecycle" % uuid.uuid4().hex)
+        ev = ws.finish()
+        self.assertEqual((ev[0]["refused"], ev[0]["body"]["reason_code"]), (403, "owner_mismatch"))
+
     def test_token_refusals(self):
         rid, topic = self.topic_with(1)
         now = int(time.time())
@@ -717,6 +836,8 @@ class Concurrency(unittest.TestCase):
                     elif stop.is_set():
                         return
 
+            ws = WsClient(rt, topic, want=20 * per + 1, timeout_ms=60000)
+            ws.wait_ready()
             p = threading.Thread(target=poller)
             p.start()
             ts = [threading.Thread(target=appender, args=(n,)) for n in range(20)]
@@ -728,6 +849,8 @@ class Concurrency(unittest.TestCase):
             p.join(30)
             self.assertEqual(problems, [])
             self.assertEqual(seen, list(range(1, 2 + 20 * per)))
+            ws.finish(60)
+            self.assertEqual([f["message"]["sequence"] for f in ws.frames("message")], list(range(1, 2 + 20 * per)))
             _, _, b = rt.call("GET", "/internal/v1/runs/" + rid)
             self.assertEqual([e["seq"] for e in b["run"]["events"]], list(range(1, 2 + 20 * per)))
 
@@ -766,7 +889,7 @@ class Crash(unittest.TestCase):
             # for its server sessions to end before counting.
             def sessions_gone():
                 cur.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'runtime' "
-                            "AND datname = current_database()")
+                            "AND datname = current_database() AND state <> 'idle'")
                 return cur.fetchone()[0] == 0
             wait_for(sessions_gone, timeout=20, what="the killed runtime's sessions to end")
             cur.execute("SELECT idempotency_key FROM runtime.run_events WHERE run_id = %s", (run["id"],))
