@@ -8,6 +8,7 @@
 #include <strings.h>
 
 #include "log.h"
+#include "redact.h"
 
 #define CFG_ERR_MAX 4096
 #define CFG_LINE_MAX 8192
@@ -38,11 +39,16 @@ void cfg_free(cfg *c)
 
 void cfg_error(cfg *c, const char *name, const char *value, const char *expected)
 {
+    char shown[1024];
     int n;
 
     c->failures++;
     if (c->errlen >= sizeof(c->errbuf) - 1)
         return;
+    /* A URL or conninfo may carry a password or a token: every problem
+     * report shows it masked, whichever variable it came from. */
+    if (value && (strstr(value, "://") || strcasestr(value, "password") || strchr(value, '=')))
+        value = redact_url(shown, sizeof(shown), value);
     n = snprintf(c->errbuf + c->errlen, sizeof(c->errbuf) - c->errlen,
                  "%s%s=\"%s\" is invalid: expected %s", c->errlen ? "\n" : "", name,
                  value ? value : "", expected);

@@ -50,7 +50,9 @@ const char *cfg_secret(cfg *c, const char *name, const char *dev_default);
 /* Nonzero for APP_ENV=production. */
 int cfg_production(cfg *c);
 
-/* Records a problem found by the caller's own checks. */
+/* Records a problem found by the caller's own checks. A value that looks
+ * like a URL or a key=value list is shown with its secrets masked
+ * (redact_url). */
 void cfg_error(cfg *c, const char *name, const char *value, const char *expected);
 
 /* Nonzero when any getter recorded a problem. */

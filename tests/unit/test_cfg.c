@@ -125,6 +125,24 @@ static void test_errors_accumulate(void **state)
     cfg_free(c);
 }
 
+/* Whatever variable a bad URL comes from, its secrets are masked in the
+ * report. */
+static void test_error_masks_urls(void **state)
+{
+    cfg *c = fresh();
+
+    (void)state;
+    cfg_error(c, "ORCHESTRATOR_URL", "http://svc:hunter2@orch:9000/x?token=abc&v=1", "something");
+    cfg_error(c, "DSN", "host=db password=hunter3 port=x", "something");
+    cfg_error(c, "N", "42", "a number");
+    assert_null(strstr(cfg_errstr(c), "hunter2"));
+    assert_null(strstr(cfg_errstr(c), "hunter3"));
+    assert_null(strstr(cfg_errstr(c), "abc"));
+    assert_non_null(strstr(cfg_errstr(c), "http://svc:***@orch:9000/x?token=***&v=1"));
+    assert_non_null(strstr(cfg_errstr(c), "N=\"42\""));
+    cfg_free(c);
+}
+
 static void test_secret_production(void **state)
 {
     cfg *c = fresh();
@@ -253,6 +271,7 @@ int main(void)
         cmocka_unit_test(test_duration),
         cmocka_unit_test(test_errors_accumulate),
         cmocka_unit_test(test_secret_production),
+        cmocka_unit_test(test_error_masks_urls),
         cmocka_unit_test(test_dotenv),
         cmocka_unit_test(test_dotenv_errors),
         cmocka_unit_test(test_log_escape),
