@@ -26,6 +26,7 @@ typedef struct {
     long max_body;
     int max_connections;
     int max_connections_per_ip;
+    long conn_memory;
     long header_timeout_ms; /* -1: off */
     char cors_origins[1024];
     long rate_limit_per_min;

@@ -85,6 +85,7 @@ void gateway_config_read(cfg *c, gateway_config *o)
     copy_setting(o->ingest_token, sizeof(o->ingest_token), cfg_secret(c, "INGEST_TOKEN", DEV_INGEST_TOKEN));
     copy_setting(o->internal_token, sizeof(o->internal_token),
                  cfg_secret(c, "INTERNAL_TOKEN", DEV_INTERNAL_TOKEN));
+    o->conn_memory = cfg_int(c, "HTTP_CONNECTION_MEMORY", 16384, 4096, 1024L * 1024);
     proxy_config_read(c, &o->proxy, o->host, o->port);
     sse_config_read(c, &o->sse, o->internal_token);
 }
@@ -119,6 +120,7 @@ static int gateway_open(gateway *gw, char *err, size_t errlen)
     ho.header_timeout_ms = (int)gw->cfg.header_timeout_ms;
     ho.max_connections = gw->cfg.max_connections;
     ho.max_connections_per_ip = gw->cfg.max_connections_per_ip;
+    ho.conn_memory = (size_t)gw->cfg.conn_memory;
     gw->http = httpd_new(&ho, err, errlen);
     if (!gw->http || gateway_health_routes(gw) < 0)
         return -1;

@@ -1298,7 +1298,8 @@ int httpd_start(httpd *srv, char *err, size_t errlen)
         (unsigned int)srv->opts.max_connections, MHD_OPTION_NOTIFY_COMPLETED, httpd_completed, srv,
         MHD_OPTION_NOTIFY_CONNECTION, httpd_notify_conn, srv, MHD_OPTION_URI_LOG_CALLBACK, httpd_uri_log, srv,
         MHD_OPTION_PER_IP_CONNECTION_LIMIT, (unsigned int)srv->opts.max_connections_per_ip,
-        MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)HTTPD_CONN_MEMORY,
+        MHD_OPTION_CONNECTION_MEMORY_LIMIT,
+        srv->opts.conn_memory ? srv->opts.conn_memory : (size_t)HTTPD_CONN_MEMORY,
         srv->opts.reuse_port ? MHD_OPTION_LISTENING_ADDRESS_REUSE : MHD_OPTION_END, 1U, MHD_OPTION_END);
     if (!srv->daemon) {
         snprintf(err, errlen, "cannot listen on %s:%d: %s", srv->host[0] ? srv->host : "*", srv->opts.port,

@@ -73,6 +73,11 @@ typedef struct {
     metrics *metrics;         /* NULL means metrics_default() */
     int access_log;           /* nonzero logs one line per request at info level */
     int reuse_port;           /* SO_REUSEPORT: several processes serve one port */
+    /* libmicrohttpd's memory pool per connection (request headers, the
+     * answer's headers); 0 means 16 KiB. Held as long as the connection:
+     * a server of many idle streams (SSE) may want it smaller, at the cost
+     * of the largest request headers it accepts (about half of it). */
+    size_t conn_memory;
 } httpd_opts;
 
 /* Creates a server (not listening yet). Returns NULL on bad options or

@@ -11,7 +11,9 @@
 # p99 over events of the time until the last stream had it).
 # Anchor, same run, same load client: a plain Node.js http SSE server
 # (scripts/bench.d/sse_anchor.js) holding the streams in memory.
-# Bars: <= 8 KiB per stream, publish-to-all p99 <= 100 ms.
+# Bars: <= 8 KiB per stream, publish-to-all p99 <= 100 ms (the gateway with
+# its defaults). A second line gives the gateway's figures with
+# HTTP_CONNECTION_MEMORY=8192 (libmicrohttpd's per-connection pool halved).
 #
 # Environment: BINDIR (bin), O (build), REDIS_URL (the local server's),
 # BENCH_SSE_CLIENTS, BENCH_SSE_SOURCES, BENCH_SSE_EVENTS.
@@ -59,8 +61,15 @@ measure() {
         split(r, f, " "); printf "%.2f %s %s %s %s\n", (a - b) / n, f[5], f[9], f[11], f[3] }'
 }
 
+start_gateway() {
+    bench_spawn api-gateway "$WORK/api-gateway.log" env \
+        SERVER_HOST=127.0.0.1 SERVER_PORT=$GW_PORT LOG_LEVEL=warn ACCESS_LOG=0 RATE_LIMIT=0 \
+        MAX_CONNECTIONS=$((CLIENTS + 1000)) INTERNAL_TOKEN=$TOKEN REDIS_URL="$REDIS_URL" \
+        DATABASE_URL=postgres://nobody@127.0.0.1:1/none "$@" "$BINDIR/api-gateway"
+}
+
 main() {
-    local gw_pid node_pid g n
+    local gw_pid node_pid g n s
     [[ -x $LOAD ]] || { bench_log "sse: $LOAD is not built (make tests)"; exit 1; }
     command -v node >/dev/null || { bench_log "sse: node not found (apt-get install nodejs)"; exit 1; }
     ulimit -n "$(ulimit -Hn)"
@@ -70,10 +79,7 @@ main() {
     wait_port_free $GW_PORT
     wait_port_free $NODE_PORT
     trap bench_cleanup EXIT
-    bench_spawn api-gateway "$WORK/api-gateway.log" env \
-        SERVER_HOST=127.0.0.1 SERVER_PORT=$GW_PORT LOG_LEVEL=warn ACCESS_LOG=0 RATE_LIMIT=0 \
-        MAX_CONNECTIONS=$((CLIENTS + 1000)) INTERNAL_TOKEN=$TOKEN REDIS_URL="$REDIS_URL" \
-        DATABASE_URL=postgres://nobody@127.0.0.1:1/none "$BINDIR/api-gateway"
+    start_gateway
     gw_pid=$BENCH_LAST_PID
     bench_spawn node "$WORK/node.log" node "$ROOT/scripts/bench.d/sse_anchor.js" $NODE_PORT
     node_pid=$BENCH_LAST_PID
@@ -81,6 +87,14 @@ main() {
     sleep 1
     g=$(measure api-gateway "$gw_pid" $GW_PORT)
     n=$(measure node "$node_pid" $NODE_PORT)
+    kill -TERM "$gw_pid" 2>/dev/null || true
+    wait "$gw_pid" 2>/dev/null || true
+    wait_port_free $GW_PORT
+    start_gateway HTTP_CONNECTION_MEMORY=8192
+    gw_pid=$BENCH_LAST_PID
+    wait_http "http://127.0.0.1:$GW_PORT/health" 30 200 "$gw_pid" || { tail -n 20 "$WORK/api-gateway.log" >&2; exit 1; }
+    s=$(measure "api-gateway (8 KiB pool)" "$gw_pid" $GW_PORT)
+    read -r sk sp sa sl sp50 <<<"$s"
     read -r gk gp ga gl gp50 <<<"$g"
     read -r nk np na nl np50 <<<"$n"
     local verdict=PASS
@@ -88,6 +102,7 @@ main() {
     awk -v p="$gp" 'BEGIN { exit !(p >= 0 && p <= 100) }' || verdict=FAIL
     [[ $gl == 0 ]] || verdict=FAIL
     echo "sse: $CLIENTS streams: api-gateway $gk KiB/stream, publish-to-all p50 $gp50 ms p99 $gp ms (last stream p99 $ga ms, lost $gl); node http $nk KiB/stream, p50 $np50 ms p99 $np ms (last $na ms, lost $nl); memory ratio $(ratio "$gk" "$nk") (bars <= 8 KiB, p99 <= 100 ms) $verdict"
+    echo "sse: $CLIENTS streams: api-gateway with HTTP_CONNECTION_MEMORY=8192: $sk KiB/stream, p50 $sp50 ms p99 $sp ms (last $sa ms, lost $sl)"
     [[ $verdict == PASS ]]
 }
 
