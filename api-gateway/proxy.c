@@ -36,6 +36,7 @@ extern char **environ;
 #define PX_SMALL_MAX (64 * 1024)   /* a response declared at most this long is answered whole */
 #define PX_HDR_MAX (64 * 1024)     /* response header bytes */
 #define PX_PREFIX "/api/v1/"
+#define PX_SPARE_EASY 256
 
 /* Commands posted to a loop from other threads. */
 enum { CMD_ADD = 1, CMD_UNPAUSE_READ = 2, CMD_UNPAUSE_WRITE = 4, CMD_CANCEL = 8 };
@@ -101,6 +102,10 @@ struct pxloop {
     atomic_int stop;
     pxreq *running;
     int nrunning;
+    /* Easy handles of finished transfers, reset and reused: creating one
+     * costs more than the setup of a request (under qmu). */
+    CURL *spare[PX_SPARE_EASY];
+    int nspare;
 };
 
 struct proxy {
@@ -301,12 +306,37 @@ void proxy_config_read(cfg *c, proxy_config *o, const char *self_host, int self_
 
 /* ---- helpers ------------------------------------------------------------ */
 
+/* Gives a finished transfer's handle back to its loop (reset for reuse). */
+static void px_spare_easy(pxloop *l, CURL *e)
+{
+    curl_easy_reset(e);
+    pthread_mutex_lock(&l->qmu);
+    if (l->nspare < PX_SPARE_EASY) {
+        l->spare[l->nspare++] = e;
+        e = NULL;
+    }
+    pthread_mutex_unlock(&l->qmu);
+    if (e)
+        curl_easy_cleanup(e);
+}
+
+static CURL *px_take_easy(pxloop *l)
+{
+    CURL *e = NULL;
+
+    pthread_mutex_lock(&l->qmu);
+    if (l->nspare > 0)
+        e = l->spare[--l->nspare];
+    pthread_mutex_unlock(&l->qmu);
+    return e ? e : curl_easy_init();
+}
+
 static void px_unref(pxreq *r)
 {
     if (atomic_fetch_sub(&r->refs, 1) != 1)
         return;
     if (r->easy)
-        curl_easy_cleanup(r->easy);
+        px_spare_easy(r->loop, r->easy);
     curl_slist_free_all(r->hdrs);
     free(r->url);
     free(r->in);
@@ -1025,7 +1055,7 @@ static int px_setup(pxreq *r, httpd_req *req, const char *rest)
         add_line(r, "X-Request-Id: %s%s", httpd_req_id(req), "") || add_line(r, "Expect:%s%s", "", "") ||
         (!h.has_accept && add_line(r, "Accept:%s%s", "", "")))
         return -1;
-    e = r->easy = curl_easy_init();
+    e = r->easy = px_take_easy(r->loop);
     if (!e)
         return -1;
     curl_easy_setopt(e, CURLOPT_URL, r->url);
@@ -1303,6 +1333,8 @@ void proxy_free(proxy *px)
     for (int i = 0; px->loops && i < px->nloops; i++) {
         pxloop *l = &px->loops[i];
 
+        while (l->nspare > 0)
+            curl_easy_cleanup(l->spare[--l->nspare]);
         if (l->multi)
             curl_multi_cleanup(l->multi);
         if (l->epfd > 0)
