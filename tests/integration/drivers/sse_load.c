@@ -185,7 +185,8 @@ int main(int argc, char **argv)
                 }
                 got = read(s->fd, buf, sizeof(buf));
                 if (got <= 0) {
-                    fprintf(stderr, "sse_load: stream %u closed while connecting\n", evs[j].data.u32);
+                    fprintf(stderr, "sse_load: stream %u closed while connecting (%s; it had: %.*s)\n",
+                            evs[j].data.u32, got < 0 ? strerror(errno) : "end of stream", (int)s->tlen, s->tail);
                     return 1;
                 }
                 if (!s->established) {
