@@ -32,7 +32,7 @@ $(error pkg-config does not know: $(PKG_MISSING) (scripts/deps.sh, or make deps,
 endif
 PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS_ALL))
 PKG_LIBS   := $(shell pkg-config --libs $(PKGS))
-LWS_LIBS   := $(shell pkg-config --libs libwebsockets)
+LWS_LIBS   := $(shell pkg-config --libs libwebsockets) -lev
 endif
 
 WARN      := -std=c11 -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes \

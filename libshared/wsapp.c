@@ -16,6 +16,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <ev.h>
 #include <libwebsockets.h>
 
 #include "buf.h"
@@ -122,14 +123,15 @@ struct wsapp_conn {
 /* A connection being read up to the end of its request head. */
 typedef struct {
     int kind; /* WSAPP_KIND_HEAD */
-    lws_sorted_usec_list_t sul;
+    ev_timer retry;
+    struct ev_loop *loop;
     struct lws *wsi;
     size_t len; /* bytes seen at the last look */
     char data[];
 } wsapp_head;
 
 struct wsapp_timer {
-    lws_sorted_usec_list_t sul; /* first: the lws callback gets its address */
+    ev_timer ev; /* first: the libev callback gets its address */
     wsapp *app;
     void (*fn)(wsapp_timer *t, void *ud);
     void *ud;
@@ -158,6 +160,7 @@ struct wsapp {
     int nconns, nsockets, http_inflight;
     uint64_t next_id;
     pthread_t thread;
+    struct ev_loop *loop; /* libev (epoll): poll(2) over every socket per turn costs too much at 10,000 */
     int started, joined;
     atomic_int stopping, done;
     long long stop_deadline_ms;
@@ -424,7 +427,10 @@ static int wsapp_conn_writable(wsapp_conn *c)
         if (lws_write(c->wsi, pbuf + LWS_PRE, 4, LWS_WRITE_PING) < 0)
             return -1;
     }
-    while (c->qcount && !lws_send_pipe_choked(c->wsi)) {
+    /* POLLOUT brought us here, so the first write needs no check; after
+     * it, lws_partial_buffered tells (without the poll(2) that
+     * lws_send_pipe_choked costs) whether the kernel took everything. */
+    while (c->qcount && !lws_partial_buffered(c->wsi)) {
         wsapp_msg *m = c->q[c->qhead];
         size_t wire = wsapp_msg_wire(m), n = 0;
         unsigned char *out;
@@ -1165,9 +1171,13 @@ static void wsapp_stop_step(wsapp *app)
         }
         wsapp_foreach_conn(app, wsapp_close_each, NULL);
     }
-    if ((app->nconns == 0 && app->http_inflight <= 0) || svc_now_ms() >= app->stop_deadline_ms)
+    if ((app->nconns == 0 && app->http_inflight <= 0) || svc_now_ms() >= app->stop_deadline_ms) {
         atomic_store(&app->done, 1);
+        ev_break(app->loop, EVBREAK_ALL);
+    }
 }
+
+static void wsapp_head_retry(struct ev_loop *loop, ev_timer *w, int revents);
 
 static void wsapp_accept_ready(wsapp *app)
 {
@@ -1190,6 +1200,8 @@ static void wsapp_accept_ready(wsapp *app)
             continue;
         }
         h->kind = WSAPP_KIND_HEAD;
+        h->loop = app->loop;
+        ev_timer_init(&h->retry, wsapp_head_retry, 0., 0.);
         d.filefd = fd;
         w = lws_adopt_descriptor_vhost(app->vh, LWS_ADOPT_RAW_FILE_DESC, d, "wsapp-head", NULL);
         if (!w) {
@@ -1287,11 +1299,20 @@ static void wsapp_head_handoff(wsapp *app, int fd, const char *data, size_t n)
     free(head);
 }
 
-static void wsapp_head_retry(lws_sorted_usec_list_t *sul)
+static void wsapp_head_retry(struct ev_loop *loop, ev_timer *w, int revents)
 {
-    wsapp_head *h = lws_container_of(sul, wsapp_head, sul);
+    wsapp_head *h = lws_container_of(w, wsapp_head, retry);
 
+    (void)loop;
+    (void)revents;
     lws_rx_flow_control(h->wsi, 1);
+}
+
+static void wsapp_head_later(wsapp_head *h, double s)
+{
+    ev_timer_stop(h->loop, &h->retry);
+    ev_timer_set(&h->retry, s, 0.);
+    ev_timer_start(h->loop, &h->retry);
 }
 
 /* Callback of the "wsapp-head" protocol: a new connection, watched as a
@@ -1324,18 +1345,18 @@ static int wsapp_head_cb(struct lws *wsi, enum lws_callback_reasons reason, void
                  * next has data, not in a busy loop over the same bytes. */
                 h->len = (size_t)n;
                 lws_rx_flow_control(wsi, 0);
-                lws_sul_schedule(app->ctx, 0, &h->sul, wsapp_head_retry, 5 * LWS_US_PER_MS);
+                wsapp_head_later(h, 0.005);
                 return 0;
             }
             lws_rx_flow_control(wsi, 0);
-            lws_sul_schedule(app->ctx, 0, &h->sul, wsapp_head_retry, 20 * LWS_US_PER_MS);
+            wsapp_head_later(h, 0.02);
             return 0;
         }
         wsapp_head_handoff(app, fd, h->data, (size_t)n);
         return -1;
     case LWS_CALLBACK_RAW_CLOSE_FILE:
         if (h) {
-            lws_sul_cancel(&h->sul);
+            ev_timer_stop(h->loop, &h->retry);
             free(h);
             lws_set_opaque_user_data(wsi, NULL);
         }
@@ -1442,7 +1463,7 @@ static int wsapp_cb(struct lws *wsi, enum lws_callback_reasons reason, void *use
         return 0;
     case LWS_CALLBACK_WSI_DESTROY:
         if (kind == WSAPP_KIND_HEAD) {
-            lws_sul_cancel(&((wsapp_head *)op)->sul);
+            ev_timer_stop(((wsapp_head *)op)->loop, &((wsapp_head *)op)->retry);
             free(op);
             lws_set_opaque_user_data(wsi, NULL);
         } else if (c) {
@@ -1463,10 +1484,15 @@ static int wsapp_cb(struct lws *wsi, enum lws_callback_reasons reason, void *use
 
 /* ---- timers ------------------------------------------------------------- */
 
-static void wsapp_timer_fire(lws_sorted_usec_list_t *sul)
+/* libev timers rather than lws's sorted list: with a foreign libev loop
+ * lws 4.1 does not re-arm its own timer when an earlier deadline is
+ * added, so a short timer could wait for the next unrelated wake-up. */
+static void wsapp_timer_fire(struct ev_loop *loop, ev_timer *w, int revents)
 {
-    wsapp_timer *t = (wsapp_timer *)sul;
+    wsapp_timer *t = (wsapp_timer *)w;
 
+    (void)loop;
+    (void)revents;
     t->fn(t, t->ud);
 }
 
@@ -1479,18 +1505,21 @@ wsapp_timer *wsapp_timer_new(wsapp *app, void (*fn)(wsapp_timer *t, void *ud), v
     t->app = app;
     t->fn = fn;
     t->ud = ud;
+    ev_timer_init(&t->ev, wsapp_timer_fire, 0., 0.);
     return t;
 }
 
 void wsapp_timer_set(wsapp_timer *t, long ms)
 {
-    lws_sul_schedule(t->app->ctx, 0, &t->sul, wsapp_timer_fire, (lws_usec_t)(ms < 0 ? 0 : ms) * 1000);
+    ev_timer_stop(t->app->loop, &t->ev);
+    ev_timer_set(&t->ev, (double)(ms < 0 ? 0 : ms) / 1000.0, 0.);
+    ev_timer_start(t->app->loop, &t->ev);
 }
 
 void wsapp_timer_cancel(wsapp_timer *t)
 {
-    if (t && t->app->ctx)
-        lws_sul_schedule(t->app->ctx, 0, &t->sul, wsapp_timer_fire, LWS_SET_TIMER_USEC_CANCEL);
+    if (t && t->app->loop)
+        ev_timer_stop(t->app->loop, &t->ev);
 }
 
 void wsapp_timer_free(wsapp_timer *t)
@@ -1650,12 +1679,8 @@ static void *wsapp_thread(void *arg)
 {
     wsapp *app = arg;
 
-    while (!atomic_load(&app->done)) {
-        if (lws_service(app->ctx, 0) < 0)
-            break;
-        if (app->stopping)
-            wsapp_stop_step(app);
-    }
+    ev_run(app->loop, 0);
+    atomic_store(&app->done, 1);
     return NULL;
 }
 
@@ -1680,6 +1705,7 @@ int wsapp_start(wsapp *app, char *err, size_t errlen)
 {
     struct lws_context_creation_info info;
     lws_sock_file_fd_type d;
+    void *loops[1];
 
     if (app->started) {
         snprintf(err, errlen, "already started");
@@ -1702,7 +1728,14 @@ int wsapp_start(wsapp *app, char *err, size_t errlen)
     info.timeout_secs = (unsigned int)app->o.http_timeout_s;
     info.keepalive_timeout = app->o.http_timeout_s;
     info.pt_serv_buf_size = 16384;
-    info.options = LWS_SERVER_OPTION_DISABLE_IPV6;
+    info.options = LWS_SERVER_OPTION_DISABLE_IPV6 | LWS_SERVER_OPTION_LIBEV;
+    app->loop = ev_loop_new(EVFLAG_AUTO);
+    if (!app->loop) {
+        snprintf(err, errlen, "cannot create the event loop");
+        return -1;
+    }
+    loops[0] = app->loop;
+    info.foreign_loops = loops;
     app->ctx = lws_create_context(&info);
     if (!app->ctx) {
         snprintf(err, errlen, "cannot create the libwebsockets context");
@@ -1754,6 +1787,8 @@ void wsapp_free(wsapp *app)
         lws_context_destroy(app->ctx);
         app->ctx = NULL;
     }
+    if (app->loop)
+        ev_loop_destroy(app->loop);
     /* Posts that never ran still own what they point at. */
     wsapp_run_posts(app);
     if (app->listen_fd >= 0 && !app->started)

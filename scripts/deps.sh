@@ -19,7 +19,7 @@ set -euo pipefail
 
 PACKAGES=(
     build-essential pkg-config
-    libmicrohttpd-dev libpq-dev libhiredis-dev librabbitmq-dev libwebsockets-dev
+    libmicrohttpd-dev libpq-dev libhiredis-dev librabbitmq-dev libwebsockets-dev libwebsockets-evlib-ev libev-dev
     libcjson-dev libcurl4-openssl-dev libjwt-dev libcmocka-dev libssl-dev libcrypt-dev
     postgresql postgresql-client redis-server redis-tools rabbitmq-server nginx-light
     wrk curl openssl iproute2 procps ca-certificates python3 python3-psycopg2 python3-redis
