@@ -17,7 +17,7 @@ import unittest
 
 import redis
 
-from aetest import AMQP_URL, DATABASE_URL, REDIS_URL, Service, http, http_json, wait_for
+from aetest import AMQP_URL, DATABASE_URL, REDIS_URL, ROOT, Service, http, http_json, wait_for
 from pgtmp import free_port
 from tools import need
 import wsraw
@@ -358,6 +358,25 @@ console.log(JSON.stringify({got})); process.exit(0); })();""" % {"u": json.dumps
             wait_for(lambda: metric(rt.base, "wsapp_websocket_dropped_slow_total") >= 1, timeout=10,
                      what="the slow reader dropped")
             slow.close()
+
+
+class CClientTest(unittest.TestCase):
+    """The C load client (drivers/rtload.c, also the benchmark's): 300
+    authenticated connections subscribe, one more publishes 20 broadcasts;
+    every subscriber gets all 20, nothing is refused."""
+
+    def test_c_client_fan_out(self):
+        load = os.path.join(ROOT, os.environ.get("O", "build"), "tests", "drivers", "rtload")
+        with Realtime(RATE_LIMIT_PER_SECOND=1000, RATE_LIMIT_BURST=1000) as rt:
+            r = subprocess.run([load, "-p", str(rt.port), "-n", "300", "-k", SECRET, "-t", "ctopic", "-P", "20",
+                                "-r", "100", "-d", "1", "-w", "10", "-e", "20"], capture_output=True, text=True,
+                               timeout=60)
+            self.assertEqual(r.returncode, 0, r.stderr)
+            out = json.loads(r.stdout)
+            self.assertEqual((out["connected"], out["subscribed"], out["errors"]), (301, 301, 0), r.stderr)
+            self.assertEqual(out["conns_with_all"], 300)
+            self.assertEqual(out["received"], 300 * 20)
+            self.assertGreaterEqual(metric(rt.base, "realtime_deliveries_total"), 6000)
 
 
 class ScaleOutTest(unittest.TestCase):

@@ -1,0 +1,193 @@
+#!/usr/bin/env bash
+# Benchmark: realtime /ws (issue 12), with the C load client
+# tests/integration/drivers/rtload.c.
+#
+# 1. Memory: 15,000 authenticated connections, each subscribed to one topic,
+#    to one realtime process (load clients in 2 processes, source addresses
+#    127.0.0.2-5); RSS growth / connections. Anchor, same run: the same
+#    15,000 connections to wsapp_demo, the bare wsapp/libwebsockets server
+#    with no messaging state. Bar: <= 8 KiB per connection.
+# 2. 50,000 connections across 4 realtime processes sharing the port
+#    (SO_REUSEPORT) and Redis; one broadcast must reach all 50,000.
+# 3. Fan-out: one publisher to a topic with 10,000 subscribers (2 load
+#    processes) at BENCH_RT_RATE messages/s for 5 s: deliveries/s and
+#    publish-to-receive p99 (bars >= 500,000/s, <= 50 ms). Centrifugo's
+#    published figure for comparison: ~500k deliveries/s on 40 CPUs, p99
+#    200 ms, ~30 KB per connection (its million-connection test).
+#
+# Environment: BINDIR, O (build), REDIS_URL (scripts/bench.sh),
+# BENCH_RT_RATE (50), BENCH_RT_PARTS (all; or a comma list of mem,50k,fanout).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd -P)
+# shellcheck source=scripts/bench.d/lib.sh
+. "$ROOT/scripts/bench.d/lib.sh"
+
+BINDIR=${BINDIR:-bin}
+[[ $BINDIR == /* ]] || BINDIR=$ROOT/$BINDIR
+O=${O:-build}
+LOAD=$ROOT/$O/tests/drivers/rtload
+DEMO=$ROOT/$O/tests/drivers/wsapp_demo
+PORT=18860
+SECRET=bench-realtime-secret-0123456789abcdef
+RATE=${BENCH_RT_RATE:-50}
+PARTS=${BENCH_RT_PARTS:-mem,50k,fanout}
+WORK=$BENCH_VAR/realtime
+mkdir -p "$WORK"
+trap bench_cleanup EXIT
+FAILED=0
+
+[[ -x $LOAD && -x $DEMO ]] || make -C "$ROOT" --no-print-directory "$O/tests/drivers/rtload" "$O/tests/drivers/wsapp_demo" >&2
+
+rss_kb() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
+
+start_rt() { # start_rt NAME [VAR=VALUE...]: one realtime on $PORT
+    local name=$1
+    shift
+    bench_spawn "$name" "$WORK/$name.log" env PORT=$PORT HOST=127.0.0.1 JWT_SECRET=$SECRET MAX_CONNECTIONS=19000 \
+        RATE_LIMIT_ENABLED=false LOG_LEVEL=warn HEARTBEAT_INTERVAL=30s CLIENT_TIMEOUT=120s "$@" "$BINDIR/realtime"
+    wait_http "http://127.0.0.1:$PORT/info" 30 200 "$BENCH_LAST_PID"
+}
+
+stop_all() {
+    bench_cleanup
+    BENCH_PIDS=()
+    wait_port_free $PORT 70
+}
+
+# load NAME N BASE SRCS [rtload options...]: a load process in the background
+load() {
+    local name=$1 n=$2 base=$3 srcs=$4
+    shift 4
+    rm -f "$WORK/$name.ready" "$WORK/$name.ready.go"
+    bench_spawn "$name" "$WORK/$name.out" "$LOAD" -p $PORT -n "$n" -b "$base" -s "$srcs" -k $SECRET \
+        -R "$WORK/$name.ready" "$@"
+}
+
+wait_ready() { # wait_ready NAME...: every load process wrote its ready file
+    local deadline=$((SECONDS + 240)) n
+    for n in "$@"; do
+        while [[ ! -s $WORK/$n.ready ]]; do
+            ((SECONDS < deadline)) || { bench_log "$n never got ready"; return 1; }
+            sleep 0.5
+        done
+    done
+}
+
+go() { local n; for n in "$@"; do touch "$WORK/$n.ready.go"; done; }
+
+wait_done() { # waits for the load processes (their output is the JSON line)
+    local deadline=$((SECONDS + 120)) n
+    for n in "$@"; do
+        while ! grep -q '^{' "$WORK/$n.out" 2>/dev/null; do
+            ((SECONDS < deadline)) || { bench_log "$n did not finish"; return 1; }
+            sleep 0.2
+        done
+    done
+}
+
+field() { grep '^{' "$WORK/$1.out" | python3 -c "import json,sys; print(json.load(sys.stdin)['$2'])"; }
+
+# ---------------------------------------------------------------- 1. memory
+mem_run() { # mem_run KIND: prints bytes per connection of 15,000
+    local kind=$1 pid before after conns
+    if [[ $kind == realtime ]]; then
+        start_rt rt-mem
+        pid=$BENCH_LAST_PID
+    else
+        bench_spawn demo "$WORK/demo.log" "$DEMO" $PORT
+        pid=$BENCH_LAST_PID
+        sleep 0.5
+    fi
+    sleep 1
+    before=$(rss_kb "$pid")
+    if [[ $kind == realtime ]]; then
+        load m1 7500 0 127.0.0.2,127.0.0.3 -w 1
+        load m2 7500 7500 127.0.0.4,127.0.0.5 -w 1
+    else
+        load m1 7500 0 127.0.0.2,127.0.0.3 -w 1 -S -u "/echo?key=ok&t="
+        load m2 7500 7500 127.0.0.4,127.0.0.5 -w 1 -S -u "/echo?key=ok&t="
+    fi
+    wait_ready m1 m2
+    sleep 2
+    after=$(rss_kb "$pid")
+    conns=$(($(awk '{ print $2 }' "$WORK/m1.ready") + $(awk '{ print $2 }' "$WORK/m2.ready")))
+    bench_log "$kind: RSS ${before} KiB -> ${after} KiB with $conns connections"
+    go m1 m2
+    wait_done m1 m2 || true
+    stop_all
+    if ((conns < 15000)); then
+        bench_log "$kind: only $conns of 15000 connections were ready"
+        echo 0
+        return
+    fi
+    echo $(((after - before) * 1024 / conns))
+}
+
+if [[ $PARTS == *mem* ]]; then
+    ours=$(mem_run realtime)
+    anchor=$(mem_run demo)
+    bar_ok=ok
+    if ((ours == 0 || ours > 8192)); then bar_ok=MISSED; FAILED=1; fi
+    echo "realtime memory per idle subscribed connection (15000): ours ${ours} B, bare wsapp/lws ${anchor} B," \
+        "ratio $(ratio "$ours" "$anchor"), bar <= 8192 B: $bar_ok (Centrifugo published ~30 KB)"
+fi
+
+# ---------------------------------------------------------------- 2. 50,000
+if [[ $PARTS == *50k* ]]; then
+    for i in 1 2 3 4; do
+        start_rt "rt50-$i" REUSE_PORT=1 REDIS_URL="${REDIS_URL:?REDIS_URL is needed}" PRESENCE_TTL=30s
+    done
+    sleep 1
+    base=0
+    for i in 1 2 3 4; do
+        load "l$i" 12500 $base "127.0.0.$((2 * i)),127.0.0.$((2 * i + 1))" -t everyone -e 1 -w 60
+        base=$((base + 12500))
+    done
+    wait_ready l1 l2 l3 l4
+    ready=0
+    for i in 1 2 3 4; do ready=$((ready + $(awk '{ print $2 }' "$WORK/l$i.ready"))); done
+    bench_log "50k: $ready connections subscribed across 4 processes"
+    go l1 l2 l3 l4
+    sleep 1
+    load pub 0 900000 127.0.0.20 -t everyone -P 1 -r 1 -d 0 -w 1
+    go pub
+    wait_done l1 l2 l3 l4 || true
+    got=0 maxms=0
+    for i in 1 2 3 4; do
+        got=$((got + $(field "l$i" conns_with_all)))
+        m=$(field "l$i" max_ms)
+        maxms=$(awk -v a="$m" -v b="$maxms" 'BEGIN { print (a > b ? a : b) }')
+    done
+    ok=ok
+    ((ready >= 50000 && got >= 50000)) || { ok=MISSED; FAILED=1; }
+    echo "realtime 50000 connections over 4 processes (SO_REUSEPORT + Redis): $ready subscribed," \
+        "one broadcast reached $got in ${maxms} ms: $ok"
+    stop_all
+fi
+
+# ---------------------------------------------------------------- 3. fan-out
+if [[ $PARTS == *fanout* ]]; then
+    start_rt rt-fan
+    n=$((RATE * 5))
+    load f1 5000 0 127.0.0.2 -t fan -e "$n" -w 10
+    load f2 5000 5000 127.0.0.3 -t fan -e "$n" -w 10 -P "$n" -r "$RATE"
+    wait_ready f1 f2
+    go f1 f2
+    wait_done f1 f2 || true
+    read -r dps p99 got <<<"$(python3 - "$WORK/f1.out" "$WORK/f2.out" <<'EOF'
+import json, sys
+a = [json.loads([l for l in open(f) if l.startswith("{")][0]) for f in sys.argv[1:]]
+rx = sum(x["received"] for x in a)
+t = (max(x["last_us"] for x in a) - min(x["first_us"] for x in a)) / 1e6
+print("%d %.1f %d" % (rx / t if t > 0 else 0, max(x["p99_ms"] for x in a), sum(x["conns_with_all"] for x in a)))
+EOF
+)"
+    ok=ok
+    if ((dps < 500000)) || ! awk -v p="$p99" 'BEGIN { exit !(p <= 50) }'; then ok=MISSED; FAILED=1; fi
+    echo "realtime fan-out 1 publisher -> 10000 subscribers at $RATE msg/s: ${dps} deliveries/s, p99 ${p99} ms" \
+        "($got of 10000 got all $n), bars >= 500000/s and <= 50 ms: $ok (Centrifugo published ~500k/s on 40 CPUs, p99 200 ms)"
+    stop_all
+fi
+
+exit $FAILED
