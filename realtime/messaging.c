@@ -24,6 +24,9 @@
 #define MSG_MAX_SUBS 256      /* topics per connection */
 #define MSG_MAX_ROOMS 64      /* rooms per connection */
 #define MSG_MAX_RULES 64
+/* Topics and rooms per process: a client names them, so their number is
+ * bounded as well as their length. */
+#define MSG_MAX_SETS 1000000
 /* Broadcasts published to Redis whose echo is still expected; local
  * subscribers got them at once, so the echo is skipped. */
 #define MSG_OWN_RING 8192
@@ -312,7 +315,7 @@ static msg_set *msg_set_get(strmap *map, const char *name, int create)
     size_t len = strlen(name);
     msg_set *s = strmap_get(map, name, len);
 
-    if (s || !create)
+    if (s || !create || strmap_count(map) >= MSG_MAX_SETS)
         return s;
     s = calloc(1, sizeof(*s));
     if (!s || !(s->name = strdup(name)) || strmap_put(map, name, len, s) < 0) {
@@ -710,8 +713,10 @@ static void msg_on_subscribe(messaging *m, msg_conn *mc, const cJSON *data, int 
                 msg_set_remove(m->topics, s, mc);
             continue;
         }
-        if (!s)
+        if (!s) {
+            msg_send_error(m, mc, 503, "too many topics on this server");
             continue;
+        }
         if (!msg_list_has(mc->subs, mc->nsubs, s)) {
             if (mc->nsubs >= MSG_MAX_SUBS || msg_list_add(&mc->subs, &mc->nsubs, &mc->capsubs, s) < 0) {
                 msg_send_error(m, mc, 400, "too many subscriptions on this connection");

@@ -1,6 +1,8 @@
 /* strmap: see strmap.h. */
 #include "strmap.h"
 
+#include "hash.h"
+
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -20,15 +22,10 @@ struct strmap {
     uint32_t seed;
 };
 
+/* FNV-1a over the per-process seed, then the key. */
 static uint32_t strmap_hash(const strmap *m, const char *k, size_t n)
 {
-    uint32_t h = 2166136261u ^ m->seed;
-
-    for (size_t i = 0; i < n; i++) {
-        h ^= (unsigned char)k[i];
-        h *= 16777619u;
-    }
-    return h;
+    return hash_fnv1a_add(hash_fnv1a_add(HASH_FNV1A_INIT, &m->seed, sizeof(m->seed)), k, n);
 }
 
 strmap *strmap_new(void)
