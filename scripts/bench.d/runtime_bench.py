@@ -1,4 +1,4 @@
-"""Benchmarks of bin/runtime (issue 14), run by scripts/bench.d/60-runtime.sh.
+"""Benchmarks of bin/runtime (issue 14), run by scripts/bench.d/65-runtime.sh.
 
   1. appends/s to one run (unique idempotency key each, one client: a run's
      appends are ordered, each waits for the previous commit) against pgbench
@@ -43,7 +43,7 @@ WORK = os.path.join(ROOT, "var", "bench", "runtime")
 
 
 def log(msg):
-    print("60-runtime: " + msg, file=sys.stderr, flush=True)
+    print("65-runtime: " + msg, file=sys.stderr, flush=True)
 
 
 def post(base, path, body, headers=None):

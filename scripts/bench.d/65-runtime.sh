@@ -7,7 +7,7 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd -P)
 for tool in wrk pgbench node; do
-    command -v "$tool" >/dev/null || { echo "60-runtime: $tool is missing (scripts/deps.sh installs it)" >&2; exit 1; }
+    command -v "$tool" >/dev/null || { echo "65-runtime: $tool is missing (scripts/deps.sh installs it)" >&2; exit 1; }
 done
 "$ROOT/tests/integration/setup-node.sh" >&2
 exec /usr/bin/python3 "$ROOT/scripts/bench.d/runtime_bench.py"
