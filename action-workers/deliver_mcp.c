@@ -262,8 +262,6 @@ static cJSON *find_reply(const char *body, const char *ctype, int id)
         }
         if (!eol) {
             if (data.len) {
-                p = "";
-                eol = NULL;
                 /* The stream ended without a blank line: one last event. */
                 {
                     cJSON *v = cJSON_Parse(buf_str(&data));

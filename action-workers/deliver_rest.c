@@ -26,13 +26,9 @@ static long rest_timeout(const job *j)
  * Content-Type, it is (application/json is what we send then). */
 static int json_body(const cJSON *hs)
 {
-    const cJSON *h;
-
-    if (cJSON_IsObject(hs))
-        cJSON_ArrayForEach(h, hs) {
-            if (cJSON_IsString(h) && !strcasecmp(h->string, "Content-Type"))
-                return strstr(h->valuestring, "json") != NULL;
-        }
+    for (const cJSON *h = cJSON_IsObject(hs) ? hs->child : NULL; h; h = h->next)
+        if (cJSON_IsString(h) && !strcasecmp(h->string, "Content-Type"))
+            return strstr(h->valuestring, "json") != NULL;
     return 1;
 }
 

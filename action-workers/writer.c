@@ -184,6 +184,7 @@ static int ack_rows(writer *w, job **list, long long now, long long *next_log)
     for (job **pp = list; *pp;) {
         job *j = *pp;
 
+        /* NOLINTNEXTLINE(clang-analyzer-core.UndefinedBinaryOperatorResult): js[0..n) is set above. */
         if (k < n && js[k] == j) {
             if (acks[k].done) {
                 *pp = j->next;

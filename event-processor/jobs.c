@@ -391,6 +391,7 @@ static int seg_add(jobs *j, int in_arena, size_t off, size_t len)
         j->segs = p;
         j->capseg = cap;
     }
+    /* NOLINTNEXTLINE(clang-analyzer-core.NullDereference): nseg < capseg, so segs is allocated. */
     j->segs[j->nseg++] = (seg){in_arena, off, len};
     return 0;
 }

@@ -242,6 +242,7 @@ static int load_one(tindex_trigger *t, PGresult *res, int r)
         const cJSON *ty = cJSON_GetObjectItemCaseSensitive(a, "action_type");
         const cJSON *pr = cJSON_GetObjectItemCaseSensitive(a, "priority");
 
+        /* NOLINTNEXTLINE(clang-analyzer-core.NullDereference): actions has naction (the array's size) entries. */
         x->id = cJSON_IsNumber(id) ? id->valueint : 0;
         snprintf(x->id_text, sizeof(x->id_text), "%d", x->id);
         x->type = trigger_model_action_type_name(

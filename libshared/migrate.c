@@ -45,7 +45,7 @@ int migrate_parse_name(const char *name)
     int digits = 0;
     long v = 0;
 
-    while (isdigit((unsigned char)name[digits]) && digits < 9)
+    while (digits < 9 && isdigit((unsigned char)name[digits]))
         v = v * 10 + (name[digits++] - '0');
     if (digits < 4 || name[digits] != '_' || len < (size_t)digits + 6 || strcmp(name + len - 4, ".sql") != 0)
         return -1;

@@ -141,7 +141,7 @@ pglisten *pglisten_new(const char *conninfo, const char *name, const char *const
     if (!l->conninfo)
         goto fail;
     snprintf(l->name, sizeof(l->name), "%s", name ? name : "pglisten");
-    for (; channels[n] && n < PGLISTEN_MAX_CHANNELS; n++)
+    for (; n < PGLISTEN_MAX_CHANNELS && channels[n]; n++)
         if (!(l->channels[n] = strdup(channels[n])))
             goto fail;
     l->fn = fn;
