@@ -13,7 +13,11 @@
 #
 # Adding one: scripts/bench.d/NN-name.sh, executable, sourcing
 # scripts/bench.d/lib.sh for wait_http, wrk_rps, ratio, bench_spawn...;
-# ports 18800-18999 are free for benchmarks.
+# ports 18800-18999 are free for benchmarks. Each prints, beside
+# throughput, CPU time per request of our process and of the anchor's
+# (lib.sh: wrk_measure, proc_ticks, cpu_run), as medians of interleaved
+# rounds (median): that figure holds on a busy machine, where a ratio of
+# throughputs moves with the load generator's share of the cores.
 set -euo pipefail
 umask 022
 

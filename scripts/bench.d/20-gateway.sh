@@ -6,7 +6,8 @@
 #    against pgbench inserting the same rows in the same batches of 100 (one
 #    multi-row INSERT ... ON CONFLICT (id) DO NOTHING RETURNING id per
 #    transaction, the statement the gateway runs), same clients, same run.
-#    Bar: ratio >= 0.7.
+#    Bar: ratio >= 0.7. Beside it, CPU time per event (lib.sh): the gateway's
+#    and PostgreSQL's under wrk, pgbench's and PostgreSQL's under pgbench.
 # 2. GET /api/v1/triggers (authenticated, 20 rows with their conditions and
 #    actions) requests per second, and its ratio to GET /api/v1/health.
 #
@@ -53,11 +54,13 @@ psql "$DBURL" -qc "DELETE FROM events WHERE id LIKE 'wrk-%' OR id LIKE 'pgb-%'" 
 
 trap bench_cleanup EXIT
 wait_port_free "$PORT" 30
+PG_PID=$(listener_pid "$($PY -c 'import sys, urllib.parse; print(urllib.parse.urlsplit(sys.argv[1]).port or 5432)' "$DBURL")")
 bench_spawn api-gateway "$WORK/api-gateway.log" env SERVER_PORT=$PORT SERVER_HOST=127.0.0.1 DATABASE_URL="$DBURL" \
     MIGRATIONS_DIR="$ROOT/database/migrations" JWT_SECRET=$SECRET INGEST_TOKEN=$TOKEN RATE_LIMIT=0 ACCESS_LOG=0 \
     LOG_LEVEL=warn "$BINDIR/api-gateway"
 BASE=http://127.0.0.1:$PORT
-wait_http "$BASE/api/v1/health" 30 200 "$BENCH_LAST_PID"
+GW_PID=$BENCH_LAST_PID
+wait_http "$BASE/api/v1/health" 30 200 "$GW_PID"
 
 # The event row both sides insert (only the id differs).
 ROW_FIELDS='"chain_id":11155111,"block_number":%d,"block_hash":"0xbb","transaction_hash":"0xaa","log_index":%d,"registry":"reputation","event_type":"NewFeedback","agent_id":%d,"timestamp":1700000000,"client_address":"0xc1","feedback_index":1,"score":90,"tag1":"quality","tag2":"speed"'
@@ -86,7 +89,9 @@ end
 LUA
 
 RUN=$(date +%s%N)
+G0=$(proc_ticks "$GW_PID") P0=$(proc_ticks ${PG_PID:-})
 wrk -t2 -c"$CLIENTS" -d"${SECS}s" -s "$WORK/ingest.lua" "$BASE" -- "$RUN" > "$WORK/wrk-ingest.txt"
+G1=$(proc_ticks "$GW_PID") P1=$(proc_ticks ${PG_PID:-})
 WRK_RPS=$(awk '/Requests\/sec/ {print $2}' "$WORK/wrk-ingest.txt")
 WRK_BAD=$(awk '/Non-2xx/ {print $NF}' "$WORK/wrk-ingest.txt")
 WRK_BAD=${WRK_BAD:-0}
@@ -104,7 +109,10 @@ sql = ("\\set r random(1, 9000000000000000000)\n\\set b random(1, 1000000)\n"
        + ", ".join(rows) + " ON CONFLICT (id) DO NOTHING RETURNING id;\n")
 open(sys.argv[1], "w").write(sql)
 PYEOF
-pgbench -n -c "$CLIENTS" -j 2 -T "$SECS" -f "$WORK/ingest.sql" "$DBURL" > "$WORK/pgbench.txt" 2>&1
+Q0=$(proc_ticks ${PG_PID:-})
+cpu_run PGB_CPU pgbench -n -c "$CLIENTS" -j 2 -T "$SECS" -f "$WORK/ingest.sql" "$DBURL" > "$WORK/pgbench.txt" 2>&1
+Q1=$(proc_ticks ${PG_PID:-})
+PGB_TX=$(awk '/number of transactions actually processed/ { split($NF, a, "/"); print a[1]; exit }' "$WORK/pgbench.txt")
 PGB_TPS=$(awk '/^tps = / {print $3; exit}' "$WORK/pgbench.txt")
 PGB_FAILED=$(awk '/number of failed transactions/ {print $5}' "$WORK/pgbench.txt")
 PGB_FAILED=${PGB_FAILED:-0}
@@ -139,10 +147,16 @@ LIST_BAD=$(awk '/Non-2xx/ {print $NF}' "$WORK/wrk-list.txt")
 HEALTH_RPS=$(wrk_rps "$BASE/api/v1/health" "${SECS}s" 32)
 psql "$DBURL" -qc "DELETE FROM events WHERE id LIKE 'wrk-%' OR id LIKE 'pgb-%'" >/dev/null
 
-$PY - "$WRK_RPS" "$WRK_BAD" "$PGB_TPS" "$PGB_FAILED" "$STORED" "$LIST_RPS" "${LIST_BAD:-0}" "$HEALTH_RPS" "$CLIENTS" <<'PYEOF'
+WRK_REQS=$(awk '/requests in/ { print $1; exit }' "$WORK/wrk-ingest.txt")
+$PY - "$WRK_RPS" "$WRK_BAD" "$PGB_TPS" "$PGB_FAILED" "$STORED" "$LIST_RPS" "${LIST_BAD:-0}" "$HEALTH_RPS" "$CLIENTS" \
+    "$((G1 - G0))" "$((P1 - P0))" "${WRK_REQS:-0}" "$PGB_CPU" "$((Q1 - Q0))" "${PGB_TX:-0}" "$CLK_TCK" <<'PYEOF'
 import sys
 wrk_rps, wrk_bad, pgb_tps, pgb_failed, stored = float(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 list_rps, list_bad, health_rps, clients = float(sys.argv[6]), int(sys.argv[7]), float(sys.argv[8]), int(sys.argv[9])
+gw_t, pg_t, wrk_reqs, pgb_cpu, pgq_t, pgb_tx, hz = (int(sys.argv[10]), int(sys.argv[11]), int(sys.argv[12]),
+                                                   float(sys.argv[13]), int(sys.argv[14]), int(sys.argv[15]),
+                                                   float(sys.argv[16]))
+us = lambda secs, n: 1e6 * secs / n if n else 0.0
 ours, anchor = wrk_rps * 100, pgb_tps * 100
 ratio = ours / anchor if anchor else 0.0
 ok = ratio >= 0.7 and wrk_bad == 0 and pgb_failed == 0 and stored > 0
@@ -150,6 +164,9 @@ print("gateway ingest: %.0f events/s through POST /api/v1/chain-events (batches 
       % (ours, clients, stored, wrk_bad))
 print("gateway ingest: pgbench, same rows, same batches, %d clients: %.0f events/s; ratio %.2f (bar >= 0.7) %s"
       % (clients, anchor, ratio, "PASS" if ok else "FAIL"))
+print("gateway ingest CPU per event: api-gateway %.1f us + PostgreSQL %.1f us; anchor pgbench %.1f us + PostgreSQL %.1f us"
+      % (us(gw_t / hz, wrk_reqs * 100), us(pg_t / hz, wrk_reqs * 100), us(pgb_cpu, pgb_tx * 100),
+         us(pgq_t / hz, pgb_tx * 100)))
 print("gateway list: GET /api/v1/triggers (authenticated, 20 rows) %.0f req/s; GET /api/v1/health %.0f req/s; ratio %.3f%s"
       % (list_rps, health_rps, list_rps / health_rps if health_rps else 0.0,
          "" if list_bad == 0 else " (%d non-2xx!)" % list_bad))

@@ -8,7 +8,10 @@
 # processed events/s (first batch to empty queue and outbox, all jobs in
 # Redis) is compared with the raw insert rate of the same batches into a
 # plain copy of the events table (no triggers) measured in the same run.
-# Bar: ratio >= 1.0. This is the processor's rate on a backlog, measured
+# Bar: ratio >= 1.0. Beside it, CPU time per event (utime + stime from /proc,
+# children included, as lib.sh counts it): the processor's and PostgreSQL's
+# while it drains, the inserting client's and PostgreSQL's for the anchor.
+# This is the processor's rate on a backlog, measured
 # alone (not concurrently with the inserts); the drainer stands in for the
 # workers and UNLINKs the list (freed off Redis's main thread).
 #
@@ -19,12 +22,15 @@
 # EP_BENCH_LAT_SECONDS=0 skips it; EP_BENCH_LOG_LEVEL=info keeps the
 # processor's "phase totals" line in var/bench/event-processor/.
 #
-# PostgreSQL: BENCH_DATABASE_URL's server, else the local dev server
+# PostgreSQL: BENCH_DATABASE_URL's server, else DATABASE_URL's (bench.sh
+# exports the local servers'), else the local dev server
 # (database ae_bench_ep, created and migrated here). Redis: a private
 # redis-server on a free port (the jobs would not fit the shared one).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$ROOT"
+# shellcheck source=scripts/bench.d/lib.sh
+. "$ROOT/scripts/bench.d/lib.sh"
 BINDIR=${BINDIR:-bin}
 WORK=$ROOT/var/bench/event-processor
 mkdir -p "$WORK"
@@ -42,11 +48,12 @@ trap cleanup EXIT
 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no --dir "$WORK" \
     --logfile "$WORK/redis.log" >/dev/null &
 PIDS+=($!)
-BASE=${BENCH_DATABASE_URL:-postgresql://erc8004:erc8004@127.0.0.1:55432/erc8004_backend}
+BASE=${BENCH_DATABASE_URL:-${DATABASE_URL:-postgresql://erc8004:erc8004@127.0.0.1:55432/erc8004_backend}}
 DB_URL=${BASE%/*}/ae_bench_ep
 psql "$BASE" -qc "DROP DATABASE IF EXISTS ae_bench_ep WITH (FORCE)" -c "CREATE DATABASE ae_bench_ep" >/dev/null
 DATABASE_URL=$DB_URL MIGRATIONS_DIR=$ROOT/database/migrations "$BINDIR/migrate" >/dev/null 2>&1
-export DB_URL REDIS_PORT METRICS_PORT BINDIR WORK ROOT
+PG_PID=$(listener_pid "$($PY -c 'import sys, urllib.parse; print(urllib.parse.urlsplit(sys.argv[1]).port or 5432)' "$DB_URL")")
+export DB_URL REDIS_PORT METRICS_PORT BINDIR WORK ROOT PG_PID CLK_TCK
 exec 3>&1
 $PY - <<'PYEOF'
 import json, os, subprocess, threading, time, urllib.request
@@ -91,6 +98,28 @@ while not healthy():
     if time.time() - t > 20: raise SystemExit("event-processor did not become healthy")
     time.sleep(0.05)
 
+def tree_ticks(root):
+    """CPU ticks of root and everything below it (utime, stime, cutime,
+    cstime of each: lib.sh's proc_ticks)."""
+    kids, ticks = {}, {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            s = open("/proc/%s/stat" % d).read()
+        except OSError:
+            continue
+        f = s[s.rindex(")") + 2:].split()
+        kids.setdefault(int(f[1]), []).append(int(d))
+        ticks[int(d)] = sum(int(x) for x in f[11:15])
+    total, todo = 0, [root] if root else []
+    while todo:
+        p = todo.pop()
+        total += ticks.get(p, 0)
+        todo += kids.get(p, [])
+    return total
+PG_PID, HZ = int(os.environ.get("PG_PID") or 0), float(os.environ.get("CLK_TCK") or 100)
+
 cols = ["id", "chain_id", "registry", "event_type", "agent_id", "score", "timestamp", "client_address", "tag1", "tag2",
         "block_number", "transaction_hash", "log_index"]
 def batches(prefix):
@@ -110,7 +139,9 @@ def insert(table, prefix):
     return dt
 
 # Anchor: the same batches into a plain copy table.
+pg0, me0 = tree_ticks(PG_PID), time.process_time()
 raw_dt = insert("events_copy", "c")
+raw_pg, raw_me = tree_ticks(PG_PID) - pg0, time.process_time() - me0
 raw_rate = N / raw_dt
 
 # Drain Redis as jobs arrive (they would not fit in memory otherwise).
@@ -129,12 +160,14 @@ lock = psycopg2.connect(DB); lock.autocommit = True
 lock.cursor().execute("SELECT pg_advisory_lock(8004000002)")
 ins_dt = insert("events", "e")
 t0 = time.perf_counter()
+ep0, pg0 = tree_ticks(proc.pid), tree_ticks(PG_PID)
 lock.cursor().execute("SELECT pg_advisory_unlock(8004000002)")
 while True:
     cur.execute("SELECT EXISTS (SELECT 1 FROM event_queue) OR EXISTS (SELECT 1 FROM job_outbox)")
     if not cur.fetchone()[0]: break
     time.sleep(0.01)
 ep_dt = time.perf_counter() - t0
+ep_cpu, ep_pg = tree_ticks(proc.pid) - ep0, tree_ticks(PG_PID) - pg0
 stop.set(); th.join()
 ep_rate = N / ep_dt
 ratio = ep_rate / raw_rate
@@ -143,6 +176,8 @@ print("  ours   (processed events/s): %.0f" % ep_rate)
 print("  anchor (raw insert events/s into a plain copy table, batches of 100): %.0f" % raw_rate)
 print("  (insert into events with the queue trigger: %.0f events/s)" % (N / ins_dt))
 print("  ratio: %.2f (bar >= 1.0) %s" % (ratio, "PASS" if ratio >= 1.0 else "FAIL"))
+print("  CPU per event: event-processor %.1f us + PostgreSQL %.1f us while draining; anchor: inserting client %.1f us"
+      " + PostgreSQL %.1f us" % (1e6 * ep_cpu / HZ / N, 1e6 * ep_pg / HZ / N, 1e6 * raw_me / N, 1e6 * raw_pg / HZ / N))
 ok = ratio >= 1.0 and drained[0] == N * 10
 
 # Latency at 1,000 events/s. The watcher is a separate process (a thread

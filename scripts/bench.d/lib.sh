@@ -9,6 +9,20 @@
 #   wrk_rps URL [DURATION=10s] [CONNS=64] [THREADS=2]
 #                                               requests/s (integer) on stdout; fails on
 #                                               non-2xx answers or when wrk fails
+#   wrk_measure URL DURATION CONNS THREADS PID...
+#                                               one wrk run: sets M_RPS (requests/s), M_REQS
+#                                               (requests), M_US (CPU us per request of PID...
+#                                               and their descendants over the run: proc_ticks)
+#                                               and M_WRK_US (wrk's own CPU us per request);
+#                                               fails like wrk_rps
+#   proc_ticks PID...                           CPU (clock ticks) of the processes and all their
+#                                               descendants, threads and reaped children included
+#   cpu_run VAR CMD...                          runs CMD; VAR gets its CPU seconds (user+sys,
+#                                               children included)
+#   ticks_us TICKS N                            microseconds per item: TICKS clock ticks / N
+#   median X...                                 the median of the numbers (mean of the middle two)
+#   listener_pid PORT                           the pid of the process listening on local TCP PORT
+#   bench_need TOOL...                          fails with one line naming each tool's package
 #   ratio A B                                   A/B with two decimals
 #   max A B                                     the larger integer
 #   at_least RATIO BAR                          true when RATIO >= BAR
@@ -70,6 +84,105 @@ wrk_rps() {
 }
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b == 0) print "0.00"; else printf "%.2f\n", a / b }'; }
+
+# CPU per request is the figure that does not depend on how fast the load
+# generator is: on a 2-core box wrk and the server share the cores, and a
+# faster anchor there can make a ratio of throughputs move without our
+# process changing (issue 9.6). Process CPU comes from /proc/PID/stat
+# (utime + stime, fields 14 and 15, every thread), summed over the process
+# tree (nginx's workers are its master's children).
+CLK_TCK=$(getconf CLK_TCK 2>/dev/null || echo 100)
+
+# CPU ticks of the given processes and everything below them, from one
+# read of every /proc/PID/stat (cat, not awk, opens them: a process that
+# ends meanwhile is skipped, where mawk would give up on the whole list).
+# Each process counts utime + stime + cutime + cstime: the last two hold
+# its children that ended and were reaped, so a short-lived child (a
+# PostgreSQL backend of one connection) is counted once it is gone, and a
+# live one through its own figures. After "pid (comm) " a line holds state,
+# ppid, ... utime, stime, cutime, cstime at its 2nd and 12th-15th fields
+# (comm may hold spaces and parentheses).
+proc_ticks() {
+    # cat fails when a process ends meanwhile: not an error here (pipefail).
+    { cat /proc/[0-9]*/stat 2>/dev/null || true; } | awk -v roots=" $* " '{
+            pid = $1; s = $0; sub(/^[^(]*\(.*\) /, "", s); split(s, f, " ")
+            ppid[pid] = f[2]; ticks[pid] = f[12] + f[13] + f[14] + f[15]
+        }
+        END {
+            n = split(roots, want, " ")
+            for (i = 1; i <= n; i++) keep[want[i]] = 1
+            do {
+                added = 0
+                for (p in ppid)
+                    if ((ppid[p] in keep) && !(p in keep)) { keep[p] = 1; added = 1 }
+            } while (added)
+            for (p in keep) total += ticks[p]
+            print total + 0
+        }'
+}
+
+ticks_us() { awk -v t="$1" -v n="$2" -v hz="$CLK_TCK" 'BEGIN { if (n == 0) print "0.0"; else printf "%.1f\n", t * 1e6 / hz / n }'; }
+
+cpu_run() {
+    local __var=$1 __t __rc=0
+    shift
+    __t=$(mktemp)
+    # bash's `time` keyword: user and system CPU of the command, children included.
+    { TIMEFORMAT='%3U %3S'; time "$@"; } 2>"$__t" || __rc=$?
+    printf -v "$__var" '%s' "$(awk 'END { printf "%.3f", $(NF-1) + $NF }' "$__t")"
+    rm -f "$__t"
+    return "$__rc"
+}
+
+listener_pid() {
+    ss -Hltnp "sport = :$1" 2>/dev/null | grep -o 'pid=[0-9]*' | head -n1 | cut -d= -f2
+}
+
+median() {
+    printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END {
+        if (NR == 0) print 0; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+
+wrk_measure() {
+    local url=$1 duration=$2 conns=$3 threads=$4 out t0 t1 cpu non2xx
+    shift 4
+    out=$(mktemp)
+    t0=$(proc_ticks "$@")
+    if ! cpu_run cpu wrk -t"$threads" -c"$conns" -d"$duration" "$url" >"$out" 2>&1; then
+        bench_log "wrk failed on $url:"
+        cat "$out" >&2
+        rm -f "$out"
+        return 1
+    fi
+    t1=$(proc_ticks "$@")
+    M_RPS=$(awk '/^Requests\/sec:/ { printf "%d", $2 }' "$out")
+    M_REQS=$(awk '/requests in/ { print $1; exit }' "$out")
+    non2xx=$(awk '/Non-2xx or 3xx responses:/ { print $NF }' "$out")
+    if [[ -z $M_RPS || -z $M_REQS ]] || [[ -n $non2xx && $non2xx != 0 ]]; then
+        bench_log "wrk: $url: no count, or non-2xx answers; run is void"
+        cat "$out" >&2
+        rm -f "$out"
+        return 1
+    fi
+    rm -f "$out"
+    M_US=$(ticks_us $((t1 - t0)) "$M_REQS")
+    M_WRK_US=$(awk -v c="$cpu" -v n="$M_REQS" 'BEGIN { printf "%.1f\n", n ? c * 1e6 / n : 0 }')
+}
+
+# The Debian package of each command the benchmarks run (scripts/deps.sh).
+bench_need() {
+    local t pkg rc=0
+    for t in "$@"; do
+        command -v "$t" >/dev/null 2>&1 && continue
+        case $t in
+            nginx) pkg=nginx-light ;; psql | pgbench) pkg=postgresql-client ;;
+            redis-cli) pkg=redis-tools ;; perf) pkg=linux-perf ;; *) pkg=$t ;;
+        esac
+        echo "bench: $t not found: install the Debian package $pkg (scripts/deps.sh does)" >&2
+        rc=1
+    done
+    return "$rc"
+}
 
 max() { if (($1 >= $2)); then echo "$1"; else echo "$2"; fi; }
 
