@@ -32,40 +32,12 @@ CPU_BAR=${BENCH_HEALTH_CPU_BAR:-1.5}
 WORK=$BENCH_VAR/health
 BODY='{"status":"healthy","database":"connected","version":"0.1.0"}'
 
-write_nginx_conf() {
-    mkdir -p "$WORK/nginx/tmp"
-    cat >"$WORK/nginx/nginx.conf" <<EOF
-# Written by scripts/bench.d/10-health.sh.
-daemon off;
-worker_processes 2;
-pid $WORK/nginx/nginx.pid;
-error_log $WORK/nginx/error.log warn;
-events { worker_connections 1024; }
-http {
-    access_log off;
-    keepalive_requests 1000000;
-    client_body_temp_path $WORK/nginx/tmp/body;
-    proxy_temp_path $WORK/nginx/tmp/proxy;
-    fastcgi_temp_path $WORK/nginx/tmp/fastcgi;
-    uwsgi_temp_path $WORK/nginx/tmp/uwsgi;
-    scgi_temp_path $WORK/nginx/tmp/scgi;
-    server {
-        listen 127.0.0.1:$NGINX_PORT;
+start_nginx() {
+    nginx_start nginx "$WORK/nginx" 2 "        listen 127.0.0.1:$NGINX_PORT;
         location / {
             default_type application/json;
             return 200 '$BODY';
-        }
-    }
-}
-EOF
-}
-
-start_nginx() {
-    write_nginx_conf
-    # -e: nginx opens its default error log before reading the config;
-    # point it at ours so that /var/log/nginx need not be writable.
-    bench_spawn nginx "$WORK/nginx.out" nginx -p "$WORK/nginx" -e "$WORK/nginx/error.log" \
-        -c "$WORK/nginx/nginx.conf"
+        }"
 }
 
 start_gateway() {

@@ -40,33 +40,9 @@ AW_CPU_BAR=${BENCH_AW_CPU_BAR:-2.0}
 awbench_free_port() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 awbench_sink() {
-    mkdir -p "$AW_WORK/nginx/tmp"
-    cat >"$AW_WORK/nginx/nginx.conf" <<CONF
-# Written by scripts/bench.d/awbench.sh for $AW_NAME.
-master_process off;
-daemon off;
-worker_processes 1;
-pid $AW_WORK/nginx/nginx.pid;
-error_log $AW_WORK/nginx/error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    keepalive_requests 1000000;
-    keepalive_timeout 60s;
-    client_body_temp_path $AW_WORK/nginx/tmp/body;
-    proxy_temp_path $AW_WORK/nginx/tmp/proxy;
-    fastcgi_temp_path $AW_WORK/nginx/tmp/fastcgi;
-    uwsgi_temp_path $AW_WORK/nginx/tmp/uwsgi;
-    scgi_temp_path $AW_WORK/nginx/tmp/scgi;
-    server {
-        listen 127.0.0.1:$AW_SINK_PORT${AW_SSL_CONF:+ ssl};
+    nginx_start nginx "$AW_WORK/nginx" 1 "        listen 127.0.0.1:$AW_SINK_PORT${AW_SSL_CONF:+ ssl};
         ${AW_SSL_CONF:-}
-        location / { return 200 "ok"; }
-    }
-}
-CONF
-    bench_spawn nginx "$AW_WORK/nginx.out" nginx -p "$AW_WORK/nginx" -e "$AW_WORK/nginx/error.log" \
-        -c "$AW_WORK/nginx/nginx.conf"
+        location / { return 200 \"ok\"; }"
     AW_NGINX=$BENCH_LAST_PID
 }
 

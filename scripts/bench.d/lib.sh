@@ -23,6 +23,7 @@
 #   median X...                                 the median of the numbers (mean of the middle two)
 #   listener_pid PORT                           the pid of the process listening on local TCP PORT
 #   bench_need TOOL...                          fails with one line naming each tool's package
+#   nginx_start NAME DIR WORKERS SERVER         an nginx sink serving the server block SERVER
 #   ratio A B                                   A/B with two decimals
 #   max A B                                     the larger integer
 #   at_least RATIO BAR                          true when RATIO >= BAR
@@ -167,6 +168,37 @@ wrk_measure() {
     rm -f "$out"
     M_US=$(ticks_us $((t1 - t0)) "$M_REQS")
     M_WRK_US=$(awk -v c="$cpu" -v n="$M_REQS" 'BEGIN { printf "%.1f\n", n ? c * 1e6 / n : 0 }')
+}
+
+# nginx_start NAME DIR WORKERS SERVER: an nginx for a benchmark in DIR
+# (its config, pid, logs and temp files there, access log off, keep-alive
+# without limit), WORKERS worker processes (1: no master, so its pid is the
+# one that works), serving the server-block body SERVER; started with
+# bench_spawn (pid in BENCH_LAST_PID).
+nginx_start() {
+    local name=$1 dir=$2 workers=$3 server=$4 k
+    mkdir -p "$dir/tmp"
+    {
+        echo "# Written by scripts/bench.d for $name."
+        ((workers == 1)) && echo "master_process off;"
+        echo "daemon off;"
+        echo "worker_processes $workers;"
+        echo "pid $dir/nginx.pid;"
+        echo "error_log $dir/error.log warn;"
+        echo "events { worker_connections 4096; }"
+        echo "http {"
+        echo "    access_log off;"
+        echo "    keepalive_requests 1000000;"
+        echo "    keepalive_timeout 60s;"
+        for k in client_body proxy fastcgi uwsgi scgi; do echo "    ${k}_temp_path $dir/tmp/$k;"; done
+        echo "    server {"
+        echo "$server"
+        echo "    }"
+        echo "}"
+    } >"$dir/nginx.conf"
+    # -e: nginx opens its default error log before reading the config;
+    # point it at ours so that /var/log/nginx need not be writable.
+    bench_spawn "$name" "$dir/nginx.out" nginx -p "$dir" -e "$dir/error.log" -c "$dir/nginx.conf"
 }
 
 # The Debian package of each command the benchmarks run (scripts/deps.sh).
