@@ -54,7 +54,7 @@ main() {
     local -a gw_rps=() ng_rps=() gw_us=() ng_us=() ratios=() cpu_ratios=()
     mkdir -p "$WORK"
     : >"$WORK/api-gateway.log"
-    bench_need nginx wrk curl
+    bench_need nginx wrk curl ss
     # Run alone (not from scripts/bench.sh): use the local servers' URLs.
     [[ -n ${DATABASE_URL:-} ]] || eval "$("$ROOT/scripts/servers.sh" env)"
     wait_port_free $NGINX_PORT

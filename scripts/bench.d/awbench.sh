@@ -120,7 +120,8 @@ awbench_main() {
     AW_JOBS=${BENCH_JOBS:-100000}
     local secs=${BENCH_SECONDS:-5} rounds=${BENCH_ROUNDS:-3}
     mkdir -p "$AW_WORK"
-    bench_need nginx wrk redis-server redis-cli psql
+    bench_need nginx wrk redis-server redis-cli psql curl ss
+    [[ -z ${BENCH_PERF:-} ]] || bench_need perf
     [[ -x $BINDIR/action-workers && -x $BINDIR/migrate ]] || { echo "$AW_NAME: build first (make)" >&2; exit 1; }
     AW_SINK_PORT=$(awbench_free_port)
     AW_REDIS_PORT=$(awbench_free_port)

@@ -207,8 +207,9 @@ bench_need() {
     for t in "$@"; do
         command -v "$t" >/dev/null 2>&1 && continue
         case $t in
-            nginx) pkg=nginx-light ;; psql | pgbench) pkg=postgresql-client ;;
-            redis-cli) pkg=redis-tools ;; perf) pkg=linux-perf ;; *) pkg=$t ;;
+            nginx) pkg=nginx-light ;; psql) pkg=postgresql-client ;; pgbench) pkg=postgresql ;;
+            redis-cli) pkg=redis-tools ;; ss) pkg=iproute2 ;; perf) pkg="linux-perf (BENCH_PERF only)" ;;
+            *) pkg=$t ;;
         esac
         echo "bench: $t not found: install the Debian package $pkg (scripts/deps.sh does)" >&2
         rc=1
