@@ -31,9 +31,7 @@ PY=/usr/bin/python3
 TOKEN=bench-ingest-token
 SECRET=bench-jwt-secret-0123456789
 
-for tool in wrk pgbench psql curl; do
-    command -v $tool >/dev/null || { echo "20-gateway: $tool is missing (scripts/deps.sh installs it)" >&2; exit 1; }
-done
+bench_need wrk pgbench psql curl ss
 [ -x "$BINDIR/api-gateway" ] && [ -x "$BINDIR/migrate" ] || { echo "20-gateway: build first (make)" >&2; exit 1; }
 
 # A database of its own (ae_bench_gw) on the server DATABASE_URL names (the

@@ -35,9 +35,7 @@ BINDIR=${BINDIR:-bin}
 WORK=$ROOT/var/bench/event-processor
 mkdir -p "$WORK"
 PY=/usr/bin/python3
-for tool in redis-server psql; do
-    command -v $tool >/dev/null || { echo "40-event-processor: $tool is missing" >&2; exit 1; }
-done
+bench_need redis-server psql ss
 [ -x "$BINDIR/event-processor" ] && [ -x "$BINDIR/migrate" ] || { echo "40-event-processor: build first (make)" >&2; exit 1; }
 free_port() { $PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 REDIS_PORT=$(free_port)
