@@ -30,6 +30,7 @@ PACKAGES = {
     "nginx": "nginx-light",
     "wrk": "wrk",
     "curl": "curl",
+    "make": "build-essential",
 }
 
 # Debian installs some server commands outside PATH.
