@@ -28,7 +28,7 @@ static int json_body(const cJSON *hs)
 {
     for (const cJSON *h = cJSON_IsObject(hs) ? hs->child : NULL; h; h = h->next)
         if (cJSON_IsString(h) && !strcasecmp(h->string, "Content-Type"))
-            return strstr(h->valuestring, "json") != NULL;
+            return strcasestr(h->valuestring, "json") != NULL; /* application/json, +json types */
     return 1;
 }
 
