@@ -232,6 +232,13 @@ class RestTest(Base):
         rows = H.wait_results(self.conn, txt["id"], lambda rs: len(rs) == 1)
         self.assertEqual(rows[0]["status"], "success", rows)
         self.assertEqual(self.hook.requests("/text")[0]["body"], 'tag x","admin":true,"y":" score 91')
+        # A JSON Content-Type in any case, or a +json type, is JSON too.
+        for path, ctype in (("/upper", "application/JSON; charset=utf-8"), ("/plus", "application/vnd.x+json")):
+            job = self.push(H.make_job("rest", {"method": "POST", "url": self.url(path), "headers": {"Content-Type": ctype},
+                                                "body_template": '{"tag":{{tag1}}}'}, event=ev))
+            rows = H.wait_results(self.conn, job["id"], lambda rs: len(rs) == 1)
+            self.assertEqual(rows[0]["status"], "success", rows)
+            self.assertEqual(json.loads(self.hook.requests(path)[0]["body"]), {"tag": 'x","admin":true,"y":"'})
         self.assertEqual(self.hook.requests("/bad"), [])
 
     def test_429_and_408_are_retried(self):
