@@ -282,6 +282,46 @@ class EventProcessorTest(unittest.TestCase):
         self.assertIsNone(ps.get_message(timeout=0.5))
         ps.close()
 
+    def test_trigger_fired_reaches_the_owners_page(self):
+        """Issue 12: a trigger.fired this processor publishes on
+        rt:topic:user:{id} reaches the owner's /ws page on bin/realtime
+        (stock npm ws client, token for the owner)."""
+        t = self.trigger([{"condition_type": "agent_id_equals", "value": 77}])
+        port, secret = free_port(), "ep-realtime-secret-0123456789abcdef"
+        here = os.path.dirname(os.path.abspath(__file__))
+        subprocess.run([os.path.join(here, "setup-node.sh")], check=True)
+        script = """
+const WebSocket = require('ws'); const jwt = require('jsonwebtoken');
+const ws = new WebSocket('ws://127.0.0.1:%d/ws?token=' + jwt.sign({sub: 'u1'}, %s, {expiresIn: 60}));
+ws.on('message', d => { const f = JSON.parse(d);
+  if (f.type == 'Status' && f.data.status == 'connected') ws.send(JSON.stringify({type: 'Subscribe', data: {topics: ['user:u1']}}));
+  else if (f.type == 'Status' && f.data.status == 'subscribed') console.error('ready');
+  else if (f.type == 'Broadcast') { console.log(JSON.stringify(f)); process.exit(0); } });
+setTimeout(() => process.exit(3), 20000);""" % (port, json.dumps(secret))
+        with Service("realtime", {"PORT": port, "HOST": "127.0.0.1", "REDIS_URL": REDIS_URL, "JWT_SECRET": secret,
+                                  "DATABASE_URL": DSN}, health="http://127.0.0.1:%d/info" % port) as rt:
+            wait_for(lambda: json.loads(urllib.request.urlopen("http://127.0.0.1:%d/info" % port).read())["redis"]
+                     == "connected", what="realtime on redis")
+            p = subprocess.Popen([need("node"), "-e", script], cwd=here, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+            try:
+                self.assertEqual(p.stderr.readline().strip(), "ready")
+                wait_for(lambda: self.r.pubsub_numsub("rt:topic:user:u1")[0][1] >= 1, what="realtime subscribed")
+                ev = self.event(agent_id=77)
+                self.drained()
+                out, err = p.communicate(timeout=30)
+            finally:
+                if p.poll() is None:
+                    p.kill()
+                    p.communicate()
+            self.assertEqual(p.returncode, 0, err + rt.log())
+            frame = json.loads(out)
+            self.assertEqual(frame["type"], "Broadcast")
+            self.assertEqual(frame["data"]["topic"], "user:u1")
+            self.assertEqual(frame["data"]["from"], "event-processor")
+            self.assertEqual(frame["data"]["payload"]["type"], "trigger.fired")
+            self.assertEqual((frame["data"]["payload"]["trigger_id"], frame["data"]["payload"]["event_id"]), (t, ev))
+
     def test_trigger_create_change_delete(self):
         t = self.trigger([{"condition_type": "score_threshold", "operator": ">", "value": 10}])
         e1 = self.event(score=20)

@@ -335,9 +335,14 @@ class LimitsTest(unittest.TestCase):
             r = node("""(async () => {
 const t = tok({sub: 'x'}); const a = await connect(%(u)s + '?token=' + t); const b = await connect(%(u)s + '?token=' + t);
 const c = await connect(%(u)s + '?token=' + t);
-console.log(JSON.stringify({c})); process.exit(0); })();""" % {"u": json.dumps(rt.url)})
+const health = await new Promise(res => require('http').get(%(h)s, r => { let b = ''; r.on('data', d => b += d);
+  r.on('end', () => res({status: r.statusCode, body: JSON.parse(b)})); }));
+console.log(JSON.stringify({c, health})); process.exit(0); })();""" % {"u": json.dumps(rt.url), "h": json.dumps(rt.base + "/health")})
             self.assertEqual(r["c"]["refused"], 503)
             self.assertEqual(json.loads(r["c"]["body"]), {"error": "Server at capacity"})
+            self.assertEqual(r["health"]["status"], 503)
+            self.assertEqual((r["health"]["body"]["status"], r["health"]["body"]["reason"]), ("unhealthy", "At capacity"))
+            self.assertEqual(r["health"]["body"]["active_connections"], 2)
 
     def test_slow_reader_dropped_others_keep_receiving(self):
         with Realtime(SEND_QUEUE_BYTES=1048576, RATE_LIMIT_ENABLED="false") as rt:
