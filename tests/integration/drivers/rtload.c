@@ -349,7 +349,7 @@ static double percentile(double q)
 int main(int argc, char **argv)
 {
     const char *secret = "dev-jwt-secret-change-me", *srcs_arg = NULL;
-    char *srcs[64];
+    char *srcs[64], *srcs_copy = NULL;
     int nsrc = 0, opt, npub = 0;
     long base = 0, wait_s = 10, pub_msgs = 0, rate = 100, delay_s = 1;
     struct sockaddr_in dst = {0};
@@ -382,7 +382,7 @@ int main(int argc, char **argv)
         }
     }
     if (srcs_arg) {
-        char *copy = strdup(srcs_arg), *p = copy;
+        char *p = srcs_copy = strdup(srcs_arg);
 
         while (p && *p && nsrc < 64) {
             char *comma = strchr(p, ',');
@@ -509,5 +509,16 @@ int main(int argc, char **argv)
                nconnected, nsubscribed, total_rx, with_all, secs > 0 ? (double)total_rx / secs : 0,
                percentile(0.5), percentile(0.99), (double)hmax_us / 1000.0, errors, first_rx_us, last_rx_us);
     }
+    for (int i = 0; i < nconns + npub; i++) {
+        free(conns[i].pend);
+        if (conns[i].state != ST_DEAD && conns[i].fd > 0)
+            close(conns[i].fd);
+    }
+    free(conns);
+    free(hist);
+    free(scratch);
+    free(srcs_copy);
+    jwtauth_free(j);
+    close(epfd);
     return 0;
 }
