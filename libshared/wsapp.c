@@ -1610,7 +1610,9 @@ wsapp *wsapp_new(const wsapp_opts *opts, char *err, size_t errlen)
     app->listen_fd = -1;
     pthread_mutex_init(&app->post_lock, NULL);
     app->scratch = malloc(LWS_PRE + WSAPP_WRITE_CHUNK);
-    if (!app->scratch) {
+    /* Created here so that timers can be set before wsapp_start. */
+    app->loop = ev_loop_new(EVFLAG_AUTO);
+    if (!app->scratch || !app->loop) {
         snprintf(err, errlen, "out of memory");
         wsapp_free(app);
         return NULL;
@@ -1729,11 +1731,6 @@ int wsapp_start(wsapp *app, char *err, size_t errlen)
     info.keepalive_timeout = app->o.http_timeout_s;
     info.pt_serv_buf_size = 16384;
     info.options = LWS_SERVER_OPTION_DISABLE_IPV6 | LWS_SERVER_OPTION_LIBEV;
-    app->loop = ev_loop_new(EVFLAG_AUTO);
-    if (!app->loop) {
-        snprintf(err, errlen, "cannot create the event loop");
-        return -1;
-    }
     loops[0] = app->loop;
     info.foreign_loops = loops;
     app->ctx = lws_create_context(&info);

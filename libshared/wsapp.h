@@ -25,7 +25,12 @@
  * request head (bounded by max_header), moves any Sec-WebSocket-Protocol
  * value into a private header that the accept hook reads
  * (wsapp_req_subprotocols) and hands the socket to lws with those bytes;
- * the accept hook picks the subprotocol to echo (wsapp_req_set_subprotocol). */
+ * the accept hook picks the subprotocol to echo (wsapp_req_set_subprotocol).
+ *
+ * The loop is libev's (epoll), which lws 4.1 runs through its
+ * libwebsockets-evlib-ev plugin: lws's own poll(2) loop walks every socket
+ * on every turn, which costs too much at 10,000 connections. Timers are
+ * libev timers. */
 #ifndef AE_WSAPP_H
 #define AE_WSAPP_H
 

@@ -58,7 +58,7 @@ stop_all() {
 load() {
     local name=$1 n=$2 base=$3 srcs=$4
     shift 4
-    rm -f "$WORK/$name.ready" "$WORK/$name.ready.go"
+    rm -f "$WORK/$name.ready" "$WORK/$name.ready.go" "$WORK/$name.out"
     bench_spawn "$name" "$WORK/$name.out" "$LOAD" -p $PORT -n "$n" -b "$base" -s "$srcs" -k $SECRET \
         -R "$WORK/$name.ready" "$@"
 }
