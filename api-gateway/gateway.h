@@ -27,6 +27,7 @@ typedef struct {
     int max_connections;
     int max_connections_per_ip;
     long conn_memory;
+    int loops; /* HTTP_LOOPS: 0 for libmicrohttpd's thread pool */
     long header_timeout_ms; /* -1: off */
     char cors_origins[1024];
     long rate_limit_per_min;

@@ -86,6 +86,7 @@ void gateway_config_read(cfg *c, gateway_config *o)
     copy_setting(o->internal_token, sizeof(o->internal_token),
                  cfg_secret(c, "INTERNAL_TOKEN", DEV_INTERNAL_TOKEN));
     o->conn_memory = cfg_int(c, "HTTP_CONNECTION_MEMORY", 16384, 4096, 1024L * 1024);
+    o->loops = (int)cfg_int(c, "HTTP_LOOPS", 0, 0, 256);
     proxy_config_read(c, &o->proxy, o->host, o->port);
     sse_config_read(c, &o->sse, o->internal_token);
 }
@@ -121,6 +122,7 @@ static int gateway_open(gateway *gw, char *err, size_t errlen)
     ho.max_connections = gw->cfg.max_connections;
     ho.max_connections_per_ip = gw->cfg.max_connections_per_ip;
     ho.conn_memory = (size_t)gw->cfg.conn_memory;
+    ho.loops = gw->cfg.loops;
     gw->http = httpd_new(&ho, err, errlen);
     if (!gw->http || gateway_health_routes(gw) < 0)
         return -1;
@@ -140,9 +142,16 @@ static int gateway_open(gateway *gw, char *err, size_t errlen)
         }
     }
     httpd_set_hook(gw->http, guard_hook, gw);
+    gw->cfg.proxy.httpd_loops = gw->cfg.loops;
     gw->proxy = proxy_new(&gw->cfg.proxy, NULL, err, errlen);
     if (!gw->proxy)
         return -1;
+    if (gw->cfg.loops > 0) {
+        httpd_loop_hooks lh;
+
+        proxy_loop_hooks(gw->proxy, &lh);
+        httpd_set_loop_hooks(gw->http, &lh);
+    }
     httpd_set_stream_hooks(gw->http, proxy_claims, proxy_take, gw->proxy);
     httpd_set_fallback(gw->http, proxy_fallback, gw->proxy);
     gw->sse = sse_new(&gw->cfg.sse, NULL, err, errlen);

@@ -102,6 +102,9 @@ struct pxloop {
     atomic_int stop;
     pxreq *running;
     int nrunning;
+    int finished; /* transfers finished since the last tick (loop mode) */
+    int external;  /* loop mode: the thread is httpd's loop `owner` */
+    pthread_t owner;
     /* Easy handles of finished transfers, reset and reused: creating one
      * costs more than the setup of a request (under qmu). */
     CURL *spare[PX_SPARE_EASY];
@@ -118,6 +121,7 @@ struct proxy {
     int nloops;
     atomic_uint rr;
     atomic_int stopping;
+    int external; /* the loops are httpd's threads */
 };
 
 static long long now_ms(void)
@@ -362,6 +366,10 @@ static void loop_post(pxreq *r, int cmd)
     }
     r->cmds |= cmd;
     pthread_mutex_unlock(&l->qmu);
+    /* On the loop's own thread the tick after this turn runs the command:
+     * no wake-up needed. */
+    if (wake && l->external && pthread_equal(pthread_self(), l->owner))
+        wake = 0;
     if (wake && write(l->evfd, &one, sizeof(one)) < 0 && errno != EAGAIN)
         log_warn("proxy: cannot wake the loop: %s", strerror(errno));
 }
@@ -715,6 +723,7 @@ static void px_finish(pxloop *l, pxreq *r, CURLcode rc, const char *why)
 {
     int gone;
 
+    l->finished++;
     px_unlink(l, r);
     curl_multi_remove_handle(l->multi, r->easy);
     pthread_mutex_lock(&r->mu);
@@ -886,6 +895,92 @@ static void px_run_cmds(pxloop *l)
     }
 }
 
+/* One turn's work after the loop's events: libcurl's timers, finished
+ * transfers, commands from other threads. */
+static void px_loop_tick(pxloop *l)
+{
+    /* Commands first: a transfer added now is started by the expiry that
+     * follows (libcurl asks for a timeout of 0), not one turn later. */
+    px_run_cmds(l);
+    curlep_expire(&l->cep, now_ms());
+    px_check_done(l);
+}
+
+static void px_loop_event(pxloop *l, const struct epoll_event *ev)
+{
+    if (ev->data.fd == l->evfd) {
+        uint64_t v;
+
+        if (read(l->evfd, &v, sizeof(v)) < 0 && errno != EAGAIN)
+            log_warn("proxy: eventfd read: %s", strerror(errno));
+        return;
+    }
+    curlep_event(&l->cep, ev->data.fd, ev->events);
+}
+
+/* ---- loop mode: the loops are httpd's (see proxy.h) ---------------------- */
+
+static void *px_hook_init(httpd_loop *hl, void *ud)
+{
+    proxy *px = ud;
+    pxloop *l = &px->loops[httpd_loop_index(hl) % px->nloops];
+    struct epoll_event ev;
+
+    l->epfd = httpd_loop_epoll(hl);
+    l->owner = pthread_self();
+    l->external = 1;
+    memset(&ev, 0, sizeof(ev));
+    ev.events = EPOLLIN;
+    ev.data.fd = l->evfd;
+    epoll_ctl(l->epfd, EPOLL_CTL_ADD, l->evfd, &ev);
+    curlep_init(&l->cep, l->multi, l->epfd, now_ms);
+    return l;
+}
+
+static void px_hook_event(void *app, const struct epoll_event *ev)
+{
+    px_loop_event(app, ev);
+}
+
+static int px_hook_timeout(void *app, int ms)
+{
+    return curlep_wait_ms(&((pxloop *)app)->cep, now_ms(), ms);
+}
+
+static int px_hook_tick(void *app)
+{
+    pxloop *l = app;
+
+    px_loop_tick(l);
+    /* Any running transfer may have written to a stream or answered. */
+    int work = l->nrunning > 0 || l->finished > 0;
+
+    l->finished = 0;
+    return work;
+}
+
+static void px_hook_fini(void *app)
+{
+    pxloop *l = app;
+
+    /* The server stops: what still runs is answered now. */
+    atomic_store(&l->stop, 1);
+    px_loop_tick(l);
+    while (l->running)
+        px_finish(l, l->running, CURLE_FAILED_INIT, "the gateway is stopping");
+}
+
+void proxy_loop_hooks(proxy *px, httpd_loop_hooks *h)
+{
+    memset(h, 0, sizeof(*h));
+    h->init = px_hook_init;
+    h->event = px_hook_event;
+    h->timeout = px_hook_timeout;
+    h->tick = px_hook_tick;
+    h->fini = px_hook_fini;
+    h->ud = px;
+}
+
 static void *px_loop_main(void *ud)
 {
     pxloop *l = ud;
@@ -894,20 +989,9 @@ static void *px_loop_main(void *ud)
     for (;;) {
         int n = epoll_wait(l->epfd, evs, 64, curlep_wait_ms(&l->cep, now_ms(), 1000));
 
-        for (int i = 0; i < n; i++) {
-            if (evs[i].data.fd == l->evfd) {
-                uint64_t v;
-
-                if (read(l->evfd, &v, sizeof(v)) < 0 && errno != EAGAIN)
-                    log_warn("proxy: eventfd read: %s", strerror(errno));
-                continue;
-            }
-            curlep_event(&l->cep, evs[i].data.fd, evs[i].events);
-        }
-        curlep_expire(&l->cep, now_ms());
-        px_check_done(l);
-        px_run_cmds(l);
-        px_check_done(l);
+        for (int i = 0; i < n; i++)
+            px_loop_event(l, &evs[i]);
+        px_loop_tick(l);
         if (atomic_load(&l->stop)) {
             /* Stopping: whatever still runs is answered now. */
             while (l->running)
@@ -1162,7 +1246,10 @@ int proxy_take(httpd_req *req, void *ud)
     r->req = req;
     r->declared_len = -1;
     r->start_ms = now_ms();
-    r->loop = &px->loops[atomic_fetch_add(&px->rr, 1) % (unsigned)px->nloops];
+    /* In loop mode the transfer stays on the request's own thread. */
+    r->loop = px->external && httpd_req_loop(req)
+                  ? &px->loops[httpd_loop_index(httpd_req_loop(req)) % px->nloops]
+                  : &px->loops[atomic_fetch_add(&px->rr, 1) % (unsigned)px->nloops];
     buf_init(&r->rh, PX_HDR_MAX);
     buf_init(&r->body, PX_SMALL_MAX);
     if (px_setup(r, req, rest) < 0) {
@@ -1220,27 +1307,29 @@ cJSON *proxy_health(proxy *px)
 
 /* ---- lifecycle ------------------------------------------------------------ */
 
-static int loop_init(proxy *px, pxloop *l, char *err, size_t errlen)
+static int loop_init(proxy *px, pxloop *l, int external, char *err, size_t errlen)
 {
     struct epoll_event ev;
 
     l->px = px;
     pthread_mutex_init(&l->qmu, NULL);
-    l->epfd = epoll_create1(EPOLL_CLOEXEC);
+    l->epfd = external ? -1 : epoll_create1(EPOLL_CLOEXEC);
     l->evfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     l->multi = curl_multi_init();
-    if (l->epfd < 0 || l->evfd < 0 || !l->multi) {
+    if ((!external && l->epfd < 0) || l->evfd < 0 || !l->multi) {
         snprintf(err, errlen, "cannot create the proxy's event loop: %s", strerror(errno));
         return -1;
     }
+    curl_multi_setopt(l->multi, CURLMOPT_MAX_HOST_CONNECTIONS, (long)px->cfg.max_conns_per_upstream);
+    /* Idle connections kept for reuse: enough for every upstream's share. */
+    curl_multi_setopt(l->multi, CURLMOPT_MAXCONNECTS, (long)(px->nups > 0 ? px->nups : 1) * 256);
+    if (external)
+        return 0; /* the epoll set and the thread are httpd's (px_hook_init) */
     memset(&ev, 0, sizeof(ev));
     ev.events = EPOLLIN;
     ev.data.fd = l->evfd;
     epoll_ctl(l->epfd, EPOLL_CTL_ADD, l->evfd, &ev);
     curlep_init(&l->cep, l->multi, l->epfd, now_ms);
-    curl_multi_setopt(l->multi, CURLMOPT_MAX_HOST_CONNECTIONS, (long)px->cfg.max_conns_per_upstream);
-    /* Idle connections kept for reuse: enough for every upstream's share. */
-    curl_multi_setopt(l->multi, CURLMOPT_MAXCONNECTS, (long)(px->nups > 0 ? px->nups : 1) * 256);
     if (pthread_create(&l->thread, NULL, px_loop_main, l) != 0) {
         snprintf(err, errlen, "cannot start the proxy's event loop");
         return -1;
@@ -1279,12 +1368,13 @@ proxy *proxy_new(const proxy_config *pc, metrics *reg, char *err, size_t errlen)
         metrics_gauge_set(u->breaker_gauge, 0);
         log_event(LOG_INFO, "proxy_service", "\"service\":\"%s\",\"variable\":\"%s\"", u->name, u->var);
     }
-    px->nloops = pc->loops > 0 ? pc->loops : 1;
+    px->external = pc->httpd_loops > 0;
+    px->nloops = px->external ? pc->httpd_loops : pc->loops > 0 ? pc->loops : 1;
     px->loops = calloc((size_t)px->nloops, sizeof(*px->loops));
     if (!px->loops)
         goto oom;
     for (int i = 0; i < px->nloops; i++)
-        if (loop_init(px, &px->loops[i], err, errlen) < 0) {
+        if (loop_init(px, &px->loops[i], px->external, err, errlen) < 0) {
             proxy_free(px);
             return NULL;
         }
@@ -1337,7 +1427,7 @@ void proxy_free(proxy *px)
             curl_easy_cleanup(l->spare[--l->nspare]);
         if (l->multi)
             curl_multi_cleanup(l->multi);
-        if (l->epfd > 0)
+        if (l->epfd > 0 && !px->external)
             close(l->epfd);
         if (l->evfd > 0)
             close(l->evfd);

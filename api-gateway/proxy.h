@@ -31,6 +31,7 @@ typedef struct {
     int breaker_threshold;    /* PROXY_BREAKER_THRESHOLD consecutive failures open it (0: off) */
     long breaker_cooldown_ms; /* PROXY_BREAKER_COOLDOWN_MS */
     int loops;                /* PROXY_LOOPS event-loop threads */
+    int httpd_loops;          /* > 0: run on httpd's loops instead (HTTP_LOOPS; see proxy_loop_hooks) */
     int max_conns_per_upstream; /* PROXY_MAX_CONNECTIONS_PER_UPSTREAM (per loop) */
     long long max_body;       /* PROXY_MAX_BODY_BYTES: a declared larger body is 413 */
     int nupstreams;
@@ -59,6 +60,11 @@ proxy *proxy_new(const proxy_config *pc, metrics *reg, char *err, size_t errlen)
 void proxy_stop(proxy *px, int grace_ms);
 
 void proxy_free(proxy *px);
+
+/* Loop mode: the hooks that run the proxy's transfers on httpd's loop
+ * threads (one libcurl multi handle in each loop's epoll set), so a request
+ * and its transfer never change threads. */
+void proxy_loop_hooks(proxy *px, httpd_loop_hooks *h);
 
 /* httpd's stream hooks (ud: the proxy): proxy_claims is nonzero for
  * /api/v1/{service}/... of a registered service; proxy_take forwards it

@@ -13,6 +13,8 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/random.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -61,8 +63,28 @@ typedef struct {
     void *ud;
 } httpd_route_t;
 
+struct httpd_loop {
+    httpd *srv;
+    int idx;
+    int ep, evfd;
+    pthread_t thread;
+    int started;
+    struct MHD_Daemon *daemon;
+    void *app; /* the hooks' state for this loop */
+};
+
+/* The loop the calling thread runs (NULL outside loop mode). */
+static __thread httpd_loop *httpd_cur_loop;
+
+#define HTTPD_TAG_MHD (1ULL << 62)
+#define HTTPD_TAG_WAKE ((1ULL << 62) + 1)
+
 struct httpd {
     httpd_opts opts;
+    httpd_loop *loops;
+    int nloops;
+    httpd_loop_hooks lhooks;
+    atomic_int loops_stop;
     char service[64];
     char host[256];
     char cors[1024];
@@ -135,6 +157,7 @@ struct httpd_req {
     struct MHD_Response *response;
     int status;
     httpd_defer *defer;
+    httpd_loop *loop;
     char raw_target[]; /* the request target as received (see httpd_uri_log) */
 };
 
@@ -901,6 +924,7 @@ static httpd_req *httpd_req_init(httpd_req *req, httpd *srv, struct MHD_Connecti
     const char *clen;
 
     req->srv = srv;
+    req->loop = httpd_cur_loop;
     req->conn = conn;
     req->method = method;
     req->method_idx = httpd_method_index(method);
@@ -1276,6 +1300,196 @@ static int httpd_bind_addr(const httpd *srv, struct sockaddr_storage *ss, char *
     return 0;
 }
 
+/* ---- loop mode ---------------------------------------------------------- */
+
+/* One thread per loop: an epoll set holding its own libmicrohttpd daemon
+ * (external polling, all daemons on one port with SO_REUSEPORT) and
+ * whatever the hooks add (the proxy's libcurl sockets), so that a request
+ * and the work it waits on stay on one thread. */
+static void *httpd_loop_main(void *arg)
+{
+    httpd_loop *l = arg;
+    httpd *srv = l->srv;
+    struct epoll_event evs[64];
+
+    httpd_cur_loop = l;
+    if (srv->lhooks.init)
+        l->app = srv->lhooks.init(l, srv->lhooks.ud);
+    while (!atomic_load(&srv->loops_stop)) {
+        MHD_UNSIGNED_LONG_LONG to = 0;
+        int t = 1000, n, run = 0;
+
+        if (MHD_get_timeout(l->daemon, &to) == MHD_YES && to < (MHD_UNSIGNED_LONG_LONG)t)
+            t = (int)to;
+        if (srv->lhooks.timeout)
+            t = srv->lhooks.timeout(l->app, t);
+        n = epoll_wait(l->ep, evs, 64, t);
+        if (n <= 0)
+            run = 1;
+        for (int i = 0; i < n; i++) {
+            if (evs[i].data.u64 == HTTPD_TAG_MHD) {
+                run = 1;
+            } else if (evs[i].data.u64 == HTTPD_TAG_WAKE) {
+                uint64_t v;
+
+                if (read(l->evfd, &v, sizeof(v)) < 0 && errno != EAGAIN)
+                    log_warn("httpd: loop wake-up: %s", strerror(errno));
+            } else if (srv->lhooks.event) {
+                srv->lhooks.event(l->app, &evs[i]);
+            }
+        }
+        if (run)
+            MHD_run(l->daemon);
+        /* A connection the tick resumed is served by another run now:
+         * libmicrohttpd does not wake its own epoll set for a resume made
+         * from its own thread. */
+        if (srv->lhooks.tick && srv->lhooks.tick(l->app))
+            MHD_run(l->daemon);
+    }
+    if (srv->lhooks.fini)
+        srv->lhooks.fini(l->app);
+    return NULL;
+}
+
+static int httpd_start_loops(httpd *srv, struct sockaddr_storage *ss, unsigned int flags, char *err, size_t errlen)
+{
+    int n = srv->opts.loops;
+    unsigned int per = (unsigned int)(srv->opts.max_connections + n - 1) / (unsigned int)n;
+    /* Connections of one address spread over the loops (the kernel hashes
+     * each connection's ports), so each daemon takes its share. */
+    unsigned int per_ip = srv->opts.max_connections_per_ip
+                              ? (unsigned int)(srv->opts.max_connections_per_ip + n - 1) / (unsigned int)n
+                              : 0;
+
+    srv->loops = calloc((size_t)n, sizeof(*srv->loops));
+    if (!srv->loops) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    srv->nloops = n;
+    for (int i = 0; i < n; i++) {
+        httpd_loop *l = &srv->loops[i];
+        const union MHD_DaemonInfo *info;
+        struct epoll_event ev;
+
+        l->srv = srv;
+        l->idx = i;
+        l->ep = epoll_create1(EPOLL_CLOEXEC);
+        l->evfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+        l->daemon = MHD_start_daemon(
+            flags, (uint16_t)srv->opts.port, NULL, NULL, httpd_access, srv, MHD_OPTION_SOCK_ADDR,
+            (struct sockaddr *)ss, MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int)srv->opts.connection_timeout_s,
+            MHD_OPTION_CONNECTION_LIMIT, per, MHD_OPTION_NOTIFY_COMPLETED, httpd_completed, srv,
+            MHD_OPTION_NOTIFY_CONNECTION, httpd_notify_conn, srv, MHD_OPTION_URI_LOG_CALLBACK, httpd_uri_log, srv,
+            MHD_OPTION_PER_IP_CONNECTION_LIMIT, per_ip, MHD_OPTION_CONNECTION_MEMORY_LIMIT,
+            srv->opts.conn_memory ? srv->opts.conn_memory : (size_t)HTTPD_CONN_MEMORY,
+            MHD_OPTION_LISTENING_ADDRESS_REUSE, 1U, MHD_OPTION_END);
+        if (l->ep < 0 || l->evfd < 0 || !l->daemon) {
+            snprintf(err, errlen, "cannot listen on %s:%d: %s", srv->host[0] ? srv->host : "*", srv->opts.port,
+                     strerror(errno));
+            return -1;
+        }
+        info = MHD_get_daemon_info(l->daemon, MHD_DAEMON_INFO_BIND_PORT);
+        if (i == 0) {
+            srv->port = info ? info->port : srv->opts.port;
+            /* Port 0: the others join the port the first one got. */
+            if (ss->ss_family == AF_INET6)
+                ((struct sockaddr_in6 *)(void *)ss)->sin6_port = htons((uint16_t)srv->port);
+            else
+                ((struct sockaddr_in *)(void *)ss)->sin_port = htons((uint16_t)srv->port);
+        }
+        if (i == 0)
+            srv->daemon = l->daemon;
+        memset(&ev, 0, sizeof(ev));
+        ev.events = EPOLLIN;
+        ev.data.u64 = HTTPD_TAG_WAKE;
+        epoll_ctl(l->ep, EPOLL_CTL_ADD, l->evfd, &ev);
+        info = MHD_get_daemon_info(l->daemon, MHD_DAEMON_INFO_EPOLL_FD);
+        ev.data.u64 = HTTPD_TAG_MHD;
+        if (!info || epoll_ctl(l->ep, EPOLL_CTL_ADD, info->epoll_fd, &ev) < 0) {
+            snprintf(err, errlen, "cannot watch libmicrohttpd's epoll set");
+            return -1;
+        }
+    }
+    for (int i = 0; i < n; i++) {
+        if (pthread_create(&srv->loops[i].thread, NULL, httpd_loop_main, &srv->loops[i]) != 0) {
+            snprintf(err, errlen, "cannot start the HTTP loops");
+            return -1;
+        }
+        srv->loops[i].started = 1;
+    }
+    return 0;
+}
+
+static void httpd_stop_loops(httpd *srv, int grace_ms)
+{
+    for (int i = 0; i < srv->nloops; i++)
+        if (srv->loops[i].daemon)
+            MHD_quiesce_daemon(srv->loops[i].daemon);
+    for (int waited = 0; waited < grace_ms; waited += 20) {
+        unsigned int conns = 0;
+
+        for (int i = 0; i < srv->nloops; i++) {
+            const union MHD_DaemonInfo *info =
+                srv->loops[i].daemon ? MHD_get_daemon_info(srv->loops[i].daemon, MHD_DAEMON_INFO_CURRENT_CONNECTIONS)
+                                     : NULL;
+            conns += info ? info->num_connections : 0;
+        }
+        if (conns == 0)
+            break;
+        usleep(20 * 1000);
+    }
+    atomic_store(&srv->loops_stop, 1);
+    for (int i = 0; i < srv->nloops; i++) {
+        httpd_loop *l = &srv->loops[i];
+        uint64_t one = 1;
+
+        if (l->started) {
+            if (write(l->evfd, &one, sizeof(one)) < 0)
+                log_warn("httpd: cannot wake a loop: %s", strerror(errno));
+            pthread_join(l->thread, NULL);
+            l->started = 0;
+        }
+        if (l->daemon)
+            MHD_stop_daemon(l->daemon);
+        l->daemon = NULL;
+        if (l->ep >= 0)
+            close(l->ep);
+        if (l->evfd >= 0)
+            close(l->evfd);
+        l->ep = l->evfd = -1;
+    }
+    srv->daemon = NULL;
+    free(srv->loops);
+    srv->loops = NULL;
+    srv->nloops = 0;
+}
+
+void httpd_set_loop_hooks(httpd *srv, const httpd_loop_hooks *hooks)
+{
+    srv->lhooks = *hooks;
+}
+
+int httpd_loops(const httpd *srv)
+{
+    return srv->opts.loops;
+}
+
+int httpd_loop_epoll(const httpd_loop *l)
+{
+    return l->ep;
+}
+
+int httpd_loop_index(const httpd_loop *l)
+{
+    return l->idx;
+}
+
+httpd_loop *httpd_req_loop(const httpd_req *req)
+{
+    return req->loop;
+}
+
 int httpd_start(httpd *srv, char *err, size_t errlen)
 {
     struct sockaddr_storage ss;
@@ -1288,6 +1502,12 @@ int httpd_start(httpd *srv, char *err, size_t errlen)
         return -1;
     if (ss.ss_family == AF_INET6)
         flags |= MHD_USE_IPv6;
+    if (srv->opts.loops > 0) {
+        if (httpd_start_loops(srv, &ss, (flags & ~(unsigned)MHD_USE_INTERNAL_POLLING_THREAD) | MHD_USE_ITC, err,
+                              errlen) < 0)
+            return -1;
+        goto started;
+    }
     /* Without the reuse option MHD sets SO_REUSEADDR, so a restarted service
      * binds at once; passing 0 would turn that off. SO_REUSEPORT is opt-in
      * because it lets a second process silently share the port. */
@@ -1308,12 +1528,12 @@ int httpd_start(httpd *srv, char *err, size_t errlen)
     }
     info = MHD_get_daemon_info(srv->daemon, MHD_DAEMON_INFO_BIND_PORT);
     srv->port = info ? info->port : srv->opts.port;
+started:
     if (srv->opts.header_timeout_ms > 0) {
         srv->reaper_stop = 0;
         if (pthread_create(&srv->reaper, NULL, httpd_reaper, srv) != 0) {
             snprintf(err, errlen, "cannot start the header-deadline thread");
-            MHD_stop_daemon(srv->daemon);
-            srv->daemon = NULL;
+            httpd_stop(srv, 0);
             return -1;
         }
         srv->reaper_running = 1;
@@ -1328,6 +1548,11 @@ int httpd_port(const httpd *srv)
 
 void httpd_stop(httpd *srv, int grace_ms)
 {
+    if (srv && srv->nloops) {
+        httpd_stop_loops(srv, grace_ms);
+        httpd_reaper_stop(srv);
+        return;
+    }
     if (!srv || !srv->daemon)
         return;
     MHD_quiesce_daemon(srv->daemon);

@@ -27,6 +27,7 @@
 
 typedef struct httpd httpd;
 typedef struct httpd_req httpd_req;
+typedef struct httpd_loop httpd_loop;
 
 typedef void (*httpd_handler)(httpd_req *req, void *ud);
 
@@ -78,6 +79,12 @@ typedef struct {
      * a server of many idle streams (SSE) may want it smaller, at the cost
      * of the largest request headers it accepts (about half of it). */
     size_t conn_memory;
+    /* 0: libmicrohttpd's own thread pool (`threads`). N > 0: N threads of
+     * our own, each running an epoll set with one libmicrohttpd daemon
+     * (all on the port, SO_REUSEPORT) and what the loop hooks add, so a
+     * request and the transfers it waits on share one thread. The
+     * connection limits are shared out among the loops. */
+    int loops;
 } httpd_opts;
 
 /* Creates a server (not listening yet). Returns NULL on bad options or
@@ -102,6 +109,30 @@ void httpd_set_hook(httpd *srv, httpd_hook fn, void *ud);
  * still answer it), `take` must either answer it or call httpd_req_defer.
  * Both run on the MHD thread; `claims` must not answer. */
 void httpd_set_stream_hooks(httpd *srv, httpd_hook claims, httpd_hook take, void *ud);
+
+/* Loop mode (opts.loops > 0). Each hook runs on the loop's thread: init
+ * once when it starts (returns the loop's state, `app`), event for each
+ * epoll event of a descriptor the application added to the loop's set
+ * (data.u64 values with bit 62 set are the server's own), timeout to lower
+ * the wait (ms; gets the server's, returns the one to use), tick after each
+ * turn (returns nonzero when it did work that may have resumed a
+ * connection), fini when the loop ends. Set before httpd_start. */
+struct epoll_event;
+typedef struct {
+    void *(*init)(httpd_loop *l, void *ud);
+    void (*event)(void *app, const struct epoll_event *ev);
+    int (*timeout)(void *app, int ms);
+    int (*tick)(void *app);
+    void (*fini)(void *app);
+    void *ud;
+} httpd_loop_hooks;
+void httpd_set_loop_hooks(httpd *srv, const httpd_loop_hooks *hooks);
+/* The number of loops (0: not loop mode), a loop's epoll set and index,
+ * and the loop a request runs on (NULL when not loop mode). */
+int httpd_loops(const httpd *srv);
+int httpd_loop_epoll(const httpd_loop *l);
+int httpd_loop_index(const httpd_loop *l);
+httpd_loop *httpd_req_loop(const httpd_req *req);
 
 /* Answers requests whose path matches no route (instead of the 404). */
 void httpd_set_fallback(httpd *srv, httpd_handler fn, void *ud);
