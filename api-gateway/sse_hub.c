@@ -404,6 +404,15 @@ static void *hub_main(void *ud)
             next_beat = now + s->cfg.heartbeat_ms;
         }
     }
+    if (cmd && s->ingester) {
+        /* Handed over at once rather than when it expires: raw publishes
+         * meanwhile would have no instance to store them. */
+        redisReply *r = rconn_command(cmd, 0, "EVAL %s 1 sse:ingest:lock %s",
+                                      "if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end",
+                                      s->instance);
+
+        freeReplyObject(r);
+    }
     rconn_free(sub);
     rconn_free(cmd);
     return NULL;

@@ -108,8 +108,18 @@ def setUpModule():
     BASE_A, BASE_B = "http://127.0.0.1:%d" % PORT_A, "http://127.0.0.1:%d" % PORT_B
     A = Service("api-gateway", gw_env(PORT_A), health=BASE_A + "/health").start()
     B = Service("api-gateway", gw_env(PORT_B), health=BASE_B + "/health").start()
-    # One of the two holds the ingest lock (raw PUBLISH) within a second.
-    time.sleep(1.2)
+    # A live gateway holds the ingest lock (raw PUBLISH): one of the two,
+    # within a second of a killed holder's lock expiring (3 s).
+    def ingester():
+        v = R.get("sse:ingest:lock")
+        if v is None:
+            return False
+        try:
+            os.kill(int(v.split(b"-")[0]), 0)
+            return True
+        except (ValueError, OSError):
+            return False
+    wait_for(ingester, timeout=10, what="a live gateway holding the ingest lock")
 
 
 def tearDownModule():
