@@ -8,7 +8,8 @@
 // then appends RATE events per second for SECONDS over keep-alive
 // connections (at most 16 in flight), each carrying its number, and records
 // for every frame the time since its append was sent. Prints one JSON line:
-// {rate, sent, received, p50_ms, p99_ms, max_ms}.
+// {rate, sent, received, p50_ms, p99_ms, max_ms, ack_p50_ms, ack_p99_ms} (ack: the
+// append's HTTP answer, for telling the write path from the delivery).
 'use strict';
 const path = require('path');
 const http = require('http');
@@ -26,17 +27,23 @@ const token = jwt.sign({ sub: 'bench', oa_user_id: 1, oa_sync_scopes: ['runtime.
     jwtid: 'bench-' + Date.now() });
 const sentAt = new Map();
 const lat = [];
+const ack = [];
 let sent = 0, inflight = 0, failed = 0, done = false;
 
 function append(n) {
   const body = JSON.stringify({ event_type: 'bench.tick', payload: { n }, idempotency_key: 'ws-' + runId + '-' + n });
   inflight++;
-  sentAt.set(n, process.hrtime.bigint());
+  const t0 = process.hrtime.bigint();
+  sentAt.set(n, t0);
   const req = http.request({ host: u.hostname, port: u.port, path: '/internal/v1/runs/' + runId + '/events',
     method: 'POST', agent, headers: { 'Content-Type': 'application/json', 'Prefer': 'return=minimal',
       'Content-Length': Buffer.byteLength(body) } }, (res) => {
     res.resume();
-    res.on('end', () => { inflight--; if (res.statusCode !== 200) failed++; });
+    res.on('end', () => {
+      inflight--;
+      if (res.statusCode !== 200) failed++;
+      ack.push(Number(process.hrtime.bigint() - t0) / 1e6);
+    });
   });
   req.on('error', () => { inflight--; failed++; });
   req.end(body);
@@ -46,9 +53,10 @@ function finish() {
   if (done) return;
   done = true;
   lat.sort((a, b) => a - b);
-  const q = (p) => lat.length ? lat[Math.min(lat.length - 1, Math.floor(p * lat.length))] : NaN;
-  process.stdout.write(JSON.stringify({ rate, sent, received: lat.length, failed, p50_ms: q(0.5), p99_ms: q(0.99),
-    max_ms: lat.length ? lat[lat.length - 1] : NaN }) + '\n');
+  ack.sort((a, b) => a - b);
+  const q = (v, p) => v.length ? v[Math.min(v.length - 1, Math.floor(p * v.length))] : NaN;
+  process.stdout.write(JSON.stringify({ rate, sent, received: lat.length, failed, p50_ms: q(lat, 0.5),
+    p99_ms: q(lat, 0.99), max_ms: q(lat, 1), ack_p50_ms: q(ack, 0.5), ack_p99_ms: q(ack, 0.99) }) + '\n');
   process.exit(failed ? 1 : 0);
 }
 

@@ -397,6 +397,8 @@ class Runs(unittest.TestCase):
             self.assertIn(name, text)
         val = [ln for ln in text.splitlines() if ln.startswith("runtime_append_conflicts_total")][0]
         self.assertGreaterEqual(int(val.split()[-1]), 1)
+        r = subprocess.run([need("promtool"), "check", "metrics"], input=data, capture_output=True, timeout=30)
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
 
 
 class Workers(unittest.TestCase):
