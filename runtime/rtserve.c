@@ -715,14 +715,12 @@ static void ws_close(wsapp_conn *c, void *user, void *ud)
     rt_topic *t, **link;
     rt_job *j;
 
-    if (!c || !u->id)
-        return;
-    metrics_gauge_add(s->r->subscribers, -1);
-    if (!(t = topic_find(s, u->topic, &link)))
+    if (!c || !u->id || !(t = topic_find(s, u->topic, &link)))
         return;
     for (pp = &t->subs; *pp; pp = &(*pp)->next)
         if (*pp == u) {
             *pp = u->next;
+            metrics_gauge_add(s->r->subscribers, -1);
             break;
         }
     if (t->subs)
