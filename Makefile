@@ -24,7 +24,7 @@ PKGS_ALL  := $(PKGS) libwebsockets
 
 # Goals that build nothing here (deps installs the packages; test, bench, up
 # and run install them first, then build in a sub-make).
-NOBUILD_GOALS := deps clean down test bench up run lint
+NOBUILD_GOALS := deps clean down test bench up run lint fuzz valgrind
 ifneq ($(filter-out $(NOBUILD_GOALS),$(or $(MAKECMDGOALS),all)),)
 PKG_MISSING := $(strip $(foreach p,$(PKGS_ALL),$(if $(shell pkg-config --exists $(p) 2>/dev/null && echo y),,$(p))))
 ifneq ($(PKG_MISSING),)
@@ -44,6 +44,10 @@ ALL_LDLIBS   = $(PKG_LIBS) -lcrypt -lpthread -lm $(LDLIBS)
 ifneq ($(SANITIZE),)
 SAN_CFLAGS  := -fsanitize=$(SANITIZE) -fno-omit-frame-pointer -fno-sanitize-recover=all
 SAN_LDFLAGS := -fsanitize=$(SANITIZE)
+endif
+# The libFuzzer tree (make fuzz): every object gets coverage hooks.
+ifneq ($(FUZZ),)
+SAN_CFLAGS  += -fsanitize=fuzzer-no-link
 endif
 
 ifeq ($(V),1)
@@ -86,10 +90,21 @@ DRV_BINS  := $(DRV_SRCS:tests/integration/drivers/%.c=$(O)/tests/drivers/%)
 # with -DAE_FAULTS (see worker.c), every other object shared with bin/.
 FAULT_BIN := $(O)/tests/action-workers-faults
 
-ALL_OBJS  := $(LIB_OBJS) $(sort $(foreach p,$(PROGRAMS),$($(p)_SRCS:%.c=$(O)/%.o))) \
-             $(UNIT_SRCS:%.c=$(O)/%.o) $(DRV_SRCS:%.c=$(O)/%.o) $(O)/faults/action-workers/worker.o
+# libFuzzer targets (tests/fuzz/fuzz_*.c), built by clang in build-fuzz/;
+# a target of a service's parser links that service's objects (not main.c).
+FUZZ_SRCS := $(wildcard tests/fuzz/fuzz_*.c)
+FUZZ_BINS := $(FUZZ_SRCS:tests/fuzz/%.c=$(O)/fuzz/%)
+FUZZ_DIR  := build-fuzz
+FUZZ_SECONDS ?= 10
+fuzz_template_SVC    := action-workers
+fuzz_h1_SVC          := action-workers
+fuzz_sse_publish_SVC := api-gateway
 
-.PHONY: all test unit bench run up down clean deps lint lint-run tests
+ALL_OBJS  := $(LIB_OBJS) $(sort $(foreach p,$(PROGRAMS),$($(p)_SRCS:%.c=$(O)/%.o))) \
+             $(UNIT_SRCS:%.c=$(O)/%.o) $(DRV_SRCS:%.c=$(O)/%.o) $(O)/faults/action-workers/worker.o \
+             $(if $(FUZZ),$(FUZZ_SRCS:%.c=$(O)/%.o))
+
+.PHONY: all test unit bench run up down clean deps lint lint-run tests fuzz fuzz-build fuzz-bins
 all: $(LIB) $(BINS) libshared/libshared.a
 
 tests: $(UNIT_BINS) $(DRV_BINS) $(FAULT_BIN)
@@ -136,6 +151,31 @@ $(O)/tests/drivers/%: $(O)/tests/integration/drivers/%.o $(LIB)
 	$(call msg,LINK,$@)
 	$(Q)$(CC) $(ALL_LDFLAGS) -o $@ $^ $(ALL_LDLIBS) $(LWS_LIBS)
 
+define fuzz_rule
+$(O)/tests/fuzz/$(1).o: ALL_CPPFLAGS += $(if $($(1)_SVC),-I$($(1)_SVC))
+$(O)/fuzz/$(1): $(O)/tests/fuzz/$(1).o $(if $($(1)_SVC),$(O)/fuzz/lib$($(1)_SVC).a) $(LIB)
+	@mkdir -p $$(@D)
+	$$(call msg,LINK,$$@)
+	$(Q)$$(CC) $$(ALL_LDFLAGS) -fsanitize=fuzzer -o $$@ $$(filter %.o %.a,$$^) $$(ALL_LDLIBS) $(LWS_LIBS)
+endef
+$(foreach f,$(FUZZ_SRCS:tests/fuzz/%.c=%),$(eval $(call fuzz_rule,$(f))))
+# A service's objects as an archive: a target pulls in only what it calls.
+define fuzz_svc_rule
+$(O)/fuzz/lib$(1).a: $(patsubst %.c,$(O)/%.o,$(call svc_common,$(1)))
+	@mkdir -p $$(@D)
+	$(Q)rm -f $$@ && ar rcs $$@ $$^
+endef
+$(foreach s,$(sort $(foreach f,$(FUZZ_SRCS:tests/fuzz/%.c=%),$($(f)_SVC))),$(eval $(call fuzz_svc_rule,$(s))))
+fuzz-bins: $(FUZZ_BINS)
+
+# `make fuzz [FUZZ_SECONDS=600]`: every target for FUZZ_SECONDS each.
+fuzz-build:
+	$(Q)$(MAKE) --no-print-directory CC=clang SANITIZE=address,undefined FUZZ=1 O=$(FUZZ_DIR) \
+		BINDIR=$(FUZZ_DIR)/bin CFLAGS='-O1 -g' fuzz-bins
+fuzz: deps
+	$(Q)$(MAKE) --no-print-directory fuzz-build
+	$(Q)FUZZ_SECONDS=$(FUZZ_SECONDS) tests/fuzz/run.sh $(FUZZ_SRCS:tests/fuzz/%.c=$(FUZZ_DIR)/fuzz/%)
+
 unit: $(UNIT_BINS)
 	$(Q)O=$(O) tests/run-unit.sh $(UNIT_BINS)
 
@@ -145,7 +185,8 @@ unit: $(UNIT_BINS)
 # machine the packages pkg-config reads are there only then.
 test: deps
 	$(Q)$(MAKE) --no-print-directory all $(UNIT_BINS) $(DRV_BINS) $(FAULT_BIN)
-	$(Q)O=$(O) BINDIR=$(BINDIR) tests/run.sh
+	$(if $(SANITIZE),,$(Q)$(MAKE) --no-print-directory fuzz-build)
+	$(Q)O=$(O) BINDIR=$(BINDIR) FUZZ_SECONDS=$(FUZZ_SECONDS) FUZZ_BINDIR=$(if $(SANITIZE),,$(FUZZ_DIR)/fuzz) tests/run.sh
 
 bench: deps
 	$(Q)$(MAKE) --no-print-directory all $(DRV_BINS)
@@ -190,7 +231,7 @@ lint-run:
 	    2>/dev/null' _
 
 clean:
-	rm -rf build build-san bin libshared/libshared.a
+	rm -rf build build-san build-fuzz bin libshared/libshared.a
 
 # Keep test objects: make would delete them as intermediates.
 .SECONDARY: $(ALL_OBJS)

@@ -297,10 +297,22 @@ bad:
     return -1;
 }
 
-int cfg_load_dotenv(const char *path, char *err, size_t errlen)
+int cfg_read_dotenv(FILE *f, const char *path, char *err, size_t errlen)
 {
     char line[CFG_LINE_MAX];
-    int lineno = 0, rc = 0;
+    int lineno = 0;
+
+    while (fgets(line, sizeof(line), f)) {
+        lineno++;
+        if (cfg_dotenv_line(line, path, lineno, err, errlen) < 0)
+            return -1;
+    }
+    return 0;
+}
+
+int cfg_load_dotenv(const char *path, char *err, size_t errlen)
+{
+    int rc;
     FILE *f = fopen(path, "r");
 
     if (!f) {
@@ -309,13 +321,7 @@ int cfg_load_dotenv(const char *path, char *err, size_t errlen)
         snprintf(err, errlen, "%s: %s", path, strerror(errno));
         return -1;
     }
-    while (fgets(line, sizeof(line), f)) {
-        lineno++;
-        if (cfg_dotenv_line(line, path, lineno, err, errlen) < 0) {
-            rc = -1;
-            break;
-        }
-    }
+    rc = cfg_read_dotenv(f, path, err, errlen);
     fclose(f);
     return rc;
 }

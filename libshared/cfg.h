@@ -8,6 +8,7 @@
 #define AE_CFG_H
 
 #include <stddef.h>
+#include <stdio.h>
 
 typedef struct cfg cfg;
 
@@ -22,6 +23,10 @@ void cfg_free(cfg *c);
  * quotes understand \n, \" and \\). A missing file is not an error.
  * Returns 0, or -1 with the reason (file and line) in `err`. */
 int cfg_load_dotenv(const char *path, char *err, size_t errlen);
+
+/* The parsing half of cfg_load_dotenv: the lines of an open stream (`path`
+ * names it in errors), same rules and result; the caller closes `f`. */
+int cfg_read_dotenv(FILE *f, const char *path, char *err, size_t errlen);
 
 /* The raw value, or `def` when unset or empty. */
 const char *cfg_str(cfg *c, const char *name, const char *def);

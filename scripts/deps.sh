@@ -23,6 +23,7 @@ PACKAGES=(
     libcjson-dev libcurl4-openssl-dev libjwt-dev libcmocka-dev libssl-dev libcrypt-dev
     postgresql postgresql-client redis-server redis-tools rabbitmq-server nginx-light
     wrk curl openssl iproute2 procps ca-certificates python3 python3-psycopg2 python3-redis
+    clang libclang-rt-14-dev valgrind
 )
 # Installed without their Recommends: prometheus (for promtool, which checks
 # /metrics) recommends prometheus-node-exporter, which pulls smartmontools

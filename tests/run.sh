@@ -10,7 +10,11 @@
 # 3. runs each tests/integration/test_*.py with Debian's /usr/bin/python3
 #    (python3-psycopg2 and python3-redis live there; a pyenv python earlier
 #    in PATH would not have them), one process per file, `-m unittest -v`;
-# 4. runs each tests/integration/test_*.sh (exit code 0 = pass).
+# 4. runs each tests/integration/test_*.sh (exit code 0 = pass);
+# 5. runs each libFuzzer target of $FUZZ_BINDIR (make test sets it to
+#    build-fuzz/fuzz) for FUZZ_SECONDS (default 10) through tests/fuzz/run.sh;
+#    a SANITIZE build leaves FUZZ_BINDIR empty (the targets are built with
+#    ASan and UBSan already) and the stage is reported as skipped.
 #
 # Each suite runs under a timeout, its output is shown live and kept in
 # var/test-logs/<O>/<suite>.log, and every process it started (services,
@@ -230,6 +234,20 @@ run_python() {
     record py "$name" "$passed" "$failed" "$skipped" "$SECS" "$note"
 }
 
+run_fuzz() {
+    local bin=$1 name execs
+    name=${bin##*/}
+    echo "==== fuzz: $name"
+    run_logged "$name" $((${FUZZ_SECONDS:-10} + 120)) TERM tests/fuzz/run.sh "$bin"
+    execs=$(sed -nE 's/.* ([0-9]+) executions.*/\1/p' "$LOGDIR/$name.log" | tail -n1)
+    if ((RC == 0)); then
+        record fuzz "$name" 1 0 0 "$SECS" "${execs:-?} executions"
+    else
+        FAILED_NAMES+=("$name: finding or crash (exit $RC), see $LOGDIR/$name.log")
+        record fuzz "$name" 0 1 0 "$SECS" "exit $RC"
+    fi
+}
+
 run_shell() {
     local file=$1 name
     name=${file##*/}
@@ -264,6 +282,13 @@ main() {
         for f in "$(abspath "$O")"/tests/test_*; do
             if [[ -f $f && -x $f ]]; then run_unit "$f"; fi
         done
+        if [[ -n ${FUZZ_BINDIR:-} ]]; then
+            for f in "$(abspath "$FUZZ_BINDIR")"/fuzz_*; do
+                if [[ -f $f && -x $f ]]; then run_fuzz "$f"; fi
+            done
+        else
+            record fuzz "(every target)" 0 0 1 0 "not run: SANITIZE build (the targets carry ASan+UBSan themselves)"
+        fi
         for f in tests/integration/test_*.py; do
             if [[ -f $f ]]; then run_python "$f"; fi
         done

@@ -31,6 +31,8 @@ PACKAGES = {
     "wrk": "wrk",
     "curl": "curl",
     "make": "build-essential",
+    "clang": "clang",
+    "valgrind": "valgrind",
 }
 
 # Debian installs some server commands outside PATH.
