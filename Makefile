@@ -104,7 +104,7 @@ ALL_OBJS  := $(LIB_OBJS) $(sort $(foreach p,$(PROGRAMS),$($(p)_SRCS:%.c=$(O)/%.o
              $(UNIT_SRCS:%.c=$(O)/%.o) $(DRV_SRCS:%.c=$(O)/%.o) $(O)/faults/action-workers/worker.o \
              $(if $(FUZZ),$(FUZZ_SRCS:%.c=$(O)/%.o))
 
-.PHONY: all test unit bench run up down clean deps lint lint-run tests fuzz fuzz-build fuzz-bins
+.PHONY: all test unit bench run up down clean deps lint lint-run tests fuzz fuzz-build fuzz-bins valgrind
 all: $(LIB) $(BINS) libshared/libshared.a
 
 tests: $(UNIT_BINS) $(DRV_BINS) $(FAULT_BIN)
@@ -178,6 +178,15 @@ fuzz: deps
 
 unit: $(UNIT_BINS)
 	$(Q)O=$(O) tests/run-unit.sh $(UNIT_BINS)
+
+# `make valgrind`: the unit tests under memcheck; any leak (definite or
+# indirect) or memory error fails the binary. cmocka forks no children,
+# so one process per binary is all memcheck has to watch.
+VALGRIND := valgrind -q --error-exitcode=99 --leak-check=full --show-leak-kinds=definite,indirect \
+            --errors-for-leak-kinds=definite,indirect --track-origins=yes
+valgrind: deps
+	$(Q)$(MAKE) --no-print-directory $(UNIT_BINS)
+	$(Q)O=$(O) UNIT_TIMEOUT=900 UNIT_WRAP="$(VALGRIND)" tests/run-unit.sh $(UNIT_BINS)
 
 # `make test`: install what is missing, start the local servers, then every
 # unit, integration and end-to-end test against them.

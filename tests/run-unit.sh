@@ -3,7 +3,9 @@
 # cmocka prints its own per-test lines and summary; this script judges each
 # binary by its exit code (non-zero: a failed test, a crash or a sanitizer
 # report), names the binaries that failed, and exits non-zero when any did
-# or when no binary was given.
+# or when no binary was given. UNIT_WRAP is a command line put in front of
+# each binary (make valgrind: valgrind's memcheck, whose error exit code
+# makes any leak or memory error a failure).
 set -euo pipefail
 
 # A hung test must not hold `make unit` forever.
@@ -19,7 +21,8 @@ main() {
     for bin in "$@"; do
         echo "== ${bin##*/}"
         rc=0
-        timeout -k 10 "$UNIT_TIMEOUT" "$bin" || rc=$?
+        # shellcheck disable=SC2086 # UNIT_WRAP is a command line: split it.
+        timeout -k 10 "$UNIT_TIMEOUT" ${UNIT_WRAP:-} "$bin" || rc=$?
         if [[ $rc -eq 0 ]]; then
             passed=$((passed + 1))
         else
