@@ -6,14 +6,14 @@ RUN apt-get update && apt-get install -y --no-install-recommends build-essential
       libcurl4-openssl-dev libjwt-dev libssl-dev libcrypt-dev && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
-RUN make -j"$(nproc)" bin/runtime bin/migrate
+RUN make -j"$(nproc)" bin/runtime bin/runtime-migrate bin/runtime-smoke bin/migrate
 
 FROM debian:12-slim
 RUN apt-get update && apt-get install -y --no-install-recommends curl ca-certificates \
       libmicrohttpd12 libpq5 libhiredis0.14 librabbitmq4 libwebsockets17 libcjson1 libcurl4 libjwt0 \
       libssl3 && rm -rf /var/lib/apt/lists/* && useradd --system --home /app ae
 WORKDIR /app
-COPY --from=build /src/bin/runtime /src/bin/migrate /app/bin/
+COPY --from=build /src/bin/runtime /src/bin/runtime-migrate /src/bin/runtime-smoke /src/bin/migrate /app/bin/
 COPY --from=build /src/database/migrations /app/database/migrations
 USER ae
 EXPOSE 4100
