@@ -1,5 +1,5 @@
 #!/bin/sh
-# Installs the integration tests' npm packages (jsonwebtoken, @redocly/cli, ws, eventsource)
+# Installs the integration tests' npm packages (jsonwebtoken, @redocly/cli, ws, eventsource, amqplib)
 # under tests/integration/node_modules from package-lock.json. Idempotent and
 # fast when already installed: it does nothing when node_modules matches the
 # lock file (npm writes node_modules/.package-lock.json on install).
@@ -11,7 +11,7 @@ if ! command -v npm >/dev/null 2>&1; then
 fi
 stamp=node_modules/.ae-installed
 if [ -f "$stamp" ] && [ -f package-lock.json ] && cmp -s package-lock.json "$stamp" \
-    && [ -d node_modules/jsonwebtoken ] && [ -d node_modules/ws ] && [ -d node_modules/eventsource ] && [ -x node_modules/.bin/redocly ]; then
+    && [ -d node_modules/jsonwebtoken ] && [ -d node_modules/ws ] && [ -d node_modules/eventsource ] && [ -d node_modules/amqplib ] && [ -x node_modules/.bin/redocly ]; then
     exit 0
 fi
 if [ -f package-lock.json ]; then

@@ -1,0 +1,394 @@
+#include "rtes_msg.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cjson/cJSON.h>
+#include <openssl/sha.h>
+
+#include "buf.h"
+#include "fmt.h"
+
+static const char *const queues[RTES_NKINDS] = {
+    "workflow.node.status", "workflow.completion", "workflow.worker.initiated", "execution.token"};
+
+const char *rtes_kind_queue(rtes_kind k)
+{
+    return (unsigned)k < RTES_NKINDS ? queues[k] : "?";
+}
+
+void rtes_msg_clear(rtes_msg *m)
+{
+    if (!m)
+        return;
+    free(m->body);
+    free(m->member);
+    memset(m, 0, sizeof(*m));
+}
+
+/* A required (or, with `optional`, possibly absent or null) string member
+ * copied into out. Returns 0 or -1 with err. */
+static int get_id(const cJSON *o, const char *name, char *out, int optional, char *err, size_t errlen)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, name);
+    size_t n;
+
+    out[0] = '\0';
+    if (!v || cJSON_IsNull(v)) {
+        if (optional)
+            return 0;
+        snprintf(err, errlen, "missing %s", name);
+        return -1;
+    }
+    if (!cJSON_IsString(v)) {
+        snprintf(err, errlen, "%s is not a string", name);
+        return -1;
+    }
+    n = strlen(v->valuestring);
+    if (n == 0 && !optional) {
+        snprintf(err, errlen, "%s is empty", name);
+        return -1;
+    }
+    if (n >= RTES_ID_MAX) {
+        snprintf(err, errlen, "%s is longer than %d bytes", name, RTES_ID_MAX - 1);
+        return -1;
+    }
+    memcpy(out, v->valuestring, n + 1);
+    return 0;
+}
+
+static int need(const cJSON *o, const char *name, char *err, size_t errlen)
+{
+    if (cJSON_GetObjectItemCaseSensitive(o, name))
+        return 0;
+    snprintf(err, errlen, "missing %s", name);
+    return -1;
+}
+
+/* A required number within +-lim (so that PostgreSQL's bigint takes it). */
+static int need_number(const cJSON *o, const char *name, double lim, double *out, char *err, size_t errlen)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, name);
+
+    if (!v) {
+        snprintf(err, errlen, "missing %s", name);
+        return -1;
+    }
+    if (!cJSON_IsNumber(v) || !isfinite(v->valuedouble) || fabs(v->valuedouble) > lim) {
+        snprintf(err, errlen, "%s is not a number within +-%g", name, lim);
+        return -1;
+    }
+    if (out)
+        *out = v->valuedouble;
+    return 0;
+}
+
+static int one_of(const cJSON *o, const char *name, const char *const *allowed, char *err, size_t errlen)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, name);
+
+    if (!v) {
+        snprintf(err, errlen, "missing %s", name);
+        return -1;
+    }
+    if (cJSON_IsString(v))
+        for (; *allowed; allowed++)
+            if (strcmp(v->valuestring, *allowed) == 0)
+                return 0;
+    snprintf(err, errlen, "%s is not one of the allowed values", name);
+    return -1;
+}
+
+/* serde_json's escaping, which the original's lineage hash is taken over:
+ * ", \ and control characters (\b \t \n \f \r, else \u00xx). */
+static int put_json_string(buf *b, const char *s)
+{
+    static const char hex[] = "0123456789abcdef";
+    const unsigned char *p = (const unsigned char *)s;
+    char esc[6] = {'\\', 'u', '0', '0', 0, 0};
+
+    if (buf_puts(b, "\"") < 0)
+        return -1;
+    for (; *p; p++) {
+        char two[2] = {'\\', 0};
+
+        switch (*p) {
+        case '"': two[1] = '"'; break;
+        case '\\': two[1] = '\\'; break;
+        case '\b': two[1] = 'b'; break;
+        case '\t': two[1] = 't'; break;
+        case '\n': two[1] = 'n'; break;
+        case '\f': two[1] = 'f'; break;
+        case '\r': two[1] = 'r'; break;
+        default: break;
+        }
+        if (two[1]) {
+            if (buf_append(b, two, 2) < 0)
+                return -1;
+            continue;
+        }
+        if (*p < 0x20) {
+            esc[4] = hex[*p >> 4];
+            esc[5] = hex[*p & 15];
+            if (buf_append(b, esc, 6) < 0)
+                return -1;
+            continue;
+        }
+        if (buf_append(b, p, 1) < 0)
+            return -1;
+    }
+    return buf_puts(b, "\"");
+}
+
+static int frame_int(const cJSON *f, const char *name, long long *out)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(f, name);
+
+    if (!cJSON_IsNumber(v) || v->valuedouble != floor(v->valuedouble) || v->valuedouble < -2147483648.0 ||
+        v->valuedouble > 2147483647.0)
+        return -1;
+    *out = (long long)v->valuedouble;
+    return 0;
+}
+
+/* RFC 4122's OID namespace, 6ba7b812-9dad-11d1-80b4-00c04fd430c8. */
+static const unsigned char oid_ns[16] = {0x6b, 0xa7, 0xb8, 0x12, 0x9d, 0xad, 0x11, 0xd1,
+                                         0x80, 0xb4, 0x00, 0xc0, 0x4f, 0xd4, 0x30, 0xc8};
+
+/* UUIDv5 of `len` bytes that start with the namespace. */
+static void uuid5(const char *ns_and_name, size_t len, char out[37])
+{
+    static const char hex[] = "0123456789abcdef";
+    unsigned char md[SHA_DIGEST_LENGTH];
+    int o = 0;
+
+    SHA1((const unsigned char *)ns_and_name, len, md);
+    md[6] = (unsigned char)((md[6] & 0x0f) | 0x50);
+    md[8] = (unsigned char)((md[8] & 0x3f) | 0x80);
+    for (int i = 0; i < 16; i++) {
+        if (i == 4 || i == 6 || i == 8 || i == 10)
+            out[o++] = '-';
+        out[o++] = hex[md[i] >> 4];
+        out[o++] = hex[md[i] & 15];
+    }
+    out[o] = '\0';
+}
+
+/* The key of a parsed lineage_stack array; see rtes_lineage_uuid. */
+static int stack_uuid(const cJSON *stack, char out[37], char *err, size_t errlen)
+{
+    const cJSON *f;
+    buf b;
+    int rc = -1;
+
+    buf_init(&b, RTES_BODY_MAX);
+    if (!cJSON_IsArray(stack)) {
+        snprintf(err, errlen, "lineage_stack is not an array");
+        goto out;
+    }
+    if (buf_append(&b, oid_ns, sizeof(oid_ns)) < 0 || buf_puts(&b, "[") < 0)
+        goto oom;
+    cJSON_ArrayForEach(f, stack)
+    {
+        const cJSON *split = cJSON_GetObjectItemCaseSensitive(f, "split_node_id");
+        const cJSON *branch = cJSON_GetObjectItemCaseSensitive(f, "branch_id");
+        long long idx, total;
+        char num[FMT_I64_MAX];
+
+        if (!cJSON_IsObject(f) || !cJSON_IsString(split) || !cJSON_IsString(branch) ||
+            frame_int(f, "item_index", &idx) < 0 || frame_int(f, "total_items", &total) < 0) {
+            snprintf(err, errlen,
+                     "lineage_stack entries need split_node_id, branch_id (strings), item_index and total_items (integers)");
+            goto out;
+        }
+        if ((f != stack->child && buf_puts(&b, ",") < 0) || buf_puts(&b, "{\"split_node_id\":") < 0 ||
+            put_json_string(&b, split->valuestring) < 0 || buf_puts(&b, ",\"branch_id\":") < 0 ||
+            put_json_string(&b, branch->valuestring) < 0 || buf_puts(&b, ",\"item_index\":") < 0)
+            goto oom;
+        if (buf_append(&b, num, fmt_i64(num, idx)) < 0 || buf_puts(&b, ",\"total_items\":") < 0 ||
+            buf_append(&b, num, fmt_i64(num, total)) < 0 || buf_puts(&b, "}") < 0)
+            goto oom;
+    }
+    if (buf_puts(&b, "]") < 0)
+        goto oom;
+    if (b.truncated) {
+        snprintf(err, errlen, "lineage_stack is too large");
+        goto out;
+    }
+    uuid5(b.p, b.len, out);
+    rc = 0;
+    goto out;
+oom:
+    snprintf(err, errlen, "out of memory");
+out:
+    buf_free(&b);
+    return rc;
+}
+
+int rtes_lineage_uuid(const char *stack_json, char out[37], char *err, size_t errlen)
+{
+    cJSON *j = stack_json ? cJSON_Parse(stack_json) : NULL;
+    int rc;
+
+    if (!j) {
+        snprintf(err, errlen, "lineage_stack is not JSON");
+        return -1;
+    }
+    rc = stack_uuid(j, out, err, errlen);
+    cJSON_Delete(j);
+    return rc;
+}
+
+static int node_status(const cJSON *o, rtes_msg *m, char *err, size_t errlen)
+{
+    static const char *const st[] = {"running", "success", "failed", "waiting", NULL};
+    const cJSON *stack = cJSON_GetObjectItemCaseSensitive(o, "lineage_stack");
+    char node_name[RTES_ID_MAX], when[RTES_ID_MAX];
+
+    if (get_id(o, "workflow_id", m->workflow_id, 0, err, errlen) < 0 ||
+        get_id(o, "execution_id", m->execution_id, 0, err, errlen) < 0 ||
+        get_id(o, "node_id", m->node_id, 0, err, errlen) < 0 ||
+        need(o, "node_name", err, errlen) < 0 || get_id(o, "node_name", node_name, 1, err, errlen) < 0 ||
+        one_of(o, "status", st, err, errlen) < 0 || get_id(o, "executed_at", when, 0, err, errlen) < 0 ||
+        need_number(o, "duration_ms", 9e15, NULL, err, errlen) < 0 ||
+        get_id(o, "lineage_hash", m->lineage_key, 1, err, errlen) < 0)
+        return -1;
+    if (m->lineage_key[0])
+        return 0;
+    if (stack && !cJSON_IsNull(stack) && cJSON_GetArraySize(stack) > 0) {
+        char key[37];
+
+        if (stack_uuid(stack, key, err, errlen) < 0)
+            return -1;
+        memcpy(m->lineage_key, key, sizeof(key));
+        return 0;
+    }
+    if (stack && !cJSON_IsNull(stack) && !cJSON_IsArray(stack)) {
+        snprintf(err, errlen, "lineage_stack is not an array");
+        return -1;
+    }
+    memcpy(m->lineage_key, "default", sizeof("default"));
+    return 0;
+}
+
+static int completion(const cJSON *o, rtes_msg *m, char *err, size_t errlen)
+{
+    static const char *const st[] = {"completed", "failed", "halted", NULL};
+    char when[RTES_ID_MAX];
+    const cJSON *why = cJSON_GetObjectItemCaseSensitive(o, "failure_reason");
+
+    if (get_id(o, "workflow_id", m->workflow_id, 0, err, errlen) < 0 ||
+        get_id(o, "execution_id", m->execution_id, 0, err, errlen) < 0 ||
+        one_of(o, "status", st, err, errlen) < 0 || need(o, "final_context", err, errlen) < 0 ||
+        get_id(o, "completed_at", when, 0, err, errlen) < 0 ||
+        need_number(o, "total_duration_ms", 9e15, NULL, err, errlen) < 0)
+        return -1;
+    if (why && !cJSON_IsNull(why) && !cJSON_IsString(why)) {
+        snprintf(err, errlen, "failure_reason is not a string");
+        return -1;
+    }
+    return 0;
+}
+
+static int initiated(const cJSON *o, rtes_msg *m, char *err, size_t errlen)
+{
+    if (get_id(o, "workflow_id", m->workflow_id, 0, err, errlen) < 0 ||
+        get_id(o, "execution_id", m->execution_id, 0, err, errlen) < 0 ||
+        get_id(o, "current_node", m->node_id, 0, err, errlen) < 0 ||
+        need(o, "workflow_definition", err, errlen) < 0 || need(o, "accumulated_context", err, errlen) < 0)
+        return -1;
+    return 0;
+}
+
+static int token(const cJSON *o, rtes_msg *m, char *err, size_t errlen)
+{
+    double iat, exp;
+    cJSON *t = NULL;
+
+    if (get_id(o, "workflow_id", m->workflow_id, 0, err, errlen) < 0 ||
+        get_id(o, "execution_id", m->execution_id, 1, err, errlen) < 0 ||
+        get_id(o, "user_id", m->user_id, 0, err, errlen) < 0 ||
+        need_number(o, "iat", 9e15, &iat, err, errlen) < 0 || need_number(o, "exp", 9e15, &exp, err, errlen) < 0)
+        return -1;
+    m->exp = (long long)exp;
+    /* The member as the original wrote it (serde's field order), so that
+     * one token given twice is one member. */
+    t = cJSON_CreateObject();
+    if (!t || !(m->execution_id[0] ? cJSON_AddStringToObject(t, "execution_id", m->execution_id)
+                                   : cJSON_AddNullToObject(t, "execution_id")) ||
+        !cJSON_AddStringToObject(t, "workflow_id", m->workflow_id) ||
+        !cJSON_AddNumberToObject(t, "iat", (double)(long long)iat) ||
+        !cJSON_AddNumberToObject(t, "exp", (double)m->exp) || !cJSON_AddStringToObject(t, "user_id", m->user_id) ||
+        !(m->member = cJSON_PrintUnformatted(t))) {
+        cJSON_Delete(t);
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    cJSON_Delete(t);
+    return 0;
+}
+
+int rtes_msg_parse(rtes_kind k, const char *data, size_t len, rtes_msg *m, char *err, size_t errlen)
+{
+    const char *end = NULL;
+    cJSON *o = NULL;
+    buf b;
+    int rc = -1;
+
+    memset(m, 0, sizeof(*m));
+    m->kind = k;
+    if ((unsigned)k >= RTES_NKINDS) {
+        snprintf(err, errlen, "unknown queue");
+        return -1;
+    }
+    if (len > RTES_BODY_MAX) {
+        snprintf(err, errlen, "body of %zu bytes is over the limit of %u", len, RTES_BODY_MAX);
+        return -1;
+    }
+    buf_init(&b, RTES_BODY_MAX + RTES_BODY_MAX / 2);
+    if (buf_append_utf8(&b, data ? data : "", len) < 0 || buf_reserve(&b, 1) < 0) {
+        buf_free(&b);
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    m->body_len = b.len;
+    m->body = b.len ? buf_take(&b) : strdup("");
+    buf_free(&b);
+    if (!m->body) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    o = cJSON_ParseWithLengthOpts(m->body, m->body_len, &end, 0);
+    if (!o) {
+        snprintf(err, errlen, "not JSON (at byte %zu)", end && end >= m->body ? (size_t)(end - m->body) : 0);
+        return -1;
+    }
+    while (end && end < m->body + m->body_len && (*end == ' ' || *end == '\t' || *end == '\n' || *end == '\r'))
+        end++;
+    if (end != m->body + m->body_len) {
+        snprintf(err, errlen, "not JSON (trailing bytes at %zu)", (size_t)(end - m->body));
+        goto out;
+    }
+    if (!cJSON_IsObject(o)) {
+        snprintf(err, errlen, "not a JSON object");
+        goto out;
+    }
+    switch (k) {
+    case RTES_NODE_STATUS: rc = node_status(o, m, err, errlen); break;
+    case RTES_COMPLETION: rc = completion(o, m, err, errlen); break;
+    case RTES_INITIATED: rc = initiated(o, m, err, errlen); break;
+    case RTES_TOKEN: rc = token(o, m, err, errlen); break;
+    default: break;
+    }
+    if (rc == 0) {
+        unsigned char md[SHA256_DIGEST_LENGTH];
+
+        SHA256((const unsigned char *)m->body, m->body_len, md);
+        memcpy(m->digest, md, RTES_DIGEST_LEN);
+    }
+out:
+    cJSON_Delete(o);
+    return rc;
+}
