@@ -340,24 +340,25 @@ static void publish(rtes_consumer *c, const int *idx, int n)
     for (int i = 0; i < n; i++) {
         const rtes_msg *m = &c->burst[idx[i]].m;
         const rtes_stored *r = &c->res[i];
+        size_t fl;
         char chan[RTES_ID_MAX + 16], head[FMT_I64_MAX + RTES_ID_MAX + 4];
         const char *argv[3] = {"PUBLISH", chan, NULL};
-        size_t lens[3], hl, fl;
+        size_t lens[3], hl;
         char *payload;
 
-        if (!r->frame)
+        if (r->seq <= 0 || !m->frame)
             continue;
         snprintf(chan, sizeof(chan), "rtes:exec:%s", m->execution_id);
         hl = fmt_i64(head, r->seq);
         head[hl++] = '\n';
         hl += fmt_copy(head + hl, sizeof(head) - hl, m->workflow_id);
         head[hl++] = '\n';
-        fl = strlen(r->frame);
+        fl = m->frame_len;
         payload = malloc(hl + fl);
         if (!payload)
             continue;
         memcpy(payload, head, hl);
-        memcpy(payload + hl, r->frame, fl);
+        memcpy(payload + hl, m->frame, fl);
         argv[2] = payload;
         lens[0] = 7;
         lens[1] = strlen(chan);
@@ -448,7 +449,7 @@ static void flush(rtes_consumer *c)
     for (int i = 0; i < n; i++) {
         if (c->res[i].seq > 0)
             metrics_counter_inc(c->stored);
-        else if (c->burst[c->order[i]].m.kind <= RTES_COMPLETION && c->res[i].frame == NULL)
+        else if (c->burst[c->order[i]].m.kind <= RTES_COMPLETION)
             metrics_counter_inc(c->duplicates);
     }
     /* Only on the connection the burst came from: delivery tags mean
@@ -459,11 +460,8 @@ static void flush(rtes_consumer *c)
         amqp_basic_ack(st, (amqp_channel_t)amqpc_channel(c->amqp), last, 1) != AMQP_STATUS_OK)
         lost(c, "basic.ack failed");
     publish(c, c->order, n);
-    for (int i = 0; i < n; i++) {
-        free(c->res[i].frame);
-        c->res[i].frame = NULL;
+    for (int i = 0; i < n; i++)
         c->res[i].seq = 0;
-    }
 drop:
     for (int i = 0; i < n; i++)
         rtes_msg_clear(&c->burst[i].m);

@@ -21,23 +21,43 @@
 
 #define BUCKETS 1024
 #define CHUNK 256                   /* history events per read */
-#define HIGH_WATER (256 * 1024)     /* queued bytes above which the next chunk waits */
-#define PENDING_MAX 1024            /* frames ahead of next kept per watcher */
+#define HIGH_WATER (256 * 1024)     /* queued bytes above which a watcher waits */
+#define CACHE_MAX 4096              /* recent frames kept per execution */
+#define CACHE_BYTES (8u << 20)
+#define AHEAD_MAX 8192              /* live frames kept that arrived before their turn */
 #define GAP_MS 150                  /* a gap open this long is read from PostgreSQL */
+#define RETRY_MS 250                /* after a failed read */
 #define TICK_MS 50
 #define CHANNEL_PREFIX "rtes:exec:"
 
 typedef struct pend {
     long long seq;
     wsapp_msg *m;
+    size_t len;
     struct pend *next;
 } pend;
 
+/* One execution watched on this instance. Its frames lo..hi are cached
+ * (contiguous; every watcher sends from here), frames that arrived live
+ * beyond hi+1 wait in `ahead` for the ones before them. */
 typedef struct stream {
     char *eid;
     uint32_t hash;
+    struct stream *next;          /* in the bucket */
+    struct stream *sprev, *snext; /* in the hub */
     rtes_watch *head;
-    struct stream *next;
+    char wid[RTES_ID_MAX];        /* the execution's workflow once known */
+    wsapp_msg **ring;             /* CACHE_MAX slots, frame of seq at seq % CACHE_MAX */
+    size_t *sizes;                /* their lengths */
+    long long lo, hi;             /* cached seqs; empty when hi < lo */
+    size_t bytes;
+    pend *ahead, *ahead_tail;
+    int nahead;
+    long long gap_since;          /* ms since `ahead` starts beyond hi+1; 0: no gap */
+    int fetching;                 /* a read from hi is in flight */
+    int more;                     /* PostgreSQL may hold seqs beyond hi */
+    long long retry_at;           /* after a failed read, not before */
+    int refs;                     /* watchers and reads in flight */
 } stream;
 
 struct rtes_watch {
@@ -46,15 +66,9 @@ struct rtes_watch {
     stream *s;
     char wid[RTES_ID_MAX];
     long long next;        /* the seq to send next */
-    pend *pending;         /* frames ahead of next, by seq */
-    int npending;
-    int fetching;          /* a read is in flight */
-    int more;              /* the last read was full: read on when the queue drains */
-    int refetch;           /* pending overflowed or Redis came back: read again */
-    long long gap_since;   /* ms when pending's head was found ahead of next; 0: none */
+    int fetching;          /* a read of its own (it is behind the cache) is in flight */
     int closed, refs;
-    rtes_watch *prev, *next_w;   /* in the stream */
-    rtes_watch *aprev, *anext;   /* in the hub */
+    rtes_watch *prev, *next_w; /* in the stream */
 };
 
 enum { JOB_FETCH, JOB_DOC };
@@ -64,14 +78,15 @@ typedef struct job {
     rtes_hub *hub;
     struct job *next;
     char eid[RTES_ID_MAX];
-    /* fetch */
+    /* fetch: for the stream (w NULL) or one watcher */
+    stream *s;
     rtes_watch *w;
     long long after;
     int nframes, cap, failed;
     long long *seqs;
     wsapp_msg **msgs;
+    size_t *lens;
     char wid[RTES_ID_MAX];
-    int exists;
     /* document */
     wsapp_req *req;
     int gone;
@@ -82,12 +97,13 @@ typedef struct job {
     char msg[160];
 } job;
 
-/* A frame from Redis, in one allocation. */
+/* A frame from Redis. */
 typedef struct live {
     struct live *next;
     long long seq;
     char *eid, *wid;
     wsapp_msg *m;
+    size_t len;
 } live;
 
 struct rtes_hub {
@@ -100,7 +116,7 @@ struct rtes_hub {
     atomic_int stop;
     /* loop thread only */
     stream *buckets[BUCKETS];
-    rtes_watch *all;
+    stream *streams;
     int nwatch;
     wsapp_timer *tick;
     /* loader queue */
@@ -115,7 +131,8 @@ struct rtes_hub {
     metrics_counter *frames_live, *frames_history, *gap_reads;
 };
 
-static void fetch(rtes_hub *h, rtes_watch *w);
+static void enqueue(rtes_hub *h, job *j);
+static void job_free(job *j);
 
 /* ------------------------------------------------------------ streams */
 
@@ -127,126 +144,267 @@ static stream *stream_find(rtes_hub *h, const char *eid, uint32_t hv)
     return NULL;
 }
 
-static void watch_free(rtes_watch *w)
+static stream *stream_get(rtes_hub *h, const char *eid)
 {
-    pend *p = w->pending;
+    uint32_t hv = hash_fnv1a_str(eid);
+    stream *s = stream_find(h, eid, hv);
 
-    while (p) {
-        pend *n = p->next;
+    if (s)
+        return s;
+    s = calloc(1, sizeof(*s));
+    if (!s || !(s->eid = strdup(eid)) || !(s->ring = calloc(CACHE_MAX, sizeof(*s->ring))) ||
+        !(s->sizes = calloc(CACHE_MAX, sizeof(*s->sizes)))) {
+        if (s) {
+            free(s->eid);
+            free(s->ring);
+        }
+        free(s);
+        return NULL;
+    }
+    s->hash = hv;
+    s->lo = 1;
+    s->hi = 0;
+    s->more = 1;
+    s->next = h->buckets[hv % BUCKETS];
+    h->buckets[hv % BUCKETS] = s;
+    s->snext = h->streams;
+    if (h->streams)
+        h->streams->sprev = s;
+    h->streams = s;
+    return s;
+}
 
+static void stream_release(rtes_hub *h, stream *s)
+{
+    stream **pp;
+
+    if (--s->refs > 0)
+        return;
+    pp = &h->buckets[s->hash % BUCKETS];
+    while (*pp != s)
+        pp = &(*pp)->next;
+    *pp = s->next;
+    if (s->sprev)
+        s->sprev->snext = s->snext;
+    else
+        h->streams = s->snext;
+    if (s->snext)
+        s->snext->sprev = s->sprev;
+    for (long long q = s->lo; q <= s->hi; q++)
+        wsapp_msg_unref(s->ring[q % CACHE_MAX]);
+    for (pend *p = s->ahead, *n; p; p = n) {
+        n = p->next;
         wsapp_msg_unref(p->m);
         free(p);
-        p = n;
     }
-    free(w);
+    free(s->ring);
+    free(s->sizes);
+    free(s->eid);
+    free(s);
 }
 
 static void watch_unref(rtes_watch *w)
 {
     if (--w->refs == 0)
-        watch_free(w);
+        free(w);
 }
 
-/* Sends one frame; a connection whose queue overflows is dropped by wsapp
- * (its close hook follows). */
-static void send_frame(rtes_watch *w, wsapp_msg *m, long long seq)
+/* Appends the frame of seq hi+1 to the cache, dropping the oldest beyond
+ * the bounds (a watcher that still needs them reads them from PostgreSQL). */
+static void cache_put(stream *s, long long seq, wsapp_msg *m, size_t len)
 {
-    if (w->closed)
-        return;
-    wsapp_conn_send(w->conn, m);
-    w->next = seq + 1;
+    while (s->hi >= s->lo && (s->hi - s->lo + 1 >= CACHE_MAX || s->bytes > CACHE_BYTES)) {
+        wsapp_msg *old = s->ring[s->lo % CACHE_MAX];
+
+        s->bytes -= s->sizes[s->lo % CACHE_MAX];
+        wsapp_msg_unref(old);
+        s->ring[s->lo % CACHE_MAX] = NULL;
+        s->lo++;
+    }
+    if (s->hi < s->lo)
+        s->lo = seq; /* empty: starts here */
+    wsapp_msg_ref(m);
+    s->ring[seq % CACHE_MAX] = m;
+    s->sizes[seq % CACHE_MAX] = len;
+    s->hi = seq;
+    s->bytes += len;
 }
 
-/* Sends what pending holds from next on; notes a gap that remains. */
-static void drain_pending(rtes_watch *w)
+/* Moves what `ahead` holds from hi+1 on into the cache. */
+static void absorb_ahead(stream *s)
 {
-    while (w->pending && w->pending->seq <= w->next) {
-        pend *p = w->pending;
+    while (s->ahead && s->ahead->seq <= s->hi + 1) {
+        pend *p = s->ahead;
 
-        w->pending = p->next;
-        w->npending--;
-        if (p->seq == w->next) {
-            send_frame(w, p->m, p->seq);
-            metrics_counter_inc(w->hub->frames_live);
-        }
+        s->ahead = p->next;
+        if (!s->ahead)
+            s->ahead_tail = NULL;
+        s->nahead--;
+        if (p->seq == s->hi + 1)
+            cache_put(s, p->seq, p->m, p->len);
         wsapp_msg_unref(p->m);
         free(p);
     }
-    if (w->pending && !w->gap_since)
-        w->gap_since = svc_now_ms();
-    if (!w->pending)
-        w->gap_since = 0;
+    if (!s->ahead)
+        s->gap_since = 0;
+    else if (!s->gap_since)
+        s->gap_since = svc_now_ms();
 }
 
-static void hold(rtes_watch *w, long long seq, wsapp_msg *m)
+static void hold_ahead(stream *s, long long seq, wsapp_msg *m, size_t len)
 {
-    pend **pp = &w->pending, *p;
+    pend **pp, *p;
 
-    while (*pp && (*pp)->seq < seq)
-        pp = &(*pp)->next;
-    if (*pp && (*pp)->seq == seq)
-        return;
-    if (w->npending >= PENDING_MAX || !(p = malloc(sizeof(*p)))) {
-        /* PostgreSQL has it: read it from there once caught up. */
-        w->refetch = 1;
+    if (s->ahead_tail && s->ahead_tail->seq < seq) {
+        pp = &s->ahead_tail->next; /* the usual case: in order */
+    } else {
+        pp = &s->ahead;
+        while (*pp && (*pp)->seq < seq)
+            pp = &(*pp)->next;
+        if (*pp && (*pp)->seq == seq)
+            return;
+    }
+    if (s->nahead >= AHEAD_MAX || !(p = malloc(sizeof(*p)))) {
+        s->more = 1; /* PostgreSQL has it */
         return;
     }
     wsapp_msg_ref(m);
     p->seq = seq;
     p->m = m;
+    p->len = len;
     p->next = *pp;
     *pp = p;
-    w->npending++;
-    if (!w->gap_since)
-        w->gap_since = svc_now_ms();
+    if (!p->next)
+        s->ahead_tail = p;
+    s->nahead++;
+    if (!s->gap_since)
+        s->gap_since = svc_now_ms();
+}
+
+static void close_watch(rtes_watch *w, int code, const char *why)
+{
+    if (w->closed)
+        return;
+    w->closed = 1;
+    wsapp_conn_close(w->conn, code, why);
+}
+
+static job *fetch_job(rtes_hub *h, stream *s, rtes_watch *w, long long after)
+{
+    job *j = calloc(1, sizeof(*j));
+
+    if (!j)
+        return NULL;
+    j->kind = JOB_FETCH;
+    j->hub = h;
+    j->s = s;
+    j->w = w;
+    j->after = after;
+    fmt_copy(j->eid, sizeof(j->eid), s->eid);
+    s->refs++;
+    if (w)
+        w->refs++;
+    return j;
+}
+
+/* A read of its own for a watcher behind the cache. */
+static void watch_fetch(rtes_hub *h, rtes_watch *w)
+{
+    job *j;
+
+    if (w->fetching || w->closed || wsapp_conn_queued(w->conn) >= HIGH_WATER)
+        return;
+    j = fetch_job(h, w->s, w, w->next - 1);
+    if (!j)
+        return; /* the tick tries again */
+    w->fetching = 1;
+    enqueue(h, j);
+}
+
+/* Sends the watcher what the cache holds for it. */
+static void serve(rtes_hub *h, rtes_watch *w)
+{
+    stream *s = w->s;
+
+    if (w->closed || w->fetching)
+        return;
+    if (w->wid[0] && s->wid[0] && strcmp(w->wid, s->wid) != 0) {
+        close_watch(w, 1008, "the execution belongs to another workflow");
+        return;
+    }
+    if (s->hi >= s->lo && w->next < s->lo) {
+        watch_fetch(h, w);
+        return;
+    }
+    while (w->next <= s->hi && wsapp_conn_queued(w->conn) < HIGH_WATER) {
+        if (wsapp_conn_send(w->conn, s->ring[w->next % CACHE_MAX]) < 0) {
+            w->closed = 1; /* dropped by wsapp; its close hook follows */
+            return;
+        }
+        w->next++;
+        metrics_counter_inc(h->frames_live);
+    }
+}
+
+/* Reads on from hi when PostgreSQL may hold more and a watcher waits for it. */
+static void stream_fetch(rtes_hub *h, stream *s)
+{
+    int waiting = 0;
+    job *j;
+
+    if (s->fetching || !s->more || svc_now_ms() < s->retry_at)
+        return;
+    for (rtes_watch *w = s->head; w && !waiting; w = w->next_w)
+        waiting = !w->closed && !w->fetching && w->next == s->hi + 1 && wsapp_conn_queued(w->conn) < HIGH_WATER;
+    if (!waiting)
+        return;
+    j = fetch_job(h, s, NULL, s->hi);
+    if (!j)
+        return;
+    s->fetching = 1;
+    s->more = 0;
+    enqueue(h, j);
+}
+
+static void serve_all(rtes_hub *h, stream *s)
+{
+    for (rtes_watch *w = s->head; w; w = w->next_w)
+        serve(h, w);
+    stream_fetch(h, s);
 }
 
 static void deliver(rtes_hub *h, const live *f)
 {
-    uint32_t hv = hash_fnv1a_str(f->eid);
-    stream *s = stream_find(h, f->eid, hv);
+    stream *s = stream_find(h, f->eid, hash_fnv1a_str(f->eid));
 
     if (!s)
         return;
-    for (rtes_watch *w = s->head, *nx; w; w = nx) {
-        nx = w->next_w;
-        if (w->closed)
-            continue;
-        if (w->wid[0] && strcmp(w->wid, f->wid) != 0) {
-            w->closed = 1;
-            wsapp_conn_close(w->conn, 1008, "the execution belongs to another workflow");
-            continue;
-        }
-        if (f->seq < w->next)
-            continue;
-        if (f->seq == w->next && !w->fetching) {
-            send_frame(w, f->m, f->seq);
-            metrics_counter_inc(h->frames_live);
-            drain_pending(w);
-            continue;
-        }
-        hold(w, f->seq, f->m);
-    }
+    if (!s->wid[0])
+        fmt_copy(s->wid, sizeof(s->wid), f->wid);
+    if (f->seq <= s->hi)
+        return;
+    if (f->seq == s->hi + 1)
+        cache_put(s, f->seq, f->m, f->len);
+    else
+        hold_ahead(s, f->seq, f->m, f->len);
+    absorb_ahead(s);
+    serve_all(h, s);
 }
 
 rtes_watch *rtes_hub_watch(rtes_hub *h, wsapp_conn *c, const char *eid, const char *wid)
 {
-    uint32_t hv = hash_fnv1a_str(eid);
-    stream *s = stream_find(h, eid, hv);
-    rtes_watch *w = calloc(1, sizeof(*w));
+    stream *s = stream_get(h, eid);
+    rtes_watch *w;
 
-    if (!w)
+    if (!s)
         return NULL;
-    if (!s) {
-        s = calloc(1, sizeof(*s));
-        if (!s || !(s->eid = strdup(eid))) {
-            free(s);
-            free(w);
-            return NULL;
+    w = calloc(1, sizeof(*w));
+    if (!w) {
+        if (!s->head && s->refs == 0) {
+            s->refs = 1;
+            stream_release(h, s);
         }
-        s->hash = hv;
-        s->next = h->buckets[hv % BUCKETS];
-        h->buckets[hv % BUCKETS] = s;
+        return NULL;
     }
     w->hub = h;
     w->conn = c;
@@ -258,13 +416,10 @@ rtes_watch *rtes_hub_watch(rtes_hub *h, wsapp_conn *c, const char *eid, const ch
     if (s->head)
         s->head->prev = w;
     s->head = w;
-    w->anext = h->all;
-    if (h->all)
-        h->all->aprev = w;
-    h->all = w;
+    s->refs++;
     h->nwatch++;
     metrics_gauge_set(h->watchers, h->nwatch);
-    fetch(h, w);
+    serve_all(h, s);
     return w;
 }
 
@@ -282,24 +437,9 @@ void rtes_hub_unwatch(rtes_hub *h, rtes_watch *w)
         s->head = w->next_w;
     if (w->next_w)
         w->next_w->prev = w->prev;
-    if (w->aprev)
-        w->aprev->anext = w->anext;
-    else
-        h->all = w->anext;
-    if (w->anext)
-        w->anext->aprev = w->aprev;
     h->nwatch--;
     metrics_gauge_set(h->watchers, h->nwatch);
-    if (!s->head) {
-        stream **pp = &h->buckets[s->hash % BUCKETS];
-
-        while (*pp != s)
-            pp = &(*pp)->next;
-        *pp = s->next;
-        free(s->eid);
-        free(s);
-    }
-    w->s = NULL;
+    stream_release(h, s);
     watch_unref(w);
 }
 
@@ -329,63 +469,58 @@ static void job_free(job *j)
         wsapp_msg_unref(j->msgs[i]);
     free(j->seqs);
     free(j->msgs);
+    free(j->lens);
     free(j->body);
     free(j);
-}
-
-static void fetch(rtes_hub *h, rtes_watch *w)
-{
-    job *j;
-
-    if (w->fetching || w->closed)
-        return;
-    j = calloc(1, sizeof(*j));
-    if (!j) {
-        w->refetch = 1; /* the tick tries again */
-        return;
-    }
-    j->kind = JOB_FETCH;
-    j->hub = h;
-    j->w = w;
-    j->after = w->next - 1;
-    fmt_copy(j->eid, sizeof(j->eid), w->s->eid);
-    w->refs++;
-    w->fetching = 1;
-    w->more = 0;
-    w->refetch = 0;
-    enqueue(h, j);
 }
 
 /* Loop: a read came back. */
 static void fetched(wsapp *app, void *ud)
 {
     job *j = ud;
+    rtes_hub *h = j->hub;
+    stream *s = j->s;
     rtes_watch *w = j->w;
 
     (void)app;
-    w->fetching = 0;
-    if (!w->closed && j->exists && w->wid[0] && strcmp(w->wid, j->wid) != 0) {
-        w->closed = 1;
-        wsapp_conn_close(w->conn, 1008, "the execution belongs to another workflow");
-    }
-    if (!w->closed && !wsapp_stopping(j->hub->app)) {
+    if (!s->wid[0] && j->wid[0])
+        fmt_copy(s->wid, sizeof(s->wid), j->wid);
+    if (wsapp_stopping(h->app)) {
+        /* Only give the references back. */
+    } else if (!w) {
+        s->fetching = 0;
         if (j->failed) {
-            w->refetch = 1; /* the tick tries again */
+            s->more = 1;
+            s->retry_at = svc_now_ms() + RETRY_MS;
         } else {
-            for (int i = 0; i < j->nframes; i++) {
-                if (j->seqs[i] < w->next)
-                    continue;
-                send_frame(w, j->msgs[i], j->seqs[i]);
-                metrics_counter_inc(j->hub->frames_history);
-            }
+            for (int i = 0; i < j->nframes; i++)
+                if (j->seqs[i] == s->hi + 1)
+                    cache_put(s, j->seqs[i], j->msgs[i], j->lens[i]);
             if (j->nframes == CHUNK)
-                w->more = 1;
-            drain_pending(w);
-            if (w->more && wsapp_conn_queued(w->conn) < HIGH_WATER)
-                fetch(j->hub, w);
+                s->more = 1;
+            absorb_ahead(s);
         }
+        serve_all(h, s);
+    } else if (!w->closed) {
+        w->fetching = 0;
+        if (!j->failed) {
+            /* Only what comes before the cache: the rest is sent from it. */
+            for (int i = 0; i < j->nframes; i++) {
+                if (j->seqs[i] < w->next || (s->hi >= s->lo && j->seqs[i] >= s->lo))
+                    continue;
+                if (wsapp_conn_send(w->conn, j->msgs[i]) < 0) {
+                    w->closed = 1;
+                    break;
+                }
+                w->next = j->seqs[i] + 1;
+                metrics_counter_inc(h->frames_history);
+            }
+        }
+        serve(h, w);
     }
-    watch_unref(w);
+    if (w)
+        watch_unref(w);
+    stream_release(h, s);
     job_free(j);
 }
 
@@ -400,6 +535,7 @@ static int collect(long long seq, const char *frame, size_t len, void *ud)
     if (!m)
         return 1;
     j->seqs[j->nframes] = seq;
+    j->lens[j->nframes] = len;
     j->msgs[j->nframes++] = m;
     return 0;
 }
@@ -412,8 +548,9 @@ static void run_fetch(job *j, PGconn *pg)
 
     j->seqs = calloc(CHUNK, sizeof(*j->seqs));
     j->msgs = calloc(CHUNK, sizeof(*j->msgs));
+    j->lens = calloc(CHUNK, sizeof(*j->lens));
     j->cap = CHUNK;
-    if (!j->seqs || !j->msgs || !pg) {
+    if (!j->seqs || !j->msgs || !j->lens || !pg) {
         j->failed = 1;
         return;
     }
@@ -421,7 +558,6 @@ static void run_fetch(job *j, PGconn *pg)
         j->failed = 1;
         return;
     }
-    j->exists = j->wid[0] != '\0';
     if (rtes_store_events(pg, j->eid, j->after, 0, CHUNK, collect, j, &n, err, sizeof(err)) < 0)
         j->failed = 1;
 }
@@ -576,8 +712,8 @@ static void inbox(wsapp *app, void *ud)
         l = n;
     }
     if (resync)
-        for (rtes_watch *w = h->all; w; w = w->anext)
-            w->refetch = 1;
+        for (stream *s = h->streams; s; s = s->snext)
+            s->more = 1;
 }
 
 static void post_inbox(rtes_hub *h, live *l, int resync)
@@ -650,7 +786,8 @@ static live *parse_live(const redisReply *r)
     l->wid = l->eid + elen + 1;
     memcpy(l->wid, nl1 + 1, wlen);
     l->wid[wlen] = '\0';
-    l->m = wsapp_msg_new(nl2 + 1, (size_t)(end - nl2 - 1), 0);
+    l->len = (size_t)(end - nl2 - 1);
+    l->m = wsapp_msg_new(nl2 + 1, l->len, 0);
     if (!l->m) {
         free(l);
         return NULL;
@@ -757,16 +894,16 @@ static void tick(wsapp_timer *t, void *ud)
     rtes_hub *h = ud;
     long long now = svc_now_ms();
 
-    for (rtes_watch *w = h->all; w; w = w->anext) {
-        if (w->closed || w->fetching)
-            continue;
-        if (w->refetch || (w->more && wsapp_conn_queued(w->conn) < HIGH_WATER)) {
-            fetch(h, w);
-        } else if (w->gap_since && now - w->gap_since >= GAP_MS) {
+    for (stream *s = h->streams; s; s = s->snext) {
+        if (s->gap_since && now - s->gap_since >= GAP_MS) {
+            /* The frames before `ahead` were lost on the way or are slow:
+             * PostgreSQL has them. */
             metrics_counter_inc(h->gap_reads);
-            w->gap_since = 0;
-            fetch(h, w);
+            s->gap_since = now;
+            s->more = 1;
         }
+        /* Watchers that waited for their send queue to drain. */
+        serve_all(h, s);
     }
     if (!wsapp_stopping(h->app))
         wsapp_timer_set(t, TICK_MS);
@@ -852,12 +989,11 @@ void rtes_hub_free(rtes_hub *h)
         n = j->next;
         job_free(j);
     }
-    for (int b = 0; b < BUCKETS; b++)
-        for (stream *s = h->buckets[b], *n; s; s = n) {
-            n = s->next;
-            free(s->eid);
-            free(s);
-        }
+    /* Streams outlive their watchers only while reads are in flight. */
+    while (h->streams) {
+        h->streams->refs = 1;
+        stream_release(h, h->streams);
+    }
     pthread_mutex_destroy(&h->qmu);
     pthread_cond_destroy(&h->qcv);
     pthread_mutex_destroy(&h->imu);

@@ -10,6 +10,7 @@
 
 #include "buf.h"
 #include "fmt.h"
+#include "jsonstr.h"
 
 static const char *const queues[RTES_NKINDS] = {
     "workflow.node.status", "workflow.completion", "workflow.worker.initiated", "execution.token"};
@@ -25,6 +26,7 @@ void rtes_msg_clear(rtes_msg *m)
         return;
     free(m->body);
     free(m->member);
+    free(m->frame);
     memset(m, 0, sizeof(*m));
 }
 
@@ -101,7 +103,7 @@ static int one_of(const cJSON *o, const char *name, const char *const *allowed, 
     return -1;
 }
 
-/* serde_json's escaping, which the original's lineage hash is taken over:
+/* serde_json's escaping (DEL passes, unlike jsonstr's), which the original's lineage hash is taken over:
  * ", \ and control characters (\b \t \n \f \r, else \u00xx). */
 static int put_json_string(buf *b, const char *s)
 {
@@ -330,6 +332,195 @@ static int token(const cJSON *o, rtes_msg *m, char *err, size_t errlen)
     return 0;
 }
 
+/* What jsonb refuses and cJSON takes: \u0000 in a string (checked on the
+ * text, since cJSON ends the string there) and numbers beyond a double's
+ * range (PostgreSQL's numeric ends at an exponent of 131072; a double's
+ * range is the stricter, simpler bound). Stored messages are cast to jsonb
+ * when read, so one such value would break its execution's document. */
+static int storable(const char *body, size_t len, char *err, size_t errlen)
+{
+    for (const char *p = body, *end = body + len; (p = memchr(p, '\\', (size_t)(end - p))) != NULL;) {
+        const char *q = p;
+
+        while (q < end && *q == '\\')
+            q++;
+        if (((q - p) & 1) && end - q >= 5 && memcmp(q, "u0000", 5) == 0) {
+            snprintf(err, errlen, "a string holds \\u0000, which PostgreSQL cannot store");
+            return -1;
+        }
+        p = q;
+    }
+    return 0;
+}
+
+static int finite_numbers(const cJSON *o, char *err, size_t errlen)
+{
+    for (const cJSON *c = o; c; c = c->next) {
+        if (cJSON_IsNumber(c) && !isfinite(c->valuedouble)) {
+            snprintf(err, errlen, "a number is out of range");
+            return -1;
+        }
+        if (c->child && finite_numbers(c->child, err, errlen) < 0)
+            return -1;
+    }
+    return 0;
+}
+
+/* ---- frames, cut from the message text ---- */
+
+static const char *skip_ws(const char *p, const char *end)
+{
+    while (p < end && (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r'))
+        p++;
+    return p;
+}
+
+/* Past the string that starts at the quote p. */
+static const char *skip_string(const char *p, const char *end)
+{
+    for (p++; p < end; p++) {
+        if (*p == '\\')
+            p++;
+        else if (*p == '"')
+            return p + 1;
+    }
+    return NULL;
+}
+
+/* Past the JSON value at p (text already known to be valid JSON). */
+static const char *skip_value(const char *p, const char *end)
+{
+    int depth = 0;
+
+    if (p >= end)
+        return NULL;
+    if (*p == '"')
+        return skip_string(p, end);
+    if (*p != '{' && *p != '[') {
+        while (p < end && *p != ',' && *p != '}' && *p != ']' && *p != ' ' && *p != '\t' && *p != '\n' &&
+               *p != '\r')
+            p++;
+        return p;
+    }
+    for (; p < end; p++) {
+        if (*p == '"') {
+            p = skip_string(p, end);
+            if (!p)
+                return NULL;
+            p--;
+        } else if (*p == '{' || *p == '[') {
+            depth++;
+        } else if (*p == '}' || *p == ']') {
+            if (--depth == 0)
+                return p + 1;
+        }
+    }
+    return NULL;
+}
+
+enum { F_NODE_ID, F_INPUT, F_PARAMETERS, F_OUTPUT, F_STATUS, F_LINEAGE_STACK, F_SPLIT_NODE_ID, F_BRANCH_ID,
+       F_ITEM_INDEX, F_TOTAL_ITEMS, F_PROCESSED_COUNT, F_AGGREGATOR_STATE, F_USED_INPUTS, F_COUNT };
+
+static const char *const field_names[F_COUNT] = {
+    "node_id", "input", "parameters", "output", "status", "lineage_stack", "split_node_id", "branch_id",
+    "item_index", "total_items", "processed_count", "aggregator_state", "used_inputs"};
+
+typedef struct {
+    const char *p;
+    size_t n;
+} span;
+
+/* The top-level members of the object text that frames use (the first of
+ * a repeated name, as cJSON takes it). */
+static int members(const char *body, size_t len, span *v)
+{
+    const char *p = body, *end = body + len;
+
+    memset(v, 0, sizeof(*v) * F_COUNT);
+    p = skip_ws(p, end);
+    if (p >= end || *p != '{')
+        return -1;
+    p = skip_ws(p + 1, end);
+    while (p < end && *p == '"') {
+        const char *k = p + 1, *ke = skip_string(p, end), *ve;
+        size_t kn;
+
+        if (!ke)
+            return -1;
+        kn = (size_t)(ke - 1 - k);
+        p = skip_ws(ke, end);
+        if (p >= end || *p != ':')
+            return -1;
+        p = skip_ws(p + 1, end);
+        ve = skip_value(p, end);
+        if (!ve)
+            return -1;
+        for (int f = 0; f < F_COUNT; f++)
+            if (!v[f].p && strlen(field_names[f]) == kn && memcmp(field_names[f], k, kn) == 0) {
+                v[f].p = p;
+                v[f].n = (size_t)(ve - p);
+            }
+        p = skip_ws(ve, end);
+        if (p < end && *p == ',')
+            p = skip_ws(p + 1, end);
+    }
+    return 0;
+}
+
+static int put_span(buf *b, const char *name, const span *s)
+{
+    if (buf_puts(b, name) < 0)
+        return -1;
+    return s->p ? buf_append(b, s->p, s->n) : buf_puts(b, "null");
+}
+
+int rtes_msg_frame(int node, const char *body, size_t len, const char *key, buf *out)
+{
+    span v[F_COUNT];
+
+    if (members(body, len, v) < 0)
+        return -1;
+    if (!node) {
+        static const span none = {NULL, 0};
+
+        return buf_puts(out, "{\"node_id\":null,\"input\":null,\"params\":null,\"output\":null") < 0 ||
+                       put_span(out, ",\"status\":", v[F_STATUS].p ? &v[F_STATUS] : &none) < 0 ||
+                       buf_puts(out, ",\"lineage_hash\":null,\"lineage_stack\":null,\"split_node_id\":null,"
+                                     "\"branch_id\":null,\"item_index\":null,\"total_items\":null,"
+                                     "\"processed_count\":null,\"aggregator_state\":null,\"used_inputs\":null}") < 0
+                   ? -1
+                   : 0;
+    }
+    if (put_span(out, "{\"node_id\":", &v[F_NODE_ID]) < 0 || put_span(out, ",\"input\":", &v[F_INPUT]) < 0 ||
+        put_span(out, ",\"params\":", &v[F_PARAMETERS]) < 0 || buf_puts(out, ",\"output\":") < 0)
+        return -1;
+    if (!v[F_OUTPUT].p || (v[F_OUTPUT].n == 4 && memcmp(v[F_OUTPUT].p, "null", 4) == 0)) {
+        if (buf_puts(out, "null") < 0)
+            return -1;
+    } else if (buf_puts(out, "\"") < 0 || jsonstr_append(out, v[F_OUTPUT].p, v[F_OUTPUT].n) < 0 ||
+               buf_puts(out, "\"") < 0) {
+        return -1;
+    }
+    if (put_span(out, ",\"status\":", &v[F_STATUS]) < 0 || buf_puts(out, ",\"lineage_hash\":") < 0)
+        return -1;
+    if (!key || !*key || strcmp(key, "default") == 0) {
+        if (buf_puts(out, "null") < 0)
+            return -1;
+    } else if (buf_puts(out, "\"") < 0 || jsonstr_puts(out, key) < 0 || buf_puts(out, "\"") < 0) {
+        return -1;
+    }
+    if (put_span(out, ",\"lineage_stack\":", &v[F_LINEAGE_STACK]) < 0 ||
+        put_span(out, ",\"split_node_id\":", &v[F_SPLIT_NODE_ID]) < 0 ||
+        put_span(out, ",\"branch_id\":", &v[F_BRANCH_ID]) < 0 ||
+        put_span(out, ",\"item_index\":", &v[F_ITEM_INDEX]) < 0 ||
+        put_span(out, ",\"total_items\":", &v[F_TOTAL_ITEMS]) < 0 ||
+        put_span(out, ",\"processed_count\":", &v[F_PROCESSED_COUNT]) < 0 ||
+        put_span(out, ",\"aggregator_state\":", &v[F_AGGREGATOR_STATE]) < 0 ||
+        put_span(out, ",\"used_inputs\":", &v[F_USED_INPUTS]) < 0 || buf_puts(out, "}") < 0)
+        return -1;
+    return 0;
+}
+
 int rtes_msg_parse(rtes_kind k, const char *data, size_t len, rtes_msg *m, char *err, size_t errlen)
 {
     const char *end = NULL;
@@ -375,6 +566,8 @@ int rtes_msg_parse(rtes_kind k, const char *data, size_t len, rtes_msg *m, char 
         snprintf(err, errlen, "not a JSON object");
         goto out;
     }
+    if (storable(m->body, m->body_len, err, errlen) < 0 || finite_numbers(o->child, err, errlen) < 0)
+        goto out;
     switch (k) {
     case RTES_NODE_STATUS: rc = node_status(o, m, err, errlen); break;
     case RTES_COMPLETION: rc = completion(o, m, err, errlen); break;
@@ -387,6 +580,24 @@ int rtes_msg_parse(rtes_kind k, const char *data, size_t len, rtes_msg *m, char 
 
         SHA256((const unsigned char *)m->body, m->body_len, md);
         memcpy(m->digest, md, RTES_DIGEST_LEN);
+    }
+    if (rc == 0 && (k == RTES_NODE_STATUS || k == RTES_COMPLETION)) {
+        buf f;
+
+        buf_init(&f, 4 * RTES_BODY_MAX);
+        if (rtes_msg_frame(k == RTES_NODE_STATUS, m->body, m->body_len, m->lineage_key, &f) < 0 || f.truncated) {
+            buf_free(&f);
+            snprintf(err, errlen, "out of memory");
+            rc = -1;
+        } else {
+            m->frame_len = f.len;
+            m->frame = buf_take(&f);
+            buf_free(&f);
+            if (!m->frame) {
+                snprintf(err, errlen, "out of memory");
+                rc = -1;
+            }
+        }
     }
 out:
     cJSON_Delete(o);

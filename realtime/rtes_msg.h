@@ -10,6 +10,8 @@
 
 #include <stddef.h>
 
+struct buf;
+
 /* The queues, in the order the consumer subscribes to them. */
 typedef enum {
     RTES_NODE_STATUS = 0, /* workflow.node.status */
@@ -37,6 +39,8 @@ typedef struct {
     char *body;        /* the body as stored: valid UTF-8, NUL-terminated; malloc'd */
     size_t body_len;
     char *member;      /* token: the sorted-set member (the token as JSON); malloc'd */
+    char *frame;       /* node status, completion: the WebSocket frame; malloc'd */
+    size_t frame_len;
     unsigned char digest[RTES_DIGEST_LEN]; /* SHA-256 of the body, first bytes */
 } rtes_msg;
 
@@ -48,6 +52,20 @@ const char *rtes_kind_queue(rtes_kind k);
  * replaced with U+FFFD first. Returns 0, or -1 with a one-line reason in
  * err ("not JSON at byte 12", "missing execution_id", ...). */
 int rtes_msg_parse(rtes_kind k, const char *data, size_t len, rtes_msg *m, char *err, size_t errlen);
+
+/* The WebSocket frame of SPEC 5b for a stored message (a node status when
+ * `node` is nonzero, else a completion), `body` being its JSON text as
+ * stored and `key` its lineage key: {node_id, input, params, output, status,
+ * lineage_hash, lineage_stack, split_node_id, branch_id, item_index,
+ * total_items, processed_count, aggregator_state, used_inputs}, every key
+ * present, null when the message lacks it. Values are copied from the text
+ * as the worker wrote them (numbers keep every digit); output is the JSON
+ * text of the node's output, as the original sent it; lineage_hash is the
+ * key (null for "default"). A completion is {node_id: null, ..., status}
+ * with its own status. The same function serves live and history frames,
+ * so both are the same bytes. Appends to out; 0 or -1 (OOM, or a body that
+ * is not a JSON object). */
+int rtes_msg_frame(int node, const char *body, size_t len, const char *key, struct buf *out);
 
 /* Frees what rtes_msg_parse allocated; *m can be parsed into again. */
 void rtes_msg_clear(rtes_msg *m);

@@ -3,12 +3,16 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 
+#include "buf.h"
 #include "dbpool.h"
 #include "fmt.h"
+#include "pgarr.h"
 
-static const char sql_event[] =
-    "SELECT o_seq, o_frame FROM rtes_put_event($1, $2, $3, $4, $5::bytea, $6::jsonb)";
+static const char sql_events[] =
+    "SELECT ord, seq FROM rtes_put_events($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::json[])";
+static const char sql_completion[] = "SELECT rtes_put_completion($1, $2::json)";
 static const char sql_initiated[] =
     "SELECT rtes_put_initiated($1, $2, $3, m->'workflow_definition', m->'accumulated_context') "
     "FROM (SELECT $4::jsonb AS m) AS x";
@@ -37,20 +41,17 @@ static void describe(PGconn *c, const PGresult *r, char *err, size_t errlen)
         err[--n] = '\0';
 }
 
-/* Sends message m's statement into the pipeline. hex holds the digest's
- * bytea text (2 + 2 * RTES_DIGEST_LEN + 1 bytes). */
-static int send_one(PGconn *c, const rtes_msg *m, char *hex)
+/* The six array literals of a burst's events. */
+typedef struct {
+    buf a[6];
+} arrays;
+
+static int add_event(arrays *x, const rtes_msg *m)
 {
     static const char digits[] = "0123456789abcdef";
-    const char *p[6];
+    char hex[2 + 2 * RTES_DIGEST_LEN + 1];
+    int node = m->kind == RTES_NODE_STATUS;
 
-    if (m->kind == RTES_INITIATED) {
-        p[0] = m->execution_id;
-        p[1] = m->workflow_id;
-        p[2] = m->node_id;
-        p[3] = m->body;
-        return PQsendQueryParams(c, sql_initiated, 4, NULL, p, NULL, NULL, 0) ? 0 : -1;
-    }
     hex[0] = '\\';
     hex[1] = 'x';
     for (int i = 0; i < RTES_DIGEST_LEN; i++) {
@@ -58,122 +59,160 @@ static int send_one(PGconn *c, const rtes_msg *m, char *hex)
         hex[3 + 2 * i] = digits[m->digest[i] & 15];
     }
     hex[2 + 2 * RTES_DIGEST_LEN] = '\0';
-    p[0] = m->execution_id;
-    p[1] = m->workflow_id;
-    p[2] = m->kind == RTES_NODE_STATUS ? m->node_id : NULL;
-    p[3] = m->kind == RTES_NODE_STATUS ? m->lineage_key : NULL;
-    p[4] = hex;
-    p[5] = m->body;
-    return PQsendQueryParams(c, sql_event, 6, NULL, p, NULL, NULL, 0) ? 0 : -1;
+    return pgarr_add(&x->a[0], m->execution_id, 0) < 0 || pgarr_add(&x->a[1], m->workflow_id, 0) < 0 ||
+                   pgarr_add(&x->a[2], node ? m->node_id : NULL, 0) < 0 ||
+                   pgarr_add(&x->a[3], node ? m->lineage_key : NULL, 0) < 0 || pgarr_add(&x->a[4], hex, 0) < 0 ||
+                   pgarr_add(&x->a[5], m->body, 0) < 0
+               ? -1
+               : 0;
 }
 
-/* Reads results until the pipeline's sync. */
-static int drain(PGconn *c, rtes_msg *const *msgs, int n, rtes_stored *out, char *err, size_t errlen)
+/* Reads one statement's results (up to its NULL). Returns the status of
+ * the failure, or PGRES_TUPLES_OK / COMMAND_OK; *res gets a TUPLES_OK
+ * result for the caller to clear (else NULL). */
+static int one_result(PGconn *c, PGresult **res, int *rc, char *err, size_t errlen)
 {
-    int rc = RTES_STORE_OK, i = 0;
     PGresult *r;
+    int st = PGRES_FATAL_ERROR;
 
-    for (;;) {
-        r = PQgetResult(c);
-        if (!r) {
-            /* End of one statement's results; a NULL with the connection
-             * gone means no sync will come. */
-            if (PQstatus(c) != CONNECTION_OK) {
-                if (rc == RTES_STORE_OK) {
-                    describe(c, NULL, err, errlen);
-                    rc = RTES_STORE_RETRY;
-                }
-                return rc;
-            }
+    *res = NULL;
+    while ((r = PQgetResult(c)) != NULL) {
+        st = PQresultStatus(r);
+        if (st == PGRES_TUPLES_OK && !*res) {
+            *res = r;
             continue;
         }
-        switch (PQresultStatus(r)) {
-        case PGRES_PIPELINE_SYNC:
-            PQclear(r);
-            return rc;
-        case PGRES_TUPLES_OK:
-            if (i < n && msgs[i]->kind != RTES_INITIATED && PQntuples(r) == 1 && !PQgetisnull(r, 0, 0)) {
-                const char *s = PQgetvalue(r, 0, 0);
-
-                out[i].seq = strtoll(s, NULL, 10);
-                if (!PQgetisnull(r, 0, 1))
-                    out[i].frame = strdup(PQgetvalue(r, 0, 1));
-                if (!out[i].frame && rc == RTES_STORE_OK) {
-                    snprintf(err, errlen, "out of memory");
-                    rc = RTES_STORE_RETRY;
-                }
-            }
-            i++;
-            break;
-        case PGRES_PIPELINE_ABORTED:
-            i++;
-            break;
-        default:
-            if (rc == RTES_STORE_OK) {
-                describe(c, r, err, errlen);
-                rc = classify(r);
-            }
-            i++;
-            break;
+        if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK && st != PGRES_PIPELINE_ABORTED &&
+            st != PGRES_PIPELINE_SYNC && *rc == RTES_STORE_OK) {
+            describe(c, r, err, errlen);
+            *rc = classify(r);
         }
         PQclear(r);
+        if (st == PGRES_PIPELINE_SYNC)
+            return st;
     }
+    if (PQstatus(c) != CONNECTION_OK && *rc == RTES_STORE_OK) {
+        describe(c, NULL, err, errlen);
+        *rc = RTES_STORE_RETRY;
+    }
+    return st;
 }
 
 int rtes_store_batch(PGconn *c, rtes_msg *const *msgs, int n, rtes_stored *out, char *err, size_t errlen)
 {
-    char hex[2 + 2 * RTES_DIGEST_LEN + 1];
-    rtes_msg **list = NULL;
-    rtes_stored *res = NULL;
-    int *map = NULL, rc = RTES_STORE_RETRY, k = 0, sent = 0;
+    arrays x;
+    int *map = NULL, rc = RTES_STORE_RETRY, nev = 0, nstmt = 0, sent_events = 0;
+    PGresult *r = NULL;
 
     if (n <= 0)
         return RTES_STORE_OK;
     memset(out, 0, sizeof(*out) * (size_t)n);
-    list = calloc((size_t)n, sizeof(*list));
-    res = calloc((size_t)n, sizeof(*res));
+    for (int i = 0; i < 6; i++) {
+        buf_init(&x.a[i], 8u * RTES_BODY_MAX * 64);
+        buf_puts(&x.a[i], "{");
+    }
     map = calloc((size_t)n, sizeof(*map));
-    if (!list || !res || !map) {
-        snprintf(err, errlen, "out of memory");
-        goto out;
-    }
-    /* Tokens live in Redis and take no statement: results are matched to
-     * the compacted list. */
+    if (!map)
+        goto oom;
     for (int i = 0; i < n; i++)
-        if (msgs[i]->kind != RTES_TOKEN) {
-            map[k] = i;
-            list[k++] = msgs[i];
+        if (msgs[i]->kind == RTES_NODE_STATUS || msgs[i]->kind == RTES_COMPLETION) {
+            if (add_event(&x, msgs[i]) < 0)
+                goto oom;
+            map[nev++] = i;
         }
-    if (k == 0) {
-        rc = RTES_STORE_OK;
-        goto out;
-    }
+    for (int i = 0; i < 6; i++)
+        if (buf_puts(&x.a[i], "}") < 0 || x.a[i].truncated)
+            goto oom;
     if (!PQenterPipelineMode(c)) {
         describe(c, NULL, err, errlen);
         goto out;
     }
-    for (; sent < k; sent++)
-        if (send_one(c, list[sent], hex) < 0)
-            break;
-    if (sent < k || !PQpipelineSync(c)) {
-        describe(c, NULL, err, errlen);
-        PQexitPipelineMode(c);
-        goto out;
+    if (nev) {
+        const char *p[6];
+
+        for (int i = 0; i < 6; i++)
+            p[i] = buf_str(&x.a[i]);
+        if (!PQsendQueryParams(c, sql_events, 6, NULL, p, NULL, NULL, 0))
+            goto send_failed;
+        sent_events = 1;
+        nstmt++;
     }
-    rc = drain(c, list, k, res, err, errlen);
-    if (!PQexitPipelineMode(c) && rc == RTES_STORE_OK) {
-        describe(c, NULL, err, errlen);
-        rc = RTES_STORE_RETRY;
+    for (int i = 0; i < n; i++) {
+        const rtes_msg *m = msgs[i];
+        const char *p[4];
+
+        if (m->kind == RTES_COMPLETION) {
+            p[0] = m->execution_id;
+            p[1] = m->body;
+            if (!PQsendQueryParams(c, sql_completion, 2, NULL, p, NULL, NULL, 0))
+                goto send_failed;
+            nstmt++;
+        } else if (m->kind == RTES_INITIATED) {
+            p[0] = m->execution_id;
+            p[1] = m->workflow_id;
+            p[2] = m->node_id;
+            p[3] = m->body;
+            if (!PQsendQueryParams(c, sql_initiated, 4, NULL, p, NULL, NULL, 0))
+                goto send_failed;
+            nstmt++;
+        }
     }
-    for (int i = 0; i < k; i++) {
-        if (rc == RTES_STORE_OK)
-            out[map[i]] = res[i];
+    if (!PQpipelineSync(c))
+        goto send_failed;
+    rc = RTES_STORE_OK;
+    for (int k = 0; k < nstmt; k++) {
+        PGresult *res;
+
+        one_result(c, &res, &rc, err, errlen);
+        if (k == 0 && sent_events)
+            r = res;
         else
-            free(res[i].frame);
+            PQclear(res);
     }
+    /* The sync's own result. */
+    {
+        PGresult *res = NULL;
+        int st;
+
+        int guard = 0;
+
+        do {
+            st = one_result(c, &res, &rc, err, errlen);
+            PQclear(res);
+        } while (st != PGRES_PIPELINE_SYNC && PQstatus(c) == CONNECTION_OK && ++guard < 1000);
+    }
+    if (!PQexitPipelineMode(c)) {
+        /* Results are still pending: the connection cannot be trusted
+         * again. Shutting its socket makes the pool drop it. */
+        if (rc == RTES_STORE_OK) {
+            describe(c, NULL, err, errlen);
+            rc = RTES_STORE_RETRY;
+        }
+        shutdown(PQsocket(c), SHUT_RDWR);
+    }
+    if (rc == RTES_STORE_OK && r) {
+        for (int i = 0; i < PQntuples(r); i++) {
+            long long ord = strtoll(PQgetvalue(r, i, 0), NULL, 10);
+
+            if (ord >= 1 && ord <= nev)
+                out[map[ord - 1]].seq = strtoll(PQgetvalue(r, i, 1), NULL, 10);
+        }
+    }
+    if (rc != RTES_STORE_OK)
+        memset(out, 0, sizeof(*out) * (size_t)n);
+    goto out;
+send_failed:
+    describe(c, NULL, err, errlen);
+    PQexitPipelineMode(c);
+    rc = RTES_STORE_RETRY;
+    goto out;
+oom:
+    snprintf(err, errlen, "out of memory");
+    rc = RTES_STORE_RETRY;
 out:
-    free(list);
-    free(res);
+    PQclear(r);
+    for (int i = 0; i < 6; i++)
+        buf_free(&x.a[i]);
     free(map);
     return rc;
 }
@@ -184,13 +223,14 @@ int rtes_store_events(PGconn *c, const char *eid, long long after, long long upt
     char a[FMT_I64_MAX], u[FMT_I64_MAX], l[FMT_I64_MAX];
     const char *p[4] = {eid, a, u, l};
     PGresult *r;
-    int n, done = 0;
+    int n, done = 0, rc = 0;
+    buf f;
 
     fmt_i64(a, after);
     fmt_i64(u, upto > 0 ? upto : 0x7fffffffffffffffLL);
     fmt_i64(l, limit > 0 ? limit : 1000);
     r = dbpool_exec(c,
-                    "SELECT seq, rtes_frame(msg, lineage_key) FROM rtes_events "
+                    "SELECT seq, node_id IS NOT NULL, lineage_key, msg FROM rtes_events "
                     "WHERE execution_id = $1 AND seq > $2 AND seq <= $3 ORDER BY seq LIMIT $4",
                     4, p, err, errlen);
     if (count)
@@ -198,15 +238,24 @@ int rtes_store_events(PGconn *c, const char *eid, long long after, long long upt
     if (!r)
         return -1;
     n = PQntuples(r);
+    buf_init(&f, 4 * RTES_BODY_MAX);
     for (int i = 0; i < n; i++) {
+        buf_reset(&f);
+        if (rtes_msg_frame(PQgetvalue(r, i, 1)[0] == 't', PQgetvalue(r, i, 3), (size_t)PQgetlength(r, i, 3),
+                           PQgetvalue(r, i, 2), &f) < 0 || f.truncated) {
+            snprintf(err, errlen, "event %s of %s: cannot build its frame", PQgetvalue(r, i, 0), eid);
+            rc = -1;
+            break;
+        }
         done++;
-        if (fn(strtoll(PQgetvalue(r, i, 0), NULL, 10), PQgetvalue(r, i, 1), (size_t)PQgetlength(r, i, 1), ud))
+        if (fn(strtoll(PQgetvalue(r, i, 0), NULL, 10), buf_str(&f), f.len, ud))
             break;
     }
+    buf_free(&f);
     if (count)
         *count = done;
     PQclear(r);
-    return 0;
+    return rc;
 }
 
 int rtes_store_head(PGconn *c, const char *eid, long long *last, char *wid, char *err, size_t errlen)

@@ -1,8 +1,9 @@
 /* rtes_store: workflow execution history in PostgreSQL (migration 0008).
  *
  * Every function works on a connection the caller holds (from a dbpool) and
- * leaves it idle. Frames are built by the database (rtes_frame), so a live
- * frame and the same event replayed from history are the same bytes. */
+ * leaves it idle. Messages are stored as the worker wrote them (json); their
+ * frames are cut from that text by rtes_msg_frame, for live frames and
+ * history alike. */
 #ifndef RTES_STORE_H
 #define RTES_STORE_H
 
@@ -15,7 +16,6 @@
 /* What storing one message produced. */
 typedef struct {
     long long seq; /* the event's seq; 0 when none (initiated, token, redelivery) */
-    char *frame;   /* its frame (malloc'd, the caller frees), or NULL */
 } rtes_stored;
 
 enum {
