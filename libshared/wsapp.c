@@ -295,6 +295,7 @@ void *wsapp_conn_user(wsapp_conn *c)
     return (char *)c + ((sizeof(*c) + 15) & ~(size_t)15);
 }
 
+void *wsapp_conn_route_ud(const wsapp_conn *c) { return c->route->ud; }
 uint64_t wsapp_conn_id(const wsapp_conn *c) { return c->id; }
 const char *wsapp_conn_remote(const wsapp_conn *c) { return c->remote; }
 long long wsapp_conn_last_rx_ms(const wsapp_conn *c) { return c->last_rx_ms; }

@@ -161,6 +161,8 @@ const char *wsapp_req_subprotocols(wsapp_req *req);
 int wsapp_req_set_subprotocol(wsapp_req *req, const char *proto);
 
 void *wsapp_conn_user(wsapp_conn *c);
+/* The `ud` given to wsapp_ws_route for the connection's route. */
+void *wsapp_conn_route_ud(const wsapp_conn *c);
 /* A process-unique number for the connection (never 0). */
 uint64_t wsapp_conn_id(const wsapp_conn *c);
 const char *wsapp_conn_remote(const wsapp_conn *c);
@@ -195,8 +197,9 @@ void wsapp_conn_close(wsapp_conn *c, int code, const char *reason);
 /* Monotonic ms of the last frame (any kind, pongs included) received. */
 long long wsapp_conn_last_rx_ms(const wsapp_conn *c);
 
-/* Calls fn for every open WebSocket of the app (any route). fn may close
- * the connection it is given, not others. */
+/* Calls fn for every open WebSocket of the app (any route: a module tells
+ * its own by wsapp_conn_route_ud, since `user` is another module's data on
+ * another route). fn may close the connection it is given, not others. */
 void wsapp_foreach_conn(wsapp *app, void (*fn)(wsapp_conn *c, void *user, void *ud), void *ud);
 /* Open WebSocket connections. */
 int wsapp_conn_count(const wsapp *app);

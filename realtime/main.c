@@ -18,12 +18,14 @@
 #include "messaging.h"
 #include "module.h"
 #include "rconn.h"
+#include "rtes.h"
 #include "svc.h"
 #include "wsapp.h"
 
 /* The parts of the program, in start order. */
 static const rt_module *const rt_modules[] = {
     &messaging_module,
+    &rtes_module,
 };
 #define RT_NMODULES (sizeof(rt_modules) / sizeof(rt_modules[0]))
 

@@ -1549,6 +1549,9 @@ static void msg_sweep_one(wsapp_conn *c, void *user, void *ud)
     msg_sweep_ctx *x = ud;
     msg_conn *mc = user;
 
+    /* Connections of other routes (/rt) carry other data and protocols. */
+    if (wsapp_conn_route_ud(c) != x->m)
+        return;
     if (mc->exp_ms && x->wall >= mc->exp_ms) {
         metrics_counter_inc(x->m->m_expired);
         wsapp_conn_close(c, 4001, "Token expired");

@@ -3,6 +3,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "dbpool.h"
 #include "jwtauth.h"
 #include "log.h"
 #include "migrate.h"
@@ -10,31 +11,30 @@
 #include "rtes_hub.h"
 #include "rtes_ws.h"
 
-struct rtes {
-    dbpool *db;
-    rconn_opts redis;
+typedef struct {
+    int durable, prefetch, skip_auth, db_conns;
+    char dir[1024];
     jwtauth *jwt;
+    dbpool *db;
     rtes_consumer *consumer;
     rtes_hub *hub;
     rtes_ws *ws;
-    char *amqp_url;
-    int durable, prefetch, skip_auth;
-};
+} rtes;
 
-rtes *rtes_new(cfg *c, dbpool *db, const rconn_opts *redis, const char *amqp_url)
+static void rtes_free(void *state);
+
+static void *rtes_configure(cfg *c)
 {
     rtes *r = calloc(1, sizeof(*r));
     const char *secret;
-    rtes_consumer_opts co;
-    char dir[1024];
 
     if (!r)
         return NULL;
-    r->db = db;
-    r->redis = *redis;
     r->durable = cfg_bool(c, "RABBITMQ_QUEUE_DURABLE", 0);
     r->prefetch = (int)cfg_int(c, "RABBITMQ_PREFETCH_COUNT", 10, 1, 65535);
     r->skip_auth = cfg_bool(c, "RTES_SKIP_AUTH", 0);
+    /* The consumer holds one while storing; the two loaders one each. */
+    r->db_conns = (int)cfg_int(c, "RTES_DB_CONNECTIONS", 4, 2, 64);
     if (r->skip_auth)
         log_warn("RTES_SKIP_AUTH is set: /rt and /executions are open to everybody (development only)");
     /* The original RTES read JWT_SECRET_KEY; JWT_SECRET, the platform's
@@ -44,68 +44,95 @@ rtes *rtes_new(cfg *c, dbpool *db, const rconn_opts *redis, const char *amqp_url
         secret = cfg_str(c, "JWT_SECRET_KEY", NULL);
     if (!secret)
         secret = cfg_secret(c, "JWT_SECRET", "dev-jwt-secret-change-me");
-    r->amqp_url = strdup(amqp_url ? amqp_url : "");
+    if (migrate_default_dir(r->dir, sizeof(r->dir)) < 0)
+        cfg_error(c, "MIGRATIONS_DIR", r->dir, "a directory of migrations");
     r->jwt = jwtauth_new(secret, NULL, NULL, 30);
-    if (!r->amqp_url || !r->jwt)
-        goto fail;
+    if (!r->jwt) {
+        rtes_free(r);
+        return NULL;
+    }
+    return r;
+}
+
+static int rtes_attach(void *state, rt_host *host)
+{
+    rtes *r = state;
+    rtes_consumer_opts co;
+
+    r->db = dbpool_new(host->conninfo, r->db_conns);
+    if (!r->db)
+        return -1;
     memset(&co, 0, sizeof(co));
-    co.amqp_url = r->amqp_url;
+    co.amqp_url = host->amqp_url;
     co.durable = r->durable;
     co.prefetch = r->prefetch;
-    co.db = db;
-    co.redis = &r->redis;
-    if (migrate_default_dir(dir, sizeof(dir)) < 0)
-        log_warn("the migrations directory %s is missing (MIGRATIONS_DIR)", dir);
-    co.migrations_dir = dir;
+    co.db = r->db;
+    co.redis = host->redis;
+    co.migrations_dir = r->dir;
     r->consumer = rtes_consumer_new(&co);
-    if (!r->consumer)
-        goto fail;
-    return r;
-fail:
-    rtes_free(r);
-    return NULL;
-}
-
-int rtes_mount(rtes *r, wsapp *app)
-{
-    r->hub = rtes_hub_new(app, r->db, &r->redis, 2);
-    if (!r->hub)
+    r->hub = rtes_hub_new(host->app, r->db, host->redis, 2);
+    if (!r->consumer || !r->hub)
         return -1;
-    r->ws = rtes_ws_new(r->hub, r->jwt, &r->redis, r->skip_auth);
+    r->ws = rtes_ws_new(r->hub, r->jwt, host->redis, r->skip_auth);
     if (!r->ws)
         return -1;
-    return rtes_ws_mount(r->ws, app);
+    return rtes_ws_mount(r->ws, host->app);
 }
 
-int rtes_start(rtes *r)
+static int rtes_start(void *state)
 {
-    if (r->hub && rtes_hub_start(r->hub) < 0)
+    rtes *r = state;
+
+    if (rtes_hub_start(r->hub) < 0)
         return -1;
     return rtes_consumer_start(r->consumer);
 }
 
-int rtes_consuming(const rtes *r)
+static int rtes_health(void *state, cJSON *body)
 {
-    return r && rtes_consumer_ready(r->consumer);
+    rtes *r = state;
+    cJSON *o = cJSON_AddObjectToObject(body, "rtes");
+    int consuming = rtes_consumer_ready(r->consumer);
+
+    if (o) {
+        cJSON_AddBoolToObject(o, "consuming", consuming);
+        cJSON_AddNumberToObject(o, "watchers", rtes_hub_watchers(r->hub));
+    }
+    if (consuming)
+        return 0;
+    if (!cJSON_GetObjectItem(body, "reason"))
+        cJSON_AddStringToObject(body, "reason", "Not consuming workflow messages from RabbitMQ");
+    return 1;
 }
 
-void rtes_stop(rtes *r)
+static void rtes_stop(void *state)
 {
-    if (!r)
-        return;
+    rtes *r = state;
+
     rtes_consumer_stop(r->consumer);
     rtes_hub_stop(r->hub);
 }
 
-void rtes_free(rtes *r)
+static void rtes_free(void *state)
 {
+    rtes *r = state;
+
     if (!r)
         return;
-    rtes_stop(r);
     rtes_consumer_free(r->consumer);
     rtes_ws_free(r->ws);
     rtes_hub_free(r->hub);
+    dbpool_free(r->db);
     jwtauth_free(r->jwt);
-    free(r->amqp_url);
     free(r);
 }
+
+const rt_module rtes_module = {
+    .name = "rtes",
+    .configure = rtes_configure,
+    .attach = rtes_attach,
+    .start = rtes_start,
+    .health = rtes_health,
+    .stop = rtes_stop,
+    .free = rtes_free,
+};

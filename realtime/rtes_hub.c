@@ -935,9 +935,24 @@ rtes_hub *rtes_hub_new(wsapp *app, dbpool *db, const rconn_opts *redis, int load
                                          "source=\"live\"");
     h->frames_history = metrics_counter_get(reg, "rtes_frames_sent_total",
                                             "Frames sent to /rt watchers, by source.", "source=\"history\"");
+    /* Timers are made before the server starts (or on its loop). */
+    h->tick = wsapp_timer_new(app, tick, h);
+    if (!h->tick) {
+        free(h->loaders);
+        free(h);
+        return NULL;
+    }
     h->gap_reads = metrics_counter_get(reg, "rtes_gap_reads_total",
                                        "Live frames that did not arrive in order and were read from PostgreSQL.", NULL);
     return h;
+}
+
+static void arm(wsapp *app, void *ud)
+{
+    rtes_hub *h = ud;
+
+    if (!wsapp_stopping(app) && h->tick)
+        wsapp_timer_set(h->tick, TICK_MS);
 }
 
 int rtes_hub_start(rtes_hub *h)
@@ -946,10 +961,9 @@ int rtes_hub_start(rtes_hub *h)
 
     if (!h || h->started)
         return -1;
-    h->tick = wsapp_timer_new(h->app, tick, h);
-    if (!h->tick)
+    /* Timers are armed on the loop. */
+    if (wsapp_post(h->app, arm, h) < 0)
         return -1;
-    wsapp_timer_set(h->tick, TICK_MS);
     if (pthread_create(&h->bus, NULL, bus, h) != 0)
         return -1;
     for (i = 0; i < h->nloaders; i++)
@@ -962,7 +976,11 @@ int rtes_hub_start(rtes_hub *h)
 
 void rtes_hub_stop(rtes_hub *h)
 {
-    if (!h || !h->started)
+    if (!h)
+        return;
+    wsapp_timer_free(h->tick);
+    h->tick = NULL;
+    if (!h->started)
         return;
     atomic_store(&h->stop, 1);
     pthread_mutex_lock(&h->qmu);

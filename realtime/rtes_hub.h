@@ -31,21 +31,19 @@
 typedef struct rtes_hub rtes_hub;
 typedef struct rtes_watch rtes_watch;
 
-/* Creates the hub for `app` (not started). `db` is shared; Redis options
- * are copied; `loaders` threads (>= 1) serve PostgreSQL reads. The rule
- * for GET /executions (tokens, JWT) is given to rtes_hub_document. NULL on
- * OOM. Any thread, before wsapp_start. */
+/* Creates the hub for `app` (threads not started) and its timer. `db` is
+ * shared; Redis options are copied; `loaders` threads (>= 1) serve
+ * PostgreSQL reads. NULL on OOM. Before wsapp_start. */
 rtes_hub *rtes_hub_new(wsapp *app, dbpool *db, const rconn_opts *redis, int loaders);
 
-/* Starts the subscriber and loader threads and the loop's timer. Any
- * thread, after wsapp_start. 0 or -1. */
+/* Starts the subscriber and loader threads. After wsapp_start. 0 or -1. */
 int rtes_hub_start(rtes_hub *h);
 
-/* Stops and joins the threads (any thread but the loop's; before
- * wsapp_stop). Idempotent. */
+/* Stops and joins the threads and frees the timer: after the loop ended
+ * (wsapp_stop), before wsapp_free. Idempotent. */
 void rtes_hub_stop(rtes_hub *h);
 
-/* Frees (after wsapp_stop). NULL is a no-op. */
+/* Frees (after wsapp_free). NULL is a no-op. */
 void rtes_hub_free(rtes_hub *h);
 
 /* Starts watching execution eid on connection c: history, then live. When

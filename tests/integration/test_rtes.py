@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from aetest import (AMQP_URL, PG_HOST, PG_PASSWORD, PG_PORT, PG_USER, ROOT, Service, db_url,  # noqa: E402
                     http_json, redis_url, wait_for)
 from pgtmp import free_port  # noqa: E402
+from tools import need  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PG = dict(host=PG_HOST, port=PG_PORT, user=PG_USER, password=PG_PASSWORD)
@@ -53,7 +54,7 @@ def setUpModule():
 def amqp_ops(lines, timeout=120):
     """Runs rtes_amqp.js with these JSON lines; returns its stdout."""
     data = "".join(json.dumps(x) + "\n" for x in lines)
-    r = subprocess.run(["node", os.path.join(HERE, "rtes_amqp.js"), AMQP_URL], input=data, cwd=HERE,
+    r = subprocess.run([need("node"), os.path.join(HERE, "rtes_amqp.js"), AMQP_URL], input=data, cwd=HERE,
                        capture_output=True, text=True, timeout=timeout)
     if r.returncode != 0:
         raise AssertionError("rtes_amqp.js failed: %s" % r.stderr)
@@ -101,7 +102,7 @@ def jwt(claims, secret=SECRET):
     script = ("const jwt=require('jsonwebtoken');"
               "process.stdout.write(jwt.sign(JSON.parse(process.argv[1]),process.argv[2],"
               "{algorithm:'HS256',expiresIn:600}));")
-    r = subprocess.run(["node", "-e", script, json.dumps(claims), secret], cwd=HERE, capture_output=True,
+    r = subprocess.run([need("node"), "-e", script, json.dumps(claims), secret], cwd=HERE, capture_output=True,
                        text=True, check=True)
     return r.stdout.strip()
 
@@ -117,7 +118,7 @@ class Watchers:
         url = "ws://127.0.0.1:%d/rt?execution_id=%s" % (port, eid)
         if wid:
             url += "&workflow_id=" + wid
-        args = ["node", os.path.join(HERE, "rtes_watch.js"), url, str(n), str(expect), bearer or "",
+        args = [need("node"), os.path.join(HERE, "rtes_watch.js"), url, str(n), str(expect), bearer or "",
                 str(settle), str(timeout)]
         self.proc = subprocess.Popen(args, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.opened = threading.Event()
