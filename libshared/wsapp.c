@@ -333,7 +333,9 @@ int wsapp_conn_send(wsapp_conn *c, wsapp_msg *m)
 
     if (c->closing || !c->wsi)
         return -1;
-    if (c->qbytes + wire > c->app->o.send_queue_bytes) {
+    /* One frame larger than the whole queue still goes out alone: its
+     * producer bounded it; only a backlog marks a slow reader. */
+    if (c->qcount > 0 && c->qbytes + wire > c->app->o.send_queue_bytes) {
         log_event(LOG_WARN, "websocket reader too slow, dropped",
                   "\"connection_id\":%llu,\"queued_bytes\":%zu", (unsigned long long)c->id, c->qbytes);
         wsapp_conn_drop(c);

@@ -183,7 +183,8 @@ void wsapp_msg_unref(wsapp_msg *m); /* NULL is a no-op */
 
 /* Queues `m` (a reference is taken) on the connection. When the queue
  * would exceed send_queue_bytes the connection is dropped (its close hook
- * follows from the loop) and -1 is returned; -1 also for a closing one. */
+ * follows from the loop) and -1 is returned; -1 also for a closing one. A
+ * frame larger than send_queue_bytes is queued when the queue is empty. */
 int wsapp_conn_send(wsapp_conn *c, wsapp_msg *m);
 /* Copies `len` bytes into a new text frame and queues it. */
 int wsapp_conn_send_text(wsapp_conn *c, const char *data, size_t len);

@@ -13,6 +13,7 @@
 
 typedef struct {
     int durable, prefetch, skip_auth, db_conns;
+    long send_queue;
     char dir[1024];
     jwtauth *jwt;
     dbpool *db;
@@ -33,6 +34,8 @@ static void *rtes_configure(cfg *c)
     r->durable = cfg_bool(c, "RABBITMQ_QUEUE_DURABLE", 0);
     r->prefetch = (int)cfg_int(c, "RABBITMQ_PREFETCH_COUNT", 10, 1, 65535);
     r->skip_auth = cfg_bool(c, "RTES_SKIP_AUTH", 0);
+    /* The host's limit (main.c reads the same variable for wsapp). */
+    r->send_queue = cfg_int(c, "SEND_QUEUE_BYTES", 262144, 4096, 1L << 30);
     /* The consumer holds one while storing; the two loaders one each. */
     r->db_conns = (int)cfg_int(c, "RTES_DB_CONNECTIONS", 4, 2, 64);
     if (r->skip_auth)
@@ -70,7 +73,7 @@ static int rtes_attach(void *state, rt_host *host)
     co.redis = host->redis;
     co.migrations_dir = r->dir;
     r->consumer = rtes_consumer_new(&co);
-    r->hub = rtes_hub_new(host->app, r->db, host->redis, 2);
+    r->hub = rtes_hub_new(host->app, r->db, host->redis, 2, (size_t)r->send_queue);
     if (!r->consumer || !r->hub)
         return -1;
     r->ws = rtes_ws_new(r->hub, r->jwt, host->redis, r->skip_auth);

@@ -21,7 +21,6 @@
 
 #define BUCKETS 1024
 #define CHUNK 256                   /* history events per read */
-#define HIGH_WATER (256 * 1024)     /* queued bytes above which a watcher waits */
 #define CACHE_MAX 4096              /* recent frames kept per execution */
 #define CACHE_BYTES (8u << 20)
 #define AHEAD_MAX 8192              /* live frames kept that arrived before their turn */
@@ -118,6 +117,7 @@ struct rtes_hub {
     stream *buckets[BUCKETS];
     stream *streams;
     int nwatch;
+    size_t high_water;     /* queued bytes above which a watcher waits */
     wsapp_timer *tick;
     /* loader queue */
     pthread_mutex_t qmu;
@@ -312,7 +312,7 @@ static void watch_fetch(rtes_hub *h, rtes_watch *w)
 {
     job *j;
 
-    if (w->fetching || w->closed || wsapp_conn_queued(w->conn) >= HIGH_WATER)
+    if (w->fetching || w->closed || wsapp_conn_queued(w->conn) >= h->high_water)
         return;
     j = fetch_job(h, w->s, w, w->next - 1);
     if (!j)
@@ -336,7 +336,7 @@ static void serve(rtes_hub *h, rtes_watch *w)
         watch_fetch(h, w);
         return;
     }
-    while (w->next <= s->hi && wsapp_conn_queued(w->conn) < HIGH_WATER) {
+    while (w->next <= s->hi && wsapp_conn_queued(w->conn) < h->high_water) {
         if (wsapp_conn_send(w->conn, s->ring[w->next % CACHE_MAX]) < 0) {
             w->closed = 1; /* dropped by wsapp; its close hook follows */
             return;
@@ -355,7 +355,7 @@ static void stream_fetch(rtes_hub *h, stream *s)
     if (s->fetching || !s->more || svc_now_ms() < s->retry_at)
         return;
     for (rtes_watch *w = s->head; w && !waiting; w = w->next_w)
-        waiting = !w->closed && !w->fetching && w->next == s->hi + 1 && wsapp_conn_queued(w->conn) < HIGH_WATER;
+        waiting = !w->closed && !w->fetching && w->next == s->hi + 1 && wsapp_conn_queued(w->conn) < h->high_water;
     if (!waiting)
         return;
     j = fetch_job(h, s, NULL, s->hi);
@@ -508,6 +508,8 @@ static void fetched(wsapp *app, void *ud)
             for (int i = 0; i < j->nframes; i++) {
                 if (j->seqs[i] < w->next || (s->hi >= s->lo && j->seqs[i] >= s->lo))
                     continue;
+                if (wsapp_conn_queued(w->conn) >= h->high_water)
+                    break; /* the rest is read again once it drained */
                 if (wsapp_conn_send(w->conn, j->msgs[i]) < 0) {
                     w->closed = 1;
                     break;
@@ -911,7 +913,7 @@ static void tick(wsapp_timer *t, void *ud)
 
 /* ------------------------------------------------------------ life */
 
-rtes_hub *rtes_hub_new(wsapp *app, dbpool *db, const rconn_opts *redis, int loaders)
+rtes_hub *rtes_hub_new(wsapp *app, dbpool *db, const rconn_opts *redis, int loaders, size_t send_queue)
 {
     rtes_hub *h = calloc(1, sizeof(*h));
     metrics *reg = metrics_default();
@@ -922,6 +924,10 @@ rtes_hub *rtes_hub_new(wsapp *app, dbpool *db, const rconn_opts *redis, int load
     h->db = db;
     h->ropts = *redis;
     h->nloaders = loaders > 0 ? loaders : 1;
+    /* Well below the point where wsapp drops the connection: a watcher
+     * that reads slowly waits (and reads from PostgreSQL later), it is not
+     * cut off; one frame may still be added past the mark. */
+    h->high_water = send_queue / 4 < 65536 ? send_queue / 4 : 65536;
     h->loaders = calloc((size_t)h->nloaders, sizeof(*h->loaders));
     if (!h->loaders) {
         free(h);

@@ -33,8 +33,10 @@ typedef struct rtes_watch rtes_watch;
 
 /* Creates the hub for `app` (threads not started) and its timer. `db` is
  * shared; Redis options are copied; `loaders` threads (>= 1) serve
- * PostgreSQL reads. NULL on OOM. Before wsapp_start. */
-rtes_hub *rtes_hub_new(wsapp *app, dbpool *db, const rconn_opts *redis, int loaders);
+ * PostgreSQL reads; `send_queue` is wsapp's send_queue_bytes (a watcher
+ * waits at a quarter of it, at most 64 KiB). NULL on OOM. Before
+ * wsapp_start. */
+rtes_hub *rtes_hub_new(wsapp *app, dbpool *db, const rconn_opts *redis, int loaders, size_t send_queue);
 
 /* Starts the subscriber and loader threads. After wsapp_start. 0 or -1. */
 int rtes_hub_start(rtes_hub *h);

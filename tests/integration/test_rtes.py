@@ -136,7 +136,15 @@ class Watchers:
             raise AssertionError("watchers did not connect: %s" % "".join(self.err))
 
     def result(self, timeout=90):
-        out, _ = self.proc.communicate(timeout=timeout)
+        # stderr is drained by the thread above; stdout is read here (a
+        # communicate() would read stderr too, racing that thread).
+        timer = threading.Timer(timeout, self.proc.kill)
+        timer.start()
+        try:
+            out = self.proc.stdout.read()
+            self.proc.wait()
+        finally:
+            timer.cancel()
         if self.proc.returncode != 0:
             raise AssertionError("rtes_watch.js failed: %s" % "".join(self.err))
         return json.loads(out)
