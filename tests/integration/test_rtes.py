@@ -178,8 +178,13 @@ class RtesCase(unittest.TestCase):
         env.update(extra or {})
         svc = Service("realtime", env, health="http://127.0.0.1:%d/health" % port, health_status=200)
         svc.port = port
-        svc.start(timeout=40)
-        wait_for(lambda: "rtes consumer subscribed" in svc.log(), 30, what="rtes consumer subscribed")
+        try:
+            svc.start(timeout=40)
+            wait_for(lambda: "rtes consumer subscribed" in svc.log(), 30, what="rtes consumer subscribed")
+        except BaseException:
+            # A failed setUpClass gets no tearDownClass: stop it here.
+            svc.stop()
+            raise
         return svc
 
     def count(self, eid, node_only=False):
