@@ -16,7 +16,7 @@
 # prevents. The attacker's triggers are switched on and off between rounds by
 # an UPDATE and trigger_changed (the processor reads only those again).
 #
-# Rounds, interleaved (base, worst-1, worst-all, base, ...):
+# Rounds (TL_ROUNDS, 3), interleaved (base, worst-1, worst-all, base, ...):
 #   backlog: TL_EVENTS (20000) events inserted while the processor is held
 #     off by its lock, then drained (batches of up to 2,000);
 #   live: TL_LAT_SECONDS (4) s at 1,000 events/s, one per transaction (so a
@@ -60,7 +60,7 @@ import psycopg2, psycopg2.extras, redis
 N = int(os.environ.get("TL_EVENTS", "20000"))
 LAT_S = float(os.environ.get("TL_LAT_SECONDS", "4"))
 WORST = int(os.environ.get("TL_WORST", "4"))
-ROUNDS = int(os.environ.get("TL_ROUNDS", "2"))
+ROUNDS = int(os.environ.get("TL_ROUNDS", "3"))
 DB = os.environ["DB_URL"]
 TICK = os.sysconf("SC_CLK_TCK")
 r = redis.Redis(port=int(os.environ["REDIS_PORT"]))
@@ -286,6 +286,8 @@ if LAT_S > 0:
     print("    anchor (same run, attacker's triggers off):     p50 %.2f ms, p99 %.2f ms" % (b50, b99))
     print("    ratio p99 %.2f; bar p99 <= 10 ms, none missing (%d missing) %s" % (
         w99 / b99 if b99 else 0, missing, "PASS" if good else "FAIL"))
+    if b99 > 10:
+        print("    (the anchor misses the bar as well: the machine was busy; judge by the ratio, or run again)")
 proc.terminate(); proc.wait(15)
 raise SystemExit(0 if ok else 1)
 PYEOF
