@@ -64,6 +64,9 @@ class EventProcessorTest(unittest.TestCase):
         return Service("event-processor", {
             "DATABASE_URL": DSN, "REDIS_URL": REDIS_URL, "METRICS_PORT": cls.port,
             "MIGRATIONS_DIR": os.path.join(ROOT, "database/migrations"), "POLL_INTERVAL_MS": 1000,
+            # The port is found free on 127.0.0.1; 0.0.0.0 would also meet
+            # load clients bound to other loopback addresses.
+            "METRICS_HOST": "127.0.0.1",
         })
 
     @classmethod
