@@ -27,8 +27,14 @@ PACKAGES=(
 )
 # Installed without their Recommends: prometheus (for promtool, which checks
 # /metrics) recommends prometheus-node-exporter, which pulls smartmontools
-# and openipmi, daemons of their own.
-PACKAGES_NO_RECOMMENDS=(prometheus)
+# and openipmi, daemons of their own. docker-compose (tests/integration/
+# test_docker.py checks docker/docker-compose.yml with it) recommends
+# docker.io, a container engine we neither need nor want started.
+PACKAGES_NO_RECOMMENDS=(prometheus docker-compose)
+# `make docker-test` only (scripts/deps.sh docker): it builds the images
+# with podman on a base image made by debootstrap. Installed without their
+# Recommends too.
+PACKAGES_DOCKER=(podman debootstrap)
 # `make lint` only (scripts/deps.sh lint).
 PACKAGES_LINT=(cppcheck clang-tidy)
 POLICY_RC=/usr/sbin/policy-rc.d
@@ -123,7 +129,7 @@ apt_install() {
 install_packages() {
     local -a missing=("$@") plain=() norec=() p
     for p in "${missing[@]}"; do
-        if [[ " ${PACKAGES_NO_RECOMMENDS[*]} " == *" $p "* ]]; then norec+=("$p"); else plain+=("$p"); fi
+        if [[ " ${PACKAGES_NO_RECOMMENDS[*]} ${PACKAGES_DOCKER[*]} " == *" $p "* ]]; then norec+=("$p"); else plain+=("$p"); fi
     done
     log "installing: ${missing[*]}"
     trap unblock_service_starts EXIT
@@ -143,7 +149,8 @@ main() {
     case ${1:-} in
     "") ;;
     lint) wanted=("${PACKAGES_LINT[@]}") WANT_NODE=0 ;;
-    *) die "usage: scripts/deps.sh [lint]" ;;
+    docker) wanted=("${PACKAGES_DOCKER[@]}") WANT_NODE=0 ;;
+    *) die "usage: scripts/deps.sh [lint|docker]" ;;
     esac
     mapfile -t missing < <(missing_packages "${wanted[@]}")
     if [[ ${#missing[@]} -eq 0 ]]; then
