@@ -24,7 +24,7 @@ PKGS_ALL  := $(PKGS) libwebsockets
 
 # Goals that build nothing here (deps installs the packages; test, bench, up
 # and run install them first, then build in a sub-make).
-NOBUILD_GOALS := deps clean down test bench up run lint fuzz valgrind
+NOBUILD_GOALS := deps clean down test bench up run lint docker-test fuzz valgrind
 ifneq ($(filter-out $(NOBUILD_GOALS),$(or $(MAKECMDGOALS),all)),)
 PKG_MISSING := $(strip $(foreach p,$(PKGS_ALL),$(if $(shell pkg-config --exists $(p) 2>/dev/null && echo y),,$(p))))
 ifneq ($(PKG_MISSING),)
@@ -104,7 +104,7 @@ ALL_OBJS  := $(LIB_OBJS) $(sort $(foreach p,$(PROGRAMS),$($(p)_SRCS:%.c=$(O)/%.o
              $(UNIT_SRCS:%.c=$(O)/%.o) $(DRV_SRCS:%.c=$(O)/%.o) $(O)/faults/action-workers/worker.o \
              $(if $(FUZZ),$(FUZZ_SRCS:%.c=$(O)/%.o))
 
-.PHONY: all test unit bench run up down clean deps lint lint-run tests fuzz fuzz-build fuzz-bins valgrind
+.PHONY: all test unit bench run up down clean deps lint lint-run tests docker-test fuzz fuzz-build fuzz-bins valgrind
 all: $(LIB) $(BINS) libshared/libshared.a
 
 tests: $(UNIT_BINS) $(DRV_BINS) $(FAULT_BIN)
@@ -214,6 +214,13 @@ down:
 run: deps
 	$(Q)$(MAKE) --no-print-directory all
 	$(Q)BINDIR=$(BINDIR) scripts/stack.sh run
+
+# `make docker-test`: every image of docker/ built with podman (on a base
+# image debootstrap makes once), each service started from its image against
+# the local servers and its health route checked, each image's size printed.
+# Needs root; installs podman and debootstrap (scripts/deps.sh docker).
+docker-test: deps
+	$(Q)scripts/docker-test.sh
 
 # `make lint`: cppcheck and clang-tidy (its static analyzer) over every
 # source; any warning fails. Left out: clang-analyzer's valist.Uninitialized,
