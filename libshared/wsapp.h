@@ -115,11 +115,12 @@ void wsapp_respond_json(wsapp_req *req, int status, cJSON *body);
 void wsapp_respond_error(wsapp_req *req, int status, const char *code, const char *message, cJSON *details);
 
 /* Called in an HTTP handler: the answer comes later. The request stays
- * alive until answered (from the loop thread, e.g. in a wsapp_post
- * function) or until its client goes away, which wsapp_req_gone reports
- * (the handler's caller then must not answer). `on_gone` (may be NULL) is
- * called on the loop when the client leaves before the answer; after it
- * returns, `req` is freed. */
+ * alive until it is answered (on the loop thread, e.g. in a wsapp_post
+ * function) or until its client goes away: then `on_gone` (may be NULL)
+ * is called on the loop, and `req` is freed when it returns, so whoever
+ * holds `req` must forget it there. A client that pipelines another
+ * request on the connection meanwhile is closed (keep-alive without
+ * pipelining, what browsers and curl do, is served). */
 void wsapp_req_defer(wsapp_req *req, void (*on_gone)(wsapp_req *req, void *ud), void *ud);
 
 /* ---- WebSocket ----------------------------------------------------- */
