@@ -24,7 +24,7 @@ PKGS_ALL  := $(PKGS) libwebsockets
 
 # Goals that build nothing here (deps installs the packages; test, bench, up
 # and run install them first, then build in a sub-make).
-NOBUILD_GOALS := deps clean down test bench up run lint docker-test fuzz valgrind
+NOBUILD_GOALS := deps clean down test bench up run lint docker-test fuzz valgrind faults
 ifneq ($(filter-out $(NOBUILD_GOALS),$(or $(MAKECMDGOALS),all)),)
 PKG_MISSING := $(strip $(foreach p,$(PKGS_ALL),$(if $(shell pkg-config --exists $(p) 2>/dev/null && echo y),,$(p))))
 ifneq ($(PKG_MISSING),)
@@ -104,7 +104,7 @@ ALL_OBJS  := $(LIB_OBJS) $(sort $(foreach p,$(PROGRAMS),$($(p)_SRCS:%.c=$(O)/%.o
              $(UNIT_SRCS:%.c=$(O)/%.o) $(DRV_SRCS:%.c=$(O)/%.o) $(O)/faults/action-workers/worker.o \
              $(if $(FUZZ),$(FUZZ_SRCS:%.c=$(O)/%.o))
 
-.PHONY: all test unit bench run up down clean deps lint lint-run tests docker-test fuzz fuzz-build fuzz-bins valgrind
+.PHONY: all test unit bench run up down clean deps lint lint-run tests docker-test fuzz fuzz-build fuzz-bins valgrind faults
 all: $(LIB) $(BINS) libshared/libshared.a
 
 tests: $(UNIT_BINS) $(DRV_BINS) $(FAULT_BIN)
@@ -203,6 +203,13 @@ bench: deps
 
 deps:
 	$(Q)scripts/deps.sh
+
+# `make faults [FAULTS_ARGS='--faults kill9:runtime,restart:pg']`: fault
+# injection under load against a stack of its own (docs/reliability.md);
+# long, so not part of `make test` (which runs one short fault of it).
+faults: deps
+	$(Q)$(MAKE) --no-print-directory all
+	$(Q)BINDIR=$(BINDIR) scripts/faults.sh $(FAULTS_ARGS)
 
 up: deps
 	$(Q)$(MAKE) --no-print-directory all

@@ -1,0 +1,534 @@
+"""make faults: fault injection against the stack of `make up`, under load.
+
+    scripts/faults.sh [--faults NAME,...] [--rate N] [--seconds S] [--smoke]
+
+The stack is scripts/stack.sh's, started with its own STACK_VAR, free
+STACK_PORTS, its own database (ae_faults) and Redis db (FAULTS_REDIS_DB, 7)
+on the servers of scripts/servers.sh (the worktree's AE_*_PORT), so it runs
+beside anyone's `make up`. Loads, all at a steady rate while every fault
+happens:
+
+  events   chain events posted to the gateway (batches retried until the
+           gateway answers 2xx: an indexer's behaviour); one trigger whose
+           REST action posts to a local receiver, which counts deliveries by
+           X-Idempotency-Key and by the event id in the body;
+  appends  runtime appends to one run, each with its own idempotency key,
+           retried with the same key until answered 200.
+
+Faults: kill -9 of each service (then `stack.sh up` brings it back, as an
+operator's `make up` would), restart of PostgreSQL, Redis and RabbitMQ
+(servers.sh restart), the event-processor's LISTEN connection cut
+(pg_terminate_backend), Redis and PostgreSQL paused (SIGSTOP 10 s, SIGCONT).
+
+After each fault: every accepted event reached the receiver under exactly one
+idempotency key and has one success row in action_results, every accepted
+append is in the run exactly once, every service answers its health route
+with 200, and a server fault left every service's pid unchanged (it
+reconnected by itself). A table is printed at the end; the exit status is 1
+when any check failed.
+"""
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from collections import Counter, defaultdict
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.abspath(os.path.join(HERE, "..", ".."))
+sys.path.insert(0, os.path.join(ROOT, "tests", "integration"))
+sys.path.insert(0, os.path.join(ROOT, "tests", "integration", "peers"))
+from httppeers import Peer  # noqa: E402
+from pgtmp import free_port  # noqa: E402
+
+import psycopg2  # noqa: E402
+
+STACK = os.path.join(ROOT, "scripts", "stack.sh")
+SERVERS = os.path.join(ROOT, "scripts", "servers.sh")
+ALL = ["api-gateway", "realtime", "runtime", "event-processor", "action-workers"]
+HEALTH = {"api-gateway": "/api/v1/health", "realtime": "/health", "runtime": "/healthz",
+          "event-processor": "/health", "action-workers": "/health"}
+DB_NAME = "ae_faults"
+
+
+def log(msg):
+    print("faults: " + msg, file=sys.stderr, flush=True)
+
+
+def call(method, url, body=None, token=None, timeout=5):
+    """(status, decoded JSON or None); status 0 when nothing answered."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method)
+    req.add_header("Content-Type", "application/json")
+    if token:
+        req.add_header("Authorization", "Bearer " + token)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as f:
+            raw = f.read()
+            return f.status, json.loads(raw) if raw else None
+    except urllib.error.HTTPError as e:
+        raw = e.read()
+        try:
+            return e.code, json.loads(raw)
+        except ValueError:
+            return e.code, None
+    except (OSError, ValueError):
+        return 0, None
+
+
+def listening_pid(port):
+    """The pid of the process listening on 127.0.0.1:port (ss -p)."""
+    out = subprocess.run(["ss", "-Hltnp", "sport = :%d" % port], capture_output=True, text=True).stdout
+    for part in out.split("pid=")[1:]:
+        return int(part.split(",")[0])
+    return None
+
+
+def children(pid):
+    kids = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % d) as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid:
+            kids.append(int(d))
+    return kids
+
+
+class Stack:
+    """scripts/stack.sh up with STACK_VAR, STACK_PORTS, STACK_SERVICES."""
+
+    def __init__(self, services, var):
+        self.services = services
+        self.var = var
+        self.ports = {s: free_port() for s in ALL}
+        srv = {}
+        out = subprocess.run([SERVERS, "env"], capture_output=True, text=True, check=True,
+                             env={k: v for k, v in os.environ.items() if not k.endswith("_URL")}).stdout
+        for line in out.splitlines():
+            if line.startswith("export ") and "=" in line:
+                k, v = line[len("export "):].split("=", 1)
+                srv[k] = v
+        self.pg = urllib.parse.urlsplit(srv["DATABASE_URL"].strip("'"))
+        self.redis = urllib.parse.urlsplit(srv["REDIS_URL"].strip("'"))
+        self.db_url = urllib.parse.urlunsplit(self.pg._replace(path="/" + DB_NAME))
+        rdb = os.environ.get("FAULTS_REDIS_DB", "7")
+        self.redis_url = urllib.parse.urlunsplit(self.redis._replace(path="/" + rdb))
+        self.amqp_url = srv["AMQP_URL"].strip("'")
+        self.ingest = uuid.uuid4().hex
+        self.env = {k: v for k, v in os.environ.items() if not k.endswith("_URL") and k != "AE_TEST_RUN"}
+        self.env.update({
+            "STACK_VAR": var, "STACK_SERVICES": " ".join(services),
+            "STACK_PORTS": " ".join(str(self.ports[s]) for s in ALL), "STACK_TIMEOUT": "90",
+            "DATABASE_URL": self.db_url, "REDIS_URL": self.redis_url, "AMQP_URL": self.amqp_url,
+            "INGEST_TOKEN": self.ingest, "ALLOWED_TARGETS": "127.0.0.1", "RATE_LIMIT": "1000000",
+            "JOB_VISIBILITY_TIMEOUT": "5000", "RETRY_BASE_MS": "200", "RETRY_MAX_ATTEMPTS": "50",
+            "RETRY_MAX_DELAY_MS": "2000", "BREAKER_FAILURES": "0", "LOG_LEVEL": "info",
+            "BINDIR": os.environ.get("BINDIR", "bin"),
+        })
+
+    def url(self, service, path=""):
+        return "http://127.0.0.1:%d%s" % (self.ports[service], path)
+
+    def prepare_db(self):
+        subprocess.run([SERVERS, "start", "all"], check=True, stdout=subprocess.DEVNULL, timeout=300,
+                       env={k: v for k, v in os.environ.items() if not k.endswith("_URL")})
+        admin = psycopg2.connect(urllib.parse.urlunsplit(self.pg))
+        admin.autocommit = True
+        with admin.cursor() as c:
+            c.execute("DROP DATABASE IF EXISTS %s WITH (FORCE)" % DB_NAME)
+            c.execute("CREATE DATABASE %s" % DB_NAME)
+        admin.close()
+        import redis
+        redis.Redis.from_url(self.redis_url).flushdb()
+
+    def up(self):
+        r = subprocess.run([STACK, "up"], env=self.env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        if r.returncode != 0:
+            raise RuntimeError("stack.sh up failed:\n" + r.stdout + r.stderr)
+
+    def pid(self, service):
+        try:
+            with open(os.path.join(self.var, "run", service + ".pid")) as f:
+                return int(f.read().strip())
+        except (OSError, ValueError):
+            return None
+
+    def pids(self):
+        return {s: self.pid(s) for s in self.services}
+
+    def healthy(self):
+        """The services whose health route does not answer 200."""
+        return [s for s in self.services if call("GET", self.url(s, HEALTH[s]), timeout=2)[0] != 200]
+
+    def wait_healthy(self, timeout=90):
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if not self.healthy():
+                return True
+            time.sleep(0.1)
+        return False
+
+    def stop(self):
+        for s in reversed(self.services):
+            pid = self.pid(s)
+            if pid:
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except OSError:
+                    pass
+        end = time.monotonic() + 20
+        for s in self.services:
+            pid = self.pid(s)
+            while pid and time.monotonic() < end and os.path.exists("/proc/%d" % pid):
+                time.sleep(0.1)
+            if pid and os.path.exists("/proc/%d" % pid):
+                os.kill(pid, signal.SIGKILL)
+
+    def sql(self, q, args=None):
+        conn = psycopg2.connect(self.db_url, connect_timeout=5)
+        conn.autocommit = True
+        try:
+            with conn.cursor() as c:
+                c.execute(q, args)
+                return c.fetchall() if c.description else None
+        finally:
+            conn.close()
+
+
+class Receiver:
+    """The webhook peer (tests/integration/peers), counted by
+    X-Idempotency-Key and by the event id of the body."""
+
+    def __init__(self):
+        self.peer = Peer("webhook").start(free_port())
+
+    def url(self):
+        return self.peer.base() + "/hook"
+
+    def counts(self):
+        by_key, keys_of_event = Counter(), defaultdict(set)
+        for r in self.peer.requests("/hook"):
+            key = r["headers"].get("x-idempotency-key", "")
+            by_key[key] += 1
+            try:
+                keys_of_event[json.loads(r["body"])["event"]].add(key)
+            except (ValueError, KeyError, TypeError):
+                keys_of_event["<bad body>"].add(key)
+        return by_key, keys_of_event
+
+
+class Ticker(threading.Thread):
+    """Calls step() every 1/rate seconds until stopped; step() returns False
+    while what it sends is not accepted (it is retried on the next tick)."""
+
+    def __init__(self, rate):
+        super().__init__(daemon=True)
+        self.period = 1.0 / rate
+        self.running = threading.Event()
+        self.running.set()
+        self.draining = False
+
+    def run(self):
+        nxt = time.monotonic()
+        while True:
+            pending = self.step()
+            if not self.running.is_set() and not pending:
+                return
+            nxt += self.period
+            time.sleep(max(0.0, nxt - time.monotonic()))
+
+    def finish(self, timeout=90):
+        self.running.clear()
+        self.join(timeout)
+        return not self.is_alive()
+
+
+class EventLoad(Ticker):
+    """One event per tick (agent `agent` on chain 1, reputation), posted
+    until the gateway accepts it."""
+
+    def __init__(self, stack, rate, agent, tag):
+        super().__init__(rate)
+        self.stack, self.agent, self.tag = stack, agent, tag
+        self.accepted, self.failures, self.pending, self.n = [], 0, None, 0
+
+    def step(self):
+        if self.pending is None:
+            if not self.running.is_set():
+                return False
+            self.n += 1
+            eid = "flt-%s-%06d-%s" % (self.tag, self.n, uuid.uuid4().hex[:6])
+            self.pending = {"id": eid, "chain_id": 1, "block_number": 1000 + self.n, "block_hash": "0xb" + eid[-6:],
+                            "transaction_hash": "0x" + uuid.uuid4().hex, "log_index": 0, "registry": "reputation",
+                            "event_type": "NewFeedback", "agent_id": self.agent, "timestamp": int(time.time()),
+                            "client_address": "0xc", "feedback_index": self.n, "score": 90, "tag1": "f", "tag2": ""}
+        st, body = call("POST", self.stack.url("api-gateway", "/api/v1/chain-events"), {"events": [self.pending]},
+                        self.stack.ingest)
+        if st in (200, 201) and body and body.get("inserted", 0) + body.get("duplicates", 0) == 1:
+            self.accepted.append(self.pending["id"])
+            self.pending = None
+            return False
+        self.failures += 1
+        return True
+
+
+class AppendLoad(Ticker):
+    """One runtime append per tick to run `run_id`, retried with the same
+    idempotency key until answered 200."""
+
+    def __init__(self, stack, rate, run_id, tag):
+        super().__init__(rate)
+        self.stack, self.run_id, self.tag = stack, run_id, tag
+        self.accepted, self.failures, self.pending, self.n = [], 0, None, 0
+
+    def step(self):
+        if self.pending is None:
+            if not self.running.is_set():
+                return False
+            self.n += 1
+            self.pending = "ap-%s-%06d" % (self.tag, self.n)
+        st, _ = call("POST", self.stack.url("runtime", "/internal/v1/runs/%s/events" % self.run_id),
+                     {"event_type": "tool.step", "payload": {"n": self.n}, "idempotency_key": self.pending})
+        if st == 200:
+            self.accepted.append(self.pending)
+            self.pending = None
+            return False
+        self.failures += 1
+        return True
+
+
+# ---------------------------------------------------------------- faults
+
+def server_pids(stack, which):
+    if which == "pg":
+        pid = listening_pid(stack.pg.port)
+        return [pid] + children(pid) if pid else []
+    pid = listening_pid(stack.redis.port)
+    return [pid] if pid else []
+
+
+def fault_kill9(service):
+    def run(stack):
+        pid = stack.pid(service)
+        os.kill(pid, signal.SIGKILL)
+        while os.path.exists("/proc/%d" % pid) and "zombie" not in open("/proc/%d/status" % pid).read().lower():
+            time.sleep(0.05)
+        stack.up()
+    return {"name": "kill -9 " + service, "run": run, "restarts": service, "needs": [service]}
+
+
+def fault_restart(server):
+    def run(stack):
+        r = subprocess.run([SERVERS, "restart", server], capture_output=True, text=True, timeout=300,
+                           env={k: v for k, v in os.environ.items() if not k.endswith("_URL")})
+        if r.returncode != 0:
+            raise RuntimeError("servers.sh restart %s: %s" % (server, r.stderr))
+    return {"name": "restart " + server, "run": run, "restarts": None, "needs": []}
+
+
+def fault_pause(server, seconds=10):
+    def run(stack):
+        pids = server_pids(stack, server)
+        if not pids:
+            raise RuntimeError("no %s process found" % server)
+        for p in pids:
+            os.kill(p, signal.SIGSTOP)
+        try:
+            time.sleep(seconds)
+        finally:
+            for p in pids:
+                os.kill(p, signal.SIGCONT)
+    return {"name": "SIGSTOP %s %ds" % (server, seconds), "run": run, "restarts": None, "needs": []}
+
+
+def fault_listen_cut():
+    def run(stack):
+        n = stack.sql("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                      "WHERE application_name = 'event-processor-listen' AND datname = %s", (DB_NAME,))[0][0]
+        if n < 1:
+            raise RuntimeError("no LISTEN connection of the event-processor to cut")
+    return {"name": "LISTEN cut", "run": run, "restarts": None, "needs": ["event-processor"]}
+
+
+def all_faults():
+    f = {}
+    for s in ALL:
+        f["kill9:" + s] = fault_kill9(s)
+    for s in ("pg", "redis", "rabbitmq"):
+        f["restart:" + s] = fault_restart(s)
+    f["listen-cut"] = fault_listen_cut()
+    f["pause:redis"] = fault_pause("redis")
+    f["pause:pg"] = fault_pause("pg")
+    return f
+
+
+# ---------------------------------------------------------------- checks
+
+def check_events(stack, recv, accepted, timeout):
+    """(delivered, lost, duplicated, redelivered) once every accepted event
+    reached the receiver or `timeout` passed."""
+    want = set(accepted)
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        _, keys_of = recv.counts()
+        if want <= set(keys_of):
+            break
+        time.sleep(0.2)
+    time.sleep(2.0)  # a duplicate would arrive by now
+    by_key, keys_of = recv.counts()
+    delivered = len(want & set(keys_of))
+    dup = sum(1 for e in want if len(keys_of.get(e, ())) > 1)
+    redelivered = sum(n - 1 for k, n in by_key.items() if n > 1)
+    rows = dict(stack.sql("SELECT event_id, count(DISTINCT job_id) FROM action_results "
+                          "WHERE status = 'success' AND event_id = ANY(%s) GROUP BY event_id", (list(want),)) or [])
+    table_bad = [e for e in want if rows.get(e) != 1]
+    return delivered, len(want) - delivered, dup, redelivered, table_bad
+
+
+def check_appends(stack, run_id, accepted):
+    st, body = call("GET", stack.url("runtime", "/internal/v1/runs/" + run_id), timeout=30)
+    if st != 200:
+        return 0, len(accepted), 0
+    keys = Counter(e.get("idempotency_key") for e in body["run"]["events"])
+    want = set(accepted)
+    delivered = sum(1 for k in want if keys[k] >= 1)
+    dup = sum(1 for k in want if keys[k] > 1)
+    return delivered, len(want) - delivered, dup
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--faults", default=",".join(all_faults()), help="comma list; default: all")
+    ap.add_argument("--services", default=" ".join(ALL))
+    ap.add_argument("--rate", type=float, default=20.0, help="events/s and appends/s")
+    ap.add_argument("--before", type=float, default=3.0, help="seconds of load before each fault")
+    ap.add_argument("--after", type=float, default=5.0, help="seconds of load after recovery")
+    ap.add_argument("--drain", type=float, default=120.0, help="seconds allowed for delivery after the load")
+    ap.add_argument("--var", default=os.path.join(ROOT, "var", "faults"))
+    ap.add_argument("--keep", action="store_true", help="leave the stack running")
+    a = ap.parse_args()
+
+    known = all_faults()
+    names = [n for n in a.faults.split(",") if n]
+    for n in names:
+        if n not in known:
+            ap.error("unknown fault %s (known: %s)" % (n, ", ".join(known)))
+    services = a.services.split()
+    stack = Stack(services, a.var)
+    stack.prepare_db()
+    recv = Receiver()
+    rows, failed = [], []
+    try:
+        log("starting the stack (%s) in %s" % (" ".join(services), a.var))
+        stack.up()
+        user = "flt" + uuid.uuid4().hex[:8]
+        st, b = call("POST", stack.url("api-gateway", "/api/v1/auth/register"),
+                     {"username": user, "email": user + "@example.test", "password": "faults pass 1"})
+        assert st == 201, (st, b)
+        st, b = call("POST", stack.url("api-gateway", "/api/v1/auth/login"),
+                     {"username": user, "password": "faults pass 1"})
+        assert st == 200, (st, b)
+        token = b["access_token"]
+        agent = 4242
+        st, b = call("POST", stack.url("api-gateway", "/api/v1/triggers"), {
+            "name": "faults", "chain_id": 1, "registry": "reputation",
+            "conditions": [{"condition_type": "agent_id_equals", "value": str(agent)}],
+            "actions": [{"action_type": "rest", "config": {
+                "method": "POST", "url": recv.url(), "timeout_ms": 5000,
+                "body_template": "{\"event\":\"{{event_id}}\"}"}}]}, token)
+        assert st == 201, (st, b)
+        time.sleep(1.0)  # the processor reloads the trigger on trigger_changed
+        with_runtime = "runtime" in services
+        run_id = None
+        if with_runtime:
+            st, b = call("POST", stack.url("runtime", "/internal/v1/runs"), {"worker_id": "faults"})
+            assert st == 201, (st, b)
+            run_id = b["run"]["id"]
+
+        for i, n in enumerate(names):
+            f = known[n]
+            if any(s not in services for s in f["needs"]):
+                log("%s: skipped (%s not in the stack)" % (f["name"], ",".join(f["needs"])))
+                continue
+            tag = "%02d" % i
+            loads = [EventLoad(stack, a.rate, agent, tag)]
+            if with_runtime:
+                loads.append(AppendLoad(stack, a.rate, run_id, tag))
+            pids = stack.pids()
+            for ld in loads:
+                ld.start()
+            time.sleep(a.before)
+            log("%s" % f["name"])
+            t0 = time.monotonic()
+            problems = []
+            try:
+                f["run"](stack)
+            except Exception as e:  # noqa: BLE001: the fault itself failed; reported in the row
+                problems.append("fault: %s" % e)
+            if not stack.wait_healthy(120):
+                problems.append("unhealthy: %s" % ",".join(stack.healthy()))
+            recovery = time.monotonic() - t0
+            after = stack.pids()
+            for s in services:
+                if s != f["restarts"] and after[s] != pids[s]:
+                    problems.append("%s restarted (pid %s -> %s)" % (s, pids[s], after[s]))
+            time.sleep(a.after)
+            for ld in loads:
+                if not ld.finish(a.drain):
+                    problems.append("%s still not accepted after %.0f s" % (type(ld).__name__, a.drain))
+            ev = loads[0]
+            d, lost, dup, redel, bad = check_events(stack, recv, ev.accepted, a.drain)
+            if bad:
+                problems.append("action_results: %d accepted events without exactly one success job" % len(bad))
+            load = "%.0f ev/s" % a.rate
+            rows.append((f["name"], "events→webhook", load, len(ev.accepted), d, lost, dup, redel, ev.failures,
+                         recovery))
+            if lost or dup or bad:
+                problems.append("events: %d lost, %d duplicated" % (lost, dup))
+            if with_runtime:
+                apl = loads[1]
+                d2, lost2, dup2 = check_appends(stack, run_id, apl.accepted)
+                rows.append((f["name"], "runtime appends", "%.0f ap/s" % a.rate, len(apl.accepted), d2, lost2, dup2,
+                             0, apl.failures, recovery))
+                if lost2 or dup2:
+                    problems.append("appends: %d lost, %d duplicated" % (lost2, dup2))
+            if problems:
+                failed.append((f["name"], problems))
+                log("%s: FAILED: %s" % (f["name"], "; ".join(problems)))
+    finally:
+        if not a.keep:
+            stack.stop()
+        recv.peer.stop()
+
+    hdr = ("fault", "path", "load", "accepted", "delivered", "lost", "duplicated", "redelivered", "refused",
+           "recovery")
+    fmt = "%-24s %-16s %-9s %8s %9s %5s %10s %11s %7s %9s"
+    print(fmt % hdr)
+    for r in rows:
+        print(fmt % (r[:9] + ("%.1f s" % r[9],)))
+    print("\nredelivered: the same X-Idempotency-Key delivered again (at-least-once; deduplicated by the key);\n"
+          "refused: requests the load retried because nothing accepted them (during the fault);\n"
+          "recovery: from the fault until every health route answers 200 again.")
+    for name, problems in failed:
+        print("FAILED %s: %s" % (name, "; ".join(problems)))
+    if not rows:
+        print("FAILED: no fault ran")
+        return 1
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
