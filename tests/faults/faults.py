@@ -128,14 +128,18 @@ class Stack:
         self.redis_url = urllib.parse.urlunsplit(self.redis._replace(path="/" + rdb))
         self.amqp_url = srv["AMQP_URL"].strip("'")
         self.ingest = uuid.uuid4().hex
+        self.jwt_secret = uuid.uuid4().hex + uuid.uuid4().hex
         self.env = {k: v for k, v in os.environ.items() if not k.endswith("_URL") and k != "AE_TEST_RUN"}
         self.env.update({
             "STACK_VAR": var, "STACK_SERVICES": " ".join(services),
             "STACK_PORTS": " ".join(str(self.ports[s]) for s in ALL), "STACK_TIMEOUT": "90",
             "DATABASE_URL": self.db_url, "REDIS_URL": self.redis_url, "AMQP_URL": self.amqp_url,
-            "INGEST_TOKEN": self.ingest, "ALLOWED_TARGETS": "127.0.0.1", "RATE_LIMIT": "1000000",
+            "INGEST_TOKEN": self.ingest, "JWT_SECRET": self.jwt_secret, "ALLOWED_TARGETS": "127.0.0.1", "RATE_LIMIT": "1000000",
             "JOB_VISIBILITY_TIMEOUT": "5000", "RETRY_BASE_MS": "200", "RETRY_MAX_ATTEMPTS": "50",
             "RETRY_MAX_DELAY_MS": "2000", "BREAKER_FAILURES": "0", "LOG_LEVEL": "info",
+            # 1,000 subscribers subscribe at once: the global token bucket
+            # (100/s) would answer most of them 429.
+            "RATE_LIMIT_PER_SECOND": "100000", "RATE_LIMIT_BURST": "100000",
             "BINDIR": os.environ.get("BINDIR", "bin"),
         })
 
@@ -153,6 +157,13 @@ class Stack:
         admin.close()
         import redis
         redis.Redis.from_url(self.redis_url).flushdb()
+        # A fresh stack: what a previous run recorded (its secrets among
+        # them) would be given to the services again.
+        for f in ("stack.env", "secrets", "env"):
+            try:
+                os.unlink(os.path.join(self.var, f))
+            except FileNotFoundError:
+                pass
 
     def up(self):
         r = subprocess.run([STACK, "up"], env=self.env, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -310,6 +321,62 @@ class AppendLoad(Ticker):
         return True
 
 
+class RealtimeLoad:
+    """tests/faults/rt_load.cjs: subscribers on /ws and one publisher."""
+
+    def __init__(self, stack, subscribers, rate):
+        subprocess.run([os.path.join(ROOT, "tests", "integration", "setup-node.sh")], check=True,
+                       stdout=subprocess.DEVNULL)
+        env = dict(os.environ, RT_URL="ws://127.0.0.1:%d/ws" % stack.ports["realtime"],
+                   JWT_SECRET=stack.jwt_secret, RT_SUBSCRIBERS=str(subscribers), RT_RATE=str(rate))
+        self.proc = subprocess.Popen(["node", os.path.join(HERE, "rt_load.cjs")], env=env, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.subscribers = subscribers
+
+    def ask(self, line):
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        got = self.proc.stdout.readline()
+        if not got:
+            raise RuntimeError("rt_load.cjs exited (%s)" % self.proc.poll())
+        return json.loads(got)
+
+    def close(self):
+        try:
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.flush()
+            self.proc.wait(10)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+
+
+class RedisPublishLoad(Ticker):
+    """Broadcasts published straight to Redis channel rt:topic:faults, as
+    the event-processor publishes trigger.fired (SPEC 3, 5a): the path a
+    Redis restart cuts. Not retried: at most once, like the publisher."""
+
+    def __init__(self, stack, rate, tag):
+        super().__init__(rate)
+        import redis
+        self.r = redis.Redis.from_url(stack.redis_url, socket_timeout=2, socket_connect_timeout=2)
+        self.tag, self.n, self.accepted, self.failures = tag, 0, [], 0
+
+    def step(self):
+        if not self.running.is_set():
+            return False
+        import redis
+        n = self.n
+        self.n += 1
+        data = {"topic": "faults", "payload": {"p": self.tag, "n": n, "src": "redis"}, "from": "faults",
+                "message_id": "broadcast_" + str(uuid.uuid4()), "timestamp": int(time.time())}
+        try:
+            self.r.publish("rt:topic:faults", json.dumps(data))
+            self.accepted.append(n)
+        except redis.RedisError:
+            self.failures += 1
+        return False
+
+
 # ---------------------------------------------------------------- faults
 
 def server_pids(stack, which):
@@ -418,7 +485,10 @@ def main():
     ap.add_argument("--after", type=float, default=5.0, help="seconds of load after recovery")
     ap.add_argument("--drain", type=float, default=120.0, help="seconds allowed for delivery after the load")
     ap.add_argument("--var", default=os.path.join(ROOT, "var", "faults"))
+    ap.add_argument("--subscribers", type=int, default=1000, help="realtime subscribers (0: no realtime load)")
+    ap.add_argument("--rt-rate", type=float, default=5.0, help="realtime broadcasts/s")
     ap.add_argument("--keep", action="store_true", help="leave the stack running")
+    ap.add_argument("--json", help="also write the rows and failures to this file")
     a = ap.parse_args()
 
     known = all_faults()
@@ -431,6 +501,7 @@ def main():
     stack.prepare_db()
     recv = Receiver()
     rows, failed = [], []
+    rt = None
     try:
         log("starting the stack (%s) in %s" % (" ".join(services), a.var))
         stack.up()
@@ -457,6 +528,12 @@ def main():
             st, b = call("POST", stack.url("runtime", "/internal/v1/runs"), {"worker_id": "faults"})
             assert st == 201, (st, b)
             run_id = b["run"]["id"]
+        if "realtime" in services and a.subscribers > 0:
+            rt = RealtimeLoad(stack, a.subscribers, a.rt_rate)
+            r = rt.ask("ready")
+            log("realtime: %d of %d subscribers subscribed" % (r["ready"], r["subscribers"]))
+            if r["ready"] != r["subscribers"]:
+                raise RuntimeError("realtime subscribers did not all subscribe: %r" % r)
 
         for i, n in enumerate(names):
             f = known[n]
@@ -470,6 +547,11 @@ def main():
             pids = stack.pids()
             for ld in loads:
                 ld.start()
+            if rt:
+                rt.ask("ready")  # the reconnects of the previous fault are done
+                rt.ask("phase " + tag)
+                rpub = RedisPublishLoad(stack, a.rt_rate, tag)
+                rpub.start()
             time.sleep(a.before)
             log("%s" % f["name"])
             t0 = time.monotonic()
@@ -489,6 +571,30 @@ def main():
             for ld in loads:
                 if not ld.finish(a.drain):
                     problems.append("%s still not accepted after %.0f s" % (type(ld).__name__, a.drain))
+            if rt:
+                rpub.finish()
+                r = rt.ask("stop " + (",".join(map(str, rpub.accepted)) or "-"))
+                rr = r["redis"]
+                rows.append((f["name"], "redis→realtime", "%.0f×%d/s" % (a.rt_rate, a.subscribers), rr["accepted"],
+                             rr["delivered"], rr["lost"], rr["duplicated"], 0, rpub.failures, recovery))
+                if rr["duplicated"]:
+                    problems.append("realtime: %d Redis broadcasts delivered twice" % rr["duplicated"])
+                if rr["silent"]:
+                    # Reported, not failed: a Redis outage is invisible to
+                    # /ws clients by design (local delivery goes on).
+                    log("realtime: %d subscribers missed Redis broadcasts without an Error frame or close"
+                        % rr["silent"])
+                rows.append((f["name"], "realtime bcast", "%.0f×%d/s" % (a.rt_rate, a.subscribers), r["accepted"],
+                             r["delivered"], r["lost"], r["duplicated"], 0, r["refused"], recovery))
+                log("realtime: %s" % json.dumps(r))
+                # At-most-once: loss is reported, not a failure; but a
+                # subscriber that missed broadcasts must have been told
+                # (an Error frame or a close), and nothing may come twice.
+                if r["silent"]:
+                    problems.append("realtime: %d subscribers lost broadcasts with no Error frame or close"
+                                    % r["silent"])
+                if r["duplicated"]:
+                    problems.append("realtime: %d broadcasts delivered twice" % r["duplicated"])
             ev = loads[0]
             d, lost, dup, redel, bad = check_events(stack, recv, ev.accepted, a.drain)
             if bad:
@@ -509,19 +615,25 @@ def main():
                 failed.append((f["name"], problems))
                 log("%s: FAILED: %s" % (f["name"], "; ".join(problems)))
     finally:
+        if rt:
+            rt.close()
         if not a.keep:
             stack.stop()
         recv.peer.stop()
 
     hdr = ("fault", "path", "load", "accepted", "delivered", "lost", "duplicated", "redelivered", "refused",
            "recovery")
-    fmt = "%-24s %-16s %-9s %8s %9s %5s %10s %11s %7s %9s"
+    fmt = "%-24s %-16s %-10s %8s %9s %5s %10s %11s %7s %9s"
     print(fmt % hdr)
     for r in rows:
         print(fmt % (r[:9] + ("%.1f s" % r[9],)))
     print("\nredelivered: the same X-Idempotency-Key delivered again (at-least-once; deduplicated by the key);\n"
           "refused: requests the load retried because nothing accepted them (during the fault);\n"
-          "recovery: from the fault until every health route answers 200 again.")
+          "recovery: from the fault until every health route answers 200 again;\n"
+          "realtime bcast: accepted = broadcasts acked × subscribers; at-most-once (SPEC 5a), loss reported, not failed.")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"rows": [dict(zip(hdr, r)) for r in rows], "failed": failed}, f, indent=1)
     for name, problems in failed:
         print("FAILED %s: %s" % (name, "; ".join(problems)))
     if not rows:
