@@ -267,58 +267,68 @@ class Ticker(threading.Thread):
         return not self.is_alive()
 
 
-class EventLoad(Ticker):
-    """One event per tick (agent `agent` on chain 1, reputation), posted
-    until the gateway accepts it."""
+class RetryLoad(Ticker):
+    """One new item per tick, sent until accepted (the same item again on
+    the next tick while refused); accepted holds the ids of those accepted."""
+
+    def __init__(self, stack, rate, tag):
+        super().__init__(rate)
+        self.stack, self.tag = stack, tag
+        self.accepted, self.failures, self.pending, self.n = [], 0, None, 0
+
+    def step(self):
+        if self.pending is None:
+            if not self.running.is_set():
+                return False
+            self.n += 1
+            self.pending = self.make(self.n)
+        ident = self.send(self.pending)
+        if ident is not None:
+            self.accepted.append(ident)
+            self.pending = None
+            return False
+        self.failures += 1
+        return True
+
+
+class EventLoad(RetryLoad):
+    """Chain events (agent `agent` on chain 1, reputation), posted until the
+    gateway accepts them."""
 
     def __init__(self, stack, rate, agent, tag):
-        super().__init__(rate)
-        self.stack, self.agent, self.tag = stack, agent, tag
-        self.accepted, self.failures, self.pending, self.n = [], 0, None, 0
+        super().__init__(stack, rate, tag)
+        self.agent = agent
 
-    def step(self):
-        if self.pending is None:
-            if not self.running.is_set():
-                return False
-            self.n += 1
-            eid = "flt-%s-%06d-%s" % (self.tag, self.n, uuid.uuid4().hex[:6])
-            self.pending = {"id": eid, "chain_id": 1, "block_number": 1000 + self.n, "block_hash": "0xb" + eid[-6:],
-                            "transaction_hash": "0x" + uuid.uuid4().hex, "log_index": 0, "registry": "reputation",
-                            "event_type": "NewFeedback", "agent_id": self.agent, "timestamp": int(time.time()),
-                            "client_address": "0xc", "feedback_index": self.n, "score": 90, "tag1": "f", "tag2": ""}
-        st, body = call("POST", self.stack.url("api-gateway", "/api/v1/chain-events"), {"events": [self.pending]},
+    def make(self, n):
+        eid = "flt-%s-%06d-%s" % (self.tag, n, uuid.uuid4().hex[:6])
+        return {"id": eid, "chain_id": 1, "block_number": 1000 + n, "block_hash": "0xb" + eid[-6:],
+                "transaction_hash": "0x" + uuid.uuid4().hex, "log_index": 0, "registry": "reputation",
+                "event_type": "NewFeedback", "agent_id": self.agent, "timestamp": int(time.time()),
+                "client_address": "0xc", "feedback_index": n, "score": 90, "tag1": "f", "tag2": ""}
+
+    def send(self, ev):
+        st, body = call("POST", self.stack.url("api-gateway", "/api/v1/chain-events"), {"events": [ev]},
                         self.stack.ingest)
-        if st in (200, 201) and body and body.get("inserted", 0) + body.get("duplicates", 0) == 1:
-            self.accepted.append(self.pending["id"])
-            self.pending = None
-            return False
-        self.failures += 1
-        return True
+        ok = st in (200, 201) and body and body.get("inserted", 0) + body.get("duplicates", 0) == 1
+        return ev["id"] if ok else None
 
 
-class AppendLoad(Ticker):
-    """One runtime append per tick to run `run_id`, retried with the same
-    idempotency key until answered 200."""
+class AppendLoad(RetryLoad):
+    """Runtime appends to run `run_id`, each retried with its idempotency key
+    until answered 200."""
 
     def __init__(self, stack, rate, run_id, tag):
-        super().__init__(rate)
-        self.stack, self.run_id, self.tag = stack, run_id, tag
-        self.accepted, self.failures, self.pending, self.n = [], 0, None, 0
+        super().__init__(stack, rate, tag)
+        self.run_id = run_id
 
-    def step(self):
-        if self.pending is None:
-            if not self.running.is_set():
-                return False
-            self.n += 1
-            self.pending = "ap-%s-%06d" % (self.tag, self.n)
+    def make(self, n):
+        return ("ap-%s-%06d" % (self.tag, n), n)
+
+    def send(self, item):
+        key, n = item
         st, _ = call("POST", self.stack.url("runtime", "/internal/v1/runs/%s/events" % self.run_id),
-                     {"event_type": "tool.step", "payload": {"n": self.n}, "idempotency_key": self.pending})
-        if st == 200:
-            self.accepted.append(self.pending)
-            self.pending = None
-            return False
-        self.failures += 1
-        return True
+                     {"event_type": "tool.step", "payload": {"n": n}, "idempotency_key": key})
+        return key if st == 200 else None
 
 
 class RealtimeLoad:
