@@ -48,6 +48,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests", "integration"))
 sys.path.insert(0, os.path.join(ROOT, "tests", "integration", "peers"))
 from httppeers import Peer  # noqa: E402
 from pgtmp import free_port  # noqa: E402
+from tools import need  # noqa: E402
 
 import psycopg2  # noqa: E402
 
@@ -86,7 +87,7 @@ def call(method, url, body=None, token=None, timeout=5):
 
 def listening_pid(port):
     """The pid of the process listening on 127.0.0.1:port (ss -p)."""
-    out = subprocess.run(["ss", "-Hltnp", "sport = :%d" % port], capture_output=True, text=True).stdout
+    out = subprocess.run([need("ss"), "-Hltnp", "sport = :%d" % port], capture_output=True, text=True).stdout
     for part in out.split("pid=")[1:]:
         return int(part.split(",")[0])
     return None
@@ -339,7 +340,7 @@ class RealtimeLoad:
                        stdout=subprocess.DEVNULL)
         env = dict(os.environ, RT_URL="ws://127.0.0.1:%d/ws" % stack.ports["realtime"],
                    JWT_SECRET=stack.jwt_secret, RT_SUBSCRIBERS=str(subscribers), RT_RATE=str(rate))
-        self.proc = subprocess.Popen(["node", os.path.join(HERE, "rt_load.cjs")], env=env, stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([need("node"), os.path.join(HERE, "rt_load.cjs")], env=env, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, bufsize=1)
         self.subscribers = subscribers
 

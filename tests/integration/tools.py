@@ -33,6 +33,7 @@ PACKAGES = {
     "make": "build-essential",
     "clang": "clang",
     "valgrind": "valgrind",
+    "ss": "iproute2",
 }
 
 # Debian installs some server commands outside PATH.
