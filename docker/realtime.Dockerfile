@@ -23,6 +23,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --user-group --uid 10001 --home-dir /app --no-create-home --shell /usr/sbin/nologin ae
 COPY --from=build /src/bin/realtime /app/bin/
+COPY database/migrations /app/database/migrations
 ENV LOG_FORMAT=json HOST=0.0.0.0 PORT=8081
 WORKDIR /app
 USER ae

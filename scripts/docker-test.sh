@@ -26,6 +26,8 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
 cd "$ROOT"
 VAR=$ROOT/var/docker-test
 BASE_TAG=docker.io/library/debian:bookworm-slim
+# Bumped whenever make_base changes what it makes: an older base is made again.
+BASE_LABEL=ae.base=minbase-slim-2
 read -r -a IMAGES <<<"${DOCKER_TEST_IMAGES:-migrate api-gateway event-processor action-workers realtime runtime}"
 FAILED=0
 PIDS=()
@@ -58,7 +60,8 @@ mirror() {
 
 make_base() {
     local root=$VAR/rootfs m
-    if [[ ${DOCKER_TEST_REBASE:-0} != 1 ]] && podman image exists "$BASE_TAG"; then
+    if [[ ${DOCKER_TEST_REBASE:-0} != 1 ]] && podman image exists "$BASE_TAG" &&
+        [[ $(podman image inspect --format '{{index .Config.Labels "ae.base"}}' "$BASE_TAG" 2>/dev/null) == "${BASE_LABEL#*=}" ]]; then
         log "base image $BASE_TAG is there ($(podman image inspect --format '{{.Size}}' "$BASE_TAG" | numfmt --to=iec))"
         return 0
     fi
@@ -77,6 +80,14 @@ path-exclude /usr/share/info/*
 path-exclude /usr/share/locale/*
 path-include /usr/share/locale/locale.alias
 EOF
+    # Docker's debian images: apt keeps no .deb and no package caches in a
+    # layer (their /etc/apt/apt.conf.d/docker-clean).
+    cat >"$root/etc/apt/apt.conf.d/docker-clean" <<'EOF'
+DPkg::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };
+APT::Update::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };
+Dir::Cache::pkgcache "";
+Dir::Cache::srcpkgcache "";
+EOF
     printf 'APT::Install-Recommends "false";\n' >"$root/etc/apt/apt.conf.d/docker-no-recommends"
     rm -f "$root/etc/apt/sources.list"
     cat >"$root/etc/apt/sources.list.d/debian.sources" <<EOF
@@ -90,7 +101,7 @@ EOF
     find "$root/usr/share/doc" -mindepth 1 -not -name copyright -not -type d -delete
     find "$root/usr/share/locale" -mindepth 1 -maxdepth 1 -not -name locale.alias -exec rm -rf {} +
     tar --numeric-owner -C "$root" -c . |
-        podman import --change 'CMD ["bash"]' - "$BASE_TAG" >/dev/null
+        podman import --change 'CMD ["bash"]' --change "LABEL $BASE_LABEL" - "$BASE_TAG" >/dev/null
     rm -rf "$root"
     log "imported $BASE_TAG ($(podman image inspect --format '{{.Size}}' "$BASE_TAG" | numfmt --to=iec))"
 }

@@ -453,11 +453,16 @@ class Dockerfiles(unittest.TestCase):
                 self.assertEqual(os.path.basename(entry[0]), name)
 
     def test_migrations_where_a_program_applies_them(self):
-        # The gateway, the event-processor and runtime migrate at start
-        # (MIGRATIONS_DIR defaults to <binary dir>/../database/migrations).
+        # A service that migrates at start finds database/migrations beside
+        # its binary's directory (migrate_default_dir); one that does not
+        # needs none.
         for name in IMAGES:
             with self.subTest(image=name):
-                wants = name in ("api-gateway", "event-processor", "runtime", "migrate")
+                srcdir = os.path.join(ROOT, "database" if name == "migrate" else name)
+                wants = False
+                for src in glob.glob(os.path.join(srcdir, "*.c")):
+                    with open(src) as f:
+                        wants = wants or "migrate_default_dir" in f.read()
                 has = any(srcs == ["database/migrations"] and dest == "/app/database/migrations"
                           for _s, srcs, dest in copies(final(name)))
                 self.assertEqual(has, wants)
