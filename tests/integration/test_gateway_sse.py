@@ -106,10 +106,22 @@ def setUpModule():
     R = redis.Redis.from_url(REDIS_URL)
     PORT_A, PORT_B = free_port(), free_port()
     BASE_A, BASE_B = "http://127.0.0.1:%d" % PORT_A, "http://127.0.0.1:%d" % PORT_B
-    A = Service("api-gateway", gw_env(PORT_A), health=BASE_A + "/health").start()
-    B = Service("api-gateway", gw_env(PORT_B), health=BASE_B + "/health").start()
-    # A live gateway holds the ingest lock (raw PUBLISH): one of the two,
-    # within a second of a killed holder's lock expiring (3 s).
+    A = Service("api-gateway", gw_env(PORT_A), health=BASE_A + "/health")
+    B = Service("api-gateway", gw_env(PORT_B), health=BASE_B + "/health")
+    try:
+        A.start()
+        B.start()
+        _wait_for_ingester()
+    except BaseException:
+        # tearDownModule does not run after a failed setUpModule.
+        A.stop()
+        B.stop()
+        raise
+
+
+def _wait_for_ingester():
+    """A live gateway holds the ingest lock (raw PUBLISH): one of the two,
+    within a second of a killed holder's lock expiring (3 s)."""
     def ingester():
         v = R.get("sse:ingest:lock")
         if v is None:
