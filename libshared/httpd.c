@@ -1035,6 +1035,40 @@ static enum MHD_Result httpd_discard(httpd_req *req, size_t len)
     return req->discarded > cap ? MHD_NO : MHD_YES;
 }
 
+static enum MHD_Result httpd_count_clen(void *cls, enum MHD_ValueKind kind, const char *key, const char *value)
+{
+    (void)kind;
+    (void)value;
+    if (strcasecmp(key, MHD_HTTP_HEADER_CONTENT_LENGTH) == 0)
+        (*(int *)cls)++;
+    return MHD_YES;
+}
+
+/* Why the request's framing is ambiguous, or NULL. A body whose length two
+ * parties could read differently is how requests are smuggled past a front
+ * proxy or into ours (RFC 9112 6.1, 6.3): Content-Length with
+ * Transfer-Encoding, two Content-Lengths, one that is not a plain number,
+ * or a coding other than chunked (which MHD would not decode). Such a
+ * request is refused and its connection closed, so nothing after it on the
+ * connection is read as a request. */
+static const char *httpd_framing_error(const httpd_req *req)
+{
+    const char *clen = httpd_req_header(req, MHD_HTTP_HEADER_CONTENT_LENGTH);
+    const char *te = httpd_req_header(req, MHD_HTTP_HEADER_TRANSFER_ENCODING);
+    int nclen = 0;
+
+    MHD_get_connection_values(req->conn, MHD_HEADER_KIND, httpd_count_clen, &nclen);
+    if (clen && te)
+        return "Content-Length and Transfer-Encoding together";
+    if (nclen > 1)
+        return "more than one Content-Length";
+    if (clen && (!*clen || strspn(clen, "0123456789") != strlen(clen)))
+        return "Content-Length is not a number";
+    if (te && strcasecmp(te, "chunked") != 0)
+        return "Transfer-Encoding other than chunked";
+    return NULL;
+}
+
 static enum MHD_Result httpd_deferred_step(httpd_req *req, const char *data, size_t *len);
 
 static enum MHD_Result httpd_access(void *cls, struct MHD_Connection *conn, const char *url, const char *method,
@@ -1056,8 +1090,15 @@ static enum MHD_Result httpd_access(void *cls, struct MHD_Connection *conn, cons
          * keep-alive; unless the body is large or chunked, which must then
          * not be read at all. A request the stream hooks took (deferred)
          * gets its body through the sink. */
+        const char *bad;
+
         httpd_req_init(req, srv, conn, url, method);
         httpd_conn_busy(srv, conn);
+        if ((bad = httpd_framing_error(req))) {
+            httpd_respond_error(req, 400, "invalid_request", bad, NULL);
+            httpd_req_add_header(req, MHD_HTTP_HEADER_CONNECTION, "close");
+            return httpd_queue(req);
+        }
         httpd_on_headers(req);
         if (req->defer)
             return req->response ? httpd_queue(req) : MHD_YES;
