@@ -1077,14 +1077,29 @@ static upstream *px_find(proxy *px, const char *name, size_t n)
     return NULL;
 }
 
-/* "/.." or "/." segments (plain or %-encoded) could climb out of the
- * upstream's base path once libcurl normalises the URL. */
+/* Length of the path separator at p (/, \\, %2f or %5c), else 0. An
+ * upstream that decodes %2f or takes \\ for / before it resolves dot
+ * segments would climb on them too. */
+static size_t px_sep_len(const char *p)
+{
+    if (*p == '/' || *p == '\\')
+        return 1;
+    if (p[0] == '%' && ((p[1] == '2' && (p[2] == 'f' || p[2] == 'F')) || (p[1] == '5' && (p[2] == 'c' || p[2] == 'C'))))
+        return 3;
+    return 0;
+}
+
+/* "/.." or "/." segments (plain or %-encoded, between any separators that
+ * px_sep_len knows) could climb out of the upstream's base path once
+ * libcurl or the upstream normalises the URL. */
 static int has_dot_segment(const char *p)
 {
     for (const char *s = p; *s && *s != '?'; s++) {
-        if (*s != '/')
+        size_t sep = px_sep_len(s);
+
+        if (!sep)
             continue;
-        const char *t = s + 1;
+        const char *t = s + sep;
         int dots = 0;
 
         for (;;) {
@@ -1098,7 +1113,7 @@ static int has_dot_segment(const char *p)
                 break;
             }
         }
-        if (dots >= 1 && dots <= 2 && (*t == '/' || *t == '\0' || *t == '?'))
+        if (dots >= 1 && dots <= 2 && (px_sep_len(t) || *t == '\0' || *t == '?'))
             return 1;
     }
     return 0;
