@@ -150,6 +150,23 @@ static size_t utf8_seq(const unsigned char *s, size_t n, size_t *bad)
     return need + 1;
 }
 
+size_t buf_utf8_valid(const char *s, size_t n)
+{
+    const unsigned char *p = (const unsigned char *)s, *end = p + n;
+    size_t bad = 0, k;
+
+    while (p < end) {
+        if (*p < 0x80) {
+            p++;
+            continue;
+        }
+        if (!(k = utf8_seq(p, (size_t)(end - p), &bad)))
+            break;
+        p += k;
+    }
+    return (size_t)(p - (const unsigned char *)s);
+}
+
 int buf_append_utf8(buf *b, const char *s, size_t n)
 {
     const unsigned char *p = (const unsigned char *)s, *end = p + n, *run = p;

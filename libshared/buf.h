@@ -58,6 +58,11 @@ char *buf_extend(buf *b, size_t n);
  * -1 (OOM). */
 int buf_append_utf8(buf *b, const char *s, size_t n);
 
+/* The length of the longest well-formed UTF-8 prefix of the `n` bytes at s
+ * (n when they are all UTF-8; the same rules as buf_append_utf8: no
+ * overlong forms, surrogates or code points past U+10FFFF). */
+size_t buf_utf8_valid(const char *s, size_t n);
+
 /* Empties the buffer and keeps its memory. */
 void buf_reset(buf *b);
 /* Makes room for at least `n` bytes (and the NUL) in all, so that the

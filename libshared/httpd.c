@@ -21,6 +21,7 @@
 
 #include <microhttpd.h>
 
+#include "buf.h"
 #include "log.h"
 
 #define HTTPD_MAX_ROUTES 128
@@ -361,6 +362,7 @@ int httpd_req_json(httpd_req *req, cJSON **out)
 {
     const char *end = NULL;
     size_t pos, line = 1, col = 1;
+    int bad_utf8;
     cJSON *json;
 
     *out = NULL;
@@ -368,7 +370,16 @@ int httpd_req_json(httpd_req *req, cJSON **out)
         httpd_respond_error(req, 400, "invalid_request", "request body is empty: expected JSON", NULL);
         return -1;
     }
-    json = cJSON_ParseWithLengthOpts(req->body, req->body_len, &end, 0);
+    /* JSON is UTF-8 (RFC 8259 8.1); cJSON copies any bytes, and one bad
+     * byte would fail the whole PostgreSQL statement later (a 500). */
+    pos = buf_utf8_valid(req->body, req->body_len);
+    bad_utf8 = pos < req->body_len;
+    if (bad_utf8) {
+        json = NULL;
+        end = req->body + pos;
+    } else {
+        json = cJSON_ParseWithLengthOpts(req->body, req->body_len, &end, 0);
+    }
     if (json) {
         *out = json;
         return 0;
@@ -389,7 +400,9 @@ int httpd_req_json(httpd_req *req, cJSON **out)
     cJSON_AddNumberToObject(details, "line", (double)line);
     cJSON_AddNumberToObject(details, "column", (double)col);
     char msg[128];
-    snprintf(msg, sizeof(msg), "malformed JSON at position %zu (line %zu, column %zu)", pos, line, col);
+    snprintf(msg, sizeof(msg), "%s at position %zu (line %zu, column %zu)",
+             bad_utf8 ? "invalid UTF-8" : "malformed JSON",
+             pos, line, col);
     httpd_respond_error(req, 400, "invalid_request", msg, details);
     return -1;
 }

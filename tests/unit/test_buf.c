@@ -137,13 +137,27 @@ static void test_utf8_repair(void **state)
     buf_free(&b);
 }
 
+static void test_utf8_valid(void **state)
+{
+    (void)state;
+    assert_int_equal(buf_utf8_valid("", 0), 0);
+    assert_int_equal(buf_utf8_valid("plain", 5), 5);
+    assert_int_equal(buf_utf8_valid("caf\xC3\xA9 \xF0\x9F\x98\x80", 10), 10);
+    assert_int_equal(buf_utf8_valid("ab\xFF" "cd", 5), 2);        /* never a UTF-8 byte */
+    assert_int_equal(buf_utf8_valid("a\xC0\xAF", 3), 1);       /* overlong "/" */
+    assert_int_equal(buf_utf8_valid("a\xED\xA0\x80", 4), 1);   /* a surrogate */
+    assert_int_equal(buf_utf8_valid("\xF4\x90\x80\x80", 4), 0); /* past U+10FFFF */
+    assert_int_equal(buf_utf8_valid("ok\xE2\x82", 4), 2);      /* cut short */
+    assert_int_equal(buf_utf8_valid("a\0b", 3), 3);             /* NUL is UTF-8 */
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_append_cuts_at_max), cmocka_unit_test(test_append_all_refuses),
         cmocka_unit_test(test_growth),             cmocka_unit_test(test_extend),
         cmocka_unit_test(test_reserve),            cmocka_unit_test(test_take),
-        cmocka_unit_test(test_utf8_repair),
+        cmocka_unit_test(test_utf8_repair),        cmocka_unit_test(test_utf8_valid),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);
