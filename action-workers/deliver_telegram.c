@@ -44,6 +44,19 @@ static int chat_id(aw *app, job *j)
     return j->chat[0] ? 0 : -1;
 }
 
+/* Whether s is -?(0|[1-9][0-9]*) of at most 18 digits (every Telegram
+ * chat id, and exact in an int64 and in a double's 53 bits for the ids
+ * Telegram hands out). */
+static int tg_chat_is_int(const char *s)
+{
+    size_t n;
+
+    if (*s == '-')
+        s++;
+    n = strspn(s, "0123456789");
+    return n >= 1 && n <= 18 && s[n] == '\0' && (s[0] != '0' || n == 1);
+}
+
 static const char *str_field(const cJSON *ev, const char *name)
 {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(ev, name);
@@ -247,15 +260,13 @@ int deliver_telegram_begin(aw *app, queue *q, job *j, long long now)
     body = cJSON_CreateObject();
     if (!text || !body)
         goto oom;
-    /* chat ids are numbers, or @channel names. */
-    if (j->chat[0] == '@')
-        cJSON_AddStringToObject(body, "chat_id", j->chat);
-    else
+    /* chat ids are numbers, or @channel names: a number goes out as one
+     * only when it is a JSON integer ("-", "007" or a 300-digit id as raw
+     * JSON would make the whole body unreadable); anything else as text. */
+    if (tg_chat_is_int(j->chat))
         cJSON_AddRawToObject(body, "chat_id", j->chat);
-    if (j->chat[0] != '@' && strspn(j->chat + (j->chat[0] == '-'), "0123456789") != strlen(j->chat + (j->chat[0] == '-'))) {
-        cJSON_DeleteItemFromObjectCaseSensitive(body, "chat_id");
+    else
         cJSON_AddStringToObject(body, "chat_id", j->chat);
-    }
     cJSON_AddStringToObject(body, "text", text);
     if (parse_mode[0])
         cJSON_AddStringToObject(body, "parse_mode", parse_mode);
