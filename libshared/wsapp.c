@@ -762,6 +762,14 @@ int wsapp_req_json(wsapp_req *req, cJSON **out)
         wsapp_respond_error(req, 400, "invalid_request", "request body is empty; JSON expected", NULL);
         return -1;
     }
+    /* JSON is UTF-8; one bad byte would fail a PostgreSQL statement later. */
+    if (buf_utf8_valid(body, len) < len) {
+        char msg[128];
+
+        snprintf(msg, sizeof(msg), "invalid UTF-8 at position %zu", buf_utf8_valid(body, len));
+        wsapp_respond_error(req, 400, "invalid_request", msg, NULL);
+        return -1;
+    }
     *out = cJSON_ParseWithLengthOpts(body, len, &end, 0);
     if (!*out) {
         char msg[128];

@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "buf.h"
 #include "fmt.h"
 #include "svc.h"
 
@@ -51,6 +52,13 @@ int rt_body_object(const rt_req *q, cJSON **out, int allow_empty, rt_resp *a)
             return 0;
         }
         rt_error(a, 400, "invalid_request", "request body is empty: expected a JSON object");
+        return -1;
+    }
+    /* JSON is UTF-8; one bad byte would fail the PostgreSQL statement (500). */
+    i = buf_utf8_valid(q->body, q->body_len);
+    if (i < q->body_len) {
+        snprintf(msg, sizeof(msg), "invalid UTF-8 at byte %zu", i);
+        rt_error(a, 400, "invalid_request", msg);
         return -1;
     }
     *out = cJSON_ParseWithLengthOpts(q->body, q->body_len, &end, 0);

@@ -312,5 +312,28 @@ class Traversal(HostileBase):
                             (p, seen))
 
 
+class RuntimeBodies(unittest.TestCase):
+    """The runtime's append bodies (its own HTTP server, libshared/wsapp)."""
+
+    def test_append_bodies_refused_and_run_intact(self):
+        from test_runtime import Runtime
+        rt = Runtime().start()
+        try:
+            run = rt.new_run()
+            path = rt.base + "/internal/v1/runs/%s/events" % run["id"]
+            for bad in (b'{"event_type":"x","payload":{"t":"\xff"}}', b'{"event_type":"\xed\xa0\x80"}',
+                        b'{"event_type":"x","payload":' + b"[" * 10000 + b"]" * 10000 + b"}"):
+                st, _, data = http("POST", path, bad, {"Content-Type": "application/json"})
+                body = json.loads(data)
+                self.assertEqual((st, body["error"]), (400, "invalid_request"), (bad[:60], body))
+            st, _, b = rt.append(run["id"], "step", {"ok": "caf\u00e9"})
+            self.assertEqual(st, 200, b)
+            st, _, b = rt.call("GET", "/internal/v1/runs/" + run["id"])
+            self.assertEqual([e["seq"] for e in b["run"]["events"]], [1, 2], b)
+            self.assertIsNone(rt.proc.poll())
+        finally:
+            rt.stop()
+
+
 if __name__ == "__main__":
     unittest.main()
