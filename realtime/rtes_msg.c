@@ -521,8 +521,37 @@ int rtes_msg_frame(int node, const char *body, size_t len, const char *key, buf 
     return 0;
 }
 
+/* The offset of the first control byte that RFC 8259 forbids (any below
+ * 0x20 inside a string; outside, any but space, tab, LF and CR), or len.
+ * cJSON takes every byte up to 0x20 for whitespace and raw control bytes
+ * in strings, but a frame is cut from this text and a browser's JSON.parse
+ * would refuse it, or, between members, the cutting would go wrong. */
+static size_t bad_control(const char *s, size_t len)
+{
+    int in_str = 0;
+
+    for (size_t i = 0; i < len; i++) {
+        unsigned char c = (unsigned char)s[i];
+
+        if (in_str) {
+            if (c < 0x20)
+                return i;
+            if (c == '\\')
+                i++;
+            else if (c == '"')
+                in_str = 0;
+        } else if (c == '"') {
+            in_str = 1;
+        } else if (c < 0x20 && c != '\t' && c != '\n' && c != '\r') {
+            return i;
+        }
+    }
+    return len;
+}
+
 int rtes_msg_parse(rtes_kind k, const char *data, size_t len, rtes_msg *m, char *err, size_t errlen)
 {
+    size_t at;
     const char *end = NULL;
     cJSON *o = NULL;
     buf b;
@@ -549,6 +578,10 @@ int rtes_msg_parse(rtes_kind k, const char *data, size_t len, rtes_msg *m, char 
     buf_free(&b);
     if (!m->body) {
         snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    if ((at = bad_control(m->body, m->body_len)) < m->body_len) {
+        snprintf(err, errlen, "not JSON (a control character at byte %zu)", at);
         return -1;
     }
     o = cJSON_ParseWithLengthOpts(m->body, m->body_len, &end, 0);

@@ -371,11 +371,16 @@ class History(RtesCase):
                                         '"output":"a\\u0000b"}' % eid),
                ("workflow.node.status", '{"workflow_id":"wf-1","execution_id":"%s","node_id":"y","node_name":"x",'
                                         '"status":"running","executed_at":"t","duration_ms":1,'
-                                        '"output":{"v":1e999999}}' % eid)]
+                                        '"output":{"v":1e999999}}' % eid),
+               # A control byte cJSON takes for whitespace: the frame cut
+               # from the text would not be JSON to a browser.
+               ("workflow.node.status", '{"workflow_id":"wf-1","execution_id":"%s","node_id":"c","node_name":"x",'
+                                        '"status":"running","executed_at":"t","duration_ms":1,'
+                                        '"parameters":\x16{"p":2}}' % eid)]
         publish(bad + [status(eid, "good")])
         self.wait_count(eid, 1)
         wait_for(lambda: len([x for x in self.svc.log_lines() if x.get("msg") == "message rejected"
-                              ]) >= 6, 20, what="six rejections logged")
+                              ]) >= 7, 20, what="seven rejections logged")
         time.sleep(0.5)
         with self.db.cursor() as c:
             c.execute("SELECT msg->>'node_id' FROM rtes_events WHERE execution_id = %s", (eid,))
@@ -388,6 +393,7 @@ class History(RtesCase):
         self.assertIn("missing final_context", reasons)
         self.assertIn("\\u0000", reasons)
         self.assertIn("out of range", reasons)
+        self.assertIn("control character", reasons)
         self.assertTrue(all(x["queue"] in QUEUES for x in lines))
         self.assertTrue(any(x["queue"] == "workflow.completion" for x in lines))
         # Rejected without requeue: nothing is redelivered.
