@@ -147,7 +147,9 @@ static int metrics_init(rt *r)
     r->stale_budget = metrics_counter_get(r->m, "runtime_khala_stale_cursor_total", "Stale-cursor refusals by reason.",
                                           "reason=\"replay_budget_exceeded\"");
     r->subscribers = metrics_gauge_get(r->m, "runtime_khala_subscribers", "Open Khala WebSocket subscriptions.", NULL);
-    return r->conflicts && r->replays && r->published && r->stale_floor && r->stale_budget && r->subscribers ? 0 : -1;
+    r->append_commits = metrics_counter_get(r->m, "runtime_append_commits_total",
+                                            "Transactions that wrote appends (a group commit writes many).", NULL);
+    return r->append_commits && r->conflicts && r->replays && r->published && r->stale_floor && r->stale_budget && r->subscribers ? 0 : -1;
 }
 
 int main(void)
@@ -169,9 +171,10 @@ int main(void)
         return 2;
     }
     r.started_ms = svc_now_ms();
-    /* Two more connections than handler threads: the WebSocket accept
-     * check and the stop path never wait behind a full pool. */
-    r.db = dbpool_new(b.conninfo, b.db_max + 2);
+    /* Two more connections than handler and append threads: the
+     * WebSocket accept check and the stop path never wait behind a full
+     * pool. */
+    r.db = dbpool_new(b.conninfo, b.db_max + RTSERVE_APPEND_THREADS + 2);
     r.tok = synctoken_new(&b.tok);
     r.rate = khala_table_new(4096);
     r.guard = khala_table_new(4096);

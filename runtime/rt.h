@@ -63,7 +63,7 @@ typedef struct {
     health *health;
     metrics *m;
     long long started_ms;
-    metrics_counter *conflicts, *replays, *published, *stale_floor, *stale_budget;
+    metrics_counter *conflicts, *replays, *published, *stale_floor, *stale_budget, *append_commits;
     metrics_gauge *subscribers;
 } rt;
 
@@ -110,5 +110,18 @@ int rt_body_object(const rt_req *q, cJSON **out, int allow_empty, rt_resp *a);
 int rt_is_uuid(const char *s);
 /* Counts one append of `event_type` (bounded label set). */
 void rt_count_append(rt *r, const char *event_type);
+
+/* --- helpers of rtruns.c that rtappend.c shares. */
+
+/* A text column as a JSON string (raw: as JSON text), or null. */
+cJSON *rt_text_or_null(const PGresult *res, int row, int col);
+cJSON *rt_raw_or_null(const PGresult *res, int row, int col);
+/* Answers {"run": RUN} (status `status`) for run `id` read on c, with its
+ * events unless with_events is 0; 404 or 503 when it cannot. */
+void rt_answer_run(rt_resp *a, PGconn *c, const char *id, int status, int with_events);
+/* A pooled connection, or NULL with a 503 in `a`. */
+PGconn *rt_acquire(rt *r, rt_resp *a);
+/* The route's {id} when it is a UUID (0), else -1 with a 400 in `a`. */
+int rt_run_id_param(const rt_req *q, rt_resp *a, const char **id);
 
 #endif

@@ -1,6 +1,5 @@
 /* rtruns: runs, their event log, receipts, replay and the run projections
- * (SPEC 6). The append itself is one call of runtime.append_run_event
- * (database/migrations/0014_runtime.sql): one round trip, one transaction. */
+ * (SPEC 6). Appends are rtappend's. */
 #include "rt.h"
 
 #include <stdio.h>
@@ -24,12 +23,12 @@ static const char EVENTS_SQL[] =
     "SELECT seq, event_type, payload::text, idempotency_key, runtime.ts(recorded_at) "
     "FROM runtime.run_events WHERE run_id = $1 ORDER BY seq";
 
-static cJSON *text_or_null(const PGresult *res, int row, int col)
+cJSON *rt_text_or_null(const PGresult *res, int row, int col)
 {
     return PQgetisnull(res, row, col) ? cJSON_CreateNull() : cJSON_CreateString(PQgetvalue(res, row, col));
 }
 
-static cJSON *raw_or_null(const PGresult *res, int row, int col)
+cJSON *rt_raw_or_null(const PGresult *res, int row, int col)
 {
     return PQgetisnull(res, row, col) ? cJSON_CreateNull() : cJSON_CreateRaw(PQgetvalue(res, row, col));
 }
@@ -58,9 +57,9 @@ static cJSON *run_load(PGconn *c, const char *id, int with_events, int *found, c
     }
     run = cJSON_CreateObject();
     cJSON_AddStringToObject(run, "id", PQgetvalue(res, 0, 0));
-    cJSON_AddItemToObject(run, "worker_id", text_or_null(res, 0, 1));
+    cJSON_AddItemToObject(run, "worker_id", rt_text_or_null(res, 0, 1));
     cJSON_AddStringToObject(run, "status", PQgetvalue(res, 0, 2));
-    cJSON_AddItemToObject(run, "metadata", raw_or_null(res, 0, 3));
+    cJSON_AddItemToObject(run, "metadata", rt_raw_or_null(res, 0, 3));
     if (ev) {
         events = cJSON_AddArrayToObject(run, "events");
         for (i = 0; i < PQntuples(ev); i++) {
@@ -68,7 +67,7 @@ static cJSON *run_load(PGconn *c, const char *id, int with_events, int *found, c
             cJSON_AddNumberToObject(e, "seq", (double)strtoll(PQgetvalue(ev, i, 0), NULL, 10));
             cJSON_AddStringToObject(e, "event_type", PQgetvalue(ev, i, 1));
             cJSON_AddItemToObject(e, "payload", cJSON_CreateRaw(PQgetvalue(ev, i, 2)));
-            cJSON_AddItemToObject(e, "idempotency_key", text_or_null(ev, i, 3));
+            cJSON_AddItemToObject(e, "idempotency_key", rt_text_or_null(ev, i, 3));
             cJSON_AddStringToObject(e, "recorded_at", PQgetvalue(ev, i, 4));
             cJSON_AddItemToArray(events, e);
         }
@@ -83,7 +82,7 @@ static cJSON *run_load(PGconn *c, const char *id, int with_events, int *found, c
 }
 
 /* Answers {"run": RUN} (status `status`) for run `id` on connection c. */
-static void answer_run(rt_resp *a, PGconn *c, const char *id, int status, int with_events)
+void rt_answer_run(rt_resp *a, PGconn *c, const char *id, int status, int with_events)
 {
     char err[512];
     int found;
@@ -103,7 +102,7 @@ static void answer_run(rt_resp *a, PGconn *c, const char *id, int status, int wi
     cJSON_AddItemToObject(a->json, "run", run);
 }
 
-static PGconn *acquire(rt *r, rt_resp *a)
+PGconn *rt_acquire(rt *r, rt_resp *a)
 {
     char err[256];
     PGconn *c = dbpool_acquire(r->db, RT_ACQUIRE_MS);
@@ -113,7 +112,7 @@ static PGconn *acquire(rt *r, rt_resp *a)
     return c;
 }
 
-static int run_id_param(const rt_req *q, rt_resp *a, const char **id)
+int rt_run_id_param(const rt_req *q, rt_resp *a, const char **id)
 {
     *id = q->param(q, "id");
     if (!rt_is_uuid(*id)) {
@@ -168,7 +167,7 @@ void rt_h_run_create(rt *r, const rt_req *q, rt_resp *a)
         rt_error(a, 500, "internal", "out of memory");
         goto out;
     }
-    if (!(c = acquire(r, a)))
+    if (!(c = rt_acquire(r, a)))
         goto out;
     new_uuid(id);
     p[0] = id;
@@ -183,151 +182,10 @@ void rt_h_run_create(rt *r, const rt_req *q, rt_resp *a)
     PQclear(res);
     rt_count_append(r, "run.started");
     metrics_counter_inc(r->published);
-    answer_run(a, c, id, 201, 1);
+    rt_answer_run(a, c, id, 201, 1);
 out:
     dbpool_release(r->db, c);
     free(meta_text);
-    cJSON_Delete(body);
-}
-
-/* The run without its events, from the row runtime.append_run_event
- * returned (outcome, seq, status, message, worker_id, metadata,
- * created_at, updated_at). */
-static void answer_minimal(rt_resp *a, const char *id, const PGresult *res)
-{
-    cJSON *run = cJSON_CreateObject();
-
-    cJSON_AddStringToObject(run, "id", id);
-    cJSON_AddItemToObject(run, "worker_id", text_or_null(res, 0, 4));
-    cJSON_AddStringToObject(run, "status", PQgetvalue(res, 0, 2));
-    cJSON_AddItemToObject(run, "metadata", raw_or_null(res, 0, 5));
-    cJSON_AddNumberToObject(run, "last_seq", (double)strtoll(PQgetvalue(res, 0, 1), NULL, 10));
-    cJSON_AddStringToObject(run, "created_at", PQgetvalue(res, 0, 6));
-    cJSON_AddStringToObject(run, "updated_at", PQgetvalue(res, 0, 7));
-    a->status = 200;
-    a->json = cJSON_CreateObject();
-    cJSON_AddItemToObject(a->json, "run", run);
-}
-
-/* Prefer: return=minimal (RFC 7240) answers the run without its events:
- * the full answer grows with the log, which a client appending thousands
- * of events to one run may not want back each time. */
-static int wants_minimal(const rt_req *q)
-{
-    const char *v = q->header(q, "Prefer");
-
-    return v && strstr(v, "return=minimal") != NULL;
-}
-
-static int check_publish(rt *r, const char *topic, size_t payload_bytes, rt_resp *a)
-{
-    khala_class cls = khala_topic_class(topic);
-    const khala_limits *l = &r->cfg.limits[cls];
-    long retry = 0;
-
-    if ((long)payload_bytes > l->max_payload_bytes) {
-        rt_error(a, 413, "payload_too_large", "khala frame payload exceeds configured limit");
-        cJSON_AddStringToObject(a->json, "reason_code", "khala_frame_payload_too_large");
-        cJSON_AddStringToObject(a->json, "topic", topic);
-        cJSON_AddStringToObject(a->json, "topic_class", khala_class_name(cls));
-        cJSON_AddNumberToObject(a->json, "payload_bytes", (double)payload_bytes);
-        cJSON_AddNumberToObject(a->json, "max_payload_bytes", (double)l->max_payload_bytes);
-        return -1;
-    }
-    if (khala_rate_take(r->rate, topic, l->publish_per_second, svc_now_ms(), &retry) < 0) {
-        rt_error(a, 429, "rate_limited", "khala publish rate limit exceeded");
-        cJSON_AddStringToObject(a->json, "reason_code", "khala_publish_rate_limited");
-        cJSON_AddNumberToObject(a->json, "retry_after_ms", (double)retry);
-        cJSON_AddStringToObject(a->json, "topic", topic);
-        cJSON_AddStringToObject(a->json, "topic_class", khala_class_name(cls));
-        cJSON_AddNumberToObject(a->json, "max_publish_per_second", (double)l->publish_per_second);
-        snprintf(a->retry_after, sizeof(a->retry_after), "1");
-        return -1;
-    }
-    return 0;
-}
-
-void rt_h_run_append(rt *r, const rt_req *q, rt_resp *a)
-{
-    cJSON *body = NULL, *type, *payload, *key, *expected;
-    char *payload_text = NULL, topic[64], exp_text[FMT_I64_MAX], err[512];
-    const char *id, *p[5], *outcome;
-    PGconn *c = NULL;
-    PGresult *res = NULL;
-
-    if (rt_writes_frozen(r, a) < 0 || run_id_param(q, a, &id) < 0 || rt_body_object(q, &body, 0, a) < 0)
-        return;
-    type = cJSON_GetObjectItemCaseSensitive(body, "event_type");
-    payload = cJSON_GetObjectItemCaseSensitive(body, "payload");
-    key = cJSON_GetObjectItemCaseSensitive(body, "idempotency_key");
-    expected = cJSON_GetObjectItemCaseSensitive(body, "expected_previous_seq");
-    if (!cJSON_IsString(type) || !type->valuestring[0] || strlen(type->valuestring) > 256) {
-        rt_error(a, 400, "invalid_request", "event_type must be a non-empty string (at most 256 bytes)");
-        goto out;
-    }
-    if (key && !cJSON_IsNull(key) && (!cJSON_IsString(key) || strlen(key->valuestring) > 512)) {
-        rt_error(a, 400, "invalid_request", "idempotency_key must be a string (at most 512 bytes)");
-        goto out;
-    }
-    if (expected && !cJSON_IsNull(expected) &&
-        (!cJSON_IsNumber(expected) || expected->valuedouble < 0 || expected->valuedouble > 9e15 ||
-         expected->valuedouble != (double)(long long)expected->valuedouble)) {
-        rt_error(a, 400, "invalid_request", "expected_previous_seq must be a non-negative integer");
-        goto out;
-    }
-    if (strcmp(type->valuestring, "run.finished") == 0 &&
-        !cJSON_IsString(cJSON_GetObjectItemCaseSensitive(payload, "status"))) {
-        rt_error(a, 400, "invalid_request", "run.finished requires payload.status");
-        goto out;
-    }
-    payload_text = payload && !cJSON_IsNull(payload) ? cJSON_PrintUnformatted(payload) : strdup("{}");
-    if (!payload_text) {
-        rt_error(a, 500, "internal", "out of memory");
-        goto out;
-    }
-    snprintf(topic, sizeof(topic), "run:%s:events", id);
-    if (check_publish(r, topic, strlen(payload_text), a) < 0)
-        goto out;
-    if (!(c = acquire(r, a)))
-        goto out;
-    if (cJSON_IsNumber(expected))
-        fmt_i64(exp_text, (long long)expected->valuedouble);
-    p[0] = id;
-    p[1] = type->valuestring;
-    p[2] = payload_text;
-    p[3] = cJSON_IsString(key) ? key->valuestring : NULL;
-    p[4] = cJSON_IsNumber(expected) ? exp_text : NULL;
-    res = dbpool_exec_prepared(c, "rt_append", "SELECT * FROM runtime.append_run_event($1, $2, $3::jsonb, $4, $5)", 5,
-                               p, err, sizeof(err));
-    if (!res || PQntuples(res) != 1) {
-        log_warn("runtime: append to run %s failed: %s", id, res ? "no outcome" : err);
-        rt_db_error(a, err);
-        goto out;
-    }
-    outcome = PQgetvalue(res, 0, 0);
-    if (strcmp(outcome, "appended") == 0 || strcmp(outcome, "replayed") == 0) {
-        if (outcome[0] == 'a') {
-            rt_count_append(r, type->valuestring);
-            metrics_counter_inc(r->published);
-        } else {
-            metrics_counter_inc(r->replays);
-        }
-        if (wants_minimal(q))
-            answer_minimal(a, id, res);
-        else
-            answer_run(a, c, id, 200, 1);
-    } else if (strcmp(outcome, "not_found") == 0) {
-        rt_error(a, 404, "not_found", "run not found");
-    } else if (strcmp(outcome, "conflict") == 0) {
-        metrics_counter_inc(r->conflicts);
-        rt_error(a, 409, "conflict", PQgetvalue(res, 0, 3));
-    } else {
-        rt_error(a, 400, "invalid_request", PQgetvalue(res, 0, 3));
-    }
-out:
-    PQclear(res);
-    dbpool_release(r->db, c);
-    free(payload_text);
     cJSON_Delete(body);
 }
 
@@ -336,9 +194,9 @@ void rt_h_run_get(rt *r, const rt_req *q, rt_resp *a)
     const char *id;
     PGconn *c;
 
-    if (run_id_param(q, a, &id) < 0 || !(c = acquire(r, a)))
+    if (rt_run_id_param(q, a, &id) < 0 || !(c = rt_acquire(r, a)))
         return;
-    answer_run(a, c, id, 200, 1);
+    rt_answer_run(a, c, id, 200, 1);
     dbpool_release(r->db, c);
 }
 
@@ -381,7 +239,7 @@ static cJSON *load_full(rt *r, const rt_req *q, rt_resp *a, const char **id)
     char err[512];
     int found;
 
-    if (run_id_param(q, a, id) < 0 || !(c = acquire(r, a)))
+    if (rt_run_id_param(q, a, id) < 0 || !(c = rt_acquire(r, a)))
         return NULL;
     run = run_load(c, *id, 1, &found, err, sizeof(err));
     dbpool_release(r->db, c);
@@ -512,7 +370,7 @@ static void answer_row(rt *r, rt_resp *a, const char *sql, const char *arg, cons
 {
     char err[512];
     const char *p[1] = {arg};
-    PGconn *c = acquire(r, a);
+    PGconn *c = rt_acquire(r, a);
     PGresult *res;
 
     if (!c)
@@ -537,7 +395,7 @@ void rt_h_run_summary(rt *r, const rt_req *q, rt_resp *a)
 {
     const char *id;
 
-    if (run_id_param(q, a, &id) < 0)
+    if (rt_run_id_param(q, a, &id) < 0)
         return;
     answer_row(r, a,
                "SELECT json_build_object('run_id', id, 'status', status, 'last_seq', projected_seq, 'event_count', "
@@ -550,7 +408,7 @@ void rt_h_run_checkpoint(rt *r, const rt_req *q, rt_resp *a)
 {
     const char *id;
 
-    if (run_id_param(q, a, &id) < 0)
+    if (rt_run_id_param(q, a, &id) < 0)
         return;
     answer_row(r, a,
                "SELECT json_build_object('topic', 'run:' || id || ':events', 'last_seq', projected_seq, "

@@ -8,6 +8,12 @@
  * threads; the answer goes back to the loop with wsapp_post. The job queue
  * is bounded: when it is full the request is answered 503 at once.
  *
+ * Appends have their own queue and RTSERVE_APPEND_THREADS threads: each
+ * takes every append queued (up to RTAPPEND_GROUP_MAX) and commits them in
+ * one transaction (rtappend), so appends from many clients share a commit
+ * and a WAL flush, and the database sees a few busy sessions instead of
+ * one per client. A lone append is a group of one, written as before.
+ *
  * Khala live delivery. A subscriber gets hello, then the messages after its
  * cursor read from the log by a handler thread (rtsync_read, at most a
  * poll's limit per read, again until it is caught up), then live messages.
@@ -34,6 +40,7 @@
 #include "fmt.h"
 #include "jsonstr.h"
 #include "log.h"
+#include "rtappend.h"
 #include "rtroutes.h"
 #include "rtsync.h"
 #include "svc.h"
@@ -100,12 +107,17 @@ struct rtserve {
     wsapp *app;
     int nthreads;
     pthread_t *threads;
+    pthread_t appenders[RTSERVE_APPEND_THREADS];
+    int nappenders;
     pthread_t listener;
     int listener_started;
     pthread_mutex_t mu;
     pthread_cond_t cv;
     rt_job *head, *tail;
     int queued;
+    pthread_cond_t acv;     /* appends queued */
+    rt_job *ahead, *atail;  /* appends, under mu */
+    int aqueued;
     _Atomic int stopping; /* read by the LISTEN thread without the lock */
     rt_topic *topics; /* loop thread only */
     char instance[33];
@@ -130,21 +142,30 @@ static void job_free(rt_job *j)
     free(j);
 }
 
+static int is_append(const rt_job *j)
+{
+    return j->route && j->route->fn == rt_h_run_append;
+}
+
 static int job_push(rtserve *s, rt_job *j)
 {
+    int app = is_append(j);
+    rt_job **head = app ? &s->ahead : &s->head, **tail = app ? &s->atail : &s->tail;
+    int *queued = app ? &s->aqueued : &s->queued;
+
     pthread_mutex_lock(&s->mu);
-    if (s->stopping || s->queued >= RT_QUEUE_MAX) {
+    if (s->stopping || *queued >= RT_QUEUE_MAX) {
         pthread_mutex_unlock(&s->mu);
         return -1;
     }
     j->next = NULL;
-    if (s->tail)
-        s->tail->next = j;
+    if (*tail)
+        (*tail)->next = j;
     else
-        s->head = j;
-    s->tail = j;
-    s->queued++;
-    pthread_cond_signal(&s->cv);
+        *head = j;
+    *tail = j;
+    (*queued)++;
+    pthread_cond_signal(app ? &s->acv : &s->cv);
     pthread_mutex_unlock(&s->mu);
     return 0;
 }
@@ -164,11 +185,57 @@ static void job_done_on_loop(wsapp *app, void *ud)
     free(p);
 }
 
+/* Hands a finished job's answer to the loop. */
+static void job_post(rtserve *s, rt_job *j)
+{
+    rt_post *p = malloc(sizeof(*p));
+
+    if (!p || (p->s = s, p->j = j, wsapp_post(s->app, job_done_on_loop, p) < 0)) {
+        /* The loop is gone (stopping) or memory is: the client, if any,
+         * is being disconnected anyway. */
+        free(p);
+        job_free(j);
+    }
+}
+
+/* Takes every queued append (at most RTAPPEND_GROUP_MAX) and commits them
+ * together. */
+static void *appender_main(void *ud)
+{
+    rtserve *s = ud;
+    rt_job *jobs[RTAPPEND_GROUP_MAX];
+    rt_append *v[RTAPPEND_GROUP_MAX];
+    int n, m, i;
+
+    for (;;) {
+        pthread_mutex_lock(&s->mu);
+        while (!s->ahead && !s->stopping)
+            pthread_cond_wait(&s->acv, &s->mu);
+        if (!s->ahead) {
+            pthread_mutex_unlock(&s->mu);
+            return NULL;
+        }
+        for (n = 0; s->ahead && n < RTAPPEND_GROUP_MAX; n++) {
+            jobs[n] = s->ahead;
+            s->ahead = jobs[n]->next;
+            s->aqueued--;
+        }
+        if (!s->ahead)
+            s->atail = NULL;
+        pthread_mutex_unlock(&s->mu);
+        for (i = m = 0; i < n; i++)
+            if ((v[m] = rtappend_prepare(s->r, &jobs[i]->q, &jobs[i]->a)) != NULL)
+                m++;
+        rtappend_commit(s->r, v, m);
+        for (i = 0; i < n; i++)
+            job_post(s, jobs[i]);
+    }
+}
+
 static void *worker_main(void *ud)
 {
     rtserve *s = ud;
     rt_job *j;
-    rt_post *p;
 
     for (;;) {
         pthread_mutex_lock(&s->mu);
@@ -185,13 +252,7 @@ static void *worker_main(void *ud)
         s->queued--;
         pthread_mutex_unlock(&s->mu);
         j->run(s, j);
-        p = malloc(sizeof(*p));
-        if (!p || (p->s = s, p->j = j, wsapp_post(s->app, job_done_on_loop, p) < 0)) {
-            /* The loop is gone (stopping) or memory is: the client, if any,
-             * is being disconnected anyway. */
-            free(p);
-            job_free(j);
-        }
+        job_post(s, j);
     }
 }
 
@@ -765,6 +826,7 @@ rtserve *rtserve_new(rt *r, const char *host, int port, int threads, char *err, 
     s->r = r;
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->cv, NULL);
+    pthread_cond_init(&s->acv, NULL);
     s->nthreads = threads > 0 ? threads : 4;
     if (RAND_bytes(rnd, sizeof(rnd)) != 1)
         for (i = 0; i < sizeof(rnd); i++)
@@ -815,6 +877,11 @@ int rtserve_start(rtserve *s, const char *conninfo, char *err, size_t errlen)
             snprintf(err, errlen, "cannot start handler threads");
             return -1;
         }
+    for (; s->nappenders < RTSERVE_APPEND_THREADS; s->nappenders++)
+        if (pthread_create(&s->appenders[s->nappenders], NULL, appender_main, s) != 0) {
+            snprintf(err, errlen, "cannot start append threads");
+            return -1;
+        }
     if (pthread_create(&s->listener, NULL, listener_main, s) != 0) {
         snprintf(err, errlen, "cannot start the LISTEN thread");
         return -1;
@@ -835,9 +902,13 @@ static void stop_threads(rtserve *s)
     pthread_mutex_lock(&s->mu);
     s->stopping = 1;
     pthread_cond_broadcast(&s->cv);
+    pthread_cond_broadcast(&s->acv);
     pthread_mutex_unlock(&s->mu);
     for (i = 0; s->threads && i < s->nthreads; i++)
         pthread_join(s->threads[i], NULL);
+    for (i = 0; i < s->nappenders; i++)
+        pthread_join(s->appenders[i], NULL);
+    s->nappenders = 0;
     free(s->threads);
     s->threads = NULL;
     if (s->listener_started)
@@ -880,11 +951,16 @@ void rtserve_free(rtserve *s)
         s->head = j->next;
         job_free(j);
     }
+    while ((j = s->ahead) != NULL) {
+        s->ahead = j->next;
+        job_free(j);
+    }
     while ((t = s->topics) != NULL) {
         s->topics = t->next;
         free(t);
     }
     pthread_mutex_destroy(&s->mu);
     pthread_cond_destroy(&s->cv);
+    pthread_cond_destroy(&s->acv);
     free(s);
 }

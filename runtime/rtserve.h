@@ -9,6 +9,10 @@
 
 typedef struct rtserve rtserve;
 
+/* Threads that commit appends in groups (rtappend), each on one pooled
+ * connection beside the handler threads'. */
+#define RTSERVE_APPEND_THREADS 2
+
 /* Creates the server for `r` (borrowed; must outlive it) on host:port with
  * `threads` handler threads (handlers block on the database). NULL with
  * err on failure. Free with rtserve_free. */

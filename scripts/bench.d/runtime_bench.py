@@ -117,6 +117,18 @@ def pgbench(url, clients, seconds):
     return float([ln.split()[2] for ln in out.splitlines() if ln.startswith("tps =")][0])
 
 
+def append_counts(base):
+    """(appends, commits that wrote them) from the runtime's metrics."""
+    with urllib.request.urlopen(base + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    n = {"runtime_appends_total": 0.0, "runtime_append_commits_total": 0.0}
+    for ln in text.splitlines():
+        name = ln.split("{")[0].split(" ")[0]
+        if name in n:
+            n[name] += float(ln.rsplit(" ", 1)[1])
+    return n["runtime_appends_total"], n["runtime_append_commits_total"]
+
+
 def interleaved(name, ours, anchor, unit="appends/s"):
     pairs = []
     a1 = ours()
@@ -174,8 +186,13 @@ def bench_appends():
             ok &= interleaved("runtime appends, one run, idempotency keys, 1 client vs pgbench -c 1",
                               lambda: wrk_append(rt.base, [one], 1, SECONDS), lambda: pgbench(url, 1, SECONDS))
             many = [post(rt.base, "/internal/v1/runs", {})["run"]["id"] for _ in range(100)]
+            before = append_counts(rt.base)
             ok &= interleaved("runtime appends, 100 runs, 32 clients vs pgbench -c 32",
                               lambda: wrk_append(rt.base, many, 32, SECONDS), lambda: pgbench(url, 32, SECONDS))
+            after = append_counts(rt.base)
+            if after[1] > before[1]:
+                print("  32 clients: %.1f appends per commit (group commit, rtappend)" % (
+                    (after[0] - before[0]) / (after[1] - before[1])), flush=True)
         finally:
             rt.stop()
     return ok

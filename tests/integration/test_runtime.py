@@ -857,6 +857,52 @@ class Concurrency(unittest.TestCase):
             self.assertEqual([e["seq"] for e in b["run"]["events"]], list(range(1, 2 + 20 * per)))
 
 
+    def test_concurrent_appends_keep_their_own_outcomes(self):
+        # Concurrent appends are committed in groups (rtappend): a 409, a
+        # 400, a 404 or a replay in a group answers that append alone, and
+        # every other one is appended exactly once, in a gap-free log.
+        with Runtime() as rt:
+            runs = [rt.new_run()["id"] for _ in range(3)]
+            missing = str(uuid.uuid4())
+            got, lock = [], threading.Lock()
+
+            def client(n):
+                rid = runs[n % 3]
+                for i in range(12):
+                    key = "g%d-%d" % (n, i)
+                    kind = i % 6
+                    if kind == 1:
+                        st, _, b = rt.append(rid, "step", {"i": i}, key=key, expected=0)
+                    elif kind == 2:
+                        st, _, b = rt.append(rid, "run.finished", {"status": "bogus"}, key=key)
+                    elif kind == 3:
+                        key = "g%d-%d" % (n, i - 3)
+                        st, _, b = rt.append(rid, "step", {"i": i - 3}, key=key,
+                                             headers={"Prefer": "return=minimal"})
+                    elif kind == 4:
+                        st, _, b = rt.append(missing, "step", {"i": i}, key=key)
+                    else:
+                        st, _, b = rt.append(rid, "step", {"i": i}, key=key, headers={"Prefer": "return=minimal"})
+                    with lock:
+                        got.append((kind, rid, key, st, b.get("error")))
+
+            ts = [threading.Thread(target=client, args=(n,)) for n in range(12)]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join()
+            want = {0: (200, None), 1: (409, "conflict"), 2: (400, "invalid_request"), 3: (200, None),
+                    4: (404, "not_found"), 5: (200, None)}
+            self.assertEqual([g for g in got if (g[3], g[4]) != want[g[0]]], [])
+            for rid in runs:
+                _, _, b = rt.call("GET", "/internal/v1/runs/" + rid)
+                ev = b["run"]["events"]
+                self.assertEqual([e["seq"] for e in ev], list(range(1, len(ev) + 1)))
+                keys = sorted(e["idempotency_key"] for e in ev[1:])
+                self.assertEqual(keys, sorted(g[2] for g in got if g[1] == rid and g[0] in (0, 5)))
+                self.assertEqual(b["run"]["status"], "running")
+
+
 class Crash(unittest.TestCase):
     def test_kill9_during_appends_loses_no_acknowledged_append(self):
         rt = Runtime().start()

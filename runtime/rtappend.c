@@ -1,0 +1,293 @@
+/* rtappend: appends, one at a time or by group commit (see rtappend.h).
+ * A group is one call of runtime.append_run_events; a single append one
+ * call of runtime.append_run_event, whose row the group's rows repeat
+ * after their `ord` column. */
+#include "rtappend.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "fmt.h"
+#include "log.h"
+#include "svc.h"
+
+static const char ONE_SQL[] = "SELECT * FROM runtime.append_run_event($1, $2, $3::jsonb, $4, $5)";
+static const char GROUP_SQL[] = "SELECT * FROM runtime.append_run_events($1::jsonb)";
+
+struct rt_append {
+    const rt_req *q;
+    rt_resp *a;
+    cJSON *body;        /* owns the strings below but payload_text */
+    const char *id, *type, *key;
+    char *payload_text; /* canonical text of the payload ({} when absent) */
+    char exp_text[FMT_I64_MAX];
+    int has_expected;
+};
+
+/* The run without its events, from the row of append_run_event at
+ * column `b` (outcome, seq, status, message, worker_id, metadata,
+ * created_at, updated_at). */
+static void answer_minimal(rt_resp *a, const char *id, const PGresult *res, int row, int b)
+{
+    cJSON *run = cJSON_CreateObject();
+
+    cJSON_AddStringToObject(run, "id", id);
+    cJSON_AddItemToObject(run, "worker_id", rt_text_or_null(res, row, b + 4));
+    cJSON_AddStringToObject(run, "status", PQgetvalue(res, row, b + 2));
+    cJSON_AddItemToObject(run, "metadata", rt_raw_or_null(res, row, b + 5));
+    cJSON_AddNumberToObject(run, "last_seq", (double)strtoll(PQgetvalue(res, row, b + 1), NULL, 10));
+    cJSON_AddStringToObject(run, "created_at", PQgetvalue(res, row, b + 6));
+    cJSON_AddStringToObject(run, "updated_at", PQgetvalue(res, row, b + 7));
+    a->status = 200;
+    a->json = cJSON_CreateObject();
+    cJSON_AddItemToObject(a->json, "run", run);
+}
+
+/* Prefer: return=minimal (RFC 7240) answers the run without its events:
+ * the full answer grows with the log, which a client appending thousands
+ * of events to one run may not want back each time. */
+static int wants_minimal(const rt_req *q)
+{
+    const char *v = q->header(q, "Prefer");
+
+    return v && strstr(v, "return=minimal") != NULL;
+}
+
+static int check_publish(rt *r, const char *topic, size_t payload_bytes, rt_resp *a)
+{
+    khala_class cls = khala_topic_class(topic);
+    const khala_limits *l = &r->cfg.limits[cls];
+    long retry = 0;
+
+    if ((long)payload_bytes > l->max_payload_bytes) {
+        rt_error(a, 413, "payload_too_large", "khala frame payload exceeds configured limit");
+        cJSON_AddStringToObject(a->json, "reason_code", "khala_frame_payload_too_large");
+        cJSON_AddStringToObject(a->json, "topic", topic);
+        cJSON_AddStringToObject(a->json, "topic_class", khala_class_name(cls));
+        cJSON_AddNumberToObject(a->json, "payload_bytes", (double)payload_bytes);
+        cJSON_AddNumberToObject(a->json, "max_payload_bytes", (double)l->max_payload_bytes);
+        return -1;
+    }
+    if (khala_rate_take(r->rate, topic, l->publish_per_second, svc_now_ms(), &retry) < 0) {
+        rt_error(a, 429, "rate_limited", "khala publish rate limit exceeded");
+        cJSON_AddStringToObject(a->json, "reason_code", "khala_publish_rate_limited");
+        cJSON_AddNumberToObject(a->json, "retry_after_ms", (double)retry);
+        cJSON_AddStringToObject(a->json, "topic", topic);
+        cJSON_AddStringToObject(a->json, "topic_class", khala_class_name(cls));
+        cJSON_AddNumberToObject(a->json, "max_publish_per_second", (double)l->publish_per_second);
+        snprintf(a->retry_after, sizeof(a->retry_after), "1");
+        return -1;
+    }
+    return 0;
+}
+
+rt_append *rtappend_prepare(rt *r, const rt_req *q, rt_resp *a)
+{
+    rt_append *x = calloc(1, sizeof(*x));
+    cJSON *type, *payload, *key, *expected;
+    char topic[64];
+
+    if (!x) {
+        rt_error(a, 500, "internal", "out of memory");
+        return NULL;
+    }
+    x->q = q;
+    x->a = a;
+    if (rt_writes_frozen(r, a) < 0 || rt_run_id_param(q, a, &x->id) < 0 || rt_body_object(q, &x->body, 0, a) < 0)
+        goto fail;
+    type = cJSON_GetObjectItemCaseSensitive(x->body, "event_type");
+    payload = cJSON_GetObjectItemCaseSensitive(x->body, "payload");
+    key = cJSON_GetObjectItemCaseSensitive(x->body, "idempotency_key");
+    expected = cJSON_GetObjectItemCaseSensitive(x->body, "expected_previous_seq");
+    if (!cJSON_IsString(type) || !type->valuestring[0] || strlen(type->valuestring) > 256) {
+        rt_error(a, 400, "invalid_request", "event_type must be a non-empty string (at most 256 bytes)");
+        goto fail;
+    }
+    if (key && !cJSON_IsNull(key) && (!cJSON_IsString(key) || strlen(key->valuestring) > 512)) {
+        rt_error(a, 400, "invalid_request", "idempotency_key must be a string (at most 512 bytes)");
+        goto fail;
+    }
+    if (expected && !cJSON_IsNull(expected) &&
+        (!cJSON_IsNumber(expected) || expected->valuedouble < 0 || expected->valuedouble > 9e15 ||
+         expected->valuedouble != (double)(long long)expected->valuedouble)) {
+        rt_error(a, 400, "invalid_request", "expected_previous_seq must be a non-negative integer");
+        goto fail;
+    }
+    if (strcmp(type->valuestring, "run.finished") == 0 &&
+        !cJSON_IsString(cJSON_GetObjectItemCaseSensitive(payload, "status"))) {
+        rt_error(a, 400, "invalid_request", "run.finished requires payload.status");
+        goto fail;
+    }
+    x->payload_text = payload && !cJSON_IsNull(payload) ? cJSON_PrintUnformatted(payload) : strdup("{}");
+    if (!x->payload_text) {
+        rt_error(a, 500, "internal", "out of memory");
+        goto fail;
+    }
+    snprintf(topic, sizeof(topic), "run:%s:events", x->id);
+    if (check_publish(r, topic, strlen(x->payload_text), a) < 0)
+        goto fail;
+    x->type = type->valuestring;
+    x->key = cJSON_IsString(key) ? key->valuestring : NULL;
+    if ((x->has_expected = cJSON_IsNumber(expected)))
+        fmt_i64(x->exp_text, (long long)expected->valuedouble);
+    return x;
+fail:
+    cJSON_Delete(x->body);
+    free(x->payload_text);
+    free(x);
+    return NULL;
+}
+
+static void append_free(rt_append *x)
+{
+    cJSON_Delete(x->body);
+    free(x->payload_text);
+    free(x);
+}
+
+/* Answers x from row `row` of res (append_run_event's columns from `b`),
+ * reading the run back on c when the client wants the full answer. */
+static void answer(rt *r, rt_append *x, PGconn *c, const PGresult *res, int row, int b)
+{
+    const char *outcome = PQgetvalue(res, row, b);
+
+    if (strcmp(outcome, "appended") == 0 || strcmp(outcome, "replayed") == 0) {
+        if (outcome[0] == 'a') {
+            rt_count_append(r, x->type);
+            metrics_counter_inc(r->published);
+        } else {
+            metrics_counter_inc(r->replays);
+        }
+        if (wants_minimal(x->q))
+            answer_minimal(x->a, x->id, res, row, b);
+        else
+            rt_answer_run(x->a, c, x->id, 200, 1);
+    } else if (strcmp(outcome, "not_found") == 0) {
+        rt_error(x->a, 404, "not_found", "run not found");
+    } else if (strcmp(outcome, "conflict") == 0) {
+        metrics_counter_inc(r->conflicts);
+        rt_error(x->a, 409, "conflict", PQgetvalue(res, row, b + 3));
+    } else {
+        rt_error(x->a, 400, "invalid_request", PQgetvalue(res, row, b + 3));
+    }
+}
+
+static void commit_one(rt *r, rt_append *x, PGconn *c)
+{
+    const char *p[5] = {x->id, x->type, x->payload_text, x->key, x->has_expected ? x->exp_text : NULL};
+    char err[512];
+    PGresult *res = dbpool_exec_prepared(c, "rt_append", ONE_SQL, 5, p, err, sizeof(err));
+
+    if (!res || PQntuples(res) != 1) {
+        log_warn("runtime: append to run %s failed: %s", x->id, res ? "no outcome" : err);
+        rt_db_error(x->a, res ? "no outcome" : err);
+    } else {
+        answer(r, x, c, res, 0, 0);
+    }
+    PQclear(res);
+}
+
+/* The group as append_run_events' JSON argument; NULL on OOM. */
+static char *group_json(rt_append **v, int n)
+{
+    cJSON *arr = cJSON_CreateArray(), *o;
+    char *text = NULL;
+    int i;
+
+    if (!arr)
+        return NULL;
+    for (i = 0; i < n; i++) {
+        if (!(o = cJSON_CreateObject()))
+            goto out;
+        cJSON_AddItemToArray(arr, o);
+        if (!cJSON_AddStringToObject(o, "r", v[i]->id) || !cJSON_AddStringToObject(o, "t", v[i]->type) ||
+            !cJSON_AddRawToObject(o, "p", v[i]->payload_text) ||
+            (v[i]->key && !cJSON_AddStringToObject(o, "k", v[i]->key)) ||
+            (v[i]->has_expected && !cJSON_AddStringToObject(o, "e", v[i]->exp_text)))
+            goto out;
+    }
+    text = cJSON_PrintUnformatted(arr);
+out:
+    cJSON_Delete(arr);
+    return text;
+}
+
+/* Returns 0 with every append answered (a failed group answers 503 when
+ * its outcome is unknown), or -1 with none answered when the server
+ * refused the group, which rolled it back: then each runs alone, so that
+ * one bad append does not fail the others. */
+static int commit_group(rt *r, rt_append **v, int n, PGconn *c)
+{
+    char err[512], *text = group_json(v, n);
+    const char *p[1] = {text};
+    PGresult *res = NULL;
+    int i, ok = 0, seen[RTAPPEND_GROUP_MAX] = {0};
+    long k;
+
+    if (!text)
+        return -1;
+    res = dbpool_exec_prepared(c, "rt_append_group", GROUP_SQL, 1, p, err, sizeof(err));
+    free(text);
+    if (!res && PQstatus(c) == CONNECTION_OK) {
+        log_warn("runtime: a group of %d appends was refused (each runs alone): %s", n, err);
+        return -1;
+    }
+    if (res && PQntuples(res) == n) {
+        for (i = 0, ok = 1; i < n && ok; i++) {
+            k = strtol(PQgetvalue(res, i, 0), NULL, 10) - 1;
+            ok = k >= 0 && k < n && !seen[k];
+            if (ok)
+                seen[k] = 1;
+        }
+    }
+    if (!ok) {
+        /* The connection broke, or the answer is not one row per append:
+         * the group may have committed, so a retry could append twice. */
+        log_warn("runtime: a group of %d appends failed: %s", n, res ? "not one row per append" : err);
+        for (i = 0; i < n; i++)
+            rt_db_error(v[i]->a, res ? "bad answer" : err);
+        PQclear(res);
+        return 0;
+    }
+    for (i = 0; i < n; i++) {
+        k = strtol(PQgetvalue(res, i, 0), NULL, 10) - 1;
+        answer(r, v[k], c, res, i, 1);
+    }
+    PQclear(res);
+    return 0;
+}
+
+void rtappend_commit(rt *r, rt_append **v, int n)
+{
+    PGconn *c;
+    int i;
+
+    if (n <= 0)
+        return;
+    if (!(c = rt_acquire(r, v[0]->a))) {
+        for (i = 1; i < n; i++)
+            rt_db_error(v[i]->a, "no connection");
+        goto out;
+    }
+    if (n > 1 && commit_group(r, v, n, c) == 0) {
+        metrics_counter_inc(r->append_commits);
+    } else {
+        for (i = 0; i < n; i++) {
+            commit_one(r, v[i], c);
+            metrics_counter_inc(r->append_commits);
+        }
+    }
+    dbpool_release(r->db, c);
+out:
+    for (i = 0; i < n; i++)
+        append_free(v[i]);
+}
+
+void rt_h_run_append(rt *r, const rt_req *q, rt_resp *a)
+{
+    rt_append *x = rtappend_prepare(r, q, a);
+
+    if (x)
+        rtappend_commit(r, &x, 1);
+}
