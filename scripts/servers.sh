@@ -7,6 +7,8 @@
 #   scripts/servers.sh restart [pg|redis|rabbitmq|all]   pg: `pg_ctl restart -m fast` (seconds)
 #   scripts/servers.sh status  [pg|redis|rabbitmq|all]   exit 0 only when all named are up
 #   scripts/servers.sh env                               `export` lines for the three URLs
+#   scripts/servers.sh vhost NAME                        creates RabbitMQ virtual host NAME (guest may use it);
+#                                                        a suite's own queues, apart from the default vhost's
 #
 # Ports (override with AE_PG_PORT, AE_REDIS_PORT, AE_AMQP_PORT, AE_AMQP_DIST_PORT):
 #   PostgreSQL 127.0.0.1:55432  db erc8004_backend, user/password erc8004/erc8004
@@ -738,6 +740,20 @@ cmd_restart() {
     if [[ $launched -eq 0 ]]; then rabbit_wait; fi
 }
 
+# A virtual host of our RabbitMQ for guest: queues declared there (durable
+# ones, say) never meet the same names in the default vhost.
+cmd_vhost() {
+    local name=$1
+    [[ $name =~ ^[A-Za-z0-9_.-]{1,64}$ ]] || die "vhost: a name of letters, digits, _ . - (got '$name')"
+    url_is_ours "${AMQP_URL:-}" "$AMQP_PORT" || die "vhost: AMQP_URL points elsewhere"
+    rabbit_status >/dev/null 2>&1 || die "vhost: rabbitmq is not running (servers.sh start rabbitmq)"
+    if ! rabbit 60 rabbitmqctl -q list_vhosts name 2>/dev/null | grep -qx "$name"; then
+        rabbit 60 rabbitmqctl -q add_vhost "$name" >/dev/null || die "vhost: add_vhost $name failed"
+    fi
+    rabbit 60 rabbitmqctl -q set_permissions -p "$name" guest '.*' '.*' '.*' >/dev/null ||
+        die "vhost: set_permissions on $name failed"
+}
+
 cmd_status() {
     local rc=0 t
     for t in "$@"; do
@@ -753,6 +769,7 @@ cmd_status() {
 usage() {
     log "usage: $0 {start|stop|restart|status} [pg|redis|rabbitmq|all]"
     log "       $0 env     # export lines for DATABASE_URL, REDIS_URL, AMQP_URL"
+    log "       $0 vhost NAME"
     exit 2
 }
 
@@ -762,6 +779,13 @@ main() {
     shift
     if [[ $cmd == env ]]; then
         print_env
+        return 0
+    fi
+    if [[ $cmd == vhost ]]; then
+        [[ $# -eq 1 ]] || usage
+        server_root
+        rabbit_paths
+        cmd_vhost "$1"
         return 0
     fi
     targets "$@"

@@ -13,7 +13,11 @@ happens:
            REST action posts to a local receiver, which counts deliveries by
            X-Idempotency-Key and by the event id in the body;
   appends  runtime appends to one run, each with its own idempotency key,
-           retried with the same key until answered 200.
+           retried with the same key until answered 200;
+  rtes     node states over AMQP (tests/faults/rtes_load.cjs, npm amqplib,
+           confirms, mandatory), counted by node id in rtes_events;
+  realtime 1,000 /ws subscribers (tests/faults/rt_load.cjs, npm ws), fed by
+           a ws publisher and by PUBLISH on Redis: at most once, loss reported.
 
 Faults: kill -9 of each service (then `stack.sh up` brings it back, as an
 operator's `make up` would), restart of PostgreSQL, Redis and RabbitMQ
@@ -127,7 +131,11 @@ class Stack:
         self.db_url = urllib.parse.urlunsplit(self.pg._replace(path="/" + DB_NAME))
         rdb = os.environ.get("FAULTS_REDIS_DB", "7")
         self.redis_url = urllib.parse.urlunsplit(self.redis._replace(path="/" + rdb))
-        self.amqp_url = srv["AMQP_URL"].strip("'")
+        # A vhost of its own (servers.sh vhost), where the RTES queues are
+        # durable: the default vhost's are not (SPEC 5b's default), and other
+        # suites declare them there.
+        self.amqp_url = urllib.parse.urlunsplit(urllib.parse.urlsplit(srv["AMQP_URL"].strip("'"))._replace(
+            path="/faults"))
         self.ingest = uuid.uuid4().hex
         self.jwt_secret = uuid.uuid4().hex + uuid.uuid4().hex
         self.env = {k: v for k, v in os.environ.items() if not k.endswith("_URL") and k != "AE_TEST_RUN"}
@@ -141,6 +149,7 @@ class Stack:
             # 1,000 subscribers subscribe at once: the global token bucket
             # (100/s) would answer most of them 429.
             "RATE_LIMIT_PER_SECOND": "100000", "RATE_LIMIT_BURST": "100000",
+            "RABBITMQ_QUEUE_DURABLE": "true",
             "BINDIR": os.environ.get("BINDIR", "bin"),
         })
 
@@ -156,6 +165,9 @@ class Stack:
             c.execute("DROP DATABASE IF EXISTS %s WITH (FORCE)" % DB_NAME)
             c.execute("CREATE DATABASE %s" % DB_NAME)
         admin.close()
+        if "realtime" in self.services:
+            subprocess.run([SERVERS, "vhost", "faults"], check=True, timeout=120,
+                           env={k: v for k, v in os.environ.items() if not k.endswith("_URL")})
         import redis
         redis.Redis.from_url(self.redis_url).flushdb()
         # A fresh stack: what a previous run recorded (its secrets among
@@ -361,6 +373,33 @@ class RealtimeLoad:
             self.proc.kill()
 
 
+class RtesLoad:
+    """tests/faults/rtes_load.cjs: node states over AMQP (npm amqplib)."""
+
+    def __init__(self, stack, rate):
+        env = dict(os.environ, AMQP_URL=stack.amqp_url, RTES_RATE=str(rate))
+        self.proc = subprocess.Popen([need("node"), os.path.join(HERE, "rtes_load.cjs")], env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+
+    ask = None  # set below: the same line protocol as RealtimeLoad
+    close = None
+
+
+def check_rtes(stack, tag, accepted, timeout):
+    """(delivered, lost, duplicated) of node states in rtes_events."""
+    want = set(accepted)
+    end = time.monotonic() + timeout
+    got = {}
+    while time.monotonic() < end:
+        got = dict(stack.sql("SELECT node_id, count(*) FROM rtes_events WHERE execution_id = %s "
+                             "GROUP BY node_id", ("ex-faults-" + tag,)) or [])
+        if want <= set(got):
+            break
+        time.sleep(0.3)
+    delivered = len(want & set(got))
+    return delivered, len(want) - delivered, sum(1 for k in want if got.get(k, 0) > 1)
+
+
 class RedisPublishLoad(Ticker):
     """Broadcasts published straight to Redis channel rt:topic:faults, as
     the event-processor publishes trigger.fired (SPEC 3, 5a): the path a
@@ -386,6 +425,10 @@ class RedisPublishLoad(Ticker):
         except redis.RedisError:
             self.failures += 1
         return False
+
+
+RtesLoad.ask = RealtimeLoad.ask
+RtesLoad.close = RealtimeLoad.close
 
 
 # ---------------------------------------------------------------- faults
@@ -498,6 +541,7 @@ def main():
     ap.add_argument("--var", default=os.path.join(ROOT, "var", "faults"))
     ap.add_argument("--subscribers", type=int, default=1000, help="realtime subscribers (0: no realtime load)")
     ap.add_argument("--rt-rate", type=float, default=5.0, help="realtime broadcasts/s")
+    ap.add_argument("--rtes-rate", type=float, default=10.0, help="RTES node states/s (0: no RTES load)")
     ap.add_argument("--keep", action="store_true", help="leave the stack running")
     ap.add_argument("--json", help="also write the rows and failures to this file")
     a = ap.parse_args()
@@ -512,7 +556,7 @@ def main():
     stack.prepare_db()
     recv = Receiver()
     rows, failed = [], []
-    rt = None
+    rt = rtes = None
     try:
         log("starting the stack (%s) in %s" % (" ".join(services), a.var))
         stack.up()
@@ -539,6 +583,8 @@ def main():
             st, b = call("POST", stack.url("runtime", "/internal/v1/runs"), {"worker_id": "faults"})
             assert st == 201, (st, b)
             run_id = b["run"]["id"]
+        if "realtime" in services and a.rtes_rate > 0:
+            rtes = RtesLoad(stack, a.rtes_rate)
         if "realtime" in services and a.subscribers > 0:
             rt = RealtimeLoad(stack, a.subscribers, a.rt_rate)
             r = rt.ask("ready")
@@ -563,6 +609,8 @@ def main():
                 rt.ask("phase " + tag)
                 rpub = RedisPublishLoad(stack, a.rt_rate, tag)
                 rpub.start()
+            if rtes:
+                rtes.ask("phase " + tag)
             time.sleep(a.before)
             log("%s" % f["name"])
             t0 = time.monotonic()
@@ -582,6 +630,13 @@ def main():
             for ld in loads:
                 if not ld.finish(a.drain):
                     problems.append("%s still not accepted after %.0f s" % (type(ld).__name__, a.drain))
+            if rtes:
+                r = rtes.ask("stop")
+                d3, lost3, dup3 = check_rtes(stack, tag, r["accepted"], a.drain)
+                rows.append((f["name"], "RTES over AMQP", "%.0f st/s" % a.rtes_rate, len(r["accepted"]), d3, lost3,
+                             dup3, 0, r["refused"], recovery))
+                if lost3 or dup3 or r["pending"]:
+                    problems.append("RTES: %d lost, %d duplicated, %d never confirmed" % (lost3, dup3, r["pending"]))
             if rt:
                 rpub.finish()
                 r = rt.ask("stop " + (",".join(map(str, rpub.accepted)) or "-"))
@@ -626,8 +681,9 @@ def main():
                 failed.append((f["name"], problems))
                 log("%s: FAILED: %s" % (f["name"], "; ".join(problems)))
     finally:
-        if rt:
-            rt.close()
+        for ld in (rt, rtes):
+            if ld:
+                ld.close()
         if not a.keep:
             stack.stop()
         recv.peer.stop()
