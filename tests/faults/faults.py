@@ -344,24 +344,21 @@ class AppendLoad(RetryLoad):
         return key if st == 200 else None
 
 
-class RealtimeLoad:
-    """tests/faults/rt_load.cjs: subscribers on /ws and one publisher."""
+class NodeLoad:
+    """A node script of tests/faults answering one JSON line per command."""
 
-    def __init__(self, stack, subscribers, rate):
+    def __init__(self, script, **env):
         subprocess.run([os.path.join(ROOT, "tests", "integration", "setup-node.sh")], check=True,
                        stdout=subprocess.DEVNULL)
-        env = dict(os.environ, RT_URL="ws://127.0.0.1:%d/ws" % stack.ports["realtime"],
-                   JWT_SECRET=stack.jwt_secret, RT_SUBSCRIBERS=str(subscribers), RT_RATE=str(rate))
-        self.proc = subprocess.Popen([need("node"), os.path.join(HERE, "rt_load.cjs")], env=env, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, bufsize=1)
-        self.subscribers = subscribers
+        self.proc = subprocess.Popen([need("node"), os.path.join(HERE, script)], env=dict(os.environ, **env),
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
 
     def ask(self, line):
         self.proc.stdin.write(line + "\n")
         self.proc.stdin.flush()
         got = self.proc.stdout.readline()
         if not got:
-            raise RuntimeError("rt_load.cjs exited (%s)" % self.proc.poll())
+            raise RuntimeError("%s exited (%s)" % (type(self).__name__, self.proc.poll()))
         return json.loads(got)
 
     def close(self):
@@ -373,16 +370,19 @@ class RealtimeLoad:
             self.proc.kill()
 
 
-class RtesLoad:
+class RealtimeLoad(NodeLoad):
+    """tests/faults/rt_load.cjs: subscribers on /ws and one publisher."""
+
+    def __init__(self, stack, subscribers, rate):
+        super().__init__("rt_load.cjs", RT_URL="ws://127.0.0.1:%d/ws" % stack.ports["realtime"],
+                         JWT_SECRET=stack.jwt_secret, RT_SUBSCRIBERS=str(subscribers), RT_RATE=str(rate))
+
+
+class RtesLoad(NodeLoad):
     """tests/faults/rtes_load.cjs: node states over AMQP (npm amqplib)."""
 
     def __init__(self, stack, rate):
-        env = dict(os.environ, AMQP_URL=stack.amqp_url, RTES_RATE=str(rate))
-        self.proc = subprocess.Popen([need("node"), os.path.join(HERE, "rtes_load.cjs")], env=env,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
-
-    ask = None  # set below: the same line protocol as RealtimeLoad
-    close = None
+        super().__init__("rtes_load.cjs", AMQP_URL=stack.amqp_url, RTES_RATE=str(rate))
 
 
 def check_rtes(stack, tag, accepted, timeout):
@@ -425,10 +425,6 @@ class RedisPublishLoad(Ticker):
         except redis.RedisError:
             self.failures += 1
         return False
-
-
-RtesLoad.ask = RealtimeLoad.ask
-RtesLoad.close = RealtimeLoad.close
 
 
 # ---------------------------------------------------------------- faults
