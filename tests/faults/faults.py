@@ -118,7 +118,9 @@ class Stack:
     def __init__(self, services, var):
         self.services = services
         self.var = var
-        self.ports = {s: free_port() for s in ALL}
+        self.ports = {}
+        while len(set(self.ports.values())) < len(ALL):
+            self.ports = {s: free_port() for s in ALL}
         srv = {}
         out = subprocess.run([SERVERS, "env"], capture_output=True, text=True, check=True,
                              env={k: v for k, v in os.environ.items() if not k.endswith("_URL")}).stdout
@@ -150,6 +152,9 @@ class Stack:
             # (100/s) would answer most of them 429.
             "RATE_LIMIT_PER_SECOND": "100000", "RATE_LIMIT_BURST": "100000",
             "RABBITMQ_QUEUE_DURABLE": "true",
+            # On 127.0.0.1, where free_port found the ports free (on 0.0.0.0
+            # they may meet a client bound to 127.0.0.2, as the load tools do).
+            "SERVER_HOST": "127.0.0.1", "HOST": "127.0.0.1", "METRICS_HOST": "127.0.0.1",
             "BINDIR": os.environ.get("BINDIR", "bin"),
         })
 
