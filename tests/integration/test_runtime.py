@@ -823,6 +823,9 @@ class Concurrency(unittest.TestCase):
             def poller():
                 cursor = 0
                 while True:
+                    # Read before the poll: an empty answer to a poll that
+                    # began before the last append committed ends nothing.
+                    done = stop.is_set()
                     st, _, b = rt.poll(topic, cursor, limit=200, token=tok)
                     if st != 200:
                         problems.append(("poll", st, b))
@@ -835,7 +838,7 @@ class Concurrency(unittest.TestCase):
                     if seqs:
                         cursor = seqs[-1]
                         seen.extend(seqs)
-                    elif stop.is_set():
+                    elif done:
                         return
 
             ws = WsClient(rt, topic, want=20 * per + 1, timeout_ms=60000)
