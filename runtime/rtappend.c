@@ -270,7 +270,7 @@ void rtappend_commit(rt *r, rt_append **v, int n)
             rt_db_error(v[i]->a, "no connection");
         goto out;
     }
-    if (n > 1 && commit_group(r, v, n, c) == 0) {
+    if (n > 1 && n <= RTAPPEND_GROUP_MAX && commit_group(r, v, n, c) == 0) {
         metrics_counter_inc(r->append_commits);
     } else {
         for (i = 0; i < n; i++) {
