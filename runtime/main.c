@@ -23,6 +23,7 @@ typedef struct {
     char conninfo[2048];
     int db_max;
     int threads;
+    int append_threads;
     char migrations_dir[1024];
     synctoken_opts tok;
 } boot;
@@ -129,6 +130,7 @@ static void config(cfg *c, rt_config *rc, boot *b)
     dbpool_conninfo_from_cfg(c, b->conninfo, sizeof(b->conninfo));
     b->db_max = (int)cfg_int(c, "DB_MAX_CONNECTIONS", 10, 1, 1000);
     b->threads = (int)cfg_int(c, "RUNTIME_WORKER_THREADS", b->db_max, 1, 256);
+    b->append_threads = (int)cfg_int(c, "RUNTIME_APPEND_THREADS", 2, 1, RTSERVE_APPEND_THREADS_MAX);
     if (migrate_default_dir(b->migrations_dir, sizeof(b->migrations_dir)) < 0)
         cfg_error(c, "MIGRATIONS_DIR", b->migrations_dir, "a readable directory of migrations");
 }
@@ -174,7 +176,7 @@ int main(void)
     /* Two more connections than handler and append threads: the
      * WebSocket accept check and the stop path never wait behind a full
      * pool. */
-    r.db = dbpool_new(b.conninfo, b.db_max + RTSERVE_APPEND_THREADS + 2);
+    r.db = dbpool_new(b.conninfo, b.db_max + b.append_threads + 2);
     r.tok = synctoken_new(&b.tok);
     r.rate = khala_table_new(4096);
     r.guard = khala_table_new(4096);
@@ -186,7 +188,7 @@ int main(void)
     /* Migrations run on start (SPEC 0), retried by the health check until
      * PostgreSQL answers; until then the runtime answers 503. */
     health_add(r.health, "postgresql", deps_check_pg_migrate, mig);
-    if (!(srv = rtserve_new(&r, b.host, b.port, b.threads, err, sizeof(err)))) {
+    if (!(srv = rtserve_new(&r, b.host, b.port, b.threads, b.append_threads, err, sizeof(err)))) {
         log_error("cannot start: %s", err);
         goto out;
     }

@@ -8,7 +8,7 @@
  * threads; the answer goes back to the loop with wsapp_post. The job queue
  * is bounded: when it is full the request is answered 503 at once.
  *
- * Appends have their own queue and RTSERVE_APPEND_THREADS threads: each
+ * Appends have their own queue and RUNTIME_APPEND_THREADS threads: each
  * takes every append queued (up to RTAPPEND_GROUP_MAX) and commits them in
  * one transaction (rtappend), so appends from many clients share a commit
  * and a WAL flush, and the database sees a few busy sessions instead of
@@ -107,8 +107,8 @@ struct rtserve {
     wsapp *app;
     int nthreads;
     pthread_t *threads;
-    pthread_t appenders[RTSERVE_APPEND_THREADS];
-    int nappenders;
+    pthread_t appenders[RTSERVE_APPEND_THREADS_MAX];
+    int nappenders, want_appenders;
     pthread_t listener;
     int listener_started;
     pthread_mutex_t mu;
@@ -812,7 +812,8 @@ static void ws_message(wsapp_conn *c, void *user, const char *data, size_t len, 
 
 /* ------------------------------------------------------------ server */
 
-rtserve *rtserve_new(rt *r, const char *host, int port, int threads, char *err, size_t errlen)
+rtserve *rtserve_new(rt *r, const char *host, int port, int threads, int append_threads, char *err,
+                     size_t errlen)
 {
     static const char *const methods[] = {"GET", "POST", "PUT", "PATCH", "DELETE"};
     rtserve *s = calloc(1, sizeof(*s));
@@ -828,6 +829,8 @@ rtserve *rtserve_new(rt *r, const char *host, int port, int threads, char *err, 
     pthread_cond_init(&s->cv, NULL);
     pthread_cond_init(&s->acv, NULL);
     s->nthreads = threads > 0 ? threads : 4;
+    s->want_appenders = append_threads < 1 ? 1 : append_threads > RTSERVE_APPEND_THREADS_MAX ? RTSERVE_APPEND_THREADS_MAX
+                                                                                          : append_threads;
     if (RAND_bytes(rnd, sizeof(rnd)) != 1)
         for (i = 0; i < sizeof(rnd); i++)
             rnd[i] = (unsigned char)(svc_now_ms() >> (i % 8 * 8));
@@ -877,7 +880,7 @@ int rtserve_start(rtserve *s, const char *conninfo, char *err, size_t errlen)
             snprintf(err, errlen, "cannot start handler threads");
             return -1;
         }
-    for (; s->nappenders < RTSERVE_APPEND_THREADS; s->nappenders++)
+    for (; s->nappenders < s->want_appenders; s->nappenders++)
         if (pthread_create(&s->appenders[s->nappenders], NULL, appender_main, s) != 0) {
             snprintf(err, errlen, "cannot start append threads");
             return -1;
