@@ -31,16 +31,29 @@ BASE_LABEL=ae.base=minbase-slim-2
 read -r -a IMAGES <<<"${DOCKER_TEST_IMAGES:-migrate api-gateway event-processor action-workers realtime runtime}"
 FAILED=0
 PIDS=()
-MOUNTED=()
+# Image -> where `podman image mount` put it: each image is mounted once, by
+# the main shell (image_run also runs in subshells), and unmounted at exit.
+declare -A MOUNTED=()
 
 log() { printf 'docker-test: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
+
+# Every service this run starts carries DOCKER_TEST_RUN=$MARK in its
+# environment, so that none outlives the run, whatever happened to its job.
+MARK="$$-$RANDOM"
+marked_pids() {
+    grep -lzx "DOCKER_TEST_RUN=$MARK" /proc/[0-9]*/environ 2>/dev/null | cut -d/ -f3 || true
+}
 
 cleanup() {
     local pid img
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
     for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-    for img in "${MOUNTED[@]}"; do podman image unmount "$img" >/dev/null 2>&1 || true; done
+    for pid in $(marked_pids); do
+        log "stopping a service still running: $pid $(cat "/proc/$pid/comm" 2>/dev/null)"
+        kill -KILL "$pid" 2>/dev/null || true
+    done
+    for img in "${!MOUNTED[@]}"; do podman image unmount "$img" >/dev/null 2>&1 || true; done
 }
 trap cleanup EXIT
 
@@ -126,24 +139,51 @@ free_port() {
 # image_run IMAGE CMD...: runs CMD in the image's file system as the
 # image's user, with /dev and /proc in a private mount namespace (nothing
 # is left mounted when it ends).
+mount_image() {
+    local img=localhost/ae/$1:test
+    [[ -n ${MOUNTED[$img]:-} ]] || MOUNTED[$img]=$(podman image mount "$img")
+}
+
 image_run() {
     local img=localhost/ae/$1:test mnt user uid gid
     shift
-    mnt=$(podman image mount "$img")
-    MOUNTED+=("$img")
+    mnt=${MOUNTED[$img]:?"$img is not mounted (mount_image)"}
     user=$(podman image inspect --format '{{.Config.User}}' "$img")
     uid=$(awk -F: -v u="$user" '$1 == u { print $3 }' "$mnt/etc/passwd")
     gid=$(awk -F: -v u="$user" '$1 == u { print $4 }' "$mnt/etc/passwd")
     [[ -n $uid && $uid != 0 ]] || die "$img: user '$user' is missing or root"
-    unshare --mount --propagation private -- sh -c '
+    local -a cmd=(unshare --mount --propagation private -- sh -c '
         mnt=$1; shift
         mount --rbind /dev "$mnt/dev" && mount -t proc proc "$mnt/proc" && exec chroot --userspec="$0" "$mnt" "$@"
-    ' "$uid:$gid" "$mnt" "$@"
+    ' "$uid:$gid" "$mnt" "$@")
+    # With IMAGE_EXEC=1 (a background job) the job's shell becomes the
+    # program (unshare, sh and chroot each exec the next), so its $! is the
+    # program's pid and killing it stops the service.
+    if [[ ${IMAGE_EXEC:-0} == 1 ]]; then exec "${cmd[@]}"; fi
+    "${cmd[@]}"
 }
 
 # The image's ENV as env(1) arguments.
 image_env() {
     podman image inspect --format '{{range .Config.Env}}{{println .}}{{end}}' "localhost/ae/$1:test" | grep .
+}
+
+# check_libraries NAME: the image's own ldd finds every library of every
+# program in /app/bin, and only realtime's and runtime's images hold
+# libwebsockets.
+check_libraries() {
+    local name=$1 out lws
+    out=$(image_run "$name" sh -c 'for p in /app/bin/*; do echo "== $p"; ldd "$p"; done' 2>&1) || true
+    if grep -q 'not found' <<<"$out"; then
+        grep -E '^==|not found' <<<"$out" >&2
+        log "FAIL $name: a library its programs need is missing from the image"
+        FAILED=$((FAILED + 1))
+    fi
+    lws=$(image_run "$name" sh -c 'ls /usr/lib/*/libwebsockets* 2>/dev/null' || true)
+    case $name in
+        realtime | runtime) [[ -n $lws ]] || { log "FAIL $name: no libwebsockets in the image"; FAILED=$((FAILED + 1)); } ;;
+        *) [[ -z $lws ]] || { log "FAIL $name: the image holds libwebsockets ($lws)"; FAILED=$((FAILED + 1)); } ;;
+    esac
 }
 
 run_migrate() {
@@ -179,7 +219,7 @@ run_service() {
     hcmd=("${hcmd[@]:1}")
     url=${hcmd[-1]}
     hcmd[-1]=$(sed -E "s#^(http://127\.0\.0\.1:)[0-9]+#\1$port#" <<<"$url")
-    image_run "$name" env -i "${env[@]}" DATABASE_URL="$DATABASE_URL" REDIS_URL="$REDIS_URL" AMQP_URL="$AMQP_URL" \
+    IMAGE_EXEC=1 image_run "$name" env -i "${env[@]}" DOCKER_TEST_RUN="$MARK" DATABASE_URL="$DATABASE_URL" REDIS_URL="$REDIS_URL" AMQP_URL="$AMQP_URL" \
         "${SECRETS[@]}" "${portenv[@]}" "$entry" >"$VAR/run-$name.log" 2>&1 &
     pid=$!
     PIDS+=("$pid")
@@ -198,6 +238,11 @@ run_service() {
     fi
     kill -TERM "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
+    if [[ -n $(marked_pids) ]]; then
+        log "FAIL $name: still running after SIGTERM: $(marked_pids | tr '\n' ' ')"
+        FAILED=$((FAILED + 1))
+        for pid in $(marked_pids); do kill -KILL "$pid" 2>/dev/null || true; done
+    fi
 }
 
 main() {
@@ -216,6 +261,8 @@ main() {
 
     for name in "${IMAGES[@]}"; do
         podman image exists "localhost/ae/$name:test" || continue
+        mount_image "$name"
+        check_libraries "$name"
         if [[ $name == migrate ]]; then run_migrate; else run_service "$name"; fi
     done
 
@@ -223,10 +270,10 @@ main() {
     echo "image sizes:"
     for name in "${IMAGES[@]}"; do
         if podman image exists "localhost/ae/$name:test"; then
-            printf '  %-16s %s\n' "ae/$name" "$(podman image inspect --format '{{.Size}}' "localhost/ae/$name:test" | numfmt --to=iec --format='%.1f')"
+            printf '  %-20s %s\n' "ae/$name" "$(podman image inspect --format '{{.Size}}' "localhost/ae/$name:test" | numfmt --to=iec --format='%.1f')"
         fi
     done
-    printf '  %-16s %s\n' "(base)" "$(podman image inspect --format '{{.Size}}' "$BASE_TAG" | numfmt --to=iec --format='%.1f')"
+    printf '  %-20s %s\n' "(base)" "$(podman image inspect --format '{{.Size}}' "$BASE_TAG" | numfmt --to=iec --format='%.1f')"
     if ((FAILED > 0)); then
         log "$FAILED failure(s)"
         exit 1
