@@ -146,7 +146,7 @@ class Stack:
             "STACK_PORTS": " ".join(str(self.ports[s]) for s in ALL), "STACK_TIMEOUT": "90",
             "DATABASE_URL": self.db_url, "REDIS_URL": self.redis_url, "AMQP_URL": self.amqp_url,
             "INGEST_TOKEN": self.ingest, "JWT_SECRET": self.jwt_secret, "ALLOWED_TARGETS": "127.0.0.1", "RATE_LIMIT": "1000000",
-            "JOB_VISIBILITY_TIMEOUT": "5000", "RETRY_BASE_MS": "200", "RETRY_MAX_ATTEMPTS": "50",
+            "JOB_VISIBILITY_TIMEOUT": "5s", "RETRY_BASE_MS": "200", "RETRY_MAX_ATTEMPTS": "50",
             "RETRY_MAX_DELAY_MS": "2000", "BREAKER_FAILURES": "0", "LOG_LEVEL": "info",
             # 1,000 subscribers subscribe at once: the global token bucket
             # (100/s) would answer most of them 429.
@@ -500,13 +500,22 @@ def all_faults():
 # ---------------------------------------------------------------- checks
 
 def check_events(stack, recv, accepted, timeout):
-    """(delivered, lost, duplicated, redelivered) once every accepted event
-    reached the receiver or `timeout` passed."""
+    """(delivered, lost, duplicated, redelivered, events without exactly one
+    success row) once every accepted event reached the receiver and has its
+    success row in action_results, or `timeout` passed. A worker killed
+    between the delivery and its row delivers again after
+    JOB_VISIBILITY_TIMEOUT: the row comes then."""
     want = set(accepted)
+
+    def rows():
+        return dict(stack.sql("SELECT event_id, count(DISTINCT job_id) FROM action_results "
+                              "WHERE status = 'success' AND event_id = ANY(%s) GROUP BY event_id",
+                              (list(want),)) or [])
+
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         _, keys_of = recv.counts()
-        if want <= set(keys_of):
+        if want <= set(keys_of) and all(n == 1 for n in rows().values()) and len(rows()) == len(want):
             break
         time.sleep(0.2)
     time.sleep(2.0)  # a duplicate would arrive by now
@@ -514,9 +523,8 @@ def check_events(stack, recv, accepted, timeout):
     delivered = len(want & set(keys_of))
     dup = sum(1 for e in want if len(keys_of.get(e, ())) > 1)
     redelivered = sum(n - 1 for k, n in by_key.items() if n > 1)
-    rows = dict(stack.sql("SELECT event_id, count(DISTINCT job_id) FROM action_results "
-                          "WHERE status = 'success' AND event_id = ANY(%s) GROUP BY event_id", (list(want),)) or [])
-    table_bad = [e for e in want if rows.get(e) != 1]
+    done = rows()
+    table_bad = [e for e in want if done.get(e) != 1]
     return delivered, len(want) - delivered, dup, redelivered, table_bad
 
 
