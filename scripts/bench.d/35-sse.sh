@@ -12,7 +12,8 @@
 # Anchor, same run, same load client: a plain Node.js http SSE server
 # (scripts/bench.d/sse_anchor.js) holding the streams in memory.
 # Bars: <= 8 KiB per stream, publish-to-all p99 <= 100 ms (the gateway with
-# its defaults). A second line gives the gateway's figures with
+# its defaults). Delivery times are the kernel's receive timestamps (the
+# client's read times and CPU are logged beside them). A second line gives the gateway's figures with
 # HTTP_CONNECTION_MEMORY=8192 (libmicrohttpd's per-connection pool halved).
 #
 # Environment: BINDIR (bin), O (build), REDIS_URL (the local server's),
