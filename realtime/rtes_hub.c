@@ -26,7 +26,7 @@
 #define AHEAD_MAX 8192              /* live frames kept that arrived before their turn */
 #define GAP_MS 150                  /* a gap open this long is read from PostgreSQL */
 #define RETRY_MS 250                /* after a failed read */
-#define TICK_MS 50
+#define TICK_MS 10                   /* also how soon a watcher whose queue drained goes on */
 #define CHANNEL_PREFIX "rtes:exec:"
 
 typedef struct pend {
@@ -350,13 +350,22 @@ static void serve(rtes_hub *h, rtes_watch *w)
 static void stream_fetch(rtes_hub *h, stream *s)
 {
     int waiting = 0;
+    long long slowest = s->hi + 1;
     job *j;
 
     if (s->fetching || !s->more || svc_now_ms() < s->retry_at)
         return;
-    for (rtes_watch *w = s->head; w && !waiting; w = w->next_w)
-        waiting = !w->closed && !w->fetching && w->next == s->hi + 1 && wsapp_conn_queued(w->conn) < h->high_water;
-    if (!waiting)
+    for (rtes_watch *w = s->head; w; w = w->next_w) {
+        if (w->closed || w->fetching || wsapp_conn_queued(w->conn) >= h->high_water)
+            continue;
+        if (w->next == s->hi + 1)
+            waiting = 1;
+        else if (w->next >= s->lo && w->next < slowest)
+            slowest = w->next;
+    }
+    /* Reading on would push a watcher that is reading out of the cache
+     * (into reads of its own): the fast ones wait for it. */
+    if (!waiting || s->hi + CHUNK - slowest >= CACHE_MAX)
         return;
     j = fetch_job(h, s, NULL, s->hi);
     if (!j)
@@ -927,7 +936,7 @@ rtes_hub *rtes_hub_new(wsapp *app, dbpool *db, const rconn_opts *redis, int load
     /* Well below the point where wsapp drops the connection: a watcher
      * that reads slowly waits (and reads from PostgreSQL later), it is not
      * cut off; one frame may still be added past the mark. */
-    h->high_water = send_queue / 4 < 65536 ? send_queue / 4 : 65536;
+    h->high_water = send_queue / 2 < 131072 ? send_queue / 2 : 131072;
     h->loaders = calloc((size_t)h->nloaders, sizeof(*h->loaders));
     if (!h->loaders) {
         free(h);
