@@ -491,11 +491,16 @@ class Access(RtesCase):
 
     def test_expired_tokens_are_pruned(self):
         eid = new_id()
-        publish([status(eid, "n"), token("dave", eid=eid, ttl=2)])
+        # The token lives long enough to be used once even on a loaded
+        # machine (a 2 s token had expired before the first watch there),
+        # then the test waits for its expiry by the clock, not a fixed sleep.
+        ttl = 8
+        tok = token("dave", eid=eid, ttl=ttl)
+        publish([status(eid, "n"), tok])
         self.wait_count(eid, 1)
         wait_for(lambda: self.r.zcard("execution_id_" + eid) == 1, 10, what="dave's token")
         self.assertEqual(len(watch(self.svc.port, eid, 1, 1)[0]["frames"]), 1)
-        time.sleep(3.2)
+        time.sleep(max(0.0, tok[1]["exp"] + 1.2 - time.time()))
         res = watch(self.svc.port, eid)[0]
         self.assertEqual(res["http"], 401)
         self.assertEqual(self.r.zcard("execution_id_" + eid), 0)
