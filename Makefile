@@ -43,7 +43,11 @@ ALL_LDFLAGS  = -pthread $(SAN_LDFLAGS) $(LDFLAGS)
 ALL_LDLIBS   = $(PKG_LIBS) -lcrypt -lpthread -lm $(LDLIBS)
 ifneq ($(SANITIZE),)
 SAN_CFLAGS  := -fsanitize=$(SANITIZE) -fno-omit-frame-pointer -fno-sanitize-recover=all
-SAN_LDFLAGS := -fsanitize=$(SANITIZE)
+# gcc's sanitizer link spec turns --no-as-needed on for the libraries that
+# follow it, so a sanitized program would carry every library of PKGS;
+# --as-needed restores the set the plain build links (test_docker compares it
+# with the images' packages).
+SAN_LDFLAGS := -fsanitize=$(SANITIZE) -Wl,--as-needed
 endif
 # The libFuzzer tree (make fuzz): every object gets coverage hooks.
 ifneq ($(FUZZ),)
