@@ -9,7 +9,20 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "log.h"
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+int LLVMFuzzerInitialize(int *argc, char ***argv);
+
+/* Errors only: the parsers log a warning for much of what they refuse, and
+ * writing those lines took most of a target's time. */
+int LLVMFuzzerInitialize(int *argc, char ***argv)
+{
+    (void)argc;
+    (void)argv;
+    log_init("fuzz", "error", "text");
+    return 0;
+}
 
 /* A NUL-terminated heap copy of data (NUL bytes inside stay: C-string
  * parsers see a prefix, as they would from a header or a variable). */

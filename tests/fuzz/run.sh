@@ -5,14 +5,18 @@
 # the seeds in git stay small). A crash, sanitizer report, leak, timeout
 # (FUZZ_TIMEOUT s per input) or out-of-memory stops the target; the input
 # is kept under var/fuzz/artifacts/. Prints each target's executions; exits
-# non-zero when any target found something.
+# non-zero when any target found something. FUZZ_RUNS=N also stops a
+# target after N executions (whichever of the two limits comes first).
 #
 #   make fuzz                    # every target, 10 s each
 #   make fuzz FUZZ_SECONDS=600   # longer runs
+#   nice -n 19 tests/fuzz/run.sh build-fuzz/fuzz/fuzz_url  # one target
+#   FUZZ_SECONDS=36000 FUZZ_RUNS=10000000 nice -n 19 make fuzz  # the 10M runs
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd -P)
 SECS=${FUZZ_SECONDS:-10}
+RUNS=${FUZZ_RUNS:-}
 TIMEOUT=${FUZZ_TIMEOUT:-10}
 ART=$ROOT/var/fuzz/artifacts
 failed=()
@@ -32,6 +36,7 @@ for bin in "$@"; do
     rc=0
     args=(-max_total_time="$SECS" -timeout="$TIMEOUT" -rss_limit_mb=2048 -malloc_limit_mb=1024
           -print_final_stats=1 -artifact_prefix="$ART/$name-")
+    [[ -z $RUNS ]] || args+=(-runs="$RUNS")
     ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1} UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1} \
         "$bin" "${args[@]}" "$work" "$seeds" >"$log" 2>&1 || rc=$?
     execs=$(grep -oE 'stat::number_of_executed_units: [0-9]+' "$log" | awk '{ s += $2 } END { print s + 0 }')
@@ -40,7 +45,8 @@ for bin in "$@"; do
         echo "FAIL $name: exit $rc after $execs executions (log: ${log#"$ROOT"/})"
         failed+=("$name")
     else
-        echo "ok   $name: $execs executions in ${SECS}s"
+        took=$(grep -oE 'Done [0-9]+ runs in [0-9]+ second' "$log" | awk '{ print $5 }' | tail -n 1)
+        echo "ok   $name: $execs executions in ${took:-$SECS}s"
     fi
 done
 ((${#failed[@]} == 0)) || { echo "fuzz: findings in ${failed[*]}"; exit 1; }
