@@ -27,6 +27,7 @@
 #include "fmt.h"
 #include "httpstream.h"
 #include "log.h"
+#include "pxhdr.h"
 #include "svc.h"
 
 extern char **environ;
@@ -430,90 +431,32 @@ static void px_breaker(pxreq *r, int ok)
     up_breaker_gauge(r->px, r->up);
 }
 
-/* ---- header handling ------------------------------------------------------ */
+/* ---- header handling (the rules are pxhdr's) ----------------------------- */
 
-static int hdr_is(const char *name, size_t n, const char *want)
+static void px_each_header(const void *src, pxhdr_visit visit, void *vud)
 {
-    return strlen(want) == n && strncasecmp(name, want, n) == 0;
+    httpd_req_each_header(src, visit, vud);
 }
 
-/* Hop-by-hop headers (RFC 9110 7.6.1) and those the gateway sets itself. */
-static int hop_by_hop(const char *name, size_t n)
+static int px_add_line(void *ud, const char *line)
 {
-    static const char *const hop[] = {"connection", "keep-alive", "proxy-connection", "proxy-authenticate",
-                                      "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade",
-                                      NULL};
+    pxreq *r = ud;
+    struct curl_slist *l = curl_slist_append(r->hdrs, line);
 
-    for (int i = 0; hop[i]; i++)
-        if (hdr_is(name, n, hop[i]))
-            return 1;
-    return 0;
-}
-
-/* Nonzero when `name` is listed in a Connection header value. */
-static int listed_in(const char *conn_value, const char *name, size_t n)
-{
-    const char *p = conn_value;
-
-    while (p && *p) {
-        size_t len;
-
-        while (*p == ' ' || *p == '\t' || *p == ',')
-            p++;
-        len = strcspn(p, ", \t");
-        if (len == n && strncasecmp(p, name, n) == 0)
-            return 1;
-        p += len;
-    }
-    return 0;
-}
-
-typedef struct {
-    pxreq *r;
-    httpd_req *req;
-    const char *connection;
-    const char *xff;
-    int has_accept;
-    int fail;
-} hdr_ctx;
-
-static void add_req_header(void *ud, const char *name, const char *value)
-{
-    hdr_ctx *h = ud;
-    size_t n = strlen(name);
-    char line[8192];
-    struct curl_slist *l;
-
-    if (hop_by_hop(name, n) || hdr_is(name, n, "host") || hdr_is(name, n, "content-length") ||
-        hdr_is(name, n, "expect") || hdr_is(name, n, "x-forwarded-for") || hdr_is(name, n, "x-forwarded-host") ||
-        hdr_is(name, n, "x-forwarded-proto") || hdr_is(name, n, "x-request-id") ||
-        (h->connection && listed_in(h->connection, name, n)))
-        return;
-    if (hdr_is(name, n, "accept"))
-        h->has_accept = 1;
-    /* An empty value would make libcurl drop the header: "Name;" sends it. */
-    if (*value)
-        snprintf(line, sizeof(line), "%s: %s", name, value);
-    else
-        snprintf(line, sizeof(line), "%s;", name);
-    l = curl_slist_append(h->r->hdrs, line);
-    if (!l)
-        h->fail = 1;
-    else
-        h->r->hdrs = l;
-}
-
-static int add_line(pxreq *r, const char *fmt, const char *a, const char *b)
-{
-    char line[8192];
-    struct curl_slist *l;
-
-    snprintf(line, sizeof(line), fmt, a, b);
-    l = curl_slist_append(r->hdrs, line);
     if (!l)
         return -1;
     r->hdrs = l;
     return 0;
+}
+
+static void px_add_resp_header(void *ud, const char *name, const char *value)
+{
+    MHD_add_response_header(ud, name, value);
+}
+
+static void px_add_stream_header(void *ud, const char *name, const char *value)
+{
+    httpstream_add_header(ud, name, value);
 }
 
 /* ---- libcurl callbacks (loop thread) -------------------------------------- */
@@ -558,28 +501,24 @@ static void px_stream_close(void *ud);
 static void px_headers_done(pxreq *r)
 {
     const char *p = r->rh.p ? r->rh.p : "", *end = p + r->rh.len;
-    const char *ctype = NULL, *conn = NULL;
-    char ctype_buf[512] = "", conn_buf[512] = "";
-    struct MHD_Response *resp = NULL;
+    const char *ctype = NULL;
+    char ctype_buf[512] = "";
     int sse;
 
     r->headers_done = 1;
     metrics_histogram_observe(r->up->latency, (double)(now_ms() - r->start_ms) / 1000.0);
     px_breaker(r, !(r->status >= 502 && r->status <= 504));
-    /* First pass: the headers that decide how the rest is handled. */
+    /* The header that decides how the rest is handled. */
     for (const char *l = p; l < end;) {
         const char *nl = memchr(l, '\n', (size_t)(end - l)), *colon = memchr(l, ':', (size_t)(nl - l));
-        size_t n = colon ? (size_t)(colon - l) : 0;
 
-        if (colon) {
+        if (colon && (size_t)(colon - l) == 12 && strncasecmp(l, "content-type", 12) == 0) {
             const char *v = colon + 1;
 
             while (*v == ' ')
                 v++;
-            if (hdr_is(l, n, "content-type"))
-                snprintf(ctype_buf, sizeof(ctype_buf), "%.*s", (int)(nl - v), v), ctype = ctype_buf;
-            else if (hdr_is(l, n, "connection"))
-                snprintf(conn_buf, sizeof(conn_buf), "%.*s", (int)(nl - v), v), conn = conn_buf;
+            snprintf(ctype_buf, sizeof(ctype_buf), "%.*s", (int)(nl - v), v);
+            ctype = ctype_buf;
         }
         l = nl + 1;
     }
@@ -598,23 +537,7 @@ static void px_headers_done(pxreq *r)
             pthread_mutex_unlock(&r->mu);
             return;
         }
-        (void)resp;
-        for (const char *l = p; l < end;) {
-            const char *nl = memchr(l, '\n', (size_t)(end - l)), *colon = memchr(l, ':', (size_t)(nl - l));
-            size_t n = colon ? (size_t)(colon - l) : 0;
-
-            if (colon && !(conn && listed_in(conn, l, n))) {
-                char name[256], val[8192];
-                const char *v = colon + 1;
-
-                while (*v == ' ')
-                    v++;
-                snprintf(name, sizeof(name), "%.*s", (int)n, l);
-                snprintf(val, sizeof(val), "%.*s", (int)(nl - v), v);
-                httpstream_add_header(r->out, name, val);
-            }
-            l = nl + 1;
-        }
+        pxhdr_response(p, (size_t)(end - p), px_add_stream_header, r->out);
         if (sse)
             httpstream_add_header(r->out, "X-Accel-Buffering", "no");
         atomic_fetch_add(&r->refs, 1); /* the stream's callbacks */
@@ -628,41 +551,32 @@ static void px_headers_done(pxreq *r)
 static size_t px_header_cb(char *data, size_t size, size_t nitems, void *ud)
 {
     pxreq *r = ud;
-    size_t n = size * nitems, nlen;
-    const char *colon;
+    size_t n = size * nitems, keep = 0;
+    long long num = 0;
 
-    if (n >= 5 && memcmp(data, "HTTP/", 5) == 0) {
-        /* A status line: a 1xx interim answer's headers are dropped. */
-        const char *sp = memchr(data, ' ', n);
-
+    switch (pxhdr_response_line(data, n, &num, &keep)) {
+    case PXHDR_STATUS: /* a 1xx interim answer's headers are dropped */
         buf_reset(&r->rh);
         r->declared_len = -1;
-        r->status = sp ? (int)strtol(sp + 1, NULL, 10) : 502;
-        return n;
-    }
-    if (n <= 2 && (data[0] == '\r' || data[0] == '\n')) {
+        r->status = (int)num;
+        break;
+    case PXHDR_END:
         if (r->status >= 200 && !r->headers_done)
             px_headers_done(r);
-        return n;
+        break;
+    case PXHDR_LENGTH:
+        r->declared_len = num;
+        break;
+    case PXHDR_DROP:
+        break;
+    case PXHDR_KEEP:
+        if (r->rh.len + keep + 1 > PX_HDR_MAX)
+            return 0; /* fails the transfer: 502 */
+        buf_append(&r->rh, data, keep);
+        buf_append(&r->rh, "\n", 1);
+        break;
     }
-    colon = memchr(data, ':', n);
-    if (!colon)
-        return n;
-    nlen = (size_t)(colon - data);
-    if (hdr_is(data, nlen, "content-length")) {
-        r->declared_len = strtoll(colon + 1, NULL, 10);
-        return n;
-    }
-    if ((hop_by_hop(data, nlen) && !hdr_is(data, nlen, "connection")) || hdr_is(data, nlen, "date") ||
-        hdr_is(data, nlen, "x-request-id"))
-        return n;
-    while (n && (data[n - 1] == '\r' || data[n - 1] == '\n'))
-        n--;
-    if (r->rh.len + n + 1 > PX_HDR_MAX)
-        return 0; /* fails the transfer: 502 */
-    buf_append(&r->rh, data, n);
-    buf_append(&r->rh, "\n", 1);
-    return size * nitems;
+    return n;
 }
 
 static size_t px_write_cb(char *data, size_t size, size_t nitems, void *ud)
@@ -751,44 +665,11 @@ static void px_finish(pxloop *l, pxreq *r, CURLcode rc, const char *why)
 
         resp = MHD_create_response_from_buffer(len, body ? body : (void *)"", body ? MHD_RESPMEM_MUST_FREE
                                                                              : MHD_RESPMEM_PERSISTENT);
-        if (resp) {
-            const char *p = r->rh.p ? r->rh.p : "", *end = p + r->rh.len, *conn = NULL;
-            char conn_buf[512];
-
-            for (const char *ln = p; ln < end;) {
-                const char *nl = memchr(ln, '\n', (size_t)(end - ln)), *colon = memchr(ln, ':', (size_t)(nl - ln));
-
-                if (colon && hdr_is(ln, (size_t)(colon - ln), "connection")) {
-                    const char *v = colon + 1;
-
-                    while (*v == ' ')
-                        v++;
-                    snprintf(conn_buf, sizeof(conn_buf), "%.*s", (int)(nl - v), v);
-                    conn = conn_buf;
-                }
-                ln = nl + 1;
-            }
-            for (const char *ln = p; ln < end;) {
-                const char *nl = memchr(ln, '\n', (size_t)(end - ln)), *colon = memchr(ln, ':', (size_t)(nl - ln));
-
-                if (colon) {
-                    size_t n = (size_t)(colon - ln);
-                    const char *v = colon + 1;
-                    char name[256], val[8192];
-
-                    while (*v == ' ')
-                        v++;
-                    if (!hdr_is(ln, n, "connection") && !(conn && listed_in(conn, ln, n))) {
-                        snprintf(name, sizeof(name), "%.*s", (int)n, ln);
-                        snprintf(val, sizeof(val), "%.*s", (int)(nl - v), v);
-                        MHD_add_response_header(resp, name, val);
-                    }
-                }
-                ln = nl + 1;
-            }
-        } else {
+        if (resp)
+            pxhdr_response(r->rh.p ? r->rh.p : "", r->rh.len, px_add_resp_header, resp);
+        else
             free(body);
-        }
+
         pthread_mutex_lock(&r->mu);
         if (r->req) {
             if (resp)
@@ -1077,83 +958,31 @@ static upstream *px_find(proxy *px, const char *name, size_t n)
     return NULL;
 }
 
-/* Length of the path separator at p (/, \\, %2f or %5c), else 0. An
- * upstream that decodes %2f or takes \\ for / before it resolves dot
- * segments would climb on them too. */
-static size_t px_sep_len(const char *p)
-{
-    if (*p == '/' || *p == '\\')
-        return 1;
-    if (p[0] == '%' && ((p[1] == '2' && (p[2] == 'f' || p[2] == 'F')) || (p[1] == '5' && (p[2] == 'c' || p[2] == 'C'))))
-        return 3;
-    return 0;
-}
-
-/* "/.." or "/." segments (plain or %-encoded, between any separators that
- * px_sep_len knows) could climb out of the upstream's base path once
- * libcurl or the upstream normalises the URL. */
-static int has_dot_segment(const char *p)
-{
-    for (const char *s = p; *s && *s != '?'; s++) {
-        size_t sep = px_sep_len(s);
-
-        if (!sep)
-            continue;
-        const char *t = s + sep;
-        int dots = 0;
-
-        for (;;) {
-            if (*t == '.') {
-                t++;
-                dots++;
-            } else if (t[0] == '%' && t[1] == '2' && (t[2] == 'e' || t[2] == 'E')) {
-                t += 3;
-                dots++;
-            } else {
-                break;
-            }
-        }
-        if (dots >= 1 && dots <= 2 && (px_sep_len(t) || *t == '\0' || *t == '?'))
-            return 1;
-    }
-    return 0;
-}
-
 static int method_proxied(const char *m)
 {
     return !strcmp(m, "GET") || !strcmp(m, "POST") || !strcmp(m, "PUT") || !strcmp(m, "PATCH") ||
            !strcmp(m, "DELETE");
 }
 
+/* 0; -1 out of memory; -2 a header line too long (pxhdr_request). */
 static int px_setup(pxreq *r, httpd_req *req, const char *rest)
 {
     const char *method = httpd_req_method(req), *clen = httpd_req_header(req, "Content-Length");
-    const char *te = httpd_req_header(req, "Transfer-Encoding"), *host = httpd_req_header(req, "Host");
-    hdr_ctx h = {r, req, httpd_req_header(req, "Connection"), httpd_req_header(req, "X-Forwarded-For"), 0, 0};
+    const char *te = httpd_req_header(req, "Transfer-Encoding");
+    pxhdr_req_info info = {httpd_req_remote(req), httpd_req_id(req), "http"};
     size_t ulen = strlen(r->up->url) + strlen(rest) + 2;
     long long cl = clen ? strtoll(clen, NULL, 10) : 0;
     CURL *e;
+    int rc;
 
     r->url = malloc(ulen);
     if (!r->url)
         return -1;
     snprintf(r->url, ulen, "%s%s%s", r->up->url, rest[0] == '/' ? "" : "/", rest);
     r->has_body = cl > 0 || te || !strcmp(method, "POST") || !strcmp(method, "PUT") || !strcmp(method, "PATCH");
-    httpd_req_each_header(req, add_req_header, &h);
-    if (h.fail)
-        return -1;
-    {
-        const char *remote = httpd_req_remote(req);
-
-        if (h.xff && *h.xff ? add_line(r, "X-Forwarded-For: %s, %s", h.xff, remote)
-                            : add_line(r, "X-Forwarded-For: %s%s", remote, ""))
-            return -1;
-    }
-    if ((host && add_line(r, "X-Forwarded-Host: %s%s", host, "")) ||
-        add_line(r, "X-Forwarded-Proto: %s%s", "http", "") ||
-        add_line(r, "X-Request-Id: %s%s", httpd_req_id(req), "") || add_line(r, "Expect:%s%s", "", "") ||
-        (!h.has_accept && add_line(r, "Accept:%s%s", "", "")))
-        return -1;
+    rc = pxhdr_request(px_each_header, req, &info, px_add_line, r);
+    if (rc < 0)
+        return rc;
     e = r->easy = px_take_easy(r->loop);
     if (!e)
         return -1;
@@ -1216,6 +1045,7 @@ int proxy_take(httpd_req *req, void *ud)
     upstream *u = px_route(px, req, &rest);
     pxreq *r;
     long wait;
+    int rc;
     const char *clen;
 
     if (!u) {
@@ -1226,7 +1056,7 @@ int proxy_take(httpd_req *req, void *ud)
         httpd_respond_error(req, 503, "unavailable", "the gateway is stopping", NULL);
         return 1;
     }
-    if (has_dot_segment(rest)) {
+    if (pxhdr_has_dot_segment(rest)) {
         httpd_respond_error(req, 400, "invalid_request", "the path may not contain . or .. segments", NULL);
         metrics_counter_inc(up_counter(px, u, 400));
         return 1;
@@ -1267,10 +1097,16 @@ int proxy_take(httpd_req *req, void *ud)
                   : &px->loops[atomic_fetch_add(&px->rr, 1) % (unsigned)px->nloops];
     buf_init(&r->rh, PX_HDR_MAX);
     buf_init(&r->body, PX_SMALL_MAX);
-    if (px_setup(r, req, rest) < 0) {
+    rc = px_setup(r, req, rest);
+    if (rc < 0) {
         breaker_cancel(px->brk, u->name);
         px_unref(r);
-        httpd_respond_error(req, 500, "internal", "out of memory", NULL);
+        if (rc == -2)
+            httpd_respond_errorf(req, 431, "payload_too_large",
+                                 "a request header line exceeds %d bytes, or more than 16 Connection headers",
+                                 PXHDR_LINE_MAX - 1);
+        else
+            httpd_respond_error(req, 500, "internal", "out of memory", NULL);
         return 1;
     }
     httpd_req_defer(req, r->has_body ? px_body_sink : NULL, px_req_done, r);
