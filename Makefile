@@ -104,6 +104,7 @@ fuzz_template_SVC    := action-workers
 fuzz_h1_SVC          := action-workers
 fuzz_sse_publish_SVC := api-gateway
 fuzz_rtes_msg_SVC    := realtime
+fuzz_proxy_headers_SVC := api-gateway
 
 ALL_OBJS  := $(LIB_OBJS) $(sort $(foreach p,$(PROGRAMS),$($(p)_SRCS:%.c=$(O)/%.o))) \
              $(UNIT_SRCS:%.c=$(O)/%.o) $(DRV_SRCS:%.c=$(O)/%.o) $(O)/faults/action-workers/worker.o \
