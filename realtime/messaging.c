@@ -462,12 +462,17 @@ static void msg_deliver_topic(messaging *m, const char *topic, const char *data,
             if (!v || !cJSON_Compare(v, r->equals, 1))
                 deliver = 0;
         } else if (r->kind == RULE_COPY && parsed && strcmp(r->to, topic) != 0) {
-            cJSON *copy = cJSON_Duplicate(parsed, 1);
+            cJSON *copy = cJSON_Duplicate(parsed, 1), *t;
             char *text;
 
             if (!copy)
                 continue;
-            cJSON_ReplaceItemInObject(copy, "topic", cJSON_CreateString(r->to));
+            /* A message a backend published may have no topic member to
+             * replace: the copy gets one. */
+            t = cJSON_CreateString(r->to);
+            if (t && !cJSON_ReplaceItemInObjectCaseSensitive(copy, "topic", t) &&
+                !cJSON_AddItemToObject(copy, "topic", t))
+                cJSON_Delete(t);
             text = cJSON_PrintUnformatted(copy);
             if (text)
                 msg_deliver_local_topic(m, r->to, text, strlen(text));
