@@ -17,19 +17,15 @@
 # BENCH_HEALTH_CPU_BAR (1.5).
 set -euo pipefail
 
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd -P)
 # shellcheck source=scripts/bench.d/lib.sh
-. "$ROOT/scripts/bench.d/lib.sh"
-
-BINDIR=${BINDIR:-bin}
-[[ $BINDIR == /* ]] || BINDIR=$ROOT/$BINDIR
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+bench_init health
 NGINX_PORT=18880
 GW_PORT=18881
 DURATION=${BENCH_DURATION:-5s}
 ROUNDS=${BENCH_ROUNDS:-5}
 BAR=${BENCH_HEALTH_BAR:-0.85}
 CPU_BAR=${BENCH_HEALTH_CPU_BAR:-1.5}
-WORK=$BENCH_VAR/health
 BODY='{"status":"healthy","database":"connected","version":"0.1.0"}'
 
 start_nginx() {
@@ -41,7 +37,7 @@ start_nginx() {
 }
 
 start_gateway() {
-    [[ -x $BINDIR/api-gateway ]] || { bench_log "health: $BINDIR/api-gateway is not built (make)"; exit 1; }
+    bench_built api-gateway
     bench_spawn api-gateway "$WORK/api-gateway.log" env \
         SERVER_HOST=127.0.0.1 SERVER_PORT=$GW_PORT LOG_LEVEL=warn ACCESS_LOG=0 RATE_LIMIT=0 \
         "$BINDIR/api-gateway"
@@ -52,14 +48,11 @@ main() {
     local ng_url=http://127.0.0.1:$NGINX_PORT/api/v1/health
     local ng_pid gw_pid i side line ok=1
     local -a gw_rps=() ng_rps=() gw_us=() ng_us=() ratios=() cpu_ratios=()
-    mkdir -p "$WORK"
     : >"$WORK/api-gateway.log"
     bench_need nginx wrk curl ss
-    # Run alone (not from scripts/bench.sh): use the local servers' URLs.
-    [[ -n ${DATABASE_URL:-} ]] || eval "$("$ROOT/scripts/servers.sh" env)"
+    bench_servers DATABASE_URL
     wait_port_free $NGINX_PORT
     wait_port_free $GW_PORT
-    trap bench_cleanup EXIT
     start_nginx
     ng_pid=$BENCH_LAST_PID
     start_gateway

@@ -16,23 +16,18 @@
 # Environment: BENCH_SECONDS (duration of each run, 5), BENCH_CLIENTS (ingest
 # connections, 8), BINDIR (bin).
 set -euo pipefail
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd -P)
-cd "$ROOT"
 # shellcheck source=scripts/bench.d/lib.sh
-. "$ROOT/scripts/bench.d/lib.sh"
-BINDIR=${BINDIR:-bin}
-[[ $BINDIR == /* ]] || BINDIR=$ROOT/$BINDIR
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+bench_init gateway
 SECS=${BENCH_SECONDS:-5}
 CLIENTS=${BENCH_CLIENTS:-8}
 PORT=${BENCH_GATEWAY_PORT:-18820}
-WORK=$BENCH_VAR/gateway
-mkdir -p "$WORK"
 PY=/usr/bin/python3
 TOKEN=bench-ingest-token
 SECRET=bench-jwt-secret-0123456789
 
 bench_need wrk pgbench psql curl ss
-[ -x "$BINDIR/api-gateway" ] && [ -x "$BINDIR/migrate" ] || { echo "20-gateway: build first (make)" >&2; exit 1; }
+bench_built api-gateway migrate
 
 # A database of its own (ae_bench_gw) on the server DATABASE_URL names (the
 # local dev server by default), so the shared database and any running
@@ -50,7 +45,6 @@ DATABASE_URL=$DBURL MIGRATIONS_DIR=$ROOT/database/migrations "$BINDIR/migrate" >
 # Both sides start from the same table.
 psql "$DBURL" -qc "DELETE FROM events WHERE id LIKE 'wrk-%' OR id LIKE 'pgb-%'" >/dev/null
 
-trap bench_cleanup EXIT
 wait_port_free "$PORT" 30
 PG_PID=$(listener_pid "$($PY -c 'import sys, urllib.parse; print(urllib.parse.urlsplit(sys.argv[1]).port or 5432)' "$DBURL")")
 bench_spawn api-gateway "$WORK/api-gateway.log" env SERVER_PORT=$PORT SERVER_HOST=127.0.0.1 DATABASE_URL="$DBURL" \

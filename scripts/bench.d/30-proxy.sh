@@ -16,12 +16,9 @@
 # BENCH_PROXY_BAR (1.0), BENCH_PROXY_CONNS (64), BENCH_PROXY_LOOPS (2).
 set -euo pipefail
 
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd -P)
 # shellcheck source=scripts/bench.d/lib.sh
-. "$ROOT/scripts/bench.d/lib.sh"
-
-BINDIR=${BINDIR:-bin}
-[[ $BINDIR == /* ]] || BINDIR=$ROOT/$BINDIR
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+bench_init proxy
 UP_PORT=18890
 NGINX_PORT=18891
 GW_PORT=18892
@@ -32,7 +29,6 @@ CONNS=${BENCH_PROXY_CONNS:-64}
 # The gateway's loop mode (one epoll loop per thread holding libmicrohttpd and
 # libcurl): the configuration for proxying; 0 measures libmicrohttpd's pool.
 LOOPS=${BENCH_PROXY_LOOPS:-2}
-WORK=$BENCH_VAR/proxy
 BODY='{"id":1,"name":"bench item","status":"ok","tags":["a","b","c"],"value":12345,"note":"fixed upstream body"}'
 
 nginx_common() {
@@ -132,10 +128,8 @@ main() {
     local gw_url=http://127.0.0.1:$GW_PORT/api/v1/bench/item?id=1
     local ng_url=http://127.0.0.1:$NGINX_PORT/api/v1/bench/item?id=1
     local up_pid ng_pid gw_pid g n ratios=() gp99=() np99=() gcpu=() ncpu=() grps=() nrps=()
-    mkdir -p "$WORK"
     : >"$WORK/api-gateway.log"
     for p in $UP_PORT $NGINX_PORT $GW_PORT; do wait_port_free "$p"; done
-    trap bench_cleanup EXIT
     write_confs
     bench_spawn upstream "$WORK/up.out" nginx -p "$WORK/up" -e "$WORK/up/error.log" -c "$WORK/up/nginx.conf"
     up_pid=$BENCH_LAST_PID

@@ -20,22 +20,16 @@
 # BENCH_SSE_CLIENTS, BENCH_SSE_SOURCES, BENCH_SSE_EVENTS.
 set -euo pipefail
 
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd -P)
 # shellcheck source=scripts/bench.d/lib.sh
-. "$ROOT/scripts/bench.d/lib.sh"
-
-BINDIR=${BINDIR:-bin}
-[[ $BINDIR == /* ]] || BINDIR=$ROOT/$BINDIR
-O=${O:-build}
-[[ $O == /* ]] || O=$ROOT/$O
-LOAD=$O/tests/drivers/sse_load
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+bench_init sse
+LOAD=$ROOT/$O/tests/drivers/sse_load
 GW_PORT=18900
 NODE_PORT=18901
 CLIENTS=${BENCH_SSE_CLIENTS:-10000}
 SOURCES=${BENCH_SSE_SOURCES:-50}
 EVENTS=${BENCH_SSE_EVENTS:-20}
 TOKEN=bench-internal-token
-WORK=$BENCH_VAR/sse
 
 rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
 
@@ -71,15 +65,13 @@ start_gateway() {
 
 main() {
     local gw_pid node_pid g n s
-    [[ -x $LOAD ]] || { bench_log "sse: $LOAD is not built (make tests)"; exit 1; }
+    bench_drivers sse_load
     command -v node >/dev/null || { bench_log "sse: node not found (apt-get install nodejs)"; exit 1; }
     ulimit -n "$(ulimit -Hn)"
-    mkdir -p "$WORK"
     : >"$WORK/api-gateway.log"
-    [[ -n ${REDIS_URL:-} ]] || eval "$("$ROOT/scripts/servers.sh" env)"
+    bench_servers REDIS_URL
     wait_port_free $GW_PORT
     wait_port_free $NODE_PORT
-    trap bench_cleanup EXIT
     # libmicrohttpd shares the connection limit out among its 8 threads, and
     # whichever thread wakes first accepts a whole burst: each thread's share
     # must hold every stream (the descriptor limit bounds them anyway).

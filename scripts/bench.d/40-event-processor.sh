@@ -27,25 +27,16 @@
 # (database ae_bench_ep, created and migrated here). Redis: a private
 # redis-server on a free port (the jobs would not fit the shared one).
 set -euo pipefail
-ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-cd "$ROOT"
 # shellcheck source=scripts/bench.d/lib.sh
-. "$ROOT/scripts/bench.d/lib.sh"
-BINDIR=${BINDIR:-bin}
-WORK=$ROOT/var/bench/event-processor
-mkdir -p "$WORK"
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+bench_init event-processor
 PY=/usr/bin/python3
 bench_need redis-server psql ss
-[ -x "$BINDIR/event-processor" ] && [ -x "$BINDIR/migrate" ] || { echo "40-event-processor: build first (make)" >&2; exit 1; }
-free_port() { $PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+bench_built event-processor migrate
 REDIS_PORT=$(free_port)
 METRICS_PORT=$(free_port)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
-redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no --dir "$WORK" \
-    --logfile "$WORK/redis.log" >/dev/null &
-PIDS+=($!)
+bench_spawn redis "$WORK/redis.out" redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' \
+    --appendonly no --dir "$WORK" --logfile "$WORK/redis.log"
 BASE=${BENCH_DATABASE_URL:-${DATABASE_URL:-postgresql://erc8004:erc8004@127.0.0.1:55432/erc8004_backend}}
 DB_URL=${BASE%/*}/ae_bench_ep
 psql "$BASE" -qc "DROP DATABASE IF EXISTS ae_bench_ep WITH (FORCE)" -c "CREATE DATABASE ae_bench_ep" >/dev/null

@@ -29,25 +29,16 @@
 # the attacker's triggers on (the processor's bar, 40-event-processor.sh).
 # The anchor is the same run's rounds without the attacker's triggers.
 set -euo pipefail
-ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-cd "$ROOT"
-BINDIR=${BINDIR:-bin}
-WORK=$ROOT/var/bench/trigger-limits
-mkdir -p "$WORK"
+# shellcheck source=scripts/bench.d/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+bench_init trigger-limits
 PY=/usr/bin/python3
-for tool in redis-server psql; do
-    command -v $tool >/dev/null || { echo "45-trigger-limits: $tool is missing" >&2; exit 1; }
-done
-[ -x "$BINDIR/event-processor" ] && [ -x "$BINDIR/migrate" ] || { echo "45-trigger-limits: build first (make)" >&2; exit 1; }
-free_port() { $PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+bench_need redis-server psql
+bench_built event-processor migrate
 REDIS_PORT=$(free_port)
 METRICS_PORT=$(free_port)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
-redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no --dir "$WORK" \
-    --logfile "$WORK/redis.log" >/dev/null &
-PIDS+=($!)
+bench_spawn redis "$WORK/redis.out" redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' \
+    --appendonly no --dir "$WORK" --logfile "$WORK/redis.log"
 BASE=${BENCH_DATABASE_URL:-${DATABASE_URL:-postgresql://erc8004:erc8004@127.0.0.1:55432/erc8004_backend}}
 DB_URL=${BASE%/*}/ae_bench_tl
 psql "$BASE" -qc "DROP DATABASE IF EXISTS ae_bench_tl WITH (FORCE)" -c "CREATE DATABASE ae_bench_tl" >/dev/null

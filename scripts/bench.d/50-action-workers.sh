@@ -8,15 +8,12 @@
 # Environment: BENCH_JOBS (200000 per round: steady state), BENCH_SECONDS
 # (wrk, 5), BENCH_ROUNDS (3), BINDIR (bin), WORKER_THREADS, BENCH_PERF=1.
 set -euo pipefail
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd -P)
-cd "$ROOT"
 # shellcheck source=scripts/bench.d/lib.sh
-. "$ROOT/scripts/bench.d/lib.sh"
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+bench_init action-workers
 # shellcheck source=scripts/bench.d/awbench.sh
 . "$ROOT/scripts/bench.d/awbench.sh"
-[[ -f var/env ]] && . var/env
-BINDIR=${BINDIR:-bin}
-[[ $BINDIR == /* ]] || BINDIR=$ROOT/$BINDIR
+bench_env
 export BENCH_JOBS=${BENCH_JOBS:-200000}
 AW_NAME=action-workers
 AW_SCHEME=http

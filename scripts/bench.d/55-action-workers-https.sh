@@ -14,19 +14,14 @@
 # BENCH_PERF=1 records a call-graph profile of the workers' timed spans
 # (perf record, var/bench/action-workers-https/perf-N.data).
 set -euo pipefail
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd -P)
-cd "$ROOT"
 # shellcheck source=scripts/bench.d/lib.sh
-. "$ROOT/scripts/bench.d/lib.sh"
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+bench_init action-workers-https
 # shellcheck source=scripts/bench.d/awbench.sh
 . "$ROOT/scripts/bench.d/awbench.sh"
-[[ -f var/env ]] && . var/env
-BINDIR=${BINDIR:-bin}
-[[ $BINDIR == /* ]] || BINDIR=$ROOT/$BINDIR
+bench_env
 AW_NAME=action-workers-https
 AW_SCHEME=https
-WORK=$BENCH_VAR/$AW_NAME
-mkdir -p "$WORK"
 bench_need openssl
 
 # A CA and the sink's certificate (127.0.0.1), made afresh: nothing kept.

@@ -19,24 +19,17 @@
 # BENCH_RT_RATES ("20 50 100"), BENCH_RT_PARTS (all; or a comma list of mem,50k,fanout).
 set -euo pipefail
 
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd -P)
 # shellcheck source=scripts/bench.d/lib.sh
-. "$ROOT/scripts/bench.d/lib.sh"
-
-BINDIR=${BINDIR:-bin}
-[[ $BINDIR == /* ]] || BINDIR=$ROOT/$BINDIR
-O=${O:-build}
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+bench_init realtime
 LOAD=$ROOT/$O/tests/drivers/rtload
 DEMO=$ROOT/$O/tests/drivers/wsapp_demo
 PORT=18860
 SECRET=bench-realtime-secret-0123456789abcdef
 PARTS=${BENCH_RT_PARTS:-mem,50k,fanout}
-WORK=$BENCH_VAR/realtime
-mkdir -p "$WORK"
-trap bench_cleanup EXIT
 FAILED=0
 
-[[ -x $LOAD && -x $DEMO ]] || make -C "$ROOT" --no-print-directory "$O/tests/drivers/rtload" "$O/tests/drivers/wsapp_demo" >&2
+bench_drivers rtload wsapp_demo
 
 rss_kb() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
 

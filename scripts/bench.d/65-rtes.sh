@@ -20,25 +20,19 @@
 # Environment: BENCH_RTES_MESSAGES (30000), BENCH_RTES_PREFETCH (100),
 # BENCH_RTES_ROUNDS (3), BENCH_RTES_WATCHERS (100), BINDIR (bin), O (build).
 set -euo pipefail
-ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-cd "$ROOT"
-. scripts/bench.d/lib.sh
-[ -f var/env ] && . var/env || true
-eval "$(scripts/servers.sh env)"
-BINDIR=${BINDIR:-bin}
-O=${O:-build}
+# shellcheck source=scripts/bench.d/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+bench_init rtes
+bench_env
+bench_servers DATABASE_URL REDIS_URL AMQP_URL
 N=${BENCH_RTES_MESSAGES:-30000}
 PREFETCH=${BENCH_RTES_PREFETCH:-100}
 ROUNDS=${BENCH_RTES_ROUNDS:-3}
 WATCHERS=${BENCH_RTES_WATCHERS:-100}
-WORK=$ROOT/var/bench/rtes
-mkdir -p "$WORK"
-PY=/usr/bin/python3
 
-make --no-print-directory -s O="$O" "$O/tests/drivers/rtes_bench" >/dev/null
+bench_drivers rtes_bench
 DRV=$ROOT/$O/tests/drivers/rtes_bench
-[ -x "$BINDIR/realtime" ] || { echo "65-rtes: build first (make)" >&2; exit 1; }
-trap bench_cleanup EXIT
+bench_built realtime
 
 # A database of its own, created afresh each run (realtime migrates it).
 DBURL=${DATABASE_URL%/*}/ae_bench_rtes
@@ -58,7 +52,7 @@ for r in $(seq "$ROUNDS"); do
     # Ours.
     eid=bench-$r-$RANDOM$RANDOM
     "$DRV" publish "$AMQP_URL" workflow.node.status "$eid" "$N" >/dev/null
-    port=$($PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    port=$(free_port)
     t0=$(date +%s.%N)
     bench_spawn realtime "$WORK/realtime-$r.log" env PORT="$port" HOST=127.0.0.1 DATABASE_URL="$DBURL" \
         REDIS_URL="$RURL" AMQP_URL="$AMQP_URL" RTES_SKIP_AUTH=1 RABBITMQ_PREFETCH_COUNT="$PREFETCH" \

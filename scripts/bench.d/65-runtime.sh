@@ -5,9 +5,9 @@
 # frame p99 at 1,000 appends/s. The driver is runtime_bench.py (see its
 # header for the method and the environment).
 set -euo pipefail
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd -P)
-for tool in wrk pgbench node; do
-    command -v "$tool" >/dev/null || { echo "65-runtime: $tool is missing (scripts/deps.sh installs it)" >&2; exit 1; }
-done
+# shellcheck source=scripts/bench.d/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+ROOT=$BENCH_ROOT
+bench_need wrk pgbench node
 "$ROOT/tests/integration/setup-node.sh" >&2
 exec /usr/bin/python3 "$ROOT/scripts/bench.d/runtime_bench.py"

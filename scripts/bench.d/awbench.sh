@@ -1,7 +1,7 @@
 # shellcheck shell=bash disable=SC2034
 # awbench.sh: the action-workers delivery benchmark, over http
 # (50-action-workers.sh) or https (55-action-workers-https.sh). Sourced after
-# lib.sh; the caller sets AW_NAME, AW_SCHEME (http or https) and, for https,
+# lib.sh and bench_init; the caller sets AW_NAME, AW_SCHEME (http or https) and, for https,
 # AW_SSL_CONF (nginx's ssl lines) and AW_CA (the CA the workers trust), then
 # calls awbench_main.
 #
@@ -36,8 +36,6 @@
 
 AW_RATIO_BAR=${BENCH_AW_BAR:-0.5}
 AW_CPU_BAR=${BENCH_AW_CPU_BAR:-2.0}
-
-awbench_free_port() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 awbench_sink() {
     nginx_start nginx "$AW_WORK/nginx" 1 "        listen 127.0.0.1:$AW_SINK_PORT${AW_SSL_CONF:+ ssl};
@@ -122,12 +120,11 @@ awbench_main() {
     mkdir -p "$AW_WORK"
     bench_need nginx wrk redis-server redis-cli psql curl ss
     [[ -z ${BENCH_PERF:-} ]] || bench_need perf
-    [[ -x $BINDIR/action-workers && -x $BINDIR/migrate ]] || { echo "$AW_NAME: build first (make)" >&2; exit 1; }
-    AW_SINK_PORT=$(awbench_free_port)
-    AW_REDIS_PORT=$(awbench_free_port)
-    AW_METRICS_PORT=$(awbench_free_port)
+    bench_built action-workers migrate
+    AW_SINK_PORT=$(free_port)
+    AW_REDIS_PORT=$(free_port)
+    AW_METRICS_PORT=$(free_port)
     AW_URL=$AW_SCHEME://127.0.0.1:$AW_SINK_PORT
-    trap bench_cleanup EXIT
     awbench_sink
     bench_spawn redis "$AW_WORK/redis.out" redis-server --port "$AW_REDIS_PORT" --bind 127.0.0.1 --save '' \
         --appendonly no --dir "$AW_WORK"

@@ -1,8 +1,20 @@
 # shellcheck shell=bash disable=SC2034
 # lib.sh: helpers shared by the benchmarks in scripts/bench.d (sourced, not
 # run). Only function definitions and a few defaults: sourcing it changes no
-# option, trap or directory of the caller.
+# option, trap or directory of the caller (bench_init does, when called).
 #
+#   bench_init NAME                             a benchmark's preamble: cd to the tree's root (ROOT),
+#                                               BINDIR (bin) made absolute, O (build) defaulted,
+#                                               WORK=$BENCH_VAR/NAME created, bench_cleanup on EXIT;
+#                                               NAME prefixes bench_built's message
+#   bench_env                                   var/env's settings, when `make up` wrote one
+#   bench_servers VAR...                        scripts/servers.sh's URLs (DATABASE_URL, REDIS_URL,
+#                                               AMQP_URL) unless every VAR is set already
+#   bench_built PROG...                         fails "NAME: build first (make)" unless each
+#                                               $BINDIR/PROG is built
+#   bench_drivers DRIVER...                     makes $O/tests/drivers/DRIVER... (a no-op when
+#                                               they are up to date)
+#   free_port                                   a free local TCP port (the kernel's pick)
 #   wait_http URL [TIMEOUT_S=30] [STATUS=200] [PID]
 #                                               wait until URL answers STATUS; gives up
 #                                               early when process PID exits
@@ -42,6 +54,49 @@ BENCH_PIDS=()
 BENCH_LAST_PID=""
 
 bench_log() { printf '%s\n' "$*" >&2; }
+
+bench_init() {
+    BENCH_NAME=$1
+    ROOT=$BENCH_ROOT
+    cd "$ROOT" || exit 1
+    BINDIR=${BINDIR:-bin}
+    [[ $BINDIR == /* ]] || BINDIR=$ROOT/$BINDIR
+    # O stays as given: make's targets are spelled with it ($O/tests/drivers/x).
+    O=${O:-build}
+    WORK=$BENCH_VAR/$1
+    mkdir -p "$WORK"
+    trap bench_cleanup EXIT
+}
+
+# Only where a benchmark asks: var/env also names the services `make up`
+# started, which scripts/bench.sh leaves out of the environment on purpose.
+bench_env() {
+    # shellcheck source=/dev/null
+    if [[ -f $BENCH_ROOT/var/env ]]; then . "$BENCH_ROOT/var/env"; fi
+}
+
+# Run alone (not from scripts/bench.sh): the local servers' URLs.
+bench_servers() {
+    local v
+    for v in "$@"; do
+        [[ -n ${!v:-} ]] || { eval "$("$BENCH_ROOT/scripts/servers.sh" env)"; return; }
+    done
+}
+
+bench_built() {
+    local p
+    for p in "$@"; do
+        [[ -x $BINDIR/$p ]] || { echo "${BENCH_NAME:-bench}: build first (make): $BINDIR/$p is missing" >&2; exit 1; }
+    done
+}
+
+bench_drivers() {
+    local d t=()
+    for d in "$@"; do t+=("$O/tests/drivers/$d"); done
+    make -C "$BENCH_ROOT" --no-print-directory -s O="$O" "${t[@]}" >&2
+}
+
+free_port() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 wait_http() {
     local url=$1 timeout=${2:-30} want=${3:-200} pid=${4:-} code=""
