@@ -89,6 +89,10 @@ void gateway_config_read(cfg *c, gateway_config *o)
     o->loops = (int)cfg_int(c, "HTTP_LOOPS", 0, 0, 256);
     proxy_config_read(c, &o->proxy, o->host, o->port);
     sse_config_read(c, &o->sse, o->internal_token);
+    /* SSE streams leave libmicrohttpd once their headers are decided, so its
+     * connection limits no longer count them: the same limits, for them. */
+    o->sse.max_streams = o->max_connections;
+    o->sse.max_per_ip = o->max_connections_per_ip;
 }
 
 long gateway_sse_clients(gateway *gw)

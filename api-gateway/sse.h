@@ -12,9 +12,11 @@
  *
  * Threads: the hub thread (sse_hub.c) owns the subscription, heartbeats and
  * the ingest lock; stream handlers run on MHD threads and block on Redis for
- * one round trip at connect (each MHD thread has its own connection); a held
- * stream costs no thread (httpstream). The client registry is shared, under
- * striped locks. */
+ * one round trip at connect (each MHD thread has its own connection). Then
+ * the stream's socket leaves libmicrohttpd (httpd_req_detach) for one of
+ * the writer threads (sse_out.c), which owns it from there: each writer an
+ * epoll set of its streams, fed through an inbox. The client table is
+ * shared, under striped locks. */
 #ifndef AE_SSE_H
 #define AE_SSE_H
 
@@ -39,6 +41,9 @@ typedef struct {
     long client_buffer_bytes; /* SSE_CLIENT_BUFFER_BYTES: more waiting for one client drops it */
     long write_timeout_s;     /* SSE_WRITE_TIMEOUT_SECONDS: a client that takes nothing this long is closed */
     long answer_ttl_s;        /* HITL_ANSWER_TTL_SECONDS: how long an answer is remembered for idempotency */
+    int writers;              /* SSE_WRITERS: writer threads (0: one per CPU, at most 8) */
+    long max_streams;         /* streams held at most (the gateway's MAX_CONNECTIONS) */
+    int max_per_ip;           /* streams per client address (MAX_CONNECTIONS_PER_IP; 0: no limit) */
     rconn_opts redis;
     char internal_token[512];
 } sse_config;
@@ -105,5 +110,68 @@ int sse_publish(sse *s, rconn *r, const char *client_id, const char *type, const
 int sse_hub_has(sse *s, const char *client_id);
 
 const sse_config *sse_cfg(const sse *s);
+
+/* ---- sse_out.c: the streams' sockets and the writer threads. ---- */
+
+typedef struct sse_out sse_out;
+typedef struct sse_stream sse_stream;
+
+#define SSE_OUT_MAX_WRITERS 16
+
+typedef struct {
+    int writers;
+    long max_streams;
+    int max_per_ip;
+    long client_buffer_bytes; /* more waiting for one stream cuts it */
+    long write_timeout_s;     /* a stream that takes nothing this long while data waits is cut */
+} sse_out_config;
+
+typedef struct {
+    metrics_gauge *clients;
+    metrics_counter *delivered, *dropped;
+} sse_out_metrics;
+
+/* Starts the writers. NULL on failure (err). */
+sse_out *sse_out_new(const sse_out_config *oc, const sse_out_metrics *m, char *err, size_t errlen);
+
+enum { SSE_OUT_FAILED = 1, SSE_OUT_FULL, SSE_OUT_FULL_ADDRESS };
+
+/* Registers a stream of `cid` from address `remote` (any thread), before
+ * its replay is read: what is delivered from now on is held for it. NULL
+ * when it cannot (*why: SSE_OUT_*). The stream must then get exactly one
+ * of sse_out_start or sse_out_cancel, after which the caller must not
+ * touch it. */
+sse_stream *sse_out_open(sse_out *o, const char *cid, const char *remote, int *why);
+
+/* Makes the stream live on socket `fd` (taken, closed on failure): writes
+ * `head` (the response head, as is) and `body` (the first frames; one
+ * chunk when `chunked`), then what was delivered meanwhile with an id above
+ * `threshold`. Copies head and body. Returns 0 or -1. */
+int sse_out_start(sse_out *o, sse_stream *s, int fd, int chunked, const char *head, size_t headlen,
+                  const char *body, size_t bodylen, long long threshold);
+
+/* Drops a registered stream that will not start. */
+void sse_out_cancel(sse_out *o, sse_stream *s);
+
+/* One event (`frame`, an SSE frame) to every stream of client `cid`. */
+void sse_out_deliver(sse_out *o, const char *cid, size_t cidlen, const char *frame, size_t len);
+
+/* One frame to every live stream. */
+void sse_out_heartbeat(sse_out *o, const char *frame, size_t len);
+
+/* Nonzero when a stream of `cid` is held (or being opened). */
+int sse_out_has(sse_out *o, const char *cid);
+
+/* The client ids held, into *out (the caller's, free()); their count. */
+size_t sse_out_client_ids(sse_out *o, char (**out)[SSE_CLIENT_ID_MAX + 1]);
+
+/* Live streams. */
+long sse_out_clients(sse_out *o);
+
+/* Ends every live stream cleanly and stops the writers; streams opened
+ * after it fail. */
+void sse_out_stop(sse_out *o);
+
+void sse_out_free(sse_out *o);
 
 #endif

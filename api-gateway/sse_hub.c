@@ -1,6 +1,6 @@
-/* sse_hub: the streams this instance holds (a registry by client id), the
- * hub thread (Redis subscription, heartbeats, the ingest lock) and the
- * stream route. See sse.h. */
+/* sse_hub: the hub thread (Redis subscription, heartbeats, the ingest
+ * lock) and the stream route; the streams themselves are sse_out.c's. See
+ * sse.h. */
 #include <errno.h>
 #include <poll.h>
 #include <pthread.h>
@@ -17,34 +17,18 @@
 #include "buf.h"
 #include "fmt.h"
 #include "hash.h"
-#include "httpstream.h"
 #include "log.h"
 #include "sse.h"
 #include "svc.h"
 
-#define SSE_BUCKETS 4096
-#define SSE_STRIPES 64
 #define SSE_LOCK_MS 3000   /* the ingest lock's lifetime; renewed every second */
-
-typedef struct sse_conn {
-    struct sse_conn *next, *prev; /* the bucket's chain, under its stripe lock */
-    sse *hub;
-    httpstream *out;              /* set when live */
-    int replaying;                /* frames go to `pending` until the replay is written */
-    int linked;
-    buf pending;
-    unsigned bucket;
-    char cid[SSE_CLIENT_ID_MAX + 1];
-} sse_conn;
 
 struct sse {
     sse_config cfg;
     metrics *reg;
     metrics_gauge *g_clients;
     metrics_counter *c_delivered, *c_dropped, *c_replayed, *c_resets, *c_published;
-    pthread_mutex_t locks[SSE_STRIPES];
-    sse_conn *buckets[SSE_BUCKETS];
-    atomic_long nclients;
+    sse_out *out;
     atomic_int stopping;
     pthread_t thread;
     int started;
@@ -60,7 +44,7 @@ const sse_config *sse_cfg(const sse *s)
 
 long sse_clients(sse *s)
 {
-    return s ? atomic_load(&s->nclients) : 0;
+    return s ? sse_out_clients(s->out) : 0;
 }
 
 /* ---- configuration ------------------------------------------------------ */
@@ -74,130 +58,25 @@ void sse_config_read(cfg *c, sse_config *o, const char *internal_token)
     o->client_buffer_bytes = cfg_int(c, "SSE_CLIENT_BUFFER_BYTES", 1024 * 1024, 4096, 1L << 30);
     o->write_timeout_s = cfg_int(c, "SSE_WRITE_TIMEOUT_SECONDS", 30, 1, 3600);
     o->answer_ttl_s = cfg_int(c, "HITL_ANSWER_TTL_SECONDS", 7L * 86400, 1, 365L * 86400);
+    o->writers = (int)cfg_int(c, "SSE_WRITERS", 0, 0, SSE_OUT_MAX_WRITERS);
+    o->max_streams = 10000;
     rconn_opts_from_cfg(c, &o->redis);
     fmt_copy(o->internal_token, sizeof(o->internal_token), internal_token);
 }
 
-/* ---- the registry ------------------------------------------------------- */
-
-static pthread_mutex_t *stripe(sse *s, unsigned bucket)
-{
-    return &s->locks[bucket % SSE_STRIPES];
-}
-
-static void reg_link(sse *s, sse_conn *c)
-{
-    c->bucket = hash_fnv1a_str(c->cid) % SSE_BUCKETS;
-    pthread_mutex_lock(stripe(s, c->bucket));
-    c->prev = NULL;
-    c->next = s->buckets[c->bucket];
-    if (c->next)
-        c->next->prev = c;
-    s->buckets[c->bucket] = c;
-    c->linked = 1;
-    pthread_mutex_unlock(stripe(s, c->bucket));
-}
-
-/* With the stripe lock held. */
-static void reg_unlink_locked(sse *s, sse_conn *c)
-{
-    if (!c->linked)
-        return;
-    if (c->prev)
-        c->prev->next = c->next;
-    else
-        s->buckets[c->bucket] = c->next;
-    if (c->next)
-        c->next->prev = c->prev;
-    c->next = c->prev = NULL;
-    c->linked = 0;
-}
-
 int sse_hub_has(sse *s, const char *cid)
 {
-    unsigned b = hash_fnv1a_str(cid) % SSE_BUCKETS;
-    int found = 0;
-
-    pthread_mutex_lock(stripe(s, b));
-    for (sse_conn *c = s->buckets[b]; c && !found; c = c->next)
-        found = strcmp(c->cid, cid) == 0;
-    pthread_mutex_unlock(stripe(s, b));
-    return found;
-}
-
-/* Drops a live client whose buffer is full (it reads too slowly, or not at
- * all): its stream is cut, so it reconnects and replays. Stripe lock held. */
-static void conn_drop_locked(sse *s, sse_conn *c)
-{
-    reg_unlink_locked(s, c);
-    if (c->out)
-        httpstream_end(c->out, 1);
-    metrics_counter_inc(s->c_dropped);
-    if (log_enabled(LOG_INFO))
-        log_event(LOG_INFO, "sse_client_dropped", "\"client_id\":\"%s\",\"reason\":\"buffer full\"", c->cid);
-}
-
-/* Hands one frame to one client. Stripe lock held. */
-static void conn_send_locked(sse *s, sse_conn *c, const char *frame, size_t len)
-{
-    int rc;
-
-    if (c->replaying) {
-        if (buf_append(&c->pending, frame, len) < 0 || c->pending.truncated)
-            c->replaying = 2; /* overflowed: the handler drops it */
-        return;
-    }
-    rc = httpstream_write_max(c->out, frame, len, (size_t)s->cfg.client_buffer_bytes);
-    if (rc == 0)
-        metrics_counter_inc(s->c_delivered);
-    else if (rc == -2)
-        conn_drop_locked(s, c);
-}
-
-/* The MHD thread is done with a stream (client gone, or stream ended). */
-static void conn_closed(void *ud)
-{
-    sse_conn *c = ud;
-    sse *s = c->hub;
-
-    pthread_mutex_lock(stripe(s, c->bucket));
-    reg_unlink_locked(s, c);
-    pthread_mutex_unlock(stripe(s, c->bucket));
-    atomic_fetch_sub(&s->nclients, 1);
-    metrics_gauge_add(s->g_clients, -1);
-    httpstream_release(c->out);
-    buf_free(&c->pending);
-    free(c);
-}
-
-static long long frame_id(const char *frame, size_t len)
-{
-    if (len < 5 || memcmp(frame, "id: ", 4) != 0)
-        return -1;
-    return strtoll(frame + 4, NULL, 10);
+    return sse_out_has(s->out, cid);
 }
 
 /* A frame from the deliver channel: "client_id\nframe". */
 static void hub_deliver(sse *s, const char *msg, size_t len)
 {
     const char *nl = memchr(msg, '\n', len);
-    char cid[SSE_CLIENT_ID_MAX + 1];
-    size_t n;
-    unsigned b;
 
     if (!nl || (size_t)(nl - msg) > SSE_CLIENT_ID_MAX)
         return;
-    n = (size_t)(nl - msg);
-    memcpy(cid, msg, n);
-    cid[n] = '\0';
-    b = hash_fnv1a_str(cid) % SSE_BUCKETS;
-    pthread_mutex_lock(stripe(s, b));
-    for (sse_conn *c = s->buckets[b], *next; c; c = next) {
-        next = c->next;
-        if (strcmp(c->cid, cid) == 0)
-            conn_send_locked(s, c, nl + 1, len - n - 1);
-    }
-    pthread_mutex_unlock(stripe(s, b));
+    sse_out_deliver(s->out, msg, (size_t)(nl - msg), nl + 1, len - (size_t)(nl - msg) - 1);
 }
 
 /* ---- publishing --------------------------------------------------------- */
@@ -306,35 +185,15 @@ static void hub_lock(sse *s, rconn *cmd)
 static void hub_heartbeat(sse *s, rconn *cmd)
 {
     char ts[40], frame[128];
-    size_t len, ncids = 0, cap = 0;
+    size_t len, ncids;
     char (*cids)[SSE_CLIENT_ID_MAX + 1] = NULL;
     long ttl = s->cfg.heartbeat_ms / 1000 * 2 + 10;
     redisContext *rc;
 
     sse_timestamp(ts, sizeof(ts));
     len = (size_t)snprintf(frame, sizeof(frame), "event: heartbeat\ndata: {\"timestamp\":\"%s\"}\n\n", ts);
-    for (unsigned b = 0; b < SSE_BUCKETS; b++) {
-        if (!s->buckets[b])
-            continue;
-        pthread_mutex_lock(stripe(s, b));
-        for (sse_conn *c = s->buckets[b], *next; c; c = next) {
-            next = c->next;
-            if (ncids == cap) {
-                size_t ncap = cap ? cap * 2 : 256;
-                void *nc = realloc(cids, ncap * sizeof(*cids));
-
-                if (nc) {
-                    cids = nc;
-                    cap = ncap;
-                }
-            }
-            if (ncids < cap && (ncids == 0 || strcmp(cids[ncids - 1], c->cid) != 0))
-                fmt_copy(cids[ncids++], sizeof(cids[0]), c->cid);
-            if (!c->replaying)
-                conn_send_locked(s, c, frame, len);
-        }
-        pthread_mutex_unlock(stripe(s, b));
-    }
+    sse_out_heartbeat(s->out, frame, len);
+    ncids = sse_out_client_ids(s->out, &cids);
     if (ncids && rconn_connect(cmd) == 0 && (rc = rconn_context(cmd))) {
         size_t sent = 0;
         int ok = 1;
@@ -459,57 +318,27 @@ static int all_digits(const char *p)
     return 1;
 }
 
-void sse_stream_handler(httpd_req *req, void *ud)
+static long long frame_id(const char *frame, size_t len)
 {
-    sse *s = ud;
-    const char *cid = httpd_req_param(req, "client_id"), *last = httpd_req_header(req, "Last-Event-ID");
-    rconn *r;
-    sse_conn *c;
-    redisReply *rep = NULL, *frames;
-    httpstream *out;
-    buf init;
-    char est[FMT_I64_MAX], cjson[SSE_CLIENT_ID_MAX * 2 + 96];
-    long long e = -1, lost, lastev, maxid = 0, threshold;
-    int reset = 0;
-    size_t replayed = 0;
+    if (len < 5 || memcmp(frame, "id: ", 4) != 0)
+        return -1;
+    return strtoll(frame + 4, NULL, 10);
+}
 
-    if (!cid || !sse_client_id_ok(cid)) {
-        httpd_respond_error(req, 400, "invalid_request", "client_id must be 1-128 of A-Z a-z 0-9 _ . -", NULL);
-        return;
-    }
-    if (atomic_load(&s->stopping)) {
-        httpd_respond_error(req, 503, "unavailable", "the gateway is stopping", NULL);
-        return;
-    }
-    r = sse_store_conn(s);
-    c = calloc(1, sizeof(*c));
-    if (!r || !c) {
-        free(c);
-        httpd_respond_error(req, 500, "internal", "out of memory", NULL);
-        return;
-    }
-    c->hub = s;
-    c->replaying = 1;
-    buf_init(&c->pending, (size_t)s->cfg.client_buffer_bytes);
-    fmt_copy(c->cid, sizeof(c->cid), cid);
-    /* Registered first, so nothing published from now on is missed: what
-     * arrives while the replay is read waits in `pending`. */
-    reg_link(s, c);
-    if (last && strlen(last) > 20)
-        last = "x"; /* no id of ours is that long: unknown */
-    if (sse_store_connect(s, r, cid, last, s->cfg.heartbeat_ms / 1000 * 2 + 10, &rep) < 0) {
-        pthread_mutex_lock(stripe(s, c->bucket));
-        reg_unlink_locked(s, c);
-        pthread_mutex_unlock(stripe(s, c->bucket));
-        buf_free(&c->pending);
-        free(c);
-        httpd_respond_error(req, 503, "unavailable", "the event store (Redis) is unavailable", NULL);
-        return;
-    }
+/* What the connect script said: the first bytes of the stream
+ * (connection.established, maybe stream.reset, the replay) into `init`,
+ * and the highest id they cover. */
+static long long build_replay(sse *s, const char *cid, const char *last, redisReply *rep, buf *init)
+{
+    char est[FMT_I64_MAX], cjson[SSE_CLIENT_ID_MAX * 2 + 96];
+    long long e = -1, lost, lastev, maxid = 0;
+    redisReply *frames = rep->element[4];
+    size_t replayed = 0;
+    int reset = 0;
+
     fmt_i64(est, rep->element[0]->integer);
     lost = rep->element[2]->type == REDIS_REPLY_STRING ? strtoll(rep->element[2]->str, NULL, 10) : 0;
     lastev = rep->element[3]->type == REDIS_REPLY_STRING ? strtoll(rep->element[3]->str, NULL, 10) : 0;
-    frames = rep->element[4];
     if (last) {
         const char *eff = rep->element[1]->type == REDIS_REPLY_STRING ? rep->element[1]->str : "x";
 
@@ -524,18 +353,15 @@ void sse_stream_handler(httpd_req *req, void *ud)
                 reset = 1;
         }
     }
-    /* The replay is bounded by the buffer (SSE_BUFFER_EVENTS events, each
-     * under the publish route's body limit). */
-    buf_init(&init, (size_t)1 << 30);
     /* The id's alphabet needs no JSON escaping. */
     snprintf(cjson, sizeof(cjson), "{\"client_id\":\"%s\",\"message\":\"Connected to event stream\"}", cid);
-    append_event(&init, est, "connection.established", cjson);
+    append_event(init, est, "connection.established", cjson);
     if (reset) {
         char data[160];
 
         snprintf(data, sizeof(data), "{\"reason\":\"%s\",\"last_event_id\":\"%.24s\",\"oldest_available\":%lld}",
                  e >= 0 ? "last_event_id_too_old" : "last_event_id_unknown", last ? last : "", lost + 1);
-        append_event(&init, NULL, "stream.reset", data);
+        append_event(init, NULL, "stream.reset", data);
         metrics_counter_inc(s->c_resets);
         e = -1;
     }
@@ -549,57 +375,80 @@ void sse_stream_handler(httpd_req *req, void *ud)
         if (fid > maxid)
             maxid = fid;
         if (fid > e) {
-            buf_append(&init, f->str, f->len);
+            buf_append(init, f->str, f->len);
             replayed++;
         }
     }
     metrics_counter_add(s->c_replayed, replayed);
-    threshold = maxid > e ? maxid : e;
-    /* A small read block: each of thousands of idle streams pays for it. */
-    out = httpstream_new(req, 200, "text/event-stream", -1, 0, 1024);
-    if (!out || httpstream_write_max(out, init.p, init.len, (size_t)-1) != 0) {
-        pthread_mutex_lock(stripe(s, c->bucket));
-        reg_unlink_locked(s, c);
-        pthread_mutex_unlock(stripe(s, c->bucket));
-        buf_free(&c->pending);
-        buf_free(&init);
-        freeReplyObject(rep);
-        httpstream_release(out);
-        free(c);
-        if (!out)
-            httpd_respond_error(req, 500, "internal", "out of memory", NULL);
+    return maxid > e ? maxid : e;
+}
+
+void sse_stream_handler(httpd_req *req, void *ud)
+{
+    sse *s = ud;
+    const char *cid = httpd_req_param(req, "client_id"), *last = httpd_req_header(req, "Last-Event-ID");
+    rconn *r;
+    sse_stream *st;
+    redisReply *rep = NULL;
+    buf init, head;
+    long long threshold;
+    int why, fd, chunked = 0;
+
+    if (!cid || !sse_client_id_ok(cid)) {
+        httpd_respond_error(req, 400, "invalid_request", "client_id must be 1-128 of A-Z a-z 0-9 _ . -", NULL);
         return;
     }
-    buf_free(&init);
-    freeReplyObject(rep);
-    httpstream_add_header(out, "Cache-Control", "no-cache");
-    httpstream_add_header(out, "X-Accel-Buffering", "no");
-    c->out = out;
-    httpstream_set_callbacks(out, NULL, conn_closed, c);
-    atomic_fetch_add(&s->nclients, 1);
-    metrics_gauge_add(s->g_clients, 1);
-    /* Live from here: what came during the replay, less what it held. */
-    pthread_mutex_lock(stripe(s, c->bucket));
-    if (c->replaying == 2) {
-        conn_drop_locked(s, c);
-    } else {
-        const char *p = c->pending.p, *end = p + c->pending.len;
-
-        c->replaying = 0;
-        while (p && p < end) {
-            const char *stop = strstr(p, "\n\n");
-            size_t n = stop ? (size_t)(stop + 2 - p) : (size_t)(end - p);
-
-            if (frame_id(p, n) > threshold)
-                conn_send_locked(s, c, p, n);
-            p += n;
-        }
+    if (atomic_load(&s->stopping)) {
+        httpd_respond_error(req, 503, "unavailable", "the gateway is stopping", NULL);
+        return;
     }
-    buf_free(&c->pending);
-    pthread_mutex_unlock(stripe(s, c->bucket));
-    /* A client that takes nothing for this long (its window full) is
-     * closed; a healthy idle stream is suspended and never times out. */
-    httpd_req_set_timeout(req, (unsigned int)s->cfg.write_timeout_s);
+    if (strcmp(httpd_req_method(req), "HEAD") == 0) {
+        httpd_respond_static(req, 200, "text/event-stream", "", 0);
+        httpd_req_add_header(req, "Cache-Control", "no-cache");
+        return;
+    }
+    r = sse_store_conn(s);
+    if (!r) {
+        httpd_respond_error(req, 500, "internal", "out of memory", NULL);
+        return;
+    }
+    /* Registered first, so nothing published from now on is missed: what
+     * arrives while the replay is read is held for the stream. */
+    st = sse_out_open(s->out, cid, httpd_req_remote(req), &why);
+    if (!st) {
+        if (why == SSE_OUT_FAILED)
+            httpd_respond_error(req, 503, "unavailable", "cannot open a stream now", NULL);
+        else
+            httpd_respond_error(req, 503, "unavailable",
+                                why == SSE_OUT_FULL ? "Server at capacity" : "too many streams from this address",
+                                NULL);
+        return;
+    }
+    if (last && strlen(last) > 20)
+        last = "x"; /* no id of ours is that long: unknown */
+    if (sse_store_connect(s, r, cid, last, s->cfg.heartbeat_ms / 1000 * 2 + 10, &rep) < 0) {
+        sse_out_cancel(s->out, st);
+        httpd_respond_error(req, 503, "unavailable", "the event store (Redis) is unavailable", NULL);
+        return;
+    }
+    /* The replay is bounded by the buffer (SSE_BUFFER_EVENTS events, each
+     * under the publish route's body limit). */
+    buf_init(&init, (size_t)1 << 30);
+    buf_init(&head, 8192);
+    threshold = build_replay(s, cid, last, rep, &init);
+    freeReplyObject(rep);
+    httpd_req_add_header(req, "Cache-Control", "no-cache");
+    httpd_req_add_header(req, "X-Accel-Buffering", "no");
+    fd = init.truncated ? -1 : httpd_req_detach(req, 200, "text/event-stream", &head, &chunked);
+    if (fd < 0) {
+        sse_out_cancel(s->out, st);
+        httpd_respond_error(req, 500, "internal", "out of memory", NULL);
+    } else {
+        /* From here the socket and the stream are the writer's. */
+        sse_out_start(s->out, st, fd, chunked, head.p, head.len, init.p, init.len, threshold);
+    }
+    buf_free(&head);
+    buf_free(&init);
 }
 
 /* ---- lifecycle ---------------------------------------------------------- */
@@ -615,8 +464,6 @@ sse *sse_new(const sse_config *sc, metrics *reg, char *err, size_t errlen)
     }
     s->cfg = *sc;
     s->reg = reg ? reg : metrics_default();
-    for (int i = 0; i < SSE_STRIPES; i++)
-        pthread_mutex_init(&s->locks[i], NULL);
     s->g_clients = metrics_gauge_get(s->reg, "sse_clients", "SSE streams held by this instance.", NULL);
     s->c_delivered = metrics_counter_get(s->reg, "sse_events_delivered_total", "Events written to SSE streams.", NULL);
     s->c_dropped = metrics_counter_get(s->reg, "sse_clients_dropped_total",
@@ -636,6 +483,23 @@ sse *sse_new(const sse_config *sc, metrics *reg, char *err, size_t errlen)
             memset(rnd, 0, sizeof(rnd));
         snprintf(s->instance, sizeof(s->instance), "%ld-%02x%02x%02x%02x%02x%02x%02x%02x", (long)getpid(), rnd[0],
                  rnd[1], rnd[2], rnd[3], rnd[4], rnd[5], rnd[6], rnd[7]);
+    }
+    {
+        sse_out_config oc = {sc->writers, sc->max_streams, sc->max_per_ip, sc->client_buffer_bytes,
+                             sc->write_timeout_s};
+        sse_out_metrics om = {s->g_clients, s->c_delivered, s->c_dropped};
+
+        if (oc.writers <= 0) {
+            long n = sysconf(_SC_NPROCESSORS_ONLN);
+
+            oc.writers = n < 1 ? 1 : n > 8 ? 8 : (int)n;
+        }
+        s->out = sse_out_new(&oc, &om, err, errlen);
+        if (!s->out) {
+            s->evfd = -1;
+            sse_free(s);
+            return NULL;
+        }
     }
     s->evfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (s->evfd < 0 || pthread_create(&s->thread, NULL, hub_main, s) != 0) {
@@ -660,14 +524,8 @@ void sse_stop(sse *s)
         s->started = 0;
     }
     /* Ended cleanly: the clients reconnect (to another instance) and
-     * replay from Redis. Their connections must not stay suspended. */
-    for (unsigned b = 0; b < SSE_BUCKETS; b++) {
-        pthread_mutex_lock(stripe(s, b));
-        for (sse_conn *c = s->buckets[b]; c; c = c->next)
-            if (c->out)
-                httpstream_end(c->out, 0);
-        pthread_mutex_unlock(stripe(s, b));
-    }
+     * replay from Redis. */
+    sse_out_stop(s->out);
 }
 
 void sse_free(sse *s)
@@ -677,7 +535,6 @@ void sse_free(sse *s)
     sse_stop(s);
     if (s->evfd >= 0)
         close(s->evfd);
-    for (int i = 0; i < SSE_STRIPES; i++)
-        pthread_mutex_destroy(&s->locks[i]);
+    sse_out_free(s->out);
     free(s);
 }

@@ -2,8 +2,10 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <netdb.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdatomic.h>
@@ -159,6 +161,8 @@ struct httpd_req {
     int status;
     httpd_defer *defer;
     httpd_loop *loop;
+    int http10;   /* an HTTP/1.0 request: no chunked answer */
+    int detached; /* the socket went to the handler (httpd_req_detach) */
     char raw_target[]; /* the request target as received (see httpd_uri_log) */
 };
 
@@ -624,7 +628,8 @@ int httpd_cors_match(const char *list, const char *origin)
     return any ? HTTPD_CORS_ANY : HTTPD_CORS_NO;
 }
 
-static void httpd_add_cors(httpd_req *req, struct MHD_Response *resp)
+/* The CORS headers of an answer to `req`, each given to fn. */
+static void httpd_cors_headers(httpd_req *req, void (*fn)(void *ud, const char *name, const char *value), void *ud)
 {
     const char *origin = httpd_req_header(req, "Origin");
     int m = origin ? httpd_cors_match(req->srv->cors, origin) : HTTPD_CORS_NO;
@@ -634,11 +639,21 @@ static void httpd_add_cors(httpd_req *req, struct MHD_Response *resp)
     /* "*" admits every origin, so it never comes with credentials: a page
      * anywhere could otherwise read answers made with the user's cookies
      * or HTTP authentication. */
-    MHD_add_response_header(resp, "Access-Control-Allow-Origin", m == HTTPD_CORS_ANY ? "*" : origin);
+    fn(ud, "Access-Control-Allow-Origin", m == HTTPD_CORS_ANY ? "*" : origin);
     if (m == HTTPD_CORS_CREDENTIALS)
-        MHD_add_response_header(resp, "Access-Control-Allow-Credentials", "true");
-    MHD_add_response_header(resp, "Vary", "Origin");
-    MHD_add_response_header(resp, "Access-Control-Expose-Headers", "X-Request-Id, Retry-After");
+        fn(ud, "Access-Control-Allow-Credentials", "true");
+    fn(ud, "Vary", "Origin");
+    fn(ud, "Access-Control-Expose-Headers", "X-Request-Id, Retry-After");
+}
+
+static void httpd_cors_to_response(void *ud, const char *name, const char *value)
+{
+    MHD_add_response_header(ud, name, value);
+}
+
+static void httpd_add_cors(httpd_req *req, struct MHD_Response *resp)
+{
+    httpd_cors_headers(req, httpd_cors_to_response, resp);
 }
 
 /* Answers a CORS preflight; returns 1 when the request was one. */
@@ -732,7 +747,7 @@ static void httpd_dispatch(httpd_req *req)
             continue;
         if (r->method == want) {
             r->fn(req, r->ud);
-            if (!req->response)
+            if (!req->response && !req->detached)
                 httpd_respond_error(req, 500, "internal", "handler did not answer", NULL);
             return;
         }
@@ -770,6 +785,77 @@ static enum MHD_Result httpd_queue(httpd_req *req)
     MHD_destroy_response(req->response);
     req->response = NULL;
     return rc;
+}
+
+/* ---- detached answers (httpd_req_detach) ------------------------------ */
+
+static void httpd_head_header(void *ud, const char *name, const char *value)
+{
+    buf *b = ud;
+
+    /* Every value is ours or checked (a sane request id, an allowed
+     * origin); a line break would still split the head, so none passes. */
+    if (strpbrk(value, "\r\n"))
+        return;
+    buf_puts(b, name);
+    buf_puts(b, ": ");
+    buf_puts(b, value);
+    buf_puts(b, "\r\n");
+}
+
+/* IMF-fixdate (RFC 9110 5.6.7), without the locale strftime would use. */
+static void httpd_http_date(char *out, size_t len)
+{
+    static const char days[] = "SunMonTueWedThuFriSat", months[] = "JanFebMarAprMayJunJulAugSepOctNovDec";
+    time_t now = time(NULL);
+    struct tm tm;
+
+    gmtime_r(&now, &tm);
+    snprintf(out, len, "%.3s, %02d %.3s %04d %02d:%02d:%02d GMT", days + 3 * tm.tm_wday, tm.tm_mday,
+             months + 3 * tm.tm_mon, tm.tm_year + 1900, tm.tm_hour, tm.tm_min, tm.tm_sec);
+}
+
+int httpd_req_detach(httpd_req *req, int status, const char *content_type, struct buf *head, int *chunked)
+{
+    const union MHD_ConnectionInfo *ci = MHD_get_connection_info(req->conn, MHD_CONNECTION_INFO_CONNECTION_FD);
+    const char *reason = MHD_get_reason_phrase_for((unsigned int)status);
+    char line[160], date[40];
+    int fd, one = 1, zero = 0;
+
+    if (req->response || req->detached || req->defer || !ci)
+        return -1;
+    *chunked = !req->http10;
+    snprintf(line, sizeof(line), "HTTP/1.1 %d %s\r\n", status, reason ? reason : "");
+    httpd_http_date(date, sizeof(date));
+    if (buf_puts(head, line) < 0)
+        return -1;
+    httpd_head_header(head, "Date", date);
+    if (content_type)
+        httpd_head_header(head, "Content-Type", content_type);
+    httpd_head_header(head, "X-Request-Id", req->request_id);
+    for (int i = 0; i < req->nheaders; i++)
+        httpd_head_header(head, req->header_names[i], req->header_values[i]);
+    httpd_cors_headers(req, httpd_head_header, head);
+    httpd_head_header(head, *chunked ? "Transfer-Encoding" : "Connection", *chunked ? "chunked" : "close");
+    buf_puts(head, "\r\n");
+    if (head->truncated)
+        return -1;
+    /* libmicrohttpd keeps its descriptor and closes it when the handler
+     * returns MHD_NO; with MHD_USE_TURBO (httpd_start) it neither writes
+     * to nor shuts down the socket on the way, so the socket lives on
+     * through this copy, and the connection's pool and records are freed
+     * at once. Its socket is nonblocking already (O_NONBLOCK belongs to the
+     * open file, shared with the copy). */
+    fd = fcntl(ci->connect_fd, F_DUPFD_CLOEXEC, 3);
+    if (fd < 0)
+        return -1;
+    /* Each frame goes out when written: no Nagle wait behind an unacked
+     * one, no cork left from an earlier answer on the connection. */
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    setsockopt(fd, IPPROTO_TCP, TCP_CORK, &zero, sizeof(zero));
+    req->detached = 1;
+    req->status = status;
+    return fd;
 }
 
 static void httpd_remote(httpd_req *req)
@@ -1091,7 +1177,6 @@ static enum MHD_Result httpd_access(void *cls, struct MHD_Connection *conn, cons
     httpd *srv = cls;
     httpd_req *req = *req_cls;
 
-    (void)version;
     if (!req)
         return MHD_NO;
     if (req->defer)
@@ -1106,6 +1191,7 @@ static enum MHD_Result httpd_access(void *cls, struct MHD_Connection *conn, cons
         const char *bad;
 
         httpd_req_init(req, srv, conn, url, method);
+        req->http10 = version && strcmp(version, MHD_HTTP_VERSION_1_0) == 0;
         httpd_conn_busy(srv, conn);
         if ((bad = httpd_framing_error(req))) {
             httpd_respond_error(req, 400, "invalid_request", bad, NULL);
@@ -1134,6 +1220,8 @@ static enum MHD_Result httpd_access(void *cls, struct MHD_Connection *conn, cons
     if (req->status) /* already queued */
         return MHD_YES;
     httpd_dispatch(req);
+    /* A detached request has no answer: MHD_NO makes libmicrohttpd close
+     * its connection without a byte written (see httpd_req_detach). */
     return httpd_queue(req);
 }
 
@@ -1253,7 +1341,7 @@ static void httpd_completed(void *cls, struct MHD_Connection *conn, void **req_c
                   "\"remote\":\"%s\"%s",
                   method_names[req->method_idx], log_escape(epath, sizeof(epath), req->path), req->status,
                   secs * 1000.0, log_escape(eid, sizeof(eid), req->request_id), httpd_req_remote(req),
-                  toe == MHD_REQUEST_TERMINATED_COMPLETED_OK ? "" : ",\"aborted\":true");
+                  toe == MHD_REQUEST_TERMINATED_COMPLETED_OK || req->detached ? "" : ",\"aborted\":true");
     }
     if (req->response)
         MHD_destroy_response(req->response);
@@ -1549,6 +1637,8 @@ int httpd_start(httpd *srv, char *err, size_t errlen)
     struct sockaddr_storage ss;
     /* Suspend/resume lets a request wait on another event loop (the proxy's
      * transfers, SSE streams) without holding a thread. */
+    /* MHD_USE_TURBO also keeps libmicrohttpd from shutting a socket down when
+     * it closes a connection, which httpd_req_detach relies on. */
     unsigned int flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_USE_TURBO | MHD_ALLOW_SUSPEND_RESUME;
     const union MHD_DaemonInfo *info;
 

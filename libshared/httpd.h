@@ -204,6 +204,23 @@ void httpd_req_resume(httpd_req *req);
 struct MHD_Connection *httpd_req_connection(const httpd_req *req);
 void httpd_req_set_response(httpd_req *req, int status, struct MHD_Response *resp);
 
+/* Takes the connection's socket away from the server, for an answer the
+ * caller writes itself for as long as it likes (SSE streams: one write per
+ * event, no libmicrohttpd connection, pool or suspend/resume behind each).
+ * From a route handler only (the request complete, not answered, not
+ * deferred). Appends to `head` what must be written first: the status
+ * line, Date, Content-Type, X-Request-Id, the headers added with
+ * httpd_req_add_header, CORS, and either "Transfer-Encoding: chunked"
+ * (*chunked set: the body must be sent as chunks) or, for an HTTP/1.0
+ * client, "Connection: close" (the body runs to the close). Returns the
+ * descriptor (nonblocking, close-on-exec, TCP_NODELAY; the caller's to
+ * close), after which the handler returns without answering: the server
+ * forgets the connection without writing to it. -1 when it cannot (the
+ * request is then still the handler's to answer). The request counts as
+ * answered with `status`. */
+struct buf;
+int httpd_req_detach(httpd_req *req, int status, const char *content_type, struct buf *head, int *chunked);
+
 /* Adds a header to the response to come (copied). Up to 16 per request. */
 int httpd_req_add_header(httpd_req *req, const char *name, const char *value);
 

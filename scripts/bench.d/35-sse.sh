@@ -13,11 +13,15 @@
 # (scripts/bench.d/sse_anchor.js) holding the streams in memory.
 # Bars: <= 8 KiB per stream, publish-to-all p99 <= 100 ms (the gateway with
 # its defaults). Delivery times are the kernel's receive timestamps (the
-# client's read times and CPU are logged beside them). A second line gives the gateway's figures with
-# HTTP_CONNECTION_MEMORY=8192 (libmicrohttpd's per-connection pool halved).
+# client's read times and CPU are logged beside them). CPU per delivery is
+# the server process's user + system time over the events (lib.sh
+# proc_ticks) divided by the deliveries (streams x events). BENCH_SSE_ROUNDS
+# (3) interleaved rounds, each server started afresh (RSS growth of a
+# process that held streams before would count reused memory as free);
+# the figures printed are the medians.
 #
 # Environment: BINDIR (bin), O (build), REDIS_URL (the local server's),
-# BENCH_SSE_CLIENTS, BENCH_SSE_SOURCES, BENCH_SSE_EVENTS.
+# BENCH_SSE_CLIENTS, BENCH_SSE_SOURCES, BENCH_SSE_EVENTS, BENCH_SSE_ROUNDS.
 set -euo pipefail
 
 # shellcheck source=scripts/bench.d/lib.sh
@@ -29,13 +33,14 @@ NODE_PORT=18901
 CLIENTS=${BENCH_SSE_CLIENTS:-10000}
 SOURCES=${BENCH_SSE_SOURCES:-50}
 EVENTS=${BENCH_SSE_EVENTS:-20}
+ROUNDS=${BENCH_SSE_ROUNDS:-3}
 TOKEN=bench-internal-token
 
 rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
 
-# measure NAME PID PORT: prints "kib_per_stream p99 all_p99 lost".
+# measure NAME PID PORT: prints "kib_per_stream p99 all_p99 lost p50 cpu_us".
 measure() {
-    local name=$1 pid=$2 port=$3 before after line result cid
+    local name=$1 pid=$2 port=$3 before after line result cid t0 t1 us
     cid=bench-$RANDOM$RANDOM
     before=$(rss_kib "$pid")
     coproc LOADP { "$LOAD" 127.0.0.1 "$port" "$cid" "$CLIENTS" "$SOURCES" "$EVENTS" "/internal/v1/sse/$cid" "$TOKEN" 2>&1; }
@@ -47,13 +52,52 @@ measure() {
     fi
     sleep 2
     after=$(rss_kib "$pid")
+    t0=$(proc_ticks "$pid")
     echo go >&"${LOADP[1]}"
     read -r -t 120 result <&"${LOADP[0]}" || result=""
+    t1=$(proc_ticks "$pid")
     wait "$lpid" 2>/dev/null || true
-    bench_log "sse: $name: RSS $before -> $after KiB for $CLIENTS streams; $result"
+    us=$(ticks_us $((t1 - t0)) $((CLIENTS * EVENTS)))
+    bench_log "sse: $name: RSS $before -> $after KiB for $CLIENTS streams; $result; server CPU $us us/delivery"
     # latency_ms p50 A p99 B max C all_p99 D lost E
-    awk -v b="$before" -v a="$after" -v n="$CLIENTS" -v r="$result" 'BEGIN {
-        split(r, f, " "); printf "%.2f %s %s %s %s\n", (a - b) / n, f[5], f[9], f[11], f[3] }'
+    awk -v b="$before" -v a="$after" -v n="$CLIENTS" -v r="$result" -v us="$us" 'BEGIN {
+        split(r, f, " "); printf "%.2f %s %s %s %s %s\n", (a - b) / n, f[5], f[9], f[11], f[3], us }'
+}
+
+# One round of NAME: starts it, measures, stops it; the figures in ROUND_OUT.
+round() {
+    local name=$1 pid out
+    ROUND_OUT=
+    if [[ $name == node ]]; then
+        bench_spawn node "$WORK/node.log" node "$ROOT/scripts/bench.d/sse_anchor.js" $NODE_PORT
+        pid=$BENCH_LAST_PID
+        wait_http "http://127.0.0.1:$NODE_PORT/" 30 404 "$pid" || return 1
+        out=$(measure node "$pid" $NODE_PORT) || out=""
+        stop_pid "$pid" $NODE_PORT
+    else
+        start_gateway
+        pid=$BENCH_LAST_PID
+        wait_http "http://127.0.0.1:$GW_PORT/health" 30 200 "$pid" || { tail -n 20 "$WORK/api-gateway.log" >&2; return 1; }
+        sleep 1
+        out=$(measure api-gateway "$pid" $GW_PORT) || out=""
+        stop_pid "$pid" $GW_PORT
+    fi
+    ROUND_OUT=$out
+    [[ -n $out ]]
+}
+
+stop_pid() {
+    kill -TERM "$1" 2>/dev/null || true
+    wait "$1" 2>/dev/null || true
+    wait_port_free "$2"
+}
+
+# col N LINE...: the median of field N over the lines.
+col() {
+    local n=$1
+    shift
+    # shellcheck disable=SC2046
+    median $(printf '%s\n' "$@" | awk -v n="$n" '{ print $n }')
 }
 
 start_gateway() {
@@ -64,7 +108,7 @@ start_gateway() {
 }
 
 main() {
-    local gw_pid node_pid g n s
+    local g=() n=() r gk gp ga gl gp50 gu nk np na nl np50 nu
     bench_drivers sse_load
     command -v node >/dev/null || { bench_log "sse: node not found (apt-get install nodejs)"; exit 1; }
     ulimit -n "$(ulimit -Hn)"
@@ -72,33 +116,22 @@ main() {
     bench_servers REDIS_URL
     wait_port_free $GW_PORT
     wait_port_free $NODE_PORT
-    # libmicrohttpd shares the connection limit out among its 8 threads, and
-    # whichever thread wakes first accepts a whole burst: each thread's share
-    # must hold every stream (the descriptor limit bounds them anyway).
-    start_gateway
-    gw_pid=$BENCH_LAST_PID
-    bench_spawn node "$WORK/node.log" node "$ROOT/scripts/bench.d/sse_anchor.js" $NODE_PORT
-    node_pid=$BENCH_LAST_PID
-    wait_http "http://127.0.0.1:$GW_PORT/health" 30 200 "$gw_pid" || { tail -n 20 "$WORK/api-gateway.log" >&2; exit 1; }
-    sleep 1
-    g=$(measure api-gateway "$gw_pid" $GW_PORT)
-    n=$(measure node "$node_pid" $NODE_PORT)
-    kill -TERM "$gw_pid" 2>/dev/null || true
-    wait "$gw_pid" 2>/dev/null || true
-    wait_port_free $GW_PORT
-    start_gateway HTTP_CONNECTION_MEMORY=8192
-    gw_pid=$BENCH_LAST_PID
-    wait_http "http://127.0.0.1:$GW_PORT/health" 30 200 "$gw_pid" || { tail -n 20 "$WORK/api-gateway.log" >&2; exit 1; }
-    s=$(measure "api-gateway (8 KiB pool)" "$gw_pid" $GW_PORT)
-    read -r sk sp sa sl sp50 <<<"$s"
-    read -r gk gp ga gl gp50 <<<"$g"
-    read -r nk np na nl np50 <<<"$n"
+    for ((r = 1; r <= ROUNDS; r++)); do
+        round api-gateway || { bench_log "sse: round $r: the gateway failed"; exit 1; }
+        g+=("$ROUND_OUT")
+        round node || { bench_log "sse: round $r: node failed"; exit 1; }
+        n+=("$ROUND_OUT")
+        bench_log "sse: round $r: api-gateway ${g[-1]} / node ${n[-1]} (KiB/stream p99 last_p99 lost p50 CPU_us)"
+    done
+    gk=$(col 1 "${g[@]}") gp=$(col 2 "${g[@]}") ga=$(col 3 "${g[@]}") gp50=$(col 5 "${g[@]}") gu=$(col 6 "${g[@]}")
+    nk=$(col 1 "${n[@]}") np=$(col 2 "${n[@]}") na=$(col 3 "${n[@]}") np50=$(col 5 "${n[@]}") nu=$(col 6 "${n[@]}")
+    gl=$(printf '%s\n' "${g[@]}" | awk '{ s += $4 } END { print s + 0 }')
+    nl=$(printf '%s\n' "${n[@]}" | awk '{ s += $4 } END { print s + 0 }')
     local verdict=PASS
     awk -v k="$gk" 'BEGIN { exit !(k <= 8) }' || verdict=FAIL
     awk -v p="$gp" 'BEGIN { exit !(p >= 0 && p <= 100) }' || verdict=FAIL
     [[ $gl == 0 ]] || verdict=FAIL
-    echo "sse: $CLIENTS streams: api-gateway $gk KiB/stream, publish-to-all p50 $gp50 ms p99 $gp ms (last stream p99 $ga ms, lost $gl); node http $nk KiB/stream, p50 $np50 ms p99 $np ms (last $na ms, lost $nl); memory ratio $(ratio "$gk" "$nk") (bars <= 8 KiB, p99 <= 100 ms) $verdict"
-    echo "sse: $CLIENTS streams: api-gateway with HTTP_CONNECTION_MEMORY=8192: $sk KiB/stream, p50 $sp50 ms p99 $sp ms (last $sa ms, lost $sl)"
+    echo "sse: $CLIENTS streams, median of $ROUNDS rounds: api-gateway $gk KiB/stream, publish-to-all p50 $gp50 ms p99 $gp ms (last stream p99 $ga ms, lost $gl), $gu us CPU/delivery; node http $nk KiB/stream, p50 $np50 ms p99 $np ms (last $na ms, lost $nl), $nu us CPU/delivery; memory ratio $(ratio "$gk" "$nk"), CPU ratio $(ratio "$gu" "$nu") (bars <= 8 KiB, p99 <= 100 ms) $verdict"
     [[ $verdict == PASS ]]
 }
 
