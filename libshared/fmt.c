@@ -29,3 +29,17 @@ size_t fmt_copy(char *dst, size_t size, const char *src)
     dst[n] = '\0';
     return n;
 }
+
+size_t fmt_hex(char *out, const void *in, size_t n)
+{
+    static const char digits[] = "0123456789abcdef";
+    const unsigned char *b = in;
+    size_t i;
+
+    for (i = 0; i < n; i++) {
+        out[2 * i] = digits[b[i] >> 4];
+        out[2 * i + 1] = digits[b[i] & 15];
+    }
+    out[2 * n] = '\0';
+    return 2 * n;
+}

@@ -1,5 +1,5 @@
-/* fmt: number formatting for hot paths (snprintf's format parsing and
- * locale handling cost more than the digits when a value is written per
+/* fmt: number and byte formatting for hot paths (snprintf's format parsing
+ * and locale handling cost more than the digits when a value is written per
  * job or per row). */
 #ifndef AE_FMT_H
 #define AE_FMT_H
@@ -17,5 +17,9 @@ size_t fmt_i64(char *out, long long v);
  * a terminating NUL: what snprintf(dst, size, "%s", src) does, without
  * parsing a format. Returns the number of characters written. */
 size_t fmt_copy(char *dst, size_t size, const char *src);
+
+/* Writes the n bytes at in as 2n lowercase hex digits into out (at least
+ * 2n + 1 bytes) with a terminating NUL; returns 2n. */
+size_t fmt_hex(char *out, const void *in, size_t n);
 
 #endif

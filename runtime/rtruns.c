@@ -6,13 +6,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <openssl/rand.h>
-
 #include "buf.h"
 #include "canonjson.h"
 #include "fmt.h"
 #include "log.h"
-#include "svc.h"
+#include "randid.h"
 
 #define RT_ACQUIRE_MS 5000
 
@@ -122,34 +120,10 @@ int rt_run_id_param(const rt_req *q, rt_resp *a, const char **id)
     return 0;
 }
 
-static void new_uuid(char out[37])
-{
-    unsigned char b[16];
-    static const char hex[] = "0123456789abcdef";
-    int i, j = 0;
-
-    if (RAND_bytes(b, sizeof(b)) != 1) {
-        /* RAND_bytes fails only without an entropy source; a clock-based id
-         * is still unique per process in practice and never reused. */
-        long long t = svc_now_ms();
-        for (i = 0; i < 16; i++)
-            b[i] = (unsigned char)(t >> (i % 8 * 8)) ^ (unsigned char)(i * 37);
-    }
-    b[6] = (unsigned char)((b[6] & 0x0f) | 0x40);
-    b[8] = (unsigned char)((b[8] & 0x3f) | 0x80);
-    for (i = 0; i < 16; i++) {
-        if (i == 4 || i == 6 || i == 8 || i == 10)
-            out[j++] = '-';
-        out[j++] = hex[b[i] >> 4];
-        out[j++] = hex[b[i] & 15];
-    }
-    out[j] = '\0';
-}
-
 void rt_h_run_create(rt *r, const rt_req *q, rt_resp *a)
 {
     cJSON *body = NULL, *worker, *meta;
-    char id[37], err[512];
+    char id[RANDID_UUID_LEN + 1], err[512];
     char *meta_text = NULL;
     const char *p[3];
     PGconn *c = NULL;
@@ -169,7 +143,7 @@ void rt_h_run_create(rt *r, const rt_req *q, rt_resp *a)
     }
     if (!(c = rt_acquire(r, a)))
         goto out;
-    new_uuid(id);
+    randid_uuid(id, sizeof(id), "");
     p[0] = id;
     p[1] = cJSON_IsString(worker) ? worker->valuestring : NULL;
     p[2] = meta_text;

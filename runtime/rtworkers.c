@@ -9,11 +9,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <openssl/rand.h>
-
 #include "fmt.h"
 #include "log.h"
-#include "svc.h"
+#include "randid.h"
 
 #define RT_ACQUIRE_MS 5000
 #define RT_WORKER_ID_MAX 512
@@ -127,27 +125,6 @@ static void answer_worker(rt *r, PGconn *c, const char *id, const owner *o, int 
     PQclear(res);
 }
 
-static void new_worker_id(char out[48])
-{
-    unsigned char b[16];
-    static const char hex[] = "0123456789abcdef";
-    int i, j = 7;
-
-    memcpy(out, "codexw_", 7);
-    if (RAND_bytes(b, sizeof(b)) != 1)
-        for (i = 0; i < 16; i++)
-            b[i] = (unsigned char)(svc_now_ms() >> (i % 8 * 8)) ^ (unsigned char)(i * 91);
-    b[6] = (unsigned char)((b[6] & 0x0f) | 0x40);
-    b[8] = (unsigned char)((b[8] & 0x3f) | 0x80);
-    for (i = 0; i < 16; i++) {
-        if (i == 4 || i == 6 || i == 8 || i == 10)
-            out[j++] = '-';
-        out[j++] = hex[b[i] >> 4];
-        out[j++] = hex[b[i] & 15];
-    }
-    out[j] = '\0';
-}
-
 static const char *opt_string(const cJSON *body, const char *name, int *bad)
 {
     const cJSON *it = cJSON_GetObjectItemCaseSensitive(body, name);
@@ -232,7 +209,7 @@ void rt_h_worker_register(rt *r, const rt_req *q, rt_resp *a)
     while (id && (*id == ' ' || *id == '\t'))
         id++;
     if (!id || !*id) {
-        new_worker_id(gen);
+        randid_uuid(gen, sizeof(gen), "codexw_");
         id = gen;
     }
     while (adapter && (*adapter == ' ' || *adapter == '\t'))

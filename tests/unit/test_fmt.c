@@ -1,5 +1,5 @@
 /* Unit tests for fmt: fmt_i64 against snprintf over edge and random
- * values. */
+ * values, fmt_copy's cuts, fmt_hex against snprintf("%02x"). */
 #include <limits.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -68,12 +68,30 @@ static void test_copy(void **state)
     assert_string_equal(small, "");
 }
 
+static void test_hex(void **state)
+{
+    unsigned char b[256];
+    char got[2 * sizeof(b) + 1], want[2 * sizeof(b) + 1];
+
+    (void)state;
+    for (size_t i = 0; i < sizeof(b); i++) {
+        b[i] = (unsigned char)(255 - i);
+        snprintf(want + 2 * i, 3, "%02x", b[i]);
+    }
+    assert_int_equal(fmt_hex(got, b, sizeof(b)), 2 * sizeof(b));
+    assert_string_equal(got, want);
+    got[0] = 'x';
+    assert_int_equal(fmt_hex(got, b, 0), 0);
+    assert_string_equal(got, "");
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_edges),
         cmocka_unit_test(test_random),
         cmocka_unit_test(test_copy),
+        cmocka_unit_test(test_hex),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);
