@@ -12,7 +12,6 @@
 #include "rtsync.h"
 #include "svc.h"
 
-#define RT_ACQUIRE_MS 5000
 #define RT_TOPIC_MAX 600
 
 static void refusal(rt_resp *a, const synctoken_refusal *why)
@@ -52,16 +51,6 @@ static int origin_ok(rt *r, const rt_req *q, rt_resp *a)
     return -1;
 }
 
-static PGconn *acquire(rt *r, rt_resp *a)
-{
-    char err[256];
-    PGconn *c = dbpool_acquire(r->db, RT_ACQUIRE_MS);
-
-    if (!c)
-        rt_db_error(a, dbpool_errstr(r->db, err, sizeof(err)));
-    return c;
-}
-
 /* A worker topic is readable by its owner only: the token's user id, or
  * for a token without one its org as the guest scope. An unknown worker
  * is refused the same way, so topics cannot be probed. */
@@ -74,7 +63,7 @@ static int owner_ok(rt *r, const synctoken_principal *p, const char *worker_id, 
     PGresult *res;
     int ok;
 
-    if (!(c = acquire(r, a)))
+    if (!(c = rt_acquire(r, a)))
         return -1;
     if (p->has_user_id)
         fmt_i64(uid, p->user_id);
@@ -185,7 +174,7 @@ int rtsync_read(rt *r, const char *topic, long long after, long limit, rtsync_wi
     }
     fmt_i64(afters, after);
     fmt_i64(lims, limit);
-    if (!(c = acquire(r, a)))
+    if (!(c = rt_acquire(r, a)))
         return -1;
     res = kind == SYNCTOKEN_TOPIC_RUN ? dbpool_exec_prepared(c, "rt_poll_run", POLL_RUN_SQL, 4, p, err, sizeof(err))
                                      : dbpool_exec_prepared(c, "rt_poll_worker", POLL_WORKER_SQL, 4, p, err, sizeof(err));

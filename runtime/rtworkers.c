@@ -13,8 +13,10 @@
 #include "log.h"
 #include "randid.h"
 
-#define RT_ACQUIRE_MS 5000
 #define RT_WORKER_ID_MAX 512
+/* The most values a runtime.worker_* call takes between the owner and the
+ * stale-after time (worker_register's). */
+#define RT_WORKER_EXTRA_MAX 4
 
 typedef struct {
     int has_uid;
@@ -74,16 +76,6 @@ static int owner_from(const cJSON *body, const rt_req *q, owner *o, rt_resp *a)
     return 0;
 }
 
-static PGconn *acquire(rt *r, rt_resp *a)
-{
-    char err[256];
-    PGconn *c = dbpool_acquire(r->db, RT_ACQUIRE_MS);
-
-    if (!c)
-        rt_db_error(a, dbpool_errstr(r->db, err, sizeof(err)));
-    return c;
-}
-
 static int worker_id_param(const rt_req *q, rt_resp *a, const char **id)
 {
     *id = q->param(q, "id");
@@ -139,18 +131,27 @@ static const char *opt_string(const cJSON *body, const char *name, int *bad)
 }
 
 /* Runs one runtime.worker_* call and maps its outcome; on "ok"-like
- * outcomes answers the worker snapshot with `status`. */
-static void worker_write(rt *r, const char *sql, int n, const char *const *p, const char *id, const owner *o,
+ * outcomes answers the worker snapshot with `status`. Every such call
+ * takes the worker id, the owner's user id and guest scope, then the
+ * nextra values of extra, then the heartbeat stale-after time. */
+static void worker_write(rt *r, const char *sql, const char *id, const owner *o, const char *const *extra, int nextra,
                          int status, rt_resp *a)
 {
-    char err[512];
-    PGconn *c = acquire(r, a);
+    char err[512], stale[FMT_I64_MAX];
+    const char *p[3 + RT_WORKER_EXTRA_MAX + 1];
+    PGconn *c;
     PGresult *res;
     const char *outcome;
 
-    if (!c)
+    if (!(c = rt_acquire(r, a)))
         return;
-    res = dbpool_exec(c, sql, n, p, err, sizeof(err));
+    fmt_i64(stale, r->cfg.heartbeat_stale_ms);
+    p[0] = id;
+    p[1] = o->has_uid ? o->uid : NULL;
+    p[2] = o->guest;
+    memcpy(p + 3, extra, (size_t)nextra * sizeof(*p));
+    p[3 + nextra] = stale;
+    res = dbpool_exec(c, sql, 3 + nextra + 1, p, err, sizeof(err));
     if (!res || PQntuples(res) != 1) {
         log_warn("runtime: worker write failed: %s", res ? "no outcome" : err);
         rt_db_error(a, err);
@@ -187,9 +188,9 @@ void rt_h_worker_register(rt *r, const rt_req *q, rt_resp *a)
 {
     cJSON *body = NULL;
     owner o;
-    char gen[48], stale[FMT_I64_MAX];
+    char gen[48];
     char *meta = NULL;
-    const char *id, *p[8], *adapter;
+    const char *id, *p[RT_WORKER_EXTRA_MAX], *adapter;
     int bad = 0, oom = 0;
 
     if (rt_writes_frozen(r, a) < 0 || rt_body_object(q, &body, 1, a) < 0)
@@ -198,8 +199,8 @@ void rt_h_worker_register(rt *r, const rt_req *q, rt_resp *a)
         goto out;
     id = opt_string(body, "worker_id", &bad);
     adapter = opt_string(body, "adapter", &bad);
-    p[3] = opt_string(body, "workspace_ref", &bad);
-    p[4] = opt_string(body, "codex_home_ref", &bad);
+    p[0] = opt_string(body, "workspace_ref", &bad);
+    p[1] = opt_string(body, "codex_home_ref", &bad);
     meta = json_text(cJSON_GetObjectItemCaseSensitive(body, "metadata"), &oom);
     if (bad || (id && strlen(id) > RT_WORKER_ID_MAX) || oom) {
         rt_error(a, 400, "invalid_request",
@@ -218,14 +219,9 @@ void rt_h_worker_register(rt *r, const rt_req *q, rt_resp *a)
         rt_error(a, 500, "internal", "out of memory");
         goto out;
     }
-    fmt_i64(stale, r->cfg.heartbeat_stale_ms);
-    p[0] = id;
-    p[1] = o.has_uid ? o.uid : NULL;
-    p[2] = o.guest;
-    p[5] = adapter && *adapter ? adapter : "in_memory";
-    p[6] = meta;
-    p[7] = stale;
-    worker_write(r, "SELECT runtime.worker_register($1, $2, $3, $4, $5, $6, $7::jsonb, $8)", 8, p, id, &o, 201, a);
+    p[2] = adapter && *adapter ? adapter : "in_memory";
+    p[3] = meta;
+    worker_write(r, "SELECT runtime.worker_register($1, $2, $3, $4, $5, $6, $7::jsonb, $8)", id, &o, p, 4, 201, a);
 out:
     free(meta);
     cJSON_Delete(body);
@@ -237,7 +233,7 @@ void rt_h_worker_get(rt *r, const rt_req *q, rt_resp *a)
     const char *id;
     PGconn *c;
 
-    if (worker_id_param(q, a, &id) < 0 || owner_from(NULL, q, &o, a) < 0 || !(c = acquire(r, a)))
+    if (worker_id_param(q, a, &id) < 0 || owner_from(NULL, q, &o, a) < 0 || !(c = rt_acquire(r, a)))
         return;
     answer_worker(r, c, id, &o, 200, a);
     dbpool_release(r->db, c);
@@ -247,9 +243,8 @@ void rt_h_worker_heartbeat(rt *r, const rt_req *q, rt_resp *a)
 {
     cJSON *body = NULL;
     owner o;
-    char stale[FMT_I64_MAX];
     char *patch = NULL;
-    const char *id, *p[5];
+    const char *id;
     int oom = 0;
 
     if (rt_writes_frozen(r, a) < 0 || worker_id_param(q, a, &id) < 0 || rt_body_object(q, &body, 0, a) < 0)
@@ -261,13 +256,8 @@ void rt_h_worker_heartbeat(rt *r, const rt_req *q, rt_resp *a)
         rt_error(a, 500, "internal", "out of memory");
         goto out;
     }
-    fmt_i64(stale, r->cfg.heartbeat_stale_ms);
-    p[0] = id;
-    p[1] = o.has_uid ? o.uid : NULL;
-    p[2] = o.guest;
-    p[3] = patch;
-    p[4] = stale;
-    worker_write(r, "SELECT runtime.worker_heartbeat($1, $2, $3, $4::jsonb, $5)", 5, p, id, &o, 200, a);
+    worker_write(r, "SELECT runtime.worker_heartbeat($1, $2, $3, $4::jsonb, $5)", id, &o, (const char *[]){patch}, 1,
+                 200, a);
 out:
     free(patch);
     cJSON_Delete(body);
@@ -279,8 +269,7 @@ void rt_h_worker_status(rt *r, const rt_req *q, rt_resp *a)
     cJSON *body = NULL;
     const cJSON *st;
     owner o;
-    char stale[FMT_I64_MAX];
-    const char *id, *p[6];
+    const char *id, *p[2];
     int i, bad = 0;
 
     if (rt_writes_frozen(r, a) < 0 || worker_id_param(q, a, &id) < 0 || rt_body_object(q, &body, 0, a) < 0)
@@ -290,19 +279,14 @@ void rt_h_worker_status(rt *r, const rt_req *q, rt_resp *a)
     st = cJSON_GetObjectItemCaseSensitive(body, "status");
     for (i = 0; statuses[i] && !(cJSON_IsString(st) && strcmp(st->valuestring, statuses[i]) == 0); i++)
         ;
-    p[4] = opt_string(body, "reason", &bad);
+    p[1] = opt_string(body, "reason", &bad);
     if (!statuses[i] || bad) {
         rt_error(a, 400, "invalid_request",
                  "status must be one of starting, running, stopping, stopped, failed; reason a string");
         goto out;
     }
-    fmt_i64(stale, r->cfg.heartbeat_stale_ms);
-    p[0] = id;
-    p[1] = o.has_uid ? o.uid : NULL;
-    p[2] = o.guest;
-    p[3] = statuses[i];
-    p[5] = stale;
-    worker_write(r, "SELECT runtime.worker_transition($1, $2, $3, $4, $5, $6)", 6, p, id, &o, 200, a);
+    p[0] = statuses[i];
+    worker_write(r, "SELECT runtime.worker_transition($1, $2, $3, $4, $5, $6)", id, &o, p, 2, 200, a);
 out:
     cJSON_Delete(body);
 }
@@ -317,7 +301,7 @@ void rt_h_worker_list(rt *r, const rt_req *q, rt_resp *a)
     cJSON *list;
     int i;
 
-    if (owner_from(NULL, q, &o, a) < 0 || !(c = acquire(r, a)))
+    if (owner_from(NULL, q, &o, a) < 0 || !(c = rt_acquire(r, a)))
         return;
     fmt_i64(stale, r->cfg.heartbeat_stale_ms);
     p[0] = o.has_uid ? o.uid : NULL;
