@@ -137,7 +137,8 @@ typedef struct {
     /* After the upgrade; the connection may send. */
     void (*open)(wsapp_conn *c, void *user, void *ud);
     /* One whole message (fragments joined), text or binary. `data` is
-     * valid during the call only. */
+     * valid during the call only. NULL reads and drops them: a one-way
+     * stream, whose client's frames mean nothing. */
     void (*message)(wsapp_conn *c, void *user, const char *data, size_t len, int binary, void *ud);
     /* A message larger than max_frame was discarded (the connection stays
      * open). `size` is what had arrived when it was cut. May be NULL. */

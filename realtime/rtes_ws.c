@@ -144,17 +144,6 @@ static void rt_open(wsapp_conn *c, void *user, void *ud)
         wsapp_conn_close(c, 1011, "out of memory");
 }
 
-/* The original ignored what watchers send; so do we. */
-static void rt_message(wsapp_conn *c, void *user, const char *data, size_t len, int binary, void *ud)
-{
-    (void)c;
-    (void)user;
-    (void)data;
-    (void)len;
-    (void)binary;
-    (void)ud;
-}
-
 static void rt_close(wsapp_conn *c, void *user, void *ud)
 {
     rtes_ws *w = ud;
@@ -191,7 +180,7 @@ int rtes_ws_mount(rtes_ws *w, wsapp *app)
     h.user_size = sizeof(conn_data);
     h.accept = rt_accept;
     h.open = rt_open;
-    h.message = rt_message;
+    /* No message handler: the original ignored what watchers send. */
     h.close = rt_close;
     if (wsapp_ws_route(app, "/rt", &h, w) < 0)
         return -1;

@@ -798,18 +798,6 @@ static void ws_close(wsapp_conn *c, void *user, void *ud)
     free(t);
 }
 
-static void ws_message(wsapp_conn *c, void *user, const char *data, size_t len, int binary, void *ud)
-{
-    /* The stream is one way; a client's frames (pings come as control
-     * frames) are ignored. */
-    (void)c;
-    (void)user;
-    (void)data;
-    (void)len;
-    (void)binary;
-    (void)ud;
-}
-
 /* ------------------------------------------------------------ server */
 
 rtserve *rtserve_new(rt *r, const char *host, int port, int threads, int append_threads, char *err,
@@ -855,7 +843,8 @@ rtserve *rtserve_new(rt *r, const char *host, int port, int threads, int append_
     h.user_size = sizeof(rt_sub);
     h.accept = ws_accept;
     h.open = ws_open;
-    h.message = ws_message;
+    /* No message handler: the stream is one way, a client's frames are
+     * ignored (pings come as control frames). */
     h.close = ws_close;
     if (wsapp_ws_route(s->app, "/internal/v1/khala/topics/*", &h, s) < 0)
         goto fail;
