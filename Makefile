@@ -189,12 +189,15 @@ unit: $(UNIT_BINS)
 
 # `make valgrind`: the unit tests under memcheck; any leak (definite or
 # indirect) or memory error fails the binary. cmocka forks no children,
-# so one process per binary is all memcheck has to watch.
+# so one process per binary is all memcheck has to watch. Then
+# scripts/valgrind.sh: one short integration run of each service under
+# memcheck (also the last stage of a plain `make test`).
 VALGRIND := valgrind -q --error-exitcode=99 --leak-check=full --show-leak-kinds=definite,indirect \
             --errors-for-leak-kinds=definite,indirect --track-origins=yes
 valgrind: deps
-	$(Q)$(MAKE) --no-print-directory $(UNIT_BINS)
+	$(Q)$(MAKE) --no-print-directory all $(UNIT_BINS)
 	$(Q)O=$(O) UNIT_TIMEOUT=900 UNIT_WRAP="$(VALGRIND)" tests/run-unit.sh $(UNIT_BINS)
+	$(Q)BINDIR=$(BINDIR) scripts/valgrind.sh
 
 # `make test`: install what is missing, start the local servers, then every
 # unit, integration and end-to-end test against them.
@@ -203,7 +206,8 @@ valgrind: deps
 test: deps
 	$(Q)$(MAKE) --no-print-directory all $(UNIT_BINS) $(DRV_BINS) $(FAULT_BIN)
 	$(if $(SANITIZE),,$(Q)$(MAKE) --no-print-directory fuzz-build)
-	$(Q)O=$(O) BINDIR=$(BINDIR) FUZZ_SECONDS=$(FUZZ_SECONDS) FUZZ_BINDIR=$(if $(SANITIZE),,$(FUZZ_DIR)/fuzz) tests/run.sh
+	$(Q)O=$(O) BINDIR=$(BINDIR) FUZZ_SECONDS=$(FUZZ_SECONDS) FUZZ_BINDIR=$(if $(SANITIZE),,$(FUZZ_DIR)/fuzz) \
+		VALGRIND_RUN=$(if $(SANITIZE),,1) tests/run.sh
 
 bench: deps
 	$(Q)$(MAKE) --no-print-directory all $(DRV_BINS)

@@ -15,6 +15,9 @@
 #    build-fuzz/fuzz) for FUZZ_SECONDS (default 10) through tests/fuzz/run.sh;
 #    a SANITIZE build leaves FUZZ_BINDIR empty (the targets are built with
 #    ASan and UBSan already) and the stage is reported as skipped.
+# 6. with VALGRIND_RUN=1 (make test sets it unless SANITIZE: memcheck
+#    cannot run ASan programs), scripts/valgrind.sh: the five services
+#    under memcheck for one short integration run (about 40 s).
 #
 # Each suite runs under a timeout, its output is shown live and kept in
 # var/test-logs/<O>/<suite>.log, and every process it started (services,
@@ -261,6 +264,17 @@ run_shell() {
     fi
 }
 
+run_valgrind() {
+    echo "==== valgrind: services"
+    run_logged valgrind 900 TERM scripts/valgrind.sh
+    if ((RC == 0)); then
+        record valgrind services 1 0 0 "$SECS" "five services, 0 errors, 0 lost"
+    else
+        FAILED_NAMES+=("valgrind: exit $RC, see $LOGDIR/valgrind.log and var/valgrind/")
+        record valgrind services 0 1 0 "$SECS" "exit $RC"
+    fi
+}
+
 # ---------------------------------------------------------------- main
 
 report() {
@@ -297,6 +311,11 @@ main() {
         for f in tests/integration/test_*.sh; do
             if [[ -f $f ]]; then run_shell "$f"; fi
         done
+        if [[ -n ${VALGRIND_RUN:-} ]]; then
+            run_valgrind
+        else
+            record valgrind services 0 0 1 0 "not run: SANITIZE build (memcheck cannot run ASan programs)"
+        fi
     fi
     report
     if ((TOTAL_FAILED > 0)); then
