@@ -10,14 +10,13 @@
 #include <time.h>
 
 #include "apiutil.h"
+#include "authbody.h"
 #include "log.h"
 #include "loginguard.h"
 #include "metrics.h"
 #include "revocation.h"
 #include "svc.h"
 
-#define AUTH_MIN_PASSWORD 8
-#define AUTH_MAX_PASSWORD 256 /* bytes; well inside libcrypt's CRYPT_MAX_PASSPHRASE_SIZE */
 #define AUTH_BAD_LOGIN "invalid username/email or password"
 #define AUTH_BAD_REFRESH "invalid, expired, used or revoked refresh token"
 #define AUTH_VALID_AFTER_EXPR(t) "coalesce(floor(extract(epoch FROM " t "tokens_valid_after))::bigint::text, '')"
@@ -109,66 +108,6 @@ static int auth_hash_slot(gateway *gw, httpd_req *req)
 }
 
 /* ---- request bodies ----------------------------------------------------- */
-
-/* A string member; adds a problem to `details` and returns NULL when it is
- * missing (and required), not a string, or outside [minlen, maxlen]. */
-static const char *auth_str(const cJSON *body, const char *name, int required, size_t minlen, size_t maxlen,
-                            cJSON *details)
-{
-    const cJSON *it = cJSON_GetObjectItemCaseSensitive(body, name);
-    char msg[96];
-    size_t len;
-
-    if (!it || cJSON_IsNull(it)) {
-        if (required)
-            cJSON_AddStringToObject(details, name, "required");
-        return NULL;
-    }
-    if (!cJSON_IsString(it)) {
-        cJSON_AddStringToObject(details, name, "must be a string");
-        return NULL;
-    }
-    len = strlen(it->valuestring);
-    if (len < minlen || len > maxlen) {
-        snprintf(msg, sizeof(msg), "length must be %zu to %zu bytes", minlen, maxlen);
-        cJSON_AddStringToObject(details, name, msg);
-        return NULL;
-    }
-    return it->valuestring;
-}
-
-static int auth_username_ok(const char *s)
-{
-    for (; *s; s++)
-        if (!isalnum((unsigned char)*s) && *s != '_' && *s != '-' && *s != '.')
-            return 0;
-    return 1;
-}
-
-/* A deliberately loose check: one '@' with text on both sides, a dot in
- * the domain, no spaces or control characters. Deliverability is not ours
- * to judge. */
-static int auth_email_ok(const char *s)
-{
-    const char *at = strchr(s, '@');
-
-    if (!at || at == s || strchr(at + 1, '@') || !strchr(at + 1, '.') || at[1] == '.' ||
-        s[strlen(s) - 1] == '.')
-        return 0;
-    for (; *s; s++)
-        if ((unsigned char)*s <= ' ' || *s == 0x7f)
-            return 0;
-    return 1;
-}
-
-static void auth_lower(char *dst, size_t len, const char *src)
-{
-    size_t i = 0;
-
-    for (; src[i] && i + 1 < len; i++)
-        dst[i] = (char)tolower((unsigned char)src[i]);
-    dst[i] = '\0';
-}
 
 /* Parses the body into an object or answers 400. */
 static cJSON *auth_body(httpd_req *req)
@@ -307,8 +246,9 @@ static void auth_register(httpd_req *req, void *ud)
 {
     gateway *gw = ud;
     cJSON *body = auth_body(req), *details;
-    const char *username, *email, *password, *params[3];
-    char email_l[256], hash[256], err[512];
+    const char *username, *password, *params[3];
+    char hash[256], err[512];
+    authbody_fields f;
     PGconn *conn = NULL;
     PGresult *res;
     int rc;
@@ -316,18 +256,13 @@ static void auth_register(httpd_req *req, void *ud)
     if (!body)
         return;
     details = cJSON_CreateObject();
-    username = auth_str(body, "username", 1, 3, 64, details);
-    email = auth_str(body, "email", 1, 3, 254, details);
-    password = auth_str(body, "password", 1, AUTH_MIN_PASSWORD, AUTH_MAX_PASSWORD, details);
-    if (username && !auth_username_ok(username))
-        cJSON_AddStringToObject(details, "username", "only letters, digits, '_', '-' and '.'");
-    if (email && !auth_email_ok(email))
-        cJSON_AddStringToObject(details, "email", "not an email address");
+    (void)authbody_register(body, details, &f);
     if (auth_reject(req, &details))
         goto out;
     cJSON_Delete(details);
     details = NULL;
-    auth_lower(email_l, sizeof(email_l), email);
+    username = f.username;
+    password = f.password;
     if (auth_hash_slot(gw, req) < 0)
         goto out;
     rc = auth_hash_password(password, hash, sizeof(hash));
@@ -339,7 +274,7 @@ static void auth_register(httpd_req *req, void *ud)
     if (!(conn = apiutil_db(gw, req)))
         goto out;
     params[0] = username;
-    params[1] = email_l;
+    params[1] = f.email_lower;
     params[2] = hash;
     res = dbpool_exec(conn,
                       "INSERT INTO users (username, email, password_hash) VALUES ($1, $2, $3) RETURNING " USER_COLS,
@@ -368,8 +303,9 @@ static void auth_login(httpd_req *req, void *ud)
 {
     gateway *gw = ud;
     cJSON *body = auth_body(req), *details;
-    const char *username, *email, *password, *params[1];
-    char email_l[256], family[40], user_id[128], uname[128], account[300];
+    const char *username, *password, *params[1];
+    char family[40], user_id[128], uname[128], account[300];
+    authbody_fields f;
     long long valid_after;
     unsigned char rnd[16];
     PGconn *conn = NULL;
@@ -379,14 +315,11 @@ static void auth_login(httpd_req *req, void *ud)
     if (!body)
         return;
     details = cJSON_CreateObject();
-    username = auth_str(body, "username", 0, 1, 254, details);
-    email = auth_str(body, "email", 0, 1, 254, details);
-    password = auth_str(body, "password", 1, 1, AUTH_MAX_PASSWORD, details);
-    if (!username && !email && !cJSON_GetObjectItemCaseSensitive(details, "username") &&
-        !cJSON_GetObjectItemCaseSensitive(details, "email"))
-        cJSON_AddStringToObject(details, "username", "username or email is required");
+    (void)authbody_login(body, details, &f);
     if (auth_reject(req, &details))
         goto out;
+    username = f.username;
+    password = f.password;
     if (!(conn = apiutil_db(gw, req)))
         goto out;
     if (username) {
@@ -396,8 +329,7 @@ static void auth_login(httpd_req *req, void *ud)
                            " FROM users WHERE lower(username) = lower($1)",
                            1, params);
     } else {
-        auth_lower(email_l, sizeof(email_l), email);
-        params[0] = email_l;
+        params[0] = f.email_lower;
         res = apiutil_exec(req, conn,
                            "SELECT id, username, password_hash, is_active, " AUTH_VALID_AFTER_COL
                            " FROM users WHERE lower(email) = lower($1)",
@@ -412,7 +344,7 @@ static void auth_login(httpd_req *req, void *ud)
         snprintf(account, sizeof(account), "u:%s", PQgetvalue(res, 0, 0));
     } else {
         memcpy(account, "n:", 3);
-        auth_lower(account + 2, sizeof(account) - 2, username ? username : email_l);
+        authbody_lower(account + 2, sizeof(account) - 2, username ? username : f.email_lower);
     }
     wait = loginguard_wait(gw->logins, account, svc_now_ms());
     if (wait > 0) {
@@ -484,15 +416,17 @@ static void auth_refresh(httpd_req *req, void *ud)
     cJSON *body = auth_body(req), *details;
     const char *tok, *params[1];
     char hash[65], user_id[128], uname[128], family[128];
+    authbody_fields f;
     PGconn *conn = NULL;
     PGresult *res = NULL;
 
     if (!body)
         return;
     details = cJSON_CreateObject();
-    tok = auth_str(body, "refresh_token", 1, 1, 512, details);
+    (void)authbody_refresh(body, details, &f);
     if (auth_reject(req, &details))
         goto out;
+    tok = f.refresh_token;
     apiutil_sha256_hex(tok, hash);
     if (!(conn = apiutil_db(gw, req)))
         goto out;
@@ -543,14 +477,16 @@ static void auth_logout(httpd_req *req, void *ud)
     cJSON *body = auth_body(req), *details;
     const char *tok;
     char hash[65];
+    authbody_fields f;
     PGconn *conn = NULL;
 
     if (!body)
         return;
     details = cJSON_CreateObject();
-    tok = auth_str(body, "refresh_token", 1, 1, 512, details);
+    (void)authbody_refresh(body, details, &f);
     if (auth_reject(req, &details))
         goto out;
+    tok = f.refresh_token;
     apiutil_sha256_hex(tok, hash);
     if (!(conn = apiutil_db(gw, req)))
         goto out;
