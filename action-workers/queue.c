@@ -308,20 +308,12 @@ int queue_extend(queue *q, char *const *raws, int n, long long deadline_ms)
 int queue_maintain(queue *q, long long now_ms, int limit, int *moved, int *reaped)
 {
     char snow[32], slim[16];
-    const char *argv[8];
+    const char *ka[5] = {q->list, q->inflight, q->delayed, snow, slim};
     redisReply *rep;
 
     snprintf(snow, sizeof(snow), "%lld", now_ms);
     snprintf(slim, sizeof(slim), "%d", limit);
-    argv[0] = "EVAL";
-    argv[1] = maintain_lua;
-    argv[2] = "3";
-    argv[3] = q->list;
-    argv[4] = q->inflight;
-    argv[5] = q->delayed;
-    argv[6] = snow;
-    argv[7] = slim;
-    rep = rconn_command_argv(q->r, 1, 8, argv, NULL);
+    rep = rconn_eval(q->r, 1, maintain_lua, 3, 2, ka, NULL);
     if (!rep || rep->type != REDIS_REPLY_ARRAY || rep->elements != 2) {
         set_err(q, rep);
         if (rep)
@@ -341,24 +333,21 @@ int queue_maintain(queue *q, long long now_ms, int limit, int *moved, int *reape
 /* Records acks[0..n) (n <= ACK_CHUNK) with one script call. */
 static int record_chunk(queue *q, queue_ack *acks, int n)
 {
-    const char **argv = calloc((size_t)(7 + 4 * n), sizeof(*argv));
+    const char **ka = calloc((size_t)(4 + 4 * n), sizeof(*ka));
     char (*nums)[2][24] = calloc((size_t)n, sizeof(*nums));
     redisReply *rep = NULL;
     int got = -1;
 
-    if (!argv || !nums) {
+    if (!ka || !nums) {
         snprintf(q->err, sizeof(q->err), "out of memory");
         goto out;
     }
-    argv[0] = "EVAL";
-    argv[1] = ack_lua;
-    argv[2] = "4";
-    argv[3] = q->list;
-    argv[4] = q->inflight;
-    argv[5] = q->delayed;
-    argv[6] = q->dlq;
+    ka[0] = q->list;
+    ka[1] = q->inflight;
+    ka[2] = q->delayed;
+    ka[3] = q->dlq;
     for (int i = 0; i < n; i++) {
-        const char **a = argv + 7 + 4 * i;
+        const char **a = ka + 4 + 4 * i;
 
         snprintf(nums[i][0], sizeof(nums[i][0]), "%d", (int)acks[i].kind);
         snprintf(nums[i][1], sizeof(nums[i][1]), "%lld", acks[i].due_ms);
@@ -370,7 +359,7 @@ static int record_chunk(queue *q, queue_ack *acks, int n)
     /* Not retried inside rconn: the caller keeps every job whose ack is not
      * confirmed and sends it again, and a repeated ack is harmless (the job
      * is no longer leased, so the second one is a no-op). */
-    rep = rconn_command_argv(q->r, 0, 7 + 4 * n, argv, NULL);
+    rep = rconn_eval(q->r, 0, ack_lua, 4, 4 * n, ka, NULL);
     if (!rep || rep->type != REDIS_REPLY_ARRAY || rep->elements != (size_t)n) {
         set_err(q, rep);
         goto out;
@@ -382,7 +371,7 @@ out:
     if (rep)
         freeReplyObject(rep);
     free(nums);
-    free(argv);
+    free(ka);
     return got;
 }
 
@@ -450,19 +439,13 @@ int queue_record(queue *q, queue_ack *acks, int n)
 int queue_pace(queue *q, const char *chat, long interval_ms, long long now_ms, long *wait_ms)
 {
     char key[300], snow[32], sint[32];
-    const char *argv[6];
+    const char *ka[3] = {key, snow, sint};
     redisReply *rep;
 
     snprintf(key, sizeof(key), "%s%s", q->pace, chat);
     snprintf(snow, sizeof(snow), "%lld", now_ms);
     snprintf(sint, sizeof(sint), "%ld", interval_ms);
-    argv[0] = "EVAL";
-    argv[1] = pace_lua;
-    argv[2] = "1";
-    argv[3] = key;
-    argv[4] = snow;
-    argv[5] = sint;
-    rep = rconn_command_argv(q->r, 0, 6, argv, NULL);
+    rep = rconn_eval(q->r, 0, pace_lua, 1, 2, ka, NULL);
     if (!rep || rep->type != REDIS_REPLY_INTEGER) {
         set_err(q, rep);
         if (rep)
@@ -477,17 +460,12 @@ int queue_pace(queue *q, const char *chat, long interval_ms, long long now_ms, l
 int queue_pace_block(queue *q, const char *chat, long long until_ms)
 {
     char key[300], suntil[32];
-    const char *argv[5];
+    const char *ka[2] = {key, suntil};
     redisReply *rep;
 
     snprintf(key, sizeof(key), "%s%s", q->pace, chat);
     snprintf(suntil, sizeof(suntil), "%lld", until_ms);
-    argv[0] = "EVAL";
-    argv[1] = block_lua;
-    argv[2] = "1";
-    argv[3] = key;
-    argv[4] = suntil;
-    rep = rconn_command_argv(q->r, 1, 5, argv, NULL);
+    rep = rconn_eval(q->r, 1, block_lua, 1, 1, ka, NULL);
     if (!rep || rep->type == REDIS_REPLY_ERROR) {
         set_err(q, rep);
         if (rep)

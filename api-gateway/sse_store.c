@@ -132,7 +132,7 @@ int sse_store_publish(sse *s, rconn *r, const char *client_id, const char *event
 {
     const sse_config *c = sse_cfg(s);
     char k_seq[160], k_buf[160], k_lost[160], k_last[160], ts[40], max[24], ttl[24], cttl[24];
-    const char *argv[14];
+    const char *ka[11] = {k_seq, k_buf, k_lost, k_last, client_id, event_type, data_json, ts, max, ttl, cttl};
     redisReply *rep;
     int rc = -1;
 
@@ -144,22 +144,8 @@ int sse_store_publish(sse *s, rconn *r, const char *client_id, const char *event
     snprintf(max, sizeof(max), "%d", c->buffer_events);
     snprintf(ttl, sizeof(ttl), "%ld", c->buffer_ttl_s);
     snprintf(cttl, sizeof(cttl), "%ld", store_counter_ttl(c));
-    argv[0] = "EVAL";
-    argv[1] = publish_lua;
-    argv[2] = "4";
-    argv[3] = k_seq;
-    argv[4] = k_buf;
-    argv[5] = k_lost;
-    argv[6] = k_last;
-    argv[7] = client_id;
-    argv[8] = event_type;
-    argv[9] = data_json;
-    argv[10] = ts;
-    argv[11] = max;
-    argv[12] = ttl;
-    argv[13] = cttl;
     /* Not idempotent: a retry after a lost reply could store it twice. */
-    rep = rconn_command_argv(r, 0, 14, argv, NULL);
+    rep = rconn_eval(r, 0, publish_lua, 4, 7, ka, NULL);
     if (rep && rep->type == REDIS_REPLY_INTEGER) {
         *id = rep->integer;
         rc = 0;
@@ -176,7 +162,7 @@ int sse_store_connect(sse *s, rconn *r, const char *client_id, const char *last_
     const sse_config *c = sse_cfg(s);
     char k[6][160], cttl[24], ottl[24];
     static const char *const names[6] = {"seq", "buf", "lost", "last", "online", "est"};
-    const char *argv[12];
+    const char *ka[9] = {k[0], k[1], k[2], k[3], k[4], k[5], last_event_id ? last_event_id : "", cttl, ottl};
     redisReply *rep;
 
     *out = NULL;
@@ -184,15 +170,7 @@ int sse_store_connect(sse *s, rconn *r, const char *client_id, const char *last_
         snprintf(k[i], sizeof(k[i]), "sse:%s:%s", names[i], client_id);
     snprintf(cttl, sizeof(cttl), "%ld", store_counter_ttl(c));
     snprintf(ottl, sizeof(ottl), "%ld", online_ttl_s);
-    argv[0] = "EVAL";
-    argv[1] = connect_lua;
-    argv[2] = "6";
-    for (int i = 0; i < 6; i++)
-        argv[3 + i] = k[i];
-    argv[9] = last_event_id ? last_event_id : "";
-    argv[10] = cttl;
-    argv[11] = ottl;
-    rep = rconn_command_argv(r, 0, 12, argv, NULL);
+    rep = rconn_eval(r, 0, connect_lua, 6, 3, ka, NULL);
     if (!rep || rep->type != REDIS_REPLY_ARRAY || rep->elements != 5 || rep->element[0]->type != REDIS_REPLY_INTEGER ||
         rep->element[4]->type != REDIS_REPLY_ARRAY) {
         if (rep && rep->type == REDIS_REPLY_ERROR)
@@ -209,8 +187,7 @@ int sse_store_answer(sse *s, rconn *r, const char *client_id, const char *questi
 {
     const sse_config *c = sse_cfg(s);
     char k_online[160], k_buf[160], ts[40], ttl[24];
-    const char *argv[12];
-    size_t lens[12];
+    const char *ka[9];
     char *k_answer;
     size_t klen = strlen(client_id) + strlen(question_id) + 16;
     redisReply *rep;
@@ -224,22 +201,17 @@ int sse_store_answer(sse *s, rconn *r, const char *client_id, const char *questi
     snprintf(k_buf, sizeof(k_buf), "sse:buf:%s", client_id);
     sse_timestamp(ts, sizeof(ts));
     snprintf(ttl, sizeof(ttl), "%ld", c->answer_ttl_s);
-    argv[0] = "EVAL";
-    argv[1] = answer_lua;
-    argv[2] = "3";
-    argv[3] = k_answer;
-    argv[4] = k_online;
-    argv[5] = k_buf;
-    argv[6] = client_id;
-    argv[7] = question_id;
-    argv[8] = answer_json;
-    argv[9] = ts;
-    argv[10] = ttl;
-    argv[11] = held_here ? "1" : "0";
-    for (int i = 0; i < 12; i++)
-        lens[i] = strlen(argv[i]);
+    ka[0] = k_answer;
+    ka[1] = k_online;
+    ka[2] = k_buf;
+    ka[3] = client_id;
+    ka[4] = question_id;
+    ka[5] = answer_json;
+    ka[6] = ts;
+    ka[7] = ttl;
+    ka[8] = held_here ? "1" : "0";
     /* Idempotent by construction: the script stores an answer once. */
-    rep = rconn_command_argv(r, 1, 12, argv, lens);
+    rep = rconn_eval(r, 1, answer_lua, 3, 6, ka, NULL);
     if (rep && (rep->type == REDIS_REPLY_STATUS || rep->type == REDIS_REPLY_STRING)) {
         rc = !strcmp(rep->str, "ok")        ? SSE_ANSWER_STORED
              : !strcmp(rep->str, "retry")   ? SSE_ANSWER_RETRY

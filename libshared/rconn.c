@@ -11,6 +11,7 @@
 #include <time.h>
 
 #include "backoff.h"
+#include "fmt.h"
 #include "log.h"
 #include "redact.h"
 
@@ -508,6 +509,50 @@ redisReply *rconn_command_argv(rconn *r, int idempotent, int argc, const char **
     }
     rep = send_formatted(r, idempotent, cmd, (size_t)len);
     redisFreeCommand(cmd);
+    return rep;
+}
+
+/* Most EVALs have a handful of keys and arguments: those need no heap. */
+#define RCONN_EVAL_STACK 24
+
+redisReply *rconn_eval(rconn *r, int idempotent, const char *script, int nkeys, int nargs,
+                       const char *const *keys_args, const size_t *lens)
+{
+    const char *sargv[RCONN_EVAL_STACK], **argv = sargv;
+    size_t slens[RCONN_EVAL_STACK], *argvlen = lens ? slens : NULL;
+    char snkeys[FMT_I64_MAX];
+    int argc = 3 + nkeys + nargs;
+    redisReply *rep = NULL;
+
+    if (!r || nkeys < 0 || nargs < 0 || (nkeys + nargs && !keys_args))
+        return NULL;
+    if (argc > RCONN_EVAL_STACK) {
+        argv = malloc((size_t)argc * sizeof(*argv));
+        argvlen = lens ? malloc((size_t)argc * sizeof(*argvlen)) : NULL;
+        if (!argv || (lens && !argvlen)) {
+            snprintf(r->err, sizeof(r->err), "out of memory");
+            goto out;
+        }
+    }
+    fmt_i64(snkeys, nkeys);
+    argv[0] = "EVAL";
+    argv[1] = script;
+    argv[2] = snkeys;
+    if (nkeys + nargs)
+        memcpy(argv + 3, keys_args, (size_t)(nkeys + nargs) * sizeof(*argv));
+    if (argvlen) {
+        argvlen[0] = 4;
+        argvlen[1] = strlen(script);
+        argvlen[2] = strlen(snkeys);
+        if (nkeys + nargs)
+            memcpy(argvlen + 3, lens, (size_t)(nkeys + nargs) * sizeof(*argvlen));
+    }
+    rep = rconn_command_argv(r, idempotent, argc, argv, argvlen);
+out:
+    if (argv != sargv)
+        free(argv);
+    if (argvlen != slens)
+        free(argvlen);
     return rep;
 }
 

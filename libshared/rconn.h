@@ -64,6 +64,13 @@ redisReply *rconn_command(rconn *r, int idempotent, const char *fmt, ...);
 redisReply *rconn_command_argv(rconn *r, int idempotent, int argc, const char **argv,
                                const size_t *argvlen);
 
+/* EVAL of the Lua `script` with `nkeys` keys and `nargs` arguments:
+ * keys_args holds the keys (KEYS[1..nkeys]) then the arguments (ARGV),
+ * lens their lengths (NULL: strlen of each). Sent and retried as by
+ * rconn_command_argv; returns the reply the same way. */
+redisReply *rconn_eval(rconn *r, int idempotent, const char *script, int nkeys, int nargs,
+                       const char *const *keys_args, const size_t *lens);
+
 /* The raw context, for pipelining and blocking commands (BRPOPLPUSH,
  * SUBSCRIBE); NULL when not connected. It stays owned by the rconn. After
  * an error on it, call rconn_mark_broken. A caller may change its timeout

@@ -28,13 +28,13 @@ static int key_of(char *out, size_t len, const char *prefix, const char *id)
 static int add_one(rconn *r, const char *key, const rtes_msg *m, long long now, char *err, size_t errlen)
 {
     char exp[FMT_I64_MAX], nows[FMT_I64_MAX];
-    const char *argv[7] = {"EVAL", add_script, "1", key, exp, m->member, nows};
+    const char *ka[4] = {key, exp, m->member, nows};
     redisReply *rep;
     int rc = -1;
 
     fmt_i64(exp, m->exp);
     fmt_i64(nows, now);
-    rep = rconn_command_argv(r, 1, 7, argv, NULL);
+    rep = rconn_eval(r, 1, add_script, 1, 3, ka, NULL);
     if (!rep)
         snprintf(err, errlen, "redis: %s", rconn_errstr(r));
     else if (rep->type == REDIS_REPLY_ERROR)
@@ -67,12 +67,12 @@ static int any_live(rconn *r, const char *key, long long now, const char *eid, c
                     int (*match)(const cJSON *t, const char *eid, const char *wid), char *err, size_t errlen)
 {
     char nows[FMT_I64_MAX];
-    const char *argv[5] = {"EVAL", live_script, "1", key, nows};
+    const char *ka[2] = {key, nows};
     redisReply *rep;
     int rc = 0;
 
     fmt_i64(nows, now);
-    rep = rconn_command_argv(r, 1, 5, argv, NULL);
+    rep = rconn_eval(r, 1, live_script, 1, 1, ka, NULL);
     if (!rep || rep->type != REDIS_REPLY_ARRAY) {
         snprintf(err, errlen, "redis: %s", !rep ? rconn_errstr(r) : rep->type == REDIS_REPLY_ERROR ? rep->str : "unexpected reply");
         if (rep)

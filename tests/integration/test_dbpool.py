@@ -442,6 +442,19 @@ class RconnTest(unittest.TestCase):
         self.assertRegex(d.cmd("set k2 v2"), r"^ok ")
         self.assertEqual(self.py.get("k2"), b"v2")
 
+    def test_eval(self):
+        d = self.d
+        # KEYS, then ARGV, in order; the vector on the stack and on the heap.
+        self.assertRegex(d.cmd("eval 2 k1 k2 a1 a2 a3"), r"^ok \d+ k1,k2\|a1,a2,a3$")
+        self.assertRegex(d.cmd("eval 0"), r"^ok \d+ \|$")
+        many = ["a%d" % i for i in range(40)]
+        self.assertRegex(d.cmd("eval 3 " + " ".join(many)),
+                         r"^ok \d+ %s\|%s$" % (",".join(many[:3]), ",".join(many[3:])))
+        # Given lengths are the ones sent (each one byte short here).
+        self.assertRegex(d.cmd("evallen 1 kx ab cd"), r"^ok \d+ k\|a,c$")
+        self.assertRegex(d.cmd("evallen 1 " + " ".join(many)),
+                         r"^ok \d+ a\|%s$" % ",".join(m[:-1] for m in many[1:]))
+
     def test_wrong_password(self):
         d = Driver("redis", {"REDIS_URL": "redis://:nope@127.0.0.1:%d/0" % self.port})
         try:
