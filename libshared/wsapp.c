@@ -1541,6 +1541,57 @@ void wsapp_timer_free(wsapp_timer *t)
     free(t);
 }
 
+/* ---- descriptors ---------------------------------------------------------- */
+
+struct wsapp_io {
+    ev_io ev; /* first: the libev callback gets its address */
+    wsapp *app;
+    void (*fn)(wsapp_io *w, int readable, int writable, void *ud);
+    void *ud;
+};
+
+static void wsapp_io_fire(struct ev_loop *loop, ev_io *w, int revents)
+{
+    wsapp_io *io = (wsapp_io *)w;
+
+    (void)loop;
+    io->fn(io, (revents & EV_READ) != 0, (revents & EV_WRITE) != 0, io->ud);
+}
+
+wsapp_io *wsapp_io_new(wsapp *app, int fd, void (*fn)(wsapp_io *w, int readable, int writable, void *ud), void *ud)
+{
+    wsapp_io *io = calloc(1, sizeof(*io));
+
+    if (!io)
+        return NULL;
+    io->app = app;
+    io->fn = fn;
+    io->ud = ud;
+    ev_io_init(&io->ev, wsapp_io_fire, fd, EV_READ);
+    ev_io_start(app->loop, &io->ev);
+    return io;
+}
+
+void wsapp_io_want_write(wsapp_io *io, int on)
+{
+    int want = EV_READ | (on ? EV_WRITE : 0);
+
+    if ((io->ev.events & (EV_READ | EV_WRITE)) == want)
+        return;
+    ev_io_stop(io->app->loop, &io->ev);
+    ev_io_set(&io->ev, io->ev.fd, want);
+    ev_io_start(io->app->loop, &io->ev);
+}
+
+void wsapp_io_free(wsapp_io *io)
+{
+    if (!io)
+        return;
+    if (io->app->loop)
+        ev_io_stop(io->app->loop, &io->ev);
+    free(io);
+}
+
 /* ---- set-up ------------------------------------------------------------- */
 
 int wsapp_route(wsapp *app, const char *method, const char *path, wsapp_http_fn fn, void *ud)

@@ -223,6 +223,16 @@ void wsapp_timer_set(wsapp_timer *t, long ms);
 void wsapp_timer_cancel(wsapp_timer *t);
 void wsapp_timer_free(wsapp_timer *t);
 
+/* A descriptor the loop watches (a client library's socket, such as an
+ * asynchronous libpq connection's): fn runs on the loop when it is
+ * readable, and when writable while wsapp_io_want_write is on. The
+ * descriptor stays the caller's (wsapp_io_free does not close it; free the
+ * watch before closing it). Create, change and free on the loop thread. */
+typedef struct wsapp_io wsapp_io;
+wsapp_io *wsapp_io_new(wsapp *app, int fd, void (*fn)(wsapp_io *w, int readable, int writable, void *ud), void *ud);
+void wsapp_io_want_write(wsapp_io *w, int on);
+void wsapp_io_free(wsapp_io *w); /* NULL is a no-op */
+
 /* Binds and starts the loop thread. Returns 0 or -1 with the reason. */
 int wsapp_start(wsapp *app, char *err, size_t errlen);
 /* The port bound (after wsapp_start). */

@@ -14,6 +14,7 @@
 #include "log.h"
 #include "migrate.h"
 #include "rt.h"
+#include "rtpipe.h"
 #include "rtserve.h"
 #include "svc.h"
 
@@ -24,6 +25,7 @@ typedef struct {
     int db_max;
     int threads;
     int append_threads;
+    int append_conns;
     char migrations_dir[1024];
     synctoken_opts tok;
 } boot;
@@ -131,6 +133,7 @@ static void config(cfg *c, rt_config *rc, boot *b)
     b->db_max = (int)cfg_int(c, "DB_MAX_CONNECTIONS", 10, 1, 1000);
     b->threads = (int)cfg_int(c, "RUNTIME_WORKER_THREADS", b->db_max, 1, 256);
     b->append_threads = (int)cfg_int(c, "RUNTIME_APPEND_THREADS", 2, 1, RTSERVE_APPEND_THREADS_MAX);
+    b->append_conns = (int)cfg_int(c, "RUNTIME_APPEND_CONNECTIONS", 2, 0, RTPIPE_CONNS_MAX);
     if (migrate_default_dir(b->migrations_dir, sizeof(b->migrations_dir)) < 0)
         cfg_error(c, "MIGRATIONS_DIR", b->migrations_dir, "a readable directory of migrations");
 }
@@ -188,7 +191,7 @@ int main(void)
     /* Migrations run on start (SPEC 0), retried by the health check until
      * PostgreSQL answers; until then the runtime answers 503. */
     health_add(r.health, "postgresql", deps_check_pg_migrate, mig);
-    if (!(srv = rtserve_new(&r, b.host, b.port, b.threads, b.append_threads, err, sizeof(err)))) {
+    if (!(srv = rtserve_new(&r, b.host, b.port, b.threads, b.append_threads, b.append_conns, err, sizeof(err)))) {
         log_error("cannot start: %s", err);
         goto out;
     }

@@ -12,8 +12,35 @@
 #include "log.h"
 #include "svc.h"
 
-static const char ONE_SQL[] = "SELECT * FROM runtime.append_run_event($1, $2, $3::jsonb, $4, $5)";
-static const char GROUP_SQL[] = "SELECT * FROM runtime.append_run_events($1::jsonb)";
+const char RTAPPEND_ONE_SQL[] = "SELECT * FROM runtime.append_run_event($1, $2, $3::jsonb, $4, $5)";
+const char RTAPPEND_GROUP_SQL[] = "SELECT * FROM runtime.append_run_events($1::jsonb)";
+const char RTAPPEND_SET_SQL[] = "SELECT * FROM runtime.append_run_events_set($1::jsonb)";
+
+/* The common append in one statement: the UPDATE of the run row takes
+ * its lock and its next sequence in one step (no SELECT ... FOR UPDATE
+ * first), and the event goes in with that sequence. The key probe runs
+ * on the statement's snapshot: a writer of the same key that commits
+ * while this one waits for the run's lock is caught by the unique index
+ * (an error, and the caller appends again through append_run_event). A
+ * run whose projector is behind its log is not touched here ('retry':
+ * append_run_event records the drift). */
+const char RTAPPEND_FAST_SQL[] =
+    "WITH a AS (SELECT $1::uuid AS r, $2::text AS t, $3::jsonb AS p, $4::text AS k, now() AS at), "
+    "u AS (UPDATE runtime.runs x SET last_seq = x.last_seq + 1, event_count = x.event_count + 1, updated_at = a.at, "
+    "projected_seq = x.last_seq + 1, projected_event_type = a.t, projected_at = a.at FROM a "
+    "WHERE x.id = a.r AND x.last_seq = x.projected_seq AND (a.k IS NULL OR NOT EXISTS "
+    "(SELECT 1 FROM runtime.run_events e WHERE e.run_id = a.r AND e.idempotency_key = a.k)) RETURNING x.last_seq), "
+    "i AS (INSERT INTO runtime.run_events (run_id, seq, event_type, payload, idempotency_key, recorded_at) "
+    "SELECT a.r, u.last_seq, a.t, a.p, a.k, a.at FROM a, u RETURNING seq) "
+    "SELECT CASE WHEN x.id IS NULL THEN 'not_found' WHEN i.seq IS NOT NULL THEN 'appended' "
+    "WHEN a.k IS NOT NULL AND EXISTS (SELECT 1 FROM runtime.run_events e WHERE e.run_id = a.r "
+    "AND e.idempotency_key = a.k) THEN 'replayed' ELSE 'retry' END, "
+    "coalesce(i.seq, x.last_seq, 0), x.status, NULL, x.worker_id, x.metadata::text, runtime.ts(x.created_at), "
+    "runtime.ts(CASE WHEN i.seq IS NULL THEN x.updated_at ELSE a.at END), "
+    "(SELECT count(q.v) FROM (SELECT runtime.khala_notify('run:' || a.r || ':events', i.seq, a.t, a.p, a.at) AS v "
+    "WHERE i.seq IS NOT NULL AND EXISTS (SELECT 1 FROM runtime.khala_listeners l "
+    "WHERE l.topic = 'run:' || a.r || ':events')) q) "
+    "FROM a LEFT JOIN runtime.runs x ON x.id = a.r LEFT JOIN i ON true";
 
 struct rt_append {
     const rt_req *q;
@@ -139,16 +166,51 @@ fail:
     return NULL;
 }
 
-static void append_free(rt_append *x)
+void rtappend_free(rt_append *x)
 {
+    if (!x)
+        return;
     cJSON_Delete(x->body);
     free(x->payload_text);
     free(x);
 }
 
-/* Answers x from row `row` of res (append_run_event's columns from `b`),
- * reading the run back on c when the client wants the full answer. */
-static void answer(rt *r, rt_append *x, PGconn *c, const PGresult *res, int row, int b)
+int rtappend_common(const rt_append *x)
+{
+    return !x->has_expected && strcmp(x->type, "run.started") != 0 && strcmp(x->type, "run.cancel_requested") != 0 &&
+           strcmp(x->type, "run.finished") != 0;
+}
+
+int rtappend_minimal(const rt_append *x)
+{
+    return wants_minimal(x->q);
+}
+
+const char *rtappend_run(const rt_append *x)
+{
+    return x->id;
+}
+
+const char *rtappend_key(const rt_append *x)
+{
+    return x->key;
+}
+
+void rtappend_params(const rt_append *x, const char *p[5])
+{
+    p[0] = x->id;
+    p[1] = x->type;
+    p[2] = x->payload_text;
+    p[3] = x->key;
+    p[4] = x->has_expected ? x->exp_text : NULL;
+}
+
+void rtappend_fail(rt_append *x, const char *err)
+{
+    rt_db_error(x->a, err);
+}
+
+void rtappend_answer(rt *r, rt_append *x, PGconn *c, const PGresult *res, int row, int b)
 {
     const char *outcome = PQgetvalue(res, row, b);
 
@@ -177,19 +239,18 @@ static void commit_one(rt *r, rt_append *x, PGconn *c)
 {
     const char *p[5] = {x->id, x->type, x->payload_text, x->key, x->has_expected ? x->exp_text : NULL};
     char err[512];
-    PGresult *res = dbpool_exec_prepared(c, "rt_append", ONE_SQL, 5, p, err, sizeof(err));
+    PGresult *res = dbpool_exec_prepared(c, "rt_append", RTAPPEND_ONE_SQL, 5, p, err, sizeof(err));
 
     if (!res || PQntuples(res) != 1) {
         log_warn("runtime: append to run %s failed: %s", x->id, res ? "no outcome" : err);
         rt_db_error(x->a, res ? "no outcome" : err);
     } else {
-        answer(r, x, c, res, 0, 0);
+        rtappend_answer(r, x, c, res, 0, 0);
     }
     PQclear(res);
 }
 
-/* The group as append_run_events' JSON argument; NULL on OOM. */
-static char *group_json(rt_append **v, int n)
+char *rtappend_group_json(rt_append **v, int n, int with_ord)
 {
     cJSON *arr = cJSON_CreateArray(), *o;
     char *text = NULL;
@@ -201,7 +262,7 @@ static char *group_json(rt_append **v, int n)
         if (!(o = cJSON_CreateObject()))
             goto out;
         cJSON_AddItemToArray(arr, o);
-        if (!cJSON_AddStringToObject(o, "r", v[i]->id) || !cJSON_AddStringToObject(o, "t", v[i]->type) ||
+        if ((with_ord && !cJSON_AddNumberToObject(o, "o", i + 1)) || !cJSON_AddStringToObject(o, "r", v[i]->id) || !cJSON_AddStringToObject(o, "t", v[i]->type) ||
             !cJSON_AddRawToObject(o, "p", v[i]->payload_text) ||
             (v[i]->key && !cJSON_AddStringToObject(o, "k", v[i]->key)) ||
             (v[i]->has_expected && !cJSON_AddStringToObject(o, "e", v[i]->exp_text)))
@@ -219,7 +280,7 @@ out:
  * one bad append does not fail the others. */
 static int commit_group(rt *r, rt_append **v, int n, PGconn *c)
 {
-    char err[512], *text = group_json(v, n);
+    char err[512], *text = rtappend_group_json(v, n, 0);
     const char *p[1] = {text};
     PGresult *res = NULL;
     int i, ok = 0, seen[RTAPPEND_GROUP_MAX] = {0};
@@ -227,7 +288,7 @@ static int commit_group(rt *r, rt_append **v, int n, PGconn *c)
 
     if (!text)
         return -1;
-    res = dbpool_exec_prepared(c, "rt_append_group", GROUP_SQL, 1, p, err, sizeof(err));
+    res = dbpool_exec_prepared(c, "rt_append_group", RTAPPEND_GROUP_SQL, 1, p, err, sizeof(err));
     free(text);
     if (!res && PQstatus(c) == CONNECTION_OK) {
         log_warn("runtime: a group of %d appends was refused (each runs alone): %s", n, err);
@@ -252,7 +313,7 @@ static int commit_group(rt *r, rt_append **v, int n, PGconn *c)
     }
     for (i = 0; i < n; i++) {
         k = strtol(PQgetvalue(res, i, 0), NULL, 10) - 1;
-        answer(r, v[k], c, res, i, 1);
+        rtappend_answer(r, v[k], c, res, i, 1);
     }
     PQclear(res);
     return 0;
@@ -281,7 +342,7 @@ void rtappend_commit(rt *r, rt_append **v, int n)
     dbpool_release(r->db, c);
 out:
     for (i = 0; i < n; i++)
-        append_free(v[i]);
+        rtappend_free(v[i]);
 }
 
 void rt_h_run_append(rt *r, const rt_req *q, rt_resp *a)

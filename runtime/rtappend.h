@@ -25,4 +25,35 @@ rt_append *rtappend_prepare(rt *r, const rt_req *q, rt_resp *a);
  * fills each one's answer, and frees them. */
 void rtappend_commit(rt *r, rt_append **v, int n);
 
+/* Frees an append that was not committed (NULL is a no-op). */
+void rtappend_free(rt_append *x);
+
+/* --- for committing appends elsewhere than rtappend_commit (rtpipe: on
+ * the server's loop, over asynchronous connections). The statements take:
+ * ONE and FAST rtappend_params' five (FAST ignores the fifth); GROUP and
+ * SET one JSON array from rtappend_group_json (SET with ordinals). ONE and
+ * FAST answer append_run_event's row (columns from 0), GROUP and SET its
+ * ordinal and then that row (from 1). FAST and SET take common appends
+ * only and may answer outcome 'retry': append that one with ONE. */
+extern const char RTAPPEND_ONE_SQL[], RTAPPEND_GROUP_SQL[], RTAPPEND_SET_SQL[], RTAPPEND_FAST_SQL[];
+
+/* Nonzero for an append without expected_previous_seq whose type is not
+ * a state-machine one: it can be neither a conflict nor invalid. */
+int rtappend_common(const rt_append *x);
+/* Nonzero when the client asked for the answer without events. */
+int rtappend_minimal(const rt_append *x);
+const char *rtappend_run(const rt_append *x);
+const char *rtappend_key(const rt_append *x); /* NULL when none */
+/* The statement parameters (borrowed from x). */
+void rtappend_params(const rt_append *x, const char *p[5]);
+/* The JSON array of GROUP (with_ord 0) or SET (with_ord 1); malloc'd,
+ * NULL on OOM. */
+char *rtappend_group_json(rt_append **v, int n, int with_ord);
+/* Answers x from row `row` of res (append_run_event's columns from `b`);
+ * c reads the run back for a full answer and may be NULL when
+ * rtappend_minimal(x). */
+void rtappend_answer(rt *r, rt_append *x, PGconn *c, const PGresult *res, int row, int b);
+/* Answers x 503: its outcome is unknown or the database is down. */
+void rtappend_fail(rt_append *x, const char *err);
+
 #endif

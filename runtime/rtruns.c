@@ -373,7 +373,7 @@ void rt_h_run_summary(rt *r, const rt_req *q, rt_resp *a)
         return;
     answer_row(r, a,
                "SELECT json_build_object('run_id', id, 'status', status, 'last_seq', projected_seq, 'event_count', "
-               "event_count, 'projection_hash', projection_hash, 'updated_at', runtime.ts(projected_at)) "
+               "event_count, 'projection_hash', runtime.summary_hash(id, status, projected_seq, event_count), 'updated_at', runtime.ts(projected_at)) "
                "FROM runtime.runs WHERE id = $1",
                id, "summary", "run summary not found");
 }

@@ -41,6 +41,7 @@
 #include "jsonstr.h"
 #include "log.h"
 #include "rtappend.h"
+#include "rtpipe.h"
 #include "rtroutes.h"
 #include "rtsync.h"
 #include "svc.h"
@@ -118,6 +119,8 @@ struct rtserve {
     pthread_cond_t acv;     /* appends queued */
     rt_job *ahead, *atail;  /* appends, under mu */
     int aqueued;
+    rtpipe *pipe;     /* appends answered without events, from the loop */
+    int pipe_conns;
     _Atomic int stopping; /* read by the LISTEN thread without the lock */
     rt_topic *topics; /* loop thread only */
     char instance[33];
@@ -336,6 +339,39 @@ static int is_inline(const rt_route *route)
     return route->fn == rt_h_healthz || route->fn == rt_h_readyz;
 }
 
+static void pipe_done(void *ud, int live)
+{
+    rt_job *j = ud;
+
+    if (live && !j->gone)
+        send_answer(j->req, &j->a);
+    job_free(j);
+}
+
+/* An append answered without events goes to the pipe when it has a
+ * connection: checked and committed from the loop, no thread involved. */
+static int pipe_take(rtserve *s, rt_job *j)
+{
+    const char *prefer = j_header(&j->q, "Prefer");
+    rt_append *x;
+
+    if (!is_append(j) || !prefer || !strstr(prefer, "return=minimal") || !rtpipe_up(s->pipe))
+        return 0;
+    if (!(x = rtappend_prepare(s->r, &j->q, &j->a))) {
+        send_answer(j->req, &j->a);
+        job_free(j);
+        return 1;
+    }
+    if (rtpipe_submit(s->pipe, x, pipe_done, j) < 0) {
+        rtappend_free(x);
+        wsapp_respond_error(j->req, 503, "unavailable", "the runtime is overloaded; retry", NULL);
+        job_free(j);
+        return 1;
+    }
+    wsapp_req_defer(j->req, http_gone, j);
+    return 1;
+}
+
 static void http_dispatch(wsapp_req *req, void *ud)
 {
     rtserve *s = ud;
@@ -376,6 +412,8 @@ static void http_dispatch(wsapp_req *req, void *ud)
     j->req = req;
     j->run = http_run;
     j->done = http_done;
+    if (pipe_take(s, j))
+        return;
     if (is_inline(j->route)) {
         http_run(s, j);
         send_answer(req, &j->a);
@@ -800,8 +838,8 @@ static void ws_close(wsapp_conn *c, void *user, void *ud)
 
 /* ------------------------------------------------------------ server */
 
-rtserve *rtserve_new(rt *r, const char *host, int port, int threads, int append_threads, char *err,
-                     size_t errlen)
+rtserve *rtserve_new(rt *r, const char *host, int port, int threads, int append_threads, int append_conns,
+                     char *err, size_t errlen)
 {
     static const char *const methods[] = {"GET", "POST", "PUT", "PATCH", "DELETE"};
     rtserve *s = calloc(1, sizeof(*s));
@@ -817,6 +855,7 @@ rtserve *rtserve_new(rt *r, const char *host, int port, int threads, int append_
     pthread_cond_init(&s->cv, NULL);
     pthread_cond_init(&s->acv, NULL);
     s->nthreads = threads > 0 ? threads : 4;
+    s->pipe_conns = append_conns < 0 ? 0 : append_conns > RTPIPE_CONNS_MAX ? RTPIPE_CONNS_MAX : append_conns;
     s->want_appenders = append_threads < 1 ? 1 : append_threads > RTSERVE_APPEND_THREADS_MAX ? RTSERVE_APPEND_THREADS_MAX
                                                                                           : append_threads;
     if (RAND_bytes(rnd, sizeof(rnd)) != 1)
@@ -879,6 +918,12 @@ int rtserve_start(rtserve *s, const char *conninfo, char *err, size_t errlen)
         return -1;
     }
     s->listener_started = 1;
+    if (s->pipe_conns > 0) {
+        if (!(s->pipe = rtpipe_new(s->r, s->app, conninfo, s->pipe_conns)) || rtpipe_start(s->pipe) < 0) {
+            snprintf(err, errlen, "cannot start the append connections");
+            return -1;
+        }
+    }
     return wsapp_start(s->app, err, errlen);
 }
 
@@ -920,6 +965,8 @@ void rtserve_stop(rtserve *s, int grace_ms)
      * listener rows go (a crashed instance leaves its rows: they cost its
      * topics a NOTIFY per write, nothing more). */
     wsapp_stop(s->app, grace_ms);
+    rtpipe_free(s->pipe);
+    s->pipe = NULL;
     stop_threads(s);
     if ((c = dbpool_acquire(s->r->db, 1000)) != NULL) {
         res = dbpool_exec(c, "DELETE FROM runtime.khala_listeners WHERE instance = $1", 1, p, err, sizeof(err));
@@ -937,6 +984,8 @@ void rtserve_free(rtserve *s)
         return;
     if (s->app)
         wsapp_stop(s->app, 0);
+    rtpipe_free(s->pipe);
+    s->pipe = NULL;
     stop_threads(s);
     wsapp_free(s->app);
     while ((j = s->head) != NULL) {

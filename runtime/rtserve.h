@@ -14,11 +14,13 @@ typedef struct rtserve rtserve;
 #define RTSERVE_APPEND_THREADS_MAX 64
 
 /* Creates the server for `r` (borrowed; must outlive it) on host:port with
- * `threads` handler threads (handlers block on the database) and
- * `append_threads` (1..RTSERVE_APPEND_THREADS_MAX) append threads. NULL
- * with err on failure. Free with rtserve_free. */
-rtserve *rtserve_new(rt *r, const char *host, int port, int threads, int append_threads, char *err,
-                     size_t errlen);
+ * `threads` handler threads (handlers block on the database),
+ * `append_threads` (1..RTSERVE_APPEND_THREADS_MAX) append threads, and
+ * `append_conns` (0..RTPIPE_CONNS_MAX; 0: none) asynchronous connections
+ * on which the loop itself commits the appends answered without events
+ * (rtpipe). NULL with err on failure. Free with rtserve_free. */
+rtserve *rtserve_new(rt *r, const char *host, int port, int threads, int append_threads, int append_conns,
+                     char *err, size_t errlen);
 /* Starts the handler threads, the LISTEN thread (its own connection with
  * `conninfo`) and the server. Returns 0 or -1 with err. */
 int rtserve_start(rtserve *s, const char *conninfo, char *err, size_t errlen);
