@@ -13,13 +13,19 @@ Both sides of 1 and 2 use the same private PostgreSQL 15 cluster, created
 here with fsync=on and synchronous_commit=on: the runtime's answer means the
 append is durable, and an anchor on a cluster without fsync (the shared dev
 servers run fsync=off) would measure something no deployment runs. Runs are
-interleaved (ours, anchor, anchor, ours, ours, anchor) and the median of
-the three pair ratios is reported. Appends go through wrk with a Lua script
+interleaved (ours, anchor, anchor, ours, ours, anchor, ...) and the
+median of the pair ratios is reported. Both sides use prepared statements
+and the same connection count (pgbench -c N, wrk -c N). Appends go through wrk with a Lua script
 (HTTP/1.1 keep-alive), answered with Prefer: return=minimal (the run without
 its growing event list; the default answer carries every event).
 
-Environment: BINDIR (bin), BENCH_SECONDS (5 per run), BENCH_RUNTIME_BAR (0.8),
-BENCH_WS_P99_MS (10), BENCH_RUNTIME_PARTS (appends,ws).
+Each throughput line is followed by the CPU per operation (lib.sh's
+proc_ticks over the run: the runtime process, every PostgreSQL process,
+and the load generator's own), the figure that does not move with the
+machine's load.
+
+Environment: BINDIR (bin), BENCH_SECONDS (5 per run), BENCH_ROUNDS (3 pairs),
+BENCH_RUNTIME_BAR (0.8), BENCH_WS_P99_MS (10), BENCH_RUNTIME_PARTS (appends,ws).
 """
 
 import json
@@ -39,6 +45,7 @@ BINDIR = os.path.join(ROOT, os.environ.get("BINDIR", "bin"))
 SECONDS = int(os.environ.get("BENCH_SECONDS", "5"))
 BAR = float(os.environ.get("BENCH_RUNTIME_BAR", "0.8"))
 WS_BAR_MS = float(os.environ.get("BENCH_WS_P99_MS", "10"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 WORK = os.path.join(ROOT, "var", "bench", "runtime")
 
 
@@ -80,17 +87,41 @@ class Runtime:
         self.log.close()
 
 
+LIB = os.path.join(ROOT, "scripts", "bench.d", "lib.sh")
+
+
+def ticks(*pids):
+    """CPU clock ticks of the processes and their descendants (lib.sh proc_ticks)."""
+    out = subprocess.run(["bash", "-c", '. "$0"; proc_ticks "$@"', LIB] + [str(p) for p in pids],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.strip() or 0)
+
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def us_per(t, n):
+    return t * 1e6 / CLK_TCK / n if n else 0.0
+
+
 def wrk_append(base, run_ids, conns, seconds):
-    """Appends/s from wrk with `conns` connections spread over run_ids."""
+    """Appends/s from wrk with `conns` connections spread over run_ids, and the appends sent."""
     ids = ",".join('"%s"' % r for r in run_ids)
     script = os.path.join(WORK, "append.lua")
     with open(script, "w") as f:
         f.write("""
 local ids = {%s}
-local n, tag = 0, ""
-local bad = 0
-setup = function(thread) thread:set("tag", tostring(math.random(1, 1e12))) end
-init = function(args) tag = tostring(math.random(1, 1e12)) .. tostring(os.time()) end
+local n = 0
+-- Each thread's Lua state starts with the same random seed: without a tag
+-- and a seed of its own, two threads sent the same keys to the same runs
+-- (half the appends were replays).
+local threads = 0
+setup = function(thread)
+  threads = threads + 1
+  thread:set("tno", threads)
+  thread:set("tag", tostring(threads) .. "." .. tostring(os.time()) .. "." .. tostring(math.random(1, 1e9)))
+end
+init = function(args) math.randomseed(os.time() * 1000 + tno) end
 request = function()
   n = n + 1
   local id = ids[math.random(#ids)]
@@ -101,20 +132,50 @@ request = function()
 end
 """ % ids)
     threads = 2 if conns > 1 else 1
+    t0 = os.times()
     out = subprocess.run(["wrk", "-t%d" % threads, "-c%d" % conns, "-d%ds" % seconds, "-s", script, base + "/"],
                          capture_output=True, text=True, timeout=seconds + 60).stdout
+    t1 = os.times()
     if "Non-2xx" in out:
         raise RuntimeError("wrk saw errors; run is void:\n" + out)
-    return float([ln.split()[1] for ln in out.splitlines() if ln.startswith("Requests/sec:")][0])
+    n = int([ln.split()[0] for ln in out.splitlines() if "requests in" in ln][0])
+    load_us = ((t1.children_user - t0.children_user) + (t1.children_system - t0.children_system)) * 1e6 / max(n, 1)
+    return float([ln.split()[1] for ln in out.splitlines() if ln.startswith("Requests/sec:")][0]), n, load_us
 
 
 def pgbench(url, clients, seconds):
+    """Commits/s of pgbench, the commits, and pgbench's own CPU us per commit."""
     script = os.path.join(WORK, "insert.sql")
     with open(script, "w") as f:
         f.write("INSERT INTO bench_commit (v) VALUES ('x');\n")
-    out = subprocess.run(["pgbench", "-n", "-c%d" % clients, "-j%d" % min(clients, 2), "-T%d" % seconds, "-f", script,
-                          url], capture_output=True, text=True, timeout=seconds + 60).stdout
-    return float([ln.split()[2] for ln in out.splitlines() if ln.startswith("tps =")][0])
+    t0 = os.times()
+    out = subprocess.run(["pgbench", "-n", "-M", "prepared", "-c%d" % clients, "-j%d" % min(clients, 2),
+                          "-T%d" % seconds, "-f", script, url], capture_output=True, text=True,
+                         timeout=seconds + 60).stdout
+    t1 = os.times()
+    n = int([ln.split()[-1] for ln in out.splitlines() if "actually processed" in ln][0])
+    load_us = ((t1.children_user - t0.children_user) + (t1.children_system - t0.children_system)) * 1e6 / max(n, 1)
+    return float([ln.split()[2] for ln in out.splitlines() if ln.startswith("tps =")][0]), n, load_us
+
+
+def postmaster_pid(pg):
+    with open(os.path.join(pg.datadir, "postmaster.pid")) as f:
+        return int(f.readline())
+
+
+class Cpu:
+    """CPU per operation of the server side (the runtime, when there is one,
+    and every PostgreSQL process) and of the load generator, over one run."""
+
+    def __init__(self, pg_pid, rt_pid=None):
+        self.pg_pid, self.rt_pid = pg_pid, rt_pid
+
+    def measure(self, fn):
+        t0 = (ticks(self.rt_pid) if self.rt_pid else 0, ticks(self.pg_pid))
+        rate, n, load_us = fn()
+        t1 = (ticks(self.rt_pid) if self.rt_pid else 0, ticks(self.pg_pid))
+        return {"rate": rate, "rt_us": us_per(t1[0] - t0[0], n), "pg_us": us_per(t1[1] - t0[1], n),
+                "load_us": load_us}
 
 
 def append_counts(base):
@@ -129,22 +190,26 @@ def append_counts(base):
     return n["runtime_appends_total"], n["runtime_append_commits_total"]
 
 
-def interleaved(name, ours, anchor, unit="appends/s"):
-    pairs = []
-    a1 = ours()
-    b1 = anchor()
-    b2 = anchor()
-    a2 = ours()
-    a3 = ours()
-    b3 = anchor()
-    for a, b in ((a1, b1), (a2, b2), (a3, b3)):
-        pairs.append(a / b)
-    r = statistics.median(pairs)
+def interleaved(name, ours, anchor, rounds=3, unit="appends/s"):
+    """Rounds of ours, anchor (alternating which goes first); the median of
+    the pair ratios, and the median CPU per operation of each side."""
+    a, b = [], []
+    for i in range(rounds):
+        if i % 2 == 0:
+            a.append(ours())
+            b.append(anchor())
+        else:
+            b.append(anchor())
+            a.append(ours())
+    r = statistics.median([x["rate"] / y["rate"] for x, y in zip(a, b)])
     ok = r >= BAR
-    print("%s: runtime %.0f %s (runs %.0f %.0f %.0f), pgbench %.0f commits/s (runs %.0f %.0f %.0f), "
-          "median ratio %.2f (bar >= %.2f) %s" % (name, statistics.median([a1, a2, a3]), unit, a1, a2, a3,
-                                                 statistics.median([b1, b2, b3]), b1, b2, b3, r, BAR,
-                                                 "ok" if ok else "MISSED"), flush=True)
+    med = lambda v, k: statistics.median([x[k] for x in v])  # noqa: E731
+    print("%s: runtime %.0f %s (runs %s), pgbench %.0f commits/s (runs %s), median ratio %.2f (bar >= %.2f) %s" % (
+        name, med(a, "rate"), unit, " ".join("%.0f" % x["rate"] for x in a), med(b, "rate"),
+        " ".join("%.0f" % x["rate"] for x in b), r, BAR, "ok" if ok else "MISSED"), flush=True)
+    print("  CPU us per append: runtime %.1f + postgres %.1f (+ wrk %.1f); per pgbench commit: postgres %.1f "
+          "(+ pgbench %.1f)" % (med(a, "rt_us"), med(a, "pg_us"), med(a, "load_us"), med(b, "pg_us"),
+                                 med(b, "load_us")), flush=True)
     return ok
 
 
@@ -181,14 +246,17 @@ def bench_appends():
         if r.returncode != 0:
             raise RuntimeError("runtime-migrate failed: " + r.stderr)
         rt = Runtime(url)
+        ours, theirs = Cpu(postmaster_pid(pg), rt.proc.pid), Cpu(postmaster_pid(pg))
         try:
             one = post(rt.base, "/internal/v1/runs", {})["run"]["id"]
             ok &= interleaved("runtime appends, one run, idempotency keys, 1 client vs pgbench -c 1",
-                              lambda: wrk_append(rt.base, [one], 1, SECONDS), lambda: pgbench(url, 1, SECONDS))
+                              lambda: ours.measure(lambda: wrk_append(rt.base, [one], 1, SECONDS)),
+                              lambda: theirs.measure(lambda: pgbench(url, 1, SECONDS)), ROUNDS)
             many = [post(rt.base, "/internal/v1/runs", {})["run"]["id"] for _ in range(100)]
             before = append_counts(rt.base)
             ok &= interleaved("runtime appends, 100 runs, 32 clients vs pgbench -c 32",
-                              lambda: wrk_append(rt.base, many, 32, SECONDS), lambda: pgbench(url, 32, SECONDS))
+                              lambda: ours.measure(lambda: wrk_append(rt.base, many, 32, SECONDS)),
+                              lambda: theirs.measure(lambda: pgbench(url, 32, SECONDS)), ROUNDS)
             after = append_counts(rt.base)
             if after[1] > before[1]:
                 print("  32 clients: %.1f appends per commit (group commit, rtappend)" % (
