@@ -382,6 +382,50 @@ class Runs(unittest.TestCase):
         st, _, b = self.rt.call("GET", "/internal/v1/projectors/drift")
         self.assertEqual(st, 400)
 
+    def test_minimal_append_after_forced_gap_records_drift(self):
+        # The loop's one-statement append leaves a run whose projector is
+        # behind its log to append_run_event, which records the drift.
+        rid = self.rt.new_run()["id"]
+        minimal = {"Prefer": "return=minimal"}
+        st, _, b = self.rt.append(rid, "step", headers=minimal)
+        self.assertEqual((st, b["run"]["last_seq"]), (200, 2), b)
+        with db() as c, c.cursor() as cur:
+            cur.execute("UPDATE runtime.runs SET last_seq = last_seq + 2 WHERE id = %s", (rid,))
+        st, _, b = self.rt.append(rid, "after.gap", key="gap-1", headers=minimal)
+        self.assertEqual((st, b["run"]["last_seq"]), (200, 5), b)
+        self.assertNotIn("events", b["run"])
+        st, _, b = self.rt.call("GET", "/internal/v1/projectors/drift?topic=run:%s:events" % rid)
+        self.assertEqual(st, 200, b)
+        d = b["drift"]
+        self.assertEqual((d["expected_next_seq"], d["last_seen_seq"], d["incoming_seq"]), (3, 2, 5))
+        st, _, b = self.rt.append(rid, "after.gap", key="gap-1", headers=minimal)
+        self.assertEqual((st, b["run"]["last_seq"]), (200, 5), b)
+        st, _, b = self.rt.append(rid, "next", headers=minimal)
+        self.assertEqual((st, b["run"]["last_seq"]), (200, 6), b)
+        _, _, b = self.rt.call("GET", "/internal/v1/runs/" + rid)
+        self.assertEqual([e["seq"] for e in b["run"]["events"]], [1, 2, 5, 6])
+
+    def test_same_key_from_many_clients_appends_once(self):
+        # Sixteen clients send one key at once (they may share a group, or
+        # race on the key index from different groups): one append, fifteen
+        # replays, all answered 200 with the run at seq 2.
+        rid = self.rt.new_run()["id"]
+        got, lock = [], threading.Lock()
+
+        def client(n):
+            st, _, b = self.rt.append(rid, "once", {"n": n}, key="the-key", headers={"Prefer": "return=minimal"})
+            with lock:
+                got.append((st, b.get("run", {}).get("last_seq")))
+
+        ts = [threading.Thread(target=client, args=(n,)) for n in range(16)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        self.assertEqual(got, [(200, 2)] * 16)
+        _, _, b = self.rt.call("GET", "/internal/v1/runs/" + rid)
+        self.assertEqual([(e["seq"], e["idempotency_key"]) for e in b["run"]["events"]], [(1, None), (2, "the-key")])
+
     def test_metrics(self):
         run = self.rt.new_run()
         self.rt.append(run["id"], "metric.probe", key="m1")
@@ -864,6 +908,16 @@ class Concurrency(unittest.TestCase):
         # Concurrent appends are committed in groups (rtappend): a 409, a
         # 400, a 404 or a replay in a group answers that append alone, and
         # every other one is appended exactly once, in a gap-free log.
+        self.concurrent_outcomes(all_minimal=False)
+
+    def test_concurrent_minimal_appends_keep_their_own_outcomes(self):
+        # The same, every append answered without events: all of them go
+        # through the loop's asynchronous connections (rtpipe), whose groups
+        # mix common appends (one set-based statement) with the rest.
+        self.concurrent_outcomes(all_minimal=True)
+
+    def concurrent_outcomes(self, all_minimal):
+        minimal = {"Prefer": "return=minimal"}
         with Runtime() as rt:
             runs = [rt.new_run()["id"] for _ in range(3)]
             missing = str(uuid.uuid4())
@@ -874,16 +928,17 @@ class Concurrency(unittest.TestCase):
                 for i in range(12):
                     key = "g%d-%d" % (n, i)
                     kind = i % 6
+                    h = minimal if all_minimal else None
                     if kind == 1:
-                        st, _, b = rt.append(rid, "step", {"i": i}, key=key, expected=0)
+                        st, _, b = rt.append(rid, "step", {"i": i}, key=key, expected=0, headers=h)
                     elif kind == 2:
-                        st, _, b = rt.append(rid, "run.finished", {"status": "bogus"}, key=key)
+                        st, _, b = rt.append(rid, "run.finished", {"status": "bogus"}, key=key, headers=h)
                     elif kind == 3:
                         key = "g%d-%d" % (n, i - 3)
                         st, _, b = rt.append(rid, "step", {"i": i - 3}, key=key,
                                              headers={"Prefer": "return=minimal"})
                     elif kind == 4:
-                        st, _, b = rt.append(missing, "step", {"i": i}, key=key)
+                        st, _, b = rt.append(missing, "step", {"i": i}, key=key, headers=h)
                     else:
                         st, _, b = rt.append(rid, "step", {"i": i}, key=key, headers={"Prefer": "return=minimal"})
                     with lock:
