@@ -71,9 +71,6 @@ void sse_free(sse *s);
 /* Nonzero when `id` is a client id we accept: 1..128 of [A-Za-z0-9_.-]. */
 int sse_client_id_ok(const char *id);
 
-/* RFC 3339 UTC with milliseconds into out (at least 32 bytes). */
-void sse_timestamp(char *out, size_t len);
-
 /* Stores and publishes one event (the store script); `data_json` is JSON
  * text without raw newlines. On success returns 0 with the id in *id. */
 int sse_store_publish(sse *s, rconn *r, const char *client_id, const char *event_type, const char *data_json,

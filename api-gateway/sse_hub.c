@@ -190,7 +190,7 @@ static void hub_heartbeat(sse *s, rconn *cmd)
     long ttl = s->cfg.heartbeat_ms / 1000 * 2 + 10;
     redisContext *rc;
 
-    sse_timestamp(ts, sizeof(ts));
+    fmt_rfc3339(ts, sizeof(ts), NULL, 3);
     len = (size_t)snprintf(frame, sizeof(frame), "event: heartbeat\ndata: {\"timestamp\":\"%s\"}\n\n", ts);
     sse_out_heartbeat(s->out, frame, len);
     ncids = sse_out_client_ids(s->out, &cids);
@@ -283,7 +283,7 @@ static void append_event(buf *b, const char *id, const char *type, const char *d
 {
     char ts[40];
 
-    sse_timestamp(ts, sizeof(ts));
+    fmt_rfc3339(ts, sizeof(ts), NULL, 3);
     if (id) {
         buf_puts(b, "id: ");
         buf_puts(b, id);

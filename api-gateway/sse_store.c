@@ -13,6 +13,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "fmt.h"
 #include "log.h"
 #include "sse.h"
 
@@ -101,18 +102,6 @@ rconn *sse_store_conn(sse *s)
     return r;
 }
 
-void sse_timestamp(char *out, size_t len)
-{
-    struct timespec ts;
-    struct tm tm;
-    char base[32];
-
-    clock_gettime(CLOCK_REALTIME, &ts);
-    gmtime_r(&ts.tv_sec, &tm);
-    strftime(base, sizeof(base), "%Y-%m-%dT%H:%M:%S", &tm);
-    snprintf(out, len, "%s.%03ldZ", base, ts.tv_nsec / 1000000);
-}
-
 int sse_client_id_ok(const char *id)
 {
     size_t n = 0;
@@ -140,7 +129,7 @@ int sse_store_publish(sse *s, rconn *r, const char *client_id, const char *event
     snprintf(k_buf, sizeof(k_buf), "sse:buf:%s", client_id);
     snprintf(k_lost, sizeof(k_lost), "sse:lost:%s", client_id);
     snprintf(k_last, sizeof(k_last), "sse:last:%s", client_id);
-    sse_timestamp(ts, sizeof(ts));
+    fmt_rfc3339(ts, sizeof(ts), NULL, 3);
     snprintf(max, sizeof(max), "%d", c->buffer_events);
     snprintf(ttl, sizeof(ttl), "%ld", c->buffer_ttl_s);
     snprintf(cttl, sizeof(cttl), "%ld", store_counter_ttl(c));
@@ -199,7 +188,7 @@ int sse_store_answer(sse *s, rconn *r, const char *client_id, const char *questi
     snprintf(k_answer, klen, "hitl:answer:%s:%s", client_id, question_id);
     snprintf(k_online, sizeof(k_online), "sse:online:%s", client_id);
     snprintf(k_buf, sizeof(k_buf), "sse:buf:%s", client_id);
-    sse_timestamp(ts, sizeof(ts));
+    fmt_rfc3339(ts, sizeof(ts), NULL, 3);
     snprintf(ttl, sizeof(ttl), "%ld", c->answer_ttl_s);
     ka[0] = k_answer;
     ka[1] = k_online;

@@ -170,19 +170,6 @@ int jobs_count(const jobs *j)
     return j->n;
 }
 
-void jobs_now_rfc3339(char out[32])
-{
-    struct timespec ts;
-    struct tm tm;
-
-    char date[24];
-
-    clock_gettime(CLOCK_REALTIME, &ts);
-    gmtime_r(&ts.tv_sec, &tm);
-    strftime(date, sizeof(date), "%Y-%m-%dT%H:%M:%S", &tm);
-    snprintf(out, 32, "%.19s.%06dZ", date, (int)((ts.tv_nsec / 1000) % 1000000));
-}
-
 /* Hex SHA-256 of "a|b" or "a|b|c" (c NULL: two parts). The context is
  * reused: a fresh EVP fetch per digest costs more than the digest. */
 static void digest3(jobs *j, const char *a, const char *b, const char *c, char hex[65])

@@ -80,7 +80,4 @@ int jobs_outbox_arrays(jobs *j, const char **event_ids, const char **trigger_ids
  * still holds them). */
 int jobs_push(jobs *j, rconn *r, const char *queue, const char *batch_key, long ttl_s, char *err, size_t errlen);
 
-/* RFC 3339 UTC time with microseconds into out[32]. */
-void jobs_now_rfc3339(char out[32]);
-
 #endif

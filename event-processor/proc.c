@@ -26,6 +26,7 @@
 #include "ep.h"
 #include "event_model.h"
 #include "evrow.h"
+#include "fmt.h"
 #include "jobs.h"
 #include "jsonstr.h"
 #include "log.h"
@@ -496,7 +497,7 @@ static long match_events(loop *L, PGconn *conn, PGconn *other, PGresult *res, in
     int64_t now_s = (int64_t)time(NULL);
     evrow_cols cols;
 
-    jobs_now_rfc3339(now);
+    fmt_rfc3339(now, sizeof(now), NULL, 6);
     evrow_cols_init(&cols, res);
     jobs_clear(L->jobs); /* a batch's jobs are its own, whatever failed before */
     if (ensure_evs(L, n) < 0)
@@ -915,7 +916,7 @@ static int flush_outbox(loop *L, PGconn *conn, char *err, size_t errlen)
             return -1;
         }
         jobs_clear(L->jobs);
-        jobs_now_rfc3339(now);
+        fmt_rfc3339(now, sizeof(now), NULL, 6);
         evrow_cols_init(&cols, res);
         for (int r = 0; r < PQntuples(res); r++) {
             bev b = {.row = r};

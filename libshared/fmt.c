@@ -2,6 +2,7 @@
 #include "fmt.h"
 
 #include <string.h>
+#include <time.h>
 
 size_t fmt_i64(char *out, long long v)
 {
@@ -42,4 +43,33 @@ size_t fmt_hex(char *out, const void *in, size_t n)
     }
     out[2 * n] = '\0';
     return 2 * n;
+}
+
+size_t fmt_rfc3339(char *out, size_t size, const struct timespec *t, int digits)
+{
+    char tmp[64];
+    struct timespec now;
+    struct tm tm;
+    size_t n;
+    long frac;
+
+    if (!t) {
+        clock_gettime(CLOCK_REALTIME, &now);
+        t = &now;
+    }
+    if (!gmtime_r(&t->tv_sec, &tm) || !(n = strftime(tmp, sizeof(tmp), "%Y-%m-%dT%H:%M:%S", &tm)))
+        return fmt_copy(out, size, "");
+    digits = digits < 0 ? 0 : digits > 9 ? 9 : digits;
+    if (digits) {
+        frac = t->tv_nsec;
+        for (int i = digits; i < 9; i++)
+            frac /= 10;
+        tmp[n++] = '.';
+        for (int i = digits - 1; i >= 0; i--, frac /= 10)
+            tmp[n + (size_t)i] = (char)('0' + frac % 10);
+        n += (size_t)digits;
+    }
+    tmp[n++] = 'Z';
+    tmp[n] = '\0';
+    return fmt_copy(out, size, tmp);
 }

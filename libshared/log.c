@@ -7,6 +7,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "fmt.h"
 #include "jsonstr.h"
 
 #define LOG_LINE_MAX 8192
@@ -61,19 +62,6 @@ char *log_escape(char *dst, size_t dstlen, const char *src)
     return jsonstr_into(dst, dstlen, src);
 }
 
-static size_t log_timestamp(char *out, size_t len)
-{
-    struct timespec ts;
-    struct tm tm;
-    size_t n;
-
-    clock_gettime(CLOCK_REALTIME, &ts);
-    gmtime_r(&ts.tv_sec, &tm);
-    n = strftime(out, len, "%Y-%m-%dT%H:%M:%S", &tm);
-    n += (size_t)snprintf(out + n, len - n, ".%03ldZ", ts.tv_nsec / 1000000);
-    return n;
-}
-
 /* Clamps snprintf's would-be length to what the buffer holds. */
 static size_t log_advance(size_t used, int added, size_t cap)
 {
@@ -88,7 +76,7 @@ static void log_vwrite(log_level lvl, const char *msg, const char *fields_fmt, v
     char line[LOG_LINE_MAX], ts[40], emsg[2048];
     size_t n = 0, cap = sizeof(line) - 2;
 
-    log_timestamp(ts, sizeof(ts));
+    fmt_rfc3339(ts, sizeof(ts), NULL, 3);
     if (log_json) {
         n = log_advance(n, snprintf(line, cap, "{\"ts\":\"%s\",\"level\":\"%s\",\"service\":\"%s\",\"msg\":\"%s\"",
                                     ts, level_names[lvl], log_service,

@@ -134,20 +134,6 @@ static long long msg_wall_ms(void)
     return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-/* RFC 3339 UTC with milliseconds, as the event-processor writes it. */
-static void msg_timestamp(char out[32])
-{
-    long long ms = msg_wall_ms();
-    time_t s = (time_t)(ms / 1000);
-    struct tm tm;
-
-    size_t n;
-
-    gmtime_r(&s, &tm);
-    n = strftime(out, 32, "%Y-%m-%dT%H:%M:%S", &tm);
-    snprintf(out + n, 32 - n, ".%03dZ", (int)(ms % 1000));
-}
-
 static void msg_uuid(const char *prefix, char out[64])
 {
     unsigned char r[16];
@@ -535,12 +521,9 @@ static msg_conn *msg_user_conn(messaging *m, const char *uid, uint64_t conn_id)
 static cJSON *msg_presence_entry(const msg_user *u, int with_room, const char *room)
 {
     cJSON *d = cJSON_CreateObject();
-    char ts[32];
-    time_t s = (time_t)u->last_seen;
-    struct tm tm;
+    char ts[FMT_RFC3339_MAX];
 
-    gmtime_r(&s, &tm);
-    strftime(ts, sizeof(ts), "%Y-%m-%dT%H:%M:%SZ", &tm);
+    fmt_rfc3339(ts, sizeof(ts), &(struct timespec){.tv_sec = (time_t)u->last_seen}, 0);
     if (with_room)
         cJSON_AddStringToObject(d, "room", room);
     cJSON_AddStringToObject(d, "user_id", u->id);
@@ -790,7 +773,7 @@ static void msg_on_broadcast(messaging *m, msg_conn *mc, cJSON *data)
         return;
     }
     msg_uuid("broadcast_", id);
-    msg_timestamp(ts);
+    fmt_rfc3339(ts, sizeof(ts), NULL, 3);
     out = cJSON_CreateObject();
     cJSON_AddStringToObject(out, "topic", topic);
     cJSON_AddItemToObject(out, "payload", payload ? payload : cJSON_CreateNull());
@@ -858,7 +841,7 @@ static void msg_on_direct(messaging *m, msg_conn *mc, cJSON *data)
     }
     payload = cJSON_DetachItemFromObjectCaseSensitive(data, "payload");
     msg_uuid("direct_", id);
-    msg_timestamp(ts);
+    fmt_rfc3339(ts, sizeof(ts), NULL, 3);
     out = cJSON_CreateObject();
     cJSON_AddStringToObject(out, "from", mc->user->id);
     cJSON_AddItemToObject(out, "payload", payload ? payload : cJSON_CreateNull());
@@ -971,7 +954,7 @@ static void msg_on_room_message(messaging *m, msg_conn *mc, cJSON *data)
         return;
     }
     msg_uuid("room_", id);
-    msg_timestamp(ts);
+    fmt_rfc3339(ts, sizeof(ts), NULL, 3);
     f = cJSON_CreateObject();
     cJSON_AddStringToObject(f, "type", "RoomMessage");
     d = cJSON_AddObjectToObject(f, "data");

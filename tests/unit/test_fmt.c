@@ -1,5 +1,6 @@
 /* Unit tests for fmt: fmt_i64 against snprintf over edge and random
- * values, fmt_copy's cuts, fmt_hex against snprintf("%02x"). */
+ * values, fmt_copy's cuts, fmt_hex against snprintf("%02x"), fmt_rfc3339
+ * against known instants. */
 #include <limits.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -85,6 +86,48 @@ static void test_hex(void **state)
     assert_string_equal(got, "");
 }
 
+static void rfc(long long sec, long nsec, int digits, const char *want)
+{
+    char got[FMT_RFC3339_MAX];
+    struct timespec t = {.tv_sec = (time_t)sec, .tv_nsec = nsec};
+
+    assert_int_equal(fmt_rfc3339(got, sizeof(got), &t, digits), strlen(want));
+    assert_string_equal(got, want);
+}
+
+static void test_rfc3339(void **state)
+{
+    char small[8], now[FMT_RFC3339_MAX];
+    struct timespec t = {.tv_sec = 1764621713, .tv_nsec = 987654321};
+
+    (void)state;
+    rfc(0, 0, 3, "1970-01-01T00:00:00.000Z");
+    rfc(1764621713, 987654321, 0, "2025-12-01T20:41:53Z");
+    rfc(1764621713, 987654321, 3, "2025-12-01T20:41:53.987Z");
+    rfc(1764621713, 987654321, 6, "2025-12-01T20:41:53.987654Z");
+    rfc(1764621713, 987654321, 9, "2025-12-01T20:41:53.987654321Z");
+    rfc(1764621713, 999999, 3, "2025-12-01T20:41:53.000Z"); /* cut, not rounded */
+    rfc(1764621713, 5000000, 3, "2025-12-01T20:41:53.005Z");
+    rfc(951782400, 1000, 6, "2000-02-29T00:00:00.000001Z");
+    rfc(253402300799LL, 999999999, 9, "9999-12-31T23:59:59.999999999Z");
+    assert_int_equal(fmt_rfc3339(small, sizeof(small), &t, 3), sizeof(small) - 1);
+    assert_string_equal(small, "2025-12");
+    /* Now: the shape, and the second time() gave just before or after. */
+    {
+        struct timespec s0 = {.tv_sec = time(NULL)}, s1;
+        char a[FMT_RFC3339_MAX], b[FMT_RFC3339_MAX];
+
+        assert_int_equal(fmt_rfc3339(now, sizeof(now), NULL, 3), 24);
+        s1.tv_sec = time(NULL);
+        s1.tv_nsec = 0;
+        fmt_rfc3339(a, sizeof(a), &s0, 0);
+        fmt_rfc3339(b, sizeof(b), &s1, 0);
+        assert_int_equal(now[19], '.');
+        assert_int_equal(now[23], 'Z');
+        assert_true(memcmp(now, a, 19) == 0 || memcmp(now, b, 19) == 0);
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -92,6 +135,7 @@ int main(void)
         cmocka_unit_test(test_random),
         cmocka_unit_test(test_copy),
         cmocka_unit_test(test_hex),
+        cmocka_unit_test(test_rfc3339),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);
