@@ -1,8 +1,8 @@
 /* The runtime's untrusted request input (SPEC 6), up to where the
  * database would take over. The first byte picks:
  *   0  an append: "<run id>\n<body>" through rtappend_prepare (the body
- *      checks, the publish limits) and, when accepted, group_json, the
- *      JSON argument of runtime.append_run_events;
+ *      checks, the publish limits) and, when accepted, rtappend_group_json,
+ *      the JSON argument of the group statement;
  *   1  a worker body and owner query: "<owner_user_id>\n<owner_guest_scope>\n<body>"
  *      through rt_body_object, owner_from (body, then query), opt_string
  *      and json_text as rt_h_worker_register and the GET routes use them;
@@ -11,8 +11,8 @@
  *      through rt_route_match, rt_route_ws_topic and rt_khala_ws_accept
  *      (for a worker topic, whose owner check reads the database: the
  *      token and scope checks only).
- * rtappend.c and rtworkers.c are compiled in (group_json, owner_from and
- * the others are static).
+ * rtappend.c and rtworkers.c are compiled in (owner_from and the others
+ * are static).
  *
  * Checked: an accepted append's payload text and group JSON parse, are
  * UTF-8 and hold what was sent; every refusal is a JSON error body with a
@@ -124,7 +124,7 @@ static void append(rt_req *q, const uint8_t *body, size_t n)
         abort();
     free(again);
     v[0] = v[1] = x;
-    text = group_json(v, 2);
+    text = rtappend_group_json(v, 2, 0);
     if (!text)
         abort();
     if (buf_utf8_valid(text, strlen(text)) != strlen(text) || !(g = cJSON_Parse(text)) ||
@@ -137,7 +137,7 @@ static void append(rt_req *q, const uint8_t *body, size_t n)
     cJSON_Delete(g);
     cJSON_Delete(p);
     free(text);
-    append_free(x);
+    rtappend_free(x);
 }
 
 static void check_owner(const owner *o)
