@@ -6,6 +6,8 @@
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 
+#include "fmt.h"
+
 #define BLOCK 64
 
 struct sig_key {
@@ -68,7 +70,6 @@ fail:
 
 int sig_hex(const sig_key *k, const char *data, size_t len, char hex[65])
 {
-    static const char digits[] = "0123456789abcdef";
     unsigned char ih[EVP_MAX_MD_SIZE], mac[EVP_MAX_MD_SIZE];
     unsigned int il = 0, ml = 0;
     EVP_MD_CTX *c = EVP_MD_CTX_new();
@@ -80,11 +81,7 @@ int sig_hex(const sig_key *k, const char *data, size_t len, char hex[65])
     if (EVP_MD_CTX_copy_ex(c, k->inner) && EVP_DigestUpdate(c, data, len) && EVP_DigestFinal_ex(c, ih, &il) &&
         EVP_MD_CTX_copy_ex(c, k->outer) && EVP_DigestUpdate(c, ih, il) && EVP_DigestFinal_ex(c, mac, &ml) &&
         ml == 32) {
-        for (unsigned int i = 0; i < ml; i++) {
-            hex[2 * i] = digits[mac[i] >> 4];
-            hex[2 * i + 1] = digits[mac[i] & 15];
-        }
-        hex[64] = '\0';
+        fmt_hex(hex, mac, ml);
         rc = 0;
     }
     EVP_MD_CTX_free(c);

@@ -174,7 +174,6 @@ int jobs_count(const jobs *j)
  * reused: a fresh EVP fetch per digest costs more than the digest. */
 static void digest3(jobs *j, const char *a, const char *b, const char *c, char hex[65])
 {
-    static const char digits[] = "0123456789abcdef";
     unsigned char md[EVP_MAX_MD_SIZE];
     unsigned int mdlen = 0;
 
@@ -184,11 +183,7 @@ static void digest3(jobs *j, const char *a, const char *b, const char *c, char h
         (c && (EVP_DigestUpdate(j->mdctx, "|", 1) != 1 || EVP_DigestUpdate(j->mdctx, c, strlen(c)) != 1)) ||
         EVP_DigestFinal_ex(j->mdctx, md, &mdlen) != 1)
         mdlen = 32; /* all zeros: never happens short of OOM */
-    for (unsigned int i = 0; i < 32; i++) {
-        hex[i * 2] = digits[md[i] >> 4];
-        hex[i * 2 + 1] = digits[md[i] & 15];
-    }
-    hex[64] = '\0';
+    fmt_hex(hex, md, 32);
 }
 
 /* A piece of a job document. */

@@ -8,6 +8,8 @@
 
 #include <openssl/evp.h>
 
+#include "fmt.h"
+
 static int canon_string(buf *out, const char *s)
 {
     static const char hex[] = "0123456789abcdef";
@@ -144,20 +146,13 @@ int canonjson_append(buf *out, const cJSON *v)
 
 void canonjson_sha256_bytes(const void *data, size_t len, char out[CANONJSON_HASH_LEN])
 {
-    static const char hex[] = "0123456789abcdef";
     unsigned char md[EVP_MAX_MD_SIZE];
-    unsigned int mdlen = 0, i;
+    unsigned int mdlen = 0;
 
     memcpy(out, "sha256:", 7);
-    if (EVP_Digest(data, len, md, &mdlen, EVP_sha256(), NULL) != 1 || mdlen != 32) {
-        memset(out + 7, '0', 64);
-    } else {
-        for (i = 0; i < 32; i++) {
-            out[7 + 2 * i] = hex[md[i] >> 4];
-            out[8 + 2 * i] = hex[md[i] & 15];
-        }
-    }
-    out[71] = '\0';
+    if (EVP_Digest(data, len, md, &mdlen, EVP_sha256(), NULL) != 1 || mdlen != 32)
+        memset(md, 0, 32);
+    fmt_hex(out + 7, md, 32);
 }
 
 int canonjson_sha256(const cJSON *v, char out[CANONJSON_HASH_LEN])

@@ -45,6 +45,21 @@ size_t fmt_hex(char *out, const void *in, size_t n)
     return 2 * n;
 }
 
+size_t fmt_uuid(char *out, const unsigned char b[16])
+{
+    static const char digits[] = "0123456789abcdef";
+    size_t o = 0;
+
+    for (int i = 0; i < 16; i++) {
+        if (i == 4 || i == 6 || i == 8 || i == 10)
+            out[o++] = '-';
+        out[o++] = digits[b[i] >> 4];
+        out[o++] = digits[b[i] & 15];
+    }
+    out[o] = '\0';
+    return o;
+}
+
 size_t fmt_rfc3339(char *out, size_t size, const struct timespec *t, int digits)
 {
     char tmp[64];

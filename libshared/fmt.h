@@ -23,6 +23,11 @@ size_t fmt_copy(char *dst, size_t size, const char *src);
  * 2n + 1 bytes) with a terminating NUL; returns 2n. */
 size_t fmt_hex(char *out, const void *in, size_t n);
 
+/* Writes the 16 bytes at b as a UUID's text, 8-4-4-4-12 lowercase hex
+ * digits, into out (at least 37 bytes) with a terminating NUL; returns 36.
+ * The version and variant bits are the caller's to set in b. */
+size_t fmt_uuid(char *out, const unsigned char b[16]);
+
 /* Longest fmt_rfc3339 output for years 0 to 9999, NUL included
  * ("2026-12-01T20:41:53.123456789Z"). */
 #define FMT_RFC3339_MAX 32

@@ -26,6 +26,8 @@
 #include <openssl/hmac.h>
 #include <openssl/rand.h>
 
+#include "fmt.h"
+
 /* The claims a token may carry are bounded so that the encoded token stays
  * within JWTAUTH_MAX_TOKEN (base64 grows by 4/3, plus header and signature). */
 #define JWTAUTH_MAX_CLAIMS_JSON ((JWTAUTH_MAX_TOKEN - 128) / 4 * 3)
@@ -100,15 +102,10 @@ static int add_jti(cJSON *o)
 {
     unsigned char rnd[16];
     char hex[33];
-    static const char digits[] = "0123456789abcdef";
 
     if (RAND_bytes(rnd, sizeof(rnd)) != 1)
         return -1;
-    for (size_t i = 0; i < sizeof(rnd); i++) {
-        hex[2 * i] = digits[rnd[i] >> 4];
-        hex[2 * i + 1] = digits[rnd[i] & 0xf];
-    }
-    hex[32] = '\0';
+    fmt_hex(hex, rnd, sizeof(rnd));
     return cJSON_AddStringToObject(o, "jti", hex) ? 0 : -1;
 }
 

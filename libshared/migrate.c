@@ -13,6 +13,7 @@
 
 #include <openssl/evp.h>
 
+#include "fmt.h"
 #include "log.h"
 
 /* What the notice receiver needs to name the file being applied. */
@@ -22,7 +23,6 @@ typedef struct {
 
 void migrate_sha256_hex(const void *data, size_t len, char hex[65])
 {
-    static const char digits[] = "0123456789abcdef";
     unsigned char md[EVP_MAX_MD_SIZE];
     unsigned int mdlen = 0;
 
@@ -30,13 +30,9 @@ void migrate_sha256_hex(const void *data, size_t len, char hex[65])
      * all-zero digest then cannot match any recorded checksum, so a run
      * refuses rather than applying twice. */
     memset(md, 0, sizeof(md));
-    if (EVP_Digest(data, len, md, &mdlen, EVP_sha256(), NULL) != 1)
-        mdlen = 32;
-    for (unsigned int i = 0; i < 32 && i < mdlen; i++) {
-        hex[i * 2] = digits[md[i] >> 4];
-        hex[i * 2 + 1] = digits[md[i] & 15];
-    }
-    hex[64] = '\0';
+    if (EVP_Digest(data, len, md, &mdlen, EVP_sha256(), NULL) != 1 || mdlen != 32)
+        memset(md, 0, 32);
+    fmt_hex(hex, md, 32);
 }
 
 int migrate_parse_name(const char *name)

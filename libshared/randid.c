@@ -59,22 +59,12 @@ void randid_fill(void *buf, size_t n)
 size_t randid_uuid(char *out, size_t size, const char *prefix)
 {
     unsigned char b[16];
-    char hex[33], text[RANDID_UUID_LEN + 1];
+    char text[RANDID_UUID_LEN + 1];
     size_t o = fmt_copy(out, size, prefix);
 
     randid_fill(b, sizeof(b));
     b[6] = (unsigned char)((b[6] & 0x0f) | 0x40);
     b[8] = (unsigned char)((b[8] & 0x3f) | 0x80);
-    fmt_hex(hex, b, sizeof(b));
-    memcpy(text, hex, 8);
-    text[8] = '-';
-    memcpy(text + 9, hex + 8, 4);
-    text[13] = '-';
-    memcpy(text + 14, hex + 12, 4);
-    text[18] = '-';
-    memcpy(text + 19, hex + 16, 4);
-    text[23] = '-';
-    memcpy(text + 24, hex + 20, 12);
-    text[RANDID_UUID_LEN] = '\0';
+    fmt_uuid(text, b);
     return o + fmt_copy(out + o, size - o, text);
 }

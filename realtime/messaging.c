@@ -8,7 +8,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/random.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -16,6 +15,7 @@
 #include "fmt.h"
 #include "jwtauth.h"
 #include "log.h"
+#include "randid.h"
 #include "rtbus.h"
 #include "strmap.h"
 #include "svc.h"
@@ -132,26 +132,6 @@ static long long msg_wall_ms(void)
 
     clock_gettime(CLOCK_REALTIME, &ts);
     return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-static void msg_uuid(const char *prefix, char out[64])
-{
-    unsigned char r[16];
-    static const char hex[] = "0123456789abcdef";
-    size_t o = fmt_copy(out, 64, prefix);
-
-    if (getrandom(r, sizeof(r), 0) != (ssize_t)sizeof(r))
-        for (int i = 0; i < 16; i++)
-            r[i] = (unsigned char)rand();
-    r[6] = (unsigned char)((r[6] & 0x0f) | 0x40);
-    r[8] = (unsigned char)((r[8] & 0x3f) | 0x80);
-    for (int i = 0; i < 16; i++) {
-        if (i == 4 || i == 6 || i == 8 || i == 10)
-            out[o++] = '-';
-        out[o++] = hex[r[i] >> 4];
-        out[o++] = hex[r[i] & 15];
-    }
-    out[o] = '\0';
 }
 
 static int msg_bucket_take(msg_bucket *b, double rate, double burst, long long now)
@@ -772,7 +752,7 @@ static void msg_on_broadcast(messaging *m, msg_conn *mc, cJSON *data)
         msg_send_error(m, mc, 403, msg);
         return;
     }
-    msg_uuid("broadcast_", id);
+    randid_uuid(id, sizeof(id), "broadcast_");
     fmt_rfc3339(ts, sizeof(ts), NULL, 3);
     out = cJSON_CreateObject();
     cJSON_AddStringToObject(out, "topic", topic);
@@ -840,7 +820,7 @@ static void msg_on_direct(messaging *m, msg_conn *mc, cJSON *data)
         return;
     }
     payload = cJSON_DetachItemFromObjectCaseSensitive(data, "payload");
-    msg_uuid("direct_", id);
+    randid_uuid(id, sizeof(id), "direct_");
     fmt_rfc3339(ts, sizeof(ts), NULL, 3);
     out = cJSON_CreateObject();
     cJSON_AddStringToObject(out, "from", mc->user->id);
@@ -953,7 +933,7 @@ static void msg_on_room_message(messaging *m, msg_conn *mc, cJSON *data)
         msg_send_error(m, mc, 403, "Join the room before sending to it");
         return;
     }
-    msg_uuid("room_", id);
+    randid_uuid(id, sizeof(id), "room_");
     fmt_rfc3339(ts, sizeof(ts), NULL, 3);
     f = cJSON_CreateObject();
     cJSON_AddStringToObject(f, "type", "RoomMessage");

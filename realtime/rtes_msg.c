@@ -162,20 +162,12 @@ static const unsigned char oid_ns[16] = {0x6b, 0xa7, 0xb8, 0x12, 0x9d, 0xad, 0x1
 /* UUIDv5 of `len` bytes that start with the namespace. */
 static void uuid5(const char *ns_and_name, size_t len, char out[37])
 {
-    static const char hex[] = "0123456789abcdef";
     unsigned char md[SHA_DIGEST_LENGTH];
-    int o = 0;
 
     SHA1((const unsigned char *)ns_and_name, len, md);
     md[6] = (unsigned char)((md[6] & 0x0f) | 0x50);
     md[8] = (unsigned char)((md[8] & 0x3f) | 0x80);
-    for (int i = 0; i < 16; i++) {
-        if (i == 4 || i == 6 || i == 8 || i == 10)
-            out[o++] = '-';
-        out[o++] = hex[md[i] >> 4];
-        out[o++] = hex[md[i] & 15];
-    }
-    out[o] = '\0';
+    fmt_uuid(out, md);
 }
 
 /* The key of a parsed lineage_stack array; see rtes_lineage_uuid. */

@@ -48,17 +48,13 @@ typedef struct {
 
 static int add_event(arrays *x, const rtes_msg *m)
 {
-    static const char digits[] = "0123456789abcdef";
     char hex[2 + 2 * RTES_DIGEST_LEN + 1];
     int node = m->kind == RTES_NODE_STATUS;
 
+    /* bytea's hex input form. */
     hex[0] = '\\';
     hex[1] = 'x';
-    for (int i = 0; i < RTES_DIGEST_LEN; i++) {
-        hex[2 + 2 * i] = digits[m->digest[i] >> 4];
-        hex[3 + 2 * i] = digits[m->digest[i] & 15];
-    }
-    hex[2 + 2 * RTES_DIGEST_LEN] = '\0';
+    fmt_hex(hex + 2, m->digest, RTES_DIGEST_LEN);
     return pgarr_add(&x->a[0], m->execution_id, 0) < 0 || pgarr_add(&x->a[1], m->workflow_id, 0) < 0 ||
                    pgarr_add(&x->a[2], node ? m->node_id : NULL, 0) < 0 ||
                    pgarr_add(&x->a[3], node ? m->lineage_key : NULL, 0) < 0 || pgarr_add(&x->a[4], hex, 0) < 0 ||

@@ -33,13 +33,13 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <openssl/rand.h>
 
 #include "backoff.h"
 #include "buf.h"
 #include "fmt.h"
 #include "jsonstr.h"
 #include "log.h"
+#include "randid.h"
 #include "rtappend.h"
 #include "rtpipe.h"
 #include "rtroutes.h"
@@ -858,14 +858,8 @@ rtserve *rtserve_new(rt *r, const char *host, int port, int threads, int append_
     s->pipe_conns = append_conns < 0 ? 0 : append_conns > RTPIPE_CONNS_MAX ? RTPIPE_CONNS_MAX : append_conns;
     s->want_appenders = append_threads < 1 ? 1 : append_threads > RTSERVE_APPEND_THREADS_MAX ? RTSERVE_APPEND_THREADS_MAX
                                                                                           : append_threads;
-    if (RAND_bytes(rnd, sizeof(rnd)) != 1)
-        for (i = 0; i < sizeof(rnd); i++)
-            rnd[i] = (unsigned char)(svc_now_ms() >> (i % 8 * 8));
-    for (i = 0; i < sizeof(rnd); i++) {
-        s->instance[2 * i] = "0123456789abcdef"[rnd[i] >> 4];
-        s->instance[2 * i + 1] = "0123456789abcdef"[rnd[i] & 15];
-    }
-    s->instance[32] = '\0';
+    randid_fill(rnd, sizeof(rnd));
+    fmt_hex(s->instance, rnd, sizeof(rnd));
     memset(&o, 0, sizeof(o));
     o.service = "runtime";
     o.host = host;

@@ -1,6 +1,6 @@
 /* Unit tests for fmt: fmt_i64 against snprintf over edge and random
- * values, fmt_copy's cuts, fmt_hex against snprintf("%02x"), fmt_rfc3339
- * against known instants. */
+ * values, fmt_copy's cuts, fmt_hex against snprintf("%02x"), fmt_uuid and
+ * fmt_rfc3339 against known values. */
 #include <limits.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -86,6 +86,22 @@ static void test_hex(void **state)
     assert_string_equal(got, "");
 }
 
+static void test_uuid(void **state)
+{
+    /* RFC 4122's OID namespace. */
+    static const unsigned char oid[16] = {0x6b, 0xa7, 0xb8, 0x12, 0x9d, 0xad, 0x11, 0xd1,
+                                          0x80, 0xb4, 0x00, 0xc0, 0x4f, 0xd4, 0x30, 0xc8};
+    static const unsigned char ones[16] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+                                           0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff};
+    char out[37];
+
+    (void)state;
+    assert_int_equal(fmt_uuid(out, oid), 36);
+    assert_string_equal(out, "6ba7b812-9dad-11d1-80b4-00c04fd430c8");
+    fmt_uuid(out, ones);
+    assert_string_equal(out, "ffffffff-ffff-ffff-ffff-ffffffffffff");
+}
+
 static void rfc(long long sec, long nsec, int digits, const char *want)
 {
     char got[FMT_RFC3339_MAX];
@@ -135,6 +151,7 @@ int main(void)
         cmocka_unit_test(test_random),
         cmocka_unit_test(test_copy),
         cmocka_unit_test(test_hex),
+        cmocka_unit_test(test_uuid),
         cmocka_unit_test(test_rfc3339),
     };
 
