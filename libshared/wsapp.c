@@ -103,6 +103,7 @@ struct wsapp_req {
 struct wsapp_conn {
     int kind; /* WSAPP_KIND_CONN */
     unsigned established : 1, closing : 1, dropped : 1, ping : 1, discarding : 1, rx_binary : 1, told : 1;
+    unsigned want_raw : 1, raw_mid : 1;
     struct lws *wsi;
     wsapp *app;
     const wsapp_ws_route_t *route;
@@ -237,32 +238,38 @@ wsapp_msg *wsapp_msg_new_text(size_t cap)
 
 char *wsapp_msg_data(wsapp_msg *m) { return (char *)wsapp_msg_payload(m); }
 
+size_t wsapp_frame_header(unsigned char *out, size_t len, int binary)
+{
+    unsigned char op = binary ? 0x82 : 0x81;
+
+    out[0] = op;
+    if (len < 126) {
+        out[1] = (unsigned char)len;
+        return 2;
+    }
+    if (len < 65536) {
+        out[1] = 126;
+        out[2] = (unsigned char)(len >> 8);
+        out[3] = (unsigned char)len;
+        return 4;
+    }
+    out[1] = 127;
+    for (int i = 0; i < 8; i++)
+        out[9 - i] = (unsigned char)((uint64_t)len >> (8 * i));
+    return 10;
+}
+
 /* Server frames are unmasked, so one header serves every receiver. */
 void wsapp_msg_set_len(wsapp_msg *m, size_t len)
 {
     unsigned char *p = wsapp_msg_payload(m);
-    unsigned char op = m->binary ? 0x82 : 0x81;
+    unsigned char h[10];
 
     if (len > m->cap)
         len = m->cap;
     m->len = len;
-    if (len < 126) {
-        m->hdr = 2;
-        p[-2] = op;
-        p[-1] = (unsigned char)len;
-    } else if (len < 65536) {
-        m->hdr = 4;
-        p[-4] = op;
-        p[-3] = 126;
-        p[-2] = (unsigned char)(len >> 8);
-        p[-1] = (unsigned char)len;
-    } else {
-        m->hdr = 10;
-        p[-10] = op;
-        p[-9] = 127;
-        for (int i = 0; i < 8; i++)
-            p[-1 - i] = (unsigned char)((uint64_t)len >> (8 * i));
-    }
+    m->hdr = wsapp_frame_header(h, len, m->binary);
+    memcpy(p - m->hdr, h, m->hdr);
 }
 
 wsapp_msg *wsapp_msg_new(const void *data, size_t len, int binary)
@@ -375,6 +382,48 @@ int wsapp_conn_send_text(wsapp_conn *c, const char *data, size_t len)
     return rc;
 }
 
+long wsapp_conn_write_raw(wsapp_conn *c, const struct iovec *iov, int iovcnt)
+{
+    struct msghdr mh;
+    ssize_t n;
+
+    if (c->dropped || !c->wsi)
+        return -1;
+    if (lws_partial_buffered(c->wsi)) {
+        wsapp_conn_want_write(c);
+        return 0;
+    }
+    memset(&mh, 0, sizeof(mh));
+    mh.msg_iov = (struct iovec *)(uintptr_t)iov;
+    mh.msg_iovlen = (size_t)iovcnt;
+    do
+        n = sendmsg(lws_get_socket_fd(c->wsi), &mh, MSG_DONTWAIT | MSG_NOSIGNAL);
+    while (n < 0 && errno == EINTR);
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+        n = 0;
+    if (n < 0) {
+        wsapp_conn_drop(c);
+        return -1;
+    }
+    if (n == 0)
+        wsapp_conn_want_write(c);
+    return (long)n;
+}
+
+void wsapp_conn_abort(wsapp_conn *c)
+{
+    if (c->wsi)
+        wsapp_conn_drop(c);
+}
+
+void wsapp_conn_want_write(wsapp_conn *c)
+{
+    if (c->dropped || !c->wsi || c->want_raw)
+        return;
+    c->want_raw = 1;
+    lws_callback_on_writable(c->wsi);
+}
+
 void wsapp_conn_ping(wsapp_conn *c)
 {
     if (c->closing || !c->wsi)
@@ -421,7 +470,7 @@ static int wsapp_conn_writable(wsapp_conn *c)
 
     if (c->dropped)
         return -1;
-    if (c->ping) {
+    if (c->ping && !c->raw_mid) {
         /* A payload: lws 4.1 does not report an empty pong. */
         unsigned char pbuf[LWS_PRE + 4] = {0};
 
@@ -433,7 +482,7 @@ static int wsapp_conn_writable(wsapp_conn *c)
     /* POLLOUT brought us here, so the first write needs no check; after
      * it, lws_partial_buffered tells (without the poll(2) that
      * lws_send_pipe_choked costs) whether the kernel took everything. */
-    while (c->qcount && !lws_partial_buffered(c->wsi)) {
+    while (c->qcount && !c->raw_mid && !lws_partial_buffered(c->wsi)) {
         wsapp_msg *m = c->q[c->qhead];
         size_t wire = wsapp_msg_wire(m), n = 0;
         unsigned char *out;
@@ -470,7 +519,18 @@ static int wsapp_conn_writable(wsapp_conn *c)
         if (lws_write(c->wsi, out, n, LWS_WRITE_HTTP) < (int)n)
             return -1;
     }
-    if (c->qcount) {
+    if (!c->qcount && (c->want_raw || c->raw_mid) && c->route->h.writable && !lws_partial_buffered(c->wsi)) {
+        int r;
+
+        c->want_raw = 0;
+        r = c->route->h.writable(c, wsapp_conn_user(c), c->route->ud);
+        if (r < 0 || c->dropped)
+            return -1;
+        c->raw_mid = r == 1;
+        if (c->raw_mid || (c->ping && !c->want_raw))
+            lws_callback_on_writable(c->wsi);
+    }
+    if (c->qcount || c->raw_mid || (c->want_raw && lws_partial_buffered(c->wsi))) {
         lws_callback_on_writable(c->wsi);
         return 0;
     }

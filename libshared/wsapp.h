@@ -36,6 +36,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/uio.h>
 
 #include <cjson/cJSON.h>
 
@@ -145,6 +146,16 @@ typedef struct {
     void (*too_big)(wsapp_conn *c, void *user, size_t size, void *ud);
     /* A WebSocket pong arrived. May be NULL. */
     void (*pong)(wsapp_conn *c, void *user, void *ud);
+    /* Pre-framed output, for a producer that keeps its frames in memory of
+     * its own (shared by many connections) rather than queueing them. Called
+     * on the loop when the socket is writable, the wsapp_conn_send queue is
+     * empty and wsapp_conn_want_write asked for it (or the last call left a
+     * frame partly written). It writes with wsapp_conn_write_raw and returns
+     * 0 when it stopped at a frame boundary, 1 when a frame is partly
+     * written (no ping or close frame goes out until it returns 0, so on a
+     * closing connection it must finish that frame), -1 to close. May be
+     * NULL. */
+    int (*writable)(wsapp_conn *c, void *user, void *ud);
     /* The connection is gone (closed by either side, dropped, or the server
      * stopping). Called once for each open; `c` is invalid afterwards and
      * the user data freed. Also called for an accepted handshake that
@@ -190,6 +201,20 @@ void wsapp_msg_unref(wsapp_msg *m); /* NULL is a no-op */
 int wsapp_conn_send(wsapp_conn *c, wsapp_msg *m);
 /* Copies `len` bytes into a new text frame and queues it. */
 int wsapp_conn_send_text(wsapp_conn *c, const char *data, size_t len);
+/* Writes the header of an unmasked (server) frame of `len` payload bytes
+ * into out (at least 10 bytes); returns its length (2, 4 or 10). */
+size_t wsapp_frame_header(unsigned char *out, size_t len, int binary);
+
+/* In the `writable` hook only: writes pre-framed bytes straight to the
+ * socket, as many as it takes now, in one system call. Returns the bytes
+ * taken (0 when the socket is full: the hook is called again once it is
+ * writable), or -1 when the connection failed (it is dropped; its close
+ * hook follows). */
+long wsapp_conn_write_raw(wsapp_conn *c, const struct iovec *iov, int iovcnt);
+/* Asks for the `writable` hook to be called once the socket can take
+ * bytes. Cheap to call again while a call is pending. */
+void wsapp_conn_want_write(wsapp_conn *c);
+
 /* Bytes queued and not yet written. */
 size_t wsapp_conn_queued(const wsapp_conn *c);
 /* Sends a WebSocket ping (payload: none). */
@@ -197,6 +222,10 @@ void wsapp_conn_ping(wsapp_conn *c);
 /* Closes with `code` (1000..4999) and a reason (cut to 123 bytes) once the
  * frames already queued are written. Idempotent. */
 void wsapp_conn_close(wsapp_conn *c, int code, const char *reason);
+/* Drops the connection at once, without a close frame (for a peer that
+ * stopped reading, so a close handshake would never finish); its close
+ * hook follows from the loop. */
+void wsapp_conn_abort(wsapp_conn *c);
 /* Monotonic ms of the last frame (any kind, pongs included) received. */
 long long wsapp_conn_last_rx_ms(const wsapp_conn *c);
 

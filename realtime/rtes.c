@@ -13,7 +13,7 @@
 
 typedef struct {
     int durable, prefetch, skip_auth, db_conns;
-    long send_queue;
+    long ping_ms, timeout_ms;
     char dir[1024];
     jwtauth *jwt;
     dbpool *db;
@@ -34,8 +34,10 @@ static void *rtes_configure(cfg *c)
     r->durable = cfg_bool(c, "RABBITMQ_QUEUE_DURABLE", 0);
     r->prefetch = (int)cfg_int(c, "RABBITMQ_PREFETCH_COUNT", 10, 1, 65535);
     r->skip_auth = cfg_bool(c, "RTES_SKIP_AUTH", 0);
-    /* The host's limit (main.c reads the same variable for wsapp). */
-    r->send_queue = cfg_int(c, "SEND_QUEUE_BYTES", 262144, 4096, 1L << 30);
+    /* The same heartbeat as /ws (a WebSocket ping only: a text frame
+     * would be taken for an execution frame by an RTES client). */
+    r->ping_ms = cfg_duration_ms(c, "HEARTBEAT_INTERVAL", 30000, 1000);
+    r->timeout_ms = cfg_duration_ms(c, "CLIENT_TIMEOUT", 60000, 1000);
     /* The consumer holds one while storing; the two loaders one each. */
     r->db_conns = (int)cfg_int(c, "RTES_DB_CONNECTIONS", 4, 2, 64);
     if (r->skip_auth)
@@ -73,7 +75,7 @@ static int rtes_attach(void *state, rt_host *host)
     co.redis = host->redis;
     co.migrations_dir = r->dir;
     r->consumer = rtes_consumer_new(&co);
-    r->hub = rtes_hub_new(host->app, r->db, host->redis, 2, (size_t)r->send_queue);
+    r->hub = rtes_hub_new(host->app, r->db, host->redis, 2, r->ping_ms, r->timeout_ms);
     if (!r->consumer || !r->hub)
         return -1;
     r->ws = rtes_ws_new(r->hub, r->jwt, host->redis, r->skip_auth);

@@ -14,6 +14,7 @@
 
 #include "amqpc.h"
 #include "backoff.h"
+#include "buf.h"
 #include "fmt.h"
 #include "log.h"
 #include "metrics.h"
@@ -327,46 +328,76 @@ static void wait_retry(rtes_consumer *c, const char *what, const char *err)
     svc_sleep_ms(d);
 }
 
-/* Publishes the frames of the stored events, in seq order per execution
- * (the burst's order). A failure loses only live copies: watchers find the
- * missing seqs in PostgreSQL. */
+/* Appends one PUBLISH of the frames idx[from..to) (one execution, seq
+ * order): "<workflow_id>\n" then "<seq> <length>\n<frame>" each (parsed by
+ * rtes_hub). Returns 1 when a command was appended, 0 when there was
+ * nothing to send, -1 on OOM. */
+static int publish_one(rtes_consumer *c, redisContext *ctx, const int *idx, int from, int to, buf *b)
+{
+    const rtes_msg *first = &c->burst[idx[from]].m;
+    char chan[RTES_ID_MAX + 16], num[FMT_I64_MAX + 1];
+    const char *argv[3] = {"PUBLISH", chan, NULL};
+    size_t lens[3];
+    int frames = 0;
+
+    buf_reset(b);
+    if (buf_append_all(b, first->workflow_id, strlen(first->workflow_id)) < 0 || buf_append_all(b, "\n", 1) < 0)
+        return -1;
+    for (int i = from; i < to; i++) {
+        const rtes_msg *m = &c->burst[idx[i]].m;
+        const rtes_stored *r = &c->res[i];
+        size_t nl;
+
+        if (r->seq <= 0 || !m->frame)
+            continue;
+        nl = fmt_i64(num, r->seq);
+        num[nl++] = ' ';
+        if (buf_append_all(b, num, nl) < 0)
+            return -1;
+        nl = fmt_i64(num, (long long)m->frame_len);
+        num[nl++] = '\n';
+        if (buf_append_all(b, num, nl) < 0 || buf_append_all(b, m->frame, m->frame_len) < 0)
+            return -1;
+        frames++;
+    }
+    if (!frames)
+        return 0;
+    snprintf(chan, sizeof(chan), "rtes:exec:%s", first->execution_id);
+    argv[2] = buf_str(b);
+    lens[0] = 7;
+    lens[1] = strlen(chan);
+    lens[2] = b->len;
+    if (redisAppendCommandArgv(ctx, 3, argv, lens) != REDIS_OK)
+        return -1;
+    metrics_counter_add(c->published, (uint64_t)frames);
+    return 1;
+}
+
+/* Publishes the frames of the stored events, one message per execution of
+ * the burst (the burst is sorted by execution, each in seq order), so a
+ * watcher's instance takes a burst in one piece and writes it in one
+ * system call. A failure loses only live copies: watchers find the missing
+ * seqs in PostgreSQL. */
 static void publish(rtes_consumer *c, const int *idx, int n)
 {
     redisContext *ctx;
     int sent = 0, ok = 1;
+    buf b;
 
+    buf_init(&b, (size_t)1 << 30);
     if (rconn_connect(c->redis) < 0 || !(ctx = rconn_context(c->redis)))
         goto fail;
-    for (int i = 0; i < n; i++) {
-        const rtes_msg *m = &c->burst[idx[i]].m;
-        const rtes_stored *r = &c->res[i];
-        size_t fl;
-        char chan[RTES_ID_MAX + 16], head[FMT_I64_MAX + RTES_ID_MAX + 4];
-        const char *argv[3] = {"PUBLISH", chan, NULL};
-        size_t lens[3], hl;
-        char *payload;
+    for (int i = 0; i < n;) {
+        int j = i + 1, r;
 
-        if (r->seq <= 0 || !m->frame)
-            continue;
-        snprintf(chan, sizeof(chan), "rtes:exec:%s", m->execution_id);
-        hl = fmt_i64(head, r->seq);
-        head[hl++] = '\n';
-        hl += fmt_copy(head + hl, sizeof(head) - hl, m->workflow_id);
-        head[hl++] = '\n';
-        fl = m->frame_len;
-        payload = malloc(hl + fl);
-        if (!payload)
-            continue;
-        memcpy(payload, head, hl);
-        memcpy(payload + hl, m->frame, fl);
-        argv[2] = payload;
-        lens[0] = 7;
-        lens[1] = strlen(chan);
-        lens[2] = hl + fl;
-        if (redisAppendCommandArgv(ctx, 3, argv, lens) == REDIS_OK)
+        while (j < n && strcmp(c->burst[idx[j]].m.execution_id, c->burst[idx[i]].m.execution_id) == 0)
+            j++;
+        r = publish_one(c, ctx, idx, i, j, &b);
+        if (r > 0)
             sent++;
-        free(payload);
+        i = j;
     }
+    buf_free(&b);
     for (int i = 0; i < sent; i++) {
         void *rep = NULL;
 
@@ -378,12 +409,12 @@ static void publish(rtes_consumer *c, const int *idx, int n)
     }
     if (!ok)
         goto fail;
-    metrics_counter_add(c->published, (uint64_t)sent);
     if (c->redis_down)
         log_info("rtes: publishing frames on Redis again");
     c->redis_down = 0;
     return;
 fail:
+    buf_free(&b);
     rconn_mark_broken(c->redis);
     if (!c->redis_down)
         log_event(LOG_WARN, "rtes: cannot publish frames on Redis; watchers will read them from PostgreSQL",

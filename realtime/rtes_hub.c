@@ -21,24 +21,35 @@
 
 #define BUCKETS 1024
 #define CHUNK 256                   /* history events per read */
-#define CACHE_MAX 4096              /* recent frames kept per execution */
-#define CACHE_BYTES (8u << 20)
-#define AHEAD_MAX 8192              /* live frames kept that arrived before their turn */
+#define CHUNK_BYTES 65536           /* a log chunk (a larger frame gets one of its own) */
+#define LOG_BYTES (8u << 20)        /* frames kept per execution, beyond those a watcher is still writing */
+#define AHEAD_BYTES (8u << 20)      /* live frames kept that arrived before their turn */
 #define GAP_MS 150                  /* a gap open this long is read from PostgreSQL */
 #define RETRY_MS 250                /* after a failed read */
-#define TICK_MS 10                   /* also how soon a watcher whose queue drained goes on */
+#define TICK_MS 50                  /* gaps, retries and pings */
+#define WRITE_MAX (256u << 10)      /* bytes offered to one socket per write */
+#define IOV_MAX_CHUNKS 8
 #define CHANNEL_PREFIX "rtes:exec:"
 
-typedef struct pend {
-    long long seq;
-    wsapp_msg *m;
-    size_t len;
-    struct pend *next;
-} pend;
+/* A piece of an execution's log: frames first..first+n-1, already framed
+ * (server frames are unmasked, so the bytes are the same for every
+ * watcher), back to back. Append-only; shared by reference (loop thread
+ * only, so the count is a plain int). A chunk read from PostgreSQL is
+ * built on a loader thread and handed over whole. */
+typedef struct chunk {
+    int refs;
+    int linked;          /* still in its stream's log (then `next` is valid) */
+    struct chunk *next;  /* the next newer chunk of the log */
+    long long first;     /* seq of frame 0 */
+    int n, ncap;
+    uint32_t *off;       /* where frame i starts */
+    size_t len, cap;
+    unsigned char *data;
+} chunk;
 
-/* One execution watched on this instance. Its frames lo..hi are cached
- * (contiguous; every watcher sends from here), frames that arrived live
- * beyond hi+1 wait in `ahead` for the ones before them. */
+/* One execution watched on this instance. Its log holds frames lo..hi
+ * (contiguous); `ahead` holds live frames that arrived beyond hi+1
+ * (contiguous among themselves), waiting for PostgreSQL to fill the gap. */
 typedef struct stream {
     char *eid;
     uint32_t hash;
@@ -46,12 +57,11 @@ typedef struct stream {
     struct stream *sprev, *snext; /* in the hub */
     rtes_watch *head;
     char wid[RTES_ID_MAX];        /* the execution's workflow once known */
-    wsapp_msg **ring;             /* CACHE_MAX slots, frame of seq at seq % CACHE_MAX */
-    size_t *sizes;                /* their lengths */
-    long long lo, hi;             /* cached seqs; empty when hi < lo */
+    chunk *log, *tail;            /* oldest and newest */
+    long long hi;                 /* last seq in the log (0: none yet) */
     size_t bytes;
-    pend *ahead, *ahead_tail;
-    int nahead;
+    chunk *ahead, *ahead_tail;
+    size_t ahead_bytes;
     long long gap_since;          /* ms since `ahead` starts beyond hi+1; 0: no gap */
     int fetching;                 /* a read from hi is in flight */
     int more;                     /* PostgreSQL may hold seqs beyond hi */
@@ -59,13 +69,22 @@ typedef struct stream {
     int refs;                     /* watchers and reads in flight */
 } stream;
 
+/* A watcher is a cursor into its stream's log: byte `pos` of chunk `cur`,
+ * inside frame `fi`; `next` is the seq of the first frame not yet wholly
+ * written. When it falls behind the log (or joins before it), `cur` is a
+ * chunk read from PostgreSQL for it alone. */
 struct rtes_watch {
     rtes_hub *hub;
     wsapp_conn *conn;
     stream *s;
     char wid[RTES_ID_MAX];
-    long long next;        /* the seq to send next */
-    int fetching;          /* a read of its own (it is behind the cache) is in flight */
+    long long next;
+    chunk *cur;
+    size_t pos;
+    int fi;
+    int fetching;          /* a read of its own is in flight */
+    long long progress_ms; /* when the socket last took bytes */
+    long long retry_at;    /* after a failed read of its own, not before */
     int closed, refs;
     rtes_watch *prev, *next_w; /* in the stream */
 };
@@ -81,10 +100,8 @@ typedef struct job {
     stream *s;
     rtes_watch *w;
     long long after;
-    int nframes, cap, failed;
-    long long *seqs;
-    wsapp_msg **msgs;
-    size_t *lens;
+    int failed;
+    chunk *ch;
     char wid[RTES_ID_MAX];
     /* document */
     wsapp_req *req;
@@ -96,13 +113,14 @@ typedef struct job {
     char msg[160];
 } job;
 
-/* A frame from Redis. */
+/* Frames from Redis: one PUBLISH of a burst, for one execution. */
 typedef struct live {
     struct live *next;
-    long long seq;
     char *eid, *wid;
-    wsapp_msg *m;
-    size_t len;
+    int n;
+    long long *seqs;
+    const char **frames;
+    size_t *lens;
 } live;
 
 struct rtes_hub {
@@ -113,11 +131,12 @@ struct rtes_hub {
     pthread_t bus, *loaders;
     int started;
     atomic_int stop;
+    long ping_ms, timeout_ms;
     /* loop thread only */
     stream *buckets[BUCKETS];
     stream *streams;
     int nwatch;
-    size_t high_water;     /* queued bytes above which a watcher waits */
+    long long next_ping;
     wsapp_timer *tick;
     /* loader queue */
     pthread_mutex_t qmu;
@@ -128,11 +147,97 @@ struct rtes_hub {
     live *ihead, *itail;
     int iposted, iresync;
     metrics_gauge *watchers;
-    metrics_counter *frames_live, *frames_history, *gap_reads;
+    metrics_counter *frames_live, *frames_history, *gap_reads, *timeouts;
 };
 
 static void enqueue(rtes_hub *h, job *j);
 static void job_free(job *j);
+
+/* ------------------------------------------------------------ chunks */
+
+static chunk *chunk_new(size_t cap)
+{
+    chunk *c = calloc(1, sizeof(*c));
+
+    if (!c)
+        return NULL;
+    c->refs = 1;
+    c->cap = cap;
+    c->data = malloc(cap);
+    c->ncap = 64;
+    c->off = malloc((size_t)c->ncap * sizeof(*c->off));
+    if (!c->data || !c->off) {
+        free(c->data);
+        free(c->off);
+        free(c);
+        return NULL;
+    }
+    return c;
+}
+
+static void chunk_unref(chunk *c)
+{
+    if (c && --c->refs == 0) {
+        free(c->data);
+        free(c->off);
+        free(c);
+    }
+}
+
+/* Appends the frame of seq first+n with payload p (framed here), growing
+ * the chunk when `grow`. Returns 0, or -1 when it does not fit (or OOM). */
+static int chunk_put(chunk *c, long long seq, const void *p, size_t len, int grow)
+{
+    unsigned char hdr[10];
+    size_t hl = wsapp_frame_header(hdr, len, 0), need = hl + len;
+
+    if (c->n > 0 && seq != c->first + c->n)
+        return -1;
+    if (c->len + need > c->cap) {
+        size_t ncap = c->cap;
+        unsigned char *nd;
+
+        if (!grow || c->len + need > (1u << 30))
+            return -1;
+        while (ncap < c->len + need)
+            ncap *= 2;
+        nd = realloc(c->data, ncap);
+        if (!nd)
+            return -1;
+        c->data = nd;
+        c->cap = ncap;
+    }
+    if (c->n == c->ncap) {
+        uint32_t *no = realloc(c->off, (size_t)c->ncap * 2 * sizeof(*no));
+
+        if (!no)
+            return -1;
+        c->off = no;
+        c->ncap *= 2;
+    }
+    if (c->n == 0)
+        c->first = seq;
+    c->off[c->n++] = (uint32_t)c->len;
+    memcpy(c->data + c->len, hdr, hl);
+    memcpy(c->data + c->len + hl, p, len);
+    c->len += need;
+    return 0;
+}
+
+static size_t frame_end(const chunk *c, int i)
+{
+    return i + 1 < c->n ? c->off[i + 1] : c->len;
+}
+
+/* The payload of frame i (for copying it into another chunk). */
+static const unsigned char *frame_payload(const chunk *c, int i, size_t *len)
+{
+    const unsigned char *p = c->data + c->off[i];
+    size_t hl = (p[1] & 0x7f) == 126 ? 4 : (p[1] & 0x7f) == 127 ? 10 : 2;
+
+    *len = frame_end(c, i) - c->off[i] - hl;
+    return p + hl;
+}
 
 /* ------------------------------------------------------------ streams */
 
@@ -152,18 +257,11 @@ static stream *stream_get(rtes_hub *h, const char *eid)
     if (s)
         return s;
     s = calloc(1, sizeof(*s));
-    if (!s || !(s->eid = strdup(eid)) || !(s->ring = calloc(CACHE_MAX, sizeof(*s->ring))) ||
-        !(s->sizes = calloc(CACHE_MAX, sizeof(*s->sizes)))) {
-        if (s) {
-            free(s->eid);
-            free(s->ring);
-        }
+    if (!s || !(s->eid = strdup(eid))) {
         free(s);
         return NULL;
     }
     s->hash = hv;
-    s->lo = 1;
-    s->hi = 0;
     s->more = 1;
     s->next = h->buckets[hv % BUCKETS];
     h->buckets[hv % BUCKETS] = s;
@@ -172,6 +270,17 @@ static stream *stream_get(rtes_hub *h, const char *eid)
         h->streams->sprev = s;
     h->streams = s;
     return s;
+}
+
+static void chain_free(chunk *c)
+{
+    while (c) {
+        chunk *n = c->next;
+
+        c->linked = 0;
+        chunk_unref(c);
+        c = n;
+    }
 }
 
 static void stream_release(rtes_hub *h, stream *s)
@@ -190,95 +299,172 @@ static void stream_release(rtes_hub *h, stream *s)
         h->streams = s->snext;
     if (s->snext)
         s->snext->sprev = s->sprev;
-    for (long long q = s->lo; q <= s->hi; q++)
-        wsapp_msg_unref(s->ring[q % CACHE_MAX]);
-    for (pend *p = s->ahead, *n; p; p = n) {
-        n = p->next;
-        wsapp_msg_unref(p->m);
-        free(p);
-    }
-    free(s->ring);
-    free(s->sizes);
+    chain_free(s->log);
+    chain_free(s->ahead);
     free(s->eid);
     free(s);
 }
 
+static long long stream_lo(const stream *s)
+{
+    return s->log ? s->log->first : s->hi + 1;
+}
+
 static void watch_unref(rtes_watch *w)
 {
-    if (--w->refs == 0)
+    if (--w->refs == 0) {
+        chunk_unref(w->cur);
         free(w);
+    }
 }
 
-/* Appends the frame of seq hi+1 to the cache, dropping the oldest beyond
- * the bounds (a watcher that still needs them reads them from PostgreSQL). */
-static void cache_put(stream *s, long long seq, wsapp_msg *m, size_t len)
+/* Drops the oldest chunks beyond LOG_BYTES (a watcher still writing one
+ * keeps it; one that needs an older frame reads it from PostgreSQL). */
+static void log_trim(stream *s)
 {
-    while (s->hi >= s->lo && (s->hi - s->lo + 1 >= CACHE_MAX || s->bytes > CACHE_BYTES)) {
-        wsapp_msg *old = s->ring[s->lo % CACHE_MAX];
+    while (s->log && s->log != s->tail && s->bytes > LOG_BYTES) {
+        chunk *c = s->log;
 
-        s->bytes -= s->sizes[s->lo % CACHE_MAX];
-        wsapp_msg_unref(old);
-        s->ring[s->lo % CACHE_MAX] = NULL;
-        s->lo++;
+        s->log = c->next;
+        s->bytes -= c->len;
+        c->linked = 0;
+        c->next = NULL;
+        chunk_unref(c);
     }
-    if (s->hi < s->lo)
-        s->lo = seq; /* empty: starts here */
-    wsapp_msg_ref(m);
-    s->ring[seq % CACHE_MAX] = m;
-    s->sizes[seq % CACHE_MAX] = len;
-    s->hi = seq;
-    s->bytes += len;
 }
 
-/* Moves what `ahead` holds from hi+1 on into the cache. */
-static void absorb_ahead(stream *s)
+/* Links chunk c (its frames start at hi+1; the reference is taken). */
+static void log_link(stream *s, chunk *c)
 {
-    while (s->ahead && s->ahead->seq <= s->hi + 1) {
-        pend *p = s->ahead;
-
-        s->ahead = p->next;
-        if (!s->ahead)
-            s->ahead_tail = NULL;
-        s->nahead--;
-        if (p->seq == s->hi + 1)
-            cache_put(s, p->seq, p->m, p->len);
-        wsapp_msg_unref(p->m);
-        free(p);
-    }
-    if (!s->ahead)
-        s->gap_since = 0;
-    else if (!s->gap_since)
-        s->gap_since = svc_now_ms();
+    c->linked = 1;
+    c->next = NULL;
+    if (s->tail)
+        s->tail->next = c;
+    else
+        s->log = c;
+    s->tail = c;
+    s->bytes += c->len;
+    s->hi = c->first + c->n - 1;
+    log_trim(s);
 }
 
-static void hold_ahead(stream *s, long long seq, wsapp_msg *m, size_t len)
+/* Appends the frame of seq hi+1. 0 or -1 (OOM). */
+static int log_put(stream *s, long long seq, const void *p, size_t len)
 {
-    pend **pp, *p;
+    chunk *c;
 
-    if (s->ahead_tail && s->ahead_tail->seq < seq) {
-        pp = &s->ahead_tail->next; /* the usual case: in order */
-    } else {
-        pp = &s->ahead;
-        while (*pp && (*pp)->seq < seq)
-            pp = &(*pp)->next;
-        if (*pp && (*pp)->seq == seq)
-            return;
+    if (s->tail && s->tail->n > 0) {
+        size_t was = s->tail->len;
+
+        if (chunk_put(s->tail, seq, p, len, 0) == 0) {
+            s->bytes += s->tail->len - was;
+            s->hi = seq;
+            return 0;
+        }
     }
-    if (s->nahead >= AHEAD_MAX || !(p = malloc(sizeof(*p)))) {
-        s->more = 1; /* PostgreSQL has it */
+    c = chunk_new(len + 10 > CHUNK_BYTES ? len + 10 : CHUNK_BYTES);
+    if (!c || chunk_put(c, seq, p, len, 0) < 0) {
+        chunk_unref(c);
+        return -1;
+    }
+    log_link(s, c);
+    return 0;
+}
+
+/* Adds the frames of chunk c beyond hi (the reference is taken): the
+ * usual case, c starting at hi+1, links it as it is. */
+static void log_take(stream *s, chunk *c)
+{
+    if (c->first == s->hi + 1) {
+        log_link(s, c);
         return;
     }
-    wsapp_msg_ref(m);
-    p->seq = seq;
-    p->m = m;
-    p->len = len;
-    p->next = *pp;
-    *pp = p;
-    if (!p->next)
-        s->ahead_tail = p;
-    s->nahead++;
+    for (int i = 0; i < c->n; i++) {
+        size_t len;
+        const unsigned char *p = frame_payload(c, i, &len);
+
+        if (c->first + i == s->hi + 1 && log_put(s, c->first + i, p, len) < 0)
+            break;
+    }
+    chunk_unref(c);
+}
+
+static void ahead_clear(stream *s)
+{
+    chain_free(s->ahead);
+    s->ahead = s->ahead_tail = NULL;
+    s->ahead_bytes = 0;
+    s->gap_since = 0;
+}
+
+static long long ahead_lo(const stream *s) { return s->ahead ? s->ahead->first : 0; }
+static long long ahead_hi(const stream *s) { return s->ahead_tail->first + s->ahead_tail->n - 1; }
+
+/* Holds a live frame beyond hi+1. Live frames come in seq order from one
+ * instance; one that does not follow the held ones starts them afresh
+ * (PostgreSQL has what is dropped). */
+static void ahead_put(stream *s, long long seq, const void *p, size_t len)
+{
+    chunk *c;
+
+    if (s->ahead && seq <= ahead_hi(s))
+        return;
+    if (s->ahead && (seq != ahead_hi(s) + 1 || s->ahead_bytes + len > AHEAD_BYTES)) {
+        ahead_clear(s);
+        s->more = 1;
+    }
     if (!s->gap_since)
         s->gap_since = svc_now_ms();
+    if (s->ahead_tail && chunk_put(s->ahead_tail, seq, p, len, 0) == 0) {
+        s->ahead_bytes += len;
+        return;
+    }
+    c = chunk_new(len + 10 > CHUNK_BYTES ? len + 10 : CHUNK_BYTES);
+    if (!c || chunk_put(c, seq, p, len, 0) < 0) {
+        chunk_unref(c);
+        ahead_clear(s);
+        s->more = 1;
+        return;
+    }
+    if (s->ahead_tail)
+        s->ahead_tail->next = c;
+    else
+        s->ahead = c;
+    s->ahead_tail = c;
+    s->ahead_bytes += len;
+}
+
+/* Moves `ahead` into the log once the log reaches it. */
+static void absorb_ahead(stream *s)
+{
+    if (!s->ahead)
+        return;
+    if (ahead_hi(s) <= s->hi) {
+        ahead_clear(s);
+        return;
+    }
+    if (ahead_lo(s) > s->hi + 1) {
+        if (!s->gap_since)
+            s->gap_since = svc_now_ms();
+        return;
+    }
+    /* Frames of the first held chunk that the log already has are copied
+     * past; the rest of the chain is linked as it is. */
+    {
+        chunk *c = s->ahead;
+
+        s->ahead = c->next;
+        c->next = NULL;
+        log_take(s, c);
+        while (s->ahead) {
+            c = s->ahead;
+            s->ahead = c->next;
+            log_link(s, c);
+        }
+    }
+    s->ahead_tail = NULL;
+    s->ahead_bytes = 0;
+    s->gap_since = 0;
 }
 
 static void close_watch(rtes_watch *w, int code, const char *why)
@@ -307,12 +493,12 @@ static job *fetch_job(rtes_hub *h, stream *s, rtes_watch *w, long long after)
     return j;
 }
 
-/* A read of its own for a watcher behind the cache. */
+/* A read of its own for a watcher behind the log. */
 static void watch_fetch(rtes_hub *h, rtes_watch *w)
 {
     job *j;
 
-    if (w->fetching || w->closed || wsapp_conn_queued(w->conn) >= h->high_water)
+    if (w->fetching || w->closed || svc_now_ms() < w->retry_at)
         return;
     j = fetch_job(h, w->s, w, w->next - 1);
     if (!j)
@@ -321,51 +507,143 @@ static void watch_fetch(rtes_hub *h, rtes_watch *w)
     enqueue(h, j);
 }
 
-/* Sends the watcher what the cache holds for it. */
-static void serve(rtes_hub *h, rtes_watch *w)
+/* Points the cursor at frame `next`: in the log when it holds it, else
+ * (behind the log) a read of its own. Returns 1 when there is something
+ * to write. */
+static int watch_place(rtes_hub *h, rtes_watch *w)
 {
     stream *s = w->s;
 
-    if (w->closed || w->fetching)
-        return;
-    if (w->wid[0] && s->wid[0] && strcmp(w->wid, s->wid) != 0) {
-        close_watch(w, 1008, "the execution belongs to another workflow");
-        return;
-    }
-    if (s->hi >= s->lo && w->next < s->lo) {
-        watch_fetch(h, w);
-        return;
-    }
-    while (w->next <= s->hi && wsapp_conn_queued(w->conn) < h->high_water) {
-        if (wsapp_conn_send(w->conn, s->ring[w->next % CACHE_MAX]) < 0) {
-            w->closed = 1; /* dropped by wsapp; its close hook follows */
-            return;
+    if (w->cur) {
+        if (w->fi < w->cur->n)
+            return 1;
+        if (w->cur->linked && !w->cur->next)
+            return 0; /* at the end of the log: appends come here */
+        if (w->cur->linked && w->cur->next && w->cur->next->first == w->next) {
+            chunk *n = w->cur->next;
+
+            n->refs++;
+            chunk_unref(w->cur);
+            w->cur = n;
+            w->pos = 0;
+            w->fi = 0;
+            return w->cur->n > 0;
         }
-        w->next++;
-        metrics_counter_inc(h->frames_live);
+        chunk_unref(w->cur);
+        w->cur = NULL;
     }
+    if (w->next > s->hi)
+        return 0;
+    if (w->next < stream_lo(s)) {
+        watch_fetch(h, w);
+        return 0;
+    }
+    for (chunk *c = s->log; c; c = c->next)
+        if (w->next < c->first + c->n) {
+            c->refs++;
+            w->cur = c;
+            w->fi = (int)(w->next - c->first);
+            w->pos = c->off[w->fi];
+            return 1;
+        }
+    return 0;
+}
+
+/* The `writable` hook of /rt (rtes_ws): writes as much of the log as the
+ * socket takes, in one call. */
+int rtes_hub_writable(rtes_hub *h, rtes_watch *w)
+{
+    struct iovec iov[IOV_MAX_CHUNKS];
+    chunk *cs[IOV_MAX_CHUNKS];
+    size_t total = 0;
+    int niov = 0, mid;
+    long n, taken;
+
+    if (!w)
+        return 0;
+    mid = w->cur && w->fi < w->cur->n && w->pos > w->cur->off[w->fi];
+    if (w->closed && !mid)
+        return 0;
+    if (!w->closed && w->wid[0] && w->s->wid[0] && strcmp(w->wid, w->s->wid) != 0) {
+        close_watch(w, 1008, "the execution belongs to another workflow");
+        return mid;
+    }
+    if (w->fetching || !watch_place(h, w))
+        return 0;
+    /* The cursor's chunk, then the ones after it in the log. */
+    for (chunk *c = w->cur; c && niov < IOV_MAX_CHUNKS && total < WRITE_MAX;) {
+        size_t from = c == w->cur ? w->pos : 0, to = c->len;
+
+        if (w->closed) /* only the frame in progress */
+            to = frame_end(c, w->fi);
+        if (to > from) {
+            iov[niov].iov_base = c->data + from;
+            iov[niov].iov_len = to - from;
+            cs[niov++] = c;
+            total += to - from;
+        }
+        if (w->closed || !c->linked)
+            break;
+        c = c->next;
+    }
+    if (!niov)
+        return 0;
+    n = taken = wsapp_conn_write_raw(w->conn, iov, niov);
+    if (n < 0)
+        return -1;
+    if ((size_t)n < total)
+        wsapp_conn_want_write(w->conn); /* the socket is full */
+    /* Moves the cursor over what was taken. */
+    for (int i = 0; i < niov && n > 0; i++) {
+        chunk *c = cs[i];
+        size_t take = (size_t)n < iov[i].iov_len ? (size_t)n : iov[i].iov_len;
+        int frames = 0;
+
+        if (c != w->cur) {
+            c->refs++;
+            chunk_unref(w->cur);
+            w->cur = c;
+            w->pos = 0;
+            w->fi = 0;
+        }
+        w->pos += take;
+        n -= (long)take;
+        while (w->fi < c->n && frame_end(c, w->fi) <= w->pos) {
+            w->fi++;
+            frames++;
+        }
+        w->next = c->first + w->fi;
+        metrics_counter_add(c->linked ? h->frames_live : h->frames_history, (uint64_t)frames);
+    }
+    if (taken > 0)
+        w->progress_ms = svc_now_ms();
+    /* More may follow (the offer was bounded): go on when the socket allows. */
+    if (!w->closed && w->next <= w->s->hi)
+        wsapp_conn_want_write(w->conn);
+    return w->fi < w->cur->n && w->pos > w->cur->off[w->fi];
 }
 
 /* Reads on from hi when PostgreSQL may hold more and a watcher waits for it. */
 static void stream_fetch(rtes_hub *h, stream *s)
 {
-    int waiting = 0;
-    long long slowest = s->hi + 1;
+    int waiting = 0, holding = 0;
+    long long now = svc_now_ms();
     job *j;
 
-    if (s->fetching || !s->more || svc_now_ms() < s->retry_at)
+    if (s->fetching || !s->more || now < s->retry_at)
         return;
     for (rtes_watch *w = s->head; w; w = w->next_w) {
-        if (w->closed || w->fetching || wsapp_conn_queued(w->conn) >= h->high_water)
+        if (w->closed || w->fetching)
             continue;
         if (w->next == s->hi + 1)
             waiting = 1;
-        else if (w->next >= s->lo && w->next < slowest)
-            slowest = w->next;
+        else if (w->cur && w->cur == s->log && now - w->progress_ms < 1000)
+            holding = 1;
     }
-    /* Reading on would push a watcher that is reading out of the cache
-     * (into reads of its own): the fast ones wait for it. */
-    if (!waiting || s->hi + CHUNK - slowest >= CACHE_MAX)
+    /* Reading on while a watcher still writes the oldest chunk would push
+     * it out of the log (into reads of its own): the fast ones wait for it,
+     * unless it stopped reading. */
+    if (!waiting || (holding && s->bytes + CHUNK_BYTES * 4 > LOG_BYTES))
         return;
     j = fetch_job(h, s, NULL, s->hi);
     if (!j)
@@ -375,29 +653,41 @@ static void stream_fetch(rtes_hub *h, stream *s)
     enqueue(h, j);
 }
 
-static void serve_all(rtes_hub *h, stream *s)
+/* New frames in the log (or a read done): every watcher that can write
+ * asks for the socket; the writes happen when it is writable. */
+static void wake_all(rtes_hub *h, stream *s)
 {
     for (rtes_watch *w = s->head; w; w = w->next_w)
-        serve(h, w);
+        if (!w->closed && !w->fetching && w->next <= s->hi)
+            wsapp_conn_want_write(w->conn);
     stream_fetch(h, s);
 }
 
 static void deliver(rtes_hub *h, const live *f)
 {
     stream *s = stream_find(h, f->eid, hash_fnv1a_str(f->eid));
+    long long was = 0;
 
     if (!s)
         return;
+    was = s->hi;
     if (!s->wid[0])
         fmt_copy(s->wid, sizeof(s->wid), f->wid);
-    if (f->seq <= s->hi)
-        return;
-    if (f->seq == s->hi + 1)
-        cache_put(s, f->seq, f->m, f->len);
-    else
-        hold_ahead(s, f->seq, f->m, f->len);
-    absorb_ahead(s);
-    serve_all(h, s);
+    for (int i = 0; i < f->n; i++) {
+        long long seq = f->seqs[i];
+
+        if (seq <= s->hi)
+            continue;
+        if (seq == s->hi + 1) {
+            if (log_put(s, seq, f->frames[i], f->lens[i]) < 0)
+                s->more = 1;
+            absorb_ahead(s);
+        } else {
+            ahead_put(s, seq, f->frames[i], f->lens[i]);
+        }
+    }
+    (void)was;
+    wake_all(h, s);
 }
 
 rtes_watch *rtes_hub_watch(rtes_hub *h, wsapp_conn *c, const char *eid, const char *wid)
@@ -420,6 +710,7 @@ rtes_watch *rtes_hub_watch(rtes_hub *h, wsapp_conn *c, const char *eid, const ch
     w->s = s;
     w->next = 1;
     w->refs = 1;
+    w->progress_ms = svc_now_ms();
     fmt_copy(w->wid, sizeof(w->wid), wid ? wid : "");
     w->next_w = s->head;
     if (s->head)
@@ -428,7 +719,8 @@ rtes_watch *rtes_hub_watch(rtes_hub *h, wsapp_conn *c, const char *eid, const ch
     s->refs++;
     h->nwatch++;
     metrics_gauge_set(h->watchers, h->nwatch);
-    serve_all(h, s);
+    wsapp_conn_want_write(c);
+    stream_fetch(h, s);
     return w;
 }
 
@@ -448,6 +740,8 @@ void rtes_hub_unwatch(rtes_hub *h, rtes_watch *w)
         w->next_w->prev = w->prev;
     h->nwatch--;
     metrics_gauge_set(h->watchers, h->nwatch);
+    chunk_unref(w->cur);
+    w->cur = NULL;
     stream_release(h, s);
     watch_unref(w);
 }
@@ -474,11 +768,7 @@ static void enqueue(rtes_hub *h, job *j)
 
 static void job_free(job *j)
 {
-    for (int i = 0; i < j->nframes; i++)
-        wsapp_msg_unref(j->msgs[i]);
-    free(j->seqs);
-    free(j->msgs);
-    free(j->lens);
+    chunk_unref(j->ch);
     free(j->body);
     free(j);
 }
@@ -490,6 +780,7 @@ static void fetched(wsapp *app, void *ud)
     rtes_hub *h = j->hub;
     stream *s = j->s;
     rtes_watch *w = j->w;
+    chunk *c = j->ch;
 
     (void)app;
     if (!s->wid[0] && j->wid[0])
@@ -501,33 +792,27 @@ static void fetched(wsapp *app, void *ud)
         if (j->failed) {
             s->more = 1;
             s->retry_at = svc_now_ms() + RETRY_MS;
-        } else {
-            for (int i = 0; i < j->nframes; i++)
-                if (j->seqs[i] == s->hi + 1)
-                    cache_put(s, j->seqs[i], j->msgs[i], j->lens[i]);
-            if (j->nframes == CHUNK)
+        } else if (c && c->n > 0) {
+            if (c->n == CHUNK)
                 s->more = 1;
+            log_take(s, c);
+            j->ch = NULL;
             absorb_ahead(s);
         }
-        serve_all(h, s);
+        wake_all(h, s);
     } else if (!w->closed) {
         w->fetching = 0;
-        if (!j->failed) {
-            /* Only what comes before the cache: the rest is sent from it. */
-            for (int i = 0; i < j->nframes; i++) {
-                if (j->seqs[i] < w->next || (s->hi >= s->lo && j->seqs[i] >= s->lo))
-                    continue;
-                if (wsapp_conn_queued(w->conn) >= h->high_water)
-                    break; /* the rest is read again once it drained */
-                if (wsapp_conn_send(w->conn, j->msgs[i]) < 0) {
-                    w->closed = 1;
-                    break;
-                }
-                w->next = j->seqs[i] + 1;
-                metrics_counter_inc(h->frames_history);
-            }
+        if (!j->failed && c && c->n > 0 && c->first == w->next) {
+            chunk_unref(w->cur);
+            w->cur = c;
+            w->pos = 0;
+            w->fi = 0;
+            j->ch = NULL;
         }
-        serve(h, w);
+        if (j->failed)
+            w->retry_at = svc_now_ms() + RETRY_MS; /* then the tick tries again */
+        else
+            wsapp_conn_want_write(w->conn);
     }
     if (w)
         watch_unref(w);
@@ -538,17 +823,9 @@ static void fetched(wsapp *app, void *ud)
 static int collect(long long seq, const char *frame, size_t len, void *ud)
 {
     job *j = ud;
-    wsapp_msg *m;
 
-    if (j->nframes == j->cap)
-        return 1;
-    m = wsapp_msg_new(frame, len, 0);
-    if (!m)
-        return 1;
-    j->seqs[j->nframes] = seq;
-    j->lens[j->nframes] = len;
-    j->msgs[j->nframes++] = m;
-    return 0;
+    /* Seqs are dense: a hole would be a bug, and the rest is read again. */
+    return chunk_put(j->ch, seq, frame, len, 1) < 0;
 }
 
 static void run_fetch(job *j, PGconn *pg)
@@ -557,11 +834,8 @@ static void run_fetch(job *j, PGconn *pg)
     long long last;
     int n;
 
-    j->seqs = calloc(CHUNK, sizeof(*j->seqs));
-    j->msgs = calloc(CHUNK, sizeof(*j->msgs));
-    j->lens = calloc(CHUNK, sizeof(*j->lens));
-    j->cap = CHUNK;
-    if (!j->seqs || !j->msgs || !j->lens || !pg) {
+    j->ch = chunk_new(CHUNK_BYTES);
+    if (!j->ch || !pg) {
         j->failed = 1;
         return;
     }
@@ -718,7 +992,6 @@ static void inbox(wsapp *app, void *ud)
 
         if (!wsapp_stopping(h->app))
             deliver(h, l);
-        wsapp_msg_unref(l->m);
         free(l);
         l = n;
     }
@@ -751,14 +1024,37 @@ static void post_inbox(rtes_hub *h, live *l, int resync)
     }
 }
 
-/* A pmessage reply: ["pmessage", pattern, channel, "<seq>\n<wid>\n<frame>"]. */
+/* A decimal of at most 15 digits at *pp, up to `stop`; -1 when bad. */
+static long long dec(const char **pp, const char *end, char stop)
+{
+    const char *p = *pp;
+    long long v = 0;
+
+    if (p >= end || *p < '0' || *p > '9')
+        return -1;
+    while (p < end && *p >= '0' && *p <= '9') {
+        if (v > 100000000000000LL)
+            return -1;
+        v = v * 10 + (*p++ - '0');
+    }
+    if (p >= end || *p != stop)
+        return -1;
+    *pp = p + 1;
+    return v;
+}
+
+/* A pmessage reply: ["pmessage", pattern, channel, payload], the payload
+ * being a burst of one execution's frames (rtes_consumer):
+ * "<workflow_id>\n" then, per frame, "<seq> <length>\n<frame>". One copy
+ * of the payload is kept; the frames point into it. */
 static live *parse_live(const redisReply *r)
 {
     const redisReply *ch, *pl;
-    const char *p, *nl1, *nl2, *end;
+    const char *p, *end, *nl;
     size_t elen, wlen;
     live *l;
-    long long seq = 0;
+    char *mem;
+    int n = 0;
 
     if (r->type != REDIS_REPLY_ARRAY || r->elements != 4 || r->element[0]->type != REDIS_REPLY_STRING ||
         strcmp(r->element[0]->str, "pmessage") != 0)
@@ -767,41 +1063,49 @@ static live *parse_live(const redisReply *r)
     pl = r->element[3];
     if (ch->type != REDIS_REPLY_STRING || pl->type != REDIS_REPLY_STRING || ch->len <= strlen(CHANNEL_PREFIX))
         return NULL;
-    p = pl->str;
-    end = p + pl->len;
-    nl1 = memchr(p, '\n', pl->len);
-    if (!nl1)
-        return NULL;
-    nl2 = memchr(nl1 + 1, '\n', (size_t)(end - nl1 - 1));
-    if (!nl2)
-        return NULL;
-    for (const char *d = p; d < nl1; d++) {
-        if (*d < '0' || *d > '9' || seq > 100000000000000LL)
-            return NULL;
-        seq = seq * 10 + (*d - '0');
-    }
-    if (seq <= 0)
+    end = pl->str + pl->len;
+    nl = memchr(pl->str, '\n', pl->len);
+    if (!nl)
         return NULL;
     elen = ch->len - strlen(CHANNEL_PREFIX);
-    wlen = (size_t)(nl2 - nl1 - 1);
+    wlen = (size_t)(nl - pl->str);
     if (elen >= RTES_ID_MAX || wlen >= RTES_ID_MAX)
         return NULL;
-    l = malloc(sizeof(*l) + elen + 1 + wlen + 1);
+    /* Count and check the frames first. */
+    for (p = nl + 1; p < end; n++) {
+        long long seq = dec(&p, end, ' '), len = seq > 0 ? dec(&p, end, '\n') : -1;
+
+        if (seq <= 0 || len < 0 || len > end - p)
+            return NULL;
+        p += len;
+    }
+    if (n == 0)
+        return NULL;
+    l = malloc(sizeof(*l) + (size_t)n * (sizeof(long long) + sizeof(char *) + sizeof(size_t)) + elen + 1 + wlen + 1 +
+               pl->len);
     if (!l)
         return NULL;
     l->next = NULL;
-    l->seq = seq;
-    l->eid = (char *)(l + 1);
+    l->n = n;
+    l->seqs = (long long *)(l + 1);
+    l->frames = (const char **)(l->seqs + n);
+    l->lens = (size_t *)(l->frames + n);
+    mem = (char *)(l->lens + n);
+    l->eid = mem;
     memcpy(l->eid, ch->str + strlen(CHANNEL_PREFIX), elen);
     l->eid[elen] = '\0';
     l->wid = l->eid + elen + 1;
-    memcpy(l->wid, nl1 + 1, wlen);
+    memcpy(l->wid, pl->str, wlen);
     l->wid[wlen] = '\0';
-    l->len = (size_t)(end - nl2 - 1);
-    l->m = wsapp_msg_new(nl2 + 1, l->len, 0);
-    if (!l->m) {
-        free(l);
-        return NULL;
+    mem = l->wid + wlen + 1;
+    memcpy(mem, pl->str, pl->len);
+    p = mem + wlen + 1;
+    end = mem + pl->len;
+    for (int i = 0; i < n; i++) {
+        l->seqs[i] = dec(&p, end, ' ');
+        l->lens[i] = (size_t)dec(&p, end, '\n');
+        l->frames[i] = p;
+        p += l->lens[i];
     }
     return l;
 }
@@ -904,7 +1208,10 @@ static void tick(wsapp_timer *t, void *ud)
 {
     rtes_hub *h = ud;
     long long now = svc_now_ms();
+    int ping = h->ping_ms > 0 && now >= h->next_ping;
 
+    if (ping)
+        h->next_ping = now + h->ping_ms;
     for (stream *s = h->streams; s; s = s->snext) {
         if (s->gap_since && now - s->gap_since >= GAP_MS) {
             /* The frames before `ahead` were lost on the way or are slow:
@@ -913,8 +1220,27 @@ static void tick(wsapp_timer *t, void *ud)
             s->gap_since = now;
             s->more = 1;
         }
-        /* Watchers that waited for their send queue to drain. */
-        serve_all(h, s);
+        for (rtes_watch *w = s->head; w; w = w->next_w) {
+            if (w->closed)
+                continue;
+            if (ping) {
+                if (now - wsapp_conn_last_rx_ms(w->conn) > h->timeout_ms) {
+                    /* It stopped answering: no close handshake with a peer
+                     * that does not read. */
+                    metrics_counter_inc(h->timeouts);
+                    log_event(LOG_INFO, "rtes: watcher answered no ping, closed",
+                              "\"connection_id\":%llu", (unsigned long long)wsapp_conn_id(w->conn));
+                    w->closed = 1;
+                    wsapp_conn_abort(w->conn);
+                    continue;
+                }
+                wsapp_conn_ping(w->conn);
+            }
+            /* After a failed or refused read, or an out-of-memory. */
+            if (!w->fetching && now >= w->retry_at && w->next <= s->hi)
+                wsapp_conn_want_write(w->conn);
+        }
+        stream_fetch(h, s);
     }
     if (!wsapp_stopping(h->app))
         wsapp_timer_set(t, TICK_MS);
@@ -922,7 +1248,7 @@ static void tick(wsapp_timer *t, void *ud)
 
 /* ------------------------------------------------------------ life */
 
-rtes_hub *rtes_hub_new(wsapp *app, dbpool *db, const rconn_opts *redis, int loaders, size_t send_queue)
+rtes_hub *rtes_hub_new(wsapp *app, dbpool *db, const rconn_opts *redis, int loaders, long ping_ms, long timeout_ms)
 {
     rtes_hub *h = calloc(1, sizeof(*h));
     metrics *reg = metrics_default();
@@ -933,10 +1259,9 @@ rtes_hub *rtes_hub_new(wsapp *app, dbpool *db, const rconn_opts *redis, int load
     h->db = db;
     h->ropts = *redis;
     h->nloaders = loaders > 0 ? loaders : 1;
-    /* Well below the point where wsapp drops the connection: a watcher
-     * that reads slowly waits (and reads from PostgreSQL later), it is not
-     * cut off; one frame may still be added past the mark. */
-    h->high_water = send_queue / 2 < 131072 ? send_queue / 2 : 131072;
+    h->ping_ms = ping_ms;
+    h->timeout_ms = timeout_ms;
+    h->next_ping = svc_now_ms() + ping_ms;
     h->loaders = calloc((size_t)h->nloaders, sizeof(*h->loaders));
     if (!h->loaders) {
         free(h);
@@ -957,6 +1282,8 @@ rtes_hub *rtes_hub_new(wsapp *app, dbpool *db, const rconn_opts *redis, int load
         free(h);
         return NULL;
     }
+    h->timeouts = metrics_counter_get(reg, "rtes_watcher_timeouts_total",
+                                      "Watchers closed because they answered no ping within CLIENT_TIMEOUT.", NULL);
     h->gap_reads = metrics_counter_get(reg, "rtes_gap_reads_total",
                                        "Live frames that did not arrive in order and were read from PostgreSQL.", NULL);
     return h;
@@ -1015,7 +1342,6 @@ void rtes_hub_free(rtes_hub *h)
     wsapp_timer_free(h->tick);
     for (live *l = h->ihead, *n; l; l = n) {
         n = l->next;
-        wsapp_msg_unref(l->m);
         free(l);
     }
     for (job *j = h->qhead, *n; j; j = n) {

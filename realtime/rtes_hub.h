@@ -2,21 +2,18 @@
  * feed them without blocking the WebSocket loop.
  *
  * Every stored event has a seq, dense per execution (1, 2, 3...: each
- * commit takes the next under the execution's row lock). A watcher sends
- * seqs in order, from 1, with no gap and no repeat: it tracks `next`, the
- * seq it must send next. History and live frames are the same events:
- *
- *  - the loader threads read events with seq >= next from PostgreSQL, in
- *    chunks (flow-controlled by the connection's send queue);
- *  - the subscriber thread takes every frame published on Redis
- *    (PSUBSCRIBE rtes:exec:*, by whichever instance consumed it). A frame
- *    with seq == next is sent at once; one ahead of next waits (bounded);
- *    one below next was already sent and is dropped.
- *
- * So a frame published while the history loads is sent once, from whichever
- * path reaches the watcher first, and a frame missed on Redis (a gap that
- * stays open, a Redis restart) is read from PostgreSQL. Results of both
- * threads reach the loop through wsapp_post.
+ * commit takes the next under the execution's row lock). Each watched
+ * execution has a log on this instance: its frames, already framed for
+ * WebSocket, in append-only chunks shared by reference. Frames read from
+ * PostgreSQL (history) and frames published on Redis (live, by whichever
+ * instance consumed them) go into the same log in seq order, so a replayed
+ * frame is the same bytes as a live one. A watcher is a cursor into the log
+ * (the seq it writes next, from 1): when its socket is writable it writes
+ * as much as the socket takes in one system call. Hence every watcher
+ * writes seqs 1, 2, 3... each once, whatever the interleaving of reads and
+ * live frames. A watcher behind the log reads on its own from PostgreSQL;
+ * a live frame beyond the log's end waits (bounded) until PostgreSQL fills
+ * the gap.
  *
  * Every function here runs on the wsapp loop thread unless it says
  * otherwise. */
@@ -33,10 +30,10 @@ typedef struct rtes_watch rtes_watch;
 
 /* Creates the hub for `app` (threads not started) and its timer. `db` is
  * shared; Redis options are copied; `loaders` threads (>= 1) serve
- * PostgreSQL reads; `send_queue` is wsapp's send_queue_bytes (a watcher
- * waits at a quarter of it, at most 64 KiB). NULL on OOM. Before
- * wsapp_start. */
-rtes_hub *rtes_hub_new(wsapp *app, dbpool *db, const rconn_opts *redis, int loaders, size_t send_queue);
+ * PostgreSQL reads. Every `ping_ms` (0: never) each watcher gets a
+ * WebSocket ping; one that sent nothing (no pong) for `timeout_ms` is
+ * closed. NULL on OOM. Before wsapp_start. */
+rtes_hub *rtes_hub_new(wsapp *app, dbpool *db, const rconn_opts *redis, int loaders, long ping_ms, long timeout_ms);
 
 /* Starts the subscriber and loader threads. After wsapp_start. 0 or -1. */
 int rtes_hub_start(rtes_hub *h);
@@ -56,6 +53,11 @@ rtes_watch *rtes_hub_watch(rtes_hub *h, wsapp_conn *c, const char *eid, const ch
 
 /* The connection is gone. */
 void rtes_hub_unwatch(rtes_hub *h, rtes_watch *w);
+
+/* The connection's `writable` hook (wsapp_ws_handlers): writes the frames
+ * due from the execution's log, as many as the socket takes. w may be
+ * NULL. Returns what the hook returns. */
+int rtes_hub_writable(rtes_hub *h, rtes_watch *w);
 
 /* Who asks for a document, for the access rule (see rtes_ws). */
 typedef struct {

@@ -144,6 +144,15 @@ static void rt_open(wsapp_conn *c, void *user, void *ud)
         wsapp_conn_close(c, 1011, "out of memory");
 }
 
+static int rt_writable(wsapp_conn *c, void *user, void *ud)
+{
+    rtes_ws *w = ud;
+    conn_data *cd = user;
+
+    (void)c;
+    return rtes_hub_writable(w->hub, cd->w);
+}
+
 static void rt_close(wsapp_conn *c, void *user, void *ud)
 {
     rtes_ws *w = ud;
@@ -181,6 +190,7 @@ int rtes_ws_mount(rtes_ws *w, wsapp *app)
     h.accept = rt_accept;
     h.open = rt_open;
     /* No message handler: the original ignored what watchers send. */
+    h.writable = rt_writable;
     h.close = rt_close;
     if (wsapp_ws_route(app, "/rt", &h, w) < 0)
         return -1;
