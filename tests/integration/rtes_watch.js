@@ -1,18 +1,20 @@
 // rtes_watch.js: N watchers of one execution on GET /rt, with the stock
 // npm `ws` client.
 //
-//   node rtes_watch.js URL N EXPECT [BEARER] [SETTLE_MS=400] [TIMEOUT_MS=60000]
+//   node rtes_watch.js URL N EXPECT [BEARER] [SETTLE_MS=400] [TIMEOUT_MS=60000] [RAW]
 //
 // Opens N WebSockets at once; each collects text frames until it holds
 // EXPECT of them, then waits SETTLE_MS more (a frame repeated or extra
 // would arrive then) and closes. Prints one JSON line: a list, per watcher,
 // of {http: status when the handshake was refused, frames: [parsed...],
-// close: code when the server closed first, error}. Prints "open N" on
-// stderr once every handshake has been answered.
+// close: code when the server closed first, error; with RAW=raw also raw:
+// [the text of each frame as received]}. Prints "open N" on stderr once
+// every handshake has been answered.
 'use strict';
 const WebSocket = require('ws');
 
-const [url, nArg, expectArg, bearer, settleArg, timeoutArg] = process.argv.slice(2);
+const [url, nArg, expectArg, bearer, settleArg, timeoutArg, rawArg] = process.argv.slice(2);
+const raw = rawArg === 'raw';
 const n = parseInt(nArg, 10);
 const expect = parseInt(expectArg, 10);
 const settle = parseInt(settleArg || '400', 10);
@@ -33,7 +35,7 @@ function handshake() {
 }
 
 for (let i = 0; i < n; i++) {
-  const r = { frames: [] };
+  const r = raw ? { frames: [], raw: [] } : { frames: [] };
   out.push(r);
   const headers = bearer ? { Authorization: 'Bearer ' + bearer } : {};
   const ws = new WebSocket(url, { headers });
@@ -53,6 +55,7 @@ for (let i = 0; i < n; i++) {
   });
   ws.on('message', (d, isBinary) => {
     if (isBinary) { r.binary = (r.binary || 0) + 1; return; }
+    if (raw) r.raw.push(String(d));
     r.frames.push(JSON.parse(String(d)));
     if (r.frames.length === expect) setTimeout(end, settle);
   });

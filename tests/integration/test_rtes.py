@@ -21,7 +21,7 @@ import redis
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from aetest import (AMQP_URL, PG_HOST, PG_PASSWORD, PG_PORT, PG_USER, ROOT, Service, db_url,  # noqa: E402
-                    http_json, redis_url, wait_for)
+                    http, http_json, redis_url, wait_for)
 from pgtmp import free_port  # noqa: E402
 from tools import need  # noqa: E402
 
@@ -114,12 +114,12 @@ def new_id(prefix="ex"):
 class Watchers:
     """N watchers of one execution (rtes_watch.js) in the background."""
 
-    def __init__(self, port, eid, n, expect, wid="wf-1", bearer=None, settle=400, timeout=60000):
+    def __init__(self, port, eid, n, expect, wid="wf-1", bearer=None, settle=400, timeout=60000, raw=False):
         url = "ws://127.0.0.1:%d/rt?execution_id=%s" % (port, eid)
         if wid:
             url += "&workflow_id=" + wid
         args = [need("node"), os.path.join(HERE, "rtes_watch.js"), url, str(n), str(expect), bearer or "",
-                str(settle), str(timeout)]
+                str(settle), str(timeout)] + (["raw"] if raw else [])
         self.proc = subprocess.Popen(args, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.opened = threading.Event()
         self.err = []
@@ -316,6 +316,32 @@ class History(RtesCase):
             self.assertEqual(len(got), len(want), "watcher %d: %d frames" % (i, len(got)))
             self.assertEqual(got, in_seq_order, "watcher %d: frames lost, repeated or out of order" % i)
             self.assertEqual(r["frames"][-1]["status"], "failed")
+
+    def test_live_and_replayed_frames_are_byte_identical(self):
+        # One watcher gets the frames live (it watches before they are
+        # published); once it is gone, another reads them as history from
+        # PostgreSQL. Same bytes, frame for frame, whatever the message holds.
+        eid = new_id()
+        odd = [status(eid, "a", "running", input={"s": "caf\u00e9 \u2028 \"q\" \\ /", "n": [1.50, -0.0, 1e300]}),
+               ("workflow.node.status", json.dumps(status(eid, "b", "success")[1])[:-1] +
+                ', "output": {"big": 123456789012345678901234567890, "x": 1E+2},  "parameters" : { "k" : null } }'),
+               status(eid, "c", "failed", error={"message": "boom", "code": "E", "details": {"d": [True]}},
+                      lineage_stack=[{"split_node_id": "s", "branch_id": "b0", "item_index": 0, "total_items": 2}]),
+               status(eid, "d", "waiting", lineage_hash="lh", used_inputs=["a", "b"], aggregator_state={"n": 2})]
+        live = Watchers(self.svc.port, eid, 1, len(odd) + 1, raw=True)
+        live.wait_open()
+        time.sleep(0.3)
+        publish(odd + [completion(eid, "halted", reason="stop")])
+        got_live = live.result()[0]
+        self.assertNotIn("close", got_live)
+        self.wait_count(eid, len(odd) + 1)
+        time.sleep(0.3)  # the live watcher's stream is gone: the next one reads PostgreSQL
+        got_history = watch(self.svc.port, eid, 1, len(odd) + 1, raw=True)[0]
+        self.assertEqual(len(got_live["raw"]), len(odd) + 1)
+        self.assertEqual(got_history["raw"], got_live["raw"])
+        with self.db.cursor() as c:
+            c.execute("SELECT count(*) FROM rtes_events WHERE execution_id = %s", (eid,))
+            self.assertEqual(c.fetchone()[0], len(odd) + 1)
 
     def test_redelivered_message_is_stored_once(self):
         # What a redelivery after a crash between COMMIT and ack looks like:
@@ -557,6 +583,55 @@ class Instances(RtesCase):
             other.stop()
 
 
+class Pings(RtesCase):
+    """WebSocket pings on /rt: a watcher that answers stays, one that stops
+    answering is closed."""
+    extra_env = {"RTES_SKIP_AUTH": "1", "HEARTBEAT_INTERVAL": "1s", "CLIENT_TIMEOUT": "3s"}
+
+    def test_silent_watcher_is_closed_and_answering_one_stays(self):
+        import socket
+        eid = new_id()
+        publish([status(eid, "n%d" % i) for i in range(3)])
+        self.wait_count(eid, 3)
+        # The stock client answers pings by itself.
+        good = Watchers(self.svc.port, eid, 1, 3, settle=6000)
+        good.wait_open()
+        # A raw client that does the handshake and then never answers.
+        s = socket.create_connection(("127.0.0.1", self.svc.port), timeout=10)
+        s.sendall(("GET /rt?execution_id=%s HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                   "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n" % eid).encode())
+        t0 = time.monotonic()
+        data = b""
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except (ConnectionResetError, socket.timeout):
+                break
+            if not chunk:
+                break
+            data += chunk
+        closed_after = time.monotonic() - t0
+        s.close()
+        self.assertTrue(data.startswith(b"HTTP/1.1 101"), data[:60])
+        body = data[data.index(b"\r\n\r\n") + 4:]
+        opcodes = []
+        while len(body) >= 2:
+            n, hl = body[1] & 0x7F, 2
+            if n == 126:
+                n, hl = int.from_bytes(body[2:4], "big"), 4
+            opcodes.append(body[0] & 0x0F)
+            body = body[hl + n:]
+        self.assertEqual(opcodes.count(1), 3, opcodes)  # its three frames
+        self.assertGreaterEqual(opcodes.count(9), 1, opcodes)  # and pings it left unanswered
+        self.assertGreater(closed_after, 2.0)
+        self.assertLess(closed_after, 9.0)
+        res = good.result()[0]
+        self.assertEqual(len(res["frames"]), 3)
+        self.assertNotIn("close", res, "the watcher that answered pings was closed")
+        _, _, text = http("GET", "http://127.0.0.1:%d/metrics" % self.svc.port)
+        self.assertRegex(text.decode(), r"rtes_watcher_timeouts_total [1-9]")
+
+
 class Failures(RtesCase):
     """Crashes and restarts: every message published is stored exactly once."""
     extra_env = {"RTES_SKIP_AUTH": "1", "RABBITMQ_PREFETCH_COUNT": "1"}
@@ -584,6 +659,34 @@ class Failures(RtesCase):
             frames = watch(svc.port, eid, 1, n)[0]["frames"]
             self.assertEqual(len(frames), n)
             self.assertEqual(len({f["node_id"] for f in frames}), n)
+        finally:
+            self.__class__.svc = svc
+
+    def test_postgresql_restart_mid_stream(self):
+        # Nothing acknowledged is lost: the burst in hand when PostgreSQL
+        # goes away is retried, the consumer's and the loaders' connections
+        # are made again, and a watcher gets every frame once.
+        eid = new_id()
+        n = 3000
+        self.svc.stop()
+        publish([status(eid, "n%04d" % i) for i in range(n)])
+        svc = self.start_realtime(self.extra_env)
+        try:
+            w = Watchers(svc.port, eid, 1, n, timeout=240000)
+            w.wait_open()
+            wait_for(lambda: self.count(eid) >= 200, 60, what="the first events")
+            self.db.close()
+            subprocess.run([os.path.join(ROOT, "scripts", "servers.sh"), "restart", "pg"], check=True,
+                           capture_output=True, timeout=240)
+            self.__class__.db = psycopg2.connect(DSN)
+            self.db.autocommit = True
+            self.assertLess(self.count(eid), n, "restarted too late to be mid-stream")
+            self.wait_count(eid, n, timeout=180)
+            time.sleep(1)
+            self.dense(eid, n)
+            frames = w.result(timeout=240)[0]["frames"]
+            self.assertEqual([f["node_id"] for f in frames], ["n%04d" % i for i in range(n)])
+            self.assertEqual(svc.proc.poll(), None)
         finally:
             self.__class__.svc = svc
 
