@@ -37,9 +37,9 @@ const char RTAPPEND_FAST_SQL[] =
     "AND e.idempotency_key = a.k) THEN 'replayed' ELSE 'retry' END, "
     "coalesce(i.seq, x.last_seq, 0), x.status, NULL, x.worker_id, x.metadata::text, runtime.ts(x.created_at), "
     "runtime.ts(CASE WHEN i.seq IS NULL THEN x.updated_at ELSE a.at END), "
-    "(SELECT count(q.v) FROM (SELECT runtime.khala_notify('run:' || a.r || ':events', i.seq, a.t, a.p, a.at) AS v "
+    "(SELECT runtime.khala_notify_message('run:' || a.r || ':events', i.seq, a.t, a.p, a.at) "
     "WHERE i.seq IS NOT NULL AND EXISTS (SELECT 1 FROM runtime.khala_listeners l "
-    "WHERE l.topic = 'run:' || a.r || ':events')) q) "
+    "WHERE l.topic = 'run:' || a.r || ':events')) "
     "FROM a LEFT JOIN runtime.runs x ON x.id = a.r LEFT JOIN i ON true";
 
 struct rt_append {

@@ -34,7 +34,12 @@ void rtappend_free(rt_append *x);
  * SET one JSON array from rtappend_group_json (SET with ordinals). ONE and
  * FAST answer append_run_event's row (columns from 0), GROUP and SET its
  * ordinal and then that row (from 1). FAST and SET take common appends
- * only and may answer outcome 'retry': append that one with ONE. */
+ * only and may answer outcome 'retry': append that one with ONE; their row
+ * ends with one more column, the Khala message the append NOTIFYed (NULL
+ * when no instance listens to the topic): RTAPPEND_FAST_NOTE and
+ * RTAPPEND_SET_NOTE. */
+#define RTAPPEND_FAST_NOTE 8
+#define RTAPPEND_SET_NOTE 9
 extern const char RTAPPEND_ONE_SQL[], RTAPPEND_GROUP_SQL[], RTAPPEND_SET_SQL[], RTAPPEND_FAST_SQL[];
 
 /* Nonzero for an append without expected_previous_seq whose type is not

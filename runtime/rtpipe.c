@@ -46,6 +46,8 @@ struct slot {
 struct rtpipe {
     rt *r;
     wsapp *app;
+    rtpipe_message_fn on_message;
+    void *message_ud;
     char conninfo[2048];
     int n;
     slot s[RTPIPE_CONNS_MAX];
@@ -179,6 +181,15 @@ static void connected_on_loop(wsapp *app, void *ud)
 
 /* ------------------------------------------------------------ answers */
 
+/* The Khala message of row `row`'s append, in column col (NULL unless it
+ * appended to a topic that some instance listens to): this instance's
+ * subscribers get it now, the commit being done. */
+static void message_out(rtpipe *p, const PGresult *res, int row, int col)
+{
+    if (p->on_message && PQnfields(res) > col && !PQgetisnull(res, row, col))
+        p->on_message(p->message_ud, PQgetvalue(res, row, col));
+}
+
 static void complete(item *it)
 {
     it->fn(it->ud, 1);
@@ -265,6 +276,7 @@ static void finish_group(slot *s, PGresult *res)
             s->fl[idx[i]] = NULL;
             continue;
         }
+        message_out(s->p, res, i, RTAPPEND_SET_NOTE);
         rtappend_answer(r, it->x, NULL, res, i, 1);
         s->fl[idx[i]] = NULL;
         complete(it);
@@ -282,7 +294,10 @@ bad:
     s->nfl = 0;
 }
 
-/* The round's result is in (PQgetResult gave NULL after it). */
+/* The round's result is in, and PQgetResult gave NULL after it: that
+ * comes after ReadyForQuery, which the server sends once the statement's
+ * transaction committed (the rows come before the commit), so what is
+ * answered from here is durable. */
 static void finish_round(slot *s)
 {
     PGresult *res = s->res;
@@ -326,6 +341,8 @@ static void finish_round(slot *s)
             requeue_alone(s, &it, 1);
         } else {
             metrics_counter_inc(s->p->r->append_commits);
+            if (s->kind == Q_FAST)
+                message_out(s->p, res, 0, RTAPPEND_FAST_NOTE);
             rtappend_answer(s->p->r, it->x, NULL, res, 0, 0);
             complete(it);
         }
@@ -450,7 +467,7 @@ static void kick(slot *s)
 
 /* ------------------------------------------------------------ the pipe */
 
-rtpipe *rtpipe_new(rt *r, wsapp *app, const char *conninfo, int conns)
+rtpipe *rtpipe_new(rt *r, wsapp *app, const char *conninfo, int conns, rtpipe_message_fn on_message, void *ud)
 {
     rtpipe *p = calloc(1, sizeof(*p));
     int i;
@@ -459,6 +476,8 @@ rtpipe *rtpipe_new(rt *r, wsapp *app, const char *conninfo, int conns)
         return NULL;
     p->r = r;
     p->app = app;
+    p->on_message = on_message;
+    p->message_ud = ud;
     p->n = conns < 1 ? 1 : conns > RTPIPE_CONNS_MAX ? RTPIPE_CONNS_MAX : conns;
     fmt_copy(p->conninfo, sizeof(p->conninfo), conninfo);
     for (i = 0; i < p->n; i++) {

@@ -34,10 +34,17 @@ typedef struct rtpipe rtpipe;
  * append unanswered (the loop has ended): then only free what ud holds. */
 typedef void (*rtpipe_done_fn)(void *ud, int live);
 
+/* Called on the loop with the Khala message (JSON text, borrowed) of each
+ * append committed here whose topic some instance listens to, as soon as
+ * it is committed: this instance's subscribers need not wait for its
+ * NOTIFY to come back. */
+typedef void (*rtpipe_message_fn)(void *ud, const char *message);
+
 /* A pipe of `conns` (1..RTPIPE_CONNS_MAX) connections to `conninfo`
  * (copied) whose sockets `app` watches; r and app are borrowed and must
- * outlive it. Does not connect. NULL on OOM. */
-rtpipe *rtpipe_new(rt *r, wsapp *app, const char *conninfo, int conns);
+ * outlive it; on_message (may be NULL) gets each message. Does not
+ * connect. NULL on OOM. */
+rtpipe *rtpipe_new(rt *r, wsapp *app, const char *conninfo, int conns, rtpipe_message_fn on_message, void *ud);
 
 /* Starts connecting (each connection on a short-lived thread, then on the
  * loop). Call before wsapp_start or on the loop. */

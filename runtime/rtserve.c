@@ -637,6 +637,12 @@ static void deliver_note(rtserve *s, const char *note)
     cJSON_Delete(n);
 }
 
+/* A message of an append this instance committed (rtpipe), on the loop. */
+static void pipe_message(void *ud, const char *message)
+{
+    deliver_note(ud, message);
+}
+
 typedef struct {
     rtserve *s;
     char *note; /* NULL: the listener reconnected; every subscriber reads again */
@@ -913,7 +919,8 @@ int rtserve_start(rtserve *s, const char *conninfo, char *err, size_t errlen)
     }
     s->listener_started = 1;
     if (s->pipe_conns > 0) {
-        if (!(s->pipe = rtpipe_new(s->r, s->app, conninfo, s->pipe_conns)) || rtpipe_start(s->pipe) < 0) {
+        if (!(s->pipe = rtpipe_new(s->r, s->app, conninfo, s->pipe_conns, pipe_message, s)) ||
+            rtpipe_start(s->pipe) < 0) {
             snprintf(err, errlen, "cannot start the append connections");
             return -1;
         }
