@@ -10,7 +10,7 @@
 
 #include "fmt.h"
 
-static int canon_string(buf *out, const char *s)
+int canonjson_string(buf *out, const char *s)
 {
     static const char hex[] = "0123456789abcdef";
     const unsigned char *p = (const unsigned char *)s;
@@ -98,7 +98,7 @@ static int canon_object(buf *out, const cJSON *v, int depth)
     if (buf_append(out, "{", 1) < 0)
         goto fail;
     for (i = 0; i < n; i++) {
-        if ((i && buf_append(out, ",", 1) < 0) || canon_string(out, items[i]->string ? items[i]->string : "") < 0 ||
+        if ((i && buf_append(out, ",", 1) < 0) || canonjson_string(out, items[i]->string ? items[i]->string : "") < 0 ||
             buf_append(out, ":", 1) < 0 || canon_value(out, items[i], depth + 1) < 0)
             goto fail;
     }
@@ -125,7 +125,7 @@ static int canon_value(buf *out, const cJSON *v, int depth)
         return buf_append(out, "]", 1);
     }
     if (cJSON_IsString(v))
-        return canon_string(out, v->valuestring ? v->valuestring : "");
+        return canonjson_string(out, v->valuestring ? v->valuestring : "");
     if (cJSON_IsNumber(v))
         return canon_number(out, v->valuedouble);
     if (cJSON_IsTrue(v))

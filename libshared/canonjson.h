@@ -34,6 +34,11 @@ int canonjson_append(buf *out, const cJSON *v);
  * or -1 (as canonjson_append). */
 int canonjson_sha256(const cJSON *v, char out[CANONJSON_HASH_LEN]);
 
+/* Appends the NUL-terminated string s as a canonical JSON string, quotes
+ * included: the minimal escaping above (DEL and non-ASCII pass as they
+ * are, which is also serde_json's). Returns 0, or -1 as canonjson_append. */
+int canonjson_string(buf *out, const char *s);
+
 /* Writes "sha256:<hex>" of `len` bytes into `out`. */
 void canonjson_sha256_bytes(const void *data, size_t len, char out[CANONJSON_HASH_LEN]);
 

@@ -9,6 +9,7 @@
 #include <openssl/sha.h>
 
 #include "buf.h"
+#include "canonjson.h"
 #include "fmt.h"
 #include "jsonstr.h"
 
@@ -103,47 +104,6 @@ static int one_of(const cJSON *o, const char *name, const char *const *allowed, 
     return -1;
 }
 
-/* serde_json's escaping (DEL passes, unlike jsonstr's), which the original's lineage hash is taken over:
- * ", \ and control characters (\b \t \n \f \r, else \u00xx). */
-static int put_json_string(buf *b, const char *s)
-{
-    static const char hex[] = "0123456789abcdef";
-    const unsigned char *p = (const unsigned char *)s;
-    char esc[6] = {'\\', 'u', '0', '0', 0, 0};
-
-    if (buf_puts(b, "\"") < 0)
-        return -1;
-    for (; *p; p++) {
-        char two[2] = {'\\', 0};
-
-        switch (*p) {
-        case '"': two[1] = '"'; break;
-        case '\\': two[1] = '\\'; break;
-        case '\b': two[1] = 'b'; break;
-        case '\t': two[1] = 't'; break;
-        case '\n': two[1] = 'n'; break;
-        case '\f': two[1] = 'f'; break;
-        case '\r': two[1] = 'r'; break;
-        default: break;
-        }
-        if (two[1]) {
-            if (buf_append(b, two, 2) < 0)
-                return -1;
-            continue;
-        }
-        if (*p < 0x20) {
-            esc[4] = hex[*p >> 4];
-            esc[5] = hex[*p & 15];
-            if (buf_append(b, esc, 6) < 0)
-                return -1;
-            continue;
-        }
-        if (buf_append(b, p, 1) < 0)
-            return -1;
-    }
-    return buf_puts(b, "\"");
-}
-
 static int frame_int(const cJSON *f, const char *name, long long *out)
 {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(f, name);
@@ -198,8 +158,8 @@ static int stack_uuid(const cJSON *stack, char out[37], char *err, size_t errlen
             goto out;
         }
         if ((f != stack->child && buf_puts(&b, ",") < 0) || buf_puts(&b, "{\"split_node_id\":") < 0 ||
-            put_json_string(&b, split->valuestring) < 0 || buf_puts(&b, ",\"branch_id\":") < 0 ||
-            put_json_string(&b, branch->valuestring) < 0 || buf_puts(&b, ",\"item_index\":") < 0)
+            canonjson_string(&b, split->valuestring) < 0 || buf_puts(&b, ",\"branch_id\":") < 0 ||
+            canonjson_string(&b, branch->valuestring) < 0 || buf_puts(&b, ",\"item_index\":") < 0)
             goto oom;
         if (buf_append(&b, num, fmt_i64(num, idx)) < 0 || buf_puts(&b, ",\"total_items\":") < 0 ||
             buf_append(&b, num, fmt_i64(num, total)) < 0 || buf_puts(&b, "}") < 0)

@@ -42,6 +42,19 @@ static void test_strings(void **state)
     expect_canon("\"caf\\u00e9 \\u2603 /\"", "\"caf\xc3\xa9 \xe2\x98\x83 /\"");
 }
 
+/* canonjson_string alone (RTES's lineage key, serde_json's escaping):
+ * short forms, \u00xx for the other controls, DEL and UTF-8 as they are. */
+static void test_string_alone(void **state)
+{
+    buf b;
+
+    (void)state;
+    buf_init(&b, 0);
+    assert_int_equal(canonjson_string(&b, "a\"\\\b\f\n\r\t\x01\x1f\x7f\xc3\xa9"), 0);
+    assert_string_equal(buf_str(&b), "\"a\\\"\\\\\\b\\f\\n\\r\\t\\u0001\\u001f\x7f\xc3\xa9\"");
+    buf_free(&b);
+}
+
 static void test_numbers(void **state)
 {
     (void)state;
@@ -92,7 +105,7 @@ static void test_depth_and_limit(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_sorted_compact), cmocka_unit_test(test_strings), cmocka_unit_test(test_numbers),
+        cmocka_unit_test(test_sorted_compact), cmocka_unit_test(test_strings), cmocka_unit_test(test_string_alone), cmocka_unit_test(test_numbers),
         cmocka_unit_test(test_sha256), cmocka_unit_test(test_depth_and_limit),
     };
 
