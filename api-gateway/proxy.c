@@ -38,6 +38,10 @@ extern char **environ;
 #define PX_HDR_MAX (64 * 1024)     /* response header bytes */
 #define PX_PREFIX "/api/v1/"
 #define PX_SPARE_EASY 256
+/* Body bytes read and thrown away after a chunked upload passed
+ * PROXY_MAX_BODY_BYTES, so that a client that writes its whole body before
+ * reading sees the 413; past this the connection is closed. */
+#define PX_DISCARD_MAX (64LL * 1024 * 1024)
 
 /* Commands posted to a loop from other threads. */
 enum { CMD_ADD = 1, CMD_UNPAUSE_READ = 2, CMD_UNPAUSE_WRITE = 4, CMD_CANCEL = 8 };
@@ -68,10 +72,13 @@ typedef struct pxreq {
     pthread_mutex_t mu;
     httpd_req *req;       /* NULL once answered or gone */
     int client_gone;
+    int too_large;        /* a chunked body passed PROXY_MAX_BODY_BYTES: answered 413 */
     int finished;         /* the transfer is over (no more body wanted) */
     char *in;             /* request body waiting for the upstream */
     size_t in_off, in_len;
     int in_eof;
+    long long in_total;   /* body bytes received from the client */
+    long long discarded;  /* body bytes thrown away after the limit */
     int read_paused;      /* the transfer waits for body bytes */
     int body_blocked;     /* the connection waits for room */
     int cmds;             /* pending commands (linked on loop->cmdq when nonzero) */
@@ -889,12 +896,37 @@ static size_t px_body_sink(httpd_req *req, const char *data, size_t len, void *u
 {
     pxreq *r = ud;
     size_t took;
-    int unpause = 0;
+    int unpause = 0, answered = 0;
 
     (void)req;
     pthread_mutex_lock(&r->mu);
+    if (r->too_large) {
+        r->discarded += (long long)len;
+        pthread_mutex_unlock(&r->mu);
+        return r->discarded > PX_DISCARD_MAX ? HTTPD_BODY_ABORT : len;
+    }
     if (r->finished || r->client_gone) {
         pthread_mutex_unlock(&r->mu);
+        return len;
+    }
+    /* in_total counts what was taken (a piece taken in part is offered
+     * again); the piece offered is body all the same. */
+    if (len && r->px->cfg.max_body > 0 && r->in_total + (long long)len > r->px->cfg.max_body) {
+        /* A chunked upload has no declared length to refuse on its headers:
+         * it is refused once it passes the limit. The transfer stops, the
+         * rest is thrown away, and the 413 goes out once the body ends. */
+        r->too_large = 1;
+        r->client_gone = 1;
+        if (r->req) {
+            httpd_respond_errorf(r->req, 413, "payload_too_large", "request body exceeds %lld bytes",
+                                 r->px->cfg.max_body);
+            px_resume_answer_locked(r);
+            answered = 1;
+        }
+        pthread_mutex_unlock(&r->mu);
+        if (answered)
+            metrics_counter_inc(up_counter(r->px, r->up, 413));
+        loop_post(r, CMD_CANCEL);
         return len;
     }
     if (len == 0) {
@@ -921,6 +953,7 @@ static size_t px_body_sink(httpd_req *req, const char *data, size_t len, void *u
     took = PX_IN_MAX - r->in_len < len ? PX_IN_MAX - r->in_len : len;
     memcpy(r->in + r->in_len, data, took);
     r->in_len += took;
+    r->in_total += (long long)took;
     if (took < len)
         r->body_blocked = 1;
     if (took && r->read_paused) {

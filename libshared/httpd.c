@@ -1283,6 +1283,8 @@ static enum MHD_Result httpd_deferred_step(httpd_req *req, const char *data, siz
     if (*len) {
         size_t took = d->sink && !d->body_done ? d->sink(req, data, *len, d->ud) : *len;
 
+        if (took == HTTPD_BODY_ABORT)
+            return MHD_NO;
         if (took > *len)
             took = *len;
         *len -= took;

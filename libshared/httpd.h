@@ -33,8 +33,11 @@ typedef void (*httpd_handler)(httpd_req *req, void *ud);
 
 /* A piece of a deferred request's body (len 0 once, at its end). Runs on
  * the connection's MHD thread. Returns how many bytes it took; the rest is
- * offered again after httpd_req_resume. */
+ * offered again after httpd_req_resume (or HTTPD_BODY_ABORT). */
 typedef size_t (*httpd_body_fn)(httpd_req *req, const char *data, size_t len, void *ud);
+/* What a body sink returns to have the connection closed at once (a body
+ * that goes on too long after its request was refused). */
+#define HTTPD_BODY_ABORT ((size_t)-1)
 
 /* The request is over (answered and sent, or the client went away); the
  * request must not be used after it returns. Runs on the MHD thread. */

@@ -145,6 +145,38 @@ def rss_kib(pid):
     return 0
 
 
+def check_chunked_limit(test, port, limit):
+    """A chunked upload is refused with 413 once it passes PROXY_MAX_BODY_BYTES
+    (it has no Content-Length to refuse on its headers), the upstream never
+    gets the whole body, and a body under the limit still goes through."""
+    with Upstream.lock:
+        Upstream.seen.clear()
+    piece = b"z" * (256 * 1024)
+    over = limit // len(piece) + 4
+    conn = httpclient.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("POST", "/api/v1/echo/too-big", body=iter([piece] * over), encode_chunked=True,
+                 headers={"Transfer-Encoding": "chunked", "Content-Type": "application/octet-stream"})
+    r = conn.getresponse()
+    body = json.loads(r.read())
+    conn.close()
+    test.assertEqual(r.status, 413, body)
+    test.assertEqual(body["error"], "payload_too_large")
+    test.assertIn(str(limit), body["message"])
+    test.assertIn("request_id", body)
+    time.sleep(0.3)
+    with Upstream.lock:
+        whole = [s for s in Upstream.seen if s[1].endswith("/too-big") and s[3] >= limit]
+    test.assertEqual(whole, [])
+    under = limit // len(piece) - 1
+    conn = httpclient.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("POST", "/api/v1/echo/fits", body=iter([piece] * under), encode_chunked=True,
+                 headers={"Transfer-Encoding": "chunked"})
+    r = conn.getresponse()
+    got = json.loads(r.read())
+    conn.close()
+    test.assertEqual((r.status, got.get("body_len")), (201, under * len(piece)), got)
+
+
 def setUpModule():
     global UP, GW, BASE, PORT, DEAD_PORT, FLAKY_PORT
     UP = start_upstream()
@@ -156,7 +188,8 @@ def setUpModule():
     GW = Service("api-gateway", gw_env(PORT, {
         "ECHO_URL": up + "/base", "ORCHESTRATOR_URL": up, "DEAD_URL": "http://127.0.0.1:%d" % DEAD_PORT,
         "FLAKY_URL": "http://127.0.0.1:%d" % FLAKY_PORT,
-        "PROXY_TIMEOUT_MS": "1000", "PROXY_BREAKER_THRESHOLD": "3", "PROXY_BREAKER_COOLDOWN_MS": "1500"}),
+        "PROXY_TIMEOUT_MS": "1000", "PROXY_BREAKER_THRESHOLD": "3", "PROXY_BREAKER_COOLDOWN_MS": "1500",
+        "PROXY_MAX_BODY_BYTES": str(60 << 20)}),
         health=BASE + "/health").start()
 
 
@@ -308,6 +341,19 @@ class ProxyTest(unittest.TestCase):
         self.assertEqual(got["body_len"], sum(map(len, parts)))
         self.assertEqual(got["body_sha256"], hashlib.sha256(b"".join(parts)).hexdigest())
 
+    def test_chunked_upload_over_the_limit_413(self):
+        check_chunked_limit(self, PORT, 60 << 20)
+
+    def test_declared_body_over_the_limit_413(self):
+        conn = httpclient.HTTPConnection("127.0.0.1", PORT, timeout=10)
+        conn.putrequest("PUT", "/api/v1/echo/declared")
+        conn.putheader("Content-Length", str((60 << 20) + 1))
+        conn.endheaders()
+        r = conn.getresponse()
+        body = json.loads(r.read())
+        conn.close()
+        self.assertEqual((r.status, body["error"]), (413, "payload_too_large"))
+
     def test_keep_alive_pool_reuses_upstream_connections(self):
         with Upstream.lock:
             Upstream.seen.clear()
@@ -377,7 +423,8 @@ class LoopModeTest(unittest.TestCase):
         up = "http://127.0.0.1:%d" % UP.server_address[1]
         cls.gw = Service("api-gateway", gw_env(cls.port, {
             "ECHO_URL": up + "/base", "DEAD_URL": "http://127.0.0.1:%d" % DEAD_PORT, "HTTP_LOOPS": "2",
-            "PROXY_TIMEOUT_MS": "1000"}), health=cls.base + "/health").start()
+            "PROXY_TIMEOUT_MS": "1000", "PROXY_MAX_BODY_BYTES": str(9 << 20)}),
+            health=cls.base + "/health").start()
 
     @classmethod
     def tearDownClass(cls):
@@ -416,6 +463,9 @@ class LoopModeTest(unittest.TestCase):
         self.assertEqual(http_json("GET", self.base + "/api/v1/echo/slow", timeout=10)[0], 504)
         self.assertEqual(http_json("GET", self.base + "/api/v1/nosuch/x")[0], 404)
         self.assertEqual(http_json("GET", self.base + "/health")[0], 200)
+
+    def test_chunked_upload_over_the_limit_413(self):
+        check_chunked_limit(self, self.port, 9 << 20)
 
 
 if __name__ == "__main__":
