@@ -33,7 +33,9 @@ typedef struct {
     int loops;                /* PROXY_LOOPS event-loop threads */
     int httpd_loops;          /* > 0: run on httpd's loops instead (HTTP_LOOPS; see proxy_loop_hooks) */
     int max_conns_per_upstream; /* PROXY_MAX_CONNECTIONS_PER_UPSTREAM (per loop) */
-    long long max_body;       /* PROXY_MAX_BODY_BYTES: a declared larger body is 413 */
+    long long max_body;       /* PROXY_MAX_BODY_BYTES: a larger body is 413 */
+    int direct;               /* PROXY_DIRECT (1): in loop mode, requests without a body to an
+                                 http:// upstream skip libcurl (see proxy.c's direct path) */
     int nupstreams;
     struct proxy_upstream_cfg {
         char name[64];        /* my_service */

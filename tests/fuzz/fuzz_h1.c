@@ -1,4 +1,5 @@
-/* The action workers' HTTP/1.x response parser (action-workers/h1.c), fed
+/* The HTTP/1.x response parser (libshared/h1parse.c, the action workers' and
+ * the gateway's direct proxy path's), fed
  * the bytes in pieces whose sizes come from the input's first byte, then
  * EOF. */
 #include "buf.h"

@@ -113,6 +113,8 @@ class Upstream(httpserver.BaseHTTPRequestHandler):
         self.send_header("Connection", "X-Private-Hop")
         self.end_headers()
         self.wfile.write(body)
+        if "/drop" in p:
+            self.close_connection = True  # closed after answering, without saying so
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
 
@@ -199,9 +201,15 @@ def tearDownModule():
 
 
 class ProxyTest(unittest.TestCase):
+    """The gateway as configured by default: libmicrohttpd's thread pool and
+    one libcurl loop."""
+    @classmethod
+    def setUpClass(cls):
+        cls.gw, cls.port, cls.base, cls.flaky_port = GW, PORT, BASE, FLAKY_PORT
+
     def test_forwards_method_path_query_headers_body(self):
         body = b'{"hello": "world"}'
-        status, hdrs, data = http("POST", BASE + "/api/v1/echo/a/b%20c/?x=1&y=%2F&x=2", body=body, headers={
+        status, hdrs, data = http("POST", self.base + "/api/v1/echo/a/b%20c/?x=1&y=%2F&x=2", body=body, headers={
             "Content-Type": "application/json", "X-Custom": "kept", "X-Request-Id": "req-abc-123",
             "Connection": "keep-alive, X-Drop-Me", "X-Drop-Me": "gone", "Keep-Alive": "timeout=9",
             "TE": "trailers", "X-Forwarded-For": "10.1.2.3", "Host": "front.example:8443"})
@@ -230,7 +238,7 @@ class ProxyTest(unittest.TestCase):
 
     def test_methods_and_generated_request_id(self):
         for method in ("GET", "PUT", "PATCH", "DELETE"):
-            status, hdrs, data = http(method, BASE + "/api/v1/orchestrator/runs/7",
+            status, hdrs, data = http(method, self.base + "/api/v1/orchestrator/runs/7",
                                       body=b"{}" if method in ("PUT", "PATCH") else None)
             self.assertEqual(status, 200, (method, data))
             got = json.loads(data)
@@ -238,50 +246,50 @@ class ProxyTest(unittest.TestCase):
             self.assertEqual(got["path"], "/runs/7")
             self.assertEqual(got["headers"]["X-Request-Id"], hdrs["x-request-id"])
             self.assertNotIn("Accept", got["headers"])  # nothing added that the client did not send
-        status, _, data = http("GET", BASE + "/api/v1/orchestrator")
+        status, _, data = http("GET", self.base + "/api/v1/orchestrator")
         self.assertEqual(status, 200)
         self.assertEqual(json.loads(data)["path"], "/")
 
     def test_upstream_status_and_large_body_pass_through(self):
-        status, _, data = http("GET", BASE + "/api/v1/echo/status/418")
+        status, _, data = http("GET", self.base + "/api/v1/echo/status/418")
         self.assertEqual(status, 418)
         self.assertEqual(json.loads(data), {"status": 418})
-        status, hdrs, data = http("GET", BASE + "/api/v1/echo/big")
+        status, hdrs, data = http("GET", self.base + "/api/v1/echo/big")
         self.assertEqual(status, 200)
         self.assertEqual(len(data), 64 * 65536)
         self.assertEqual(hdrs["content-length"], str(64 * 65536))
 
     def test_unknown_service_404(self):
-        status, _, body = http_json("GET", BASE + "/api/v1/nosuch/thing")
+        status, _, body = http_json("GET", self.base + "/api/v1/nosuch/thing")
         self.assertEqual(status, 404)
         self.assertEqual(body["error"], "not_found")
         self.assertIn("NOSUCH_URL", body["message"])
         self.assertIn("request_id", body)
         # Native routes keep their own answers (405, not a proxy 404).
-        status, _, body = http_json("DELETE", BASE + "/api/v1/health")
+        status, _, body = http_json("DELETE", self.base + "/api/v1/health")
         self.assertEqual(status, 405)
 
     def test_dot_segments_refused(self):
-        status, _, body = http_json("GET", BASE + "/api/v1/echo/../../etc/passwd")
+        status, _, body = http_json("GET", self.base + "/api/v1/echo/../../etc/passwd")
         self.assertEqual(status, 400)
-        status, _, body = http_json("GET", BASE + "/api/v1/echo/%2e%2e/x")
+        status, _, body = http_json("GET", self.base + "/api/v1/echo/%2e%2e/x")
         self.assertEqual(status, 400)
 
     def test_upstream_down_502(self):
-        status, _, body = http_json("GET", BASE + "/api/v1/dead/x")
+        status, _, body = http_json("GET", self.base + "/api/v1/dead/x")
         self.assertEqual(status, 502)
         self.assertEqual(body["error"], "bad_gateway")
         self.assertIn("request_id", body)
 
     def test_upstream_slow_504(self):
         t0 = time.monotonic()
-        status, _, body = http_json("GET", BASE + "/api/v1/echo/slow", timeout=10)
+        status, _, body = http_json("GET", self.base + "/api/v1/echo/slow", timeout=10)
         self.assertEqual(status, 504)
         self.assertEqual(body["error"], "gateway_timeout")
         self.assertLess(time.monotonic() - t0, 2.9)
 
     def test_streaming_response_event_by_event(self):
-        conn = httpclient.HTTPConnection("127.0.0.1", PORT, timeout=10)
+        conn = httpclient.HTTPConnection("127.0.0.1", self.port, timeout=10)
         conn.request("GET", "/api/v1/echo/stream")
         r = conn.getresponse()
         self.assertEqual(r.status, 200)
@@ -308,8 +316,8 @@ class ProxyTest(unittest.TestCase):
         size = 50 * 1024 * 1024
         piece = os.urandom(1024 * 1024)
         digest = hashlib.sha256()
-        before = rss_kib(GW.proc.pid)
-        conn = httpclient.HTTPConnection("127.0.0.1", PORT, timeout=60)
+        before = rss_kib(self.gw.proc.pid)
+        conn = httpclient.HTTPConnection("127.0.0.1", self.port, timeout=60)
         conn.putrequest("PUT", "/api/v1/echo/upload")
         conn.putheader("Content-Length", str(size))
         conn.putheader("Content-Type", "application/octet-stream")
@@ -319,11 +327,11 @@ class ProxyTest(unittest.TestCase):
             conn.send(piece)
             digest.update(piece)
             if i % 5 == 0:
-                peak = max(peak, rss_kib(GW.proc.pid))
+                peak = max(peak, rss_kib(self.gw.proc.pid))
         r = conn.getresponse()
         got = json.loads(r.read())
         conn.close()
-        peak = max(peak, rss_kib(GW.proc.pid))
+        peak = max(peak, rss_kib(self.gw.proc.pid))
         self.assertEqual(r.status, 200)
         self.assertEqual(got["body_len"], size)
         self.assertEqual(got["body_sha256"], digest.hexdigest())
@@ -331,7 +339,7 @@ class ProxyTest(unittest.TestCase):
         self.assertLess(peak - before, 8 * 1024, (before, peak))
 
     def test_chunked_upload(self):
-        conn = httpclient.HTTPConnection("127.0.0.1", PORT, timeout=20)
+        conn = httpclient.HTTPConnection("127.0.0.1", self.port, timeout=20)
         parts = [b"a" * 1000, b"b" * 70000, b"c" * 5]
         conn.request("POST", "/api/v1/echo/chunked", body=iter(parts), encode_chunked=True,
                      headers={"Transfer-Encoding": "chunked"})
@@ -342,10 +350,10 @@ class ProxyTest(unittest.TestCase):
         self.assertEqual(got["body_sha256"], hashlib.sha256(b"".join(parts)).hexdigest())
 
     def test_chunked_upload_over_the_limit_413(self):
-        check_chunked_limit(self, PORT, 60 << 20)
+        check_chunked_limit(self, self.port, 60 << 20)
 
     def test_declared_body_over_the_limit_413(self):
-        conn = httpclient.HTTPConnection("127.0.0.1", PORT, timeout=10)
+        conn = httpclient.HTTPConnection("127.0.0.1", self.port, timeout=10)
         conn.putrequest("PUT", "/api/v1/echo/declared")
         conn.putheader("Content-Length", str((60 << 20) + 1))
         conn.endheaders()
@@ -358,7 +366,7 @@ class ProxyTest(unittest.TestCase):
         with Upstream.lock:
             Upstream.seen.clear()
         for _ in range(20):
-            status, _, _ = http("GET", BASE + "/api/v1/echo/ka")
+            status, _, _ = http("GET", self.base + "/api/v1/echo/ka")
             self.assertEqual(status, 200)
         with Upstream.lock:
             ports = {s[4] for s in Upstream.seen if s[1].startswith("/base/ka")}
@@ -367,28 +375,28 @@ class ProxyTest(unittest.TestCase):
 
     def test_breaker_opens_and_recovers(self):
         for _ in range(3):
-            status, _, _ = http_json("GET", BASE + "/api/v1/flaky/x")
+            status, _, _ = http_json("GET", self.base + "/api/v1/flaky/x")
             self.assertEqual(status, 502)
-        status, hdrs, body = http_json("GET", BASE + "/api/v1/flaky/x")
+        status, hdrs, body = http_json("GET", self.base + "/api/v1/flaky/x")
         self.assertEqual(status, 503)
         self.assertEqual(body["error"], "unavailable")
         self.assertIn("retry-after", hdrs)
-        _, _, health = http_json("GET", BASE + "/health")
+        _, _, health = http_json("GET", self.base + "/health")
         states = {u["name"]: u["breaker"] for u in health["upstreams"]}
         self.assertEqual(states["flaky"], "open")
         self.assertEqual(states["echo"], "closed")
-        srv = start_upstream(FLAKY_PORT)
+        srv = start_upstream(self.flaky_port)
         try:
             def recovered():
-                s, _, _ = http("GET", BASE + "/api/v1/flaky/x")
+                s, _, _ = http("GET", self.base + "/api/v1/flaky/x")
                 return s == 200
             wait_for(recovered, timeout=10, interval=0.3, what="breaker to close")
-            _, _, health = http_json("GET", BASE + "/health")
+            _, _, health = http_json("GET", self.base + "/health")
             self.assertEqual({u["name"]: u["breaker"] for u in health["upstreams"]}["flaky"], "closed")
         finally:
             srv.shutdown()
             srv.server_close()
-        _, _, metrics = http("GET", BASE + "/metrics")
+        _, _, metrics = http("GET", self.base + "/metrics")
         self.assertIn(b'proxy_requests_total{service="flaky",status="503"}', metrics)
         self.assertIn(b'proxy_breaker_state{service="flaky"}', metrics)
         self.assertIn(b'proxy_upstream_duration_seconds_count{service="echo"}', metrics)
@@ -412,9 +420,43 @@ class ProxyTest(unittest.TestCase):
         self.assertIn("TRIGGERS_URL", r.stdout + r.stderr)
 
 
+class DirectPathTest(ProxyTest):
+    """Every case again in loop mode (HTTP_LOOPS=2), where requests without a
+    body go the direct way (no libcurl: proxy.c's own HTTP/1 client on the
+    loop, libshared/h1parse) and uploads through libcurl on the same loop."""
+    @classmethod
+    def setUpClass(cls):
+        cls.port = free_port()
+        cls.flaky_port = free_port()
+        cls.base = "http://127.0.0.1:%d" % cls.port
+        up = "http://127.0.0.1:%d" % UP.server_address[1]
+        cls.gw = Service("api-gateway", gw_env(cls.port, {
+            "ECHO_URL": up + "/base", "ORCHESTRATOR_URL": up, "DEAD_URL": "http://127.0.0.1:%d" % DEAD_PORT,
+            "FLAKY_URL": "http://127.0.0.1:%d" % cls.flaky_port, "HTTP_LOOPS": "2",
+            "PROXY_TIMEOUT_MS": "1000", "PROXY_BREAKER_THRESHOLD": "3", "PROXY_BREAKER_COOLDOWN_MS": "1500",
+            "PROXY_MAX_BODY_BYTES": str(60 << 20)}), health=cls.base + "/health").start()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.gw.stop()
+
+    def test_kept_connection_closed_by_the_upstream(self):
+        """An upstream that closes a kept-alive connection after answering
+        (without saying so): the next request gets a fresh connection, not
+        an error."""
+        for i in range(6):
+            status, _, data = http("GET", self.base + "/api/v1/echo/drop?i=%d" % i)
+            self.assertEqual(status, 200, data)
+            time.sleep(0.05 * (i % 2))
+            status, _, data = http("GET", self.base + "/api/v1/echo/after?i=%d" % i)
+            self.assertEqual(status, 200, data)
+            self.assertEqual(json.loads(data)["path"], "/base/after?i=%d" % i)
+
+
 class LoopModeTest(unittest.TestCase):
-    """HTTP_LOOPS=2: libmicrohttpd in our own epoll loops, each with its
-    libcurl multi handle, so a request and its transfer share a thread."""
+    """HTTP_LOOPS=2 with PROXY_DIRECT=0: libmicrohttpd in our own epoll loops,
+    each with its libcurl multi handle, so a request and its transfer share
+    a thread, and every request through libcurl."""
 
     @classmethod
     def setUpClass(cls):
@@ -423,6 +465,7 @@ class LoopModeTest(unittest.TestCase):
         up = "http://127.0.0.1:%d" % UP.server_address[1]
         cls.gw = Service("api-gateway", gw_env(cls.port, {
             "ECHO_URL": up + "/base", "DEAD_URL": "http://127.0.0.1:%d" % DEAD_PORT, "HTTP_LOOPS": "2",
+            "PROXY_DIRECT": "0",
             "PROXY_TIMEOUT_MS": "1000", "PROXY_MAX_BODY_BYTES": str(9 << 20)}),
             health=cls.base + "/health").start()
 

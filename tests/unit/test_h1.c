@@ -1,4 +1,5 @@
-/* Unit tests of the action-workers' HTTP/1.1 response parser (h1.c):
+/* Unit tests of the HTTP/1.1 response parser (libshared/h1parse.c, used by
+ * action-workers/h1.c and the gateway's direct proxy path):
  * split reads, Content-Length, chunked bodies, bodies read to close, bad
  * status lines, oversized headers, and the bounded body buffer.
  *
