@@ -7,12 +7,12 @@
 # the upstream and wrk excluded) is printed for both.
 #
 # wrk -t2 -c64 GET /api/v1/bench/item?id=1; 2 s warm-up each, then
-# BENCH_PROXY_ROUNDS (3) rounds of BENCH_DURATION (5s) each in the order
+# BENCH_PROXY_ROUNDS (5) rounds of BENCH_DURATION (5s) each in the order
 # gateway, nginx, nginx, gateway, ...; the median ratio of the rounds counts.
 #
 # The gateway runs with HTTP_LOOPS=BENCH_PROXY_LOOPS (2).
 #
-# Environment: BINDIR (bin), BENCH_DURATION (5s), BENCH_PROXY_ROUNDS (3),
+# Environment: BINDIR (bin), BENCH_DURATION (5s), BENCH_PROXY_ROUNDS (5),
 # BENCH_PROXY_BAR (1.0), BENCH_PROXY_CONNS (64), BENCH_PROXY_LOOPS (2).
 set -euo pipefail
 
@@ -23,7 +23,7 @@ UP_PORT=18890
 NGINX_PORT=18891
 GW_PORT=18892
 DURATION=${BENCH_DURATION:-5s}
-ROUNDS=${BENCH_PROXY_ROUNDS:-3}
+ROUNDS=${BENCH_PROXY_ROUNDS:-5}
 BAR=${BENCH_PROXY_BAR:-1.0}
 CONNS=${BENCH_PROXY_CONNS:-64}
 # The gateway's loop mode (one epoll loop per thread holding libmicrohttpd and
@@ -87,39 +87,23 @@ write_confs() {
     } >"$WORK/front/nginx.conf"
 }
 
-# Clock ticks of user + system time of a process and its children threads
-# (every process of the group for nginx: its master and workers).
-cpu_ticks() {
-    local total=0 pid f
-    for pid in "$@"; do
-        [[ -r /proc/$pid/stat ]] || continue
-        f=$(sed 's/.*) //' "/proc/$pid/stat")
-        # Fields after the command: state is 1, utime 12, stime 13.
-        total=$((total + $(awk '{ print $12 + $13 }' <<<"$f")))
-    done
-    echo "$total"
-}
-
-nginx_pids() { pgrep -P "$1" 2>/dev/null | tr '\n' ' '; echo "$1"; }
-
-# run URL PIDS...: prints "rps p99_ms cpu_us_per_request".
+# run URL PID: prints "rps p99_ms cpu_us_per_request", the CPU being that of
+# PID and its descendants (nginx's workers, the gateway's threads) over the
+# requests wrk counted (lib.sh proc_ticks, ticks_us).
 run() {
-    local url=$1 out rps p99 t0 t1 hz secs
-    shift
-    hz=$(getconf CLK_TCK)
-    t0=$(cpu_ticks "$@")
+    local url=$1 pid=$2 out rps p99 reqs t0 t1
+    t0=$(proc_ticks "$pid")
     out=$(wrk -t2 -c"$CONNS" -d"$DURATION" --latency "$url" 2>&1) || { bench_log "$out"; return 1; }
-    t1=$(cpu_ticks "$@")
+    t1=$(proc_ticks "$pid")
     if grep -q "Non-2xx" <<<"$out"; then
         bench_log "proxy: $url gave non-2xx answers; run is void"
         bench_log "$out"
         return 1
     fi
     rps=$(awk '/^Requests\/sec:/ { printf "%d", $2 }' <<<"$out")
+    reqs=$(awk '/requests in/ { print $1; exit }' <<<"$out")
     p99=$(awk '$1 == "99%" { v = $2; if (v ~ /us$/) { sub(/us$/, "", v); v /= 1000 } else if (v ~ /ms$/) { sub(/ms$/, "", v) } else if (v ~ /s$/) { sub(/s$/, "", v); v *= 1000 } printf "%.3f", v }' <<<"$out")
-    secs=${DURATION%s}
-    awk -v r="$rps" -v p="$p99" -v d="$((t1 - t0))" -v hz="$hz" -v s="$secs" \
-        'BEGIN { printf "%d %s %.1f\n", r, p, (r > 0 ? d / hz * 1e6 / (r * s) : 0) }'
+    echo "$rps $p99 $(ticks_us $((t1 - t0)) "${reqs:-0}")"
 }
 
 median() { sort -n | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
@@ -149,9 +133,9 @@ main() {
     wrk_rps "$ng_url" 2s "$CONNS" >/dev/null
     for ((i = 0; i < ROUNDS; i++)); do
         if ((i % 2 == 0)); then
-            g=$(run "$gw_url" "$gw_pid"); n=$(run "$ng_url" $(nginx_pids "$ng_pid"))
+            g=$(run "$gw_url" "$gw_pid"); n=$(run "$ng_url" "$ng_pid")
         else
-            n=$(run "$ng_url" $(nginx_pids "$ng_pid")); g=$(run "$gw_url" "$gw_pid")
+            n=$(run "$ng_url" "$ng_pid"); g=$(run "$gw_url" "$gw_pid")
         fi
         read -r gr gp gc <<<"$g"
         read -r nr np nc <<<"$n"
