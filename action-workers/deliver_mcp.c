@@ -293,12 +293,17 @@ static void rpc_error_text(const cJSON *err, char *out, size_t len)
     const cJSON *data = cJSON_GetObjectItemCaseSensitive(err, "data");
     char *printed = NULL;
     const char *d = NULL;
+    /* The server's number: a code out of range would be undefined behaviour
+     * converted (JSON-RPC codes are small integers). */
+    long long c = cJSON_IsNumber(code) && code->valuedouble >= -9e18 && code->valuedouble <= 9e18
+                      ? (long long)code->valuedouble
+                      : 0;
 
     if (cJSON_IsString(data))
         d = data->valuestring;
     else if (data && !cJSON_IsNull(data))
         d = printed = cJSON_PrintUnformatted(data);
-    snprintf(out, len, "JSON-RPC error %lld: %s%s%.300s", cJSON_IsNumber(code) ? (long long)code->valuedouble : 0LL,
+    snprintf(out, len, "JSON-RPC error %lld: %s%s%.300s", c,
              cJSON_IsString(m) && m->valuestring[0] ? m->valuestring : "(no message)", d ? ": " : "", d ? d : "");
     free(printed);
 }
