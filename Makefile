@@ -107,6 +107,7 @@ fuzz_rtes_msg_SVC    := realtime
 fuzz_proxy_headers_SVC := api-gateway
 fuzz_runtime_requests_SVC := runtime
 fuzz_gateway_bodies_SVC := api-gateway
+fuzz_mcp_reply_SVC   := action-workers
 # fuzz_ws_messages compiles realtime/messaging.c in itself (its hooks are static).
 
 ALL_OBJS  := $(LIB_OBJS) $(sort $(foreach p,$(PROGRAMS),$($(p)_SRCS:%.c=$(O)/%.o))) \
