@@ -6,7 +6,8 @@
 # (FUZZ_TIMEOUT s per input) or out-of-memory stops the target; the input
 # is kept under var/fuzz/artifacts/. Prints each target's executions; exits
 # non-zero when any target found something. FUZZ_RUNS=N also stops a
-# target after N executions (whichever of the two limits comes first).
+# target after N executions (whichever of the two limits comes first);
+# FUZZ_ARGS adds libFuzzer flags (-max_len=1024...).
 #
 #   make fuzz                    # every target, 10 s each
 #   make fuzz FUZZ_SECONDS=600   # longer runs
@@ -37,6 +38,8 @@ for bin in "$@"; do
     args=(-max_total_time="$SECS" -timeout="$TIMEOUT" -rss_limit_mb=2048 -malloc_limit_mb=1024
           -print_final_stats=1 -artifact_prefix="$ART/$name-")
     [[ -z $RUNS ]] || args+=(-runs="$RUNS")
+    # shellcheck disable=SC2206 # flags, split on blanks
+    args+=(${FUZZ_ARGS:-})
     ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1} UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1} \
         "$bin" "${args[@]}" "$work" "$seeds" >"$log" 2>&1 || rc=$?
     execs=$(grep -oE 'stat::number_of_executed_units: [0-9]+' "$log" | awk '{ s += $2 } END { print s + 0 }')
