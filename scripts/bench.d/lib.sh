@@ -14,7 +14,7 @@
 #                                               $BINDIR/PROG is built
 #   bench_drivers DRIVER...                     makes $O/tests/drivers/DRIVER... (a no-op when
 #                                               they are up to date)
-#   free_port                                   a free local TCP port (the kernel's pick)
+#   free_port                                   a free local TCP port (below the ephemeral range)
 #   wait_http URL [TIMEOUT_S=30] [STATUS=200] [PID]
 #                                               wait until URL answers STATUS; gives up
 #                                               early when process PID exits
@@ -96,7 +96,9 @@ bench_drivers() {
     make -C "$BENCH_ROOT" --no-print-directory -s O="$O" "${t[@]}" >&2
 }
 
-free_port() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# The tests' pick (pgtmp.free_port): below the ephemeral range, which the
+# load clients' tens of thousands of source ports come from.
+free_port() { PYTHONPATH=$BENCH_ROOT/tests/integration /usr/bin/python3 -c 'from pgtmp import free_port; print(free_port())'; }
 
 wait_http() {
     local url=$1 timeout=${2:-30} want=${3:-200} pid=${4:-} code=""

@@ -14,6 +14,8 @@ import uuid
 import psycopg2
 import redis
 
+from pgtmp import free_port  # noqa: F401  (its users call awharness.free_port)
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "peers"))
 
@@ -35,14 +37,6 @@ DB_NAME = os.environ.get("AW_TEST_DB", "ae_test_aw")
 REDIS_URL = os.environ.get("AW_TEST_REDIS", "redis://%s:%d/2" % (_rd.hostname or "127.0.0.1", _rd.port or 6379))
 DATABASE_URL = "postgresql://%s:%s@%s:%s/%s" % (PG_USER, PG_PASS, PG_HOST, PG_PORT, DB_NAME)
 TOKEN = "123456:TEST-token"
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 def wait_port(port, timeout=10.0):

@@ -557,14 +557,37 @@ class RabbitTmp:
         return r
 
     def start(self):
+        """Starts the node; a node that exits at boot (one of its three
+        ports taken meanwhile by another server on this shared machine) is
+        started again on fresh ports, twice at most, and the last failure
+        quotes the node's own output."""
+        for attempt in range(3):
+            if self._boot():
+                return
+            if attempt < 2:
+                subprocess.run([need("epmd"), "-port", self.env["ERL_EPMD_PORT"], "-kill"],
+                               capture_output=True, timeout=10)
+                self.port = free_port()
+                self.env.update(RABBITMQ_NODE_PORT=str(self.port), RABBITMQ_DIST_PORT=str(free_port()),
+                                ERL_EPMD_PORT=str(free_port()))
+                with open(os.path.join(self.dir, "rabbitmq.conf"), "w") as f:
+                    f.write("listeners.tcp.default = 127.0.0.1:%d\nloopback_users = none\n" % self.port)
+        with open(os.path.join(self.dir, "out.log"), errors="replace") as f:
+            tail = f.read()[-2000:]
+        raise AssertionError("rabbitmq-server exited early three times; its output ends:\n" + tail)
+
+    def _boot(self):
+        """True once the node listens; False if it exited first."""
         server = need("rabbitmq-server")
         self.out = open(os.path.join(self.dir, "out.log"), "a")
         self.proc = subprocess.Popen([server], env=self.env, stdout=self.out, stderr=subprocess.STDOUT,
                                      cwd=self.dir, start_new_session=True)
+        exited = []
 
         def up():
             if self.proc.poll() is not None:
-                raise AssertionError("rabbitmq-server exited early")
+                exited.append(True)
+                return True
             try:
                 with socket.create_connection(("127.0.0.1", self.port), 0.2):
                     return True
@@ -572,6 +595,10 @@ class RabbitTmp:
                 return False
         if not wait_for(up, 60, 0.2):
             raise AssertionError("private RabbitMQ did not start on %d" % self.port)
+        if exited:
+            self.out.close()
+            self.proc = None
+        return not exited
 
     def stop(self):
         if self.proc and self.proc.poll() is None:
