@@ -331,6 +331,78 @@ class SseTest(unittest.TestCase):
         self.assertEqual(status, 404)
         self.assertEqual(body["error"], "not_found")
 
+    def _read_until(self, s, pred, limit=5):
+        s.settimeout(limit)
+        data = b""
+        while not pred(data):
+            got = s.recv(65536)
+            if not got:
+                break
+            data += got
+        return data
+
+    def test_chunked_on_the_wire_and_http10_to_the_close(self):
+        # HTTP/1.1: the head, then chunks that decode to whole frames.
+        name = cid("wire")
+        s = raw_stream(PORT_A, name)
+        try:
+            data = self._read_until(s, lambda d: b"connection.established" in d and d.endswith(b"\r\n"))
+            head, body = data.split(b"\r\n\r\n", 1)
+            lines = head.split(b"\r\n")
+            self.assertEqual(lines[0], b"HTTP/1.1 200 OK")
+            hdrs = {k.strip().lower(): v.strip() for k, v in (x.split(b":", 1) for x in lines[1:])}
+            self.assertEqual(hdrs[b"content-type"], b"text/event-stream")
+            self.assertEqual(hdrs[b"transfer-encoding"], b"chunked")
+            self.assertEqual(hdrs[b"cache-control"], b"no-cache")
+            self.assertRegex(hdrs[b"x-request-id"].decode(), r"^[0-9a-f]{32}$")
+            self.assertIn(b"date", hdrs)
+            publish_http(BASE_A, name, "run.start", {"n": 1})
+            body += self._read_until(s, lambda d: b"run.start" in body + d and (body + d).endswith(b"\r\n"))
+            text = b""
+            while body:
+                size, rest = body.split(b"\r\n", 1)
+                n = int(size, 16)
+                self.assertEqual(rest[n:n + 2], b"\r\n")
+                text += rest[:n]
+                body = rest[n + 2:]
+            frames = [f for f in text.split(b"\n\n") if f]
+            self.assertTrue(frames[0].startswith(b"id: "))
+            self.assertIn(b"event: connection.established", frames[0])
+            ev = [f for f in frames if b"event: run.start" in f][0].split(b"\n")
+            self.assertEqual(json.loads(ev[2][len(b"data: "):])["data"], {"n": 1})
+        finally:
+            s.close()
+        # HTTP/1.0 has no chunked encoding: the body runs to the close.
+        s = socket.create_connection(("127.0.0.1", PORT_A))
+        try:
+            s.sendall(("GET /api/v1/events/%s HTTP/1.0\r\n\r\n" % name).encode())
+            data = self._read_until(s, lambda d: b"connection.established" in d and d.endswith(b"\n\n"))
+            head, body = data.split(b"\r\n\r\n", 1)
+            self.assertIn(b"Connection: close", head)
+            self.assertNotIn(b"Transfer-Encoding", head)
+            self.assertTrue(body.startswith(b"id: "), body[:40])
+        finally:
+            s.close()
+        # HEAD: the head alone.
+        status, headers, body = http("HEAD", "%s/api/v1/events/%s" % (BASE_A, name))
+        self.assertEqual(status, 200)
+        self.assertEqual(body, b"")
+
+    def test_a_stopping_gateway_ends_its_streams_cleanly(self):
+        port = free_port()
+        c = Service("api-gateway", gw_env(port), health="http://127.0.0.1:%d/health" % port)
+        c.start()
+        try:
+            s = raw_stream(port, cid("stop"))
+            self._read_until(s, lambda d: b"connection.established" in d and d.endswith(b"\r\n"))
+        finally:
+            c.stop()
+        self.assertEqual(c.proc.returncode, 0)
+        # The last chunk, then the close: the client reconnects elsewhere.
+        data = self._read_until(s, lambda d: False)
+        s.close()
+        self.assertTrue(data.endswith(b"0\r\n\r\n"), data[-40:])
+
     def test_bad_client_id(self):
         status, _, body = http_json("GET", BASE_A + "/api/v1/events/" + "x" * 200)
         self.assertEqual(status, 400)

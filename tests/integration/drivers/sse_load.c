@@ -318,6 +318,12 @@ int main(int argc, char **argv)
         }
     }
     cpu0 = cpu_ms() - cpu0;
+    if (getenv("SSE_LOAD_PER_EVENT")) {
+        fprintf(stderr, "sse_load: time until the last stream had each event (ms):");
+        for (int e = 0; e < events; e++)
+            fprintf(stderr, " %.1f", t_all[e]);
+        fprintf(stderr, "\n");
+    }
     qsort(lat, nlat, sizeof(*lat), cmp_double);
     qsort(lat_read, nlat, sizeof(*lat_read), cmp_double);
     qsort(t_all_read, (size_t)events, sizeof(*t_all_read), cmp_double);
