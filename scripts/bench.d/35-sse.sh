@@ -56,6 +56,8 @@ measure() {
     echo go >&"${LOADP[1]}"
     read -r -t 120 result <&"${LOADP[0]}" || result=""
     t1=$(proc_ticks "$pid")
+    # Anything after the result line (SSE_LOAD_PER_EVENT=1: each event's time to the last stream) goes to the log.
+    while [[ -n ${LOADP[0]:-} ]] && read -r -t 10 line <&"${LOADP[0]}"; do bench_log "sse: $name: $line"; done
     wait "$lpid" 2>/dev/null || true
     us=$(ticks_us $((t1 - t0)) $((CLIENTS * EVENTS)))
     bench_log "sse: $name: RSS $before -> $after KiB for $CLIENTS streams; $result; server CPU $us us/delivery"

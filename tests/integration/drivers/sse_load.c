@@ -168,7 +168,7 @@ int main(int argc, char **argv)
     stream *st;
     char req[512], line[64];
     size_t reqlen;
-    double *lat, *lat_read, *t_pub, *t_all, *t_all_read, cpu0 = 0;
+    double *lat, *lat_read, *t_pub, *t_all, *t_all_read, *per_event = NULL, cpu0 = 0;
     size_t nlat = 0;
     const char *path, *token;
 
@@ -318,11 +318,11 @@ int main(int argc, char **argv)
         }
     }
     cpu0 = cpu_ms() - cpu0;
+    /* After the result line, which is what a reader of stdout waits for. */
     if (getenv("SSE_LOAD_PER_EVENT")) {
-        fprintf(stderr, "sse_load: time until the last stream had each event (ms):");
-        for (int e = 0; e < events; e++)
-            fprintf(stderr, " %.1f", t_all[e]);
-        fprintf(stderr, "\n");
+        per_event = malloc(sizeof(double) * (size_t)events);
+        if (per_event)
+            memcpy(per_event, t_all, sizeof(double) * (size_t)events);
     }
     qsort(lat, nlat, sizeof(*lat), cmp_double);
     qsort(lat_read, nlat, sizeof(*lat_read), cmp_double);
@@ -332,6 +332,14 @@ int main(int argc, char **argv)
            "client_cpu_ms %.0f\n",
            pct(lat, nlat, 0.50), pct(lat, nlat, 0.99), nlat ? lat[nlat - 1] : -1.0, pct(t_all, (size_t)events, 0.99),
            (size_t)n * (size_t)events - nlat, pct(lat_read, nlat, 0.99), pct(t_all_read, (size_t)events, 0.99), cpu0);
+    fflush(stdout);
+    if (per_event) {
+        printf("per_event_last_ms");
+        for (int e = 0; e < events; e++)
+            printf(" %.1f", per_event[e]);
+        printf("\n");
+        free(per_event);
+    }
     free(st);
     free(lat);
     free(lat_read);
