@@ -47,7 +47,7 @@ measure() {
     local lpid=$LOADP_PID
     if ! read -r -t 180 line <&"${LOADP[0]}" || [[ $line != ready* ]]; then
         bench_log "sse: $name: the load client did not get its streams: $line"
-        # A stream cut before its head is most often the header deadline (HTTP_HEADER_TIMEOUT_MS): its request
+        # A stream cut before its head is most often the header deadline (HTTP_HEADER_TIMEOUT): its request
         # waited behind other streams' connect round trips to Redis on a busy machine.
         bench_log "sse: $name: $(curl -s --max-time 2 "http://127.0.0.1:$port/metrics" | grep '^http_header_timeouts_total' || true)"
         kill "$lpid" 2>/dev/null || true
