@@ -1638,7 +1638,7 @@ int httpd_start(httpd *srv, char *err, size_t errlen)
 {
     struct sockaddr_storage ss;
     /* Suspend/resume lets a request wait on another event loop (the proxy's
-     * transfers, SSE streams) without holding a thread. */
+     * transfers) without holding a thread; SSE streams leave it (httpd_req_detach). */
     /* MHD_USE_TURBO also keeps libmicrohttpd from shutting a socket down when
      * it closes a connection, which httpd_req_detach relies on. */
     unsigned int flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_USE_TURBO | MHD_ALLOW_SUSPEND_RESUME;

@@ -1,5 +1,5 @@
 /* httpstream: a response body written by another thread while the client
- * reads it (SSE streams, proxied responses), without holding a thread.
+ * reads it (proxied responses; SSE streams were, see api-gateway/sse_out.c), without holding a thread.
  *
  * The writer appends into a bounded buffer; MHD's content reader takes
  * from it on the connection's thread. When the buffer is empty the reader
