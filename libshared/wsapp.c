@@ -1841,6 +1841,11 @@ int wsapp_start(wsapp *app, char *err, size_t errlen)
     app->protocols[0].name = "wsapp";
     app->protocols[0].callback = wsapp_cb;
     app->protocols[0].rx_buffer_size = WSAPP_RX_CHUNK;
+    /* Without it lws 4.1 cuts every send to rx_buffer_size and buffers the
+     * rest (a malloc, a copy and one more writable turn per KiB): a
+     * backlog of frames joined into one write then cost more sends, not
+     * fewer. It is a limit, not a buffer. */
+    app->protocols[0].tx_packet_size = WSAPP_WRITE_CHUNK;
     app->protocols[1].name = "wsapp-head";
     app->protocols[1].callback = wsapp_raw_cb;
     memset(&info, 0, sizeof(info));
