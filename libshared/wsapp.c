@@ -118,6 +118,7 @@ struct wsapp_conn {
     char *subproto; /* echoed in the handshake, then freed */
     char *close_reason;
     int close_code;
+    uint32_t dirty_at; /* its slot in app->dirty while queued there, else UINT32_MAX */
     char remote[46];
 };
 
@@ -169,6 +170,11 @@ struct wsapp {
     pthread_mutex_t post_lock;
     wsapp_post_item *posts, *posts_tail;
     unsigned char *scratch; /* LWS_PRE + WSAPP_WRITE_CHUNK, loop thread only */
+    /* Connections whose queue went from empty to not empty in this loop
+     * turn; written before the loop next blocks (wsapp_flush). */
+    wsapp_conn **dirty;
+    uint32_t ndirty, dirty_cap;
+    ev_prepare flush;
     metrics_counter *m_http[6];
     metrics_gauge *m_conns;
     metrics_counter *m_opened, *m_dropped, *m_oversize, *m_refused;
@@ -334,6 +340,26 @@ static void wsapp_conn_drop(wsapp_conn *c)
         lws_set_timeout(c->wsi, PENDING_TIMEOUT_USER_REASON_BASE, LWS_TO_KILL_ASYNC);
 }
 
+/* Queues c for wsapp_flush; -1 when out of memory (the caller falls back
+ * to a writable callback). */
+static int wsapp_conn_mark_dirty(wsapp_conn *c)
+{
+    wsapp *app = c->app;
+
+    if (app->ndirty == app->dirty_cap) {
+        uint32_t ncap = app->dirty_cap ? app->dirty_cap * 2 : 256;
+        wsapp_conn **nd = realloc(app->dirty, ncap * sizeof(*nd));
+
+        if (!nd)
+            return -1;
+        app->dirty = nd;
+        app->dirty_cap = ncap;
+    }
+    c->dirty_at = app->ndirty;
+    app->dirty[app->ndirty++] = c;
+    return 0;
+}
+
 int wsapp_conn_send(wsapp_conn *c, wsapp_msg *m)
 {
     size_t wire = wsapp_msg_wire(m);
@@ -365,7 +391,7 @@ int wsapp_conn_send(wsapp_conn *c, wsapp_msg *m)
     c->q[(c->qhead + c->qcount) % c->qcap] = m;
     c->qcount++;
     c->qbytes += wire;
-    if (c->qcount == 1)
+    if (c->qcount == 1 && c->dirty_at == UINT32_MAX && wsapp_conn_mark_dirty(c) < 0)
         lws_callback_on_writable(c->wsi);
     return 0;
 }
@@ -455,6 +481,8 @@ void wsapp_foreach_conn(wsapp *app, void (*fn)(wsapp_conn *c, void *user, void *
 
 static void wsapp_conn_free(wsapp_conn *c)
 {
+    if (c->dirty_at != UINT32_MAX)
+        c->app->dirty[c->dirty_at] = NULL;
     wsapp_conn_clear_queue(c);
     free(c->rx);
     free(c->subproto);
@@ -462,12 +490,12 @@ static void wsapp_conn_free(wsapp_conn *c)
     free(c);
 }
 
+static int wsapp_conn_write_queue(wsapp_conn *c);
+
 /* Writes what is queued: frames joined into chunks of WSAPP_WRITE_CHUNK
  * while the socket takes them. Returns -1 to close. */
 static int wsapp_conn_writable(wsapp_conn *c)
 {
-    wsapp *app = c->app;
-
     if (c->dropped)
         return -1;
     if (c->ping && !c->raw_mid) {
@@ -479,9 +507,41 @@ static int wsapp_conn_writable(wsapp_conn *c)
         if (lws_write(c->wsi, pbuf + LWS_PRE, 4, LWS_WRITE_PING) < 0)
             return -1;
     }
-    /* POLLOUT brought us here, so the first write needs no check; after
-     * it, lws_partial_buffered tells (without the poll(2) that
-     * lws_send_pipe_choked costs) whether the kernel took everything. */
+    if (wsapp_conn_write_queue(c) < 0)
+        return -1;
+    if (!c->qcount && (c->want_raw || c->raw_mid) && c->route->h.writable && !lws_partial_buffered(c->wsi)) {
+        int r;
+
+        c->want_raw = 0;
+        r = c->route->h.writable(c, wsapp_conn_user(c), c->route->ud);
+        if (r < 0 || c->dropped)
+            return -1;
+        c->raw_mid = r == 1;
+        if (c->raw_mid || (c->ping && !c->want_raw))
+            lws_callback_on_writable(c->wsi);
+    }
+    if (c->qcount || c->raw_mid || (c->want_raw && lws_partial_buffered(c->wsi))) {
+        lws_callback_on_writable(c->wsi);
+        return 0;
+    }
+    if (c->closing) {
+        const char *r = c->close_reason ? c->close_reason : "";
+
+        lws_close_reason(c->wsi, (enum lws_close_status)c->close_code, (unsigned char *)(uintptr_t)r, strlen(r));
+        return -1;
+    }
+    return 0;
+}
+
+/* Writes queued frames while the kernel takes them (none while a raw
+ * frame is half written): lws_partial_buffered tells (without the poll(2)
+ * that lws_send_pipe_choked costs) whether it took everything; when it did
+ * not, lws keeps the rest and asks for POLLOUT itself. Returns -1 when the
+ * socket failed. */
+static int wsapp_conn_write_queue(wsapp_conn *c)
+{
+    wsapp *app = c->app;
+
     while (c->qcount && !c->raw_mid && !lws_partial_buffered(c->wsi)) {
         wsapp_msg *m = c->q[c->qhead];
         size_t wire = wsapp_msg_wire(m), n = 0;
@@ -519,34 +579,51 @@ static int wsapp_conn_writable(wsapp_conn *c)
         if (lws_write(c->wsi, out, n, LWS_WRITE_HTTP) < (int)n)
             return -1;
     }
-    if (!c->qcount && (c->want_raw || c->raw_mid) && c->route->h.writable && !lws_partial_buffered(c->wsi)) {
-        int r;
-
-        c->want_raw = 0;
-        r = c->route->h.writable(c, wsapp_conn_user(c), c->route->ud);
-        if (r < 0 || c->dropped)
-            return -1;
-        c->raw_mid = r == 1;
-        if (c->raw_mid || (c->ping && !c->want_raw))
-            lws_callback_on_writable(c->wsi);
-    }
-    if (c->qcount || c->raw_mid || (c->want_raw && lws_partial_buffered(c->wsi))) {
-        lws_callback_on_writable(c->wsi);
-        return 0;
-    }
-    if (c->qcap > 4) {
+    if (!c->qcount && c->qcap > 4) {
         /* A burst is over: give back its queue. */
         free(c->q);
         c->q = NULL;
         c->qcap = c->qhead = 0;
     }
-    if (c->closing) {
-        const char *r = c->close_reason ? c->close_reason : "";
-
-        lws_close_reason(c->wsi, (enum lws_close_status)c->close_code, (unsigned char *)(uintptr_t)r, strlen(r));
-        return -1;
-    }
     return 0;
+}
+
+/* Before the loop blocks: writes the frames queued in this turn straight
+ * to the sockets, so a broadcast to N subscribers costs N sends and no
+ * epoll_ctl/epoll_wait round per subscriber, and every frame queued for a
+ * connection in the turn leaves in one send. Pings, closes, raw writers
+ * and sockets lws still holds bytes for go through the writable callback
+ * as before. */
+static void wsapp_flush(struct ev_loop *loop, ev_prepare *w, int revents)
+{
+    wsapp *app = w->data;
+
+    (void)loop;
+    (void)revents;
+    /* A write runs no callback that could queue more, so the array does
+     * not grow under the loop. */
+    for (uint32_t i = 0; i < app->ndirty; i++) {
+        wsapp_conn *c = app->dirty[i];
+
+        if (!c)
+            continue;
+        c->dirty_at = UINT32_MAX;
+        if (!c->wsi || !c->qcount)
+            continue;
+        if (c->closing || c->ping || c->want_raw || c->raw_mid || lws_partial_buffered(c->wsi)) {
+            lws_callback_on_writable(c->wsi);
+            continue;
+        }
+        if (wsapp_conn_write_queue(c) < 0) {
+            /* The socket failed: lws closes it on its next turn. */
+            c->closing = 1;
+            wsapp_conn_clear_queue(c);
+            lws_set_timeout(c->wsi, PENDING_TIMEOUT_USER_REASON_BASE, LWS_TO_KILL_ASYNC);
+        } else if (c->qcount) {
+            lws_callback_on_writable(c->wsi);
+        }
+    }
+    app->ndirty = 0;
 }
 
 static void wsapp_conn_receive(wsapp_conn *c, const char *in, size_t len)
@@ -1119,6 +1196,7 @@ static int wsapp_ws_confirm(wsapp *app, struct lws *wsi)
     if (!c)
         goto out;
     c->kind = WSAPP_KIND_CONN;
+    c->dirty_at = UINT32_MAX;
     c->app = app;
     c->route = r;
     c->id = ++app->next_id;
@@ -1734,6 +1812,13 @@ wsapp *wsapp_new(const wsapp_opts *opts, char *err, size_t errlen)
     app->scratch = malloc(LWS_PRE + WSAPP_WRITE_CHUNK);
     /* Created here so that timers can be set before wsapp_start. */
     app->loop = ev_loop_new(EVFLAG_AUTO);
+    if (app->loop) {
+        ev_prepare_init(&app->flush, wsapp_flush);
+        app->flush.data = app;
+        ev_prepare_start(app->loop, &app->flush);
+        /* lws's own watchers must not keep the loop alive for this one. */
+        ev_unref(app->loop);
+    }
     if (!app->scratch || !app->loop) {
         snprintf(err, errlen, "out of memory");
         wsapp_free(app);
@@ -1911,8 +1996,12 @@ void wsapp_free(wsapp *app)
         lws_context_destroy(app->ctx);
         app->ctx = NULL;
     }
-    if (app->loop)
+    if (app->loop) {
+        ev_ref(app->loop);
+        ev_prepare_stop(app->loop, &app->flush);
         ev_loop_destroy(app->loop);
+    }
+    free(app->dirty);
     /* Posts that never ran still own what they point at. */
     wsapp_run_posts(app);
     if (app->listen_fd >= 0 && !app->started)
