@@ -107,7 +107,7 @@ static int gateway_open(gateway *gw, char *err, size_t errlen)
     gw->db = dbpool_new(gw->cfg.conninfo, gw->cfg.db_max_connections);
     gw->health = health_new(gw->cfg.health_interval_ms);
     gw->jwt = jwtauth_new(gw->cfg.jwt_secret, NULL, NULL, 30);
-    gw->revocation = revocation_new(gw->cfg.conninfo, gw->cfg.token_cache_ttl_ms);
+    gw->revocation = revocation_new(gw->cfg.conninfo, gw->cfg.token_cache_ttl_ms, "api-gateway", "gateway");
     gw->logins = loginguard_new(gw->cfg.login_max_failures, gw->cfg.login_backoff_max_ms, gw->cfg.login_max_hashes);
     gw->pgmig = gw->db ? deps_pgmig_new(gw->db, gw->cfg.migrations_dir) : NULL;
     if (!gw->db || !gw->pgmig || !gw->health || !gw->jwt || !gw->revocation || !gw->logins) {

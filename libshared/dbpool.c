@@ -657,6 +657,48 @@ PGresult *dbpool_exec(PGconn *conn, const char *sql, int nparams, const char *co
     return exec_result(conn, PQexecParams(conn, sql, nparams, NULL, params, NULL, NULL, 0), err, errlen);
 }
 
+PGresult *dbpool_exec_within(PGconn *conn, const char *sql, int nparams, const char *const *params, int timeout_ms,
+                             char *err, size_t errlen)
+{
+    long long deadline = now_ms() + timeout_ms;
+    PGresult *r, *last = NULL;
+
+    if (!conn || !sql) {
+        if (err && errlen)
+            snprintf(err, errlen, "08003: no connection");
+        return NULL;
+    }
+    if (!PQsendQueryParams(conn, sql, nparams, NULL, params, NULL, NULL, 0))
+        return exec_result(conn, NULL, err, errlen);
+    for (;;) {
+        while (PQisBusy(conn)) {
+            struct pollfd pfd = {PQsocket(conn), POLLIN, 0};
+            long long left = deadline - now_ms();
+            int n;
+
+            if (left <= 0) {
+                PQclear(last);
+                if (err && errlen)
+                    snprintf(err, errlen, "57014: no answer within %d ms", timeout_ms);
+                return NULL;
+            }
+            n = poll(&pfd, 1, (int)left);
+            if (n < 0 && errno == EINTR)
+                continue;
+            if (n < 0 || (n > 0 && !PQconsumeInput(conn))) {
+                PQclear(last);
+                return exec_result(conn, NULL, err, errlen);
+            }
+        }
+        r = PQgetResult(conn);
+        if (!r)
+            break;
+        PQclear(last);
+        last = r;
+    }
+    return exec_result(conn, last, err, errlen);
+}
+
 /* 26000: the statement is not prepared on this connection (a new one, or
  * one the server lost); 0A000: its plan went stale (a migration replaced
  * a function it calls). Both are mended by preparing it again. */

@@ -88,6 +88,13 @@ int dbpool_degraded(dbpool *p);
 PGresult *dbpool_exec(PGconn *conn, const char *sql, int nparams, const char *const *params,
                       char *err, size_t errlen);
 
+/* dbpool_exec that waits at most `timeout_ms` for the answer, for callers
+ * that must not stall (an event loop): past it, returns NULL with
+ * "57014: no answer within N ms"; the connection then still has the query
+ * in flight, so dbpool_release closes it. */
+PGresult *dbpool_exec_within(PGconn *conn, const char *sql, int nparams, const char *const *params, int timeout_ms,
+                             char *err, size_t errlen);
+
 /* dbpool_exec for a statement run often: prepared once per connection
  * under `name` (at most 63 bytes, one name per SQL text), then executed
  * without being parsed and planned again. A connection that does not know

@@ -13,9 +13,11 @@
 
 #include "buf.h"
 #include "fmt.h"
+#include "dbpool.h"
 #include "jwtauth.h"
 #include "log.h"
 #include "randid.h"
+#include "revocation.h"
 #include "rtbus.h"
 #include "strmap.h"
 #include "svc.h"
@@ -106,6 +108,9 @@ struct messaging {
     char jwt_secret[512];
     char jwt_iss[256], jwt_aud[256];
     jwtauth *jwt;
+    long token_cache_ttl_ms;
+    revocation *revocation; /* users.tokens_valid_after and is_active, as the gateway checks them */
+    dbpool *db;             /* its reads on a miss, on the loop thread */
     strmap *topics, *rooms, *users;
     msg_bucket global;
     msg_rule rules[MSG_MAX_RULES];
@@ -1165,11 +1170,38 @@ static long long msg_claims_exp_ms(const cJSON *claims)
     return cJSON_IsNumber(e) ? (long long)(e->valuedouble * 1000.0) : 0;
 }
 
+/* Whether a verified token of `uid` still counts: 0, else 401 (its user
+ * signed out everywhere after it was issued, or was deactivated) or 503
+ * (the database could not be asked), with the reason in `why`. A token
+ * without iat counts as issued at the epoch, as in the gateway. A user
+ * with no row is let in: realtime's users are the tokens' (user_id or
+ * sub), which need not be the gateway's accounts, and nothing of theirs
+ * was revoked. */
+static int msg_token_revoked(messaging *m, const char *uid, const cJSON *claims, const char **why)
+{
+    const cJSON *iat = cJSON_GetObjectItemCaseSensitive(claims, "iat");
+    char err[256], esc[512];
+    int rc = revocation_check(m->revocation, m->db, uid, cJSON_IsNumber(iat) ? (long long)iat->valuedouble : 0, err,
+                              sizeof(err));
+
+    if (rc < 0) {
+        log_event(LOG_WARN, "cannot check token revocation", "\"error\":\"%s\"", log_escape(esc, sizeof(esc), err));
+        *why = "the database is unavailable";
+        return 503;
+    }
+    if (rc == REVOCATION_REVOKED || rc == REVOCATION_INACTIVE) {
+        *why = revocation_message(rc);
+        return 401;
+    }
+    return 0;
+}
+
 static void msg_on_refresh(messaging *m, msg_conn *mc, const cJSON *data)
 {
     const char *tok = msg_str(data, "token");
     cJSON *claims = NULL, *details;
     char uid[MSG_MAX_NAME + 1], *claim = NULL;
+    const char *why;
     int rc;
 
     if (!tok) {
@@ -1189,6 +1221,12 @@ static void msg_on_refresh(messaging *m, msg_conn *mc, const cJSON *data)
     if (msg_claims_topics(claims, &claim) < 0) {
         cJSON_Delete(claims);
         msg_send_error(m, mc, 401, "topics claim is not a list");
+        return;
+    }
+    if ((rc = msg_token_revoked(m, uid, claims, &why)) != 0) {
+        cJSON_Delete(claims);
+        free(claim);
+        msg_send_error(m, mc, rc, why);
         return;
     }
     free(mc->claim);
@@ -1331,7 +1369,7 @@ static int messaging_accept(wsapp_req *req, void *user, void *ud)
     messaging *m = ud;
     msg_conn *mc = user;
     char *proto = NULL, uid[MSG_MAX_NAME + 1];
-    const char *tok;
+    const char *tok, *why;
     cJSON *claims = NULL;
     int rc;
 
@@ -1356,6 +1394,14 @@ static int messaging_accept(wsapp_req *req, void *user, void *ud)
         free(mc->claim);
         mc->claim = NULL;
         wsapp_respond_error(req, 401, "unauthorized", jwtauth_message(rc), NULL);
+        return -1;
+    }
+    if ((rc = msg_token_revoked(m, uid, claims, &why)) != 0) {
+        cJSON_Delete(claims);
+        free(proto);
+        free(mc->claim);
+        mc->claim = NULL;
+        wsapp_respond_error(req, rc, rc == 401 ? "unauthorized" : "unavailable", why, NULL);
         return -1;
     }
     mc->exp_ms = msg_claims_exp_ms(claims);
@@ -1669,6 +1715,7 @@ static void *messaging_configure(cfg *c)
     fmt_copy(m->jwt_secret, sizeof(m->jwt_secret), cfg_secret(c, "JWT_SECRET", "dev-jwt-secret-change-me"));
     fmt_copy(m->jwt_iss, sizeof(m->jwt_iss), cfg_str(c, "JWT_ISSUER", ""));
     fmt_copy(m->jwt_aud, sizeof(m->jwt_aud), cfg_str(c, "JWT_AUDIENCE", ""));
+    m->token_cache_ttl_ms = cfg_duration_ms(c, "TOKEN_STATE_CACHE_TTL", 60000, 1000);
     if (m->client_timeout_ms <= m->heartbeat_ms)
         cfg_error(c, "CLIENT_TIMEOUT", cfg_str(c, "CLIENT_TIMEOUT", "60s"), "a duration longer than HEARTBEAT_INTERVAL");
     return m;
@@ -1688,7 +1735,9 @@ static int messaging_attach(void *state, rt_host *host)
     m->users = strmap_new();
     m->own = strmap_new();
     m->sweep = wsapp_timer_new(host->app, msg_sweep, m);
-    if (!m->jwt || !m->topics || !m->rooms || !m->users || !m->own || !m->sweep)
+    m->db = dbpool_new(host->conninfo, 1);
+    m->revocation = revocation_new(host->conninfo, m->token_cache_ttl_ms, "realtime", "realtime");
+    if (!m->jwt || !m->topics || !m->rooms || !m->users || !m->own || !m->sweep || !m->db || !m->revocation)
         return -1;
     if (msg_load_rules(m, err, sizeof(err)) < 0) {
         log_error("ROUTING_RULES: %s", err);
@@ -1814,6 +1863,8 @@ static void messaging_free(void *state)
     messaging *m = state;
 
     rtbus_free(m->bus);
+    revocation_free(m->revocation);
+    dbpool_free(m->db);
     jwtauth_free(m->jwt);
     msg_free_sets(m->topics);
     msg_free_sets(m->rooms);

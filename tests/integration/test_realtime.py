@@ -14,6 +14,7 @@ import socket
 import subprocess
 import time
 import unittest
+import uuid
 
 import redis
 
@@ -219,6 +220,66 @@ console.log(JSON.stringify({st, other, ca, alive, bclosed: b.closed})); process.
         self.assertEqual(r["ca"], {"code": 4001, "reason": "Token expired"})
         self.assertTrue(r["alive"])
         self.assertIsNone(r["bclosed"])
+
+    def test_signed_out_everywhere_refused(self):
+        """users.tokens_valid_after (the gateway's logout-all) and is_active
+        count at the handshake and on RefreshToken, and a change made in SQL
+        reaches a running instance through the user_tokens notification."""
+        import psycopg2
+        uid = "rt-revoked-" + uuid.uuid4().hex[:12]
+        t0 = int(time.time()) - 100
+        db = psycopg2.connect(DATABASE_URL)
+        db.autocommit = True
+        try:
+            with db.cursor() as c:
+                c.execute("INSERT INTO users (id, username, email, password_hash, tokens_valid_after) "
+                          "VALUES (%s, %s, %s, 'x', to_timestamp(%s))", (uid, uid, uid + "@x", t0))
+            js = r"""
+const U = %s, T0 = %d, out = {};
+const old = jwt.sign({sub: U, iat: T0 - 10}, SECRET, {expiresIn: 600});
+const fresh = jwt.sign({sub: U, iat: T0 + 10}, SECRET, {expiresIn: 600});
+out.old = await connect(URL + '?token=' + old);
+out.same_second = await connect(URL + '?token=' + jwt.sign({sub: U, iat: T0}, SECRET, {expiresIn: 600}));
+const c = await connect(URL + '?token=' + fresh);
+out.fresh = !!c.ws;
+send(c, 'RefreshToken', {token: old}); out.refresh_old = (await next(c, is('Error'))).data;
+send(c, 'RefreshToken', {token: fresh}); out.refresh_fresh = (await next(c, is('Status'))).data.status;
+console.log(JSON.stringify(out)); process.exit(0);
+""" % (json.dumps(uid), t0)
+            r = self.run_js(js)
+            for k in ("old", "same_second"):
+                self.assertEqual(r[k]["refused"], 401, k)
+                body = json.loads(r[k]["body"])
+                self.assertEqual(body["error"], "unauthorized")
+                self.assertIn("revoked", body["message"])
+            self.assertTrue(r["fresh"])
+            self.assertEqual(r["refresh_old"]["code"], 401)
+            self.assertIn("revoked", r["refresh_old"]["message"])
+            self.assertEqual(r["refresh_fresh"], "token_refreshed")
+
+            probe = r"""
+const t = jwt.sign({sub: %s, iat: %d}, SECRET, {expiresIn: 600});
+const c = await connect(URL + '?token=' + t);
+console.log(JSON.stringify(c.ws ? {ok: true} : {refused: c.refused, body: JSON.parse(c.body)})); process.exit(0);
+""" % (json.dumps(uid), t0 + 10)
+            # Sign out everywhere now, in SQL: the token accepted above (and
+            # cached as good) is refused once the notification arrives.
+            with db.cursor() as c:
+                c.execute("UPDATE users SET tokens_valid_after = now() WHERE id = %s", (uid,))
+            r = wait_for(lambda: (lambda x: x if x.get("refused") else None)(self.run_js(probe)), timeout=15,
+                         what="the fresh token refused after logout-all")
+            self.assertEqual(r["refused"], 401)
+            self.assertIn("revoked", r["body"]["message"])
+            with db.cursor() as c:
+                c.execute("UPDATE users SET tokens_valid_after = NULL, is_active = false WHERE id = %s", (uid,))
+            r = wait_for(lambda: (lambda x: x if x.get("refused") and "deactivated" in x["body"]["message"] else None)(
+                self.run_js(probe)), timeout=15, what="the token refused once the account is deactivated")
+            self.assertEqual(r["refused"], 401)
+            self.assertGreater(metric(self.rt.base, "realtime_token_state_reads_total"), 0)
+        finally:
+            with db.cursor() as c:
+                c.execute("DELETE FROM users WHERE id = %s", (uid,))
+            db.close()
 
     def test_permissions(self):
         r = self.run_js(r"""

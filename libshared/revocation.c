@@ -50,22 +50,26 @@ static void rv_notified(void *ud, const char *channel, const char *payload)
     revocation_forget(rv, payload);
 }
 
-revocation *revocation_new(const char *conninfo, long ttl_ms)
+revocation *revocation_new(const char *conninfo, long ttl_ms, const char *app_name, const char *metric_prefix)
 {
     static const char *const channels[] = {"user_tokens", NULL};
     revocation *rv = calloc(1, sizeof(*rv));
+    char name[128];
 
     if (!rv)
         return NULL;
     rv->ttl_ms = ttl_ms > 0 ? ttl_ms : 60000;
     atomic_init(&rv->gen, 0);
-    rv->reads = metrics_counter_get(metrics_default(), "gateway_token_state_reads_total",
+    snprintf(name, sizeof(name), "%s_token_state_reads_total", metric_prefix);
+    rv->reads = metrics_counter_get(metrics_default(), name,
                                     "Users' token state read from the database (cache misses).", NULL);
-    rv->hits = metrics_counter_get(metrics_default(), "gateway_token_state_hits_total",
+    snprintf(name, sizeof(name), "%s_token_state_hits_total", metric_prefix);
+    rv->hits = metrics_counter_get(metrics_default(), name,
                                    "Token checks answered from the cache of users' token state.", NULL);
     rv->cache = ktab_new(sizeof(rv_state), RV_CAP);
+    snprintf(name, sizeof(name), "%s-tokens", app_name);
     if (rv->cache)
-        rv->listener = pglisten_new(conninfo, "api-gateway-tokens", channels, rv_notified, rv);
+        rv->listener = pglisten_new(conninfo, name, channels, rv_notified, rv);
     if (!rv->listener) {
         revocation_free(rv);
         return NULL;

@@ -13,6 +13,9 @@
  * cache is emptied, since notifications may have been missed. Entries also
  * expire after `ttl_ms` as a safety net.
  *
+ * Shared by the gateway (every request) and realtime (WebSocket handshakes
+ * and RefreshToken), so a sign-out everywhere reaches both.
+ *
  * Thread-safe: the gateway's worker threads share one. */
 #ifndef AE_REVOCATION_H
 #define AE_REVOCATION_H
@@ -28,9 +31,11 @@ enum {
     REVOCATION_UNKNOWN = 3   /* no such user (deleted) */
 };
 
-/* Starts the listener on `conninfo`. Returns NULL on OOM. Free with
- * revocation_free. */
-revocation *revocation_new(const char *conninfo, long ttl_ms);
+/* Starts the listener on `conninfo`; `app_name` names its connection
+ * ("<app_name>-tokens"), `metric_prefix` its counters
+ * (<prefix>_token_state_reads_total, _hits_total). Returns NULL on OOM.
+ * Free with revocation_free. */
+revocation *revocation_new(const char *conninfo, long ttl_ms, const char *app_name, const char *metric_prefix);
 void revocation_free(revocation *rv);
 
 /* The verdict for a token of `user_id` issued at `iat` (unix seconds):
