@@ -22,6 +22,7 @@ typedef struct {
 
 struct revocation {
     long ttl_ms;
+    int read_timeout_ms; /* 0: wait for the database as long as it takes */
     /* Bumped by every notification and reconnection: an answer read from
      * the database is cached only if nothing was invalidated while it was
      * being read, so a stale answer never outlives its notification. */
@@ -86,6 +87,11 @@ void revocation_free(revocation *rv)
     free(rv);
 }
 
+void revocation_set_read_timeout(revocation *rv, int ms)
+{
+    rv->read_timeout_ms = ms > 0 ? ms : 0;
+}
+
 int revocation_listening(const revocation *rv)
 {
     return rv && pglisten_up(rv->listener);
@@ -135,21 +141,23 @@ static int rv_store_fn(void *value, int created, void *arg)
 }
 
 /* Reads the user's state from the database. Returns 0 or -1. */
-static int rv_fetch(dbpool *db, const char *user_id, int *base, long long *valid_after, char *err, size_t errlen)
+static int rv_fetch(const revocation *rv, dbpool *db, const char *user_id, int *base, long long *valid_after,
+                    char *err, size_t errlen)
 {
+    static const char sql[] = "SELECT is_active IS NOT FALSE, "
+                              "coalesce(floor(extract(epoch FROM tokens_valid_after))::bigint::text, '') "
+                              "FROM users WHERE id = $1";
     const char *params[1] = {user_id};
-    PGconn *conn = dbpool_acquire(db, RV_ACQUIRE_MS);
+    int to = rv->read_timeout_ms;
+    PGconn *conn = dbpool_acquire(db, to > 0 && to < RV_ACQUIRE_MS ? to : RV_ACQUIRE_MS);
     PGresult *res;
 
     if (!conn) {
         dbpool_errstr(db, err, errlen);
         return -1;
     }
-    res = dbpool_exec(conn,
-                      "SELECT is_active IS NOT FALSE, "
-                      "coalesce(floor(extract(epoch FROM tokens_valid_after))::bigint::text, '') "
-                      "FROM users WHERE id = $1",
-                      1, params, err, errlen);
+    res = to > 0 ? dbpool_exec_within(conn, sql, 1, params, to, err, errlen)
+                 : dbpool_exec(conn, sql, 1, params, err, errlen);
     dbpool_release(db, conn);
     if (!res)
         return -1;
@@ -182,7 +190,7 @@ int revocation_check(revocation *rv, dbpool *db, const char *user_id, long long 
     }
     metrics_counter_inc(rv->reads);
     op.gen = atomic_load(&rv->gen);
-    if (rv_fetch(db, user_id, &op.st.base, &op.st.valid_after, err, errlen) < 0)
+    if (rv_fetch(rv, db, user_id, &op.st.base, &op.st.valid_after, err, errlen) < 0)
         return -1;
     op.st.fetched_ms = op.now;
     ktab_with(rv->cache, user_id, 1, op.now, rv_store_fn, &op);

@@ -1739,6 +1739,9 @@ static int messaging_attach(void *state, rt_host *host)
     m->revocation = revocation_new(host->conninfo, m->token_cache_ttl_ms, "realtime", "realtime");
     if (!m->jwt || !m->topics || !m->rooms || !m->users || !m->own || !m->sweep || !m->db || !m->revocation)
         return -1;
+    /* A miss is read on the loop: a database that stops answering must
+     * cost one handshake half a second, not freeze every connection. */
+    revocation_set_read_timeout(m->revocation, 500);
     if (msg_load_rules(m, err, sizeof(err)) < 0) {
         log_error("ROUTING_RULES: %s", err);
         return -1;

@@ -15,7 +15,7 @@
 #    published figure for comparison: ~500k deliveries/s on 40 CPUs, p99
 #    200 ms, ~30 KB per connection (its million-connection test).
 #
-# Environment: BINDIR, O (build), REDIS_URL (scripts/bench.sh),
+# Environment: BINDIR, O (build), DATABASE_URL and REDIS_URL (scripts/bench.sh),
 # BENCH_RT_RATES ("20 50 100"), BENCH_RT_PARTS (all; or a comma list of mem,50k,fanout).
 set -euo pipefail
 
@@ -36,7 +36,10 @@ rss_kb() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
 start_rt() { # start_rt NAME [VAR=VALUE...]: one realtime on $PORT
     local name=$1
     shift
+    # DATABASE_URL: every handshake checks its user's token state (sign-out
+    # everywhere); the load's users have no row, each read once.
     bench_spawn "$name" "$WORK/$name.log" env PORT=$PORT HOST=127.0.0.1 JWT_SECRET=$SECRET MAX_CONNECTIONS=19000 \
+        DATABASE_URL="${DATABASE_URL:?DATABASE_URL is needed (scripts/bench.sh sets it)}" \
         RATE_LIMIT_ENABLED=false LOG_LEVEL=warn HEARTBEAT_INTERVAL=30s CLIENT_TIMEOUT=120s "$@" "$BINDIR/realtime"
     wait_http "http://127.0.0.1:$PORT/info" 30 200 "$BENCH_LAST_PID"
 }
