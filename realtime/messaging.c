@@ -12,8 +12,8 @@
 #include <unistd.h>
 
 #include "buf.h"
-#include "fmt.h"
 #include "dbpool.h"
+#include "fmt.h"
 #include "jwtauth.h"
 #include "log.h"
 #include "randid.h"
