@@ -8,6 +8,7 @@
 #include <strings.h>
 
 #include "aw.h"
+#include "jget.h"
 #include "log.h"
 #include "origin.h"
 #include "template.h"
@@ -16,9 +17,7 @@
 
 static const char *server_url(const job *j)
 {
-    const cJSON *u = cJSON_GetObjectItemCaseSensitive(j->config, "server_url");
-
-    return cJSON_IsString(u) ? u->valuestring : NULL;
+    return jget_str(j->config, "server_url");
 }
 
 /* Looks up the bearer token of the event's agent and keeps it only when

@@ -29,6 +29,7 @@
 #include "fmt.h"
 #include "h1.h"
 #include "jarena.h"
+#include "jget.h"
 #include "log.h"
 #include "queue.h"
 #include "svc.h"
@@ -104,13 +105,6 @@ void aw_job_clear(job *j)
     memset(j, 0, sizeof(*j));
 }
 
-static const char *jstr(const cJSON *o, const char *k)
-{
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, k);
-
-    return cJSON_IsString(v) ? v->valuestring : NULL;
-}
-
 static int jint(const cJSON *o, const char *k)
 {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, k);
@@ -155,16 +149,16 @@ static void job_parse(job *j)
         deliver_fail(j, OUT_INVALID, "job is not a JSON object");
         return;
     }
-    j->id = jstr(j->doc, "id");
-    j->trigger_id = jstr(j->doc, "trigger_id");
-    j->event_id = jstr(j->doc, "event_id");
-    j->action_type = type = jstr(j->doc, "action_type");
+    j->id = jget_str(j->doc, "id");
+    j->trigger_id = jget_str(j->doc, "trigger_id");
+    j->event_id = jget_str(j->doc, "event_id");
+    j->action_type = type = jget_str(j->doc, "action_type");
     j->config = cJSON_GetObjectItemCaseSensitive(j->doc, "config");
     j->event = cJSON_GetObjectItemCaseSensitive(j->doc, "event");
     j->attempt = jint(j->doc, "attempt");
     j->throttled = jint(j->doc, "throttled");
     if (!j->event_id && cJSON_IsObject(j->event))
-        j->event_id = jstr(j->event, "id");
+        j->event_id = jget_str(j->event, "id");
     if (!j->id || !type || !cJSON_IsObject(j->config)) {
         deliver_fail(j, OUT_INVALID, "job lacks id, action_type or config");
         return;

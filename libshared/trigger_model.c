@@ -12,6 +12,7 @@
 #include "buf.h"
 #include "event_model.h"
 #include "fmt.h"
+#include "jget.h"
 #include "log.h"
 
 #define TM_STR_(x) #x
@@ -937,13 +938,6 @@ int trigger_model_matcher_agent_id(const trigger_model_matcher *m, int64_t *agen
     return 1;
 }
 
-static const char *ev_str(const cJSON *event, const char *name)
-{
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(event, name);
-
-    return cJSON_IsString(v) ? v->valuestring : NULL;
-}
-
 static int stateless_ok(const mcond *c, const cJSON *event)
 {
     int64_t x;
@@ -953,9 +947,9 @@ static int stateless_ok(const mcond *c, const cJSON *event)
     case TRIGGER_COND_AGENT_ID_EQUALS:
         return event_model_get_i64(event, "agent_id", &x) == 0 && x == c->agent;
     case TRIGGER_COND_EVENT_TYPE_EQUALS:
-        return (s = ev_str(event, "event_type")) && !strcmp(s, c->str);
+        return (s = jget_str(event, "event_type")) && !strcmp(s, c->str);
     case TRIGGER_COND_TAG_EQUALS:
-        return (s = ev_str(event, c->tag2 ? "tag2" : "tag1")) && !strcmp(s, c->str);
+        return (s = jget_str(event, c->tag2 ? "tag2" : "tag1")) && !strcmp(s, c->str);
     case TRIGGER_COND_SCORE_THRESHOLD:
         return event_model_get_i64(event, "score", &x) == 0 && trigger_model_compare((double)x, c->op, c->num);
     default:

@@ -14,6 +14,7 @@
 #include "buf.h"
 #include "dbpool.h"
 #include "fmt.h"
+#include "jget.h"
 #include "jwtauth.h"
 #include "log.h"
 #include "randid.h"
@@ -635,13 +636,6 @@ static void msg_leave(messaging *m, msg_conn *mc, msg_set *room)
 
 /* ---- frames from clients --------------------------------------------------- */
 
-static const char *msg_str(const cJSON *data, const char *name)
-{
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(data, name);
-
-    return cJSON_IsString(v) ? v->valuestring : NULL;
-}
-
 static void msg_on_ping(messaging *m, msg_conn *mc, const cJSON *data)
 {
     const cJSON *ts = cJSON_GetObjectItemCaseSensitive(data, "timestamp");
@@ -742,7 +736,7 @@ static int msg_own_echo(messaging *m, const cJSON *parsed)
 
 static void msg_on_broadcast(messaging *m, msg_conn *mc, cJSON *data)
 {
-    const char *topic = msg_str(data, "topic");
+    const char *topic = jget_str(data, "topic");
     cJSON *payload = cJSON_DetachItemFromObjectCaseSensitive(data, "payload"), *out;
     char id[64], ts[32], msg[MSG_MAX_NAME + 64], *text;
 
@@ -873,7 +867,7 @@ static void msg_on_direct(messaging *m, msg_conn *mc, cJSON *data)
 
 static void msg_on_join(messaging *m, msg_conn *mc, const cJSON *data, int join)
 {
-    const char *room = msg_str(data, "room");
+    const char *room = jget_str(data, "room");
     char msg[MSG_MAX_NAME + 64];
     msg_set *s;
     cJSON *details;
@@ -925,7 +919,7 @@ static void msg_on_join(messaging *m, msg_conn *mc, const cJSON *data, int join)
 
 static void msg_on_room_message(messaging *m, msg_conn *mc, cJSON *data)
 {
-    const char *room = msg_str(data, "room");
+    const char *room = jget_str(data, "room");
     msg_set *s = room ? msg_set_get(m->rooms, room, 0) : NULL;
     cJSON *f, *d;
     char id[64], ts[32], *text;
@@ -961,7 +955,7 @@ static void msg_on_room_message(messaging *m, msg_conn *mc, cJSON *data)
 
 static void msg_on_update_presence(messaging *m, msg_conn *mc, const cJSON *data)
 {
-    const char *st = msg_str(data, "status");
+    const char *st = jget_str(data, "status");
     msg_user *u = mc->user;
     int idx = -1;
     cJSON *details;
@@ -988,8 +982,8 @@ static void msg_on_update_presence(messaging *m, msg_conn *mc, const cJSON *data
         }
     details = cJSON_CreateObject();
     cJSON_AddStringToObject(details, "presence", presence_names[idx]);
-    if (msg_str(data, "message"))
-        cJSON_AddStringToObject(details, "message", msg_str(data, "message"));
+    if (jget_str(data, "message"))
+        cJSON_AddStringToObject(details, "message", jget_str(data, "message"));
     msg_send_status(m, mc, "presence_updated", details);
 }
 
@@ -1083,7 +1077,7 @@ static void msg_gp_replied(void *ud, redisReply *r)
 
 static void msg_on_get_presence(messaging *m, msg_conn *mc, const cJSON *data)
 {
-    const char *room = msg_str(data, "room");
+    const char *room = jget_str(data, "room");
     cJSON *users;
 
     if (!room || !msg_name_ok(room)) {
@@ -1198,7 +1192,7 @@ static int msg_token_revoked(messaging *m, const char *uid, const cJSON *claims,
 
 static void msg_on_refresh(messaging *m, msg_conn *mc, const cJSON *data)
 {
-    const char *tok = msg_str(data, "token");
+    const char *tok = jget_str(data, "token");
     cJSON *claims = NULL, *details;
     char uid[MSG_MAX_NAME + 1], *claim = NULL;
     const char *why;
@@ -1652,7 +1646,7 @@ static int msg_load_rules(messaging *m, char *err, size_t errlen)
     }
     for (cJSON *e = r->child; e; e = e->next) {
         msg_rule *rule = &m->rules[m->nrules];
-        const char *match = msg_str(e, "match"), *action = msg_str(e, "action");
+        const char *match = jget_str(e, "match"), *action = jget_str(e, "action");
 
         if (m->nrules >= MSG_MAX_RULES || !match || !action) {
             snprintf(err, errlen, "%s: rule %d needs match and action (at most %d rules)", m->rules_path,
@@ -1667,13 +1661,13 @@ static int msg_load_rules(messaging *m, char *err, size_t errlen)
         rule->pattern = strndup(match, rule->plen);
         if (strcmp(action, "drop") == 0) {
             rule->kind = RULE_DROP;
-        } else if (strcmp(action, "copy") == 0 && msg_str(e, "to")) {
+        } else if (strcmp(action, "copy") == 0 && jget_str(e, "to")) {
             rule->kind = RULE_COPY;
-            rule->to = strdup(msg_str(e, "to"));
-        } else if (strcmp(action, "filter") == 0 && msg_str(e, "field") &&
+            rule->to = strdup(jget_str(e, "to"));
+        } else if (strcmp(action, "filter") == 0 && jget_str(e, "field") &&
                    cJSON_GetObjectItemCaseSensitive(e, "equals")) {
             rule->kind = RULE_FILTER;
-            rule->field = strdup(msg_str(e, "field"));
+            rule->field = strdup(jget_str(e, "field"));
             rule->equals = cJSON_Duplicate(cJSON_GetObjectItemCaseSensitive(e, "equals"), 1);
         } else {
             snprintf(err, errlen, "%s: rule %d: action is drop, copy (with to) or filter (with field and equals)",
