@@ -93,6 +93,16 @@ class Upstream(httpserver.BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(body)
             return
+        if "/huge" in p:
+            # 32 MiB, each 64 KiB block numbered, so a lost or repeated
+            # block shows in the digest.
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(512 * 65536))
+            self.end_headers()
+            for i in range(512):
+                self.wfile.write(b"%08d" % i + b"y" * (65536 - 8))
+            return
         if "/big" in p:
             block = b"x" * 65536
             self.send_response(200)
@@ -258,6 +268,37 @@ class ProxyTest(unittest.TestCase):
         self.assertEqual(status, 200)
         self.assertEqual(len(data), 64 * 65536)
         self.assertEqual(hdrs["content-length"], str(64 * 65536))
+
+    def test_slow_client_paces_the_upstream(self):
+        """A client that does not read for a while: the gateway pauses the
+        upstream instead of buffering its answer (32 MiB), and every byte
+        arrives in order once the client reads."""
+        expect = hashlib.sha256()
+        for i in range(512):
+            expect.update(b"%08d" % i + b"y" * (65536 - 8))
+        before = rss_kib(self.gw.proc.pid)
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=30)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        sock.sendall(b"GET /api/v1/echo/huge HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(1.5)
+        peak = rss_kib(self.gw.proc.pid)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += sock.recv(65536)
+        head, body = data.split(b"\r\n\r\n", 1)
+        self.assertIn(b" 200 ", head.split(b"\r\n")[0])
+        got = hashlib.sha256(body)
+        n = len(body)
+        while n < 512 * 65536:
+            chunk = sock.recv(1 << 20)
+            if not chunk:
+                break
+            got.update(chunk)
+            n += len(chunk)
+        sock.close()
+        self.assertEqual(n, 512 * 65536)
+        self.assertEqual(got.hexdigest(), expect.hexdigest())
+        self.assertLess(peak - before, 8 * 1024, (before, peak))
 
     def test_unknown_service_404(self):
         status, _, body = http_json("GET", self.base + "/api/v1/nosuch/thing")
