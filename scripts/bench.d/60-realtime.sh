@@ -9,15 +9,28 @@
 #    with no messaging state. Bar: <= 8 KiB per connection.
 # 2. 50,000 connections across 4 realtime processes sharing the port
 #    (SO_REUSEPORT) and Redis; one broadcast must reach all 50,000.
-# 3. Fan-out: one publisher to a topic with 10,000 subscribers (2 load
-#    processes) at each of BENCH_RT_RATES messages/s for 5 s: deliveries/s and
-#    publish-to-receive p99 (bars >= 500,000/s, <= 50 ms). Centrifugo's
+# 3. Fan-out: one publisher (its own load process) to a topic with 10,000
+#    subscribers (2 load processes) at BENCH_RT_RATE (60) messages/s for 5 s:
+#    deliveries/s and publish-to-receive p99 (bars >= 500,000/s, <= 50 ms),
+#    with the CPU per delivery of realtime and of the load clients, medians
+#    of BENCH_RT_ROUNDS (3) interleaved rounds of one realtime process and of
+#    two sharing the port through Redis (the bar is read on two: the spec's
+#    scale-out path, one process per core; one process is printed too). Centrifugo's
 #    published figure for comparison: ~500k deliveries/s on 40 CPUs, p99
 #    200 ms, ~30 KB per connection (its million-connection test).
 #
 # Environment: BINDIR, O (build), DATABASE_URL and REDIS_URL (scripts/bench.sh),
-# BENCH_RT_RATES ("20 50 100"), BENCH_RT_PARTS (all; or a comma list of mem,50k,fanout).
+# BENCH_RT_RATE (60), BENCH_RT_ROUNDS (3), BENCH_RT_SUBS (10000: fewer for a smoke run), BENCH_RT_PARTS (all; or a comma list of mem,50k,fanout).
 set -euo pipefail
+
+# The kernel shares CPU time between sessions (autogroup) before nice
+# counts, so other sessions' niced builds and fuzzers take as much as this
+# one: under the bench lock this benchmark runs in a session of its own at
+# autogroup nice -10 when it may, and its result lines say which.
+if [[ -z ${BENCH_RT_SESSION:-} && -w /proc/self/autogroup ]] && command -v setsid >/dev/null; then
+    BENCH_RT_SESSION=1 exec setsid -w bash "$0" "$@"
+fi
+if (echo -10 >/proc/self/autogroup) 2>/dev/null; then AUTOGROUP="autogroup nice -10"; else AUTOGROUP="autogroup as found"; fi
 
 # shellcheck source=scripts/bench.d/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -162,37 +175,75 @@ if [[ $PARTS == *50k* ]]; then
 fi
 
 # ---------------------------------------------------------------- 3. fan-out
-fanout_run() { # fanout_run RATE: one line; returns 1 when a bar is missed
-    local rate=$1 n=$(($1 * 5)) dps p99 got ok=ok
-    start_rt rt-fan
-    load f1 5000 0 127.0.0.2 -t fan -e "$n" -w 10
-    load f2 5000 5000 127.0.0.3 -t fan -e "$n" -w 10 -P "$n" -r "$rate"
+fanout_run() { # fanout_run PROCS RATE: one round; sets F_DPS F_P99 F_GOT F_SRV_US F_LOAD_US
+    local procs=$1 rate=$2 n=$(($2 * 5)) i t0 t1 rx
+    local -a pids=()
+    for ((i = 1; i <= procs; i++)); do
+        if ((procs > 1)); then
+            start_rt "rt-fan$i" REUSE_PORT=1 REDIS_URL="${REDIS_URL:?REDIS_URL is needed}"
+        else
+            start_rt rt-fan1
+        fi
+        pids+=("$BENCH_LAST_PID")
+    done
+    # -i 1000: the load reads every socket in rounds a millisecond apart,
+    # so one recv takes what came meanwhile (it shares the 2 cores).
+    load f1 $((SUBS / 2)) 0 127.0.0.2 -t fan -e "$n" -w 10 -i 1000
+    load f2 $((SUBS / 2)) $((SUBS / 2)) 127.0.0.3 -t fan -e "$n" -w 10 -i 1000
     wait_ready f1 f2
-    go f1 f2
-    wait_done f1 f2 || true
-    read -r dps p99 got <<<"$(python3 - "$WORK/f1.out" "$WORK/f2.out" <<'EOF'
+    load pub 0 900000 127.0.0.4 -t fan -w 2 -P "$n" -r "$rate"
+    wait_ready pub
+    t0=$(proc_ticks "${pids[@]}")
+    go f1 f2 pub
+    wait_done pub f1 f2 || true
+    t1=$(proc_ticks "${pids[@]}")
+    read -r F_DPS F_P99 F_GOT rx F_LOAD_US <<<"$(python3 - "$WORK/f1.out" "$WORK/f2.out" <<'EOF'
 import json, sys
 a = [json.loads([l for l in open(f) if l.startswith("{")][0]) for f in sys.argv[1:]]
 rx = sum(x["received"] for x in a)
 t = (max(x["last_us"] for x in a) - min(x["first_us"] for x in a)) / 1e6
-print("%d %.1f %d" % (rx / t if t > 0 else 0, max(x["p99_ms"] for x in a), sum(x["conns_with_all"] for x in a)))
+cpu = sum(x["traffic_cpu_us"] for x in a)
+print("%d %.1f %d %d %.2f" % (rx / t if t > 0 else 0, max(x["p99_ms"] for x in a),
+                             sum(x["conns_with_all"] for x in a), rx, cpu / rx if rx else 0))
 EOF
 )"
+    F_SRV_US=$(awk -v t="$((t1 - t0))" -v n="$rx" -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", n ? t * 1e6 / hz / n : 0 }')
     stop_all
-    if ((dps < 500000)) || ! awk -v p="$p99" 'BEGIN { exit !(p <= 50) }'; then ok=MISSED; fi
-    echo "realtime fan-out 1 publisher -> 10000 subscribers at $rate msg/s: ${dps} deliveries/s, p99 ${p99} ms" \
-        "($got of 10000 got all $n), bars >= 500000/s and <= 50 ms: $ok (Centrifugo published ~500k/s on 40 CPUs, p99 200 ms)"
-    [[ $ok == ok ]]
+    bench_log "fan-out round, $procs process(es) at $rate msg/s: $F_DPS deliveries/s, p99 $F_P99 ms," \
+        "$F_GOT of $SUBS got all $n; CPU per delivery: realtime $F_SRV_US us, load clients $F_LOAD_US us"
 }
 
 if [[ $PARTS == *fanout* ]]; then
-    # Several publish rates: the throughput at saturation and the latency
-    # below it are different points; the bars need both at one rate.
-    any=0
-    for rate in ${BENCH_RT_RATES:-20 50 100}; do
-        if fanout_run "$rate"; then any=1; fi
+    # One rate above 500,000 offered (10,000 x RATE): both bars at one rate.
+    # Interleaved rounds of one process and of two processes sharing the
+    # port through Redis (SPEC 5a's scale-out path, one process per core),
+    # medians of each.
+    rate=${BENCH_RT_RATE:-60}
+    SUBS=${BENCH_RT_SUBS:-10000}
+    declare -A DPS P99 GOT SRV LD
+    for ((round = 1; round <= ${BENCH_RT_ROUNDS:-3}; round++)); do
+        for procs in 1 2; do
+            fanout_run "$procs" "$rate"
+            DPS[$procs]+=" $F_DPS" P99[$procs]+=" $F_P99" GOT[$procs]+=" $F_GOT" SRV[$procs]+=" $F_SRV_US"
+            LD[$procs]+=" $F_LOAD_US"
+        done
     done
-    ((any)) || FAILED=1
+    load_avg=$(cut -d' ' -f1-3 /proc/loadavg)
+    for procs in 1 2; do
+        # shellcheck disable=SC2086
+        dps=$(median ${DPS[$procs]}) p99=$(median ${P99[$procs]}) got=$(median ${GOT[$procs]})
+        # shellcheck disable=SC2086
+        srv=$(median ${SRV[$procs]}) ld=$(median ${LD[$procs]})
+        ok=ok
+        if ! awk -v d="$dps" -v p="$p99" 'BEGIN { exit !(d >= 500000 && p <= 50) }'; then ok=MISSED; fi
+        if ((procs == 2)) && [[ $ok != ok ]]; then FAILED=1; fi
+        what="one process"
+        ((procs == 1)) || what="2 processes (SO_REUSEPORT + Redis, the bar's reading)"
+        echo "realtime fan-out 1 publisher -> $SUBS subscribers at $rate msg/s, $what: ${dps%.*} deliveries/s," \
+            "p99 ${p99} ms (median of ${BENCH_RT_ROUNDS:-3}; rounds:${DPS[$procs]} /s,${P99[$procs]} ms; $got of $SUBS got all)," \
+            "CPU per delivery realtime ${srv} us + load clients ${ld} us; bars >= 500000/s and <= 50 ms: $ok" \
+            "(load average $load_avg, $AUTOGROUP; Centrifugo published ~500k/s on 40 CPUs, p99 200 ms)"
+    done
 fi
 
 exit $FAILED

@@ -23,7 +23,8 @@
  *
  * Output, one JSON line: {"connected":N,"subscribed":N,"received":N,
  * "conns_with_all":N,"deliveries_per_s":D,"p50_ms":x,"p99_ms":y,
- * "max_ms":z,"errors":N}. Latency is from the publisher's wall clock in
+ * "max_ms":z,"errors":N,...,"cpu_us":C,"traffic_cpu_us":T}: C is this process's
+ * CPU (user+sys) in all, T the part after every connection was ready. Latency is from the publisher's wall clock in
  * the payload to the receipt (same machine). */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -36,6 +37,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -59,6 +61,7 @@ static int nconns, epfd;
 static char host[64] = "127.0.0.1", topic[128] = "bench", ready_file[512], path[256] = "/ws?token=";
 static int no_subscribe;
 static long read_pause_us;
+static long long setup_cpu_us; /* CPU used before the traffic (connects, handshakes, subscribes) */
 static int port = 8081;
 static long expect_each;
 static long long total_rx, first_rx_us, last_rx_us, errors;
@@ -473,6 +476,13 @@ int main(int argc, char **argv)
         }
     }
     {
+        struct rusage ru;
+
+        getrusage(RUSAGE_SELF, &ru);
+        setup_cpu_us = (long long)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) * 1000000 + ru.ru_utime.tv_usec +
+                       ru.ru_stime.tv_usec;
+    }
+    {
         long long start = now_us(), next_pub = start + delay_s * 1000000LL, interval = rate > 0 ? 1000000 / rate : 0;
         long sent = 0;
 
@@ -526,10 +536,17 @@ int main(int argc, char **argv)
         for (int i = 0; i < nconns; i++)
             if (expect_each ? conns[i].received >= expect_each : conns[i].received > 0)
                 with_all++;
+        struct rusage ru;
+        long long cpu_us;
+
+        getrusage(RUSAGE_SELF, &ru);
+        cpu_us = (long long)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) * 1000000 + ru.ru_utime.tv_usec + ru.ru_stime.tv_usec;
         printf("{\"connected\":%d,\"subscribed\":%d,\"received\":%lld,\"conns_with_all\":%ld,"
-               "\"deliveries_per_s\":%.0f,\"p50_ms\":%.1f,\"p99_ms\":%.1f,\"max_ms\":%.1f,\"errors\":%lld,\"first_us\":%lld,\"last_us\":%lld}\n",
+               "\"deliveries_per_s\":%.0f,\"p50_ms\":%.1f,\"p99_ms\":%.1f,\"max_ms\":%.1f,\"errors\":%lld,\"first_us\":%lld,"
+               "\"last_us\":%lld,\"cpu_us\":%lld,\"traffic_cpu_us\":%lld}\n",
                nconnected, nsubscribed, total_rx, with_all, secs > 0 ? (double)total_rx / secs : 0,
-               percentile(0.5), percentile(0.99), (double)hmax_us / 1000.0, errors, first_rx_us, last_rx_us);
+               percentile(0.5), percentile(0.99), (double)hmax_us / 1000.0, errors, first_rx_us, last_rx_us, cpu_us,
+               cpu_us - setup_cpu_us);
     }
     for (int i = 0; i < nconns + npub; i++) {
         free(conns[i].pend);
