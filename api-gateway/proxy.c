@@ -989,6 +989,13 @@ static void px_direct_attach(pxloop *l, pxreq *r, int fresh)
         c->next_idle = NULL;
     } else if (l->nopen[u->index] < r->px->cfg.max_conns_per_upstream) {
         c = px_conn_open(l, u);
+    } else {
+        /* Every connection this loop may open to it is busy: our limit,
+         * not the upstream's failure, so no verdict for the breaker. */
+        breaker_cancel(r->px->brk, u->name);
+        r->breaker_reported = 1;
+        px_finish(l, r, CURLE_FAILED_INIT, "too many requests in flight to this upstream");
+        return;
     }
     if (!c) {
         px_finish(l, r, CURLE_COULDNT_CONNECT, NULL);

@@ -494,6 +494,36 @@ class DirectPathTest(ProxyTest):
             self.assertEqual(json.loads(data)["path"], "/base/after?i=%d" % i)
 
 
+class DirectPathLimitTest(unittest.TestCase):
+    def test_connection_cap_answers_503_without_opening_the_breaker(self):
+        """The direct path's cap on upstream connections per loop: a request
+        beyond it is answered 503 at once, and the breaker takes no verdict
+        from that (it is the gateway's limit, not the upstream failing)."""
+        port = free_port()
+        base = "http://127.0.0.1:%d" % port
+        up = "http://127.0.0.1:%d" % UP.server_address[1]
+        gw = Service("api-gateway", gw_env(port, {
+            "ECHO_URL": up, "HTTP_LOOPS": "1", "PROXY_MAX_CONNECTIONS_PER_UPSTREAM": "1",
+            "PROXY_BREAKER_THRESHOLD": "1"}), health=base + "/health").start()
+        try:
+            slow = {}
+            t = threading.Thread(target=lambda: slow.update(r=http("GET", base + "/api/v1/echo/slow", timeout=10)))
+            t.start()
+            time.sleep(0.5)
+            t0 = time.monotonic()
+            status, _, body = http_json("GET", base + "/api/v1/echo/x")
+            self.assertEqual(status, 503, body)
+            self.assertIn("in flight", body["message"])
+            self.assertLess(time.monotonic() - t0, 1.0)
+            t.join()
+            self.assertEqual(slow["r"][0], 200)
+            _, _, health = http_json("GET", base + "/health")
+            self.assertEqual({u["name"]: u["breaker"] for u in health["upstreams"]}["echo"], "closed")
+            self.assertEqual(http("GET", base + "/api/v1/echo/x")[0], 200)
+        finally:
+            gw.stop()
+
+
 class LoopModeTest(unittest.TestCase):
     """HTTP_LOOPS=2 with PROXY_DIRECT=0: libmicrohttpd in our own epoll loops,
     each with its libcurl multi handle, so a request and its transfer share
