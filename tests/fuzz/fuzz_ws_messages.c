@@ -3,7 +3,9 @@
  * handler, with routing rules loaded. messaging.c is compiled in whole (its
  * hooks are static); what stands in for wsapp below is the transport only:
  * connections are records, a sent frame is checked and dropped. Redis is
- * off (no bus), as with REDIS_URL unset.
+ * off (no bus), as with REDIS_URL unset. PostgreSQL is off too: the
+ * token revocation check (libshared/revocation, a database read per user)
+ * is stood in for by one that finds every token still valid.
  *
  * Input: "<Sec-WebSocket-Protocol of a fourth client>" then records, each
  * after a 0xff byte: a selector byte (bits 0-1: the connection; bits 2-3:
@@ -249,6 +251,35 @@ int rtbus_command(rtbus *b, rtbus_reply_fn fn, void *ud, int argc, const char *c
     abort();
 }
 
+/* No database: every token counts (none was revoked). */
+static char g_revocation;
+
+revocation *revocation_new(const char *conninfo, long ttl_ms, const char *app_name, const char *metric_prefix)
+{
+    (void)conninfo;
+    (void)ttl_ms;
+    (void)app_name;
+    (void)metric_prefix;
+    return (revocation *)&g_revocation;
+}
+void revocation_free(revocation *rv) { (void)rv; }
+void revocation_set_read_timeout(revocation *rv, int ms) { (void)rv; (void)ms; }
+int revocation_check(revocation *rv, dbpool *db, const char *user_id, long long iat, char *err, size_t errlen)
+{
+    (void)rv;
+    (void)db;
+    (void)user_id;
+    (void)iat;
+    (void)err;
+    (void)errlen;
+    return REVOCATION_OK;
+}
+const char *revocation_message(int verdict)
+{
+    (void)verdict;
+    abort();
+}
+
 /* ---- the harness ------------------------------------------------------- */
 
 #define NCONN 4
@@ -293,6 +324,7 @@ static void setup(void)
     g_host.app = (wsapp *)&g_host; /* never looked into */
     g_host.metrics = mx;
     g_host.instance_id = "fuzz-1-abc";
+    g_host.conninfo = "host=/nonexistent dbname=none"; /* a pool that is never used */
     if (messaging_attach(g_m, &g_host) < 0)
         abort();
     unlink(path);
