@@ -45,18 +45,15 @@ PG_PID=$(listener_pid "$($PY -c 'import sys, urllib.parse; print(urllib.parse.ur
 export DB_URL REDIS_PORT METRICS_PORT BINDIR WORK ROOT PG_PID CLK_TCK
 exec 3>&1
 $PY - <<'PYEOF'
-import json, os, subprocess, threading, time, urllib.request
-import psycopg2, psycopg2.extras, redis
+import os, sys, time
+import psycopg2, psycopg2.extras
+sys.path.insert(0, os.path.join(os.environ["ROOT"], "scripts", "bench.d"))
+import epbench as eb
 
 N = int(os.environ.get("EP_BENCH_EVENTS", "200000"))
 LAT_S = float(os.environ.get("EP_BENCH_LAT_SECONDS", "5"))
 DB = os.environ["DB_URL"]
-r = redis.Redis(port=int(os.environ["REDIS_PORT"]))
-for _ in range(100):
-    try:
-        r.ping(); break
-    except redis.ConnectionError:
-        time.sleep(0.05)
+eb.wait_redis()
 db = psycopg2.connect(DB); db.autocommit = True
 cur = db.cursor()
 cur.execute("INSERT INTO users (id, username, email, password_hash) VALUES ('ub','bench','b@x','x')")
@@ -71,21 +68,7 @@ cur.execute("INSERT INTO trigger_actions (trigger_id, action_type, config) "
             "FROM generate_series(0, 999) i")
 cur.execute("CREATE TABLE events_copy (LIKE events INCLUDING ALL)")
 
-env = dict(os.environ, DATABASE_URL=DB, REDIS_URL="redis://127.0.0.1:%s/0" % os.environ["REDIS_PORT"],
-           METRICS_PORT=os.environ["METRICS_PORT"], LOG_LEVEL=os.environ.get("EP_BENCH_LOG_LEVEL", "warn"),
-           MIGRATIONS_DIR=os.path.join(os.environ["ROOT"], "database/migrations"))
-log = open(os.path.join(os.environ["WORK"], "event-processor.log"), "wb")
-proc = subprocess.Popen([os.path.join(os.environ["BINDIR"], "event-processor")], env=env, stdout=log, stderr=log)
-def healthy():
-    try:
-        with urllib.request.urlopen("http://127.0.0.1:%s/health" % os.environ["METRICS_PORT"], timeout=1) as h:
-            return h.status == 200
-    except OSError:
-        return False
-t = time.time()
-while not healthy():
-    if time.time() - t > 20: raise SystemExit("event-processor did not become healthy")
-    time.sleep(0.05)
+proc = eb.start_processor(DB, os.environ.get("EP_BENCH_LOG_LEVEL", "warn"))
 
 def tree_ticks(root):
     """CPU ticks of root and everything below it (utime, stime, cutime,
@@ -109,8 +92,6 @@ def tree_ticks(root):
     return total
 PG_PID, HZ = int(os.environ.get("PG_PID") or 0), float(os.environ.get("CLK_TCK") or 100)
 
-cols = ["id", "chain_id", "registry", "event_type", "agent_id", "score", "timestamp", "client_address", "tag1", "tag2",
-        "block_number", "transaction_hash", "log_index"]
 def batches(prefix):
     for b in range(0, N, 100):
         yield [("%s-%d" % (prefix, i), 1, "reputation", "NewFeedback", i % 100, i % 100, 1700000000 + i,
@@ -119,7 +100,7 @@ def batches(prefix):
 def insert(table, prefix):
     c = psycopg2.connect(DB); c.autocommit = True
     k = c.cursor()
-    q = 'INSERT INTO %s (%s) VALUES %%s' % (table, ",".join('"%s"' % x for x in cols))
+    q = eb.insert_many(table)
     t0 = time.perf_counter()
     for rows in batches(prefix):
         psycopg2.extras.execute_values(k, q, rows, page_size=100)
@@ -133,88 +114,40 @@ raw_dt = insert("events_copy", "c")
 raw_pg, raw_me = tree_ticks(PG_PID) - pg0, time.process_time() - me0
 raw_rate = N / raw_dt
 
-# Drain Redis as jobs arrive (they would not fit in memory otherwise).
-drained = [0]; stop = threading.Event()
-def drainer():
-    rr = redis.Redis(port=int(os.environ["REDIS_PORT"]))
-    while not stop.is_set():
-        p = rr.pipeline(transaction=True); p.llen("action_jobs"); p.unlink("action_jobs")
-        drained[0] += p.execute()[0]
-        time.sleep(0.02)
-    p = rr.pipeline(transaction=True); p.llen("action_jobs"); p.unlink("action_jobs")
-    drained[0] += p.execute()[0]
-th = threading.Thread(target=drainer); th.start()
-
+drainer = eb.Drainer(); drainer.start()
 lock = psycopg2.connect(DB); lock.autocommit = True
-lock.cursor().execute("SELECT pg_advisory_lock(8004000002)")
+lock.cursor().execute("SELECT pg_advisory_lock(%d)" % eb.PROCESSOR_LOCK)
 ins_dt = insert("events", "e")
 t0 = time.perf_counter()
 ep0, pg0 = tree_ticks(proc.pid), tree_ticks(PG_PID)
-lock.cursor().execute("SELECT pg_advisory_unlock(8004000002)")
-while True:
-    cur.execute("SELECT EXISTS (SELECT 1 FROM event_queue) OR EXISTS (SELECT 1 FROM job_outbox)")
-    if not cur.fetchone()[0]: break
-    time.sleep(0.01)
+eb.release_and_drain(lock, cur, 0.01)
 ep_dt = time.perf_counter() - t0
 ep_cpu, ep_pg = tree_ticks(proc.pid) - ep0, tree_ticks(PG_PID) - pg0
-stop.set(); th.join()
+drainer.stop()
 ep_rate = N / ep_dt
 ratio = ep_rate / raw_rate
-print("event-processor throughput: %d events, %d jobs (expected %d)" % (N, drained[0], N * 10))
+print("event-processor throughput: %d events, %d jobs (expected %d)" % (N, drainer.count, N * 10))
 print("  ours   (processed events/s): %.0f" % ep_rate)
 print("  anchor (raw insert events/s into a plain copy table, batches of 100): %.0f" % raw_rate)
 print("  (insert into events with the queue trigger: %.0f events/s)" % (N / ins_dt))
 print("  ratio: %.2f (bar >= 1.0) %s" % (ratio, "PASS" if ratio >= 1.0 else "FAIL"))
 print("  CPU per event: event-processor %.1f us + PostgreSQL %.1f us while draining; anchor: inserting client %.1f us"
       " + PostgreSQL %.1f us" % (1e6 * ep_cpu / HZ / N, 1e6 * ep_pg / HZ / N, 1e6 * raw_me / N, 1e6 * raw_pg / HZ / N))
-ok = ratio >= 1.0 and drained[0] == N * 10
+ok = ratio >= 1.0 and drainer.count == N * 10
 
-# Latency at 1,000 events/s. The watcher is a separate process (a thread
-# would share the GIL with the inserting loop and see the jobs late): it
-# blocks in BRPOP, then takes everything queued in one MULTI (LRANGE + DEL),
-# and stamps each event's first job with CLOCK_MONOTONIC, the clock the
-# inserting process stamps its commits with.
+# Latency at 1,000 events/s: commit returned -> the event's first job in
+# Redis, as epbench's watcher process sees it.
 LAT_N = int(LAT_S * 1000)
 if LAT_N:
-    import multiprocessing
-    mono = lambda: time.clock_gettime(time.CLOCK_MONOTONIC)
-    def watch(port, out, ready, stop_ev):
-        rr = redis.Redis(port=port)
-        seen = {}
-        ready.set()
-        key = b'"event_id":"'
-        while not stop_ev.is_set():
-            first = rr.brpop("action_jobs", timeout=0.2)
-            if first is None:
-                continue
-            now = mono()
-            p = rr.pipeline(transaction=True); p.lrange("action_jobs", 0, -1); p.delete("action_jobs")
-            jobs = [first[1]] + p.execute()[0]
-            now2 = mono()
-            for k, j in enumerate(jobs):
-                i = j.index(key) + len(key)
-                eid = j[i:j.index(b'"', i)].decode()
-                seen.setdefault(eid, now if k == 0 else now2)
-        out.put(seen)
-    q_out = multiprocessing.Queue(); ready = multiprocessing.Event(); stop_ev = multiprocessing.Event()
-    wp = multiprocessing.Process(target=watch, args=(int(os.environ["REDIS_PORT"]), q_out, ready, stop_ev))
-    wp.start(); ready.wait(10)
-    c = psycopg2.connect(DB); c.autocommit = True; k = c.cursor()
-    q = 'INSERT INTO events (%s) VALUES (%s)' % (",".join('"%s"' % x for x in cols), ",".join(["%s"] * len(cols)))
-    commits = {}
-    start = mono()
-    for i in range(LAT_N):
-        due = start + i / 1000.0
-        d = due - mono()
-        if d > 0:
-            time.sleep(d)
-        row = ("l-%d" % i, 1, "reputation", "NewFeedback", i % 100, 50, 1700000000 + i, "0x", "a", "b", i, "0x", 0)
-        k.execute(q, row)
-        commits[row[0]] = mono()
-    time.sleep(1); stop_ev.set(); seen = q_out.get(timeout=30); wp.join(10)
-    lat = sorted(max(0.0, seen[e] - commits[e]) * 1000 for e in commits if e in seen)
-    missing = len(commits) - len(lat)
-    p50 = lat[len(lat) // 2]; p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+    watcher = eb.Watcher()
+    c = psycopg2.connect(DB); c.autocommit = True
+    rows = [("l-%d" % i, 1, "reputation", "NewFeedback", i % 100, 50, 1700000000 + i, "0x", "a", "b", i, "0x", 0)
+            for i in range(LAT_N)]
+    commits = eb.paced(c.cursor(), rows)
+    time.sleep(1); seen = watcher.finish()
+    lat, missing, p50, p99 = eb.latencies(commits, seen)
+    if not lat:
+        raise SystemExit("no job seen in Redis; see %s" % proc.log_path)
     print("event-processor latency at 1000 events/s (%d events, %d missing), commit returned to the client -> "
           "first job of the event in Redis: p50 %.2f ms, p99 %.2f ms, max %.2f ms (bar p99 <= 10 ms) %s"
           % (len(commits), missing, p50, p99, lat[-1], "PASS" if p99 <= 10 and not missing else "FAIL"))

@@ -45,8 +45,10 @@ psql "$BASE" -qc "DROP DATABASE IF EXISTS ae_bench_tl WITH (FORCE)" -c "CREATE D
 DATABASE_URL=$DB_URL MIGRATIONS_DIR=$ROOT/database/migrations "$BINDIR/migrate" >/dev/null 2>&1
 export DB_URL REDIS_PORT METRICS_PORT BINDIR WORK ROOT
 timeout "${TL_TIMEOUT:-900}" $PY - <<'PYEOF'
-import json, multiprocessing, os, subprocess, threading, time, urllib.request
-import psycopg2, psycopg2.extras, redis
+import os, sys, time
+import psycopg2, psycopg2.extras
+sys.path.insert(0, os.path.join(os.environ["ROOT"], "scripts", "bench.d"))
+import epbench as eb
 
 N = int(os.environ.get("TL_EVENTS", "20000"))
 LAT_S = float(os.environ.get("TL_LAT_SECONDS", "4"))
@@ -54,12 +56,7 @@ WORST = int(os.environ.get("TL_WORST", "4"))
 ROUNDS = int(os.environ.get("TL_ROUNDS", "3"))
 DB = os.environ["DB_URL"]
 TICK = os.sysconf("SC_CLK_TCK")
-r = redis.Redis(port=int(os.environ["REDIS_PORT"]))
-for _ in range(100):
-    try:
-        r.ping(); break
-    except redis.ConnectionError:
-        time.sleep(0.05)
+eb.wait_redis()
 db = psycopg2.connect(DB); db.autocommit = True
 cur = db.cursor()
 cur.execute("INSERT INTO users (id, username, email, password_hash) VALUES "
@@ -79,24 +76,7 @@ cur.execute("INSERT INTO trigger_conditions (trigger_id, condition_type, operato
 cur.execute("INSERT INTO trigger_actions (trigger_id, action_type, config) "
             "SELECT id, 'rest', '{\"url\":\"http://127.0.0.1:9/hook\",\"method\":\"POST\"}' FROM triggers")
 
-env = dict(os.environ, DATABASE_URL=DB, REDIS_URL="redis://127.0.0.1:%s/0" % os.environ["REDIS_PORT"],
-           METRICS_PORT=os.environ["METRICS_PORT"], LOG_LEVEL="warn",
-           MIGRATIONS_DIR=os.path.join(os.environ["ROOT"], "database/migrations"))
-log = open(os.path.join(os.environ["WORK"], "event-processor.log"), "wb")
-proc = subprocess.Popen([os.path.join(os.environ["BINDIR"], "event-processor")], env=env, stdout=log, stderr=log)
-import atexit
-atexit.register(lambda: proc.poll() is None and (proc.kill(), proc.wait()))
-def get(path):
-    with urllib.request.urlopen("http://127.0.0.1:%s%s" % (os.environ["METRICS_PORT"], path), timeout=2) as h:
-        return h.status, h.read().decode()
-t = time.time()
-while True:
-    try:
-        if get("/health")[0] == 200: break
-    except OSError:
-        pass
-    if time.time() - t > 20: raise SystemExit("event-processor did not become healthy")
-    time.sleep(0.05)
+proc = eb.start_processor(DB)
 
 # CPU seconds of the processor, and of the PostgreSQL server's processes
 # when it runs on this machine (the children of our backend's parent).
@@ -131,7 +111,7 @@ def cpu_now():
     return cpu(proc.pid), pg_cpu()
 
 def metric(name):
-    text = get("/metrics")[1]
+    text = eb.metrics_get("/metrics")[1]
     return sum(float(l.split()[-1]) for l in text.splitlines() if l.startswith(name + "{") or l.startswith(name + " "))
 
 def set_worst(k):
@@ -152,8 +132,6 @@ def set_worst(k):
         time.sleep(0.02)
     raise SystemExit("the processor did not pick up %d worst triggers" % k)
 
-cols = ["id", "chain_id", "registry", "event_type", "agent_id", "score", "timestamp", "client_address", "tag1", "tag2",
-        "block_number", "transaction_hash", "log_index"]
 seq = [0]
 def rows(n, prefix):
     out = []
@@ -162,79 +140,37 @@ def rows(n, prefix):
         out.append(("%s-%d" % (prefix, i), 1, "reputation", "NewFeedback", i % 100, i % 100, 1700000000 + i,
                     "0xclient", "quality", "speed", 1000000 + i // 10, "0x%064x" % i, i % 10))
     return out
-Q = 'INSERT INTO events (%s) VALUES %%s' % ",".join('"%s"' % x for x in cols)
-
-drained = [0]; stop = threading.Event()
-def drainer():
-    rr = redis.Redis(port=int(os.environ["REDIS_PORT"]))
-    while not stop.is_set():
-        p = rr.pipeline(transaction=True); p.llen("action_jobs"); p.unlink("action_jobs")
-        drained[0] += p.execute()[0]
-        time.sleep(0.02)
+Q = eb.insert_many("events")
 
 def backlog(tag):
-    th = threading.Thread(target=drainer); stop.clear(); th.start()
+    drainer = eb.Drainer(); drainer.start()
     lock = psycopg2.connect(DB); lock.autocommit = True
-    lock.cursor().execute("SELECT pg_advisory_lock(8004000002)")
+    lock.cursor().execute("SELECT pg_advisory_lock(%d)" % eb.PROCESSOR_LOCK)
     c = db.cursor()
     batch = rows(N, "b" + tag)
     for b in range(0, N, 100):
         psycopg2.extras.execute_values(c, Q, batch[b:b + 100], page_size=100)
     c0 = cpu_now(); t0 = time.perf_counter()
-    lock.cursor().execute("SELECT pg_advisory_unlock(8004000002)")
-    while True:
-        c.execute("SELECT EXISTS (SELECT 1 FROM event_queue) OR EXISTS (SELECT 1 FROM job_outbox)")
-        if not c.fetchone()[0]: break
-        time.sleep(0.005)
+    eb.release_and_drain(lock, c, 0.005)
     dt = time.perf_counter() - t0; c1 = cpu_now()
-    stop.set(); th.join(); lock.close()
+    drainer.stop(); lock.close()
     return {"s": dt, "ep": c1[0] - c0[0], "pg": c1[1] - c0[1]}
 
-mono = lambda: time.clock_gettime(time.CLOCK_MONOTONIC)
-def watch(port, out, ready, stop_ev):
-    rr = redis.Redis(port=port)
-    seen = {}
-    ready.set()
-    key = b'"event_id":"'
-    while not stop_ev.is_set():
-        first = rr.brpop("action_jobs", timeout=0.2)
-        if first is None:
-            continue
-        now = mono()
-        p = rr.pipeline(transaction=True); p.lrange("action_jobs", 0, -1); p.delete("action_jobs")
-        jobs = [first[1]] + p.execute()[0]
-        now2 = mono()
-        for k, j in enumerate(jobs):
-            if b'"user_id":"uo"' not in j:
-                continue
-            i = j.index(key) + len(key)
-            seen.setdefault(j[i:j.index(b'"', i)].decode(), now if k == 0 else now2)
-    out.put(seen)
-
 def live(tag):
+    """n events at 1,000/s, one per statement: commit -> the other user's
+    first job of each in Redis (epbench's watcher)."""
     n = int(LAT_S * 1000)
-    q_out = multiprocessing.Queue(); ready = multiprocessing.Event(); stop_ev = multiprocessing.Event()
-    wp = multiprocessing.Process(target=watch, args=(int(os.environ["REDIS_PORT"]), q_out, ready, stop_ev),
-                                 daemon=True)
-    wp.start(); ready.wait(10)
-    c = psycopg2.connect(DB); c.autocommit = True; k = c.cursor()
-    one = 'INSERT INTO events (%s) VALUES (%s)' % (",".join('"%s"' % x for x in cols), ",".join(["%s"] * len(cols)))
-    commits = {}
+    watcher = eb.Watcher(only=b'"user_id":"uo"', daemon=True)
+    c = psycopg2.connect(DB); c.autocommit = True
     data = rows(n, "l" + tag)
-    c0 = cpu_now(); start = mono()
-    for i, row in enumerate(data):
-        d = start + i / 1000.0 - mono()
-        if d > 0:
-            time.sleep(d)
-        k.execute(one, row)
-        commits[row[0]] = mono()
+    c0 = cpu_now()
+    commits = eb.paced(c.cursor(), data)
     time.sleep(1); c1 = cpu_now()
-    stop_ev.set(); seen = q_out.get(timeout=30); wp.join(10); c.close()
-    lat = sorted(max(0.0, seen[e] - commits[e]) * 1000 for e in commits if e in seen)
+    seen = watcher.finish(); c.close()
+    lat, missing, p50, p99 = eb.latencies(commits, seen)
     if not lat:
-        raise SystemExit("no job of the other user seen in Redis; see %s" % log.name)
-    return {"n": n, "missing": len(commits) - len(lat), "p50": lat[len(lat) // 2],
-            "p99": lat[min(len(lat) - 1, int(len(lat) * 0.99))], "ep": c1[0] - c0[0], "pg": c1[1] - c0[1]}
+        raise SystemExit("no job of the other user seen in Redis; see %s" % proc.log_path)
+    return {"n": n, "missing": missing, "p50": p50, "p99": p99, "ep": c1[0] - c0[0], "pg": c1[1] - c0[1]}
 
 modes = [("base", 0), ("worst-1", 1), ("worst-all", WORST)]
 res = {m: {"backlog": [], "live": []} for m, _ in modes}
