@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include "fmt.h"
 #include "log.h"
@@ -235,11 +236,36 @@ void rtappend_answer(rt *r, rt_append *x, PGconn *c, const PGresult *res, int ro
     }
 }
 
-static void commit_one(rt *r, rt_append *x, PGconn *c)
+/* A common append through the one-statement path: 0 answered, -1 to run
+ * through append_run_event (it said retry, or the server refused it). */
+static int commit_fast(rt *r, rt_append *x, PGconn *c)
+{
+    const char *p[4] = {x->id, x->type, x->payload_text, x->key};
+    char err[512];
+    PGresult *res = dbpool_exec_prepared(c, "rt_append_fast", RTAPPEND_FAST_SQL, 4, p, err, sizeof(err));
+    int rc = -1;
+
+    if (res && PQntuples(res) == 1 && strcmp(PQgetvalue(res, 0, 0), "retry") != 0) {
+        rtappend_answer(r, x, c, res, 0, 0);
+        rc = 0;
+    } else if (!res && PQstatus(c) != CONNECTION_OK) {
+        log_warn("runtime: append to run %s failed: %s", x->id, err);
+        rt_db_error(x->a, err);
+        rc = 0;
+    }
+    PQclear(res);
+    return rc;
+}
+
+static void commit_one(rt *r, rt_append *x, PGconn *c, int alone)
 {
     const char *p[5] = {x->id, x->type, x->payload_text, x->key, x->has_expected ? x->exp_text : NULL};
     char err[512];
-    PGresult *res = dbpool_exec_prepared(c, "rt_append", RTAPPEND_ONE_SQL, 5, p, err, sizeof(err));
+    PGresult *res;
+
+    if (!alone && rtappend_common(x) && commit_fast(r, x, c) == 0)
+        return;
+    res = dbpool_exec_prepared(c, "rt_append", RTAPPEND_ONE_SQL, 5, p, err, sizeof(err));
 
     if (!res || PQntuples(res) != 1) {
         log_warn("runtime: append to run %s failed: %s", x->id, res ? "no outcome" : err);
@@ -280,15 +306,18 @@ out:
  * one bad append does not fail the others. */
 static int commit_group(rt *r, rt_append **v, int n, PGconn *c)
 {
-    char err[512], *text = rtappend_group_json(v, n, 0);
+    int set = rtappend_set_fits(v, n);
+    char err[512], *text = rtappend_group_json(v, n, set);
     const char *p[1] = {text};
     PGresult *res = NULL;
-    int i, ok = 0, seen[RTAPPEND_GROUP_MAX] = {0};
+    int i, ok = 0, seen[RTAPPEND_GROUP_MAX] = {0}, nretry = 0;
+    rt_append *retry[RTAPPEND_GROUP_MAX];
     long k;
 
     if (!text)
         return -1;
-    res = dbpool_exec_prepared(c, "rt_append_group", RTAPPEND_GROUP_SQL, 1, p, err, sizeof(err));
+    res = set ? dbpool_exec_prepared(c, "rt_append_set", RTAPPEND_SET_SQL, 1, p, err, sizeof(err))
+              : dbpool_exec_prepared(c, "rt_append_group", RTAPPEND_GROUP_SQL, 1, p, err, sizeof(err));
     free(text);
     if (!res && PQstatus(c) == CONNECTION_OK) {
         log_warn("runtime: a group of %d appends was refused (each runs alone): %s", n, err);
@@ -313,10 +342,30 @@ static int commit_group(rt *r, rt_append **v, int n, PGconn *c)
     }
     for (i = 0; i < n; i++) {
         k = strtol(PQgetvalue(res, i, 0), NULL, 10) - 1;
-        rtappend_answer(r, v[k], c, res, i, 1);
+        if (set && strcmp(PQgetvalue(res, i, 1), "retry") == 0)
+            retry[nretry++] = v[k];
+        else
+            rtappend_answer(r, v[k], c, res, i, 1);
     }
     PQclear(res);
+    /* The rows come in group order: a run's retried appends keep theirs. */
+    for (i = 0; i < nretry; i++)
+        commit_one(r, retry[i], c, 1);
     return 0;
+}
+
+int rtappend_set_fits(rt_append **v, int n)
+{
+    int i, j;
+
+    for (i = 0; i < n; i++) {
+        if (!rtappend_common(v[i]))
+            return 0;
+        for (j = i + 1; v[i]->key && j < n; j++)
+            if (v[j]->key && strcmp(v[i]->key, v[j]->key) == 0 && strcasecmp(v[i]->id, v[j]->id) == 0)
+                return 0;
+    }
+    return 1;
 }
 
 void rtappend_commit(rt *r, rt_append **v, int n)
@@ -335,7 +384,7 @@ void rtappend_commit(rt *r, rt_append **v, int n)
         metrics_counter_inc(r->append_commits);
     } else {
         for (i = 0; i < n; i++) {
-            commit_one(r, v[i], c);
+            commit_one(r, v[i], c, n > 1);
             metrics_counter_inc(r->append_commits);
         }
     }

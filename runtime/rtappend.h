@@ -51,6 +51,10 @@ const char *rtappend_run(const rt_append *x);
 const char *rtappend_key(const rt_append *x); /* NULL when none */
 /* The statement parameters (borrowed from x). */
 void rtappend_params(const rt_append *x, const char *p[5]);
+/* Nonzero when SET can take v[0..n-1]: every append common, no two with
+ * the same run and key (SET's one statement would not see the first's
+ * key when it checks the second's). */
+int rtappend_set_fits(rt_append **v, int n);
 /* The JSON array of GROUP (with_ord 0) or SET (with_ord 1); malloc'd,
  * NULL on OOM. */
 char *rtappend_group_json(rt_append **v, int n, int with_ord);

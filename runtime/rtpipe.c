@@ -6,7 +6,6 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
 
 #include "backoff.h"
 #include "fmt.h"
@@ -392,31 +391,13 @@ static void on_io(wsapp_io *io, int readable, int writable, void *ud)
 
 /* ------------------------------------------------------------ sending */
 
-/* Nonzero when two appends of v share a run and a key (SET's one
- * statement cannot see the first's key when it checks the second's). */
-static int has_duplicate(item **v, int n)
-{
-    int i, j;
-    const char *ki, *kj;
-
-    for (i = 0; i < n; i++) {
-        if (!(ki = rtappend_key(v[i]->x)))
-            continue;
-        for (j = i + 1; j < n; j++)
-            if ((kj = rtappend_key(v[j]->x)) && strcmp(ki, kj) == 0 &&
-                strcasecmp(rtappend_run(v[i]->x), rtappend_run(v[j]->x)) == 0)
-                return 1;
-    }
-    return 0;
-}
-
 static void kick(slot *s)
 {
     const char *p[5];
     char *text = NULL;
     rt_append *v[RTAPPEND_GROUP_MAX];
     item *it;
-    int n = 0, common = 1, sent, f;
+    int n = 0, sent, f;
 
     if (s->state != ST_IDLE || !s->head)
         return;
@@ -428,21 +409,20 @@ static void kick(slot *s)
             it = s->head;
             s->head = it->next;
             s->fl[n++] = it;
-            common &= rtappend_common(it->x);
         }
     }
     if (!s->head)
         s->tail = NULL;
     s->queued -= n;
     s->nfl = n;
+    for (f = 0; f < n; f++)
+        v[f] = s->fl[f]->x;
     if (n == 1) {
         s->kind = s->fl[0]->alone || !rtappend_common(s->fl[0]->x) ? Q_ONE : Q_FAST;
         rtappend_params(s->fl[0]->x, p);
         sent = PQsendQueryPrepared(s->c, s->kind == Q_FAST ? "f" : "o", s->kind == Q_FAST ? 4 : 5, p, NULL, NULL, 0);
     } else {
-        s->kind = common && !has_duplicate(s->fl, n) ? Q_SET : Q_GROUP;
-        for (f = 0; f < n; f++)
-            v[f] = s->fl[f]->x;
+        s->kind = rtappend_set_fits(v, n) ? Q_SET : Q_GROUP;
         text = rtappend_group_json(v, n, s->kind == Q_SET);
         if (!text) {
             for (f = 0; f < n; f++)
