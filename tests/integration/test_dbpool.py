@@ -202,6 +202,26 @@ class DbPoolTest(unittest.TestCase):
         self.assertEqual(self.pg.query("SELECT state FROM pg_stat_activity WHERE application_name = %s",
                                        (appname,)), [("idle",)])
 
+    def test_exec_within_gives_up_and_drops_the_connection(self):
+        appname = "h4within%d" % os.getpid()
+        d = self.driver(self.pg.env(application_name=appname))
+        pid = parse_kv(d.cmd("acquire 2000"))["pid"]
+        ans = d.cmd("within 2000 SELECT pg_backend_pid()")
+        self.assertEqual(ans.split()[0::2], ["ok", pid], ans)
+        # A statement slower than the bound: NULL with 57014 after about
+        # the bound, not after the statement.
+        ans = d.cmd("within 300 SELECT pg_sleep(5)")
+        self.assertTrue(ans.startswith("err "), ans)
+        self.assertLess(int(ans.split()[1]), 2000, ans)
+        self.assertIn("57014: no answer within 300 ms", ans)
+        # The connection with the query still in flight was closed on
+        # release; the next one is a new backend that answers.
+        st = parse_kv(d.cmd("stats"))
+        self.assertEqual((st["total"], st["idle"]), ("0", "0"))
+        self.assertNotEqual(parse_kv(d.cmd("acquire 2000"))["pid"], pid)
+        ans = d.cmd("within 2000 SELECT 1/0")
+        self.assertTrue(ans.startswith("err ") and "22012: division by zero" in ans, ans)
+
     def test_db_vars_with_quotes_in_password(self):
         pw = "it's a \\ pass"
         self.pg.query("DROP ROLE IF EXISTS odd")

@@ -231,6 +231,28 @@ static void db_leave_tx(dbpool *p, int timeout_ms, int fail)
     dbpool_release(p, c);
 }
 
+/* `within MS SQL...`: dbpool_exec_within, then the connection released. */
+static void db_within(dbpool *p, int timeout_ms, const char *sql)
+{
+    long long t0 = mono_ms();
+    PGconn *c = dbpool_acquire(p, 2000);
+    char err[512];
+    PGresult *r;
+
+    if (!c) {
+        reply("null %s", dbpool_errstr(p, err, sizeof(err)));
+        return;
+    }
+    r = dbpool_exec_within(c, sql, 0, NULL, timeout_ms, err, sizeof(err));
+    dbpool_release(p, c);
+    if (!r) {
+        reply("err %lld %s", mono_ms() - t0, err);
+        return;
+    }
+    reply("ok %lld %s", mono_ms() - t0, PQntuples(r) > 0 ? PQgetvalue(r, 0, 0) : "");
+    PQclear(r);
+}
+
 static int run_db(cfg *c)
 {
     char conninfo[2048], line[LINE_MAX_LEN], err[512];
@@ -283,6 +305,13 @@ static int run_db(cfg *c)
                 sleep_ms(1);
             }
             reply("hammer calls=%ld ok=%ld worst_ms=%lld", calls, ok, worst);
+        } else if (strcmp(av[0], "within") == 0 && ac >= 3) {
+            /* The rest of the line is the statement (split cut it at spaces). */
+            char sql[LINE_MAX_LEN] = "";
+
+            for (int i = 2; i < ac; i++)
+                snprintf(sql + strlen(sql), sizeof(sql) - strlen(sql), "%s%s", i > 2 ? " " : "", av[i]);
+            db_within(p, (int)num(av[1], 1000), sql);
         } else if (strcmp(av[0], "tx") == 0 || strcmp(av[0], "txfail") == 0) {
             db_leave_tx(p, (int)num(ac > 1 ? av[1] : NULL, 1000), av[0][2] == 'f');
         } else if (strcmp(av[0], "stats") == 0) {
