@@ -24,6 +24,16 @@
 # BENCH_SSE_CLIENTS, BENCH_SSE_SOURCES, BENCH_SSE_EVENTS, BENCH_SSE_ROUNDS.
 set -euo pipefail
 
+# The kernel shares CPU time between sessions (autogroup) before nice
+# counts, so other sessions' niced builds and fuzzers take as much as this
+# one: under the bench lock this benchmark runs in a session of its own at
+# autogroup nice -10 when it may (as 60-realtime.sh does), and its result
+# line says which. The load client runs as SCHED_BATCH (sse_load.c).
+if [[ -z ${BENCH_SSE_SESSION:-} && -w /proc/self/autogroup ]] && command -v setsid >/dev/null; then
+    BENCH_SSE_SESSION=1 exec setsid -w bash "$0" "$@"
+fi
+if (echo -10 >/proc/self/autogroup) 2>/dev/null; then AUTOGROUP="autogroup nice -10"; else AUTOGROUP="autogroup as found"; fi
+
 # shellcheck source=scripts/bench.d/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 bench_init sse
@@ -136,7 +146,7 @@ main() {
     awk -v k="$gk" 'BEGIN { exit !(k <= 8) }' || verdict=FAIL
     awk -v p="$gp" 'BEGIN { exit !(p >= 0 && p <= 100) }' || verdict=FAIL
     [[ $gl == 0 ]] || verdict=FAIL
-    echo "sse: $CLIENTS streams, median of $ROUNDS rounds: api-gateway $gk KiB/stream, publish-to-all p50 $gp50 ms p99 $gp ms (last stream p99 $ga ms, lost $gl), $gu us CPU/delivery; node http $nk KiB/stream, p50 $np50 ms p99 $np ms (last $na ms, lost $nl), $nu us CPU/delivery; memory ratio $(ratio "$gk" "$nk"), CPU ratio $(ratio "$gu" "$nu") (bars <= 8 KiB, p99 <= 100 ms) $verdict"
+    echo "sse: $CLIENTS streams, median of $ROUNDS rounds: api-gateway $gk KiB/stream, publish-to-all p50 $gp50 ms p99 $gp ms (last stream p99 $ga ms, lost $gl), $gu us CPU/delivery; node http $nk KiB/stream, p50 $np50 ms p99 $np ms (last $na ms, lost $nl), $nu us CPU/delivery; memory ratio $(ratio "$gk" "$nk"), CPU ratio $(ratio "$gu" "$nu") (bars <= 8 KiB, p99 <= 100 ms; $AUTOGROUP) $verdict"
     [[ $verdict == PASS ]]
 }
 

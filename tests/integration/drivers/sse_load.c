@@ -25,6 +25,7 @@
 #include <errno.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -172,6 +173,15 @@ int main(int argc, char **argv)
     size_t nlat = 0;
     const char *path, *token;
 
+    {
+        /* The load shares the cores with the server: as a SCHED_BATCH task a
+         * wake-up does not preempt the server in the middle of a fan-out
+         * (real clients are on other machines). Same for every server. */
+        struct sched_param sp = {0};
+
+        if (!getenv("SSE_LOAD_NO_BATCH"))
+            sched_setscheduler(0, SCHED_BATCH, &sp);
+    }
     if (argc != 9) {
         fprintf(stderr, "usage: sse_load HOST PORT CLIENT_ID CLIENTS SOURCES EVENTS PUBLISH_PATH TOKEN\n");
         return 2;
