@@ -448,19 +448,14 @@ static void absorb_ahead(stream *s)
             s->gap_since = svc_now_ms();
         return;
     }
-    /* Frames of the first held chunk that the log already has are copied
-     * past; the rest of the chain is linked as it is. */
-    {
+    /* Each held chunk is linked as it is when it starts at hi+1; of one
+     * that overlaps the log, the frames beyond hi are copied. */
+    while (s->ahead) {
         chunk *c = s->ahead;
 
         s->ahead = c->next;
         c->next = NULL;
         log_take(s, c);
-        while (s->ahead) {
-            c = s->ahead;
-            s->ahead = c->next;
-            log_link(s, c);
-        }
     }
     s->ahead_tail = NULL;
     s->ahead_bytes = 0;
@@ -582,7 +577,7 @@ int rtes_hub_writable(rtes_hub *h, rtes_watch *w)
             cs[niov++] = c;
             total += to - from;
         }
-        if (w->closed || !c->linked)
+        if (w->closed || !c->linked || (c->next && c->next->first != c->first + c->n))
             break;
         c = c->next;
     }

@@ -39,33 +39,52 @@ DBURL=${DATABASE_URL%/*}/ae_bench_rtes
 psql "$DATABASE_URL" -qc "DROP DATABASE IF EXISTS ae_bench_rtes WITH (FORCE)" -c "CREATE DATABASE ae_bench_rtes" >/dev/null
 RURL=${REDIS_URL%/*}/9
 
+# CPU of the servers both sides use (reaped children included, so the
+# PostgreSQL backends of a finished realtime count).
+PG_PID=$(listener_pid "${AE_PG_PORT:-55432}")
+MQ_PID=$(listener_pid "${AE_AMQP_PORT:-5672}")
+RD_PID=$(listener_pid "${AE_REDIS_PORT:-56379}")
+HZ=$(getconf CLK_TCK)
+
 anchor=()
 ours=()
 ratios=()
+a_us=()
+o_us=()
 for r in $(seq "$ROUNDS"); do
-    # The anchor.
+    # The anchor: the broker's CPU and the consumer's.
     "$DRV" publish "$AMQP_URL" bench.plain x "$N" >/dev/null
-    secs=$("$DRV" consume "$AMQP_URL" bench.plain "$N" "$PREFETCH" | awk '/^consumed/ {print $4}')
+    m0=$(proc_ticks "$MQ_PID")
+    cpu_run ccpu "$DRV" consume "$AMQP_URL" bench.plain "$N" "$PREFETCH" >"$WORK/consume.out"
+    m1=$(proc_ticks "$MQ_PID")
+    secs=$(awk '/^consumed/ {print $4}' "$WORK/consume.out")
     a=$(awk -v n="$N" -v s="$secs" 'BEGIN { printf "%.0f", n / s }')
     anchor+=("$a")
+    au=$(awk -v t=$((m1 - m0)) -v hz="$HZ" -v c="$ccpu" -v n="$N" 'BEGIN { printf "%.1f", (t / hz + c) * 1e6 / n }')
+    a_us+=("$au")
 
-    # Ours.
+    # Ours: realtime, the watchers, and the broker, PostgreSQL and Redis.
     eid=bench-$r-$RANDOM$RANDOM
     "$DRV" publish "$AMQP_URL" workflow.node.status "$eid" "$N" >/dev/null
     port=$(free_port)
+    s0=$(proc_ticks "$MQ_PID" "$PG_PID" "$RD_PID")
     t0=$(date +%s.%N)
     bench_spawn realtime "$WORK/realtime-$r.log" env PORT="$port" HOST=127.0.0.1 DATABASE_URL="$DBURL" \
         REDIS_URL="$RURL" AMQP_URL="$AMQP_URL" RTES_SKIP_AUTH=1 RABBITMQ_PREFETCH_COUNT="$PREFETCH" \
         LOG_LEVEL=warn MIGRATIONS_DIR="$ROOT/database/migrations" "$BINDIR/realtime"
     rt=$BENCH_LAST_PID
     wait_http "http://127.0.0.1:$port/health" 30 200 "$rt"
-    line=$("$DRV" watch 127.0.0.1 "$port" "$eid" "$WATCHERS" "$N") || {
+    # (cpu_run keeps the command's stderr for `time`: the driver's goes to a file.)
+    if ! cpu_run wcpu bash -c '"$@" 2>"$0"' "$WORK/watch.err" "$DRV" watch 127.0.0.1 "$port" "$eid" "$WATCHERS" "$N" \
+        >"$WORK/watch.out"; then
+        cat "$WORK/watch.err" >&2
         echo "65-rtes: the watchers failed; see $WORK/realtime-$r.log" >&2
         exit 1
-    }
-    t1=$(awk '{print $NF}' <<<"$line")
+    fi
+    t1=$(awk '{print $NF}' "$WORK/watch.out")
     cpu=$(awk '{print $14 + $15}' "/proc/$rt/stat")
     bench_cleanup
+    s1=$(proc_ticks "$MQ_PID" "$PG_PID" "$RD_PID")
     rows=$(psql "$DBURL" -tAc "SELECT count(*) FROM rtes_events WHERE execution_id = '$eid'")
     if [[ $rows != "$N" ]]; then
         echo "65-rtes: round $r stored $rows events, not $N" >&2
@@ -74,14 +93,17 @@ for r in $(seq "$ROUNDS"); do
     o=$(awk -v n="$N" -v a="$t0" -v b="$t1" 'BEGIN { printf "%.0f", n / (b - a) }')
     ours+=("$o")
     ratios+=("$(ratio "$o" "$a")")
-    bench_log "65-rtes: round $r: ours $o msg/s (realtime CPU $((cpu * 1000 / $(getconf CLK_TCK))) ms), plain consumer $a msg/s"
+    ou=$(awk -v t=$((s1 - s0 + cpu)) -v hz="$HZ" -v c="$wcpu" -v n="$N" 'BEGIN { printf "%.1f", (t / hz + c) * 1e6 / n }')
+    o_us+=("$ou")
+    bench_log "65-rtes: round $r: ours $o msg/s, $ou us CPU/msg (realtime $((cpu * 1000 / HZ)) ms," \
+        "watchers ${wcpu} s, broker+PostgreSQL+Redis $(((s1 - s0) * 1000 / HZ)) ms);" \
+        "plain consumer $a msg/s, $au us CPU/msg (broker $(((m1 - m0) * 1000 / HZ)) ms, consumer ${ccpu} s)"
     psql "$DBURL" -qc "DELETE FROM rtes_executions WHERE execution_id = '$eid'" >/dev/null
 done
 
-median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 mr=$(median "${ratios[@]}")
-echo "rtes: $N node status messages consumed, stored and fanned out to $WATCHERS watchers: $(median "${ours[@]}") msg/s (median of $ROUNDS; rounds ${ours[*]})"
-echo "rtes: plain AMQP consumer that only acks, same broker and prefetch $PREFETCH: $(median "${anchor[@]}") msg/s (rounds ${anchor[*]})"
+echo "rtes: $N node status messages consumed, stored and fanned out to $WATCHERS watchers: $(median "${ours[@]}") msg/s, $(median "${o_us[@]}") us CPU/msg, all processes (median of $ROUNDS; rounds ${ours[*]})"
+echo "rtes: plain AMQP consumer that only acks, same broker and prefetch $PREFETCH: $(median "${anchor[@]}") msg/s, $(median "${a_us[@]}") us CPU/msg, broker and consumer (rounds ${anchor[*]})"
 if at_least "$mr" 0.5; then
     echo "rtes: median ratio $mr (rounds ${ratios[*]}; bar >= 0.5) PASS"
 else
