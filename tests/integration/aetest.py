@@ -33,8 +33,8 @@ PG_USER, PG_PASSWORD = urllib.parse.unquote(_PG.username or ""), urllib.parse.un
 REDIS_HOST, REDIS_PORT = _REDIS.hostname or "127.0.0.1", _REDIS.port or 6379
 
 __all__ = ["ROOT", "BINDIR", "DATABASE_URL", "REDIS_URL", "AMQP_URL", "PG_HOST", "PG_PORT", "PG_USER",
-           "PG_PASSWORD", "Service", "http", "http_json", "wait_for", "db_url", "redis_url", "private_db_create",
-           "private_db_drop"]
+           "PG_PASSWORD", "Service", "http", "http_json", "wait_for", "db_url", "redis_url", "private_db_fresh",
+           "private_db_create", "private_db_drop"]
 
 
 def db_url(name):
@@ -48,9 +48,9 @@ def redis_url(db):
     return "redis://%s:%d/%d" % (REDIS_HOST, REDIS_PORT, db)
 
 
-def private_db_create(name):
-    """A fresh database `name` on the shared server (dropped first if left
-    over), migrated with bin/migrate. Returns its URL."""
+def private_db_fresh(name):
+    """An empty database `name` on the shared server (dropped first if left
+    over). Returns its URL."""
     import psycopg2
     admin = psycopg2.connect(DATABASE_URL)
     admin.autocommit = True
@@ -58,6 +58,12 @@ def private_db_create(name):
         cur.execute("DROP DATABASE IF EXISTS %s WITH (FORCE)" % name)
         cur.execute("CREATE DATABASE %s" % name)
     admin.close()
+    return db_url(name)
+
+
+def private_db_create(name):
+    """private_db_fresh, then migrated with bin/migrate. Returns its URL."""
+    private_db_fresh(name)
     env = dict(os.environ, DATABASE_URL=db_url(name))
     r = subprocess.run([os.path.join(BINDIR, "migrate")], env=env, capture_output=True, text=True, timeout=120)
     if r.returncode != 0:

@@ -20,11 +20,10 @@ import psycopg2
 import redis
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from aetest import BINDIR, PG_HOST, PG_PASSWORD, PG_PORT, PG_USER, Service, db_url, redis_url, wait_for  # noqa: E402
+from aetest import Service, db_url, private_db_create, redis_url, wait_for  # noqa: E402
 from pgtmp import free_port  # noqa: E402
 from tools import need  # noqa: E402
 
-PG = dict(host=PG_HOST, port=PG_PORT, user=PG_USER, password=PG_PASSWORD)
 DB = "ae_test_ep"
 DSN = db_url(DB)
 REDIS_URL = redis_url(3)
@@ -41,14 +40,7 @@ class EventProcessorTest(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        admin = psycopg2.connect(dbname="erc8004_backend", **PG)
-        admin.autocommit = True
-        with admin.cursor() as c:
-            c.execute("DROP DATABASE IF EXISTS %s WITH (FORCE)" % DB)
-            c.execute("CREATE DATABASE %s" % DB)
-        admin.close()
-        env = dict(os.environ, DATABASE_URL=DSN, MIGRATIONS_DIR=os.path.join(ROOT, "database/migrations"))
-        subprocess.run([os.path.join(BINDIR, "migrate")], env=env, check=True, capture_output=True)
+        private_db_create(DB)
         cls.db = psycopg2.connect(DSN)
         cls.db.autocommit = True
         cls.r = redis.Redis.from_url(REDIS_URL)

@@ -20,13 +20,12 @@ import psycopg2
 import redis
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from aetest import (AMQP_URL, PG_HOST, PG_PASSWORD, PG_PORT, PG_USER, ROOT, Service, db_url,  # noqa: E402
-                    http, http_json, redis_url, wait_for)
+from aetest import (AMQP_URL, ROOT, Service, db_url, http, http_json, private_db_fresh, redis_url,  # noqa: E402
+                    wait_for)
 from pgtmp import free_port  # noqa: E402
 from tools import need  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PG = dict(host=PG_HOST, port=PG_PORT, user=PG_USER, password=PG_PASSWORD)
 DB = "ae_test_rtes"
 DSN = db_url(DB)
 REDIS_URL = redis_url(6)
@@ -39,12 +38,7 @@ FRAME_KEYS = ["node_id", "input", "params", "output", "status", "lineage_hash", 
 
 def setUpModule():
     subprocess.run([os.path.join(HERE, "setup-node.sh")], check=True)
-    admin = psycopg2.connect(dbname="erc8004_backend", **PG)
-    admin.autocommit = True
-    with admin.cursor() as c:
-        c.execute("DROP DATABASE IF EXISTS %s WITH (FORCE)" % DB)
-        c.execute("CREATE DATABASE %s" % DB)
-    admin.close()
+    private_db_fresh(DB)
     redis.Redis.from_url(REDIS_URL).flushdb()
     # Queues left by another run with the other durability would make the
     # broker refuse our declarations.
