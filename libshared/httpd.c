@@ -85,6 +85,8 @@ static __thread httpd_loop *httpd_cur_loop;
 
 struct httpd {
     httpd_opts opts;
+    char timeout_resp[384]; /* the 408 the reaper writes before it shuts a socket down */
+    size_t timeout_resp_len;
     httpd_loop *loops;
     int nloops;
     httpd_loop_hooks lhooks;
@@ -957,6 +959,28 @@ static void httpd_notify_conn(void *cls, struct MHD_Connection *conn, void **soc
     *socket_context = NULL;
 }
 
+/* RFC 9110 15.5.9: a server that gives up waiting for a request says so
+ * with 408 and closes. Built once: the reaper only copies it out. */
+static void httpd_timeout_response(httpd *srv)
+{
+    char msg[96];
+    cJSON *b;
+    char *text;
+    int n;
+
+    snprintf(msg, sizeof(msg), "the request headers were not complete within %d ms", srv->opts.header_timeout_ms);
+    b = httpd_error_body(408, "request_timeout", msg, NULL, "");
+    text = b ? cJSON_PrintUnformatted(b) : NULL;
+    cJSON_Delete(b);
+    n = text ? snprintf(srv->timeout_resp, sizeof(srv->timeout_resp),
+                        "HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\nContent-Length: %zu\r\n"
+                        "Connection: close\r\n\r\n%s",
+                        strlen(text), text)
+             : -1;
+    free(text);
+    srv->timeout_resp_len = n > 0 && (size_t)n < sizeof(srv->timeout_resp) ? (size_t)n : 0;
+}
+
 static void *httpd_reaper(void *arg)
 {
     httpd *srv = arg;
@@ -976,6 +1000,10 @@ static void *httpd_reaper(void *arg)
 
             if (d && d <= now && !c->reaped) {
                 c->reaped = 1;
+                /* No response is being written (the headers are not in):
+                 * the 408 cannot interleave with one. Best effort, as the
+                 * socket may be full. */
+                (void)send(c->fd, srv->timeout_resp, srv->timeout_resp_len, MSG_DONTWAIT | MSG_NOSIGNAL);
                 shutdown(c->fd, SHUT_RDWR);
                 metrics_counter_inc(srv->header_timeouts);
             }
@@ -1419,6 +1447,7 @@ httpd *httpd_new(const httpd_opts *opts, char *err, size_t errlen)
                                          metrics_latency_buckets, metrics_latency_nbuckets);
     srv->header_timeouts = metrics_counter_get(srv->reg, "http_header_timeouts_total",
                                                "Connections closed because a request's headers took too long.", NULL);
+    httpd_timeout_response(srv);
     return srv;
 }
 

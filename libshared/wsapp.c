@@ -40,6 +40,16 @@
 #define WSAPP_WRITE_CHUNK 65536
 /* Frame header bytes reserved in front of every message's payload. */
 #define WSAPP_FRAME_ROOM 10
+/* A request head is read into a buffer that starts this small and doubles
+ * up to max_header: a connection that trickles its head holds what it
+ * sent, not the limit. */
+#define WSAPP_HEAD_CHUNK 1024
+/* An oversized message is discarded (too_big, the connection lives on)
+ * until this many times max_frame have come; then it is closed 1009, so a
+ * frame announcing 2^62 bytes cannot keep a connection busy for ever. */
+#define WSAPP_DISCARD_FACTOR 16
+/* How often the messages in progress are checked against their deadline. */
+#define WSAPP_SWEEP_MS 1000
 
 enum { WSAPP_KIND_REQ = 1, WSAPP_KIND_CONN = 2, WSAPP_KIND_HEAD = 3 };
 
@@ -110,6 +120,8 @@ struct wsapp_conn {
     wsapp_conn *prev, *next;
     uint64_t id;
     long long last_rx_ms;
+    long long msg_since_ms; /* first byte of the message in progress; 0: none */
+    long long kill_at_ms;   /* a cut peer is dropped then even if it reads nothing */
     wsapp_msg **q;
     uint32_t qhead, qcount, qcap;
     size_t qbytes;
@@ -125,11 +137,11 @@ struct wsapp_conn {
 /* A connection being read up to the end of its request head. */
 typedef struct {
     int kind; /* WSAPP_KIND_HEAD */
-    ev_timer retry;
-    struct ev_loop *loop;
+    ev_timer deadline;
+    struct wsapp *app;
     struct lws *wsi;
-    size_t len; /* bytes seen at the last look */
-    char data[];
+    size_t len, cap; /* bytes read into data, its size */
+    char *data;
 } wsapp_head;
 
 struct wsapp_timer {
@@ -177,7 +189,8 @@ struct wsapp {
     ev_prepare flush;
     metrics_counter *m_http[6];
     metrics_gauge *m_conns;
-    metrics_counter *m_opened, *m_dropped, *m_oversize, *m_refused;
+    metrics_counter *m_opened, *m_dropped, *m_oversize, *m_refused, *m_head_timeouts, *m_msg_timeouts;
+    ev_timer sweep; /* messages in progress against message_timeout_ms */
 };
 
 /* ---- small helpers ------------------------------------------------------ */
@@ -469,6 +482,51 @@ void wsapp_conn_close(wsapp_conn *c, int code, const char *reason)
     lws_callback_on_writable(c->wsi);
 }
 
+/* A close for a peer that misbehaves: it may not read either, so the
+ * close frame gets a few seconds (the sweep then drops the socket). */
+static void wsapp_conn_cut(wsapp_conn *c, int code, const char *reason)
+{
+    wsapp_conn_close(c, code, reason);
+    if (!c->kill_at_ms)
+        c->kill_at_ms = svc_now_ms() + 5000;
+}
+
+/* Every WSAPP_SWEEP_MS: a message in progress for longer than
+ * message_timeout_ms is closed 1008. lws parses a frame's header before
+ * any of its payload reaches us, so a frame that announced a payload and
+ * stopped is seen by lws_remaining_packet_payload only. */
+static void wsapp_sweep(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    wsapp *app = lws_container_of(w, wsapp, sweep);
+    long long now = svc_now_ms();
+    wsapp_conn *c, *next;
+
+    (void)loop;
+    (void)revents;
+    for (c = app->conns; c; c = next) {
+        next = c->next;
+        if (!c->wsi)
+            continue;
+        if (c->kill_at_ms) {
+            if (now >= c->kill_at_ms) {
+                c->kill_at_ms = 0;
+                lws_set_timeout(c->wsi, PENDING_TIMEOUT_USER_REASON_BASE, LWS_TO_KILL_ASYNC);
+            }
+            continue;
+        }
+        if (c->closing)
+            continue;
+        if (!c->msg_since_ms && lws_remaining_packet_payload(c->wsi) > 0)
+            c->msg_since_ms = now;
+        if (c->msg_since_ms && now - c->msg_since_ms > app->o.message_timeout_ms) {
+            metrics_counter_inc(app->m_msg_timeouts);
+            log_event(LOG_WARN, "websocket message not completed in time, closed",
+                      "\"connection_id\":%llu,\"received_bytes\":%zu", (unsigned long long)c->id, c->rxlen);
+            wsapp_conn_cut(c, 1008, "message not completed in time");
+        }
+    }
+}
+
 void wsapp_foreach_conn(wsapp *app, void (*fn)(wsapp_conn *c, void *user, void *ud), void *ud)
 {
     wsapp_conn *c = app->conns, *next;
@@ -632,11 +690,20 @@ static void wsapp_conn_receive(wsapp_conn *c, const char *in, size_t len)
     const wsapp_ws_route_t *r = c->route;
     int first = lws_is_first_fragment(c->wsi), final = lws_is_final_fragment(c->wsi);
 
+    /* Once a close is decided nothing more is delivered: a peer that keeps
+     * sending is not worth the work. */
+    if (c->closing)
+        return;
     c->last_rx_ms = svc_now_ms();
     if (first) {
         c->rxlen = 0;
         c->discarding = 0;
         c->rx_binary = lws_frame_is_binary(c->wsi) != 0;
+        /* Kept when the sweep saw the frame's header already. */
+        if (final)
+            c->msg_since_ms = 0;
+        else if (!c->msg_since_ms)
+            c->msg_since_ms = c->last_rx_ms;
         if (final) {
             if (len > app->o.max_frame) {
                 metrics_counter_inc(app->m_oversize);
@@ -665,8 +732,16 @@ static void wsapp_conn_receive(wsapp_conn *c, const char *in, size_t len)
         }
     }
     c->rxlen += len;
-    if (!final)
+    if (!final) {
+        if (c->discarding && c->rxlen > app->o.max_frame * WSAPP_DISCARD_FACTOR) {
+            metrics_counter_inc(app->m_oversize);
+            if (r->h.too_big)
+                r->h.too_big(c, wsapp_conn_user(c), c->rxlen, r->ud);
+            wsapp_conn_cut(c, 1009, "message too big");
+        }
         return;
+    }
+    c->msg_since_ms = 0;
     if (c->discarding) {
         metrics_counter_inc(app->m_oversize);
         if (r->h.too_big)
@@ -1326,7 +1401,7 @@ static void wsapp_stop_step(wsapp *app)
     }
 }
 
-static void wsapp_head_retry(struct ev_loop *loop, ev_timer *w, int revents);
+static void wsapp_head_expired(struct ev_loop *loop, ev_timer *w, int revents);
 
 static void wsapp_accept_ready(wsapp *app)
 {
@@ -1343,14 +1418,14 @@ static void wsapp_accept_ready(wsapp *app)
             continue;
         }
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-        h = calloc(1, sizeof(*h) + app->o.max_header + 1);
+        h = calloc(1, sizeof(*h));
         if (!h) {
             close(fd);
             continue;
         }
         h->kind = WSAPP_KIND_HEAD;
-        h->loop = app->loop;
-        ev_timer_init(&h->retry, wsapp_head_retry, 0., 0.);
+        h->app = app;
+        ev_timer_init(&h->deadline, wsapp_head_expired, (double)app->o.header_timeout_ms / 1000.0, 0.);
         d.filefd = fd;
         w = lws_adopt_descriptor_vhost(app->vh, LWS_ADOPT_RAW_FILE_DESC, d, "wsapp-head", NULL);
         if (!w) {
@@ -1360,8 +1435,20 @@ static void wsapp_accept_ready(wsapp *app)
         }
         h->wsi = w;
         lws_set_opaque_user_data(w, h);
-        lws_set_timeout(w, PENDING_TIMEOUT_USER_REASON_BASE + 1, app->o.http_timeout_s);
+        ev_timer_start(app->loop, &h->deadline);
     }
+}
+
+/* Takes what the peer sent and nobody read (a head left in the socket):
+ * closing over unread bytes would send a reset, which can make the peer
+ * drop the answer just written before reading it. */
+static void wsapp_drain(int fd, size_t max)
+{
+    char junk[2048];
+    ssize_t n;
+
+    while (max > 0 && (n = recv(fd, junk, sizeof(junk), MSG_DONTWAIT)) > 0)
+        max = (size_t)n >= max ? 0 : max - (size_t)n;
 }
 
 static void wsapp_reply_raw(int fd, int status, const char *code, const char *message)
@@ -1448,25 +1535,38 @@ static void wsapp_head_handoff(wsapp *app, int fd, const char *data, size_t n)
     free(head);
 }
 
-static void wsapp_head_retry(struct ev_loop *loop, ev_timer *w, int revents)
+/* The head did not come in time: 408, as RFC 9110 has a server say it
+ * gave up waiting, and close. */
+static void wsapp_head_expired(struct ev_loop *loop, ev_timer *w, int revents)
 {
-    wsapp_head *h = lws_container_of(w, wsapp_head, retry);
+    wsapp_head *h = lws_container_of(w, wsapp_head, deadline);
+    char msg[96];
 
     (void)loop;
     (void)revents;
-    lws_rx_flow_control(h->wsi, 1);
+    metrics_counter_inc(h->app->m_head_timeouts);
+    snprintf(msg, sizeof(msg), "the request head was not complete within %d ms", h->app->o.header_timeout_ms);
+    wsapp_drain(lws_get_socket_fd(h->wsi), h->app->o.max_header);
+    wsapp_reply_raw(lws_get_socket_fd(h->wsi), 408, "request_timeout", msg);
+    /* Frees h (LWS_CALLBACK_RAW_CLOSE_FILE). */
+    lws_set_timeout(h->wsi, PENDING_TIMEOUT_USER_REASON_BASE + 1, LWS_TO_KILL_SYNC);
 }
 
-static void wsapp_head_later(wsapp_head *h, double s)
+static void wsapp_head_free(wsapp_head *h)
 {
-    ev_timer_stop(h->loop, &h->retry);
-    ev_timer_set(&h->retry, s, 0.);
-    ev_timer_start(h->loop, &h->retry);
+    ev_timer_stop(h->app->loop, &h->deadline);
+    free(h->data);
+    free(h);
 }
 
 /* Callback of the "wsapp-head" protocol: a new connection, watched as a
  * raw descriptor (lws does not read it) until its request head is all
- * there, which recv(MSG_PEEK) tells without taking the bytes. */
+ * there, which recv(MSG_PEEK) tells without taking the bytes. SO_RCVLOWAT
+ * keeps the socket from looking readable again until more bytes came:
+ * looking again on a timer instead cost a fifth of a core for 1,000
+ * clients trickling their heads. (Taking the bytes and handing them to lws
+ * with lws_adopt_socket_vhost_readbuf is not an option: lws 4.1 then never
+ * reads a request body that follows.) */
 static int wsapp_head_cb(struct lws *wsi, enum lws_callback_reasons reason, void *user, void *in, size_t len)
 {
     wsapp *app = lws_context_user(lws_get_context(wsi));
@@ -1481,32 +1581,54 @@ static int wsapp_head_cb(struct lws *wsi, enum lws_callback_reasons reason, void
     case LWS_CALLBACK_RAW_RX_FILE:
         if (!h)
             return -1;
-        n = recv(fd, h->data, app->o.max_header, MSG_PEEK);
-        if (n <= 0)
-            return n < 0 && errno == EAGAIN ? 0 : -1;
-        if (!memmem(h->data, (size_t)n, "\r\n\r\n", 4)) {
-            if ((size_t)n >= app->o.max_header) {
+        if (h->len == h->cap) {
+            size_t cap = h->cap ? h->cap * 2 : WSAPP_HEAD_CHUNK;
+            char *nd;
+
+            if (cap > app->o.max_header)
+                cap = app->o.max_header;
+            if (cap <= h->len) {
                 wsapp_reply_raw(fd, 431, "invalid_request", "request head too large");
                 return -1;
             }
-            if ((size_t)n > h->len) {
-                /* More came but not all: look again when the socket
-                 * next has data, not in a busy loop over the same bytes. */
-                h->len = (size_t)n;
-                lws_rx_flow_control(wsi, 0);
-                wsapp_head_later(h, 0.005);
-                return 0;
-            }
-            lws_rx_flow_control(wsi, 0);
-            wsapp_head_later(h, 0.02);
-            return 0;
+            if (!(nd = realloc(h->data, cap)))
+                return -1;
+            h->data = nd;
+            h->cap = cap;
         }
-        wsapp_head_handoff(app, fd, h->data, (size_t)n);
-        return -1;
+        /* Peeked: lws reads the head itself (and the body after it). */
+        n = recv(fd, h->data, h->cap, MSG_PEEK);
+        if (n == 0)
+            return -1;
+        if (n < 0)
+            return errno == EAGAIN || errno == EINTR ? 0 : -1;
+        h->len = (size_t)n;
+        if (memmem(h->data, h->len, "\r\n\r\n", 4)) {
+            int one = 1;
+
+            /* Back to the default before lws takes the socket. */
+            setsockopt(fd, SOL_SOCKET, SO_RCVLOWAT, &one, sizeof(one));
+            wsapp_head_handoff(app, fd, h->data, h->len);
+            return -1;
+        }
+        if (h->len >= app->o.max_header) {
+            wsapp_drain(fd, app->o.max_header);
+            wsapp_reply_raw(fd, 431, "invalid_request", "request head too large");
+            return -1;
+        }
+        if (h->len < h->cap) {
+            /* The bytes stay in the socket, so it stays readable: epoll
+             * is told to wake us only once more than these have come. */
+            int lowat = (int)h->len + 1;
+
+            if (setsockopt(fd, SOL_SOCKET, SO_RCVLOWAT, &lowat, sizeof(lowat)) < 0)
+                return -1;
+        }
+        /* A full buffer grows at the next wake-up (which is at once). */
+        return 0;
     case LWS_CALLBACK_RAW_CLOSE_FILE:
         if (h) {
-            ev_timer_stop(h->loop, &h->retry);
-            free(h);
+            wsapp_head_free(h);
             lws_set_opaque_user_data(wsi, NULL);
         }
         return 0;
@@ -1612,8 +1734,7 @@ static int wsapp_cb(struct lws *wsi, enum lws_callback_reasons reason, void *use
         return 0;
     case LWS_CALLBACK_WSI_DESTROY:
         if (kind == WSAPP_KIND_HEAD) {
-            ev_timer_stop(((wsapp_head *)op)->loop, &((wsapp_head *)op)->retry);
-            free(op);
+            wsapp_head_free(op);
             lws_set_opaque_user_data(wsi, NULL);
         } else if (c) {
             wsapp_conn_closed(app, wsi, c);
@@ -1805,6 +1926,10 @@ wsapp *wsapp_new(const wsapp_opts *opts, char *err, size_t errlen)
         app->o.max_connections = 20000;
     if (app->o.http_timeout_s <= 0)
         app->o.http_timeout_s = 30;
+    if (app->o.header_timeout_ms <= 0)
+        app->o.header_timeout_ms = 10000;
+    if (app->o.message_timeout_ms <= 0)
+        app->o.message_timeout_ms = 30000;
     if (!app->o.metrics)
         app->o.metrics = metrics_default();
     app->listen_fd = -1;
@@ -1839,6 +1964,12 @@ wsapp *wsapp_new(const wsapp_opts *opts, char *err, size_t errlen)
                                           "Incoming WebSocket messages discarded for exceeding the frame limit", lab);
     app->m_refused = metrics_counter_get(app->o.metrics, "wsapp_websocket_refused_total",
                                          "WebSocket handshakes refused before the upgrade", lab);
+    app->m_head_timeouts = metrics_counter_get(app->o.metrics, "wsapp_http_header_timeouts_total",
+                                               "Connections answered 408 because their request head took too long",
+                                               lab);
+    app->m_msg_timeouts = metrics_counter_get(app->o.metrics, "wsapp_websocket_message_timeouts_total",
+                                              "WebSocket connections closed 1008 because a message took too long", lab);
+    ev_timer_init(&app->sweep, wsapp_sweep, (double)WSAPP_SWEEP_MS / 1000.0, (double)WSAPP_SWEEP_MS / 1000.0);
     return app;
 }
 
@@ -1958,6 +2089,7 @@ int wsapp_start(wsapp *app, char *err, size_t errlen)
         snprintf(err, errlen, "cannot watch the listening socket");
         return -1;
     }
+    ev_timer_start(app->loop, &app->sweep);
     if (pthread_create(&app->thread, NULL, wsapp_thread, app) != 0) {
         snprintf(err, errlen, "cannot start the loop thread");
         return -1;

@@ -58,7 +58,14 @@ typedef struct {
     size_t max_frame;         /* an incoming WebSocket message; 0 means 64 KiB */
     size_t send_queue_bytes;  /* queued bytes per connection before it is dropped; 0 means 1 MiB */
     int max_connections;      /* sockets (HTTP and WebSocket) accepted at once; 0 means 20000 */
-    int http_timeout_s;       /* idle HTTP keep-alive and slow heads; 0 means 30 */
+    int http_timeout_s;       /* idle HTTP keep-alive; 0 means 30 */
+    /* A new connection's request head must be complete this long after it
+     * opened, else 408 and close (slow-loris); 0 means 10000. */
+    int header_timeout_ms;
+    /* An incoming WebSocket message must be complete this long after its
+     * first byte, else close 1008 (fragments or a frame that never end);
+     * 0 means 30000. */
+    int message_timeout_ms;
     int access_log;           /* nonzero: one info line per HTTP request and handshake */
     metrics *metrics;         /* NULL means metrics_default() */
 } wsapp_opts;
@@ -142,7 +149,9 @@ typedef struct {
      * stream, whose client's frames mean nothing. */
     void (*message)(wsapp_conn *c, void *user, const char *data, size_t len, int binary, void *ud);
     /* A message larger than max_frame was discarded (the connection stays
-     * open). `size` is what had arrived when it was cut. May be NULL. */
+     * open). `size` is what had arrived when it was cut. May be NULL.
+     * Also called, with the connection then closed 1009, when a message
+     * goes on past 16 x max_frame: its end is not waited for. */
     void (*too_big)(wsapp_conn *c, void *user, size_t size, void *ud);
     /* A WebSocket pong arrived. May be NULL. */
     void (*pong)(wsapp_conn *c, void *user, void *ud);

@@ -34,6 +34,7 @@ typedef struct {
     int port;
     int reuse_port;
     int stop_grace_ms;
+    int header_timeout_ms, message_timeout_ms;
     long send_queue_bytes;
     char conninfo[2048];
     char amqp_url[1024];
@@ -100,6 +101,18 @@ static void realtime_config(cfg *c, realtime *rt)
     rt->port = (int)cfg_int(c, "PORT", 8081, 0, 65535);
     rt->reuse_port = cfg_bool(c, "REUSE_PORT", 0);
     rt->stop_grace_ms = (int)cfg_duration_ms(c, "SHUTDOWN_GRACE", 5000, 1);
+    /* Slow-loris and messages that never end (libshared/wsapp.h). */
+    {
+        long h = cfg_duration_ms(c, "HTTP_HEADER_TIMEOUT", 10000, 1000);
+        long m = cfg_duration_ms(c, "WS_MESSAGE_TIMEOUT", 30000, 1000);
+
+        if (h <= 0 || h > 3600000)
+            cfg_error(c, "HTTP_HEADER_TIMEOUT", cfg_str(c, "HTTP_HEADER_TIMEOUT", ""), "a duration from 1ms to 1h");
+        if (m <= 0 || m > 3600000)
+            cfg_error(c, "WS_MESSAGE_TIMEOUT", cfg_str(c, "WS_MESSAGE_TIMEOUT", ""), "a duration from 1ms to 1h");
+        rt->header_timeout_ms = (int)h;
+        rt->message_timeout_ms = (int)m;
+    }
     /* A reader that falls this far behind is dropped (messaging's /info
      * shows the same variable). */
     rt->send_queue_bytes = cfg_int(c, "SEND_QUEUE_BYTES", 262144, 4096, 1L << 30);
@@ -158,6 +171,8 @@ int main(void)
     wo.access_log = 1;
     wo.max_connections = 19000;
     wo.send_queue_bytes = (size_t)rt.send_queue_bytes;
+    wo.header_timeout_ms = rt.header_timeout_ms;
+    wo.message_timeout_ms = rt.message_timeout_ms;
     wo.metrics = rt.h.metrics;
     rt.h.app = wsapp_new(&wo, err, sizeof(err));
     if (!rt.h.app || wsapp_route(rt.h.app, "GET", "/health", realtime_health, &rt) < 0 ||

@@ -51,6 +51,8 @@ typedef struct {
     long retention_messages;    /* per topic; 0 keeps everything */
     long heartbeat_stale_ms;
     int enforce_origin;
+    long header_timeout_ms;     /* a request head must be in this long after the connection opened */
+    long ws_message_timeout_ms; /* a WebSocket message must be complete this long after its first byte */
     char allowed_origins[2048]; /* ",a,b," lower case, no trailing slash */
 } rt_config;
 

@@ -871,6 +871,8 @@ rtserve *rtserve_new(rt *r, const char *host, int port, int threads, int append_
     o.host = host;
     o.port = port;
     o.access_log = 1;
+    o.header_timeout_ms = (int)r->cfg.header_timeout_ms;
+    o.message_timeout_ms = (int)r->cfg.ws_message_timeout_ms;
     o.metrics = r->m;
     s->app = wsapp_new(&o, err, errlen);
     if (!s->app || wsapp_route_metrics(s->app) < 0)
