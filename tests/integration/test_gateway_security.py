@@ -111,10 +111,13 @@ def read_response(s, limit=65536):
 
 
 def closed_by_peer(s, wait):
-    """True when the server closed the socket within `wait` seconds."""
+    """True when the server closed the socket within `wait` seconds (what
+    it wrote before, such as a 408, is read and dropped)."""
     s.settimeout(wait)
     try:
-        return s.recv(1) == b""
+        while s.recv(65536):
+            pass
+        return True
     except ConnectionResetError:
         return True
     except socket.timeout:

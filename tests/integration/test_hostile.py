@@ -6,8 +6,9 @@ proxied paths. Each is refused with the right status and the JSON error
 body, nothing reaches the upstream that the client did not send as one
 request, and the gateway keeps answering other clients.
 
-Slow-loris, the per-address connection cap and endless chunked bodies are
-in test_gateway_security.py; SSRF through action URLs and Telegram/template
+Slow-loris (1,000 trickling connections per server) and WebSocket messages
+that never end are in test_hostile_conns.py; the per-address connection cap
+and endless chunked bodies in test_gateway_security.py; SSRF through action URLs and Telegram/template
 injection in test_action_workers.py and test_hostile_actions.py.
 
 Uses its own database `ae_test_hostile_<pid>` and an upstream of its own
