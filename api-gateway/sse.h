@@ -165,6 +165,10 @@ size_t sse_out_client_ids(sse_out *o, char (**out)[SSE_CLIENT_ID_MAX + 1]);
 /* Live streams. */
 long sse_out_clients(sse_out *o);
 
+/* Ends every live stream cleanly (any thread); the writers go on, and
+ * streams still replaying are left alone. */
+void sse_out_end_all(sse_out *o);
+
 /* Ends every live stream cleanly and stops the writers; streams opened
  * after it fail. */
 void sse_out_stop(sse_out *o);

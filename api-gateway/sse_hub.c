@@ -213,20 +213,38 @@ static void hub_heartbeat(sse *s, rconn *cmd)
     free(cids);
 }
 
+/* The subscription is back after a break: what was published meanwhile is
+ * stored but reached no stream held here. Each live one is ended cleanly,
+ * so its client reconnects with Last-Event-ID and replays it (a stream
+ * still replaying read the buffer after the break and stays). */
+static void hub_end_streams(sse *s)
+{
+    long n = sse_out_clients(s->out);
+
+    if (n > 0) {
+        log_event(LOG_INFO, "sse_streams_ended", "\"count\":%ld,\"reason\":\"Redis subscription restored\"", n);
+        sse_out_end_all(s->out);
+    }
+}
+
 static void *hub_main(void *ud)
 {
     sse *s = ud;
     rconn *sub = rconn_new(&s->cfg.redis, 2000), *cmd = rconn_new(&s->cfg.redis, 2000);
     long long next_beat = svc_now_ms() + s->cfg.heartbeat_ms, next_lock = 0;
-    int subscribed = 0;
+    int subscribed = 0, broke = 0;
 
     while (sub && cmd && !atomic_load(&s->stopping)) {
         struct pollfd fds[2];
         long long now = svc_now_ms(), due = next_beat < next_lock ? next_beat : next_lock;
         int nfds = 1, timeout;
 
-        if (!subscribed && hub_subscribe(s, sub) == 0)
+        if (!subscribed && hub_subscribe(s, sub) == 0) {
             subscribed = 1;
+            if (broke)
+                hub_end_streams(s);
+            broke = 0;
+        }
         timeout = due > now ? (int)(due - now) : 0;
         if (timeout > 250)
             timeout = 250;
@@ -245,6 +263,7 @@ static void *hub_main(void *ud)
                 log_warn("sse: the Redis subscription broke (%s); resubscribing", c->errstr);
                 rconn_mark_broken(sub);
                 subscribed = 0;
+                broke = 1;
             } else {
                 while (redisGetReplyFromReader(c, &rep) == REDIS_OK && rep) {
                     hub_message(s, cmd, rep);

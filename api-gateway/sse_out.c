@@ -90,7 +90,7 @@ struct sse_ip {
     char addr[64];
 };
 
-enum { M_DELIVER, M_HEARTBEAT, M_REGISTER, M_START, M_CANCEL, M_STOP };
+enum { M_DELIVER, M_HEARTBEAT, M_REGISTER, M_START, M_CANCEL, M_END_ALL, M_STOP };
 
 typedef struct sse_msg {
     struct sse_msg *next;
@@ -771,6 +771,10 @@ static int writer_handle(sse_writer *w, sse_msg *m, int dead)
         else
             stream_close(w, m->s, NULL);
         break;
+    case M_END_ALL:
+        if (!dead)
+            writer_end_all(w);
+        break;
     case M_STOP:
         return 1;
     }
@@ -1057,6 +1061,13 @@ size_t sse_out_client_ids(sse_out *o, char (**out)[SSE_CLIENT_ID_MAX + 1])
 long sse_out_clients(sse_out *o)
 {
     return o ? atomic_load(&o->nlive) : 0;
+}
+
+void sse_out_end_all(sse_out *o)
+{
+    for (int i = 0; o && o->w && i < o->nwriters; i++)
+        if (o->w[i].started && push_new(&o->w[i], M_END_ALL, NULL, NULL) < 0)
+            log_warn("sse: cannot end the streams of writer %d (out of memory)", i);
 }
 
 void sse_out_stop(sse_out *o)
