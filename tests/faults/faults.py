@@ -17,12 +17,24 @@ happens:
   rtes     node states over AMQP (tests/faults/rtes_load.cjs, npm amqplib,
            confirms, mandatory), counted by node id in rtes_events;
   realtime 1,000 /ws subscribers (tests/faults/rt_load.cjs, npm ws), fed by
-           a ws publisher and by PUBLISH on Redis: at most once, loss reported.
+           a ws publisher and by PUBLISH on Redis: at most once, loss reported;
+  proxy    POST /api/v1/faultsup/item/ID through the gateway's proxy to an
+           upstream process of its own (tests/faults/upstream.py), not
+           retried: each answered 200 by the upstream or refused cleanly
+           (502/503/504 with the JSON body, or no connection while the
+           gateway is down), none reaching the upstream twice;
+  sse      events published with POST /internal/v1/sse/{client} (retried
+           until 202) to one SSE client that reconnects with Last-Event-ID
+           as EventSource does: every stored event must reach it once.
 
 Faults: kill -9 of each service (then `stack.sh up` brings it back, as an
 operator's `make up` would), restart of PostgreSQL, Redis and RabbitMQ
 (servers.sh restart), the event-processor's LISTEN connection cut
-(pg_terminate_backend), Redis and PostgreSQL paused (SIGSTOP 10 s, SIGCONT).
+(pg_terminate_backend), Redis and PostgreSQL paused (SIGSTOP 10 s, SIGCONT),
+kill -9 of the proxied upstream (back after 2 s), and, with a second
+gateway or event-processor started beside the stack's on the same stores,
+kill -9 of the stack's one, left down for the phase (the loads fail over to
+the second gateway as a client behind a load balancer does).
 
 After each fault: every accepted event reached the receiver under exactly one
 idempotency key and has one success row in action_results, every accepted
@@ -32,6 +44,7 @@ reconnected by itself). A table is printed at the end; the exit status is 1
 when any check failed.
 """
 import argparse
+import http.client
 import json
 import os
 import signal
@@ -118,6 +131,7 @@ class Stack:
     def __init__(self, services, var):
         self.services = services
         self.var = var
+        self.extras = {}  # service -> [Extra]: second instances (the pair faults)
         self.ports = {}
         while len(set(self.ports.values())) < len(ALL):
             self.ports = {s: free_port() for s in ALL}
@@ -139,7 +153,9 @@ class Stack:
         self.amqp_url = urllib.parse.urlunsplit(urllib.parse.urlsplit(srv["AMQP_URL"].strip("'"))._replace(
             path="/faults"))
         self.ingest = uuid.uuid4().hex
+        self.internal = uuid.uuid4().hex
         self.jwt_secret = uuid.uuid4().hex + uuid.uuid4().hex
+        self.upstream_port = free_port()
         self.env = {k: v for k, v in os.environ.items() if not k.endswith("_URL") and k != "AE_TEST_RUN"}
         self.env.update({
             "STACK_VAR": var, "STACK_SERVICES": " ".join(services),
@@ -152,6 +168,10 @@ class Stack:
             # (100/s) would answer most of them 429.
             "RATE_LIMIT_PER_SECOND": "100000", "RATE_LIMIT_BURST": "100000",
             "RABBITMQ_QUEUE_DURABLE": "true",
+            # The proxied upstream (tests/faults/upstream.py), and a breaker
+            # that tries it again soon after it came back.
+            "FAULTSUP_URL": "http://127.0.0.1:%d" % self.upstream_port, "PROXY_BREAKER_COOLDOWN_MS": "1000",
+            "INTERNAL_TOKEN": self.internal,
             # On 127.0.0.1, where free_port found the ports free (on 0.0.0.0
             # they may meet a client bound to 127.0.0.2, as the load tools do).
             "SERVER_HOST": "127.0.0.1", "HOST": "127.0.0.1", "METRICS_HOST": "127.0.0.1",
@@ -198,14 +218,17 @@ class Stack:
     def pids(self):
         return {s: self.pid(s) for s in self.services}
 
-    def healthy(self):
-        """The services whose health route does not answer 200."""
-        return [s for s in self.services if call("GET", self.url(s, HEALTH[s]), timeout=2)[0] != 200]
+    def healthy(self, skip=()):
+        """The services whose health route does not answer 200 (the second
+        instances' included; `skip`: the stack's instances left down)."""
+        bad = [s for s in self.services if s not in skip and call("GET", self.url(s, HEALTH[s]), timeout=2)[0] != 200]
+        return bad + [e.service + " (second)" for es in self.extras.values() for e in es
+                      if call("GET", e.url(HEALTH[e.service]), timeout=2)[0] != 200]
 
-    def wait_healthy(self, timeout=90):
+    def wait_healthy(self, timeout=90, skip=()):
         end = time.monotonic() + timeout
         while time.monotonic() < end:
-            if not self.healthy():
+            if not self.healthy(skip):
                 return True
             time.sleep(0.1)
         return False
@@ -235,6 +258,73 @@ class Stack:
                 return c.fetchall() if c.description else None
         finally:
             conn.close()
+
+
+PORT_ENV = {"api-gateway": "SERVER_PORT", "realtime": "PORT", "event-processor": "METRICS_PORT",
+            "action-workers": "METRICS_PORT"}
+
+
+class Extra:
+    """A second instance of a service beside the stack's, on the same
+    stores (database, Redis, RabbitMQ vhost), on a port of its own."""
+
+    def __init__(self, stack, service):
+        self.stack, self.service, self.port, self.proc = stack, service, free_port(), None
+
+    def url(self, path=""):
+        return "http://127.0.0.1:%d%s" % (self.port, path)
+
+    def start(self):
+        env = {k: v for k, v in self.stack.env.items() if not k.startswith("STACK_")}
+        env[PORT_ENV[self.service]] = str(self.port)
+        os.makedirs(os.path.join(self.stack.var, "log"), exist_ok=True)
+        self.log = open(os.path.join(self.stack.var, "log", self.service + "-2.log"), "ab")
+        self.proc = subprocess.Popen([os.path.join(ROOT, env["BINDIR"], self.service)], env=env, cwd=ROOT,
+                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        end = time.monotonic() + 60
+        while call("GET", self.url(HEALTH[self.service]), timeout=2)[0] != 200:
+            if self.proc.poll() is not None or time.monotonic() > end:
+                raise RuntimeError("the second %s did not start (see %s)" % (self.service, self.log.name))
+            time.sleep(0.2)
+        return self
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc:
+            self.log.close()
+
+
+class Upstream:
+    """tests/faults/upstream.py as a process (kill -9 takes its connections
+    with it); the ids it answered are in its log, which survives the kill."""
+
+    def __init__(self, port, var):
+        self.port, self.logpath, self.proc = port, os.path.join(var, "upstream.log"), None
+        os.makedirs(var, exist_ok=True)
+        open(self.logpath, "w").close()
+
+    def start(self):
+        self.proc = subprocess.Popen([sys.executable, os.path.join(HERE, "upstream.py"), str(self.port), self.logpath],
+                                     start_new_session=True)
+        end = time.monotonic() + 20
+        while call("GET", "http://127.0.0.1:%d/health" % self.port, timeout=1)[0] != 200:
+            if self.proc.poll() is not None or time.monotonic() > end:
+                raise RuntimeError("the upstream did not start")
+            time.sleep(0.05)
+
+    def kill9(self):
+        self.proc.kill()
+        self.proc.wait()
+
+    def seen(self):
+        with open(self.logpath) as f:
+            return Counter(line.strip() for line in f if line.strip())
 
 
 class Receiver:
@@ -325,10 +415,149 @@ class EventLoad(RetryLoad):
                 "client_address": "0xc", "feedback_index": n, "score": 90, "tag1": "f", "tag2": ""}
 
     def send(self, ev):
-        st, body = call("POST", self.stack.url("api-gateway", "/api/v1/chain-events"), {"events": [ev]},
+        st, body = call("POST", gateway_url(self.stack, self, "/api/v1/chain-events"), {"events": [ev]},
                         self.stack.ingest)
+        failover(self, st)
         ok = st in (200, 201) and body and body.get("inserted", 0) + body.get("duplicates", 0) == 1
         return ev["id"] if ok else None
+
+
+def gateway_url(stack, load, path):
+    """The gateway a load talks to: the stack's, or with a second gateway
+    running, whichever answered last (a client behind a load balancer)."""
+    urls = [stack.url("api-gateway")] + [e.url() for e in stack.extras.get("api-gateway", [])]
+    return urls[getattr(load, "gw", 0) % len(urls)] + path
+
+
+def failover(load, status):
+    """Nothing answered: the next request goes to the other gateway."""
+    if status == 0:
+        load.gw = getattr(load, "gw", 0) + 1
+
+
+class ProxyLoad(Ticker):
+    """One POST /api/v1/faultsup/item/ID per tick through the gateway's proxy
+    to the upstream, not retried (each request is its own item). A request
+    is answered 200 with its id (and the upstream logged it), or refused
+    cleanly: 502/503/504 with the JSON error body, or no connection while the
+    gateway itself is down; any other answer is a failure."""
+
+    def __init__(self, stack, rate, tag):
+        super().__init__(rate)
+        self.stack, self.tag, self.n = stack, tag, 0
+        self.ok, self.refused, self.bad, self.ok_after = [], 0, [], 0
+        self.recovered_at = None
+
+    def step(self):
+        if not self.running.is_set():
+            return False
+        self.n += 1
+        ident = "px-%s-%06d" % (self.tag, self.n)
+        st, body = call("POST", gateway_url(self.stack, self, "/api/v1/faultsup/item/" + ident), {"n": self.n})
+        failover(self, st)
+        if st == 200 and body == {"id": ident}:
+            self.ok.append(ident)
+            if self.recovered_at is not None:
+                self.ok_after += 1
+        elif st == 0 or (st in (502, 503, 504) and isinstance(body, dict) and "error" in body):
+            self.refused += 1
+        else:
+            self.bad.append((ident, st, body))
+        return False
+
+
+class SsePublishLoad(RetryLoad):
+    """Events for one SSE client through POST /internal/v1/sse/{client},
+    retried until stored (202)."""
+
+    def __init__(self, stack, rate, client, tag):
+        super().__init__(stack, rate, tag)
+        self.client = client
+
+    def make(self, n):
+        return "%s-%06d" % (self.tag, n)
+
+    def send(self, ident):
+        st, _ = call("POST", gateway_url(self.stack, self, "/internal/v1/sse/" + self.client),
+                     {"event_type": "faults.tick", "data": {"id": ident}}, self.stack.internal)
+        failover(self, st)
+        return ident if st == 202 else None
+
+
+class SseReader(threading.Thread):
+    """An SSE client of GET /api/v1/events/{client} that, as EventSource
+    does, reconnects 0.5 s after its stream ended with the last id it saw in
+    Last-Event-ID (to the other gateway when one does not answer). Counts
+    each faults.tick event by its id and the SSE ids it came under."""
+
+    def __init__(self, stack, client):
+        super().__init__(daemon=True)
+        self.stack, self.client = stack, client
+        self.last_id, self.ids, self.receipts = None, defaultdict(set), Counter()
+        self.resets = self.connects = 0
+        self.stopping = threading.Event()
+
+    def run(self):
+        while not self.stopping.is_set():
+            try:
+                self.stream()
+            except (OSError, http.client.HTTPException, ValueError):
+                self.gw = getattr(self, "gw", 0) + 1
+            self.stopping.wait(0.5)
+
+    def stream(self):
+        u = urllib.parse.urlsplit(gateway_url(self.stack, self, ""))
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=40)
+        try:
+            hdrs = {"Accept": "text/event-stream"}
+            if self.last_id:
+                hdrs["Last-Event-ID"] = self.last_id
+            conn.request("GET", "/api/v1/events/" + self.client, headers=hdrs)
+            r = conn.getresponse()
+            if r.status != 200:
+                r.read()
+                raise OSError("status %d" % r.status)
+            self.connects += 1
+            sid = event = data = None
+            while not self.stopping.is_set():
+                line = r.readline()
+                if not line:
+                    return
+                line = line.rstrip(b"\r\n").decode()
+                if line.startswith("id: "):
+                    sid = line[4:]
+                elif line.startswith("event: "):
+                    event = line[7:]
+                elif line.startswith("data: "):
+                    data = line[6:]
+                elif line == "":
+                    if sid:
+                        self.last_id = sid
+                    if event == "faults.tick":
+                        ident = json.loads(data)["data"]["id"]
+                        self.ids[ident].add(sid)
+                        self.receipts[ident] += 1
+                    elif event == "stream.reset":
+                        self.resets += 1
+                    sid = event = data = None
+        finally:
+            conn.close()
+
+
+def check_sse(reader, accepted, timeout):
+    """(delivered, lost, duplicated, redelivered): duplicated is an event
+    that came under two SSE ids (stored twice: a publish retried after its
+    answer was lost), redelivered the same id replayed again."""
+    want = set(accepted)
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and not want <= set(reader.ids):
+        time.sleep(0.2)
+    time.sleep(1.0)
+    ids = dict(reader.ids)
+    delivered = len(want & set(ids))
+    dup = sum(1 for e in want if len(ids.get(e, ())) > 1)
+    redelivered = sum(max(0, reader.receipts[e] - len(ids.get(e, ()))) for e in want)
+    return delivered, len(want) - delivered, dup, redelivered
 
 
 class AppendLoad(RetryLoad):
@@ -476,6 +705,26 @@ def fault_pause(server, seconds=10):
     return {"name": "SIGSTOP %s %ds" % (server, seconds), "run": run, "restarts": None, "needs": []}
 
 
+def fault_kill9_upstream(seconds=2):
+    def run(stack):
+        stack.upstream.kill9()
+        time.sleep(seconds)
+        stack.upstream.start()
+    return {"name": "kill -9 upstream %ds" % seconds, "run": run, "restarts": None, "needs": ["api-gateway"]}
+
+
+def fault_kill9_pair(service):
+    """Two instances share the stores; the stack's is killed and stays down
+    for the phase (the second carries the load), then comes back."""
+    def run(stack):
+        pid = stack.pid(service)
+        os.kill(pid, signal.SIGKILL)
+        while os.path.exists("/proc/%d" % pid) and "zombie" not in open("/proc/%d/status" % pid).read().lower():
+            time.sleep(0.05)
+    return {"name": "kill -9 1 of 2 " + service.replace("event-processor", "ev-proc"), "run": run,
+            "restarts": service, "needs": [service], "down": service, "pair": service}
+
+
 def fault_listen_cut():
     def run(stack):
         n = stack.sql("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
@@ -491,6 +740,9 @@ def all_faults():
         f["kill9:" + s] = fault_kill9(s)
     for s in ("pg", "redis", "rabbitmq"):
         f["restart:" + s] = fault_restart(s)
+    f["kill9:upstream"] = fault_kill9_upstream()
+    f["kill9-pair:api-gateway"] = fault_kill9_pair("api-gateway")
+    f["kill9-pair:event-processor"] = fault_kill9_pair("event-processor")
     f["listen-cut"] = fault_listen_cut()
     f["pause:redis"] = fault_pause("redis")
     f["pause:pg"] = fault_pause("pg")
@@ -551,6 +803,8 @@ def main():
     ap.add_argument("--subscribers", type=int, default=1000, help="realtime subscribers (0: no realtime load)")
     ap.add_argument("--rt-rate", type=float, default=5.0, help="realtime broadcasts/s")
     ap.add_argument("--rtes-rate", type=float, default=10.0, help="RTES node states/s (0: no RTES load)")
+    ap.add_argument("--proxy-rate", type=float, default=10.0, help="proxied requests/s (0: none)")
+    ap.add_argument("--sse-rate", type=float, default=10.0, help="SSE events/s (0: none)")
     ap.add_argument("--keep", action="store_true", help="leave the stack running")
     ap.add_argument("--json", help="also write the rows and failures to this file")
     a = ap.parse_args()
@@ -565,10 +819,21 @@ def main():
     stack.prepare_db()
     recv = Receiver()
     rows, failed = [], []
-    rt = rtes = None
+    rt = rtes = reader = None
+    with_gw = "api-gateway" in services
+    stack.upstream = Upstream(stack.upstream_port, a.var)
     try:
+        stack.upstream.start()
         log("starting the stack (%s) in %s" % (" ".join(services), a.var))
         stack.up()
+        for n in names:
+            pair = known[n].get("pair")
+            if pair in services and pair not in stack.extras:
+                log("starting a second %s" % pair)
+                stack.extras[pair] = [Extra(stack, pair).start()]
+        if with_gw and a.sse_rate > 0:
+            reader = SseReader(stack, "faults-sse")
+            reader.start()
         user = "flt" + uuid.uuid4().hex[:8]
         st, b = call("POST", stack.url("api-gateway", "/api/v1/auth/register"),
                      {"username": user, "email": user + "@example.test", "password": "faults pass 1"})
@@ -610,8 +875,10 @@ def main():
             loads = [EventLoad(stack, a.rate, agent, tag)]
             if with_runtime:
                 loads.append(AppendLoad(stack, a.rate, run_id, tag))
+            px = ProxyLoad(stack, a.proxy_rate, tag) if with_gw and a.proxy_rate > 0 else None
+            ssp = SsePublishLoad(stack, a.sse_rate, "faults-sse", tag) if reader else None
             pids = stack.pids()
-            for ld in loads:
+            for ld in loads + [x for x in (px, ssp) if x]:
                 ld.start()
             if rt:
                 rt.ask("ready")  # the reconnects of the previous fault are done
@@ -628,17 +895,40 @@ def main():
                 f["run"](stack)
             except Exception as e:  # noqa: BLE001: the fault itself failed; reported in the row
                 problems.append("fault: %s" % e)
-            if not stack.wait_healthy(120):
-                problems.append("unhealthy: %s" % ",".join(stack.healthy()))
+            down = [f["down"]] if f.get("down") else []
+            if not stack.wait_healthy(120, down):
+                problems.append("unhealthy: %s" % ",".join(stack.healthy(down)))
             recovery = time.monotonic() - t0
+            if px:
+                px.recovered_at = time.monotonic()
             after = stack.pids()
             for s in services:
                 if s != f["restarts"] and after[s] != pids[s]:
                     problems.append("%s restarted (pid %s -> %s)" % (s, pids[s], after[s]))
             time.sleep(a.after)
-            for ld in loads:
+            for ld in loads + [x for x in (px, ssp) if x]:
                 if not ld.finish(a.drain):
                     problems.append("%s still not accepted after %.0f s" % (type(ld).__name__, a.drain))
+            if px:
+                seen = stack.upstream.seen()
+                d4 = sum(1 for k in px.ok if seen.get(k))
+                dup4 = sum(1 for k, c in seen.items() if k.startswith("px-%s-" % tag) and c > 1)
+                rows.append((f["name"], "proxy→upstream", "%.0f req/s" % a.proxy_rate, len(px.ok), d4, len(px.ok) - d4,
+                             dup4, 0, px.refused, recovery))
+                if px.bad:
+                    problems.append("proxy: %d answers neither 200 nor a clean 502/503/504, first %r"
+                                    % (len(px.bad), px.bad[0]))
+                if not px.ok_after:
+                    problems.append("proxy: no request succeeded after the recovery")
+                if dup4 or len(px.ok) != d4:
+                    problems.append("proxy: %d requests reached the upstream twice, %d answered 200 unseen"
+                                    % (dup4, len(px.ok) - d4))
+            if ssp:
+                d5, lost5, dup5, redel5 = check_sse(reader, ssp.accepted, a.drain)
+                rows.append((f["name"], "SSE publish→client", "%.0f ev/s" % a.sse_rate, len(ssp.accepted), d5, lost5,
+                             dup5, redel5, ssp.failures, recovery))
+                if lost5 or dup5:
+                    problems.append("SSE: %d lost, %d duplicated" % (lost5, dup5))
             if rtes:
                 r = rtes.ask("stop")
                 d3, lost3, dup3 = check_rtes(stack, tag, r["accepted"], a.drain)
@@ -686,20 +976,34 @@ def main():
                              0, apl.failures, recovery))
                 if lost2 or dup2:
                     problems.append("appends: %d lost, %d duplicated" % (lost2, dup2))
+            if f.get("down"):
+                # The stack's instance comes back for the next fault.
+                stack.up()
+                if not stack.wait_healthy(120):
+                    problems.append("%s did not come back: %s" % (f["down"], ",".join(stack.healthy())))
             if problems:
                 failed.append((f["name"], problems))
                 log("%s: FAILED: %s" % (f["name"], "; ".join(problems)))
+        if reader:
+            log("SSE client: %d connections, %d stream.reset" % (reader.connects, reader.resets))
     finally:
         for ld in (rt, rtes):
             if ld:
                 ld.close()
+        if reader:
+            reader.stopping.set()
+        for es in stack.extras.values():
+            for e in es:
+                e.stop()
         if not a.keep:
             stack.stop()
+        if stack.upstream.proc:
+            stack.upstream.kill9()
         recv.peer.stop()
 
     hdr = ("fault", "path", "load", "accepted", "delivered", "lost", "duplicated", "redelivered", "refused",
            "recovery")
-    fmt = "%-24s %-16s %-10s %8s %9s %5s %10s %11s %7s %9s"
+    fmt = "%-28s %-18s %-10s %8s %9s %5s %10s %11s %7s %9s"
     print(fmt % hdr)
     for r in rows:
         print(fmt % (r[:9] + ("%.1f s" % r[9],)))
