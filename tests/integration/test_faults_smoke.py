@@ -27,7 +27,8 @@ class FaultsSmoke(unittest.TestCase):
         with open(os.path.join(var, "rows.json")) as f:
             res = json.load(f)
         self.assertEqual(res["failed"], [], out)
-        self.assertEqual(sorted(r["path"] for r in res["rows"]), ["events→webhook", "runtime appends"], out)
+        self.assertEqual(sorted(r["path"] for r in res["rows"]),
+                         ["SSE publish→client", "events→webhook", "proxy→upstream", "runtime appends"], out)
         for row in res["rows"]:
             self.assertEqual(row["fault"], "kill -9 event-processor", out)
             self.assertGreater(row["accepted"], 10, out)
