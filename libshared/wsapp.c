@@ -140,7 +140,8 @@ typedef struct {
     ev_timer deadline;
     struct wsapp *app;
     struct lws *wsi;
-    size_t len, cap; /* bytes read into data, its size */
+    size_t len, cap; /* bytes peeked into data, its size */
+    size_t lowat;    /* SO_RCVLOWAT set on the socket (0: the default) */
     char *data;
 } wsapp_head;
 
@@ -487,6 +488,11 @@ void wsapp_conn_close(wsapp_conn *c, int code, const char *reason)
 static void wsapp_conn_cut(wsapp_conn *c, int code, const char *reason)
 {
     wsapp_conn_close(c, code, reason);
+    /* Nothing more is read from it: lws keeps a ping's payload (to echo in
+     * the pong) where it keeps the close reason, so a ping parsed before
+     * the close went out garbled the close frame. */
+    if (c->wsi)
+        lws_rx_flow_control(c->wsi, 0);
     if (!c->kill_at_ms)
         c->kill_at_ms = svc_now_ms() + 5000;
 }
@@ -1602,6 +1608,11 @@ static int wsapp_head_cb(struct lws *wsi, enum lws_callback_reasons reason, void
             return -1;
         if (n < 0)
             return errno == EAGAIN || errno == EINTR ? 0 : -1;
+        /* Readable with no byte beyond the low mark: the peer shut its
+         * side (a FIN wakes epoll whatever the mark), and would wake us
+         * at every turn until the deadline. */
+        if (h->lowat > h->len && (size_t)n <= h->len)
+            return -1;
         h->len = (size_t)n;
         if (memmem(h->data, h->len, "\r\n\r\n", 4)) {
             int one = 1;
@@ -1623,6 +1634,7 @@ static int wsapp_head_cb(struct lws *wsi, enum lws_callback_reasons reason, void
 
             if (setsockopt(fd, SOL_SOCKET, SO_RCVLOWAT, &lowat, sizeof(lowat)) < 0)
                 return -1;
+            h->lowat = (size_t)lowat;
         }
         /* A full buffer grows at the next wake-up (which is at once). */
         return 0;

@@ -131,11 +131,15 @@ class Trickler:
 
     def __init__(self, name, port, head, n, sel):
         self.name, self.head, self.sel = name, head, sel
-        self.socks, self.opened, self.closed, self.data = [], {}, {}, {}
+        self.socks, self.started, self.opened, self.closed, self.data = [], {}, {}, {}, {}
         for i in range(n):
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             s.setblocking(False)
             s.bind(("127.0.0.%d" % (2 + i % 4), 0))
+            # Stamped before the server can have accepted it: its deadline
+            # runs from the accept, so a life measured from here is never
+            # shorter than the server's.
+            self.started[s] = time.monotonic()
             try:
                 s.connect(("127.0.0.1", port))
             except BlockingIOError:
@@ -145,7 +149,7 @@ class Trickler:
             sel.register(s, selectors.EVENT_WRITE, (self, "connect"))
 
     def connected(self, s):
-        self.opened[s] = time.monotonic()
+        self.opened[s] = self.started[s]
         self.sel.modify(s, selectors.EVENT_READ, (self, "read"))
 
     def read(self, s):
@@ -273,6 +277,43 @@ class SlowLoris(unittest.TestCase):
                 t.close()
             sel.close()
         for svc in (GW, RT, RUN):
+            self.assertIsNone(svc.proc.poll(), "%s died" % svc.name)
+
+    def test_half_closed_heads_closed_at_once(self):
+        """A peer that sends part of a head and shuts its side: closed on
+        the FIN, not kept (and, in wsapp, woken at every loop turn) until
+        the deadline answers 408."""
+        for svc in (GW, RT, RUN):
+            cpu0, socks = cpu_s(svc.proc.pid), []
+            for i in range(100):
+                s = socket.socket()
+                s.bind(("127.0.0.%d" % (2 + i % 4), 0))
+                s.connect(("127.0.0.1", svc.port))
+                s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Half: ")
+                socks.append(s)
+            time.sleep(0.5)  # the server has looked at what came
+            t0 = time.monotonic()
+            for s in socks:
+                s.shutdown(socket.SHUT_WR)
+            answers = []
+            for s in socks:
+                s.settimeout(HEAD_TIMEOUT_S + 10)
+                data = b""
+                try:
+                    while True:
+                        chunk = s.recv(65536)
+                        if not chunk:
+                            break
+                        data += chunk
+                except ConnectionResetError:
+                    pass
+                answers.append(data)
+                s.close()
+            secs = time.monotonic() - t0
+            cpu = cpu_s(svc.proc.pid) - cpu0
+            print("%s: 100 half-closed heads closed in %.2f s, %.2f s of CPU" % (svc.name, secs, cpu))
+            self.assertEqual([a[:40] for a in answers if a.startswith(b"HTTP/1.1 408")], [],
+                             "%s kept half-closed connections until the header deadline" % svc.name)
             self.assertIsNone(svc.proc.poll(), "%s died" % svc.name)
 
     def test_keep_alive_connection_trickling_its_next_head(self):
