@@ -11,9 +11,11 @@
  * (the one holding the Redis lock `sse:ingest:lock`).
  *
  * Threads: the hub thread (sse_hub.c) owns the subscription, heartbeats and
- * the ingest lock; stream handlers run on MHD threads and block on Redis for
- * one round trip at connect (each MHD thread has its own connection). Then
- * the stream's socket leaves libmicrohttpd (httpd_req_detach) for one of
+ * the ingest lock; stream handlers run on MHD threads, defer their request
+ * and queue the connect script for the connect thread (sse_connect.c),
+ * which pipelines them on one Redis connection and resumes each request;
+ * its second half, on its MHD thread again, builds the replay. Then the
+ * stream's socket leaves libmicrohttpd (httpd_req_detach) for one of
  * the writer threads (sse_out.c), which owns it from there: each writer an
  * epoll set of its streams, fed through an inbox. The client table is
  * shared, under striped locks. */
@@ -40,6 +42,7 @@ typedef struct {
     long buffer_ttl_s;        /* SSE_BUFFER_TTL_SECONDS (300) */
     long client_buffer_bytes; /* SSE_CLIENT_BUFFER_BYTES: more waiting for one client drops it */
     long write_timeout_s;     /* SSE_WRITE_TIMEOUT_SECONDS: a client that takes nothing this long is closed */
+    int send_buffer_bytes;    /* SSE_SEND_BUFFER_BYTES: SO_SNDBUF of each stream's socket (0: the kernel's) */
     long answer_ttl_s;        /* HITL_ANSWER_TTL_SECONDS: how long an answer is remembered for idempotency */
     int writers;              /* SSE_WRITERS: writer threads (0: one per CPU, at most 8) */
     long max_streams;         /* streams held at most (the gateway's MAX_CONNECTIONS) */
@@ -76,11 +79,41 @@ int sse_client_id_ok(const char *id);
 int sse_store_publish(sse *s, rconn *r, const char *client_id, const char *event_type, const char *data_json,
                       long long *id);
 
-/* Runs the connect script: on success *out (freed by the caller with
- * freeReplyObject) is [established id, effective last id, lost, last,
- * [frames...]]. Returns 0 or -1. */
-int sse_store_connect(sse *s, rconn *r, const char *client_id, const char *last_event_id, long online_ttl_s,
-                      redisReply **out);
+/* Appends the connect script to `ctx`'s pipeline (redisAppendCommandArgv).
+ * Returns 0 or -1. */
+int sse_store_connect_append(sse *s, redisContext *ctx, const char *client_id, const char *last_event_id,
+                             long online_ttl_s);
+/* Its reply (`rep`, taken): returned when it is [established id, effective
+ * last id, lost, last, [frames...]] (freed by the caller with
+ * freeReplyObject), else freed and NULL. */
+redisReply *sse_store_connect_check(void *rep);
+
+/* ---- sse_connect.c: the connect thread. ---- */
+
+typedef struct sse_connector sse_connector;
+typedef struct sse_stream sse_stream;
+
+/* One stream's connect, from its handler to its second half. The
+ * connector fills `rep` (NULL: failed) and resumes `req`; the job is then
+ * the request's thread's again. */
+typedef struct sse_connect_job {
+    struct sse_connect_job *next;
+    httpd_req *req;
+    sse_stream *st;
+    sse *s;
+    long online_ttl_s;
+    int has_last;
+    char cid[SSE_CLIENT_ID_MAX + 1];
+    char last[24];
+    redisReply *rep;
+} sse_connect_job;
+
+sse_connector *sse_connector_new(sse *s, char *err, size_t errlen);
+/* Queues a job (any thread). -1 once stopping: the job is not taken. */
+int sse_connector_submit(sse_connector *c, sse_connect_job *j);
+/* Fails what is queued (each request resumed with rep NULL) and stops. */
+void sse_connector_stop(sse_connector *c);
+void sse_connector_free(sse_connector *c);
 
 enum { SSE_ANSWER_FAILED = -1, SSE_ANSWER_STORED, SSE_ANSWER_RETRY, SSE_ANSWER_CONFLICT, SSE_ANSWER_UNKNOWN_CLIENT };
 
@@ -111,7 +144,6 @@ const sse_config *sse_cfg(const sse *s);
 /* ---- sse_out.c: the streams' sockets and the writer threads. ---- */
 
 typedef struct sse_out sse_out;
-typedef struct sse_stream sse_stream;
 
 #define SSE_OUT_MAX_WRITERS 16
 
@@ -121,6 +153,7 @@ typedef struct {
     int max_per_ip;
     long client_buffer_bytes; /* more waiting for one stream cuts it */
     long write_timeout_s;     /* a stream that takes nothing this long while data waits is cut */
+    int send_buffer_bytes;    /* SO_SNDBUF of each stream's socket; 0 leaves the kernel's autotuning */
 } sse_out_config;
 
 typedef struct {

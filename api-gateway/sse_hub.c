@@ -29,6 +29,7 @@ struct sse {
     metrics_gauge *g_clients;
     metrics_counter *c_delivered, *c_dropped, *c_replayed, *c_resets, *c_published;
     sse_out *out;
+    sse_connector *conn;
     atomic_int stopping;
     pthread_t thread;
     int started;
@@ -57,6 +58,7 @@ void sse_config_read(cfg *c, sse_config *o, const char *internal_token)
     o->buffer_ttl_s = cfg_int(c, "SSE_BUFFER_TTL_SECONDS", 300, 1, 86400L * 30);
     o->client_buffer_bytes = cfg_int(c, "SSE_CLIENT_BUFFER_BYTES", 1024 * 1024, 4096, 1L << 30);
     o->write_timeout_s = cfg_int(c, "SSE_WRITE_TIMEOUT_SECONDS", 30, 1, 3600);
+    o->send_buffer_bytes = (int)cfg_int(c, "SSE_SEND_BUFFER_BYTES", 65536, 0, 16L << 20);
     o->answer_ttl_s = cfg_int(c, "HITL_ANSWER_TTL_SECONDS", 7L * 86400, 1, 365L * 86400);
     o->writers = (int)cfg_int(c, "SSE_WRITERS", 0, 0, SSE_OUT_MAX_WRITERS);
     o->max_streams = 10000;
@@ -402,16 +404,49 @@ static long long build_replay(sse *s, const char *cid, const char *last, redisRe
     return maxid > e ? maxid : e;
 }
 
+/* The stream's second half, on its MHD thread once its connect script
+ * has run (sse_connect.c): the replay, then the socket to a writer. */
+static void stream_resumed(httpd_req *req, void *ud)
+{
+    sse_connect_job *j = ud;
+    sse *s = j->s;
+    buf init, head;
+    long long threshold;
+    int fd, chunked = 0;
+
+    if (!j->rep) {
+        sse_out_cancel(s->out, j->st);
+        httpd_respond_error(req, 503, "unavailable", "the event store (Redis) is unavailable", NULL);
+        free(j);
+        return;
+    }
+    /* The replay is bounded by the buffer (SSE_BUFFER_EVENTS events, each
+     * under the publish route's body limit). */
+    buf_init(&init, (size_t)1 << 30);
+    buf_init(&head, 8192);
+    threshold = build_replay(s, j->cid, j->has_last ? j->last : NULL, j->rep, &init);
+    freeReplyObject(j->rep);
+    httpd_req_add_header(req, "Cache-Control", "no-cache");
+    httpd_req_add_header(req, "X-Accel-Buffering", "no");
+    fd = init.truncated ? -1 : httpd_req_detach(req, 200, "text/event-stream", &head, &chunked);
+    if (fd < 0) {
+        sse_out_cancel(s->out, j->st);
+        httpd_respond_error(req, 500, "internal", "out of memory", NULL);
+    } else {
+        /* From here the socket and the stream are the writer's. */
+        sse_out_start(s->out, j->st, fd, chunked, head.p, head.len, init.p, init.len, threshold);
+    }
+    buf_free(&head);
+    buf_free(&init);
+    free(j);
+}
+
 void sse_stream_handler(httpd_req *req, void *ud)
 {
     sse *s = ud;
     const char *cid = httpd_req_param(req, "client_id"), *last = httpd_req_header(req, "Last-Event-ID");
-    rconn *r;
-    sse_stream *st;
-    redisReply *rep = NULL;
-    buf init, head;
-    long long threshold;
-    int why, fd, chunked = 0;
+    sse_connect_job *j;
+    int why;
 
     if (!cid || !sse_client_id_ok(cid)) {
         httpd_respond_error(req, 400, "invalid_request", "client_id must be 1-128 of A-Z a-z 0-9 _ . -", NULL);
@@ -426,15 +461,16 @@ void sse_stream_handler(httpd_req *req, void *ud)
         httpd_req_add_header(req, "Cache-Control", "no-cache");
         return;
     }
-    r = sse_store_conn(s);
-    if (!r) {
+    j = calloc(1, sizeof(*j));
+    if (!j) {
         httpd_respond_error(req, 500, "internal", "out of memory", NULL);
         return;
     }
     /* Registered first, so nothing published from now on is missed: what
      * arrives while the replay is read is held for the stream. */
-    st = sse_out_open(s->out, cid, httpd_req_remote(req), &why);
-    if (!st) {
+    j->st = sse_out_open(s->out, cid, httpd_req_remote(req), &why);
+    if (!j->st) {
+        free(j);
         if (why == SSE_OUT_FAILED)
             httpd_respond_error(req, 503, "unavailable", "cannot open a stream now", NULL);
         else
@@ -443,31 +479,24 @@ void sse_stream_handler(httpd_req *req, void *ud)
                                 NULL);
         return;
     }
-    if (last && strlen(last) > 20)
-        last = "x"; /* no id of ours is that long: unknown */
-    if (sse_store_connect(s, r, cid, last, s->cfg.heartbeat_ms / 1000 * 2 + 10, &rep) < 0) {
-        sse_out_cancel(s->out, st);
-        httpd_respond_error(req, 503, "unavailable", "the event store (Redis) is unavailable", NULL);
+    j->req = req;
+    j->s = s;
+    j->online_ttl_s = s->cfg.heartbeat_ms / 1000 * 2 + 10;
+    snprintf(j->cid, sizeof(j->cid), "%s", cid);
+    if (last) {
+        j->has_last = 1;
+        /* No id of ours is that long: unknown. */
+        snprintf(j->last, sizeof(j->last), "%s", strlen(last) > 20 ? "x" : last);
+    }
+    /* The script's round trip is the connect thread's, pipelined with
+     * the other connects': this thread goes on serving. */
+    if (httpd_req_defer_answer(req, stream_resumed, j) < 0) {
+        sse_out_cancel(s->out, j->st);
+        free(j);
         return;
     }
-    /* The replay is bounded by the buffer (SSE_BUFFER_EVENTS events, each
-     * under the publish route's body limit). */
-    buf_init(&init, (size_t)1 << 30);
-    buf_init(&head, 8192);
-    threshold = build_replay(s, cid, last, rep, &init);
-    freeReplyObject(rep);
-    httpd_req_add_header(req, "Cache-Control", "no-cache");
-    httpd_req_add_header(req, "X-Accel-Buffering", "no");
-    fd = init.truncated ? -1 : httpd_req_detach(req, 200, "text/event-stream", &head, &chunked);
-    if (fd < 0) {
-        sse_out_cancel(s->out, st);
-        httpd_respond_error(req, 500, "internal", "out of memory", NULL);
-    } else {
-        /* From here the socket and the stream are the writer's. */
-        sse_out_start(s->out, st, fd, chunked, head.p, head.len, init.p, init.len, threshold);
-    }
-    buf_free(&head);
-    buf_free(&init);
+    if (sse_connector_submit(s->conn, j) < 0)
+        httpd_req_resume(req); /* stopping: rep NULL answers 503 */
 }
 
 /* ---- lifecycle ---------------------------------------------------------- */
@@ -505,7 +534,7 @@ sse *sse_new(const sse_config *sc, metrics *reg, char *err, size_t errlen)
     }
     {
         sse_out_config oc = {sc->writers, sc->max_streams, sc->max_per_ip, sc->client_buffer_bytes,
-                             sc->write_timeout_s};
+                             sc->write_timeout_s, sc->send_buffer_bytes};
         sse_out_metrics om = {s->g_clients, s->c_delivered, s->c_dropped};
 
         if (oc.writers <= 0) {
@@ -519,6 +548,12 @@ sse *sse_new(const sse_config *sc, metrics *reg, char *err, size_t errlen)
             sse_free(s);
             return NULL;
         }
+    }
+    s->evfd = -1;
+    s->conn = sse_connector_new(s, err, errlen);
+    if (!s->conn) {
+        sse_free(s);
+        return NULL;
     }
     s->evfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (s->evfd < 0 || pthread_create(&s->thread, NULL, hub_main, s) != 0) {
@@ -542,8 +577,9 @@ void sse_stop(sse *s)
         pthread_join(s->thread, NULL);
         s->started = 0;
     }
-    /* Ended cleanly: the clients reconnect (to another instance) and
-     * replay from Redis. */
+    /* Connects still queued get 503; then the live streams end cleanly:
+     * the clients reconnect (to another instance) and replay from Redis. */
+    sse_connector_stop(s->conn);
     sse_out_stop(s->out);
 }
 
@@ -554,6 +590,7 @@ void sse_free(sse *s)
     sse_stop(s);
     if (s->evfd >= 0)
         close(s->evfd);
+    sse_connector_free(s->conn);
     sse_out_free(s->out);
     free(s);
 }

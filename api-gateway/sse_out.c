@@ -948,6 +948,11 @@ int sse_out_start(sse_out *o, sse_stream *s, int fd, int chunked, const char *he
         sse_out_cancel(o, s);
         return -1;
     }
+    /* A client that stops reading holds what its socket's send buffer
+     * takes on top of its queue (client_buffer_bytes): bounded here, or
+     * the kernel's autotuning lets it grow to tcp_wmem's maximum (4 MiB). */
+    if (o->cfg.send_buffer_bytes > 0)
+        setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &o->cfg.send_buffer_bytes, sizeof(o->cfg.send_buffer_bytes));
     memcpy(init->data, head, headlen);
     n = headlen;
     if (chunked && bodylen)

@@ -145,30 +145,34 @@ int sse_store_publish(sse *s, rconn *r, const char *client_id, const char *event
     return rc;
 }
 
-int sse_store_connect(sse *s, rconn *r, const char *client_id, const char *last_event_id, long online_ttl_s,
-                      redisReply **out)
+int sse_store_connect_append(sse *s, redisContext *ctx, const char *client_id, const char *last_event_id,
+                             long online_ttl_s)
 {
     const sse_config *c = sse_cfg(s);
     char k[6][160], cttl[24], ottl[24];
     static const char *const names[6] = {"seq", "buf", "lost", "last", "online", "est"};
-    const char *ka[9] = {k[0], k[1], k[2], k[3], k[4], k[5], last_event_id ? last_event_id : "", cttl, ottl};
-    redisReply *rep;
+    const char *argv[12] = {"EVAL", connect_lua, "6", k[0], k[1], k[2], k[3], k[4], k[5],
+                            last_event_id ? last_event_id : "", cttl, ottl};
 
-    *out = NULL;
     for (int i = 0; i < 6; i++)
         snprintf(k[i], sizeof(k[i]), "sse:%s:%s", names[i], client_id);
     snprintf(cttl, sizeof(cttl), "%ld", store_counter_ttl(c));
     snprintf(ottl, sizeof(ottl), "%ld", online_ttl_s);
-    rep = rconn_eval(r, 0, connect_lua, 6, 3, ka, NULL);
+    return redisAppendCommandArgv(ctx, 12, argv, NULL) == REDIS_OK ? 0 : -1;
+}
+
+redisReply *sse_store_connect_check(void *r)
+{
+    redisReply *rep = r;
+
     if (!rep || rep->type != REDIS_REPLY_ARRAY || rep->elements != 5 || rep->element[0]->type != REDIS_REPLY_INTEGER ||
         rep->element[4]->type != REDIS_REPLY_ARRAY) {
         if (rep && rep->type == REDIS_REPLY_ERROR)
             log_warn("sse: connect script failed: %s", rep->str);
         freeReplyObject(rep);
-        return -1;
+        return NULL;
     }
-    *out = rep;
-    return 0;
+    return rep;
 }
 
 int sse_store_answer(sse *s, rconn *r, const char *client_id, const char *question_id, const char *answer_json,

@@ -130,9 +130,12 @@ typedef struct {
     int woken;     /* httpd_req_resume came while the connection ran */
     int answered;  /* a response is set: queue it at the next chance */
     int body_done; /* the sink saw the end of the body */
+    int kicked;    /* httpd_req_resume came and `resumed` has not run since */
     httpd_body_fn sink;
     httpd_done_fn done;
     void *ud;
+    httpd_handler resumed; /* httpd_req_defer_answer's */
+    void *resumed_ud;
 } httpd_defer;
 
 struct httpd_req {
@@ -749,7 +752,7 @@ static void httpd_dispatch(httpd_req *req)
             continue;
         if (r->method == want) {
             r->fn(req, r->ud);
-            if (!req->response && !req->detached)
+            if (!req->response && !req->detached && !req->defer)
                 httpd_respond_error(req, 500, "internal", "handler did not answer", NULL);
             return;
         }
@@ -824,7 +827,7 @@ int httpd_req_detach(httpd_req *req, int status, const char *content_type, struc
     char line[160], date[40];
     int fd, one = 1, zero = 0;
 
-    if (req->response || req->detached || req->defer || !ci)
+    if (req->response || req->detached || (req->defer && !req->defer->resumed) || !ci)
         return -1;
     *chunked = !req->http10;
     snprintf(line, sizeof(line), "HTTP/1.1 %d %s\r\n", status, reason ? reason : "");
@@ -1248,6 +1251,11 @@ static enum MHD_Result httpd_access(void *cls, struct MHD_Connection *conn, cons
     if (req->status) /* already queued */
         return MHD_YES;
     httpd_dispatch(req);
+    if (req->defer && !req->response) { /* httpd_req_defer_answer */
+        size_t none = 0;
+
+        return httpd_deferred_step(req, NULL, &none);
+    }
     /* A detached request has no answer: MHD_NO makes libmicrohttpd close
      * its connection without a byte written (see httpd_req_detach). */
     return httpd_queue(req);
@@ -1273,6 +1281,18 @@ void httpd_req_defer(httpd_req *req, httpd_body_fn sink, httpd_done_fn done, voi
     req->defer = d;
 }
 
+int httpd_req_defer_answer(httpd_req *req, httpd_handler resumed, void *ud)
+{
+    if (req->defer || req->response || req->detached)
+        return -1;
+    httpd_req_defer(req, NULL, NULL, NULL);
+    if (!req->defer)
+        return -1; /* answered with a 500 */
+    req->defer->resumed = resumed;
+    req->defer->resumed_ud = ud;
+    return 0;
+}
+
 void httpd_req_resume(httpd_req *req)
 {
     httpd_defer *d = req->defer;
@@ -1280,6 +1300,7 @@ void httpd_req_resume(httpd_req *req)
     pthread_mutex_lock(&d->mu);
     if (req->response)
         d->answered = 1;
+    d->kicked = 1;
     if (d->suspended) {
         d->suspended = 0;
         MHD_resume_connection(req->conn);
@@ -1306,7 +1327,7 @@ static void httpd_defer_wait(httpd_req *req, httpd_defer *d)
 static enum MHD_Result httpd_deferred_step(httpd_req *req, const char *data, size_t *len)
 {
     httpd_defer *d = req->defer;
-    int answered;
+    int answered, kicked;
 
     if (*len) {
         size_t took = d->sink && !d->body_done ? d->sink(req, data, *len, d->ud) : *len;
@@ -1330,9 +1351,23 @@ static enum MHD_Result httpd_deferred_step(httpd_req *req, const char *data, siz
     }
     pthread_mutex_lock(&d->mu);
     answered = d->answered;
-    if (!answered)
+    kicked = d->resumed && d->kicked && !answered;
+    if (kicked) {
+        d->kicked = 0;
+        d->woken = 0; /* this wake-up is being served now */
+    } else if (!answered) {
         httpd_defer_wait(req, d);
+    }
     pthread_mutex_unlock(&d->mu);
+    if (kicked) {
+        /* The route's second half, on this (the connection's) thread. */
+        d->resumed(req, d->resumed_ud);
+        if (req->detached)
+            return MHD_NO; /* see httpd_req_detach */
+        if (!req->response)
+            httpd_respond_error(req, 500, "internal", "handler did not answer", NULL);
+        return httpd_queue(req);
+    }
     if (answered)
         return httpd_queue(req);
     return MHD_YES;

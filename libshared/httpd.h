@@ -197,6 +197,15 @@ void httpd_req_set_timeout(httpd_req *req, unsigned int seconds);
  * NULL) runs when the request is over; until then the request stays valid,
  * and it stays valid at least until the answer is resumed. */
 void httpd_req_defer(httpd_req *req, httpd_body_fn sink, httpd_done_fn done, void *ud);
+/* The same from a route handler (the request complete), for an answer
+ * that waits on another thread (SSE's connect script, pipelined with
+ * others'): the handler returns without answering, and once any thread
+ * calls httpd_req_resume, `resumed` runs on the connection's thread and
+ * answers there, with httpd_respond_* or httpd_req_detach (once). Until
+ * then the connection is suspended and the request stays valid. Returns
+ * 0, or -1 when it cannot (answered already, or answered now with a 500:
+ * out of memory). */
+int httpd_req_defer_answer(httpd_req *req, httpd_handler resumed, void *ud);
 /* Wakes a deferred request: a sink that refused bytes is offered them
  * again, and a set answer is queued. Any thread; after the call that
  * resumes an answer the caller must not touch the request again. */
@@ -211,7 +220,7 @@ void httpd_req_set_response(httpd_req *req, int status, struct MHD_Response *res
  * caller writes itself for as long as it likes (SSE streams: one write per
  * event, no libmicrohttpd connection, pool or suspend/resume behind each).
  * From a route handler only (the request complete, not answered, not
- * deferred). Appends to `head` what must be written first: the status
+ * deferred) or from httpd_req_defer_answer's `resumed`. Appends to `head` what must be written first: the status
  * line, Date, Content-Type, X-Request-Id, the headers added with
  * httpd_req_add_header, CORS, and either "Transfer-Encoding: chunked"
  * (*chunked set: the body must be sent as chunks) or, for an HTTP/1.0
