@@ -4,7 +4,9 @@
 bytes on the wire matter: frames and event types, heartbeats without an id,
 publishing through Redis and the internal route, two gateway instances
 sharing the replay buffer, stream.reset, events published before a client
-connects, a client that stops reading, and POST .../response.
+connects, a client that stops reading, and POST .../response; and, on
+gateways of their own, a burst of 2,000 concurrent connects, the write
+timeout and the per-address stream limit.
 
 Each test uses its own client ids (a per-run prefix), so runs never see each
 other's events; the gateways run without a database.
@@ -12,6 +14,8 @@ other's events; the gateways run without a database.
 
 import json
 import os
+import resource
+import selectors
 import socket
 import subprocess
 import sys
@@ -425,3 +429,153 @@ class SseTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class SseLimitsTest(unittest.TestCase):
+    """Gateways of their own: a burst of connects with no per-address
+    limit, the write-timeout cut with small socket buffers (so the queue,
+    not the kernel, holds what a stopped client has not taken), and the
+    per-address stream limit."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.port_c, cls.port_d = free_port(), free_port()
+        cls.base_c = "http://127.0.0.1:%d" % cls.port_c
+        cls.base_d = "http://127.0.0.1:%d" % cls.port_d
+        cls.C = Service("api-gateway", gw_env(cls.port_c, {
+            "MAX_CONNECTIONS_PER_IP": "0", "SSE_HEARTBEAT_SECONDS": "30", "LOG_LEVEL": "info",
+            "SSE_SEND_BUFFER_BYTES": "4096", "SSE_CLIENT_BUFFER_BYTES": str(4 << 20),
+            "SSE_WRITE_TIMEOUT_SECONDS": "2"}), health=cls.base_c + "/health")
+        cls.D = Service("api-gateway", gw_env(cls.port_d, {"MAX_CONNECTIONS_PER_IP": "3"}),
+                        health=cls.base_d + "/health")
+        try:
+            cls.C.start()
+            cls.D.start()
+        except BaseException:
+            cls.C.stop()
+            cls.D.stop()
+            raise
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.C.stop()
+        cls.D.stop()
+
+    def test_a_burst_of_connects_all_get_established(self):
+        """2,000 streams opened at once (from 8 source addresses), without
+        waiting for any answer: every one gets connection.established
+        first. The connect scripts are pipelined on one Redis connection,
+        so the burst does not queue behind one round trip per stream on
+        the HTTP threads (it used to pass the header deadline)."""
+        n = 2000
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < n + 200:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, n + 500), hard))
+        sel = selectors.DefaultSelector()
+        socks, got, done = [], {}, set()
+        try:
+            for i in range(n):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                s.bind(("127.0.0.%d" % (2 + i % 8), 0))
+                s.setblocking(False)
+                s.connect_ex(("127.0.0.1", self.port_c))
+                socks.append(s)
+                got[i] = b""
+                sel.register(s, selectors.EVENT_WRITE, i)
+            req = ("GET /api/v1/events/%s HTTP/1.1\r\nHost: x\r\n\r\n" % cid("burst")).encode()
+            deadline = time.time() + 120
+            while len(done) < n and time.time() < deadline:
+                for key, ev in sel.select(timeout=1):
+                    i, s = key.data, key.fileobj
+                    if ev & selectors.EVENT_WRITE:
+                        s.send(req)  # a few dozen bytes: the socket takes them whole
+                        sel.modify(s, selectors.EVENT_READ, i)
+                        continue
+                    chunk = s.recv(4096)
+                    got[i] += chunk
+                    if b"\n\n" in got[i].split(b"\r\n\r\n", 1)[-1] or not chunk:
+                        done.add(i)
+                        sel.unregister(s)
+            self.assertEqual(len(done), n, "streams answered")
+            bad = [i for i in range(n) if not got[i].startswith(b"HTTP/1.1 200")
+                   or b"event: connection.established" not in got[i]]
+            self.assertEqual(bad, [], "streams without 200 and connection.established: %d, first: %r"
+                             % (len(bad), got[bad[0]][:300] if bad else b""))
+            for i in range(n):
+                body = got[i].split(b"\r\n\r\n", 1)[1]
+                first = body.split(b"\n\n", 1)[0]
+                self.assertIn(b"event: connection.established", first)
+        finally:
+            sel.close()
+            for s in socks:
+                s.close()
+
+    def _dropped(self, base):
+        _, _, m = http("GET", base + "/metrics")
+        for line in m.decode().splitlines():
+            if line.startswith("sse_clients_dropped_total"):
+                return float(line.split()[-1])
+        return 0.0
+
+    def test_a_client_that_takes_nothing_is_cut_after_the_write_timeout(self):
+        name = cid("stalled")
+        before = self._dropped(self.base_c)
+        slow = raw_stream(self.port_c, name, rcvbuf=4096)
+        try:
+            wait_for(lambda: b"connection.established" in slow.recv(4096, socket.MSG_PEEK), what="established")
+            # The gateway's end of the stream has the send buffer asked for
+            # (the kernel doubles SO_SNDBUF for its bookkeeping), not
+            # tcp_wmem's autotuned one.
+            ss = subprocess.run(["ss", "-tmnH", "state", "established", "sport", "= :%d" % self.port_c,
+                                 "dport", "= :%d" % slow.getsockname()[1]], capture_output=True, text=True).stdout
+            self.assertIn("tb8192,", ss)
+            # 300 KiB: far more than both sockets' buffers, far less than
+            # the queue's bound (4 MiB), so only the timeout can cut it.
+            for i in range(30):
+                self.assertEqual(publish_http(self.base_c, name, "run.progress", {"i": i, "pad": "x" * 10000})[0], 202)
+            wait_for(lambda: self._dropped(self.base_c) > before, timeout=30, what="the stalled client cut")
+            with open(self.C.logpath, "rb") as f:
+                self.assertIn(b'"reason":"write timeout"', f.read())
+            slow.settimeout(10)
+            data = b""
+            while True:
+                chunk = slow.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            self.assertLess(data.count(b"event: run.progress"), 30, "cut before the end")
+        finally:
+            slow.close()
+
+    def test_streams_per_address_are_limited(self):
+        name = cid("perip")
+        held = []
+        try:
+            for _ in range(3):
+                s = raw_stream(self.port_d, name)
+                held.append(s)
+                wait_for(lambda: b"connection.established" in s.recv(4096, socket.MSG_PEEK), what="established")
+            extra = raw_stream(self.port_d, name)
+            held.append(extra)
+            extra.settimeout(10)
+            head = extra.recv(4096)
+            self.assertTrue(head.startswith(b"HTTP/1.1 503"), head[:200])
+            self.assertIn(b"too many streams from this address", head)
+            # Another address is not counted with them.
+            other = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            other.bind(("127.0.0.9", 0))
+            other.connect(("127.0.0.1", self.port_d))
+            held.append(other)
+            other.sendall(("GET /api/v1/events/%s HTTP/1.1\r\nHost: x\r\n\r\n" % name).encode())
+            other.settimeout(10)
+            self.assertTrue(other.recv(4096).startswith(b"HTTP/1.1 200"))
+            # One ends: its place is free again.
+            held.pop(0).close()
+            wait_for(lambda: http_json("GET", self.base_d + "/health")[2]["sse_clients"] <= 3, what="one gone")
+            again = raw_stream(self.port_d, name)
+            held.append(again)
+            again.settimeout(10)
+            self.assertTrue(again.recv(4096).startswith(b"HTTP/1.1 200"))
+        finally:
+            for s in held:
+                s.close()
