@@ -375,8 +375,16 @@ def main():
     amqp = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")
     u = urllib.parse.urlsplit(amqp)
     amqp_url = urllib.parse.urlunsplit((u.scheme, u.netloc, "/valgrind", "", ""))
-    subprocess.run([os.path.join(ROOT, "scripts", "servers.sh"), "vhost", "valgrind"], check=True,
-                   stdout=subprocess.DEVNULL)
+    # rabbitmqctl boots an Erlang VM per call: on a loaded machine one can
+    # pass servers.sh's 60 s limit. Tried three times, then the default
+    # vhost (nothing else runs during make test's last stage).
+    for _ in range(3):
+        if subprocess.run([os.path.join(ROOT, "scripts", "servers.sh"), "vhost", "valgrind"],
+                          stdout=subprocess.DEVNULL).returncode == 0:
+            break
+    else:
+        print("valgrind: vhost valgrind could not be made; RTES runs in the default vhost", flush=True)
+        amqp_url = amqp
     hook, tg, upstream = Peer("webhook"), Peer("telegram"), Peer("webhook")
     for p in (hook, tg, upstream):
         p.start(H.free_port())
