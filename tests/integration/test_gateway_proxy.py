@@ -157,6 +157,17 @@ def rss_kib(pid):
     return 0
 
 
+def rss_bound_kib(pid):
+    """How much the gateway's RSS may grow while a body far larger than it
+    (32 or 50 MiB) passes through: 8 MiB, or 16 under AddressSanitizer,
+    whose allocator keeps freed chunks in a quarantine that stays resident
+    (10.4 MiB was seen for the slow-client case). Either is well below the
+    body, so a gateway that held the body would still fail."""
+    with open("/proc/%d/maps" % pid) as f:
+        asan = any("libasan" in line for line in f)
+    return (16 if asan else 8) * 1024
+
+
 def check_chunked_limit(test, port, limit):
     """A chunked upload is refused with 413 once it passes PROXY_MAX_BODY_BYTES
     (it has no Content-Length to refuse on its headers), the upstream never
@@ -298,7 +309,7 @@ class ProxyTest(unittest.TestCase):
         sock.close()
         self.assertEqual(n, 512 * 65536)
         self.assertEqual(got.hexdigest(), expect.hexdigest())
-        self.assertLess(peak - before, 8 * 1024, (before, peak))
+        self.assertLess(peak - before, rss_bound_kib(self.gw.proc.pid), (before, peak))
 
     def test_unknown_service_404(self):
         status, _, body = http_json("GET", self.base + "/api/v1/nosuch/thing")
@@ -377,7 +388,7 @@ class ProxyTest(unittest.TestCase):
         self.assertEqual(got["body_len"], size)
         self.assertEqual(got["body_sha256"], digest.hexdigest())
         # Held whole it would be 50 MiB; streamed it is a few buffers.
-        self.assertLess(peak - before, 8 * 1024, (before, peak))
+        self.assertLess(peak - before, rss_bound_kib(self.gw.proc.pid), (before, peak))
 
     def test_chunked_upload(self):
         conn = httpclient.HTTPConnection("127.0.0.1", self.port, timeout=20)
