@@ -46,7 +46,7 @@ struct rtes_consumer {
     atomic_int ready;
     unsigned long subscribed_gen;
     item *burst;
-    int n, cap, burst_max;
+    int n, cap;
     int *order;
     rtes_stored *res;
     backoff retry;
@@ -71,10 +71,6 @@ rtes_consumer *rtes_consumer_new(const rtes_consumer_opts *o)
     c->cap = c->prefetch * RTES_NKINDS;
     if (c->cap > BURST_MAX)
         c->cap = BURST_MAX;
-    /* Half a queue's prefetch: while one half is being stored the broker
-     * is already sending the other (storing a whole window left it idle
-     * until the ack, then the store idle while it refilled). */
-    c->burst_max = c->prefetch / 2 > 0 ? c->prefetch / 2 : 1;
     c->burst = calloc((size_t)c->cap, sizeof(*c->burst));
     c->order = calloc((size_t)c->cap, sizeof(*c->order));
     c->res = calloc((size_t)c->cap, sizeof(*c->res));
@@ -569,7 +565,7 @@ static void *run(void *arg)
         if (r.reply_type == AMQP_RESPONSE_NORMAL) {
             take(c, &env);
             amqp_destroy_envelope(&env);
-            if (c->n >= c->burst_max)
+            if (c->n == c->cap)
                 flush(c);
             continue;
         }
