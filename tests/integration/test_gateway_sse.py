@@ -526,7 +526,7 @@ class SseLimitsTest(unittest.TestCase):
             # The gateway's end of the stream has the send buffer asked for
             # (the kernel doubles SO_SNDBUF for its bookkeeping), not
             # tcp_wmem's autotuned one.
-            ss = subprocess.run(["ss", "-tmnH", "state", "established", "sport", "= :%d" % self.port_c,
+            ss = subprocess.run([need("ss"), "-tmnH", "state", "established", "sport", "= :%d" % self.port_c,
                                  "dport", "= :%d" % slow.getsockname()[1]], capture_output=True, text=True).stdout
             self.assertIn("tb8192,", ss)
             # 300 KiB: far more than both sockets' buffers, far less than
