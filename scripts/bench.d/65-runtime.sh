@@ -20,5 +20,7 @@ echo "runtime benchmarks: $AUTOGROUP"
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 ROOT=$BENCH_ROOT
 bench_need wrk pgbench node
+O=${O:-build}
+bench_drivers rt_ws_latency
 "$ROOT/tests/integration/setup-node.sh" >&2
 exec /usr/bin/python3 "$ROOT/scripts/bench.d/runtime_bench.py"
