@@ -155,21 +155,10 @@ class Svc:
 
 
 def ws_connect(port, path, headers=None):
-    """A socket upgraded on GET path (wsraw's handshake, with headers)."""
-    s = socket.create_connection(("127.0.0.1", port), timeout=60)
-    key = base64.b64encode(os.urandom(16)).decode()
-    extra = "".join("%s: %s\r\n" % kv for kv in (headers or {}).items())
-    s.sendall(("GET %s HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-               "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n%s\r\n" % (path, key, extra)).encode())
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = s.recv(4096)
-        if not chunk:
-            raise AssertionError("closed during the handshake of %s: %r" % (path, data))
-        data += chunk
-    if not data.startswith(b"HTTP/1.1 101"):
-        raise AssertionError("upgrade of %s refused: %r" % (path, data))
-    return s, data.split(b"\r\n\r\n", 1)[1]
+    """A socket upgraded on GET path (wsraw's handshake, with headers), and
+    the bytes that came after the handshake answer."""
+    s = wsraw.connect_headers(port, path, headers)
+    return s, s.pending
 
 
 def ws_frames(s, pending, want, timeout=60):
