@@ -23,4 +23,9 @@ uint32_t hash_fnv1a(const void *p, size_t n);
 /* The hash of a NUL-terminated string (its bytes before the NUL). */
 uint32_t hash_fnv1a_str(const char *s);
 
+/* The hash of a NUL-terminated string with ASCII letters folded to lower
+ * case, for keys that compare with strcasecmp (run ids, header names):
+ * "AB" and "ab" hash alike. */
+uint32_t hash_fnv1a_str_ci(const char *s);
+
 #endif

@@ -40,12 +40,23 @@ static void test_pieces(void **state)
     assert_int_equal(hash_fnv1a_add(HASH_FNV1A_INIT, "", 0), hash_fnv1a_str(""));
 }
 
+/* The case-folding form is the plain one over the lower-cased key. */
+static void test_case_folded(void **state)
+{
+    (void)state;
+    assert_int_equal(hash_fnv1a_str_ci("FooBar"), 0xbf9cf968u);
+    assert_int_equal(hash_fnv1a_str_ci("foobar"), hash_fnv1a_str("foobar"));
+    assert_int_equal(hash_fnv1a_str_ci(""), hash_fnv1a_str(""));
+    assert_int_not_equal(hash_fnv1a_str("FooBar"), hash_fnv1a_str("foobar"));
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_vectors),
         cmocka_unit_test(test_embedded_nul),
         cmocka_unit_test(test_pieces),
+        cmocka_unit_test(test_case_folded),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);
