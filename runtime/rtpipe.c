@@ -2,13 +2,13 @@
  * (see rtpipe.h). Everything but the connect threads runs on the loop. */
 #include "rtpipe.h"
 
-#include <ctype.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "backoff.h"
 #include "fmt.h"
+#include "hash.h"
 #include "log.h"
 
 #define RTPIPE_QUEUE_MAX 4096
@@ -490,15 +490,6 @@ int rtpipe_up(const rtpipe *p)
     return 0;
 }
 
-static unsigned run_hash(const char *id)
-{
-    unsigned h = 2166136261u;
-
-    for (; *id; id++)
-        h = (h ^ (unsigned)tolower((unsigned char)*id)) * 16777619u;
-    return h;
-}
-
 int rtpipe_submit(rtpipe *p, rt_append *x, rtpipe_done_fn fn, void *ud)
 {
     int i, k;
@@ -507,7 +498,7 @@ int rtpipe_submit(rtpipe *p, rt_append *x, rtpipe_done_fn fn, void *ud)
 
     if (!p)
         return -1;
-    k = (int)(run_hash(rtappend_run(x)) % (unsigned)p->n);
+    k = (int)(hash_fnv1a_str_ci(rtappend_run(x)) % (unsigned)p->n);
     for (i = 0; i < p->n && !s; i++) {
         slot *t = &p->s[(k + i) % p->n];
 
