@@ -74,10 +74,20 @@ void sse_free(sse *s);
 /* Nonzero when `id` is a client id we accept: 1..128 of [A-Za-z0-9_.-]. */
 int sse_client_id_ok(const char *id);
 
+/* Longest idempotency key a publisher may give. */
+#define SSE_IDEM_KEY_MAX 255
+
+/* Nonzero for an idempotency key we accept: 1..255 of printable ASCII
+ * (0x20-0x7e): it goes into a Redis key name. */
+int sse_idem_key_ok(const char *key);
+
 /* Stores and publishes one event (the store script); `data_json` is JSON
- * text without raw newlines. On success returns 0 with the id in *id. */
+ * text without raw newlines. `idem_key` (NULL: none; checked with
+ * sse_idem_key_ok) makes it once per key and client within the buffer's
+ * TTL. On success returns 0 with the id in *id and *replayed set when the
+ * key had already stored it (nothing stored now: *id is the first id). */
 int sse_store_publish(sse *s, rconn *r, const char *client_id, const char *event_type, const char *data_json,
-                      long long *id);
+                      const char *idem_key, long long *id, int *replayed);
 
 /* Appends the connect script to `ctx`'s pipeline (redisAppendCommandArgv).
  * Returns 0 or -1. */
@@ -133,8 +143,10 @@ void sse_stream_handler(httpd_req *req, void *ud);
  * connection.established, stream.reset). */
 int sse_event_type_ok(const char *type);
 
-/* Stores and publishes an event with `data` (NULL: null) through `r`. */
-int sse_publish(sse *s, rconn *r, const char *client_id, const char *type, const cJSON *data, long long *id);
+/* Stores and publishes an event with `data` (NULL: null) through `r`,
+ * once per `idem_key` (NULL: none), as sse_store_publish. */
+int sse_publish(sse *s, rconn *r, const char *client_id, const char *type, const cJSON *data, const char *idem_key,
+                long long *id, int *replayed);
 
 /* Nonzero when this instance holds a stream of `client_id`. */
 int sse_hub_has(sse *s, const char *client_id);

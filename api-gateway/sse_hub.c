@@ -98,38 +98,45 @@ int sse_event_type_ok(const char *t)
            strcmp(t, "stream.reset") != 0;
 }
 
-int sse_publish(sse *s, rconn *r, const char *cid, const char *type, const cJSON *data, long long *id)
+int sse_publish(sse *s, rconn *r, const char *cid, const char *type, const cJSON *data, const char *idem_key,
+                long long *id, int *replayed)
 {
     char *text = data ? cJSON_PrintUnformatted(data) : NULL;
     int rc;
 
     if (data && !text)
         return -1;
-    rc = sse_store_publish(s, r, cid, type, text ? text : "null", id);
+    rc = sse_store_publish(s, r, cid, type, text ? text : "null", idem_key, id, replayed);
     free(text);
-    if (rc == 0)
+    if (rc == 0 && !*replayed)
         metrics_counter_inc(s->c_published);
     return rc;
 }
 
-/* A backend's own PUBLISH sse:{client_id} {"event_type","data"}: stored
- * (and so delivered) by the instance holding the ingest lock. */
+/* A backend's own PUBLISH sse:{client_id} {"event_type","data"} (and an
+ * optional "idempotency_key", as the HTTP route's header): stored (and so
+ * delivered) by the instance holding the ingest lock. */
 static void hub_ingest(sse *s, rconn *cmd, const char *channel, const char *payload, size_t len)
 {
     const char *cid = channel + 4;
-    cJSON *msg, *type;
+    cJSON *msg, *type, *key;
     long long id;
+    int replayed;
 
     if (!s->ingester || !sse_client_id_ok(cid))
         return;
     msg = cJSON_ParseWithLength(payload, len);
     type = cJSON_GetObjectItemCaseSensitive(msg, "event_type");
-    if (!cJSON_IsObject(msg) || !cJSON_IsString(type) || !sse_event_type_ok(type->valuestring)) {
+    key = cJSON_GetObjectItemCaseSensitive(msg, "idempotency_key");
+    if (!cJSON_IsObject(msg) || !cJSON_IsString(type) || !sse_event_type_ok(type->valuestring) ||
+        (key && !cJSON_IsNull(key) && !(cJSON_IsString(key) && sse_idem_key_ok(key->valuestring)))) {
         char ecid[300];
 
-        log_warn("sse: a message on sse:%s is not {\"event_type\": <type>, \"data\": ...}; dropped",
+        log_warn("sse: a message on sse:%s is not {\"event_type\": <type>, \"data\": ..., \"idempotency_key\": "
+                 "<1-255 printable ASCII, optional>}; dropped",
                  log_escape(ecid, sizeof(ecid), cid));
-    } else if (sse_publish(s, cmd, cid, type->valuestring, cJSON_GetObjectItemCaseSensitive(msg, "data"), &id) < 0) {
+    } else if (sse_publish(s, cmd, cid, type->valuestring, cJSON_GetObjectItemCaseSensitive(msg, "data"),
+                           cJSON_IsString(key) ? key->valuestring : NULL, &id, &replayed) < 0) {
         log_warn("sse: cannot store an event published on Redis: %s", rconn_errstr(cmd));
     }
     cJSON_Delete(msg);

@@ -28,15 +28,22 @@ static void publish_handler(httpd_req *req, void *ud)
 {
     sse *s = ud;
     const char *cid = httpd_req_param(req, "client_id");
+    const char *key = httpd_req_header(req, "Idempotency-Key");
     cJSON *body = NULL, *type, *out;
     rconn *r;
     long long id;
+    int replayed = 0;
     char ids[FMT_I64_MAX];
 
     if (internal_auth(req, s) < 0)
         return;
     if (!cid || !sse_client_id_ok(cid)) {
         httpd_respond_error(req, 400, "invalid_request", "client_id must be 1-128 of A-Z a-z 0-9 _ . -", NULL);
+        return;
+    }
+    if (key && !sse_idem_key_ok(key)) {
+        httpd_respond_error(req, 400, "invalid_request", "Idempotency-Key must be 1-255 printable ASCII characters",
+                            NULL);
         return;
     }
     if (httpd_req_json(req, &body) < 0)
@@ -52,7 +59,8 @@ static void publish_handler(httpd_req *req, void *ud)
         return;
     }
     r = sse_store_conn(s);
-    if (!r || sse_publish(s, r, cid, type->valuestring, cJSON_GetObjectItemCaseSensitive(body, "data"), &id) < 0) {
+    if (!r || sse_publish(s, r, cid, type->valuestring, cJSON_GetObjectItemCaseSensitive(body, "data"), key, &id,
+                          &replayed) < 0) {
         httpd_respond_error(req, 503, "unavailable", "the event store (Redis) is unavailable", NULL);
         cJSON_Delete(body);
         return;
@@ -61,6 +69,8 @@ static void publish_handler(httpd_req *req, void *ud)
     fmt_i64(ids, id);
     out = cJSON_CreateObject();
     cJSON_AddStringToObject(out, "id", ids);
+    if (replayed) /* as Stripe and the IETF draft's examples say it: nothing new was stored */
+        httpd_req_add_header(req, "Idempotent-Replayed", "true");
     httpd_respond_json(req, 202, out);
 }
 

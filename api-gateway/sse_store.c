@@ -6,7 +6,8 @@
  * the frames (a list, newest last, at most SSE_BUFFER_EVENTS), sse:lost:{id}
  * the highest id no longer in the buffer, sse:last:{id} the highest event id
  * stored, sse:est:{id} what each connection.established id stands for,
- * sse:online:{id} set while a stream is held. */
+ * sse:online:{id} set while a stream is held, sse:idem:{id}:{key} the id
+ * stored under a publisher's idempotency key. */
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -17,10 +18,18 @@
 #include "log.h"
 #include "sse.h"
 
-/* ARGV: client id, event type, data JSON, timestamp, buffer size, buffer
- * TTL, counter TTL. A list created anew (the old one expired) means every
- * event before it is lost for a reconnecting client. */
+/* KEYS: seq, buf, lost, last and, for a publish with an idempotency key,
+ * sse:idem:{client id}:{key}. ARGV: client id, event type, data JSON,
+ * timestamp, buffer size, buffer TTL, counter TTL. Returns {id, 1} when the
+ * key was seen within the buffer's TTL (nothing stored: the first id), else
+ * {id, 0}. The check and the store are one script, so two concurrent
+ * retries of one key cannot both store. A list created anew (the old one
+ * expired) means every event before it is lost for a reconnecting client. */
 static const char publish_lua[] =
+    "if KEYS[5] then\n"
+    "  local first = redis.call('GET', KEYS[5])\n"
+    "  if first then return {tonumber(first), 1} end\n"
+    "end\n"
     "local id = redis.call('INCR', KEYS[1])\n"
     "redis.call('EXPIRE', KEYS[1], ARGV[7])\n"
     "local env = '{\"id\":\"' .. id .. '\",\"event_type\":\"' .. ARGV[2] .. '\",\"timestamp\":\"' .. ARGV[4] ..\n"
@@ -36,8 +45,9 @@ static const char publish_lua[] =
     "end\n"
     "redis.call('SET', KEYS[4], id, 'EX', ARGV[7])\n"
     "redis.call('EXPIRE', KEYS[2], ARGV[6])\n"
+    "if KEYS[5] then redis.call('SET', KEYS[5], id, 'EX', ARGV[6]) end\n"
     "redis.call('PUBLISH', '" SSE_DELIVER_CHANNEL "', ARGV[1] .. '\\n' .. frame)\n"
-    "return id\n";
+    "return {id, 0}\n";
 
 /* KEYS: seq, buf, lost, last, online, est. ARGV: the Last-Event-ID ('' for
  * none), counter TTL, online TTL. The id given to connection.established
@@ -116,12 +126,24 @@ int sse_client_id_ok(const char *id)
     return n >= 1 && n <= SSE_CLIENT_ID_MAX;
 }
 
+int sse_idem_key_ok(const char *key)
+{
+    size_t n = 0;
+
+    for (const char *p = key; *p; p++, n++)
+        if ((unsigned char)*p < 0x20 || (unsigned char)*p > 0x7e)
+            return 0;
+    return n >= 1 && n <= SSE_IDEM_KEY_MAX;
+}
+
 int sse_store_publish(sse *s, rconn *r, const char *client_id, const char *event_type, const char *data_json,
-                      long long *id)
+                      const char *idem_key, long long *id, int *replayed)
 {
     const sse_config *c = sse_cfg(s);
-    char k_seq[160], k_buf[160], k_lost[160], k_last[160], ts[40], max[24], ttl[24], cttl[24];
-    const char *ka[11] = {k_seq, k_buf, k_lost, k_last, client_id, event_type, data_json, ts, max, ttl, cttl};
+    char k_seq[160], k_buf[160], k_lost[160], k_last[160], k_idem[SSE_CLIENT_ID_MAX + SSE_IDEM_KEY_MAX + 16];
+    char ts[40], max[24], ttl[24], cttl[24];
+    const char *ka[12] = {k_seq, k_buf, k_lost, k_last, k_idem, client_id, event_type, data_json, ts, max, ttl, cttl};
+    int nkeys = idem_key ? 5 : 4;
     redisReply *rep;
     int rc = -1;
 
@@ -129,14 +151,21 @@ int sse_store_publish(sse *s, rconn *r, const char *client_id, const char *event
     snprintf(k_buf, sizeof(k_buf), "sse:buf:%s", client_id);
     snprintf(k_lost, sizeof(k_lost), "sse:lost:%s", client_id);
     snprintf(k_last, sizeof(k_last), "sse:last:%s", client_id);
+    if (idem_key)
+        snprintf(k_idem, sizeof(k_idem), "sse:idem:%s:%s", client_id, idem_key);
+    else
+        memmove(ka + 4, ka + 5, 7 * sizeof(ka[0])); /* no fifth key */
     fmt_rfc3339(ts, sizeof(ts), NULL, 3);
     snprintf(max, sizeof(max), "%d", c->buffer_events);
     snprintf(ttl, sizeof(ttl), "%ld", c->buffer_ttl_s);
     snprintf(cttl, sizeof(cttl), "%ld", store_counter_ttl(c));
-    /* Not idempotent: a retry after a lost reply could store it twice. */
-    rep = rconn_eval(r, 0, publish_lua, 4, 7, ka, NULL);
-    if (rep && rep->type == REDIS_REPLY_INTEGER) {
-        *id = rep->integer;
+    /* With a key the script is idempotent, so rconn may send it again after
+     * a broken connection; without one a retry could store it twice. */
+    rep = rconn_eval(r, idem_key != NULL, publish_lua, nkeys, 7, ka, NULL);
+    if (rep && rep->type == REDIS_REPLY_ARRAY && rep->elements == 2 && rep->element[0]->type == REDIS_REPLY_INTEGER &&
+        rep->element[1]->type == REDIS_REPLY_INTEGER) {
+        *id = rep->element[0]->integer;
+        *replayed = rep->element[1]->integer != 0;
         rc = 0;
     } else if (rep && rep->type == REDIS_REPLY_ERROR) {
         log_warn("sse: publish script failed: %s", rep->str);

@@ -86,10 +86,33 @@ class Client:
         self.proc.wait()
 
 
-def publish_http(base, client_id, event_type, data, token=TOKEN):
+def publish_http(base, client_id, event_type, data, token=TOKEN, key=None):
     headers = {"Authorization": "Bearer " + token} if token else {}
+    if key is not None:
+        headers["Idempotency-Key"] = key
     return http_json("POST", "%s/internal/v1/sse/%s" % (base, client_id),
                      {"event_type": event_type, "data": data}, headers=headers)
+
+
+def recv_to_close(s):
+    data = b""
+    while True:
+        got = s.recv(65536)
+        if not got:
+            return data
+        data += got
+
+
+def publish_raw_key(port, client_id, key):
+    """POST with an Idempotency-Key of any bytes (http.client refuses some)."""
+    body = b'{"event_type":"run.start","data":null}'
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"POST /internal/v1/sse/" + client_id.encode() + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                  b"Authorization: Bearer " + TOKEN.encode() + b"\r\nContent-Type: application/json\r\n"
+                  b"Idempotency-Key: " + key + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        data = recv_to_close(s)
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), rest
 
 
 def raw_stream(port, client_id, last_id=None, rcvbuf=None):
@@ -210,6 +233,89 @@ class SseTest(unittest.TestCase):
         self.assertEqual(status, 400)
         status, _, body = publish_http(BASE_A, cid("auth"), "bad type\n", {})
         self.assertEqual(status, 400)
+
+    def test_idempotency_key_repeated_stores_once(self):
+        """A publisher's retry after a lost answer (same Idempotency-Key, to
+        either instance) stores nothing new: 202 with the first id, and the
+        client gets the event once."""
+        name = cid("idem")
+        c = Client(BASE_A, name)
+        try:
+            c.wait(lambda e: any(x["type"] == "connection.established" for x in e))
+            status, hdrs, first = publish_http(BASE_A, name, "run.progress", {"n": 1}, key="job-1/step 1")
+            self.assertEqual(status, 202, first)
+            self.assertNotIn("idempotent-replayed", hdrs)
+            for base in (BASE_A, BASE_B, BASE_A):
+                status, hdrs, again = publish_http(base, name, "run.progress", {"n": 1}, key="job-1/step 1")
+                self.assertEqual((status, again), (202, first))
+                self.assertEqual(hdrs.get("idempotent-replayed"), "true")
+            # Another key, and no key at all, are new events.
+            status, _, second = publish_http(BASE_B, name, "run.progress", {"n": 2}, key="job-1/step 2")
+            self.assertEqual(status, 202)
+            self.assertGreater(int(second["id"]), int(first["id"]))
+            status, _, third = publish_http(BASE_B, name, "run.progress", {"n": 3})
+            self.assertEqual(status, 202)
+            evs = c.wait(lambda e: any(x["type"] == "run.progress" and x["data"]["data"]["n"] == 3 for x in e),
+                         what="the last event")
+            time.sleep(0.3)
+            got = [(x["id"], x["data"]["data"]["n"]) for x in c.of("run.progress")]
+            self.assertEqual(got, [(first["id"], 1), (second["id"], 2), (third["id"], 3)], evs)
+            self.assertEqual(R.llen("sse:buf:" + name), 3)
+        finally:
+            c.close()
+
+    def test_concurrent_retries_of_one_key_store_once(self):
+        name = cid("idem-race")
+        results = []
+
+        def post(base):
+            results.append(publish_http(base, name, "run.start", {"x": 1}, key="same")[:3:2])
+
+        threads = [threading.Thread(target=post, args=(BASE_A if i % 2 else BASE_B,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.assertEqual(len(results), 16)
+        self.assertEqual({st for st, _ in results}, {202})
+        self.assertEqual(len({b["id"] for _, b in results}), 1, results)
+        self.assertEqual(R.llen("sse:buf:" + name), 1)
+
+    def test_bad_idempotency_key_is_400(self):
+        name = cid("idem-bad")
+        for key in (b"", b"k" * 256, b"tab\tin", b"\x01", b"caf\xc3\xa9", b"del\x7f"):
+            status, body = publish_raw_key(PORT_A, name, key)
+            self.assertEqual(status, 400, (key, body))
+            err = json.loads(body)
+            self.assertEqual(err["error"], "invalid_request")
+            self.assertIn("Idempotency-Key", err["message"])
+        status, body = publish_raw_key(PORT_A, name, b"k" * 255)
+        self.assertEqual(status, 202, body)
+        status, body = publish_raw_key(PORT_A, name, b" ~!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
+        self.assertEqual(status, 202, body)
+        self.assertEqual(R.llen("sse:buf:" + name), 2)
+
+    def test_idempotency_key_on_the_redis_path(self):
+        """PUBLISH sse:{id} {"event_type","data","idempotency_key"}: once per
+        key; a bad key is dropped (logged), nothing stored."""
+        name = cid("idem-redis")
+        for n in (1, 1, 2):
+            R.publish("sse:" + name, json.dumps({"event_type": "run.progress", "data": {"n": n},
+                                                 "idempotency_key": "k%d" % n}))
+        R.publish("sse:" + name, json.dumps({"event_type": "run.progress", "data": {"n": 9},
+                                             "idempotency_key": "bad\nkey"}))
+        R.publish("sse:" + name, json.dumps({"event_type": "run.progress", "data": {"n": 9},
+                                             "idempotency_key": 7}))
+        R.publish("sse:" + name, json.dumps({"event_type": "run.progress", "data": {"n": 3}}))
+        wait_for(lambda: R.llen("sse:buf:" + name) >= 3, what="the raw publishes stored")
+        # The HTTP route and the Redis path share the keys of a client.
+        status, hdrs, body = publish_http(BASE_A, name, "run.progress", {"n": 1}, key="k1")
+        self.assertEqual(status, 202)
+        self.assertEqual(hdrs.get("idempotent-replayed"), "true")
+        time.sleep(0.5)
+        frames = [f.decode() for f in R.lrange("sse:buf:" + name, 0, -1)]
+        self.assertEqual([json.loads(f.split("data: ", 1)[1])["data"]["n"] for f in frames], [1, 2, 3])
+        self.assertTrue(frames[0].startswith("id: %s\n" % body["id"]), frames[0])
 
     def test_reconnect_to_the_other_instance_gets_exactly_the_missed_events(self):
         name = cid("two")
@@ -446,7 +552,8 @@ class SseLimitsTest(unittest.TestCase):
             "MAX_CONNECTIONS_PER_IP": "0", "SSE_HEARTBEAT_SECONDS": "30", "LOG_LEVEL": "info",
             "SSE_SEND_BUFFER_BYTES": "4096", "SSE_CLIENT_BUFFER_BYTES": str(4 << 20),
             "SSE_WRITE_TIMEOUT_SECONDS": "2"}), health=cls.base_c + "/health")
-        cls.D = Service("api-gateway", gw_env(cls.port_d, {"MAX_CONNECTIONS_PER_IP": "3"}),
+        cls.D = Service("api-gateway", gw_env(cls.port_d, {"MAX_CONNECTIONS_PER_IP": "3",
+                                                           "SSE_BUFFER_TTL_SECONDS": "2"}),
                         health=cls.base_d + "/health")
         try:
             cls.C.start()
@@ -537,15 +644,23 @@ class SseLimitsTest(unittest.TestCase):
             with open(self.C.logpath, "rb") as f:
                 self.assertIn(b'"reason":"write timeout"', f.read())
             slow.settimeout(10)
-            data = b""
-            while True:
-                chunk = slow.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
+            data = recv_to_close(slow)
             self.assertLess(data.count(b"event: run.progress"), 30, "cut before the end")
         finally:
             slow.close()
+
+    def test_idempotency_key_after_the_buffer_ttl_stores_again(self):
+        """A key is remembered for SSE_BUFFER_TTL_SECONDS (2 s on D)."""
+        name = cid("idem-ttl")
+        status, _, first = publish_http(self.base_d, name, "run.start", {}, key="k")
+        self.assertEqual(status, 202)
+        self.assertEqual(publish_http(self.base_d, name, "run.start", {}, key="k")[2], first)
+        self.assertLessEqual(R.ttl("sse:idem:%s:k" % name), 2)
+        wait_for(lambda: not R.exists("sse:idem:%s:k" % name), timeout=5, what="the key expired")
+        status, hdrs, again = publish_http(self.base_d, name, "run.start", {}, key="k")
+        self.assertEqual(status, 202)
+        self.assertNotIn("idempotent-replayed", hdrs)
+        self.assertGreater(int(again["id"]), int(first["id"]))
 
     def test_streams_per_address_are_limited(self):
         name = cid("perip")
