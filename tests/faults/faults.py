@@ -24,8 +24,9 @@ happens:
            (502/503/504 with the JSON body, or no connection while the
            gateway is down), none reaching the upstream twice;
   sse      events published with POST /internal/v1/sse/{client} (retried
-           until 202) to one SSE client that reconnects with Last-Event-ID
-           as EventSource does: every stored event must reach it once.
+           until 202, each with its own Idempotency-Key) to one SSE client
+           that reconnects with Last-Event-ID as EventSource does: every
+           stored event must reach it once.
 
 Faults: kill -9 of each service (then `stack.sh up` brings it back, as an
 operator's `make up` would), restart of PostgreSQL, Redis and RabbitMQ
@@ -81,10 +82,10 @@ def log(msg):
     print("faults: " + msg, file=sys.stderr, flush=True)
 
 
-def call(method, url, body=None, token=None, timeout=5):
+def call(method, url, body=None, token=None, timeout=5, headers=None):
     """(status, decoded JSON or None); status 0 when nothing answered."""
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method)
+    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
     req.add_header("Content-Type", "application/json")
     if token:
         req.add_header("Authorization", "Bearer " + token)
@@ -468,7 +469,8 @@ class ProxyLoad(Ticker):
 
 class SsePublishLoad(RetryLoad):
     """Events for one SSE client through POST /internal/v1/sse/{client},
-    retried until stored (202)."""
+    retried until stored (202), each with its own Idempotency-Key (the
+    event's id), so a retry after a lost answer stores nothing twice."""
 
     def __init__(self, stack, rate, client, tag):
         super().__init__(stack, rate, tag)
@@ -479,7 +481,8 @@ class SsePublishLoad(RetryLoad):
 
     def send(self, ident):
         st, _ = call("POST", gateway_url(self.stack, self, "/internal/v1/sse/" + self.client),
-                     {"event_type": "faults.tick", "data": {"id": ident}}, self.stack.internal)
+                     {"event_type": "faults.tick", "data": {"id": ident}}, self.stack.internal,
+                     headers={"Idempotency-Key": ident})
         failover(self, st)
         return ident if st == 202 else None
 
