@@ -127,6 +127,7 @@ struct wsapp_conn {
     size_t qbytes;
     char *rx;
     size_t rxlen;
+    size_t rx_charged; /* bytes of rx counted in wsapp_rx_held */
     char *subproto; /* echoed in the handshake, then freed */
     char *close_reason;
     int close_code;
@@ -191,8 +192,14 @@ struct wsapp {
     metrics_counter *m_http[6];
     metrics_gauge *m_conns;
     metrics_counter *m_opened, *m_dropped, *m_oversize, *m_refused, *m_head_timeouts, *m_msg_timeouts;
+    metrics_counter *m_msg_memory_cuts;
+    metrics_gauge *m_msg_memory; /* this app's share of wsapp_rx_held */
     ev_timer sweep; /* messages in progress against message_timeout_ms */
 };
+
+/* Bytes held by unfinished incoming messages, over every wsapp of the
+ * process (each runs its own loop thread, hence atomic). */
+static atomic_size_t wsapp_rx_held;
 
 /* ---- small helpers ------------------------------------------------------ */
 
@@ -543,12 +550,47 @@ void wsapp_foreach_conn(wsapp *app, void (*fn)(wsapp_conn *c, void *user, void *
     }
 }
 
+/* Makes the connection's message buffer `need` bytes, charged to the
+ * process-wide total; -1 (nothing changed) when that would pass
+ * message_memory_bytes or on OOM. */
+static int wsapp_rx_reserve(wsapp_conn *c, size_t need)
+{
+    size_t more = need > c->rx_charged ? need - c->rx_charged : 0,
+           held = atomic_load_explicit(&wsapp_rx_held, memory_order_relaxed);
+    char *nrx;
+
+    do {
+        if (held + more > c->app->o.message_memory_bytes)
+            return -1;
+    } while (!atomic_compare_exchange_weak_explicit(&wsapp_rx_held, &held, held + more, memory_order_relaxed,
+                                                    memory_order_relaxed));
+    if (!(nrx = realloc(c->rx, need))) {
+        atomic_fetch_sub_explicit(&wsapp_rx_held, more, memory_order_relaxed);
+        return -1;
+    }
+    c->rx = nrx;
+    c->rx_charged += more;
+    metrics_gauge_add(c->app->m_msg_memory, (double)more);
+    return 0;
+}
+
+static void wsapp_rx_release(wsapp_conn *c)
+{
+    free(c->rx);
+    c->rx = NULL;
+    if (c->rx_charged) {
+        atomic_fetch_sub_explicit(&wsapp_rx_held, c->rx_charged, memory_order_relaxed);
+        metrics_gauge_add(c->app->m_msg_memory, -(double)c->rx_charged);
+        c->rx_charged = 0;
+    }
+}
+
 static void wsapp_conn_free(wsapp_conn *c)
 {
     if (c->dirty_at != UINT32_MAX)
         c->app->dirty[c->dirty_at] = NULL;
     wsapp_conn_clear_queue(c);
-    free(c->rx);
+    wsapp_rx_release(c);
     free(c->subproto);
     free(c->close_reason);
     free(c);
@@ -724,17 +766,25 @@ static void wsapp_conn_receive(wsapp_conn *c, const char *in, size_t len)
     if (!c->discarding) {
         if (c->rxlen + len > app->o.max_frame) {
             c->discarding = 1;
-            free(c->rx);
-            c->rx = NULL;
+            wsapp_rx_release(c);
+        } else if (!r->h.message) {
+            /* A one-way route: the message is counted (for the limits), not kept. */
+        } else if (wsapp_rx_reserve(c, c->rxlen + len + 1) == 0) {
+            memcpy(c->rx + c->rxlen, in, len);
         } else {
-            char *nrx = realloc(c->rx, c->rxlen + len + 1);
+            size_t held = atomic_load_explicit(&wsapp_rx_held, memory_order_relaxed);
 
-            if (!nrx) {
-                c->discarding = 1;
-            } else {
-                c->rx = nrx;
-                memcpy(c->rx + c->rxlen, in, len);
-            }
+            /* This peer's bytes would pass what all may hold: it goes, the
+             * messages already held are finished. */
+            metrics_counter_inc(app->m_msg_memory_cuts);
+            log_event(LOG_WARN, "websocket messages in progress hold the memory limit, connection closed",
+                      "\"connection_id\":%llu,\"received_bytes\":%zu,\"held_bytes\":%zu,\"limit_bytes\":%zu",
+                      (unsigned long long)c->id, c->rxlen + len, held, app->o.message_memory_bytes);
+            wsapp_rx_release(c);
+            c->rxlen = 0;
+            c->msg_since_ms = 0;
+            wsapp_conn_cut(c, 1009, "message too big for the server now");
+            return;
         }
     }
     c->rxlen += len;
@@ -756,8 +806,7 @@ static void wsapp_conn_receive(wsapp_conn *c, const char *in, size_t len)
         c->rx[c->rxlen] = '\0';
         r->h.message(c, wsapp_conn_user(c), c->rx, c->rxlen, c->rx_binary, r->ud);
     }
-    free(c->rx);
-    c->rx = NULL;
+    wsapp_rx_release(c);
     c->rxlen = 0;
     c->discarding = 0;
 }
@@ -1942,6 +1991,8 @@ wsapp *wsapp_new(const wsapp_opts *opts, char *err, size_t errlen)
         app->o.header_timeout_ms = 10000;
     if (app->o.message_timeout_ms <= 0)
         app->o.message_timeout_ms = 30000;
+    if (!app->o.message_memory_bytes)
+        app->o.message_memory_bytes = 64u << 20;
     if (!app->o.metrics)
         app->o.metrics = metrics_default();
     app->listen_fd = -1;
@@ -1981,6 +2032,11 @@ wsapp *wsapp_new(const wsapp_opts *opts, char *err, size_t errlen)
                                                lab);
     app->m_msg_timeouts = metrics_counter_get(app->o.metrics, "wsapp_websocket_message_timeouts_total",
                                               "WebSocket connections closed 1008 because a message took too long", lab);
+    app->m_msg_memory_cuts = metrics_counter_get(
+        app->o.metrics, "wsapp_websocket_message_memory_cuts_total",
+        "WebSocket connections closed 1009 because the messages in progress held message_memory_bytes", lab);
+    app->m_msg_memory = metrics_gauge_get(app->o.metrics, "wsapp_websocket_message_memory_bytes",
+                                          "Bytes held by unfinished incoming WebSocket messages", lab);
     ev_timer_init(&app->sweep, wsapp_sweep, (double)WSAPP_SWEEP_MS / 1000.0, (double)WSAPP_SWEEP_MS / 1000.0);
     return app;
 }

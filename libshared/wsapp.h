@@ -66,6 +66,14 @@ typedef struct {
      * first byte, else close 1008 (fragments or a frame that never end);
      * 0 means 30000. */
     int message_timeout_ms;
+    /* Bytes that the unfinished incoming messages of every connection may
+     * hold together: a total over the process (shared by every wsapp in
+     * it, each checking it against its own value), since 10,000 peers each
+     * holding a nearly whole message of max_frame add up. The connection
+     * whose bytes would pass it is closed 1009 (its message dropped, the
+     * others' kept); 0 means 64 MiB. Routes without a message hook keep
+     * none of what their clients send. */
+    size_t message_memory_bytes;
     int access_log;           /* nonzero: one info line per HTTP request and handshake */
     metrics *metrics;         /* NULL means metrics_default() */
 } wsapp_opts;

@@ -35,6 +35,7 @@ typedef struct {
     int reuse_port;
     int stop_grace_ms;
     int header_timeout_ms, message_timeout_ms;
+    long message_memory_bytes;
     long send_queue_bytes;
     char conninfo[2048];
     char amqp_url[1024];
@@ -116,6 +117,9 @@ static void realtime_config(cfg *c, realtime *rt)
     /* A reader that falls this far behind is dropped (messaging's /info
      * shows the same variable). */
     rt->send_queue_bytes = cfg_int(c, "SEND_QUEUE_BYTES", 262144, 4096, 1L << 30);
+    /* What every /ws client's unfinished message may hold together: 1,024
+     * nearly whole 64 KiB messages at once; 10,000 would be 640 MiB. */
+    rt->message_memory_bytes = cfg_int(c, "WS_MESSAGE_MEMORY_BYTES", 64L << 20, 65536, 1L << 40);
     snprintf(rt->amqp_url, sizeof(rt->amqp_url), "%s",
              cfg_str(c, "AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f"));
     dbpool_conninfo_from_cfg(c, rt->conninfo, sizeof(rt->conninfo));
@@ -173,6 +177,7 @@ int main(void)
     wo.send_queue_bytes = (size_t)rt.send_queue_bytes;
     wo.header_timeout_ms = rt.header_timeout_ms;
     wo.message_timeout_ms = rt.message_timeout_ms;
+    wo.message_memory_bytes = (size_t)rt.message_memory_bytes;
     wo.metrics = rt.h.metrics;
     rt.h.app = wsapp_new(&wo, err, sizeof(err));
     if (!rt.h.app || wsapp_route(rt.h.app, "GET", "/health", realtime_health, &rt) < 0 ||

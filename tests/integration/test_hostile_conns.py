@@ -374,12 +374,21 @@ def ws_ping(port):
 
 # ------------------------------------------------------ endless WebSocket messages
 
-def until_closed(s, limit=20.0):
-    """Reads server frames until the server closes the connection; returns
-    (frames, seconds) (frames None when it did not close within `limit`)."""
+def read_until(s, pred, timeout=10.0):
+    """Reads server frames until one satisfies pred(opcode, payload); keeps
+    what follows in s.pending (everything read when none did). Returns the
+    frame, or None when the server closed (s.eof set) or `timeout` passed."""
     s.settimeout(0.5)
     data, t0 = getattr(s, "pending", b""), time.monotonic()
-    while time.monotonic() - t0 < limit:
+    while True:
+        frames, rest = wsraw.parse_frames(data)
+        for i, (op, payload) in enumerate(frames):
+            if pred(op, payload):
+                s.pending = b"".join(server_frame(o, p) for o, p in frames[i + 1:]) + rest
+                return op, payload
+        if time.monotonic() - t0 > timeout:
+            s.pending = data
+            return None
         try:
             chunk = s.recv(65536)
         except socket.timeout:
@@ -387,8 +396,26 @@ def until_closed(s, limit=20.0):
         except OSError:
             chunk = b""
         if not chunk:
-            return wsraw.parse_frames(data)[0], time.monotonic() - t0
+            s.pending, s.eof = data, True
+            return None
         data += chunk
+
+
+def server_frame(op, payload):
+    """An unmasked frame, as a server sends it (to put back what was read ahead)."""
+    n = len(payload)
+    hdr = bytes([0x80 | op]) + (bytes([n]) if n < 126 else bytes([126]) + n.to_bytes(2, "big") if n < 65536
+                                else bytes([127]) + n.to_bytes(8, "big"))
+    return hdr + payload
+
+
+def until_closed(s, limit=20.0):
+    """Reads server frames until the server closes the connection; returns
+    (frames, seconds) (frames None when it did not close within `limit`)."""
+    t0 = time.monotonic()
+    read_until(s, lambda op, p: False, limit)
+    if getattr(s, "eof", False):
+        return wsraw.parse_frames(s.pending)[0], time.monotonic() - t0
     return None, limit
 
 
@@ -510,6 +537,135 @@ class EndlessMessages(unittest.TestCase):
             finally:
                 s.close()
         self.run_route("khala ws", RUN, connect, served)
+
+
+# ------------------------------------------- the memory of unfinished messages
+
+MEM_LIMIT = 256 * 1024   # WS_MESSAGE_MEMORY_BYTES of the realtime below
+HELD = 60 * 1024         # what each holder's unfinished message holds
+
+
+def hold(s, text, size, piece=4096):
+    """Sends the first `size` bytes of `text` as fragments without FIN,
+    then a ping, and waits for its pong: the server has read them all."""
+    data = text.encode()[:size]
+    for i in range(0, size, piece):
+        wsraw.send_frame(s, 1 if i == 0 else 0, data[i:i + piece], fin=False)
+    wsraw.send_frame(s, 9, b"read?")
+    return read_until(s, lambda op, p: op == 10) is not None
+
+
+def ping_message(size):
+    """A /ws Ping message of about `size` bytes."""
+    head = '{"type":"Ping","data":{"timestamp":7,"pad":"'
+    return head + "p" * (size - len(head)) + '"}}'
+
+
+class MessageMemory(unittest.TestCase):
+    """The bound on what all unfinished WebSocket messages hold together
+    (wsapp's message_memory_bytes): the connection whose bytes would pass
+    it is closed 1009, the others' messages are kept and complete; the
+    bytes return when messages end or connections close. /rt and Khala
+    take no client messages: they keep nothing of one."""
+
+    @classmethod
+    def setUpClass(cls):
+        rport, uport = free_port(), free_port()
+        cls.rt = Service("realtime", {
+            "PORT": rport, "HOST": "127.0.0.1", "JWT_SECRET": JWT_SECRET, "DATABASE_URL": DB_URL,
+            "AMQP_URL": AMQP_URL, "REDIS_URL": REDIS_URL, "RTES_SKIP_AUTH": "1", "LOG_LEVEL": "warn",
+            "WS_MESSAGE_MEMORY_BYTES": MEM_LIMIT, "WS_MESSAGE_TIMEOUT": "60s"},
+            health="http://127.0.0.1:%d/health" % rport, health_status=200)
+        cls.run_ = Service("runtime", {
+            "RUNTIME_BIND_ADDR": "127.0.0.1:%d" % uport, "DATABASE_URL": DB_URL,
+            "RUNTIME_SYNC_TOKEN_SIGNING_KEY": SYNC_KEY, "LOG_LEVEL": "warn",
+            "RUNTIME_WS_MESSAGE_TIMEOUT_MS": 60000}, health="http://127.0.0.1:%d/healthz" % uport)
+        cls.rt.port, cls.run_.port = rport, uport
+        cls.rt.base, cls.run_.base = "http://127.0.0.1:%d" % rport, "http://127.0.0.1:%d" % uport
+        try:
+            cls.rt.start(timeout=40)
+            cls.run_.start(timeout=40)
+        except BaseException:
+            cls.tearDownClass()
+            raise
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.run_.stop()
+        cls.rt.stop()
+
+    def held(self, svc):
+        return metric(svc.base, "wsapp_websocket_message_memory_bytes")
+
+    def wait_held(self, svc, want, limit=10.0):
+        t0 = time.monotonic()
+        while self.held(svc) != want and time.monotonic() - t0 < limit:
+            time.sleep(0.1)
+        self.assertEqual(self.held(svc), want)
+
+    def test_ws_and_rt_share_one_total(self):
+        rt, socks = self.rt, []
+        try:
+            self.wait_held(rt, 0)
+            cuts0 = metric(rt.base, "wsapp_websocket_message_memory_cuts_total")
+            holders = [wsraw.connect(rt.port, "/ws?token=" + sign({"sub": "holder-%d" % i})) for i in range(4)]
+            socks += holders
+            text = ping_message(HELD + 1000)
+            for s in holders:
+                self.assertTrue(hold(s, text, HELD), "a holder was closed below the total")
+            # Each holds its message and the byte wsapp ends it with.
+            self.wait_held(rt, 4 * (HELD + 1))
+            # /rt connections in the same process: what they send is read
+            # and dropped, so it does not count against /ws.
+            streams = [wsraw.connect(rt.port, "/rt?execution_id=ex-mem-%d" % i) for i in range(3)]
+            socks += streams
+            for s in streams:
+                self.assertTrue(hold(s, "r" * HELD, HELD), "/rt closed a client's fragments")
+            self.assertEqual(self.held(rt), 4 * (HELD + 1))
+            # The one that would pass the total is cut (16 KiB were left).
+            last = wsraw.connect(rt.port, "/ws?token=" + sign({"sub": "over"}))
+            socks.append(last)
+            quietly(lambda: hold(last, text, 32 * 1024))
+            frames, secs = until_closed(last)
+            self.assertIsNotNone(frames, "the connection over the total was not closed")
+            self.assertEqual(wsraw.close_code(frames), 1009, frames)
+            self.assertEqual(metric(rt.base, "wsapp_websocket_message_memory_cuts_total"), cuts0 + 1)
+            self.assertEqual(self.held(rt), 4 * (HELD + 1))
+            # The holders' messages were kept whole: finished, each is answered.
+            rest = text.encode()[HELD:]
+            for s in holders[:3]:
+                wsraw.send_frame(s, 0, rest, fin=True)
+                pong = read_until(s, lambda op, p: op == 1 and json.loads(p).get("type") == "Pong")
+                self.assertIsNotNone(pong, "a holder's finished message was not answered")
+            self.wait_held(rt, HELD + 1)
+            holders[3].close()  # gone mid-message: its bytes return too
+            self.wait_held(rt, 0)
+            self.assertTrue(ws_ping(rt.port), "a new client was not served")
+            for s in streams:
+                wsraw.send_frame(s, 9, b"still?")
+                self.assertIsNotNone(read_until(s, lambda op, p: op == 10), "an /rt client was dropped")
+            self.assertIsNone(rt.proc.poll(), "realtime died")
+        finally:
+            for s in socks:
+                s.close()
+
+    def test_khala_keeps_nothing(self):
+        run = self.run_
+        st, _, body = http("POST", run.base + "/internal/v1/runs", b"{}", {"Content-Type": "application/json"})
+        self.assertEqual(st, 201, body)
+        path = "/internal/v1/khala/topics/run:%s:events/ws" % json.loads(body)["run"]["id"]
+        socks = []
+        try:
+            for i in range(5):
+                s = wsraw.connect_headers(run.port, path, {"Authorization": "Bearer " + sync_token()})
+                socks.append(s)
+                self.assertIsNotNone(read_until(s, lambda op, p: op == 1 and b'"hello"' in p), "no hello")
+                self.assertTrue(hold(s, "k" * HELD, HELD), "Khala closed a client's fragments")
+            self.assertEqual(self.held(run), 0)
+            self.assertIsNone(run.proc.poll(), "runtime died")
+        finally:
+            for s in socks:
+                s.close()
 
 
 if __name__ == "__main__":
