@@ -12,7 +12,6 @@
 
 static const char sql_events[] =
     "SELECT ord, seq FROM rtes_put_events($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::json[])";
-static const char sql_completion[] = "SELECT rtes_put_completion($1, $2::json)";
 static const char sql_initiated[] =
     "SELECT rtes_put_initiated($1, $2, $3, m->'workflow_definition', m->'accumulated_context') "
     "FROM (SELECT $4::jsonb AS m) AS x";
@@ -137,13 +136,9 @@ int rtes_store_batch(PGconn *c, rtes_msg *const *msgs, int n, rtes_stored *out, 
         const rtes_msg *m = msgs[i];
         const char *p[4];
 
-        if (m->kind == RTES_COMPLETION) {
-            p[0] = m->execution_id;
-            p[1] = m->body;
-            if (!PQsendQueryParams(c, sql_completion, 2, NULL, p, NULL, NULL, 0))
-                goto send_failed;
-            nstmt++;
-        } else if (m->kind == RTES_INITIATED) {
+        /* A completion's fields go on its execution row with its event
+         * (rtes_put_events, 0021); an initiation is a statement of its own. */
+        if (m->kind == RTES_INITIATED) {
             p[0] = m->execution_id;
             p[1] = m->workflow_id;
             p[2] = m->node_id;

@@ -359,6 +359,31 @@ class History(RtesCase):
             line = [x for x in text.splitlines() if x.startswith("rtes_redeliveries_total ")][0]
             self.assertGreaterEqual(int(line.split()[1]), 2)
 
+    def test_completion_fields_on_the_execution_row(self):
+        # The completion is written on the execution row by the statement
+        # that stores its event; a redelivery of it changes nothing (its
+        # finished_at is when it was first stored), and statuses stored
+        # after it leave the row's completion alone.
+        eid = new_id()
+        done = completion(eid, "failed", reason="no more credit")
+        publish([status(eid, "n"), done])
+        self.wait_count(eid, 2)
+        row = ("SELECT status, final_context, failure_reason, total_duration_ms, completed_at, finished_at "
+               "FROM rtes_executions WHERE execution_id = %s")
+        with self.db.cursor() as c:
+            c.execute(row, (eid,))
+            first = c.fetchone()
+        self.assertEqual(first[:5], ("failed", {"done": True}, "no more credit", 60000, "2026-01-01T00:01:00Z"))
+        self.assertIsNotNone(first[5])
+        time.sleep(0.1)
+        publish([done, status(eid, "m")])
+        self.wait_count(eid, 3)
+        with self.db.cursor() as c:
+            c.execute(row, (eid,))
+            self.assertEqual(c.fetchone(), first)
+            c.execute("SELECT last_seq FROM rtes_executions WHERE execution_id = %s", (eid,))
+            self.assertEqual(c.fetchone()[0], 3)
+
     def test_get_unknown_execution_is_404(self):
         st, h, body = http_json("GET", "http://127.0.0.1:%d/executions/%s" % (self.svc.port, new_id()))
         self.assertEqual(st, 404)
