@@ -36,6 +36,16 @@ VAR=$ROOT/var
 # carry that mark, or it would be killed with the suite's leftovers.
 unset AE_TEST_RUN
 
+# The servers outlive this script, so they must not inherit what its caller
+# holds open: `flock /tmp/bench.lock scripts/bench.sh` runs with the lock
+# on fd 3, and servers that scripts/bench.sh started kept the lock (every
+# benchmark waited) until they stopped. Bash keeps the script itself on a
+# descriptor from 255 up, which stays.
+for _fd in $(cd /proc/self/fd && echo *); do
+    if ((_fd > 2 && _fd < 255)); then eval "exec $_fd>&-"; fi
+done
+unset _fd
+
 PG_PORT=${AE_PG_PORT:-55432}
 REDIS_PORT=${AE_REDIS_PORT:-56379}
 AMQP_PORT=${AE_AMQP_PORT:-55672}
