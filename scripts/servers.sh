@@ -4,7 +4,8 @@
 #
 #   scripts/servers.sh start   [pg|redis|rabbitmq|all]   start what is not running, wait until it answers
 #   scripts/servers.sh stop    [pg|redis|rabbitmq|all]
-#   scripts/servers.sh restart [pg|redis|rabbitmq|all]   pg: `pg_ctl restart -m fast` (seconds)
+#   scripts/servers.sh restart [pg|redis|rabbitmq|all]   pg: `pg_ctl restart -m fast` (seconds); fails on a
+#                                                        server this checkout did not start (it cannot restart it)
 #   scripts/servers.sh status  [pg|redis|rabbitmq|all]   exit 0 only when all named are up
 #   scripts/servers.sh env                               `export` lines for the three URLs
 #   scripts/servers.sh vhost NAME                        creates RabbitMQ virtual host NAME (guest may use it);
@@ -734,10 +735,27 @@ cmd_stop() {
     if has pg "${ts[@]}"; then pg_stop; fi
 }
 
+# A restart must take the server down and up again: the tests that restart
+# one check that its clients notice and reconnect. A server on the port
+# that this checkout did not start (another worktree's, a dead clone's) was
+# "using it" to start and "not running" to stop, so restart did nothing and
+# exited 0, and those tests passed without any restart (RTES's consumer
+# never lost the broker). Refuse instead.
+restart_refuse_foreign() {
+    local name=$1 port=$2 ours=$3 url=$4
+    url_is_ours "$url" "$port" || die "$name: cannot restart a server this checkout does not run (its URL points elsewhere)"
+    if ! "$ours" && port_open "$port"; then
+        die "$name: cannot restart: port $port is served by something this checkout did not start (stop it, or give this checkout ports of its own: AE_PG_PORT, AE_REDIS_PORT, AE_AMQP_PORT)"
+    fi
+}
+
 cmd_restart() {
     local -a ts=("$@")
     local launched=1
     take_lock
+    if has rabbitmq "${ts[@]}"; then restart_refuse_foreign rabbitmq "$AMQP_PORT" rabbit_ours_running "${AMQP_URL:-}"; fi
+    if has pg "${ts[@]}"; then restart_refuse_foreign pg "$PG_PORT" pg_ours_running "${DATABASE_URL:-}"; fi
+    if has redis "${ts[@]}"; then restart_refuse_foreign redis "$REDIS_PORT" redis_ours_running "${REDIS_URL:-}"; fi
     if has rabbitmq "${ts[@]}"; then
         rabbit_stop
         rabbit_start_begin && launched=0
