@@ -56,6 +56,14 @@ def amqp_ops(lines, timeout=120):
     return r.stdout
 
 
+def restart_server(name):
+    """servers.sh restart NAME, which refuses a server this checkout did not start."""
+    r = subprocess.run([os.path.join(ROOT, "scripts", "servers.sh"), "restart", name], capture_output=True,
+                       text=True, timeout=240)
+    if r.returncode != 0:
+        raise AssertionError("servers.sh restart %s: exit %d: %s" % (name, r.returncode, r.stderr))
+
+
 def publish(msgs, persistent=False):
     """msgs: (routing key, body) pairs; execution.token goes through the
     default exchange, the rest through `workflows`."""
@@ -696,8 +704,7 @@ class Failures(RtesCase):
             w.wait_open()
             wait_for(lambda: self.count(eid) >= 200, 60, what="the first events")
             self.db.close()
-            subprocess.run([os.path.join(ROOT, "scripts", "servers.sh"), "restart", "pg"], check=True,
-                           capture_output=True, timeout=240)
+            restart_server("pg")
             self.__class__.db = psycopg2.connect(DSN)
             self.db.autocommit = True
             self.assertLess(self.count(eid), n, "restarted too late to be mid-stream")
@@ -731,8 +738,7 @@ class Failures(RtesCase):
             os.kill(svc.proc.pid, signal.SIGSTOP)
             try:
                 stored = self.count(eid)
-                subprocess.run([os.path.join(ROOT, "scripts", "servers.sh"), "restart", "rabbitmq"], check=True,
-                               capture_output=True, timeout=240)
+                restart_server("rabbitmq")
             finally:
                 os.kill(svc.proc.pid, signal.SIGCONT)
             self.assertLess(stored, n, "restarted too late to be mid-stream")
@@ -744,6 +750,12 @@ class Failures(RtesCase):
             # published now is stored too.
             publish([status(eid, "n%04d" % n)], persistent=True)
             self.wait_count(eid, n + 1, timeout=90)
+            # It saw the broker go and subscribed again (a restart that did
+            # nothing, of a broker this checkout did not start, once passed
+            # the checks above without either).
+            msgs = [x.get("msg") for x in svc.log_lines()]
+            self.assertIn("rtes consumer lost the broker", msgs)
+            self.assertIn("rtes consumer subscribed", msgs[msgs.index("rtes consumer lost the broker"):])
         finally:
             svc.stop()
             amqp_ops([{"op": "delete", "queue": q} for q in QUEUES])
