@@ -288,3 +288,235 @@ int h1_parse_head_done(const h1_parser *p)
 {
     return h1_parse_in_body(p) || p->state == P_DONE;
 }
+
+/* ---------------------------------------------------------------- requests */
+
+void h1_request_init(h1_head *r)
+{
+    memset(r, 0, sizeof(*r));
+}
+
+/* RFC 9110 5.6.2 tchar. */
+static int h1_tchar(unsigned char c)
+{
+    if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9'))
+        return 1;
+    return c && strchr("!#$%&'*+-.^_`|~", c) != NULL;
+}
+
+static int rerr(h1_head *r, int status, const char *msg)
+{
+    r->status = status;
+    snprintf(r->err, sizeof(r->err), "%s", msg);
+    return H1_PARSE_ERROR;
+}
+
+static int name_is(const h1_field *f, const char *name, size_t n)
+{
+    return f->nlen == n && strncasecmp(f->name, name, n) == 0;
+}
+
+static int request_line(h1_head *r, const char *base, const char *s, size_t n)
+{
+    size_t i = 0, t;
+
+    while (i < n && h1_tchar((unsigned char)s[i]))
+        i++;
+    if (i == 0 || i >= n || s[i] != ' ')
+        return rerr(r, 400, "malformed request line");
+    r->moff = (size_t)(s - base);
+    r->mlen = i;
+    t = ++i;
+    while (i < n && (unsigned char)s[i] > 0x20 && (unsigned char)s[i] < 0x7f)
+        i++;
+    if (i == t || i >= n || s[i] != ' ')
+        return rerr(r, 400, "malformed request target");
+    r->toff = (size_t)(s - base) + t;
+    r->tlen = i - t;
+    i++;
+    if (n - i != 8 || memcmp(s + i, "HTTP/", 5) || s[i + 5] < '0' || s[i + 5] > '9' || s[i + 6] != '.' ||
+        s[i + 7] < '0' || s[i + 7] > '9')
+        return rerr(r, 400, "malformed HTTP version");
+    if (s[i + 5] != '1' || (s[i + 7] != '0' && s[i + 7] != '1'))
+        return rerr(r, 505, "HTTP version not supported");
+    r->minor = s[i + 7] - '0';
+    r->line_done = 1;
+    return 0;
+}
+
+static int field_line(h1_head *r, const char *base, const char *s, size_t n)
+{
+    size_t i = 0, b, e;
+    h1_field *f;
+
+    if (s[0] == ' ' || s[0] == '\t')
+        return rerr(r, 400, "obsolete line folding");
+    while (i < n && h1_tchar((unsigned char)s[i]))
+        i++;
+    if (i == 0 || i >= n || s[i] != ':')
+        return rerr(r, 400, "malformed header field");
+    if (r->nfields >= H1_REQ_FIELDS_MAX)
+        return rerr(r, 431, "too many header fields");
+    b = i + 1;
+    e = n;
+    while (b < e && (s[b] == ' ' || s[b] == '\t'))
+        b++;
+    while (e > b && (s[e - 1] == ' ' || s[e - 1] == '\t'))
+        e--;
+    for (size_t k = b; k < e; k++) {
+        unsigned char c = (unsigned char)s[k];
+
+        if ((c < 0x20 && c != '\t') || c == 0x7f)
+            return rerr(r, 400, "control character in a header value");
+    }
+    f = &r->fields[r->nfields++];
+    /* Offsets until the head is complete: the caller's buffer may move
+     * as it grows. */
+    f->noff = (size_t)(s - base);
+    f->nlen = i;
+    f->voff = f->noff + b;
+    f->vlen = e - b;
+    f->name = s;
+    f->value = s + b;
+    if (name_is(f, "content-length", 14)) {
+        unsigned long long len = 0;
+
+        if (r->has_len)
+            return rerr(r, 400, "more than one Content-Length");
+        if (f->vlen == 0 || f->vlen > 18)
+            return rerr(r, 400, "Content-Length is not a number");
+        for (size_t k = 0; k < f->vlen; k++) {
+            if (f->value[k] < '0' || f->value[k] > '9')
+                return rerr(r, 400, "Content-Length is not a number");
+            len = len * 10 + (unsigned)(f->value[k] - '0');
+        }
+        r->has_len = 1;
+        r->content_length = len;
+    } else if (name_is(f, "transfer-encoding", 17)) {
+        if (r->chunked || f->vlen != 7 || strncasecmp(f->value, "chunked", 7) != 0)
+            return rerr(r, 400, "Transfer-Encoding other than chunked");
+        r->chunked = 1;
+    } else if (name_is(f, "host", 4)) {
+        r->hosts++;
+    } else if (name_is(f, "connection", 10)) {
+        r->conn_close |= has_token(f->value, f->vlen, "close");
+        r->conn_keep_alive |= has_token(f->value, f->vlen, "keep-alive");
+        r->conn_upgrade |= has_token(f->value, f->vlen, "upgrade");
+    } else if (name_is(f, "upgrade", 7)) {
+        r->upgrade = 1;
+    } else if (name_is(f, "expect", 6)) {
+        r->expect = 1;
+    }
+    return 0;
+}
+
+static int end_of_head(h1_head *r, const char *base, size_t end)
+{
+    r->method = base + r->moff;
+    r->target = base + r->toff;
+    for (int i = 0; i < r->nfields; i++) {
+        r->fields[i].name = base + r->fields[i].noff;
+        r->fields[i].value = base + r->fields[i].voff;
+    }
+    if (r->has_len && r->chunked)
+        return rerr(r, 400, "Content-Length and Transfer-Encoding together");
+    if (r->chunked && r->minor == 0)
+        return rerr(r, 400, "Transfer-Encoding in HTTP/1.0");
+    if (r->hosts > 1 || (r->minor == 1 && r->hosts == 0))
+        return rerr(r, 400, r->hosts ? "more than one Host" : "no Host in an HTTP/1.1 request");
+    r->head_len = end;
+    return H1_PARSE_DONE;
+}
+
+/* The first byte of the line at `s` (`span` bytes of it here, its LF last
+ * when `lf`) that is an error on its own, whatever follows: a CR not
+ * followed by LF, a bare LF, the byte past H1_LINE_MAX, the byte past the
+ * head's bound. The earliest wins, so the verdict does not depend on how
+ * the bytes were split. (size_t)-1 when none. */
+static size_t line_error(h1_head *r, const char *data, const char *s, size_t span, int lf, size_t max_head)
+{
+    size_t pos = (size_t)(s - data), at = (size_t)-1, i = 0;
+    const char *cr;
+    int status = 0;
+    const char *msg = NULL;
+
+    while ((cr = memchr(s + i, '\r', span - i)) != NULL) {
+        i = (size_t)(cr - s) + 1;
+        if (i < span && s[i] != '\n') {
+            at = pos + i - 1;
+            status = 400;
+            msg = "CR without LF";
+            break;
+        }
+    }
+    if (lf && (span < 2 || s[span - 2] != '\r') && pos + span - 1 < at) {
+        at = pos + span - 1;
+        status = 400;
+        msg = "bare LF";
+    }
+    if (span > H1_LINE_MAX && pos + H1_LINE_MAX < at) {
+        at = pos + H1_LINE_MAX;
+        status = 431;
+        msg = "header line too long";
+    }
+    if (pos + span > max_head && max_head < at) {
+        at = max_head;
+        status = 431;
+        msg = "request head too large";
+    }
+    if (msg)
+        rerr(r, status, msg);
+    return at;
+}
+
+int h1_request_parse(h1_head *r, const char *data, size_t n, size_t max_head)
+{
+    if (r->status)
+        return H1_PARSE_ERROR;
+    if (r->head_len)
+        return H1_PARSE_DONE;
+    while (r->pos < n) {
+        const char *s = data + r->pos, *lf = memchr(s, '\n', n - r->pos);
+        size_t span = lf ? (size_t)(lf - s) + 1 : n - r->pos, len;
+        int rc;
+
+        if (line_error(r, data, s, span, lf != NULL, max_head) != (size_t)-1)
+            return H1_PARSE_ERROR;
+        if (!lf)
+            return H1_PARSE_MORE;
+        len = span - 2;
+        r->pos += span;
+        if (!r->line_done) {
+            if (len == 0)
+                continue; /* RFC 9112 2.2: an empty line before the request line */
+            rc = request_line(r, data, s, len);
+        } else if (len == 0) {
+            return end_of_head(r, data, r->pos);
+        } else {
+            rc = field_line(r, data, s, len);
+        }
+        if (rc < 0)
+            return rc;
+    }
+    return H1_PARSE_MORE;
+}
+
+int h1_request_keep_alive(const h1_head *r)
+{
+    if (r->conn_close)
+        return 0;
+    return r->minor == 1 || r->conn_keep_alive;
+}
+
+const char *h1_request_field(const h1_head *r, const char *name, size_t *len)
+{
+    size_t n = strlen(name);
+
+    for (int i = 0; i < r->nfields; i++)
+        if (name_is(&r->fields[i], name, n)) {
+            if (len)
+                *len = r->fields[i].vlen;
+            return r->fields[i].value;
+        }
+    return NULL;
+}

@@ -1,8 +1,10 @@
 /* h1parse: an HTTP/1.x response parser (status line, headers,
  * Content-Length, chunked or read-to-close bodies), fed bytes in pieces of
- * any size. Shared by the action-workers' client (action-workers/h1.c) and
- * the gateway's direct upstream path (api-gateway/proxy_direct.c). It holds
- * no socket and allocates nothing beyond the body buffer it is given. */
+ * any size, shared by the action-workers' client (action-workers/h1.c) and
+ * the gateway's direct upstream path (api-gateway/proxy.c); and a strict
+ * HTTP/1.1 request-head parser (h1_request_parse, below) for a server that
+ * reads requests itself. Neither holds a socket; neither allocates beyond
+ * the body buffer it is given. */
 #ifndef AE_H1PARSE_H
 #define AE_H1PARSE_H
 
@@ -56,5 +58,65 @@ int h1_parse_head_done(const h1_parser *p);
  * connection (HTTP/1.1 without Connection: close, or 1.0 keep-alive, and
  * a delimited body). Only meaningful after H1_PARSE_DONE. */
 int h1_parse_reusable(const h1_parser *p);
+
+/* ---- request heads (RFC 9112 2-3, 5-6), strict.
+ *
+ * The head is parsed in place: the caller keeps the bytes received in one
+ * buffer and calls h1_request_parse again with the longer buffer when more
+ * arrive (the parser resumes after the last complete line it saw, so a head
+ * trickled byte by byte costs O(length) in all; the buffer may move between
+ * calls). Once the head is complete its spans point into the last buffer
+ * given. Refused, each with its status: a bare LF or a CR not followed by
+ * LF, obs-fold (a line starting with white space), white space between a
+ * field name and its colon, a name that is not a token, a control byte in a
+ * value, a request line that is not `token SP target SP HTTP/1.x` (400);
+ * Content-Length that is not a plain number or given twice, Transfer-
+ * Encoding other than one `chunked`, both together, Transfer-Encoding in
+ * HTTP/1.0, no or several Host in HTTP/1.1 (400: the framing two parties
+ * could read differently is how requests are smuggled); another HTTP
+ * version (505); a line over H1_LINE_MAX, more than H1_REQ_FIELDS_MAX
+ * fields or a head over the caller's bound (431). */
+
+#define H1_REQ_FIELDS_MAX 64
+
+typedef struct {
+    const char *name, *value; /* valid once the head is complete */
+    size_t nlen, vlen;
+    size_t noff, voff;        /* the same as offsets into the buffer */
+} h1_field;
+
+typedef struct {
+    size_t pos;                /* bytes of the buffer parsed (whole lines) */
+    int line_done;             /* the request line was read */
+    const char *method, *target; /* valid once the head is complete */
+    size_t moff, toff, mlen, tlen;
+    int minor;                 /* HTTP/1.<minor> */
+    h1_field fields[H1_REQ_FIELDS_MAX];
+    int nfields;
+    int has_len, chunked, hosts;
+    unsigned long long content_length;
+    int conn_close, conn_keep_alive, conn_upgrade; /* Connection tokens */
+    int upgrade, expect;       /* an Upgrade or Expect field is present */
+    size_t head_len;           /* set with H1_PARSE_DONE: bytes of the head */
+    int status;                /* set with H1_PARSE_ERROR: 400, 431 or 505 */
+    char err[96];
+} h1_head;
+
+void h1_request_init(h1_head *r);
+
+/* Parses the head at the start of `data` (`n` bytes, the same buffer as the
+ * previous call, grown; `max_head` bounds the head). H1_PARSE_DONE once the
+ * empty line that ends it is in (r->head_len bytes; what follows is body or
+ * the next request), H1_PARSE_MORE, or H1_PARSE_ERROR with r->status and
+ * r->err. After DONE or ERROR, h1_request_init before the next head. */
+int h1_request_parse(h1_head *r, const char *data, size_t n, size_t max_head);
+
+/* Nonzero when the connection may carry another request after this one:
+ * HTTP/1.1 without Connection: close, or 1.0 with keep-alive. */
+int h1_request_keep_alive(const h1_head *r);
+
+/* The value of the first field named `name` (case-insensitive), or NULL;
+ * *len gets its length. */
+const char *h1_request_field(const h1_head *r, const char *name, size_t *len);
 
 #endif
