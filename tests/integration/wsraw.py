@@ -76,23 +76,31 @@ def send_frame(s, opcode, payload, fin=True):
     s.sendall(hdr + mask(payload, m))
 
 
+def next_frame(data):
+    """The first server frame (unmasked) in `data`: (opcode, payload, rest),
+    or None while it is incomplete."""
+    if len(data) < 2:
+        return None
+    op, n, i = data[0] & 0x0F, data[1] & 0x7F, 2
+    if n == 126:
+        if len(data) < 4:
+            return None
+        n, i = int.from_bytes(data[2:4], "big"), 4
+    elif n == 127:
+        if len(data) < 10:
+            return None
+        n, i = int.from_bytes(data[2:10], "big"), 10
+    if len(data) < i + n:
+        return None
+    return op, data[i:i + n], data[i + n:]
+
+
 def parse_frames(data):
     """Server frames (unmasked) in `data`: ([(opcode, payload)], rest)."""
     out = []
-    while len(data) >= 2:
-        op, n, i = data[0] & 0x0F, data[1] & 0x7F, 2
-        if n == 126:
-            if len(data) < 4:
-                break
-            n, i = int.from_bytes(data[2:4], "big"), 4
-        elif n == 127:
-            if len(data) < 10:
-                break
-            n, i = int.from_bytes(data[2:10], "big"), 10
-        if len(data) < i + n:
-            break
-        out.append((op, data[i:i + n]))
-        data = data[i + n:]
+    while (f := next_frame(data)) is not None:
+        out.append(f[:2])
+        data = f[2]
     return out, data
 
 

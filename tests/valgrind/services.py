@@ -162,32 +162,33 @@ def ws_connect(port, path, headers=None):
 
 
 def ws_frames(s, pending, want, timeout=60):
-    """Reads server text frames until `want` of them (unmasked, < 64 KiB).
+    """Reads server text frames (wsraw's parser) until `want` of them.
     Returns them and the bytes read past the last one."""
     frames, buf = [], pending
     s.settimeout(timeout)
     while len(frames) < want:
-        while len(buf) >= 2:
-            n = buf[1] & 0x7f
-            off = 2
-            if n == 126:
-                if len(buf) < 4:
-                    break
-                n, off = int.from_bytes(buf[2:4], "big"), 4
-            if len(buf) < off + n:
+        f = wsraw.next_frame(buf)
+        if f is None:
+            chunk = s.recv(65536)
+            if not chunk:
                 break
-            op, payload, buf = buf[0] & 0x0f, buf[off:off + n], buf[off + n:]
-            if op == 1:
-                frames.append(json.loads(payload))
-            if len(frames) >= want:
-                break
-        if len(frames) >= want:
-            break
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        buf += chunk
+            buf += chunk
+            continue
+        op, payload, buf = f
+        if op == 1:
+            frames.append(json.loads(payload))
     return frames, buf
+
+
+def read_until(fp, marker):
+    """Lines of a stream (an SSE response) until one holds `marker` or it ends."""
+    got = b""
+    while marker not in got:
+        line = fp.readline()
+        if not line:
+            break
+        got += line
+    return got
 
 
 def ws_close(s):
@@ -242,23 +243,12 @@ def drive(ports, hook, tg, upstream):
     sse.request("GET", "/api/v1/events/vg-client")
     r = sse.getresponse()
     expect("sse status", r.status, 200)
-    got = b""
-    while b"connection.established" not in got:
-        line = r.fp.readline()
-        if not line:
-            break
-        got += line
-    expect("sse connection.established", b"connection.established" in got, True)
+    expect("sse connection.established", b"connection.established" in read_until(r.fp, b"connection.established"),
+           True)
     st, _ = call(gw, "POST", "/internal/v1/sse/vg-client", {"event_type": "run.progress", "data": {"n": 1}},
                  INTERNAL)
     expect("sse publish", st, 202)
-    got = b""
-    while b"run.progress" not in got:
-        line = r.fp.readline()
-        if not line:
-            break
-        got += line
-    expect("sse event", b"run.progress" in got, True)
+    expect("sse event", b"run.progress" in read_until(r.fp, b"run.progress"), True)
     sse.close()
     st, b = call(gw, "GET", "/api/v1/echo/some/path?x=1", headers={"X-Custom": "1", "Connection": "close, X-Hop"})
     expect("proxy", st, 200)
