@@ -104,6 +104,17 @@ def http_json(method, url, body=None, headers=None, timeout=10):
     return status, hdrs, json.loads(data) if data else None
 
 
+def recv_to_close(s):
+    """Every byte a socket gets until the peer closes it (its timeout, as
+    set, bounds each read)."""
+    data = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+
+
 def wait_for(pred, timeout=10.0, interval=0.05, what="condition"):
     """Polls pred() until it returns a true value; raises AssertionError with
     `what` when it never does."""

@@ -25,7 +25,7 @@ import unittest
 import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from aetest import REDIS_URL, Service, http, http_json, wait_for  # noqa: E402
+from aetest import REDIS_URL, Service, http, http_json, recv_to_close, wait_for  # noqa: E402
 from pgtmp import free_port  # noqa: E402
 from tools import need  # noqa: E402
 
@@ -92,15 +92,6 @@ def publish_http(base, client_id, event_type, data, token=TOKEN, key=None):
         headers["Idempotency-Key"] = key
     return http_json("POST", "%s/internal/v1/sse/%s" % (base, client_id),
                      {"event_type": event_type, "data": data}, headers=headers)
-
-
-def recv_to_close(s):
-    data = b""
-    while True:
-        got = s.recv(65536)
-        if not got:
-            return data
-        data += got
 
 
 def publish_raw_key(port, client_id, key):

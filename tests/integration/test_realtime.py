@@ -18,7 +18,8 @@ import uuid
 
 import redis
 
-from aetest import AMQP_URL, DATABASE_URL, REDIS_URL, ROOT, Service, http, http_json, wait_for
+from aetest import (AMQP_URL, DATABASE_URL, REDIS_URL, ROOT, Service, http, http_json, recv_to_close,
+                    wait_for)
 from pgtmp import free_port
 from tools import need
 import wsraw
@@ -349,12 +350,7 @@ console.log(JSON.stringify({ping: ping && ping.data, open: !a.closed})); process
         s = wsraw.connect(self.rt.port, "/ws?token=" + sign({"sub": "kate"}))
         s.settimeout(10)
         start = time.monotonic()
-        data = b""
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
+        data = recv_to_close(s)
         self.assertLess(time.monotonic() - start, 9)
         self.assertIn(b"Client timeout", data)
         s.close()
