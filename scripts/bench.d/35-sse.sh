@@ -24,18 +24,11 @@
 # BENCH_SSE_CLIENTS, BENCH_SSE_SOURCES, BENCH_SSE_EVENTS, BENCH_SSE_ROUNDS.
 set -euo pipefail
 
-# The kernel shares CPU time between sessions (autogroup) before nice
-# counts, so other sessions' niced builds and fuzzers take as much as this
-# one: under the bench lock this benchmark runs in a session of its own at
-# autogroup nice -10 when it may (as 60-realtime.sh does), and its result
-# line says which. The load client runs as SCHED_BATCH (sse_load.c).
-if [[ -z ${BENCH_SSE_SESSION:-} && -w /proc/self/autogroup ]] && command -v setsid >/dev/null; then
-    BENCH_SSE_SESSION=1 exec setsid -w bash "$0" "$@"
-fi
-if (echo -10 >/proc/self/autogroup) 2>/dev/null; then AUTOGROUP="autogroup nice -10"; else AUTOGROUP="autogroup as found"; fi
-
 # shellcheck source=scripts/bench.d/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+# A session of its own at autogroup nice -10 when it may (lib.sh), and its
+# result line says which. The load client runs as SCHED_BATCH (sse_load.c).
+bench_session sse "$@"
 bench_init sse
 LOAD=$ROOT/$O/tests/drivers/sse_load
 GW_PORT=18900

@@ -7,6 +7,10 @@
 #                                               BINDIR (bin) made absolute, O (build) defaulted,
 #                                               WORK=$BENCH_VAR/NAME created, bench_cleanup on EXIT;
 #                                               NAME prefixes bench_built's message
+#   bench_session NAME "$@"                     the calling script again (exec) in a session of its
+#                                               own, once, then at autogroup nice -10 when it may;
+#                                               AUTOGROUP says which ("autogroup nice -10" or
+#                                               "autogroup as found"). Call it before bench_init.
 #   bench_env                                   var/env's settings, when `make up` wrote one
 #   bench_servers VAR...                        scripts/servers.sh's URLs (DATABASE_URL, REDIS_URL,
 #                                               AMQP_URL) unless every VAR is set already
@@ -66,6 +70,22 @@ bench_init() {
     WORK=$BENCH_VAR/$1
     mkdir -p "$WORK"
     trap bench_cleanup EXIT
+}
+
+# The kernel shares CPU time between sessions (autogroup) before nice
+# counts, so other sessions' niced builds and fuzzers take as much as a
+# benchmark does: under the bench lock a benchmark may run in a session of
+# its own at autogroup nice -10, both sides of each ratio alike. The
+# variable BENCH_SESSION_<NAME> marks the second run (exported by the exec).
+bench_session() {
+    local var=BENCH_SESSION_${1^^}
+    shift
+    var=${var//[^A-Z0-9_]/_}
+    if [[ -z ${!var:-} && -w /proc/self/autogroup ]] && command -v setsid >/dev/null; then
+        export "$var=1"
+        exec setsid -w bash "$0" "$@"
+    fi
+    if (echo -10 >/proc/self/autogroup) 2>/dev/null; then AUTOGROUP="autogroup nice -10"; else AUTOGROUP="autogroup as found"; fi
 }
 
 # Only where a benchmark asks: var/env also names the services `make up`
