@@ -670,12 +670,17 @@ class Failures(RtesCase):
                       "WHERE execution_id = %s", (eid,))
             self.assertEqual(c.fetchone(), (n, n, 1, n))
 
-    def test_kill9_mid_stream(self):
+    def queued_then_started(self, running, n, env, persistent=False):
+        """Stops `running`, queues n statuses of a new execution while nothing
+        consumes, and starts a realtime on them: (execution id, service)."""
+        running.stop()
         eid = new_id()
+        publish([status(eid, "n%04d" % i) for i in range(n)], persistent=persistent)
+        return eid, self.start_realtime(env)
+
+    def test_kill9_mid_stream(self):
         n = 3000
-        self.svc.stop()
-        publish([status(eid, "n%04d" % i) for i in range(n)])
-        svc = self.start_realtime(self.extra_env)
+        eid, svc = self.queued_then_started(self.svc, n, self.extra_env)
         wait_for(lambda: self.count(eid) >= 200, 60, what="the first events")
         svc.kill9()
         self.assertLess(self.count(eid), n, "killed too late to be mid-stream")
@@ -694,11 +699,8 @@ class Failures(RtesCase):
         # Nothing acknowledged is lost: the burst in hand when PostgreSQL
         # goes away is retried, the consumer's and the loaders' connections
         # are made again, and a watcher gets every frame once.
-        eid = new_id()
         n = 3000
-        self.svc.stop()
-        publish([status(eid, "n%04d" % i) for i in range(n)])
-        svc = self.start_realtime(self.extra_env)
+        eid, svc = self.queued_then_started(self.svc, n, self.extra_env)
         try:
             w = Watchers(svc.port, eid, 1, n, timeout=240000)
             w.wait_open()
@@ -724,12 +726,9 @@ class Failures(RtesCase):
         amqp_ops([{"op": "delete", "queue": q} for q in QUEUES])
         env = dict(self.extra_env, RABBITMQ_QUEUE_DURABLE="true")
         svc = self.start_realtime(env)
-        eid = new_id()
         n = 3000
         try:
-            svc.stop()
-            publish([status(eid, "n%04d" % i) for i in range(n)], persistent=True)
-            svc = self.start_realtime(env)
+            eid, svc = self.queued_then_started(svc, n, env, persistent=True)
             wait_for(lambda: self.count(eid) >= 200, 60, what="the first events")
             # The consumer stores 3,000 statuses faster than the broker
             # restarts, so it is held (SIGSTOP) with its prefetched messages
