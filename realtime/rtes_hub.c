@@ -826,7 +826,6 @@ static int collect(long long seq, const char *frame, size_t len, void *ud)
 static void run_fetch(job *j, PGconn *pg)
 {
     char err[512];
-    long long last;
     int n;
 
     j->ch = chunk_new(CHUNK_BYTES);
@@ -834,11 +833,9 @@ static void run_fetch(job *j, PGconn *pg)
         j->failed = 1;
         return;
     }
-    if (j->after == 0 && rtes_store_head(pg, j->eid, &last, j->wid, err, sizeof(err)) < 0) {
-        j->failed = 1;
-        return;
-    }
-    if (rtes_store_events(pg, j->eid, j->after, 0, CHUNK, collect, j, &n, err, sizeof(err)) < 0)
+    /* A first read learns the execution's workflow with its events. */
+    if (rtes_store_events(pg, j->eid, j->after, 0, CHUNK, j->after == 0 ? j->wid : NULL, collect, j, &n, err,
+                          sizeof(err)) < 0)
         j->failed = 1;
 }
 

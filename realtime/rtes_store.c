@@ -208,7 +208,20 @@ out:
     return rc;
 }
 
-int rtes_store_events(PGconn *c, const char *eid, long long after, long long upto, int limit,
+/* The events after `after`; with the execution's workflow id in column 0
+ * when the caller asks for it, so that a first read is one round trip: one
+ * row with NULL event columns for an execution without events, none for an
+ * unknown one. */
+static const char sql_events_read[] =
+    "SELECT NULL, seq, node_id IS NOT NULL, lineage_key, msg FROM rtes_events "
+    "WHERE execution_id = $1 AND seq > $2 AND seq <= $3 ORDER BY seq LIMIT $4";
+static const char sql_events_read_wid[] =
+    "SELECT x.workflow_id, e.seq, e.node_id IS NOT NULL, e.lineage_key, e.msg FROM rtes_executions x "
+    "LEFT JOIN LATERAL (SELECT seq, node_id, lineage_key, msg FROM rtes_events "
+    "WHERE execution_id = x.execution_id AND seq > $2 AND seq <= $3 ORDER BY seq LIMIT $4) e ON true "
+    "WHERE x.execution_id = $1";
+
+int rtes_store_events(PGconn *c, const char *eid, long long after, long long upto, int limit, char *wid,
                       rtes_event_fn fn, void *ud, int *count, char *err, size_t errlen)
 {
     char a[FMT_I64_MAX], u[FMT_I64_MAX], l[FMT_I64_MAX];
@@ -220,26 +233,29 @@ int rtes_store_events(PGconn *c, const char *eid, long long after, long long upt
     fmt_i64(a, after);
     fmt_i64(u, upto > 0 ? upto : 0x7fffffffffffffffLL);
     fmt_i64(l, limit > 0 ? limit : 1000);
-    r = dbpool_exec(c,
-                    "SELECT seq, node_id IS NOT NULL, lineage_key, msg FROM rtes_events "
-                    "WHERE execution_id = $1 AND seq > $2 AND seq <= $3 ORDER BY seq LIMIT $4",
-                    4, p, err, errlen);
     if (count)
         *count = 0;
+    if (wid)
+        wid[0] = '\0';
+    r = dbpool_exec(c, wid ? sql_events_read_wid : sql_events_read, 4, p, err, errlen);
     if (!r)
         return -1;
     n = PQntuples(r);
+    if (wid && n > 0)
+        fmt_copy(wid, RTES_ID_MAX, PQgetvalue(r, 0, 0));
     buf_init(&f, 4 * RTES_BODY_MAX);
     for (int i = 0; i < n; i++) {
+        if (PQgetisnull(r, i, 1))
+            continue; /* the execution's row, without events */
         buf_reset(&f);
-        if (rtes_msg_frame(PQgetvalue(r, i, 1)[0] == 't', PQgetvalue(r, i, 3), (size_t)PQgetlength(r, i, 3),
-                           PQgetvalue(r, i, 2), &f) < 0 || f.truncated) {
-            snprintf(err, errlen, "event %s of %s: cannot build its frame", PQgetvalue(r, i, 0), eid);
+        if (rtes_msg_frame(PQgetvalue(r, i, 2)[0] == 't', PQgetvalue(r, i, 4), (size_t)PQgetlength(r, i, 4),
+                           PQgetvalue(r, i, 3), &f) < 0 || f.truncated) {
+            snprintf(err, errlen, "event %s of %s: cannot build its frame", PQgetvalue(r, i, 1), eid);
             rc = -1;
             break;
         }
         done++;
-        if (fn(strtoll(PQgetvalue(r, i, 0), NULL, 10), buf_str(&f), f.len, ud))
+        if (fn(strtoll(PQgetvalue(r, i, 1), NULL, 10), buf_str(&f), f.len, ud))
             break;
     }
     buf_free(&f);
@@ -247,26 +263,6 @@ int rtes_store_events(PGconn *c, const char *eid, long long after, long long upt
         *count = done;
     PQclear(r);
     return rc;
-}
-
-int rtes_store_head(PGconn *c, const char *eid, long long *last, char *wid, char *err, size_t errlen)
-{
-    const char *p[1] = {eid};
-    PGresult *r = dbpool_exec(c, "SELECT last_seq, workflow_id FROM rtes_executions WHERE execution_id = $1", 1,
-                              p, err, errlen);
-    int found;
-
-    *last = 0;
-    wid[0] = '\0';
-    if (!r)
-        return -1;
-    found = PQntuples(r) == 1;
-    if (found) {
-        *last = strtoll(PQgetvalue(r, 0, 0), NULL, 10);
-        fmt_copy(wid, RTES_ID_MAX, PQgetvalue(r, 0, 1));
-    }
-    PQclear(r);
-    return found;
 }
 
 int rtes_store_document(PGconn *c, const char *eid, char **doc, char *wid, char *err, size_t errlen)

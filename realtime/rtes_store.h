@@ -36,14 +36,12 @@ int rtes_store_batch(PGconn *c, rtes_msg *const *msgs, int n, rtes_stored *out, 
 typedef int (*rtes_event_fn)(long long seq, const char *frame, size_t len, void *ud);
 
 /* The frames of execution `eid` with after < seq <= upto (upto <= 0: no
- * bound), at most `limit`, in seq order. *count gets how many were passed
- * to fn. 0 or -1 (err). */
-int rtes_store_events(PGconn *c, const char *eid, long long after, long long upto, int limit,
+ * bound), at most `limit`, in seq order. With wid (RTES_ID_MAX bytes), the
+ * same statement reads the execution's workflow id into it ("" when the
+ * execution is unknown). *count gets how many were passed to fn. 0 or -1
+ * (err). */
+int rtes_store_events(PGconn *c, const char *eid, long long after, long long upto, int limit, char *wid,
                       rtes_event_fn fn, void *ud, int *count, char *err, size_t errlen);
-
-/* The execution's last seq and workflow id (wid: RTES_ID_MAX bytes).
- * Returns 1 when it exists, 0 when not (*last = 0, wid ""), -1 on error. */
-int rtes_store_head(PGconn *c, const char *eid, long long *last, char *wid, char *err, size_t errlen);
 
 /* The GET /executions/{id} document (malloc'd JSON text the caller frees)
  * in *doc, with its workflow id in wid (RTES_ID_MAX bytes). Returns 1, 0
