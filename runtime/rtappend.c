@@ -22,26 +22,26 @@ const char RTAPPEND_SET_SQL[] = "SELECT * FROM runtime.append_run_events_set($1:
  * first), and the event goes in with that sequence. The key probe runs
  * on the statement's snapshot: a writer of the same key that commits
  * while this one waits for the run's lock is caught by the unique index
- * (an error, and the caller appends again through append_run_event). A
- * run whose projector is behind its log is not touched here ('retry':
- * append_run_event records the drift). */
+ * (an error, and the caller appends again through append_run_event). The
+ * answer is a row only when it appended; no row (an unknown run, a key
+ * already used, a run whose projector is behind its log) sends the append
+ * through append_run_event, which tells those apart (and records the
+ * drift). The answer's run columns come from the UPDATE's RETURNING: the
+ * statement reads nothing twice, and a replay, rare, pays the second
+ * statement. */
 const char RTAPPEND_FAST_SQL[] =
-    "WITH a AS (SELECT $1::uuid AS r, $2::text AS t, $3::jsonb AS p, $4::text AS k, now() AS at), "
-    "u AS (UPDATE runtime.runs x SET last_seq = x.last_seq + 1, event_count = x.event_count + 1, updated_at = a.at, "
-    "projected_seq = x.last_seq + 1, projected_event_type = a.t, projected_at = a.at FROM a "
-    "WHERE x.id = a.r AND x.last_seq = x.projected_seq AND (a.k IS NULL OR NOT EXISTS "
-    "(SELECT 1 FROM runtime.run_events e WHERE e.run_id = a.r AND e.idempotency_key = a.k)) RETURNING x.last_seq), "
+    "WITH u AS (UPDATE runtime.runs x SET last_seq = x.last_seq + 1, event_count = x.event_count + 1, "
+    "updated_at = now(), projected_seq = x.last_seq + 1, projected_event_type = $2, projected_at = now() "
+    "WHERE x.id = $1 AND x.last_seq = x.projected_seq AND ($4::text IS NULL OR NOT EXISTS "
+    "(SELECT 1 FROM runtime.run_events e WHERE e.run_id = $1 AND e.idempotency_key = $4)) "
+    "RETURNING x.last_seq, x.status, x.worker_id, x.metadata, x.created_at, x.updated_at), "
     "i AS (INSERT INTO runtime.run_events (run_id, seq, event_type, payload, idempotency_key, recorded_at) "
-    "SELECT a.r, u.last_seq, a.t, a.p, a.k, a.at FROM a, u RETURNING seq) "
-    "SELECT CASE WHEN x.id IS NULL THEN 'not_found' WHEN i.seq IS NOT NULL THEN 'appended' "
-    "WHEN a.k IS NOT NULL AND EXISTS (SELECT 1 FROM runtime.run_events e WHERE e.run_id = a.r "
-    "AND e.idempotency_key = a.k) THEN 'replayed' ELSE 'retry' END, "
-    "coalesce(i.seq, x.last_seq, 0), x.status, NULL, x.worker_id, x.metadata::text, runtime.ts(x.created_at), "
-    "runtime.ts(CASE WHEN i.seq IS NULL THEN x.updated_at ELSE a.at END), "
-    "(SELECT runtime.khala_notify_message('run:' || a.r || ':events', i.seq, a.t, a.p, a.at) "
-    "WHERE i.seq IS NOT NULL AND EXISTS (SELECT 1 FROM runtime.khala_listeners l "
-    "WHERE l.topic = 'run:' || a.r || ':events')) "
-    "FROM a LEFT JOIN runtime.runs x ON x.id = a.r LEFT JOIN i ON true";
+    "SELECT $1, u.last_seq, $2, $3::jsonb, $4, u.updated_at FROM u RETURNING seq, payload) "
+    "SELECT 'appended', i.seq, u.status, NULL, u.worker_id, u.metadata::text, runtime.ts(u.created_at), "
+    "runtime.ts(u.updated_at), "
+    "(SELECT runtime.khala_notify_message('run:' || $1 || ':events', i.seq, $2, i.payload, u.updated_at) "
+    "WHERE EXISTS (SELECT 1 FROM runtime.khala_listeners l WHERE l.topic = 'run:' || $1 || ':events')) "
+    "FROM u, i";
 
 struct rt_append {
     const rt_req *q;
@@ -237,7 +237,7 @@ void rtappend_answer(rt *r, rt_append *x, PGconn *c, const PGresult *res, int ro
 }
 
 /* A common append through the one-statement path: 0 answered, -1 to run
- * through append_run_event (it said retry, or the server refused it). */
+ * through append_run_event (no row, or the server refused it). */
 static int commit_fast(rt *r, rt_append *x, PGconn *c)
 {
     const char *p[4] = {x->id, x->type, x->payload_text, x->key};
@@ -245,7 +245,7 @@ static int commit_fast(rt *r, rt_append *x, PGconn *c)
     PGresult *res = dbpool_exec_prepared(c, "rt_append_fast", RTAPPEND_FAST_SQL, 4, p, err, sizeof(err));
     int rc = -1;
 
-    if (res && PQntuples(res) == 1 && strcmp(PQgetvalue(res, 0, 0), "retry") != 0) {
+    if (res && PQntuples(res) == 1) {
         rtappend_answer(r, x, c, res, 0, 0);
         rc = 0;
     } else if (!res && PQstatus(c) != CONNECTION_OK) {

@@ -34,7 +34,9 @@ void rtappend_free(rt_append *x);
  * SET one JSON array from rtappend_group_json (SET with ordinals). ONE and
  * FAST answer append_run_event's row (columns from 0), GROUP and SET its
  * ordinal and then that row (from 1). FAST and SET take common appends
- * only and may answer outcome 'retry': append that one with ONE; their row
+ * only; FAST answers no row and SET outcome 'retry' for an append they did
+ * not append (unknown run, used key, projector behind): append that one
+ * with ONE, which tells those apart. Their row
  * ends with one more column, the Khala message the append NOTIFYed (NULL
  * when no instance listens to the topic): RTAPPEND_FAST_NOTE and
  * RTAPPEND_SET_NOTE. */

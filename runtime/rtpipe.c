@@ -19,7 +19,7 @@ struct item {
     rt_append *x;
     rtpipe_done_fn fn;
     void *ud;
-    int alone; /* run with append_run_event, alone: its group was refused, or FAST said retry */
+    int alone; /* run with append_run_event, alone: its group was refused, or FAST did not append it */
 };
 
 enum { ST_DOWN, ST_CONNECTING, ST_IDLE, ST_BUSY };
@@ -330,21 +330,21 @@ static void finish_round(slot *s)
     }
     if (s->kind == Q_SET || s->kind == Q_GROUP) {
         finish_group(s, res);
+    } else if (s->kind == Q_FAST && PQntuples(res) == 0) {
+        /* Not appended: append_run_event says why (or appends it). */
+        requeue_alone(s, s->fl, 1);
+        s->nfl = 0;
     } else if (PQntuples(res) != 1) {
         fail_item(s->fl[0], "no outcome");
         s->nfl = 0;
     } else {
         it = s->fl[0];
         s->nfl = 0;
-        if (s->kind == Q_FAST && strcmp(PQgetvalue(res, 0, 0), "retry") == 0) {
-            requeue_alone(s, &it, 1);
-        } else {
-            metrics_counter_inc(s->p->r->append_commits);
-            if (s->kind == Q_FAST)
-                message_out(s->p, res, 0, RTAPPEND_FAST_NOTE);
-            rtappend_answer(s->p->r, it->x, NULL, res, 0, 0);
-            complete(it);
-        }
+        metrics_counter_inc(s->p->r->append_commits);
+        if (s->kind == Q_FAST)
+            message_out(s->p, res, 0, RTAPPEND_FAST_NOTE);
+        rtappend_answer(s->p->r, it->x, NULL, res, 0, 0);
+        complete(it);
     }
     PQclear(res);
     kick(s);
