@@ -75,3 +75,13 @@ int guard_hook(httpd_req *req, void *ud)
     httpd_req_set_ctx(req, user, free);
     return 0;
 }
+
+int guard_front(void *ud, const char *method, const char *path, const char *remote)
+{
+    gateway *gw = ud;
+
+    /* Only the open routes' verdict is the rate limit alone. */
+    if (guard_route_kind(method, path) != GUARD_OPEN || guard_under(path, "/api/v1/auth"))
+        return -1;
+    return ratelimit_wait(gw, path, remote);
+}

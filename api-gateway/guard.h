@@ -19,5 +19,8 @@
 /* The httpd hook; `ud` is the gateway. Returns nonzero when it answered
  * (429, 401, 413). */
 int guard_hook(httpd_req *req, void *ud);
+/* guard_hook's verdict for the proxy's front (proxy_front_guard): -1 for a
+ * request the hook would do more for than rate limiting. */
+int guard_front(void *ud, const char *method, const char *path, const char *remote);
 
 #endif

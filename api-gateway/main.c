@@ -157,6 +157,7 @@ static int gateway_open(gateway *gw, char *err, size_t errlen)
         httpd_set_loop_hooks(gw->http, &lh);
     }
     httpd_set_stream_hooks(gw->http, proxy_claims, proxy_take, gw->proxy);
+    proxy_set_front_guard(gw->proxy, guard_front, gw);
     httpd_set_fallback(gw->http, proxy_fallback, gw->proxy);
     gw->sse = sse_new(&gw->cfg.sse, NULL, err, errlen);
     if (!gw->sse || sse_routes(gw->sse, gw->http) < 0)

@@ -36,6 +36,8 @@ typedef struct {
     long long max_body;       /* PROXY_MAX_BODY_BYTES: a larger body is 413 */
     int direct;               /* PROXY_DIRECT (1): in loop mode, requests without a body to an
                                  http:// upstream skip libcurl (see proxy.c's direct path) */
+    int front;                /* PROXY_FRONT (1): in loop mode, a kept-alive client connection of
+                                 direct-path requests leaves libmicrohttpd (see proxy.c's front) */
     int nupstreams;
     struct proxy_upstream_cfg {
         char name[64];        /* my_service */
@@ -73,6 +75,14 @@ void proxy_loop_hooks(proxy *px, httpd_loop_hooks *h);
  * (deferred), or answers at once (breaker open, bad path, stopping). */
 int proxy_claims(httpd_req *req, void *ud);
 int proxy_take(httpd_req *req, void *ud);
+
+/* What the front (proxy.c) asks before it serves a request itself, in
+ * place of httpd's hook: 0 to go on, > 0 to answer 429 with that many
+ * seconds in Retry-After (rate limited), < 0 to leave the request to
+ * libmicrohttpd and the hook (anything but the plain proxied case). `path`
+ * is the request's path (no query, nothing to decode). Loop threads. */
+typedef int (*proxy_front_guard)(void *ud, const char *method, const char *path, const char *remote);
+void proxy_set_front_guard(proxy *px, proxy_front_guard fn, void *ud);
 
 /* httpd's fallback (ud: the proxy): 404 for /api/v1/{unknown}/..., naming
  * the variable that would register it; the plain 404 elsewhere. */

@@ -163,15 +163,19 @@ static int rl_exempt(const char *path)
     return strcmp(path, "/health") == 0 || strcmp(path, "/api/v1/health") == 0 || strcmp(path, "/metrics") == 0;
 }
 
+int ratelimit_wait(gateway *gw, const char *path, const char *remote)
+{
+    if (!gw->limiter || rl_exempt(path))
+        return 0;
+    return ratelimit_take(gw->limiter, remote, svc_now_ms());
+}
+
 int ratelimit_hook(httpd_req *req, void *ud)
 {
     gateway *gw = ud;
     char secs[16];
-    int wait;
+    int wait = ratelimit_wait(gw, httpd_req_path(req), httpd_req_remote(req));
 
-    if (!gw->limiter || rl_exempt(httpd_req_path(req)))
-        return 0;
-    wait = ratelimit_take(gw->limiter, httpd_req_remote(req), svc_now_ms());
     if (!wait)
         return 0;
     snprintf(secs, sizeof(secs), "%d", wait);

@@ -32,5 +32,8 @@ long ratelimit_size(ratelimit *rl);
  * address is out of tokens. Health routes, /metrics are exempt so probes
  * are never throttled. `ud` is the gateway. */
 int ratelimit_hook(httpd_req *req, void *ud);
+/* The hook's verdict without a request (the proxy's front): 0, or the
+ * seconds to wait (a token was taken when 0). */
+int ratelimit_wait(gateway *gw, const char *path, const char *remote);
 
 #endif

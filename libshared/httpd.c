@@ -17,7 +17,9 @@
 #include <sys/random.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
+#include <linux/sockios.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -52,7 +54,25 @@ typedef struct httpd_conn {
      * the reaper. */
     _Atomic long long deadline_ms;
     int reaped;
+    /* Loop mode, for httpd_req_take_socket: the bytes of the connection
+     * read before libmicrohttpd had it (by a front that gave it back) plus
+     * those of the requests it served; `unknown` once a chunked body made
+     * the count uncertain. */
+    unsigned long long consumed;
+    int unknown;
+    struct sockaddr_storage addr;
+    socklen_t alen;
 } httpd_conn;
+
+/* Connections of one address held by a loop, in libmicrohttpd or outside
+ * it (httpd_loop_conn_hold), for the per-address limit. */
+typedef struct httpd_ipcount {
+    struct httpd_ipcount *next;
+    unsigned char key[16];
+    int klen;
+    int n;
+} httpd_ipcount;
+#define HTTPD_IP_BUCKETS 256
 
 /* Methods get a small index so per-method metrics can be cached. */
 enum { M_GET, M_POST, M_PUT, M_PATCH, M_DELETE, M_OPTIONS, M_HEAD, M_OTHER, M_COUNT };
@@ -75,6 +95,10 @@ struct httpd_loop {
     int started;
     struct MHD_Daemon *daemon;
     void *app; /* the hooks' state for this loop */
+    /* Connections the loop holds outside libmicrohttpd, and every
+     * connection's address (both kinds), for the limits (loop thread). */
+    int held;
+    httpd_ipcount *ips[HTTPD_IP_BUCKETS];
 };
 
 /* The loop the calling thread runs (NULL outside loop mode). */
@@ -169,6 +193,8 @@ struct httpd_req {
     httpd_loop *loop;
     int http10;   /* an HTTP/1.0 request: no chunked answer */
     int detached; /* the socket went to the handler (httpd_req_detach) */
+    int handed;   /* ... for good, unanswered and unaccounted (httpd_req_take_socket) */
+    size_t head_size; /* libmicrohttpd's size of the request head */
     char raw_target[]; /* the request target as received (see httpd_uri_log) */
 };
 
@@ -302,6 +328,11 @@ const char *httpd_req_remote(httpd_req *req)
         req->remote_done = 1;
     }
     return req->remote;
+}
+
+int httpd_req_http10(const httpd_req *req)
+{
+    return req->http10;
 }
 
 const char *httpd_req_target(const httpd_req *req)
@@ -727,7 +758,7 @@ static void httpd_on_headers(httpd_req *req)
         return;
     if (claimed) {
         srv->take(req, srv->stream_ud);
-        if (!req->defer && !req->response)
+        if (!req->defer && !req->response && !req->handed)
             httpd_respond_error(req, 500, "internal", "stream hook did not answer", NULL);
         return;
     }
@@ -923,6 +954,181 @@ static void httpd_conn_idle(httpd *srv, struct MHD_Connection *conn)
                               memory_order_relaxed);
 }
 
+/* ---- connections outside libmicrohttpd (loop mode) ---------------------- */
+
+/* The address bytes that identify a client for the per-address limit. */
+static int httpd_ip_key(const struct sockaddr *sa, unsigned char key[16])
+{
+    if (sa->sa_family == AF_INET) {
+        memcpy(key, &((const struct sockaddr_in *)(const void *)sa)->sin_addr, 4);
+        return 4;
+    }
+    if (sa->sa_family == AF_INET6) {
+        memcpy(key, &((const struct sockaddr_in6 *)(const void *)sa)->sin6_addr, 16);
+        return 16;
+    }
+    return 0;
+}
+
+/* Adds `d` to the count of `sa`'s connections on the loop; returns the
+ * count before. Loop thread only. */
+static int httpd_ip_count(httpd_loop *l, const struct sockaddr *sa, int d)
+{
+    unsigned char key[16];
+    int klen = httpd_ip_key(sa, key), before;
+    unsigned h = 2166136261u;
+    httpd_ipcount **pp, *e;
+
+    if (!klen)
+        return 0;
+    for (int i = 0; i < klen; i++)
+        h = (h ^ key[i]) * 16777619u;
+    pp = &l->ips[h % HTTPD_IP_BUCKETS];
+    while (*pp && ((*pp)->klen != klen || memcmp((*pp)->key, key, (size_t)klen)))
+        pp = &(*pp)->next;
+    e = *pp;
+    if (!e) {
+        if (d <= 0)
+            return 0;
+        e = calloc(1, sizeof(*e));
+        if (!e)
+            return 0;
+        memcpy(e->key, key, (size_t)klen);
+        e->klen = klen;
+        *pp = e;
+    }
+    before = e->n;
+    e->n += d;
+    if (e->n <= 0) {
+        *pp = e->next;
+        free(e);
+    }
+    return before;
+}
+
+/* The kernel's count of bytes received on a socket, less those not read
+ * yet: what its readers took so far. -1 when unknown. */
+struct httpd_tcp_info {
+    struct tcp_info base;
+    uint64_t pacing_rate, max_pacing_rate, bytes_acked, bytes_received;
+};
+_Static_assert(offsetof(struct httpd_tcp_info, bytes_received) == 128, "linux tcp_info layout");
+
+static long long httpd_bytes_read(int fd)
+{
+    struct httpd_tcp_info ti;
+    socklen_t tl = sizeof(ti);
+    int inq = 0;
+
+    memset(&ti, 0, sizeof(ti));
+    if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &ti, &tl) < 0 || tl < sizeof(ti) || ioctl(fd, SIOCINQ, &inq) < 0 ||
+        inq < 0 || (uint64_t)inq > ti.bytes_received)
+        return -1;
+    return (long long)(ti.bytes_received - (uint64_t)inq);
+}
+
+static void httpd_loop_conn_started(httpd_loop *l, httpd_conn *c, struct MHD_Connection *conn)
+{
+    const union MHD_ConnectionInfo *ai = MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
+    long long before = httpd_bytes_read(c->fd);
+
+    /* Nothing of it is libmicrohttpd's yet: what was read before was a
+     * front's (a connection given back). */
+    if (before < 0)
+        c->unknown = 1;
+    else
+        c->consumed = (unsigned long long)before;
+    if (ai && ai->client_addr) {
+        socklen_t len = ai->client_addr->sa_family == AF_INET6 ? sizeof(struct sockaddr_in6)
+                                                              : sizeof(struct sockaddr_in);
+
+        memcpy(&c->addr, ai->client_addr, len);
+        c->alen = len;
+        httpd_ip_count(l, ai->client_addr, 1);
+    }
+}
+
+/* libmicrohttpd's accept policy in loop mode: the limits count the
+ * connections held outside it too. */
+static enum MHD_Result httpd_accept_policy(void *cls, const struct sockaddr *addr, socklen_t addrlen)
+{
+    httpd_loop *l = cls;
+    httpd *srv = l->srv;
+    int n = srv->opts.loops, per_ip = srv->opts.max_connections_per_ip;
+
+    (void)addrlen;
+    if (per_ip > 0) {
+        int cap = (per_ip + n - 1) / n, now = httpd_ip_count(l, addr, 0);
+
+        if (now >= cap)
+            return MHD_NO;
+    }
+    if (l->held > 0) {
+        const union MHD_DaemonInfo *info = MHD_get_daemon_info(l->daemon, MHD_DAEMON_INFO_CURRENT_CONNECTIONS);
+        unsigned int cap = (unsigned int)(srv->opts.max_connections + n - 1) / (unsigned int)n;
+
+        if (info && info->num_connections + (unsigned int)l->held >= cap)
+            return MHD_NO;
+    }
+    return MHD_YES;
+}
+
+int httpd_loop_conn_hold(httpd_loop *l, const struct sockaddr *addr)
+{
+    l->held++;
+    httpd_ip_count(l, addr, 1);
+    return 0;
+}
+
+void httpd_loop_conn_release(httpd_loop *l, const struct sockaddr *addr)
+{
+    l->held--;
+    httpd_ip_count(l, addr, -1);
+}
+
+int httpd_loop_add_connection(httpd_loop *l, int fd, const struct sockaddr *addr, unsigned int alen)
+{
+    /* MHD_add_connection closes the socket when it fails. */
+    return MHD_add_connection(l->daemon, fd, addr, alen) == MHD_YES ? 0 : -1;
+}
+
+httpd *httpd_loop_server(httpd_loop *l)
+{
+    return l->srv;
+}
+
+int httpd_idle_timeout_s(const httpd *srv)
+{
+    return srv->opts.connection_timeout_s;
+}
+
+int httpd_req_take_socket(httpd_req *req, struct sockaddr_storage *addr, unsigned int *alen)
+{
+    const union MHD_ConnectionInfo *ci = MHD_get_connection_info(req->conn, MHD_CONNECTION_INFO_CONNECTION_FD);
+    httpd_conn *c = httpd_conn_of(req->conn);
+    long long got;
+    int fd, one = 1, zero = 0;
+
+    if (!req->loop || !c || c->unknown || !c->alen || req->response || req->defer || req->detached || !ci ||
+        req->declared_len || req->chunked || !req->head_size)
+        return -1;
+    /* Everything read from the socket is this request's head and what came
+     * before it: libmicrohttpd buffers nothing that would be lost (a
+     * pipelined request is still in the kernel, for the taker to read). */
+    got = httpd_bytes_read(ci->connect_fd);
+    if (got < 0 || (unsigned long long)got != c->consumed + req->head_size)
+        return -1;
+    fd = fcntl(ci->connect_fd, F_DUPFD_CLOEXEC, 3);
+    if (fd < 0)
+        return -1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    setsockopt(fd, IPPROTO_TCP, TCP_CORK, &zero, sizeof(zero));
+    memcpy(addr, &c->addr, c->alen);
+    *alen = c->alen;
+    req->handed = 1;
+    return fd;
+}
+
 static void httpd_notify_conn(void *cls, struct MHD_Connection *conn, void **socket_context,
                               enum MHD_ConnectionNotificationCode toe)
 {
@@ -939,6 +1145,8 @@ static void httpd_notify_conn(void *cls, struct MHD_Connection *conn, void **soc
         }
         c->fd = ci->connect_fd;
         atomic_init(&c->deadline_ms, httpd_now_ms() + srv->opts.header_timeout_ms);
+        if (httpd_cur_loop)
+            httpd_loop_conn_started(httpd_cur_loop, c, conn);
         pthread_mutex_lock(&srv->conns_mu);
         c->next = srv->conns;
         if (srv->conns)
@@ -950,6 +1158,8 @@ static void httpd_notify_conn(void *cls, struct MHD_Connection *conn, void **soc
     }
     if (!c)
         return;
+    if (httpd_cur_loop && c->alen)
+        httpd_ip_count(httpd_cur_loop, (const struct sockaddr *)&c->addr, -1);
     pthread_mutex_lock(&srv->conns_mu);
     if (c->prev)
         c->prev->next = c->next;
@@ -1223,6 +1433,12 @@ static enum MHD_Result httpd_access(void *cls, struct MHD_Connection *conn, cons
 
         httpd_req_init(req, srv, conn, url, method);
         req->http10 = version && strcmp(version, MHD_HTTP_VERSION_1_0) == 0;
+        if (req->loop) {
+            const union MHD_ConnectionInfo *hs =
+                MHD_get_connection_info(conn, MHD_CONNECTION_INFO_REQUEST_HEADER_SIZE);
+
+            req->head_size = hs ? hs->header_size : 0;
+        }
         httpd_conn_busy(srv, conn);
         if ((bad = httpd_framing_error(req))) {
             httpd_respond_error(req, 400, "invalid_request", bad, NULL);
@@ -1230,6 +1446,10 @@ static enum MHD_Result httpd_access(void *cls, struct MHD_Connection *conn, cons
             return httpd_queue(req);
         }
         httpd_on_headers(req);
+        /* The socket went to the stream hook for good (httpd_req_take_socket):
+         * MHD_NO makes libmicrohttpd close its descriptor, unwritten. */
+        if (req->handed)
+            return MHD_NO;
         if (req->defer)
             return req->response ? httpd_queue(req) : MHD_YES;
         if (req->response && (req->declared_len || req->chunked) && httpd_answer_now(req))
@@ -1395,6 +1615,16 @@ static void httpd_completed(void *cls, struct MHD_Connection *conn, void **req_c
         pthread_mutex_destroy(&req->defer->mu);
         free(req->defer);
     }
+    if (req->loop) {
+        httpd_conn *c = httpd_conn_of(conn);
+
+        if (c && req->chunked)
+            c->unknown = 1;
+        else if (c)
+            c->consumed += req->head_size + req->declared_len;
+    }
+    if (req->handed)
+        goto release; /* the taker accounts it (httpd_account) */
     clock_gettime(CLOCK_MONOTONIC, &now);
     secs = (double)(now.tv_sec - req->start.tv_sec) + (double)(now.tv_nsec - req->start.tv_nsec) / 1e9;
     metrics_counter_inc(httpd_counter(srv, req->method_idx, req->status ? req->status : 499));
@@ -1408,6 +1638,7 @@ static void httpd_completed(void *cls, struct MHD_Connection *conn, void **req_c
                   secs * 1000.0, log_escape(eid, sizeof(eid), req->request_id), httpd_req_remote(req),
                   toe == MHD_REQUEST_TERMINATED_COMPLETED_OK || req->detached ? "" : ",\"aborted\":true");
     }
+release:
     if (req->response)
         MHD_destroy_response(req->response);
     for (int i = 0; i < req->nheaders; i++)
@@ -1418,6 +1649,29 @@ static void httpd_completed(void *cls, struct MHD_Connection *conn, void **req_c
     free(req->body);
     free(req);
     *req_cls = NULL;
+}
+
+void httpd_account(httpd *srv, const char *method, const char *path, int status, double secs, const char *request_id,
+                   const char *remote, int aborted)
+{
+    int midx = httpd_method_index(method);
+
+    metrics_counter_inc(httpd_counter(srv, midx, status ? status : 499));
+    metrics_histogram_observe(srv->latency, secs);
+    if (srv->opts.access_log && log_enabled(LOG_INFO)) {
+        char epath[512], eid[160];
+
+        log_event(LOG_INFO, "request",
+                  "\"method\":\"%s\",\"path\":\"%s\",\"status\":%d,\"duration_ms\":%.3f,\"request_id\":\"%s\","
+                  "\"remote\":\"%s\"%s",
+                  method_names[midx], log_escape(epath, sizeof(epath), path), status, secs * 1000.0,
+                  log_escape(eid, sizeof(eid), request_id), remote, aborted ? ",\"aborted\":true" : "");
+    }
+}
+
+void httpd_date(char *out, size_t len)
+{
+    httpd_http_date(out, len);
 }
 
 static void httpd_metrics_handler(httpd_req *req, void *ud)
@@ -1585,7 +1839,7 @@ static int httpd_start_loops(httpd *srv, struct sockaddr_storage *ss, unsigned i
         l->ep = epoll_create1(EPOLL_CLOEXEC);
         l->evfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
         l->daemon = MHD_start_daemon(
-            flags, (uint16_t)srv->opts.port, NULL, NULL, httpd_access, srv, MHD_OPTION_SOCK_ADDR,
+            flags, (uint16_t)srv->opts.port, httpd_accept_policy, l, httpd_access, srv, MHD_OPTION_SOCK_ADDR,
             (struct sockaddr *)ss, MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int)srv->opts.connection_timeout_s,
             MHD_OPTION_CONNECTION_LIMIT, per, MHD_OPTION_NOTIFY_COMPLETED, httpd_completed, srv,
             MHD_OPTION_NOTIFY_CONNECTION, httpd_notify_conn, srv, MHD_OPTION_URI_LOG_CALLBACK, httpd_uri_log, srv,
@@ -1661,6 +1915,13 @@ static void httpd_stop_loops(httpd *srv, int grace_ms)
         if (l->daemon)
             MHD_stop_daemon(l->daemon);
         l->daemon = NULL;
+        for (int b = 0; b < HTTPD_IP_BUCKETS; b++)
+            while (l->ips[b]) {
+                httpd_ipcount *next = l->ips[b]->next;
+
+                free(l->ips[b]);
+                l->ips[b] = next;
+            }
         if (l->ep >= 0)
             close(l->ep);
         if (l->evfd >= 0)

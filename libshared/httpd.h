@@ -185,6 +185,8 @@ void *httpd_req_ctx(const httpd_req *req);
 /* The request target as the client sent it (path not decoded, with the
  * query string). */
 const char *httpd_req_target(const httpd_req *req);
+/* Nonzero for an HTTP/1.0 request. */
+int httpd_req_http10(const httpd_req *req);
 /* Calls fn for every request header, in the order received. */
 void httpd_req_each_header(const httpd_req *req, httpd_header_fn fn, void *ud);
 /* Idle timeout of this connection (0: none); from the MHD thread only. */
@@ -232,6 +234,40 @@ void httpd_req_set_response(httpd_req *req, int status, struct MHD_Response *res
  * answered with `status`. */
 struct buf;
 int httpd_req_detach(httpd_req *req, int status, const char *content_type, struct buf *head, int *chunked);
+
+/* --- A keep-alive front of the caller's own (loop mode: the proxy serves
+ * a kept-alive connection's bodiless requests itself, without
+ * libmicrohttpd's per-request costs). */
+
+/* Takes the connection's socket for good, nothing written, from the stream
+ * hook (`take`): the request is neither answered nor counted here (the
+ * taker answers it on the socket and calls httpd_account). Only for a
+ * bodiless request when libmicrohttpd holds no byte of the connection
+ * beyond its head (checked against the kernel's count of bytes received),
+ * so nothing pipelined behind it is lost. Returns the descriptor
+ * (nonblocking, close-on-exec, TCP_NODELAY) and the client's address, or
+ * -1 (the request is still the hook's). The caller holds the connection
+ * against the limits with httpd_loop_conn_hold. */
+struct sockaddr;
+struct sockaddr_storage;
+int httpd_req_take_socket(httpd_req *req, struct sockaddr_storage *addr, unsigned int *alen);
+/* A connection held outside libmicrohttpd counts against the connection
+ * and per-address limits of its loop until released. Loop thread only. */
+int httpd_loop_conn_hold(httpd_loop *l, const struct sockaddr *addr);
+void httpd_loop_conn_release(httpd_loop *l, const struct sockaddr *addr);
+/* Gives a socket (its unread bytes) to the loop's libmicrohttpd as a new
+ * connection from `addr` (release the hold first). Loop thread only.
+ * Returns 0, or -1 with the socket closed. */
+int httpd_loop_add_connection(httpd_loop *l, int fd, const struct sockaddr *addr, unsigned int alen);
+httpd *httpd_loop_server(httpd_loop *l);
+/* The idle keep-alive timeout (s). */
+int httpd_idle_timeout_s(const httpd *srv);
+/* Counts a request answered outside libmicrohttpd in the request metrics
+ * and the access log, as httpd does its own. */
+void httpd_account(httpd *srv, const char *method, const char *path, int status, double secs, const char *request_id,
+                   const char *remote, int aborted);
+/* The current IMF-fixdate (RFC 9110 5.6.7). */
+void httpd_date(char *out, size_t len);
 
 /* Adds a header to the response to come (copied). Up to 16 per request. */
 int httpd_req_add_header(httpd_req *req, const char *name, const char *value);

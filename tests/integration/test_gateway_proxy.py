@@ -12,6 +12,7 @@ import http.client as httpclient
 import http.server as httpserver
 import json
 import os
+import signal
 import socket
 import socketserver
 import subprocess
@@ -591,6 +592,299 @@ class LoopModeTest(unittest.TestCase):
 
     def test_chunked_upload_over_the_limit_413(self):
         check_chunked_limit(self, self.port, 9 << 20)
+
+
+def read_response(fp):
+    """One HTTP/1.1 response from a buffered socket file: (status, headers
+    with lower-case names, body), or None at the end of the stream."""
+    line = fp.readline()
+    if not line:
+        return None
+    status = int(line.split()[1])
+    hdrs = {}
+    while True:
+        h = fp.readline()
+        if h in (b"\r\n", b""):
+            break
+        k, v = h.decode("latin-1").split(":", 1)
+        hdrs[k.strip().lower()] = v.strip()
+    body = b""
+    if hdrs.get("transfer-encoding") == "chunked":
+        while True:
+            size = int(fp.readline().split(b";")[0], 16)
+            if size == 0:
+                fp.readline()
+                break
+            body += fp.read(size)
+            fp.readline()
+    elif status not in (204, 304):
+        body = fp.read(int(hdrs.get("content-length", 0)))
+    return status, hdrs, body
+
+
+class FrontTest(unittest.TestCase):
+    """Loop mode's front (proxy.c): a kept-alive connection whose request
+    went the direct way leaves libmicrohttpd; its next requests are read,
+    forwarded and answered by the loop itself, and one that is not a plain
+    direct-path GET/DELETE is given back to libmicrohttpd unread. One loop,
+    so every connection shares it; the access log on."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.port = free_port()
+        cls.base = "http://127.0.0.1:%d" % cls.port
+        up = "http://127.0.0.1:%d" % UP.server_address[1]
+        cls.gw = Service("api-gateway", gw_env(cls.port, {
+            "ECHO_URL": up + "/base", "DEAD_URL": "http://127.0.0.1:%d" % DEAD_PORT, "HTTP_LOOPS": "1",
+            "LOG_LEVEL": "info", "ACCESS_LOG": "1", "HTTP_HEADER_TIMEOUT": "1500ms",
+            "PROXY_TIMEOUT_MS": "1000", "MAX_CONNECTIONS_PER_IP": "3"}),
+            health=cls.base + "/health").start()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.gw.stop()
+
+    def connect(self):
+        s = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        fp = s.makefile("rb")
+        self.addCleanup(s.close)
+        self.addCleanup(fp.close)
+        return s, fp
+
+    def exchange(self, s, fp, raw):
+        s.sendall(raw)
+        return read_response(fp)
+
+    def counter(self, method, status):
+        _, _, text = http("GET", self.base + "/metrics")
+        key = 'http_requests_total{method="%s",status="%d"}' % (method, status)
+        for line in text.decode().splitlines():
+            if line.startswith(key):
+                return float(line.split()[-1])
+        return 0.0
+
+    def test_keep_alive_mix_on_one_connection(self):
+        """GETs and DELETEs served by the front, a POST (a body), /health (a
+        route), a request with Origin given back to libmicrohttpd, all on one
+        connection, each answered in order with the proxy's headers."""
+        s, fp = self.connect()
+        seen = set()
+        plan = [
+            (b"GET /api/v1/echo/a?x=1 HTTP/1.1\r\nHost: h\r\nX-Request-Id: front-1\r\n\r\n", 200, "/base/a?x=1"),
+            (b"GET /api/v1/echo/b?x=%2F HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 10.0.0.1\r\n"
+             b"Connection: X-Drop\r\nX-Drop: secret\r\n\r\n", 200, "/base/b?x=%2F"),
+            (b"DELETE /api/v1/echo/c HTTP/1.1\r\nHost: h\r\n\r\n", 200, "/base/c"),
+            (b"POST /api/v1/echo/d HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabc", 201, "/base/d"),
+            (b"GET /api/v1/echo/e HTTP/1.1\r\nHost: h\r\n\r\n", 200, "/base/e"),
+            (b"GET /health HTTP/1.1\r\nHost: h\r\n\r\n", 200, None),
+            (b"GET /api/v1/echo/f HTTP/1.1\r\nHost: h\r\nOrigin: http://localhost:3000\r\n\r\n", 200, "/base/f"),
+            (b"GET /api/v1/echo/g HTTP/1.1\r\nHost: h\r\n\r\n", 200, "/base/g"),
+            (b"GET /api/v1/nosuch/x HTTP/1.1\r\nHost: h\r\n\r\n", 404, None),
+            (b"GET /api/v1/echo/./x HTTP/1.1\r\nHost: h\r\n\r\n", 400, None),
+            (b"GET /api/v1/dead/x HTTP/1.1\r\nHost: h\r\n\r\n", 502, None),
+            (b"GET /api/v1/echo/h HTTP/1.1\r\nHost: h\r\n\r\n", 200, "/base/h"),
+        ]
+        for raw, want, path in plan:
+            status, hdrs, body = self.exchange(s, fp, raw)
+            self.assertEqual(status, want, (raw, body))
+            rid = hdrs.get("x-request-id")
+            self.assertTrue(rid, hdrs)
+            self.assertNotIn(rid, seen)
+            seen.add(rid)
+            self.assertIn("date", hdrs)
+            if path:
+                got = json.loads(body)
+                self.assertEqual(got["path"], path)
+                self.assertEqual(got["headers"].get("X-Request-Id"), rid)
+                self.assertEqual(got["headers"].get("X-Forwarded-Proto"), "http")
+                self.assertEqual(got["headers"].get("X-Forwarded-Host"), "h")
+                self.assertNotIn("Connection", got["headers"])
+                self.assertNotIn("X-Drop", got["headers"])
+                self.assertNotIn("x-private-hop", hdrs)
+                self.assertNotIn("keep-alive", hdrs)
+                self.assertEqual(hdrs.get("x-upstream"), "yes")
+            if path == "/base/a?x=1":
+                self.assertEqual(rid, "front-1")
+            if path == "/base/b?x=%2F":
+                self.assertEqual(got["headers"]["X-Forwarded-For"], "10.0.0.1, 127.0.0.1")
+            if want >= 400:
+                self.assertEqual(json.loads(body)["request_id"], rid)
+            if path == "/base/f":
+                self.assertEqual(hdrs.get("access-control-allow-origin"), "http://localhost:3000")
+        # Still the same connection, still open.
+        self.assertEqual(self.exchange(s, fp, plan[0][0])[0], 200)
+
+    def test_pipelined_requests_answered_in_order(self):
+        """Requests written together, direct-path and not, answered in order,
+        none lost (libmicrohttpd held nothing beyond the first when it let the
+        connection go; the front reads one head at a time)."""
+        s, fp = self.connect()
+        names = ["p%d" % i for i in range(8)]
+        raw = b""
+        for i, n in enumerate(names):
+            if i == 4:
+                raw += b"POST /api/v1/echo/%s HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\nhi" % n.encode()
+            else:
+                raw += b"GET /api/v1/echo/%s HTTP/1.1\r\nHost: h\r\n\r\n" % n.encode()
+        s.sendall(raw)
+        for i, n in enumerate(names):
+            status, _, body = read_response(fp)
+            self.assertEqual(status, 201 if i == 4 else 200)
+            self.assertEqual(json.loads(body)["path"], "/base/" + n)
+        # One request first, the rest in a second write once it is answered.
+        s2, fp2 = self.connect()
+        self.assertEqual(self.exchange(s2, fp2, b"GET /api/v1/echo/q0 HTTP/1.1\r\nHost: h\r\n\r\n")[0], 200)
+        s2.sendall(b"GET /api/v1/echo/q1 HTTP/1.1\r\nHost: h\r\n\r\nGET /api/v1/echo/q2 HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.assertEqual(json.loads(read_response(fp2)[2])["path"], "/base/q1")
+        self.assertEqual(json.loads(read_response(fp2)[2])["path"], "/base/q2")
+
+    def test_streamed_answers_through_the_front(self):
+        """A large answer and an event stream as the second request of a
+        kept-alive connection, then another request on it."""
+        s, fp = self.connect()
+        self.assertEqual(self.exchange(s, fp, b"GET /api/v1/echo/x HTTP/1.1\r\nHost: h\r\n\r\n")[0], 200)
+        status, hdrs, body = self.exchange(s, fp, b"GET /api/v1/echo/big HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.assertEqual(status, 200)
+        self.assertEqual(len(body), 64 * 65536)
+        self.assertEqual(body, b"x" * (64 * 65536))
+        status, hdrs, body = self.exchange(s, fp, b"GET /api/v1/echo/stream HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.assertEqual(status, 200)
+        self.assertEqual(hdrs.get("transfer-encoding"), "chunked")
+        self.assertEqual(hdrs.get("x-accel-buffering"), "no")
+        self.assertEqual(body.count(b"event: tick"), 3)
+        self.assertEqual(self.exchange(s, fp, b"GET /api/v1/echo/y HTTP/1.1\r\nHost: h\r\n\r\n")[0], 200)
+
+    def test_hostile_heads_after_the_front(self):
+        """What libmicrohttpd answers on a fresh connection it answers the
+        same on a front connection (the head is given back unread): bare LF,
+        obs-fold, Content-Length with Transfer-Encoding, two Content-Lengths,
+        an oversized header line."""
+        heads = [
+            b"GET /api/v1/echo/x HTTP/1.1\nHost: h\n\n",
+            b"GET /api/v1/echo/x HTTP/1.1\r\nHost: h\r\nX-A: a\r\n b\r\n\r\n",
+            b"POST /api/v1/echo/x HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"0\r\n\r\n",
+            b"POST /api/v1/echo/x HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+            b"GET /api/v1/echo/x HTTP/1.1\r\nHost: h\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n",
+        ]
+        for head in heads:
+            s, fp = self.connect()
+            fresh = self.exchange(s, fp, head)
+            fp.close()
+            s.close()
+            s2, fp2 = self.connect()
+            self.assertEqual(self.exchange(s2, fp2, b"GET /api/v1/echo/ok HTTP/1.1\r\nHost: h\r\n\r\n")[0], 200)
+            after = self.exchange(s2, fp2, head)
+            fp2.close()
+            s2.close()
+            self.assertIsNotNone(fresh, head[:60])
+            self.assertEqual(fresh[0], after and after[0], head[:60])
+
+    def test_slow_head_after_the_front_gets_408(self):
+        """A head trickled after a front-served request: given back to
+        libmicrohttpd, whose header deadline answers 408."""
+        s, fp = self.connect()
+        self.assertEqual(self.exchange(s, fp, b"GET /api/v1/echo/x HTTP/1.1\r\nHost: h\r\n\r\n")[0], 200)
+        s.sendall(b"GET /api/v1/echo/y HTTP/1.1\r\nHo")
+        t0 = time.monotonic()
+        status, _, body = read_response(fp)
+        self.assertEqual(status, 408, body)
+        self.assertLess(time.monotonic() - t0, 5)
+        self.assertIsNone(read_response(fp))
+
+    def test_access_log_and_metrics_count_front_requests(self):
+        before = self.counter("GET", 200)
+        s, fp = self.connect()
+        for i in range(5):
+            raw = b"GET /api/v1/echo/logged-%d HTTP/1.1\r\nHost: h\r\nX-Request-Id: logged-%d\r\n\r\n" % (i, i)
+            self.assertEqual(self.exchange(s, fp, raw)[0], 200)
+        self.assertGreaterEqual(self.counter("GET", 200) - before, 5)
+        def logged():
+            with open(self.gw.logpath, "rb") as f:
+                lines = [json.loads(l) for l in f if b'"msg":"request"' in l and b"logged-" in l]
+            return len(lines) >= 5 and lines
+        lines = wait_for(logged, what="five access-log lines")
+        for i in range(5):
+            line = [l for l in lines if l["request_id"] == "logged-%d" % i][0]
+            self.assertEqual(line["status"], 200)
+            self.assertEqual(line["path"], "/api/v1/echo/logged-%d" % i)
+            self.assertEqual(line["remote"], "127.0.0.1")
+
+    def test_per_address_limit_counts_front_connections(self):
+        """MAX_CONNECTIONS_PER_IP=3: three kept-alive connections held by the
+        front leave no room for a fourth; closing one makes room."""
+        held = []
+        for i in range(3):
+            s, fp = self.connect()
+            self.assertEqual(self.exchange(s, fp, b"GET /api/v1/echo/held HTTP/1.1\r\nHost: h\r\n\r\n")[0], 200)
+            held.append((s, fp))
+        s, fp = self.connect()
+        try:
+            s.sendall(b"GET /api/v1/echo/extra HTTP/1.1\r\nHost: h\r\n\r\n")
+            refused = read_response(fp) is None
+        except OSError:
+            refused = True
+        self.assertTrue(refused, "a fourth connection from one address was served")
+        held[0][1].close()  # the socket's file first: it holds the descriptor open
+        held[0][0].close()
+        def room():
+            s, fp = socket.create_connection(("127.0.0.1", self.port), timeout=5), None
+            try:
+                fp = s.makefile("rb")
+                s.sendall(b"GET /api/v1/echo/room HTTP/1.1\r\nHost: h\r\n\r\n")
+                r = read_response(fp)
+                return r and r[0] == 200
+            except OSError:
+                return False
+            finally:
+                if fp:
+                    fp.close()
+                s.close()
+        wait_for(room, what="room after a front connection closed")
+        for s, _ in held[1:]:
+            self.assertEqual(self.exchange(s, _, b"GET /api/v1/echo/still HTTP/1.1\r\nHost: h\r\n\r\n")[0], 200)
+
+
+class FrontGuardTest(unittest.TestCase):
+    def test_rate_limit_and_shutdown_on_the_front(self):
+        """RATE_LIMIT=4 a minute: the front answers the fifth request of a
+        kept-alive connection 429 with Retry-After, as the hook does; a
+        request in flight when the gateway is told to stop is answered."""
+        port = free_port()
+        up = "http://127.0.0.1:%d" % UP.server_address[1]
+        gw = Service("api-gateway", gw_env(port, {"ECHO_URL": up, "HTTP_LOOPS": "1", "RATE_LIMIT": "4"}),
+                     health="http://127.0.0.1:%d/health" % port).start()
+        try:
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            fp = s.makefile("rb")
+            got = []
+            for i in range(6):
+                s.sendall(b"GET /api/v1/echo/r%d HTTP/1.1\r\nHost: h\r\n\r\n" % i)
+                got.append(read_response(fp))
+            self.assertEqual([g[0] for g in got[:4]], [200] * 4)
+            self.assertEqual(got[4][0], 429)
+            self.assertTrue(int(got[4][1]["retry-after"]) >= 1)
+            self.assertEqual(json.loads(got[4][2])["error"], "rate_limited")
+            s.close()
+        finally:
+            gw.stop()
+        gw = Service("api-gateway", gw_env(port, {"ECHO_URL": up, "HTTP_LOOPS": "1"}),
+                     health="http://127.0.0.1:%d/health" % port).start()
+        try:
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            fp = s.makefile("rb")
+            s.sendall(b"GET /api/v1/echo/a HTTP/1.1\r\nHost: h\r\n\r\n")
+            self.assertEqual(read_response(fp)[0], 200)
+            s.sendall(b"GET /api/v1/echo/slow HTTP/1.1\r\nHost: h\r\n\r\n")
+            time.sleep(0.5)
+            gw.proc.send_signal(signal.SIGTERM)
+            status, hdrs, _ = read_response(fp)
+            self.assertEqual(status, 200)
+            self.assertEqual(hdrs.get("connection"), "close")
+            self.assertIsNone(read_response(fp))
+            s.close()
+        finally:
+            gw.stop()
 
 
 if __name__ == "__main__":
