@@ -76,6 +76,8 @@ ALL = ["api-gateway", "realtime", "runtime", "event-processor", "action-workers"
 HEALTH = {"api-gateway": "/api/v1/health", "realtime": "/health", "runtime": "/healthz",
           "event-processor": "/health", "action-workers": "/health"}
 DB_NAME = "ae_faults"
+PRESENCE_TTL_S = 6
+PRESENCE_ROOM = "faults-presence"
 
 
 def log(msg):
@@ -133,6 +135,7 @@ class Stack:
         self.services = services
         self.var = var
         self.extras = {}  # service -> [Extra]: second instances (the pair faults)
+        self.rt = None  # the RealtimeLoad, when there is one
         self.ports = {}
         while len(set(self.ports.values())) < len(ALL):
             self.ports = {s: free_port() for s in ALL}
@@ -169,6 +172,10 @@ class Stack:
             # (100/s) would answer most of them 429.
             "RATE_LIMIT_PER_SECOND": "100000", "RATE_LIMIT_BURST": "100000",
             "RABBITMQ_QUEUE_DURABLE": "true",
+            # A killed realtime's presence entries are left out (and
+            # deleted) once its heartbeat is this old: kill9-pair:realtime
+            # waits for that within its phase.
+            "PRESENCE_TTL": "%ds" % PRESENCE_TTL_S,
             # The proxied upstream (tests/faults/upstream.py), and a breaker
             # that tries it again soon after it came back.
             "FAULTSUP_URL": "http://127.0.0.1:%d" % self.upstream_port, "PROXY_BREAKER_COOLDOWN_MS": "1000",
@@ -670,6 +677,11 @@ def server_pids(stack, which):
     if which == "pg":
         pid = listening_pid(stack.pg.port)
         return [pid] + children(pid) if pid else []
+    if which == "rabbitmq":
+        # The Erlang VM (beam.smp) listening on the AMQP port, and its
+        # helpers (erl_child_setup, inet_gethost).
+        pid = listening_pid(urllib.parse.urlsplit(stack.amqp_url).port)
+        return [pid] + children(pid) if pid else []
     pid = listening_pid(stack.redis.port)
     return [pid] if pid else []
 
@@ -728,13 +740,83 @@ def fault_kill9_pair(service):
             "restarts": service, "needs": [service], "down": service, "pair": service}
 
 
-def fault_listen_cut():
+def presence_fields(stack):
+    import redis
+    r = redis.Redis.from_url(stack.redis_url, socket_timeout=5)
+    return [k.decode() for k in r.hgetall("rt:room:%s:presence" % PRESENCE_ROOM)]
+
+
+def fault_kill9_pair_realtime():
+    """Two realtime instances on one Redis, half of the 1,000 subscribers
+    (and presence-1) on the second; the stack's is killed and stays down
+    for the phase. Its clients get a close and reconnect to the living one;
+    the living one's clients keep receiving (a subscriber that missed a
+    broadcast without a close fails the phase, as always); the dead
+    instance's presence entries are gone within PRESENCE_TTL."""
     def run(stack):
-        n = stack.sql("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                      "WHERE application_name = 'event-processor-listen' AND datname = %s", (DB_NAME,))[0][0]
-        if n < 1:
-            raise RuntimeError("no LISTEN connection of the event-processor to cut")
-    return {"name": "LISTEN cut", "run": run, "restarts": None, "needs": ["event-processor"]}
+        fields = presence_fields(stack)
+        dead = [f.split("|", 1)[0] for f in fields if f.endswith("|presence-0")]
+        if not dead:
+            raise RuntimeError("presence-0 has no presence entry before the fault (%r)" % fields)
+        stack.dead_instance = dead[0]
+        pid = stack.pid("realtime")
+        os.kill(pid, signal.SIGKILL)
+        while os.path.exists("/proc/%d" % pid) and "zombie" not in open("/proc/%d/status" % pid).read().lower():
+            time.sleep(0.05)
+
+    def check(stack):
+        """Presence, once the dead instance's heartbeat is PRESENCE_TTL old:
+        both users listed once (presence-0 rejoined on the living one), no
+        entry of the dead instance left."""
+        if not stack.rt:
+            return []
+        end = time.monotonic() + PRESENCE_TTL_S + 20
+        time.sleep(PRESENCE_TTL_S)
+        last = None
+        while time.monotonic() < end:
+            got = stack.rt.ask("presence")
+            fields = presence_fields(stack)
+            stale = [f for f in fields if f.startswith(stack.dead_instance + "|")]
+            last = (got, fields)
+            if sorted(got.get("users", [])) == ["presence-0", "presence-1"] and not stale:
+                log("realtime pair: presence %r, no entry of the dead instance %s left" % (got["users"],
+                                                                                          stack.dead_instance))
+                return []
+            time.sleep(1.0)
+        return ["presence after the kill: %r (want presence-0 and presence-1 once, no entry of %s)"
+                % (last, stack.dead_instance)]
+    return {"name": "kill -9 1 of 2 realtime", "run": run, "check": check, "restarts": "realtime",
+            "needs": ["realtime"], "down": "realtime", "pair": "realtime", "lazy_pair": True}
+
+
+LISTEN_SQL = ("SELECT pid, coalesce(nullif(application_name, ''), query) FROM pg_stat_activity WHERE datname = %s "
+              "AND backend_type = 'client backend' AND query ILIKE 'LISTEN %%'")
+
+
+def fault_listen_cut():
+    """pg_terminate_backend of every LISTEN connection on the stack's
+    database: the event-processor's (new_event, trigger_changed), the
+    gateway's and realtime's token revocation listeners, the runtime's
+    Khala one. Each must be back (a new backend) by itself."""
+    def run(stack):
+        before = stack.sql(LISTEN_SQL, (DB_NAME,))
+        names = Counter(a for _, a in before)
+        if not any(a == "event-processor-listen" for a in names):
+            raise RuntimeError("no LISTEN connection of the event-processor to cut (%r)" % before)
+        old = {p for p, _ in before}
+        stack.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = ANY(%s)", (list(old),))
+        end = time.monotonic() + 30
+        while True:
+            now = stack.sql(LISTEN_SQL, (DB_NAME,))
+            back = Counter(a for p, a in now if p not in old)
+            if all(back[a] >= n for a, n in names.items()):
+                log("LISTEN cut: %d connections (%s), all back" % (len(before), ", ".join(
+                    "%s×%d" % (a, n) for a, n in sorted(names.items()))))
+                return
+            if time.monotonic() > end:
+                raise RuntimeError("LISTEN connections not back after 30 s: had %r, new %r" % (dict(names), dict(back)))
+            time.sleep(0.1)
+    return {"name": "LISTEN cut (all)", "run": run, "restarts": None, "needs": ["event-processor"]}
 
 
 def all_faults():
@@ -746,9 +828,11 @@ def all_faults():
     f["kill9:upstream"] = fault_kill9_upstream()
     f["kill9-pair:api-gateway"] = fault_kill9_pair("api-gateway")
     f["kill9-pair:event-processor"] = fault_kill9_pair("event-processor")
+    f["kill9-pair:realtime"] = fault_kill9_pair_realtime()
     f["listen-cut"] = fault_listen_cut()
     f["pause:redis"] = fault_pause("redis")
     f["pause:pg"] = fault_pause("pg")
+    f["pause:rabbitmq"] = fault_pause("rabbitmq")
     return f
 
 
@@ -831,7 +915,7 @@ def main():
         stack.up()
         for n in names:
             pair = known[n].get("pair")
-            if pair in services and pair not in stack.extras:
+            if pair in services and pair not in stack.extras and not known[n].get("lazy_pair"):
                 log("starting a second %s" % pair)
                 stack.extras[pair] = [Extra(stack, pair).start()]
         if with_gw and a.sse_rate > 0:
@@ -863,7 +947,7 @@ def main():
         if "realtime" in services and a.rtes_rate > 0:
             rtes = RtesLoad(stack, a.rtes_rate)
         if "realtime" in services and a.subscribers > 0:
-            rt = RealtimeLoad(stack, a.subscribers, a.rt_rate)
+            rt = stack.rt = RealtimeLoad(stack, a.subscribers, a.rt_rate)
             r = rt.ask("ready")
             log("realtime: %d of %d subscribers subscribed" % (r["ready"], r["subscribers"]))
             if r["ready"] != r["subscribers"]:
@@ -883,6 +967,12 @@ def main():
             pids = stack.pids()
             for ld in loads + [x for x in (px, ssp) if x]:
                 ld.start()
+            if f.get("lazy_pair") and f["pair"] in services and rt:
+                # Only for its phase, so the other faults' clients all
+                # live on the stack's instance.
+                log("starting a second %s, half of the subscribers moved to it" % f["pair"])
+                stack.extras[f["pair"]] = [Extra(stack, f["pair"]).start()]
+                rt.ask("spread ws://127.0.0.1:%d/ws" % stack.extras[f["pair"]][0].port)
             if rt:
                 rt.ask("ready")  # the reconnects of the previous fault are done
                 rt.ask("phase " + tag)
@@ -902,6 +992,8 @@ def main():
             if not stack.wait_healthy(120, down):
                 problems.append("unhealthy: %s" % ",".join(stack.healthy(down)))
             recovery = time.monotonic() - t0
+            if f.get("check"):
+                problems += f["check"](stack)
             if px:
                 px.recovered_at = time.monotonic()
             after = stack.pids()
@@ -984,6 +1076,11 @@ def main():
                 stack.up()
                 if not stack.wait_healthy(120):
                     problems.append("%s did not come back: %s" % (f["down"], ",".join(stack.healthy())))
+            if f.get("lazy_pair") and f["pair"] in stack.extras:
+                # Its clients (all of them now) get a close and go back.
+                for e in stack.extras.pop(f["pair"]):
+                    e.stop()
+                stack.rt.ask("unspread")
             if problems:
                 failed.append((f["name"], problems))
                 log("%s: FAILED: %s" % (f["name"], "; ".join(problems)))
