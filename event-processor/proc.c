@@ -1056,13 +1056,21 @@ static void wait_for_work(loop *L, long timeout_ms)
 /* Takes the processors' session lock on `conn`, waiting while another
  * processor holds it (its burst ends when its queue is empty). The wait is
  * asynchronous so that a stop interrupts it. Returns 1 when held, 0 when
- * stopping, -1 on error. */
+ * stopping, -1 on error.
+ *
+ * With the lock, in the same round trip (a second statement, so a snapshot
+ * taken once the lock is ours), whether the outbox holds a row: a clean
+ * session deletes its own rows before it unlocks, so a row here was left
+ * by a holder that died between its COMMIT and its push (or by our own
+ * failed session, already marked). A standby taking over from a killed
+ * instance must push it now: the start-up flush is the dead one's, and it
+ * may never start again. */
 static int leader_lock(loop *L, PGconn *conn, char *err, size_t errlen)
 {
     long long t = now_us();
-    int rc = -1;
+    int rc = -1, nres = 0;
 
-    if (!PQsendQuery(conn, "SELECT pg_advisory_lock(" EP_LOCK_KEY ")")) {
+    if (!PQsendQuery(conn, "SELECT pg_advisory_lock(" EP_LOCK_KEY "); SELECT EXISTS (SELECT 1 FROM job_outbox)")) {
         snprintf(err, errlen, "%s", PQerrorMessage(conn));
         return -1;
     }
@@ -1086,9 +1094,16 @@ static int leader_lock(loop *L, PGconn *conn, char *err, size_t errlen)
             break;
         listen_drain(L);
     }
-    for (PGresult *res; (res = PQgetResult(conn)) != NULL; PQclear(res))
-        if (rc == -1 && exec_ok(res, PGRES_TUPLES_OK, err, errlen, conn) == 0)
-            rc = 1;
+    for (PGresult *res; (res = PQgetResult(conn)) != NULL; PQclear(res)) {
+        if (nres++ == 0) {
+            if (rc == -1 && exec_ok(res, PGRES_TUPLES_OK, err, errlen, conn) == 0)
+                rc = 1;
+        } else if (rc == 1 && PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) == 1 &&
+                   PQgetvalue(res, 0, 0)[0] == 't' && !L->outbox_dirty) {
+            log_event(LOG_INFO, "outbox left by another processor", "\"action\":\"flushing it first\"");
+            L->outbox_dirty = 1;
+        }
+    }
     if (rc == -1 && !err[0])
         snprintf(err, errlen, "%s", PQerrorMessage(conn));
     if (rc == 0 && PQtransactionStatus(conn) == PQTRANS_IDLE)

@@ -697,6 +697,21 @@ setTimeout(() => process.exit(3), 20000);""" % (port, json.dumps(secret))
         self.drained()
         self.assertEqual(self.pairs([t]), [(t, e2)])
 
+    def test_outbox_left_by_another_processor_is_pushed_by_the_next_holder(self):
+        # A holder killed between its COMMIT and its push leaves its outbox
+        # row; the standby that takes the lock (a running process: its own
+        # start-up flush is long past) pushes it before its own batches.
+        t = self.trigger([{"condition_type": "agent_id_equals", "value": 434343}])
+        e1 = self.event(agent_id=1)
+        self.drained()
+        aid = self.sql("SELECT id FROM trigger_actions WHERE trigger_id = %s", (t,))[0][0]
+        self.sql("INSERT INTO job_outbox (event_ids, trigger_ids, action_ids) VALUES (ARRAY[%s], ARRAY[%s], ARRAY[%s])",
+                 (e1, t, aid))
+        e2 = self.event(agent_id=434343)
+        self.drained(timeout=10)
+        self.assertEqual(sorted(self.pairs([t])), sorted([(t, e1), (t, e2)]))
+        self.assertIn("outbox left by another processor", self.svc.log())
+
     def test_metrics_and_health(self):
         with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % self.port, timeout=5) as r:
             self.assertEqual(r.status, 200)
