@@ -127,7 +127,7 @@ int main(int argc, char **argv)
     long long *sent_at, t0 = 0, end_at = 0;
     double *lat, *ack;
     size_t wlen = 0;
-    int port, wsfd, started = 0, k;
+    int port, wsfd, started = 0, k, next_conn = 0;
 
     if (argc != 6) {
         fprintf(stderr, "usage: rt_ws_latency PORT RUN_ID RATE SECONDS TOKEN\n");
@@ -168,11 +168,20 @@ int main(int argc, char **argv)
 
             if (due > total)
                 due = total;
-            for (k = 0; k < HTTP_CONNS && sent < due; k++) {
+            /* Round robin from the connection after the last one used:
+             * taking the first idle one left the last few unused for the
+             * whole run (at sub-ms answers connection 0 is nearly always
+             * idle), and the runtime answers a connection that sends no
+             * request head within RUNTIME_HTTP_HEADER_TIMEOUT_MS (10 s) 408
+             * and closes it: the run failed ("append connection closed")
+             * whenever no early stall had spread the appends. */
+            for (i = 0; i < HTTP_CONNS && sent < due; i++) {
                 int hl, bl;
 
+                k = (int)((next_conn + i) % HTTP_CONNS);
                 if (http[k].n)
                     continue;
+                next_conn = (k + 1) % HTTP_CONNS;
                 sent++;
                 bl = snprintf(body, sizeof(body),
                               "{\"event_type\":\"bench.tick\",\"payload\":{\"n\":%ld},\"idempotency_key\":\"ws-%s-%ld\"}",
