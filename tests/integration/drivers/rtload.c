@@ -20,6 +20,9 @@
  *                  round reads what came meanwhile in one recv per socket
  *     -R FILE      write "ready\n" to FILE once every connection subscribed
  *                  (the publisher then waits for FILE.go to exist)
+ *     -L FILE      at the end, write one line per broadcast received
+ *                  ("n count min_ms max_ms", n from its payload): where in a
+ *                  run the slow deliveries were
  *
  * Output, one JSON line: {"connected":N,"subscribed":N,"received":N,
  * "conns_with_all":N,"deliveries_per_s":D,"p50_ms":x,"p99_ms":y,
@@ -70,6 +73,14 @@ static int nsubscribed, nconnected;
 #define HBUCKETS 100000
 static unsigned *hist;
 static long long hmax_us;
+/* Per broadcast (-L): deliveries, fastest and slowest, by payload "n". */
+#define TRACE_MAX 100000
+typedef struct {
+    unsigned count;
+    long long min_us, max_us;
+} trace_slot;
+static trace_slot *trace;
+static char trace_file[512];
 
 static long long now_us(void)
 {
@@ -145,6 +156,20 @@ static void on_text(conn *c, const char *p, size_t n)
             hist[b >= HBUCKETS ? HBUCKETS - 1 : b]++;
             if (d > hmax_us)
                 hmax_us = d;
+            if (trace) {
+                const char *np = memmem(p, n, "\"n\":", 4);
+                long k = np ? strtol(np + 4, NULL, 10) : -1;
+
+                if (k >= 0 && k < TRACE_MAX) {
+                    trace_slot *ts = &trace[k];
+
+                    if (!ts->count || d < ts->min_us)
+                        ts->min_us = d;
+                    if (d > ts->max_us)
+                        ts->max_us = d;
+                    ts->count++;
+                }
+            }
         }
         return;
     }
@@ -378,7 +403,7 @@ int main(int argc, char **argv)
         if (!getenv("RTLOAD_NO_BATCH"))
             sched_setscheduler(0, SCHED_BATCH, &sp);
     }
-    while ((opt = getopt(argc, argv, "h:p:n:s:k:b:t:w:e:P:r:d:R:u:Si:")) != -1) {
+    while ((opt = getopt(argc, argv, "h:p:n:s:k:b:t:w:e:P:r:d:R:u:Si:L:")) != -1) {
         switch (opt) {
         case 'h': snprintf(host, sizeof(host), "%s", optarg); break;
         case 'p': port = (int)strtol(optarg, NULL, 10); break;
@@ -396,6 +421,7 @@ int main(int argc, char **argv)
         case 'u': snprintf(path, sizeof(path), "%s", optarg); break;
         case 'S': no_subscribe = 1; break;
         case 'i': read_pause_us = strtol(optarg, NULL, 10); break;
+        case 'L': snprintf(trace_file, sizeof(trace_file), "%s", optarg); break;
         default: fprintf(stderr, "rtload: see the comment at the top of rtload.c\n"); return 2;
         }
     }
@@ -415,6 +441,8 @@ int main(int argc, char **argv)
     conns = calloc((size_t)(nconns + npub), sizeof(conn));
     hist = calloc(HBUCKETS, sizeof(*hist));
     scratch = malloc(cap);
+    if (trace_file[0] && !(trace = calloc(TRACE_MAX, sizeof(*trace))))
+        die("calloc");
     j = jwtauth_new(secret, NULL, NULL, 0);
     epfd = epoll_create1(0);
     if (!conns || !hist || !scratch || !j || epfd < 0)
@@ -547,6 +575,17 @@ int main(int argc, char **argv)
                nconnected, nsubscribed, total_rx, with_all, secs > 0 ? (double)total_rx / secs : 0,
                percentile(0.5), percentile(0.99), (double)hmax_us / 1000.0, errors, first_rx_us, last_rx_us, cpu_us,
                cpu_us - setup_cpu_us);
+    }
+    if (trace) {
+        FILE *f = fopen(trace_file, "w");
+
+        if (!f)
+            die(trace_file);
+        for (long k = 0; k < TRACE_MAX; k++)
+            if (trace[k].count)
+                fprintf(f, "%ld %u %.1f %.1f\n", k, trace[k].count, trace[k].min_us / 1000.0, trace[k].max_us / 1000.0);
+        fclose(f);
+        free(trace);
     }
     for (int i = 0; i < nconns + npub; i++) {
         free(conns[i].pend);
