@@ -9,10 +9,14 @@
 # message; ours acks each burst once it is committed):
 #   anchor: tests/integration/drivers/rtes_bench consume, timed from its
 #           first message to its last;
-#   ours:   bin/realtime started on the full queue, timed from its launch
-#           (start-up included) until every one of the 100 watchers (a C
-#           client, rtes_bench watch) has all N frames; the watchers join
-#           while it consumes, so they read the first part from history.
+#   ours:   bin/realtime started on the full queue, timed from its
+#           consumer's subscription (its log line "rtes consumer
+#           subscribed": like the anchor's clock, after the connections
+#           are made) until every one of the 100 watchers (a C client,
+#           rtes_bench watch) has all N frames; the watchers join while it
+#           consumes, so they read the first part from history. The rate
+#           from its launch (process start, connections, migrations
+#           check: about 0.1 to 0.3 s) is printed beside it.
 # Rounds alternate anchor and ours; the median ratio is reported. Every
 # round checks that PostgreSQL holds the N events and that no watcher got a
 # frame missing or repeated.
@@ -55,7 +59,9 @@ fi
 
 anchor=()
 ours=()
+launch=()
 ratios=()
+lratios=()
 a_us=()
 o_us=()
 for r in $(seq "$ROUNDS"); do
@@ -78,7 +84,7 @@ for r in $(seq "$ROUNDS"); do
     t0=$(date +%s.%N)
     bench_spawn realtime "$WORK/realtime-$r.log" env PORT="$port" HOST=127.0.0.1 DATABASE_URL="$DBURL" \
         REDIS_URL="$RURL" AMQP_URL="$AMQP_URL" RTES_SKIP_AUTH=1 RABBITMQ_PREFETCH_COUNT="$PREFETCH" \
-        LOG_LEVEL=warn MIGRATIONS_DIR="$ROOT/database/migrations" "$BINDIR/realtime"
+        LOG_LEVEL=info MIGRATIONS_DIR="$ROOT/database/migrations" "$BINDIR/realtime"
     rt=$BENCH_LAST_PID
     wait_http "http://127.0.0.1:$port/health" 30 200 "$rt"
     # (cpu_run keeps the command's stderr for `time`: the driver's goes to a file.)
@@ -97,20 +103,31 @@ for r in $(seq "$ROUNDS"); do
         echo "65-rtes: round $r stored $rows events, not $N" >&2
         exit 1
     fi
-    o=$(awk -v n="$N" -v a="$t0" -v b="$t1" 'BEGIN { printf "%.0f", n / (b - a) }')
+    # The subscription's time, from the log's ISO 8601 UTC stamp (ms).
+    sub=$(grep -m1 '"msg":"rtes consumer subscribed"' "$WORK/realtime-$r.log" | sed -E 's/.*"ts":"([^"]+)".*/\1/')
+    if [[ -z $sub ]]; then
+        echo "65-rtes: round $r: no 'rtes consumer subscribed' line in $WORK/realtime-$r.log" >&2
+        exit 1
+    fi
+    ts=$(date -u -d "$sub" +%s.%N)
+    o=$(awk -v n="$N" -v a="$ts" -v b="$t1" 'BEGIN { printf "%.0f", n / (b - a) }')
+    ol=$(awk -v n="$N" -v a="$t0" -v b="$t1" 'BEGIN { printf "%.0f", n / (b - a) }')
     ours+=("$o")
+    launch+=("$ol")
     ratios+=("$(ratio "$o" "$a")")
+    lratios+=("$(ratio "$ol" "$a")")
     ou=$(awk -v t=$((s1 - s0 + cpu)) -v hz="$HZ" -v c="$wcpu" -v n="$N" 'BEGIN { printf "%.1f", (t / hz + c) * 1e6 / n }')
     o_us+=("$ou")
-    bench_log "65-rtes: round $r: ours $o msg/s, $ou us CPU/msg (realtime $((cpu * 1000 / HZ)) ms," \
+    bench_log "65-rtes: round $r: ours $o msg/s ($ol from launch), $ou us CPU/msg (realtime $((cpu * 1000 / HZ)) ms," \
         "watchers ${wcpu} s, broker+PostgreSQL+Redis $(((s1 - s0) * 1000 / HZ)) ms);" \
         "plain consumer $a msg/s, $au us CPU/msg (broker $(((m1 - m0) * 1000 / HZ)) ms, consumer ${ccpu} s)"
     psql "$DBURL" -qc "DELETE FROM rtes_executions WHERE execution_id = '$eid'" >/dev/null
 done
 
 mr=$(median "${ratios[@]}")
-echo "rtes: $N node status messages consumed, stored and fanned out to $WATCHERS watchers: $(median "${ours[@]}") msg/s, $(median "${o_us[@]}") us CPU/msg, all processes (median of $ROUNDS; rounds ${ours[*]}; load average $(cut -d' ' -f1 /proc/loadavg), servers' $SRV_NICE)"
+echo "rtes: $N node status messages consumed, stored and fanned out to $WATCHERS watchers: $(median "${ours[@]}") msg/s from the subscription, $(median "${launch[@]}") from the launch, $(median "${o_us[@]}") us CPU/msg, all processes (median of $ROUNDS; rounds ${ours[*]}; load average $(cut -d' ' -f1 /proc/loadavg), servers' $SRV_NICE)"
 echo "rtes: plain AMQP consumer that only acks, same broker and prefetch $PREFETCH: $(median "${anchor[@]}") msg/s, $(median "${a_us[@]}") us CPU/msg, broker and consumer (rounds ${anchor[*]})"
+echo "rtes: timed from the launch instead: median ratio $(median "${lratios[@]}") (rounds ${lratios[*]})"
 if at_least "$mr" 0.5; then
     echo "rtes: median ratio $mr (rounds ${ratios[*]}; bar >= 0.5) PASS"
 else
