@@ -81,6 +81,8 @@ for r in $(seq "$ROUNDS"); do
     "$DRV" publish "$AMQP_URL" workflow.node.status "$eid" "$N" >/dev/null
     port=$(free_port)
     s0=$(proc_ticks "$MQ_PID" "$PG_PID" "$RD_PID")
+    # (The log is appended to across runs: this run's part starts here.)
+    logoff=$(stat -c %s "$WORK/realtime-$r.log" 2>/dev/null || echo 0)
     t0=$(date +%s.%N)
     bench_spawn realtime "$WORK/realtime-$r.log" env PORT="$port" HOST=127.0.0.1 DATABASE_URL="$DBURL" \
         REDIS_URL="$RURL" AMQP_URL="$AMQP_URL" RTES_SKIP_AUTH=1 RABBITMQ_PREFETCH_COUNT="$PREFETCH" \
@@ -104,7 +106,7 @@ for r in $(seq "$ROUNDS"); do
         exit 1
     fi
     # The subscription's time, from the log's ISO 8601 UTC stamp (ms).
-    sub=$(grep -m1 '"msg":"rtes consumer subscribed"' "$WORK/realtime-$r.log" | sed -E 's/.*"ts":"([^"]+)".*/\1/')
+    sub=$(tail -c +$((logoff + 1)) "$WORK/realtime-$r.log" | grep -m1 '"msg":"rtes consumer subscribed"' | sed -E 's/.*"ts":"([^"]+)".*/\1/')
     if [[ -z $sub ]]; then
         echo "65-rtes: round $r: no 'rtes consumer subscribed' line in $WORK/realtime-$r.log" >&2
         exit 1
