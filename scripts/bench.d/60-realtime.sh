@@ -11,9 +11,10 @@
 #    (SO_REUSEPORT) and Redis; one broadcast must reach all 50,000.
 # 3. Fan-out: one publisher (its own load process) to a topic with 10,000
 #    subscribers (2 load processes) for 5 s at each of BENCH_RT_RATES
-#    (50 60) messages/s: deliveries/s and publish-to-receive p99 (bars
-#    >= 500,000/s and <= 50 ms, read together at BENCH_RT_BAR_RATE, 50: the
-#    lowest rate offering 500,000/s; 60 is the saturated rate), with the CPU
+#    (52 60) messages/s: deliveries/s and publish-to-receive p99 (bars
+#    >= 500,000/s and <= 50 ms, read together at BENCH_RT_BAR_RATE, 52: the
+#    lowest rate whose measured deliveries/s pass 500,000; 60 is the
+#    saturated rate), with the CPU
 #    per delivery of realtime and of the load clients, medians of
 #    BENCH_RT_ROUNDS (3) interleaved rounds of one realtime process and of
 #    two sharing the port through Redis (BENCH_RT_PROCS, "1 2"). Centrifugo's
@@ -21,7 +22,7 @@
 #    200 ms, ~30 KB per connection (its million-connection test).
 #
 # Environment: BINDIR, O (build), DATABASE_URL and REDIS_URL (scripts/bench.sh),
-# BENCH_RT_RATES ("50 60"), BENCH_RT_BAR_RATE (50), BENCH_RT_PROCS ("1 2"), BENCH_RT_ROUNDS (3),
+# BENCH_RT_RATES ("52 60"), BENCH_RT_BAR_RATE (52), BENCH_RT_PROCS ("1 2"), BENCH_RT_ROUNDS (3),
 # BENCH_RT_SUBS (10000: fewer for a smoke run), BENCH_RT_PARTS (all; or a comma list of mem,50k,fanout);
 # BENCH_RT_TRACE=1: each broadcast's fastest and slowest delivery in $WORK/trace-*.txt (rtload -L);
 # BENCH_RT_PERF=1: perf record -g of the first realtime process over the traffic.
@@ -232,12 +233,13 @@ if [[ $PARTS == *fanout* ]]; then
     # Interleaved rounds of every rate and process count (one process, and
     # two sharing the port through Redis: SPEC 5a's scale-out path), medians
     # of each.
-    # 50 msg/s is the lowest rate that offers 500,000 deliveries/s (10,000 x
-    # 50): the bars are read together there (both must hold at one rate, on
-    # one process or on two); 60 (600,000 offered, the server saturated) is
-    # printed beside it.
-    rates=${BENCH_RT_RATES:-${BENCH_RT_RATE:-50 60}}
-    bar_rate=${BENCH_RT_BAR_RATE:-50}
+    # Both bars must hold at one rate (on one process or on two): 52 msg/s
+    # (520,000 offered) is the lowest whose measured deliveries/s pass
+    # 500,000 (at 50 the last broadcast's sweep, which ends after the
+    # publisher stops, takes them to ~490,000). 60 (600,000 offered, the
+    # server saturated) is printed beside it.
+    rates=${BENCH_RT_RATES:-${BENCH_RT_RATE:-52 60}}
+    bar_rate=${BENCH_RT_BAR_RATE:-52}
     bar_met=0
     procs_list=${BENCH_RT_PROCS:-1 2}
     SUBS=${BENCH_RT_SUBS:-10000}
@@ -264,7 +266,7 @@ if [[ $PARTS == *fanout* ]]; then
             if ! awk -v d="$dps" -v p="$p99" 'BEGIN { exit !(d >= 500000 && p <= 50) }'; then ok=MISSED; fi
             if [[ $ok == ok && $rate == "$bar_rate" ]]; then bar_met=1; fi
             note=""
-            [[ $rate != "$bar_rate" ]] || note=" (the bar's rate: the lowest offering 500000/s)"
+            [[ $rate != "$bar_rate" ]] || note=" (the bar's rate: the lowest delivering 500000/s)"
             what="one process"
             ((procs == 1)) || what="$procs processes (SO_REUSEPORT + Redis)"
             echo "realtime fan-out 1 publisher -> $SUBS subscribers at $rate msg/s$note, $what: ${dps%.*} deliveries/s," \
