@@ -211,7 +211,7 @@ def setUpModule():
     up = "http://127.0.0.1:%d" % UP.server_address[1]
     GW = Service("api-gateway", gw_env(PORT, {
         "ECHO_URL": up + "/base", "ORCHESTRATOR_URL": up, "DEAD_URL": "http://127.0.0.1:%d" % DEAD_PORT,
-        "FLAKY_URL": "http://127.0.0.1:%d" % FLAKY_PORT,
+        "FLAKY_URL": "http://127.0.0.1:%d" % FLAKY_PORT, "BULK_URL": up, "BULK_TIMEOUT_MS": "30000",
         "PROXY_TIMEOUT_MS": "1000", "PROXY_BREAKER_THRESHOLD": "3", "PROXY_BREAKER_COOLDOWN_MS": "1500",
         "PROXY_MAX_BODY_BYTES": str(60 << 20)}),
         health=BASE + "/health").start()
@@ -284,14 +284,18 @@ class ProxyTest(unittest.TestCase):
     def test_slow_client_paces_the_upstream(self):
         """A client that does not read for a while: the gateway pauses the
         upstream instead of buffering its answer (32 MiB), and every byte
-        arrives in order once the client reads."""
+        arrives in order once the client reads. Through "bulk", whose
+        silence timeout is 30 s: the upstream here is a thread of this
+        (niced, and under a loaded suite starved) test process, and a
+        second without a byte from it is the 1 s PROXY_TIMEOUT_MS's cut the
+        other upstreams are set to (a stream ended early), not pacing."""
         expect = hashlib.sha256()
         for i in range(512):
             expect.update(b"%08d" % i + b"y" * (65536 - 8))
         before = rss_kib(self.gw.proc.pid)
         sock = socket.create_connection(("127.0.0.1", self.port), timeout=30)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-        sock.sendall(b"GET /api/v1/echo/huge HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.sendall(b"GET /api/v1/bulk/huge HTTP/1.1\r\nHost: x\r\n\r\n")
         time.sleep(1.5)
         peak = rss_kib(self.gw.proc.pid)
         data = b""
@@ -486,6 +490,7 @@ class DirectPathTest(ProxyTest):
         cls.gw = Service("api-gateway", gw_env(cls.port, {
             "ECHO_URL": up + "/base", "ORCHESTRATOR_URL": up, "DEAD_URL": "http://127.0.0.1:%d" % DEAD_PORT,
             "FLAKY_URL": "http://127.0.0.1:%d" % cls.flaky_port, "HTTP_LOOPS": "2",
+            "BULK_URL": up, "BULK_TIMEOUT_MS": "30000",
             "PROXY_TIMEOUT_MS": "1000", "PROXY_BREAKER_THRESHOLD": "3", "PROXY_BREAKER_COOLDOWN_MS": "1500",
             "PROXY_MAX_BODY_BYTES": str(60 << 20)}), health=cls.base + "/health").start()
 
