@@ -542,7 +542,7 @@ class SseLimitsTest(unittest.TestCase):
         cls.C = Service("api-gateway", gw_env(cls.port_c, {
             "MAX_CONNECTIONS_PER_IP": "0", "SSE_HEARTBEAT_SECONDS": "30", "LOG_LEVEL": "info",
             "SSE_SEND_BUFFER_BYTES": "4096", "SSE_CLIENT_BUFFER_BYTES": str(4 << 20),
-            "SSE_WRITE_TIMEOUT_SECONDS": "2"}), health=cls.base_c + "/health")
+            "SSE_WRITE_TIMEOUT_SECONDS": "2", "HTTP_HEADER_TIMEOUT": "60s"}), health=cls.base_c + "/health")
         cls.D = Service("api-gateway", gw_env(cls.port_d, {"MAX_CONNECTIONS_PER_IP": "3",
                                                            "SSE_BUFFER_TTL_SECONDS": "2"}),
                         health=cls.base_d + "/health")
@@ -564,7 +564,11 @@ class SseLimitsTest(unittest.TestCase):
         waiting for any answer: every one gets connection.established
         first. The connect scripts are pipelined on one Redis connection,
         so the burst does not queue behind one round trip per stream on
-        the HTTP threads (it used to pass the header deadline)."""
+        the HTTP threads (it used to pass the header deadline). That
+        deadline is 60 s on this gateway: with the test starved of CPU (a
+        nice 15 suite beside unniced benchmarks), the client alone can take
+        10 s to send the last heads, and a 408 would measure the machine,
+        not the gateway; what is asserted is that no stream is lost."""
         n = 2000
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft < n + 200:
@@ -678,10 +682,20 @@ class SseLimitsTest(unittest.TestCase):
             # One ends: its place is free again.
             held.pop(0).close()
             wait_for(lambda: http_json("GET", self.base_d + "/health")[2]["sse_clients"] <= 3, what="one gone")
-            again = raw_stream(self.port_d, name)
-            held.append(again)
-            again.settimeout(10)
-            self.assertTrue(again.recv(4096).startswith(b"HTTP/1.1 200"))
+            # The address's count drops when the gateway has seen the close,
+            # which under load can come after the health figure: retried.
+            heads = []
+
+            def admitted():
+                again = raw_stream(self.port_d, name)
+                held.append(again)
+                again.settimeout(10)
+                heads.append(again.recv(4096))
+                return heads[-1].startswith(b"HTTP/1.1 200")
+            try:
+                wait_for(admitted, 20, interval=0.3, what="a stream admitted again")
+            except AssertionError:
+                self.fail("no stream admitted again; heads: %r" % [h[:120] for h in heads])
         finally:
             for s in held:
                 s.close()
