@@ -35,224 +35,10 @@
 
 extern char **environ;
 
-#define PX_IN_MAX (64 * 1024)      /* request body bytes buffered between client and upstream */
-#define PX_OUT_MAX (256 * 1024)    /* response bytes buffered for a slow client */
-#define PX_SMALL_MAX (64 * 1024)   /* a response declared at most this long is answered whole */
-#define PX_HDR_MAX (64 * 1024)     /* response header bytes */
-#define PX_PREFIX "/api/v1/"
-#define PX_SPARE_EASY 256
-/* Body bytes read and thrown away after a chunked upload passed
- * PROXY_MAX_BODY_BYTES, so that a client that writes its whole body before
- * reading sees the 413; past this the connection is closed. */
-#define PX_DISCARD_MAX (64LL * 1024 * 1024)
-/* Epoll data of a direct-path connection (httpd's own carry bit 62,
- * libcurl's sockets are plain descriptors). */
-#define PX_TAG (1ULL << 61)
-#define PX_IDLE_MAX 256          /* idle direct connections kept per upstream and loop */
-/* Epoll data of a client connection held by the front (see "the front"). */
-#define PX_FTAG (1ULL << 60)
-#define PX_FRONT_HEAD_MAX 16384  /* a longer request head goes to libmicrohttpd */
-#define PX_READ_CHUNK 16384
+#include "pxint.h"
+#include "pxfront.h"
 
-/* Commands posted to a loop from other threads. */
-enum { CMD_ADD = 1, CMD_UNPAUSE_READ = 2, CMD_UNPAUSE_WRITE = 4, CMD_CANCEL = 8 };
 
-typedef struct upstream {
-    char name[64];
-    char var[80];
-    char url[1024];
-    long timeout_ms;
-    metrics_histogram *latency;
-    metrics_gauge *breaker_gauge;
-    _Atomic(metrics_counter *) by_status[600];
-    /* The direct path (loop mode, http://): the address resolved at start,
-     * the Host header and the base path of the URL. */
-    int direct;
-    int index;
-    struct sockaddr_storage addr;
-    socklen_t addrlen;
-    char hostport[300];
-    char base[1024];
-} upstream;
-
-typedef struct pxloop pxloop;
-typedef struct pxreq pxreq;
-
-/* An upstream connection of the direct path, owned by one loop. */
-typedef struct pxconn {
-    int fd;
-    int slot;
-    unsigned gen;
-    int up;               /* index of its upstream */
-    int connecting;
-    int reused;           /* it served a request before this one */
-    uint32_t events;      /* what epoll watches */
-    pxreq *owner;         /* NULL while idle */
-    struct pxconn *next_idle;
-    h1_parser p;
-} pxconn;
-
-/* What the front keeps of a request for its answer and access log. */
-typedef struct {
-    char method[8];
-    char path[256];
-    char rid[72];
-    struct timespec t0;
-    int keep;             /* the client keeps the connection */
-} pxfinfo;
-
-/* A client connection served by the front (loop mode): taken from
- * libmicrohttpd after a first direct-path request, owned by one loop. */
-typedef struct pxfront {
-    int fd;
-    int slot;
-    unsigned gen;
-    struct sockaddr_storage addr;
-    unsigned int alen;
-    char remote[64];
-    pxreq *cur;           /* the request in flight, NULL while idle */
-    buf out;              /* answer bytes the socket has not taken */
-    size_t out_off;
-    int closing;          /* close once `out` is written */
-    int dead;             /* a write failed: the client is gone */
-    int readable;         /* input may be waiting (an edge came) */
-    int hup;              /* the client shut its side down */
-    size_t peeked;        /* bytes the last peek saw */
-    int chunked;          /* the answer in flight streams as chunks */
-    long long idle_since; /* ms */
-} pxfront;
-
-struct pxreq {
-    proxy *px;
-    pxloop *loop;
-    upstream *up;
-    atomic_int refs;
-    CURL *easy;
-    struct curl_slist *hdrs;
-    char *url;
-    long long start_ms;
-
-    /* Under mu: shared by the MHD thread and the loop. */
-    pthread_mutex_t mu;
-    httpd_req *req;       /* NULL once answered or gone */
-    int client_gone;
-    int too_large;        /* a chunked body passed PROXY_MAX_BODY_BYTES: answered 413 */
-    int finished;         /* the transfer is over (no more body wanted) */
-    char *in;             /* request body waiting for the upstream */
-    size_t in_off, in_len;
-    int in_eof;
-    long long in_total;   /* body bytes received from the client */
-    long long discarded;  /* body bytes thrown away after the limit */
-    int read_paused;      /* the transfer waits for body bytes */
-    int body_blocked;     /* the connection waits for room */
-    int cmds;             /* pending commands (linked on loop->cmdq when nonzero) */
-    struct pxreq *cmd_next;
-
-    /* The loop's own. */
-    int has_body;
-    int status;
-    int headers_done;
-    int streaming;
-    int write_paused;
-    int breaker_reported;
-    long long declared_len;
-    buf rh;               /* response header lines kept */
-    buf body;             /* a small response, answered whole */
-    httpstream *out;
-    struct pxreq *next, *prev; /* running transfers of the loop */
-
-    /* The direct path (no libcurl; loop mode only, so the loop's alone). */
-    int direct;
-    int retried;          /* sent again on a fresh connection once */
-    int got_bytes;        /* the upstream answered something */
-    int done_pending;     /* the response is complete but the stream was full */
-    pxconn *conn;
-    buf out_req;          /* the request bytes */
-    size_t sent;
-    buf stage;            /* body bytes parsed, not yet taken */
-    long long deadline;   /* ms: silence (or connect) deadline */
-
-    /* The front's (loop only): the client connection it answers on. */
-    pxfront *front;
-    int f_streaming;
-    pxfinfo fi;
-};
-
-struct pxloop {
-    proxy *px;
-    pthread_t thread;
-    int started;
-    int epfd, evfd;
-    CURLM *multi;
-    curlep cep;
-    pthread_mutex_t qmu;
-    pxreq *cmdq;
-    atomic_int stop;
-    pxreq *running;
-    int nrunning;
-    int finished; /* transfers finished since the last tick (loop mode) */
-    int external;  /* loop mode: the thread is httpd's loop `owner` */
-    pthread_t owner;
-    /* Easy handles of finished transfers, reset and reused: creating one
-     * costs more than the setup of a request (under qmu). */
-    CURL *spare[PX_SPARE_EASY];
-    int nspare;
-    /* A connection was resumed from this loop this turn (an answer set, a
-     * stream written, an upload's room made): libmicrohttpd serves it only
-     * on another run. Atomic: the MHD side may set it too (pool mode). */
-    atomic_int wrote;
-    /* The direct path's connections: slots (epoll data: PX_TAG | gen << 32 |
-     * slot) and an idle stack per upstream. */
-    pxconn **conns;
-    int capconns;
-    unsigned gen;
-    int *free_slots;
-    int nfree;
-    pxconn *idle[PROXY_MAX_UPSTREAMS];
-    int nidle[PROXY_MAX_UPSTREAMS];
-    int nopen[PROXY_MAX_UPSTREAMS];
-    long long next_scan;
-    /* The front's client connections (slots as for `conns`). */
-    httpd_loop *hl;
-    pxfront **fronts;
-    int capfronts;
-    unsigned fgen;
-    int *ffree;
-    int nffree;
-    int nfronts;
-    long long next_fscan;
-    char *peek;           /* PX_FRONT_HEAD_MAX + 1 bytes */
-    h1_head head;
-    int fdepth, fkick;    /* px_front_settle's nesting; a read left to the tick */
-    char date[40];
-    time_t date_s;
-};
-
-struct proxy {
-    proxy_config cfg;
-    upstream ups[PROXY_MAX_UPSTREAMS];
-    int nups;
-    breaker *brk;
-    metrics *reg;
-    pxloop *loops;
-    int nloops;
-    atomic_uint rr;
-    atomic_int stopping;
-    int external; /* the loops are httpd's threads */
-    proxy_front_guard guard;
-    void *guard_ud;
-};
-
-static upstream *px_find(proxy *px, const char *name, size_t n);
-static void px_front_error(pxloop *l, pxfront *f, pxreq *r, const pxfinfo *fi, int status, const char *code,
-                           const char *msg, const char *xname, const char *xvalue);
-static void px_front_reply(pxloop *l, pxfront *f, pxreq *r, const pxfinfo *fi, int status, const char *lines,
-                           size_t llen, const char *ctype, const char *body, size_t blen, const char *xname,
-                           const char *xvalue);
-static void px_front_stream_start(pxloop *l, pxreq *r, int sse, const char *lines, size_t llen);
-static int px_front_stream_write(pxreq *r, const char *data, size_t n);
-static void px_front_stream_end(pxloop *l, pxreq *r, int broken);
-static void px_front_readable(pxloop *l, pxfront *f);
 
 static long long now_ms(void)
 {
@@ -467,7 +253,7 @@ static CURL *px_take_easy(pxloop *l)
     return e ? e : curl_easy_init();
 }
 
-static void px_unref(pxreq *r)
+void px_unref(pxreq *r)
 {
     if (atomic_fetch_sub(&r->refs, 1) != 1)
         return;
@@ -508,7 +294,7 @@ static void loop_post(pxreq *r, int cmd)
         log_warn("proxy: cannot wake the loop: %s", strerror(errno));
 }
 
-static metrics_counter *up_counter(proxy *px, upstream *u, int status)
+metrics_counter *px_up_counter(proxy *px, upstream *u, int status)
 {
     metrics_counter *c;
     char labels[160], esc[96];
@@ -526,7 +312,7 @@ static metrics_counter *up_counter(proxy *px, upstream *u, int status)
     return c;
 }
 
-static void up_breaker_gauge(proxy *px, upstream *u)
+void px_up_breaker_gauge(proxy *px, upstream *u)
 {
     metrics_gauge_set(u->breaker_gauge, (double)breaker_state(px->brk, u->name, now_ms()));
 }
@@ -552,8 +338,8 @@ static void px_fail(pxreq *r, int status, const char *code, const char *fmt, con
         char msg[512];
 
         snprintf(msg, sizeof(msg), fmt, arg);
-        metrics_counter_inc(up_counter(r->px, r->up, status));
-        px_front_error(r->loop, r->front, r, &r->fi, status, code, msg, NULL, NULL);
+        metrics_counter_inc(px_up_counter(r->px, r->up, status));
+        pxfront_error(r->loop, r->front, r, &r->fi, status, code, msg, NULL, NULL);
         return;
     }
     pthread_mutex_lock(&r->mu);
@@ -562,7 +348,7 @@ static void px_fail(pxreq *r, int status, const char *code, const char *fmt, con
         px_resume_answer_locked(r);
     }
     pthread_mutex_unlock(&r->mu);
-    metrics_counter_inc(up_counter(r->px, r->up, status));
+    metrics_counter_inc(px_up_counter(r->px, r->up, status));
 }
 
 static void px_breaker(pxreq *r, int ok)
@@ -571,7 +357,7 @@ static void px_breaker(pxreq *r, int ok)
         return;
     r->breaker_reported = 1;
     breaker_report(r->px->brk, r->up->name, ok, now_ms());
-    up_breaker_gauge(r->px, r->up);
+    px_up_breaker_gauge(r->px, r->up);
 }
 
 /* ---- header handling (the rules are pxhdr's) ----------------------------- */
@@ -674,8 +460,8 @@ static void px_headers_done(pxreq *r)
     if (!r->streaming)
         return; /* answered whole at the end */
     if (r->front) {
-        metrics_counter_inc(up_counter(r->px, r->up, r->status));
-        px_front_stream_start(r->loop, r, sse, p, (size_t)(end - p));
+        metrics_counter_inc(px_up_counter(r->px, r->up, r->status));
+        pxfront_stream_start(r->loop, r, sse, p, (size_t)(end - p));
         return;
     }
     pthread_mutex_lock(&r->mu);
@@ -692,7 +478,7 @@ static void px_headers_done(pxreq *r)
             httpstream_add_header(r->out, "X-Accel-Buffering", "no");
         atomic_fetch_add(&r->refs, 1); /* the stream's callbacks */
         httpstream_set_callbacks(r->out, px_stream_drain, px_stream_close, r);
-        metrics_counter_inc(up_counter(r->px, r->up, r->status));
+        metrics_counter_inc(px_up_counter(r->px, r->up, r->status));
         px_resume_answer_locked(r);
     }
     pthread_mutex_unlock(&r->mu);
@@ -797,10 +583,9 @@ static void px_unlink(pxloop *l, pxreq *r)
 
 static void px_direct_release(pxloop *l, pxreq *r, int reuse);
 static const char *px_direct_strerror(CURLcode rc);
-static void px_direct_flush(pxloop *l, pxreq *r);
 
 /* The transfer is over: answer what is still unanswered, release it. */
-static void px_finish(pxloop *l, pxreq *r, CURLcode rc, const char *why)
+void px_finish(pxloop *l, pxreq *r, CURLcode rc, const char *why)
 {
     int gone;
 
@@ -830,13 +615,13 @@ static void px_finish(pxloop *l, pxreq *r, CURLcode rc, const char *why)
         if (r->out)
             httpstream_end(r->out, 1);
     } else if (r->front && r->f_streaming) {
-        px_front_stream_end(l, r, rc != CURLE_OK);
+        pxfront_stream_end(l, r, rc != CURLE_OK);
     } else if (r->streaming && r->out) {
         httpstream_end(r->out, rc != CURLE_OK);
     } else if (rc == CURLE_OK && r->headers_done && r->front) {
-        metrics_counter_inc(up_counter(r->px, r->up, r->status));
-        px_front_reply(l, r->front, r, &r->fi, r->status, r->rh.p ? r->rh.p : "", r->rh.len, NULL,
-                       r->body.p ? r->body.p : "", r->body.len, NULL, NULL);
+        metrics_counter_inc(px_up_counter(r->px, r->up, r->status));
+        pxfront_reply(l, r->front, r, &r->fi, r->status, r->rh.p ? r->rh.p : "", r->rh.len, NULL,
+                      r->body.p ? r->body.p : "", r->body.len, NULL, NULL);
     } else if (rc == CURLE_OK && r->headers_done) {
         struct MHD_Response *resp;
         size_t len = r->body.len;
@@ -860,7 +645,7 @@ static void px_finish(pxloop *l, pxreq *r, CURLcode rc, const char *why)
             MHD_destroy_response(resp);
         }
         pthread_mutex_unlock(&r->mu);
-        metrics_counter_inc(up_counter(r->px, r->up, r->status));
+        metrics_counter_inc(px_up_counter(r->px, r->up, r->status));
     } else if (r->headers_done) {
         /* Broke after the headers: the client gets a 502 all the same. */
         px_fail(r, 502, "bad_gateway", "upstream %s broke off its answer", r->up->name);
@@ -1152,7 +937,7 @@ static void px_direct_complete(pxloop *l, pxreq *r)
 
 /* Hands the staged body bytes on: whole for a small answer, to the stream
  * otherwise (a full stream pauses the reading until it drains). */
-static void px_direct_flush(pxloop *l, pxreq *r)
+void px_direct_flush(pxloop *l, pxreq *r)
 {
     if (r->stage.len) {
         if (!r->streaming) {
@@ -1161,7 +946,7 @@ static void px_direct_flush(pxloop *l, pxreq *r)
                 return;
             }
         } else {
-            int rc = r->front ? px_front_stream_write(r, r->stage.p, r->stage.len)
+            int rc = r->front ? pxfront_stream_write(r, r->stage.p, r->stage.len)
                      : r->out  ? httpstream_write(r->out, r->stage.p, r->stage.len)
                                : -1;
 
@@ -1340,8 +1125,8 @@ static int px_direct_line(void *ud, const char *line)
 /* The request's bytes for the upstream: request line, Host, the headers
  * pxhdr makes of `src`'s (each), the end of the head. 0, -1 out of
  * memory, -2 a header line too long (pxhdr_request). */
-static int px_direct_build(pxreq *r, const char *method, const char *rest, pxhdr_each each, const void *src,
-                           const pxhdr_req_info *info)
+int px_direct_build(pxreq *r, const char *method, const char *rest, pxhdr_each each, const void *src,
+                    const pxhdr_req_info *info)
 {
     int rc;
 
@@ -1370,7 +1155,7 @@ static int px_direct_setup(pxreq *r, httpd_req *req, const char *rest)
 
 /* Starts a direct transfer on the request's own loop (we are on its
  * thread, inside libmicrohttpd's run). */
-static void px_direct_start(pxloop *l, pxreq *r)
+void px_direct_start(pxloop *l, pxreq *r)
 {
     px_link(l, r);
     if (atomic_load(&l->stop)) {
@@ -1465,640 +1250,6 @@ static void px_direct_fini(pxloop *l)
     l->capconns = l->nfree = 0;
 }
 
-/* ---- the front (loop mode): kept-alive client connections ------------------
- *
- * libmicrohttpd costs a proxied request more than the proxying does: it
- * suspends and resumes the waiting connection (an epoll_ctl DEL and ADD),
- * reads until EAGAIN after each request, runs its own epoll set and builds
- * its request and response records. So once libmicrohttpd has parsed a
- * connection's direct-path request (GET or DELETE, no body, an http://
- * upstream) and holds nothing read beyond it (httpd_req_take_socket), the
- * loop takes the socket and serves that request and those that follow on
- * the connection itself: a request head is peeked (recv MSG_PEEK) and
- * parsed with h1parse's strict request parser; one that is not a plain
- * direct-path request (a body, another route, an Origin, an upgrade, a
- * head that is incomplete, malformed or large, HTTP/1.0) is left unread
- * and the socket given back to libmicrohttpd (httpd_loop_add_connection),
- * which serves it as any new connection, with the hook, limits, deadlines
- * and errors of its path. One that is plain is read (the head's bytes
- * exactly), forwarded on the direct path, and answered here: the same
- * headers (pxhdr), Date, X-Request-Id, Content-Length or chunked, in one
- * send when it fits. The front keeps what httpd does for a request: the
- * request id, the hook's verdict (proxy_front_guard: the rate limit), the
- * request metrics and access log (httpd_account), the connection and
- * per-address limits (httpd_loop_conn_hold), the idle timeout, and on
- * shutdown the answer to what is in flight. */
-
-/* Frees the front's slot and record; `fd_too` closes the socket. */
-static void px_front_free(pxloop *l, pxfront *f, int fd_too)
-{
-    epoll_ctl(l->epfd, EPOLL_CTL_DEL, f->fd, NULL);
-    httpd_loop_conn_release(l->hl, (const struct sockaddr *)&f->addr);
-    if (fd_too)
-        close(f->fd);
-    buf_free(&f->out);
-    l->fronts[f->slot] = NULL;
-    l->ffree[l->nffree++] = f->slot;
-    l->nfronts--;
-    free(f);
-}
-
-static pxfront *px_front_new(pxloop *l, int fd, const struct sockaddr_storage *addr, unsigned int alen)
-{
-    pxfront *f;
-    struct epoll_event ev;
-
-    if (l->nffree == 0) {
-        int cap = l->capfronts ? l->capfronts * 2 : 64;
-        pxfront **nf = realloc(l->fronts, (size_t)cap * sizeof(*nf));
-        int *nfree;
-
-        if (!nf)
-            return NULL;
-        l->fronts = nf;
-        nfree = realloc(l->ffree, (size_t)cap * sizeof(*nfree));
-        if (!nfree)
-            return NULL;
-        l->ffree = nfree;
-        for (int i = cap - 1; i >= l->capfronts; i--) {
-            l->fronts[i] = NULL;
-            l->ffree[l->nffree++] = i;
-        }
-        l->capfronts = cap;
-    }
-    if (!l->peek && !(l->peek = malloc(PX_FRONT_HEAD_MAX + 1)))
-        return NULL;
-    f = calloc(1, sizeof(*f));
-    if (!f)
-        return NULL;
-    f->fd = fd;
-    memcpy(&f->addr, addr, alen);
-    f->alen = alen;
-    if (addr->ss_family == AF_INET6)
-        inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)(const void *)addr)->sin6_addr, f->remote,
-                  sizeof(f->remote));
-    else
-        inet_ntop(AF_INET, &((const struct sockaddr_in *)(const void *)addr)->sin_addr, f->remote,
-                  sizeof(f->remote));
-    buf_init(&f->out, PX_OUT_MAX + PX_SMALL_MAX + 2 * PX_HDR_MAX);
-    f->slot = l->ffree[--l->nffree];
-    f->gen = ++l->fgen;
-    /* Edge-triggered, registered once: no epoll_ctl per request. Input
-     * that comes while a request is in flight is remembered (`readable`)
-     * and read once the connection is idle again. */
-    memset(&ev, 0, sizeof(ev));
-    ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
-    ev.data.u64 = PX_FTAG | ((uint64_t)(f->gen & 0x0fffffffu) << 32) | (uint64_t)(unsigned)f->slot;
-    if (epoll_ctl(l->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
-        l->ffree[l->nffree++] = f->slot;
-        free(f);
-        return NULL;
-    }
-    l->fronts[f->slot] = f;
-    l->nfronts++;
-    httpd_loop_conn_hold(l->hl, (const struct sockaddr *)&f->addr);
-    return f;
-}
-
-/* Writes what the socket takes of `out`: 0, or -1 (the client is gone). */
-static int px_front_send(pxfront *f)
-{
-    while (f->out_off < f->out.len) {
-        ssize_t n = send(f->fd, f->out.p + f->out_off, f->out.len - f->out_off, MSG_NOSIGNAL);
-
-        if (n > 0) {
-            f->out_off += (size_t)n;
-            continue;
-        }
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
-            return 0; /* the rest on EPOLLOUT */
-        f->dead = 1;
-        return -1;
-    }
-    /* An idle connection keeps a small buffer for the next answer, not
-     * what a large one grew it to. */
-    if (f->out.cap > 16384)
-        buf_free(&f->out);
-    else
-        buf_reset(&f->out);
-    f->out_off = 0;
-    return 0;
-}
-
-/* After a write: close, wait for the next request, or for the socket. */
-static void px_front_settle(pxloop *l, pxfront *f)
-{
-    if (f->dead || (f->closing && !f->cur && f->out_off >= f->out.len)) {
-        px_front_free(l, f, 1);
-        return;
-    }
-    if (f->out_off < f->out.len || f->cur)
-        return; /* the rest on EPOLLOUT; the answer still to come */
-    f->idle_since = now_ms();
-    if (f->hup && !f->readable) {
-        px_front_free(l, f, 1); /* the client half-closed and sent nothing more */
-        return;
-    }
-    if (f->readable) {
-        /* A request is waiting (pipelined, or sent early): read it now, or
-         * from the tick when this runs inside the answer to the last one. */
-        if (l->fdepth < 4) {
-            l->fdepth++;
-            px_front_readable(l, f);
-            l->fdepth--;
-        } else {
-            l->fkick = 1;
-        }
-    }
-}
-
-static void px_front_emit(void *ud, const char *name, const char *value)
-{
-    buf *b = ud;
-
-    buf_puts(b, name);
-    buf_append(b, ": ", 2);
-    buf_puts(b, value);
-    buf_append(b, "\r\n", 2);
-}
-
-/* Appends an answer's head. `len`: the body's length, -1 chunked, -2 none
- * (204, 304). */
-static void px_front_head(pxloop *l, pxfront *f, const pxfinfo *fi, int status, const char *lines, size_t llen,
-                          const char *ctype, long long len, const char *xname, const char *xvalue)
-{
-    const char *reason = MHD_get_reason_phrase_for((unsigned int)status);
-    char num[FMT_I64_MAX];
-    time_t t = time(NULL);
-    buf *b = &f->out;
-
-    if (t != l->date_s) {
-        httpd_date(l->date, sizeof(l->date));
-        l->date_s = t;
-    }
-    buf_puts(b, "HTTP/1.1 ");
-    fmt_i64(num, status);
-    buf_puts(b, num);
-    buf_append(b, " ", 1);
-    buf_puts(b, reason ? reason : "");
-    buf_append(b, "\r\n", 2);
-    px_front_emit(b, "Date", l->date);
-    if (lines)
-        pxhdr_response(lines, llen, px_front_emit, b);
-    if (ctype)
-        px_front_emit(b, "Content-Type", ctype);
-    if (xname)
-        px_front_emit(b, xname, xvalue);
-    px_front_emit(b, "X-Request-Id", fi->rid);
-    if (len >= 0) {
-        fmt_i64(num, len);
-        px_front_emit(b, "Content-Length", num);
-    } else if (len == -1) {
-        px_front_emit(b, "Transfer-Encoding", "chunked");
-    }
-    if (!fi->keep || atomic_load(&l->px->stopping)) {
-        px_front_emit(b, "Connection", "close");
-        f->closing = 1;
-    }
-    buf_append(b, "\r\n", 2);
-}
-
-static void px_front_account(pxloop *l, const pxfinfo *fi, const char *remote, int status, int aborted)
-{
-    struct timespec now;
-
-    clock_gettime(CLOCK_MONOTONIC, &now);
-    httpd_account(httpd_loop_server(l->hl), fi->method, fi->path, status,
-                  (double)(now.tv_sec - fi->t0.tv_sec) + (double)(now.tv_nsec - fi->t0.tv_nsec) / 1e9, fi->rid,
-                  remote, aborted);
-}
-
-/* The request in flight on `f` is over: counted, and the connection
- * free for the next one. Drops the front's reference. */
-static void px_front_over(pxloop *l, pxreq *r, int status, int aborted)
-{
-    pxfront *f = r->front;
-
-    r->front = NULL;
-    if (f) {
-        px_front_account(l, &r->fi, f->remote, status, aborted);
-        f->cur = NULL;
-        if (!r->fi.keep || atomic_load(&r->px->stopping))
-            f->closing = 1;
-    }
-    px_unref(r);
-}
-
-/* A whole answer (head and body) to the request in flight, or to one
- * refused before it started (`r` NULL). */
-static void px_front_reply(pxloop *l, pxfront *f, pxreq *r, const pxfinfo *fi, int status, const char *lines,
-                           size_t llen, const char *ctype, const char *body, size_t blen, const char *xname,
-                           const char *xvalue)
-{
-    int nobody = status == 204 || status == 304;
-
-    px_front_head(l, f, fi, status, lines, llen, ctype, nobody ? -2 : (long long)blen, xname, xvalue);
-    if (!nobody && blen)
-        buf_append(&f->out, body, blen);
-    if (f->out.truncated)
-        f->dead = 1;
-    if (r)
-        px_front_over(l, r, status, 0);
-    else {
-        px_front_account(l, fi, f->remote, status, 0);
-        if (!fi->keep)
-            f->closing = 1;
-    }
-    if (!f->dead)
-        px_front_send(f);
-    px_front_settle(l, f);
-}
-
-static void px_front_error(pxloop *l, pxfront *f, pxreq *r, const pxfinfo *fi, int status, const char *code,
-                           const char *msg, const char *xname, const char *xvalue)
-{
-    cJSON *b = httpd_error_body(status, code, msg, NULL, fi->rid);
-    char *text = b ? cJSON_PrintUnformatted(b) : NULL;
-
-    cJSON_Delete(b);
-    px_front_reply(l, f, r, fi, status, NULL, 0, "application/json", text ? text : "{}", text ? strlen(text) : 2,
-                   xname, xvalue);
-    free(text);
-}
-
-/* The answer of `r` streams (large, chunked, an event stream): its head. */
-static void px_front_stream_start(pxloop *l, pxreq *r, int sse, const char *lines, size_t llen)
-{
-    pxfront *f = r->front;
-
-    r->f_streaming = 1;
-    f->chunked = sse || r->declared_len < 0;
-    px_front_head(l, f, &r->fi, r->status, lines, llen, NULL, f->chunked ? -1 : r->declared_len,
-                  sse ? "X-Accel-Buffering" : NULL, "no");
-    px_front_send(f); /* a failure is seen by the next write */
-}
-
-/* Body bytes of a streamed answer: 0 taken, 1 not taken (the client is
- * slow: the caller pauses until the front drains), -1 the client is gone. */
-static int px_front_stream_write(pxreq *r, const char *data, size_t n)
-{
-    pxfront *f = r->front;
-    char hex[24];
-
-    if (!f || f->dead)
-        return -1;
-    if (f->out.len - f->out_off > PX_OUT_MAX)
-        return 1;
-    if (f->chunked) {
-        int k = snprintf(hex, sizeof(hex), "%zx\r\n", n);
-
-        buf_append(&f->out, hex, (size_t)k);
-    }
-    buf_append(&f->out, data, n);
-    if (f->chunked)
-        buf_append(&f->out, "\r\n", 2);
-    if (f->out.truncated || px_front_send(f) < 0)
-        return -1;
-    return 0;
-}
-
-/* The streamed answer ended (`broken`: cut, so the client must see the
- * connection end rather than a complete answer). */
-static void px_front_stream_end(pxloop *l, pxreq *r, int broken)
-{
-    pxfront *f = r->front;
-
-    if (!f)
-        return;
-    if (broken)
-        f->closing = 1;
-    else if (f->chunked)
-        buf_append(&f->out, "0\r\n\r\n", 5);
-    f->chunked = 0;
-    px_front_over(l, r, r->status, broken);
-    if (!f->dead)
-        px_front_send(f);
-    px_front_settle(l, f);
-}
-
-/* The client is gone: what it waited for is cancelled. */
-static void px_front_gone(pxloop *l, pxfront *f)
-{
-    pxreq *r = f->cur;
-
-    f->cur = NULL;
-    if (r) {
-        px_front_account(l, &r->fi, f->remote, 499, 1);
-        r->front = NULL;
-        r->client_gone = 1;
-        px_finish(l, r, CURLE_WRITE_ERROR, NULL);
-        px_unref(r); /* the front's */
-    }
-    px_front_free(l, f, 1);
-}
-
-/* Gives the connection (its bytes unread) back to libmicrohttpd. */
-static void px_front_handback(pxloop *l, pxfront *f)
-{
-    int fd = f->fd;
-    struct sockaddr_storage addr = f->addr;
-    unsigned int alen = f->alen;
-
-    px_front_free(l, f, 0);
-    if (httpd_loop_add_connection(l->hl, fd, (const struct sockaddr *)&addr, alen) < 0)
-        log_warn("proxy: cannot give a connection back to the HTTP server: %s", strerror(errno));
-}
-
-/* The head's fields, NUL-terminated in place (px_front_take): pxhdr keeps
- * pointers to some values until it has seen them all. */
-static void px_front_each(const void *src, pxhdr_visit visit, void *vud)
-{
-    const h1_head *h = src;
-
-    for (int i = 0; i < h->nfields; i++)
-        visit(vud, h->fields[i].name, h->fields[i].value);
-}
-
-static int px_direct_fits_front(const h1_head *h)
-{
-    for (int i = 0; i < h->nfields; i++)
-        if (h->fields[i].nlen >= 256 || h->fields[i].vlen > PXHDR_LINE_MAX)
-            return 0;
-    return (h->mlen == 3 && !memcmp(h->method, "GET", 3)) || (h->mlen == 6 && !memcmp(h->method, "DELETE", 6));
-}
-
-/* A complete request head peeked on an idle front connection: served
- * here (1) or not (0: the caller gives the connection back). */
-static int px_front_take(pxloop *l, pxfront *f, const h1_head *h)
-{
-    proxy *px = l->px;
-    char target[PX_FRONT_HEAD_MAX], path[PX_FRONT_HEAD_MAX];
-    const char *svc, *rest, *idv;
-    size_t svlen, plen, idlen = 0;
-    upstream *u;
-    pxreq *r;
-    pxfinfo fi;
-    long wait;
-    int g, rc;
-
-    if (!px_direct_fits_front(h) || h->minor != 1 || (h->has_len && h->content_length) || h->chunked ||
-        h->upgrade || h->expect || h->conn_upgrade || h1_request_field(h, "origin", NULL) ||
-        h->tlen >= sizeof(target) || h->tlen < sizeof(PX_PREFIX) || memcmp(h->target, PX_PREFIX, sizeof(PX_PREFIX) - 1))
-        return 0;
-    memcpy(target, h->target, h->tlen);
-    target[h->tlen] = '\0';
-    svc = target + sizeof(PX_PREFIX) - 1;
-    svlen = strcspn(svc, "/?");
-    rest = svc + svlen;
-    u = px_find(px, svc, svlen);
-    plen = strcspn(target, "?");
-    if (!u || !u->direct || memchr(target, '%', plen) || pxhdr_has_dot_segment(rest))
-        return 0;
-    memcpy(path, target, plen);
-    path[plen] = '\0';
-    g = px->guard ? px->guard(px->guard_ud, h->mlen == 3 ? "GET" : "DELETE", path, f->remote) : 0;
-    if (g < 0)
-        return 0;
-    /* Served here: the head is read for good. */
-    if (recv(f->fd, l->peek, h->head_len, 0) != (ssize_t)h->head_len) {
-        f->dead = 1;
-        px_front_settle(l, f);
-        return 1;
-    }
-    /* Nothing followed the head when it was peeked: what comes later
-     * brings its own edge. */
-    if (f->peeked == h->head_len)
-        f->readable = 0;
-    /* Each name ends at its colon, each value before its CR or white
-     * space: C strings in the buffer from here on. */
-    for (int i = 0; i < h->nfields; i++) {
-        l->peek[h->fields[i].noff + h->fields[i].nlen] = '\0';
-        l->peek[h->fields[i].voff + h->fields[i].vlen] = '\0';
-    }
-    memset(&fi, 0, sizeof(fi));
-    memcpy(fi.method, h->method, h->mlen);
-    fmt_copy(fi.path, sizeof(fi.path), path);
-    clock_gettime(CLOCK_MONOTONIC, &fi.t0);
-    fi.keep = h1_request_keep_alive(h);
-    idv = h1_request_field(h, "x-request-id", &idlen);
-    {
-        char given[72] = "";
-
-        if (idv && idlen < sizeof(given)) {
-            memcpy(given, idv, idlen);
-            given[idlen] = '\0';
-        }
-        httpd_request_id_make(given[0] ? given : NULL, fi.rid, sizeof(fi.rid));
-    }
-    if (g > 0) {
-        char secs[FMT_I64_MAX], msg[64];
-
-        fmt_i64(secs, g);
-        snprintf(msg, sizeof(msg), "too many requests; retry in %d s", g);
-        px_front_error(l, f, NULL, &fi, 429, "rate_limited", msg, "Retry-After", secs);
-        return 1;
-    }
-    if (atomic_load(&px->stopping)) {
-        fi.keep = 0;
-        px_front_error(l, f, NULL, &fi, 503, "unavailable", "the gateway is stopping", NULL, NULL);
-        return 1;
-    }
-    wait = breaker_allow(px->brk, u->name, now_ms());
-    if (wait > 0) {
-        char secs[FMT_I64_MAX], msg[160];
-
-        up_breaker_gauge(px, u);
-        fmt_i64(secs, (wait + 999) / 1000);
-        snprintf(msg, sizeof(msg), "upstream %s is failing; its circuit breaker is open", u->name);
-        px_front_error(l, f, NULL, &fi, 503, "unavailable", msg, "Retry-After", secs);
-        metrics_counter_inc(up_counter(px, u, 503));
-        return 1;
-    }
-    r = calloc(1, sizeof(*r));
-    if (!r) {
-        px_front_error(l, f, NULL, &fi, 500, "internal", "out of memory", NULL, NULL);
-        return 1;
-    }
-    pthread_mutex_init(&r->mu, NULL);
-    atomic_init(&r->refs, 1); /* the front's, dropped by px_front_over */
-    r->px = px;
-    r->up = u;
-    r->loop = l;
-    r->declared_len = -1;
-    r->start_ms = now_ms();
-    r->fi = fi;
-    buf_init(&r->rh, PX_HDR_MAX);
-    buf_init(&r->body, PX_SMALL_MAX);
-    {
-        pxhdr_req_info info = {f->remote, r->fi.rid, "http"};
-
-        rc = px_direct_build(r, r->fi.method, rest, px_front_each, h, &info);
-    }
-    if (rc < 0) {
-        breaker_cancel(px->brk, u->name);
-        px_unref(r);
-        if (rc == -2)
-            px_front_error(l, f, NULL, &fi, 431, "payload_too_large",
-                           "a request header line is too long, or more than 16 Connection headers", NULL, NULL);
-        else
-            px_front_error(l, f, NULL, &fi, 500, "internal", "out of memory", NULL, NULL);
-        return 1;
-    }
-    r->front = f;
-    f->cur = r;
-    px_direct_start(l, r);
-    return 1;
-}
-
-/* An idle front connection has bytes (or an end): the next request. */
-static void px_front_readable(pxloop *l, pxfront *f)
-{
-    ssize_t n = recv(f->fd, l->peek, PX_FRONT_HEAD_MAX + 1, MSG_PEEK);
-
-    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) {
-        f->readable = 0; /* the next edge says when */
-        return;
-    }
-    if (n <= 0) {
-        px_front_free(l, f, 1); /* the client closed it, idle */
-        return;
-    }
-    f->peeked = (size_t)n;
-    h1_request_init(&l->head);
-    if (h1_request_parse(&l->head, l->peek, (size_t)n, PX_FRONT_HEAD_MAX) != H1_PARSE_DONE ||
-        !px_front_take(l, f, &l->head))
-        px_front_handback(l, f);
-}
-
-static void px_front_event(pxloop *l, uint64_t tag, uint32_t events)
-{
-    int slot = (int)(tag & 0xffffffffu);
-    pxfront *f = slot < l->capfronts ? l->fronts[slot] : NULL;
-
-    if (!f || (f->gen & 0x0fffffffu) != ((tag >> 32) & 0x0fffffffu))
-        return; /* closed meanwhile */
-    if (events & (EPOLLERR | EPOLLHUP)) {
-        px_front_gone(l, f); /* reset, or closed both ways */
-        return;
-    }
-    if (events & EPOLLIN)
-        f->readable = 1;
-    if (events & EPOLLRDHUP)
-        f->hup = 1;
-    if (f->out_off < f->out.len) {
-        if (!(events & EPOLLOUT))
-            return;
-        if (px_front_send(f) < 0) {
-            px_front_gone(l, f);
-            return;
-        }
-        if (f->out_off < f->out.len)
-            return;
-        if (f->cur && f->cur->write_paused) {
-            pxreq *r = f->cur;
-
-            /* The client took what was waiting: the upstream is read again. */
-            r->write_paused = 0;
-            px_direct_flush(l, r);
-            return;
-        }
-        px_front_settle(l, f);
-        return;
-    }
-    if (!f->cur && (f->readable || f->hup))
-        px_front_settle(l, f);
-}
-
-/* Idle connections past the idle timeout are closed, as libmicrohttpd
- * closes its own; when stopping, every idle one is. */
-static void px_front_expire(pxloop *l, long long now)
-{
-    int stopping = atomic_load(&l->px->stopping) || atomic_load(&l->stop);
-    long long idle_ms;
-
-    if (l->fkick) {
-        l->fkick = 0;
-        for (int i = 0; i < l->capfronts; i++)
-            if (l->fronts[i] && !l->fronts[i]->cur && l->fronts[i]->readable)
-                px_front_settle(l, l->fronts[i]);
-    }
-    if (!l->nfronts || (now < l->next_fscan && !stopping))
-        return;
-    l->next_fscan = now + 250;
-    idle_ms = (long long)httpd_idle_timeout_s(httpd_loop_server(l->hl)) * 1000;
-    for (int i = 0; i < l->capfronts; i++) {
-        pxfront *f = l->fronts[i];
-
-        if (!f)
-            continue;
-        if (!f->cur && f->out_off >= f->out.len && (stopping || now - f->idle_since >= idle_ms))
-            px_front_free(l, f, 1);
-        else if (stopping)
-            f->closing = 1;
-    }
-}
-
-/* From proxy_take: the request's connection becomes a front connection
- * when libmicrohttpd lets it go; then the request is the front's (1). 0:
- * it stays libmicrohttpd's; -1: the socket was taken but cannot be held
- * (out of memory), so it is closed and the request dropped. */
-static int px_front_adopt(pxloop *l, pxreq *r, httpd_req *req)
-{
-    struct sockaddr_storage addr;
-    unsigned int alen = 0;
-    const char *conn = httpd_req_header(req, "Connection");
-    pxfront *f;
-    int fd;
-
-    if (!r->px->cfg.front || !l->hl || httpd_req_header(req, "Origin") || httpd_req_http10(req) ||
-        (conn && pxhdr_listed_in(conn, "close", 5)) || atomic_load(&r->px->stopping))
-        return 0;
-    fd = httpd_req_take_socket(req, &addr, &alen);
-    if (fd < 0)
-        return 0;
-    f = px_front_new(l, fd, &addr, alen);
-    if (!f) {
-        /* Handed over already: the client sees the connection close. */
-        close(fd);
-        return -1;
-    }
-    memset(&r->fi, 0, sizeof(r->fi));
-    fmt_copy(r->fi.method, sizeof(r->fi.method), httpd_req_method(req));
-    fmt_copy(r->fi.path, sizeof(r->fi.path), httpd_req_path(req));
-    fmt_copy(r->fi.rid, sizeof(r->fi.rid), httpd_req_id(req));
-    clock_gettime(CLOCK_MONOTONIC, &r->fi.t0);
-    r->fi.keep = 1;
-    r->req = NULL;
-    r->front = f;
-    f->cur = r;
-    return 1;
-}
-
-static void px_front_fini(pxloop *l)
-{
-    for (int i = 0; i < l->capfronts; i++) {
-        pxfront *f = l->fronts[i];
-
-        if (!f)
-            continue;
-        if (f->out_off < f->out.len)
-            px_front_send(f); /* best effort: the loop ends */
-        if (f->cur)
-            px_front_gone(l, f);
-        else
-            px_front_free(l, f, 1);
-    }
-    free(l->fronts);
-    free(l->ffree);
-    free(l->peek);
-    l->fronts = NULL;
-    l->ffree = NULL;
-    l->peek = NULL;
-    l->capfronts = l->nffree = 0;
-}
-
 void proxy_set_front_guard(proxy *px, proxy_front_guard fn, void *ud)
 {
     px->guard = fn;
@@ -2171,7 +1322,7 @@ static void px_loop_tick(pxloop *l)
 static void px_loop_event(pxloop *l, const struct epoll_event *ev)
 {
     if (l->external && (ev->data.u64 & PX_FTAG) && !(ev->data.u64 & PX_TAG)) {
-        px_front_event(l, ev->data.u64, ev->events);
+        pxfront_event(l, ev->data.u64, ev->events);
         return;
     }
     if (ev->data.u64 & PX_TAG) {
@@ -2230,7 +1381,7 @@ static int px_hook_tick(void *app)
     px_loop_tick(l);
     if (l->nrunning > 0)
         px_direct_expire(l, now_ms());
-    px_front_expire(l, now_ms());
+    pxfront_expire(l, now_ms());
     /* A transfer that answered or wrote to a stream resumed a connection,
      * which libmicrohttpd serves only on another run. */
     int work = l->finished > 0 || atomic_exchange_explicit(&l->wrote, 0, memory_order_relaxed);
@@ -2248,7 +1399,7 @@ static void px_hook_fini(void *app)
     px_loop_tick(l);
     while (l->running)
         px_finish(l, l->running, CURLE_FAILED_INIT, "the gateway is stopping");
-    px_front_fini(l);
+    pxfront_fini(l);
     px_direct_fini(l);
 }
 
@@ -2319,7 +1470,7 @@ static size_t px_body_sink(httpd_req *req, const char *data, size_t len, void *u
         }
         pthread_mutex_unlock(&r->mu);
         if (answered)
-            metrics_counter_inc(up_counter(r->px, r->up, 413));
+            metrics_counter_inc(px_up_counter(r->px, r->up, 413));
         loop_post(r, CMD_CANCEL);
         return len;
     }
@@ -2377,7 +1528,7 @@ static void px_req_done(httpd_req *req, void *ud)
     px_unref(r);
 }
 
-static upstream *px_find(proxy *px, const char *name, size_t n)
+upstream *px_find(proxy *px, const char *name, size_t n)
 {
     for (int i = 0; i < px->nups; i++)
         if (strlen(px->ups[i].name) == n && memcmp(px->ups[i].name, name, n) == 0)
@@ -2485,25 +1636,25 @@ int proxy_take(httpd_req *req, void *ud)
     }
     if (pxhdr_has_dot_segment(rest)) {
         httpd_respond_error(req, 400, "invalid_request", "the path may not contain . or .. segments", NULL);
-        metrics_counter_inc(up_counter(px, u, 400));
+        metrics_counter_inc(px_up_counter(px, u, 400));
         return 1;
     }
     clen = httpd_req_header(req, "Content-Length");
     if (clen && px->cfg.max_body > 0 && strtoll(clen, NULL, 10) > px->cfg.max_body) {
         httpd_respond_errorf(req, 413, "payload_too_large", "request body exceeds %lld bytes", px->cfg.max_body);
-        metrics_counter_inc(up_counter(px, u, 413));
+        metrics_counter_inc(px_up_counter(px, u, 413));
         return 1;
     }
     wait = breaker_allow(px->brk, u->name, now_ms());
     if (wait > 0) {
         char secs[FMT_I64_MAX];
 
-        up_breaker_gauge(px, u);
+        px_up_breaker_gauge(px, u);
         httpd_respond_errorf(req, 503, "unavailable", "upstream %s is failing; its circuit breaker is open",
                              u->name);
         fmt_i64(secs, (wait + 999) / 1000);
         httpd_req_add_header(req, "Retry-After", secs);
-        metrics_counter_inc(up_counter(px, u, 503));
+        metrics_counter_inc(px_up_counter(px, u, 503));
         return 1;
     }
     r = calloc(1, sizeof(*r));
@@ -2537,7 +1688,7 @@ int proxy_take(httpd_req *req, void *ud)
         return 1;
     }
     if (r->direct && px->external) {
-        int a = px_front_adopt(r->loop, r, req);
+        int a = pxfront_adopt(r->loop, r, req);
 
         if (a > 0) {
             px_direct_start(r->loop, r);

@@ -11,7 +11,7 @@
  * the transfer paused while it is empty), and the response back through an
  * httpstream (the transfer paused while the client is slow). Everything a
  * transfer owns is touched by its loop only, except the few fields under
- * its own lock (see proxy.c). The breaker is shared and locked. */
+ * its own lock (see pxint.h). The breaker is shared and locked. */
 #ifndef AE_PROXY_H
 #define AE_PROXY_H
 
@@ -37,7 +37,7 @@ typedef struct {
     int direct;               /* PROXY_DIRECT (1): in loop mode, requests without a body to an
                                  http:// upstream skip libcurl (see proxy.c's direct path) */
     int front;                /* PROXY_FRONT (1): in loop mode, a kept-alive client connection of
-                                 direct-path requests leaves libmicrohttpd (see proxy.c's front) */
+                                 direct-path requests leaves libmicrohttpd (see pxfront.c) */
     int nupstreams;
     struct proxy_upstream_cfg {
         char name[64];        /* my_service */
@@ -76,7 +76,7 @@ void proxy_loop_hooks(proxy *px, httpd_loop_hooks *h);
 int proxy_claims(httpd_req *req, void *ud);
 int proxy_take(httpd_req *req, void *ud);
 
-/* What the front (proxy.c) asks before it serves a request itself, in
+/* What the front (pxfront.c) asks before it serves a request itself, in
  * place of httpd's hook: 0 to go on, > 0 to answer 429 with that many
  * seconds in Retry-After (rate limited), < 0 to leave the request to
  * libmicrohttpd and the hook (anything but the plain proxied case). `path`
