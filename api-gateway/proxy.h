@@ -35,7 +35,7 @@ typedef struct {
     int max_conns_per_upstream; /* PROXY_MAX_CONNECTIONS_PER_UPSTREAM (per loop) */
     long long max_body;       /* PROXY_MAX_BODY_BYTES: a larger body is 413 */
     int direct;               /* PROXY_DIRECT (1): in loop mode, requests without a body to an
-                                 http:// upstream skip libcurl (see proxy.c's direct path) */
+                                 http:// upstream skip libcurl (see pxdirect.c) */
     int front;                /* PROXY_FRONT (1): in loop mode, a kept-alive client connection of
                                  direct-path requests leaves libmicrohttpd (see pxfront.c) */
     int nupstreams;

@@ -34,6 +34,7 @@
 #include "svc.h"
 
 #include "pxint.h"
+#include "pxdirect.h"
 #include "pxfront.h"
 
 static void pxfront_readable(pxloop *l, pxfront *f);

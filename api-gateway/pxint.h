@@ -1,6 +1,6 @@
 /* pxint: the proxy's internal records, shared by its modules (proxy.c: the
- * registry, routing, the libcurl path, the direct path and the loops;
- * pxfront.c: the keep-alive front). Not for the rest of the gateway, which
+ * registry, routing, the libcurl path and the loops; pxdirect.c: the direct
+ * path and its keep-alive pool; pxfront.c: the keep-alive front). Not for the rest of the gateway, which
  * sees proxy.h only.
  *
  * Ownership and threads: a pxloop and everything linked from it (its
@@ -238,8 +238,8 @@ struct proxy {
     void *guard_ud;
 };
 
-/* proxy.c's parts the front uses; all on the loop's thread except
- * px_find and the counters (any thread). */
+/* proxy.c's parts the front and the direct path use; all on the loop's
+ * thread except px_find, px_each_header and the counters (any thread). */
 upstream *px_find(proxy *px, const char *name, size_t n);
 void px_unref(pxreq *r);
 metrics_counter *px_up_counter(proxy *px, upstream *u, int status);
@@ -247,11 +247,12 @@ void px_up_breaker_gauge(proxy *px, upstream *u);
 /* Ends a transfer: unlinks it, answers what is unanswered (or the error),
  * the breaker's verdict and the metrics; drops the loop's reference. */
 void px_finish(pxloop *l, pxreq *r, CURLcode rc, const char *why);
-/* Direct path: builds the upstream request bytes into r->out_req (0/-1),
- * starts it on a kept-alive or new connection, hands staged body bytes on. */
-int px_direct_build(pxreq *r, const char *method, const char *rest, pxhdr_each each, const void *src,
-                    const pxhdr_req_info *info);
-void px_direct_start(pxloop *l, pxreq *r);
-void px_direct_flush(pxloop *l, pxreq *r);
+/* Adds a starting transfer to the loop's running list with the loop's
+ * reference (px_finish drops it). */
+void px_link(pxloop *l, pxreq *r);
+/* Starts the answer once the response headers are in (r->status, r->rh). */
+void px_headers_done(pxreq *r);
+/* pxhdr_each over an httpd_req's request headers. */
+void px_each_header(const void *src, pxhdr_visit visit, void *vud);
 
 #endif
