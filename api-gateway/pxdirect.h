@@ -38,7 +38,8 @@ void px_direct_flush(pxloop *l, pxreq *r);
 void px_direct_release(pxloop *l, pxreq *r, int reuse);
 /* An epoll event whose data carries PX_TAG. */
 void px_direct_event(pxloop *l, uint64_t tag, uint32_t events);
-/* Deadlines (connect, silence) and idle connections past their time. */
+/* Ends as timed out (504, or a stream cut) direct transfers past their
+ * deadline (connect or silence). */
 void px_direct_expire(pxloop *l, long long now);
 /* The CURLcode's message as the direct path words it (for the error body). */
 const char *px_direct_strerror(CURLcode rc);

@@ -1,15 +1,15 @@
 /* pxint: the proxy's internal records, shared by its modules (proxy.c: the
  * registry, routing, the libcurl path and the loops; pxdirect.c: the direct
- * path and its keep-alive pool; pxfront.c: the keep-alive front). Not for the rest of the gateway, which
- * sees proxy.h only.
+ * path and its keep-alive pool; pxfront.c: the keep-alive front). Not for
+ * the rest of the gateway, which sees proxy.h only.
  *
  * Ownership and threads: a pxloop and everything linked from it (its
  * direct-path connections, its fronts, its running transfers) belong to the
  * loop's thread. A pxreq is shared by the MHD thread and its loop: the
  * fields under `mu` are locked, the rest is the loop's (see struct pxreq);
  * its references are counted (px_unref frees it on the last). A pxfront is
- * created and freed by the front on its loop; `cur` is the pxreq it answers,
- * one reference held until the answer is over. */
+ * created and freed by the front on its loop; `cur` is the pxreq it is
+ * answering (NULL while the connection is idle). */
 #ifndef AE_PXINT_H
 #define AE_PXINT_H
 
