@@ -1593,6 +1593,24 @@ static enum MHD_Result httpd_deferred_step(httpd_req *req, const char *data, siz
     return MHD_YES;
 }
 
+/* One request's metrics and access-log line: libmicrohttpd's completion
+ * callback and requests served outside it (httpd_account) both end here. */
+static void account(httpd *srv, int midx, const char *path, int status, double secs, const char *request_id,
+                    const char *remote, int aborted)
+{
+    metrics_counter_inc(httpd_counter(srv, midx, status ? status : 499));
+    metrics_histogram_observe(srv->latency, secs);
+    if (srv->opts.access_log && log_enabled(LOG_INFO)) {
+        char epath[512], eid[160];
+
+        log_event(LOG_INFO, "request",
+                  "\"method\":\"%s\",\"path\":\"%s\",\"status\":%d,\"duration_ms\":%.3f,\"request_id\":\"%s\","
+                  "\"remote\":\"%s\"%s",
+                  method_names[midx], log_escape(epath, sizeof(epath), path), status, secs * 1000.0,
+                  log_escape(eid, sizeof(eid), request_id), remote, aborted ? ",\"aborted\":true" : "");
+    }
+}
+
 static void httpd_completed(void *cls, struct MHD_Connection *conn, void **req_cls,
                             enum MHD_RequestTerminationCode toe)
 {
@@ -1627,17 +1645,8 @@ static void httpd_completed(void *cls, struct MHD_Connection *conn, void **req_c
         goto release; /* the taker accounts it (httpd_account) */
     clock_gettime(CLOCK_MONOTONIC, &now);
     secs = (double)(now.tv_sec - req->start.tv_sec) + (double)(now.tv_nsec - req->start.tv_nsec) / 1e9;
-    metrics_counter_inc(httpd_counter(srv, req->method_idx, req->status ? req->status : 499));
-    metrics_histogram_observe(srv->latency, secs);
-    if (srv->opts.access_log && log_enabled(LOG_INFO)) {
-        char epath[512], eid[160];
-        log_event(LOG_INFO, "request",
-                  "\"method\":\"%s\",\"path\":\"%s\",\"status\":%d,\"duration_ms\":%.3f,\"request_id\":\"%s\","
-                  "\"remote\":\"%s\"%s",
-                  method_names[req->method_idx], log_escape(epath, sizeof(epath), req->path), req->status,
-                  secs * 1000.0, log_escape(eid, sizeof(eid), req->request_id), httpd_req_remote(req),
-                  toe == MHD_REQUEST_TERMINATED_COMPLETED_OK || req->detached ? "" : ",\"aborted\":true");
-    }
+    account(srv, req->method_idx, req->path, req->status, secs, req->request_id, httpd_req_remote(req),
+            !(toe == MHD_REQUEST_TERMINATED_COMPLETED_OK || req->detached));
 release:
     if (req->response)
         MHD_destroy_response(req->response);
@@ -1654,19 +1663,7 @@ release:
 void httpd_account(httpd *srv, const char *method, const char *path, int status, double secs, const char *request_id,
                    const char *remote, int aborted)
 {
-    int midx = httpd_method_index(method);
-
-    metrics_counter_inc(httpd_counter(srv, midx, status ? status : 499));
-    metrics_histogram_observe(srv->latency, secs);
-    if (srv->opts.access_log && log_enabled(LOG_INFO)) {
-        char epath[512], eid[160];
-
-        log_event(LOG_INFO, "request",
-                  "\"method\":\"%s\",\"path\":\"%s\",\"status\":%d,\"duration_ms\":%.3f,\"request_id\":\"%s\","
-                  "\"remote\":\"%s\"%s",
-                  method_names[midx], log_escape(epath, sizeof(epath), path), status, secs * 1000.0,
-                  log_escape(eid, sizeof(eid), request_id), remote, aborted ? ",\"aborted\":true" : "");
-    }
+    account(srv, httpd_method_index(method), path, status, secs, request_id, remote, aborted);
 }
 
 void httpd_date(char *out, size_t len)
