@@ -254,6 +254,24 @@ static CURL *px_take_easy(pxloop *l)
     return e ? e : curl_easy_init();
 }
 
+pxreq *px_req_new(proxy *px, upstream *u, pxloop *l)
+{
+    pxreq *r = calloc(1, sizeof(*r));
+
+    if (!r)
+        return NULL;
+    pthread_mutex_init(&r->mu, NULL);
+    atomic_init(&r->refs, 1);
+    r->px = px;
+    r->up = u;
+    r->loop = l;
+    r->declared_len = -1;
+    r->start_ms = svc_now_ms();
+    buf_init(&r->rh, PX_HDR_MAX);
+    buf_init(&r->body, PX_SMALL_MAX);
+    return r;
+}
+
 void px_unref(pxreq *r)
 {
     if (atomic_fetch_sub(&r->refs, 1) != 1)
@@ -1089,24 +1107,16 @@ int proxy_take(httpd_req *req, void *ud)
         metrics_counter_inc(px_up_counter(px, u, 503));
         return 1;
     }
-    r = calloc(1, sizeof(*r));
+    /* In loop mode the transfer stays on the request's own thread. */
+    r = px_req_new(px, u,
+                   px->external && httpd_req_loop(req)
+                       ? &px->loops[httpd_loop_index(httpd_req_loop(req)) % px->nloops]
+                       : &px->loops[atomic_fetch_add(&px->rr, 1) % (unsigned)px->nloops]);
     if (!r) {
         httpd_respond_error(req, 500, "internal", "out of memory", NULL);
         return 1;
     }
-    pthread_mutex_init(&r->mu, NULL);
-    atomic_init(&r->refs, 1); /* the request's, dropped by px_req_done */
-    r->px = px;
-    r->up = u;
-    r->req = req;
-    r->declared_len = -1;
-    r->start_ms = now_ms();
-    /* In loop mode the transfer stays on the request's own thread. */
-    r->loop = px->external && httpd_req_loop(req)
-                  ? &px->loops[httpd_loop_index(httpd_req_loop(req)) % px->nloops]
-                  : &px->loops[atomic_fetch_add(&px->rr, 1) % (unsigned)px->nloops];
-    buf_init(&r->rh, PX_HDR_MAX);
-    buf_init(&r->body, PX_SMALL_MAX);
+    r->req = req; /* its reference is dropped by px_req_done */
     rc = px_direct_fits(px, u, req) ? px_direct_setup(r, req, rest) : px_setup(r, req, rest);
     if (rc < 0) {
         breaker_cancel(px->brk, u->name);

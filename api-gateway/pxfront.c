@@ -490,21 +490,12 @@ static int pxfront_take(pxloop *l, pxfront *f, const h1_head *h)
         metrics_counter_inc(px_up_counter(px, u, 503));
         return 1;
     }
-    r = calloc(1, sizeof(*r));
+    r = px_req_new(px, u, l); /* its reference is the front's, dropped by pxfront_over */
     if (!r) {
         pxfront_error(l, f, NULL, &fi, 500, "internal", "out of memory", NULL, NULL);
         return 1;
     }
-    pthread_mutex_init(&r->mu, NULL);
-    atomic_init(&r->refs, 1); /* the front's, dropped by pxfront_over */
-    r->px = px;
-    r->up = u;
-    r->loop = l;
-    r->declared_len = -1;
-    r->start_ms = svc_now_ms();
     r->fi = fi;
-    buf_init(&r->rh, PX_HDR_MAX);
-    buf_init(&r->body, PX_SMALL_MAX);
     {
         pxhdr_req_info info = {f->remote, r->fi.rid, "http"};
 

@@ -241,6 +241,9 @@ struct proxy {
 /* proxy.c's parts the front and the direct path use; all on the loop's
  * thread except px_find, px_each_header and the counters (any thread). */
 upstream *px_find(proxy *px, const char *name, size_t n);
+/* A transfer record for upstream u on loop l, holding one reference (the
+ * caller's: px_unref drops it); NULL when out of memory. */
+pxreq *px_req_new(proxy *px, upstream *u, pxloop *l);
 void px_unref(pxreq *r);
 metrics_counter *px_up_counter(proxy *px, upstream *u, int status);
 void px_up_breaker_gauge(proxy *px, upstream *u);
