@@ -325,6 +325,15 @@ int pxfront_stream_write(pxreq *r, const char *data, size_t n)
         return -1;
     if (f->out.len - f->out_off > PX_OUT_MAX)
         return 1;
+    /* A client that reads slowly never drains `out` whole, and only a whole
+     * drain resets it: move the unsent rest to the front, so what is held
+     * stays under PX_OUT_MAX plus one write, never the stream's length. */
+    if (f->out_off) {
+        memmove(f->out.p, f->out.p + f->out_off, f->out.len - f->out_off);
+        f->out.len -= f->out_off;
+        f->out.p[f->out.len] = '\0';
+        f->out_off = 0;
+    }
     if (f->chunked) {
         int k = snprintf(hex, sizeof(hex), "%zx\r\n", n);
 
