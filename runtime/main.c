@@ -135,7 +135,7 @@ static void config(cfg *c, rt_config *rc, boot *b)
     b->db_max = (int)cfg_int(c, "DB_MAX_CONNECTIONS", 10, 1, 1000);
     b->threads = (int)cfg_int(c, "RUNTIME_WORKER_THREADS", b->db_max, 1, 256);
     b->append_threads = (int)cfg_int(c, "RUNTIME_APPEND_THREADS", 2, 1, RTSERVE_APPEND_THREADS_MAX);
-    b->append_conns = (int)cfg_int(c, "RUNTIME_APPEND_CONNECTIONS", 2, 0, RTPIPE_CONNS_MAX);
+    b->append_conns = (int)cfg_int(c, "RUNTIME_APPEND_CONNECTIONS", 1, 0, RTPIPE_CONNS_MAX);
     if (migrate_default_dir(b->migrations_dir, sizeof(b->migrations_dir)) < 0)
         cfg_error(c, "MIGRATIONS_DIR", b->migrations_dir, "a readable directory of migrations");
 }
