@@ -147,6 +147,7 @@ void proxy_config_read(cfg *c, proxy_config *o, const char *self_host, int self_
     memset(o, 0, sizeof(*o));
     o->timeout_ms = cfg_int(c, "PROXY_TIMEOUT_MS", 30000, 1, 3600L * 1000);
     o->connect_timeout_ms = cfg_int(c, "PROXY_CONNECT_TIMEOUT_MS", 5000, 1, 600L * 1000);
+    o->client_timeout_ms = cfg_int(c, "PROXY_CLIENT_TIMEOUT_MS", 30000, 1, 3600L * 1000);
     o->breaker_threshold = (int)cfg_int(c, "PROXY_BREAKER_THRESHOLD", 5, 0, 1000000);
     o->breaker_cooldown_ms = cfg_int(c, "PROXY_BREAKER_COOLDOWN_MS", 10000, 1, 3600L * 1000);
     o->loops = (int)cfg_int(c, "PROXY_LOOPS", 1, 1, 64);
@@ -576,6 +577,44 @@ static void px_stream_close(void *ud)
 
 /* ---- the loop ------------------------------------------------------------ */
 
+void px_client_timed_out(proxy *px, const upstream *u)
+{
+    metrics_counter_inc(px->client_timeouts);
+    if (log_enabled(LOG_WARN))
+        log_warn("proxy: %s%sa client took no byte of its answer for %ld ms: its connection is closed and the "
+                 "upstream released (PROXY_CLIENT_TIMEOUT_MS)", u ? u->name : "", u ? ": " : "",
+                 px->cfg.client_timeout_ms);
+}
+
+/* Cuts the libmicrohttpd answers whose transfer waits for a client that
+ * took no byte for PROXY_CLIENT_TIMEOUT_MS (libcurl does not time a paused
+ * transfer out, nor does the direct path; the front watches its own
+ * connections in pxfront_expire). */
+static void px_client_expire(pxloop *l, long long now)
+{
+    pxreq *r, *next;
+
+    if (now < l->next_cscan)
+        return;
+    l->next_cscan = now + 250;
+    for (r = l->running; r; r = next) {
+        long long since;
+
+        next = r->next;
+        if (!r->write_paused || r->front || !r->out)
+            continue;
+        since = httpstream_waiting_since(r->out);
+        if (!since || now - since < l->px->cfg.client_timeout_ms)
+            continue;
+        px_client_timed_out(l->px, r->up);
+        httpstream_cut(r->out);
+        pthread_mutex_lock(&r->mu);
+        r->client_gone = 1;
+        pthread_mutex_unlock(&r->mu);
+        px_finish(l, r, CURLE_WRITE_ERROR, NULL);
+    }
+}
+
 /* Adds a starting transfer to the loop's running list, with the loop's
  * reference (dropped by px_finish, which unlinks it). */
 void px_link(pxloop *l, pxreq *r)
@@ -767,6 +806,8 @@ static void px_loop_tick(pxloop *l)
     px_run_cmds(l);
     curlep_expire(&l->cep, now_ms());
     px_check_done(l);
+    if (l->nrunning > 0)
+        px_client_expire(l, now_ms());
 }
 
 static void px_loop_event(pxloop *l, const struct epoll_event *ev)
@@ -1258,6 +1299,10 @@ proxy *proxy_new(const proxy_config *pc, metrics *reg, char *err, size_t errlen)
         metrics_gauge_set(u->breaker_gauge, 0);
         log_event(LOG_INFO, "proxy_service", "\"service\":\"%s\",\"variable\":\"%s\"", u->name, u->var);
     }
+    px->client_timeouts = metrics_counter_get(px->reg, "proxy_client_timeouts_total",
+                                              "Proxied answers cut because the client took no byte of them for "
+                                              "PROXY_CLIENT_TIMEOUT_MS.",
+                                              NULL);
     px->external = pc->httpd_loops > 0;
     px->nloops = px->external ? pc->httpd_loops : pc->loops > 0 ? pc->loops : 1;
     px->loops = calloc((size_t)px->nloops, sizeof(*px->loops));

@@ -28,6 +28,8 @@ typedef struct proxy proxy;
 typedef struct {
     long timeout_ms;          /* PROXY_TIMEOUT_MS: no byte from the upstream for this long: 504 (or the stream is cut) */
     long connect_timeout_ms;  /* PROXY_CONNECT_TIMEOUT_MS */
+    long client_timeout_ms;   /* PROXY_CLIENT_TIMEOUT_MS: a client that takes no byte of its answer for this
+                                 long is cut (its connection closed, the upstream released) */
     int breaker_threshold;    /* PROXY_BREAKER_THRESHOLD consecutive failures open it (0: off) */
     long breaker_cooldown_ms; /* PROXY_BREAKER_COOLDOWN_MS */
     int loops;                /* PROXY_LOOPS event-loop threads */

@@ -137,6 +137,8 @@ static pxfront *pxfront_new(pxloop *l, int fd, const struct sockaddr_storage *ad
 /* Writes what the socket takes of `out`: 0, or -1 (the client is gone). */
 static int pxfront_send(pxfront *f)
 {
+    size_t off0 = f->out_off;
+
     while (f->out_off < f->out.len) {
         ssize_t n = send(f->fd, f->out.p + f->out_off, f->out.len - f->out_off, MSG_NOSIGNAL);
 
@@ -146,11 +148,17 @@ static int pxfront_send(pxfront *f)
         }
         if (n < 0 && errno == EINTR)
             continue;
-        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
-            return 0; /* the rest on EPOLLOUT */
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            /* The rest on EPOLLOUT; the client's stall runs from its last
+             * read (pxfront_expire). */
+            if (f->out_off > off0 || !f->stall_ms)
+                f->stall_ms = svc_now_ms();
+            return 0;
+        }
         f->dead = 1;
         return -1;
     }
+    f->stall_ms = 0;
     /* An idle connection keeps a small buffer for the next answer, not
      * what a large one grew it to. */
     if (f->out.cap > 16384)
@@ -585,8 +593,21 @@ void pxfront_event(pxloop *l, uint64_t tag, uint32_t events)
         pxfront_settle(l, f);
 }
 
+/* The client took no byte for PROXY_CLIENT_TIMEOUT_MS: its connection is
+ * reset (what the kernel still holds for it is dropped with it) and what it
+ * waited for is cancelled. */
+static void pxfront_timed_out(pxloop *l, pxfront *f)
+{
+    struct linger lg = {1, 0};
+
+    px_client_timed_out(l->px, f->cur ? f->cur->up : NULL);
+    setsockopt(f->fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+    pxfront_gone(l, f);
+}
+
 /* Idle connections past the idle timeout are closed, as libmicrohttpd
- * closes its own; when stopping, every idle one is. */
+ * closes its own; when stopping, every idle one is. Those whose client
+ * stopped reading are cut. */
 void pxfront_expire(pxloop *l, long long now)
 {
     int stopping = atomic_load(&l->px->stopping) || atomic_load(&l->stop);
@@ -607,7 +628,9 @@ void pxfront_expire(pxloop *l, long long now)
 
         if (!f)
             continue;
-        if (!f->cur && f->out_off >= f->out.len && (stopping || now - f->idle_since >= idle_ms))
+        if (f->stall_ms && now - f->stall_ms >= l->px->cfg.client_timeout_ms)
+            pxfront_timed_out(l, f);
+        else if (!f->cur && f->out_off >= f->out.len && (stopping || now - f->idle_since >= idle_ms))
             pxfront_free(l, f, 1);
         else if (stopping)
             f->closing = 1;

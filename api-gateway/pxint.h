@@ -115,6 +115,7 @@ typedef struct pxfront {
     size_t peeked;        /* bytes the last peek saw */
     int chunked;          /* the answer in flight streams as chunks */
     long long idle_since; /* ms */
+    long long stall_ms;   /* ms: since when `out` waits and the socket took none of it (0: none waits) */
 } pxfront;
 
 struct pxreq {
@@ -207,6 +208,7 @@ struct pxloop {
     int nidle[PROXY_MAX_UPSTREAMS];
     int nopen[PROXY_MAX_UPSTREAMS];
     long long next_scan;
+    long long next_cscan; /* px_client_expire's */
     /* The front's client connections (slots as for `conns`). */
     httpd_loop *hl;
     pxfront **fronts;
@@ -236,6 +238,7 @@ struct proxy {
     int external; /* the loops are httpd's threads */
     proxy_front_guard guard;
     void *guard_ud;
+    metrics_counter *client_timeouts;
 };
 
 /* proxy.c's parts the front and the direct path use; all on the loop's
@@ -253,6 +256,10 @@ void px_finish(pxloop *l, pxreq *r, CURLcode rc, const char *why);
 /* Adds a starting transfer to the loop's running list with the loop's
  * reference (px_finish drops it). */
 void px_link(pxloop *l, pxreq *r);
+/* A client took no byte of its answer for PROXY_CLIENT_TIMEOUT_MS (u: the
+ * service it waited for, NULL if none): counted and logged; the caller cuts
+ * it. */
+void px_client_timed_out(proxy *px, const upstream *u);
 /* Starts the answer once the response headers are in (r->status, r->rh). */
 void px_headers_done(pxreq *r);
 /* pxhdr_each over an httpd_req's request headers. */

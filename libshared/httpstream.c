@@ -4,8 +4,11 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 
 #include <microhttpd.h>
+
+#include "svc.h"
 
 #define HTTPSTREAM_DEFAULT_MAX (256 * 1024)
 #define HTTPSTREAM_BLOCK 8192
@@ -18,6 +21,7 @@ struct httpstream {
     char *buf;                 /* freed whenever it empties: an idle stream holds no buffer */
     size_t off, len, cap, max;
     int ended, error, closed, suspended, want_drain;
+    long long waiting_ms;      /* see httpstream_waiting_since */
     httpstream_fn on_drain, on_close;
     void *ud;
 };
@@ -80,6 +84,9 @@ static ssize_t httpstream_reader(void *cls, uint64_t pos, char *out, size_t max)
         free(s->buf);
         s->buf = NULL;
         s->off = s->len = s->cap = 0;
+        s->waiting_ms = 0;
+    } else {
+        s->waiting_ms = svc_now_ms();
     }
     if (s->want_drain && s->len - s->off <= s->max / 2) {
         s->want_drain = 0;
@@ -152,6 +159,8 @@ static int httpstream_append_locked(httpstream *s, const void *p, size_t n)
         s->off = 0;
         s->len = have;
     }
+    if (!have)
+        s->waiting_ms = svc_now_ms();
     if (s->cap - s->len < n) {
         size_t cap = s->cap ? s->cap : 1024;
         char *nb;
@@ -217,6 +226,34 @@ void httpstream_end(httpstream *s, int error)
         httpstream_wake_locked(s);
     }
     pthread_mutex_unlock(&s->mu);
+}
+
+void httpstream_cut(httpstream *s)
+{
+    pthread_mutex_lock(&s->mu);
+    if (!s->closed) {
+        const union MHD_ConnectionInfo *ci = MHD_get_connection_info(s->conn, MHD_CONNECTION_INFO_CONNECTION_FD);
+
+        /* libmicrohttpd waits for the socket to take what it holds before it
+         * asks for more (and would see the end): shut the socket, so that it
+         * sees the hang-up now. Not closed yet (`closed` is set when
+         * libmicrohttpd drops the response, before it closes the socket),
+         * so the descriptor is still this connection's. */
+        if (ci)
+            shutdown(ci->connect_fd, SHUT_RDWR);
+    }
+    pthread_mutex_unlock(&s->mu);
+    httpstream_end(s, 1);
+}
+
+long long httpstream_waiting_since(httpstream *s)
+{
+    long long t;
+
+    pthread_mutex_lock(&s->mu);
+    t = s->len > s->off ? s->waiting_ms : 0;
+    pthread_mutex_unlock(&s->mu);
+    return t;
 }
 
 size_t httpstream_buffered(httpstream *s)

@@ -60,6 +60,15 @@ int httpstream_write_max(httpstream *s, const void *p, size_t n, size_t limit);
  * (the connection is closed, so the client sees the stream cut). */
 void httpstream_end(httpstream *s, int error);
 
+/* Ends the body as failed and closes the client's connection now, even
+ * while the client reads nothing (a client that stopped reading). */
+void httpstream_cut(httpstream *s);
+
+/* Since when (CLOCK_MONOTONIC ms) the client has taken no byte while some
+ * wait: its last read, or when bytes came to an empty buffer; 0 when none
+ * wait. */
+long long httpstream_waiting_since(httpstream *s);
+
 /* Bytes waiting for the client. */
 size_t httpstream_buffered(httpstream *s);
 

@@ -30,6 +30,7 @@ class Upstream(httpserver.BaseHTTPRequestHandler):
     """An upstream that tells what it received and can be slow or stream."""
     protocol_version = "HTTP/1.1"
     seen = []          # (method, path, headers dict, body length, client port)
+    broken = []        # paths of /endless answers whose connection the gateway closed
     lock = threading.Lock()
 
     def log_message(self, *a):
@@ -84,6 +85,22 @@ class Upstream(httpserver.BaseHTTPRequestHandler):
                 time.sleep(0.6)
             self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()
+            return
+        if "/endless" in p:
+            # Streams until the gateway lets go of the connection.
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            block = b"e" * 65536
+            try:
+                while True:
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(block), block))
+                    self.wfile.flush()
+            except OSError:
+                with Upstream.lock:
+                    Upstream.broken.append(p)
+            self.close_connection = True
             return
         if "/status/" in p:
             code = int(p.rsplit("/", 1)[1].split("?")[0])
@@ -509,6 +526,59 @@ class DirectPathTest(ProxyTest):
             status, _, data = http("GET", self.base + "/api/v1/echo/after?i=%d" % i)
             self.assertEqual(status, 200, data)
             self.assertEqual(json.loads(data)["path"], "/base/after?i=%d" % i)
+
+
+class ClientTimeoutTest(unittest.TestCase):
+    """A client that stops reading a streamed answer: after
+    PROXY_CLIENT_TIMEOUT_MS (1 s here) without taking a byte, the gateway
+    closes its connection and releases the upstream, counts it in
+    proxy_client_timeouts_total and logs one warn line; on libmicrohttpd
+    with libcurl (the thread pool), on libmicrohttpd with the direct path
+    (loop mode without the front) and on the front."""
+
+    def check(self, extra):
+        port = free_port()
+        base = "http://127.0.0.1:%d" % port
+        up = "http://127.0.0.1:%d" % UP.server_address[1]
+        gw = Service("api-gateway", gw_env(port, dict({
+            "BULK_URL": up, "BULK_TIMEOUT_MS": "30000", "PROXY_CLIENT_TIMEOUT_MS": "1000"}, **extra)),
+            health=base + "/health").start()
+        self.addCleanup(gw.stop)
+        path = "/endless?port=%d" % port
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.addCleanup(sock.close)
+        t0 = time.monotonic()
+        sock.sendall(b"GET /api/v1/bulk%s HTTP/1.1\r\nHost: x\r\n\r\n" % path.encode())
+
+        def released():
+            with Upstream.lock:
+                return path in Upstream.broken
+        wait_for(released, timeout=20, what="the upstream released")
+        self.assertGreater(time.monotonic() - t0, 0.9)
+        _, _, metrics = http("GET", base + "/metrics")
+        self.assertIn(b"\nproxy_client_timeouts_total 1\n", metrics)
+        warns = [r for r in gw.log_lines() if r.get("level") == "warn" and "PROXY_CLIENT_TIMEOUT_MS" in r.get("msg", "")]
+        self.assertEqual(len(warns), 1, warns)
+        self.assertIn("bulk: a client took no byte of its answer for 1000 ms", warns[0]["msg"])
+        # The client's connection is closed: what it was sent ends (after
+        # the few MiB the kernel held, or with a reset) rather than in the
+        # socket's 10 s timeout. (The client's receive window is left as the
+        # kernel sizes it: a small one makes that read crawl on zero-window
+        # probes.)
+        try:
+            while sock.recv(1 << 20):
+                pass
+        except ConnectionResetError:
+            pass
+
+    def test_thread_pool_and_libcurl(self):
+        self.check({})
+
+    def test_loop_direct_path_on_libmicrohttpd(self):
+        self.check({"HTTP_LOOPS": "1", "PROXY_FRONT": "0"})
+
+    def test_front(self):
+        self.check({"HTTP_LOOPS": "1"})
 
 
 class DirectPathLimitTest(unittest.TestCase):

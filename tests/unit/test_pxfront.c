@@ -53,6 +53,11 @@ void px_up_breaker_gauge(proxy *px, upstream *u)
     (void)px, (void)u;
     fail_msg("px_up_breaker_gauge reached");
 }
+void px_client_timed_out(proxy *px, const upstream *u)
+{
+    (void)px, (void)u;
+    fail_msg("px_client_timed_out reached");
+}
 void px_finish(pxloop *l, pxreq *r, CURLcode rc, const char *why)
 {
     (void)l, (void)r, (void)rc, (void)why;
