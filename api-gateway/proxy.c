@@ -640,6 +640,15 @@ static void px_unlink(pxloop *l, pxreq *r)
 }
 
 
+/* A streamed answer whose headers the client has: a silent upstream cuts
+ * it, and the client sees only its end. */
+static void px_stream_cut_log(const pxreq *r, CURLcode rc)
+{
+    if (rc == CURLE_OPERATION_TIMEDOUT && log_enabled(LOG_WARN))
+        log_warn("proxy: %s: no byte from the upstream for %ld ms after its headers: the stream to the client is "
+                 "cut (PROXY_TIMEOUT_MS)", r->up->name, r->up->timeout_ms);
+}
+
 /* The transfer is over: answer what is still unanswered, release it. */
 void px_finish(pxloop *l, pxreq *r, CURLcode rc, const char *why)
 {
@@ -671,8 +680,10 @@ void px_finish(pxloop *l, pxreq *r, CURLcode rc, const char *why)
         if (r->out)
             httpstream_end(r->out, 1);
     } else if (r->front && r->f_streaming) {
+        px_stream_cut_log(r, rc);
         pxfront_stream_end(l, r, rc != CURLE_OK);
     } else if (r->streaming && r->out) {
+        px_stream_cut_log(r, rc);
         httpstream_end(r->out, rc != CURLE_OK);
     } else if (rc == CURLE_OK && r->headers_done && r->front) {
         metrics_counter_inc(px_up_counter(r->px, r->up, r->status));

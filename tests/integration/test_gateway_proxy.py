@@ -22,7 +22,7 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from aetest import BINDIR, REDIS_URL, Service, http, http_json, wait_for  # noqa: E402
+from aetest import BINDIR, REDIS_URL, Service, http, http_json, recv_to_close, wait_for  # noqa: E402
 from pgtmp import free_port  # noqa: E402
 
 
@@ -85,6 +85,19 @@ class Upstream(httpserver.BaseHTTPRequestHandler):
                 time.sleep(0.6)
             self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()
+            return
+        if "/stall" in p:
+            # One event, then silence well past the 1 s PROXY_TIMEOUT_MS
+            # (libcurl averages its speed over a few seconds).
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            frame = b"id: 0\nevent: tick\ndata: {}\n\n"
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(frame), frame))
+            self.wfile.flush()
+            time.sleep(12)
+            self.close_connection = True
             return
         if "/endless" in p:
             # Streams until the gateway lets go of the connection.
@@ -385,6 +398,28 @@ class ProxyTest(unittest.TestCase):
         # not at the end of the stream (1.2 s later for the first).
         for seen_at, d in arrivals:
             self.assertLess(seen_at - d["t"], 0.4, arrivals)
+
+    def test_silent_upstream_cuts_the_stream_with_a_warning(self):
+        """An upstream that goes silent after its headers and a first event:
+        the 1 s PROXY_TIMEOUT_MS cuts the stream (the client sees it end
+        unterminated, before the upstream's own close 12 s in; libcurl's
+        low-speed check averages over a few seconds, so up to ~6 s there)
+        and one warn line says why."""
+        def cuts():
+            return [r for r in self.gw.log_lines() if r.get("level") == "warn"
+                    and "echo: no byte from the upstream" in r.get("msg", "")
+                    and "after its headers" in r.get("msg", "")]
+        before = len(cuts())
+        t0 = time.monotonic()
+        s = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        s.sendall(b"GET /api/v1/echo/stall HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = recv_to_close(s)
+        s.close()
+        self.assertLess(time.monotonic() - t0, 11)
+        self.assertIn(b" 200 ", data.split(b"\r\n", 1)[0])
+        self.assertIn(b"event: tick", data)
+        self.assertFalse(data.endswith(b"0\r\n\r\n"), data)
+        wait_for(lambda: len(cuts()) == before + 1, what="one warn line for the cut")
 
     def test_large_upload_streams_without_memory_growth(self):
         size = 50 * 1024 * 1024
