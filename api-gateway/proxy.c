@@ -586,10 +586,12 @@ void px_client_timed_out(proxy *px, const upstream *u)
                  px->cfg.client_timeout_ms);
 }
 
-/* Cuts the libmicrohttpd answers whose transfer waits for a client that
- * took no byte for PROXY_CLIENT_TIMEOUT_MS (libcurl does not time a paused
- * transfer out, nor does the direct path; the front watches its own
- * connections in pxfront_expire). */
+/* Cuts the libmicrohttpd answers whose client took no byte for
+ * PROXY_CLIENT_TIMEOUT_MS while bytes wait for it, whether the transfer is
+ * paused for it (libcurl does not time a paused transfer out, nor does the
+ * direct path) or the upstream trickles (libmicrohttpd's idle timeout would
+ * close it later, without a word). The front watches its own connections
+ * in pxfront_expire. */
 static void px_client_expire(pxloop *l, long long now)
 {
     pxreq *r, *next;
@@ -601,7 +603,7 @@ static void px_client_expire(pxloop *l, long long now)
         long long since;
 
         next = r->next;
-        if (!r->write_paused || r->front || !r->out)
+        if (r->front || !r->out)
             continue;
         since = httpstream_waiting_since(r->out);
         if (!since || now - since < l->px->cfg.client_timeout_ms)
@@ -812,13 +814,16 @@ static void px_run_cmds(pxloop *l)
  * transfers, commands from other threads. */
 static void px_loop_tick(pxloop *l)
 {
+    long long now;
+
     /* Commands first: a transfer added now is started by the expiry that
      * follows (libcurl asks for a timeout of 0), not one turn later. */
     px_run_cmds(l);
-    curlep_expire(&l->cep, now_ms());
+    now = now_ms();
+    curlep_expire(&l->cep, now);
     px_check_done(l);
     if (l->nrunning > 0)
-        px_client_expire(l, now_ms());
+        px_client_expire(l, now);
 }
 
 static void px_loop_event(pxloop *l, const struct epoll_event *ev)
