@@ -25,7 +25,10 @@
 # BENCH_RT_RATES ("52 60"), BENCH_RT_BAR_RATE (52), BENCH_RT_PROCS ("1 2"), BENCH_RT_ROUNDS (3),
 # BENCH_RT_SUBS (10000: fewer for a smoke run), BENCH_RT_PARTS (all; or a comma list of mem,50k,fanout);
 # BENCH_RT_TRACE=1: each broadcast's fastest and slowest delivery in $WORK/trace-*.txt (rtload -L);
-# BENCH_RT_PERF=1: perf record -g of the first realtime process over the traffic.
+# BENCH_RT_PERF=1: perf record -g of the first realtime process over the traffic (all: of the
+# machine; syscalls: counts of each system call of realtime and of the load clients).
+# BENCH_RT_LOAD: the rtload binary to use (default $O/tests/drivers/rtload), so an A/B
+# comparison runs another build's load client beside BINDIR's realtime.
 set -euo pipefail
 
 # The kernel shares CPU time between sessions (autogroup) before nice
@@ -40,7 +43,7 @@ if (echo -10 >/proc/self/autogroup) 2>/dev/null; then AUTOGROUP="autogroup nice 
 # shellcheck source=scripts/bench.d/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 bench_init realtime
-LOAD=$ROOT/$O/tests/drivers/rtload
+LOAD=${BENCH_RT_LOAD:-$ROOT/$O/tests/drivers/rtload}
 DEMO=$ROOT/$O/tests/drivers/wsapp_demo
 PORT=18860
 SECRET=bench-realtime-secret-0123456789abcdef
@@ -181,8 +184,8 @@ fi
 
 # ---------------------------------------------------------------- 3. fan-out
 fanout_run() { # fanout_run PROCS RATE: one round; sets F_DPS F_P99 F_P50 F_GOT F_SRV_US F_LOAD_US
-    local procs=$1 rate=$2 n=$(($2 * 5)) i t0 t1 rx perfpid="" tag="$1p-$2"
-    local -a pids=() trace=()
+    local procs=$1 rate=$2 n=$(($2 * 5)) i p t0 t1 rx tag="$1p-$2"
+    local -a pids=() trace=() perfpids=()
     for ((i = 1; i <= procs; i++)); do
         if ((procs > 1)); then
             start_rt "rt-fan$i" REUSE_PORT=1 REDIS_URL="${REDIS_URL:?REDIS_URL is needed}"
@@ -201,17 +204,30 @@ fanout_run() { # fanout_run PROCS RATE: one round; sets F_DPS F_P99 F_P50 F_GOT 
     load pub 0 900000 127.0.0.4 -t fan -w 2 -P "$n" -r "$rate"
     wait_ready pub
     if [[ -n ${BENCH_RT_PERF:-} ]]; then
-        # BENCH_RT_PERF=1: a call-graph profile of the first realtime
-        # process over the traffic (not holding the bench lock's fd).
-        perf record -q -g -p "${pids[0]}" -o "$WORK/perf-$tag.data" </dev/null >/dev/null 2>&1 9>&- &
-        perfpid=$!
+        # A profile over the traffic (not holding the bench lock's fd):
+        # 1, perf record -g of the first realtime process; all, of the
+        # whole machine (the load clients, and the kernel's share of both
+        # sides); syscalls, a count of each system call of realtime and of
+        # the load clients (perf stat, cheap enough not to change them).
+        case $BENCH_RT_PERF in
+        syscalls)
+            perf stat -e 'syscalls:sys_enter_*' -p "${pids[0]}" -o "$WORK/syscalls-$tag-realtime.txt" \
+                </dev/null >/dev/null 2>&1 9>&- &
+            perfpids+=($!)
+            perf stat -e 'syscalls:sys_enter_*' -p "$(pgrep -d, -x rtload)" -o "$WORK/syscalls-$tag-load.txt" \
+                </dev/null >/dev/null 2>&1 9>&- &
+            ;;
+        all) perf record -q -g -a -o "$WORK/perf-$tag.data" </dev/null >/dev/null 2>&1 9>&- & ;;
+        *) perf record -q -g -p "${pids[0]}" -o "$WORK/perf-$tag.data" </dev/null >/dev/null 2>&1 9>&- & ;;
+        esac
+        perfpids+=($!)
         sleep 0.3
     fi
     t0=$(proc_ticks "${pids[@]}")
     go f1 f2 pub
     wait_done pub f1 f2 || true
     t1=$(proc_ticks "${pids[@]}")
-    if [[ -n $perfpid ]]; then kill -INT "$perfpid" 2>/dev/null || true; wait "$perfpid" 2>/dev/null || true; fi
+    for p in "${perfpids[@]}"; do kill -INT "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
     read -r F_DPS F_P99 F_P50 F_GOT rx F_LOAD_US <<<"$(python3 - "$WORK/f1.out" "$WORK/f2.out" <<'EOF'
 import json, sys
 a = [json.loads([l for l in open(f) if l.startswith("{")][0]) for f in sys.argv[1:]]
