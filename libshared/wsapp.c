@@ -38,6 +38,12 @@
 /* Frames of several queued messages are joined into one write of up to
  * this many bytes, so a burst costs one system call per connection. */
 #define WSAPP_WRITE_CHUNK 65536
+/* Connections written per loop turn by wsapp_flush. A fan-out to 10,000
+ * takes tens of milliseconds of sends; in slices this size the loop reads
+ * between them, so a frame queued meanwhile joins the writes still to come
+ * (those connections get both in one send) instead of waiting for the
+ * whole sweep to end and then for a sweep of its own. */
+#define WSAPP_FLUSH_BATCH 256
 /* Frame header bytes reserved in front of every message's payload. */
 #define WSAPP_FRAME_ROOM 10
 /* A request head is read into a buffer that starts this small and doubles
@@ -184,11 +190,14 @@ struct wsapp {
     pthread_mutex_t post_lock;
     wsapp_post_item *posts, *posts_tail;
     unsigned char *scratch; /* LWS_PRE + WSAPP_WRITE_CHUNK, loop thread only */
-    /* Connections whose queue went from empty to not empty in this loop
-     * turn; written before the loop next blocks (wsapp_flush). */
+    /* Connections whose queue went from empty to not empty, in that order:
+     * a ring (dirty_cap a power of two) that wsapp_flush writes from its
+     * head, WSAPP_FLUSH_BATCH per loop turn; while it is not empty the
+     * idle watcher keeps the loop from blocking. */
     wsapp_conn **dirty;
-    uint32_t ndirty, dirty_cap;
+    uint32_t dirty_head, ndirty, dirty_cap;
     ev_prepare flush;
+    ev_idle flush_more;
     metrics_counter *m_http[6];
     metrics_gauge *m_conns;
     metrics_counter *m_opened, *m_dropped, *m_oversize, *m_refused, *m_head_timeouts, *m_msg_timeouts;
@@ -361,23 +370,37 @@ static void wsapp_conn_drop(wsapp_conn *c)
         lws_set_timeout(c->wsi, PENDING_TIMEOUT_USER_REASON_BASE, LWS_TO_KILL_ASYNC);
 }
 
+/* Doubles the ring of dirty connections, its entries moved to the front
+ * in order (each one's dirty_at follows). -1 on OOM. */
+static int wsapp_dirty_grow(wsapp *app)
+{
+    uint32_t ncap = app->dirty_cap ? app->dirty_cap * 2 : 256;
+    wsapp_conn **nd = malloc(ncap * sizeof(*nd));
+
+    if (!nd)
+        return -1;
+    for (uint32_t i = 0; i < app->ndirty; i++) {
+        nd[i] = app->dirty[(app->dirty_head + i) & (app->dirty_cap - 1)];
+        if (nd[i])
+            nd[i]->dirty_at = i;
+    }
+    free(app->dirty);
+    app->dirty = nd;
+    app->dirty_cap = ncap;
+    app->dirty_head = 0;
+    return 0;
+}
+
 /* Queues c for wsapp_flush; -1 when out of memory (the caller falls back
  * to a writable callback). */
 static int wsapp_conn_mark_dirty(wsapp_conn *c)
 {
     wsapp *app = c->app;
 
-    if (app->ndirty == app->dirty_cap) {
-        uint32_t ncap = app->dirty_cap ? app->dirty_cap * 2 : 256;
-        wsapp_conn **nd = realloc(app->dirty, ncap * sizeof(*nd));
-
-        if (!nd)
-            return -1;
-        app->dirty = nd;
-        app->dirty_cap = ncap;
-    }
-    c->dirty_at = app->ndirty;
-    app->dirty[app->ndirty++] = c;
+    if (app->ndirty == app->dirty_cap && wsapp_dirty_grow(app) < 0)
+        return -1;
+    c->dirty_at = (app->dirty_head + app->ndirty++) & (app->dirty_cap - 1);
+    app->dirty[c->dirty_at] = c;
     return 0;
 }
 
@@ -694,23 +717,25 @@ static int wsapp_conn_write_queue(wsapp_conn *c)
     return 0;
 }
 
-/* Before the loop blocks: writes the frames queued in this turn straight
- * to the sockets, so a broadcast to N subscribers costs N sends and no
+/* Before the loop blocks: writes the frames queued straight to the
+ * sockets, so a broadcast to N subscribers costs N sends and no
  * epoll_ctl/epoll_wait round per subscriber, and every frame queued for a
- * connection in the turn leaves in one send. Pings, closes, raw writers
- * and sockets lws still holds bytes for go through the writable callback
- * as before. */
+ * connection before its turn leaves in one send. At most WSAPP_FLUSH_BATCH
+ * connections a turn: the rest wait in order, the loop polling (not
+ * blocking) in between. Pings, closes, raw writers and sockets lws still
+ * holds bytes for go through the writable callback as before. */
 static void wsapp_flush(struct ev_loop *loop, ev_prepare *w, int revents)
 {
     wsapp *app = w->data;
 
-    (void)loop;
     (void)revents;
-    /* A write runs no callback that could queue more, so the array does
-     * not grow under the loop. */
-    for (uint32_t i = 0; i < app->ndirty; i++) {
-        wsapp_conn *c = app->dirty[i];
+    /* A write runs no callback that could queue more, so the ring does
+     * not change under the loop but for its head. */
+    for (int done = 0; app->ndirty && done < WSAPP_FLUSH_BATCH; done++) {
+        wsapp_conn *c = app->dirty[app->dirty_head];
 
+        app->dirty_head = (app->dirty_head + 1) & (app->dirty_cap - 1);
+        app->ndirty--;
         if (!c)
             continue;
         c->dirty_at = UINT32_MAX;
@@ -729,7 +754,19 @@ static void wsapp_flush(struct ev_loop *loop, ev_prepare *w, int revents)
             lws_callback_on_writable(c->wsi);
         }
     }
-    app->ndirty = 0;
+    if (app->ndirty && !ev_is_active(&app->flush_more))
+        ev_idle_start(loop, &app->flush_more);
+    else if (!app->ndirty && ev_is_active(&app->flush_more))
+        ev_idle_stop(loop, &app->flush_more);
+}
+
+/* Only there to make the loop poll rather than block while wsapp_flush
+ * has connections left: it writes them, before the next poll. */
+static void wsapp_flush_more(struct ev_loop *loop, ev_idle *w, int revents)
+{
+    (void)loop;
+    (void)w;
+    (void)revents;
 }
 
 static void wsapp_conn_receive(wsapp_conn *c, const char *in, size_t len)
@@ -2003,6 +2040,7 @@ wsapp *wsapp_new(const wsapp_opts *opts, char *err, size_t errlen)
     if (app->loop) {
         ev_prepare_init(&app->flush, wsapp_flush);
         app->flush.data = app;
+        ev_idle_init(&app->flush_more, wsapp_flush_more);
         ev_prepare_start(app->loop, &app->flush);
         /* lws's own watchers must not keep the loop alive for this one. */
         ev_unref(app->loop);
@@ -2199,6 +2237,7 @@ void wsapp_free(wsapp *app)
     if (app->loop) {
         ev_ref(app->loop);
         ev_prepare_stop(app->loop, &app->flush);
+        ev_idle_stop(app->loop, &app->flush_more);
         ev_loop_destroy(app->loop);
     }
     free(app->dirty);
