@@ -289,7 +289,10 @@ static void on_writable(conn *c, jwtauth *j, long uid)
         return;
     }
     c->state = ST_HANDSHAKE;
-    ev.events = EPOLLIN;
+    /* Edge-triggered: on_readable reads until a short read, and a level
+     * would have every epoll_wait poll each socket it reported last time
+     * once more (tcp_poll), only to find it empty. */
+    ev.events = EPOLLIN | EPOLLET;
     ev.data.ptr = c;
     epoll_ctl(epfd, EPOLL_CTL_MOD, c->fd, &ev);
 }
