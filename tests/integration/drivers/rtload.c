@@ -519,8 +519,9 @@ int main(int argc, char **argv)
 
         deadline = start + (delay_s + wait_s) * 1000000LL + (rate > 0 ? pub_msgs * 1000000LL / rate : 0);
         while (now_us() < deadline) {
-            long long now = now_us();
-            int n, timeout = 50;
+            long long now = now_us(), wait_us = 50000;
+            struct timespec wt;
+            int n;
 
             if (pub && sent < pub_msgs && pub->state == ST_OPEN) {
                 while (sent < pub_msgs && now >= next_pub) {
@@ -534,13 +535,18 @@ int main(int argc, char **argv)
                     sent++;
                     next_pub += interval;
                 }
-                timeout = (int)((next_pub - now) / 1000);
-                if (timeout < 0)
-                    timeout = 0;
-                if (timeout > 50)
-                    timeout = 50;
+                /* To the microsecond: a wait in whole milliseconds, rounded
+                 * down, spun in epoll_wait(0) for the last one before each
+                 * broadcast, CPU the server and the readers share. */
+                wait_us = next_pub - now_us();
+                if (wait_us < 0)
+                    wait_us = 0;
+                if (wait_us > 50000)
+                    wait_us = 50000;
             }
-            n = epoll_wait(epfd, evs, 512, timeout);
+            wt.tv_sec = 0;
+            wt.tv_nsec = wait_us * 1000;
+            n = epoll_pwait2(epfd, evs, 512, &wt, NULL);
             for (int e = 0; e < n; e++)
                 on_readable(evs[e].data.ptr, scratch, cap);
             if (n > 0 && read_pause_us > 0) {
