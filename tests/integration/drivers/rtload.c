@@ -149,6 +149,8 @@ static void on_text(conn *c, const char *p, size_t n)
             first_rx_us = now;
         last_rx_us = now;
         t = memmem(p, n, "\"t\":", 4);
+        /* strtod, not strtoll: realtime prints the payload again with
+         * cJSON, which writes a timestamp ending in 0 as 1.76e+15 form. */
         if (t && (sent = (long long)strtod(t + 4, NULL)) > 0) {
             long long d = now - sent;
             long b = d < 0 ? 0 : d / 100;
