@@ -41,11 +41,6 @@ extern char **environ;
 
 
 
-static long long now_ms(void)
-{
-    return svc_now_ms();
-}
-
 /* ---- configuration ------------------------------------------------------ */
 
 static const char *const reserved_names[] = {"auth", "triggers", "chain_events", "chain-events", "events",
@@ -334,7 +329,7 @@ metrics_counter *px_up_counter(proxy *px, upstream *u, int status)
 
 void px_up_breaker_gauge(proxy *px, upstream *u)
 {
-    metrics_gauge_set(u->breaker_gauge, (double)breaker_state(px->brk, u->name, now_ms()));
+    metrics_gauge_set(u->breaker_gauge, (double)breaker_state(px->brk, u->name, svc_now_ms()));
 }
 
 /* ---- answers (loop thread) ----------------------------------------------- */
@@ -376,7 +371,7 @@ static void px_breaker(pxreq *r, int ok)
     if (r->breaker_reported)
         return;
     r->breaker_reported = 1;
-    breaker_report(r->px->brk, r->up->name, ok, now_ms());
+    breaker_report(r->px->brk, r->up->name, ok, svc_now_ms());
     px_up_breaker_gauge(r->px, r->up);
 }
 
@@ -457,7 +452,7 @@ void px_headers_done(pxreq *r)
     int sse;
 
     r->headers_done = 1;
-    metrics_histogram_observe(r->up->latency, (double)(now_ms() - r->start_ms) / 1000.0);
+    metrics_histogram_observe(r->up->latency, (double)(svc_now_ms() - r->start_ms) / 1000.0);
     px_breaker(r, !(r->status >= 502 && r->status <= 504));
     /* The header that decides how the rest is handled. */
     for (const char *l = p; l < end;) {
@@ -819,7 +814,7 @@ static void px_loop_tick(pxloop *l)
     /* Commands first: a transfer added now is started by the expiry that
      * follows (libcurl asks for a timeout of 0), not one turn later. */
     px_run_cmds(l);
-    now = now_ms();
+    now = svc_now_ms();
     curlep_expire(&l->cep, now);
     px_check_done(l);
     if (l->nrunning > 0)
@@ -862,7 +857,7 @@ static void *px_hook_init(httpd_loop *hl, void *ud)
     ev.events = EPOLLIN;
     ev.data.fd = l->evfd;
     epoll_ctl(l->epfd, EPOLL_CTL_ADD, l->evfd, &ev);
-    curlep_init(&l->cep, l->multi, l->epfd, now_ms);
+    curlep_init(&l->cep, l->multi, l->epfd, svc_now_ms);
     return l;
 }
 
@@ -878,7 +873,7 @@ static int px_hook_timeout(void *app, int ms)
     /* Direct transfers' deadlines are checked every 50 ms or so. */
     if (l->nrunning > 0 && ms > 100)
         ms = 100;
-    return curlep_wait_ms(&l->cep, now_ms(), ms);
+    return curlep_wait_ms(&l->cep, svc_now_ms(), ms);
 }
 
 static int px_hook_tick(void *app)
@@ -887,8 +882,8 @@ static int px_hook_tick(void *app)
 
     px_loop_tick(l);
     if (l->nrunning > 0)
-        px_direct_expire(l, now_ms());
-    pxfront_expire(l, now_ms());
+        px_direct_expire(l, svc_now_ms());
+    pxfront_expire(l, svc_now_ms());
     /* A transfer that answered or wrote to a stream resumed a connection,
      * which libmicrohttpd serves only on another run. */
     int work = l->finished > 0 || atomic_exchange_explicit(&l->wrote, 0, memory_order_relaxed);
@@ -927,7 +922,7 @@ static void *px_loop_main(void *ud)
     struct epoll_event evs[64];
 
     for (;;) {
-        int n = epoll_wait(l->epfd, evs, 64, curlep_wait_ms(&l->cep, now_ms(), 1000));
+        int n = epoll_wait(l->epfd, evs, 64, curlep_wait_ms(&l->cep, svc_now_ms(), 1000));
 
         for (int i = 0; i < n; i++)
             px_loop_event(l, &evs[i]);
@@ -1152,7 +1147,7 @@ int proxy_take(httpd_req *req, void *ud)
         metrics_counter_inc(px_up_counter(px, u, 413));
         return 1;
     }
-    wait = breaker_allow(px->brk, u->name, now_ms());
+    wait = breaker_allow(px->brk, u->name, svc_now_ms());
     if (wait > 0) {
         char secs[FMT_I64_MAX];
 
@@ -1234,7 +1229,7 @@ void proxy_fallback(httpd_req *req, void *ud)
 cJSON *proxy_health(proxy *px)
 {
     cJSON *arr = cJSON_CreateArray();
-    long long now = now_ms();
+    long long now = svc_now_ms();
 
     for (int i = 0; px && i < px->nups; i++) {
         cJSON *o = cJSON_CreateObject();
@@ -1273,7 +1268,7 @@ static int loop_init(proxy *px, pxloop *l, int external, char *err, size_t errle
     ev.events = EPOLLIN;
     ev.data.fd = l->evfd;
     epoll_ctl(l->epfd, EPOLL_CTL_ADD, l->evfd, &ev);
-    curlep_init(&l->cep, l->multi, l->epfd, now_ms);
+    curlep_init(&l->cep, l->multi, l->epfd, svc_now_ms);
     if (pthread_create(&l->thread, NULL, px_loop_main, l) != 0) {
         snprintf(err, errlen, "cannot start the proxy's event loop");
         return -1;

@@ -15,6 +15,7 @@
 #include "backoff.h"
 #include "log.h"
 #include "redact.h"
+#include "svc.h"
 
 #define AMQPC_ERR_MAX 512
 #define AMQPC_CHANNEL 1
@@ -36,14 +37,6 @@ struct amqpc {
     long long retry_at_ms;
     char err[AMQPC_ERR_MAX];
 };
-
-static long long now_ms(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 /* Parses `url` into `ci`, pointing into `buf` (a copy the caller keeps).
  * Returns NULL or what is wrong with it. */
@@ -246,7 +239,7 @@ static void connect_failed(amqpc *a)
 
     drop(a);
     a->down = 1;
-    a->retry_at_ms = now_ms() + delay;
+    a->retry_at_ms = svc_now_ms() + delay;
     log_event(LOG_WARN, "amqp unavailable", "\"addr\":\"%s:%d\",\"attempt\":%d,\"retry_in_ms\":%ld,\"error\":\"%s\"",
               log_escape(hesc, sizeof(hesc), a->ci.host), a->ci.port, a->bo.attempt, delay,
               log_escape(esc, sizeof(esc), a->err));
@@ -265,7 +258,7 @@ int amqpc_connect(amqpc *a)
     if (a->connected)
         return 0;
     drop(a);
-    if (a->down && now_ms() < a->retry_at_ms)
+    if (a->down && svc_now_ms() < a->retry_at_ms)
         return -1; /* a->err keeps the last failure */
     a->conn = amqp_new_connection();
     if (!a->conn) {

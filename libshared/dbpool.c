@@ -13,6 +13,7 @@
 #include "backoff.h"
 #include "log.h"
 #include "redact.h"
+#include "svc.h"
 
 #define DBPOOL_ERR_MAX 512
 #define DBPOOL_BACKOFF_BASE_MS 100
@@ -39,14 +40,6 @@ struct dbpool {
     char down_why[DBPOOL_ERR_MAX]; /* the last connect failure */
     char err[DBPOOL_ERR_MAX];
 };
-
-static long long now_ms(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 /* Copies a libpq message as one line: its embedded newlines and tabs
  * ("...failed: Connection refused\n\tIs the server running...") become
@@ -278,7 +271,7 @@ static PGconn *connect_one(const char *conninfo, long long deadline_ms, char *er
                                 "dbname", NULL};
     const char *const vals[] = {"5", "1", "30", "10", "3", program_invocation_short_name,
                                 conninfo, NULL};
-    long long cap = now_ms() + DBPOOL_CONNECT_TIMEOUT_MS;
+    long long cap = svc_now_ms() + DBPOOL_CONNECT_TIMEOUT_MS;
     PGconn *conn;
     PostgresPollingStatusType st = PGRES_POLLING_WRITING;
 
@@ -300,7 +293,7 @@ static PGconn *connect_one(const char *conninfo, long long deadline_ms, char *er
 
         if (st == PGRES_POLLING_FAILED)
             goto fail;
-        left = deadline_ms - now_ms();
+        left = deadline_ms - svc_now_ms();
         if (left <= 0) {
             copy_msg(err, errlen, "timeout expired while connecting");
             PQfinish(conn);
@@ -397,7 +390,7 @@ static void connect_failed_locked(dbpool *p, unsigned long gen, const char *why)
     p->outcome_gen++;
     delay = backoff_next_ms(&p->bo);
     p->down = 1;
-    p->retry_at_ms = now_ms() + delay;
+    p->retry_at_ms = svc_now_ms() + delay;
     log_event(LOG_WARN, "database unavailable", "\"attempt\":%d,\"retry_in_ms\":%ld,\"error\":\"%s\"",
               p->bo.attempt, delay, log_escape(esc, sizeof(esc), why));
 }
@@ -425,7 +418,7 @@ PGconn *dbpool_acquire(dbpool *p, int timeout_ms)
 
     if (!p)
         return NULL;
-    deadline = now_ms() + (timeout_ms > 0 ? timeout_ms : 0);
+    deadline = svc_now_ms() + (timeout_ms > 0 ? timeout_ms : 0);
     pthread_mutex_lock(&p->mu);
     for (;;) {
         while (p->nidle > 0) {
@@ -441,7 +434,7 @@ PGconn *dbpool_acquire(dbpool *p, int timeout_ms)
             unsigned long gen;
             int probe = 0;
             char why[DBPOOL_ERR_MAX];
-            long long now = now_ms();
+            long long now = svc_now_ms();
 
             if (p->down && (now < p->retry_at_ms || p->probing)) {
                 /* Fail fast: someone else is probing or the window is open. */
@@ -473,7 +466,7 @@ PGconn *dbpool_acquire(dbpool *p, int timeout_ms)
             pthread_cond_broadcast(&p->cv);
             goto out;
         }
-        if (now_ms() >= deadline) {
+        if (svc_now_ms() >= deadline) {
             char n[32];
 
             snprintf(n, sizeof(n), "%d", p->max_conns);
@@ -660,7 +653,7 @@ PGresult *dbpool_exec(PGconn *conn, const char *sql, int nparams, const char *co
 PGresult *dbpool_exec_within(PGconn *conn, const char *sql, int nparams, const char *const *params, int timeout_ms,
                              char *err, size_t errlen)
 {
-    long long deadline = now_ms() + timeout_ms;
+    long long deadline = svc_now_ms() + timeout_ms;
     PGresult *r, *last = NULL;
 
     if (!conn || !sql) {
@@ -673,7 +666,7 @@ PGresult *dbpool_exec_within(PGconn *conn, const char *sql, int nparams, const c
     for (;;) {
         while (PQisBusy(conn)) {
             struct pollfd pfd = {PQsocket(conn), POLLIN, 0};
-            long long left = deadline - now_ms();
+            long long left = deadline - svc_now_ms();
             int n;
 
             if (left <= 0) {

@@ -28,6 +28,7 @@
 #include "buf.h"
 #include "fmt.h"
 #include "log.h"
+#include "svc.h"
 
 #define HTTPD_MAX_ROUTES 128
 #define HTTPD_MAX_SEGMENTS 16
@@ -921,14 +922,6 @@ static void httpd_remote(httpd_req *req)
  * conns_mu, and MHD reports a connection closed before it closes the
  * socket, so the reaper never shuts down a descriptor reused by another. */
 
-static long long httpd_now_ms(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 static httpd_conn *httpd_conn_of(struct MHD_Connection *conn)
 {
     const union MHD_ConnectionInfo *ci = MHD_get_connection_info(conn, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
@@ -950,7 +943,7 @@ static void httpd_conn_idle(httpd *srv, struct MHD_Connection *conn)
 
     if (c)
         atomic_store_explicit(&c->deadline_ms,
-                              httpd_now_ms() + srv->opts.connection_timeout_s * 1000LL + srv->opts.header_timeout_ms,
+                              svc_now_ms() + srv->opts.connection_timeout_s * 1000LL + srv->opts.header_timeout_ms,
                               memory_order_relaxed);
 }
 
@@ -1144,7 +1137,7 @@ static void httpd_notify_conn(void *cls, struct MHD_Connection *conn, void **soc
             return; /* untracked: only MHD's idle timeout applies */
         }
         c->fd = ci->connect_fd;
-        atomic_init(&c->deadline_ms, httpd_now_ms() + srv->opts.header_timeout_ms);
+        atomic_init(&c->deadline_ms, svc_now_ms() + srv->opts.header_timeout_ms);
         if (httpd_cur_loop)
             httpd_loop_conn_started(httpd_cur_loop, c, conn);
         pthread_mutex_lock(&srv->conns_mu);
@@ -1206,7 +1199,7 @@ static void *httpd_reaper(void *arg)
     pthread_mutex_lock(&srv->conns_mu);
     while (!srv->reaper_stop) {
         struct timespec ts;
-        long long now = httpd_now_ms();
+        long long now = svc_now_ms();
 
         for (httpd_conn *c = srv->conns; c; c = c->next) {
             long long d = atomic_load_explicit(&c->deadline_ms, memory_order_relaxed);

@@ -14,6 +14,7 @@
 #include "fmt.h"
 #include "log.h"
 #include "redact.h"
+#include "svc.h"
 
 #define RCONN_ERR_MAX 512
 #define RCONN_BACKOFF_BASE_MS 100
@@ -29,14 +30,6 @@ struct rconn {
     long long retry_at_ms;
     char err[RCONN_ERR_MAX];
 };
-
-static long long now_ms(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 static void seterr(char *err, size_t errlen, const char *fmt, const char *arg)
 {
@@ -355,7 +348,7 @@ static void connect_failed(rconn *r)
     long delay = backoff_next_ms(&r->bo);
 
     r->down = 1;
-    r->retry_at_ms = now_ms() + delay;
+    r->retry_at_ms = svc_now_ms() + delay;
     log_event(LOG_WARN, "redis unavailable", "\"addr\":\"%s\",\"attempt\":%d,\"retry_in_ms\":%ld,\"error\":\"%s\"",
               log_escape(wesc, sizeof(wesc), where(r, w, sizeof(w))), r->bo.attempt, delay,
               log_escape(esc, sizeof(esc), r->err));
@@ -387,7 +380,7 @@ static int do_connect(rconn *r, int force)
     if (r->ctx && !r->ctx->err)
         return 0;
     rconn_mark_broken(r);
-    if (r->down && !force && now_ms() < r->retry_at_ms) {
+    if (r->down && !force && svc_now_ms() < r->retry_at_ms) {
         /* r->err keeps the cause of the last failure. */
         return -1;
     }
