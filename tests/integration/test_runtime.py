@@ -154,6 +154,12 @@ class WsClient:
         return [e["frame"] for e in self.events if "frame" in e and (kind is None or e["frame"]["type"] == kind)]
 
 
+def named_db_url(name):
+    """DATABASE_URL with an application_name, so that a test can find (and
+    kill) the backends of the runtime it started."""
+    return DATABASE_URL + ("&" if "?" in DATABASE_URL else "?") + "application_name=" + name
+
+
 def db():
     c = psycopg2.connect(DATABASE_URL)
     c.autocommit = True
@@ -969,7 +975,7 @@ class Concurrency(unittest.TestCase):
         # (or answers 503 when none is), and the pipe reconnects. No 200 is
         # lost, no append is doubled, every log stays gap-free.
         name = "rt-broken-%d" % os.getpid()
-        url = DATABASE_URL + ("&" if "?" in DATABASE_URL else "?") + "application_name=" + name
+        url = named_db_url(name)
         minimal = {"Prefer": "return=minimal"}
         with Runtime(DATABASE_URL=url, RUNTIME_APPEND_CONNECTIONS=2) as rt:
             runs = [rt.new_run()["id"] for _ in range(4)]
@@ -1024,7 +1030,7 @@ class Crash(unittest.TestCase):
         # the wait below is for them alone (libpq takes the URL's
         # application_name over the runtime's default).
         name = "runtime-kill9-" + uuid.uuid4().hex[:8]
-        url = DATABASE_URL + ("&" if "?" in DATABASE_URL else "?") + "application_name=" + name
+        url = named_db_url(name)
         rt = Runtime(DATABASE_URL=url).start()
         run = rt.new_run()
         acked, lock, stop = [], threading.Lock(), threading.Event()
