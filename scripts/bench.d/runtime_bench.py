@@ -26,8 +26,10 @@ and the load generator's own), the figure that does not move with the
 machine's load.
 
 Environment: BINDIR (bin), BENCH_SECONDS (5 per run), BENCH_ROUNDS (3 pairs),
-BENCH_RUNTIME_BAR (0.8), BENCH_WS_P99_MS (10), BENCH_RUNTIME_PARTS (appends,ws),
-BENCH_WS_CLIENT (c|node).
+BENCH_RUNTIME_BAR (0.8), BENCH_WS_P99_MS (10), BENCH_RUNTIME_PARTS (appends,ws; statement,
+not run by default: the runtime's own append statement run by pgbench -c 1 with no HTTP and no
+runtime between, beside the INSERT and the runtime, which bounds what the 1-client ratio can
+reach with this schema), BENCH_WS_CLIENT (c|node).
 """
 
 import base64
@@ -258,6 +260,8 @@ def main():
         ok &= bench_appends()
     if "ws" in parts:
         ok &= bench_ws()
+    if "statement" in parts:
+        bench_statement()
     return 0 if ok else 1
 
 
@@ -289,6 +293,76 @@ def bench_appends():
         finally:
             rt.stop()
     return ok
+
+
+def fast_statement(run_id):
+    """RTAPPEND_FAST_SQL as runtime/rtappend.c has it, as a pgbench script
+    appending to run_id. The key is 'k' || txid_current(), unique for each
+    transaction and the same in the statement's three uses of it; the
+    colons of the topic's literals are spelled chr(58), since pgbench takes
+    any ':name' of a script for a variable."""
+    import re
+    with open(os.path.join(ROOT, "runtime", "rtappend.c")) as f:
+        src = f.read()
+    body = src.split("RTAPPEND_FAST_SQL[] =", 1)[1].split(";\n", 1)[0]
+    sql = "".join(re.findall(r'"((?:[^"\\]|\\.)*)"', body))
+    for k, v in (("$1", "'%s'::uuid" % run_id), ("$2", "'bench.step'"), ("$3", "'{}'"),
+                 ("$4", "('k' || txid_current())"), ("'run:'", "'run' || chr(58)"),
+                 ("':events'", "chr(58) || 'events'")):
+        sql = sql.replace(k, v)
+    if "$" in sql or ":" in sql.replace("::", ""):
+        raise RuntimeError("the append statement has a parameter this script does not fill: " + sql)
+    return sql + ";\n"
+
+
+def pgbench_script(url, clients, seconds, text):
+    """pgbench running `text`: like pgbench() with a script of the caller's."""
+    script = os.path.join(WORK, "statement.sql")
+    with open(script, "w") as f:
+        f.write(text)
+    out = subprocess.run(["pgbench", "-n", "-M", "prepared", "-c%d" % clients, "-T%d" % seconds, "-f", script, url],
+                         capture_output=True, text=True, timeout=seconds + 60)
+    done = [ln.split()[-1] for ln in out.stdout.splitlines() if "actually processed" in ln]
+    if not done or int(done[0]) == 0:
+        raise RuntimeError("pgbench of the append statement failed:\n" + out.stdout + out.stderr)
+    return float([ln.split()[2] for ln in out.stdout.splitlines() if ln.startswith("tps =")][0]), int(done[0]), 0.0
+
+
+def bench_statement():
+    """Where the 1-client ratio goes: the runtime over HTTP, its append
+    statement run by pgbench alone, and the INSERT anchor, interleaved."""
+    with PgTmp(extra_conf={"fsync": "on", "synchronous_commit": "on", "max_connections": "100"}) as pg:
+        url = pg.url()
+        pg.query("CREATE TABLE bench_commit (id bigserial PRIMARY KEY, v text)")
+        r = subprocess.run([os.path.join(BINDIR, "runtime-migrate")], env=dict(os.environ, DB_URL=url),
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError("runtime-migrate failed: " + r.stderr)
+        rt = Runtime(url)
+        ours, theirs = Cpu(postmaster_pid(pg), rt.proc.pid), Cpu(postmaster_pid(pg))
+        try:
+            one = post(rt.base, "/internal/v1/runs", {})["run"]["id"]
+            text = fast_statement(one)
+            rows = {"runtime": [], "statement": [], "insert": []}
+            for i in range(ROUNDS):
+                sides = [("runtime", lambda: ours.measure(lambda: wrk_append(rt.base, [one], 1, SECONDS))),
+                         ("statement", lambda: theirs.measure(lambda: pgbench_script(url, 1, SECONDS, text))),
+                         ("insert", lambda: theirs.measure(lambda: pgbench(url, 1, SECONDS)))]
+                for name, fn in (sides if i % 2 == 0 else sides[::-1]):
+                    rows[name].append(fn())
+        finally:
+            rt.stop()
+    med = lambda k, f: statistics.median([x[f] for x in rows[k]])  # noqa: E731
+    ratio = lambda a, b: statistics.median([x["rate"] / y["rate"] for x, y in zip(rows[a], rows[b])])  # noqa: E731
+    print("runtime append statement, 1 client, no HTTP (pgbench -c 1 running RTAPPEND_FAST_SQL): %.0f/s (runs %s) "
+          "against pgbench INSERT %.0f/s (runs %s), median ratio %.2f, the ceiling of the 1-client ratio with this "
+          "schema; the runtime over HTTP %.0f/s (runs %s), %.2f of its statement" % (
+              med("statement", "rate"), " ".join("%.0f" % x["rate"] for x in rows["statement"]), med("insert", "rate"),
+              " ".join("%.0f" % x["rate"] for x in rows["insert"]), ratio("statement", "insert"), med("runtime", "rate"),
+              " ".join("%.0f" % x["rate"] for x in rows["runtime"]), ratio("runtime", "statement")), flush=True)
+    print("  CPU us per append: runtime %.1f + postgres %.1f over HTTP, postgres %.1f for the statement alone; "
+          "per INSERT commit postgres %.1f" % (med("runtime", "rt_us"), med("runtime", "pg_us"),
+                                                med("statement", "pg_us"), med("insert", "pg_us")), flush=True)
 
 
 def bench_ws():
