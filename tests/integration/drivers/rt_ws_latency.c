@@ -127,7 +127,7 @@ int main(int argc, char **argv)
     long long *sent_at, t0 = 0, end_at = 0;
     double *lat, *ack;
     size_t wlen = 0;
-    int port, wsfd, started = 0, k, next_conn = 0;
+    int port, wsfd, upgraded = 0, started = 0, k, next_conn = 0;
 
     if (argc != 6) {
         fprintf(stderr, "usage: rt_ws_latency PORT RUN_ID RATE SECONDS TOKEN\n");
@@ -222,7 +222,9 @@ int main(int argc, char **argv)
                 return 2;
             }
             wlen += (size_t)r;
-            if (!started) {
+            /* The 101 answer and the hello frame may come in separate
+             * reads: once the head is consumed, what follows is frames. */
+            if (!upgraded) {
                 char *e = memmem(ws, wlen, "\r\n\r\n", 4);
 
                 if (!e)
@@ -232,6 +234,7 @@ int main(int argc, char **argv)
                     return 2;
                 }
                 off = (size_t)(e + 4 - ws);
+                upgraded = 1;
             }
             /* Server frames: unmasked, FIN set (the runtime sends each
              * message as one frame). */
