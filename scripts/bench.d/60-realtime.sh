@@ -183,8 +183,8 @@ if [[ $PARTS == *50k* ]]; then
 fi
 
 # ---------------------------------------------------------------- 3. fan-out
-fanout_run() { # fanout_run PROCS RATE: one round; sets F_DPS F_P99 F_P50 F_GOT F_SRV_US F_LOAD_US
-    local procs=$1 rate=$2 n=$(($2 * 5)) i p t0 t1 rx tag="$1p-$2"
+fanout_run() { # fanout_run PROCS RATE: one round; sets F_DPS F_P99 F_P50 F_GOT F_SRV_US F_LOAD_US F_STEAL
+    local procs=$1 rate=$2 n=$(($2 * 5)) i p t0 t1 st0 rx tag="$1p-$2"
     local -a pids=() trace=() perfpids=()
     for ((i = 1; i <= procs; i++)); do
         if ((procs > 1)); then
@@ -224,9 +224,11 @@ fanout_run() { # fanout_run PROCS RATE: one round; sets F_DPS F_P99 F_P50 F_GOT 
         sleep 0.3
     fi
     t0=$(proc_ticks "${pids[@]}")
+    st0=$(steal_ticks)
     go f1 f2 pub
     wait_done pub f1 f2 || true
     t1=$(proc_ticks "${pids[@]}")
+    F_STEAL=$(steal_pct "$st0" "$(steal_ticks)")
     for p in "${perfpids[@]}"; do kill -INT "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
     read -r F_DPS F_P99 F_P50 F_GOT rx F_LOAD_US <<<"$(python3 - "$WORK/f1.out" "$WORK/f2.out" <<'EOF'
 import json, sys
@@ -242,7 +244,7 @@ EOF
     stop_all
     bench_log "fan-out round, $procs process(es) at $rate msg/s: $F_DPS deliveries/s, p50 $F_P50 ms, p99 $F_P99 ms," \
         "$F_GOT of $SUBS got all $n; CPU per delivery: realtime $F_SRV_US us, load clients $F_LOAD_US us" \
-        "(load average $(cut -d' ' -f1 /proc/loadavg))"
+        "(load average $(cut -d' ' -f1 /proc/loadavg), steal $F_STEAL%)"
 }
 
 if [[ $PARTS == *fanout* ]]; then
@@ -260,13 +262,13 @@ if [[ $PARTS == *fanout* ]]; then
     procs_list=${BENCH_RT_PROCS:-1 2}
     SUBS=${BENCH_RT_SUBS:-10000}
     [[ -z ${BENCH_RT_PERF:-} ]] || bench_need perf
-    declare -A DPS P99 GOT SRV LD
+    declare -A DPS P99 GOT SRV LD STEAL
     for ((round = 1; round <= ${BENCH_RT_ROUNDS:-3}; round++)); do
         for rate in $rates; do
             for procs in $procs_list; do
                 fanout_run "$procs" "$rate"
                 k="$procs,$rate"
-                DPS[$k]+=" $F_DPS" P99[$k]+=" $F_P99" GOT[$k]+=" $F_GOT" SRV[$k]+=" $F_SRV_US" LD[$k]+=" $F_LOAD_US"
+                DPS[$k]+=" $F_DPS" P99[$k]+=" $F_P99" GOT[$k]+=" $F_GOT" SRV[$k]+=" $F_SRV_US" LD[$k]+=" $F_LOAD_US" STEAL[$k]+=" $F_STEAL"
             done
         done
     done
@@ -288,7 +290,7 @@ if [[ $PARTS == *fanout* ]]; then
             echo "realtime fan-out 1 publisher -> $SUBS subscribers at $rate msg/s$note, $what: ${dps%.*} deliveries/s," \
                 "p99 ${p99} ms (median of ${BENCH_RT_ROUNDS:-3}; rounds:${DPS[$k]} /s,${P99[$k]} ms; $got of $SUBS got all)," \
                 "CPU per delivery realtime ${srv} us + load clients ${ld} us; bars >= 500000/s and <= 50 ms: $ok" \
-                "(load average $load_avg, $AUTOGROUP; Centrifugo published ~500k/s on 40 CPUs, p99 200 ms)"
+                "(load average $load_avg, steal per round${STEAL[$k]} %, $AUTOGROUP; Centrifugo published ~500k/s on 40 CPUs, p99 200 ms)"
         done
     done
     if [[ " $rates " == *" $bar_rate "* ]] && ((!bar_met)); then FAILED=1; fi

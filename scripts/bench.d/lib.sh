@@ -199,6 +199,22 @@ proc_ticks() {
         }'
 }
 
+# The machine's stolen and total CPU ticks so far ("steal total", from
+# /proc/stat's cpu line: user nice system idle iowait irq softirq steal).
+# On a virtual machine the hypervisor may give the vCPUs to others: a
+# latency measured while it does is the host's, so benchmarks print the
+# stolen share beside their figures (steal_pct).
+steal_ticks() { awk '$1 == "cpu" { print $9, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9; exit }' /proc/stat; }
+# steal_pct "BEFORE" "AFTER": the stolen share of the CPU time between two
+# steal_ticks readings, in percent.
+steal_pct() {
+    awk -v a="$1" -v b="$2" 'BEGIN {
+        split(a, x, " "); split(b, y, " ")
+        t = y[2] - x[2]
+        if (t <= 0) print "0.0"; else printf "%.1f\n", (y[1] - x[1]) * 100 / t
+    }'
+}
+
 ticks_us() { awk -v t="$1" -v n="$2" -v hz="$CLK_TCK" 'BEGIN { if (n == 0) print "0.0"; else printf "%.1f\n", t * 1e6 / hz / n }'; }
 
 cpu_run() {

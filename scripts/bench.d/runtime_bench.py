@@ -108,6 +108,20 @@ def ticks(*pids):
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+def steal_ticks():
+    """(stolen, total) CPU ticks of the machine so far, from /proc/stat (lib.sh steal_ticks)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    return v[7], sum(v)
+
+
+def steal_pct(before, after):
+    """The stolen share of the CPU time between two steal_ticks readings, in percent: on a virtual
+    machine whose host gives the vCPUs to others, a latency measured meanwhile is the host's."""
+    total = after[1] - before[1]
+    return (after[0] - before[0]) * 100.0 / total if total > 0 else 0.0
+
+
 def us_per(t, n):
     return t * 1e6 / CLK_TCK / n if n else 0.0
 
@@ -180,10 +194,12 @@ class Cpu:
 
     def measure(self, fn):
         t0 = (ticks(self.rt_pid) if self.rt_pid else 0, ticks(self.pg_pid))
+        s0 = steal_ticks()
         rate, n, load_us = fn()
+        s1 = steal_ticks()
         t1 = (ticks(self.rt_pid) if self.rt_pid else 0, ticks(self.pg_pid))
         return {"rate": rate, "rt_us": us_per(t1[0] - t0[0], n), "pg_us": us_per(t1[1] - t0[1], n),
-                "load_us": load_us}
+                "load_us": load_us, "steal": steal_pct(s0, s1)}
 
 
 def append_counts(base):
@@ -216,8 +232,9 @@ def interleaved(name, ours, anchor, rounds=3, unit="appends/s"):
         name, med(a, "rate"), unit, " ".join("%.0f" % x["rate"] for x in a), med(b, "rate"),
         " ".join("%.0f" % x["rate"] for x in b), r, BAR, "ok" if ok else "MISSED"), flush=True)
     print("  CPU us per append: runtime %.1f + postgres %.1f (+ wrk %.1f); per pgbench commit: postgres %.1f "
-          "(+ pgbench %.1f)" % (med(a, "rt_us"), med(a, "pg_us"), med(a, "load_us"), med(b, "pg_us"),
-                                 med(b, "load_us")), flush=True)
+          "(+ pgbench %.1f); steal %% of the machine's CPU time per run: %s, pgbench %s" % (
+              med(a, "rt_us"), med(a, "pg_us"), med(a, "load_us"), med(b, "pg_us"), med(b, "load_us"),
+              " ".join("%.1f" % x["steal"] for x in a), " ".join("%.1f" % x["steal"] for x in b)), flush=True)
     return ok
 
 
@@ -380,12 +397,15 @@ def bench_ws():
         rt = Runtime(url)
         try:
             secs = SECONDS * 2
+            s0 = steal_ticks()
             res = ws_latency(rt, secs)
+            stolen = steal_pct(s0, steal_ticks())
             good = res["p99_ms"] <= WS_BAR_MS and res["received"] == res["sent"] and res["sent"] >= 900 * secs
             print("runtime append-to-WebSocket-frame (%s client) at %d appends/s for %d s (%d sent, %d frames): p50 %.2f ms, "
-                  "p99 %.2f ms, max %.2f ms (append answered: p50 %.2f ms, p99 %.2f ms) (bar p99 <= %.0f ms) %s" % (
+                  "p99 %.2f ms, max %.2f ms (append answered: p50 %.2f ms, p99 %.2f ms) (bar p99 <= %.0f ms) %s "
+                  "(steal %.1f%% of the machine's CPU time)" % (
                       WS_CLIENT, res["rate"], secs, res["sent"], res["received"], res["p50_ms"], res["p99_ms"], res["max_ms"],
-                      res["ack_p50_ms"], res["ack_p99_ms"], WS_BAR_MS, "ok" if good else "MISSED"), flush=True)
+                      res["ack_p50_ms"], res["ack_p99_ms"], WS_BAR_MS, "ok" if good else "MISSED", stolen), flush=True)
             ok &= good
         finally:
             rt.stop()
