@@ -109,17 +109,15 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def steal_ticks():
-    """(stolen, total) CPU ticks of the machine so far, from /proc/stat (lib.sh steal_ticks)."""
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:9]]
-    return v[7], sum(v)
+    """The machine's stolen and total CPU ticks so far (lib.sh steal_ticks), as a string for steal_pct."""
+    return subprocess.run(["bash", "-c", '. "$0"; steal_ticks', LIB], capture_output=True, text=True,
+                          check=True).stdout.strip()
 
 
 def steal_pct(before, after):
-    """The stolen share of the CPU time between two steal_ticks readings, in percent: on a virtual
-    machine whose host gives the vCPUs to others, a latency measured meanwhile is the host's."""
-    total = after[1] - before[1]
-    return (after[0] - before[0]) * 100.0 / total if total > 0 else 0.0
+    """The stolen share of the CPU time between two steal_ticks readings, in percent (lib.sh steal_pct)."""
+    return float(subprocess.run(["bash", "-c", '. "$0"; steal_pct "$1" "$2"', LIB, before, after],
+                                capture_output=True, text=True, check=True).stdout)
 
 
 def us_per(t, n):
@@ -165,19 +163,26 @@ end
     return float([ln.split()[1] for ln in out.splitlines() if ln.startswith("Requests/sec:")][0]), n, load_us
 
 
-def pgbench(url, clients, seconds):
-    """Commits/s of pgbench, the commits, and pgbench's own CPU us per commit."""
-    script = os.path.join(WORK, "insert.sql")
+INSERT_SQL = "INSERT INTO bench_commit (v) VALUES ('x');\n"
+
+
+def pgbench(url, clients, seconds, text=INSERT_SQL):
+    """Commits/s of pgbench running `text` (the single-row INSERT unless told), the commits, and
+    pgbench's own CPU us per commit."""
+    script = os.path.join(WORK, "pgbench.sql")
     with open(script, "w") as f:
-        f.write("INSERT INTO bench_commit (v) VALUES ('x');\n")
+        f.write(text)
     t0 = os.times()
     out = subprocess.run(["pgbench", "-n", "-M", "prepared", "-c%d" % clients, "-j%d" % min(clients, 2),
                           "-T%d" % seconds, "-f", script, url], capture_output=True, text=True,
-                         timeout=seconds + 60).stdout
+                         timeout=seconds + 60)
     t1 = os.times()
-    n = int([ln.split()[-1] for ln in out.splitlines() if "actually processed" in ln][0])
-    load_us = ((t1.children_user - t0.children_user) + (t1.children_system - t0.children_system)) * 1e6 / max(n, 1)
-    return float([ln.split()[2] for ln in out.splitlines() if ln.startswith("tps =")][0]), n, load_us
+    done = [ln.split()[-1] for ln in out.stdout.splitlines() if "actually processed" in ln]
+    if not done or int(done[0]) == 0:
+        raise RuntimeError("pgbench failed:\n" + out.stdout + out.stderr)
+    n = int(done[0])
+    load_us = ((t1.children_user - t0.children_user) + (t1.children_system - t0.children_system)) * 1e6 / n
+    return float([ln.split()[2] for ln in out.stdout.splitlines() if ln.startswith("tps =")][0]), n, load_us
 
 
 def postmaster_pid(pg):
@@ -282,15 +287,23 @@ def main():
     return 0 if ok else 1
 
 
+# Both sides of each ratio: durable commits (see the header).
+DURABLE = {"fsync": "on", "synchronous_commit": "on", "max_connections": "100"}
+
+
+def migrate(url):
+    r = subprocess.run([os.path.join(BINDIR, "runtime-migrate")], env=dict(os.environ, DB_URL=url),
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError("runtime-migrate failed: " + r.stderr)
+
+
 def bench_appends():
     ok = True
-    with PgTmp(extra_conf={"fsync": "on", "synchronous_commit": "on", "max_connections": "100"}) as pg:
+    with PgTmp(extra_conf=DURABLE) as pg:
         url = pg.url()
         pg.query("CREATE TABLE bench_commit (id bigserial PRIMARY KEY, v text)")
-        r = subprocess.run([os.path.join(BINDIR, "runtime-migrate")], env=dict(os.environ, DB_URL=url),
-                           capture_output=True, text=True)
-        if r.returncode != 0:
-            raise RuntimeError("runtime-migrate failed: " + r.stderr)
+        migrate(url)
         rt = Runtime(url)
         ours, theirs = Cpu(postmaster_pid(pg), rt.proc.pid), Cpu(postmaster_pid(pg))
         try:
@@ -332,29 +345,13 @@ def fast_statement(run_id):
     return sql + ";\n"
 
 
-def pgbench_script(url, clients, seconds, text):
-    """pgbench running `text`: like pgbench() with a script of the caller's."""
-    script = os.path.join(WORK, "statement.sql")
-    with open(script, "w") as f:
-        f.write(text)
-    out = subprocess.run(["pgbench", "-n", "-M", "prepared", "-c%d" % clients, "-T%d" % seconds, "-f", script, url],
-                         capture_output=True, text=True, timeout=seconds + 60)
-    done = [ln.split()[-1] for ln in out.stdout.splitlines() if "actually processed" in ln]
-    if not done or int(done[0]) == 0:
-        raise RuntimeError("pgbench of the append statement failed:\n" + out.stdout + out.stderr)
-    return float([ln.split()[2] for ln in out.stdout.splitlines() if ln.startswith("tps =")][0]), int(done[0]), 0.0
-
-
 def bench_statement():
     """Where the 1-client ratio goes: the runtime over HTTP, its append
     statement run by pgbench alone, and the INSERT anchor, interleaved."""
-    with PgTmp(extra_conf={"fsync": "on", "synchronous_commit": "on", "max_connections": "100"}) as pg:
+    with PgTmp(extra_conf=DURABLE) as pg:
         url = pg.url()
         pg.query("CREATE TABLE bench_commit (id bigserial PRIMARY KEY, v text)")
-        r = subprocess.run([os.path.join(BINDIR, "runtime-migrate")], env=dict(os.environ, DB_URL=url),
-                           capture_output=True, text=True)
-        if r.returncode != 0:
-            raise RuntimeError("runtime-migrate failed: " + r.stderr)
+        migrate(url)
         rt = Runtime(url)
         ours, theirs = Cpu(postmaster_pid(pg), rt.proc.pid), Cpu(postmaster_pid(pg))
         try:
@@ -363,7 +360,7 @@ def bench_statement():
             rows = {"runtime": [], "statement": [], "insert": []}
             for i in range(ROUNDS):
                 sides = [("runtime", lambda: ours.measure(lambda: wrk_append(rt.base, [one], 1, SECONDS))),
-                         ("statement", lambda: theirs.measure(lambda: pgbench_script(url, 1, SECONDS, text))),
+                         ("statement", lambda: theirs.measure(lambda: pgbench(url, 1, SECONDS, text))),
                          ("insert", lambda: theirs.measure(lambda: pgbench(url, 1, SECONDS)))]
                 for name, fn in (sides if i % 2 == 0 else sides[::-1]):
                     rows[name].append(fn())
@@ -390,10 +387,7 @@ def bench_ws():
     # the shared development servers.
     with PgTmp() as pg:
         url = pg.url()
-        r = subprocess.run([os.path.join(BINDIR, "runtime-migrate")], env=dict(os.environ, DB_URL=url),
-                           capture_output=True, text=True)
-        if r.returncode != 0:
-            raise RuntimeError("runtime-migrate failed: " + r.stderr)
+        migrate(url)
         rt = Runtime(url)
         try:
             secs = SECONDS * 2
