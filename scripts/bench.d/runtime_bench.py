@@ -29,7 +29,9 @@ Environment: BINDIR (bin), BENCH_SECONDS (5 per run), BENCH_ROUNDS (3 pairs),
 BENCH_RUNTIME_BAR (0.8), BENCH_WS_P99_MS (10), BENCH_RUNTIME_PARTS (appends,ws; statement,
 not run by default: the runtime's own append statement run by pgbench -c 1 with no HTTP and no
 runtime between, beside the INSERT and the runtime, which bounds what the 1-client ratio can
-reach with this schema), BENCH_WS_CLIENT (c|node).
+reach with this schema; hop, not run by default either: the runtime built from a copy of this
+tree with pgbench's own INSERT as its append statement, against pgbench -c 1, which bounds what
+the 1-client ratio can reach with any statement behind HTTP), BENCH_WS_CLIENT (c|node).
 """
 
 import base64
@@ -69,7 +71,7 @@ def post(base, path, body, headers=None):
 
 
 class Runtime:
-    def __init__(self, url, **env):
+    def __init__(self, url, binary=None, **env):
         self.port = free_port()
         self.base = "http://127.0.0.1:%d" % self.port
         e = dict(os.environ, DATABASE_URL=url, RUNTIME_BIND_ADDR="127.0.0.1:%d" % self.port, LOG_LEVEL="warn",
@@ -77,7 +79,7 @@ class Runtime:
                  RUNTIME_KHALA_ALLOWED_ORIGINS="http://127.0.0.1")
         e.update(env)
         self.log = open(os.path.join(WORK, "runtime.log"), "ab")
-        self.proc = subprocess.Popen([os.path.join(BINDIR, "runtime")], env=e, stdout=self.log, stderr=self.log)
+        self.proc = subprocess.Popen([binary or os.path.join(BINDIR, "runtime")], env=e, stdout=self.log, stderr=self.log)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             try:
@@ -284,6 +286,8 @@ def main():
         ok &= bench_ws()
     if "statement" in parts:
         bench_statement()
+    if "hop" in parts:
+        bench_hop()
     return 0 if ok else 1
 
 
@@ -377,6 +381,85 @@ def bench_statement():
     print("  CPU us per append: runtime %.1f + postgres %.1f over HTTP, postgres %.1f for the statement alone; "
           "per INSERT commit postgres %.1f" % (med("runtime", "rt_us"), med("runtime", "pg_us"),
                                                 med("statement", "pg_us"), med("insert", "pg_us")), flush=True)
+
+
+# The anchor's own INSERT in the shape of the append statement's answer
+# (outcome, seq, status, message, worker_id, metadata, created_at,
+# updated_at, Khala message), its four parameters only type-checked.
+HOP_SQL = ("INSERT INTO bench_commit (v) SELECT 'x' WHERE $1::uuid IS NOT NULL AND $2::text IS NOT NULL "
+           "AND $3::jsonb IS NOT NULL AND ($4::text IS NULL OR true) RETURNING 'appended', id, 'running'::text, "
+           "NULL::text, NULL::text, NULL::text, '2026-01-01T00:00:00Z'::text, '2026-01-01T00:00:00Z'::text, "
+           "NULL::text")
+
+
+def hop_build():
+    """bin/runtime built from a copy of this tree (its git files) in which
+    RTAPPEND_FAST_SQL is HOP_SQL: every append of the 1-client benchmark is
+    then pgbench's single-row INSERT, and what is left between the two
+    sides is the HTTP hop (wrk, the runtime's loop, libpq) alone."""
+    import re
+    import shutil
+    tree = tempfile.mkdtemp(prefix="hop-", dir=WORK)
+    names = subprocess.run(["git", "-C", ROOT, "ls-files", "-z"], capture_output=True, check=True).stdout
+    for name in names.decode().split("\0"):
+        if name and os.path.isfile(os.path.join(ROOT, name)):
+            os.makedirs(os.path.dirname(os.path.join(tree, name)), exist_ok=True)
+            shutil.copy2(os.path.join(ROOT, name), os.path.join(tree, name))
+    path = os.path.join(tree, "runtime", "rtappend.c")
+    with open(path) as f:
+        src = f.read()
+    new, n = re.subn(r"const char RTAPPEND_FAST_SQL\[\] =.*?;\n", lambda m: "const char RTAPPEND_FAST_SQL[] = %s;\n" %
+                     json.dumps(HOP_SQL), src, count=1, flags=re.S)
+    if n != 1:
+        raise RuntimeError("RTAPPEND_FAST_SQL not found in runtime/rtappend.c")
+    with open(path, "w") as f:
+        f.write(new)
+    subprocess.run(["make", "-C", tree, "-j2", "bin/runtime"], check=True, stdout=subprocess.DEVNULL)
+    return tree, os.path.join(tree, "bin", "runtime")
+
+
+def bench_hop():
+    """What the HTTP hop alone costs the 1-client ratio: the runtime whose
+    append statement is the anchor's INSERT, interleaved with pgbench."""
+    import shutil
+    tree, binary = hop_build()
+    try:
+        with PgTmp(extra_conf=DURABLE) as pg:
+            url = pg.url()
+            pg.query("CREATE TABLE bench_commit (id bigserial PRIMARY KEY, v text)")
+            migrate(url)
+            rt = Runtime(url, binary=binary)
+            ours, theirs = Cpu(postmaster_pid(pg), rt.proc.pid), Cpu(postmaster_pid(pg))
+            rows = {"hop": [], "insert": []}
+            try:
+                one = post(rt.base, "/internal/v1/runs", {})["run"]["id"]
+                events0 = int(pg.query("SELECT count(*) FROM runtime.run_events")[0][0])
+                for i in range(ROUNDS):
+                    sides = [("hop", lambda: ours.measure(lambda: wrk_append(rt.base, [one], 1, SECONDS))),
+                             ("insert", lambda: theirs.measure(lambda: pgbench(url, 1, SECONDS)))]
+                    for name, fn in (sides if i % 2 == 0 else sides[::-1]):
+                        rows[name].append(fn())
+                # Every append must have been the INSERT: no event row, and
+                # one bench_commit row per append and per pgbench commit.
+                events = int(pg.query("SELECT count(*) FROM runtime.run_events")[0][0]) - events0
+                inserted = int(pg.query("SELECT count(*) FROM bench_commit")[0][0])
+            finally:
+                rt.stop()
+    finally:
+        shutil.rmtree(tree, ignore_errors=True)
+    done = sum(x["rate"] for side in rows.values() for x in side) * SECONDS
+    if events != 0 or inserted < 0.99 * done:
+        raise RuntimeError("the hop runtime did not run the INSERT: %d events, %d rows for ~%.0f" % (events, inserted, done))
+    med = lambda k, f: statistics.median([x[f] for x in rows[k]])  # noqa: E731
+    print("runtime HTTP hop, 1 client (the runtime built with pgbench's INSERT as its append statement) vs "
+          "pgbench -c 1: %.0f appends/s (runs %s) against %.0f commits/s (runs %s), median ratio %.2f, the ceiling "
+          "of the 1-client ratio for any append statement" % (
+              med("hop", "rate"), " ".join("%.0f" % x["rate"] for x in rows["hop"]), med("insert", "rate"),
+              " ".join("%.0f" % x["rate"] for x in rows["insert"]),
+              statistics.median([x["rate"] / y["rate"] for x, y in zip(rows["hop"], rows["insert"])])), flush=True)
+    print("  CPU us per append: runtime %.1f + postgres %.1f (+ wrk %.1f); per pgbench commit: postgres %.1f "
+          "(+ pgbench %.1f)" % (med("hop", "rt_us"), med("hop", "pg_us"), med("hop", "load_us"),
+                                med("insert", "pg_us"), med("insert", "load_us")), flush=True)
 
 
 def bench_ws():
