@@ -26,6 +26,7 @@
 #include <microhttpd.h>
 
 #include "buf.h"
+#include "jget.h"
 #include "fmt.h"
 #include "log.h"
 #include "svc.h"
@@ -402,9 +403,8 @@ int httpd_req_add_header(httpd_req *req, const char *name, const char *value)
 
 int httpd_req_json(httpd_req *req, cJSON **out)
 {
-    const char *end = NULL;
+    const char *why;
     size_t pos, line = 1, col = 1;
-    int bad_utf8;
     cJSON *json;
 
     *out = NULL;
@@ -412,23 +412,10 @@ int httpd_req_json(httpd_req *req, cJSON **out)
         httpd_respond_error(req, 400, "invalid_request", "request body is empty: expected JSON", NULL);
         return -1;
     }
-    /* JSON is UTF-8 (RFC 8259 8.1); cJSON copies any bytes, and one bad
-     * byte would fail the whole PostgreSQL statement later (a 500). */
-    pos = buf_utf8_valid(req->body, req->body_len);
-    bad_utf8 = pos < req->body_len;
-    if (bad_utf8) {
-        json = NULL;
-        end = req->body + pos;
-    } else {
-        json = cJSON_ParseWithLengthOpts(req->body, req->body_len, &end, 0);
-    }
-    if (json) {
+    if ((json = jget_parse(req->body, req->body_len, &pos, &why)) != NULL) {
         *out = json;
         return 0;
     }
-    pos = end && end >= req->body ? (size_t)(end - req->body) : 0;
-    if (pos > req->body_len)
-        pos = req->body_len;
     for (size_t i = 0; i < pos; i++) {
         if (req->body[i] == '\n') {
             line++;
@@ -442,9 +429,7 @@ int httpd_req_json(httpd_req *req, cJSON **out)
     cJSON_AddNumberToObject(details, "line", (double)line);
     cJSON_AddNumberToObject(details, "column", (double)col);
     char msg[128];
-    snprintf(msg, sizeof(msg), "%s at position %zu (line %zu, column %zu)",
-             bad_utf8 ? "invalid UTF-8" : "malformed JSON",
-             pos, line, col);
+    snprintf(msg, sizeof(msg), "%s at position %zu (line %zu, column %zu)", why, pos, line, col);
     httpd_respond_error(req, 400, "invalid_request", msg, details);
     return -1;
 }

@@ -20,6 +20,7 @@
 #include <libwebsockets.h>
 
 #include "buf.h"
+#include "jget.h"
 #include "fmt.h"
 #include "httpd.h"
 #include "log.h"
@@ -1057,8 +1058,8 @@ void wsapp_respond_error(wsapp_req *req, int status, const char *code, const cha
 
 int wsapp_req_json(wsapp_req *req, cJSON **out)
 {
-    const char *end = NULL;
-    size_t len;
+    const char *why;
+    size_t len, pos;
     const char *body = wsapp_req_body(req, &len);
 
     *out = NULL;
@@ -1066,21 +1067,10 @@ int wsapp_req_json(wsapp_req *req, cJSON **out)
         wsapp_respond_error(req, 400, "invalid_request", "request body is empty; JSON expected", NULL);
         return -1;
     }
-    /* JSON is UTF-8; one bad byte would fail a PostgreSQL statement later. */
-    if (buf_utf8_valid(body, len) < len) {
+    if (!(*out = jget_parse(body, len, &pos, &why))) {
         char msg[128];
 
-        snprintf(msg, sizeof(msg), "invalid UTF-8 at position %zu", buf_utf8_valid(body, len));
-        wsapp_respond_error(req, 400, "invalid_request", msg, NULL);
-        return -1;
-    }
-    *out = cJSON_ParseWithLengthOpts(body, len, &end, 0);
-    if (!*out) {
-        char msg[128];
-        const char *at = cJSON_GetErrorPtr();
-        size_t pos = at && at >= body && at <= body + len ? (size_t)(at - body) : 0;
-
-        snprintf(msg, sizeof(msg), "malformed JSON at position %zu", pos);
+        snprintf(msg, sizeof(msg), "%s at position %zu", why, pos);
         wsapp_respond_error(req, 400, "invalid_request", msg, NULL);
         return -1;
     }

@@ -9,6 +9,7 @@
 #include <openssl/sha.h>
 
 #include "buf.h"
+#include "jget.h"
 #include "canonjson.h"
 #include "fmt.h"
 #include "jsonstr.h"
@@ -473,38 +474,10 @@ int rtes_msg_frame(int node, const char *body, size_t len, const char *key, buf 
     return 0;
 }
 
-/* The offset of the first control byte that RFC 8259 forbids (any below
- * 0x20 inside a string; outside, any but space, tab, LF and CR), or len.
- * cJSON takes every byte up to 0x20 for whitespace and raw control bytes
- * in strings, but a frame is cut from this text and a browser's JSON.parse
- * would refuse it, or, between members, the cutting would go wrong. */
-static size_t bad_control(const char *s, size_t len)
-{
-    int in_str = 0;
-
-    for (size_t i = 0; i < len; i++) {
-        unsigned char c = (unsigned char)s[i];
-
-        if (in_str) {
-            if (c < 0x20)
-                return i;
-            if (c == '\\')
-                i++;
-            else if (c == '"')
-                in_str = 0;
-        } else if (c == '"') {
-            in_str = 1;
-        } else if (c < 0x20 && c != '\t' && c != '\n' && c != '\r') {
-            return i;
-        }
-    }
-    return len;
-}
-
 int rtes_msg_parse(rtes_kind k, const char *data, size_t len, rtes_msg *m, char *err, size_t errlen)
 {
     size_t at;
-    const char *end = NULL;
+    const char *why;
     cJSON *o = NULL;
     buf b;
     int rc = -1;
@@ -532,20 +505,9 @@ int rtes_msg_parse(rtes_kind k, const char *data, size_t len, rtes_msg *m, char 
         snprintf(err, errlen, "out of memory");
         return -1;
     }
-    if ((at = bad_control(m->body, m->body_len)) < m->body_len) {
-        snprintf(err, errlen, "not JSON (a control character at byte %zu)", at);
+    if (!(o = jget_parse(m->body, m->body_len, &at, &why))) {
+        snprintf(err, errlen, "not JSON (%s at byte %zu)", why, at);
         return -1;
-    }
-    o = cJSON_ParseWithLengthOpts(m->body, m->body_len, &end, 0);
-    if (!o) {
-        snprintf(err, errlen, "not JSON (at byte %zu)", end && end >= m->body ? (size_t)(end - m->body) : 0);
-        return -1;
-    }
-    while (end && end < m->body + m->body_len && (*end == ' ' || *end == '\t' || *end == '\n' || *end == '\r'))
-        end++;
-    if (end != m->body + m->body_len) {
-        snprintf(err, errlen, "not JSON (trailing bytes at %zu)", (size_t)(end - m->body));
-        goto out;
     }
     if (!cJSON_IsObject(o)) {
         snprintf(err, errlen, "not a JSON object");

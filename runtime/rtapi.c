@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "buf.h"
+#include "jget.h"
 #include "fmt.h"
 #include "svc.h"
 
@@ -39,7 +40,7 @@ int rt_writes_frozen(rt *r, rt_resp *a)
 
 int rt_body_object(const rt_req *q, cJSON **out, int allow_empty, rt_resp *a)
 {
-    const char *end = NULL;
+    const char *why;
     char msg[160];
     size_t i;
 
@@ -54,16 +55,8 @@ int rt_body_object(const rt_req *q, cJSON **out, int allow_empty, rt_resp *a)
         rt_error(a, 400, "invalid_request", "request body is empty: expected a JSON object");
         return -1;
     }
-    /* JSON is UTF-8; one bad byte would fail the PostgreSQL statement (500). */
-    i = buf_utf8_valid(q->body, q->body_len);
-    if (i < q->body_len) {
-        snprintf(msg, sizeof(msg), "invalid UTF-8 at byte %zu", i);
-        rt_error(a, 400, "invalid_request", msg);
-        return -1;
-    }
-    *out = cJSON_ParseWithLengthOpts(q->body, q->body_len, &end, 0);
-    if (!*out) {
-        snprintf(msg, sizeof(msg), "malformed JSON at byte %zu", end ? (size_t)(end - q->body) : (size_t)0);
+    if (!(*out = jget_parse(q->body, q->body_len, &i, &why))) {
+        snprintf(msg, sizeof(msg), "%s at byte %zu", why, i);
         rt_error(a, 400, "invalid_request", msg);
         return -1;
     }

@@ -10,6 +10,7 @@
 
 #include "authbody.h"
 #include "fuzz.h"
+#include "jget.h"
 
 static void refused(const cJSON *details)
 {
@@ -77,8 +78,7 @@ static void check(int (*parse)(const cJSON *, cJSON *, authbody_fields *), void 
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-    const char *end = NULL;
-    cJSON *body = cJSON_ParseWithLengthOpts((const char *)data, size, &end, 0);
+    cJSON *body = jget_parse((const char *)data, size, NULL, NULL);
 
     if (!body)
         return 0;
