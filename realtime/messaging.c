@@ -4,6 +4,7 @@
  * of one connection. */
 #include "messaging.h"
 
+#include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -47,6 +48,7 @@ typedef struct {
     char *name;
     msg_conn **v;
     uint32_t n, cap;
+    uint32_t mark; /* the last UpdatePresence that told this room (messaging.presence_mark) */
 } msg_set;
 
 typedef struct {
@@ -100,6 +102,7 @@ static const char *const presence_names[] = {"online", "away", "busy", "offline"
 
 struct messaging {
     rt_host *host;
+    uint32_t presence_mark;
     long max_connections;
     long heartbeat_ms, client_timeout_ms, presence_ttl_ms;
     int rate_enabled;
@@ -969,16 +972,19 @@ static void msg_on_update_presence(messaging *m, msg_conn *mc, const cJSON *data
     }
     u->status = (uint8_t)idx;
     u->last_seen = (long long)time(NULL);
-    /* Every room any of the user's connections is in hears it, once. */
+    /* Every room any of the user's connections is in hears it, once: a
+     * mark per call rather than a search of the earlier connections' rooms,
+     * which made a user with many connections in many rooms stall the loop. */
+    if (++m->presence_mark == 0)
+        m->presence_mark = 1;
     for (uint32_t i = 0; i < u->n; i++)
         for (uint16_t r = 0; r < u->conns[i]->nrooms; r++) {
             msg_set *room = u->conns[i]->rooms[r];
-            int seen = 0;
 
-            for (uint32_t j = 0; j < i && !seen; j++)
-                seen = msg_list_has(u->conns[j]->rooms, u->conns[j]->nrooms, room);
-            if (!seen)
+            if (room->mark != m->presence_mark) {
+                room->mark = m->presence_mark;
                 msg_room_presence(m, room->name, u, NULL);
+            }
         }
     details = cJSON_CreateObject();
     cJSON_AddStringToObject(details, "presence", presence_names[idx]);
@@ -1124,7 +1130,9 @@ static int msg_claims_user(const cJSON *claims, char out[MSG_MAX_NAME + 1])
         fmt_copy(out, MSG_MAX_NAME + 1, v->valuestring);
         return 0;
     }
-    if (cJSON_IsNumber(v)) {
+    /* A number names a user only when a double holds it exactly: 1.5 or
+     * 2^53 + 1 printed as an id would be some other user's. */
+    if (cJSON_IsNumber(v) && v->valuedouble == floor(v->valuedouble) && fabs(v->valuedouble) <= 9007199254740992.0) {
         snprintf(out, MSG_MAX_NAME + 1, "%.0f", v->valuedouble);
         return 0;
     }
@@ -1157,11 +1165,17 @@ static int msg_claims_topics(const cJSON *claims, char **out)
     return *out ? 0 : -1;
 }
 
+#define MSG_EXP_MAX_S 7889238000000LL /* about year 250,000 */
+
 static long long msg_claims_exp_ms(const cJSON *claims)
 {
     const cJSON *e = cJSON_GetObjectItemCaseSensitive(claims, "exp");
 
-    return cJSON_IsNumber(e) ? (long long)(e->valuedouble * 1000.0) : 0;
+    /* Clamped so that the cast stays defined: past year 250,000 it makes
+     * no difference, and an overflow made the token look expired. */
+    if (!cJSON_IsNumber(e))
+        return 0;
+    return e->valuedouble > MSG_EXP_MAX_S ? MSG_EXP_MAX_S * 1000LL : (long long)(e->valuedouble * 1000.0);
 }
 
 /* Whether a verified token of `uid` still counts: 0, else 401 (its user
@@ -1235,6 +1249,20 @@ static void msg_on_refresh(messaging *m, msg_conn *mc, const cJSON *data)
     msg_send_status(m, mc, "token_refreshed", details);
 }
 
+/* The length of s cut to at most max bytes without splitting a UTF-8
+ * sequence (s is UTF-8). */
+static int msg_utf8_prefix(const char *s, size_t max)
+{
+    size_t n = strnlen(s, max + 1);
+
+    if (n <= max)
+        return (int)n;
+    n = max;
+    while (n > 0 && ((unsigned char)s[n] & 0xC0) == 0x80)
+        n--;
+    return (int)n;
+}
+
 static int msg_frame_type(const char *t)
 {
     for (int i = 0; i < FT_OTHER; i++)
@@ -1249,6 +1277,7 @@ static void messaging_message(wsapp_conn *c, void *user, const char *text, size_
     msg_conn *mc = user;
     cJSON *f, *data;
     const cJSON *type;
+    const char *why = "";
     long long now = svc_now_ms();
     int ft;
 
@@ -1272,11 +1301,16 @@ static void messaging_message(wsapp_conn *c, void *user, const char *text, size_
         msg_send_status(m, mc, "binary_received", d);
         return;
     }
-    f = cJSON_ParseWithLength(text, len);
+    /* Strictly: a text frame that is not UTF-8 would make every receiver's
+     * client fail its connection (RFC 6455, 1007); refused here, only its
+     * sender hears. */
+    f = jget_parse(text, len, NULL, &why);
     type = cJSON_GetObjectItemCaseSensitive(f, "type");
     if (!f || !cJSON_IsString(type)) {
         metrics_counter_inc(m->m_bad);
-        msg_send_error(m, mc, 400, f ? "A frame needs a string type" : "Invalid JSON");
+        msg_send_error(m, mc, 400, f ? "A frame needs a string type" : strcmp(why, "invalid UTF-8") == 0
+                                                                          ? "Frame text is not valid UTF-8"
+                                                                          : "Invalid JSON");
         cJSON_Delete(f);
         return;
     }
@@ -1307,7 +1341,8 @@ static void messaging_message(wsapp_conn *c, void *user, const char *text, size_
         char msg[128];
 
         metrics_counter_inc(m->m_bad);
-        snprintf(msg, sizeof(msg), "Unknown message type %.64s", type->valuestring);
+        snprintf(msg, sizeof(msg), "Unknown message type %.*s", msg_utf8_prefix(type->valuestring, 64),
+                 type->valuestring);
         msg_send_error(m, mc, 400, msg);
     }
     }
@@ -1477,13 +1512,23 @@ static void msg_bus_message(void *ud, const char *ch, size_t clen, const char *p
     messaging *m = ud;
 
     if (clen > 9 && memcmp(ch, "rt:topic:", 9) == 0) {
-        /* Other services publish here too: only JSON objects go out. */
-        cJSON *parsed = cJSON_ParseWithLength(payload, plen);
+        /* Other services publish here: one JSON object goes out, and as
+         * cJSON prints it, not as it came (its bytes would reach every
+         * subscriber, numbers like 01 included). */
+        cJSON *parsed = jget_parse(payload, plen, NULL, NULL);
+        char *text = NULL;
 
-        if (!cJSON_IsObject(parsed))
+        if (!cJSON_IsObject(parsed) || !(text = cJSON_PrintUnformatted(parsed))) {
+            char name[128], esc[512];
+
             metrics_counter_inc(m->m_bad);
-        else if (!msg_own_echo(m, parsed))
-            msg_deliver_topic(m, ch + 9, payload, plen, parsed);
+            snprintf(name, sizeof(name), "%.*s", (int)(clen < sizeof(name) - 1 ? clen : sizeof(name) - 1), ch);
+            log_event(LOG_WARN, "bus message refused: not one UTF-8 JSON object", "\"channel\":\"%s\",\"bytes\":%zu",
+                      log_escape(esc, sizeof(esc), name), plen);
+        } else if (!msg_own_echo(m, parsed)) {
+            msg_deliver_topic(m, ch + 9, text, strlen(text), parsed);
+        }
+        free(text);
         cJSON_Delete(parsed);
     } else if (clen > 8 && memcmp(ch, "rt:user:", 8) == 0) {
         msg_user *u = msg_user_get(m, ch + 8, 0);

@@ -203,6 +203,29 @@ console.log(JSON.stringify(out)); process.exit(0);
             self.assertEqual(r[k]["refused"], 401, k)
             self.assertEqual(json.loads(r[k]["body"])["error"], "unauthorized")
 
+    def test_token_numbers_user_ids_and_far_expiry(self):
+        r = self.run_js(r"""
+const out = {};
+out.fraction = await connect(URL + '?token=' + tok({user_id: 1.5}));
+out.huge = await connect(URL + '?token=' + tok({user_id: 1234567890123456789}));
+const n = await connect(URL + '?token=' + tok({user_id: 77}));
+send(n, 'Subscribe', {topics: ['user:77']}); out.own = (await next(n, is('Status'))).data;
+const far = await connect(URL + '?token=' + jwt.sign({sub: 'methuselah', exp: 1e16}, SECRET));
+await sleep(1500);
+send(far, 'Ping', {timestamp: 3}); out.far_pong = (await next(far, is('Pong'))).data;
+out.far_closed = far.closed;
+console.log(JSON.stringify(out)); process.exit(0);
+""")
+        # A number names a user only when it is an exact integer a double
+        # holds: 1.5 printed as "2", or 2^60 rounded, would be someone else.
+        self.assertEqual(r["fraction"]["refused"], 401)
+        self.assertEqual(r["huge"]["refused"], 401)
+        self.assertEqual(r["own"]["status"], "subscribed")
+        # An exp past what milliseconds in 64 bits hold is clamped, not
+        # overflowed into the past (which closed with 4001 within a second).
+        self.assertEqual(r["far_pong"], {"timestamp": 3})
+        self.assertIsNone(r["far_closed"])
+
     def test_refresh_extends_and_expiry_closes_4001(self):
         r = self.run_js(r"""
 const now = Math.floor(Date.now() / 1000);
@@ -314,10 +337,20 @@ const out = {};
 a.ws.send('{not json'); out.bad = (await next(a, is('Error'))).data;
 a.ws.send(JSON.stringify({type: 'Subscribe', data: {topics: 'x'}})); out.shape = (await next(a, is('Error'))).data;
 a.ws.send('x'.repeat(70000)); out.big = (await next(a, is('Error'))).data;
+a.ws.send(Buffer.from('{"type":"Ping","data":{"x":"\xff"}}', 'latin1'), {binary: false});
+out.utf8 = (await next(a, is('Error'))).data;
+send(a, 'a'.repeat(63) + '\u00e9', {}); out.unknown = (await next(a, is('Error'))).data;
 send(a, 'Ping', {timestamp: 7}); out.pong = (await next(a, is('Pong'))).data;
+out.closed = a.closed;
 console.log(JSON.stringify(out)); process.exit(0);
 """)
         self.assertEqual(r["bad"]["code"], 400)
+        # Not UTF-8: refused to its sender, who stays connected; the echo
+        # of an unknown type is cut on a character boundary (a cut inside
+        # the two bytes of e-acute made the Error frame itself invalid).
+        self.assertEqual(r["utf8"], {"code": 400, "message": "Frame text is not valid UTF-8"})
+        self.assertEqual(r["unknown"], {"code": 400, "message": "Unknown message type " + "a" * 63})
+        self.assertIsNone(r["closed"])
         self.assertEqual(r["shape"]["code"], 400)
         self.assertEqual(r["big"]["code"], 400)
         self.assertIn("70000", r["big"]["message"])
@@ -443,6 +476,38 @@ class CClientTest(unittest.TestCase):
 
 class ScaleOutTest(unittest.TestCase):
     """Two instances sharing Redis."""
+
+    def test_bus_topic_messages_are_checked_and_reprinted(self):
+        """Other services publish on rt:topic:*: one UTF-8 JSON object goes
+        out, printed again, and anything else is refused with a log line."""
+        r = redis.Redis.from_url(REDIS_URL)
+        with Realtime(REDIS_URL=REDIS_URL) as a:
+            wait_for(lambda: http_json("GET", a.base + "/info")[2]["redis"] == "connected", what="a on redis")
+            p = subprocess.Popen([need("node"), "-e", PRELUDE + """(async () => {
+const y = await connect(%(a)s + '?token=' + tok({sub: 'quentin'}));
+send(y, 'Subscribe', {topics: ['wire']}); await next(y, is('Status'));
+console.error('ready');
+const got = [];
+for (;;) { const f = await next(y, is('Broadcast'), 8000); if (!f) break; got.push(f.data);
+  if (f.data.a == 'end') break; }
+console.log(JSON.stringify({got, closed: y.closed})); process.exit(0); })();""" % {"a": json.dumps(a.url)}],
+                                 cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            self.assertEqual(p.stderr.readline().strip(), "ready")
+            time.sleep(0.3)
+            bad_before = metric(a.base, "realtime_bad_frames_total")
+            for raw in (b'{"a":1},"type":"DirectMessage"', b'{"a":"\xff"}', b'[1]', b'{"a":', b'{"a":"x\ny"}'):
+                self.assertGreaterEqual(r.publish("rt:topic:wire", raw), 1)
+            self.assertGreaterEqual(r.publish("rt:topic:wire", b'{"a":"x\\ny","n":01} '), 1)
+            self.assertGreaterEqual(r.publish("rt:topic:wire", b'{"a":"end"}'), 1)
+            out, err = p.communicate(timeout=20)
+            res = json.loads(out)
+            # The 01 came out as JSON (a client's JSON.parse threw on the
+            # raw text); nothing else came out, a raw newline in a string
+            # included (RFC 8259 wants it escaped).
+            self.assertEqual(res["got"], [{"a": "x\ny", "n": 1}, {"a": "end"}])
+            self.assertIsNone(res["closed"])
+            self.assertEqual(metric(a.base, "realtime_bad_frames_total") - bad_before, 5)
+            self.assertIn("bus message refused", a.log())
 
     def test_two_instances(self):
         r = redis.Redis.from_url(REDIS_URL)
