@@ -2,6 +2,7 @@
 #include "khala.h"
 
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -82,12 +83,33 @@ void khala_table_free(khala_table *t)
     free(t);
 }
 
+/* The form of `key` a slot holds: the key itself when it fits, else its
+ * head and two hashes of the whole. A copy cut to the slot's size never
+ * matched its key again, so a long key (a long subject or worker id) was
+ * a fresh slot at every call and never limited. */
+static void slot_key(char out[KHALA_KEY_MAX], const char *key)
+{
+    size_t n = strlen(key), head = KHALA_KEY_MAX - 18;
+
+    if (n < KHALA_KEY_MAX) {
+        memcpy(out, key, n + 1);
+        return;
+    }
+    memcpy(out, key, head);
+    snprintf(out + head, KHALA_KEY_MAX - head, "#%08x%08x", (unsigned)hash_fnv1a(key, n),
+             (unsigned)hash_fnv1a_add(hash_fnv1a("#", 1), key, n));
+}
+
 /* The slot of `key`, claimed (zeroed, key set) when absent. Called with
  * the lock held. *fresh is set when the slot was just claimed. */
-static khala_slot *lookup(khala_table *t, const char *key, int *fresh)
+static khala_slot *lookup(khala_table *t, const char *full, int *fresh)
 {
-    khala_slot *set = t->slots + (hash_fnv1a_str(key) % t->nsets) * KHALA_WAYS, *victim = set;
+    char key[KHALA_KEY_MAX];
+    khala_slot *set, *victim;
     int i;
+
+    slot_key(key, full);
+    set = victim = t->slots + (hash_fnv1a_str(key) % t->nsets) * KHALA_WAYS;
 
     *fresh = 0;
     for (i = 0; i < KHALA_WAYS; i++) {

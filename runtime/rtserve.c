@@ -37,7 +37,6 @@
 #include "backoff.h"
 #include "buf.h"
 #include "fmt.h"
-#include "jsonstr.h"
 #include "log.h"
 #include "randid.h"
 #include "rtappend.h"
@@ -372,6 +371,20 @@ static int pipe_take(rtserve *s, rt_job *j)
     return 1;
 }
 
+/* Whether the request's path segment and kept query values are UTF-8
+ * (after their %XX decoding). */
+static int utf8_request(const rt_job *j)
+{
+    int i;
+
+    if (j->pp.name && buf_utf8_valid(j->pp.value, strlen(j->pp.value)) != strlen(j->pp.value))
+        return 0;
+    for (i = 0; i < RT_KEEP_QUERIES; i++)
+        if (j->qry[i] && buf_utf8_valid(j->qry[i], strlen(j->qry[i])) != strlen(j->qry[i]))
+            return 0;
+    return 1;
+}
+
 static void http_dispatch(wsapp_req *req, void *ud)
 {
     rtserve *s = ud;
@@ -398,6 +411,13 @@ static void http_dispatch(wsapp_req *req, void *ud)
         j->qry[i] = dup_or_null(wsapp_req_query(req, keep_queries[i]));
     if (!j->body) {
         wsapp_respond_error(req, 503, "unavailable", "out of memory", NULL);
+        job_free(j);
+        return;
+    }
+    if (!utf8_request(j)) {
+        /* PostgreSQL refuses the whole statement over one such byte, which
+         * answered 503 "retry" for a request that can never succeed. */
+        wsapp_respond_error(req, 400, "invalid_request", "the path or a query parameter is not valid UTF-8", NULL);
         job_free(j);
         return;
     }
@@ -786,7 +806,8 @@ static void ws_open(wsapp_conn *c, void *user, void *ud)
     rtserve *s = ud;
     rt_sub *u = user;
     rt_topic *t, **link;
-    char hello[RT_TOPIC_MAX + 256], esc[RT_TOPIC_MAX * 2];
+    cJSON *hello;
+    char *text = NULL;
     int first = 0;
 
     u->conn = c;
@@ -805,11 +826,23 @@ static void ws_open(wsapp_conn *c, void *user, void *ud)
     u->next = t->subs;
     t->subs = u;
     metrics_gauge_add(s->r->subscribers, 1);
-    snprintf(hello, sizeof(hello),
-             "{\"type\":\"hello\",\"topic\":\"%s\",\"after_seq\":%lld,\"limit\":%ld,"
-             "\"recommended_reconnect_backoff_ms\":400}",
-             jsonstr_into(esc, sizeof(esc), u->topic), u->after, s->r->cfg.poll_max_limit);
-    send_text(u, hello);
+    /* Printed by cJSON: a topic of quotes or control characters escapes to
+     * several times its length, which a fixed buffer cut mid-frame. */
+    if ((hello = cJSON_CreateObject()) != NULL && cJSON_AddStringToObject(hello, "type", "hello") &&
+        cJSON_AddStringToObject(hello, "topic", u->topic) &&
+        cJSON_AddNumberToObject(hello, "after_seq", (double)u->after) &&
+        cJSON_AddNumberToObject(hello, "limit", (double)s->r->cfg.poll_max_limit) &&
+        cJSON_AddNumberToObject(hello, "recommended_reconnect_backoff_ms", 400) &&
+        (text = cJSON_PrintUnformatted(hello)) != NULL)
+        send_text(u, text);
+    else
+        first = -1;
+    free(text);
+    cJSON_Delete(hello);
+    if (first < 0) {
+        wsapp_conn_close(c, 1011, "out of memory");
+        return;
+    }
     read_start(s, u, first);
 }
 

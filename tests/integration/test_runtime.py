@@ -238,6 +238,16 @@ class Runs(unittest.TestCase):
         st, _, b = http_json("POST", self.rt.base + p, b'{"event_type": "x",', {"Content-Type": "application/json"})
         self.assertEqual((st, b["error"]), (400, "invalid_request"))
         self.assertIn("byte", b["message"])
+        # One JSON text, nothing after it (cJSON alone took the first value).
+        st, _, b = http_json("POST", self.rt.base + p, b'{"event_type": "x"} {"more": 1}',
+                             {"Content-Type": "application/json"})
+        self.assertEqual((st, b["error"], b["message"]), (400, "invalid_request", "trailing bytes at byte 20"))
+        # Bytes that are not UTF-8 in the path or the query: 400, not the
+        # 503 "retry" that PostgreSQL's refusal of the statement gave.
+        for path in ("/internal/v1/workers/%FF?owner_user_id=1", "/internal/v1/projectors/drift?topic=%FF"):
+            st, _, b = self.rt.call("GET", path)
+            self.assertEqual((st, b["error"]), (400, "invalid_request"), path)
+            self.assertIn("UTF-8", b["message"])
         for body in ({}, {"event_type": 5}, {"event_type": "x", "expected_previous_seq": -1},
                      {"event_type": "x", "idempotency_key": 3}):
             st, _, b = self.rt.call("POST", p, body)
