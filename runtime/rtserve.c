@@ -47,7 +47,6 @@
 #include "wsapp.h"
 
 #define RT_QUEUE_MAX 4096
-#define RT_TOPIC_MAX 600
 #define RT_KEEP_HEADERS 4
 #define RT_KEEP_QUERIES 5
 
@@ -89,11 +88,20 @@ struct rt_sub {
     uint64_t id;
     char topic[RT_TOPIC_MAX];
     long long after;  /* the last sequence sent */
-    int reading;      /* a log read is in flight */
+    int reading;      /* a log read is in flight, or the backlog waits for the queue to drain */
     int again;        /* a message arrived during it: read again */
     int open;
     rt_sub *next;     /* in its topic's list */
+    rtserve *srv;
+    wsapp_timer *pace; /* while the backlog waits (NULL until first needed; freed at close) */
 };
+
+/* Backlog bytes queued on a subscriber before its read waits for them to
+ * be written: half the send queue, the rest left for live messages. A page
+ * of 200 messages of up to 256 KiB each queued in one loop turn passed the
+ * queue's 1 MiB and dropped even a fast reader as too slow, at every
+ * reconnect from the same cursor. */
+#define RT_BACKLOG_BYTES (512 * 1024)
 
 typedef struct rt_topic rt_topic;
 struct rt_topic {
@@ -511,6 +519,33 @@ static void read_run(rtserve *s, rt_job *j)
 
 static void read_start(rtserve *s, rt_sub *u, int listen_add);
 
+/* The backlog's next read once the queue is below half the budget; live
+ * messages meanwhile only mark it to read again, as during a read. */
+static void backlog_resume(wsapp_timer *t, void *ud)
+{
+    rt_sub *u = ud;
+
+    if (!u->open)
+        return;
+    if (wsapp_conn_queued(u->conn) > RT_BACKLOG_BYTES / 2) {
+        wsapp_timer_set(t, 10);
+        return;
+    }
+    u->reading = 0;
+    read_start(u->srv, u, 0);
+}
+
+static void backlog_wait(rt_sub *u)
+{
+    u->reading = 1;
+    if (!u->pace && !(u->pace = wsapp_timer_new(u->srv->app, backlog_resume, u))) {
+        wsapp_conn_close(u->conn, 1011, "out of memory");
+        u->open = 0;
+        return;
+    }
+    wsapp_timer_set(u->pace, 10);
+}
+
 static void read_done(rtserve *s, rt_job *j)
 {
     rt_sub *u = sub_by_id(s, j->topic, j->conn_id);
@@ -556,6 +591,11 @@ static void read_done(rtserve *s, rt_job *j)
             break;
         }
         free(text);
+        if (wsapp_conn_queued(u->conn) > 0 && wsapp_conn_queued(u->conn) + b.len > RT_BACKLOG_BYTES) {
+            buf_free(&b);
+            backlog_wait(u);
+            return;
+        }
         if (wsapp_conn_send_text(u->conn, b.p, b.len) < 0)
             u->open = 0;
         buf_free(&b);
@@ -793,6 +833,7 @@ static int ws_accept(wsapp_req *req, void *user, void *ud)
         wsapp_respond_error(req, 404, "not_found", "no such WebSocket route", NULL);
         return -1;
     }
+    rt_topic_canonical(u->topic);
     if (rt_khala_ws_accept(s->r, &q, u->topic, &u->after, &a) < 0) {
         cJSON_AddStringToObject(a.json, "request_id", wsapp_req_id(req));
         wsapp_respond_json(req, a.status, a.json);
@@ -813,6 +854,7 @@ static void ws_open(wsapp_conn *c, void *user, void *ud)
     u->conn = c;
     u->id = wsapp_conn_id(c);
     u->open = 1;
+    u->srv = s;
     if (!(t = topic_find(s, u->topic, &link))) {
         if (!(t = calloc(1, sizeof(*t)))) {
             wsapp_conn_close(c, 1011, "out of memory");
@@ -853,6 +895,8 @@ static void ws_close(wsapp_conn *c, void *user, void *ud)
     rt_topic *t, **link;
     rt_job *j;
 
+    wsapp_timer_free(u->pace);
+    u->pace = NULL;
     if (!c || !u->id || !(t = topic_find(s, u->topic, &link)))
         return;
     for (pp = &t->subs; *pp; pp = &(*pp)->next)

@@ -18,8 +18,11 @@ const want = Number(wantArg);
 const headers = headersArg ? JSON.parse(headersArg) : {};
 let messages = 0;
 const out = (o) => process.stdout.write(JSON.stringify(o) + '\n');
+// Exits once stdout has taken every line: a pipe takes 64 KiB at once, and
+// process.exit() with more pending cut the last line (a large message).
+const exit = () => process.stdout.write('', () => process.exit(0));
 const ws = new WebSocket(url, { headers });
-const timer = setTimeout(() => { out({ timeout: true }); process.exit(0); }, Number(timeoutArg));
+const timer = setTimeout(() => { out({ timeout: true }); exit(); }, Number(timeoutArg));
 
 ws.on('unexpected-response', (req, res) => {
   let body = '';
@@ -29,10 +32,10 @@ ws.on('unexpected-response', (req, res) => {
     try { parsed = JSON.parse(body); } catch (e) { /* kept as text */ }
     out({ refused: res.statusCode, body: parsed });
     clearTimeout(timer);
-    process.exit(0);
+    exit();
   });
 });
-ws.on('error', (e) => { out({ error: e.message }); clearTimeout(timer); process.exit(0); });
+ws.on('error', (e) => { out({ error: e.message }); clearTimeout(timer); exit(); });
 ws.on('message', (data) => {
   const f = JSON.parse(data.toString());
   out({ frame: f });
@@ -40,7 +43,7 @@ ws.on('message', (data) => {
   if (f.type === 'message' && want > 0 && ++messages >= want) {
     clearTimeout(timer);
     ws.close(1000);
-    setTimeout(() => process.exit(0), 50);
+    setTimeout(() => exit(), 50);
   }
 });
-ws.on('close', (code, reason) => { out({ close: code, reason: reason.toString() }); clearTimeout(timer); process.exit(0); });
+ws.on('close', (code, reason) => { out({ close: code, reason: reason.toString() }); clearTimeout(timer); exit(); });
