@@ -135,6 +135,19 @@ static int canon_value(buf *out, const cJSON *v, int depth)
     return buf_puts(out, "null");
 }
 
+int canonjson_depth(const cJSON *v)
+{
+    const cJSON *c;
+    int deepest = 0, d;
+
+    if (!cJSON_IsObject(v) && !cJSON_IsArray(v))
+        return 0;
+    for (c = v->child; c; c = c->next)
+        if ((d = canonjson_depth(c)) > deepest)
+            deepest = d;
+    return deepest + 1;
+}
+
 int canonjson_append(buf *out, const cJSON *v)
 {
     size_t before = out->truncated;

@@ -22,6 +22,12 @@
 /* Deepest nesting written; deeper values are refused. */
 #define CANONJSON_MAX_DEPTH 128
 
+/* How deep v nests (a scalar 0, [] and {} 1, [[1]] 2), for a check before
+ * a value is stored that its canonical form will be written later: a
+ * value deeper than CANONJSON_MAX_DEPTH less its place in the document
+ * cannot be. */
+int canonjson_depth(const cJSON *v);
+
 /* "sha256:" + 64 hex digits + NUL. */
 #define CANONJSON_HASH_LEN 72
 

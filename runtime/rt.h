@@ -109,7 +109,16 @@ int rt_writes_frozen(rt *r, rt_resp *a);
  * empty object when allow_empty). Returns 0, or -1 with a 400 in `a`. */
 int rt_body_object(const rt_req *q, cJSON **out, int allow_empty, rt_resp *a);
 /* Nonzero when `s` is a UUID in its canonical text form. */
+/* The longest topic name kept, with its NUL. */
+#define RT_TOPIC_MAX 600
+
 int rt_is_uuid(const char *s);
+/* Lowercases the id of a run topic ("run:<uuid>:events") in place:
+ * UUIDs compare without case (RFC 4122) and PostgreSQL writes them in
+ * lowercase, so a topic spelled in capitals was another topic to the
+ * listeners, the subscriber table and the rate limits, and its subscriber
+ * got no live message. Other topics are left as they are. */
+void rt_topic_canonical(char *topic);
 /* Counts one append of `event_type` (bounded label set). */
 void rt_count_append(rt *r, const char *event_type);
 

@@ -86,6 +86,21 @@ int rt_is_uuid(const char *s)
     return 1;
 }
 
+void rt_topic_canonical(char *topic)
+{
+    char id[37];
+    int i;
+
+    if (strlen(topic) != 4 + 36 + 7 || strncmp(topic, "run:", 4) != 0 || strcmp(topic + 40, ":events") != 0)
+        return;
+    memcpy(id, topic + 4, 36);
+    id[36] = '\0';
+    if (!rt_is_uuid(id))
+        return;
+    for (i = 4; i < 40; i++)
+        topic[i] = (char)tolower((unsigned char)topic[i]);
+}
+
 /* Event types are chosen by clients: the first 64 get their own series,
  * the rest share "other", so a client cannot grow the registry. */
 #define RT_TYPES_MAX 64

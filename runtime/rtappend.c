@@ -142,6 +142,15 @@ rt_append *rtappend_prepare(rt *r, const rt_req *q, rt_resp *a)
         rt_error(a, 400, "invalid_request", "expected_previous_seq must be a non-negative integer");
         goto fail;
     }
+    /* The receipt hashes the payload inside the run's event list (2
+     * levels down), canonically, and canonjson writes no deeper than
+     * CANONJSON_MAX_DEPTH: a deeper payload was stored and then made the
+     * run's receipt and replay answer 500 for good. */
+    if (payload && canonjson_depth(payload) > RTAPPEND_PAYLOAD_MAX_DEPTH) {
+        rt_error(a, 400, "invalid_request", "payload nests too deep");
+        cJSON_AddNumberToObject(a->json, "max_depth", RTAPPEND_PAYLOAD_MAX_DEPTH);
+        goto fail;
+    }
     if (strcmp(type->valuestring, "run.finished") == 0 &&
         !cJSON_IsString(cJSON_GetObjectItemCaseSensitive(payload, "status"))) {
         rt_error(a, 400, "invalid_request", "run.finished requires payload.status");
@@ -153,6 +162,7 @@ rt_append *rtappend_prepare(rt *r, const rt_req *q, rt_resp *a)
         goto fail;
     }
     snprintf(topic, sizeof(topic), "run:%s:events", x->id);
+    rt_topic_canonical(topic);
     if (check_publish(r, topic, strlen(x->payload_text), a) < 0)
         goto fail;
     x->type = type->valuestring;

@@ -8,10 +8,15 @@
 #ifndef RT_RTAPPEND_H
 #define RT_RTAPPEND_H
 
+#include "canonjson.h"
 #include "rt.h"
 
 /* At most this many appends share one transaction. */
 #define RTAPPEND_GROUP_MAX 64
+
+/* The deepest payload an append takes (canonjson_depth): what the receipt
+ * can still hash inside the run's event list. */
+#define RTAPPEND_PAYLOAD_MAX_DEPTH (CANONJSON_MAX_DEPTH - 8)
 
 typedef struct rt_append rt_append;
 

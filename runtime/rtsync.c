@@ -12,8 +12,6 @@
 #include "rtsync.h"
 #include "svc.h"
 
-#define RT_TOPIC_MAX 600
-
 static void refusal(rt_resp *a, const synctoken_refusal *why)
 {
     rt_error(a, why->status, why->error, why->message);
@@ -225,14 +223,16 @@ cJSON *rtsync_stale(rt *r, const char *topic, long long after, const rtsync_wind
 
 void rt_h_khala_poll(rt *r, const rt_req *q, rt_resp *a)
 {
-    const char *topic = q->param(q, "topic");
+    char topic[RT_TOPIC_MAX];
     synctoken_principal p;
     long long after = 0, limit = r->cfg.poll_default_limit, last;
     long applied, retry = 0;
-    char key[512];
+    char key[RT_TOPIC_MAX + 1024];
     rtsync_window w;
     cJSON *stale, *lastmsg;
 
+    fmt_copy(topic, sizeof(topic), q->param(q, "topic") ? q->param(q, "topic") : "");
+    rt_topic_canonical(topic);
     if (authorize(r, q, topic, &p, a) < 0)
         return;
     if (parse_count(q->query(q, "after_seq"), 9000000000000000000LL, &after) < 0 ||

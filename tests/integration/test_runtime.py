@@ -242,6 +242,14 @@ class Runs(unittest.TestCase):
         st, _, b = http_json("POST", self.rt.base + p, b'{"event_type": "x"} {"more": 1}',
                              {"Content-Type": "application/json"})
         self.assertEqual((st, b["error"], b["message"]), (400, "invalid_request", "trailing bytes at byte 20"))
+        # A payload deeper than the receipt can hash canonically is refused;
+        # one within it appends, and the run's receipt still answers.
+        for depth, want in ((130, 400), (100, 200)):
+            body = b'{"event_type": "deep", "payload": {"d": ' + b"[" * depth + b"]" * depth + b"}}"
+            st, _, b = http_json("POST", self.rt.base + p, body, {"Content-Type": "application/json"})
+            self.assertEqual(st, want, b)
+        st, _, rc = self.rt.call("GET", "/internal/v1/runs/%s/receipt" % run["id"])
+        self.assertEqual(st, 200, rc)
         # Bytes that are not UTF-8 in the path or the query: 400, not the
         # 503 "retry" that PostgreSQL's refusal of the statement gave.
         for path in ("/internal/v1/workers/%FF?owner_user_id=1", "/internal/v1/projectors/drift?topic=%FF"):
@@ -683,6 +691,45 @@ class Khala(unittest.TestCase):
         ws = WsClient(self.rt, topic, after=7, want=1)
         ws.finish()
         self.assertEqual([f["message"]["sequence"] for f in ws.frames("message")], [8])
+
+    def test_websocket_backlog_over_the_send_queue(self):
+        """A backlog bigger than the send queue (1 MiB) reaches a reader
+        that reads: its page was queued in one loop turn, which dropped the
+        connection as too slow at every reconnect from the same cursor."""
+        run = self.rt.new_run()
+        topic = "run:%s:events" % run["id"]
+        blob = "x" * 250000
+        for i in range(6):
+            st, _, b = self.rt.append(run["id"], "big", {"i": i, "blob": blob}, headers={"Prefer": "return=minimal"})
+            self.assertEqual(st, 200, b)
+        ws = WsClient(self.rt, topic, after=0, want=8)  # the run's creation is 1
+        ws.wait_ready()
+        st, _, _ = self.rt.append(run["id"], "live", {"i": 6}, headers={"Prefer": "return=minimal"})
+        self.assertEqual(st, 200)
+        ev = ws.finish()
+        msgs = [f["message"] for f in ws.frames("message")]
+        self.assertEqual([m["sequence"] for m in msgs], list(range(1, 9)), ev[-3:])
+        self.assertEqual([m["payload"]["i"] for m in msgs[1:]], list(range(7)))
+        self.assertEqual(len(msgs[1]["payload"]["blob"]), 250000)
+
+    def test_run_topic_in_capitals_is_the_same_topic(self):
+        """UUIDs compare without case: a subscriber of the topic spelled in
+        capitals got the hello and the backlog, then no live message (the
+        listener and the subscriber were filed under the capitals)."""
+        rid, topic = self.topic_with(2)
+        upper = "run:%s:events" % rid.upper()
+        ws = WsClient(self.rt, upper, after=0, want=3)
+        ws.wait_ready()
+        self.assertEqual(ws.frames("hello")[0]["topic"], topic)
+        st, _, _ = self.rt.append(rid, "live", {"i": 1}, headers={"Prefer": "return=minimal"})
+        self.assertEqual(st, 200)
+        ev = ws.finish()
+        msgs = [f["message"] for f in ws.frames("message")]
+        self.assertEqual([m["sequence"] for m in msgs], [1, 2, 3], ev[-3:])
+        self.assertEqual(msgs[-1]["kind"], "live")
+        st, _, b = self.rt.poll(upper, 0)
+        self.assertEqual(st, 200, b)
+        self.assertEqual([m["sequence"] for m in b["messages"]], [1, 2, 3])
 
     def test_websocket_worker_topic_live(self):
         wid = "desk:%s" % uuid.uuid4().hex[:8]

@@ -91,11 +91,14 @@ static void test_depth_and_limit(void **state)
     deep[2 * n] = '\0';
     v = cJSON_Parse(deep);
     assert_non_null(v);
+    assert_int_equal(canonjson_depth(v), n);
     buf_init(&b, 0);
     assert_int_equal(canonjson_append(&b, v), -1);
     buf_free(&b);
     cJSON_Delete(v);
     v = cJSON_Parse("{\"a\":\"0123456789\"}");
+    assert_int_equal(canonjson_depth(v), 1);
+    assert_int_equal(canonjson_depth(cJSON_GetObjectItemCaseSensitive(v, "a")), 0);
     buf_init(&b, 8);
     assert_int_equal(canonjson_append(&b, v), -1);
     buf_free(&b);
