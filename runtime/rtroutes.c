@@ -23,41 +23,16 @@ static const rt_route routes[] = {
     {"GET", "/internal/v1/khala/topics/{topic}/messages", rt_h_khala_poll},
 };
 
-static int hexval(char c)
+/* Copies a segment of n bytes. libwebsockets has %XX-decoded the path
+ * already (a %2F is a '/' by now, so a segment never holds one); decoding
+ * it again made a%2541 the worker aA instead of a%41, and a%25b a byte
+ * that is not UTF-8. Returns -1 when it is empty or does not fit. */
+static int copy_segment(const char *s, size_t n, char *out, size_t outlen)
 {
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
-}
-
-/* Copies a segment of n bytes, %XX decoded. Returns -1 when it does not
- * fit, is empty, or decodes to a NUL or a '/'. */
-static int decode(const char *s, size_t n, char *out, size_t outlen)
-{
-    size_t i, j = 0;
-
-    if (n == 0)
+    if (n == 0 || n >= outlen)
         return -1;
-    for (i = 0; i < n; i++) {
-        char c = s[i];
-        if (c == '%') {
-            int hi = i + 1 < n ? hexval(s[i + 1]) : -1, lo = i + 2 < n ? hexval(s[i + 2]) : -1;
-            if (hi < 0 || lo < 0)
-                return -1;
-            c = (char)(hi * 16 + lo);
-            if (c == '\0')
-                return -1;
-            i += 2;
-        }
-        if (j + 1 >= outlen)
-            return -1;
-        out[j++] = c;
-    }
-    out[j] = '\0';
+    memcpy(out, s, n);
+    out[n] = '\0';
     return 0;
 }
 
@@ -73,7 +48,7 @@ static int match(const char *pattern, const char *path, rt_params *pp)
             if (!close)
                 return 0;
             pp->name = pattern[1] == 'i' ? "id" : "topic";
-            if (decode(path, n, pp->value, sizeof(pp->value)) < 0)
+            if (copy_segment(path, n, pp->value, sizeof(pp->value)) < 0)
                 return 0;
             pattern = close + 1;
             path += n;
@@ -115,5 +90,5 @@ int rt_route_ws_topic(const char *path, char *topic, size_t topiclen)
         return -1;
     if (memchr(path + plen, '/', n - plen - 3))
         return -1;
-    return decode(path + plen, n - plen - 3, topic, topiclen);
+    return copy_segment(path + plen, n - plen - 3, topic, topiclen);
 }

@@ -16,7 +16,7 @@ typedef struct {
 
 #define RT_PARAM_MAX 1024
 
-/* The path segment a route captured (percent-decoded), by name. */
+/* The path segment a route captured (percent-decoded once, by libwebsockets), by name. */
 typedef struct {
     const char *name;
     char value[RT_PARAM_MAX];

@@ -482,6 +482,17 @@ class Workers(unittest.TestCase):
     def wid(self):
         return "desktop:%s:w" % uuid.uuid4().hex[:8]
 
+    def test_worker_ids_with_percent_signs(self):
+        """A path is percent-decoded once (libwebsockets does it): a%2541 is
+        the worker a%41, not aA, and a%25b the worker a%b, not a 400."""
+        u = uuid.uuid4().hex[:6]
+        for wid in ("a%b" + u, "a%41" + u, "aA" + u):
+            st, _, b = self.rt.call("POST", "/internal/v1/workers", {"worker_id": wid, "owner_user_id": 7})
+            self.assertEqual(st, 201, b)
+        for path, wid in (("a%25b", "a%b"), ("a%2541", "a%41"), ("a%41", "aA"), ("aA", "aA")):
+            st, _, b = self.rt.call("GET", "/internal/v1/workers/%s%s?owner_user_id=7" % (path, u))
+            self.assertEqual((st, b["worker"]["worker"]["worker_id"]), (200, wid + u), path)
+
     def test_register_get_and_owners(self):
         wid = self.wid()
         st, _, b = self.rt.call("POST", "/internal/v1/workers", {"worker_id": wid, "owner_user_id": 7,
