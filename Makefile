@@ -156,6 +156,10 @@ $(FAULT_BIN): $(filter-out $(O)/action-workers/worker.o,$(action-workers_SRCS:%.
 	$(call msg,LINK,$@)
 	$(Q)$(CC) $(ALL_LDFLAGS) -o $@ $^ $(ALL_LDLIBS)
 
+# rtbus_hold drives realtime's Redis bus itself.
+$(O)/tests/integration/drivers/rtbus_hold.o: ALL_CPPFLAGS += -Irealtime
+$(O)/tests/drivers/rtbus_hold: $(O)/realtime/rtbus.o
+
 $(O)/tests/drivers/%: $(O)/tests/integration/drivers/%.o $(LIB)
 	@mkdir -p $(@D)
 	$(call msg,LINK,$@)

@@ -108,6 +108,7 @@ struct messaging {
     int rate_enabled;
     double conn_rate, conn_burst, user_rate, user_burst, global_rate, global_burst;
     size_t send_queue_bytes;
+    size_t bus_queue_bytes; /* REDIS_QUEUE_BYTES: Redis messages waiting for the loop */
     char rules_path[1024];
     char jwt_secret[512];
     char jwt_iss[256], jwt_aud[256];
@@ -1753,6 +1754,7 @@ static void *messaging_configure(cfg *c)
     m->global_rate = (double)cfg_int(c, "RATE_LIMIT_GLOBAL_PER_SECOND", 100000, 1, 1000000000);
     m->global_burst = (double)cfg_int(c, "RATE_LIMIT_GLOBAL_BURST", 200000, 1, 1000000000);
     m->send_queue_bytes = (size_t)cfg_int(c, "SEND_QUEUE_BYTES", 262144, 4096, 1L << 30);
+    m->bus_queue_bytes = (size_t)cfg_int(c, "REDIS_QUEUE_BYTES", 64L << 20, 4096, 1L << 40);
     fmt_copy(m->rules_path, sizeof(m->rules_path), cfg_str(c, "ROUTING_RULES", ""));
     fmt_copy(m->jwt_secret, sizeof(m->jwt_secret), cfg_secret(c, "JWT_SECRET", "dev-jwt-secret-change-me"));
     fmt_copy(m->jwt_iss, sizeof(m->jwt_iss), cfg_str(c, "JWT_ISSUER", ""));
@@ -1794,7 +1796,7 @@ static int messaging_attach(void *state, rt_host *host)
         log_error("ROUTING_RULES: %s", err);
         return -1;
     }
-    if (host->redis_configured && !(m->bus = rtbus_new(host->redis, host->app, msg_bus_message, m)))
+    if (host->redis_configured && !(m->bus = rtbus_new(host->redis, host->app, m->bus_queue_bytes, mx, msg_bus_message, m)))
         return -1;
     for (int i = 0; i < FT_COUNT; i++) {
         char lab[64];

@@ -12,6 +12,7 @@
 
 #include "hash.h"
 #include "log.h"
+#include "metrics.h"
 #include "svc.h"
 
 #define RTBUS_MAX_QUEUE 100000
@@ -42,6 +43,7 @@ typedef struct rtbus_op {
 typedef struct {
     rtbus *bus;
     int n;
+    size_t bytes; /* counted in rtbus.held until the loop has run the batch */
     struct {
         char *chan, *payload;
         size_t clen, plen;
@@ -64,6 +66,14 @@ struct rtbus {
     int started;
     atomic_int stop, up;
     int evfd;
+    /* Bytes of messages the sub thread has handed to the loop and the loop
+     * has not yet run, against max_held: a publisher faster than the loop
+     * must not grow this process without bound. */
+    size_t max_held;
+    atomic_size_t held;
+    metrics_counter *m_received, *m_dropped;
+    metrics_gauge *m_held; /* follows `held` */
+    long long last_drop_log_ms;
     pthread_mutex_t lock;
     pthread_cond_t cond;
     rtbus_op *subq, *subq_tail;   /* subscription changes for the sub thread */
@@ -157,17 +167,23 @@ int rtbus_up(const rtbus *b) { return atomic_load(&((rtbus *)(uintptr_t)b)->up);
 
 /* ---- delivery to the loop ----------------------------------------------- */
 
-static void rtbus_batch_run(wsapp *app, void *ud)
+/* Frees a batch, delivering its messages first when `deliver`. */
+static void rtbus_batch_end(rtbus_batch *bt, int deliver)
 {
-    rtbus_batch *bt = ud;
-
     for (int i = 0; i < bt->n; i++) {
-        if (!wsapp_stopping(app))
+        if (deliver)
             bt->bus->on_message(bt->bus->ud, bt->m[i].chan, bt->m[i].clen, bt->m[i].payload, bt->m[i].plen);
         free(bt->m[i].chan);
         free(bt->m[i].payload);
     }
+    atomic_fetch_sub(&bt->bus->held, bt->bytes);
+    metrics_gauge_add(bt->bus->m_held, -(double)bt->bytes);
     free(bt);
+}
+
+static void rtbus_batch_run(wsapp *app, void *ud)
+{
+    rtbus_batch_end(ud, !wsapp_stopping(app));
 }
 
 static void rtbus_reply_run(wsapp *app, void *ud)
@@ -284,57 +300,98 @@ static int rtbus_resubscribe(rtbus *b, redisContext *ctx)
     return 0;
 }
 
+/* A message the loop has no room for: counted, and logged at most once a
+ * second (a flood of them must not become a flood of log lines). */
+static void rtbus_drop(rtbus *b, const redisReply *r)
+{
+    long long now = svc_now_ms();
+
+    metrics_counter_inc(b->m_dropped);
+    if (now - b->last_drop_log_ms < 1000)
+        return;
+    b->last_drop_log_ms = now;
+    log_event(LOG_WARN, "bus message dropped: the loop is behind", "\"bytes\":%zu,\"held\":%zu,\"max\":%zu",
+              r->element[2]->len, atomic_load(&b->held), b->max_held);
+}
+
+/* Copies one message into the batch (allocated on first use), or drops it
+ * when the loop already holds max_held bytes. */
+static void rtbus_batch_add(rtbus *b, rtbus_batch **btp, const redisReply *r)
+{
+    const redisReply *ch = r->element[1], *pl = r->element[2];
+    size_t bytes = ch->len + pl->len;
+    rtbus_batch *bt = *btp;
+
+    if (atomic_load(&b->held) + bytes > b->max_held) {
+        rtbus_drop(b, r);
+        return;
+    }
+    if (!bt && !(bt = *btp = calloc(1, sizeof(*bt))))
+        return;
+    bt->bus = b;
+    bt->m[bt->n].chan = malloc(ch->len + 1);
+    bt->m[bt->n].payload = malloc(pl->len + 1);
+    if (!bt->m[bt->n].chan || !bt->m[bt->n].payload) {
+        free(bt->m[bt->n].chan);
+        free(bt->m[bt->n].payload);
+        return;
+    }
+    memcpy(bt->m[bt->n].chan, ch->str, ch->len + 1);
+    memcpy(bt->m[bt->n].payload, pl->str, pl->len + 1);
+    bt->m[bt->n].clen = ch->len;
+    bt->m[bt->n].plen = pl->len;
+    bt->n++;
+    bt->bytes += bytes;
+    /* Counted now, not when posted: the next message's check must see it. */
+    atomic_fetch_add(&b->held, bytes);
+    metrics_gauge_add(b->m_held, (double)bytes);
+}
+
+/* Out of memory the batch is lost: its callbacks belong on the loop. */
+static void rtbus_batch_post(rtbus *b, rtbus_batch *bt)
+{
+    if (wsapp_post(b->app, rtbus_batch_run, bt) < 0) {
+        metrics_counter_add(b->m_dropped, (uint64_t)bt->n);
+        rtbus_batch_end(bt, 0);
+    }
+}
+
+static int rtbus_is_message(const redisReply *r)
+{
+    return r->type == REDIS_REPLY_ARRAY && r->elements == 3 && r->element[0]->type == REDIS_REPLY_STRING &&
+           strcmp(r->element[0]->str, "message") == 0 && r->element[1]->type == REDIS_REPLY_STRING &&
+           r->element[2]->type == REDIS_REPLY_STRING;
+}
+
 /* Reads every complete reply in the buffer; messages go to the loop in
  * batches. Returns -1 on a protocol error. */
 static int rtbus_drain(rtbus *b, redisContext *ctx)
 {
     rtbus_batch *bt = NULL;
     void *rv;
+    int rc = 0;
 
     for (;;) {
-        redisReply *r;
-
-        if (redisGetReplyFromReader(ctx, &rv) != REDIS_OK)
-            return -1;
+        if (redisGetReplyFromReader(ctx, &rv) != REDIS_OK) {
+            rc = -1;
+            break;
+        }
         if (!rv)
             break;
-        r = rv;
-        if (r->type == REDIS_REPLY_ARRAY && r->elements == 3 && r->element[0]->type == REDIS_REPLY_STRING &&
-            strcmp(r->element[0]->str, "message") == 0 && r->element[1]->type == REDIS_REPLY_STRING &&
-            r->element[2]->type == REDIS_REPLY_STRING) {
-            if (!bt && !(bt = calloc(1, sizeof(*bt)))) {
-                freeReplyObject(r);
-                continue;
-            }
-            bt->bus = b;
-            bt->m[bt->n].chan = malloc(r->element[1]->len + 1);
-            bt->m[bt->n].payload = malloc(r->element[2]->len + 1);
-            if (bt->m[bt->n].chan && bt->m[bt->n].payload) {
-                memcpy(bt->m[bt->n].chan, r->element[1]->str, r->element[1]->len + 1);
-                memcpy(bt->m[bt->n].payload, r->element[2]->str, r->element[2]->len + 1);
-                bt->m[bt->n].clen = r->element[1]->len;
-                bt->m[bt->n].plen = r->element[2]->len;
-                bt->n++;
-            } else {
-                free(bt->m[bt->n].chan);
-                free(bt->m[bt->n].payload);
-            }
-            if (bt->n == RTBUS_BATCH) {
-                if (wsapp_post(b->app, rtbus_batch_run, bt) < 0)
-                    rtbus_batch_run(b->app, bt);
-                bt = NULL;
-            }
+        if (rtbus_is_message(rv)) {
+            metrics_counter_inc(b->m_received);
+            rtbus_batch_add(b, &bt, rv);
         }
-        freeReplyObject(r);
-    }
-    if (bt && wsapp_post(b->app, rtbus_batch_run, bt) < 0) {
-        for (int i = 0; i < bt->n; i++) {
-            free(bt->m[i].chan);
-            free(bt->m[i].payload);
+        freeReplyObject(rv);
+        if (bt && bt->n == RTBUS_BATCH) {
+            rtbus_batch_post(b, bt);
+            bt = NULL;
         }
-        free(bt);
     }
-    return 0;
+    /* What was read before a protocol error is good. */
+    if (bt)
+        rtbus_batch_post(b, bt);
+    return rc;
 }
 
 static void *rtbus_sub_main(void *arg)
@@ -439,7 +496,8 @@ static void *rtbus_cmd_main(void *arg)
 
 /* ---- lifecycle ------------------------------------------------------------ */
 
-rtbus *rtbus_new(const rconn_opts *o, wsapp *app, rtbus_message_fn on_message, void *ud)
+rtbus *rtbus_new(const rconn_opts *o, wsapp *app, size_t max_held, metrics *mx, rtbus_message_fn on_message,
+                 void *ud)
 {
     rtbus *b = calloc(1, sizeof(*b));
 
@@ -447,12 +505,20 @@ rtbus *rtbus_new(const rconn_opts *o, wsapp *app, rtbus_message_fn on_message, v
         return NULL;
     b->o = *o;
     b->app = app;
+    b->max_held = max_held;
+    mx = mx ? mx : metrics_default();
+    b->m_received = metrics_counter_get(mx, "realtime_bus_messages_total",
+                                        "Redis messages read on subscribed channels", NULL);
+    b->m_dropped = metrics_counter_get(mx, "realtime_bus_dropped_total",
+                                       "Redis messages dropped because the loop held REDIS_QUEUE_BYTES of them",
+                                       NULL);
+    b->m_held = metrics_gauge_get(mx, "realtime_bus_held_bytes", "Bytes of Redis messages waiting for the loop", NULL);
     b->on_message = on_message;
     b->ud = ud;
     b->evfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     pthread_mutex_init(&b->lock, NULL);
     pthread_cond_init(&b->cond, NULL);
-    if (b->evfd < 0) {
+    if (b->evfd < 0 || !b->m_received || !b->m_dropped || !b->m_held) {
         rtbus_free(b);
         return NULL;
     }

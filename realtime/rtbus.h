@@ -5,7 +5,8 @@
  *
  * Both reconnect with back-off (rconn); after a reconnect the subscriber
  * subscribes again to every channel it holds. Messages published while it
- * was down are lost (Redis pub/sub keeps nothing), which the docs state.
+ * was down are lost (Redis pub/sub keeps nothing), which the docs state, and
+ * so are those that arrive while the loop is too far behind (rtbus_new).
  *
  * Threads: rtbus_subscribe, rtbus_unsubscribe and rtbus_command may be
  * called from any thread (they queue); the message and reply callbacks run
@@ -17,6 +18,7 @@
 
 #include <hiredis/hiredis.h>
 
+#include "metrics.h"
 #include "rconn.h"
 #include "wsapp.h"
 
@@ -30,8 +32,13 @@ typedef void (*rtbus_message_fn)(void *ud, const char *channel, size_t clen, con
  * not be reached (and is freed after the call). */
 typedef void (*rtbus_reply_fn)(void *ud, redisReply *r);
 
-/* Creates the bus (options copied; not connected). NULL on OOM. */
-rtbus *rtbus_new(const rconn_opts *o, wsapp *app, rtbus_message_fn on_message, void *ud);
+/* Creates the bus (options copied; not connected). At most `max_held`
+ * bytes of messages (channel and payload) wait for the loop at once; a
+ * message past that is dropped and counted in realtime_bus_dropped_total
+ * of `mx` (NULL: metrics_default()); realtime_bus_messages_total counts
+ * every message read, realtime_bus_held_bytes what waits. NULL on OOM. */
+rtbus *rtbus_new(const rconn_opts *o, wsapp *app, size_t max_held, metrics *mx, rtbus_message_fn on_message,
+                 void *ud);
 /* Stops the threads (if started) and frees. NULL is a no-op. Replies not
  * yet delivered are dropped. */
 void rtbus_free(rtbus *b);

@@ -227,10 +227,12 @@ void wsapp_respond_error(wsapp_req *req, int status, const char *code, const cha
 }
 
 /* Redis is off: the module never gets a bus. */
-rtbus *rtbus_new(const rconn_opts *o, wsapp *app, rtbus_message_fn fn, void *ud)
+rtbus *rtbus_new(const rconn_opts *o, wsapp *app, size_t max_held, metrics *mx, rtbus_message_fn fn, void *ud)
 {
     (void)o;
     (void)app;
+    (void)max_held;
+    (void)mx;
     (void)fn;
     (void)ud;
     abort();

@@ -474,6 +474,48 @@ class CClientTest(unittest.TestCase):
             self.assertGreaterEqual(metric(rt.base, "realtime_deliveries_total"), 6000)
 
 
+class BusHoldTest(unittest.TestCase):
+    """The Redis hand-off is bounded (drivers/rtbus_hold.c drives
+    realtime/rtbus.c on a loop it holds): while the loop is behind, at most
+    MAX_HELD bytes of messages wait for it, the rest are dropped and
+    counted, and once it catches up messages flow again."""
+
+    def test_messages_past_the_bound_are_dropped_and_counted(self):
+        drv = os.path.join(ROOT, os.environ.get("O", "build"), "tests", "drivers", "rtbus_hold")
+        r = redis.Redis.from_url(REDIS_URL)
+        chan = "rt:topic:hold-%s" % uuid.uuid4().hex[:8]
+        size, count, max_held = 10000, 40, 100000
+        env = {k: v for k, v in os.environ.items() if not k.startswith("REDIS_")}
+        env["REDIS_URL"] = REDIS_URL
+        p = subprocess.Popen([drv, chan, str(max_held)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env)
+        try:
+            self.assertEqual(p.stdout.readline().strip(), "ready", p.stderr.read() if p.poll() else "")
+            wait_for(lambda: r.pubsub_numsub(chan)[0][1] == 1, what="the driver's subscription")
+            for i in range(count):
+                self.assertEqual(r.publish(chan, ("%04d" % i) + "x" * (size - 4)), 1)
+            p.stdin.write("count %d\n" % count)
+            p.stdin.flush()
+            got = json.loads(p.stdout.readline())
+            fits = max_held // (size + len(chan))
+            self.assertEqual(got, {"delivered": fits, "bytes": fits * (size + len(chan)),
+                                   "dropped": count - fits})
+            self.assertEqual(r.publish(chan, "after"), 1)
+            p.stdin.write("one\n")
+            p.stdin.flush()
+            self.assertEqual(json.loads(p.stdout.readline()), {"delivered": fits + 1, "dropped": count - fits})
+            self.assertEqual(p.wait(timeout=10), 0)
+            log = p.stderr.read()
+            self.assertIn("bus message dropped: the loop is behind", log)
+            self.assertEqual(log.count("bus message dropped"), 1, "one log line a second, not one a message")
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            for f in (p.stdin, p.stdout, p.stderr):
+                f.close()
+
+
 class ScaleOutTest(unittest.TestCase):
     """Two instances sharing Redis."""
 
