@@ -180,3 +180,66 @@ int canonjson_sha256(const cJSON *v, char out[CANONJSON_HASH_LEN])
     buf_free(&b);
     return rc;
 }
+
+/* ---- streaming hash ------------------------------------------------------ */
+
+#define CANONJSON_VALUE_MAX (64 * 1024 * 1024)
+
+struct canonjson_hash {
+    EVP_MD_CTX *md;
+    buf text; /* the value being fed, reused */
+    int failed;
+};
+
+canonjson_hash *canonjson_hash_new(void)
+{
+    canonjson_hash *h = calloc(1, sizeof(*h));
+
+    if (!h)
+        return NULL;
+    buf_init(&h->text, CANONJSON_VALUE_MAX);
+    h->md = EVP_MD_CTX_new();
+    if (!h->md || EVP_DigestInit_ex(h->md, EVP_sha256(), NULL) != 1) {
+        canonjson_hash_free(h);
+        return NULL;
+    }
+    return h;
+}
+
+void canonjson_hash_free(canonjson_hash *h)
+{
+    if (!h)
+        return;
+    EVP_MD_CTX_free(h->md);
+    buf_free(&h->text);
+    free(h);
+}
+
+void canonjson_hash_raw(canonjson_hash *h, const char *s, size_t len)
+{
+    if (!h->failed && EVP_DigestUpdate(h->md, s, len) != 1)
+        h->failed = 1;
+}
+
+int canonjson_hash_value(canonjson_hash *h, const cJSON *v)
+{
+    h->text.len = 0;
+    if (h->failed || canonjson_append(&h->text, v) < 0) {
+        h->failed = 1;
+        return -1;
+    }
+    canonjson_hash_raw(h, h->text.p ? h->text.p : "", h->text.len);
+    return h->failed ? -1 : 0;
+}
+
+int canonjson_hash_final(canonjson_hash *h, char out[CANONJSON_HASH_LEN])
+{
+    unsigned char md[EVP_MAX_MD_SIZE];
+    unsigned int mdlen = 0;
+
+    if (h->failed || EVP_DigestFinal_ex(h->md, md, &mdlen) != 1 || mdlen != 32)
+        return -1;
+    memcpy(out, "sha256:", 7);
+    fmt_hex(out + 7, md, 32);
+    return 0;
+}

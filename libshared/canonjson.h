@@ -40,6 +40,23 @@ int canonjson_append(buf *out, const cJSON *v);
  * or -1 (as canonjson_append). */
 int canonjson_sha256(const cJSON *v, char out[CANONJSON_HASH_LEN]);
 
+/* A SHA-256 over canonical text fed in pieces, for documents too large to
+ * hold whole (a run's every event): only the value being added is held.
+ * Not thread-safe; one owner. */
+typedef struct canonjson_hash canonjson_hash;
+
+/* NULL on OOM. Free with canonjson_hash_free (NULL is a no-op). */
+canonjson_hash *canonjson_hash_new(void);
+void canonjson_hash_free(canonjson_hash *h);
+/* Feeds `len` bytes as they are (the punctuation between values). */
+void canonjson_hash_raw(canonjson_hash *h, const char *s, size_t len);
+/* Feeds the canonical text of `v`. Returns 0 or -1 (as canonjson_append;
+ * a value is bounded by 64 MiB). */
+int canonjson_hash_value(canonjson_hash *h, const cJSON *v);
+/* Writes "sha256:<hex>" of everything fed. Returns 0 or -1 (after an
+ * earlier failure of canonjson_hash_value or of the digest). */
+int canonjson_hash_final(canonjson_hash *h, char out[CANONJSON_HASH_LEN]);
+
 /* Appends the NUL-terminated string s as a canonical JSON string, quotes
  * included: the minimal escaping above (DEL and non-ASCII pass as they
  * are, which is also serde_json's). Returns 0, or -1 as canonjson_append. */

@@ -176,23 +176,41 @@ void rt_h_run_get(rt *r, const rt_req *q, rt_resp *a)
 
 /* The run's events as cJSON for hashing: payloads parsed (jsonb text is
  * valid JSON), idempotency keys null or text. */
-static cJSON *canonical_events(const cJSON *run)
+/* The receipt's hash: the canonical JSON of the run's events, each as
+ * {seq, event_type, payload, idempotency_key, recorded_at}, hashed one
+ * event at a time (the whole text of a long run would not fit in memory,
+ * and need not). Returns 0 or -1. */
+static int events_hash(const cJSON *run, char out[CANONJSON_HASH_LEN])
 {
+    canonjson_hash *h = canonjson_hash_new();
     const cJSON *e;
-    cJSON *out = cJSON_CreateArray();
+    int rc = h ? 0 : -1, n = 0;
 
+    if (h)
+        canonjson_hash_raw(h, "[", 1);
     cJSON_ArrayForEach(e, cJSON_GetObjectItemCaseSensitive(run, "events")) {
-        cJSON *x = cJSON_CreateObject();
-        const cJSON *pl = cJSON_GetObjectItemCaseSensitive(e, "payload");
+        cJSON *x;
+
+        if (rc < 0)
+            break;
+        x = cJSON_CreateObject();
         cJSON_AddNumberToObject(x, "seq", cJSON_GetObjectItemCaseSensitive(e, "seq")->valuedouble);
         cJSON_AddStringToObject(x, "event_type", cJSON_GetObjectItemCaseSensitive(e, "event_type")->valuestring);
-        cJSON_AddItemToObject(x, "payload", cJSON_Parse(pl->valuestring));
+        cJSON_AddItemToObject(x, "payload", cJSON_Parse(cJSON_GetObjectItemCaseSensitive(e, "payload")->valuestring));
         cJSON_AddItemToObject(x, "idempotency_key",
                               cJSON_Duplicate(cJSON_GetObjectItemCaseSensitive(e, "idempotency_key"), 1));
         cJSON_AddStringToObject(x, "recorded_at", cJSON_GetObjectItemCaseSensitive(e, "recorded_at")->valuestring);
-        cJSON_AddItemToArray(out, x);
+        if (n++)
+            canonjson_hash_raw(h, ",", 1);
+        rc = canonjson_hash_value(h, x);
+        cJSON_Delete(x);
     }
-    return out;
+    if (rc == 0) {
+        canonjson_hash_raw(h, "]", 1);
+        rc = canonjson_hash_final(h, out);
+    }
+    canonjson_hash_free(h);
+    return rc;
 }
 
 static const char *policy_bundle(const cJSON *run, cJSON **parsed)
@@ -229,17 +247,16 @@ static cJSON *load_full(rt *r, const rt_req *q, rt_resp *a, const char **id)
 void rt_h_run_receipt(rt *r, const rt_req *q, rt_resp *a)
 {
     const char *id;
-    cJSON *run = load_full(r, q, a, &id), *events, *meta = NULL, *rc;
+    cJSON *run = load_full(r, q, a, &id), *meta = NULL, *rc;
     const cJSON *list, *first, *last;
     char hash[CANONJSON_HASH_LEN];
 
     if (!run)
         return;
-    events = canonical_events(run);
     list = cJSON_GetObjectItemCaseSensitive(run, "events");
     first = cJSON_GetArrayItem(list, 0);
     last = cJSON_GetArrayItem(list, cJSON_GetArraySize(list) - 1);
-    if (canonjson_sha256(events, hash) < 0) {
+    if (events_hash(run, hash) < 0) {
         rt_error(a, 500, "internal", "the run's events could not be hashed");
         goto out;
     }
@@ -257,7 +274,6 @@ void rt_h_run_receipt(rt *r, const rt_req *q, rt_resp *a)
     cJSON_AddArrayToObject(rc, "verification");
 out:
     cJSON_Delete(meta);
-    cJSON_Delete(events);
     cJSON_Delete(run);
 }
 

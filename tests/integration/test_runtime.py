@@ -330,6 +330,26 @@ class Runs(unittest.TestCase):
         st, _, b = self.rt.append(run["id"], "run.finished")
         self.assertEqual(st, 400)
 
+    def test_receipt_of_a_run_past_64_mib(self):
+        """The receipt hashes a run one event at a time: a run whose
+        canonical JSON passes 64 MiB (which one whole text was limited to,
+        answering 500) gets its receipt, and the hash is the one Python
+        computes over the whole list."""
+        rid = self.rt.new_run()["id"]
+        for i in range(270):  # the run_events topic takes payloads of 256 KiB at most
+            st, _, b = self.rt.append(rid, "big", {"i": i, "blob": "x" * 250000}, key="big%d" % i,
+                                      headers={"Prefer": "return=minimal"})
+            self.assertEqual(st, 200, b)
+        st, _, b = self.rt.call("GET", "/internal/v1/runs/%s" % rid)
+        self.assertEqual(st, 200)
+        events = b["run"]["events"]
+        text = canon([{"seq": e["seq"], "event_type": e["event_type"], "payload": e["payload"],
+                       "idempotency_key": e["idempotency_key"], "recorded_at": e["recorded_at"]} for e in events])
+        self.assertGreater(len(text.encode()), 64 << 20)
+        st, _, rc = self.rt.call("GET", "/internal/v1/runs/%s/receipt" % rid)
+        self.assertEqual(st, 200, rc)
+        self.assertEqual((rc["trajectory_hash"], rc["event_count"]), (sha(text), len(events)))
+
     def test_receipt_and_replay(self):
         run = self.rt.new_run(metadata={"policy_bundle_id": "pb.test"})
         rid = run["id"]

@@ -76,6 +76,52 @@ static void test_sha256(void **state)
     cJSON_Delete(v);
 }
 
+/* The hash fed in pieces equals the hash of the whole document, and a
+ * value that cannot be written fails the hash instead of skipping. */
+static void test_streaming_hash(void **state)
+{
+    const char *items[] = {"{\"z\":[1,{\"y\":null}],\"a\":\"\\u00e9\"}", "2.5", "\"x\"", "{}"};
+    char whole[CANONJSON_HASH_LEN], pieces[CANONJSON_HASH_LEN];
+    cJSON *list = cJSON_CreateArray(), *deep, *one;
+    canonjson_hash *h = canonjson_hash_new();
+
+    (void)state;
+    assert_non_null(h);
+    canonjson_hash_raw(h, "[", 1);
+    for (size_t i = 0; i < sizeof(items) / sizeof(items[0]); i++) {
+        cJSON *v = cJSON_Parse(items[i]);
+
+        assert_non_null(v);
+        if (i)
+            canonjson_hash_raw(h, ",", 1);
+        assert_int_equal(canonjson_hash_value(h, v), 0);
+        cJSON_AddItemToArray(list, v);
+    }
+    canonjson_hash_raw(h, "]", 1);
+    assert_int_equal(canonjson_hash_final(h, pieces), 0);
+    assert_int_equal(canonjson_sha256(list, whole), 0);
+    assert_string_equal(pieces, whole);
+    canonjson_hash_free(h);
+    cJSON_Delete(list);
+
+    h = canonjson_hash_new();
+    deep = cJSON_CreateArray();
+    for (int i = 0; i < CANONJSON_MAX_DEPTH + 2; i++) {
+        cJSON *outer = cJSON_CreateArray();
+
+        cJSON_AddItemToArray(outer, deep);
+        deep = outer;
+    }
+    assert_int_equal(canonjson_hash_value(h, deep), -1);
+    /* A good value after the failure does not make the hash good again. */
+    one = cJSON_CreateNumber(1);
+    assert_int_equal(canonjson_hash_value(h, one), -1);
+    assert_int_equal(canonjson_hash_final(h, pieces), -1);
+    canonjson_hash_free(h);
+    cJSON_Delete(deep);
+    cJSON_Delete(one);
+}
+
 static void test_depth_and_limit(void **state)
 {
     char deep[2 * (CANONJSON_MAX_DEPTH + 10) + 1];
@@ -109,7 +155,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_sorted_compact), cmocka_unit_test(test_strings), cmocka_unit_test(test_string_alone), cmocka_unit_test(test_numbers),
-        cmocka_unit_test(test_sha256), cmocka_unit_test(test_depth_and_limit),
+        cmocka_unit_test(test_sha256), cmocka_unit_test(test_streaming_hash), cmocka_unit_test(test_depth_and_limit),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);
