@@ -31,6 +31,22 @@ cJSON *rt_raw_or_null(const PGresult *res, int row, int col)
     return PQgetisnull(res, row, col) ? cJSON_CreateNull() : cJSON_CreateRaw(PQgetvalue(res, row, col));
 }
 
+/* Event i of an EVENTS_SQL result as {seq, event_type, payload,
+ * idempotency_key (null or text), recorded_at}; the payload parsed when
+ * `parse` (jsonb text is valid JSON), else the text as it is. */
+static cJSON *row_event(const PGresult *ev, int i, int parse)
+{
+    const char *payload = PQgetvalue(ev, i, 2);
+    cJSON *x = cJSON_CreateObject();
+
+    cJSON_AddNumberToObject(x, "seq", (double)strtoll(PQgetvalue(ev, i, 0), NULL, 10));
+    cJSON_AddStringToObject(x, "event_type", PQgetvalue(ev, i, 1));
+    cJSON_AddItemToObject(x, "payload", parse ? cJSON_Parse(payload) : cJSON_CreateRaw(payload));
+    cJSON_AddItemToObject(x, "idempotency_key", rt_text_or_null(ev, i, 3));
+    cJSON_AddStringToObject(x, "recorded_at", PQgetvalue(ev, i, 4));
+    return x;
+}
+
 /* The RUN object of SPEC 6, with its events unless `with_events` is 0.
  * Returns NULL with *found 0 for an unknown run, or NULL with *found 1
  * and err set on a database failure. Caller frees with cJSON_Delete. */
@@ -60,15 +76,8 @@ static cJSON *run_load(PGconn *c, const char *id, int with_events, int *found, c
     cJSON_AddItemToObject(run, "metadata", rt_raw_or_null(res, 0, 3));
     if (ev) {
         events = cJSON_AddArrayToObject(run, "events");
-        for (i = 0; i < PQntuples(ev); i++) {
-            cJSON *e = cJSON_CreateObject();
-            cJSON_AddNumberToObject(e, "seq", (double)strtoll(PQgetvalue(ev, i, 0), NULL, 10));
-            cJSON_AddStringToObject(e, "event_type", PQgetvalue(ev, i, 1));
-            cJSON_AddItemToObject(e, "payload", cJSON_CreateRaw(PQgetvalue(ev, i, 2)));
-            cJSON_AddItemToObject(e, "idempotency_key", rt_text_or_null(ev, i, 3));
-            cJSON_AddStringToObject(e, "recorded_at", PQgetvalue(ev, i, 4));
-            cJSON_AddItemToArray(events, e);
-        }
+        for (i = 0; i < PQntuples(ev); i++)
+            cJSON_AddItemToArray(events, row_event(ev, i, 0));
     } else {
         cJSON_AddNumberToObject(run, "last_seq", (double)strtoll(PQgetvalue(res, 0, 6), NULL, 10));
     }
@@ -174,33 +183,59 @@ void rt_h_run_get(rt *r, const rt_req *q, rt_resp *a)
     dbpool_release(r->db, c);
 }
 
-/* The run's events as cJSON for hashing: payloads parsed (jsonb text is
- * valid JSON), idempotency keys null or text. */
-/* The receipt's hash: the canonical JSON of the run's events, each as
- * {seq, event_type, payload, idempotency_key, recorded_at}, hashed one
- * event at a time (the whole text of a long run would not fit in memory,
- * and need not). Returns 0 or -1. */
-static int events_hash(const cJSON *run, char out[CANONJSON_HASH_LEN])
+/* A run's row (RUN_SQL) and its events (EVENTS_SQL), as PostgreSQL sent
+ * them: the receipt and the replay read the rows one at a time, so a long
+ * run is held once (the result), not again as a cJSON tree. */
+typedef struct {
+    const char *id;
+    PGresult *run, *ev;
+} run_rows;
+
+static void rows_free(run_rows *w)
+{
+    PQclear(w->run);
+    PQclear(w->ev);
+}
+
+/* Loads the rows, or answers (400, 404, a database error) and returns -1. */
+static int rows_load(rt *r, const rt_req *q, rt_resp *a, run_rows *w)
+{
+    char err[512];
+    const char *p[1];
+    PGconn *c;
+
+    memset(w, 0, sizeof(*w));
+    if (rt_run_id_param(q, a, &w->id) < 0 || !(c = rt_acquire(r, a)))
+        return -1;
+    p[0] = w->id;
+    w->run = dbpool_exec_prepared(c, "rt_run", RUN_SQL, 1, p, err, sizeof(err));
+    if (w->run && PQntuples(w->run) > 0)
+        w->ev = dbpool_exec_prepared(c, "rt_events", EVENTS_SQL, 1, p, err, sizeof(err));
+    dbpool_release(r->db, c);
+    if (w->run && PQntuples(w->run) == 0)
+        rt_error(a, 404, "not_found", "run not found");
+    else if (!w->run || !w->ev)
+        rt_db_error(a, err);
+    if (w->ev)
+        return 0;
+    rows_free(w);
+    return -1;
+}
+
+/* The receipt's hash: the canonical JSON of the list of every event,
+ * hashed one event at a time (the whole text of a long run would not fit
+ * in memory, and need not). Returns 0 or -1. */
+static int events_hash(const PGresult *ev, char out[CANONJSON_HASH_LEN])
 {
     canonjson_hash *h = canonjson_hash_new();
-    const cJSON *e;
-    int rc = h ? 0 : -1, n = 0;
+    int rc = h ? 0 : -1;
 
     if (h)
         canonjson_hash_raw(h, "[", 1);
-    cJSON_ArrayForEach(e, cJSON_GetObjectItemCaseSensitive(run, "events")) {
-        cJSON *x;
+    for (int i = 0; rc == 0 && i < PQntuples(ev); i++) {
+        cJSON *x = row_event(ev, i, 1);
 
-        if (rc < 0)
-            break;
-        x = cJSON_CreateObject();
-        cJSON_AddNumberToObject(x, "seq", cJSON_GetObjectItemCaseSensitive(e, "seq")->valuedouble);
-        cJSON_AddStringToObject(x, "event_type", cJSON_GetObjectItemCaseSensitive(e, "event_type")->valuestring);
-        cJSON_AddItemToObject(x, "payload", cJSON_Parse(cJSON_GetObjectItemCaseSensitive(e, "payload")->valuestring));
-        cJSON_AddItemToObject(x, "idempotency_key",
-                              cJSON_Duplicate(cJSON_GetObjectItemCaseSensitive(e, "idempotency_key"), 1));
-        cJSON_AddStringToObject(x, "recorded_at", cJSON_GetObjectItemCaseSensitive(e, "recorded_at")->valuestring);
-        if (n++)
+        if (i)
             canonjson_hash_raw(h, ",", 1);
         rc = canonjson_hash_value(h, x);
         cJSON_Delete(x);
@@ -213,68 +248,49 @@ static int events_hash(const cJSON *run, char out[CANONJSON_HASH_LEN])
     return rc;
 }
 
-static const char *policy_bundle(const cJSON *run, cJSON **parsed)
+static const char *policy_bundle(const PGresult *run, cJSON **parsed)
 {
-    const cJSON *meta = cJSON_GetObjectItemCaseSensitive(run, "metadata");
     const cJSON *pb;
 
-    *parsed = cJSON_IsRaw(meta) ? cJSON_Parse(meta->valuestring) : NULL;
+    *parsed = PQgetisnull(run, 0, 3) ? NULL : cJSON_Parse(PQgetvalue(run, 0, 3));
     pb = cJSON_GetObjectItemCaseSensitive(*parsed, "policy_bundle_id");
     return cJSON_IsString(pb) && pb->valuestring[0] ? pb->valuestring : "runtime.default";
 }
 
-/* Loads the run with its events for the receipt and replay routes. */
-static cJSON *load_full(rt *r, const rt_req *q, rt_resp *a, const char **id)
+static double row_seq(const PGresult *ev, int i)
 {
-    PGconn *c;
-    cJSON *run;
-    char err[512];
-    int found;
-
-    if (rt_run_id_param(q, a, id) < 0 || !(c = rt_acquire(r, a)))
-        return NULL;
-    run = run_load(c, *id, 1, &found, err, sizeof(err));
-    dbpool_release(r->db, c);
-    if (!run) {
-        if (found)
-            rt_db_error(a, err);
-        else
-            rt_error(a, 404, "not_found", "run not found");
-    }
-    return run;
+    return i < 0 || i >= PQntuples(ev) ? 0 : (double)strtoll(PQgetvalue(ev, i, 0), NULL, 10);
 }
 
 void rt_h_run_receipt(rt *r, const rt_req *q, rt_resp *a)
 {
-    const char *id;
-    cJSON *run = load_full(r, q, a, &id), *meta = NULL, *rc;
-    const cJSON *list, *first, *last;
+    cJSON *meta = NULL, *rc;
     char hash[CANONJSON_HASH_LEN];
+    run_rows w;
+    int n;
 
-    if (!run)
+    if (rows_load(r, q, a, &w) < 0)
         return;
-    list = cJSON_GetObjectItemCaseSensitive(run, "events");
-    first = cJSON_GetArrayItem(list, 0);
-    last = cJSON_GetArrayItem(list, cJSON_GetArraySize(list) - 1);
-    if (events_hash(run, hash) < 0) {
+    n = PQntuples(w.ev);
+    if (events_hash(w.ev, hash) < 0) {
         rt_error(a, 500, "internal", "the run's events could not be hashed");
         goto out;
     }
     a->status = 200;
     rc = a->json = cJSON_CreateObject();
     cJSON_AddStringToObject(rc, "schema", "openagents.receipt.v1");
-    cJSON_AddStringToObject(rc, "session_id", id);
+    cJSON_AddStringToObject(rc, "session_id", w.id);
     cJSON_AddStringToObject(rc, "trajectory_hash", hash);
-    cJSON_AddStringToObject(rc, "policy_bundle_id", policy_bundle(run, &meta));
-    cJSON_AddStringToObject(rc, "created_at", cJSON_GetObjectItemCaseSensitive(run, "created_at")->valuestring);
-    cJSON_AddNumberToObject(rc, "event_count", cJSON_GetArraySize(list));
-    cJSON_AddNumberToObject(rc, "first_seq", first ? cJSON_GetObjectItemCaseSensitive(first, "seq")->valuedouble : 0);
-    cJSON_AddNumberToObject(rc, "last_seq", last ? cJSON_GetObjectItemCaseSensitive(last, "seq")->valuedouble : 0);
+    cJSON_AddStringToObject(rc, "policy_bundle_id", policy_bundle(w.run, &meta));
+    cJSON_AddStringToObject(rc, "created_at", PQgetvalue(w.run, 0, 4));
+    cJSON_AddNumberToObject(rc, "event_count", n);
+    cJSON_AddNumberToObject(rc, "first_seq", row_seq(w.ev, 0));
+    cJSON_AddNumberToObject(rc, "last_seq", row_seq(w.ev, n - 1));
     cJSON_AddArrayToObject(rc, "tool_calls");
     cJSON_AddArrayToObject(rc, "verification");
 out:
     cJSON_Delete(meta);
-    cJSON_Delete(run);
+    rows_free(&w);
 }
 
 static int ndjson_line(buf *out, cJSON *line)
@@ -287,21 +303,37 @@ static int ndjson_line(buf *out, cJSON *line)
     return rc;
 }
 
+/* The RuntimeEvent line of event i. */
+static cJSON *replay_event(const PGresult *ev, int i, const char *id, int *bad)
+{
+    cJSON *line = cJSON_CreateObject(), *parsed = cJSON_Parse(PQgetvalue(ev, i, 2));
+    char hash[CANONJSON_HASH_LEN];
+
+    if (canonjson_sha256(parsed, hash) < 0)
+        *bad = 1;
+    cJSON_AddStringToObject(line, "type", "RuntimeEvent");
+    cJSON_AddStringToObject(line, "ts", PQgetvalue(ev, i, 4));
+    cJSON_AddStringToObject(line, "session_id", id);
+    cJSON_AddNumberToObject(line, "seq", row_seq(ev, i));
+    cJSON_AddStringToObject(line, "runtime_event_type", PQgetvalue(ev, i, 1));
+    cJSON_AddStringToObject(line, "payload_hash", hash);
+    cJSON_AddItemToObject(line, "payload", parsed);
+    cJSON_AddItemToObject(line, "idempotency_key", rt_text_or_null(ev, i, 3));
+    return line;
+}
+
 void rt_h_run_replay(rt *r, const rt_req *q, rt_resp *a)
 {
-    const char *id, *status, *end_status, *created;
-    cJSON *run = load_full(r, q, a, &id), *meta = NULL, *line, *e, *parsed;
-    const char *policy, *end_ts;
-    char hash[CANONJSON_HASH_LEN];
+    const char *status, *end_status, *created, *end_ts;
+    cJSON *meta = NULL, *line;
     buf out;
-    int bad = 0;
+    run_rows w;
+    int bad = 0, n;
 
-    if (!run)
+    if (rows_load(r, q, a, &w) < 0)
         return;
     buf_init(&out, (size_t)512 * 1024 * 1024);
-    policy = policy_bundle(run, &meta);
-    created = cJSON_GetObjectItemCaseSensitive(run, "created_at")->valuestring;
-    end_ts = cJSON_GetObjectItemCaseSensitive(run, "updated_at")->valuestring;
+    created = PQgetvalue(w.run, 0, 4);
     line = cJSON_CreateObject();
     cJSON_AddStringToObject(line, "type", "ReplayHeader");
     cJSON_AddNumberToObject(line, "replay_version", 1);
@@ -311,33 +343,22 @@ void rt_h_run_replay(rt *r, const rt_req *q, rt_resp *a)
     line = cJSON_CreateObject();
     cJSON_AddStringToObject(line, "type", "SessionStart");
     cJSON_AddStringToObject(line, "ts", created);
-    cJSON_AddStringToObject(line, "session_id", id);
-    cJSON_AddStringToObject(line, "policy_bundle_id", policy);
+    cJSON_AddStringToObject(line, "session_id", w.id);
+    cJSON_AddStringToObject(line, "policy_bundle_id", policy_bundle(w.run, &meta));
     bad |= ndjson_line(&out, line);
-    cJSON_ArrayForEach(e, cJSON_GetObjectItemCaseSensitive(run, "events")) {
-        parsed = cJSON_Parse(cJSON_GetObjectItemCaseSensitive(e, "payload")->valuestring);
-        if (canonjson_sha256(parsed, hash) < 0)
-            bad = 1;
-        line = cJSON_CreateObject();
-        cJSON_AddStringToObject(line, "type", "RuntimeEvent");
-        cJSON_AddStringToObject(line, "ts", cJSON_GetObjectItemCaseSensitive(e, "recorded_at")->valuestring);
-        cJSON_AddStringToObject(line, "session_id", id);
-        cJSON_AddNumberToObject(line, "seq", cJSON_GetObjectItemCaseSensitive(e, "seq")->valuedouble);
-        cJSON_AddStringToObject(line, "runtime_event_type",
-                                cJSON_GetObjectItemCaseSensitive(e, "event_type")->valuestring);
-        cJSON_AddStringToObject(line, "payload_hash", hash);
-        cJSON_AddItemToObject(line, "payload", parsed);
-        cJSON_AddItemToObject(line, "idempotency_key",
-                              cJSON_Duplicate(cJSON_GetObjectItemCaseSensitive(e, "idempotency_key"), 1));
-        bad |= ndjson_line(&out, line);
-        end_ts = cJSON_GetObjectItemCaseSensitive(e, "recorded_at")->valuestring;
+    n = PQntuples(w.ev);
+    for (int i = 0; i < n && !bad; i++) {
+        cJSON *ev_line = replay_event(w.ev, i, w.id, &bad);
+
+        bad |= ndjson_line(&out, ev_line);
     }
-    status = cJSON_GetObjectItemCaseSensitive(run, "status")->valuestring;
+    end_ts = n ? PQgetvalue(w.ev, n - 1, 4) : PQgetvalue(w.run, 0, 5);
+    status = PQgetvalue(w.run, 0, 2);
     end_status = strcmp(status, "failed") == 0 ? "failure" : strcmp(status, "canceled") == 0 ? "cancelled" : "success";
     line = cJSON_CreateObject();
     cJSON_AddStringToObject(line, "type", "SessionEnd");
     cJSON_AddStringToObject(line, "ts", end_ts);
-    cJSON_AddStringToObject(line, "session_id", id);
+    cJSON_AddStringToObject(line, "session_id", w.id);
     cJSON_AddStringToObject(line, "status", end_status);
     cJSON_AddNumberToObject(line, "confidence", strcmp(status, "succeeded") == 0 ? 1.0 : 0.0);
     cJSON_AddNumberToObject(line, "total_tool_calls", 0);
@@ -352,7 +373,7 @@ void rt_h_run_replay(rt *r, const rt_req *q, rt_resp *a)
         a->raw = buf_take(&out);
     }
     cJSON_Delete(meta);
-    cJSON_Delete(run);
+    rows_free(&w);
 }
 
 /* One-row projection queries answered as {name: {...}} or 404. */
