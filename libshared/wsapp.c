@@ -115,6 +115,9 @@ struct wsapp_req {
     char *subproto_chosen;
     void (*on_gone)(wsapp_req *req, void *ud);
     void *gone_ud;
+    wsapp_stream *stream; /* a streamed answer's, until it ends or is refused */
+    int streamed;         /* wsapp_req_stream was called: on_gone at the free */
+    int chunked;          /* answered by its stream: the body goes out in chunks */
 };
 
 struct wsapp_conn {
@@ -962,10 +965,13 @@ int wsapp_req_set_subprotocol(wsapp_req *req, const char *proto)
     return proto && !req->subproto_chosen ? -1 : 0;
 }
 
+static void wsapp_stream_detach(wsapp_req *req);
+
 static void wsapp_req_free(wsapp_req *req)
 {
     if (!req)
         return;
+    wsapp_stream_detach(req);
     buf_free(&req->body);
     free(req->path);
     free(req->resp);
@@ -1008,6 +1014,7 @@ static void wsapp_answer(wsapp_req *req, int status, const char *ctype, unsigned
         return;
     }
     req->answered = 1;
+    wsapp_stream_detach(req);
     req->status = status;
     fmt_copy(req->ctype, sizeof(req->ctype), ctype ? ctype : "application/json");
     req->resp = resp;
@@ -1090,9 +1097,21 @@ static unsigned char *wsapp_headers(wsapp_req *req, unsigned char *hb, size_t hb
 {
     unsigned char *p = hb + LWS_PRE, *end = hb + hbsize - 1;
 
-    if (lws_add_http_common_headers(req->wsi, (unsigned int)req->status, req->ctype, (lws_filepos_t)req->resp_len,
-                                    &p, end) ||
-        lws_add_http_header_by_name(req->wsi, (const unsigned char *)"x-request-id:",
+    if (req->chunked) {
+        /* lws_add_http_common_headers would make a body of unknown length
+         * close-delimited; chunks keep the connection and let the client
+         * tell a body cut short from a whole one. */
+        if (lws_add_http_header_status(req->wsi, (unsigned int)req->status, &p, end) ||
+            lws_add_http_header_by_token(req->wsi, WSI_TOKEN_HTTP_CONTENT_TYPE, (const unsigned char *)req->ctype,
+                                         (int)strlen(req->ctype), &p, end) ||
+            lws_add_http_header_by_token(req->wsi, WSI_TOKEN_HTTP_TRANSFER_ENCODING,
+                                         (const unsigned char *)"chunked", 7, &p, end))
+            return NULL;
+    } else if (lws_add_http_common_headers(req->wsi, (unsigned int)req->status, req->ctype,
+                                           (lws_filepos_t)req->resp_len, &p, end)) {
+        return NULL;
+    }
+    if (lws_add_http_header_by_name(req->wsi, (const unsigned char *)"x-request-id:",
                                     (const unsigned char *)req->request_id, (int)strlen(req->request_id), &p, end))
         return NULL;
     for (int i = 0; i < req->nhdr; i++) {
@@ -1114,12 +1133,36 @@ static unsigned char *wsapp_headers(wsapp_req *req, unsigned char *hb, size_t hb
     return p;
 }
 
+/* The transaction is over: logs it, frees the request and tells lws
+ * whether the connection is kept. Returns what the writable callback
+ * returns. */
+static int wsapp_http_finish(wsapp_req *req)
+{
+    struct lws *wsi = req->wsi;
+    int close_after = req->close_after;
+    wsapp *app = req->app;
+
+    wsapp_access_log(req);
+    if (req->streamed && req->deferred && req->on_gone)
+        req->on_gone(req, req->gone_ud);
+    lws_set_opaque_user_data(wsi, NULL);
+    wsapp_req_free(req);
+    app->http_inflight--;
+    if (close_after)
+        return -1;
+    return lws_http_transaction_completed(wsi) ? -1 : 0;
+}
+
+static int wsapp_stream_send(wsapp_req *req);
+
 /* Writes the answer of an HTTP request. Returns -1 to close the socket, 0
  * when more is to come or the transaction is over. */
 static int wsapp_http_write(wsapp_req *req)
 {
     struct lws *wsi = req->wsi;
 
+    if (req->chunked)
+        return wsapp_stream_send(req);
     if (!req->headers_sent) {
         unsigned char hb[LWS_PRE + 4096], *p = wsapp_headers(req, hb, sizeof(hb));
 
@@ -1143,18 +1186,7 @@ static int wsapp_http_write(wsapp_req *req)
             return -1;
         req->resp_off += n;
     }
-    wsapp_access_log(req);
-    {
-        int close_after = req->close_after;
-        wsapp *app = req->app;
-
-        lws_set_opaque_user_data(wsi, NULL);
-        wsapp_req_free(req);
-        app->http_inflight--;
-        if (close_after)
-            return -1;
-    }
-    return lws_http_transaction_completed(wsi) ? -1 : 0;
+    return wsapp_http_finish(req);
 }
 
 static const wsapp_http_route *wsapp_find_http(wsapp *app, const char *method, const char *path, int *other_method)
@@ -1827,7 +1859,7 @@ static int wsapp_cb(struct lws *wsi, enum lws_callback_reasons reason, void *use
         } else if (c) {
             wsapp_conn_closed(app, wsi, c);
         } else if (req) {
-            if (req->deferred && !req->answered && req->on_gone)
+            if (req->deferred && (!req->answered || req->streamed) && req->on_gone)
                 req->on_gone(req, req->gone_ud);
             app->http_inflight--;
             lws_set_opaque_user_data(wsi, NULL);
@@ -1838,6 +1870,259 @@ static int wsapp_cb(struct lws *wsi, enum lws_callback_reasons reason, void *use
     default:
         return 0;
     }
+}
+
+/* ---- streamed answers ------------------------------------------------ */
+
+enum { WSAPP_STREAM_MORE, WSAPP_STREAM_WAIT, WSAPP_STREAM_DONE, WSAPP_STREAM_CUT };
+
+/* A chunk on the wire: 4 hex digits and CRLF, the bytes, CRLF. Leading
+ * zeros are valid chunk sizes, so the head has one width. */
+#define WSAPP_CHUNK_HEAD 6
+#define WSAPP_CHUNK_DATA (WSAPP_WRITE_CHUNK - WSAPP_CHUNK_HEAD - 2)
+
+struct wsapp_stream {
+    atomic_int refs;  /* the producer's, the request's, one per kick in flight */
+    wsapp *app;
+    wsapp_req *req;   /* loop only; NULL once the request let go */
+    pthread_mutex_t mu;
+    pthread_cond_t room; /* bytes taken, or the stream refused */
+    /* under mu */
+    int status;       /* 0 until the producer begins */
+    char ctype[96];
+    int ended, ok;
+    int refused;      /* answered otherwise, HEAD, or the client gone */
+    int armed;        /* the loop found nothing to do: the next change kicks it */
+    buf pending;      /* written, not yet taken from `off` */
+    size_t off, max;
+};
+
+static void wsapp_stream_unref(wsapp_stream *s)
+{
+    if (atomic_fetch_sub(&s->refs, 1) != 1)
+        return;
+    pthread_mutex_destroy(&s->mu);
+    pthread_cond_destroy(&s->room);
+    buf_free(&s->pending);
+    free(s);
+}
+
+/* On the loop: the request is done with its stream (answered otherwise,
+ * freed, or the body is over). The producer's waits and writes fail. */
+static void wsapp_stream_detach(wsapp_req *req)
+{
+    wsapp_stream *s = req->stream;
+
+    if (!s)
+        return;
+    req->stream = NULL;
+    pthread_mutex_lock(&s->mu);
+    s->refused = 1;
+    pthread_cond_broadcast(&s->room);
+    pthread_mutex_unlock(&s->mu);
+    s->req = NULL;
+    wsapp_stream_unref(s);
+}
+
+/* On the loop, after a kick: the head may be decided, or bytes wait. */
+static void wsapp_stream_kicked(wsapp *app, void *ud)
+{
+    wsapp_stream *s = ud;
+    wsapp_req *req = s->req;
+
+    (void)app;
+    if (req && req->wsi && !req->answered) {
+        pthread_mutex_lock(&s->mu);
+        if (s->status) {
+            req->answered = req->chunked = 1;
+            req->status = s->status;
+            fmt_copy(req->ctype, sizeof(req->ctype), s->ctype);
+        }
+        pthread_mutex_unlock(&s->mu);
+    }
+    if (req && req->wsi && req->answered)
+        lws_callback_on_writable(req->wsi);
+    wsapp_stream_unref(s);
+}
+
+/* Producer, with mu held: whether the loop waits for this stream, so that
+ * the caller must post a kick (after unlocking). */
+static int wsapp_stream_arm_taken(wsapp_stream *s)
+{
+    int kick = s->armed;
+
+    s->armed = 0;
+    return kick;
+}
+
+/* Posts a kick, which takes over one reference of the caller's. */
+static void wsapp_stream_kick(wsapp_stream *s)
+{
+    if (wsapp_post(s->app, wsapp_stream_kicked, s) == 0)
+        return;
+    /* No memory for the post: nothing will take the bytes, so fail the
+     * producer rather than let it wait for ever. */
+    pthread_mutex_lock(&s->mu);
+    s->refused = 1;
+    pthread_cond_broadcast(&s->room);
+    pthread_mutex_unlock(&s->mu);
+    wsapp_stream_unref(s);
+}
+
+wsapp_stream *wsapp_req_stream(wsapp_req *req, size_t max_buffered)
+{
+    wsapp_stream *s;
+
+    if (req->answered || req->stream || req->is_ws || !(s = calloc(1, sizeof(*s))))
+        return NULL;
+    atomic_init(&s->refs, 2);
+    s->app = req->app;
+    s->req = req;
+    pthread_mutex_init(&s->mu, NULL);
+    pthread_cond_init(&s->room, NULL);
+    buf_init(&s->pending, SIZE_MAX / 2);
+    s->max = max_buffered ? max_buffered : WSAPP_WRITE_CHUNK;
+    s->armed = 1;
+    req->stream = s;
+    req->streamed = 1;
+    return s;
+}
+
+int wsapp_stream_begin(wsapp_stream *s, int status, const char *content_type)
+{
+    int kick, refused;
+
+    pthread_mutex_lock(&s->mu);
+    refused = s->refused || s->status;
+    if (!refused) {
+        s->status = status;
+        fmt_copy(s->ctype, sizeof(s->ctype), content_type ? content_type : "application/octet-stream");
+    }
+    kick = !refused && wsapp_stream_arm_taken(s);
+    pthread_mutex_unlock(&s->mu);
+    if (kick) {
+        atomic_fetch_add(&s->refs, 1);
+        wsapp_stream_kick(s);
+    }
+    return refused ? -1 : 0;
+}
+
+int wsapp_stream_write(wsapp_stream *s, const void *data, size_t len)
+{
+    int kick = 0, rc = -1;
+
+    pthread_mutex_lock(&s->mu);
+    while (!s->refused && s->pending.len > s->off && s->pending.len - s->off + len > s->max)
+        pthread_cond_wait(&s->room, &s->mu);
+    if (!s->refused && s->status) {
+        if (s->off) {
+            memmove(s->pending.p, s->pending.p + s->off, s->pending.len - s->off);
+            s->pending.len -= s->off;
+            s->off = 0;
+        }
+        if (buf_append_all(&s->pending, data, len) == 0) {
+            rc = 0;
+            kick = wsapp_stream_arm_taken(s);
+        }
+    }
+    pthread_mutex_unlock(&s->mu);
+    if (kick) {
+        atomic_fetch_add(&s->refs, 1);
+        wsapp_stream_kick(s);
+    }
+    return rc;
+}
+
+void wsapp_stream_end(wsapp_stream *s, int ok)
+{
+    int kick;
+
+    pthread_mutex_lock(&s->mu);
+    s->ended = 1;
+    s->ok = ok;
+    kick = s->status && !s->refused && wsapp_stream_arm_taken(s);
+    pthread_mutex_unlock(&s->mu);
+    /* The producer's reference goes with the kick, if there is one. */
+    if (kick)
+        wsapp_stream_kick(s);
+    else
+        wsapp_stream_unref(s);
+}
+
+/* On the loop: up to `max` waiting bytes into out. Returns MORE with *n
+ * bytes, WAIT (armed: a change will kick), DONE or CUT. */
+static int wsapp_stream_take(wsapp_stream *s, unsigned char *out, size_t max, size_t *n)
+{
+    int st;
+
+    pthread_mutex_lock(&s->mu);
+    *n = s->pending.len - s->off;
+    if (*n > max)
+        *n = max;
+    if (*n) {
+        memcpy(out, s->pending.p + s->off, *n);
+        s->off += *n;
+        if (s->off == s->pending.len)
+            s->pending.len = s->off = 0;
+        pthread_cond_signal(&s->room);
+        st = WSAPP_STREAM_MORE;
+    } else if (s->ended) {
+        st = s->ok ? WSAPP_STREAM_DONE : WSAPP_STREAM_CUT;
+    } else {
+        s->armed = 1;
+        st = WSAPP_STREAM_WAIT;
+    }
+    pthread_mutex_unlock(&s->mu);
+    return st;
+}
+
+/* The writable callback of a streamed answer: the head, then chunks as
+ * the producer writes them, then the last chunk. */
+static int wsapp_stream_send(wsapp_req *req)
+{
+    struct lws *wsi = req->wsi;
+    unsigned char *out = req->app->scratch + LWS_PRE;
+
+    if (!req->headers_sent) {
+        unsigned char hb[LWS_PRE + 4096], *p = wsapp_headers(req, hb, sizeof(hb));
+
+        if (!p || lws_finalize_write_http_header(wsi, hb + LWS_PRE, &p, hb + sizeof(hb) - 1))
+            return -1;
+        req->headers_sent = 1;
+    }
+    while (req->stream && !req->head_only) {
+        size_t n;
+        int st;
+
+        if (lws_send_pipe_choked(wsi)) {
+            lws_callback_on_writable(wsi);
+            return 0;
+        }
+        st = wsapp_stream_take(req->stream, out + WSAPP_CHUNK_HEAD, WSAPP_CHUNK_DATA, &n);
+        if (st == WSAPP_STREAM_WAIT)
+            return 0;
+        if (st == WSAPP_STREAM_CUT) {
+            req->close_after = 1;
+            break;
+        }
+        if (st == WSAPP_STREAM_DONE) {
+            if (lws_write(wsi, (unsigned char *)memcpy(out, "0\r\n\r\n", 5), 5, LWS_WRITE_HTTP_FINAL) < 5)
+                return -1;
+            break;
+        }
+        {
+            char head[WSAPP_CHUNK_HEAD + 1];
+
+            snprintf(head, sizeof(head), "%04zx\r\n", n);
+            memcpy(out, head, WSAPP_CHUNK_HEAD);
+        }
+        memcpy(out + WSAPP_CHUNK_HEAD + n, "\r\n", 2);
+        if (lws_write(wsi, out, WSAPP_CHUNK_HEAD + n + 2, LWS_WRITE_HTTP) < (int)(WSAPP_CHUNK_HEAD + n + 2))
+            return -1;
+    }
+    /* HEAD, or the body is over: a cut one closes the connection, which
+     * is how the client learns that it is short. */
+    return wsapp_http_finish(req);
 }
 
 /* ---- timers ------------------------------------------------------------- */

@@ -15,8 +15,9 @@
  * only callbacks touch needs no lock. A callback must not block (no
  * database round trip): a handler that needs one defers its answer
  * (wsapp_req_defer), does the work elsewhere and answers later from the
- * loop through wsapp_post. Only wsapp_post, wsapp_stop and the wsapp_msg
- * reference counts may be used from other threads.
+ * loop through wsapp_post. Only wsapp_post, wsapp_stop, the wsapp_msg
+ * reference counts and a stream's producer calls (wsapp_stream_begin,
+ * _write, _end) may be used from other threads.
  *
  * Why a listener of our own: lws 4.1 sets SO_REUSEPORT only when it runs
  * several service threads, and it refuses a Sec-WebSocket-Protocol list
@@ -138,6 +139,47 @@ void wsapp_respond_error(wsapp_req *req, int status, const char *code, const cha
  * request on the connection meanwhile is closed (keep-alive without
  * pipelining, what browsers and curl do, is served). */
 void wsapp_req_defer(wsapp_req *req, void (*on_gone)(wsapp_req *req, void *ud), void *ud);
+
+/* ---- streamed answers ------------------------------------------------ */
+
+/* A body produced by another thread as the client reads it, sent chunked
+ * (Transfer-Encoding: chunked), for answers too long to build whole in
+ * memory (a replay of a long log). At most `max_buffered` bytes wait
+ * between the producer and the socket: wsapp_stream_write blocks past that
+ * until the client has read enough, so a slow client slows its producer
+ * and never grows the process.
+ *
+ * On the loop, in the handler, wsapp_req_stream prepares one for a request
+ * that is then deferred. The producer (one thread, not the loop) calls
+ * wsapp_stream_begin with the status, writes, and ends with
+ * wsapp_stream_end. Until the begin, the request may still be answered
+ * the usual way (an error found before any byte of the body): the stream
+ * is then refused, its begin and writes return -1. For a request with a
+ * stream, on_gone (wsapp_req_defer) is called when the request is freed,
+ * at the end of the body as well as when its client goes away. HEAD gets
+ * the head alone; the producer's writes then fail. */
+typedef struct wsapp_stream wsapp_stream;
+
+/* On the loop. Returns the producer's reference, or NULL (OOM, or the
+ * request is answered already). */
+wsapp_stream *wsapp_req_stream(wsapp_req *req, size_t max_buffered);
+
+/* Producer: answers the request with `status` and `content_type` (copied)
+ * and the headers added to it so far. Returns 0, or -1 when the request
+ * was answered otherwise or its client is gone. */
+int wsapp_stream_begin(wsapp_stream *s, int status, const char *content_type);
+
+/* Producer: appends len bytes, blocking while max_buffered bytes wait (a
+ * write longer than max_buffered waits for the buffer to be empty).
+ * Returns 0, or -1 once the client is gone (stop producing). */
+int wsapp_stream_write(wsapp_stream *s, const void *data, size_t len);
+
+/* Producer, also without a begin: no more bytes, and the producer's
+ * reference is released (s is not to be used after). With `ok` the body
+ * ends properly once what is buffered is sent; without, the connection is
+ * cut after it, so that the client sees an unfinished body (a failure
+ * halfway, after a 200 went out). Never blocks. */
+void wsapp_stream_end(wsapp_stream *s, int ok);
 
 /* ---- WebSocket ----------------------------------------------------- */
 

@@ -3,11 +3,15 @@ driven through tests/integration/drivers/wsapp_demo.c: HTTP routing, bodies
 and 413, the error body and X-Request-Id, WebSocket accept/refuse before
 the upgrade, subprotocols longer than lws 4.1 accepts by itself, echo of
 text/binary, oversize frames, pings and pongs, timers, close codes, a slow
-reader dropped while others go on, SO_REUSEPORT and SIGTERM.
+reader dropped while others go on, streamed (chunked) answers written by
+another thread with the producer held back by a client that stops reading,
+SO_REUSEPORT and SIGTERM.
 
 The WebSocket client is the stock npm `ws` package (node), beside raw
 sockets for what a polite client cannot do (stop reading)."""
 
+import hashlib
+import http.client as httpclient
 import json
 import os
 import signal
@@ -164,6 +168,86 @@ class HttpTest(DemoCase):
         self.assertEqual(status, 200)
         self.assertIn(b"wsapp_http_responses_total", body)
         self.assertIn("text/plain", hdrs["content-type"])
+
+
+def demo_lines(n):
+    return b"".join(b"line %09d %84s\n" % (i, b"") for i in range(n))
+
+
+class StreamTest(unittest.TestCase):
+    """GET /stream: a thread writes numbered lines through 64 KiB."""
+
+    def setUp(self):
+        self.demo = Demo()
+
+    def tearDown(self):
+        self.demo.stop()
+
+    def stats(self):
+        return json.loads(http("GET", self.demo.base + "/stream-stats")[2])
+
+    def test_long_body_whole_in_chunks_and_connection_kept(self):
+        c = httpclient.HTTPConnection("127.0.0.1", self.demo.port, timeout=30)
+        c.request("GET", "/stream?n=200000")
+        r = c.getresponse()
+        self.assertEqual((r.status, r.getheader("transfer-encoding"), r.getheader("content-length")),
+                         (200, "chunked", None))
+        self.assertRegex(r.getheader("x-request-id"), "^[0-9a-f]{32}$")
+        body = r.read()
+        self.assertEqual(len(body), 20000000)
+        self.assertEqual(hashlib.sha256(body).digest(), hashlib.sha256(demo_lines(200000)).digest())
+        # The same connection serves the next request.
+        c.request("GET", "/hello")
+        r = c.getresponse()
+        self.assertEqual((r.status, json.loads(r.read())), (200, {"hello": "world"}))
+        c.close()
+
+    def test_reader_that_stops_holds_the_producer_back(self):
+        s = socket.create_connection(("127.0.0.1", self.demo.port))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        s.sendall(b"GET /stream?n=1000000 HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.settimeout(5)
+        self.assertTrue(s.recv(1024).startswith(b"HTTP/1.1 200"))
+        time.sleep(1.5)
+        first = self.stats()
+        time.sleep(0.5)
+        held = self.stats()
+        # 100 MB asked for: what was written is the 64 KiB buffer, lws's
+        # and the two sockets' buffers, and it stopped growing.
+        self.assertLess(held["bytes"], 16 << 20, held)
+        self.assertEqual(held["bytes"], first["bytes"], (first, held))
+        self.assertEqual(held["finished"], 0)
+        s.close()
+        wait_for(lambda: self.stats()["finished"] == 1, 10, what="the producer to see the client gone")
+        st = self.stats()
+        self.assertEqual((st["failed"], st["gone"]), (1, 1), st)
+        self.assertEqual(http("GET", self.demo.base + "/hello")[0], 200)
+
+    def test_failure_halfway_cuts_the_body(self):
+        c = httpclient.HTTPConnection("127.0.0.1", self.demo.port, timeout=30)
+        c.request("GET", "/stream?n=100000&cut=50000")
+        r = c.getresponse()
+        self.assertEqual(r.status, 200)
+        with self.assertRaises(httpclient.IncompleteRead) as e:
+            r.read()
+        self.assertEqual(e.exception.partial, demo_lines(50000))
+        c.close()
+        wait_for(lambda: self.stats()["gone"] == 1, 10, what="the request to be freed")
+
+    def test_refused_before_the_body_and_head(self):
+        status, hdrs, body = http("GET", self.demo.base + "/stream?refuse=1")
+        self.assertEqual((status, json.loads(body)["error"]), (404, "not_found"))
+        self.assertNotIn("transfer-encoding", hdrs)
+        c = httpclient.HTTPConnection("127.0.0.1", self.demo.port, timeout=30)
+        c.request("HEAD", "/stream?n=100000")
+        r = c.getresponse()
+        self.assertEqual((r.status, r.getheader("transfer-encoding"), r.read()), (200, "chunked", b""))
+        c.close()
+        wait_for(lambda: self.stats()["finished"] == 2, 10, what="both producers to end")
+        st = self.stats()
+        # Neither wrote its body: one refused, one HEAD.
+        self.assertEqual((st["failed"], st["gone"]), (2, 2), st)
+        self.assertLess(st["bytes"], 1 << 20, st)
 
 
 class WebSocketTest(DemoCase):

@@ -3,13 +3,17 @@
  *   wsapp_demo PORT [REUSE_PORT]   prints "port N" once listening
  *
  * HTTP: GET /hello, POST /echo (JSON), GET /defer (answered from another
- * thread), GET /items/... (prefix), GET /metrics.
+ * thread), GET /items/... (prefix), GET /metrics, GET /stream?n=N (N
+ * numbered 100-byte lines streamed by a thread through 64 KiB; &cut=K ends
+ * the body as failed after K lines, &refuse=1 answers 404 before the body),
+ * GET /stream-stats (what the producers saw).
  * WebSocket /echo: accept needs ?key=ok (401 otherwise, 503 for key=full),
  * echoes an offered "chat" or "access_token.*" subprotocol; echoes text;
  * "flood N" queues N 1 KiB frames; "ping" sends a WebSocket ping and
  * answers "pong-received" on the pong; "tick" answers "tock" from a 50 ms
  * timer; an oversize message answers "too_big N". */
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -91,6 +95,107 @@ static void defer_route(wsapp_req *req, void *ud)
     wsapp_req_defer(req, defer_gone, slot);
     pthread_create(&t, NULL, defer_thread, slot);
     pthread_detach(t);
+}
+
+/* What the stream producers saw, for the tests. */
+static atomic_long stream_bytes, stream_failed, stream_finished, stream_gone;
+
+typedef struct {
+    wsapp_stream *s;
+    wsapp_req *req; /* loop only, for the refusal */
+    long n, cut;
+    int refuse;
+    atomic_int refs; /* the thread's and the request's (on_gone comes once) */
+} demo_stream;
+
+static void stream_unref(demo_stream *d)
+{
+    if (atomic_fetch_sub(&d->refs, 1) == 1)
+        free(d);
+}
+
+static void stream_refuse(wsapp *a, void *ud)
+{
+    demo_stream *d = ud;
+
+    (void)a;
+    if (d->req)
+        wsapp_respond_error(d->req, 404, "not_found", "refused before the body", NULL);
+}
+
+static void stream_gone_cb(wsapp_req *req, void *ud)
+{
+    demo_stream *d = ud;
+
+    (void)req;
+    d->req = NULL;
+    atomic_fetch_add(&stream_gone, 1);
+    stream_unref(d);
+}
+
+static void *stream_thread(void *arg)
+{
+    demo_stream *d = arg;
+    char line[128];
+    int ok = 1;
+
+    if (d->refuse) {
+        wsapp_post(app, stream_refuse, d);
+        usleep(100000);
+    }
+    if (wsapp_stream_begin(d->s, 200, "text/plain") < 0)
+        ok = 0;
+    for (long i = 0; ok && i < d->n; i++) {
+        if (i == d->cut) {
+            ok = -1;
+            break;
+        }
+        snprintf(line, sizeof(line), "line %09ld %84s\n", i % 1000000000L, "");
+        if (wsapp_stream_write(d->s, line, 100) < 0)
+            ok = 0;
+        else
+            atomic_fetch_add(&stream_bytes, 100);
+    }
+    if (!ok)
+        atomic_fetch_add(&stream_failed, 1);
+    atomic_fetch_add(&stream_finished, 1);
+    wsapp_stream_end(d->s, ok == 1);
+    stream_unref(d);
+    return NULL;
+}
+
+static void stream_route(wsapp_req *req, void *ud)
+{
+    demo_stream *d = calloc(1, sizeof(*d));
+    const char *n = wsapp_req_query(req, "n"), *cut = wsapp_req_query(req, "cut");
+    pthread_t t;
+
+    (void)ud;
+    if (!d || !(d->s = wsapp_req_stream(req, 64 * 1024))) {
+        free(d);
+        wsapp_respond_error(req, 503, "unavailable", "out of memory", NULL);
+        return;
+    }
+    atomic_init(&d->refs, 2);
+    d->req = req;
+    d->n = n ? strtol(n, NULL, 10) : 10;
+    d->cut = cut ? strtol(cut, NULL, 10) : -1;
+    d->refuse = wsapp_req_query(req, "refuse") != NULL;
+    wsapp_req_defer(req, stream_gone_cb, d);
+    pthread_create(&t, NULL, stream_thread, d);
+    pthread_detach(t);
+}
+
+static void stream_stats(wsapp_req *req, void *ud)
+{
+    cJSON *o = cJSON_CreateObject();
+
+    (void)ud;
+    cJSON_AddNumberToObject(o, "bytes", (double)atomic_load(&stream_bytes));
+    cJSON_AddNumberToObject(o, "failed", (double)atomic_load(&stream_failed));
+    cJSON_AddNumberToObject(o, "finished", (double)atomic_load(&stream_finished));
+    cJSON_AddNumberToObject(o, "gone", (double)atomic_load(&stream_gone));
+    wsapp_respond_json(req, 200, o);
 }
 
 static int ws_accept(wsapp_req *req, void *user, void *ud)
@@ -233,7 +338,9 @@ int main(int argc, char **argv)
     h.close = ws_close;
     if (wsapp_route(app, "GET", "/hello", hello, NULL) < 0 || wsapp_route(app, "POST", "/echo", echo, NULL) < 0 ||
         wsapp_route(app, "GET", "/defer", defer_route, NULL) < 0 ||
-        wsapp_route(app, "GET", "/items/*", items, NULL) < 0 || wsapp_route_metrics(app) < 0 ||
+        wsapp_route(app, "GET", "/items/*", items, NULL) < 0 ||
+        wsapp_route(app, "GET", "/stream", stream_route, NULL) < 0 ||
+        wsapp_route(app, "GET", "/stream-stats", stream_stats, NULL) < 0 || wsapp_route_metrics(app) < 0 ||
         wsapp_ws_route(app, "/echo", &h, NULL) < 0 || wsapp_start(app, err, sizeof(err)) < 0) {
         fprintf(stderr, "wsapp_demo: %s\n", err);
         return 1;
