@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -116,8 +117,10 @@ struct wsapp_req {
     void (*on_gone)(wsapp_req *req, void *ud);
     void *gone_ud;
     wsapp_stream *stream; /* a streamed answer's, until it ends or is refused */
+    wsapp_req *sprev, *snext; /* in app->streaming while `stream` is set */
     int streamed;         /* wsapp_req_stream was called: on_gone at the free */
-    int chunked;          /* answered by its stream: the body goes out in chunks */
+    int chunked;          /* answered by its stream: the body goes out as it comes */
+    int http10;           /* an HTTP/1.0 request: no chunks, the end is the close */
 };
 
 struct wsapp_conn {
@@ -167,6 +170,7 @@ typedef struct wsapp_post_item {
     struct wsapp_post_item *next;
     void (*fn)(wsapp *app, void *ud);
     void *ud;
+    int embedded; /* part of its owner (a stream's kick), not freed after it runs */
 } wsapp_post_item;
 
 struct wsapp {
@@ -193,6 +197,11 @@ struct wsapp {
     int stop_phase;
     pthread_mutex_t post_lock;
     wsapp_post_item *posts, *posts_tail;
+    wsapp_req *streaming; /* requests with a stream (wsapp_req_stream), loop thread only */
+    /* By descriptor: whether the connection's first request line said
+     * HTTP/1.0 (lws 4.1 keeps a server request's version to itself). */
+    unsigned char *http10;
+    size_t nhttp10;
     unsigned char *scratch; /* LWS_PRE + WSAPP_WRITE_CHUNK, loop thread only */
     /* Connections whose queue went from empty to not empty, in that order:
      * a ring (dirty_cap a power of two) that wsapp_flush writes from its
@@ -1101,11 +1110,13 @@ static unsigned char *wsapp_headers(wsapp_req *req, unsigned char *hb, size_t hb
         /* lws_add_http_common_headers would make a body of unknown length
          * close-delimited; chunks keep the connection and let the client
          * tell a body cut short from a whole one. */
+        if (req->http10)
+            req->close_after = 1; /* HTTP/1.0 has no chunks: the close ends the body */
         if (lws_add_http_header_status(req->wsi, (unsigned int)req->status, &p, end) ||
             lws_add_http_header_by_token(req->wsi, WSI_TOKEN_HTTP_CONTENT_TYPE, (const unsigned char *)req->ctype,
                                          (int)strlen(req->ctype), &p, end) ||
-            lws_add_http_header_by_token(req->wsi, WSI_TOKEN_HTTP_TRANSFER_ENCODING,
-                                         (const unsigned char *)"chunked", 7, &p, end))
+            (!req->http10 && lws_add_http_header_by_token(req->wsi, WSI_TOKEN_HTTP_TRANSFER_ENCODING,
+                                                          (const unsigned char *)"chunked", 7, &p, end)))
             return NULL;
     } else if (lws_add_http_common_headers(req->wsi, (unsigned int)req->status, req->ctype,
                                            (lws_filepos_t)req->resp_len, &p, end)) {
@@ -1294,6 +1305,11 @@ static int wsapp_http_begin(wsapp *app, struct lws *wsi)
     app->http_inflight++;
     if (strcmp(req->method, "HEAD") == 0)
         req->head_only = 1;
+    {
+        int fd = (int)lws_get_socket_fd(wsi);
+
+        req->http10 = fd >= 0 && (size_t)fd < app->nhttp10 && app->http10[fd];
+    }
     if (lws_hdr_copy(wsi, cl, sizeof(cl), WSI_TOKEN_HTTP_CONTENT_LENGTH) > 0) {
         char *end;
         unsigned long long v = strtoull(cl, &end, 10);
@@ -1460,21 +1476,18 @@ static void wsapp_run_posts(wsapp *app)
     pthread_mutex_unlock(&app->post_lock);
     while (it) {
         wsapp_post_item *next = it->next;
+        int owned = !it->embedded; /* fn may free an embedded item's owner */
 
         it->fn(app, it->ud);
-        free(it);
+        if (owned)
+            free(it);
         it = next;
     }
 }
 
-int wsapp_post(wsapp *app, void (*fn)(wsapp *app, void *ud), void *ud)
+/* Queues `it` for the loop; it must not be queued already. */
+static void wsapp_post_push(wsapp *app, wsapp_post_item *it)
 {
-    wsapp_post_item *it = malloc(sizeof(*it));
-
-    if (!it)
-        return -1;
-    it->fn = fn;
-    it->ud = ud;
     it->next = NULL;
     pthread_mutex_lock(&app->post_lock);
     if (app->posts_tail)
@@ -1485,6 +1498,18 @@ int wsapp_post(wsapp *app, void (*fn)(wsapp *app, void *ud), void *ud)
     pthread_mutex_unlock(&app->post_lock);
     if (app->ctx)
         lws_cancel_service(app->ctx);
+}
+
+int wsapp_post(wsapp *app, void (*fn)(wsapp *app, void *ud), void *ud)
+{
+    wsapp_post_item *it = malloc(sizeof(*it));
+
+    if (!it)
+        return -1;
+    it->fn = fn;
+    it->ud = ud;
+    it->embedded = 0;
+    wsapp_post_push(app, it);
     return 0;
 }
 
@@ -1630,6 +1655,11 @@ static void wsapp_head_handoff(wsapp *app, int fd, const char *data, size_t n)
     nfd = dup(fd);
     if (nfd < 0)
         return;
+    if ((size_t)nfd < app->nhttp10) {
+        const char *eol = memmem(data, hlen, "\r\n", 2);
+
+        app->http10[nfd] = eol && eol - data >= 8 && memcmp(eol - 8, "HTTP/1.0", 8) == 0;
+    }
     if (!has_proto) {
         if (!lws_adopt_socket_vhost(app->vh, nfd))
             close(nfd);
@@ -1882,17 +1912,19 @@ enum { WSAPP_STREAM_MORE, WSAPP_STREAM_WAIT, WSAPP_STREAM_DONE, WSAPP_STREAM_CUT
 #define WSAPP_CHUNK_DATA (WSAPP_WRITE_CHUNK - WSAPP_CHUNK_HEAD - 2)
 
 struct wsapp_stream {
-    atomic_int refs;  /* the producer's, the request's, one per kick in flight */
+    atomic_int refs;  /* the producer's, the request's, the kick's while queued */
     wsapp *app;
     wsapp_req *req;   /* loop only; NULL once the request let go */
+    wsapp_post_item kick; /* embedded: waking the loop cannot fail */
     pthread_mutex_t mu;
     pthread_cond_t room; /* bytes taken, or the stream refused */
     /* under mu */
     int status;       /* 0 until the producer begins */
     char ctype[96];
     int ended, ok;
-    int refused;      /* answered otherwise, HEAD, or the client gone */
+    int refused;      /* answered otherwise, HEAD, the client gone, the loop over */
     int armed;        /* the loop found nothing to do: the next change kicks it */
+    int kick_queued;
     buf pending;      /* written, not yet taken from `off` */
     size_t off, max;
 };
@@ -1908,14 +1940,22 @@ static void wsapp_stream_unref(wsapp_stream *s)
 }
 
 /* On the loop: the request is done with its stream (answered otherwise,
- * freed, or the body is over). The producer's waits and writes fail. */
+ * freed, the body over, or the loop ended). The producer's waits and
+ * writes fail from now on. */
 static void wsapp_stream_detach(wsapp_req *req)
 {
     wsapp_stream *s = req->stream;
 
     if (!s)
         return;
+    if (req->sprev)
+        req->sprev->snext = req->snext;
+    else
+        req->app->streaming = req->snext;
+    if (req->snext)
+        req->snext->sprev = req->sprev;
     req->stream = NULL;
+    req->sprev = req->snext = NULL;
     pthread_mutex_lock(&s->mu);
     s->refused = 1;
     pthread_cond_broadcast(&s->room);
@@ -1931,42 +1971,31 @@ static void wsapp_stream_kicked(wsapp *app, void *ud)
     wsapp_req *req = s->req;
 
     (void)app;
-    if (req && req->wsi && !req->answered) {
-        pthread_mutex_lock(&s->mu);
-        if (s->status) {
-            req->answered = req->chunked = 1;
-            req->status = s->status;
-            fmt_copy(req->ctype, sizeof(req->ctype), s->ctype);
-        }
-        pthread_mutex_unlock(&s->mu);
+    pthread_mutex_lock(&s->mu);
+    s->kick_queued = 0;
+    if (req && !req->answered && s->status) {
+        req->answered = req->chunked = 1;
+        req->status = s->status;
+        fmt_copy(req->ctype, sizeof(req->ctype), s->ctype);
     }
-    if (req && req->wsi && req->answered)
+    pthread_mutex_unlock(&s->mu);
+    if (req && req->answered)
         lws_callback_on_writable(req->wsi);
     wsapp_stream_unref(s);
 }
 
-/* Producer, with mu held: whether the loop waits for this stream, so that
- * the caller must post a kick (after unlocking). */
-static int wsapp_stream_arm_taken(wsapp_stream *s)
+/* Producer, with mu held: wakes the loop if it found nothing to do last
+ * time (one kick queued at most). */
+static void wsapp_stream_wake(wsapp_stream *s)
 {
-    int kick = s->armed;
-
-    s->armed = 0;
-    return kick;
-}
-
-/* Posts a kick, which takes over one reference of the caller's. */
-static void wsapp_stream_kick(wsapp_stream *s)
-{
-    if (wsapp_post(s->app, wsapp_stream_kicked, s) == 0)
+    if (!s->armed)
         return;
-    /* No memory for the post: nothing will take the bytes, so fail the
-     * producer rather than let it wait for ever. */
-    pthread_mutex_lock(&s->mu);
-    s->refused = 1;
-    pthread_cond_broadcast(&s->room);
-    pthread_mutex_unlock(&s->mu);
-    wsapp_stream_unref(s);
+    s->armed = 0;
+    if (s->kick_queued)
+        return;
+    s->kick_queued = 1;
+    atomic_fetch_add(&s->refs, 1);
+    wsapp_post_push(s->app, &s->kick);
 }
 
 wsapp_stream *wsapp_req_stream(wsapp_req *req, size_t max_buffered)
@@ -1978,6 +2007,9 @@ wsapp_stream *wsapp_req_stream(wsapp_req *req, size_t max_buffered)
     atomic_init(&s->refs, 2);
     s->app = req->app;
     s->req = req;
+    s->kick.fn = wsapp_stream_kicked;
+    s->kick.ud = s;
+    s->kick.embedded = 1;
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->room, NULL);
     buf_init(&s->pending, SIZE_MAX / 2);
@@ -1985,31 +2017,31 @@ wsapp_stream *wsapp_req_stream(wsapp_req *req, size_t max_buffered)
     s->armed = 1;
     req->stream = s;
     req->streamed = 1;
+    req->snext = req->app->streaming;
+    if (req->snext)
+        req->snext->sprev = req;
+    req->app->streaming = req;
     return s;
 }
 
 int wsapp_stream_begin(wsapp_stream *s, int status, const char *content_type)
 {
-    int kick, refused;
+    int refused;
 
     pthread_mutex_lock(&s->mu);
     refused = s->refused || s->status;
     if (!refused) {
         s->status = status;
         fmt_copy(s->ctype, sizeof(s->ctype), content_type ? content_type : "application/octet-stream");
+        wsapp_stream_wake(s);
     }
-    kick = !refused && wsapp_stream_arm_taken(s);
     pthread_mutex_unlock(&s->mu);
-    if (kick) {
-        atomic_fetch_add(&s->refs, 1);
-        wsapp_stream_kick(s);
-    }
     return refused ? -1 : 0;
 }
 
 int wsapp_stream_write(wsapp_stream *s, const void *data, size_t len)
 {
-    int kick = 0, rc = -1;
+    int rc = -1;
 
     pthread_mutex_lock(&s->mu);
     while (!s->refused && s->pending.len > s->off && s->pending.len - s->off + len > s->max)
@@ -2022,31 +2054,22 @@ int wsapp_stream_write(wsapp_stream *s, const void *data, size_t len)
         }
         if (buf_append_all(&s->pending, data, len) == 0) {
             rc = 0;
-            kick = wsapp_stream_arm_taken(s);
+            wsapp_stream_wake(s);
         }
     }
     pthread_mutex_unlock(&s->mu);
-    if (kick) {
-        atomic_fetch_add(&s->refs, 1);
-        wsapp_stream_kick(s);
-    }
     return rc;
 }
 
 void wsapp_stream_end(wsapp_stream *s, int ok)
 {
-    int kick;
-
     pthread_mutex_lock(&s->mu);
     s->ended = 1;
     s->ok = ok;
-    kick = s->status && !s->refused && wsapp_stream_arm_taken(s);
+    if (s->status && !s->refused)
+        wsapp_stream_wake(s);
     pthread_mutex_unlock(&s->mu);
-    /* The producer's reference goes with the kick, if there is one. */
-    if (kick)
-        wsapp_stream_kick(s);
-    else
-        wsapp_stream_unref(s);
+    wsapp_stream_unref(s);
 }
 
 /* On the loop: up to `max` waiting bytes into out. Returns MORE with *n
@@ -2076,8 +2099,30 @@ static int wsapp_stream_take(wsapp_stream *s, unsigned char *out, size_t max, si
     return st;
 }
 
+/* Writes n bytes of out (which has WSAPP_CHUNK_HEAD bytes of room before
+ * them and 2 after) as one chunk, or as they are for HTTP/1.0. */
+static int wsapp_stream_put(wsapp_req *req, unsigned char *out, size_t n)
+{
+    unsigned char *p = out + WSAPP_CHUNK_HEAD;
+    size_t len = n;
+
+    if (!req->http10) {
+        char head[WSAPP_CHUNK_HEAD + 1];
+
+        snprintf(head, sizeof(head), "%04zx\r\n", n);
+        memcpy(out, head, WSAPP_CHUNK_HEAD);
+        memcpy(out + WSAPP_CHUNK_HEAD + n, "\r\n", 2);
+        p = out;
+        len = n + WSAPP_CHUNK_HEAD + 2;
+    }
+    return lws_write(req->wsi, p, len, LWS_WRITE_HTTP) < (int)len ? -1 : 0;
+}
+
 /* The writable callback of a streamed answer: the head, then chunks as
- * the producer writes them, then the last chunk. */
+ * the producer writes them, then the last chunk. While the body is not
+ * over, lws's timeout is re-armed at every turn that moved it: a body
+ * that moves for none of http_timeout_s (a client that stopped reading,
+ * whose producer waits) closes the connection, which frees the producer. */
 static int wsapp_stream_send(wsapp_req *req)
 {
     struct lws *wsi = req->wsi;
@@ -2094,6 +2139,7 @@ static int wsapp_stream_send(wsapp_req *req)
         size_t n;
         int st;
 
+        lws_set_timeout(wsi, PENDING_TIMEOUT_HTTP_CONTENT, req->app->o.http_timeout_s);
         if (lws_send_pipe_choked(wsi)) {
             lws_callback_on_writable(wsi);
             return 0;
@@ -2101,7 +2147,7 @@ static int wsapp_stream_send(wsapp_req *req)
         st = wsapp_stream_take(req->stream, out + WSAPP_CHUNK_HEAD, WSAPP_CHUNK_DATA, &n);
         if (st == WSAPP_STREAM_WAIT)
             return 0;
-        if (st == WSAPP_STREAM_CUT) {
+        if (st == WSAPP_STREAM_CUT || (st == WSAPP_STREAM_DONE && req->http10)) {
             req->close_after = 1;
             break;
         }
@@ -2110,16 +2156,10 @@ static int wsapp_stream_send(wsapp_req *req)
                 return -1;
             break;
         }
-        {
-            char head[WSAPP_CHUNK_HEAD + 1];
-
-            snprintf(head, sizeof(head), "%04zx\r\n", n);
-            memcpy(out, head, WSAPP_CHUNK_HEAD);
-        }
-        memcpy(out + WSAPP_CHUNK_HEAD + n, "\r\n", 2);
-        if (lws_write(wsi, out, WSAPP_CHUNK_HEAD + n + 2, LWS_WRITE_HTTP) < (int)(WSAPP_CHUNK_HEAD + n + 2))
+        if (wsapp_stream_put(req, out, n) < 0)
             return -1;
     }
+    lws_set_timeout(wsi, NO_PENDING_TIMEOUT, 0);
     /* HEAD, or the body is over: a cut one closes the connection, which
      * is how the client learns that it is short. */
     return wsapp_http_finish(req);
@@ -2310,6 +2350,14 @@ wsapp *wsapp_new(const wsapp_opts *opts, char *err, size_t errlen)
     app->listen_fd = -1;
     pthread_mutex_init(&app->post_lock, NULL);
     app->scratch = malloc(LWS_PRE + WSAPP_WRITE_CHUNK);
+    {
+        struct rlimit rl;
+
+        app->nhttp10 = getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY && rl.rlim_cur < (1u << 20)
+                           ? (size_t)rl.rlim_cur
+                           : (size_t)1 << 20;
+        app->http10 = calloc(app->nhttp10, 1);
+    }
     /* Created here so that timers can be set before wsapp_start. */
     app->loop = ev_loop_new(EVFLAG_AUTO);
     if (app->loop) {
@@ -2320,7 +2368,7 @@ wsapp *wsapp_new(const wsapp_opts *opts, char *err, size_t errlen)
         /* lws's own watchers must not keep the loop alive for this one. */
         ev_unref(app->loop);
     }
-    if (!app->scratch || !app->loop) {
+    if (!app->scratch || !app->loop || !app->http10) {
         snprintf(err, errlen, "out of memory");
         wsapp_free(app);
         return NULL;
@@ -2401,6 +2449,10 @@ static void *wsapp_thread(void *arg)
     wsapp *app = arg;
 
     ev_run(app->loop, 0);
+    /* The loop takes no more bytes: producers still writing (a replay to
+     * a client slower than the stop's grace) must not wait for it. */
+    while (app->streaming)
+        wsapp_stream_detach(app->streaming);
     atomic_store(&app->done, 1);
     return NULL;
 }
@@ -2525,6 +2577,7 @@ void wsapp_free(wsapp *app)
     for (int i = 0; i < app->nws; i++)
         free(app->ws[i].path);
     free(app->scratch);
+    free(app->http10);
     pthread_mutex_destroy(&app->post_lock);
     free(app);
 }

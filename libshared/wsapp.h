@@ -156,12 +156,18 @@ void wsapp_req_defer(wsapp_req *req, void (*on_gone)(wsapp_req *req, void *ud), 
  * the usual way (an error found before any byte of the body): the stream
  * is then refused, its begin and writes return -1. For a request with a
  * stream, on_gone (wsapp_req_defer) is called when the request is freed,
- * at the end of the body as well as when its client goes away. HEAD gets
- * the head alone; the producer's writes then fail. */
+ * at the end of the body as well as when its client goes away, so its
+ * holder clears on_gone (wsapp_req_defer with NULL) when it lets go first.
+ * HEAD gets the head alone; the producer's writes then fail. An HTTP/1.0
+ * client gets the body unframed, ended by the close. A body that does not
+ * move for http_timeout_s (a client that stopped reading) closes the
+ * connection, and the loop's end lets every producer go: neither a client
+ * nor a stop leaves a producer waiting for ever. */
 typedef struct wsapp_stream wsapp_stream;
 
-/* On the loop. Returns the producer's reference, or NULL (OOM, or the
- * request is answered already). */
+/* On the loop. Returns the producer's reference, or NULL (OOM, a
+ * WebSocket handshake, a request answered already or with a stream
+ * already). */
 wsapp_stream *wsapp_req_stream(wsapp_req *req, size_t max_buffered);
 
 /* Producer: answers the request with `status` and `content_type` (copied)
@@ -171,7 +177,8 @@ int wsapp_stream_begin(wsapp_stream *s, int status, const char *content_type);
 
 /* Producer: appends len bytes, blocking while max_buffered bytes wait (a
  * write longer than max_buffered waits for the buffer to be empty).
- * Returns 0, or -1 once the client is gone (stop producing). */
+ * Returns 0, or -1 (stop producing): before a begin, on OOM, for HEAD,
+ * once the client is gone or the loop has ended. */
 int wsapp_stream_write(wsapp_stream *s, const void *data, size_t len);
 
 /* Producer, also without a begin: no more bytes, and the producer's

@@ -20,7 +20,7 @@ import subprocess
 import time
 import unittest
 
-from aetest import ROOT, http, wait_for
+from aetest import ROOT, http, recv_to_close, wait_for
 from pgtmp import free_port
 from tools import need
 import wsraw
@@ -34,9 +34,9 @@ def setUpModule():
 
 
 class Demo:
-    def __init__(self, port=0, reuse=False):
+    def __init__(self, port=0, reuse=False, env=None):
         self.proc = subprocess.Popen([DEMO, str(port), "1" if reuse else "0"], stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
+                                     stderr=subprocess.PIPE, text=True, env=dict(os.environ, **(env or {})))
         line = self.proc.stdout.readline()
         if not line.startswith("port "):
             raise AssertionError("wsapp_demo did not start: %r %s" % (line, self.proc.stderr.read()))
@@ -201,6 +201,33 @@ class StreamTest(unittest.TestCase):
         r = c.getresponse()
         self.assertEqual((r.status, json.loads(r.read())), (200, {"hello": "world"}))
         c.close()
+
+    def test_http_1_0_gets_a_body_ended_by_the_close(self):
+        s = socket.create_connection(("127.0.0.1", self.demo.port))
+        s.sendall(b"GET /stream?n=3000 HTTP/1.0\r\n\r\n")
+        s.settimeout(10)
+        data = recv_to_close(s)
+        s.close()
+        head, _, body = data.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.0 200"), head)
+        self.assertNotIn(b"transfer-encoding", head.lower())
+        self.assertEqual(body, demo_lines(3000))
+
+    def test_reader_that_stops_is_closed_after_the_http_timeout(self):
+        self.demo.stop()
+        self.demo = Demo(env={"WSAPP_DEMO_HTTP_TIMEOUT_S": "2"})
+        s = socket.create_connection(("127.0.0.1", self.demo.port))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        s.sendall(b"GET /stream?n=1000000 HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.settimeout(5)
+        self.assertTrue(s.recv(1024).startswith(b"HTTP/1.1 200"))
+        t0 = time.monotonic()
+        # Not reading, not closing: the server gives up on the body.
+        wait_for(lambda: self.stats()["finished"] == 1, 15, what="the producer to be let go")
+        self.assertGreater(time.monotonic() - t0, 1.5)
+        st = self.stats()
+        self.assertEqual((st["failed"], st["gone"]), (1, 1), st)
+        s.close()
 
     def test_reader_that_stops_holds_the_producer_back(self):
         s = socket.create_connection(("127.0.0.1", self.demo.port))

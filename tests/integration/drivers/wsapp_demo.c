@@ -6,7 +6,8 @@
  * thread), GET /items/... (prefix), GET /metrics, GET /stream?n=N (N
  * numbered 100-byte lines streamed by a thread through 64 KiB; &cut=K ends
  * the body as failed after K lines, &refuse=1 answers 404 before the body),
- * GET /stream-stats (what the producers saw).
+ * GET /stream-stats (what the producers saw). WSAPP_DEMO_HTTP_TIMEOUT_S sets
+ * http_timeout_s.
  * WebSocket /echo: accept needs ?key=ok (401 otherwise, 503 for key=full),
  * echoes an offered "chat" or "access_token.*" subprotocol; echoes text;
  * "flood N" queues N 1 KiB frames; "ping" sends a WebSocket ping and
@@ -315,6 +316,7 @@ int main(int argc, char **argv)
     wsapp_opts o = {0};
     wsapp_ws_handlers h = {0};
     char err[256];
+    const char *timeout;
 
     if (argc < 2 || svc_init() < 0)
         return 2;
@@ -325,6 +327,8 @@ int main(int argc, char **argv)
     o.reuse_port = argc > 2 && strcmp(argv[2], "1") == 0;
     o.max_body = 4096;
     o.send_queue_bytes = 256 * 1024;
+    timeout = getenv("WSAPP_DEMO_HTTP_TIMEOUT_S");
+    o.http_timeout_s = timeout ? atoi(timeout) : 0;
     o.access_log = 1;
     app = wsapp_new(&o, err, sizeof(err));
     if (!app)
