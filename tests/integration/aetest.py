@@ -104,6 +104,15 @@ def http_json(method, url, body=None, headers=None, timeout=10):
     return status, hdrs, json.loads(data) if data else None
 
 
+def rss_kib(pid):
+    """A process's resident set, KiB (0 when /proc does not say)."""
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
 def recv_to_close(s):
     """Every byte a socket gets until the peer closes it (its timeout, as
     set, bounds each read)."""

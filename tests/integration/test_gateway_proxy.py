@@ -22,7 +22,7 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from aetest import BINDIR, REDIS_URL, Service, http, http_json, recv_to_close, wait_for  # noqa: E402
+from aetest import BINDIR, REDIS_URL, Service, http, http_json, recv_to_close, rss_kib, wait_for  # noqa: E402
 from pgtmp import free_port  # noqa: E402
 
 
@@ -178,14 +178,6 @@ def gw_env(port, extra):
            "LOG_LEVEL": "warn"}
     env.update(extra)
     return env
-
-
-def rss_kib(pid):
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
 
 
 def rss_bound_kib(pid):

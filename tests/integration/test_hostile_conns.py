@@ -34,7 +34,7 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from aetest import (AMQP_URL, REDIS_URL, Service, http, private_db_create,  # noqa: E402
-                    private_db_drop)
+                    private_db_drop, rss_kib)
 from pgtmp import free_port  # noqa: E402
 import wsraw  # noqa: E402
 
@@ -64,14 +64,6 @@ def sync_token():
     return sign({"iss": "https://openagents.com", "aud": "openagents-sync", "sub": "user:7", "iat": now,
                  "jti": "j-%d-%f" % (os.getpid(), time.time()), "oa_user_id": 7, "oa_org_id": "org:7",
                  "oa_sync_scopes": ["runtime.run_events"]}, SYNC_KEY)
-
-
-def rss_kb(pid):
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
 
 
 def cpu_s(pid):
@@ -473,7 +465,7 @@ class EndlessMessages(unittest.TestCase):
     def run_route(self, name, svc, connect, served):
         """Every case at once on one route, with a served client checked
         while they run; returns {case: (close code, frames, seconds)}."""
-        rss0 = rss_kb(svc.proc.pid)
+        rss0 = rss_kib(svc.proc.pid)
         results, threads = {}, []
 
         def one(case, sender):
@@ -493,7 +485,7 @@ class EndlessMessages(unittest.TestCase):
         self.assertTrue(served(), "%s: a normal client was not served while the hostile ones ran" % name)
         for th in threads:
             th.join(30)
-        rss1 = rss_kb(svc.proc.pid)
+        rss1 = rss_kib(svc.proc.pid)
         self.assertTrue(served(), "%s: a normal client was not served after the hostile ones" % name)
         self.assertIsNone(svc.proc.poll(), "%s died" % svc.name)
         for case, (_, want) in CASES.items():
