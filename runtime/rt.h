@@ -26,6 +26,15 @@ struct rt_req {
     const char *body;
     size_t body_len;
     void *tr; /* the transport's own request */
+    /* A body too long to build whole (the replay): stream_begin answers
+     * with the status and content type now, stream_write sends the body in
+     * pieces as it is made (blocking while the client is behind), and `a`
+     * is not sent. Both return -1 when the client is gone; stream_begin is
+     * NULL where the transport cannot stream. A handler that fails after
+     * its begin sets a->stream_failed: the client then sees the body cut
+     * short, since the 200 went out with the first bytes. */
+    int (*stream_begin)(const rt_req *q, int status, const char *ctype);
+    int (*stream_write)(const rt_req *q, const void *data, size_t len);
 };
 
 /* One answer: a JSON body (owned) or raw bytes (malloc'd, owned) of a
@@ -38,6 +47,8 @@ typedef struct {
     size_t raw_len;
     const char *ctype;
     char retry_after[24]; /* Retry-After seconds when set */
+    int streamed;         /* set by the transport at stream_begin: `a` is not sent */
+    int stream_failed;
 } rt_resp;
 
 typedef struct {

@@ -17,9 +17,18 @@
 static const char RUN_SQL[] =
     "SELECT id::text, worker_id, status, metadata::text, runtime.ts(created_at), runtime.ts(updated_at), last_seq "
     "FROM runtime.runs WHERE id = $1";
+/* A run's events after $2 up to $3, at most $4 of them (NULL: all). $3 is
+ * the last_seq of the run row read before: rows past it were appended
+ * after that read, and leaving them out makes the row and its events one
+ * moment of the log, as one snapshot would (events are never changed or
+ * deleted, and the row's last_seq moves in the transaction that appends). */
 static const char EVENTS_SQL[] =
     "SELECT seq, event_type, payload::text, idempotency_key, runtime.ts(recorded_at) "
-    "FROM runtime.run_events WHERE run_id = $1 ORDER BY seq";
+    "FROM runtime.run_events WHERE run_id = $1 AND seq > $2 AND seq <= $3 ORDER BY seq LIMIT $4";
+
+/* Rows a page of the receipt's and the replay's reads: a run of any length
+ * is held a page at a time (an event is at most a request body, 1 MiB). */
+#define RT_PAGE_ROWS "64"
 
 cJSON *rt_text_or_null(const PGresult *res, int row, int col)
 {
@@ -52,7 +61,7 @@ static cJSON *row_event(const PGresult *ev, int i, int parse)
  * and err set on a database failure. Caller frees with cJSON_Delete. */
 static cJSON *run_load(PGconn *c, const char *id, int with_events, int *found, char *err, size_t errlen)
 {
-    const char *p[1] = {id};
+    const char *p[4] = {id, "0", NULL, NULL};
     PGresult *res = dbpool_exec_prepared(c, "rt_run", RUN_SQL, 1, p, err, errlen), *ev = NULL;
     cJSON *run = NULL, *events;
     int i;
@@ -65,7 +74,8 @@ static cJSON *run_load(PGconn *c, const char *id, int with_events, int *found, c
         PQclear(res);
         return NULL;
     }
-    if (with_events && !(ev = dbpool_exec_prepared(c, "rt_events", EVENTS_SQL, 1, p, err, errlen))) {
+    p[2] = PQgetvalue(res, 0, 6);
+    if (with_events && !(ev = dbpool_exec_prepared(c, "rt_events", EVENTS_SQL, 4, p, err, errlen))) {
         PQclear(res);
         return NULL;
     }
@@ -183,69 +193,133 @@ void rt_h_run_get(rt *r, const rt_req *q, rt_resp *a)
     dbpool_release(r->db, c);
 }
 
-/* A run's row (RUN_SQL) and its events (EVENTS_SQL), as PostgreSQL sent
- * them: the receipt and the replay read the rows one at a time, so a long
- * run is held once (the result), not again as a cJSON tree. */
+/* A run's row, then its events a page at a time, each page read on a
+ * connection taken for it alone: a receipt or a replay of a long run holds
+ * one page, and a replay to a slow client holds no connection while it
+ * waits for the client. */
 typedef struct {
+    rt *r;
     const char *id;
-    PGresult *run, *ev;
-} run_rows;
+    PGresult *run;      /* RUN_SQL's row */
+    PGresult *page;     /* EVENTS_SQL's current page */
+    int row;            /* the next row of the page */
+    int done;           /* the last page was read */
+    long long count;    /* events handed out */
+    long long first_seq, last_seq;
+    char after[24];     /* seq of the last event handed out */
+    char last_ts[64];   /* its recorded_at */
+} run_walk;
 
-static void rows_free(run_rows *w)
+static void walk_close(run_walk *w)
 {
     PQclear(w->run);
-    PQclear(w->ev);
+    PQclear(w->page);
 }
 
-/* Loads the rows, or answers (400, 404, a database error) and returns -1. */
-static int rows_load(rt *r, const rt_req *q, rt_resp *a, run_rows *w)
+/* Reads the next page. Returns 0 or -1 (err set). */
+static int walk_page(run_walk *w, char *err, size_t errlen)
+{
+    const char *p[4] = {w->id, w->after, PQgetvalue(w->run, 0, 6), RT_PAGE_ROWS};
+    PGconn *c = dbpool_acquire(w->r->db, RT_ACQUIRE_MS);
+
+    PQclear(w->page);
+    w->page = NULL;
+    w->row = 0;
+    if (!c) {
+        dbpool_errstr(w->r->db, err, errlen);
+        return -1;
+    }
+    w->page = dbpool_exec_prepared(c, "rt_events", EVENTS_SQL, 4, p, err, errlen);
+    dbpool_release(w->r->db, c);
+    if (!w->page)
+        return -1;
+    w->done = PQntuples(w->page) < atoi(RT_PAGE_ROWS);
+    return 0;
+}
+
+/* Loads the run row and the first page, or answers (400, 404, a database
+ * error) and returns -1. */
+static int walk_open(rt *r, const rt_req *q, rt_resp *a, run_walk *w)
 {
     char err[512];
     const char *p[1];
     PGconn *c;
 
     memset(w, 0, sizeof(*w));
+    w->r = r;
+    fmt_copy(w->after, sizeof(w->after), "0");
     if (rt_run_id_param(q, a, &w->id) < 0 || !(c = rt_acquire(r, a)))
         return -1;
     p[0] = w->id;
     w->run = dbpool_exec_prepared(c, "rt_run", RUN_SQL, 1, p, err, sizeof(err));
-    if (w->run && PQntuples(w->run) > 0)
-        w->ev = dbpool_exec_prepared(c, "rt_events", EVENTS_SQL, 1, p, err, sizeof(err));
     dbpool_release(r->db, c);
-    if (w->run && PQntuples(w->run) == 0)
+    if (w->run && PQntuples(w->run) == 0) {
         rt_error(a, 404, "not_found", "run not found");
-    else if (!w->run || !w->ev)
-        rt_db_error(a, err);
-    if (w->ev)
+    } else if (w->run && walk_page(w, err, sizeof(err)) == 0) {
         return 0;
-    rows_free(w);
+    } else {
+        log_warn("runtime: reading run %s failed: %s", w->id, err);
+        rt_db_error(a, err);
+    }
+    walk_close(w);
     return -1;
+}
+
+/* The next event, as row *row of *res. Returns 1, 0 at the end, or -1 on
+ * a database failure. */
+static int walk_next(run_walk *w, const PGresult **res, int *row)
+{
+    char err[512];
+
+    if (w->row >= PQntuples(w->page)) {
+        if (w->done)
+            return 0;
+        if (walk_page(w, err, sizeof(err)) < 0) {
+            log_warn("runtime: reading the events of run %s failed: %s", w->id, err);
+            return -1;
+        }
+        if (PQntuples(w->page) == 0)
+            return 0;
+    }
+    *res = w->page;
+    *row = w->row++;
+    fmt_copy(w->after, sizeof(w->after), PQgetvalue(w->page, *row, 0));
+    fmt_copy(w->last_ts, sizeof(w->last_ts), PQgetvalue(w->page, *row, 4));
+    w->last_seq = strtoll(w->after, NULL, 10);
+    if (w->count++ == 0)
+        w->first_seq = w->last_seq;
+    return 1;
 }
 
 /* The receipt's hash: the canonical JSON of the list of every event,
  * hashed one event at a time (the whole text of a long run would not fit
- * in memory, and need not). Returns 0 or -1. */
-static int events_hash(const PGresult *ev, char out[CANONJSON_HASH_LEN])
+ * in memory, and need not). Returns 0, or -1 with the answer made. */
+static int events_hash(run_walk *w, rt_resp *a, char out[CANONJSON_HASH_LEN])
 {
     canonjson_hash *h = canonjson_hash_new();
-    int rc = h ? 0 : -1;
+    const PGresult *ev;
+    int rc = h ? 0 : -1, more = 0, i;
 
     if (h)
         canonjson_hash_raw(h, "[", 1);
-    for (int i = 0; rc == 0 && i < PQntuples(ev); i++) {
+    while (rc == 0 && (more = walk_next(w, &ev, &i)) > 0) {
         cJSON *x = row_event(ev, i, 1);
 
-        if (i)
+        if (w->count > 1)
             canonjson_hash_raw(h, ",", 1);
         rc = canonjson_hash_value(h, x);
         cJSON_Delete(x);
     }
-    if (rc == 0) {
+    if (rc == 0 && more == 0) {
         canonjson_hash_raw(h, "]", 1);
         rc = canonjson_hash_final(h, out);
     }
     canonjson_hash_free(h);
-    return rc;
+    if (more < 0)
+        rt_db_error(a, "");
+    else if (rc < 0)
+        rt_error(a, 500, "internal", "the run's events could not be hashed");
+    return more < 0 || rc < 0 ? -1 : 0;
 }
 
 static const char *policy_bundle(const PGresult *run, cJSON **parsed)
@@ -257,25 +331,16 @@ static const char *policy_bundle(const PGresult *run, cJSON **parsed)
     return cJSON_IsString(pb) && pb->valuestring[0] ? pb->valuestring : "runtime.default";
 }
 
-static double row_seq(const PGresult *ev, int i)
-{
-    return i < 0 || i >= PQntuples(ev) ? 0 : (double)strtoll(PQgetvalue(ev, i, 0), NULL, 10);
-}
-
 void rt_h_run_receipt(rt *r, const rt_req *q, rt_resp *a)
 {
     cJSON *meta = NULL, *rc;
     char hash[CANONJSON_HASH_LEN];
-    run_rows w;
-    int n;
+    run_walk w;
 
-    if (rows_load(r, q, a, &w) < 0)
+    if (walk_open(r, q, a, &w) < 0)
         return;
-    n = PQntuples(w.ev);
-    if (events_hash(w.ev, hash) < 0) {
-        rt_error(a, 500, "internal", "the run's events could not be hashed");
+    if (events_hash(&w, a, hash) < 0)
         goto out;
-    }
     a->status = 200;
     rc = a->json = cJSON_CreateObject();
     cJSON_AddStringToObject(rc, "schema", "openagents.receipt.v1");
@@ -283,23 +348,39 @@ void rt_h_run_receipt(rt *r, const rt_req *q, rt_resp *a)
     cJSON_AddStringToObject(rc, "trajectory_hash", hash);
     cJSON_AddStringToObject(rc, "policy_bundle_id", policy_bundle(w.run, &meta));
     cJSON_AddStringToObject(rc, "created_at", PQgetvalue(w.run, 0, 4));
-    cJSON_AddNumberToObject(rc, "event_count", n);
-    cJSON_AddNumberToObject(rc, "first_seq", row_seq(w.ev, 0));
-    cJSON_AddNumberToObject(rc, "last_seq", row_seq(w.ev, n - 1));
+    cJSON_AddNumberToObject(rc, "event_count", (double)w.count);
+    cJSON_AddNumberToObject(rc, "first_seq", (double)w.first_seq);
+    cJSON_AddNumberToObject(rc, "last_seq", (double)w.last_seq);
     cJSON_AddArrayToObject(rc, "tool_calls");
     cJSON_AddArrayToObject(rc, "verification");
 out:
     cJSON_Delete(meta);
-    rows_free(&w);
+    walk_close(&w);
 }
 
-static int ndjson_line(buf *out, cJSON *line)
+/* Bytes of replay lines gathered before they go to the client, and the
+ * most one line may take (an event's payload is at most a request body). */
+#define RT_REPLAY_FLUSH (32 * 1024)
+#define RT_REPLAY_LINE_MAX ((size_t)16 << 20)
+
+enum { REPLAY_OK = 0, REPLAY_BAD = 1, REPLAY_GONE = 2 };
+
+/* Appends `line` (freed) as one NDJSON line, and sends what is gathered
+ * once it passes RT_REPLAY_FLUSH (or at `last`). Returns REPLAY_OK,
+ * REPLAY_BAD (the line could not be rendered) or REPLAY_GONE (the client
+ * is). */
+static int replay_line(const rt_req *q, buf *out, cJSON *line, int last)
 {
     char *s = cJSON_PrintUnformatted(line);
-    int rc = s && buf_puts(out, s) == 0 && buf_append(out, "\n", 1) == 0 ? 0 : -1;
+    int rc = s && buf_append_all(out, s, strlen(s)) == 0 && buf_append_all(out, "\n", 1) == 0 ? REPLAY_OK
+                                                                                             : REPLAY_BAD;
 
     free(s);
     cJSON_Delete(line);
+    if (rc == REPLAY_OK && (last || out->len >= RT_REPLAY_FLUSH) && out->len) {
+        rc = q->stream_write(q, out->p, out->len) < 0 ? REPLAY_GONE : REPLAY_OK;
+        buf_reset(out);
+    }
     return rc;
 }
 
@@ -314,7 +395,7 @@ static cJSON *replay_event(const PGresult *ev, int i, const char *id, int *bad)
     cJSON_AddStringToObject(line, "type", "RuntimeEvent");
     cJSON_AddStringToObject(line, "ts", PQgetvalue(ev, i, 4));
     cJSON_AddStringToObject(line, "session_id", id);
-    cJSON_AddNumberToObject(line, "seq", row_seq(ev, i));
+    cJSON_AddNumberToObject(line, "seq", (double)strtoll(PQgetvalue(ev, i, 0), NULL, 10));
     cJSON_AddStringToObject(line, "runtime_event_type", PQgetvalue(ev, i, 1));
     cJSON_AddStringToObject(line, "payload_hash", hash);
     cJSON_AddItemToObject(line, "payload", parsed);
@@ -322,58 +403,72 @@ static cJSON *replay_event(const PGresult *ev, int i, const char *id, int *bad)
     return line;
 }
 
+static cJSON *replay_head(const char *type, const char *ts_name, const char *ts)
+{
+    cJSON *line = cJSON_CreateObject();
+
+    cJSON_AddStringToObject(line, "type", type);
+    cJSON_AddStringToObject(line, ts_name, ts);
+    return line;
+}
+
+/* The replay is streamed: a run of any length goes out a page of events
+ * at a time, and a failure after the first bytes cuts the body short (the
+ * client sees an unfinished chunked body, never a replay that looks
+ * whole). */
 void rt_h_run_replay(rt *r, const rt_req *q, rt_resp *a)
 {
-    const char *status, *end_status, *created, *end_ts;
+    const char *status, *end_status, *created;
+    const PGresult *ev;
     cJSON *meta = NULL, *line;
     buf out;
-    run_rows w;
-    int bad = 0, n;
+    run_walk w;
+    int bad = 0, more = 0, i;
 
-    if (rows_load(r, q, a, &w) < 0)
+    if (!q->stream_begin) {
+        rt_error(a, 500, "internal", "this transport cannot stream a replay");
         return;
-    buf_init(&out, (size_t)512 * 1024 * 1024);
+    }
+    if (walk_open(r, q, a, &w) < 0)
+        return;
+    if (q->stream_begin(q, 200, "application/x-ndjson") < 0)
+        goto out_walk;
+    buf_init(&out, RT_REPLAY_LINE_MAX);
     created = PQgetvalue(w.run, 0, 4);
-    line = cJSON_CreateObject();
-    cJSON_AddStringToObject(line, "type", "ReplayHeader");
+    line = replay_head("ReplayHeader", "created_at", created);
     cJSON_AddNumberToObject(line, "replay_version", 1);
     cJSON_AddStringToObject(line, "producer", "openagents-runtime");
-    cJSON_AddStringToObject(line, "created_at", created);
-    bad |= ndjson_line(&out, line);
-    line = cJSON_CreateObject();
-    cJSON_AddStringToObject(line, "type", "SessionStart");
-    cJSON_AddStringToObject(line, "ts", created);
+    bad |= replay_line(q, &out, line, 0);
+    line = replay_head("SessionStart", "ts", created);
     cJSON_AddStringToObject(line, "session_id", w.id);
     cJSON_AddStringToObject(line, "policy_bundle_id", policy_bundle(w.run, &meta));
-    bad |= ndjson_line(&out, line);
-    n = PQntuples(w.ev);
-    for (int i = 0; i < n && !bad; i++) {
-        cJSON *ev_line = replay_event(w.ev, i, w.id, &bad);
+    bad |= replay_line(q, &out, line, 0);
+    while (!bad && (more = walk_next(&w, &ev, &i)) > 0) {
+        int unhashable = 0;
 
-        bad |= ndjson_line(&out, ev_line);
+        line = replay_event(ev, i, w.id, &unhashable);
+        bad |= replay_line(q, &out, line, 0) | (unhashable ? REPLAY_BAD : 0);
     }
-    end_ts = n ? PQgetvalue(w.ev, n - 1, 4) : PQgetvalue(w.run, 0, 5);
     status = PQgetvalue(w.run, 0, 2);
     end_status = strcmp(status, "failed") == 0 ? "failure" : strcmp(status, "canceled") == 0 ? "cancelled" : "success";
-    line = cJSON_CreateObject();
-    cJSON_AddStringToObject(line, "type", "SessionEnd");
-    cJSON_AddStringToObject(line, "ts", end_ts);
+    line = replay_head("SessionEnd", "ts", w.count ? w.last_ts : PQgetvalue(w.run, 0, 5));
     cJSON_AddStringToObject(line, "session_id", w.id);
     cJSON_AddStringToObject(line, "status", end_status);
     cJSON_AddNumberToObject(line, "confidence", strcmp(status, "succeeded") == 0 ? 1.0 : 0.0);
     cJSON_AddNumberToObject(line, "total_tool_calls", 0);
-    bad |= ndjson_line(&out, line);
-    if (bad) {
-        rt_error(a, 500, "internal", "the replay could not be rendered");
-        buf_free(&out);
-    } else {
-        a->status = 200;
-        a->ctype = "application/x-ndjson";
-        a->raw_len = out.len;
-        a->raw = buf_take(&out);
+    if (bad || more < 0) {
+        cJSON_Delete(line);
+        if (bad & REPLAY_BAD || more < 0)
+            log_warn("runtime: the replay of run %s was cut short: %s", w.id,
+                     more < 0 ? "the database failed" : "an event could not be rendered");
+        a->stream_failed = 1;
+    } else if (replay_line(q, &out, line, 1) != REPLAY_OK) {
+        a->stream_failed = 1;
     }
+    buf_free(&out);
+out_walk:
     cJSON_Delete(meta);
-    rows_free(&w);
+    walk_close(&w);
 }
 
 /* One-row projection queries answered as {name: {...}} or 404. */

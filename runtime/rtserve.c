@@ -32,6 +32,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 
 #include "backoff.h"
@@ -72,6 +73,8 @@ struct rt_job {
     char *qry[RT_KEEP_QUERIES];
     char *body;
     rt_resp a;
+    wsapp_stream *stream; /* the replay's body; the handler thread's until it ends */
+    int counted;          /* in s->streams_open */
     /* Khala */
     uint64_t conn_id;
     char topic[RT_TOPIC_MAX];
@@ -129,6 +132,7 @@ struct rtserve {
     rtpipe *pipe;     /* appends answered without events, from the loop */
     int pipe_conns;
     _Atomic int stopping; /* read by the LISTEN thread without the lock */
+    int streams_open;     /* replays being sent; loop thread only */
     rt_topic *topics; /* loop thread only */
     char instance[33];
     char conninfo[2048];
@@ -145,6 +149,8 @@ static void job_free(rt_job *j)
     for (i = 0; i < RT_KEEP_QUERIES; i++)
         free(j->qry[i]);
     free(j->body);
+    if (j->stream)
+        wsapp_stream_end(j->stream, 0);
     cJSON_Delete(j->a.json);
     free(j->a.raw);
     cJSON_Delete(j->w.messages);
@@ -198,13 +204,17 @@ static void job_done_on_loop(wsapp *app, void *ud)
 /* Hands a finished job's answer to the loop. */
 static void job_post(rtserve *s, rt_job *j)
 {
-    rt_post *p = malloc(sizeof(*p));
+    rt_post *p;
 
-    if (!p || (p->s = s, p->j = j, wsapp_post(s->app, job_done_on_loop, p) < 0)) {
-        /* The loop is gone (stopping) or memory is: the client, if any,
-         * is being disconnected anyway. */
+    /* wsapp_post fails only when memory does. Freeing the job here would
+     * leave its request's on_gone pointing at it, so wait for memory, or
+     * for the stop, after which the loop runs nothing more and the job is
+     * left to the process's end. */
+    while (!(p = malloc(sizeof(*p))) || (p->s = s, p->j = j, wsapp_post(s->app, job_done_on_loop, p) < 0)) {
         free(p);
-        job_free(j);
+        if (wsapp_stopping(s->app))
+            return;
+        usleep(10000);
     }
 }
 
@@ -320,15 +330,48 @@ static void send_answer(wsapp_req *req, rt_resp *a)
     }
 }
 
+/* Replay bytes that may wait for a slow client: past them, the handler
+ * thread writing the replay waits. */
+#define RT_STREAM_BYTES (256 * 1024)
+
+static int streams(const rt_route *route)
+{
+    return route->fn == rt_h_run_replay;
+}
+
+static int j_stream_begin(const rt_req *q, int status, const char *ctype)
+{
+    rt_job *j = q->tr;
+
+    j->a.streamed = 1;
+    return wsapp_stream_begin(j->stream, status, ctype);
+}
+
+static int j_stream_write(const rt_req *q, const void *data, size_t len)
+{
+    return wsapp_stream_write(((rt_job *)q->tr)->stream, data, len);
+}
+
 static void http_run(rtserve *s, rt_job *j)
 {
     j->route->fn(s->r, &j->q, &j->a);
+    if (j->stream) {
+        wsapp_stream_end(j->stream, !j->a.stream_failed);
+        j->stream = NULL;
+    }
 }
 
 static void http_done(rtserve *s, rt_job *j)
 {
-    (void)s;
-    if (!j->gone)
+    if (j->counted)
+        s->streams_open--;
+    if (j->gone)
+        return;
+    /* A request that had a stream calls on_gone when it is freed, which
+     * may be after this job is. */
+    if (streams(j->route))
+        wsapp_req_defer(j->req, NULL, NULL);
+    if (!j->a.streamed)
         send_answer(j->req, &j->a);
 }
 
@@ -448,10 +491,29 @@ static void http_dispatch(wsapp_req *req, void *ud)
         job_free(j);
         return;
     }
+    /* A replay holds its handler thread while its client reads: at most
+     * half of them, so that a few slow readers cannot stop every other
+     * route. The stream is made before the push: a handler thread may
+     * take the job at once. */
+    if (streams(j->route) && (s->streams_open >= (s->nthreads + 1) / 2 ||
+                              !(j->stream = wsapp_req_stream(req, RT_STREAM_BYTES)))) {
+        wsapp_req_add_header(req, "Retry-After", "1");
+        wsapp_respond_error(req, 503, "unavailable", "too many replays being sent; retry", NULL);
+        job_free(j);
+        return;
+    }
+    if (j->stream) {
+        j->q.stream_begin = j_stream_begin;
+        j->q.stream_write = j_stream_write;
+    }
     if (job_push(s, j) < 0) {
         wsapp_respond_error(req, 503, "unavailable", "the runtime is overloaded or stopping; retry", NULL);
         job_free(j);
         return;
+    }
+    if (j->stream) {
+        j->counted = 1;
+        s->streams_open++;
     }
     wsapp_req_defer(req, http_gone, j);
 }

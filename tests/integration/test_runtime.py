@@ -25,7 +25,7 @@ import uuid
 
 import psycopg2
 
-from aetest import BINDIR, DATABASE_URL, Service, http, http_json, wait_for
+from aetest import BINDIR, DATABASE_URL, Service, http, http_json, rss_kib, wait_for
 from pgtmp import PgTmp, free_port
 from tools import need
 
@@ -330,25 +330,92 @@ class Runs(unittest.TestCase):
         st, _, b = self.rt.append(run["id"], "run.finished")
         self.assertEqual(st, 400)
 
-    def test_receipt_of_a_run_past_64_mib(self):
+    def test_receipt_and_replay_of_a_run_past_64_mib(self):
         """The receipt hashes a run one event at a time: a run whose
         canonical JSON passes 64 MiB (which one whole text was limited to,
         answering 500) gets its receipt, and the hash is the one Python
-        computes over the whole list."""
-        rid = self.rt.new_run()["id"]
+        computes over the whole list. Its replay is streamed in chunks a
+        page of events at a time: the runtime's memory grows by a fraction
+        of the run while a client reads it slowly (the whole replay built
+        in memory grew it by more than twice the run)."""
+        # A runtime of its own, so that the RSS is this replay's; under
+        # AddressSanitizer, with no quarantine of freed memory (it would
+        # keep every freed page resident, up to 256 MiB).
+        rt = Runtime(ASAN_OPTIONS="quarantine_size_mb=0").start()
+        self.addCleanup(rt.stop)
+        rid = rt.new_run()["id"]
         for i in range(270):  # the run_events topic takes payloads of 256 KiB at most
-            st, _, b = self.rt.append(rid, "big", {"i": i, "blob": "x" * 250000}, key="big%d" % i,
-                                      headers={"Prefer": "return=minimal"})
+            st, _, b = rt.append(rid, "big", {"i": i, "blob": "x" * 250000}, key="big%d" % i,
+                                 headers={"Prefer": "return=minimal"})
             self.assertEqual(st, 200, b)
-        st, _, b = self.rt.call("GET", "/internal/v1/runs/%s" % rid)
+        before = rss_kib(rt.proc.pid)
+        c = http_client.HTTPConnection("127.0.0.1", rt.port, timeout=60)
+        c.request("GET", "/internal/v1/runs/%s/replay" % rid)
+        r = c.getresponse()
+        self.assertEqual((r.status, r.getheader("transfer-encoding")), (200, "chunked"))
+        data, peak = b"", before
+        while True:
+            piece = r.read(1 << 20)
+            if not piece:
+                break
+            data += piece
+            peak = max(peak, rss_kib(rt.proc.pid))
+            time.sleep(0.01)
+        c.close()
+        lines = [json.loads(x) for x in data.decode().splitlines()]
+        self.assertEqual([x["type"] for x in lines[:2]], ["ReplayHeader", "SessionStart"])
+        self.assertEqual(lines[-1]["type"], "SessionEnd")
+        evs = lines[2:-1]
+        self.assertEqual([e["seq"] for e in evs], list(range(1, 272)))
+        self.assertEqual([e["payload"]["i"] for e in evs[1:]], list(range(270)))
+        self.assertEqual(evs[-1]["payload_hash"], sha(canon(evs[-1]["payload"])))
+        self.assertGreater(len(data), 64 << 20)
+        self.assertLess(peak - before, 48 * 1024, (before, peak))
+        st, _, b = rt.call("GET", "/internal/v1/runs/%s" % rid)
         self.assertEqual(st, 200)
         events = b["run"]["events"]
         text = canon([{"seq": e["seq"], "event_type": e["event_type"], "payload": e["payload"],
                        "idempotency_key": e["idempotency_key"], "recorded_at": e["recorded_at"]} for e in events])
         self.assertGreater(len(text.encode()), 64 << 20)
-        st, _, rc = self.rt.call("GET", "/internal/v1/runs/%s/receipt" % rid)
+        st, _, rc = rt.call("GET", "/internal/v1/runs/%s/receipt" % rid)
         self.assertEqual(st, 200, rc)
         self.assertEqual((rc["trajectory_hash"], rc["event_count"]), (sha(text), len(events)))
+        self.assertEqual((rc["first_seq"], rc["last_seq"]), (1, 271))
+
+    def test_replays_to_readers_that_stop(self):
+        """A replay whose client stops reading holds its handler thread: at
+        most half of the threads do (the next replay gets 503 with
+        Retry-After while the other routes answer), and a stop does not
+        wait for such a client for ever."""
+        rt = Runtime(RUNTIME_WORKER_THREADS=4).start()  # 2 replays at once
+        self.addCleanup(rt.stop)
+        rid = rt.new_run()["id"]
+        for i in range(40):  # 10 MB: more than the socket buffers of a reader that stopped
+            st, _, b = rt.append(rid, "big", {"i": i, "blob": "y" * 250000}, headers={"Prefer": "return=minimal"})
+            self.assertEqual(st, 200, b)
+        stalled = []
+        for _ in range(2):
+            c = socket.create_connection(("127.0.0.1", rt.port))
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            c.sendall(b"GET /internal/v1/runs/%s/replay HTTP/1.1\r\nHost: x\r\n\r\n" % rid.encode())
+            c.settimeout(10)
+            self.assertTrue(c.recv(1024).startswith(b"HTTP/1.1 200"))
+            stalled.append(c)
+        time.sleep(0.5)
+        st, hdrs, body = http("GET", rt.base + "/internal/v1/runs/%s/replay" % rid)
+        self.assertEqual((st, hdrs.get("retry-after"), json.loads(body)["error"]), (503, "1", "unavailable"))
+        st, _, b = rt.call("GET", "/internal/v1/runs/%s/receipt" % rid)
+        self.assertEqual((st, b["event_count"]), (200, 41))
+        stalled.pop().close()
+        # Its thread lets go once a write fails; then a replay goes through.
+        wait_for(lambda: http("GET", rt.base + "/internal/v1/runs/%s/replay" % rid, timeout=30)[0] == 200, 15,
+                 what="a replay slot to free up")
+        t0 = time.monotonic()
+        rt.proc.send_signal(signal.SIGTERM)
+        rc = rt.proc.wait(30)
+        self.assertEqual(rc, 0)
+        self.assertLess(time.monotonic() - t0, 20)
+        stalled[0].close()
 
     def test_receipt_and_replay(self):
         run = self.rt.new_run(metadata={"policy_bundle_id": "pb.test"})
