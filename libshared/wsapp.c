@@ -1656,9 +1656,12 @@ static void wsapp_head_handoff(wsapp *app, int fd, const char *data, size_t n)
     if (nfd < 0)
         return;
     if ((size_t)nfd < app->nhttp10) {
-        const char *eol = memmem(data, hlen, "\r\n", 2);
+        const char *line = data, *eol;
 
-        app->http10[nfd] = eol && eol - data >= 8 && memcmp(eol - 8, "HTTP/1.0", 8) == 0;
+        while (line + 2 <= data + hlen && line[0] == '\r' && line[1] == '\n')
+            line += 2; /* empty lines before a request line are allowed */
+        eol = memmem(line, hlen - (size_t)(line - data), "\r\n", 2);
+        app->http10[nfd] = eol && eol - line >= 8 && memcmp(eol - 8, "HTTP/1.0", 8) == 0;
     }
     if (!has_proto) {
         if (!lws_adopt_socket_vhost(app->vh, nfd))
@@ -2119,10 +2122,12 @@ static int wsapp_stream_put(wsapp_req *req, unsigned char *out, size_t n)
 }
 
 /* The writable callback of a streamed answer: the head, then chunks as
- * the producer writes them, then the last chunk. While the body is not
- * over, lws's timeout is re-armed at every turn that moved it: a body
- * that moves for none of http_timeout_s (a client that stopped reading,
- * whose producer waits) closes the connection, which frees the producer. */
+ * the producer writes them, then the last chunk. Each return before the
+ * end arms lws's timeout: a body that does not move for http_timeout_s
+ * closes the connection, which lets the producer go. Armed while waiting
+ * for the producer too, since the socket may be full then without lws
+ * knowing it: the producer's next bytes would ask for a writable callback
+ * that never comes if the client stopped reading. */
 static int wsapp_stream_send(wsapp_req *req)
 {
     struct lws *wsi = req->wsi;
@@ -2139,14 +2144,16 @@ static int wsapp_stream_send(wsapp_req *req)
         size_t n;
         int st;
 
-        lws_set_timeout(wsi, PENDING_TIMEOUT_HTTP_CONTENT, req->app->o.http_timeout_s);
         if (lws_send_pipe_choked(wsi)) {
+            lws_set_timeout(wsi, PENDING_TIMEOUT_HTTP_CONTENT, req->app->o.http_timeout_s);
             lws_callback_on_writable(wsi);
             return 0;
         }
         st = wsapp_stream_take(req->stream, out + WSAPP_CHUNK_HEAD, WSAPP_CHUNK_DATA, &n);
-        if (st == WSAPP_STREAM_WAIT)
+        if (st == WSAPP_STREAM_WAIT) {
+            lws_set_timeout(wsi, PENDING_TIMEOUT_HTTP_CONTENT, req->app->o.http_timeout_s);
             return 0;
+        }
         if (st == WSAPP_STREAM_CUT || (st == WSAPP_STREAM_DONE && req->http10)) {
             req->close_after = 1;
             break;
@@ -2159,7 +2166,6 @@ static int wsapp_stream_send(wsapp_req *req)
         if (wsapp_stream_put(req, out, n) < 0)
             return -1;
     }
-    lws_set_timeout(wsi, NO_PENDING_TIMEOUT, 0);
     /* HEAD, or the body is over: a cut one closes the connection, which
      * is how the client learns that it is short. */
     return wsapp_http_finish(req);

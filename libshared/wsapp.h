@@ -160,9 +160,10 @@ void wsapp_req_defer(wsapp_req *req, void (*on_gone)(wsapp_req *req, void *ud), 
  * holder clears on_gone (wsapp_req_defer with NULL) when it lets go first.
  * HEAD gets the head alone; the producer's writes then fail. An HTTP/1.0
  * client gets the body unframed, ended by the close. A body that does not
- * move for http_timeout_s (a client that stopped reading) closes the
- * connection, and the loop's end lets every producer go: neither a client
- * nor a stop leaves a producer waiting for ever. */
+ * move for http_timeout_s (a client that stopped reading, or a producer
+ * that wrote nothing) closes the connection, and the loop's end lets every
+ * producer go: neither a client nor a stop leaves a producer waiting for
+ * ever. */
 typedef struct wsapp_stream wsapp_stream;
 
 /* On the loop. Returns the producer's reference, or NULL (OOM, a

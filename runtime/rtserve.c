@@ -205,15 +205,19 @@ static void job_done_on_loop(wsapp *app, void *ud)
 static void job_post(rtserve *s, rt_job *j)
 {
     rt_post *p;
+    int tries = 0;
 
-    /* wsapp_post fails only when memory does. Freeing the job here would
-     * leave its request's on_gone pointing at it, so wait for memory, or
-     * for the stop, after which the loop runs nothing more and the job is
-     * left to the process's end. */
+    /* wsapp_post fails only when memory does (posts made during or after
+     * a stop are still run, by wsapp_free). Freeing the job here would
+     * leave its request's on_gone pointing at it, so wait for memory, up
+     * to 5 s; past that the job is leaked rather than freed, and its
+     * client waits for its timeout. */
     while (!(p = malloc(sizeof(*p))) || (p->s = s, p->j = j, wsapp_post(s->app, job_done_on_loop, p) < 0)) {
         free(p);
-        if (wsapp_stopping(s->app))
+        if (++tries > 500) {
+            log_error("runtime: no memory to answer a request; it is left to its client's timeout");
             return;
+        }
         usleep(10000);
     }
 }
@@ -442,7 +446,7 @@ static void http_dispatch(wsapp_req *req, void *ud)
     rt_job *j = calloc(1, sizeof(*j));
     const char *body;
     size_t len = 0;
-    int status = 404, i;
+    int status = 404, i, counted;
 
     if (!j) {
         wsapp_respond_error(req, 503, "unavailable", "out of memory", NULL);
@@ -492,29 +496,33 @@ static void http_dispatch(wsapp_req *req, void *ud)
         return;
     }
     /* A replay holds its handler thread while its client reads: at most
-     * half of them, so that a few slow readers cannot stop every other
-     * route. The stream is made before the push: a handler thread may
-     * take the job at once. */
-    if (streams(j->route) && (s->streams_open >= (s->nthreads + 1) / 2 ||
-                              !(j->stream = wsapp_req_stream(req, RT_STREAM_BYTES)))) {
-        wsapp_req_add_header(req, "Retry-After", "1");
-        wsapp_respond_error(req, 503, "unavailable", "too many replays being sent; retry", NULL);
-        job_free(j);
-        return;
-    }
-    if (j->stream) {
+     * half of them (one when there is one), so that a few slow readers
+     * cannot stop every other route. The stream is made before the push:
+     * a handler thread may take the job at once (and, from then on, own
+     * j->stream). */
+    if (streams(j->route)) {
+        int cap = s->nthreads / 2 > 0 ? s->nthreads / 2 : 1;
+
+        if (s->streams_open >= cap || !(j->stream = wsapp_req_stream(req, RT_STREAM_BYTES))) {
+            wsapp_req_add_header(req, "Retry-After", "1");
+            wsapp_respond_error(req, 503, "unavailable",
+                                s->streams_open >= cap ? "too many replays being sent; retry" : "out of memory",
+                                NULL);
+            job_free(j);
+            return;
+        }
         j->q.stream_begin = j_stream_begin;
         j->q.stream_write = j_stream_write;
+        j->counted = 1;
     }
+    counted = j->counted;
     if (job_push(s, j) < 0) {
+        j->counted = 0;
         wsapp_respond_error(req, 503, "unavailable", "the runtime is overloaded or stopping; retry", NULL);
         job_free(j);
         return;
     }
-    if (j->stream) {
-        j->counted = 1;
-        s->streams_open++;
-    }
+    s->streams_open += counted;
     wsapp_req_defer(req, http_gone, j);
 }
 
