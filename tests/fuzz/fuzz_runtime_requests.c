@@ -223,7 +223,7 @@ static void handshake(rt_req *q, const fq *f)
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-    rt_req q = {q_header, q_query, q_param, NULL, 0, NULL};
+    rt_req q = {.header = q_header, .query = q_query, .param = q_param};
     const uint8_t *p, *end = data + size;
     int mode, nl = 0;
     fq f = {{NULL}};
