@@ -1110,8 +1110,6 @@ static unsigned char *wsapp_headers(wsapp_req *req, unsigned char *hb, size_t hb
         /* lws_add_http_common_headers would make a body of unknown length
          * close-delimited; chunks keep the connection and let the client
          * tell a body cut short from a whole one. */
-        if (req->http10)
-            req->close_after = 1; /* HTTP/1.0 has no chunks: the close ends the body */
         if (lws_add_http_header_status(req->wsi, (unsigned int)req->status, &p, end) ||
             lws_add_http_header_by_token(req->wsi, WSI_TOKEN_HTTP_CONTENT_TYPE, (const unsigned char *)req->ctype,
                                          (int)strlen(req->ctype), &p, end) ||
@@ -1978,6 +1976,7 @@ static void wsapp_stream_kicked(wsapp *app, void *ud)
     s->kick_queued = 0;
     if (req && !req->answered && s->status) {
         req->answered = req->chunked = 1;
+        req->close_after |= req->http10; /* HTTP/1.0 has no chunks: the close ends the body */
         req->status = s->status;
         fmt_copy(req->ctype, sizeof(req->ctype), s->ctype);
     }
@@ -2145,21 +2144,22 @@ static int wsapp_stream_send(wsapp_req *req)
         int st;
 
         if (lws_send_pipe_choked(wsi)) {
-            lws_set_timeout(wsi, PENDING_TIMEOUT_HTTP_CONTENT, req->app->o.http_timeout_s);
             lws_callback_on_writable(wsi);
-            return 0;
+            st = WSAPP_STREAM_WAIT;
+        } else {
+            st = wsapp_stream_take(req->stream, out + WSAPP_CHUNK_HEAD, WSAPP_CHUNK_DATA, &n);
         }
-        st = wsapp_stream_take(req->stream, out + WSAPP_CHUNK_HEAD, WSAPP_CHUNK_DATA, &n);
         if (st == WSAPP_STREAM_WAIT) {
             lws_set_timeout(wsi, PENDING_TIMEOUT_HTTP_CONTENT, req->app->o.http_timeout_s);
             return 0;
         }
-        if (st == WSAPP_STREAM_CUT || (st == WSAPP_STREAM_DONE && req->http10)) {
+        if (st == WSAPP_STREAM_CUT) {
             req->close_after = 1;
             break;
         }
         if (st == WSAPP_STREAM_DONE) {
-            if (lws_write(wsi, (unsigned char *)memcpy(out, "0\r\n\r\n", 5), 5, LWS_WRITE_HTTP_FINAL) < 5)
+            if (!req->http10 &&
+                lws_write(wsi, (unsigned char *)memcpy(out, "0\r\n\r\n", 5), 5, LWS_WRITE_HTTP_FINAL) < 5)
                 return -1;
             break;
         }

@@ -28,7 +28,9 @@ static const char EVENTS_SQL[] =
 
 /* Rows a page of the receipt's and the replay's reads: a run of any length
  * is held a page at a time (an event is at most a request body, 1 MiB). */
-#define RT_PAGE_ROWS "64"
+#define RT_PAGE_ROWS 64
+#define RT_STR_(x) #x
+#define RT_STR(x) RT_STR_(x)
 
 cJSON *rt_text_or_null(const PGresult *res, int row, int col)
 {
@@ -205,9 +207,8 @@ typedef struct {
     int row;            /* the next row of the page */
     int done;           /* the last page was read */
     long long count;    /* events handed out */
-    long long first_seq, last_seq;
-    char after[24];     /* seq of the last event handed out */
-    char last_ts[64];   /* its recorded_at */
+    long long first_seq, last_seq; /* of the events handed out; the next page starts after last_seq */
+    char last_ts[64];   /* the last one's recorded_at */
 } run_walk;
 
 static void walk_close(run_walk *w)
@@ -219,9 +220,11 @@ static void walk_close(run_walk *w)
 /* Reads the next page. Returns 0 or -1 (err set). */
 static int walk_page(run_walk *w, char *err, size_t errlen)
 {
-    const char *p[4] = {w->id, w->after, PQgetvalue(w->run, 0, 6), RT_PAGE_ROWS};
+    char after[24];
+    const char *p[4] = {w->id, after, PQgetvalue(w->run, 0, 6), RT_STR(RT_PAGE_ROWS)};
     PGconn *c = dbpool_acquire(w->r->db, RT_ACQUIRE_MS);
 
+    snprintf(after, sizeof(after), "%lld", w->last_seq);
     PQclear(w->page);
     w->page = NULL;
     w->row = 0;
@@ -233,7 +236,7 @@ static int walk_page(run_walk *w, char *err, size_t errlen)
     dbpool_release(w->r->db, c);
     if (!w->page)
         return -1;
-    w->done = PQntuples(w->page) < atoi(RT_PAGE_ROWS);
+    w->done = PQntuples(w->page) < RT_PAGE_ROWS;
     return 0;
 }
 
@@ -247,7 +250,6 @@ static int walk_open(rt *r, const rt_req *q, rt_resp *a, run_walk *w)
 
     memset(w, 0, sizeof(*w));
     w->r = r;
-    fmt_copy(w->after, sizeof(w->after), "0");
     if (rt_run_id_param(q, a, &w->id) < 0 || !(c = rt_acquire(r, a)))
         return -1;
     p[0] = w->id;
@@ -283,9 +285,8 @@ static int walk_next(run_walk *w, const PGresult **res, int *row)
     }
     *res = w->page;
     *row = w->row++;
-    fmt_copy(w->after, sizeof(w->after), PQgetvalue(w->page, *row, 0));
     fmt_copy(w->last_ts, sizeof(w->last_ts), PQgetvalue(w->page, *row, 4));
-    w->last_seq = strtoll(w->after, NULL, 10);
+    w->last_seq = strtoll(PQgetvalue(w->page, *row, 0), NULL, 10);
     if (w->count++ == 0)
         w->first_seq = w->last_seq;
     return 1;

@@ -74,7 +74,6 @@ struct rt_job {
     char *body;
     rt_resp a;
     wsapp_stream *stream; /* the replay's body; the handler thread's until it ends */
-    int counted;          /* in s->streams_open */
     /* Khala */
     uint64_t conn_id;
     char topic[RT_TOPIC_MAX];
@@ -133,6 +132,7 @@ struct rtserve {
     int pipe_conns;
     _Atomic int stopping; /* read by the LISTEN thread without the lock */
     int streams_open;     /* replays being sent; loop thread only */
+    int streams_max;      /* at most half the handler threads, one at least */
     rt_topic *topics; /* loop thread only */
     char instance[33];
     char conninfo[2048];
@@ -367,7 +367,9 @@ static void http_run(rtserve *s, rt_job *j)
 
 static void http_done(rtserve *s, rt_job *j)
 {
-    if (j->counted)
+    /* Every job of a streaming route that reaches here was counted: the
+     * refusals before the push never do. */
+    if (streams(j->route))
         s->streams_open--;
     if (j->gone)
         return;
@@ -446,7 +448,7 @@ static void http_dispatch(wsapp_req *req, void *ud)
     rt_job *j = calloc(1, sizeof(*j));
     const char *body;
     size_t len = 0;
-    int status = 404, i, counted;
+    int status = 404, i;
 
     if (!j) {
         wsapp_respond_error(req, 503, "unavailable", "out of memory", NULL);
@@ -496,33 +498,29 @@ static void http_dispatch(wsapp_req *req, void *ud)
         return;
     }
     /* A replay holds its handler thread while its client reads: at most
-     * half of them (one when there is one), so that a few slow readers
-     * cannot stop every other route. The stream is made before the push:
-     * a handler thread may take the job at once (and, from then on, own
-     * j->stream). */
+     * streams_max of them, so that a few slow readers cannot stop every
+     * other route. The stream is made before the push: a handler thread
+     * may take the job at once (and, from then on, own j->stream). */
     if (streams(j->route)) {
-        int cap = s->nthreads / 2 > 0 ? s->nthreads / 2 : 1;
+        int full = s->streams_open >= s->streams_max;
 
-        if (s->streams_open >= cap || !(j->stream = wsapp_req_stream(req, RT_STREAM_BYTES))) {
+        if (full || !(j->stream = wsapp_req_stream(req, RT_STREAM_BYTES))) {
             wsapp_req_add_header(req, "Retry-After", "1");
-            wsapp_respond_error(req, 503, "unavailable",
-                                s->streams_open >= cap ? "too many replays being sent; retry" : "out of memory",
+            wsapp_respond_error(req, 503, "unavailable", full ? "too many replays being sent; retry" : "out of memory",
                                 NULL);
             job_free(j);
             return;
         }
         j->q.stream_begin = j_stream_begin;
         j->q.stream_write = j_stream_write;
-        j->counted = 1;
     }
-    counted = j->counted;
     if (job_push(s, j) < 0) {
-        j->counted = 0;
         wsapp_respond_error(req, 503, "unavailable", "the runtime is overloaded or stopping; retry", NULL);
         job_free(j);
         return;
     }
-    s->streams_open += counted;
+    if (streams(j->route))
+        s->streams_open++;
     wsapp_req_defer(req, http_gone, j);
 }
 
@@ -1008,6 +1006,7 @@ rtserve *rtserve_new(rt *r, const char *host, int port, int threads, int append_
     pthread_cond_init(&s->cv, NULL);
     pthread_cond_init(&s->acv, NULL);
     s->nthreads = threads > 0 ? threads : 4;
+    s->streams_max = s->nthreads / 2 > 0 ? s->nthreads / 2 : 1;
     s->pipe_conns = append_conns < 0 ? 0 : append_conns > RTPIPE_CONNS_MAX ? RTPIPE_CONNS_MAX : append_conns;
     s->want_appenders = append_threads < 1 ? 1 : append_threads > RTSERVE_APPEND_THREADS_MAX ? RTSERVE_APPEND_THREADS_MAX
                                                                                           : append_threads;
