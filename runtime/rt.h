@@ -17,6 +17,9 @@
 
 typedef struct rt_req rt_req;
 
+/* stream_begin's answer when too many streams are being sent. */
+#define RT_STREAM_BUSY (-2)
+
 /* One request. Getters return NULL when absent; strings live as long as
  * the request. */
 struct rt_req {
@@ -26,13 +29,15 @@ struct rt_req {
     const char *body;
     size_t body_len;
     void *tr; /* the transport's own request */
-    /* A body too long to build whole (the replay): stream_begin answers
-     * with the status and content type now, stream_write sends the body in
-     * pieces as it is made (blocking while the client is behind), and `a`
-     * is not sent. Both return -1 when the client is gone; stream_begin is
-     * NULL where the transport cannot stream. A handler that fails after
-     * its begin sets a->stream_failed: the client then sees the body cut
-     * short, since the 200 went out with the first bytes. */
+    /* A body too long to build whole (a replay, a long run): stream_begin
+     * answers with the status and content type now, stream_write sends the
+     * body in pieces as it is made (blocking while the client is behind),
+     * and `a` is not sent. Both return -1 when the client is gone;
+     * stream_begin returns RT_STREAM_BUSY, having sent nothing, when too
+     * many streams are being sent (the handler answers 503 through `a`),
+     * and is NULL where the transport cannot stream. A handler that fails
+     * after its begin sets a->stream_failed: the client then sees the body
+     * cut short, since the 200 went out with the first bytes. */
     int (*stream_begin)(const rt_req *q, int status, const char *ctype);
     int (*stream_write)(const rt_req *q, const void *data, size_t len);
 };
@@ -138,9 +143,9 @@ void rt_count_append(rt *r, const char *event_type);
 /* A text column as a JSON string (raw: as JSON text), or null. */
 cJSON *rt_text_or_null(const PGresult *res, int row, int col);
 cJSON *rt_raw_or_null(const PGresult *res, int row, int col);
-/* Answers {"run": RUN} (status `status`) for run `id` read on c, with its
- * events unless with_events is 0; 404 or 503 when it cannot. */
-void rt_answer_run(rt_resp *a, PGconn *c, const char *id, int status, int with_events);
+/* Answers {"run": RUN} with its events (status `status`) for run `id`
+ * read on c, whole; 404 or 503 when it cannot. */
+void rt_answer_run(rt_resp *a, PGconn *c, const char *id, int status);
 /* A pooled connection, or NULL with a 503 in `a`. */
 PGconn *rt_acquire(rt *r, rt_resp *a);
 /* The route's {id} when it is a UUID (0), else -1 with a 400 in `a`. */

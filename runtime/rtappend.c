@@ -235,7 +235,7 @@ void rtappend_answer(rt *r, rt_append *x, PGconn *c, const PGresult *res, int ro
         if (wants_minimal(x->q))
             answer_minimal(x->a, x->id, res, row, b);
         else
-            rt_answer_run(x->a, c, x->id, 200, 1);
+            rt_answer_run(x->a, c, x->id, 200);
     } else if (strcmp(outcome, "not_found") == 0) {
         rt_error(x->a, 404, "not_found", "run not found");
     } else if (strcmp(outcome, "conflict") == 0) {

@@ -9,6 +9,7 @@
 #include "buf.h"
 #include "canonjson.h"
 #include "fmt.h"
+#include "jsonstr.h"
 #include "log.h"
 #include "randid.h"
 
@@ -58,67 +59,126 @@ static cJSON *row_event(const PGresult *ev, int i, int parse)
     return x;
 }
 
-/* The RUN object of SPEC 6, with its events unless `with_events` is 0.
- * Returns NULL with *found 0 for an unknown run, or NULL with *found 1
- * and err set on a database failure. Caller frees with cJSON_Delete. */
-static cJSON *run_load(PGconn *c, const char *id, int with_events, int *found, char *err, size_t errlen)
+/* Appends all of s or nothing (-1: OOM, or past b's maximum). */
+static int put(buf *b, const char *s)
 {
-    const char *p[4] = {id, "0", NULL, NULL};
-    PGresult *res = dbpool_exec_prepared(c, "rt_run", RUN_SQL, 1, p, err, errlen), *ev = NULL;
-    cJSON *run = NULL, *events;
-    int i;
+    return buf_append_all(b, s, strlen(s));
+}
 
-    *found = 1;
-    if (!res)
-        return NULL;
-    if (PQntuples(res) == 0) {
-        *found = 0;
-        PQclear(res);
-        return NULL;
-    }
-    p[2] = PQgetvalue(res, 0, 6);
-    if (with_events && !(ev = dbpool_exec_prepared(c, "rt_events", EVENTS_SQL, 4, p, err, errlen))) {
-        PQclear(res);
-        return NULL;
-    }
-    run = cJSON_CreateObject();
-    cJSON_AddStringToObject(run, "id", PQgetvalue(res, 0, 0));
-    cJSON_AddItemToObject(run, "worker_id", rt_text_or_null(res, 0, 1));
-    cJSON_AddStringToObject(run, "status", PQgetvalue(res, 0, 2));
-    cJSON_AddItemToObject(run, "metadata", rt_raw_or_null(res, 0, 3));
-    if (ev) {
-        events = cJSON_AddArrayToObject(run, "events");
-        for (i = 0; i < PQntuples(ev); i++)
-            cJSON_AddItemToArray(events, row_event(ev, i, 0));
-    } else {
-        cJSON_AddNumberToObject(run, "last_seq", (double)strtoll(PQgetvalue(res, 0, 6), NULL, 10));
-    }
-    cJSON_AddStringToObject(run, "created_at", PQgetvalue(res, 0, 4));
-    cJSON_AddStringToObject(run, "updated_at", PQgetvalue(res, 0, 5));
-    PQclear(res);
-    PQclear(ev);
-    return run;
+/* A text column as a JSON string (raw: as JSON text), or null. */
+static int text_col(buf *b, const PGresult *res, int row, int col, int raw)
+{
+    if (PQgetisnull(res, row, col))
+        return put(b, "null");
+    if (raw)
+        return put(b, PQgetvalue(res, row, col));
+    if (put(b, "\"") < 0 || jsonstr_puts(b, PQgetvalue(res, row, col)) < 0 || b->truncated)
+        return -1;
+    return put(b, "\"");
+}
+
+static int text_field(buf *b, const char *sep_name, const PGresult *res, int row, int col, int raw)
+{
+    return put(b, sep_name) < 0 ? -1 : text_col(b, res, row, col, raw);
+}
+
+/* {"run": RUN} of SPEC 6 as text, in three parts, so that a run of any
+ * length can be written a page of events at a time: what comes before the
+ * events (from RUN_SQL's row), each event, what comes after. Each returns
+ * 0 or -1 (OOM, or past b's maximum). */
+static int run_text_head(buf *b, const PGresult *run)
+{
+    if (text_field(b, "{\"run\":{\"id\":", run, 0, 0, 0) < 0 || text_field(b, ",\"worker_id\":", run, 0, 1, 0) < 0 ||
+        text_field(b, ",\"status\":", run, 0, 2, 0) < 0 || text_field(b, ",\"metadata\":", run, 0, 3, 1) < 0)
+        return -1;
+    return put(b, ",\"events\":[");
+}
+
+static int run_text_event(buf *b, const PGresult *ev, int i, int first)
+{
+    if ((!first && put(b, ",") < 0) || text_field(b, "{\"seq\":", ev, i, 0, 1) < 0 ||
+        text_field(b, ",\"event_type\":", ev, i, 1, 0) < 0 || text_field(b, ",\"payload\":", ev, i, 2, 1) < 0 ||
+        text_field(b, ",\"idempotency_key\":", ev, i, 3, 0) < 0 || text_field(b, ",\"recorded_at\":", ev, i, 4, 0) < 0)
+        return -1;
+    return put(b, "}");
+}
+
+static int run_text_tail(buf *b, const PGresult *run)
+{
+    if (text_field(b, "],\"created_at\":", run, 0, 4, 0) < 0 || text_field(b, ",\"updated_at\":", run, 0, 5, 0) < 0)
+        return -1;
+    return put(b, "}}");
+}
+
+/* The run without its events (Prefer: return=minimal's shape). */
+static int run_text_minimal(buf *b, const PGresult *run)
+{
+    if (text_field(b, "{\"run\":{\"id\":", run, 0, 0, 0) < 0 || text_field(b, ",\"worker_id\":", run, 0, 1, 0) < 0 ||
+        text_field(b, ",\"status\":", run, 0, 2, 0) < 0 || text_field(b, ",\"metadata\":", run, 0, 3, 1) < 0 ||
+        text_field(b, ",\"last_seq\":", run, 0, 6, 1) < 0 || text_field(b, ",\"created_at\":", run, 0, 4, 0) < 0 ||
+        text_field(b, ",\"updated_at\":", run, 0, 5, 0) < 0)
+        return -1;
+    return put(b, "}}");
+}
+
+/* A whole answer's text: a run of a page of events, or one read on the
+ * append's own connection (a run that long answered whole is the
+ * original's wire format for appends; GET streams it). */
+#define RT_RUN_TEXT_MAX ((size_t)256 << 20)
+
+static void answer_text(rt_resp *a, int status, buf *b)
+{
+    a->status = status;
+    a->raw_len = b->len;
+    a->raw = buf_take(b);
+    a->ctype = "application/json";
 }
 
 /* Answers {"run": RUN} (status `status`) for run `id` on connection c. */
-void rt_answer_run(rt_resp *a, PGconn *c, const char *id, int status, int with_events)
+void rt_answer_run(rt_resp *a, PGconn *c, const char *id, int status)
 {
+    const char *p[4] = {id, "0", NULL, NULL};
     char err[512];
-    int found;
-    cJSON *run = run_load(c, id, with_events, &found, err, sizeof(err));
+    PGresult *run = dbpool_exec_prepared(c, "rt_run", RUN_SQL, 1, p, err, sizeof(err)), *ev = NULL;
+    buf b;
+    int i, rc;
 
-    if (!run) {
-        if (found) {
-            log_warn("runtime: loading run %s failed: %s", id, err);
-            rt_db_error(a, err);
-        } else {
-            rt_error(a, 404, "not_found", "run not found");
-        }
+    if (run && PQntuples(run) == 0) {
+        rt_error(a, 404, "not_found", "run not found");
+        PQclear(run);
         return;
     }
-    a->status = status;
-    a->json = cJSON_CreateObject();
-    cJSON_AddItemToObject(a->json, "run", run);
+    if (run) {
+        p[2] = PQgetvalue(run, 0, 6);
+        ev = dbpool_exec_prepared(c, "rt_events", EVENTS_SQL, 4, p, err, sizeof(err));
+    }
+    if (!ev) {
+        log_warn("runtime: loading run %s failed: %s", id, err);
+        rt_db_error(a, err);
+        PQclear(run);
+        return;
+    }
+    buf_init(&b, RT_RUN_TEXT_MAX);
+    rc = run_text_head(&b, run);
+    for (i = 0; rc == 0 && i < PQntuples(ev); i++)
+        rc = run_text_event(&b, ev, i, i == 0);
+    if (rc == 0 && run_text_tail(&b, run) == 0) {
+        answer_text(a, status, &b);
+    } else {
+        /* The write it answers has committed: an error would tell the
+         * client otherwise. It gets the run without its events, as
+         * Prefer: return=minimal has it, and GET streams the events. */
+        log_warn("runtime: run %s is too long to answer whole (%d events): answered without them", id,
+                 PQntuples(ev));
+        buf_reset(&b);
+        if (run_text_minimal(&b, run) == 0)
+            answer_text(a, status, &b);
+        else
+            rt_error(a, 500, "internal", "out of memory");
+    }
+    buf_free(&b);
+    PQclear(run);
+    PQclear(ev);
 }
 
 PGconn *rt_acquire(rt *r, rt_resp *a)
@@ -177,22 +237,44 @@ void rt_h_run_create(rt *r, const rt_req *q, rt_resp *a)
     PQclear(res);
     rt_count_append(r, "run.started");
     metrics_counter_inc(r->published);
-    rt_answer_run(a, c, id, 201, 1);
+    rt_answer_run(a, c, id, 201);
 out:
     dbpool_release(r->db, c);
     free(meta_text);
     cJSON_Delete(body);
 }
 
-void rt_h_run_get(rt *r, const rt_req *q, rt_resp *a)
-{
-    const char *id;
-    PGconn *c;
+/* A long answer's bytes go out once RT_STREAM_FLUSH of them wait (or
+ * now, when `last`): fewer, larger writes to the stream. Returns
+ * REPLAY_OK or REPLAY_GONE (the client is). */
+#define RT_STREAM_FLUSH (32 * 1024)
+/* The most a streamed answer gathers past that: one replay line or one
+ * event of a run (an event's payload is at most a request body). */
+#define RT_REPLAY_LINE_MAX ((size_t)16 << 20)
+enum { REPLAY_OK = 0, REPLAY_BAD = 1, REPLAY_GONE = 2 };
 
-    if (rt_run_id_param(q, a, &id) < 0 || !(c = rt_acquire(r, a)))
-        return;
-    rt_answer_run(a, c, id, 200, 1);
-    dbpool_release(r->db, c);
+static int stream_flush(const rt_req *q, buf *out, int last)
+{
+    int rc = REPLAY_OK;
+
+    if ((last || out->len >= RT_STREAM_FLUSH) && out->len) {
+        rc = q->stream_write(q, out->p, out->len) < 0 ? REPLAY_GONE : REPLAY_OK;
+        buf_reset(out);
+    }
+    return rc;
+}
+
+/* Begins a stream of `ctype`. Returns 0, or -1 when there is nothing to
+ * send: the client is gone, or the answer is a 503 (too many streams). */
+static int stream_open(const rt_req *q, rt_resp *a, const char *ctype)
+{
+    int rc = q->stream_begin(q, 200, ctype);
+
+    if (rc == RT_STREAM_BUSY) {
+        rt_error(a, 503, "unavailable", "too many long answers being sent; retry");
+        snprintf(a->retry_after, sizeof(a->retry_after), "1");
+    }
+    return rc < 0 ? -1 : 0;
 }
 
 /* A run's row, then its events a page at a time, each page read on a
@@ -292,6 +374,51 @@ static int walk_next(run_walk *w, const PGresult **res, int *row)
     return 1;
 }
 
+/* {"run": RUN} with its events. A run whose events fit in a page is
+ * answered whole; a longer one is streamed a page at a time (its events
+ * are unbounded, and a whole answer held the run several times over), so
+ * a failure after the first bytes cuts the body short. */
+void rt_h_run_get(rt *r, const rt_req *q, rt_resp *a)
+{
+    const PGresult *ev;
+    run_walk w;
+    buf out;
+    int streamed = 0, rc, more = 0, i, first = 1;
+
+    if (walk_open(r, q, a, &w) < 0)
+        return;
+    if (!w.done && q->stream_begin) {
+        if (stream_open(q, a, "application/json") < 0)
+            goto out_walk;
+        streamed = 1;
+    }
+    buf_init(&out, streamed ? RT_REPLAY_LINE_MAX : RT_RUN_TEXT_MAX);
+    rc = run_text_head(&out, w.run);
+    while (rc == 0 && (more = walk_next(&w, &ev, &i)) > 0) {
+        rc = run_text_event(&out, ev, i, first);
+        first = 0;
+        if (rc == 0 && streamed && stream_flush(q, &out, 0) != REPLAY_OK)
+            rc = -1;
+    }
+    if (rc == 0 && more == 0)
+        rc = run_text_tail(&out, w.run);
+    if (rc == 0 && more == 0 && streamed)
+        rc = stream_flush(q, &out, 1) == REPLAY_OK ? 0 : -1;
+    if (rc == 0 && more == 0) {
+        if (!streamed)
+            answer_text(a, 200, &out);
+    } else if (streamed) {
+        a->stream_failed = 1;
+    } else if (more < 0) {
+        rt_db_error(a, "reading the run's events failed");
+    } else {
+        rt_error(a, 500, "internal", "the run could not be rendered");
+    }
+    buf_free(&out);
+out_walk:
+    walk_close(&w);
+}
+
 /* The receipt's hash: the canonical JSON of the list of every event,
  * hashed one event at a time (the whole text of a long run would not fit
  * in memory, and need not). Returns 0, or -1 with the answer made. */
@@ -359,15 +486,8 @@ out:
     walk_close(&w);
 }
 
-/* Bytes of replay lines gathered before they go to the client, and the
- * most one line may take (an event's payload is at most a request body). */
-#define RT_REPLAY_FLUSH (32 * 1024)
-#define RT_REPLAY_LINE_MAX ((size_t)16 << 20)
-
-enum { REPLAY_OK = 0, REPLAY_BAD = 1, REPLAY_GONE = 2 };
-
 /* Appends `line` (freed) as one NDJSON line, and sends what is gathered
- * once it passes RT_REPLAY_FLUSH (or at `last`). Returns REPLAY_OK,
+ * (stream_flush). Returns REPLAY_OK,
  * REPLAY_BAD (the line could not be rendered) or REPLAY_GONE (the client
  * is). */
 static int replay_line(const rt_req *q, buf *out, cJSON *line, int last)
@@ -378,11 +498,7 @@ static int replay_line(const rt_req *q, buf *out, cJSON *line, int last)
 
     free(s);
     cJSON_Delete(line);
-    if (rc == REPLAY_OK && (last || out->len >= RT_REPLAY_FLUSH) && out->len) {
-        rc = q->stream_write(q, out->p, out->len) < 0 ? REPLAY_GONE : REPLAY_OK;
-        buf_reset(out);
-    }
-    return rc;
+    return rc == REPLAY_OK ? stream_flush(q, out, last) : rc;
 }
 
 /* The RuntimeEvent line of event i. */
@@ -432,7 +548,7 @@ void rt_h_run_replay(rt *r, const rt_req *q, rt_resp *a)
     }
     if (walk_open(r, q, a, &w) < 0)
         return;
-    if (q->stream_begin(q, 200, "application/x-ndjson") < 0)
+    if (stream_open(q, a, "application/x-ndjson") < 0)
         goto out_walk;
     buf_init(&out, RT_REPLAY_LINE_MAX);
     created = PQgetvalue(w.run, 0, 4);

@@ -29,6 +29,7 @@
 
 #include <poll.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -73,7 +74,9 @@ struct rt_job {
     char *qry[RT_KEEP_QUERIES];
     char *body;
     rt_resp a;
-    wsapp_stream *stream; /* the replay's body; the handler thread's until it ends */
+    rtserve *srv;
+    wsapp_stream *stream; /* a long answer's body; the handler thread's until it ends */
+    int streaming;        /* it began, and holds one of srv->streams_max */
     /* Khala */
     uint64_t conn_id;
     char topic[RT_TOPIC_MAX];
@@ -131,8 +134,8 @@ struct rtserve {
     rtpipe *pipe;     /* appends answered without events, from the loop */
     int pipe_conns;
     _Atomic int stopping; /* read by the LISTEN thread without the lock */
-    int streams_open;     /* replays being sent; loop thread only */
-    int streams_max;      /* at most half the handler threads, one at least */
+    _Atomic int streams_open; /* long answers being sent, each holding its handler thread */
+    int streams_max;          /* at most half the handler threads, one at least */
     rt_topic *topics; /* loop thread only */
     char instance[33];
     char conninfo[2048];
@@ -334,19 +337,32 @@ static void send_answer(wsapp_req *req, rt_resp *a)
     }
 }
 
-/* Replay bytes that may wait for a slow client: past them, the handler
- * thread writing the replay waits. */
+/* Bytes of a long answer that may wait for a slow client: past them, the
+ * handler thread writing it waits. */
 #define RT_STREAM_BYTES (256 * 1024)
 
+/* Routes whose answer may be too long to build whole: a replay, and a run
+ * with its events. Each gets a stream it may use. */
 static int streams(const rt_route *route)
 {
-    return route->fn == rt_h_run_replay;
+    return route->fn == rt_h_run_replay || route->fn == rt_h_run_get;
 }
 
+/* A stream holds its handler thread while its client reads: at most
+ * streams_max at once, so that a few slow readers cannot stop every other
+ * route. Counted at the begin, when the handler knows it streams (a run's
+ * GET streams only past a page of events). */
 static int j_stream_begin(const rt_req *q, int status, const char *ctype)
 {
     rt_job *j = q->tr;
+    rtserve *s = j->srv;
+    int open = atomic_load(&s->streams_open);
 
+    do {
+        if (open >= s->streams_max)
+            return RT_STREAM_BUSY;
+    } while (!atomic_compare_exchange_weak(&s->streams_open, &open, open + 1));
+    j->streaming = 1;
     j->a.streamed = 1;
     return wsapp_stream_begin(j->stream, status, ctype);
 }
@@ -367,10 +383,8 @@ static void http_run(rtserve *s, rt_job *j)
 
 static void http_done(rtserve *s, rt_job *j)
 {
-    /* Every job of a streaming route that reaches here was counted: the
-     * refusals before the push never do. */
-    if (streams(j->route))
-        s->streams_open--;
+    if (j->streaming)
+        atomic_fetch_sub(&s->streams_open, 1);
     if (j->gone)
         return;
     /* A request that had a stream calls on_gone when it is freed, which
@@ -486,6 +500,7 @@ static void http_dispatch(wsapp_req *req, void *ud)
     j->q.body = j->body;
     j->q.body_len = len;
     j->q.tr = j;
+    j->srv = s;
     j->req = req;
     j->run = http_run;
     j->done = http_done;
@@ -497,17 +512,12 @@ static void http_dispatch(wsapp_req *req, void *ud)
         job_free(j);
         return;
     }
-    /* A replay holds its handler thread while its client reads: at most
-     * streams_max of them, so that a few slow readers cannot stop every
-     * other route. The stream is made before the push: a handler thread
-     * may take the job at once (and, from then on, own j->stream). */
+    /* The stream is made before the push: a handler thread may take the
+     * job at once (and, from then on, own j->stream). */
     if (streams(j->route)) {
-        int full = s->streams_open >= s->streams_max;
-
-        if (full || !(j->stream = wsapp_req_stream(req, RT_STREAM_BYTES))) {
+        if (!(j->stream = wsapp_req_stream(req, RT_STREAM_BYTES))) {
             wsapp_req_add_header(req, "Retry-After", "1");
-            wsapp_respond_error(req, 503, "unavailable", full ? "too many replays being sent; retry" : "out of memory",
-                                NULL);
+            wsapp_respond_error(req, 503, "unavailable", "out of memory", NULL);
             job_free(j);
             return;
         }
@@ -519,8 +529,6 @@ static void http_dispatch(wsapp_req *req, void *ud)
         job_free(j);
         return;
     }
-    if (streams(j->route))
-        s->streams_open++;
     wsapp_req_defer(req, http_gone, j);
 }
 

@@ -209,6 +209,45 @@ class Runs(unittest.TestCase):
         st, _, b = self.rt.call("GET", "/internal/v1/runs/" + run["id"])
         self.assertEqual((st, b["run"]), (200, run))
 
+    def test_run_get_whole_or_streamed(self):
+        """A run whose events fit in a page (64) is answered whole, with a
+        Content-Length; a longer one is streamed (chunked) a page at a
+        time, and both carry the same RUN object: every field, every event
+        in order, text escaped (a key with quotes, a newline and a control
+        byte; unicode kept), payloads as stored."""
+        run = self.rt.new_run(worker_id='w"\n\x01é', metadata={"k": [1, 2.5, None]})
+        rid = run["id"]
+        st, _, a = self.rt.append(rid, "step", {"n": 0, "s": "\u2028\t"}, key='k"\\0\x7f')
+        self.assertEqual(st, 200, a)
+        st, hdrs, body = http("GET", self.rt.base + "/internal/v1/runs/" + rid)
+        self.assertEqual((st, hdrs.get("transfer-encoding"), int(hdrs["content-length"])), (200, None, len(body)))
+        whole = json.loads(body)
+        self.assertEqual(whole, a)
+        self.assertEqual(list(whole["run"]), ["id", "worker_id", "status", "metadata", "events", "created_at",
+                                              "updated_at"])
+        self.assertEqual((whole["run"]["worker_id"], whole["run"]["events"][1]["idempotency_key"],
+                          whole["run"]["events"][1]["payload"]), ('w"\n\x01é', 'k"\\0\x7f', {"n": 0, "s": "\u2028\t"}))
+        for i in range(1, 70):
+            st, _, _ = self.rt.append(rid, "step", {"n": i}, headers={"Prefer": "return=minimal"})
+            self.assertEqual(st, 200)
+        st, hdrs, body = http("GET", self.rt.base + "/internal/v1/runs/" + rid)
+        self.assertEqual((st, hdrs.get("transfer-encoding"), hdrs.get("content-type")),
+                         (200, "chunked", "application/json"))
+        streamed = json.loads(body)["run"]
+        self.assertEqual([e["seq"] for e in streamed["events"]], list(range(1, 72)))
+        self.assertEqual([e["payload"]["n"] for e in streamed["events"][1:]], list(range(70)))
+        self.assertEqual(streamed["events"][:2], whole["run"]["events"])
+        self.assertEqual({k: v for k, v in streamed.items() if k not in ("events", "updated_at")},
+                         {k: v for k, v in whole["run"].items() if k not in ("events", "updated_at")})
+        # An append's own full answer is the same object, whole.
+        st, hdrs, body = http("POST", self.rt.base + "/internal/v1/runs/%s/events" % rid,
+                              json.dumps({"event_type": "step", "payload": {"n": 70}}).encode(),
+                              {"Content-Type": "application/json"})
+        self.assertEqual((st, hdrs.get("transfer-encoding")), (200, None))
+        self.assertEqual([e["seq"] for e in json.loads(body)["run"]["events"]], list(range(1, 73)))
+        st, _, b = self.rt.call("GET", "/internal/v1/runs/00000000-0000-0000-0000-000000000000")
+        self.assertEqual((st, b["error"]), (404, "not_found"))
+
     def test_append_idempotency_and_expected_seq(self):
         run = self.rt.new_run()
         rid = run["id"]
@@ -330,6 +369,26 @@ class Runs(unittest.TestCase):
         st, _, b = self.rt.append(run["id"], "run.finished")
         self.assertEqual(st, 400)
 
+    def read_slowly(self, rt, path):
+        """The chunked body at `path`, read 1 MiB at a time 10 ms apart, and
+        how much the runtime's RSS grew meanwhile at most (KiB)."""
+        before = rss_kib(rt.proc.pid)
+        c = http_client.HTTPConnection("127.0.0.1", rt.port, timeout=60)
+        self.addCleanup(c.close)
+        c.request("GET", path)
+        r = c.getresponse()
+        self.assertEqual((r.status, r.getheader("transfer-encoding")), (200, "chunked"))
+        data, peak = b"", before
+        while True:
+            piece = r.read(1 << 20)
+            if not piece:
+                break
+            data += piece
+            peak = max(peak, rss_kib(rt.proc.pid))
+            time.sleep(0.01)
+        c.close()
+        return data, peak - before
+
     def test_receipt_and_replay_of_a_run_past_64_mib(self):
         """The receipt hashes a run one event at a time: a run whose
         canonical JSON passes 64 MiB (which one whole text was limited to,
@@ -348,20 +407,7 @@ class Runs(unittest.TestCase):
             st, _, b = rt.append(rid, "big", {"i": i, "blob": "x" * 250000}, key="big%d" % i,
                                  headers={"Prefer": "return=minimal"})
             self.assertEqual(st, 200, b)
-        before = rss_kib(rt.proc.pid)
-        c = http_client.HTTPConnection("127.0.0.1", rt.port, timeout=60)
-        c.request("GET", "/internal/v1/runs/%s/replay" % rid)
-        r = c.getresponse()
-        self.assertEqual((r.status, r.getheader("transfer-encoding")), (200, "chunked"))
-        data, peak = b"", before
-        while True:
-            piece = r.read(1 << 20)
-            if not piece:
-                break
-            data += piece
-            peak = max(peak, rss_kib(rt.proc.pid))
-            time.sleep(0.01)
-        c.close()
+        data, growth = self.read_slowly(rt, "/internal/v1/runs/%s/replay" % rid)
         lines = [json.loads(x) for x in data.decode().splitlines()]
         self.assertEqual([x["type"] for x in lines[:2]], ["ReplayHeader", "SessionStart"])
         self.assertEqual(lines[-1]["type"], "SessionEnd")
@@ -370,10 +416,15 @@ class Runs(unittest.TestCase):
         self.assertEqual([e["payload"]["i"] for e in evs[1:]], list(range(270)))
         self.assertEqual(evs[-1]["payload_hash"], sha(canon(evs[-1]["payload"])))
         self.assertGreater(len(data), 64 << 20)
-        self.assertLess(peak - before, 48 * 1024, (before, peak))
-        st, _, b = rt.call("GET", "/internal/v1/runs/%s" % rid)
-        self.assertEqual(st, 200)
+        self.assertLess(growth, 48 * 1024)
+        # The run with its events, streamed the same way (built whole, it
+        # held the run three times over: rows, tree, text).
+        data, growth = self.read_slowly(rt, "/internal/v1/runs/%s" % rid)
+        b = json.loads(data)
+        self.assertLess(growth, 48 * 1024)
         events = b["run"]["events"]
+        self.assertEqual([e["seq"] for e in events], list(range(1, 272)))
+        self.assertEqual((b["run"]["id"], b["run"]["status"], events[5]["idempotency_key"]), (rid, "running", "big4"))
         text = canon([{"seq": e["seq"], "event_type": e["event_type"], "payload": e["payload"],
                        "idempotency_key": e["idempotency_key"], "recorded_at": e["recorded_at"]} for e in events])
         self.assertGreater(len(text.encode()), 64 << 20)
@@ -383,29 +434,34 @@ class Runs(unittest.TestCase):
         self.assertEqual((rc["first_seq"], rc["last_seq"]), (1, 271))
 
     def test_replays_to_readers_that_stop(self):
-        """A replay whose client stops reading holds its handler thread: at
-        most half of the threads do (the next replay gets 503 with
-        Retry-After while the other routes answer), and a stop does not
-        wait for such a client for ever."""
-        rt = Runtime(RUNTIME_WORKER_THREADS=4).start()  # 2 replays at once
+        """A replay or a long run's GET whose client stops reading holds its
+        handler thread: at most half of the threads do (the next long
+        answer gets 503 with Retry-After while the other routes, a short
+        run's GET among them, answer), and a stop does not wait for such a
+        client for ever."""
+        rt = Runtime(RUNTIME_WORKER_THREADS=4).start()  # 2 long answers at once
         self.addCleanup(rt.stop)
         rid = rt.new_run()["id"]
-        for i in range(40):  # 10 MB: more than the socket buffers of a reader that stopped
-            st, _, b = rt.append(rid, "big", {"i": i, "blob": "y" * 250000}, headers={"Prefer": "return=minimal"})
+        short = rt.new_run()["id"]
+        for i in range(70):  # 10 MB, more than the socket buffers of a reader that stopped; more than a page of events
+            st, _, b = rt.append(rid, "big", {"i": i, "blob": "y" * 150000}, headers={"Prefer": "return=minimal"})
             self.assertEqual(st, 200, b)
         stalled = []
-        for _ in range(2):
+        for path in ("/replay", ""):
             c = socket.create_connection(("127.0.0.1", rt.port))
             c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-            c.sendall(b"GET /internal/v1/runs/%s/replay HTTP/1.1\r\nHost: x\r\n\r\n" % rid.encode())
+            c.sendall(b"GET /internal/v1/runs/%s%s HTTP/1.1\r\nHost: x\r\n\r\n" % (rid.encode(), path.encode()))
             c.settimeout(10)
             self.assertTrue(c.recv(1024).startswith(b"HTTP/1.1 200"))
             stalled.append(c)
         time.sleep(0.5)
-        st, hdrs, body = http("GET", rt.base + "/internal/v1/runs/%s/replay" % rid)
-        self.assertEqual((st, hdrs.get("retry-after"), json.loads(body)["error"]), (503, "1", "unavailable"))
+        for path in ("/replay", ""):
+            st, hdrs, body = http("GET", rt.base + "/internal/v1/runs/%s%s" % (rid, path))
+            self.assertEqual((st, hdrs.get("retry-after"), json.loads(body)["error"]), (503, "1", "unavailable"))
         st, _, b = rt.call("GET", "/internal/v1/runs/%s/receipt" % rid)
-        self.assertEqual((st, b["event_count"]), (200, 41))
+        self.assertEqual((st, b["event_count"]), (200, 71))
+        st, _, b = rt.call("GET", "/internal/v1/runs/%s" % short)
+        self.assertEqual((st, len(b["run"]["events"])), (200, 1))
         stalled.pop().close()
         # Its thread lets go once a write fails; then a replay goes through.
         wait_for(lambda: http("GET", rt.base + "/internal/v1/runs/%s/replay" % rid, timeout=30)[0] == 200, 15,
