@@ -148,6 +148,18 @@ int khala_rate_take(khala_table *t, const char *key, long limit, long long now_m
     return rc;
 }
 
+void khala_rate_give(khala_table *t, const char *key, long long taken_ms)
+{
+    khala_slot *s;
+    int fresh;
+
+    pthread_mutex_lock(&t->mu);
+    s = lookup(t, key, &fresh);
+    if (!fresh && taken_ms >= s->t && taken_ms - s->t < 1000 && s->count > 0)
+        s->count--;
+    pthread_mutex_unlock(&t->mu);
+}
+
 int khala_guard_poll(khala_table *t, const char *key, long min_interval_ms, long long now_ms, long *retry_after_ms)
 {
     khala_slot *s;

@@ -44,6 +44,10 @@ void khala_table_free(khala_table *t);
  * window and returns 0, or returns -1 (not counted) when `limit` were
  * already counted in it, with *retry_after_ms set to the window's rest. */
 int khala_rate_take(khala_table *t, const char *key, long limit, long long now_ms, long *retry_after_ms);
+/* Gives back a publish counted by khala_rate_take at `taken_ms` (nothing
+ * was published: a replay, a refusal), when its window is still the
+ * key's current one. */
+void khala_rate_give(khala_table *t, const char *key, long long taken_ms);
 
 /* Poll interval guard: returns 0 and records `now_ms` when the key's last
  * poll was at least `min_interval_ms` ago (or never), else -1 with

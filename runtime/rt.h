@@ -118,6 +118,16 @@ int rt_khala_ws_accept(rt *r, const rt_req *q, const char *topic, long long *aft
 void rt_error(rt_resp *a, int status, const char *code, const char *message);
 /* The answer for a failed database call (503 unavailable). */
 void rt_db_error(rt_resp *a, const char *err);
+/* Khala publish limits of a write's topic (SPEC 6): the payload limit
+ * (413 answered, returns 1), then the topic's rate: counted, 0 with
+ * *rate_ms the time of the count (for rt_publish_give), or -1 with
+ * *retry_ms set and nothing answered yet (a keyed append over the rate
+ * may be a replay, which publishes nothing): rt_publish_refused answers
+ * it 429. */
+int rt_publish_check(rt *r, const char *topic, size_t payload_bytes, rt_resp *a, long long *rate_ms, long *retry_ms);
+void rt_publish_refused(rt *r, const char *topic, long retry_ms, rt_resp *a);
+/* Gives back a count that published nothing (rate_ms 0: none was taken). */
+void rt_publish_give(rt *r, const char *topic, long long rate_ms);
 /* 503 write_path_frozen when the write mode freezes writes; returns -1
  * then, else 0. */
 int rt_writes_frozen(rt *r, rt_resp *a);

@@ -26,6 +26,47 @@ void rt_db_error(rt_resp *a, const char *err)
     rt_error(a, 503, "unavailable", "the database is unavailable; retry");
 }
 
+void rt_publish_refused(rt *r, const char *topic, long retry, rt_resp *a)
+{
+    khala_class cls = khala_topic_class(topic);
+
+    rt_error(a, 429, "rate_limited", "khala publish rate limit exceeded");
+    cJSON_AddStringToObject(a->json, "reason_code", "khala_publish_rate_limited");
+    cJSON_AddNumberToObject(a->json, "retry_after_ms", (double)retry);
+    cJSON_AddStringToObject(a->json, "topic", topic);
+    cJSON_AddStringToObject(a->json, "topic_class", khala_class_name(cls));
+    cJSON_AddNumberToObject(a->json, "max_publish_per_second", (double)r->cfg.limits[cls].publish_per_second);
+    snprintf(a->retry_after, sizeof(a->retry_after), "1");
+}
+
+int rt_publish_check(rt *r, const char *topic, size_t payload_bytes, rt_resp *a, long long *rate_ms,
+                         long *retry_ms)
+{
+    khala_class cls = khala_topic_class(topic);
+    const khala_limits *l = &r->cfg.limits[cls];
+    long long now = svc_now_ms();
+
+    if ((long)payload_bytes > l->max_payload_bytes) {
+        rt_error(a, 413, "payload_too_large", "khala frame payload exceeds configured limit");
+        cJSON_AddStringToObject(a->json, "reason_code", "khala_frame_payload_too_large");
+        cJSON_AddStringToObject(a->json, "topic", topic);
+        cJSON_AddStringToObject(a->json, "topic_class", khala_class_name(cls));
+        cJSON_AddNumberToObject(a->json, "payload_bytes", (double)payload_bytes);
+        cJSON_AddNumberToObject(a->json, "max_payload_bytes", (double)l->max_payload_bytes);
+        return 1;
+    }
+    if (khala_rate_take(r->rate, topic, l->publish_per_second, now, retry_ms) < 0)
+        return -1;
+    *rate_ms = now;
+    return 0;
+}
+
+void rt_publish_give(rt *r, const char *topic, long long rate_ms)
+{
+    if (rate_ms)
+        khala_rate_give(r->rate, topic, rate_ms);
+}
+
 int rt_writes_frozen(rt *r, rt_resp *a)
 {
     if (r->cfg.writes_enabled)

@@ -16,6 +16,11 @@
 const char RTAPPEND_ONE_SQL[] = "SELECT * FROM runtime.append_run_event($1, $2, $3::jsonb, $4, $5)";
 const char RTAPPEND_GROUP_SQL[] = "SELECT * FROM runtime.append_run_events($1::jsonb)";
 const char RTAPPEND_SET_SQL[] = "SELECT * FROM runtime.append_run_events_set($1::jsonb)";
+/* append_run_event's row for a replay of key $2 on run $1, or no row. */
+static const char RTAPPEND_REPLAYED_SQL[] =
+    "SELECT 'replayed', r.last_seq, r.status, NULL, r.worker_id, r.metadata::text, runtime.ts(r.created_at), "
+    "runtime.ts(r.updated_at) FROM runtime.runs r WHERE r.id = $1 AND EXISTS "
+    "(SELECT 1 FROM runtime.run_events e WHERE e.run_id = $1 AND e.idempotency_key = $2)";
 
 /* The common append in one statement: the UPDATE of the run row takes
  * its lock and its next sequence in one step (no SELECT ... FOR UPDATE
@@ -51,6 +56,10 @@ struct rt_append {
     char *payload_text; /* canonical text of the payload ({} when absent) */
     char exp_text[FMT_I64_MAX];
     int has_expected;
+    char topic[64];     /* its Khala topic */
+    long long rate_ms;  /* when its publish was counted (0: not counted) */
+    long retry_ms;      /* limited: the rate window's rest */
+    int limited;        /* over the topic's publish rate, with a key that may be a replay */
 };
 
 /* The run without its events, from the row of append_run_event at
@@ -82,39 +91,11 @@ static int wants_minimal(const rt_req *q)
     return v && strstr(v, "return=minimal") != NULL;
 }
 
-static int check_publish(rt *r, const char *topic, size_t payload_bytes, rt_resp *a)
-{
-    khala_class cls = khala_topic_class(topic);
-    const khala_limits *l = &r->cfg.limits[cls];
-    long retry = 0;
-
-    if ((long)payload_bytes > l->max_payload_bytes) {
-        rt_error(a, 413, "payload_too_large", "khala frame payload exceeds configured limit");
-        cJSON_AddStringToObject(a->json, "reason_code", "khala_frame_payload_too_large");
-        cJSON_AddStringToObject(a->json, "topic", topic);
-        cJSON_AddStringToObject(a->json, "topic_class", khala_class_name(cls));
-        cJSON_AddNumberToObject(a->json, "payload_bytes", (double)payload_bytes);
-        cJSON_AddNumberToObject(a->json, "max_payload_bytes", (double)l->max_payload_bytes);
-        return -1;
-    }
-    if (khala_rate_take(r->rate, topic, l->publish_per_second, svc_now_ms(), &retry) < 0) {
-        rt_error(a, 429, "rate_limited", "khala publish rate limit exceeded");
-        cJSON_AddStringToObject(a->json, "reason_code", "khala_publish_rate_limited");
-        cJSON_AddNumberToObject(a->json, "retry_after_ms", (double)retry);
-        cJSON_AddStringToObject(a->json, "topic", topic);
-        cJSON_AddStringToObject(a->json, "topic_class", khala_class_name(cls));
-        cJSON_AddNumberToObject(a->json, "max_publish_per_second", (double)l->publish_per_second);
-        snprintf(a->retry_after, sizeof(a->retry_after), "1");
-        return -1;
-    }
-    return 0;
-}
-
 rt_append *rtappend_prepare(rt *r, const rt_req *q, rt_resp *a)
 {
     rt_append *x = calloc(1, sizeof(*x));
     cJSON *type, *payload, *key, *expected;
-    char topic[64];
+    int pub;
 
     if (!x) {
         rt_error(a, 500, "internal", "out of memory");
@@ -161,12 +142,17 @@ rt_append *rtappend_prepare(rt *r, const rt_req *q, rt_resp *a)
         rt_error(a, 500, "internal", "out of memory");
         goto fail;
     }
-    snprintf(topic, sizeof(topic), "run:%s:events", x->id);
-    rt_topic_canonical(topic);
-    if (check_publish(r, topic, strlen(x->payload_text), a) < 0)
-        goto fail;
-    x->type = type->valuestring;
+    snprintf(x->topic, sizeof(x->topic), "run:%s:events", x->id);
+    rt_topic_canonical(x->topic);
     x->key = cJSON_IsString(key) ? key->valuestring : NULL;
+    if ((pub = rt_publish_check(r, x->topic, strlen(x->payload_text), a, &x->rate_ms, &x->retry_ms)) > 0)
+        goto fail;
+    if (pub < 0 && !x->key) {
+        rt_publish_refused(r, x->topic, x->retry_ms, a);
+        goto fail;
+    }
+    x->limited = pub < 0;
+    x->type = type->valuestring;
     if ((x->has_expected = cJSON_IsNumber(expected)))
         fmt_i64(x->exp_text, (long long)expected->valuedouble);
     return x;
@@ -190,6 +176,11 @@ int rtappend_common(const rt_append *x)
 {
     return !x->has_expected && strcmp(x->type, "run.started") != 0 && strcmp(x->type, "run.cancel_requested") != 0 &&
            strcmp(x->type, "run.finished") != 0;
+}
+
+int rtappend_limited(const rt_append *x)
+{
+    return x->limited;
 }
 
 int rtappend_minimal(const rt_append *x)
@@ -225,6 +216,8 @@ void rtappend_answer(rt *r, rt_append *x, PGconn *c, const PGresult *res, int ro
 {
     const char *outcome = PQgetvalue(res, row, b);
 
+    if (x->rate_ms && strcmp(outcome, "appended") != 0)
+        rt_publish_give(r, x->topic, x->rate_ms);
     if (strcmp(outcome, "appended") == 0 || strcmp(outcome, "replayed") == 0) {
         if (outcome[0] == 'a') {
             rt_count_append(r, x->type);
@@ -378,10 +371,28 @@ int rtappend_set_fits(rt_append **v, int n)
     return 1;
 }
 
+/* A keyed append over its topic's publish rate: a replay of its key is
+ * answered as one (it publishes nothing, and a client retrying after a
+ * lost answer must get its 200), anything else 429. */
+static void commit_limited(rt *r, rt_append *x, PGconn *c)
+{
+    const char *p[2] = {x->id, x->key};
+    char err[512];
+    PGresult *res = dbpool_exec_prepared(c, "rt_append_replayed", RTAPPEND_REPLAYED_SQL, 2, p, err, sizeof(err));
+
+    if (!res && PQstatus(c) != CONNECTION_OK)
+        rt_db_error(x->a, err);
+    else if (res && PQntuples(res) == 1)
+        rtappend_answer(r, x, c, res, 0, 0);
+    else
+        rt_publish_refused(r, x->topic, x->retry_ms, x->a);
+    PQclear(res);
+}
+
 void rtappend_commit(rt *r, rt_append **v, int n)
 {
     PGconn *c;
-    int i;
+    int i, m;
 
     if (n <= 0)
         return;
@@ -390,6 +401,15 @@ void rtappend_commit(rt *r, rt_append **v, int n)
             rt_db_error(v[i]->a, "no connection");
         goto out;
     }
+    for (i = m = 0; i < n; i++) {
+        if (v[i]->limited)
+            commit_limited(r, v[i], c);
+        else
+            v[m++] = v[i];
+    }
+    if (m == 0)
+        goto release;
+    n = m;
     if (n > 1 && n <= RTAPPEND_GROUP_MAX && commit_group(r, v, n, c) == 0) {
         metrics_counter_inc(r->append_commits);
     } else {
@@ -398,6 +418,7 @@ void rtappend_commit(rt *r, rt_append **v, int n)
             metrics_counter_inc(r->append_commits);
         }
     }
+release:
     dbpool_release(r->db, c);
 out:
     for (i = 0; i < n; i++)

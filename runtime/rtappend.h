@@ -52,6 +52,9 @@ extern const char RTAPPEND_ONE_SQL[], RTAPPEND_GROUP_SQL[], RTAPPEND_SET_SQL[], 
 /* Nonzero for an append without expected_previous_seq whose type is not
  * a state-machine one: it can be neither a conflict nor invalid. */
 int rtappend_common(const rt_append *x);
+/* Nonzero for a keyed append over its topic's publish rate: only
+ * rtappend_commit takes it (a replay of its key answers 200, else 429). */
+int rtappend_limited(const rt_append *x);
 /* Nonzero when the client asked for the answer without events. */
 int rtappend_minimal(const rt_append *x);
 const char *rtappend_run(const rt_append *x);

@@ -432,6 +432,12 @@ static int pipe_take(rtserve *s, rt_job *j)
         job_free(j);
         return 1;
     }
+    if (rtappend_limited(x)) {
+        /* Over the publish rate, maybe a replay: the threads tell (rare,
+         * and the pipe has no statement for it). */
+        rtappend_free(x);
+        return 0;
+    }
     if (rtpipe_submit(s->pipe, x, pipe_done, j) < 0) {
         rtappend_free(x);
         wsapp_respond_error(j->req, 503, "unavailable", "the runtime is overloaded; retry", NULL);

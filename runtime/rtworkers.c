@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "fmt.h"
+#include "jsonstr.h"
 #include "log.h"
 #include "randid.h"
 
@@ -134,17 +135,42 @@ static const char *opt_string(const cJSON *body, const char *name, int *bad)
  * outcomes answers the worker snapshot with `status`. Every such call
  * takes the worker id, the owner's user id and guest scope, then the
  * nextra values of extra, then the heartbeat stale-after time. */
+/* The longest payload of a worker message but the id's escaped text:
+ * {"worker_id":"","status":"stopping","latest_seq":-9223372036854775808,
+ * "heartbeat_state":"missing"} is 98 bytes. */
+#define RT_WORKER_PAYLOAD_FIXED 98
+
 static void worker_write(rt *r, const char *sql, const char *id, const owner *o, const char *const *extra, int nextra,
                          int status, rt_resp *a)
 {
-    char err[512], stale[FMT_I64_MAX];
+    char err[512], stale[FMT_I64_MAX], topic[RT_WORKER_ID_MAX + 32];
     const char *p[3 + RT_WORKER_EXTRA_MAX + 1];
     PGconn *c;
-    PGresult *res;
+    PGresult *res = NULL;
     const char *outcome;
+    long long rate_ms = 0;
+    long retry_ms = 0;
+    int pub;
+    char *esc;
 
-    if (!(c = rt_acquire(r, a)))
+    /* Every write publishes on the worker's topic: its limits first. */
+    snprintf(topic, sizeof(topic), "worker:%s:lifecycle", id);
+    rt_topic_canonical(topic);
+    if (!(esc = jsonstr_dup(id))) {
+        rt_error(a, 500, "internal", "out of memory");
         return;
+    }
+    pub = rt_publish_check(r, topic, strlen(esc) + RT_WORKER_PAYLOAD_FIXED, a, &rate_ms, &retry_ms);
+    free(esc);
+    if (pub != 0) {
+        if (pub < 0)
+            rt_publish_refused(r, topic, retry_ms, a);
+        return;
+    }
+    if (!(c = rt_acquire(r, a))) {
+        rt_publish_give(r, topic, rate_ms);
+        return;
+    }
     fmt_i64(stale, r->cfg.heartbeat_stale_ms);
     p[0] = id;
     p[1] = o->has_uid ? o->uid : NULL;
@@ -158,6 +184,8 @@ static void worker_write(rt *r, const char *sql, const char *id, const owner *o,
         goto out;
     }
     outcome = PQgetvalue(res, 0, 0);
+    if (strcmp(outcome, "not_found") == 0 || strcmp(outcome, "forbidden") == 0 || strcmp(outcome, "invalid") == 0)
+        rt_publish_give(r, topic, rate_ms);
     if (strcmp(outcome, "not_found") == 0) {
         rt_error(a, 404, "not_found", "worker not found");
     } else if (strcmp(outcome, "forbidden") == 0) {

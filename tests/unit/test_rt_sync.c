@@ -68,6 +68,31 @@ static void test_rate_window(void **state)
     khala_table_free(t);
 }
 
+/* A publish given back frees its place in its own window only: a give
+ * from a window that has ended changes nothing in the next. */
+static void test_rate_give(void **state)
+{
+    khala_table *t = khala_table_new(16);
+    long retry = 0;
+
+    (void)state;
+    assert_int_equal(khala_rate_take(t, "a", 1, 1000, &retry), 0);
+    assert_int_equal(khala_rate_take(t, "a", 1, 1100, &retry), -1);
+    khala_rate_give(t, "a", 1000);
+    assert_int_equal(khala_rate_take(t, "a", 1, 1200, &retry), 0);
+    khala_rate_give(t, "a", 1200);
+    khala_rate_give(t, "a", 1200); /* more than was taken: no credit */
+    assert_int_equal(khala_rate_take(t, "a", 1, 1300, &retry), 0);
+    assert_int_equal(khala_rate_take(t, "a", 1, 1400, &retry), -1);
+    assert_int_equal(khala_rate_take(t, "a", 1, 2100, &retry), 0);
+    khala_rate_give(t, "a", 1300); /* taken in the window before */
+    assert_int_equal(khala_rate_take(t, "a", 1, 2200, &retry), -1);
+    khala_rate_give(t, "b", 1000); /* never taken */
+    assert_int_equal(khala_rate_take(t, "b", 1, 1000, &retry), 0);
+    assert_int_equal(khala_rate_take(t, "b", 1, 1001, &retry), -1);
+    khala_table_free(t);
+}
+
 /* Keys longer than a slot holds are limited too (they were cut when
  * stored and never matched again), and two that share the head are not
  * one key. */
@@ -230,7 +255,9 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_topic_class), cmocka_unit_test(test_stale_reasons),
-        cmocka_unit_test(test_rate_window), cmocka_unit_test(test_guard_and_bound), cmocka_unit_test(test_long_keys),
+        cmocka_unit_test(test_rate_window),
+        cmocka_unit_test(test_rate_give),
+        cmocka_unit_test(test_guard_and_bound), cmocka_unit_test(test_long_keys),
         cmocka_unit_test(test_token_reasons), cmocka_unit_test(test_scopes),
     };
 
