@@ -56,6 +56,11 @@ static const char *const keep_headers[RT_KEEP_HEADERS] = {"Authorization", "Orig
 static const char *const keep_queries[RT_KEEP_QUERIES] = {"after_seq", "limit", "topic", "owner_user_id",
                                                           "owner_guest_scope"};
 
+/* A PostgreSQL clock_timestamp()::text. */
+#define RT_SETTLE_MAX 48
+/* The longest a subscriber's settling read waits for older statements. */
+#define RT_SETTLE_WAIT_MS 1000
+
 typedef struct rt_job rt_job;
 typedef void (*rt_job_fn)(rtserve *s, rt_job *j);
 
@@ -84,6 +89,7 @@ struct rt_job {
     rtsync_window w;
     cJSON *stale;
     int failed, listen_add;
+    char settle[RT_SETTLE_MAX]; /* see settle_wait */
 };
 
 /* A Khala subscriber: the WebSocket connection's user data. */
@@ -93,6 +99,7 @@ struct rt_sub {
     uint64_t id;
     char topic[RT_TOPIC_MAX];
     long long after;  /* the last sequence sent */
+    char settle[RT_SETTLE_MAX]; /* when its listener registered, until the read after it settled */
     int reading;      /* a log read is in flight, or the backlog waits for the queue to drain */
     int again;        /* a message arrived during it: read again */
     int open;
@@ -569,26 +576,62 @@ static void send_text(rt_sub *u, const char *text)
         u->open = 0;
 }
 
+/* Registers the instance as a listener of the topic, so that every
+ * append that sees the row NOTIFYs, and sets j->settle to the time just
+ * after (settle_wait). */
+static void listen_add(rtserve *s, rt_job *j, PGconn *c)
+{
+    const char *p[2] = {j->topic, s->instance};
+    char err[512];
+    PGresult *res = dbpool_exec(c, "INSERT INTO runtime.khala_listeners (topic, instance) VALUES ($1, $2) "
+                                   "ON CONFLICT DO NOTHING", 2, p, err, sizeof(err));
+
+    if (!res)
+        log_warn("runtime: registering a Khala listener failed: %s", err);
+    PQclear(res);
+    res = dbpool_exec(c, "SELECT clock_timestamp()::text", 0, NULL, err, sizeof(err));
+    if (res && PQntuples(res) == 1)
+        fmt_copy(j->settle, sizeof(j->settle), PQgetvalue(res, 0, 0));
+    PQclear(res);
+}
+
+/* An append whose statement began before the listener row committed did
+ * not see it, so it sends no NOTIFY, and if it commits after the first
+ * read, nothing would bring its message until the topic's next one. So
+ * a read follows once every statement older than the registration has
+ * ended (they are appends of a few ms; at most RT_SETTLE_WAIT_MS, in case
+ * an unrelated one runs long). */
+static void settle_wait(rt_job *j, PGconn *c)
+{
+    const char *p[1] = {j->settle};
+    char err[512];
+    long long until = svc_now_ms() + RT_SETTLE_WAIT_MS;
+    PGresult *res;
+    int older = 1;
+
+    while (older && svc_now_ms() < until) {
+        res = dbpool_exec(c, "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND "
+                             "pid <> pg_backend_pid() AND state = 'active' AND xact_start < $1::timestamptz",
+                          1, p, err, sizeof(err));
+        older = res && PQntuples(res) == 1 && strcmp(PQgetvalue(res, 0, 0), "0") != 0;
+        PQclear(res);
+        if (older)
+            usleep(2000);
+    }
+}
+
 static void read_run(rtserve *s, rt_job *j)
 {
     rt_resp a;
-    char err[512];
     PGconn *c;
-    PGresult *res;
-    const char *p[2] = {j->topic, s->instance};
 
     memset(&a, 0, sizeof(a));
-    if (j->listen_add) {
-        /* Registered before the first read, so that every append committed
-         * after the read NOTIFYs. */
-        if ((c = dbpool_acquire(s->r->db, 5000)) != NULL) {
-            res = dbpool_exec(c, "INSERT INTO runtime.khala_listeners (topic, instance) VALUES ($1, $2) "
-                                 "ON CONFLICT DO NOTHING", 2, p, err, sizeof(err));
-            if (!res)
-                log_warn("runtime: registering a Khala listener failed: %s", err);
-            PQclear(res);
-            dbpool_release(s->r->db, c);
-        }
+    if ((j->listen_add || j->settle[0]) && (c = dbpool_acquire(s->r->db, 5000)) != NULL) {
+        if (j->listen_add)
+            listen_add(s, j, c);
+        else
+            settle_wait(j, c);
+        dbpool_release(s->r->db, c);
     }
     if (rtsync_read(s->r, j->topic, j->after, s->r->cfg.poll_max_limit, &j->w, &a) < 0) {
         j->failed = 1;
@@ -639,6 +682,8 @@ static void read_done(rtserve *s, rt_job *j)
     if (!u || !u->open)
         return;
     u->reading = 0;
+    if (j->listen_add)
+        fmt_copy(u->settle, sizeof(u->settle), j->settle);
     if (j->failed) {
         send_text(u, "{\"type\":\"error\",\"code\":\"unavailable\",\"message\":\"the database is unavailable\"}");
         wsapp_conn_close(u->conn, 1011, "unavailable");
@@ -685,7 +730,7 @@ static void read_done(rtserve *s, rt_job *j)
             return;
         u->after = seq;
     }
-    if (n >= s->r->cfg.poll_max_limit || u->again)
+    if (n >= s->r->cfg.poll_max_limit || u->again || u->settle[0])
         read_start(s, u, 0);
 }
 
@@ -702,6 +747,8 @@ static void read_start(rtserve *s, rt_sub *u, int listen_add)
     j->after = u->after;
     j->listen_add = listen_add;
     fmt_copy(j->topic, sizeof(j->topic), u->topic);
+    fmt_copy(j->settle, sizeof(j->settle), u->settle);
+    u->settle[0] = '\0';
     if (job_push(s, j) < 0) {
         job_free(j);
         wsapp_conn_close(u->conn, 1013, "overloaded");

@@ -846,6 +846,39 @@ class Khala(unittest.TestCase):
         ws.finish()
         self.assertEqual([f["message"]["sequence"] for f in ws.frames("message")], [8])
 
+    def test_websocket_append_in_flight_at_subscribe(self):
+        """An append whose statement began before the subscriber's listener
+        row committed did not see it and sends no NOTIFY; committing after
+        the subscriber's first read, its message still arrives (a read
+        follows once the statements older than the registration ended),
+        not only with the topic's next message."""
+        rid = self.rt.new_run()["id"]
+        lock = psycopg2.connect(DATABASE_URL)
+        self.addCleanup(lock.close)
+        lock.cursor().execute("SELECT 1 FROM runtime.runs WHERE id = %s FOR UPDATE", (rid,))
+        got = []
+        t = threading.Thread(target=lambda: got.append(
+            self.rt.append(rid, "late", {"n": 1}, headers={"Prefer": "return=minimal"})))
+        t.start()
+        with db() as c:
+            cur = c.cursor()
+
+            def blocked():
+                cur.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND "
+                            "query LIKE '%%runtime.runs%%' AND pid <> pg_backend_pid()")
+                return cur.fetchone()[0] == 1
+            wait_for(blocked, 10, what="the append to wait for the run's lock")
+        ws = WsClient(self.rt, "run:%s:events" % rid, after=1, want=1, timeout_ms=8000)
+        ws.wait_ready()
+        self.assertTrue(ws.frames("hello"), ws.events)
+        time.sleep(0.3)
+        lock.commit()
+        t.join(10)
+        self.assertEqual(got[0][0], 200, got)
+        ws.finish()
+        self.assertEqual([(f["message"]["sequence"], f["message"]["kind"]) for f in ws.frames("message")],
+                         [(2, "late")], ws.events)
+
     def test_websocket_backlog_over_the_send_queue(self):
         """A backlog bigger than the send queue (1 MiB) reaches a reader
         that reads: its page was queued in one loop turn, which dropped the
