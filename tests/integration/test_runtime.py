@@ -154,6 +154,14 @@ class WsClient:
         return [e["frame"] for e in self.events if "frame" in e and (kind is None or e["frame"]["type"] == kind)]
 
 
+def metric_values(rt):
+    """The runtime's /metrics samples: {'name{labels}': value}."""
+    st, _, data = http("GET", rt.base + "/metrics")
+    assert st == 200, st
+    return {ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1])
+            for ln in data.decode().splitlines() if ln and not ln.startswith("#")}
+
+
 def named_db_url(name):
     """DATABASE_URL with an application_name, so that a test can find (and
     kill) the backends of the runtime it started."""
@@ -595,20 +603,30 @@ class Runs(unittest.TestCase):
         self.assertEqual([(e["seq"], e["idempotency_key"]) for e in b["run"]["events"]], [(1, None), (2, "the-key")])
 
     def test_metrics(self):
+        """Each series moves with what it counts (the stale-cursor ones:
+        Khala.test_websocket_stale_cursor_frame_then_close)."""
         run = self.rt.new_run()
+        before = metric_values(self.rt)
         self.rt.append(run["id"], "metric.probe", key="m1")
         self.rt.append(run["id"], "metric.probe", key="m1")
         self.rt.append(run["id"], "metric.probe", expected=0)
+        ws = WsClient(self.rt, "run:%s:events" % run["id"], after=2, want=1)
+        ws.wait_ready()
+        during = metric_values(self.rt)
+        self.rt.append(run["id"], "metric.after", headers={"Prefer": "return=minimal"})
+        ws.finish()
+        wait_for(lambda: metric_values(self.rt)["runtime_khala_subscribers"] == before["runtime_khala_subscribers"],
+                 10, what="the subscriber gauge to come back down")
+        after = metric_values(self.rt)
+
+        def delta(name, at=after):
+            return at.get(name, 0) - before.get(name, 0)
+        self.assertEqual((delta('runtime_appends_total{event_type="metric.probe"}'),
+                          delta('runtime_appends_total{event_type="metric.after"}'),
+                          delta("runtime_idempotent_replays_total"), delta("runtime_append_conflicts_total"),
+                          delta("runtime_khala_messages_published_total"),
+                          delta("runtime_khala_subscribers", during)), (1, 1, 1, 1, 2, 1))
         st, hdrs, data = http("GET", self.rt.base + "/metrics")
-        text = data.decode()
-        self.assertEqual(st, 200)
-        self.assertIn('runtime_appends_total{event_type="metric.probe"} 1', text)
-        for name in ("runtime_append_conflicts_total", "runtime_idempotent_replays_total",
-                     "runtime_khala_messages_published_total", "runtime_khala_subscribers",
-                     "runtime_khala_stale_cursor_total"):
-            self.assertIn(name, text)
-        val = [ln for ln in text.splitlines() if ln.startswith("runtime_append_conflicts_total")][0]
-        self.assertGreaterEqual(int(val.split()[-1]), 1)
         r = subprocess.run([need("promtool"), "check", "metrics"], input=data, capture_output=True, timeout=30)
         self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
 
@@ -942,6 +960,21 @@ class Khala(unittest.TestCase):
                          (topic, 1, 20, ["replay_budget_exceeded"], "reset_local_watermark_and_replay_bootstrap"))
         self.assertEqual(ws.frames("message"), [])
         self.assertIn("close", ev[-1])
+        self.assertEqual(stale[0]["oldest_available_cursor"], 0)
+        # Past the retention floor (40 messages kept of 50): both reasons.
+        before = metric_values(self.rt)
+        rid, topic = self.topic_with(50)
+        ws = WsClient(self.rt, topic, after=2)
+        ev = ws.finish()
+        stale = ws.frames("stale_cursor")
+        self.assertEqual(len(stale), 1, ev)
+        self.assertEqual((stale[0]["reason_codes"], stale[0]["oldest_available_cursor"], stale[0]["head_cursor"]),
+                         (["retention_floor_breach", "replay_budget_exceeded"], 10, 50))
+        self.assertIn("close", ev[-1])
+        after = metric_values(self.rt)
+        self.assertEqual([after[k] - before[k] for k in ('runtime_khala_stale_cursor_total{reason="retention_floor_breach"}',
+                                                          'runtime_khala_stale_cursor_total{reason="replay_budget_exceeded"}')],
+                         [1, 1])
 
     def test_websocket_refused_before_upgrade(self):
         rid, topic = self.topic_with(1)
