@@ -351,6 +351,11 @@ class Runs(unittest.TestCase):
             ([("run.finished", {"status": "succeeded"}), ("run.finished", {"status": "succeeded"})], "succeeded"),
             ([("run.finished", {"status": "failed"}), ("note", {"x": 1})], "failed"),
             ([("run.cancel_requested", {}), ("note", {})], "canceling"),
+            ([("run.cancel_requested", {}), ("run.finished", {"status": "cancelled"})], "canceled"),
+            ([("run.finished", {"status": "failed"}), ("run.finished", {"status": "failed"})], "failed"),
+            ([("run.finished", {"status": "canceled"}), ("run.finished", {"status": "canceled"})], "canceled"),
+            ([("run.finished", {"status": "canceled"}), ("run.finished", {"status": "cancelled"})], "canceled"),
+            ([("run.started", {}), ("run.started", {})], "running"),
         ]
         for steps, want in legal:
             st, _, b = status_after(steps)
@@ -365,6 +370,11 @@ class Runs(unittest.TestCase):
             [("run.finished", {"status": "succeeded"}), ("run.finished", {"status": "failed"})],
             [("run.finished", {"status": "failed"}), ("run.finished", {"status": "canceled"})],
             [("run.finished", {"status": "canceled"}), ("run.finished", {"status": "succeeded"})],
+            [("run.finished", {"status": "failed"}), ("run.started", {})],
+            [("run.finished", {"status": "failed"}), ("run.cancel_requested", {})],
+            [("run.finished", {"status": "canceled"}), ("run.started", {})],
+            [("run.finished", {"status": "canceled"}), ("run.cancel_requested", {})],
+            [("run.cancel_requested", {}), ("run.finished", {"status": "canceled"}), ("run.finished", {"status": "failed"})],
             [("run.finished", {"status": "done"})],
             [("run.finished", {})],
             [("run.finished", {"status": 1})],
@@ -1004,6 +1014,8 @@ class Khala(unittest.TestCase):
             ("Bearer " + mint(claims(iss="https://evil.example")), "invalid_token"),
             ("Bearer " + mint(claims(aud="someone-else")), "invalid_token"),
             ("Bearer " + mint(claims(sub=None)), "invalid_token"),
+            ("Bearer " + mint(claims(iss=None)), "invalid_token"),
+            ("Bearer " + mint(claims(aud=None)), "invalid_token"),
             ("Bearer " + mint(claims(nbf=now + 3600)), "invalid_token"),
             ("Bearer " + mint(claims(exp=now - 10, iat=now - 20)), "token_expired"),
             ("Bearer " + mint(claims(iat=None)), "missing_iat"),
@@ -1098,6 +1110,39 @@ class Khala(unittest.TestCase):
             self.assertEqual(len(b["run"]["events"]), 4)
         finally:
             rt.stop()
+
+    def test_token_and_origin_switches(self):
+        """RUNTIME_SYNC_TOKEN_REQUIRE_JTI=false takes a token without jti;
+        RUNTIME_KHALA_ENFORCE_ORIGIN=false lets any Origin in; a custom
+        RUNTIME_KHALA_ALLOWED_ORIGINS replaces the default list."""
+        rt = Runtime(RUNTIME_SYNC_TOKEN_REQUIRE_JTI="false", RUNTIME_KHALA_ENFORCE_ORIGIN="false").start()
+        self.addCleanup(rt.stop)
+        topic = "run:%s:events" % rt.new_run()["id"]
+        st, _, b = rt.poll(topic, token=mint(claims(jti=None)), headers={"Origin": "https://evil.example"})
+        self.assertEqual((st, [m["sequence"] for m in b["messages"]]), (200, [1]))
+        custom = Runtime(RUNTIME_KHALA_ALLOWED_ORIGINS="https://app.example").start()
+        self.addCleanup(custom.stop)
+        topic = "run:%s:events" % custom.new_run()["id"]
+        for origin, want in (("https://app.example", 200), ("https://APP.example/", 200),
+                             ("https://openagents.com", 403), ("https://evil.example", 403)):
+            time.sleep(0.3)  # the poll interval guard
+            st, _, b = custom.poll(topic, headers={"Origin": origin})
+            self.assertEqual(st, want, (origin, b))
+            if want == 403:
+                self.assertEqual((b["error"], b["reason_code"]), ("forbidden_origin", "origin_not_allowed"))
+
+    def test_live_message_past_a_notification(self):
+        """A message too large for a NOTIFY payload (8000 bytes) is sent
+        without it, and the subscriber reads it from the log."""
+        rid, topic = self.topic_with(1)
+        ws = WsClient(self.rt, topic, after=1, want=2)
+        ws.wait_ready()
+        for blob in ("x" * 20000, "y"):
+            st, _, _ = self.rt.append(rid, "live", {"blob": blob}, headers={"Prefer": "return=minimal"})
+            self.assertEqual(st, 200)
+        ws.finish()
+        msgs = [f["message"] for f in ws.frames("message")]
+        self.assertEqual([(m["sequence"], len(m["payload"]["blob"])) for m in msgs], [(2, 20000), (3, 1)])
 
     def test_worker_topic_publish_limits(self):
         """Worker writes publish on worker:{id}:lifecycle and take its
@@ -1230,6 +1275,16 @@ class Concurrency(unittest.TestCase):
             self.assertEqual([f["message"]["sequence"] for f in ws.frames("message")], list(range(1, 2 + 20 * per)))
             _, _, b = rt.call("GET", "/internal/v1/runs/" + rid)
             self.assertEqual([e["seq"] for e in b["run"]["events"]], list(range(1, 2 + 20 * per)))
+            # The projections the group appends wrote beside the log agree with it.
+            last = b["run"]["events"][-1]
+            _, _, sm = rt.call("GET", "/internal/v1/projectors/run-summary/" + rid)
+            self.assertEqual((sm["summary"]["last_seq"], sm["summary"]["event_count"], sm["summary"]["status"]),
+                             (1 + 20 * per, 1 + 20 * per, "running"))
+            _, _, cp = rt.call("GET", "/internal/v1/projectors/checkpoints/" + rid)
+            self.assertEqual((cp["checkpoint"]["last_seq"], cp["checkpoint"]["last_event_type"]),
+                             (last["seq"], last["event_type"]))
+            st, _, _ = rt.call("GET", "/internal/v1/projectors/drift?topic=run:%s:events" % rid)
+            self.assertEqual(st, 404)
 
 
     def test_concurrent_appends_keep_their_own_outcomes(self):
@@ -1419,6 +1474,17 @@ class Crash(unittest.TestCase):
 
 
 class Programs(unittest.TestCase):
+    def test_runtime_migrate_reads_database_url_too(self):
+        with PgTmp() as pg:
+            env = dict(os.environ, DATABASE_URL=pg.url())
+            env.pop("DB_URL", None)
+            r = subprocess.run([os.path.join(BINDIR, "runtime-migrate")], env=env, capture_output=True, text=True,
+                               timeout=60)
+            self.assertEqual(r.returncode, 0, r.stderr)
+            self.assertRegex(r.stdout, r"applied \d+ migrations")
+            self.assertEqual(pg.query("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'runtime'"),
+                             [(6,)])
+
     def test_runtime_migrate_twice_on_a_fresh_database(self):
         with PgTmp() as pg:
             env = dict(os.environ, DB_URL=pg.url(), LOG_FORMAT="json")
