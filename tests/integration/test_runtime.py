@@ -1473,6 +1473,40 @@ class Crash(unittest.TestCase):
             self.assertEqual(b["run"]["last_seq"], count + 1)
 
 
+class Outage(unittest.TestCase):
+    def test_database_down_then_back(self):
+        """With PostgreSQL gone: /readyz answers 503 not_ready (within its
+        checks' 2 s) while /healthz answers, a write answers 503
+        unavailable, and a Khala subscriber gets the error frame then the
+        close (1011); once PostgreSQL is back, the same runtime writes and
+        delivers again."""
+        with PgTmp() as pg:
+            rt = Runtime(DATABASE_URL=pg.url()).start()
+            self.addCleanup(rt.stop)
+            rid = rt.new_run()["id"]
+            pg.stop()
+            # The health checks run every 2 s in the background.
+            wait_for(lambda: rt.call("GET", "/readyz")[0] == 503, 10, what="readyz to see PostgreSQL gone")
+            st, _, b = rt.call("GET", "/readyz")
+            self.assertEqual((st, b["status"], b["database"], b["authority_ready"]),
+                             (503, "not_ready", "disconnected", False), b)
+            st, _, b = rt.call("GET", "/healthz")
+            self.assertEqual((st, b["status"]), (200, "ok"))
+            st, _, b = rt.append(rid, "during")
+            self.assertEqual((st, b["error"]), (503, "unavailable"), b)
+            ws = WsClient(rt, "run:%s:events" % rid)
+            ev = ws.finish()
+            self.assertEqual([(f["code"], bool(f["message"])) for f in ws.frames("error")], [("unavailable", True)], ev)
+            self.assertEqual(ev[-1].get("close"), 1011, ev)
+            pg.start()
+            wait_for(lambda: rt.call("GET", "/readyz")[0] == 200, 30, what="readyz once PostgreSQL is back")
+            wait_for(lambda: rt.append(rid, "after", key="a1")[0] == 200, 30, what="an append once PostgreSQL is back")
+            ws = WsClient(rt, "run:%s:events" % rid, after=0, want=2)
+            ws.finish()
+            self.assertEqual([(f["message"]["sequence"], f["message"]["kind"]) for f in ws.frames("message")],
+                             [(1, "run.started"), (2, "after")])
+
+
 class Programs(unittest.TestCase):
     def test_runtime_migrate_reads_database_url_too(self):
         with PgTmp() as pg:
