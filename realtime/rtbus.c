@@ -167,23 +167,36 @@ int rtbus_up(const rtbus *b) { return atomic_load(&((rtbus *)(uintptr_t)b)->up);
 
 /* ---- delivery to the loop ----------------------------------------------- */
 
-/* Frees a batch, delivering its messages first when `deliver`. */
-static void rtbus_batch_end(rtbus_batch *bt, int deliver)
+static void rtbus_batch_free(rtbus_batch *bt)
 {
     for (int i = 0; i < bt->n; i++) {
-        if (deliver)
-            bt->bus->on_message(bt->bus->ud, bt->m[i].chan, bt->m[i].clen, bt->m[i].payload, bt->m[i].plen);
         free(bt->m[i].chan);
         free(bt->m[i].payload);
     }
-    atomic_fetch_sub(&bt->bus->held, bt->bytes);
-    metrics_gauge_add(bt->bus->m_held, -(double)bt->bytes);
     free(bt);
 }
 
+/* Gives back what the batch counted against max_held. */
+static void rtbus_batch_unhold(rtbus_batch *bt)
+{
+    atomic_fetch_sub(&bt->bus->held, bt->bytes);
+    metrics_gauge_add(bt->bus->m_held, -(double)bt->bytes);
+}
+
+/* Delivers a batch on the loop. Once the app is stopping the bus is not
+ * touched: a batch posted just before the loop ended runs in wsapp_free,
+ * after the module's stop freed the bus (rtbus_free), and nothing counts
+ * what it held any more. */
 static void rtbus_batch_run(wsapp *app, void *ud)
 {
-    rtbus_batch_end(ud, !wsapp_stopping(app));
+    rtbus_batch *bt = ud;
+
+    if (!wsapp_stopping(app)) {
+        for (int i = 0; i < bt->n; i++)
+            bt->bus->on_message(bt->bus->ud, bt->m[i].chan, bt->m[i].clen, bt->m[i].payload, bt->m[i].plen);
+        rtbus_batch_unhold(bt);
+    }
+    rtbus_batch_free(bt);
 }
 
 static void rtbus_reply_run(wsapp *app, void *ud)
@@ -352,7 +365,8 @@ static void rtbus_batch_post(rtbus *b, rtbus_batch *bt)
 {
     if (wsapp_post(b->app, rtbus_batch_run, bt) < 0) {
         metrics_counter_add(b->m_dropped, (uint64_t)bt->n);
-        rtbus_batch_end(bt, 0);
+        rtbus_batch_unhold(bt);
+        rtbus_batch_free(bt);
     }
 }
 
