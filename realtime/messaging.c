@@ -133,6 +133,7 @@ struct messaging {
     int own_next;
     char **live;    /* instance ids seen alive in Redis */
     int nlive;
+    int registered; /* rt:instances answered our first ZADD */
     long rss_base_kb;
     metrics_counter *m_in[FT_COUNT], *m_out[OT_COUNT];
     metrics_counter *m_deliveries, *m_rate[3], *m_bad, *m_expired, *m_timeouts;
@@ -579,13 +580,65 @@ static void msg_room_send(messaging *m, const char *room, int ot, const char *fr
     wsapp_msg_unref(w);
 }
 
-static void msg_room_presence(messaging *m, const char *room, const msg_user *u, const char *status_override)
+/* The key of this instance's room index, rt:instance:{id}:rooms: the rooms
+ * it holds presence entries in, so that whoever finds it dead knows which
+ * hashes to clean (msg_reap_lua). */
+static int msg_rooms_key(const messaging *m, char *key, size_t len)
 {
-    cJSON *f = cJSON_CreateObject(), *d = msg_presence_entry(u, 1, room);
+    int n = snprintf(key, len, "rt:instance:%s:rooms", m->host->instance_id);
+
+    return n > 0 && (size_t)n < len ? n : -1;
+}
+
+/* Adds (add) or removes the room from this instance's room index. */
+static void msg_rooms_index(messaging *m, const char *room, int add)
+{
+    char key[192];
+    int kn = msg_rooms_key(m, key, sizeof(key));
+    const char *argv[3] = {add ? "SADD" : "SREM", key, room};
+    size_t lens[3] = {4, (size_t)kn, strlen(room)};
+
+    if (m->bus && kn > 0)
+        rtbus_command(m->bus, NULL, NULL, 3, argv, lens);
+}
+
+/* The room's presence hash: one field per instance and user, so a dead
+ * instance's entries can be told apart and dropped. */
+static void msg_presence_store(messaging *m, const char *room, const msg_user *u, int offline)
+{
+    char key[MSG_MAX_NAME + 32], field[512];
+    int kn = snprintf(key, sizeof(key), "rt:room:%s:presence", room);
+    int fn = snprintf(field, sizeof(field), "%s|%s", m->host->instance_id, u->id);
+    cJSON *e;
+    char *v;
+
+    if (offline) {
+        const char *argv[3] = {"HDEL", key, field};
+        size_t lens[3] = {4, (size_t)kn, (size_t)fn};
+
+        rtbus_command(m->bus, NULL, NULL, 3, argv, lens);
+        return;
+    }
+    e = msg_presence_entry(u, 0, room);
+    v = cJSON_PrintUnformatted(e);
+    cJSON_Delete(e);
+    if (v) {
+        const char *argv[4] = {"HSET", key, field, v};
+        size_t lens[4] = {4, (size_t)kn, (size_t)fn, strlen(v)};
+
+        /* The index first: an entry is never where a reaper cannot find it. */
+        msg_rooms_index(m, room, 1);
+        rtbus_command(m->bus, NULL, NULL, 4, argv, lens);
+    }
+    free(v);
+}
+
+/* Sends PresenceUpdate{d} (ownership taken) to the room's members. */
+static void msg_room_send_presence(messaging *m, const char *room, cJSON *d)
+{
+    cJSON *f = cJSON_CreateObject();
     char *text;
 
-    if (status_override)
-        cJSON_ReplaceItemInObject(d, "status", cJSON_CreateString(status_override));
     cJSON_AddStringToObject(f, "type", "PresenceUpdate");
     cJSON_AddItemToObject(f, "data", d);
     text = cJSON_PrintUnformatted(f);
@@ -593,32 +646,17 @@ static void msg_room_presence(messaging *m, const char *room, const msg_user *u,
     if (text)
         msg_room_send(m, room, OT_PRESENCE_UPDATE, text, strlen(text));
     free(text);
-    if (m->bus) {
-        /* The room's presence hash: one field per instance and user, so a
-         * dead instance's entries can be told apart and dropped. */
-        char key[MSG_MAX_NAME + 32], field[512];
-        int kn = snprintf(key, sizeof(key), "rt:room:%s:presence", room);
-        int fn = snprintf(field, sizeof(field), "%s|%s", m->host->instance_id, u->id);
+}
 
-        if (status_override && strcmp(status_override, "offline") == 0) {
-            const char *argv[3] = {"HDEL", key, field};
-            size_t lens[3] = {4, (size_t)kn, (size_t)fn};
+static void msg_room_presence(messaging *m, const char *room, const msg_user *u, const char *status_override)
+{
+    cJSON *d = msg_presence_entry(u, 1, room);
 
-            rtbus_command(m->bus, NULL, NULL, 3, argv, lens);
-        } else {
-            cJSON *e = msg_presence_entry(u, 0, room);
-            char *v = cJSON_PrintUnformatted(e);
-
-            if (v) {
-                const char *argv[4] = {"HSET", key, field, v};
-                size_t lens[4] = {4, (size_t)kn, (size_t)fn, strlen(v)};
-
-                rtbus_command(m->bus, NULL, NULL, 4, argv, lens);
-            }
-            free(v);
-            cJSON_Delete(e);
-        }
-    }
+    if (status_override)
+        cJSON_ReplaceItemInObject(d, "status", cJSON_CreateString(status_override));
+    msg_room_send_presence(m, room, d);
+    if (m->bus)
+        msg_presence_store(m, room, u, status_override && strcmp(status_override, "offline") == 0);
 }
 
 /* Whether any other connection of the user is in the room here. */
@@ -637,8 +675,10 @@ static void msg_leave(messaging *m, msg_conn *mc, msg_set *room)
 
     fmt_copy(name, sizeof(name), room->name);
     msg_list_remove(mc->rooms, &mc->nrooms, room);
-    if (msg_set_remove(m->rooms, room, mc))
+    if (msg_set_remove(m->rooms, room, mc)) {
         msg_bus_sub(m, "rt:room:", name, 0);
+        msg_rooms_index(m, name, 0);
+    }
     if (last)
         msg_room_presence(m, name, mc->user, "offline");
 }
@@ -1588,19 +1628,150 @@ static void msg_live_query(messaging *m, long long wall)
     rtbus_command(m->bus, msg_live_replied, m, 4, zrange, NULL);
 }
 
-/* Announces this instance in rt:instances (scored by time) and reads which
- * others are alive, so presence entries of a dead one are dropped. */
+/* ---- dead instances ------------------------------------------------------------ */
+
+/* Claims a dead instance, ARGV[1], whose last heartbeat in rt:instances
+ * (KEYS[1]) is older than ARGV[2] (ms). One script, so it is atomic: of the
+ * live instances that notice the death, exactly one claims it, and none
+ * does once the instance heartbeated again. It removes the dead instance's
+ * entries from the presence hash of every room of its index and returns
+ * {id, last heartbeat, room, user, room, user...}: the users it held in a
+ * room that no other instance holds there (they are offline now), or {}
+ * when someone else claimed it first. */
+static const char msg_reap_lua[] =
+    "local s = redis.call('ZSCORE', KEYS[1], ARGV[1])\n"
+    "if not s or tonumber(s) >= tonumber(ARGV[2]) then return {} end\n"
+    "redis.call('ZREM', KEYS[1], ARGV[1])\n"
+    "local idx, me, out = 'rt:instance:' .. ARGV[1] .. ':rooms', ARGV[1] .. '|', {ARGV[1], s}\n"
+    "for _, room in ipairs(redis.call('SMEMBERS', idx)) do\n"
+    "  local key = 'rt:room:' .. room .. ':presence'\n"
+    "  local h, mine, others = redis.call('HGETALL', key), {}, {}\n"
+    "  for i = 1, #h, 2 do\n"
+    "    local bar = string.find(h[i], '|', 1, true)\n"
+    "    if bar and string.sub(h[i], 1, bar) == me then mine[#mine + 1] = h[i]\n"
+    "    elseif bar then others[string.sub(h[i], bar + 1)] = true end\n"
+    "  end\n"
+    "  for _, f in ipairs(mine) do\n"
+    "    redis.call('HDEL', key, f)\n"
+    "    local uid = string.sub(f, #me + 1)\n"
+    "    if not others[uid] then out[#out + 1] = room; out[#out + 1] = uid end\n"
+    "  end\n"
+    "end\n"
+    "redis.call('DEL', idx)\n"
+    "return out\n";
+
+/* Dead instances claimed per registry turn: a Redis shared with many
+ * killed instances (tests, crashes) is cleaned a few at a time. */
+#define MSG_REAP_BATCH "16"
+
+static int msg_reply_str(const redisReply *r) { return r->type == REDIS_REPLY_STRING; }
+
+/* Tells the room, through Redis to every instance's members, that a user
+ * of a dead instance went offline, last seen at its last heartbeat. */
+static void msg_announce_offline(messaging *m, const char *room, const char *uid, const char *last_seen)
+{
+    cJSON *d = cJSON_CreateObject();
+
+    cJSON_AddStringToObject(d, "room", room);
+    cJSON_AddStringToObject(d, "user_id", uid);
+    cJSON_AddStringToObject(d, "status", "offline");
+    cJSON_AddStringToObject(d, "last_seen", last_seen);
+    msg_room_send_presence(m, room, d);
+}
+
+static void msg_reap_replied(void *ud, redisReply *r)
+{
+    messaging *m = ud;
+    char ts[FMT_RFC3339_MAX], esc[256];
+    size_t told = 0;
+
+    if (!r || r->type != REDIS_REPLY_ARRAY || r->elements < 2 || !msg_reply_str(r->element[0]) ||
+        !msg_reply_str(r->element[1]))
+        return;
+    fmt_rfc3339(ts, sizeof(ts), &(struct timespec){.tv_sec = (time_t)(strtod(r->element[1]->str, NULL) / 1000)}, 0);
+    for (size_t i = 2; i + 1 < r->elements; i += 2) {
+        const char *room = r->element[i]->str, *uid = r->element[i + 1]->str;
+
+        /* Names others wrote into a shared Redis get the checks a client's get. */
+        if (msg_reply_str(r->element[i]) && msg_reply_str(r->element[i + 1]) && msg_name_ok(room) && msg_name_ok(uid)) {
+            msg_announce_offline(m, room, uid, ts);
+            told++;
+        }
+    }
+    log_event(LOG_INFO, "dead instance's presence removed", "\"instance_id\":\"%s\",\"users_offline\":%zu",
+              log_escape(esc, sizeof(esc), r->element[0]->str), told);
+}
+
+static void msg_dead_replied(void *ud, redisReply *r)
+{
+    messaging *m = ud;
+    char cutoff[32];
+
+    if (!r || r->type != REDIS_REPLY_ARRAY)
+        return;
+    snprintf(cutoff, sizeof(cutoff), "%lld", msg_wall_ms() - m->presence_ttl_ms);
+    for (size_t i = 0; i < r->elements; i++) {
+        const char *id = r->element[i]->str;
+        const char *argv[6] = {"EVAL", msg_reap_lua, "1", "rt:instances", id, cutoff};
+
+        /* This instance, late with its own heartbeat, is not its own reaper. */
+        if (msg_reply_str(r->element[i]) && strcmp(id, m->host->instance_id) != 0)
+            rtbus_command(m->bus, msg_reap_replied, m, 6, argv, NULL);
+    }
+}
+
+/* The first connection of u that is in room, which speaks for the user. */
+static const msg_conn *msg_first_in_room(const msg_user *u, const msg_set *room)
+{
+    for (uint32_t i = 0; i < u->n; i++)
+        if (msg_list_has(u->conns[i]->rooms, u->conns[i]->nrooms, room))
+            return u->conns[i];
+    return NULL;
+}
+
+static void msg_restore_one(wsapp_conn *c, void *user, void *ud)
+{
+    messaging *m = ud;
+    msg_conn *mc = user;
+
+    if (wsapp_conn_route_ud(c) != m || !mc->user)
+        return;
+    for (uint16_t r = 0; r < mc->nrooms; r++)
+        if (msg_first_in_room(mc->user, mc->rooms[r]) == mc)
+            msg_room_presence(m, mc->rooms[r]->name, mc->user, NULL);
+}
+
+/* ZADD answers 1 when the id was not in rt:instances. After the first
+ * time, that means others took this instance for dead (it was paused, or
+ * cut from Redis, for longer than PRESENCE_TTL) and removed its presence:
+ * every user of every room here is written and announced again. */
+static void msg_registered(void *ud, redisReply *r)
+{
+    messaging *m = ud;
+
+    if (!r || r->type != REDIS_REPLY_INTEGER)
+        return;
+    if (r->integer == 1 && m->registered) {
+        log_warn("taken for dead by other instances: presence announced again");
+        wsapp_foreach_conn(m->host->app, msg_restore_one, m);
+    }
+    m->registered = 1;
+}
+
+/* Announces this instance in rt:instances (scored by time), reads which
+ * others are alive (GetPresence leaves out the entries of the others), and
+ * claims the dead ones (msg_reap_lua). */
 static void msg_registry(messaging *m, long long wall)
 {
-    char now[32], old[32];
+    char now[32], max[32];
     const char *zadd[4] = {"ZADD", "rt:instances", now, m->host->instance_id};
-    const char *zrem[4] = {"ZREMRANGEBYSCORE", "rt:instances", "-inf", old};
+    const char *dead[7] = {"ZRANGEBYSCORE", "rt:instances", "-inf", max, "LIMIT", "0", MSG_REAP_BATCH};
 
     snprintf(now, sizeof(now), "%lld", wall);
-    snprintf(old, sizeof(old), "%lld", wall - 10 * m->presence_ttl_ms);
-    rtbus_command(m->bus, NULL, NULL, 4, zadd, NULL);
-    rtbus_command(m->bus, NULL, NULL, 4, zrem, NULL);
+    snprintf(max, sizeof(max), "(%lld", wall - m->presence_ttl_ms);
+    rtbus_command(m->bus, msg_registered, m, 4, zadd, NULL);
     msg_live_query(m, wall);
+    rtbus_command(m->bus, msg_dead_replied, m, 7, dead, NULL);
 }
 
 /* ---- the sweep: expiry, heartbeat, timeouts ---------------------------------- */
