@@ -5,7 +5,10 @@ and presence, two instances through Redis (broadcast, direct message, room,
 presence, a dead instance's presence expiring), trigger.fired on
 rt:topic:user:{id}, MAX_CONNECTIONS, rate limits, bad and oversize frames,
 heartbeat timeout, a slow reader dropped, /health /info /metrics
-(promtool)."""
+(promtool). The C client drivers/rtclient.c goes through every frame type
+again (the JSON Pong included), every token source and refusal, 4001, the
+per-user and global token buckets, the routing rules, /rt streams outside
+MAX_CONNECTIONS, and a killed or paused instance's users going offline."""
 
 import base64
 import json
@@ -96,6 +99,132 @@ def metric(base, name):
         if line.startswith(name) and not line.startswith("#"):
             total += float(line.split()[-1])
     return total
+
+
+def metric_exact(base, series):
+    """The value of one series, labels included (`name{a="b"}`), 0 when absent."""
+    _, _, body = http("GET", base + "/metrics")
+    for line in body.decode().splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+RTCLIENT = os.path.join(ROOT, os.environ.get("O", "build"), "tests", "drivers", "rtclient")
+UUID_RE = r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
+RFC3339_RE = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$"
+
+
+class RtClient:
+    """drivers/rtclient.c, the C client, as a scripted peer: send() writes a
+    frame to its stdin, next() waits for a line it printed (a server frame,
+    or an event such as {"close": ...}). `head` is its first line: {"open":
+    ...} or {"refused": {"status", "body"}}."""
+
+    def __init__(self, port, path, headers=(), protocols=None, no_pong=False, timeout=60):
+        import queue
+        import threading
+        args = [RTCLIENT]
+        for h in headers:
+            args += ["-H", h]
+        if protocols:
+            args += ["-P", protocols]
+        if no_pong:
+            args.append("-n")
+        args += ["-t", str(timeout), str(port), path]
+        self.p = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True)
+        self.q, self.backlog = queue.Queue(), []
+        threading.Thread(target=self._read, daemon=True).start()
+        self.head = self.q.get(timeout=10)
+        if self.head is None:
+            raise AssertionError("rtclient ended at once: %s" % self.p.stderr.read())
+
+    def _read(self):
+        # This thread alone reads and closes stdout (closing it from another
+        # thread while a read waits would race with that read).
+        with self.p.stdout:
+            for line in self.p.stdout:
+                try:
+                    self.q.put(json.loads(line))
+                except ValueError:
+                    self.q.put({"unparsed": line})
+        self.q.put(None)
+
+    def send(self, type_, data=None):
+        self.line(json.dumps({"type": type_, "data": data}))
+
+    def line(self, text):
+        self.p.stdin.write(text + "\n")
+        self.p.stdin.flush()
+
+    def next(self, pred=lambda f: True, timeout=5):
+        """The first line (kept back or to come) pred accepts, else None."""
+        import queue
+        for f in self.backlog:
+            if pred(f):
+                self.backlog.remove(f)
+                return f
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                f = self.q.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                return None
+            if f is None:
+                self.q.put(None)
+                return None
+            if pred(f):
+                return f
+            self.backlog.append(f)
+            if time.monotonic() >= deadline:
+                return None
+
+    def frame(self, type_, pred=lambda d: True, timeout=5):
+        """The data of the next server frame of that type that pred accepts."""
+        f = self.next(lambda f: f.get("type") == type_ and pred(f.get("data")), timeout)
+        return f["data"] if f else None
+
+    def frames(self):
+        """Every line kept back so far (and taken from what came)."""
+        import queue
+        while True:
+            try:
+                f = self.q.get_nowait()
+            except queue.Empty:
+                return list(self.backlog)
+            if f is None:
+                self.q.put(None)
+                return list(self.backlog)
+            self.backlog.append(f)
+
+    def finish(self, timeout=10):
+        """Closes stdin (a close 1000 goes out) and returns the exit status."""
+        try:
+            self.p.stdin.close()
+        except OSError:
+            pass
+        try:
+            return self.p.wait(timeout)
+        finally:
+            self.kill()
+
+    def kill(self):
+        if self.p.poll() is None:
+            self.p.kill()
+            self.p.wait()
+        for f in (self.p.stdin, self.p.stderr):
+            try:
+                f.close()
+            except OSError:
+                pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.kill()
+        return False
 
 
 class LocalTest(unittest.TestCase):
@@ -407,8 +536,9 @@ console.log(JSON.stringify({ping: ping && ping.data, open: !a.closed})); process
         self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
 
 
-def sign(claims, exp=60):
-    """HS256 by hand, so the raw-socket tests need no node."""
+def sign(claims, exp=60, secret=SECRET):
+    """HS256 by hand, so the raw-socket and C-client tests need no node.
+    `exp` is seconds from now (negative: already expired)."""
     import hashlib
     import hmac
 
@@ -416,7 +546,7 @@ def sign(claims, exp=60):
         return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
     claims = dict(claims, exp=int(time.time()) + exp)
     head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode()) + "." + b64(json.dumps(claims).encode())
-    return head + "." + b64(hmac.new(SECRET.encode(), head.encode(), hashlib.sha256).digest())
+    return head + "." + b64(hmac.new(secret.encode(), head.encode(), hashlib.sha256).digest())
 
 
 class LimitsTest(unittest.TestCase):
@@ -433,6 +563,80 @@ console.log(JSON.stringify({c, health})); process.exit(0); })();""" % {"u": json
             self.assertEqual(r["health"]["status"], 503)
             self.assertEqual((r["health"]["body"]["status"], r["health"]["body"]["reason"]), ("unhealthy", "At capacity"))
             self.assertEqual(r["health"]["body"]["active_connections"], 2)
+
+    def test_max_connections_counts_only_ws(self):
+        """MAX_CONNECTIONS is SPEC 5a's limit of /ws: execution streams on
+        /rt (the same port) neither take /ws places nor make /health report
+        the service at capacity."""
+        with Realtime(MAX_CONNECTIONS=2, RTES_SKIP_AUTH=1) as rt:
+            watchers = [RtClient(rt.port, "/rt?execution_id=cap-%s" % uuid.uuid4().hex) for _ in range(3)]
+            try:
+                for w in watchers:
+                    self.assertIn("open", w.head, w.head)
+                status, _, body = http_json("GET", rt.base + "/health")
+                self.assertEqual((status, body["active_connections"]), (200, 0), body)
+                a, b = (RtClient(rt.port, "/ws?token=" + sign({"sub": "cap%d" % i})) for i in range(2))
+                with a, b:
+                    self.assertIn("open", a.head, a.head)
+                    self.assertIn("open", b.head, b.head)
+                    with RtClient(rt.port, "/ws?token=" + sign({"sub": "cap3"})) as c:
+                        self.assertEqual(c.head["refused"]["status"], 503)
+                        self.assertEqual(json.loads(c.head["refused"]["body"]), {"error": "Server at capacity"})
+                    status, _, body = http_json("GET", rt.base + "/health")
+                    self.assertEqual((status, body["active_connections"], body["reason"]), (503, 2, "At capacity"))
+                    self.assertEqual(http_json("GET", rt.base + "/info")[2]["active_connections"], 2)
+                # Closed /ws connections give their places back.
+                wait_for(lambda: http_json("GET", rt.base + "/health")[2]["active_connections"] == 0,
+                         what="the /ws count back to 0")
+                with RtClient(rt.port, "/ws?token=" + sign({"sub": "cap4"})) as d:
+                    self.assertIn("open", d.head, d.head)
+            finally:
+                for w in watchers:
+                    w.kill()
+
+    def test_user_and_global_token_buckets_429(self):
+        """Each of the three buckets refuses on its own: with the connection's
+        bucket large, two connections of one user empty the user's bucket
+        (another user still gets through); with the user's large too, two
+        users empty the global one."""
+        def burst(rt, clients, n):
+            for c in clients:
+                for i in range(n):
+                    c.send("Ping", {"timestamp": i})
+            out = {"Pong": 0, "Error": 0}
+            for c in clients:
+                for _ in range(n):
+                    f = c.next(lambda f: f.get("type") in ("Pong", "Error"))
+                    self.assertIsNotNone(f)
+                    if f["type"] == "Error":
+                        self.assertEqual(f["data"], {"code": 429, "message": "Rate limit exceeded"})
+                    out[f["type"]] += 1
+            return out
+
+        def scopes(rt):
+            return {k: metric_exact(rt.base, 'realtime_rate_limited_total{scope="%s"}' % k)
+                    for k in ("connection", "user", "global")}
+
+        big = {"RATE_LIMIT_PER_SECOND": 1000, "RATE_LIMIT_BURST": 1000}
+        with Realtime(RATE_LIMIT_USER_PER_SECOND=1, RATE_LIMIT_USER_BURST=10, **big) as rt:
+            ca, cb, other = (RtClient(rt.port, "/ws?token=" + sign({"sub": u})) for u in ("uma", "uma", "vic"))
+            with ca, cb, other:
+                got = burst(rt, [ca, cb], 8)
+                self.assertGreaterEqual(got["Error"], 4, got)
+                self.assertLessEqual(got["Pong"], 12, got)
+                self.assertEqual(burst(rt, [other], 5), {"Pong": 5, "Error": 0})
+                sc = scopes(rt)
+                self.assertEqual((sc["connection"], sc["global"]), (0, 0), sc)
+                self.assertEqual(sc["user"], got["Error"], sc)
+        with Realtime(RATE_LIMIT_USER_PER_SECOND=1000, RATE_LIMIT_USER_BURST=1000, RATE_LIMIT_GLOBAL_PER_SECOND=1,
+                      RATE_LIMIT_GLOBAL_BURST=10, **big) as rt:
+            g1, g2 = (RtClient(rt.port, "/ws?token=" + sign({"sub": u})) for u in ("gus", "gia"))
+            with g1, g2:
+                got = burst(rt, [g1, g2], 8)
+                self.assertGreaterEqual(got["Error"], 4, got)
+                sc = scopes(rt)
+                self.assertEqual((sc["connection"], sc["user"]), (0, 0), sc)
+                self.assertEqual(sc["global"], got["Error"], sc)
 
     def test_slow_reader_dropped_others_keep_receiving(self):
         with Realtime(SEND_QUEUE_BYTES=1048576, RATE_LIMIT_ENABLED="false") as rt:
@@ -472,6 +676,215 @@ class CClientTest(unittest.TestCase):
             self.assertEqual(out["conns_with_all"], 300)
             self.assertEqual(out["received"], 300 * 20)
             self.assertGreaterEqual(metric(rt.base, "realtime_deliveries_total"), 6000)
+
+
+class RtclientTest(unittest.TestCase):
+    """The C client (drivers/rtclient.c) through every client frame type of
+    SPEC 5a, the JSON Pong included, asserting every server frame type and
+    its fields; each token source at the handshake; 401 for a missing, bad
+    or expired token (at the handshake and on RefreshToken); 4001 at
+    expiry."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.rt = Realtime(HEARTBEAT_INTERVAL="1s", CLIENT_TIMEOUT="3s")
+        cls.rt.start()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.rt.stop()
+
+    def client(self, claims=None, token=None, **kw):
+        c = RtClient(self.rt.port, "/ws?token=" + (token or sign(claims)), **kw)
+        self.addCleanup(c.kill)
+        self.assertIn("open", c.head, c.head)
+        return c
+
+    def assert_timestamp(self, v):
+        import calendar
+        self.assertRegex(v, RFC3339_RE)
+        self.assertLess(abs(calendar.timegm(time.strptime(v[:19], "%Y-%m-%dT%H:%M:%S")) - time.time()), 120, v)
+
+    def test_status_connected(self):
+        before = int(time.time())
+        c = self.client({"sub": "cora"})
+        self.assertEqual(c.head, {"open": {"status": 101, "protocol": None}})
+        hello = c.frame("Status")
+        self.assertEqual(hello["status"], "connected")
+        d = hello["details"]
+        self.assertEqual(set(d), {"connection_id", "server_time", "protocol_version"})
+        self.assertRegex(d["connection_id"], r"^[1-9][0-9]*$")
+        self.assertIsInstance(d["server_time"], int)
+        self.assertTrue(before - 1 <= d["server_time"] <= time.time() + 1, d)
+        self.assertEqual(d["protocol_version"], "1.0")
+        other = self.client({"sub": "cora"})
+        self.assertNotEqual(other.frame("Status")["details"]["connection_id"], d["connection_id"])
+
+    def test_every_client_frame_type(self):
+        a, b = self.client({"sub": "abe"}), self.client({"user_id": "bea", "sub": "ignored"})
+        for c in (a, b):
+            self.assertEqual(c.frame("Status")["status"], "connected")
+        topic, room = "c-news-" + uuid.uuid4().hex[:6], "c-lobby-" + uuid.uuid4().hex[:6]
+
+        a.send("Ping", {"timestamp": 12345})
+        self.assertEqual(a.frame("Pong"), {"timestamp": 12345})
+        a.send("Subscribe", {"topics": [topic, topic + ".2"]})
+        self.assertEqual(a.frame("Status"), {"status": "subscribed", "details": {"topics": [topic, topic + ".2"]}})
+
+        b.send("Broadcast", {"topic": topic, "payload": {"n": 1, "s": "x"}})
+        ack = b.frame("Ack")
+        self.assertEqual(set(ack), {"message_id"})
+        self.assertRegex(ack["message_id"], "^broadcast_" + UUID_RE + "$")
+        got = a.frame("Broadcast")
+        self.assertEqual(set(got), {"topic", "payload", "from", "message_id", "timestamp"})
+        self.assertEqual((got["topic"], got["payload"], got["from"], got["message_id"]),
+                         (topic, {"n": 1, "s": "x"}, "bea", ack["message_id"]))
+        self.assert_timestamp(got["timestamp"])
+
+        a.send("Unsubscribe", {"topics": [topic]})
+        self.assertEqual(a.frame("Status"), {"status": "unsubscribed", "details": {"topics": [topic]}})
+        b.send("Broadcast", {"topic": topic, "payload": 2})
+        b.frame("Ack")
+        self.assertIsNone(a.frame("Broadcast", timeout=0.5))
+
+        b.send("DirectMessage", {"target_user": "abe", "payload": {"hi": 1}})
+        ack = b.frame("Ack")
+        self.assertRegex(ack["message_id"], "^direct_" + UUID_RE + "$")
+        dm = a.frame("DirectMessage")
+        self.assertEqual(set(dm), {"from", "payload", "message_id", "timestamp"})
+        self.assertEqual((dm["from"], dm["payload"], dm["message_id"]), ("bea", {"hi": 1}, ack["message_id"]))
+        self.assert_timestamp(dm["timestamp"])
+        b.send("DirectMessage", {"target_user": "nobody-here", "payload": 1})
+        self.assertEqual(b.frame("Error"), {"code": 404, "message": "User nobody-here not found or not connected"})
+
+        a.send("JoinRoom", {"room": room})
+        self.assertEqual(a.frame("Status"), {"status": "joined", "details": {"room": room}})
+        pu = a.frame("PresenceUpdate")
+        self.assertEqual(set(pu), {"room", "user_id", "status", "last_seen"})
+        self.assertEqual((pu["room"], pu["user_id"], pu["status"]), (room, "abe", "online"))
+        self.assert_timestamp(pu["last_seen"])
+        b.send("JoinRoom", {"room": room})
+        self.assertEqual(b.frame("Status")["status"], "joined")
+        self.assertEqual(a.frame("PresenceUpdate", lambda d: d["user_id"] == "bea")["status"], "online")
+
+        b.send("RoomMessage", {"room": room, "payload": "hello room"})
+        ack = b.frame("Ack")
+        self.assertRegex(ack["message_id"], "^room_" + UUID_RE + "$")
+        rm = a.frame("RoomMessage")
+        self.assertEqual(set(rm), {"room", "from", "payload", "message_id", "timestamp"})
+        self.assertEqual((rm["room"], rm["from"], rm["payload"], rm["message_id"]),
+                         (room, "bea", "hello room", ack["message_id"]))
+        self.assert_timestamp(rm["timestamp"])
+
+        a.send("UpdatePresence", {"status": "away", "message": "brb"})
+        self.assertEqual(a.frame("Status"), {"status": "presence_updated",
+                                             "details": {"presence": "away", "message": "brb"}})
+        pu = b.frame("PresenceUpdate", lambda d: d["user_id"] == "abe")
+        self.assertEqual((pu["room"], pu["status"]), (room, "away"))
+        self.assert_timestamp(pu["last_seen"])
+
+        b.send("GetPresence", {"room": room})
+        pres = b.frame("Presence")
+        self.assertEqual(set(pres), {"room", "users"})
+        self.assertEqual(pres["room"], room)
+        self.assertEqual(sorted((u["user_id"], u["status"]) for u in pres["users"]), [("abe", "away"), ("bea", "online")])
+        for u in pres["users"]:
+            self.assertEqual(set(u), {"user_id", "status", "last_seen"})
+            self.assert_timestamp(u["last_seen"])
+
+        b.send("LeaveRoom", {"room": room})
+        self.assertEqual(b.frame("Status"), {"status": "left", "details": {"room": room}})
+        pu = a.frame("PresenceUpdate", lambda d: d["user_id"] == "bea")
+        self.assertEqual((pu["room"], pu["status"]), (room, "offline"))
+
+        tok = sign({"sub": "abe"}, 600)
+        exp = json.loads(base64.urlsafe_b64decode(tok.split(".")[1] + "=="))["exp"]
+        a.send("RefreshToken", {"token": tok})
+        self.assertEqual(a.frame("Status"), {"status": "token_refreshed", "details": {"expires_at": exp}})
+
+        a.line("!binary 5")
+        self.assertEqual(a.frame("Status"), {"status": "binary_received", "details": {"size": 5}})
+        a.send("Nonsense", {})
+        self.assertEqual(a.frame("Error"), {"code": 400, "message": "Unknown message type Nonsense"})
+
+        # The answer to the server's JSON heartbeat is taken quietly: the
+        # Ping sent after it is answered first, with no Error before it.
+        self.assertIsNotNone(a.frame("Ping", timeout=3), "a JSON heartbeat Ping within HEARTBEAT_INTERVAL")
+        a.frames()
+        a.backlog.clear()
+        a.send("Pong", {"timestamp": 1})
+        a.send("Ping", {"timestamp": "after-pong"})
+        f = a.next(lambda f: f.get("type") in ("Pong", "Error"))
+        self.assertEqual(f, {"type": "Pong", "data": {"timestamp": "after-pong"}})
+
+        # UpdatePresence by a user in no room: SPEC 5a names no receiver
+        # for it, so only the sender's Status comes (no room-less PresenceUpdate).
+        c = self.client({"sub": "cal"})
+        c.send("UpdatePresence", {"status": "busy"})
+        self.assertEqual(c.frame("Status", lambda d: d["status"] != "connected"),
+                         {"status": "presence_updated", "details": {"presence": "busy"}})
+        self.assertIsNone(c.frame("PresenceUpdate", timeout=0.5))
+
+        self.assertEqual(a.finish(), 0)
+        self.assertEqual(a.frames()[-1], {"close": {"code": 1000, "reason": ""}})
+
+    def test_json_pong_keeps_a_client_that_sends_nothing_else(self):
+        """A client that does not answer WebSocket pings (-n) but answers
+        each JSON heartbeat Ping with a JSON Pong stays past CLIENT_TIMEOUT
+        (3 s here), gets no Error and no bad-frame count; one that answers
+        nothing is closed 4000."""
+        bad = metric(self.rt.base, "realtime_bad_frames_total")
+        pongs = metric_exact(self.rt.base, 'realtime_frames_in_total{type="Pong"}')
+        quiet = self.client({"sub": "quiet"}, no_pong=True)
+        mute = self.client({"sub": "mute"}, no_pong=True)
+        end = time.monotonic() + 5
+        while time.monotonic() < end:
+            ping = quiet.frame("Ping", timeout=0.5)
+            if ping:
+                quiet.send("Pong", {"timestamp": ping["timestamp"]})
+        self.assertEqual([f for f in quiet.frames() if f.get("type") == "Error" or "close" in f], [])
+        quiet.send("Ping", {"timestamp": "alive"})
+        self.assertEqual(quiet.frame("Pong"), {"timestamp": "alive"})
+        self.assertEqual(mute.next(lambda f: "close" in f, timeout=3), {"close": {"code": 4000, "reason": "Client timeout"}})
+        self.assertEqual(metric(self.rt.base, "realtime_bad_frames_total"), bad)
+        self.assertGreaterEqual(metric_exact(self.rt.base, 'realtime_frames_in_total{type="Pong"}') - pongs, 3)
+
+    def test_token_sources(self):
+        t = sign({"sub": "toby"})
+        for how, path, kw in (("query", "/ws?token=" + t, {}), ("access_token", "/ws?access_token=" + t, {}),
+                              ("bearer", "/ws", {"headers": ["Authorization: Bearer " + t]}),
+                              ("subprotocol", "/ws", {"protocols": "access_token." + t})):
+            with RtClient(self.rt.port, path, **kw) as c:
+                self.assertEqual(c.head["open"]["protocol"], "access_token." + t if how == "subprotocol" else None, how)
+                self.assertEqual(c.frame("Status")["status"], "connected", how)
+                c.send("Ping", {"timestamp": how})
+                self.assertEqual(c.frame("Pong"), {"timestamp": how}, how)
+
+    def test_missing_bad_and_expired_tokens_refused_401(self):
+        t = sign({"sub": "rex"})
+        for how, path, kw in (("missing", "/ws", {}), ("empty", "/ws?token=", {}),
+                              ("bad signature", "/ws?token=" + t[:-3] + "AAA", {}),
+                              ("other secret", "/ws?token=" + sign({"sub": "rex"}, secret="other"), {}),
+                              ("expired", "/ws?token=" + sign({"sub": "rex"}, -10), {}),
+                              ("expired bearer", "/ws", {"headers": ["Authorization: Bearer " + sign({"sub": "r"}, -10)]}),
+                              ("bad subprotocol", "/ws", {"protocols": "access_token.not-a-jwt"})):
+            with RtClient(self.rt.port, path, **kw) as c:
+                self.assertIn("refused", c.head, how)
+                self.assertEqual(c.head["refused"]["status"], 401, how)
+                self.assertEqual(json.loads(c.head["refused"]["body"])["error"], "unauthorized", how)
+                self.assertEqual(c.p.wait(10), 2, how)
+
+    def test_refresh_with_bad_or_expired_token_401_then_expiry_closes_4001(self):
+        c = self.client(token=sign({"sub": "ria"}, 3))
+        for tok in (sign({"sub": "ria"}, -10), sign({"sub": "ria"}, 600, secret="other"), "not.a.jwt"):
+            c.send("RefreshToken", {"token": tok})
+            e = c.frame("Error")
+            self.assertEqual(e["code"], 401, e)
+        c.send("RefreshToken", {"token": sign({"sub": "someone-else"}, 600)})
+        self.assertEqual(c.frame("Error")["code"], 403)
+        # None of those extended the token: it still closes at its expiry.
+        self.assertEqual(c.next(lambda f: "close" in f, timeout=6), {"close": {"code": 4001, "reason": "Token expired"}})
+        self.assertEqual(c.p.wait(10), 0)
 
 
 class BusHoldTest(unittest.TestCase):
@@ -516,6 +929,67 @@ class BusHoldTest(unittest.TestCase):
                 f.close()
 
 
+class RoutingRulesTest(unittest.TestCase):
+    """ROUTING_RULES: drop, copy and filter applied to Broadcasts from
+    clients and from Redis (rt:topic:*), and counted in /info."""
+
+    def test_drop_copy_filter(self):
+        k = uuid.uuid4().hex[:6]
+        rules = [{"match": "debug%s.*" % k, "action": "drop"},
+                 {"match": "orders%s.eu" % k, "action": "copy", "to": "orders%s.all" % k},
+                 {"match": "alerts" + k, "action": "filter", "field": "payload.level", "equals": "high"}]
+        path = os.path.join(self.tmpdir(), "rules.json")
+        with open(path, "w") as f:
+            json.dump({"rules": rules}, f)
+        r = redis.Redis.from_url(REDIS_URL)
+        topics = ["debug%s.x" % k, "orders%s.eu" % k, "orders%s.all" % k, "alerts" + k, "mark" + k]
+        with Realtime(ROUTING_RULES=path, REDIS_URL=REDIS_URL) as rt:
+            self.assertEqual(http_json("GET", rt.base + "/info")[2]["routing_rules"], 3)
+            wait_for(lambda: http_json("GET", rt.base + "/info")[2]["redis"] == "connected", what="redis")
+            sub, pub = (RtClient(rt.port, "/ws?token=" + sign({"sub": u})) for u in ("sue", "pat"))
+            with sub, pub:
+                sub.send("Subscribe", {"topics": topics})
+                self.assertEqual(sub.frame("Status", lambda d: d["status"] == "subscribed")["details"]["topics"], topics)
+                sends = [("debug%s.x" % k, {"level": "high"}), ("orders%s.eu" % k, {"id": 7}),
+                         ("alerts" + k, {"level": "low"}), ("alerts" + k, {"level": "high"}), ("mark" + k, "end")]
+                for t, p in sends:
+                    pub.send("Broadcast", {"topic": t, "payload": p})
+                acks = [pub.frame("Ack")["message_id"] for _ in sends]
+                self.assertEqual(len(set(acks)), 5, "a dropped or filtered broadcast is still acknowledged")
+                got = self.until_mark(sub, "mark" + k)
+                self.assertEqual(sorted((g["topic"], json.dumps(g["payload"])) for g in got),
+                                 sorted([("orders%s.eu" % k, '{"id": 7}'), ("orders%s.all" % k, '{"id": 7}'),
+                                         ("alerts" + k, '{"level": "high"}')]))
+                copy = [g for g in got if g["topic"] == "orders%s.all" % k][0]
+                self.assertEqual((copy["from"], copy["message_id"]), ("pat", acks[1]))
+
+                # The same rules for what other services publish on Redis.
+                wait_for(lambda: r.pubsub_numsub("rt:topic:mark" + k)[0][1] >= 1, what="the subscription on redis")
+                for t, p in sends:
+                    r.publish("rt:topic:" + t, json.dumps({"topic": t, "payload": p, "from": "svc",
+                                                           "message_id": uuid.uuid4().hex, "timestamp": "x"}))
+                got = self.until_mark(sub, "mark" + k)
+                self.assertEqual(sorted(g["topic"] for g in got),
+                                 sorted(["orders%s.eu" % k, "orders%s.all" % k, "alerts" + k]))
+                self.assertEqual([g["payload"] for g in got if g["topic"] == "alerts" + k], [{"level": "high"}])
+
+    def until_mark(self, c, mark):
+        got = []
+        while True:
+            f = c.frame("Broadcast")
+            self.assertIsNotNone(f, "the marker broadcast never came (got %r)" % got)
+            if f["topic"] == mark:
+                return got
+            got.append(f)
+
+    def tmpdir(self):
+        import shutil
+        import tempfile
+        d = tempfile.mkdtemp(prefix="rt-rules-")
+        self.addCleanup(shutil.rmtree, d, True)
+        return d
+
+
 class ScaleOutTest(unittest.TestCase):
     """Two instances sharing Redis."""
 
@@ -550,6 +1024,86 @@ console.log(JSON.stringify({got, closed: y.closed})); process.exit(0); })();""" 
             self.assertIsNone(res["closed"])
             self.assertEqual(metric(a.base, "realtime_bad_frames_total") - bad_before, 5)
             self.assertIn("bus message refused", a.log())
+
+    def two_in_a_room(self, a, b, room):
+        """mia on a; walt on b; wes on both: all three in `room`. Returns the
+        three clients of a and b's side, once mia heard walt join."""
+        for inst in (a, b):
+            wait_for(lambda: http_json("GET", inst.base + "/info")[2]["redis"] == "connected", what="redis")
+        clients = {}
+        for name, inst in (("mia", a), ("wes_a", a), ("wes_b", b), ("walt", b)):
+            c = RtClient(inst.port, "/ws?token=" + sign({"sub": name.split("_")[0]}, 600))
+            self.addCleanup(c.kill)
+            self.assertIn("open", c.head, c.head)
+            c.send("JoinRoom", {"room": room})
+            self.assertEqual(c.frame("Status", lambda d: d["status"] == "joined"), {"status": "joined",
+                                                                                  "details": {"room": room}})
+            clients[name] = c
+            time.sleep(0.3)  # the room's subscription reaches Redis
+        self.assertEqual(clients["mia"].frame("PresenceUpdate", lambda d: d["user_id"] == "walt")["status"], "online")
+        return clients
+
+    def presence_users(self, c, room):
+        c.send("GetPresence", {"room": room})
+        return sorted(u["user_id"] for u in c.frame("Presence")["users"])
+
+    def test_killed_instance_users_go_offline(self):
+        """kill -9 of an instance: within PRESENCE_TTL and a heartbeat the
+        other announces its users offline to the room's members (not wes,
+        who is in the room through the live instance too), and its presence
+        entries, its rt:instances member and its room index are gone."""
+        r = redis.Redis.from_url(REDIS_URL)
+        room = "morgue-" + uuid.uuid4().hex[:8]
+        key = "rt:room:%s:presence" % room
+        with Realtime(REDIS_URL=REDIS_URL, PRESENCE_TTL="3s") as a, \
+                Realtime(REDIS_URL=REDIS_URL, PRESENCE_TTL="3s") as b:
+            bid = http_json("GET", b.base + "/info")[2]["instance_id"]
+            cl = self.two_in_a_room(a, b, room)
+            mia = cl["mia"]
+            self.assertEqual(self.presence_users(mia, room), ["mia", "walt", "wes"])
+            self.assertIsNotNone(r.zscore("rt:instances", bid))
+            index = r.smembers("rt:instance:%s:rooms" % bid)
+            killed = time.monotonic()
+            b.kill9()
+            pu = mia.frame("PresenceUpdate", lambda d: d["status"] == "offline", timeout=12)
+            self.assertIsNotNone(pu, "walt announced offline after the kill")
+            self.assertLess(time.monotonic() - killed, 3 + 2 + 3)
+            self.assertEqual(set(pu), {"room", "user_id", "status", "last_seen"})
+            self.assertEqual((pu["room"], pu["user_id"]), (room, "walt"))
+            self.assertRegex(pu["last_seen"], RFC3339_RE)
+            self.assertIsNone(mia.frame("PresenceUpdate", lambda d: d["status"] == "offline", timeout=1.5),
+                              "wes is still in the room through a")
+            self.assertEqual(cl["wes_a"].frame("PresenceUpdate", lambda d: d["user_id"] == "walt"
+                                               and d["status"] == "offline")["room"], room)
+            self.assertEqual(self.presence_users(mia, room), ["mia", "wes"])
+            self.assertEqual(sorted(f.decode().split("|", 1)[0] == bid for f in r.hkeys(key)), [False, False])
+            self.assertIsNone(r.zscore("rt:instances", bid))
+            self.assertEqual(index, {room.encode()}, "b's room index named the room")
+            self.assertFalse(r.exists("rt:instance:%s:rooms" % bid))
+            self.assertIn("dead instance's presence removed", a.log())
+
+    def test_paused_instance_is_announced_again(self):
+        """An instance stopped (SIGSTOP) past PRESENCE_TTL is taken for dead;
+        once it runs again it writes its presence again and tells the room."""
+        import signal
+        room = "nap-" + uuid.uuid4().hex[:8]
+        with Realtime(REDIS_URL=REDIS_URL, PRESENCE_TTL="3s") as a, \
+                Realtime(REDIS_URL=REDIS_URL, PRESENCE_TTL="3s") as b:
+            cl = self.two_in_a_room(a, b, room)
+            mia = cl["mia"]
+            b.proc.send_signal(signal.SIGSTOP)
+            try:
+                pu = mia.frame("PresenceUpdate", lambda d: d["user_id"] == "walt" and d["status"] == "offline",
+                               timeout=12)
+                self.assertIsNotNone(pu, "walt announced offline while b is stopped")
+                self.assertEqual(self.presence_users(mia, room), ["mia", "wes"])
+            finally:
+                b.proc.send_signal(signal.SIGCONT)
+            pu = mia.frame("PresenceUpdate", lambda d: d["user_id"] == "walt" and d["status"] == "online", timeout=8)
+            self.assertIsNotNone(pu, "walt announced again once b runs")
+            self.assertEqual(pu["room"], room)
+            self.assertEqual(self.presence_users(mia, room), ["mia", "walt", "wes"])
+            self.assertIn("taken for dead by other instances", b.log())
 
     def test_two_instances(self):
         r = redis.Redis.from_url(REDIS_URL)
