@@ -100,8 +100,9 @@ static void slot_key(char out[KHALA_KEY_MAX], const char *key)
              (unsigned)hash_fnv1a_add(hash_fnv1a("#", 1), key, n));
 }
 
-/* The slot of `key`, claimed (zeroed, key set) when absent. Called with
- * the lock held. *fresh is set when the slot was just claimed. */
+/* The slot of `key`, claimed (zeroed, key set) when absent and `fresh`
+ * is not NULL, which is then set when the slot was just claimed; without
+ * `fresh`, NULL when absent. Called with the lock held. */
 static khala_slot *lookup(khala_table *t, const char *full, int *fresh)
 {
     char key[KHALA_KEY_MAX];
@@ -111,7 +112,8 @@ static khala_slot *lookup(khala_table *t, const char *full, int *fresh)
     slot_key(key, full);
     set = victim = t->slots + (hash_fnv1a_str(key) % t->nsets) * KHALA_WAYS;
 
-    *fresh = 0;
+    if (fresh)
+        *fresh = 0;
     for (i = 0; i < KHALA_WAYS; i++) {
         if (set[i].key[0] && strcmp(set[i].key, key) == 0) {
             set[i].touched = ++t->clock;
@@ -120,6 +122,8 @@ static khala_slot *lookup(khala_table *t, const char *full, int *fresh)
         if (set[i].touched < victim->touched)
             victim = &set[i];
     }
+    if (!fresh)
+        return NULL;
     memset(victim, 0, sizeof(*victim));
     fmt_copy(victim->key, sizeof(victim->key), key);
     victim->touched = ++t->clock;
@@ -151,11 +155,12 @@ int khala_rate_take(khala_table *t, const char *key, long limit, long long now_m
 void khala_rate_give(khala_table *t, const char *key, long long taken_ms)
 {
     khala_slot *s;
-    int fresh;
 
     pthread_mutex_lock(&t->mu);
-    s = lookup(t, key, &fresh);
-    if (!fresh && taken_ms >= s->t && taken_ms - s->t < 1000 && s->count > 0)
+    /* An evicted key has nothing to give back to (and claiming a slot for
+     * it would evict a live one). */
+    s = lookup(t, key, NULL);
+    if (s && taken_ms >= s->t && taken_ms - s->t < 1000 && s->count > 0)
         s->count--;
     pthread_mutex_unlock(&t->mu);
 }

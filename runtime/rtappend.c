@@ -56,8 +56,9 @@ struct rt_append {
     char *payload_text; /* canonical text of the payload ({} when absent) */
     char exp_text[FMT_I64_MAX];
     int has_expected;
+    rt *r;
     char topic[64];     /* its Khala topic */
-    long long rate_ms;  /* when its publish was counted (0: not counted) */
+    long long rate_ms;  /* when its publish was counted (0: not counted, or settled by its outcome) */
     long retry_ms;      /* limited: the rate window's rest */
     int limited;        /* over the topic's publish rate, with a key that may be a replay */
 };
@@ -101,6 +102,7 @@ rt_append *rtappend_prepare(rt *r, const rt_req *q, rt_resp *a)
         rt_error(a, 500, "internal", "out of memory");
         return NULL;
     }
+    x->r = r;
     x->q = q;
     x->a = a;
     if (rt_writes_frozen(r, a) < 0 || rt_run_id_param(q, a, &x->id) < 0 || rt_body_object(q, &x->body, 0, a) < 0)
@@ -167,6 +169,11 @@ void rtappend_free(rt_append *x)
 {
     if (!x)
         return;
+    /* Freed with no outcome (refused 503, dropped, its connection broke):
+     * its count goes back. One whose statement committed before the break
+     * is then not counted, which a limit can afford. */
+    if (x->rate_ms)
+        rt_publish_give(x->r, x->topic, x->rate_ms);
     cJSON_Delete(x->body);
     free(x->payload_text);
     free(x);
@@ -218,6 +225,7 @@ void rtappend_answer(rt *r, rt_append *x, PGconn *c, const PGresult *res, int ro
 
     if (x->rate_ms && strcmp(outcome, "appended") != 0)
         rt_publish_give(r, x->topic, x->rate_ms);
+    x->rate_ms = 0;
     if (strcmp(outcome, "appended") == 0 || strcmp(outcome, "replayed") == 0) {
         if (outcome[0] == 'a') {
             rt_count_append(r, x->type);
@@ -402,14 +410,16 @@ void rtappend_commit(rt *r, rt_append **v, int n)
         goto out;
     }
     for (i = m = 0; i < n; i++) {
-        if (v[i]->limited)
+        if (v[i]->limited) {
             commit_limited(r, v[i], c);
-        else
+            rtappend_free(v[i]);
+        } else {
             v[m++] = v[i];
+        }
     }
-    if (m == 0)
+    n = m; /* the limited ones are answered and freed */
+    if (n == 0)
         goto release;
-    n = m;
     if (n > 1 && n <= RTAPPEND_GROUP_MAX && commit_group(r, v, n, c) == 0) {
         metrics_counter_inc(r->append_commits);
     } else {

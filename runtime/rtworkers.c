@@ -181,6 +181,7 @@ static void worker_write(rt *r, const char *sql, const char *id, const owner *o,
     if (!res || PQntuples(res) != 1) {
         log_warn("runtime: worker write failed: %s", res ? "no outcome" : err);
         rt_db_error(a, err);
+        rt_publish_give(r, topic, rate_ms);
         goto out;
     }
     outcome = PQgetvalue(res, 0, 0);

@@ -1111,6 +1111,39 @@ class Khala(unittest.TestCase):
         finally:
             rt.stop()
 
+    def test_publish_rate_under_concurrent_keyed_appends(self):
+        """Keyed appends from 24 clients at once over a rate of 5 a second
+        (so the appender groups mix counted and over-the-rate ones), then
+        each key again: nothing but 200 and 429; every key appended once
+        answers its retry 200 from the log, over the rate or not."""
+        rt = Runtime(RUNTIME_KHALA_RUN_EVENTS_PUBLISH_RATE_PER_SECOND=5).start()
+        self.addCleanup(rt.stop)
+        rid = rt.new_run()["id"]
+        first, again = {}, {}
+
+        def client(n, out):
+            for i in range(4):
+                key = "c%d-%d" % (n, i)
+                out[key] = rt.append(rid, "tick", {"n": n}, key=key)[0]
+        for out in (first, again):
+            ts = [threading.Thread(target=client, args=(n, out)) for n in range(24)]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join(30)
+        self.assertEqual(set(first.values()) | set(again.values()), {200, 429}, (first, again))
+        _, _, b = rt.call("GET", "/internal/v1/runs/" + rid)
+        appended = [e["idempotency_key"] for e in b["run"]["events"][1:]]
+        self.assertEqual(len(appended), len(set(appended)))
+        # A key is in the log once if either of its appends got 200 (the
+        # second as a replay, or as a first append once the rate allowed).
+        self.assertEqual(set(appended), {k for k in first if 200 in (first[k], again[k])})
+        self.assertGreater(list(first.values()).count(429), 0)
+        for k in appended:
+            self.assertEqual(again[k], 200, k)
+        st, _, b = rt.call("GET", "/healthz")
+        self.assertEqual(st, 200)
+
     def test_token_and_origin_switches(self):
         """RUNTIME_SYNC_TOKEN_REQUIRE_JTI=false takes a token without jti;
         RUNTIME_KHALA_ENFORCE_ORIGIN=false lets any Origin in; a custom
