@@ -88,7 +88,7 @@ struct rt_job {
     long long after;
     rtsync_window w;
     cJSON *stale;
-    int failed, listen_add;
+    int failed;
     char settle[RT_SETTLE_MAX]; /* see settle_wait */
 };
 
@@ -99,7 +99,7 @@ struct rt_sub {
     uint64_t id;
     char topic[RT_TOPIC_MAX];
     long long after;  /* the last sequence sent */
-    char settle[RT_SETTLE_MAX]; /* when its listener registered, until the read after it settled */
+    char settle[RT_SETTLE_MAX]; /* its topic's row time, until the settling read takes it (settle_wait) */
     int reading;      /* a log read is in flight, or the backlog waits for the queue to drain */
     int again;        /* a message arrived during it: read again */
     int open;
@@ -115,11 +115,20 @@ struct rt_sub {
  * reconnect from the same cursor. */
 #define RT_BACKLOG_BYTES (512 * 1024)
 
+/* The topic's row in runtime.khala_listeners (appends NOTIFY only for
+ * topics with a row). Jobs on handler threads write and remove it, one at
+ * a time per topic, so that a DELETE and the next INSERT never race: the
+ * topic is kept, without subscribers, until its DELETE is done. */
+enum { ROW_NONE, ROW_ADDING, ROW_LISTED, ROW_REMOVING };
+
 typedef struct rt_topic rt_topic;
 struct rt_topic {
     char name[RT_TOPIC_MAX];
     rt_sub *subs;
     rt_topic *next;
+    int row;                    /* ROW_* */
+    char settle[RT_SETTLE_MAX]; /* the time just after the row committed ("" before) */
+    int settled;                /* a read followed every statement older than that */
 };
 
 struct rtserve {
@@ -576,16 +585,22 @@ static void send_text(rt_sub *u, const char *text)
         u->open = 0;
 }
 
-/* Registers the instance as a listener of the topic, so that every
- * append that sees the row NOTIFYs, and sets j->settle to the time just
- * after (settle_wait). */
-static void listen_add(rtserve *s, rt_job *j, PGconn *c)
+/* Writes the instance's listener row of the topic, so that every append
+ * that sees it NOTIFYs, and sets j->settle to the time just after its
+ * commit (settle_wait). */
+static void listen_run(rtserve *s, rt_job *j)
 {
     const char *p[2] = {j->topic, s->instance};
     char err[512];
-    PGresult *res = dbpool_exec(c, "INSERT INTO runtime.khala_listeners (topic, instance) VALUES ($1, $2) "
-                                   "ON CONFLICT DO NOTHING", 2, p, err, sizeof(err));
+    PGconn *c = dbpool_acquire(s->r->db, 5000);
+    PGresult *res;
 
+    if (!c) {
+        log_warn("runtime: registering a Khala listener failed: no connection");
+        return;
+    }
+    res = dbpool_exec(c, "INSERT INTO runtime.khala_listeners (topic, instance) VALUES ($1, $2) "
+                         "ON CONFLICT DO NOTHING", 2, p, err, sizeof(err));
     if (!res)
         log_warn("runtime: registering a Khala listener failed: %s", err);
     PQclear(res);
@@ -593,6 +608,22 @@ static void listen_add(rtserve *s, rt_job *j, PGconn *c)
     if (res && PQntuples(res) == 1)
         fmt_copy(j->settle, sizeof(j->settle), PQgetvalue(res, 0, 0));
     PQclear(res);
+    dbpool_release(s->r->db, c);
+}
+
+static void unlisten_run(rtserve *s, rt_job *j)
+{
+    char err[512];
+    const char *p[2] = {j->topic, s->instance};
+    PGconn *c = dbpool_acquire(s->r->db, 5000);
+    PGresult *res;
+
+    if (!c)
+        return;
+    res = dbpool_exec(c, "DELETE FROM runtime.khala_listeners WHERE topic = $1 AND instance = $2", 2, p, err,
+                      sizeof(err));
+    PQclear(res);
+    dbpool_release(s->r->db, c);
 }
 
 /* An append whose statement began before the listener row committed did
@@ -611,7 +642,8 @@ static void settle_wait(rt_job *j, PGconn *c)
 
     while (older && svc_now_ms() < until) {
         res = dbpool_exec(c, "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND "
-                             "pid <> pg_backend_pid() AND state = 'active' AND xact_start < $1::timestamptz",
+                             "backend_type = 'client backend' AND pid <> pg_backend_pid() AND state = 'active' "
+                             "AND xact_start < $1::timestamptz",
                           1, p, err, sizeof(err));
         older = res && PQntuples(res) == 1 && strcmp(PQgetvalue(res, 0, 0), "0") != 0;
         PQclear(res);
@@ -626,11 +658,8 @@ static void read_run(rtserve *s, rt_job *j)
     PGconn *c;
 
     memset(&a, 0, sizeof(a));
-    if ((j->listen_add || j->settle[0]) && (c = dbpool_acquire(s->r->db, 5000)) != NULL) {
-        if (j->listen_add)
-            listen_add(s, j, c);
-        else
-            settle_wait(j, c);
+    if (j->settle[0] && (c = dbpool_acquire(s->r->db, 5000)) != NULL) {
+        settle_wait(j, c);
         dbpool_release(s->r->db, c);
     }
     if (rtsync_read(s->r, j->topic, j->after, s->r->cfg.poll_max_limit, &j->w, &a) < 0) {
@@ -642,7 +671,7 @@ static void read_run(rtserve *s, rt_job *j)
     free(a.raw);
 }
 
-static void read_start(rtserve *s, rt_sub *u, int listen_add);
+static void read_start(rtserve *s, rt_sub *u);
 
 /* The backlog's next read once the queue is below half the budget; live
  * messages meanwhile only mark it to read again, as during a read. */
@@ -657,7 +686,7 @@ static void backlog_resume(wsapp_timer *t, void *ud)
         return;
     }
     u->reading = 0;
-    read_start(u->srv, u, 0);
+    read_start(u->srv, u);
 }
 
 static void backlog_wait(rt_sub *u)
@@ -674,16 +703,18 @@ static void backlog_wait(rt_sub *u)
 static void read_done(rtserve *s, rt_job *j)
 {
     rt_sub *u = sub_by_id(s, j->topic, j->conn_id);
+    rt_topic *t = topic_find(s, j->topic, NULL);
     const cJSON *m;
     cJSON *frame;
     char *text;
     int n = 0;
 
+
+    if (t && j->settle[0] && strcmp(t->settle, j->settle) == 0)
+        t->settled = 1;
     if (!u || !u->open)
         return;
     u->reading = 0;
-    if (j->listen_add)
-        fmt_copy(u->settle, sizeof(u->settle), j->settle);
     if (j->failed) {
         send_text(u, "{\"type\":\"error\",\"code\":\"unavailable\",\"message\":\"the database is unavailable\"}");
         wsapp_conn_close(u->conn, 1011, "unavailable");
@@ -731,10 +762,10 @@ static void read_done(rtserve *s, rt_job *j)
         u->after = seq;
     }
     if (n >= s->r->cfg.poll_max_limit || u->again || u->settle[0])
-        read_start(s, u, 0);
+        read_start(s, u);
 }
 
-static void read_start(rtserve *s, rt_sub *u, int listen_add)
+static void read_start(rtserve *s, rt_sub *u)
 {
     rt_job *j = calloc(1, sizeof(*j));
 
@@ -745,7 +776,6 @@ static void read_start(rtserve *s, rt_sub *u, int listen_add)
     j->done = read_done;
     j->conn_id = u->id;
     j->after = u->after;
-    j->listen_add = listen_add;
     fmt_copy(j->topic, sizeof(j->topic), u->topic);
     fmt_copy(j->settle, sizeof(j->settle), u->settle);
     u->settle[0] = '\0';
@@ -758,25 +788,69 @@ static void read_start(rtserve *s, rt_sub *u, int listen_add)
     u->reading = 1;
 }
 
-static void unlisten_run(rtserve *s, rt_job *j)
-{
-    char err[512];
-    const char *p[2] = {j->topic, s->instance};
-    PGconn *c = dbpool_acquire(s->r->db, 5000);
-    PGresult *res;
+/* The topic's row is settled: what follows the row's lifecycle. */
+static void row_done(rtserve *s, rt_job *j);
 
-    if (!c)
-        return;
-    res = dbpool_exec(c, "DELETE FROM runtime.khala_listeners WHERE topic = $1 AND instance = $2", 2, p, err,
-                      sizeof(err));
-    PQclear(res);
-    dbpool_release(s->r->db, c);
+/* Moves the topic's row toward what its subscribers need: a row while
+ * there are some, none (and the topic freed) once there are none. One job
+ * at a time: with one in flight, its end decides again. */
+static void row_reconcile(rtserve *s, rt_topic *t)
+{
+    rt_topic **link;
+    rt_job *j;
+    int add = t->subs && t->row == ROW_NONE, remove = !t->subs && t->row == ROW_LISTED;
+
+    if (add || remove) {
+        if ((j = calloc(1, sizeof(*j))) != NULL) {
+            fmt_copy(j->topic, sizeof(j->topic), t->name);
+            j->run = add ? listen_run : unlisten_run;
+            j->done = row_done;
+            if (job_push(s, j) == 0) {
+                t->row = add ? ROW_ADDING : ROW_REMOVING;
+                return;
+            }
+            job_free(j);
+        }
+        /* Not written: no NOTIFYs for the topic (live messages wait for a
+         * read); not removed: a few NOTIFYs no one listens to. */
+        log_warn("runtime: the Khala listener row of a topic could not be %s", add ? "written" : "removed");
+        t->row = add ? ROW_LISTED : ROW_NONE;
+    }
+    if (!t->subs && t->row == ROW_NONE && topic_find(s, t->name, &link) == t) {
+        *link = t->next;
+        free(t);
+    }
 }
 
-static void nothing(rtserve *s, rt_job *j)
+/* A subscriber of a topic whose row just committed reads again once every
+ * statement older than the row has ended (settle_wait). */
+static void sub_settle(rtserve *s, rt_topic *t, rt_sub *u)
 {
-    (void)s;
-    (void)j;
+    if (!u->open)
+        return;
+    fmt_copy(u->settle, sizeof(u->settle), t->settle);
+    if (!u->reading)
+        read_start(s, u);
+}
+
+static void row_done(rtserve *s, rt_job *j)
+{
+    rt_topic *t = topic_find(s, j->topic, NULL);
+    rt_sub *u;
+
+    if (!t)
+        return;
+    if (t->row == ROW_ADDING) {
+        t->row = ROW_LISTED;
+        fmt_copy(t->settle, sizeof(t->settle), j->settle);
+        t->settled = 0;
+        for (u = t->subs; u; u = u->next)
+            sub_settle(s, t, u);
+    } else {
+        t->row = ROW_NONE;
+        t->settle[0] = '\0';
+    }
+    row_reconcile(s, t);
 }
 
 /* The frame of one notification, built once for every subscriber. */
@@ -819,7 +893,7 @@ static void deliver_note(rtserve *s, const char *note)
             else
                 u->after = seq;
         } else {
-            read_start(s, u, 0);
+            read_start(s, u);
         }
     }
     wsapp_msg_unref(frame);
@@ -850,7 +924,7 @@ static void note_on_loop(wsapp *app, void *ud)
             for (t = n->s->topics; t; t = t->next)
                 for (u = t->subs; u; u = u->next)
                     if (u->open && !u->reading)
-                        read_start(n->s, u, 0);
+                        read_start(n->s, u);
                     else if (u->reading)
                         u->again = 1;
         }
@@ -978,7 +1052,7 @@ static void ws_open(wsapp_conn *c, void *user, void *ud)
     rt_topic *t, **link;
     cJSON *hello;
     char *text = NULL;
-    int first = 0;
+    int failed = 0;
 
     u->conn = c;
     u->id = wsapp_conn_id(c);
@@ -992,10 +1066,13 @@ static void ws_open(wsapp_conn *c, void *user, void *ud)
         }
         fmt_copy(t->name, sizeof(t->name), u->topic);
         *link = t;
-        first = 1;
     }
     u->next = t->subs;
     t->subs = u;
+    /* The row being written settles every subscriber when it is done; one
+     * written already does only until the first settling read is done. */
+    if (t->row == ROW_LISTED && !t->settled)
+        fmt_copy(u->settle, sizeof(u->settle), t->settle);
     metrics_gauge_add(s->r->subscribers, 1);
     /* Printed by cJSON: a topic of quotes or control characters escapes to
      * several times its length, which a fixed buffer cut mid-frame. */
@@ -1007,26 +1084,26 @@ static void ws_open(wsapp_conn *c, void *user, void *ud)
         (text = cJSON_PrintUnformatted(hello)) != NULL)
         send_text(u, text);
     else
-        first = -1;
+        failed = 1;
     free(text);
     cJSON_Delete(hello);
-    if (first < 0) {
+    row_reconcile(s, t);
+    if (failed) {
         wsapp_conn_close(c, 1011, "out of memory");
         return;
     }
-    read_start(s, u, first);
+    read_start(s, u);
 }
 
 static void ws_close(wsapp_conn *c, void *user, void *ud)
 {
     rtserve *s = ud;
     rt_sub *u = user, **pp;
-    rt_topic *t, **link;
-    rt_job *j;
+    rt_topic *t;
 
     wsapp_timer_free(u->pace);
     u->pace = NULL;
-    if (!c || !u->id || !(t = topic_find(s, u->topic, &link)))
+    if (!c || !u->id || !(t = topic_find(s, u->topic, NULL)))
         return;
     for (pp = &t->subs; *pp; pp = &(*pp)->next)
         if (*pp == u) {
@@ -1034,18 +1111,8 @@ static void ws_close(wsapp_conn *c, void *user, void *ud)
             metrics_gauge_add(s->r->subscribers, -1);
             break;
         }
-    if (t->subs)
-        return;
-    *link = t->next;
     /* The last local subscriber left: stop the NOTIFYs for this topic. */
-    if ((j = calloc(1, sizeof(*j))) != NULL) {
-        fmt_copy(j->topic, sizeof(j->topic), t->name);
-        j->run = unlisten_run;
-        j->done = nothing;
-        if (job_push(s, j) < 0)
-            job_free(j);
-    }
-    free(t);
+    row_reconcile(s, t);
 }
 
 /* ------------------------------------------------------------ server */

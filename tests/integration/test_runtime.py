@@ -875,11 +875,11 @@ class Khala(unittest.TestCase):
         self.assertEqual([f["message"]["sequence"] for f in ws.frames("message")], [8])
 
     def test_websocket_append_in_flight_at_subscribe(self):
-        """An append whose statement began before the subscriber's listener
-        row committed did not see it and sends no NOTIFY; committing after
-        the subscriber's first read, its message still arrives (a read
-        follows once the statements older than the registration ended),
-        not only with the topic's next message."""
+        """An append whose statement began before the topic's listener row
+        committed did not see it and sends no NOTIFY; committing after the
+        subscribers' first reads, its message still reaches each of them (a
+        read follows once the statements older than the row ended), not
+        only with the topic's next message."""
         rid = self.rt.new_run()["id"]
         lock = psycopg2.connect(DATABASE_URL)
         self.addCleanup(lock.close)
@@ -896,16 +896,21 @@ class Khala(unittest.TestCase):
                             "query LIKE '%%runtime.runs%%' AND pid <> pg_backend_pid()")
                 return cur.fetchone()[0] == 1
             wait_for(blocked, 10, what="the append to wait for the run's lock")
-        ws = WsClient(self.rt, "run:%s:events" % rid, after=1, want=1, timeout_ms=8000)
-        ws.wait_ready()
-        self.assertTrue(ws.frames("hello"), ws.events)
+        # The first subscriber writes the topic's listener row; the second
+        # comes after it, and reads before the append commits too.
+        subs = []
+        for _ in range(2):
+            subs.append(WsClient(self.rt, "run:%s:events" % rid, after=1, want=1, timeout_ms=8000))
+            subs[-1].wait_ready()
+            self.assertTrue(subs[-1].frames("hello"), subs[-1].events)
         time.sleep(0.3)
         lock.commit()
         t.join(10)
         self.assertEqual(got[0][0], 200, got)
-        ws.finish()
-        self.assertEqual([(f["message"]["sequence"], f["message"]["kind"]) for f in ws.frames("message")],
-                         [(2, "late")], ws.events)
+        for ws in subs:
+            ws.finish()
+            self.assertEqual([(f["message"]["sequence"], f["message"]["kind"]) for f in ws.frames("message")],
+                             [(2, "late")], ws.events)
 
     def test_websocket_backlog_over_the_send_queue(self):
         """A backlog bigger than the send queue (1 MiB) reaches a reader
