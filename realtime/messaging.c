@@ -133,7 +133,8 @@ struct messaging {
     int own_next;
     char **live;    /* instance ids seen alive in Redis */
     int nlive;
-    int registered; /* rt:instances answered our first ZADD */
+    int registered;    /* rt:instances answered our first ZADD */
+    int presence_lost; /* a presence write did not reach Redis (msg_store_replied) */
     long rss_base_kb;
     metrics_counter *m_in[FT_COUNT], *m_out[OT_COUNT];
     metrics_counter *m_deliveries, *m_rate[3], *m_bad, *m_expired, *m_timeouts;
@@ -604,6 +605,14 @@ static void msg_rooms_index(messaging *m, const char *room, int add)
 
 /* The room's presence hash: one field per instance and user, so a dead
  * instance's entries can be told apart and dropped. */
+/* A presence write that did not reach Redis (down, or the queue full)
+ * marks the instance's entries for writing again (msg_registry). */
+static void msg_store_replied(void *ud, redisReply *r)
+{
+    if (!r)
+        ((messaging *)ud)->presence_lost = 1;
+}
+
 static void msg_presence_store(messaging *m, const char *room, const msg_user *u, int offline)
 {
     char key[MSG_MAX_NAME + 32], field[512];
@@ -616,7 +625,8 @@ static void msg_presence_store(messaging *m, const char *room, const msg_user *u
         const char *argv[3] = {"HDEL", key, field};
         size_t lens[3] = {4, (size_t)kn, (size_t)fn};
 
-        rtbus_command(m->bus, NULL, NULL, 3, argv, lens);
+        if (rtbus_command(m->bus, msg_store_replied, m, 3, argv, lens) < 0)
+            m->presence_lost = 1;
         return;
     }
     e = msg_presence_entry(u, 0, room);
@@ -628,7 +638,8 @@ static void msg_presence_store(messaging *m, const char *room, const msg_user *u
 
         /* The index first: an entry is never where a reaper cannot find it. */
         msg_rooms_index(m, room, 1);
-        rtbus_command(m->bus, NULL, NULL, 4, argv, lens);
+        if (rtbus_command(m->bus, msg_store_replied, m, 4, argv, lens) < 0)
+            m->presence_lost = 1;
     }
     free(v);
 }
@@ -671,16 +682,19 @@ static int msg_user_in_room(const msg_user *u, const msg_set *room, const msg_co
 static void msg_leave(messaging *m, msg_conn *mc, msg_set *room)
 {
     char name[MSG_MAX_NAME + 1];
-    int last = !msg_user_in_room(mc->user, room, mc);
+    int last = !msg_user_in_room(mc->user, room, mc), emptied;
 
     fmt_copy(name, sizeof(name), room->name);
     msg_list_remove(mc->rooms, &mc->nrooms, room);
-    if (msg_set_remove(m->rooms, room, mc)) {
+    emptied = msg_set_remove(m->rooms, room, mc);
+    if (emptied)
         msg_bus_sub(m, "rt:room:", name, 0);
-        msg_rooms_index(m, name, 0);
-    }
     if (last)
         msg_room_presence(m, name, mc->user, "offline");
+    /* The index entry goes after the presence entry (the same connection
+     * runs them in order): a reaper finds every entry there is. */
+    if (emptied)
+        msg_rooms_index(m, name, 0);
 }
 
 /* ---- frames from clients --------------------------------------------------- */
@@ -1091,23 +1105,17 @@ static void msg_gp_replied(void *ud, redisReply *r)
     strmap *seen = strmap_new();
 
     if (r && r->type == REDIS_REPLY_ARRAY && seen) {
-        char key[MSG_MAX_NAME + 32];
-        int kn = snprintf(key, sizeof(key), "rt:room:%s:presence", x->room);
-
         for (size_t i = 0; i + 1 < r->elements; i += 2) {
             const char *f = r->element[i]->str, *bar;
             cJSON *e;
 
             if (r->element[i]->type != REDIS_REPLY_STRING || !(bar = memchr(f, '|', r->element[i]->len)))
                 continue;
-            if (!msg_instance_live(m, f, (size_t)(bar - f))) {
-                /* A dead instance's entry: it expires here. */
-                const char *argv[3] = {"HDEL", key, f};
-                size_t lens[3] = {4, (size_t)kn, r->element[i]->len};
-
-                rtbus_command(m->bus, NULL, NULL, 3, argv, lens);
+            /* A dead instance's entry is left out; its reaper deletes
+             * it and tells the room (msg_reap_lua), which a deletion here
+             * would have kept from knowing the user was there. */
+            if (!msg_instance_live(m, f, (size_t)(bar - f)))
                 continue;
-            }
             if (strmap_get(seen, bar + 1, strlen(bar + 1)))
                 continue;
             e = cJSON_ParseWithLength(r->element[i + 1]->str, r->element[i + 1]->len);
@@ -1641,7 +1649,6 @@ static void msg_live_query(messaging *m, long long wall)
 static const char msg_reap_lua[] =
     "local s = redis.call('ZSCORE', KEYS[1], ARGV[1])\n"
     "if not s or tonumber(s) >= tonumber(ARGV[2]) then return {} end\n"
-    "redis.call('ZREM', KEYS[1], ARGV[1])\n"
     "local idx, me, out = 'rt:instance:' .. ARGV[1] .. ':rooms', ARGV[1] .. '|', {ARGV[1], s}\n"
     "for _, room in ipairs(redis.call('SMEMBERS', idx)) do\n"
     "  local key = 'rt:room:' .. room .. ':presence'\n"
@@ -1658,6 +1665,7 @@ static const char msg_reap_lua[] =
     "  end\n"
     "end\n"
     "redis.call('DEL', idx)\n"
+    "redis.call('ZREM', KEYS[1], ARGV[1])\n"
     "return out\n";
 
 /* Dead instances claimed per registry turn: a Redis shared with many
@@ -1729,22 +1737,44 @@ static const msg_conn *msg_first_in_room(const msg_user *u, const msg_set *room)
     return NULL;
 }
 
+typedef struct {
+    messaging *m;
+    int announce; /* tell the rooms too (PresenceUpdate), not only write */
+} msg_restore_ctx;
+
 static void msg_restore_one(wsapp_conn *c, void *user, void *ud)
 {
-    messaging *m = ud;
+    msg_restore_ctx *x = ud;
     msg_conn *mc = user;
 
-    if (wsapp_conn_route_ud(c) != m || !mc->user)
+    if (wsapp_conn_route_ud(c) != x->m || !mc->user)
         return;
-    for (uint16_t r = 0; r < mc->nrooms; r++)
-        if (msg_first_in_room(mc->user, mc->rooms[r]) == mc)
-            msg_room_presence(m, mc->rooms[r]->name, mc->user, NULL);
+    for (uint16_t r = 0; r < mc->nrooms; r++) {
+        if (msg_first_in_room(mc->user, mc->rooms[r]) != mc)
+            continue;
+        if (x->announce)
+            msg_room_presence(x->m, mc->rooms[r]->name, mc->user, NULL);
+        else
+            msg_presence_store(x->m, mc->rooms[r]->name, mc->user, 0);
+    }
+}
+
+/* Writes every presence entry of this instance again, and announces each
+ * user to its rooms when `announce`. */
+static void msg_restore(messaging *m, int announce)
+{
+    msg_restore_ctx x = {m, announce};
+
+    m->presence_lost = 0;
+    wsapp_foreach_conn(m->host->app, msg_restore_one, &x);
 }
 
 /* ZADD answers 1 when the id was not in rt:instances. After the first
  * time, that means others took this instance for dead (it was paused, or
- * cut from Redis, for longer than PRESENCE_TTL) and removed its presence:
- * every user of every room here is written and announced again. */
+ * cut from Redis, for longer than PRESENCE_TTL), removed its presence and
+ * told the rooms: every user of every room here is written and announced
+ * again. The first time, entries written before Redis answered (it was
+ * down at the start) are written again. */
 static void msg_registered(void *ud, redisReply *r)
 {
     messaging *m = ud;
@@ -1753,7 +1783,9 @@ static void msg_registered(void *ud, redisReply *r)
         return;
     if (r->integer == 1 && m->registered) {
         log_warn("taken for dead by other instances: presence announced again");
-        wsapp_foreach_conn(m->host->app, msg_restore_one, m);
+        msg_restore(m, 1);
+    } else if (r->integer == 1 || m->presence_lost) {
+        msg_restore(m, 0);
     }
     m->registered = 1;
 }
