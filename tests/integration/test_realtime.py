@@ -621,9 +621,12 @@ console.log(JSON.stringify({c, health})); process.exit(0); })();""" % {"u": json
         with Realtime(RATE_LIMIT_USER_PER_SECOND=1, RATE_LIMIT_USER_BURST=10, **big) as rt:
             ca, cb, other = (RtClient(rt.port, "/ws?token=" + sign({"sub": u})) for u in ("uma", "uma", "vic"))
             with ca, cb, other:
+                t0 = time.monotonic()
                 got = burst(rt, [ca, cb], 8)
-                self.assertGreaterEqual(got["Error"], 4, got)
-                self.assertLessEqual(got["Pong"], 12, got)
+                # The burst of 10, and one a second refilled while the frames went.
+                self.assertLessEqual(got["Pong"], 10 + 1 + int(time.monotonic() - t0), got)
+                self.assertEqual(got["Error"], 16 - got["Pong"], got)
+                self.assertGreater(got["Error"], 0, got)
                 self.assertEqual(burst(rt, [other], 5), {"Pong": 5, "Error": 0})
                 sc = scopes(rt)
                 self.assertEqual((sc["connection"], sc["global"]), (0, 0), sc)
@@ -875,7 +878,7 @@ class RtclientTest(unittest.TestCase):
                 self.assertEqual(c.p.wait(10), 2, how)
 
     def test_refresh_with_bad_or_expired_token_401_then_expiry_closes_4001(self):
-        c = self.client(token=sign({"sub": "ria"}, 3))
+        c = self.client(token=sign({"sub": "ria"}, 10))  # room for 5 round trips on a loaded machine
         for tok in (sign({"sub": "ria"}, -10), sign({"sub": "ria"}, 600, secret="other"), "not.a.jwt"):
             c.send("RefreshToken", {"token": tok})
             e = c.frame("Error")
@@ -883,7 +886,7 @@ class RtclientTest(unittest.TestCase):
         c.send("RefreshToken", {"token": sign({"sub": "someone-else"}, 600)})
         self.assertEqual(c.frame("Error")["code"], 403)
         # None of those extended the token: it still closes at its expiry.
-        self.assertEqual(c.next(lambda f: "close" in f, timeout=6), {"close": {"code": 4001, "reason": "Token expired"}})
+        self.assertEqual(c.next(lambda f: "close" in f, timeout=15), {"close": {"code": 4001, "reason": "Token expired"}})
         self.assertEqual(c.p.wait(10), 0)
 
 
@@ -1030,7 +1033,7 @@ console.log(JSON.stringify({got, closed: y.closed})); process.exit(0); })();""" 
         three clients of a and b's side, once mia heard walt join."""
         for inst in (a, b):
             wait_for(lambda: http_json("GET", inst.base + "/info")[2]["redis"] == "connected", what="redis")
-        clients = {}
+        clients, chan, r, seen = {}, "rt:room:" + room, redis.Redis.from_url(REDIS_URL), set()
         for name, inst in (("mia", a), ("wes_a", a), ("wes_b", b), ("walt", b)):
             c = RtClient(inst.port, "/ws?token=" + sign({"sub": name.split("_")[0]}, 600))
             self.addCleanup(c.kill)
@@ -1039,7 +1042,9 @@ console.log(JSON.stringify({got, closed: y.closed})); process.exit(0); })();""" 
             self.assertEqual(c.frame("Status", lambda d: d["status"] == "joined"), {"status": "joined",
                                                                                   "details": {"room": room}})
             clients[name] = c
-            time.sleep(0.3)  # the room's subscription reaches Redis
+            seen.add(inst.port)
+            # Each instance holding a member subscribes to the room's channel.
+            wait_for(lambda: r.pubsub_numsub(chan)[0][1] >= len(seen), what="the room's subscription on redis")
         self.assertEqual(clients["mia"].frame("PresenceUpdate", lambda d: d["user_id"] == "walt")["status"], "online")
         return clients
 
@@ -1067,7 +1072,8 @@ console.log(JSON.stringify({got, closed: y.closed})); process.exit(0); })();""" 
             b.kill9()
             pu = mia.frame("PresenceUpdate", lambda d: d["status"] == "offline", timeout=12)
             self.assertIsNotNone(pu, "walt announced offline after the kill")
-            self.assertLess(time.monotonic() - killed, 3 + 2 + 3)
+            # PRESENCE_TTL, then a heartbeat (every TTL/3), with room for a loaded machine.
+            self.assertLess(time.monotonic() - killed, 12)
             self.assertEqual(set(pu), {"room", "user_id", "status", "last_seen"})
             self.assertEqual((pu["room"], pu["user_id"]), (room, "walt"))
             self.assertRegex(pu["last_seen"], RFC3339_RE)
