@@ -150,9 +150,15 @@ void rt_count_append(rt *r, const char *event_type);
 
 /* --- helpers of rtruns.c that rtappend.c shares. */
 
-/* A text column as a JSON string (raw: as JSON text), or null. */
-cJSON *rt_text_or_null(const PGresult *res, int row, int col);
-cJSON *rt_raw_or_null(const PGresult *res, int row, int col);
+/* Where a row holds the run's fields (RUN without its events). */
+typedef struct {
+    int worker_id, status, metadata, last_seq, created_at, updated_at;
+} rt_run_cols;
+/* Answers {"run": RUN without events} (status `status`, Prefer:
+ * return=minimal's shape) for run `id` from row `row` of res, whose
+ * columns are those of `c`, each `base` further on. */
+void rt_answer_minimal(rt_resp *a, int status, const char *id, const PGresult *res, int row, int base,
+                       const rt_run_cols *c);
 /* Answers {"run": RUN} with its events (status `status`) for run `id`
  * read on c, whole; 404 or 503 when it cannot. */
 void rt_answer_run(rt_resp *a, PGconn *c, const char *id, int status);

@@ -63,24 +63,9 @@ struct rt_append {
     int limited;        /* over the topic's publish rate, with a key that may be a replay */
 };
 
-/* The run without its events, from the row of append_run_event at
- * column `b` (outcome, seq, status, message, worker_id, metadata,
- * created_at, updated_at). */
-static void answer_minimal(rt_resp *a, const char *id, const PGresult *res, int row, int b)
-{
-    cJSON *run = cJSON_CreateObject();
-
-    cJSON_AddStringToObject(run, "id", id);
-    cJSON_AddItemToObject(run, "worker_id", rt_text_or_null(res, row, b + 4));
-    cJSON_AddStringToObject(run, "status", PQgetvalue(res, row, b + 2));
-    cJSON_AddItemToObject(run, "metadata", rt_raw_or_null(res, row, b + 5));
-    cJSON_AddNumberToObject(run, "last_seq", (double)strtoll(PQgetvalue(res, row, b + 1), NULL, 10));
-    cJSON_AddStringToObject(run, "created_at", PQgetvalue(res, row, b + 6));
-    cJSON_AddStringToObject(run, "updated_at", PQgetvalue(res, row, b + 7));
-    a->status = 200;
-    a->json = cJSON_CreateObject();
-    cJSON_AddItemToObject(a->json, "run", run);
-}
+/* Where append_run_event's row (outcome, seq, status, message, worker_id,
+ * metadata, created_at, updated_at) holds the run's fields. */
+static const rt_run_cols append_cols = {4, 2, 5, 1, 6, 7};
 
 /* Prefer: return=minimal (RFC 7240) answers the run without its events:
  * the full answer grows with the log, which a client appending thousands
@@ -234,7 +219,7 @@ void rtappend_answer(rt *r, rt_append *x, PGconn *c, const PGresult *res, int ro
             metrics_counter_inc(r->replays);
         }
         if (wants_minimal(x->q))
-            answer_minimal(x->a, x->id, res, row, b);
+            rt_answer_minimal(x->a, 200, x->id, res, row, b, &append_cols);
         else
             rt_answer_run(x->a, c, x->id, 200);
     } else if (strcmp(outcome, "not_found") == 0) {

@@ -33,14 +33,10 @@ static const char EVENTS_SQL[] =
 #define RT_STR_(x) #x
 #define RT_STR(x) RT_STR_(x)
 
-cJSON *rt_text_or_null(const PGresult *res, int row, int col)
+/* A text column as a JSON string, or null. */
+static cJSON *text_or_null(const PGresult *res, int row, int col)
 {
     return PQgetisnull(res, row, col) ? cJSON_CreateNull() : cJSON_CreateString(PQgetvalue(res, row, col));
-}
-
-cJSON *rt_raw_or_null(const PGresult *res, int row, int col)
-{
-    return PQgetisnull(res, row, col) ? cJSON_CreateNull() : cJSON_CreateRaw(PQgetvalue(res, row, col));
 }
 
 /* Event i of an EVENTS_SQL result as {seq, event_type, payload,
@@ -54,7 +50,7 @@ static cJSON *row_event(const PGresult *ev, int i, int parse)
     cJSON_AddNumberToObject(x, "seq", (double)strtoll(PQgetvalue(ev, i, 0), NULL, 10));
     cJSON_AddStringToObject(x, "event_type", PQgetvalue(ev, i, 1));
     cJSON_AddItemToObject(x, "payload", parse ? cJSON_Parse(payload) : cJSON_CreateRaw(payload));
-    cJSON_AddItemToObject(x, "idempotency_key", rt_text_or_null(ev, i, 3));
+    cJSON_AddItemToObject(x, "idempotency_key", text_or_null(ev, i, 3));
     cJSON_AddStringToObject(x, "recorded_at", PQgetvalue(ev, i, 4));
     return x;
 }
@@ -110,13 +106,17 @@ static int run_text_tail(buf *b, const PGresult *run)
     return put(b, "}}");
 }
 
-/* The run without its events (Prefer: return=minimal's shape). */
-static int run_text_minimal(buf *b, const PGresult *run)
+/* The run without its events (Prefer: return=minimal's shape), from row
+ * `row` of res at the columns of `c`, each `base` further on. */
+static int run_text_minimal(buf *b, const char *id, const PGresult *res, int row, int base, const rt_run_cols *c)
 {
-    if (text_field(b, "{\"run\":{\"id\":", run, 0, 0, 0) < 0 || text_field(b, ",\"worker_id\":", run, 0, 1, 0) < 0 ||
-        text_field(b, ",\"status\":", run, 0, 2, 0) < 0 || text_field(b, ",\"metadata\":", run, 0, 3, 1) < 0 ||
-        text_field(b, ",\"last_seq\":", run, 0, 6, 1) < 0 || text_field(b, ",\"created_at\":", run, 0, 4, 0) < 0 ||
-        text_field(b, ",\"updated_at\":", run, 0, 5, 0) < 0)
+    if (put(b, "{\"run\":{\"id\":\"") < 0 || jsonstr_puts(b, id) < 0 || b->truncated ||
+        text_field(b, "\",\"worker_id\":", res, row, base + c->worker_id, 0) < 0 ||
+        text_field(b, ",\"status\":", res, row, base + c->status, 0) < 0 ||
+        text_field(b, ",\"metadata\":", res, row, base + c->metadata, 1) < 0 ||
+        text_field(b, ",\"last_seq\":", res, row, base + c->last_seq, 1) < 0 ||
+        text_field(b, ",\"created_at\":", res, row, base + c->created_at, 0) < 0 ||
+        text_field(b, ",\"updated_at\":", res, row, base + c->updated_at, 0) < 0)
         return -1;
     return put(b, "}}");
 }
@@ -133,6 +133,22 @@ static void answer_text(rt_resp *a, int status, buf *b)
     a->raw = buf_take(b);
     a->ctype = "application/json";
 }
+
+void rt_answer_minimal(rt_resp *a, int status, const char *id, const PGresult *res, int row, int base,
+                       const rt_run_cols *c)
+{
+    buf b;
+
+    buf_init(&b, RT_RUN_TEXT_MAX);
+    if (run_text_minimal(&b, id, res, row, base, c) == 0)
+        answer_text(a, status, &b);
+    else
+        rt_error(a, 500, "internal", "out of memory");
+    buf_free(&b);
+}
+
+/* RUN_SQL's columns. */
+static const rt_run_cols run_cols = {1, 2, 3, 6, 4, 5};
 
 /* Answers {"run": RUN} (status `status`) for run `id` on connection c. */
 void rt_answer_run(rt_resp *a, PGconn *c, const char *id, int status)
@@ -170,11 +186,7 @@ void rt_answer_run(rt_resp *a, PGconn *c, const char *id, int status)
          * Prefer: return=minimal has it, and GET streams the events. */
         log_warn("runtime: run %s is too long to answer whole (%d events): answered without them", id,
                  PQntuples(ev));
-        buf_reset(&b);
-        if (run_text_minimal(&b, run) == 0)
-            answer_text(a, status, &b);
-        else
-            rt_error(a, 500, "internal", "out of memory");
+        rt_answer_minimal(a, status, PQgetvalue(run, 0, 0), run, 0, 0, &run_cols);
     }
     buf_free(&b);
     PQclear(run);
@@ -516,7 +528,7 @@ static cJSON *replay_event(const PGresult *ev, int i, const char *id, int *bad)
     cJSON_AddStringToObject(line, "runtime_event_type", PQgetvalue(ev, i, 1));
     cJSON_AddStringToObject(line, "payload_hash", hash);
     cJSON_AddItemToObject(line, "payload", parsed);
-    cJSON_AddItemToObject(line, "idempotency_key", rt_text_or_null(ev, i, 3));
+    cJSON_AddItemToObject(line, "idempotency_key", text_or_null(ev, i, 3));
     return line;
 }
 
