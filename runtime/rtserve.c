@@ -79,6 +79,7 @@ struct rt_job {
     char *qry[RT_KEEP_QUERIES];
     char *body;
     rt_resp a;
+    rt_append *x;         /* prepared already (an append the pipe passed on); the appender takes it */
     rtserve *srv;
     wsapp_stream *stream; /* a long answer's body; the handler thread's until it ends */
     int streaming;        /* it began, and holds one of srv->streams_max */
@@ -168,6 +169,7 @@ static void job_free(rt_job *j)
     for (i = 0; i < RT_KEEP_QUERIES; i++)
         free(j->qry[i]);
     free(j->body);
+    rtappend_free(j->x);
     if (j->stream)
         wsapp_stream_end(j->stream, 0);
     cJSON_Delete(j->a.json);
@@ -266,9 +268,12 @@ static void *appender_main(void *ud)
         if (!s->ahead)
             s->atail = NULL;
         pthread_mutex_unlock(&s->mu);
-        for (i = m = 0; i < n; i++)
-            if ((v[m] = rtappend_prepare(s->r, &jobs[i]->q, &jobs[i]->a)) != NULL)
+        for (i = m = 0; i < n; i++) {
+            v[m] = jobs[i]->x ? jobs[i]->x : rtappend_prepare(s->r, &jobs[i]->q, &jobs[i]->a);
+            jobs[i]->x = NULL;
+            if (v[m])
                 m++;
+        }
         rtappend_commit(s->r, v, m);
         for (i = 0; i < n; i++)
             job_post(s, jobs[i]);
@@ -451,7 +456,7 @@ static int pipe_take(rtserve *s, rt_job *j)
     if (rtappend_limited(x)) {
         /* Over the publish rate, maybe a replay: the threads tell (rare,
          * and the pipe has no statement for it). */
-        rtappend_free(x);
+        j->x = x;
         return 0;
     }
     if (rtpipe_submit(s->pipe, x, pipe_done, j) < 0) {
