@@ -48,7 +48,7 @@ typedef struct {
     char *name;
     msg_conn **v;
     uint32_t n, cap;
-    uint32_t mark; /* the last UpdatePresence that told this room (messaging.presence_mark) */
+    uint32_t mark; /* the last walk (UpdatePresence, a restore) that did this room (messaging.presence_mark) */
 } msg_set;
 
 typedef struct {
@@ -58,6 +58,8 @@ typedef struct {
     msg_bucket bucket;
     uint8_t status;
     long long last_seen; /* unix seconds */
+    uint32_t mark;       /* the last walk over a room that listed this user (messaging.user_mark) */
+    strmap *rooms;       /* room name -> how many of the user's connections are in it; NULL: none yet */
 } msg_user;
 
 struct msg_conn {
@@ -105,6 +107,7 @@ static const char *const presence_names[] = {"online", "away", "busy", "offline"
 struct messaging {
     rt_host *host;
     uint32_t presence_mark;
+    uint32_t user_mark;
     long max_connections;
     /* Open /ws connections. MAX_CONNECTIONS is SPEC 5a's limit of /ws: the
      * execution streams of /rt on the same wsapp do not count against it. */
@@ -498,6 +501,7 @@ static void msg_user_drop_conn(messaging *m, msg_user *u, msg_conn *mc)
         return;
     msg_bus_sub(m, "rt:user:", u->id, 0);
     strmap_del(m->users, u->id, strlen(u->id));
+    strmap_free(u->rooms);
     free(u->conns);
     free(u->id);
     free(u);
@@ -670,20 +674,39 @@ static void msg_room_presence(messaging *m, const char *room, const msg_user *u,
         msg_presence_store(m, room, u, status_override && strcmp(status_override, "offline") == 0);
 }
 
-/* Whether any other connection of the user is in the room here. */
-static int msg_user_in_room(const msg_user *u, const msg_set *room, const msg_conn *except)
+/* How many of the user's connections are in the room here: a count per
+ * user and room rather than a search of the user's connections, which made
+ * one user with thousands of connections in many rooms stall the loop on
+ * every join and leave. */
+static uintptr_t msg_user_rooms_in(const msg_user *u, const msg_set *room)
 {
-    for (uint32_t i = 0; i < u->n; i++)
-        if (u->conns[i] != except && msg_list_has(u->conns[i]->rooms, u->conns[i]->nrooms, room))
-            return 1;
-    return 0;
+    return u->rooms ? (uintptr_t)strmap_get(u->rooms, room->name, strlen(room->name)) : 0;
+}
+
+/* Adds `by` (+1 or -1) to the count; -1 on OOM (nothing changed). */
+static int msg_user_rooms_add(msg_user *u, const msg_set *room, int by)
+{
+    size_t len = strlen(room->name);
+    uintptr_t had = msg_user_rooms_in(u, room), n = had + (uintptr_t)(intptr_t)by;
+
+    if (by < 0 && had == 0)
+        return 0;
+    if (!u->rooms && !(u->rooms = strmap_new()))
+        return -1;
+    if (n == 0) {
+        strmap_del(u->rooms, room->name, len);
+        return 0;
+    }
+    return strmap_put(u->rooms, room->name, len, (void *)n);
 }
 
 static void msg_leave(messaging *m, msg_conn *mc, msg_set *room)
 {
     char name[MSG_MAX_NAME + 1];
-    int last = !msg_user_in_room(mc->user, room, mc), emptied;
+    int last, emptied;
 
+    (void)msg_user_rooms_add(mc->user, room, -1); /* a removal allocates nothing */
+    last = msg_user_rooms_in(mc->user, room) == 0;
     fmt_copy(name, sizeof(name), room->name);
     msg_list_remove(mc->rooms, &mc->nrooms, room);
     emptied = msg_set_remove(m->rooms, room, mc);
@@ -957,17 +980,23 @@ static void msg_on_join(messaging *m, msg_conn *mc, const cJSON *data, int join)
     if (!s || !msg_list_has(mc->rooms, mc->nrooms, s)) {
         int first_here;
 
-        if (mc->nrooms >= MSG_MAX_ROOMS || !(s = msg_set_get(m->rooms, room, 1))) {
+        if (mc->nrooms >= MSG_MAX_ROOMS) {
             cJSON_Delete(details);
             msg_send_error(m, mc, 400, "too many rooms on this connection");
             return;
         }
-        first_here = !msg_user_in_room(mc->user, s, mc);
-        if (msg_list_add(&mc->rooms, &mc->nrooms, &mc->caprooms, s) < 0 || msg_set_add(s, mc) < 0) {
-            msg_list_remove(mc->rooms, &mc->nrooms, s);
-            if (s->n == 0)
-                msg_set_remove(m->rooms, s, mc);
+        if (!(s = msg_set_get(m->rooms, room, 1))) {
             cJSON_Delete(details);
+            msg_send_error(m, mc, 503, "too many rooms on this server");
+            return;
+        }
+        first_here = msg_user_rooms_in(mc->user, s) == 0;
+        if (msg_list_add(&mc->rooms, &mc->nrooms, &mc->caprooms, s) < 0 || msg_set_add(s, mc) < 0 ||
+            msg_user_rooms_add(mc->user, s, 1) < 0) {
+            msg_list_remove(mc->rooms, &mc->nrooms, s);
+            msg_set_remove(m->rooms, s, mc);
+            cJSON_Delete(details);
+            msg_send_error(m, mc, 503, "out of memory");
             return;
         }
         if (s->n == 1)
@@ -1016,6 +1045,14 @@ static void msg_on_room_message(messaging *m, msg_conn *mc, cJSON *data)
     free(text);
 }
 
+/* A fresh value for a per-walk mark (never 0, which new items hold). */
+static uint32_t msg_next_mark(uint32_t *counter)
+{
+    if (++*counter == 0)
+        *counter = 1;
+    return *counter;
+}
+
 static void msg_on_update_presence(messaging *m, msg_conn *mc, const cJSON *data)
 {
     const char *st = jget_str(data, "status");
@@ -1035,8 +1072,7 @@ static void msg_on_update_presence(messaging *m, msg_conn *mc, const cJSON *data
     /* Every room any of the user's connections is in hears it, once: a
      * mark per call rather than a search of the earlier connections' rooms,
      * which made a user with many connections in many rooms stall the loop. */
-    if (++m->presence_mark == 0)
-        m->presence_mark = 1;
+    msg_next_mark(&m->presence_mark);
     for (uint32_t i = 0; i < u->n; i++)
         for (uint16_t r = 0; r < u->conns[i]->nrooms; r++) {
             msg_set *room = u->conns[i]->rooms[r];
@@ -1072,18 +1108,21 @@ static int msg_instance_live(const messaging *m, const char *iid, size_t n)
     return 0;
 }
 
+/* Each user once, however many of their connections are members: a mark
+ * per walk, as a comparison with every earlier member made a large room's
+ * GetPresence quadratic on the loop. */
 static void msg_local_presence(messaging *m, const char *room, cJSON *users)
 {
     msg_set *s = msg_set_get(m->rooms, room, 0);
+    uint32_t mark = msg_next_mark(&m->user_mark);
 
     for (uint32_t i = 0; s && i < s->n; i++) {
         msg_user *u = s->v[i]->user;
-        int dup = 0;
 
-        for (uint32_t j = 0; j < i && !dup; j++)
-            dup = s->v[j]->user == u;
-        if (!dup)
+        if (u->mark != mark) {
+            u->mark = mark;
             cJSON_AddItemToArray(users, msg_presence_entry(u, 0, room));
+        }
     }
 }
 
@@ -1728,20 +1767,15 @@ static void msg_dead_replied(void *ud, redisReply *r)
     }
 }
 
-/* The first connection of u that is in room, which speaks for the user. */
-static const msg_conn *msg_first_in_room(const msg_user *u, const msg_set *room)
-{
-    for (uint32_t i = 0; i < u->n; i++)
-        if (msg_list_has(u->conns[i]->rooms, u->conns[i]->nrooms, room))
-            return u->conns[i];
-    return NULL;
-}
-
 typedef struct {
     messaging *m;
-    int announce; /* tell the rooms too (PresenceUpdate), not only write */
+    int announce;       /* tell the rooms too (PresenceUpdate), not only write */
+    uint32_t room_mark; /* the rooms done in this walk */
 } msg_restore_ctx;
 
+/* Every room of the connection not done yet in this walk, each of its
+ * users once (a mark per room's walk): the walk is linear in the
+ * memberships however many connections a user has. */
 static void msg_restore_one(wsapp_conn *c, void *user, void *ud)
 {
     msg_restore_ctx *x = ud;
@@ -1750,12 +1784,24 @@ static void msg_restore_one(wsapp_conn *c, void *user, void *ud)
     if (wsapp_conn_route_ud(c) != x->m || !mc->user)
         return;
     for (uint16_t r = 0; r < mc->nrooms; r++) {
-        if (msg_first_in_room(mc->user, mc->rooms[r]) != mc)
+        msg_set *room = mc->rooms[r];
+        uint32_t user_mark;
+
+        if (room->mark == x->room_mark)
             continue;
-        if (x->announce)
-            msg_room_presence(x->m, mc->rooms[r]->name, mc->user, NULL);
-        else
-            msg_presence_store(x->m, mc->rooms[r]->name, mc->user, 0);
+        room->mark = x->room_mark;
+        user_mark = msg_next_mark(&x->m->user_mark);
+        for (uint32_t i = 0; i < room->n; i++) {
+            msg_user *u = room->v[i]->user;
+
+            if (u->mark == user_mark)
+                continue;
+            u->mark = user_mark;
+            if (x->announce)
+                msg_room_presence(x->m, room->name, u, NULL);
+            else
+                msg_presence_store(x->m, room->name, u, 0);
+        }
     }
 }
 
@@ -1763,7 +1809,7 @@ static void msg_restore_one(wsapp_conn *c, void *user, void *ud)
  * user to its rooms when `announce`. */
 static void msg_restore(messaging *m, int announce)
 {
-    msg_restore_ctx x = {m, announce};
+    msg_restore_ctx x = {m, announce, msg_next_mark(&m->presence_mark)};
 
     m->presence_lost = 0;
     wsapp_foreach_conn(m->host->app, msg_restore_one, &x);

@@ -313,6 +313,33 @@ console.log(JSON.stringify(out)); process.exit(0);
         self.assertEqual(r["refreshed"]["status"], "token_refreshed")
         self.assertEqual(r["unknown"]["code"], 400)
 
+    def test_one_user_many_connections_in_a_room(self):
+        """Three connections of one user in a room: the room hears the user
+        come online once, GetPresence lists the user once, and offline comes
+        only when the last of them leaves."""
+        r = self.run_js(r"""
+const out = {};
+const w = await connect(URL + '?token=' + tok({sub: 'watcher'}));
+send(w, 'JoinRoom', {room: 'many'}); await next(w, is('Status'));
+const cs = [];
+for (let i = 0; i < 3; i++) { const c = await connect(URL + '?token=' + tok({sub: 'trio'}));
+  send(c, 'JoinRoom', {room: 'many'}); await next(c, is('Status')); cs.push(c); }
+await sleep(300);
+out.online = w.frames.filter(f => f.type == 'PresenceUpdate' && f.data.user_id == 'trio').map(f => f.data.status);
+send(w, 'GetPresence', {room: 'many'}); out.users = (await next(w, is('Presence'))).data.users.map(u => u.user_id).sort();
+send(cs[0], 'LeaveRoom', {room: 'many'}); await next(cs[0], is('Status'));
+cs[1].ws.close(); await sleep(300);
+out.after_two = w.frames.filter(f => f.type == 'PresenceUpdate' && f.data.user_id == 'trio').map(f => f.data.status);
+w.frames.length = 0;
+send(cs[2], 'LeaveRoom', {room: 'many'}); await next(cs[2], is('Status'));
+out.last = (await next(w, is('PresenceUpdate', d => d.user_id == 'trio'))).data.status;
+console.log(JSON.stringify(out)); process.exit(0);
+""")
+        self.assertEqual(r["online"], ["online"])
+        self.assertEqual(r["users"], ["trio", "watcher"])
+        self.assertEqual(r["after_two"], ["online"])
+        self.assertEqual(r["last"], "offline")
+
     def test_token_sources_and_refusals(self):
         r = self.run_js(r"""
 const out = {};
