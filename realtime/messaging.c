@@ -1605,49 +1605,99 @@ static void messaging_close(wsapp_conn *c, void *user, void *ud)
 
 /* ---- Redis ------------------------------------------------------------------ */
 
+static void msg_bus_refused(messaging *m, const char *ch, size_t clen, size_t plen, const char *why)
+{
+    char name[128], esc[512];
+
+    metrics_counter_inc(m->m_bad);
+    snprintf(name, sizeof(name), "%.*s", (int)(clen < sizeof(name) - 1 ? clen : sizeof(name) - 1), ch);
+    log_event(LOG_WARN, why, "\"channel\":\"%s\",\"bytes\":%zu", log_escape(esc, sizeof(esc), name), plen);
+}
+
+/* One JSON object (UTF-8) or NULL, refused with a log line: anyone who
+ * can publish on Redis reaches these channels, and their bytes would
+ * reach every client (a browser fails the connection on bad UTF-8). */
+static cJSON *msg_bus_object(messaging *m, const char *ch, size_t clen, const char *payload, size_t plen)
+{
+    cJSON *parsed = jget_parse(payload, plen, NULL, NULL);
+
+    if (cJSON_IsObject(parsed))
+        return parsed;
+    cJSON_Delete(parsed);
+    msg_bus_refused(m, ch, clen, plen, "bus message refused: not one UTF-8 JSON object");
+    return NULL;
+}
+
+/* Other services publish on rt:topic: one JSON object goes out, and as
+ * cJSON prints it, not as it came (its bytes would reach every
+ * subscriber, numbers like 01 included). */
+static void msg_bus_topic(messaging *m, const char *ch, size_t clen, const char *payload, size_t plen)
+{
+    cJSON *parsed = msg_bus_object(m, ch, clen, payload, plen);
+    char *text = parsed ? cJSON_PrintUnformatted(parsed) : NULL;
+
+    if (text && !msg_own_echo(m, parsed))
+        msg_deliver_topic(m, ch + 9, text, strlen(text), parsed);
+    free(text);
+    cJSON_Delete(parsed);
+}
+
+/* rt:user: carries the data of a DirectMessage, rt:room: a whole
+ * RoomMessage or PresenceUpdate frame, from another instance (tagged).
+ * What parses as JSON is valid to send as it came. */
+static void msg_bus_user(messaging *m, const char *ch, size_t clen, const char *payload, size_t plen)
+{
+    msg_user *u = msg_user_get(m, ch + 8, 0);
+    cJSON *parsed;
+    wsapp_msg *w;
+
+    if (!u || !(payload = msg_untag(m, payload, plen, &plen)) ||
+        !(parsed = msg_bus_object(m, ch, clen, payload, plen)))
+        return;
+    cJSON_Delete(parsed);
+    if ((w = msg_build("DirectMessage", payload, plen))) {
+        msg_fanout(m, u->conns, u->n, OT_DIRECT, w);
+        wsapp_msg_unref(w);
+    }
+}
+
+static void msg_bus_room(messaging *m, const char *ch, size_t clen, const char *payload, size_t plen)
+{
+    msg_set *s = msg_set_get(m->rooms, ch + 8, 0);
+    const char *type;
+    cJSON *parsed;
+    wsapp_msg *w;
+    int ot;
+
+    if (!s || !(payload = msg_untag(m, payload, plen, &plen)) ||
+        !(parsed = msg_bus_object(m, ch, clen, payload, plen)))
+        return;
+    type = jget_str(parsed, "type");
+    ot = !type                                 ? -1
+         : strcmp(type, "PresenceUpdate") == 0 ? OT_PRESENCE_UPDATE
+         : strcmp(type, "RoomMessage") == 0    ? OT_ROOM
+                                               : -1;
+    cJSON_Delete(parsed);
+    if (ot < 0) {
+        msg_bus_refused(m, ch, clen, plen, "bus message refused: not a RoomMessage or PresenceUpdate frame");
+        return;
+    }
+    if ((w = wsapp_msg_new(payload, plen, 0))) {
+        msg_fanout(m, s->v, s->n, ot, w);
+        wsapp_msg_unref(w);
+    }
+}
+
 static void msg_bus_message(void *ud, const char *ch, size_t clen, const char *payload, size_t plen)
 {
     messaging *m = ud;
 
-    if (clen > 9 && memcmp(ch, "rt:topic:", 9) == 0) {
-        /* Other services publish here: one JSON object goes out, and as
-         * cJSON prints it, not as it came (its bytes would reach every
-         * subscriber, numbers like 01 included). */
-        cJSON *parsed = jget_parse(payload, plen, NULL, NULL);
-        char *text = NULL;
-
-        if (!cJSON_IsObject(parsed) || !(text = cJSON_PrintUnformatted(parsed))) {
-            char name[128], esc[512];
-
-            metrics_counter_inc(m->m_bad);
-            snprintf(name, sizeof(name), "%.*s", (int)(clen < sizeof(name) - 1 ? clen : sizeof(name) - 1), ch);
-            log_event(LOG_WARN, "bus message refused: not one UTF-8 JSON object", "\"channel\":\"%s\",\"bytes\":%zu",
-                      log_escape(esc, sizeof(esc), name), plen);
-        } else if (!msg_own_echo(m, parsed)) {
-            msg_deliver_topic(m, ch + 9, text, strlen(text), parsed);
-        }
-        free(text);
-        cJSON_Delete(parsed);
-    } else if (clen > 8 && memcmp(ch, "rt:user:", 8) == 0) {
-        msg_user *u = msg_user_get(m, ch + 8, 0);
-        wsapp_msg *w;
-
-        if (u && (payload = msg_untag(m, payload, plen, &plen)) && (w = msg_build("DirectMessage", payload, plen))) {
-            msg_fanout(m, u->conns, u->n, OT_DIRECT, w);
-            wsapp_msg_unref(w);
-        }
-    } else if (clen > 8 && memcmp(ch, "rt:room:", 8) == 0) {
-        msg_set *s = msg_set_get(m->rooms, ch + 8, 0);
-        wsapp_msg *w;
-
-        if (s && (payload = msg_untag(m, payload, plen, &plen)) && (w = wsapp_msg_new(payload, plen, 0))) {
-            int ot = plen > 24 && memcmp(payload, "{\"type\":\"PresenceUpdate\"", 24) == 0 ? OT_PRESENCE_UPDATE
-                                                                                        : OT_ROOM;
-
-            msg_fanout(m, s->v, s->n, ot, w);
-            wsapp_msg_unref(w);
-        }
-    }
+    if (clen > 9 && memcmp(ch, "rt:topic:", 9) == 0)
+        msg_bus_topic(m, ch, clen, payload, plen);
+    else if (clen > 8 && memcmp(ch, "rt:user:", 8) == 0)
+        msg_bus_user(m, ch, clen, payload, plen);
+    else if (clen > 8 && memcmp(ch, "rt:room:", 8) == 0)
+        msg_bus_room(m, ch, clen, payload, plen);
 }
 
 static void msg_live_replied(void *ud, redisReply *r)

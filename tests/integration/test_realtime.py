@@ -1055,6 +1055,40 @@ console.log(JSON.stringify({got, closed: y.closed})); process.exit(0); })();""" 
             self.assertEqual(metric(a.base, "realtime_bad_frames_total") - bad_before, 5)
             self.assertIn("bus message refused", a.log())
 
+    def test_bus_user_and_room_messages_are_checked(self):
+        """rt:user:* and rt:room:* carry other instances' direct messages and
+        room frames (tagged with the instance id); anyone on Redis can
+        publish there too: what is not one UTF-8 JSON object (for a room, a
+        RoomMessage or PresenceUpdate frame) is refused with a log line."""
+        r = redis.Redis.from_url(REDIS_URL)
+        with Realtime(REDIS_URL=REDIS_URL) as a:
+            wait_for(lambda: http_json("GET", a.base + "/info")[2]["redis"] == "connected", what="a on redis")
+            c = RtClient(a.port, "/ws?token=" + sign({"sub": "uma"}, 600))
+            self.addCleanup(c.kill)
+            self.assertIn("open", c.head, c.head)
+            c.send("JoinRoom", {"room": "wired"})
+            c.frame("Status", lambda d: d["status"] == "joined")
+            wait_for(lambda: r.pubsub_numsub("rt:room:wired")[0][1] >= 1 and r.pubsub_numsub("rt:user:uma")[0][1] >= 1,
+                     what="the room's and the user's channels on redis")
+            c.frames()
+            c.backlog.clear()
+            bad_before = metric(a.base, "realtime_bad_frames_total")
+            tag = b"other-instance\n"
+            for ch, raw in (("rt:user:uma", b'{"a":"\xff"}'), ("rt:user:uma", b'1},"type":"Broadcast"'),
+                            ("rt:room:wired", b'{"type":"RoomMessage","data":"\xff"}'),
+                            ("rt:room:wired", b'{"type":"Broadcast","data":{}}'), ("rt:room:wired", b'x\n1')):
+                self.assertGreaterEqual(r.publish(ch, tag + raw), 1)
+            self.assertGreaterEqual(r.publish("rt:user:uma", tag + b'{"from":"x","payload":"ok"}'), 1)
+            self.assertGreaterEqual(r.publish("rt:room:wired", tag + b'{"type":"RoomMessage","data":{"room":"wired",'
+                                              b'"from":"x","payload":"ok"}}'), 1)
+            self.assertEqual(c.frame("DirectMessage")["payload"], "ok")
+            self.assertEqual(c.frame("RoomMessage")["payload"], "ok")
+            time.sleep(0.3)
+            self.assertEqual([f for f in c.frames() if f.get("type") in ("DirectMessage", "RoomMessage", "Broadcast")],
+                             [])
+            self.assertEqual(metric(a.base, "realtime_bad_frames_total") - bad_before, 5)
+            self.assertIn("bus message refused", a.log())
+
     def two_in_a_room(self, a, b, room):
         """mia on a; walt on b; wes on both: all three in `room`. Returns the
         three clients of a and b's side, once mia heard walt join."""
