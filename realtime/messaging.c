@@ -180,6 +180,22 @@ static int msg_name_ok(const char *s)
     return n > 0;
 }
 
+/* A user id from a JSON value: a name, or a number only when a double
+ * holds it exactly (1.5 or 2^53 + 1 printed as an id would be some other
+ * user's). 0, or -1 when it names no one. */
+static int msg_user_id_of(const cJSON *v, char out[MSG_MAX_NAME + 1])
+{
+    if (cJSON_IsString(v) && msg_name_ok(v->valuestring)) {
+        fmt_copy(out, MSG_MAX_NAME + 1, v->valuestring);
+        return 0;
+    }
+    if (cJSON_IsNumber(v) && v->valuedouble == floor(v->valuedouble) && fabs(v->valuedouble) <= 9007199254740992.0) {
+        snprintf(out, MSG_MAX_NAME + 1, "%.0f", v->valuedouble);
+        return 0;
+    }
+    return -1;
+}
+
 static int msg_pattern_match(const char *pat, const char *name)
 {
     size_t n = strlen(pat);
@@ -490,6 +506,21 @@ static msg_user *msg_user_get(messaging *m, const char *id, int create)
     return u;
 }
 
+/* Room for one more connection in u->conns; -1 on OOM (u unchanged). */
+static int msg_user_reserve(msg_user *u)
+{
+    uint32_t cap = u->cap ? u->cap * 2 : 2;
+    msg_conn **v;
+
+    if (u->n < u->cap)
+        return 0;
+    if (!(v = realloc(u->conns, cap * sizeof(*v))))
+        return -1;
+    u->conns = v;
+    u->cap = cap;
+    return 0;
+}
+
 static void msg_user_drop_conn(messaging *m, msg_user *u, msg_conn *mc)
 {
     for (uint32_t i = 0; i < u->n; i++)
@@ -779,6 +810,8 @@ static void msg_on_subscribe(messaging *m, msg_conn *mc, const cJSON *data, int 
             }
             if (msg_set_add(s, mc) < 0) {
                 msg_list_remove(mc->subs, &mc->nsubs, s);
+                msg_set_remove(m->topics, s, mc);
+                msg_send_error(m, mc, 503, "out of memory");
                 continue;
             }
             if (s->n == 1)
@@ -896,11 +929,7 @@ static void msg_on_direct(messaging *m, msg_conn *mc, cJSON *data)
     cJSON *payload, *out;
     msg_user *u;
 
-    if (cJSON_IsString(tv) && msg_name_ok(tv->valuestring))
-        fmt_copy(target, sizeof(target), tv->valuestring);
-    else if (cJSON_IsNumber(tv))
-        snprintf(target, sizeof(target), "%.0f", tv->valuedouble);
-    else {
+    if (msg_user_id_of(tv, target) < 0) {
         msg_send_error(m, mc, 400, "DirectMessage needs a target_user");
         return;
     }
@@ -1219,17 +1248,7 @@ static int msg_claims_user(const cJSON *claims, char out[MSG_MAX_NAME + 1])
 
     if (!v || cJSON_IsNull(v))
         v = cJSON_GetObjectItemCaseSensitive(claims, "sub");
-    if (cJSON_IsString(v) && msg_name_ok(v->valuestring)) {
-        fmt_copy(out, MSG_MAX_NAME + 1, v->valuestring);
-        return 0;
-    }
-    /* A number names a user only when a double holds it exactly: 1.5 or
-     * 2^53 + 1 printed as an id would be some other user's. */
-    if (cJSON_IsNumber(v) && v->valuedouble == floor(v->valuedouble) && fabs(v->valuedouble) <= 9007199254740992.0) {
-        snprintf(out, MSG_MAX_NAME + 1, "%.0f", v->valuedouble);
-        return 0;
-    }
-    return -1;
+    return msg_user_id_of(v, out);
 }
 
 /* The topics claim as NUL-separated entries; *out NULL when absent. */
@@ -1260,12 +1279,22 @@ static int msg_claims_topics(const cJSON *claims, char **out)
 
 #define MSG_EXP_MAX_S 7889238000000LL /* about year 250,000 */
 
+/* A time claim in seconds (0 when absent), clamped so that the casts stay
+ * defined: past year 250,000 it makes no difference, and an overflow made
+ * a token look expired. */
+static long long msg_claims_secs(const cJSON *v)
+{
+    if (!cJSON_IsNumber(v))
+        return 0;
+    if (v->valuedouble > MSG_EXP_MAX_S)
+        return MSG_EXP_MAX_S;
+    return v->valuedouble < -MSG_EXP_MAX_S ? -MSG_EXP_MAX_S : (long long)v->valuedouble;
+}
+
 static long long msg_claims_exp_ms(const cJSON *claims)
 {
     const cJSON *e = cJSON_GetObjectItemCaseSensitive(claims, "exp");
 
-    /* Clamped so that the cast stays defined: past year 250,000 it makes
-     * no difference, and an overflow made the token look expired. */
     if (!cJSON_IsNumber(e))
         return 0;
     return e->valuedouble > MSG_EXP_MAX_S ? MSG_EXP_MAX_S * 1000LL : (long long)(e->valuedouble * 1000.0);
@@ -1286,7 +1315,7 @@ static int msg_token_revoked(messaging *m, const char *uid, const cJSON *claims,
 
     if (!m->revocation)
         return 0;
-    rc = revocation_check(m->revocation, m->db, uid, cJSON_IsNumber(iat) ? (long long)iat->valuedouble : 0, err,
+    rc = revocation_check(m->revocation, m->db, uid, msg_claims_secs(iat), err,
                           sizeof(err));
     if (rc < 0) {
         log_event(LOG_WARN, "cannot check token revocation", "\"error\":\"%s\"", log_escape(esc, sizeof(esc), err));
@@ -1298,6 +1327,45 @@ static int msg_token_revoked(messaging *m, const char *uid, const cJSON *claims,
         return 401;
     }
     return 0;
+}
+
+/* After a refresh with a narrower topics claim: the subscriptions and
+ * private rooms the new token no longer allows are dropped, each told as
+ * an unsubscribe or leave would be, so that a renewed token cannot keep
+ * what it could not get anew. */
+static void msg_recheck_access(messaging *m, msg_conn *mc)
+{
+    cJSON *gone = cJSON_CreateArray(), *details;
+    char name[MSG_MAX_NAME + 1];
+
+    /* Backwards: a removal moves the last entry into the freed place. */
+    for (uint16_t i = mc->nsubs; i-- > 0;) {
+        msg_set *s = mc->subs[i];
+
+        if (msg_may_listen(mc, s->name))
+            continue;
+        fmt_copy(name, sizeof(name), s->name);
+        cJSON_AddItemToArray(gone, cJSON_CreateString(name));
+        msg_list_remove(mc->subs, &mc->nsubs, s);
+        if (msg_set_remove(m->topics, s, mc))
+            msg_bus_sub(m, "rt:topic:", name, 0);
+    }
+    if (cJSON_GetArraySize(gone) > 0) {
+        details = cJSON_CreateObject();
+        cJSON_AddItemToObject(details, "topics", gone);
+        msg_send_status(m, mc, "unsubscribed", details);
+    } else {
+        cJSON_Delete(gone);
+    }
+    for (uint16_t i = mc->nrooms; i-- > 0;) {
+        if (msg_may_join(mc, mc->rooms[i]->name))
+            continue;
+        fmt_copy(name, sizeof(name), mc->rooms[i]->name);
+        msg_leave(m, mc, mc->rooms[i]);
+        details = cJSON_CreateObject();
+        cJSON_AddStringToObject(details, "room", name);
+        msg_send_status(m, mc, "left", details);
+    }
 }
 
 static void msg_on_refresh(messaging *m, msg_conn *mc, const cJSON *data)
@@ -1340,6 +1408,7 @@ static void msg_on_refresh(messaging *m, msg_conn *mc, const cJSON *data)
     cJSON_AddNumberToObject(details, "expires_at", (double)(mc->exp_ms / 1000));
     cJSON_Delete(claims);
     msg_send_status(m, mc, "token_refreshed", details);
+    msg_recheck_access(m, mc);
 }
 
 /* The length of s cut to at most max bytes without splitting a UTF-8
@@ -1558,7 +1627,9 @@ static void messaging_open(wsapp_conn *c, void *user, void *ud)
     m->nconns++;
     free(mc->uid);
     mc->uid = NULL;
-    if (!u || (u->n == u->cap && !(u->conns = realloc(u->conns, (u->cap = u->cap ? u->cap * 2 : 2) * sizeof(*u->conns))))) {
+    if (!u || msg_user_reserve(u) < 0) {
+        if (u && u->n == 0)
+            msg_user_drop_conn(m, u, mc);
         wsapp_conn_close(c, 1011, "out of memory");
         return;
     }

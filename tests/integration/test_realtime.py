@@ -340,6 +340,31 @@ console.log(JSON.stringify(out)); process.exit(0);
         self.assertEqual(r["after_two"], ["online"])
         self.assertEqual(r["last"], "offline")
 
+    def test_refresh_with_a_narrower_claim_drops_what_it_no_longer_allows(self):
+        r = self.run_js(r"""
+const out = {};
+const c = await connect(URL + '?token=' + tok({sub: 'nora', topics: ['news', 'sport', 'private:club']}));
+send(c, 'Subscribe', {topics: ['news', 'sport']}); await next(c, is('Status'));
+send(c, 'JoinRoom', {room: 'private:club'}); out.joined = (await next(c, is('Status'))).data.status;
+send(c, 'JoinRoom', {room: 'open'}); await next(c, is('Status'));
+send(c, 'RefreshToken', {token: tok({sub: 'nora', topics: ['news']})});
+out.refreshed = (await next(c, is('Status', d => d.status == 'token_refreshed'))).data.status;
+out.unsub = (await next(c, is('Status', d => d.status == 'unsubscribed'))).data.details;
+out.left = (await next(c, is('Status', d => d.status == 'left'))).data.details;
+const p = await connect(URL + '?token=' + tok({sub: 'pub'}));
+send(p, 'Broadcast', {topic: 'sport', payload: 's'}); send(p, 'Broadcast', {topic: 'news', payload: 'n'});
+out.got = (await next(c, is('Broadcast'))).data.topic;
+await sleep(200); out.more = c.frames.filter(f => f.type == 'Broadcast').length;
+send(c, 'DirectMessage', {target_user: 41.5, payload: 'x'}); out.fraction = (await next(c, is('Error'))).data.code;
+console.log(JSON.stringify(out)); process.exit(0);
+""")
+        self.assertEqual(r["joined"], "joined")
+        self.assertEqual(r["refreshed"], "token_refreshed")
+        self.assertEqual(r["unsub"], {"topics": ["sport"]})
+        self.assertEqual(r["left"], {"room": "private:club"})
+        self.assertEqual((r["got"], r["more"]), ("news", 0))
+        self.assertEqual(r["fraction"], 400)
+
     def test_token_sources_and_refusals(self):
         r = self.run_js(r"""
 const out = {};
