@@ -58,6 +58,11 @@
 #define WSAPP_DISCARD_FACTOR 16
 /* How often the messages in progress are checked against their deadline. */
 #define WSAPP_SWEEP_MS 1000
+/* How long a closing connection's queue and close frame may take to go
+ * out before the socket is dropped: a peer we close politely, and one
+ * closed for misbehaving. */
+#define WSAPP_CLOSE_GRACE_MS 10000
+#define WSAPP_CUT_GRACE_MS 5000
 
 enum { WSAPP_KIND_REQ = 1, WSAPP_KIND_CONN = 2, WSAPP_KIND_HEAD = 3 };
 
@@ -216,7 +221,7 @@ struct wsapp {
     metrics_counter *m_opened, *m_dropped, *m_oversize, *m_refused, *m_head_timeouts, *m_msg_timeouts;
     metrics_counter *m_msg_memory_cuts;
     metrics_gauge *m_msg_memory; /* this app's share of wsapp_rx_held */
-    ev_timer sweep; /* messages in progress against message_timeout_ms */
+    ev_timer sweep; /* messages in progress against message_timeout_ms, closes against their grace */
 };
 
 /* Bytes held by unfinished incoming messages, over every wsapp of the
@@ -515,7 +520,11 @@ void wsapp_conn_ping(wsapp_conn *c)
     lws_callback_on_writable(c->wsi);
 }
 
-void wsapp_conn_close(wsapp_conn *c, int code, const char *reason)
+/* The close frame goes out after what is queued before it, which a peer
+ * that stopped reading never takes: the sweep drops the socket once
+ * grace_ms have passed, or the connection would hold its place (and
+ * everything it was subscribed to) until the process ends. */
+static void wsapp_conn_close_within(wsapp_conn *c, int code, const char *reason, long long grace_ms)
 {
     if (c->closing || !c->wsi)
         return;
@@ -523,21 +532,26 @@ void wsapp_conn_close(wsapp_conn *c, int code, const char *reason)
     c->close_code = code < 1000 || code > 4999 ? 1000 : code;
     if (reason && reason[0])
         c->close_reason = wsapp_strndup(reason, strnlen(reason, 123));
+    if (!c->kill_at_ms)
+        c->kill_at_ms = svc_now_ms() + grace_ms;
     lws_callback_on_writable(c->wsi);
 }
 
-/* A close for a peer that misbehaves: it may not read either, so the
- * close frame gets a few seconds (the sweep then drops the socket). */
+void wsapp_conn_close(wsapp_conn *c, int code, const char *reason)
+{
+    wsapp_conn_close_within(c, code, reason, WSAPP_CLOSE_GRACE_MS);
+}
+
+/* A close for a peer that misbehaves: nothing more is read from it, and
+ * its close frame gets less time than a polite peer's. */
 static void wsapp_conn_cut(wsapp_conn *c, int code, const char *reason)
 {
-    wsapp_conn_close(c, code, reason);
-    /* Nothing more is read from it: lws keeps a ping's payload (to echo in
-     * the pong) where it keeps the close reason, so a ping parsed before
-     * the close went out garbled the close frame. */
+    wsapp_conn_close_within(c, code, reason, WSAPP_CUT_GRACE_MS);
+    /* lws keeps a ping's payload (to echo in the pong) where it keeps the
+     * close reason, so a ping parsed before the close went out garbled the
+     * close frame. */
     if (c->wsi)
         lws_rx_flow_control(c->wsi, 0);
-    if (!c->kill_at_ms)
-        c->kill_at_ms = svc_now_ms() + 5000;
 }
 
 /* Every WSAPP_SWEEP_MS: a message in progress for longer than

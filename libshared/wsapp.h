@@ -287,7 +287,8 @@ size_t wsapp_conn_queued(const wsapp_conn *c);
 /* Sends a WebSocket ping (payload: none). */
 void wsapp_conn_ping(wsapp_conn *c);
 /* Closes with `code` (1000..4999) and a reason (cut to 123 bytes) once the
- * frames already queued are written. Idempotent. */
+ * frames already queued are written; a peer that does not take them within
+ * 10 seconds is dropped without the close frame. Idempotent. */
 void wsapp_conn_close(wsapp_conn *c, int code, const char *reason);
 /* Drops the connection at once, without a close frame (for a peer that
  * stopped reading, so a close handshake would never finish); its close

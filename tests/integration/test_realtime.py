@@ -714,6 +714,32 @@ console.log(JSON.stringify({got})); process.exit(0); })();""" % {"u": json.dumps
             slow.close()
 
 
+    def test_timed_out_peer_that_stopped_reading_is_dropped(self):
+        """The client-timeout close waits behind frames the peer never takes
+        (it stopped reading with a full window): the connection must still
+        go, and give back its place, within the close's grace."""
+        with Realtime(SEND_QUEUE_BYTES=64 << 20, RATE_LIMIT_ENABLED="false", HEARTBEAT_INTERVAL="1s",
+                      CLIENT_TIMEOUT="2s") as rt:
+            mute = wsraw.connect(rt.port, "/ws?token=" + sign({"sub": "mute"}))
+            mute.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            wsraw.send_text(mute, json.dumps({"type": "Subscribe", "data": {"topics": ["flood"]}}))
+            time.sleep(0.3)
+            r = node("""(async () => {
+const pub = await connect(%(u)s + '?token=' + tok({sub: 'pub'}));
+const big = 'y'.repeat(60000);
+for (let i = 0; i < 200; i++) { send(pub, 'Broadcast', {topic: 'flood', payload: big}); if (i %% 20 == 19) await sleep(5); }
+await sleep(300); console.log(JSON.stringify({sent: 200})); process.exit(0); })();""" % {"u": json.dumps(rt.url)},
+                     timeout=60)
+            self.assertEqual(r["sent"], 200)
+            self.assertEqual(http_json("GET", rt.base + "/health")[2]["active_connections"], 1)
+            t0 = time.time()
+            wait_for(lambda: http_json("GET", rt.base + "/health")[2]["active_connections"] == 0, timeout=25,
+                     what="the mute peer dropped")
+            self.assertLess(time.time() - t0, 20)
+            self.assertEqual(metric(rt.base, "wsapp_websocket_dropped_slow_total"), 0)
+            mute.close()
+
+
 class CClientTest(unittest.TestCase):
     """The C load client (drivers/rtload.c, also the benchmark's): 300
     authenticated connections subscribe, one more publishes 20 broadcasts;
