@@ -51,8 +51,8 @@ int rtbus_subscribe(rtbus *b, const char *channel, size_t len);
 int rtbus_unsubscribe(rtbus *b, const char *channel, size_t len);
 
 /* Queues a command (arguments copied). `fn` (may be NULL) gets the reply.
- * Commands run in order. Returns 0, or -1 when the queue is full (the
- * command is dropped; fn is not called). */
+ * Commands run in order. Returns 0, or -1 when the queue is full (100,000
+ * commands or 64 MiB waiting; the command is dropped, fn is not called). */
 int rtbus_command(rtbus *b, rtbus_reply_fn fn, void *ud, int argc, const char *const *argv, const size_t *lens);
 
 /* Nonzero while the subscriber connection is up. */
