@@ -740,6 +740,37 @@ await sleep(300); console.log(JSON.stringify({sent: 200})); process.exit(0); })(
             mute.close()
 
 
+class IssuerAudienceTest(unittest.TestCase):
+    def test_issuer_and_audience_checked_at_handshake_and_refresh(self):
+        """With JWT_ISSUER and JWT_AUDIENCE set (the original's values), a
+        token must carry both, from the handshake on and in RefreshToken;
+        `aud` may be a list holding ours (RFC 7519 4.1.3)."""
+        with Realtime(JWT_ISSUER="ai-system-rust", JWT_AUDIENCE="realtime-communication") as rt:
+            r = node("""(async () => {
+const U = %(u)s, out = {};
+const good = {issuer: 'ai-system-rust', audience: 'realtime-communication', expiresIn: 60};
+const s = (claims, o) => jwt.sign(claims, SECRET, Object.assign({expiresIn: 60}, o));
+out.good = !!(await connect(U + '?token=' + s({sub: 'ia'}, good))).ws;
+out.aud_list = !!(await connect(U + '?token=' + s({sub: 'ia', aud: ['other', 'realtime-communication']},
+                                                  {issuer: 'ai-system-rust'}))).ws;
+out.wrong_iss = await connect(U + '?token=' + s({sub: 'ia'}, {issuer: 'someone-else', audience: good.audience}));
+out.wrong_aud = await connect(U + '?token=' + s({sub: 'ia'}, {issuer: good.issuer, audience: 'elsewhere'}));
+out.no_iss = await connect(U + '?token=' + s({sub: 'ia'}, {audience: good.audience}));
+out.no_aud = await connect(U + '?token=' + s({sub: 'ia'}, {issuer: good.issuer}));
+const c = await connect(U + '?token=' + s({sub: 'ia'}, good));
+send(c, 'RefreshToken', {token: s({sub: 'ia'}, {issuer: 'someone-else', audience: good.audience})});
+out.refresh_bad = (await next(c, is('Error'))).data;
+send(c, 'RefreshToken', {token: s({sub: 'ia'}, good)});
+out.refresh_good = (await next(c, is('Status'))).data;
+console.log(JSON.stringify(out)); process.exit(0); })();""" % {"u": json.dumps(rt.url)})
+            self.assertTrue(r["good"] and r["aud_list"], r)
+            for k in ("wrong_iss", "wrong_aud", "no_iss", "no_aud"):
+                self.assertEqual(r[k]["refused"], 401, k)
+                self.assertEqual(json.loads(r[k]["body"])["error"], "unauthorized", k)
+            self.assertEqual(r["refresh_bad"]["code"], 401, r["refresh_bad"])
+            self.assertEqual(r["refresh_good"]["status"], "token_refreshed")
+
+
 class CClientTest(unittest.TestCase):
     """The C load client (drivers/rtload.c, also the benchmark's): 300
     authenticated connections subscribe, one more publishes 20 broadcasts;
