@@ -13,6 +13,10 @@
 
 #define RV_CAP 65536 /* users whose state is cached */
 #define RV_ACQUIRE_MS 2000
+/* With a read timeout (a caller on an event loop), a read that failed
+ * makes the next ones fail at once for this long: a database that hangs
+ * then costs the loop one timeout a second, not one per handshake. */
+#define RV_QUIET_MS 1000
 
 typedef struct {
     long long valid_after; /* unix seconds; LLONG_MIN when never set */
@@ -27,6 +31,7 @@ struct revocation {
      * the database is cached only if nothing was invalidated while it was
      * being read, so a stale answer never outlives its notification. */
     atomic_ullong gen;
+    atomic_llong quiet_until_ms; /* reads fail at once until then (RV_QUIET_MS) */
     pglisten *listener;
     ktab *cache;
     metrics_counter *reads, *hits;
@@ -61,6 +66,7 @@ revocation *revocation_new(const char *conninfo, long ttl_ms, const char *app_na
         return NULL;
     rv->ttl_ms = ttl_ms > 0 ? ttl_ms : 60000;
     atomic_init(&rv->gen, 0);
+    atomic_init(&rv->quiet_until_ms, 0);
     snprintf(name, sizeof(name), "%s_token_state_reads_total", metric_prefix);
     rv->reads = metrics_counter_get(metrics_default(), name,
                                     "Users' token state read from the database (cache misses).", NULL);
@@ -188,10 +194,17 @@ int revocation_check(revocation *rv, dbpool *db, const char *user_id, long long 
         metrics_counter_inc(rv->hits);
         return rv_verdict(op.st.base, op.st.valid_after, iat);
     }
+    if (rv->read_timeout_ms > 0 && op.now < atomic_load(&rv->quiet_until_ms)) {
+        snprintf(err, errlen, "the database did not answer a moment ago");
+        return -1;
+    }
     metrics_counter_inc(rv->reads);
     op.gen = atomic_load(&rv->gen);
-    if (rv_fetch(rv, db, user_id, &op.st.base, &op.st.valid_after, err, errlen) < 0)
+    if (rv_fetch(rv, db, user_id, &op.st.base, &op.st.valid_after, err, errlen) < 0) {
+        if (rv->read_timeout_ms > 0)
+            atomic_store(&rv->quiet_until_ms, svc_now_ms() + RV_QUIET_MS);
         return -1;
+    }
     op.st.fetched_ms = op.now;
     ktab_with(rv->cache, user_id, 1, op.now, rv_store_fn, &op);
     return rv_verdict(op.st.base, op.st.valid_after, iat);

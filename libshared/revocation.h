@@ -44,8 +44,9 @@ void revocation_free(revocation *rv);
 int revocation_check(revocation *rv, dbpool *db, const char *user_id, long long iat, char *err, size_t errlen);
 
 /* Bounds each database read of revocation_check (and the wait for a
- * pooled connection) to `ms`, for a caller on an event loop; 0 (the
- * default) waits as long as the database takes. Set before use. */
+ * pooled connection) to `ms`, for a caller on an event loop; after a read
+ * that failed, reads fail at once for a second. 0 (the default) waits as
+ * long as the database takes. Set before use. */
 void revocation_set_read_timeout(revocation *rv, int ms);
 
 /* Drops what is cached for `user_id` (after this instance changed it). */

@@ -21,7 +21,7 @@ import uuid
 
 import redis
 
-from aetest import (AMQP_URL, DATABASE_URL, REDIS_URL, ROOT, Service, http, http_json, recv_to_close,
+from aetest import (AMQP_URL, BINDIR, DATABASE_URL, REDIS_URL, ROOT, Service, http, http_json, recv_to_close,
                     wait_for)
 from pgtmp import free_port
 from tools import need
@@ -738,6 +738,52 @@ await sleep(300); console.log(JSON.stringify({sent: 200})); process.exit(0); })(
             self.assertLess(time.time() - t0, 20)
             self.assertEqual(metric(rt.base, "wsapp_websocket_dropped_slow_total"), 0)
             mute.close()
+
+
+class HungDatabaseTest(unittest.TestCase):
+    def test_hung_database_costs_the_loop_one_timeout_a_second(self):
+        """The token-state read at the handshake runs on the loop, bounded
+        to 500 ms; with the database hung (every PostgreSQL process stopped),
+        a read that timed out makes the handshakes of the next second
+        answer 503 at once instead of each waiting out its own timeout."""
+        from pgtmp import PgTmp
+        import signal
+        with PgTmp() as pg:
+            env = dict(os.environ, DATABASE_URL=pg.url())
+            r = subprocess.run([os.path.join(BINDIR, "migrate")], env=env, capture_output=True, text=True,
+                               timeout=120)
+            self.assertEqual(r.returncode, 0, r.stderr)
+            with Realtime(DATABASE_URL=pg.url()) as rt:
+                ok = RtClient(rt.port, "/ws?token=" + sign({"sub": "before-hang"}))
+                with ok:
+                    self.assertIn("open", ok.head, ok.head)
+                with open(os.path.join(pg.datadir, "postmaster.pid")) as f:
+                    pids = [int(f.readline())]
+                pids += [int(p) for p in subprocess.run(["pgrep", "-P", str(pids[0])], capture_output=True,
+                                                        text=True).stdout.split()]
+                for pid in pids:
+                    os.kill(pid, signal.SIGSTOP)
+                try:
+                    reads = metric(rt.base, "realtime_token_state_reads_total")
+                    t0 = time.monotonic()
+                    heads = []
+                    for i in range(6):
+                        with RtClient(rt.port, "/ws?token=" + sign({"sub": "hung-%d" % i})) as c:
+                            heads.append(c.head)
+                    took = time.monotonic() - t0
+                    new_reads = metric(rt.base, "realtime_token_state_reads_total") - reads
+                finally:
+                    for pid in pids:
+                        os.kill(pid, signal.SIGCONT)
+                for h in heads:
+                    self.assertEqual(h.get("refused", {}).get("status"), 503, h)
+                self.assertLessEqual(new_reads, 2, "reads tried with the database hung")
+                self.assertLess(took, 2.5)
+                # Once it answers again, so do the handshakes.
+                def opens():
+                    with RtClient(rt.port, "/ws?token=" + sign({"sub": "after"})) as c:
+                        return "open" in c.head
+                wait_for(opens, timeout=15, what="a handshake after the database came back")
 
 
 class IssuerAudienceTest(unittest.TestCase):
