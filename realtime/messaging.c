@@ -722,7 +722,7 @@ static int msg_user_rooms_add(msg_user *u, const msg_set *room, int by)
 
     if (by < 0 && had == 0)
         return 0;
-    if (!u->rooms && !(u->rooms = strmap_new()))
+    if (!u->rooms && !(u->rooms = strmap_new_sized(4)))
         return -1;
     if (n == 0) {
         strmap_del(u->rooms, room->name, len);

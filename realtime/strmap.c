@@ -30,11 +30,16 @@ static uint32_t strmap_hash(const strmap *m, const char *k, size_t n)
 
 strmap *strmap_new(void)
 {
+    return strmap_new_sized(64);
+}
+
+strmap *strmap_new_sized(size_t buckets)
+{
     strmap *m = calloc(1, sizeof(*m));
 
     if (!m)
         return NULL;
-    m->nb = 64;
+    m->nb = buckets < 2 ? 2 : buckets;
     m->b = calloc(m->nb, sizeof(*m->b));
     if (!m->b) {
         free(m);

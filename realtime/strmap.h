@@ -13,6 +13,9 @@ typedef struct strmap strmap;
 
 /* NULL on OOM. Free with strmap_free (values are not freed). */
 strmap *strmap_new(void);
+/* The same with `buckets` (a power of two, at least 2) to begin with, for
+ * the many small maps (a user's rooms). */
+strmap *strmap_new_sized(size_t buckets);
 void strmap_free(strmap *m);
 
 /* The value for the key, or NULL. */
