@@ -731,7 +731,6 @@ for (let i = 0; i < 200; i++) { send(pub, 'Broadcast', {topic: 'flood', payload:
 await sleep(300); console.log(JSON.stringify({sent: 200})); process.exit(0); })();""" % {"u": json.dumps(rt.url)},
                      timeout=60)
             self.assertEqual(r["sent"], 200)
-            self.assertEqual(http_json("GET", rt.base + "/health")[2]["active_connections"], 1)
             t0 = time.time()
             wait_for(lambda: http_json("GET", rt.base + "/health")[2]["active_connections"] == 0, timeout=25,
                      what="the mute peer dropped")
