@@ -116,8 +116,13 @@ int rt_khala_ws_accept(rt *r, const rt_req *q, const char *topic, long long *aft
 
 /* An error answer {"error": code, "message": message}. */
 void rt_error(rt_resp *a, int status, const char *code, const char *message);
-/* The answer for a failed database call (503 unavailable). */
-void rt_db_error(rt_resp *a, const char *err);
+/* The answer for a failed database call (503 unavailable), its reason
+ * `err` logged once with `what` (a fixed text saying which call) and `id`
+ * (the run, worker or topic it was for; NULL for none), escaped. */
+void rt_db_error(rt_resp *a, const char *what, const char *id, const char *err);
+/* The same answer without a log line, for a caller that logged the reason
+ * once for many answers (a group, a broken connection) or already did. */
+void rt_db_unavailable(rt_resp *a);
 /* Khala publish limits of a write's topic (SPEC 6): the payload limit
  * (413 answered, returns 1), then the topic's rate: counted, 0 with
  * *rate_ms the time of the count (for rt_publish_give), or -1 with

@@ -9,6 +9,7 @@
 #include "buf.h"
 #include "jget.h"
 #include "fmt.h"
+#include "log.h"
 #include "svc.h"
 
 void rt_error(rt_resp *a, int status, const char *code, const char *message)
@@ -19,11 +20,21 @@ void rt_error(rt_resp *a, int status, const char *code, const char *message)
     cJSON_AddStringToObject(a->json, "message", message);
 }
 
-void rt_db_error(rt_resp *a, const char *err)
+void rt_db_unavailable(rt_resp *a)
 {
-    (void)err;
-    /* The reason stays in the log: it may name tables and values. */
     rt_error(a, 503, "unavailable", "the database is unavailable; retry");
+}
+
+void rt_db_error(rt_resp *a, const char *what, const char *id, const char *err)
+{
+    char eid[2 * RT_TOPIC_MAX], eerr[1024];
+
+    /* The reason stays in the log, not in the answer: it may name tables
+     * and values. The id is a client's and the reason the server's, so
+     * both are escaped into their fields. */
+    log_event(LOG_WARN, "database call failed", "\"what\":\"%s\",\"id\":\"%s\",\"error\":\"%s\"", what,
+              log_escape(eid, sizeof(eid), id ? id : ""), log_escape(eerr, sizeof(eerr), err ? err : ""));
+    rt_db_unavailable(a);
 }
 
 void rt_publish_refused(rt *r, const char *topic, long retry, rt_resp *a)

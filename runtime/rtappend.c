@@ -199,9 +199,9 @@ void rtappend_params(const rt_append *x, const char *p[5])
     p[4] = x->has_expected ? x->exp_text : NULL;
 }
 
-void rtappend_fail(rt_append *x, const char *err)
+void rtappend_fail(rt_append *x)
 {
-    rt_db_error(x->a, err);
+    rt_db_unavailable(x->a);
 }
 
 void rtappend_answer(rt *r, rt_append *x, PGconn *c, const PGresult *res, int row, int b)
@@ -245,8 +245,7 @@ static int commit_fast(rt *r, rt_append *x, PGconn *c)
         rtappend_answer(r, x, c, res, 0, 0);
         rc = 0;
     } else if (!res && PQstatus(c) != CONNECTION_OK) {
-        log_warn("runtime: append to run %s failed: %s", x->id, err);
-        rt_db_error(x->a, err);
+        rt_db_error(x->a, "appending", x->id, err);
         rc = 0;
     }
     PQclear(res);
@@ -264,8 +263,7 @@ static void commit_one(rt *r, rt_append *x, PGconn *c, int alone)
     res = dbpool_exec_prepared(c, "rt_append", RTAPPEND_ONE_SQL, 5, p, err, sizeof(err));
 
     if (!res || PQntuples(res) != 1) {
-        log_warn("runtime: append to run %s failed: %s", x->id, res ? "no outcome" : err);
-        rt_db_error(x->a, res ? "no outcome" : err);
+        rt_db_error(x->a, "appending", x->id, res ? "no outcome" : err);
     } else {
         rtappend_answer(r, x, c, res, 0, 0);
     }
@@ -332,7 +330,7 @@ static int commit_group(rt *r, rt_append **v, int n, PGconn *c)
          * the group may have committed, so a retry could append twice. */
         log_warn("runtime: a group of %d appends failed: %s", n, res ? "not one row per append" : err);
         for (i = 0; i < n; i++)
-            rt_db_error(v[i]->a, res ? "bad answer" : err);
+            rt_db_unavailable(v[i]->a);
         PQclear(res);
         return 0;
     }
@@ -374,7 +372,7 @@ static void commit_limited(rt *r, rt_append *x, PGconn *c)
     PGresult *res = dbpool_exec_prepared(c, "rt_append_replayed", RTAPPEND_REPLAYED_SQL, 2, p, err, sizeof(err));
 
     if (!res && PQstatus(c) != CONNECTION_OK)
-        rt_db_error(x->a, err);
+        rt_db_error(x->a, "appending over the publish rate", x->id, err);
     else if (res && PQntuples(res) == 1)
         rtappend_answer(r, x, c, res, 0, 0);
     else
@@ -390,8 +388,9 @@ void rtappend_commit(rt *r, rt_append **v, int n)
     if (n <= 0)
         return;
     if (!(c = rt_acquire(r, v[0]->a))) {
+        /* rt_acquire logged why, answering the first. */
         for (i = 1; i < n; i++)
-            rt_db_error(v[i]->a, "no connection");
+            rt_db_unavailable(v[i]->a);
         goto out;
     }
     for (i = m = 0; i < n; i++) {

@@ -72,7 +72,8 @@ char *rtappend_group_json(rt_append **v, int n, int with_ord);
  * c reads the run back for a full answer and may be NULL when
  * rtappend_minimal(x). */
 void rtappend_answer(rt *r, rt_append *x, PGconn *c, const PGresult *res, int row, int b);
-/* Answers x 503: its outcome is unknown or the database is down. */
-void rtappend_fail(rt_append *x, const char *err);
+/* Answers x 503: its outcome is unknown or the database is down (the
+ * caller logs why, once for all the appends it fails). */
+void rtappend_fail(rt_append *x);
 
 #endif

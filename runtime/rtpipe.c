@@ -196,9 +196,10 @@ static void complete(item *it)
     free(it);
 }
 
-static void fail_item(item *it, const char *err)
+/* Answers it 503; the caller logged why, once for every item it fails. */
+static void fail_item(item *it)
 {
-    rtappend_fail(it->x, err);
+    rtappend_fail(it->x);
     complete(it);
 }
 
@@ -228,11 +229,11 @@ static void broken(slot *s, const char *why)
     PQclear(s->res);
     s->res = NULL;
     for (i = 0; i < s->nfl; i++)
-        fail_item(s->fl[i], "the database connection broke");
+        fail_item(s->fl[i]);
     s->nfl = 0;
     while ((it = s->head) != NULL) {
         s->head = it->next;
-        fail_item(it, "the database connection broke");
+        fail_item(it);
     }
     s->tail = NULL;
     s->queued = 0;
@@ -289,7 +290,7 @@ bad:
      * again could append twice. */
     log_warn("runtime: a group of %d appends gave %d rows", n, PQntuples(res));
     for (i = 0; i < n; i++)
-        fail_item(s->fl[i], "bad answer");
+        fail_item(s->fl[i]);
     s->nfl = 0;
 }
 
@@ -316,7 +317,7 @@ static void finish_round(slot *s)
         if (s->kind == Q_ONE) {
             log_warn("runtime: append to run %s failed: %s", rtappend_run(s->fl[0]->x),
                      res ? PQresultErrorMessage(res) : "no result");
-            fail_item(s->fl[0], res ? PQresultErrorMessage(res) : "no result");
+            fail_item(s->fl[0]);
         } else {
             if (s->nfl > 1)
                 log_warn("runtime: a group of %d appends was refused (each runs alone): %s", s->nfl,
@@ -335,7 +336,8 @@ static void finish_round(slot *s)
         requeue_alone(s, s->fl, 1);
         s->nfl = 0;
     } else if (PQntuples(res) != 1) {
-        fail_item(s->fl[0], "no outcome");
+        log_warn("runtime: append to run %s gave %d rows", rtappend_run(s->fl[0]->x), PQntuples(res));
+        fail_item(s->fl[0]);
         s->nfl = 0;
     } else {
         it = s->fl[0];
@@ -425,8 +427,9 @@ static void kick(slot *s)
         s->kind = rtappend_set_fits(v, n) ? Q_SET : Q_GROUP;
         text = rtappend_group_json(v, n, s->kind == Q_SET);
         if (!text) {
+            log_warn("runtime: no memory for a group of %d appends", n);
             for (f = 0; f < n; f++)
-                fail_item(s->fl[f], "out of memory");
+                fail_item(s->fl[f]);
             s->nfl = 0;
             return;
         }

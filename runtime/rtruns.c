@@ -169,8 +169,7 @@ void rt_answer_run(rt_resp *a, PGconn *c, const char *id, int status)
         ev = dbpool_exec_prepared(c, "rt_events", EVENTS_SQL, 4, p, err, sizeof(err));
     }
     if (!ev) {
-        log_warn("runtime: loading run %s failed: %s", id, err);
-        rt_db_error(a, err);
+        rt_db_error(a, "loading a run", id, err);
         PQclear(run);
         return;
     }
@@ -199,7 +198,7 @@ PGconn *rt_acquire(rt *r, rt_resp *a)
     PGconn *c = dbpool_acquire(r->db, RT_ACQUIRE_MS);
 
     if (!c)
-        rt_db_error(a, dbpool_errstr(r->db, err, sizeof(err)));
+        rt_db_error(a, "acquiring a connection", NULL, dbpool_errstr(r->db, err, sizeof(err)));
     return c;
 }
 
@@ -242,8 +241,7 @@ void rt_h_run_create(rt *r, const rt_req *q, rt_resp *a)
     p[2] = meta_text;
     res = dbpool_exec(c, "SELECT runtime.create_run($1, $2, $3::jsonb)", 3, p, err, sizeof(err));
     if (!res) {
-        log_warn("runtime: creating a run failed: %s", err);
-        rt_db_error(a, err);
+        rt_db_error(a, "creating a run", NULL, err);
         goto out;
     }
     PQclear(res);
@@ -354,8 +352,7 @@ static int walk_open(rt *r, const rt_req *q, rt_resp *a, run_walk *w)
     } else if (w->run && walk_page(w, err, sizeof(err)) == 0) {
         return 0;
     } else {
-        log_warn("runtime: reading run %s failed: %s", w->id, err);
-        rt_db_error(a, err);
+        rt_db_error(a, "reading a run", w->id, err);
     }
     walk_close(w);
     return -1;
@@ -422,7 +419,7 @@ void rt_h_run_get(rt *r, const rt_req *q, rt_resp *a)
     } else if (streamed) {
         a->stream_failed = 1;
     } else if (more < 0) {
-        rt_db_error(a, "reading the run's events failed");
+        rt_db_unavailable(a); /* walk_next logged why */
     } else {
         rt_error(a, 500, "internal", "the run could not be rendered");
     }
@@ -456,7 +453,7 @@ static int events_hash(run_walk *w, rt_resp *a, char out[CANONJSON_HASH_LEN])
     }
     canonjson_hash_free(h);
     if (more < 0)
-        rt_db_error(a, "");
+        rt_db_unavailable(a); /* walk_next logged why */
     else if (rc < 0)
         rt_error(a, 500, "internal", "the run's events could not be hashed");
     return more < 0 || rc < 0 ? -1 : 0;
@@ -613,7 +610,7 @@ static void answer_row(rt *r, rt_resp *a, const char *sql, const char *arg, cons
     res = dbpool_exec(c, sql, 1, p, err, sizeof(err));
     dbpool_release(r->db, c);
     if (!res) {
-        rt_db_error(a, err);
+        rt_db_error(a, "reading a projection", arg, err);
         return;
     }
     if (PQntuples(res) == 0) {

@@ -73,7 +73,7 @@ static int owner_ok(rt *r, const synctoken_principal *p, const char *worker_id, 
                       3, params, err, sizeof(err));
     dbpool_release(r->db, c);
     if (!res) {
-        rt_db_error(a, err);
+        rt_db_error(a, "checking a worker's owner", worker_id, err);
         return -1;
     }
     ok = PQntuples(res) == 1 && strcmp(PQgetvalue(res, 0, 0), "t") == 0;
@@ -178,9 +178,8 @@ int rtsync_read(rt *r, const char *topic, long long after, long limit, rtsync_wi
                                      : dbpool_exec_prepared(c, "rt_poll_worker", POLL_WORKER_SQL, 4, p, err, sizeof(err));
     dbpool_release(r->db, c);
     if (!res || PQntuples(res) != 1) {
-        log_warn("runtime: khala read of %s failed: %s", topic, res ? "no row" : err);
+        rt_db_error(a, "reading a topic", topic, res ? "no row" : err);
         PQclear(res);
-        rt_db_error(a, err);
         return -1;
     }
     w->head = PQgetisnull(res, 0, 0) ? 0 : strtoll(PQgetvalue(res, 0, 0), NULL, 10);

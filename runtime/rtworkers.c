@@ -103,7 +103,7 @@ static void answer_worker(rt *r, PGconn *c, const char *id, const owner *o, int 
     snprintf(sql, sizeof(sql), "%sWHERE worker_id = $1", WORKER_SQL);
     res = dbpool_exec(c, sql, 4, p, err, sizeof(err));
     if (!res) {
-        rt_db_error(a, err);
+        rt_db_error(a, "reading a worker", id, err);
         return;
     }
     if (PQntuples(res) == 0) {
@@ -179,8 +179,7 @@ static void worker_write(rt *r, const char *sql, const char *id, const owner *o,
     p[3 + nextra] = stale;
     res = dbpool_exec(c, sql, 3 + nextra + 1, p, err, sizeof(err));
     if (!res || PQntuples(res) != 1) {
-        log_warn("runtime: worker write failed: %s", res ? "no outcome" : err);
-        rt_db_error(a, err);
+        rt_db_error(a, "writing a worker", id, res ? "no outcome" : err);
         rt_publish_give(r, topic, rate_ms);
         goto out;
     }
@@ -344,7 +343,7 @@ void rt_h_worker_list(rt *r, const rt_req *q, rt_resp *a)
     res = dbpool_exec(c, sql, 4, p, err, sizeof(err));
     dbpool_release(r->db, c);
     if (!res) {
-        rt_db_error(a, err);
+        rt_db_error(a, "listing workers", NULL, err);
         return;
     }
     a->status = 200;

@@ -21,11 +21,13 @@ import subprocess
 import threading
 import time
 import unittest
+import urllib.parse
 import uuid
 
 import psycopg2
 
-from aetest import BINDIR, DATABASE_URL, Service, http, http_json, rss_kib, wait_for
+from aetest import (BINDIR, DATABASE_URL, Service, http, http_json, private_db_drop, private_db_fresh, rss_kib,
+                    wait_for)
 from pgtmp import PgTmp, free_port
 from tools import need
 
@@ -1543,6 +1545,49 @@ class Outage(unittest.TestCase):
             ws.finish()
             self.assertEqual([(f["message"]["sequence"], f["message"]["kind"]) for f in ws.frames("message")],
                              [(1, "run.started"), (2, "after")])
+
+
+class DatabaseFaults(unittest.TestCase):
+    """A runtime on a database of its own on the shared server, whose
+    tables these tests lock, rename and fit with triggers without touching
+    anyone else's."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.dbname = "rt_faults_%d" % os.getpid()
+        cls.url = private_db_fresh(cls.dbname)
+        cls.rt = Runtime(DATABASE_URL=cls.url).start()
+        # Migrations run on start: ready once they are applied.
+        wait_for(lambda: cls.rt.call("GET", "/readyz")[0] == 200, 60, what="the runtime's migrations")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.rt.stop()
+        private_db_drop(cls.dbname)
+
+    def conn(self):
+        c = psycopg2.connect(self.url)
+        c.autocommit = True
+        self.addCleanup(c.close)
+        return c
+
+    def test_database_failure_is_logged_once_escaped(self):
+        """A failed database call answers 503 without its reason and logs
+        the reason once, as JSON fields, with the client's value escaped (a
+        failed projection read logged nothing at all)."""
+        topic = 'run:"q"\\\t\u00e9%s:events' % uuid.uuid4().hex
+        with self.conn().cursor() as cur:
+            cur.execute("ALTER TABLE runtime.projection_drift RENAME TO projection_drift_away")
+            try:
+                st, _, b = self.rt.call("GET", "/internal/v1/projectors/drift?topic=" + urllib.parse.quote(topic))
+            finally:
+                cur.execute("ALTER TABLE runtime.projection_drift_away RENAME TO projection_drift")
+        self.assertEqual((st, b["error"]), (503, "unavailable"), b)
+        self.assertNotIn("projection_drift", json.dumps(b))
+        logged = [x for x in self.rt.log_lines() if x.get("msg") == "database call failed" and x.get("id") == topic]
+        self.assertEqual(len(logged), 1, self.rt.log()[-3000:])
+        self.assertTrue(logged[0]["error"].startswith("42P01: "), logged[0])
+        self.assertEqual(logged[0]["level"], "warn")
 
 
 class Programs(unittest.TestCase):
