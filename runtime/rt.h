@@ -165,7 +165,9 @@ typedef struct {
 void rt_answer_minimal(rt_resp *a, int status, const char *id, const PGresult *res, int row, int base,
                        const rt_run_cols *c);
 /* Answers {"run": RUN} with its events (status `status`) for run `id`
- * read on c, whole; 404 or 503 when it cannot. */
+ * read on c a page of events at a time, for a write that committed: a run
+ * whose text passes 1 MiB is answered without its events (as
+ * rt_answer_minimal); 404 or 503 when the run cannot be read. */
 void rt_answer_run(rt_resp *a, PGconn *c, const char *id, int status);
 /* A pooled connection, or NULL with a 503 in `a`. */
 PGconn *rt_acquire(rt *r, rt_resp *a);

@@ -121,10 +121,15 @@ static int run_text_minimal(buf *b, const char *id, const PGresult *res, int row
     return put(b, "}}");
 }
 
-/* A whole answer's text: a run of a page of events, or one read on the
- * append's own connection (a run that long answered whole is the
- * original's wire format for appends; GET streams it). */
+/* A whole answer's text: a run of a page of events (GET streams a longer
+ * one), or a run without its events. */
 #define RT_RUN_TEXT_MAX ((size_t)256 << 20)
+/* A write's own answer with the run's events (the original's wire format
+ * for appends and run creation): past this much text it is the run
+ * without them. A group of appends builds every answer before any is
+ * sent, and a run's log is the clients' to grow: 64 whole answers of a
+ * long run held the process's memory several times over. */
+#define RT_WRITE_ANSWER_MAX ((size_t)1 << 20)
 
 static void answer_text(rt_resp *a, int status, buf *b)
 {
@@ -149,48 +154,6 @@ void rt_answer_minimal(rt_resp *a, int status, const char *id, const PGresult *r
 
 /* RUN_SQL's columns. */
 static const rt_run_cols run_cols = {1, 2, 3, 6, 4, 5};
-
-/* Answers {"run": RUN} (status `status`) for run `id` on connection c. */
-void rt_answer_run(rt_resp *a, PGconn *c, const char *id, int status)
-{
-    const char *p[4] = {id, "0", NULL, NULL};
-    char err[512];
-    PGresult *run = dbpool_exec_prepared(c, "rt_run", RUN_SQL, 1, p, err, sizeof(err)), *ev = NULL;
-    buf b;
-    int i, rc;
-
-    if (run && PQntuples(run) == 0) {
-        rt_error(a, 404, "not_found", "run not found");
-        PQclear(run);
-        return;
-    }
-    if (run) {
-        p[2] = PQgetvalue(run, 0, 6);
-        ev = dbpool_exec_prepared(c, "rt_events", EVENTS_SQL, 4, p, err, sizeof(err));
-    }
-    if (!ev) {
-        rt_db_error(a, "loading a run", id, err);
-        PQclear(run);
-        return;
-    }
-    buf_init(&b, RT_RUN_TEXT_MAX);
-    rc = run_text_head(&b, run);
-    for (i = 0; rc == 0 && i < PQntuples(ev); i++)
-        rc = run_text_event(&b, ev, i, i == 0);
-    if (rc == 0 && run_text_tail(&b, run) == 0) {
-        answer_text(a, status, &b);
-    } else {
-        /* The write it answers has committed: an error would tell the
-         * client otherwise. It gets the run without its events, as
-         * Prefer: return=minimal has it, and GET streams the events. */
-        log_warn("runtime: run %s is too long to answer whole (%d events): answered without them", id,
-                 PQntuples(ev));
-        rt_answer_minimal(a, status, PQgetvalue(run, 0, 0), run, 0, 0, &run_cols);
-    }
-    buf_free(&b);
-    PQclear(run);
-    PQclear(ev);
-}
 
 PGconn *rt_acquire(rt *r, rt_resp *a)
 {
@@ -288,11 +251,13 @@ static int stream_open(const rt_req *q, rt_resp *a, const char *ctype)
 }
 
 /* A run's row, then its events a page at a time, each page read on a
- * connection taken for it alone: a receipt or a replay of a long run holds
- * one page, and a replay to a slow client holds no connection while it
- * waits for the client. */
+ * connection taken for it alone (or on the write's own connection, for
+ * its answer): a receipt or a replay of a long run holds one page, and a
+ * replay to a slow client holds no connection while it waits for the
+ * client. */
 typedef struct {
     rt *r;
+    PGconn *c;          /* where every read goes; NULL: a pooled connection for each */
     const char *id;
     PGresult *run;      /* RUN_SQL's row */
     PGresult *page;     /* EVENTS_SQL's current page */
@@ -314,7 +279,7 @@ static int walk_page(run_walk *w, char *err, size_t errlen)
 {
     char after[24];
     const char *p[4] = {w->id, after, PQgetvalue(w->run, 0, 6), RT_STR(RT_PAGE_ROWS)};
-    PGconn *c = dbpool_acquire(w->r->db, RT_ACQUIRE_MS);
+    PGconn *c = w->c ? w->c : dbpool_acquire(w->r->db, RT_ACQUIRE_MS);
 
     snprintf(after, sizeof(after), "%lld", w->last_seq);
     PQclear(w->page);
@@ -325,28 +290,24 @@ static int walk_page(run_walk *w, char *err, size_t errlen)
         return -1;
     }
     w->page = dbpool_exec_prepared(c, "rt_events", EVENTS_SQL, 4, p, err, errlen);
-    dbpool_release(w->r->db, c);
+    if (!w->c)
+        dbpool_release(w->r->db, c);
     if (!w->page)
         return -1;
     w->done = PQntuples(w->page) < RT_PAGE_ROWS;
     return 0;
 }
 
-/* Loads the run row and the first page, or answers (400, 404, a database
- * error) and returns -1. */
-static int walk_open(rt *r, const rt_req *q, rt_resp *a, run_walk *w)
+/* Loads w->id's row on c and the first page, or answers (404, a
+ * database error) and returns -1 with w closed. */
+static int walk_load(run_walk *w, PGconn *c, rt_resp *a)
 {
     char err[512];
-    const char *p[1];
-    PGconn *c;
+    const char *p[1] = {w->id};
 
-    memset(w, 0, sizeof(*w));
-    w->r = r;
-    if (rt_run_id_param(q, a, &w->id) < 0 || !(c = rt_acquire(r, a)))
-        return -1;
-    p[0] = w->id;
     w->run = dbpool_exec_prepared(c, "rt_run", RUN_SQL, 1, p, err, sizeof(err));
-    dbpool_release(r->db, c);
+    if (w->c != c)
+        dbpool_release(w->r->db, c);
     if (w->run && PQntuples(w->run) == 0) {
         rt_error(a, 404, "not_found", "run not found");
     } else if (w->run && walk_page(w, err, sizeof(err)) == 0) {
@@ -356,6 +317,19 @@ static int walk_open(rt *r, const rt_req *q, rt_resp *a, run_walk *w)
     }
     walk_close(w);
     return -1;
+}
+
+/* Loads the run of the route's {id} and the first page, or answers (400,
+ * 404, a database error) and returns -1. */
+static int walk_open(rt *r, const rt_req *q, rt_resp *a, run_walk *w)
+{
+    PGconn *c;
+
+    memset(w, 0, sizeof(*w));
+    w->r = r;
+    if (rt_run_id_param(q, a, &w->id) < 0 || !(c = rt_acquire(r, a)))
+        return -1;
+    return walk_load(w, c, a);
 }
 
 /* The next event, as row *row of *res. Returns 1, 0 at the end, or -1 on
@@ -383,16 +357,67 @@ static int walk_next(run_walk *w, const PGresult **res, int *row)
     return 1;
 }
 
+/* Writes {"run": RUN} with every event of the walk into out, and sends
+ * it on q's stream as it grows when q is not NULL. Returns 0, or -1: out
+ * passed its maximum or the client is gone (*more 0 or 1), or reading the
+ * events failed (*more -1, logged). */
+static int run_text_walk(run_walk *w, buf *out, const rt_req *q, int *more)
+{
+    const PGresult *ev;
+    int rc = run_text_head(out, w->run), i, first = 1;
+
+    *more = 0;
+    while (rc == 0 && (*more = walk_next(w, &ev, &i)) > 0) {
+        rc = run_text_event(out, ev, i, first);
+        first = 0;
+        if (rc == 0 && q && stream_flush(q, out, 0) != REPLAY_OK)
+            rc = -1;
+    }
+    if (rc == 0 && *more == 0)
+        rc = run_text_tail(out, w->run);
+    if (rc == 0 && *more == 0 && q)
+        rc = stream_flush(q, out, 1) == REPLAY_OK ? 0 : -1;
+    return rc == 0 && *more == 0 ? 0 : -1;
+}
+
+/* The events are read a page at a time on the write's connection, and no
+ * further once the text passes RT_WRITE_ANSWER_MAX: libpq holds one page,
+ * the answer at most that much. */
+void rt_answer_run(rt_resp *a, PGconn *c, const char *id, int status)
+{
+    run_walk w;
+    buf b;
+    int more;
+
+    memset(&w, 0, sizeof(w));
+    w.c = c;
+    w.id = id;
+    if (walk_load(&w, c, a) < 0)
+        return;
+    buf_init(&b, RT_WRITE_ANSWER_MAX);
+    if (run_text_walk(&w, &b, NULL, &more) == 0) {
+        answer_text(a, status, &b);
+    } else {
+        /* The write it answers has committed: an error would tell the
+         * client otherwise. It gets the run without its events, as
+         * Prefer: return=minimal has it, and GET streams the events. */
+        log_warn("runtime: run %s is too long to answer with its events (more than %zu bytes%s): answered without "
+                 "them", id, RT_WRITE_ANSWER_MAX, more < 0 ? ", or reading them failed" : "");
+        rt_answer_minimal(a, status, PQgetvalue(w.run, 0, 0), w.run, 0, 0, &run_cols);
+    }
+    buf_free(&b);
+    walk_close(&w);
+}
+
 /* {"run": RUN} with its events. A run whose events fit in a page is
  * answered whole; a longer one is streamed a page at a time (its events
  * are unbounded, and a whole answer held the run several times over), so
  * a failure after the first bytes cuts the body short. */
 void rt_h_run_get(rt *r, const rt_req *q, rt_resp *a)
 {
-    const PGresult *ev;
     run_walk w;
     buf out;
-    int streamed = 0, rc, more = 0, i, first = 1;
+    int streamed = 0, more = 0;
 
     if (walk_open(r, q, a, &w) < 0)
         return;
@@ -402,18 +427,7 @@ void rt_h_run_get(rt *r, const rt_req *q, rt_resp *a)
         streamed = 1;
     }
     buf_init(&out, streamed ? RT_REPLAY_LINE_MAX : RT_RUN_TEXT_MAX);
-    rc = run_text_head(&out, w.run);
-    while (rc == 0 && (more = walk_next(&w, &ev, &i)) > 0) {
-        rc = run_text_event(&out, ev, i, first);
-        first = 0;
-        if (rc == 0 && streamed && stream_flush(q, &out, 0) != REPLAY_OK)
-            rc = -1;
-    }
-    if (rc == 0 && more == 0)
-        rc = run_text_tail(&out, w.run);
-    if (rc == 0 && more == 0 && streamed)
-        rc = stream_flush(q, &out, 1) == REPLAY_OK ? 0 : -1;
-    if (rc == 0 && more == 0) {
+    if (run_text_walk(&w, &out, streamed ? q : NULL, &more) == 0) {
         if (!streamed)
             answer_text(a, 200, &out);
     } else if (streamed) {

@@ -258,6 +258,37 @@ class Runs(unittest.TestCase):
         st, _, b = self.rt.call("GET", "/internal/v1/runs/00000000-0000-0000-0000-000000000000")
         self.assertEqual((st, b["error"]), (404, "not_found"))
 
+    def test_full_append_answer_of_a_long_run_is_minimal(self):
+        """An append's answer with the run's events stops at 1 MiB of text:
+        past it the append, committed, is answered with the run without its
+        events, as Prefer: return=minimal has it (the whole run was loaded
+        and rendered for every such answer, up to 256 MiB each), and GET
+        still streams the whole run."""
+        rid = self.rt.new_run()["id"]
+        minimal = {"Prefer": "return=minimal"}
+        for i in range(3):
+            st, _, b = self.rt.append(rid, "big", {"i": i, "blob": "x" * 250000}, headers=minimal)
+            self.assertEqual(st, 200, b)
+        st, _, b = self.rt.append(rid, "full")
+        self.assertEqual((st, [e["seq"] for e in b["run"]["events"]]), (200, [1, 2, 3, 4, 5]))
+        for i in range(3, 5):
+            st, _, b = self.rt.append(rid, "big", {"i": i, "blob": "x" * 250000}, headers=minimal)
+            self.assertEqual(st, 200, b)
+        for i in range(65):
+            st, _, b = self.rt.append(rid, "small", {"i": i}, headers=minimal)
+            self.assertEqual(st, 200, b)
+        st, _, b = self.rt.append(rid, "full", key="past-the-cap")
+        self.assertEqual(st, 200, b)
+        self.assertEqual(list(b["run"]), ["id", "worker_id", "status", "metadata", "last_seq", "created_at",
+                                          "updated_at"])
+        self.assertEqual((b["run"]["id"], b["run"]["last_seq"], b["run"]["status"]), (rid, 73, "running"))
+        st, hdrs, body = http("GET", self.rt.base + "/internal/v1/runs/" + rid)
+        self.assertEqual((st, hdrs.get("transfer-encoding")), (200, "chunked"))
+        events = json.loads(body)["run"]["events"]
+        self.assertEqual([e["seq"] for e in events], list(range(1, 74)))
+        self.assertEqual([e["payload"]["i"] for e in events if e["event_type"] == "big"], list(range(5)))
+        self.assertEqual(events[-1]["idempotency_key"], "past-the-cap")
+
     def test_append_idempotency_and_expected_seq(self):
         run = self.rt.new_run()
         rid = run["id"]
