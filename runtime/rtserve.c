@@ -434,8 +434,14 @@ static void pipe_done(void *ud, int live)
 {
     rt_job *j = ud;
 
-    if (live && !j->gone)
+    if (live && !j->gone) {
         send_answer(j->req, &j->a);
+    } else if (!j->gone) {
+        /* Dropped unanswered by rtpipe_free, the loop over: the request
+         * lives until wsapp_free, which would call its on_gone with this
+         * job, freed by then. */
+        wsapp_req_defer(j->req, NULL, NULL);
+    }
     job_free(j);
 }
 

@@ -1621,6 +1621,51 @@ class DatabaseFaults(unittest.TestCase):
         self.assertEqual(logged[0]["level"], "warn")
 
 
+    def lock_run(self, rid):
+        """Holds run rid's row lock (until the returned connection rolls
+        back): every append to it waits."""
+        c = psycopg2.connect(self.url)
+        self.addCleanup(c.close)
+        with c.cursor() as cur:
+            cur.execute("SELECT 1 FROM runtime.runs WHERE id = %s FOR UPDATE", (rid,))
+        return c
+
+    def wait_lock_waiters(self, n):
+        def waiting():
+            with self.conn().cursor() as cur:
+                cur.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND "
+                            "wait_event_type = 'Lock'")
+                return cur.fetchone()[0] >= n
+        wait_for(waiting, 10, what="%d appends waiting for the run's lock" % n)
+
+    def test_stop_with_a_minimal_append_in_flight(self):
+        """A stop that drops an append still waiting for its commit (the
+        pipe's, answered without events) exits cleanly: the dropped job was
+        freed while its request still named it, and the request's end wrote
+        to it (AddressSanitizer: heap-use-after-free at exit)."""
+        rt = Runtime(DATABASE_URL=self.url).start()
+        self.addCleanup(rt.stop)
+        rid = rt.new_run()["id"]
+        minimal = {"Prefer": "return=minimal"}
+        self.assertEqual(rt.append(rid, "before", headers=minimal)[0], 200)
+        lock = self.lock_run(rid)
+        self.addCleanup(lock.rollback)
+        t = threading.Thread(target=lambda: self.swallow(rt.append, rid, "in-flight", headers=minimal), daemon=True)
+        t.start()
+        self.wait_lock_waiters(1)
+        self.assertEqual(rt.stop(timeout=30), 0, rt.log()[-4000:])
+        self.assertNotIn("AddressSanitizer", rt.log())
+        self.assertNotIn("runtime error", rt.log())
+        t.join(15)
+
+    @staticmethod
+    def swallow(fn, *args, **kw):
+        try:
+            fn(*args, **kw)
+        except (OSError, http_client.HTTPException):
+            pass
+
+
 class Programs(unittest.TestCase):
     def test_runtime_migrate_reads_database_url_too(self):
         with PgTmp() as pg:
