@@ -55,8 +55,10 @@ int rtpipe_up(const rtpipe *p);
 
 /* Takes append x (from rtappend_prepare, rtappend_minimal) and commits
  * it; fn(ud, 1) runs on the loop when it is answered, after which the
- * pipe frees x. Returns -1 when no connection is up or its queue is full
- * (x stays the caller's). Loop thread only. */
+ * pipe frees x. That may happen before rtpipe_submit returns (a send that
+ * fails at once): make ud ready for fn first. Returns -1 when no
+ * connection is up or its queue is full (x stays the caller's, fn is not
+ * called). Loop thread only. */
 int rtpipe_submit(rtpipe *p, rt_append *x, rtpipe_done_fn fn, void *ud);
 
 /* Frees the pipe after the loop ended: waits for connecting threads,

@@ -465,13 +465,15 @@ static int pipe_take(rtserve *s, rt_job *j)
         j->x = x;
         return 0;
     }
+    /* Deferred before the submit: the pipe may answer the append and free
+     * j before it returns (a send that fails at once, out of memory). */
+    wsapp_req_defer(j->req, http_gone, j);
     if (rtpipe_submit(s->pipe, x, pipe_done, j) < 0) {
+        wsapp_req_defer(j->req, NULL, NULL);
         rtappend_free(x);
         wsapp_respond_error(j->req, 503, "unavailable", "the runtime is overloaded; retry", NULL);
         job_free(j);
-        return 1;
     }
-    wsapp_req_defer(j->req, http_gone, j);
     return 1;
 }
 
