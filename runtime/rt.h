@@ -108,8 +108,9 @@ void rt_h_worker_list(rt *r, const rt_req *q, rt_resp *a);
 void rt_h_khala_poll(rt *r, const rt_req *q, rt_resp *a);
 
 /* The checks a Khala WebSocket passes before the upgrade (origin, token,
- * scope, owner, after_seq). Returns 0 with the topic's after_seq in *after,
- * or -1 with the refusal in `a` (the poll's JSON). */
+ * scope, owner, after_seq), on the loop thread: the owner's read waits
+ * at most a few hundred ms (else 503). Returns 0 with the topic's
+ * after_seq in *after, or -1 with the refusal in `a` (the poll's JSON). */
 int rt_khala_ws_accept(rt *r, const rt_req *q, const char *topic, long long *after, rt_resp *a);
 
 /* --- helpers shared by the handler files (rtapi.c). */
@@ -169,8 +170,11 @@ void rt_answer_minimal(rt_resp *a, int status, const char *id, const PGresult *r
  * whose text passes 1 MiB is answered without its events (as
  * rt_answer_minimal); 404 or 503 when the run cannot be read. */
 void rt_answer_run(rt_resp *a, PGconn *c, const char *id, int status);
-/* A pooled connection, or NULL with a 503 in `a`. */
+/* A pooled connection, or NULL with a 503 in `a`; rt_acquire_within
+ * waits at most timeout_ms (> 0) for it, a new connection's connect
+ * included. */
 PGconn *rt_acquire(rt *r, rt_resp *a);
+PGconn *rt_acquire_within(rt *r, int timeout_ms, rt_resp *a);
 /* The route's {id} when it is a UUID (0), else -1 with a 400 in `a`. */
 int rt_run_id_param(const rt_req *q, rt_resp *a, const char **id);
 

@@ -155,14 +155,19 @@ void rt_answer_minimal(rt_resp *a, int status, const char *id, const PGresult *r
 /* RUN_SQL's columns. */
 static const rt_run_cols run_cols = {1, 2, 3, 6, 4, 5};
 
-PGconn *rt_acquire(rt *r, rt_resp *a)
+PGconn *rt_acquire_within(rt *r, int timeout_ms, rt_resp *a)
 {
     char err[256];
-    PGconn *c = dbpool_acquire(r->db, RT_ACQUIRE_MS);
+    PGconn *c = dbpool_acquire(r->db, timeout_ms);
 
     if (!c)
         rt_db_error(a, "acquiring a connection", NULL, dbpool_errstr(r->db, err, sizeof(err)));
     return c;
+}
+
+PGconn *rt_acquire(rt *r, rt_resp *a)
+{
+    return rt_acquire_within(r, RT_ACQUIRE_MS, a);
 }
 
 int rt_run_id_param(const rt_req *q, rt_resp *a, const char **id)

@@ -1030,8 +1030,8 @@ static const char *w_param(const rt_req *q, const char *name)
 }
 
 /* Runs before the upgrade, on the loop. The checks are in memory but for
- * a worker topic's owner, one indexed read: a short wait of the loop that
- * keeps the refusal an HTTP answer, as SPEC 6 asks. */
+ * a worker topic's owner, one indexed read: a short, bounded wait of the
+ * loop that keeps the refusal an HTTP answer, as SPEC 6 asks. */
 static int ws_accept(wsapp_req *req, void *user, void *ud)
 {
     rtserve *s = ud;
@@ -1051,8 +1051,7 @@ static int ws_accept(wsapp_req *req, void *user, void *ud)
     }
     rt_topic_canonical(u->topic);
     if (rt_khala_ws_accept(s->r, &q, u->topic, &u->after, &a) < 0) {
-        cJSON_AddStringToObject(a.json, "request_id", wsapp_req_id(req));
-        wsapp_respond_json(req, a.status, a.json);
+        send_answer(req, &a);
         return -1;
     }
     return 0;

@@ -49,28 +49,39 @@ static int origin_ok(rt *r, const rt_req *q, rt_resp *a)
     return -1;
 }
 
+/* The owner check's waits on the loop thread (the WebSocket's accept),
+ * where a read that stalls (a full pool, a connect, a lock) stalls every
+ * connection of the process: past them the accept is refused 503 and its
+ * client retries. A connection the pool must open first gets the acquire's
+ * wait for its connect. */
+#define RT_LOOP_ACQUIRE_MS 100
+#define RT_LOOP_QUERY_MS 300
+
+static const char OWNER_SQL[] =
+    "SELECT runtime.worker_owner_matches(w, $2::bigint, $3) FROM runtime.workers w WHERE worker_id = $1";
+
 /* A worker topic is readable by its owner only: the token's user id, or
  * for a token without one its org as the guest scope. An unknown worker
- * is refused the same way, so topics cannot be probed. */
-static int owner_ok(rt *r, const synctoken_principal *p, const char *worker_id, rt_resp *a)
+ * is refused the same way, so topics cannot be probed. On the loop
+ * (`on_loop`) its waits are bounded. */
+static int owner_ok(rt *r, const synctoken_principal *p, const char *worker_id, int on_loop, rt_resp *a)
 {
     char uid[FMT_I64_MAX], err[512];
     const char *params[3];
     synctoken_refusal why;
-    PGconn *c;
+    PGconn *c = on_loop ? rt_acquire_within(r, RT_LOOP_ACQUIRE_MS, a) : rt_acquire(r, a);
     PGresult *res;
     int ok;
 
-    if (!(c = rt_acquire(r, a)))
+    if (!c)
         return -1;
     if (p->has_user_id)
         fmt_i64(uid, p->user_id);
     params[0] = worker_id;
     params[1] = p->has_user_id ? uid : NULL;
     params[2] = p->has_user_id ? NULL : p->org_id;
-    res = dbpool_exec(c, "SELECT runtime.worker_owner_matches(w, $2::bigint, $3) FROM runtime.workers w "
-                         "WHERE worker_id = $1",
-                      3, params, err, sizeof(err));
+    res = on_loop ? dbpool_exec_within(c, OWNER_SQL, 3, params, RT_LOOP_QUERY_MS, err, sizeof(err))
+                  : dbpool_exec(c, OWNER_SQL, 3, params, err, sizeof(err));
     dbpool_release(r->db, c);
     if (!res) {
         rt_db_error(a, "checking a worker's owner", worker_id, err);
@@ -100,8 +111,9 @@ static int parse_count(const char *s, long long max, long long *out)
     return 0;
 }
 
-/* Origin, token, scope and owner: the checks both routes make first. */
-static int authorize(rt *r, const rt_req *q, const char *topic, synctoken_principal *p, rt_resp *a)
+/* Origin, token, scope and owner: the checks both routes make first
+ * (on_loop: the WebSocket's, on the loop thread). */
+static int authorize(rt *r, const rt_req *q, const char *topic, int on_loop, synctoken_principal *p, rt_resp *a)
 {
     synctoken_refusal why;
     char id[RT_TOPIC_MAX];
@@ -122,7 +134,7 @@ static int authorize(rt *r, const rt_req *q, const char *topic, synctoken_princi
         refusal(a, &why);
         return -1;
     }
-    if (kind == SYNCTOKEN_TOPIC_WORKER && owner_ok(r, p, id, a) < 0)
+    if (kind == SYNCTOKEN_TOPIC_WORKER && owner_ok(r, p, id, on_loop, a) < 0)
         return -1;
     return 0;
 }
@@ -132,7 +144,7 @@ int rt_khala_ws_accept(rt *r, const rt_req *q, const char *topic, long long *aft
     synctoken_principal p;
 
     *after = 0;
-    if (authorize(r, q, topic, &p, a) < 0)
+    if (authorize(r, q, topic, 1, &p, a) < 0)
         return -1;
     if (parse_count(q->query(q, "after_seq"), 9000000000000000000LL, after) < 0) {
         rt_error(a, 400, "invalid_request", "after_seq must be a non-negative integer");
@@ -232,7 +244,7 @@ void rt_h_khala_poll(rt *r, const rt_req *q, rt_resp *a)
 
     fmt_copy(topic, sizeof(topic), q->param(q, "topic") ? q->param(q, "topic") : "");
     rt_topic_canonical(topic);
-    if (authorize(r, q, topic, &p, a) < 0)
+    if (authorize(r, q, topic, 0, &p, a) < 0)
         return;
     if (parse_count(q->query(q, "after_seq"), 9000000000000000000LL, &after) < 0 ||
         parse_count(q->query(q, "limit"), 1000000000LL, &limit) < 0) {

@@ -1658,6 +1658,41 @@ class DatabaseFaults(unittest.TestCase):
         self.assertNotIn("runtime error", rt.log())
         t.join(15)
 
+    def test_websocket_owner_check_waits_a_bounded_time(self):
+        """The owner check of a worker topic's handshake runs on the loop
+        thread: with its read stuck behind a lock it is refused 503 with the
+        JSON error body within a second, and the loop serves meanwhile (the
+        read waited as long as the lock, every other connection with it)."""
+        wid = "faults:%s" % uuid.uuid4().hex[:8]
+        st, _, b = self.rt.call("POST", "/internal/v1/workers", {"worker_id": wid, "owner_user_id": 7})
+        self.assertEqual(st, 201, b)
+        lock = psycopg2.connect(self.url)
+        self.addCleanup(lock.close)
+        with lock.cursor() as cur:
+            cur.execute("LOCK TABLE runtime.workers IN ACCESS EXCLUSIVE MODE")
+        t0 = time.monotonic()
+        ws = WsClient(self.rt, "worker:%s:lifecycle" % wid)
+        try:
+            self.wait_lock_waiters(1)
+            t1 = time.monotonic()
+            st, _, _ = http("GET", self.rt.base + "/healthz", timeout=5)
+            self.assertEqual(st, 200)
+            self.assertLess(time.monotonic() - t1, 1.0)
+            ev = ws.finish(timeout=20)
+            took = time.monotonic() - t0
+        finally:
+            lock.rollback()
+        self.assertEqual(len(ev), 1, ev)
+        self.assertEqual((ev[0]["refused"], ev[0]["body"]["error"]), (503, "unavailable"), ev)
+        self.assertTrue(ev[0]["body"]["request_id"])
+        self.assertLess(took, 5, ev)
+        # With the lock gone the same handshake is accepted.
+        ws = WsClient(self.rt, "worker:%s:lifecycle" % wid, timeout_ms=2000)
+        ev = ws.wait_ready()
+        self.assertEqual(ws.frames("hello")[0]["topic"], "worker:%s:lifecycle" % wid, ev)
+        ws.proc.kill()
+        ws.proc.wait()
+
     @staticmethod
     def swallow(fn, *args, **kw):
         try:
