@@ -119,8 +119,9 @@ struct rt_sub {
 /* The topic's row in runtime.khala_listeners (appends NOTIFY only for
  * topics with a row). Jobs on handler threads write and remove it, one at
  * a time per topic, so that a DELETE and the next INSERT never race: the
- * topic is kept, without subscribers, until its DELETE is done. */
-enum { ROW_NONE, ROW_ADDING, ROW_LISTED, ROW_REMOVING };
+ * topic is kept, without subscribers, until its DELETE is done. A row that
+ * could not be written waits (ROW_WAIT) for the server's retry timer. */
+enum { ROW_NONE, ROW_ADDING, ROW_LISTED, ROW_REMOVING, ROW_WAIT };
 
 typedef struct rt_topic rt_topic;
 struct rt_topic {
@@ -154,6 +155,9 @@ struct rtserve {
     _Atomic int streams_open; /* long answers being sent, each holding its handler thread */
     int streams_max;          /* at most half the handler threads, one at least */
     rt_topic *topics; /* loop thread only */
+    wsapp_timer *row_retry; /* writes the rows of ROW_WAIT topics again; NULL once freed */
+    backoff row_bo;         /* its delay: grows while rows cannot be written */
+    int row_retry_armed;
     char instance[33];
     char conninfo[2048];
 };
@@ -600,7 +604,7 @@ static void send_text(rt_sub *u, const char *text)
 
 /* Writes the instance's listener row of the topic, so that every append
  * that sees it NOTIFYs, and sets j->settle to the time just after its
- * commit (settle_wait). */
+ * commit (settle_wait); j->failed when it could not. */
 static void listen_run(rtserve *s, rt_job *j)
 {
     const char *p[2] = {j->topic, s->instance};
@@ -610,12 +614,17 @@ static void listen_run(rtserve *s, rt_job *j)
 
     if (!c) {
         log_warn("runtime: registering a Khala listener failed: no connection");
+        j->failed = 1;
         return;
     }
     res = dbpool_exec(c, "INSERT INTO runtime.khala_listeners (topic, instance) VALUES ($1, $2) "
                          "ON CONFLICT DO NOTHING", 2, p, err, sizeof(err));
-    if (!res)
+    if (!res) {
         log_warn("runtime: registering a Khala listener failed: %s", err);
+        j->failed = 1;
+        dbpool_release(s->r->db, c);
+        return;
+    }
     PQclear(res);
     res = dbpool_exec(c, "SELECT clock_timestamp()::text", 0, NULL, err, sizeof(err));
     if (res && PQntuples(res) == 1)
@@ -804,6 +813,18 @@ static void read_start(rtserve *s, rt_sub *u)
 /* The topic's row is settled: what follows the row's lifecycle. */
 static void row_done(rtserve *s, rt_job *j);
 
+/* A topic's row could not be written: without it no append NOTIFYs, and
+ * its subscribers would get no live message until they reconnect. It is
+ * written again after the back-off while the topic has subscribers. */
+static void row_wait(rtserve *s, rt_topic *t)
+{
+    t->row = ROW_WAIT;
+    if (!s->row_retry || s->row_retry_armed || wsapp_stopping(s->app))
+        return;
+    s->row_retry_armed = 1;
+    wsapp_timer_set(s->row_retry, backoff_next_ms(&s->row_bo));
+}
+
 /* Moves the topic's row toward what its subscribers need: a row while
  * there are some, none (and the topic freed) once there are none. One job
  * at a time: with one in flight, its end decides again. */
@@ -824,12 +845,15 @@ static void row_reconcile(rtserve *s, rt_topic *t)
             }
             job_free(j);
         }
-        /* Not written: no NOTIFYs for the topic (live messages wait for a
-         * read); not removed: a few NOTIFYs no one listens to. */
+        /* Not removed: a few NOTIFYs no one listens to. */
         log_warn("runtime: the Khala listener row of a topic could not be %s", add ? "written" : "removed");
-        t->row = add ? ROW_LISTED : ROW_NONE;
+        if (add) {
+            row_wait(s, t);
+            return;
+        }
+        t->row = ROW_NONE;
     }
-    if (!t->subs && t->row == ROW_NONE && topic_find(s, t->name, &link) == t) {
+    if (!t->subs && (t->row == ROW_NONE || t->row == ROW_WAIT) && topic_find(s, t->name, &link) == t) {
         *link = t->next;
         free(t);
     }
@@ -853,7 +877,10 @@ static void row_done(rtserve *s, rt_job *j)
 
     if (!t)
         return;
-    if (t->row == ROW_ADDING) {
+    if (t->row == ROW_ADDING && j->failed) {
+        row_wait(s, t);
+    } else if (t->row == ROW_ADDING) {
+        backoff_reset(&s->row_bo);
         t->row = ROW_LISTED;
         fmt_copy(t->settle, sizeof(t->settle), j->settle);
         t->settled = 0;
@@ -864,6 +891,24 @@ static void row_done(rtserve *s, rt_job *j)
         t->settle[0] = '\0';
     }
     row_reconcile(s, t);
+}
+
+/* The rows of the topics that wait for theirs are written again (or the
+ * topics freed, their subscribers gone meanwhile). */
+static void row_retry_fire(wsapp_timer *tm, void *ud)
+{
+    rtserve *s = ud;
+    rt_topic *t, *next;
+
+    (void)tm;
+    s->row_retry_armed = 0;
+    for (t = s->topics; t; t = next) {
+        next = t->next;
+        if (t->row == ROW_WAIT) {
+            t->row = ROW_NONE;
+            row_reconcile(s, t);
+        }
+    }
 }
 
 /* The frame of one notification, built once for every subscriber. */
@@ -1161,8 +1206,9 @@ rtserve *rtserve_new(rt *r, const char *host, int port, int threads, int append_
     o.message_timeout_ms = (int)r->cfg.ws_message_timeout_ms;
     o.metrics = r->m;
     s->app = wsapp_new(&o, err, errlen);
-    if (!s->app || wsapp_route_metrics(s->app) < 0)
+    if (!s->app || wsapp_route_metrics(s->app) < 0 || !(s->row_retry = wsapp_timer_new(s->app, row_retry_fire, s)))
         goto fail;
+    backoff_init(&s->row_bo, 100, 5000);
     for (i = 0; i < sizeof(methods) / sizeof(methods[0]); i++)
         if (wsapp_route(s->app, methods[i], "/*", http_dispatch, s) < 0)
             goto fail;
@@ -1276,6 +1322,10 @@ void rtserve_free(rtserve *s)
     rtpipe_free(s->pipe);
     s->pipe = NULL;
     stop_threads(s);
+    /* Before the app it runs on; what runs in wsapp_free (closes, posted
+     * answers) sees it NULL and arms nothing. */
+    wsapp_timer_free(s->row_retry);
+    s->row_retry = NULL;
     wsapp_free(s->app);
     while ((j = s->head) != NULL) {
         s->head = j->next;

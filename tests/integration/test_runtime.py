@@ -1693,6 +1693,40 @@ class DatabaseFaults(unittest.TestCase):
         ws.proc.kill()
         ws.proc.wait()
 
+    def test_listener_row_written_again_after_a_failure(self):
+        """A subscriber whose topic's listener row could not be written (the
+        INSERT failed) gets live messages once the row can be written: it
+        is tried again with back-off while the topic has subscribers (the
+        topic was marked listed with no row, so no append NOTIFYed it)."""
+        rid = self.rt.new_run()["id"]
+        topic = "run:%s:events" % rid
+        c = self.conn()
+        with c.cursor() as cur:
+            cur.execute("CREATE FUNCTION public.refuse_listener() RETURNS trigger LANGUAGE plpgsql AS "
+                        "$$BEGIN RAISE EXCEPTION 'listener rows refused by the test'; END$$")
+            cur.execute("CREATE TRIGGER refuse BEFORE INSERT ON runtime.khala_listeners "
+                        "FOR EACH ROW EXECUTE FUNCTION public.refuse_listener()")
+        try:
+            ws = WsClient(self.rt, topic, want=2)
+            ws.wait_ready()
+            wait_for(lambda: "listener rows refused by the test" in self.rt.log(), 10,
+                     what="the listener row's INSERT to fail")
+        finally:
+            with c.cursor() as cur:
+                cur.execute("DROP TRIGGER refuse ON runtime.khala_listeners")
+                cur.execute("DROP FUNCTION public.refuse_listener()")
+
+        def listed():
+            with c.cursor() as cur:
+                cur.execute("SELECT count(*) FROM runtime.khala_listeners WHERE topic = %s", (topic,))
+                return cur.fetchone()[0] == 1
+        wait_for(listed, 15, what="the listener row to be written again")
+        st, _, b = self.rt.append(rid, "live", {"n": 1}, headers={"Prefer": "return=minimal"})
+        self.assertEqual(st, 200, b)
+        ws.finish()
+        self.assertEqual([(f["message"]["sequence"], f["message"]["kind"]) for f in ws.frames("message")],
+                         [(1, "run.started"), (2, "live")], ws.events)
+
     @staticmethod
     def swallow(fn, *args, **kw):
         try:
