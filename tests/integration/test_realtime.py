@@ -739,6 +739,21 @@ await sleep(300); console.log(JSON.stringify({sent: 200})); process.exit(0); })(
             mute.close()
 
 
+def children(pid):
+    """The pids whose parent is `pid` (from /proc)."""
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open("/proc/%s/stat" % d) as f:
+                    # The field after the command's closing parenthesis: state, then ppid.
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(d))
+            except (OSError, ValueError, IndexError):
+                pass
+    return out
+
+
 class HungDatabaseTest(unittest.TestCase):
     def test_hung_database_costs_the_loop_one_timeout_a_second(self):
         """The token-state read at the handshake runs on the loop, bounded
@@ -758,8 +773,7 @@ class HungDatabaseTest(unittest.TestCase):
                     self.assertIn("open", ok.head, ok.head)
                 with open(os.path.join(pg.datadir, "postmaster.pid")) as f:
                     pids = [int(f.readline())]
-                pids += [int(p) for p in subprocess.run(["pgrep", "-P", str(pids[0])], capture_output=True,
-                                                        text=True).stdout.split()]
+                pids += children(pids[0])
                 for pid in pids:
                     os.kill(pid, signal.SIGSTOP)
                 try:
