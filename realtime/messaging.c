@@ -705,30 +705,26 @@ static void msg_room_presence(messaging *m, const char *room, const msg_user *u,
         msg_presence_store(m, room, u, status_override && strcmp(status_override, "offline") == 0);
 }
 
-/* How many of the user's connections are in the room here: a count per
- * user and room rather than a search of the user's connections, which made
- * one user with thousands of connections in many rooms stall the loop on
- * every join and leave. */
-static uintptr_t msg_user_rooms_in(const msg_user *u, const msg_set *room)
-{
-    return u->rooms ? (uintptr_t)strmap_get(u->rooms, room->name, strlen(room->name)) : 0;
-}
-
-/* Adds `by` (+1 or -1) to the count; -1 on OOM (nothing changed). */
-static int msg_user_rooms_add(msg_user *u, const msg_set *room, int by)
+/* Adds `by` (+1 or -1) to how many of the user's connections are in the
+ * room here, and returns the new count; -1 on OOM (nothing changed; a
+ * removal allocates nothing). A count per user and room rather than a
+ * search of the user's connections, which made one user with thousands of
+ * connections in many rooms stall the loop on every join and leave. */
+static long msg_user_rooms_add(msg_user *u, const msg_set *room, int by)
 {
     size_t len = strlen(room->name);
-    uintptr_t had = msg_user_rooms_in(u, room), n = had + (uintptr_t)(intptr_t)by;
+    uintptr_t had = u->rooms ? (uintptr_t)strmap_get(u->rooms, room->name, len) : 0,
+              n = had + (uintptr_t)(intptr_t)by;
 
     if (by < 0 && had == 0)
         return 0;
     if (!u->rooms && !(u->rooms = strmap_new_sized(4)))
         return -1;
-    if (n == 0) {
+    if (n == 0)
         strmap_del(u->rooms, room->name, len);
-        return 0;
-    }
-    return strmap_put(u->rooms, room->name, len, (void *)n);
+    else if (strmap_put(u->rooms, room->name, len, (void *)n) < 0)
+        return -1;
+    return (long)n;
 }
 
 static void msg_leave(messaging *m, msg_conn *mc, msg_set *room)
@@ -736,8 +732,7 @@ static void msg_leave(messaging *m, msg_conn *mc, msg_set *room)
     char name[MSG_MAX_NAME + 1];
     int last, emptied;
 
-    (void)msg_user_rooms_add(mc->user, room, -1); /* a removal allocates nothing */
-    last = msg_user_rooms_in(mc->user, room) == 0;
+    last = msg_user_rooms_add(mc->user, room, -1) == 0;
     fmt_copy(name, sizeof(name), room->name);
     msg_list_remove(mc->rooms, &mc->nrooms, room);
     emptied = msg_set_remove(m->rooms, room, mc);
@@ -1007,7 +1002,7 @@ static void msg_on_join(messaging *m, msg_conn *mc, const cJSON *data, int join)
         return;
     }
     if (!s || !msg_list_has(mc->rooms, mc->nrooms, s)) {
-        int first_here;
+        long here = -1;
 
         if (mc->nrooms >= MSG_MAX_ROOMS) {
             cJSON_Delete(details);
@@ -1019,9 +1014,8 @@ static void msg_on_join(messaging *m, msg_conn *mc, const cJSON *data, int join)
             msg_send_error(m, mc, 503, "too many rooms on this server");
             return;
         }
-        first_here = msg_user_rooms_in(mc->user, s) == 0;
         if (msg_list_add(&mc->rooms, &mc->nrooms, &mc->caprooms, s) < 0 || msg_set_add(s, mc) < 0 ||
-            msg_user_rooms_add(mc->user, s, 1) < 0) {
+            (here = msg_user_rooms_add(mc->user, s, 1)) < 0) {
             msg_list_remove(mc->rooms, &mc->nrooms, s);
             msg_set_remove(m->rooms, s, mc);
             cJSON_Delete(details);
@@ -1031,7 +1025,7 @@ static void msg_on_join(messaging *m, msg_conn *mc, const cJSON *data, int join)
         if (s->n == 1)
             msg_bus_sub(m, "rt:room:", room, 1);
         msg_send_status(m, mc, "joined", details);
-        if (first_here)
+        if (here == 1) /* the user's first connection here */
             msg_room_presence(m, room, mc->user, NULL);
         return;
     }
@@ -1137,22 +1131,32 @@ static int msg_instance_live(const messaging *m, const char *iid, size_t n)
     return 0;
 }
 
-/* Each user once, however many of their connections are members: a mark
- * per walk, as a comparison with every earlier member made a large room's
- * GetPresence quadratic on the loop. */
-static void msg_local_presence(messaging *m, const char *room, cJSON *users)
+/* The next user among the room's members from *i on that this walk has
+ * not given yet (a walk: one msg_next_mark of messaging.user_mark), or
+ * NULL at the end: each user once however many of their connections are
+ * members, without comparing each member with every earlier one (which
+ * made a large room's GetPresence quadratic on the loop). */
+static msg_user *msg_room_next_user(const msg_set *room, uint32_t *i, uint32_t mark)
 {
-    msg_set *s = msg_set_get(m->rooms, room, 0);
-    uint32_t mark = msg_next_mark(&m->user_mark);
-
-    for (uint32_t i = 0; s && i < s->n; i++) {
-        msg_user *u = s->v[i]->user;
+    while (*i < room->n) {
+        msg_user *u = room->v[(*i)++]->user;
 
         if (u->mark != mark) {
             u->mark = mark;
-            cJSON_AddItemToArray(users, msg_presence_entry(u, 0, room));
+            return u;
         }
     }
+    return NULL;
+}
+
+static void msg_local_presence(messaging *m, const char *room, cJSON *users)
+{
+    msg_set *s = msg_set_get(m->rooms, room, 0);
+    uint32_t i = 0, mark = msg_next_mark(&m->user_mark);
+    msg_user *u;
+
+    while (s && (u = msg_room_next_user(s, &i, mark)))
+        cJSON_AddItemToArray(users, msg_presence_entry(u, 0, room));
 }
 
 static void msg_send_presence(messaging *m, msg_conn *mc, const char *room, cJSON *users)
@@ -1279,25 +1283,26 @@ static int msg_claims_topics(const cJSON *claims, char **out)
 
 #define MSG_EXP_MAX_S 7889238000000LL /* about year 250,000 */
 
-/* A time claim in seconds (0 when absent), clamped so that the casts stay
- * defined: past year 250,000 it makes no difference, and an overflow made
- * a token look expired. */
-static long long msg_claims_secs(const cJSON *v)
+/* A time claim in seconds (0 when absent), clamped so that the casts of
+ * it stay defined: past year 250,000 it makes no difference, and an
+ * overflow made a token look expired. */
+static double msg_claims_time(const cJSON *v)
 {
     if (!cJSON_IsNumber(v))
         return 0;
-    if (v->valuedouble > MSG_EXP_MAX_S)
-        return MSG_EXP_MAX_S;
-    return v->valuedouble < -MSG_EXP_MAX_S ? -MSG_EXP_MAX_S : (long long)v->valuedouble;
+    if (v->valuedouble > (double)MSG_EXP_MAX_S)
+        return (double)MSG_EXP_MAX_S;
+    return v->valuedouble < -(double)MSG_EXP_MAX_S ? -(double)MSG_EXP_MAX_S : v->valuedouble;
+}
+
+static long long msg_claims_secs(const cJSON *v)
+{
+    return (long long)msg_claims_time(v);
 }
 
 static long long msg_claims_exp_ms(const cJSON *claims)
 {
-    const cJSON *e = cJSON_GetObjectItemCaseSensitive(claims, "exp");
-
-    if (!cJSON_IsNumber(e))
-        return 0;
-    return e->valuedouble > MSG_EXP_MAX_S ? MSG_EXP_MAX_S * 1000LL : (long long)(e->valuedouble * 1000.0);
+    return (long long)(msg_claims_time(cJSON_GetObjectItemCaseSensitive(claims, "exp")) * 1000.0);
 }
 
 /* Whether a verified token of `uid` still counts: 0, else 401 (its user
@@ -1906,18 +1911,14 @@ static void msg_restore_one(wsapp_conn *c, void *user, void *ud)
         return;
     for (uint16_t r = 0; r < mc->nrooms; r++) {
         msg_set *room = mc->rooms[r];
-        uint32_t user_mark;
+        uint32_t i = 0, user_mark;
+        msg_user *u;
 
         if (room->mark == x->room_mark)
             continue;
         room->mark = x->room_mark;
         user_mark = msg_next_mark(&x->m->user_mark);
-        for (uint32_t i = 0; i < room->n; i++) {
-            msg_user *u = room->v[i]->user;
-
-            if (u->mark == user_mark)
-                continue;
-            u->mark = user_mark;
+        while ((u = msg_room_next_user(room, &i, user_mark))) {
             if (x->announce)
                 msg_room_presence(x->m, room->name, u, NULL);
             else
