@@ -483,14 +483,19 @@ static int pipe_take(rtserve *s, rt_job *j)
 
 /* Whether the request's path segment and kept query values are UTF-8
  * (after their %XX decoding). */
+static int utf8_ok(const char *s)
+{
+    return !s || buf_utf8_valid(s, strlen(s)) == strlen(s);
+}
+
 static int utf8_request(const rt_job *j)
 {
     int i;
 
-    if (j->pp.name && buf_utf8_valid(j->pp.value, strlen(j->pp.value)) != strlen(j->pp.value))
+    if (j->pp.name && !utf8_ok(j->pp.value))
         return 0;
     for (i = 0; i < RT_KEEP_QUERIES; i++)
-        if (j->qry[i] && buf_utf8_valid(j->qry[i], strlen(j->qry[i])) != strlen(j->qry[i]))
+        if (!utf8_ok(j->qry[i]))
             return 0;
     return 1;
 }
@@ -1081,6 +1086,9 @@ static int ws_accept(wsapp_req *req, void *user, void *ud)
 {
     rtserve *s = ud;
     rt_sub *u = user;
+    /* Wider than a topic, so that one too long is refused with 400 by the
+     * length check rather than cut to a different topic. */
+    char topic[RT_PARAM_MAX];
     rt_req q;
     rt_resp a;
 
@@ -1090,15 +1098,21 @@ static int ws_accept(wsapp_req *req, void *user, void *ud)
     q.query = w_query;
     q.param = w_param;
     q.tr = req;
-    if (rt_route_ws_topic(wsapp_req_path(req), u->topic, sizeof(u->topic)) < 0) {
+    if (rt_route_ws_topic(wsapp_req_path(req), topic, sizeof(topic)) < 0) {
         wsapp_respond_error(req, 404, "not_found", "no such WebSocket route", NULL);
         return -1;
     }
-    rt_topic_canonical(u->topic);
-    if (rt_khala_ws_accept(s->r, &q, u->topic, &u->after, &a) < 0) {
+    /* The same rule as the HTTP routes: what reaches SQL and JSON is UTF-8. */
+    if (!utf8_ok(topic) || !utf8_ok(wsapp_req_query(req, "after_seq"))) {
+        wsapp_respond_error(req, 400, "invalid_request", "the topic and after_seq must be UTF-8", NULL);
+        return -1;
+    }
+    rt_topic_canonical(topic);
+    if (rt_khala_ws_accept(s->r, &q, topic, &u->after, &a) < 0) {
         send_answer(req, &a);
         return -1;
     }
+    fmt_copy(u->topic, sizeof(u->topic), topic);
     return 0;
 }
 

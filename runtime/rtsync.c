@@ -9,6 +9,7 @@
 
 #include "fmt.h"
 #include "log.h"
+#include "rtroutes.h"
 #include "rtsync.h"
 #include "svc.h"
 
@@ -234,7 +235,8 @@ cJSON *rtsync_stale(rt *r, const char *topic, long long after, const rtsync_wind
 
 void rt_h_khala_poll(rt *r, const rt_req *q, rt_resp *a)
 {
-    char topic[RT_TOPIC_MAX];
+    /* Wider than a topic: one too long is refused, not cut to another. */
+    char topic[RT_PARAM_MAX];
     synctoken_principal p;
     long long after = 0, limit = r->cfg.poll_default_limit, last;
     long applied, retry = 0;

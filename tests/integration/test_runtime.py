@@ -1041,6 +1041,13 @@ class Khala(unittest.TestCase):
         ws = WsClient(self.rt, "worker:nobody-%s:lifecycle" % uuid.uuid4().hex)
         ev = ws.finish()
         self.assertEqual((ev[0]["refused"], ev[0]["body"]["reason_code"]), (403, "owner_mismatch"))
+        # A topic past 600 bytes is refused as too long, on both routes,
+        # not cut down to a shorter topic and judged as that one.
+        long_topic = "run:%s:events" % ("a" * 700)
+        ev = WsClient(self.rt, long_topic).finish()
+        self.assertEqual((ev[0]["refused"], ev[0]["body"]["error"]), (400, "invalid_request"), ev)
+        st, _, b = self.rt.poll(long_topic)
+        self.assertEqual((st, b["error"]), (400, "invalid_request"), b)
 
     def test_token_refusals(self):
         rid, topic = self.topic_with(1)
