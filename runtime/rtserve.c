@@ -481,13 +481,14 @@ static int pipe_take(rtserve *s, rt_job *j)
     return 1;
 }
 
-/* Whether the request's path segment and kept query values are UTF-8
- * (after their %XX decoding). */
+/* An absent value is UTF-8 too: there is nothing to refuse. */
 static int utf8_ok(const char *s)
 {
     return !s || buf_utf8_valid(s, strlen(s)) == strlen(s);
 }
 
+/* Whether the request's path segment and kept query values are UTF-8
+ * (after their %XX decoding). */
 static int utf8_request(const rt_job *j)
 {
     int i;
