@@ -112,6 +112,9 @@ struct messaging {
     /* Open /ws connections. MAX_CONNECTIONS is SPEC 5a's limit of /ws: the
      * execution streams of /rt on the same wsapp do not count against it. */
     long nconns;
+    /* MAX_CONNECTIONS_PER_USER: one token's holder could otherwise take
+     * every slot of MAX_CONNECTIONS and shut everyone else out. */
+    long max_user_connections;
     long heartbeat_ms, client_timeout_ms, presence_ttl_ms;
     int rate_enabled;
     double conn_rate, conn_burst, user_rate, user_burst, global_rate, global_burst;
@@ -140,7 +143,7 @@ struct messaging {
     int presence_lost; /* a presence write did not reach Redis (msg_store_replied) */
     long rss_base_kb;
     metrics_counter *m_in[FT_COUNT], *m_out[OT_COUNT];
-    metrics_counter *m_deliveries, *m_rate[3], *m_bad, *m_expired, *m_timeouts;
+    metrics_counter *m_deliveries, *m_rate[3], *m_bad, *m_expired, *m_timeouts, *m_user_cap;
     metrics_gauge *m_bytes_per_conn, *m_topics, *m_rooms, *m_users;
 };
 
@@ -1572,6 +1575,7 @@ static int messaging_accept(wsapp_req *req, void *user, void *ud)
     char *proto = NULL, uid[MSG_MAX_NAME + 1];
     const char *tok, *why;
     cJSON *claims = NULL;
+    msg_user *u;
     int rc;
 
     if (m->nconns >= m->max_connections) {
@@ -1580,9 +1584,8 @@ static int messaging_accept(wsapp_req *req, void *user, void *ud)
     }
     tok = msg_find_token(req, &proto);
     if (!tok) {
-        free(proto);
         wsapp_respond_error(req, 401, "unauthorized", "missing token", NULL);
-        return -1;
+        goto refused;
     }
     rc = jwtauth_verify(m->jwt, tok, &claims);
     if (rc == JWTAUTH_OK && msg_claims_user(claims, uid) < 0)
@@ -1590,34 +1593,37 @@ static int messaging_accept(wsapp_req *req, void *user, void *ud)
     if (rc == JWTAUTH_OK && msg_claims_topics(claims, &mc->claim) < 0)
         rc = JWTAUTH_EMALFORMED;
     if (rc != JWTAUTH_OK) {
-        cJSON_Delete(claims);
-        free(proto);
-        free(mc->claim);
-        mc->claim = NULL;
         wsapp_respond_error(req, 401, "unauthorized", jwtauth_message(rc), NULL);
-        return -1;
+        goto refused;
     }
     if ((rc = msg_token_revoked(m, uid, claims, &why)) != 0) {
-        cJSON_Delete(claims);
-        free(proto);
-        free(mc->claim);
-        mc->claim = NULL;
         wsapp_respond_error(req, rc, rc == 401 ? "unauthorized" : "unavailable", why, NULL);
-        return -1;
+        goto refused;
+    }
+    /* Per instance, like MAX_CONNECTIONS: each realtime process sharing
+     * the port lets a user hold this many. */
+    if ((u = msg_user_get(m, uid, 0)) && u->n >= (uint32_t)m->max_user_connections) {
+        metrics_counter_inc(m->m_user_cap);
+        wsapp_respond_error(req, 429, "too_many_connections", "too many connections for this user", NULL);
+        goto refused;
+    }
+    if (!(mc->uid = strdup(uid))) {
+        wsapp_respond_error(req, 503, "unavailable", "out of memory", NULL);
+        goto refused;
     }
     mc->exp_ms = msg_claims_exp_ms(claims);
-    cJSON_Delete(claims);
-    mc->uid = strdup(uid);
     if (proto)
         wsapp_req_set_subprotocol(req, proto);
+    cJSON_Delete(claims);
     free(proto);
-    if (!mc->uid) {
-        free(mc->claim);
-        mc->claim = NULL;
-        wsapp_respond_error(req, 503, "unavailable", "out of memory", NULL);
-        return -1;
-    }
     return 0;
+
+refused:
+    cJSON_Delete(claims);
+    free(proto);
+    free(mc->claim);
+    mc->claim = NULL;
+    return -1;
 }
 
 static void messaging_open(wsapp_conn *c, void *user, void *ud)
@@ -2122,6 +2128,7 @@ static void *messaging_configure(cfg *c)
     if (!m)
         return NULL;
     m->max_connections = cfg_int(c, "MAX_CONNECTIONS", 10000, 1, 1000000);
+    m->max_user_connections = cfg_int(c, "MAX_CONNECTIONS_PER_USER", 100, 1, 1000000);
     m->heartbeat_ms = cfg_duration_ms(c, "HEARTBEAT_INTERVAL", 30000, 1000);
     m->client_timeout_ms = cfg_duration_ms(c, "CLIENT_TIMEOUT", 60000, 1000);
     m->presence_ttl_ms = cfg_duration_ms(c, "PRESENCE_TTL", 30000, 1000);
@@ -2199,6 +2206,8 @@ static int messaging_attach(void *state, rt_host *host)
                                        "scope=\"user\"");
     m->m_rate[2] = metrics_counter_get(mx, "realtime_rate_limited_total", "Frames refused by a token bucket",
                                        "scope=\"global\"");
+    m->m_user_cap = metrics_counter_get(mx, "realtime_user_connection_refusals_total",
+                                        "Handshakes refused by MAX_CONNECTIONS_PER_USER", NULL);
     m->m_bad = metrics_counter_get(mx, "realtime_bad_frames_total", "Frames answered with Error 400", NULL);
     m->m_expired = metrics_counter_get(mx, "realtime_token_expired_total", "Connections closed at token expiry",
                                        NULL);
@@ -2260,6 +2269,7 @@ static void messaging_info(void *state, cJSON *body)
     cJSON *lim = cJSON_AddObjectToObject(body, "limits");
 
     cJSON_AddNumberToObject(lim, "max_connections", (double)m->max_connections);
+    cJSON_AddNumberToObject(lim, "max_connections_per_user", (double)m->max_user_connections);
     cJSON_AddNumberToObject(lim, "max_frame_bytes", 65536);
     cJSON_AddNumberToObject(lim, "send_queue_bytes", (double)m->send_queue_bytes);
     cJSON_AddBoolToObject(lim, "rate_limit_enabled", m->rate_enabled);

@@ -616,6 +616,30 @@ console.log(JSON.stringify({c, health})); process.exit(0); })();""" % {"u": json
             self.assertEqual((r["health"]["body"]["status"], r["health"]["body"]["reason"]), ("unhealthy", "At capacity"))
             self.assertEqual(r["health"]["body"]["active_connections"], 2)
 
+    def test_max_connections_per_user_429(self):
+        """One user's token cannot take every slot: past
+        MAX_CONNECTIONS_PER_USER its handshakes get 429, other users still
+        connect, and a closed connection frees its slot."""
+        with Realtime(MAX_CONNECTIONS_PER_USER=2) as rt:
+            r = node("""(async () => {
+const u = %(u)s + '?token=';
+const a = await connect(u + tok({sub: 'hog'})), b = await connect(u + tok({sub: 'hog'}));
+const third = await connect(u + tok({sub: 'hog'}));
+const other = await connect(u + tok({sub: 'someone-else'}));
+a.ws.close(); await closed(a, 3000); await sleep(200);
+const again = await connect(u + tok({sub: 'hog'}));
+console.log(JSON.stringify({third, other: !!other.hello, again: !!again.hello})); process.exit(0); })();""" % {
+                "u": json.dumps(rt.url)})
+            self.assertEqual(r["third"]["refused"], 429)
+            body = json.loads(r["third"]["body"])
+            self.assertEqual((body["error"], body["message"]),
+                             ("too_many_connections", "too many connections for this user"))
+            self.assertTrue(r["other"])
+            self.assertTrue(r["again"])
+            self.assertEqual(metric(rt.base, "realtime_user_connection_refusals_total"), 1)
+            _, _, info = http("GET", rt.base + "/info")
+            self.assertEqual(json.loads(info)["limits"]["max_connections_per_user"], 2)
+
     def test_max_connections_counts_only_ws(self):
         """MAX_CONNECTIONS is SPEC 5a's limit of /ws: execution streams on
         /rt (the same port) neither take /ws places nor make /health report
