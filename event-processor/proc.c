@@ -23,6 +23,7 @@
 
 #include "backoff.h"
 #include "buf.h"
+#include "dbpool.h"
 #include "ep.h"
 #include "event_model.h"
 #include "evrow.h"
@@ -195,17 +196,14 @@ static void trigger_changed(loop *L, const char *id)
 
 static void listen_open(loop *L)
 {
-    const char *keys[] = {"dbname", "application_name", "connect_timeout", NULL};
-    const char *vals[] = {L->app->cfg.conninfo, "event-processor-listen", "5", NULL};
+    char b[512];
     PGresult *res;
 
     if (svc_now_ms() < L->listen_retry_at)
         return;
-    L->listen = PQconnectdbParams(keys, vals, 1);
-    if (PQstatus(L->listen) != CONNECTION_OK) {
-        char b[512];
-
-        snprintf(b, sizeof(b), "%s", PQerrorMessage(L->listen));
+    /* dbpool's settings: keepalives notice a vanished server. */
+    L->listen = dbpool_connect(L->app->cfg.conninfo, "event-processor-listen", b, sizeof(b));
+    if (!L->listen) {
         b[strcspn(b, "\n")] = '\0';
         loop_error(L, "LISTEN connection failed", b);
         listen_close(L);

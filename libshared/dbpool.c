@@ -264,12 +264,16 @@ static void notice_cb(void *arg, const char *message);
 /* Opens one connection without blocking longer than `deadline_ms`
  * (monotonic) or DBPOOL_CONNECT_TIMEOUT_MS. The defaults come before
  * dbname so that the expanded conninfo overrides them. */
-static PGconn *connect_one(const char *conninfo, long long deadline_ms, char *err, size_t errlen)
+static PGconn *connect_one(const char *conninfo, const char *name, long long deadline_ms, char *err,
+                           size_t errlen)
 {
+    /* A server that vanishes without a reset is noticed within a minute
+     * when idle (keepalives) and 30 s after a write it never acknowledged
+     * (tcp_user_timeout), not after the kernel's 2 hours or 15 minutes. */
     const char *const keys[] = {"connect_timeout", "keepalives", "keepalives_idle",
-                                "keepalives_interval", "keepalives_count", "application_name",
-                                "dbname", NULL};
-    const char *const vals[] = {"5", "1", "30", "10", "3", program_invocation_short_name,
+                                "keepalives_interval", "keepalives_count", "tcp_user_timeout",
+                                "application_name", "dbname", NULL};
+    const char *const vals[] = {"5", "1", "30", "10", "3", "30000", name ? name : program_invocation_short_name,
                                 conninfo, NULL};
     long long cap = svc_now_ms() + DBPOOL_CONNECT_TIMEOUT_MS;
     PGconn *conn;
@@ -317,6 +321,11 @@ fail:
     copy_msg(err, errlen, PQerrorMessage(conn));
     PQfinish(conn);
     return NULL;
+}
+
+PGconn *dbpool_connect(const char *conninfo, const char *name, char *err, size_t errlen)
+{
+    return connect_one(conninfo, name, svc_now_ms() + DBPOOL_CONNECT_TIMEOUT_MS, err, errlen);
 }
 
 /* A cheap check of an idle connection without a round trip. An idle
@@ -452,7 +461,7 @@ PGconn *dbpool_acquire(dbpool *p, int timeout_ms)
              * connect_one's 5 s cap); a caller that asked not to wait
              * (timeout <= 0) still lets one connect run its 5 s. */
             conn_deadline = timeout_ms > 0 ? deadline : now + DBPOOL_CONNECT_TIMEOUT_MS;
-            conn = connect_one(p->conninfo, conn_deadline, why, sizeof(why));
+            conn = connect_one(p->conninfo, NULL, conn_deadline, why, sizeof(why));
             pthread_mutex_lock(&p->mu);
             if (probe)
                 p->probing = 0;

@@ -54,6 +54,13 @@ void dbpool_free(dbpool *p);
  * with dbpool_release; it must never be PQfinish'ed by the caller. */
 PGconn *dbpool_acquire(dbpool *p, int timeout_ms);
 
+/* Opens one connection outside any pool, with the pool's settings (5 s
+ * connect timeout, TCP keepalives, tcp_user_timeout) and application_name
+ * `name` (NULL: the program's name), for a connection a caller keeps to
+ * itself (LISTEN, a pipeline). Returns NULL with the reason in `err`. The
+ * caller owns the connection and PQfinish'es it. */
+PGconn *dbpool_connect(const char *conninfo, const char *name, char *err, size_t errlen);
+
 /* Gives a connection back. A connection whose PQstatus is bad is closed
  * and dropped; one left inside a transaction (or a failed one) is rolled
  * back, and closed when the ROLLBACK fails. Pending LISTENs are the
