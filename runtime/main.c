@@ -122,6 +122,8 @@ static void config(cfg *c, rt_config *rc, boot *b)
     rc->enforce_origin = cfg_bool(c, "RUNTIME_KHALA_ENFORCE_ORIGIN", 1);
     rc->header_timeout_ms = cfg_int(c, "RUNTIME_HTTP_HEADER_TIMEOUT_MS", 10000, 100, 3600000);
     rc->ws_message_timeout_ms = cfg_int(c, "RUNTIME_WS_MESSAGE_TIMEOUT_MS", 30000, 100, 3600000);
+    rc->handler_queue_max = cfg_int(c, "RUNTIME_HANDLER_QUEUE_MAX", 4096, 1, 1000000);
+    rc->listen_ping_ms = cfg_int(c, "RUNTIME_KHALA_LISTEN_PING_MS", 30000, 100, 3600000);
     origins(c, rc);
     b->tok.signing_key = cfg_secret(c, "RUNTIME_SYNC_TOKEN_SIGNING_KEY", "dev-sync-key");
     b->tok.issuer = cfg_str(c, "RUNTIME_SYNC_TOKEN_ISSUER", "https://openagents.com");

@@ -68,6 +68,8 @@ typedef struct {
     long heartbeat_stale_ms;
     int enforce_origin;
     long header_timeout_ms;     /* a request head must be in this long after the connection opened */
+    long handler_queue_max;     /* requests and log reads waiting for a handler thread (each kind) */
+    long listen_ping_ms;        /* the LISTEN connection, quiet this long, must answer a SELECT 1 as fast */
     long ws_message_timeout_ms; /* a WebSocket message must be complete this long after its first byte */
     char allowed_origins[2048]; /* ",a,b," lower case, no trailing slash */
 } rt_config;

@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "backoff.h"
+#include "dbpool.h"
 #include "fmt.h"
 #include "hash.h"
 #include "log.h"
@@ -78,14 +79,13 @@ static void connected_on_loop(wsapp *app, void *ud);
 static void *connect_main(void *ud)
 {
     conn_result *cr = ud;
-    const char *kw[] = {"connect_timeout", "application_name", "dbname", NULL};
-    const char *val[] = {"5", "runtime", cr->conninfo, NULL};
-    PGconn *c = PQconnectdbParams(kw, val, 1);
+    char err[512];
+    PGconn *c = dbpool_connect(cr->conninfo, NULL, err, sizeof(err));
     PGresult *res;
     size_t i;
 
-    if (PQstatus(c) != CONNECTION_OK) {
-        log_warn("runtime: an append connection failed: %s", PQerrorMessage(c));
+    if (!c) {
+        log_warn("runtime: an append connection failed: %s", err);
         goto fail;
     }
     for (i = 0; i < sizeof(statements) / sizeof(statements[0]); i++) {

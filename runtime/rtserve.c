@@ -27,7 +27,6 @@
  * is touched on the loop thread only. */
 #include "rtserve.h"
 
-#include <poll.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -40,6 +39,7 @@
 #include "buf.h"
 #include "fmt.h"
 #include "log.h"
+#include "pglisten.h"
 #include "randid.h"
 #include "rtappend.h"
 #include "rtpipe.h"
@@ -48,7 +48,6 @@
 #include "svc.h"
 #include "wsapp.h"
 
-#define RT_QUEUE_MAX 4096
 #define RT_KEEP_HEADERS 4
 #define RT_KEEP_QUERIES 5
 
@@ -104,7 +103,9 @@ struct rt_sub {
     int reading;      /* a log read is in flight, or the backlog waits for the queue to drain */
     int again;        /* a message arrived during it: read again */
     int open;
+    int waiting;      /* in the server's read_wait list (reading is set too) */
     rt_sub *next;     /* in its topic's list */
+    rt_sub *wait_next; /* in the server's read_wait list */
     rtserve *srv;
     wsapp_timer *pace; /* while the backlog waits (NULL until first needed; freed at close) */
 };
@@ -140,8 +141,7 @@ struct rtserve {
     pthread_t *threads;
     pthread_t appenders[RTSERVE_APPEND_THREADS_MAX];
     int nappenders, want_appenders;
-    pthread_t listener;
-    int listener_started;
+    pglisten *listener;
     pthread_mutex_t mu;
     pthread_cond_t cv;
     rt_job *head, *tail;
@@ -151,15 +151,21 @@ struct rtserve {
     int aqueued;
     rtpipe *pipe;     /* appends answered without events, from the loop */
     int pipe_conns;
-    _Atomic int stopping; /* read by the LISTEN thread without the lock */
+    _Atomic int stopping;
     _Atomic int streams_open; /* long answers being sent, each holding its handler thread */
     int streams_max;          /* at most half the handler threads, one at least */
     rt_topic *topics; /* loop thread only */
+    /* Log reads of subscribers in the handler queue, at most nthreads:
+     * past that a subscriber waits here, on the loop, in order. A
+     * notification that sent every subscriber of a big topic to the log
+     * (a LISTEN reconnect, a message past NOTIFY's size) filled the queue
+     * that HTTP requests share: they got 503 and the readers 1013. */
+    int reads_busy;
+    rt_sub *read_wait, *read_wait_tail;
     wsapp_timer *row_retry; /* writes the rows of ROW_WAIT topics again; NULL once freed */
     backoff row_bo;         /* its delay: grows while rows cannot be written */
     int row_retry_armed;
     char instance[33];
-    char conninfo[2048];
 };
 
 /* ------------------------------------------------------------ jobs */
@@ -195,7 +201,7 @@ static int job_push(rtserve *s, rt_job *j)
     int *queued = app ? &s->aqueued : &s->queued;
 
     pthread_mutex_lock(&s->mu);
-    if (s->stopping || *queued >= RT_QUEUE_MAX) {
+    if (s->stopping || *queued >= s->r->cfg.handler_queue_max) {
         pthread_mutex_unlock(&s->mu);
         return -1;
     }
@@ -728,7 +734,7 @@ static void backlog_wait(rt_sub *u)
     wsapp_timer_set(u->pace, 10);
 }
 
-static void read_done(rtserve *s, rt_job *j)
+static void read_apply(rtserve *s, rt_job *j)
 {
     rt_sub *u = sub_by_id(s, j->topic, j->conn_id);
     rt_topic *t = topic_find(s, j->topic, NULL);
@@ -793,12 +799,63 @@ static void read_done(rtserve *s, rt_job *j)
         read_start(s, u);
 }
 
+/* Starts the reads that waited for a free slot, in the order they came. */
+static void reads_resume(rtserve *s)
+{
+    rt_sub *u;
+
+    while (s->reads_busy < s->nthreads && !wsapp_stopping(s->app) && (u = s->read_wait) != NULL) {
+        if (!(s->read_wait = u->wait_next))
+            s->read_wait_tail = NULL;
+        u->wait_next = NULL;
+        u->waiting = 0;
+        u->reading = 0;
+        if (u->open)
+            read_start(s, u);
+    }
+}
+
+static void read_done(rtserve *s, rt_job *j)
+{
+    s->reads_busy--;
+    read_apply(s, j);
+    reads_resume(s);
+}
+
+/* Takes u out of the read_wait list (it is closing). */
+static void read_unwait(rtserve *s, rt_sub *u)
+{
+    rt_sub **pp, *prev = NULL;
+
+    for (pp = &s->read_wait; *pp; prev = *pp, pp = &(*pp)->wait_next)
+        if (*pp == u) {
+            *pp = u->wait_next;
+            if (s->read_wait_tail == u)
+                s->read_wait_tail = prev;
+            u->waiting = 0;
+            return;
+        }
+}
+
 static void read_start(rtserve *s, rt_sub *u)
 {
-    rt_job *j = calloc(1, sizeof(*j));
+    rt_job *j;
 
     u->again = 0;
-    if (!j)
+    if (s->reads_busy >= s->nthreads) {
+        if (!u->waiting) {
+            u->waiting = 1;
+            u->wait_next = NULL;
+            if (s->read_wait_tail)
+                s->read_wait_tail->wait_next = u;
+            else
+                s->read_wait = u;
+            s->read_wait_tail = u;
+        }
+        u->reading = 1;
+        return;
+    }
+    if (!(j = calloc(1, sizeof(*j))))
         return;
     j->run = read_run;
     j->done = read_done;
@@ -813,6 +870,7 @@ static void read_start(rtserve *s, rt_sub *u)
         u->open = 0;
         return;
     }
+    s->reads_busy++;
     u->reading = 1;
 }
 
@@ -1012,53 +1070,13 @@ static void post_note(rtserve *s, const char *note)
     }
 }
 
-/* The LISTEN connection, on its own thread: notifications go to the loop;
- * after a reconnect every subscriber reads the log again (notifications
- * sent while it was away are lost). */
-static void *listener_main(void *ud)
+/* The LISTEN connection's callback, on pglisten's thread: notifications
+ * go to the loop; after a (re)connect every subscriber reads the log again
+ * (notifications sent while it was away are lost). */
+static void listener_note(void *ud, const char *channel, const char *payload)
 {
-    rtserve *s = ud;
-    backoff bo;
-    PGconn *c = NULL;
-    PGnotify *nt;
-    PGresult *res;
-    struct pollfd pfd;
-
-    backoff_init(&bo, 100, 5000);
-    while (!s->stopping) {
-        if (!c || PQstatus(c) != CONNECTION_OK) {
-            PQfinish(c);
-            c = PQconnectdb(s->conninfo);
-            res = PQstatus(c) == CONNECTION_OK ? PQexec(c, "LISTEN runtime_khala") : NULL;
-            if (!res || PQresultStatus(res) != PGRES_COMMAND_OK) {
-                PQclear(res);
-                PQfinish(c);
-                c = NULL;
-                svc_sleep_ms(backoff_next_ms(&bo));
-                continue;
-            }
-            PQclear(res);
-            backoff_reset(&bo);
-            post_note(s, NULL);
-        }
-        pfd.fd = PQsocket(c);
-        pfd.events = POLLIN;
-        pfd.revents = 0;
-        if (poll(&pfd, 1, 500) < 0)
-            continue;
-        if (PQconsumeInput(c) == 0) {
-            log_warn("runtime: the Khala LISTEN connection broke; reconnecting");
-            PQfinish(c);
-            c = NULL;
-            continue;
-        }
-        while ((nt = PQnotifies(c)) != NULL) {
-            post_note(s, nt->extra);
-            PQfreemem(nt);
-        }
-    }
-    PQfinish(c);
-    return NULL;
+    (void)channel;
+    post_note(ud, payload);
 }
 
 /* ------------------------------------------------------------ WebSocket */
@@ -1175,6 +1193,8 @@ static void ws_close(wsapp_conn *c, void *user, void *ud)
 
     wsapp_timer_free(u->pace);
     u->pace = NULL;
+    if (u->waiting)
+        read_unwait(s, u);
     if (!c || !u->id || !(t = topic_find(s, u->topic, NULL)))
         return;
     for (pp = &t->subs; *pp; pp = &(*pp)->next)
@@ -1246,9 +1266,9 @@ fail:
 
 int rtserve_start(rtserve *s, const char *conninfo, char *err, size_t errlen)
 {
+    static const char *const channels[] = {"runtime_khala", NULL};
     int i;
 
-    fmt_copy(s->conninfo, sizeof(s->conninfo), conninfo);
     if (!(s->threads = calloc((size_t)s->nthreads, sizeof(*s->threads))))
         return -1;
     for (i = 0; i < s->nthreads; i++)
@@ -1262,11 +1282,11 @@ int rtserve_start(rtserve *s, const char *conninfo, char *err, size_t errlen)
             snprintf(err, errlen, "cannot start append threads");
             return -1;
         }
-    if (pthread_create(&s->listener, NULL, listener_main, s) != 0) {
+    if (!(s->listener = pglisten_new(conninfo, "runtime-khala", channels, listener_note, s))) {
         snprintf(err, errlen, "cannot start the LISTEN thread");
         return -1;
     }
-    s->listener_started = 1;
+    pglisten_set_ping(s->listener, s->r->cfg.listen_ping_ms);
     if (s->pipe_conns > 0) {
         if (!(s->pipe = rtpipe_new(s->r, s->app, conninfo, s->pipe_conns, pipe_message, s)) ||
             rtpipe_start(s->pipe) < 0) {
@@ -1298,9 +1318,8 @@ static void stop_threads(rtserve *s)
     s->nappenders = 0;
     free(s->threads);
     s->threads = NULL;
-    if (s->listener_started)
-        pthread_join(s->listener, NULL);
-    s->listener_started = 0;
+    pglisten_free(s->listener);
+    s->listener = NULL;
 }
 
 void rtserve_stop(rtserve *s, int grace_ms)

@@ -1585,6 +1585,94 @@ class Outage(unittest.TestCase):
                              [(1, "run.started"), (2, "after")])
 
 
+class ListenPing(unittest.TestCase):
+    def test_listen_connection_that_stops_answering_is_replaced(self):
+        """The LISTEN connection's backend stops (SIGSTOP: its kernel still
+        acknowledges, so TCP keepalives see nothing): the next ping is not
+        answered, the runtime opens a new LISTEN connection, and a
+        subscriber gets a message that another writer (SQL here, not this
+        runtime's own append path) committed meanwhile."""
+        name = "listen-ping-%d" % os.getpid()
+        rt = Runtime(DATABASE_URL=named_db_url(name), RUNTIME_KHALA_LISTEN_PING_MS=400).start()
+        self.addCleanup(rt.stop)
+        c = db()
+        self.addCleanup(c.close)
+
+        def listeners():
+            with c.cursor() as cur:
+                cur.execute("SELECT pid FROM pg_stat_activity WHERE application_name = %s AND query LIKE 'LISTEN %%'",
+                            (name,))
+                return [r[0] for r in cur.fetchall()]
+        wait_for(lambda: len(listeners()) == 1, 10, what="the runtime's LISTEN connection")
+        old = listeners()[0]
+        rid = rt.new_run()["id"]
+        topic = "run:%s:events" % rid
+        ws = WsClient(rt, topic, after=1, want=1, timeout_ms=20000)
+        ws.wait_ready()
+        with c.cursor() as cur:
+            wait_for(lambda: cur.execute("SELECT count(*) FROM runtime.khala_listeners WHERE topic = %s", (topic,))
+                     or cur.fetchone()[0] == 1, 10, what="the topic's listener row")
+        os.kill(old, signal.SIGSTOP)
+        self.addCleanup(lambda: os.kill(old, signal.SIGCONT))
+        with c.cursor() as cur:
+            cur.execute("SELECT outcome FROM runtime.append_run_event(%s, 'from.sql', '{\"n\": 1}', NULL, NULL)",
+                        (rid,))
+            self.assertEqual(cur.fetchone()[0], "appended")
+        wait_for(lambda: [p for p in listeners() if p != old], 15, what="a new LISTEN connection")
+        ws.finish()
+        self.assertEqual([(f["message"]["sequence"], f["message"]["kind"]) for f in ws.frames("message")],
+                         [(2, "from.sql")], ws.events)
+        self.assertIn("LISTEN connection not answering", rt.log())
+
+
+FANOUT_JS = r"""
+const WebSocket = require('ws');
+const [url, n, headers] = [process.argv[1], Number(process.argv[2]), JSON.parse(process.argv[3])];
+const subs = []; let ready = 0;
+const done = () => { process.stdout.write(JSON.stringify({got: subs.filter(s => s.got).length,
+  closes: subs.filter(s => s.close).map(s => s.close)}) + '\n', () => process.exit(0)); };
+for (let i = 0; i < n; i++) {
+  const s = {ws: new WebSocket(url, {headers}), got: false, close: null}; subs.push(s);
+  s.ws.on('message', d => { const f = JSON.parse(d.toString());
+    if (f.type === 'hello' && ++ready === n) process.stdout.write(JSON.stringify({ready}) + '\n');
+    if (f.type === 'message' && f.message.sequence === 2) { s.got = true;
+      if (subs.every(x => x.got || x.close)) done(); } });
+  s.ws.on('close', code => { s.close = code; if (subs.every(x => x.got || x.close)) done(); });
+  s.ws.on('error', () => {});
+}
+setTimeout(done, 20000);
+"""
+
+
+class FanOutReads(unittest.TestCase):
+    def test_many_subscribers_sent_to_the_log_share_the_handler_queue(self):
+        """60 subscribers of one topic on a runtime whose handler queue
+        holds 8: their first reads and, after a message too large for its
+        NOTIFY (so every subscriber reads it from the log), their second
+        all go through, none is closed 1013, and HTTP requests meanwhile
+        are answered, not 503."""
+        rt = Runtime(RUNTIME_WORKER_THREADS=2, DB_MAX_CONNECTIONS=2, RUNTIME_HANDLER_QUEUE_MAX=8).start()
+        self.addCleanup(rt.stop)
+        rid = rt.new_run()["id"]
+        topic = "run:%s:events" % rid
+        url = "ws://127.0.0.1:%d/internal/v1/khala/topics/%s/ws?after_seq=1" % (rt.port, topic)
+        p = subprocess.Popen([need("node"), "-e", FANOUT_JS, url, "60",
+                              json.dumps({"Authorization": "Bearer " + mint(claims())})],
+                             cwd=HERE, stdout=subprocess.PIPE, text=True)
+        self.addCleanup(lambda: (p.kill(), p.wait(), p.stdout.close()))
+        self.assertEqual(json.loads(p.stdout.readline()), {"ready": 60})
+        c = db()
+        self.addCleanup(c.close)
+        with c.cursor() as cur:
+            cur.execute("SELECT outcome FROM runtime.append_run_event(%s, 'big', %s, NULL, NULL)",
+                        (rid, json.dumps({"blob": "x" * 20000})))
+            self.assertEqual(cur.fetchone()[0], "appended")
+        statuses = [rt.call("GET", "/internal/v1/runs/" + rid)[0] for _ in range(20)]
+        got = json.loads(p.stdout.readline())
+        self.assertEqual(got, {"got": 60, "closes": []})
+        self.assertEqual(set(statuses), {200})
+
+
 class DatabaseFaults(unittest.TestCase):
     """A runtime on a database of its own on the shared server, whose
     tables these tests lock, rename and fit with triggers without touching
