@@ -150,6 +150,7 @@ class WsClient:
             if line.strip():
                 self.events.append(json.loads(line))
         self.proc.wait(timeout)
+        self.proc.stdout.close()
         return self.events
 
     def frames(self, kind=None):
