@@ -815,9 +815,13 @@ static void reads_resume(rtserve *s)
     }
 }
 
+/* The freed slot goes to the oldest waiter first: a subscriber that
+ * reads again at once (a busy topic) queues behind the waiters, or it
+ * would keep its slot and starve them. */
 static void read_done(rtserve *s, rt_job *j)
 {
     s->reads_busy--;
+    reads_resume(s);
     read_apply(s, j);
     reads_resume(s);
 }
